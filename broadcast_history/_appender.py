@@ -1,0 +1,124 @@
+"""Group commit: concurrent publishes share one transaction and one live send."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+from ._errors import NotConnected
+from ._event import Event
+from .log import EventLog, Pending
+
+logger = logging.getLogger("broadcast_history")
+
+Sender = Callable[[list[Event]], Awaitable[None]]
+
+
+class Appender:
+    """Batches publishes into log transactions, then hands the events to a sender.
+
+    Whatever is waiting when a transaction starts goes into it: there is no timer, so
+    a lone publisher pays one transaction and many publishers share them. Live sends
+    run in a second task, so batch N is sent while batch N+1 commits; they stay in
+    commit order.
+    """
+
+    def __init__(self, log: EventLog, send: Sender, *, max_batch: int = 1000) -> None:
+        self._log = log
+        self._send = send
+        self._max_batch = max_batch
+        self._pending: deque[tuple[Pending, asyncio.Future[Event]]] = deque()
+        self._outbox: deque[Event] = deque()
+        self._has_pending: asyncio.Event | None = None
+        self._has_outbox: asyncio.Event | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+        self._drained = False
+
+    def start(self) -> None:
+        self._closing = self._drained = False
+        self._has_pending = asyncio.Event()
+        self._has_outbox = asyncio.Event()
+        self._tasks = [
+            asyncio.create_task(self._commit_loop(), name="broadcast-history-append"),
+            asyncio.create_task(self._send_loop(), name="broadcast-history-send"),
+        ]
+
+    async def stop(self) -> None:
+        """Commit and send what was submitted, then stop both tasks."""
+        if not self._tasks:
+            return
+        commit_task, send_task = self._tasks
+        self._tasks = []
+        self._closing = True
+        assert self._has_pending is not None and self._has_outbox is not None
+        self._has_pending.set()
+        await asyncio.gather(commit_task, return_exceptions=True)
+        self._drained = True
+        self._has_outbox.set()
+        await asyncio.gather(send_task, return_exceptions=True)
+        while self._pending:
+            _, future = self._pending.popleft()
+            if not future.done():
+                future.set_exception(NotConnected("the broadcast disconnected"))
+
+    def submit(self, item: Pending) -> asyncio.Future[Event]:
+        """Queue ``item``; the future resolves once its batch committed."""
+        if self._closing or self._has_pending is None:
+            raise NotConnected("the broadcast is not connected")
+        future: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
+        self._pending.append((item, future))
+        self._has_pending.set()
+        return future
+
+    async def _commit_loop(self) -> None:
+        assert self._has_pending is not None and self._has_outbox is not None
+        pending = self._pending
+        while True:
+            if not pending:
+                if self._closing:
+                    return
+                self._has_pending.clear()
+                await self._has_pending.wait()
+                continue
+            size = min(len(pending), self._max_batch)
+            batch = [pending.popleft() for _ in range(size)]
+            try:
+                events = await self._log.append([item for item, _ in batch])
+            except asyncio.CancelledError:
+                for _, future in batch:
+                    future.cancel()
+                raise
+            except Exception as exc:
+                # Nothing of this batch was committed, so nothing of it is sent.
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), event in zip(batch, events):
+                if not future.done():
+                    future.set_result(event)
+            self._outbox.extend(events)
+            self._has_outbox.set()
+
+    async def _send_loop(self) -> None:
+        assert self._has_outbox is not None
+        outbox = self._outbox
+        while True:
+            if not outbox:
+                if self._drained:
+                    return
+                self._has_outbox.clear()
+                await self._has_outbox.wait()
+                continue
+            events = list(outbox)
+            outbox.clear()
+            try:
+                await self._send(events)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # The events are durable; subscribers find them in the log.
+                logger.warning("live send of %d events failed", len(events), exc_info=True)

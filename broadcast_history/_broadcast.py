@@ -1,0 +1,322 @@
+"""The :class:`Broadcast` façade: publish durably, subscribe with catch-up."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from . import _envelope
+from ._appender import Appender
+from ._errors import NotConnected, TransportError
+from ._event import Event
+from ._subscriber import Subscriber, SubscriberOptions
+from ._validation import (
+    DEFAULT_MAX_MESSAGE_SIZE,
+    check_channel,
+    check_key,
+    check_message,
+    check_position,
+)
+from .backends import BroadcastBackend, backend_from_url
+from .log import EventLog, Pending, Retention
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+logger = logging.getLogger("broadcast_history")
+
+
+class Broadcast:
+    """Publish/subscribe over a live transport, with every event kept in a log.
+
+    Args:
+        url: Live transport URL: ``memory://`` (default), ``redis://``,
+            ``redis-stream://``, ``postgres://`` or ``kafka://``.
+        backend: A transport instance instead of ``url`` (any ``BroadcastBackend``).
+        log: The event log: a database URL or an :class:`EventLog`. Default: a
+            private in-memory SQLite database.
+        retention: How much history to keep per channel (default: everything).
+        max_message_size: Largest message accepted by ``publish``, in bytes.
+        migrate: Create or upgrade the log schema on connect; ``False`` only checks
+            it and raises :class:`SchemaOutOfDate` if it is not current.
+        buffer_size: Live events a subscriber may have waiting before it falls back
+            to reading the log at its own pace.
+        page_size: Events read from the log per query during replay.
+        idle_check: Seconds without live traffic after which a subscriber checks the
+            log for events the transport did not deliver.
+        reorder_window: Seconds a subscriber waits for out-of-order events to fill a
+            hole before it reads the hole from the log.
+        max_batch: Most publishes committed in one transaction.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        backend: BroadcastBackend | None = None,
+        log: str | EventLog | None = None,
+        retention: Retention | None = None,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        migrate: bool = True,
+        buffer_size: int = 10_000,
+        page_size: int = 1000,
+        idle_check: float = 1.0,
+        reorder_window: float = 0.05,
+        max_batch: int = 1000,
+    ) -> None:
+        if backend is None:
+            backend = backend_from_url(url or "memory://")
+        elif url is not None:
+            raise ValueError("give url or backend, not both")
+        self._backend = backend
+        self.log = log if isinstance(log, EventLog) else EventLog(log, migrate=migrate)
+        self.retention = retention
+        self.max_message_size = max_message_size
+        self._options = SubscriberOptions(
+            buffer_size=buffer_size,
+            page_size=page_size,
+            idle_check=idle_check,
+            reorder_window=reorder_window,
+        )
+        self._appender = Appender(self.log, self._send, max_batch=max_batch)
+        # Envelopes above the transport's limit are split or sent as notices.
+        self._envelope_limit = getattr(backend, "max_message_size", None)
+        self._objects = bool(getattr(backend, "_carries_objects", False))
+        self._subscribers: dict[str, set[Subscriber]] = {}
+        self._transport_channels: set[str] = set()
+        self._channel_lock: asyncio.Lock | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._retention_task: asyncio.Task[None] | None = None
+        self._listener_error: BaseException | None = None
+        self._connected = False
+
+    @property
+    def backend(self) -> BroadcastBackend:
+        """The live transport."""
+        return self._backend
+
+    @property
+    def connected(self) -> bool:
+        """Whether ``connect`` has run (and ``disconnect`` not yet)."""
+        return self._connected
+
+    @property
+    def transport_connected(self) -> bool:
+        """Whether the live transport is up; when down, subscribers read from the log."""
+        return self._connected and self._listener_error is None and self._backend.connected
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Open the log (creating its schema) and the transport; safe to call twice."""
+        if self._connected:
+            return
+        await self.log.connect()
+        try:
+            await self._backend.connect()
+        except BaseException:
+            await self.log.disconnect()
+            raise
+        self._channel_lock = asyncio.Lock()
+        self._listener_error = None
+        self._listener = asyncio.create_task(self._listen(), name="broadcast-history-listen")
+        self._appender.start()
+        if self.retention is not None:
+            self._retention_task = asyncio.create_task(
+                self._retain(self.retention), name="broadcast-history-retention"
+            )
+        self._connected = True
+
+    async def disconnect(self) -> None:
+        """Finish pending publishes, end subscriptions, close everything; idempotent."""
+        if not self._connected:
+            return
+        self._connected = False
+        await self._appender.stop()
+        for task in (self._listener, self._retention_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._listener = self._retention_task = None
+        for subscribers in self._subscribers.values():
+            for subscriber in subscribers:
+                subscriber._close()
+        self._subscribers.clear()
+        self._transport_channels.clear()
+        try:
+            await self._backend.disconnect()
+        finally:
+            await self.log.disconnect()
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.disconnect()
+
+    # -- publish -------------------------------------------------------------------
+
+    async def publish(self, channel: str, message: Any, *, key: str | None = None) -> Event:
+        """Store ``message`` in the log, send it live, and return the stored event.
+
+        Returns only once the event is committed. With ``key``, a second publish of
+        the same key on the same channel stores nothing and returns the first event.
+
+        Raises:
+            InvalidArgument: Bad channel name or key.
+            InvalidMessage: ``message`` is neither ``str`` nor ``bytes``.
+            MessageTooLarge: ``message`` is over ``max_message_size``.
+            LogUnavailable: The log could not store it; nothing was sent live.
+            NotConnected: The broadcast is not connected.
+        """
+        check_channel(channel)
+        payload = check_message(message, self.max_message_size)
+        check_key(key)
+        if not self._connected:
+            raise NotConnected("call connect() (or use `async with broadcast`) first")
+        return await self._appender.submit(Pending(channel, payload, key))
+
+    async def _send(self, events: list[Event]) -> None:
+        by_channel: dict[str, list[Event]] = {}
+        for event in events:
+            by_channel.setdefault(event.channel, []).append(event)
+        messages: list[tuple[str, Any]] = []
+        for channel, batch in by_channel.items():
+            if self._objects:
+                messages.append((channel, tuple(batch)))
+            else:
+                for text in _envelope.encode(batch, self._envelope_limit):
+                    messages.append((channel, text))
+        await self._backend.publish_many(messages)
+
+    # -- subscribe -----------------------------------------------------------------
+
+    @asynccontextmanager
+    async def subscribe(
+        self,
+        channel: str,
+        *,
+        since: int | datetime | None = None,
+        history: int | None = None,
+        epoch: int | None = None,
+    ) -> AsyncIterator[Subscriber]:
+        """Subscribe to ``channel``: history from a start position, then live.
+
+        Args:
+            since: Offset (events after it) or aware datetime (events at or after it).
+            history: The last ``history`` events, then live.
+            epoch: The epoch ``since`` belongs to; a different current epoch raises
+                :class:`StreamReset`.
+
+        Raises:
+            OffsetOutOfRange: ``since`` is negative or beyond the head.
+            HistoryTruncated: Events after ``since`` were removed by retention.
+            StreamReset: ``epoch`` is not the channel's current epoch.
+        """
+        check_channel(channel)
+        check_position(since, history, epoch)
+        if not self._connected:
+            raise NotConnected("call connect() (or use `async with broadcast`) first")
+        subscriber = Subscriber(channel, self.log, self._options)
+        if self._listener_error is not None:
+            subscriber._fail(self._listener_error)
+        await self._attach(subscriber)
+        try:
+            # Registered first, positioned second: whatever commits in between is
+            # either buffered live or read from the log, so nothing falls between.
+            await subscriber._start(since, history, epoch)
+            yield subscriber
+        finally:
+            await self._detach(subscriber)
+
+    async def _attach(self, subscriber: Subscriber) -> None:
+        channel = subscriber.channel
+        self._subscribers.setdefault(channel, set()).add(subscriber)
+        if channel in self._transport_channels:
+            return
+        assert self._channel_lock is not None
+        async with self._channel_lock:
+            if channel not in self._transport_channels:
+                try:
+                    await self._backend.subscribe(channel)
+                except Exception:
+                    self._forget(subscriber)
+                    raise
+                self._transport_channels.add(channel)
+
+    def _forget(self, subscriber: Subscriber) -> bool:
+        """Remove ``subscriber``; whether its channel has no subscribers left."""
+        subscribers = self._subscribers.get(subscriber.channel)
+        if subscribers is None:
+            return False
+        subscribers.discard(subscriber)
+        if subscribers:
+            return False
+        del self._subscribers[subscriber.channel]
+        return True
+
+    async def _detach(self, subscriber: Subscriber) -> None:
+        subscriber._close()
+        channel = subscriber.channel
+        if not self._forget(subscriber) or self._channel_lock is None:
+            return
+        async with self._channel_lock:
+            if channel not in self._subscribers and channel in self._transport_channels:
+                self._transport_channels.discard(channel)
+                if self._connected:
+                    await self._backend.unsubscribe(channel)
+
+    # -- background tasks ----------------------------------------------------------
+
+    async def _listen(self) -> None:
+        backend = self._backend
+        subscribers = self._subscribers
+        try:
+            while True:
+                raw = await backend.next_published()
+                targets = subscribers.get(raw.channel)
+                if not targets:
+                    continue
+                message = raw.message
+                events: Sequence[Event]
+                if isinstance(message, tuple):
+                    events = message
+                else:
+                    try:
+                        events = _envelope.decode(raw.channel, message)
+                    except (ValueError, TypeError, KeyError):
+                        logger.warning("ignoring a non-envelope message on %r", raw.channel)
+                        continue
+                for subscriber in tuple(targets):
+                    subscriber._feed(events)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            # Every subscriber hears of it; none is left waiting forever.
+            error = TransportError(f"the live transport failed: {exc!r}")
+            error.__cause__ = exc
+            self._listener_error = error
+            for group in subscribers.values():
+                for subscriber in group:
+                    subscriber._fail(error)
+            if not isinstance(exc, Exception):
+                raise
+
+    async def _retain(self, retention: Retention) -> None:
+        while True:
+            await asyncio.sleep(retention.interval)
+            try:
+                await self.log.apply_retention(retention)
+            except Exception:
+                logger.warning("retention pass failed", exc_info=True)

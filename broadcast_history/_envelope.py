@@ -1,0 +1,103 @@
+"""The envelope: how stored events travel on a live transport.
+
+A transport only moves text. An envelope carries one or more events of one channel,
+with the offsets and epoch the log gave them, so a subscriber can order, de-duplicate
+and detect gaps without trusting the transport. Format (version 1)::
+
+    bh1:[epoch, [[offset, timestamp_us, kind, payload, key], ...]]
+
+``kind`` is ``"s"`` (text payload), ``"b"`` (bytes, base64) or ``"n"`` (a notice: the
+event exists but its payload did not fit the transport; read it from the log).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any, Final
+
+from ._event import Event, from_micros, to_micros
+
+PREFIX: Final = "bh1:"
+
+
+class _Notice:
+    """Placeholder message of an event that must be read from the log."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NOTICE"
+
+
+NOTICE: Final = _Notice()
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def _record(event: Event) -> list[Any]:
+    micros = to_micros(event.timestamp) if event.timestamp is not None else 0
+    message = event.message
+    if isinstance(message, str):
+        return [event.offset, micros, "s", message, event.key]
+    return [event.offset, micros, "b", base64.b64encode(message).decode("ascii"), event.key]
+
+
+def encode(events: Sequence[Event], max_size: int | None = None) -> list[str]:
+    """Encode events of one channel into envelopes.
+
+    Args:
+        events: Stored events of a single channel, in offset order.
+        max_size: Largest envelope the transport accepts, in UTF-8 bytes. Events
+            that cannot fit alone are sent as notices; otherwise events are
+            packed into as few envelopes as fit.
+    """
+    if not events:
+        return []
+    epoch = events[0].epoch
+    if max_size is None:
+        return [PREFIX + _dumps([epoch, [_record(e) for e in events]])]
+    # What is left for records once the frame (prefix, epoch, brackets) is paid for.
+    budget = max_size - 64
+    envelopes: list[str] = []
+    batch: list[list[Any]] = []
+    size = 0
+    for event in events:
+        record = _record(event)
+        record_size = len(_dumps(record).encode())
+        if record_size > budget:
+            record = [record[0], record[1], "n", None, record[4]]
+            record_size = len(_dumps(record).encode())
+        if batch and size + record_size > budget:
+            envelopes.append(PREFIX + _dumps([epoch, batch]))
+            batch, size = [], 0
+        batch.append(record)
+        size += record_size + 1
+    envelopes.append(PREFIX + _dumps([epoch, batch]))
+    return envelopes
+
+
+def decode(channel: str, text: str | bytes) -> list[Event]:
+    """Decode an envelope into events; notices carry :data:`NOTICE` as message.
+
+    Raises:
+        ValueError: ``text`` is not an envelope of this version.
+    """
+    if isinstance(text, bytes):
+        text = text.decode()
+    if not text.startswith(PREFIX):
+        raise ValueError("not a broadcast_history envelope")
+    epoch, records = json.loads(text[len(PREFIX) :])
+    return list(_events(channel, epoch, records))
+
+
+def _events(channel: str, epoch: int, records: Iterable[list[Any]]) -> Iterable[Event]:
+    for offset, micros, kind, payload, key in records:
+        message: Any
+        if kind == "s":
+            message = payload
+        elif kind == "b":
+            message = base64.b64decode(payload)
+        else:
+            message = NOTICE
+        yield Event(channel, message, offset, from_micros(micros), epoch, key)

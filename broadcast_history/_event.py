@@ -1,0 +1,44 @@
+"""The :class:`Event` value delivered to subscribers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+_UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def to_micros(moment: datetime) -> int:
+    """Microseconds since the Unix epoch of an aware datetime."""
+    delta = moment - _UNIX_EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def from_micros(micros: int) -> datetime:
+    """Aware UTC datetime from microseconds since the Unix epoch."""
+    return _UNIX_EPOCH + timedelta(microseconds=micros)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One published message, as stored in the log.
+
+    ``Event(channel=..., message=...)`` is enough to build one (as in
+    encode/broadcaster); the log fills the other fields.
+
+    Attributes:
+        channel: The channel it was published on.
+        message: The payload, ``str`` or ``bytes`` as it was published.
+        offset: Position in the channel: 1, 2, 3, ... without gaps (0 if not stored).
+        timestamp: Commit time as an aware UTC datetime (``None`` if not stored).
+        epoch: Incarnation of the channel; changes when its history is deleted.
+        key: The idempotency key given to ``publish``, if any.
+    """
+
+    channel: str
+    message: Any
+    offset: int = 0
+    timestamp: datetime | None = None
+    epoch: int = 0
+    key: str | None = None

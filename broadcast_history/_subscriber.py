@@ -1,0 +1,313 @@
+"""One subscription: replay from the log, then live, exactly once and in order.
+
+State machine (see DESIGN.md §4):
+
+* ``REPLAY``: read the log page by page from ``next`` on. An empty page means the
+  subscriber has caught up: it switches to ``LIVE``.
+* ``LIVE``: take envelopes the listener buffered. ``offset == next`` is delivered,
+  ``offset < next`` is a duplicate and dropped, ``offset > next`` is held; if the
+  hole is still there after the reorder window, go back to ``REPLAY`` to fill it.
+  After ``idle_check`` seconds without traffic the log head is checked, so an event
+  that was committed but never arrived live is still delivered.
+
+The live buffer is bounded: when it overflows it is dropped and the subscriber goes
+back to ``REPLAY``, reading at its own pace. Memory stays bounded, nothing is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from ._envelope import NOTICE
+from ._errors import (
+    HistoryTruncated,
+    OffsetOutOfRange,
+    StreamReset,
+    Unsubscribed,
+)
+from ._event import Event
+from .log import ChannelInfo, EventLog
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+logger = logging.getLogger("broadcast_history")
+_REPLAY, _LIVE, _CLOSED = "replay", "live", "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriberOptions:
+    """Tuning shared by the subscribers of one broadcast."""
+
+    buffer_size: int = 10_000
+    page_size: int = 1000
+    idle_check: float = 1.0
+    reorder_window: float = 0.05
+
+
+class Subscriber:
+    """Iterate it (``async for event in subscriber``) or call :meth:`get`.
+
+    Made by ``Broadcast.subscribe``; not constructed directly.
+    """
+
+    def __init__(self, channel: str, log: EventLog, options: SubscriberOptions) -> None:
+        self.channel = channel
+        self._log = log
+        self._options = options
+        self._mode = _LIVE
+        self._next = 1
+        self._epoch: int | None = None
+        self._buffer: deque[Event] = deque()
+        self._held: dict[int, Event] = {}
+        self._page: deque[Event] = deque()
+        self._overflowed = False
+        self._gap_deadline: float | None = None
+        self._waiter: asyncio.Future[bool] | None = None
+        self._error: BaseException | None = None
+
+    # -- public --------------------------------------------------------------------
+
+    @property
+    def live(self) -> bool:
+        """Whether the subscriber has caught up with the log and is reading live."""
+        return self._mode == _LIVE and not self._page and not self._held
+
+    @property
+    def position(self) -> int:
+        """Offset of the last event delivered (or the start position)."""
+        return self._next - 1
+
+    @property
+    def epoch(self) -> int | None:
+        """Epoch of the channel being read (``None`` until the channel exists)."""
+        return self._epoch
+
+    async def get(self) -> Event:
+        """The next event.
+
+        Raises:
+            Unsubscribed: The broadcast disconnected.
+        """
+        try:
+            return await self.__anext__()
+        except StopAsyncIteration:
+            raise Unsubscribed("the subscription has ended") from None
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Event:
+        while True:
+            page = self._page
+            if page:
+                event = page.popleft()
+                self._next = event.offset + 1
+                return event
+            if self._error is not None:
+                raise self._error
+            mode = self._mode
+            if mode == _REPLAY:
+                await self._read_page()
+            elif mode == _LIVE:
+                event_or_none = await self._live_step()
+                if event_or_none is not None:
+                    return event_or_none
+            else:
+                raise StopAsyncIteration
+
+    # -- start ---------------------------------------------------------------------
+
+    async def _start(
+        self, since: int | datetime | None, history: int | None, epoch: int | None
+    ) -> None:
+        """Resolve the start position; called after live registration."""
+        info = await self._log.channel(self.channel)
+        head = info.last_offset if info is not None else 0
+        first = info.first_offset if info is not None else 1
+        if epoch is not None and (info is None or info.epoch != epoch):
+            current = "no history" if info is None else f"epoch {info.epoch}"
+            raise StreamReset(
+                f"channel {self.channel!r} was reset: asked for epoch {epoch}, it has {current}"
+            )
+        self._epoch = info.epoch if info is not None else None
+        if isinstance(since, datetime):
+            if info is not None and info.trimmed_timestamp is not None:
+                if info.trimmed_timestamp >= since:
+                    raise HistoryTruncated(
+                        f"events of {self.channel!r} since {since.isoformat()} were trimmed"
+                    )
+            found = await self._log.offset_at(self.channel, since) if info else None
+            start = head + 1 if found is None else found
+        elif since is not None:
+            if since < 0:
+                raise OffsetOutOfRange(f"since must be >= 0, got {since}")
+            if since > head:
+                raise OffsetOutOfRange(
+                    f"since={since} is beyond the head of {self.channel!r} ({head})"
+                )
+            if since + 1 < first:
+                raise HistoryTruncated(
+                    f"events {since + 1}..{first - 1} of {self.channel!r} were trimmed; "
+                    f"the oldest stored offset is {first}"
+                )
+            start = since + 1
+        elif history is not None:
+            start = max(first, head - history + 1)
+        else:
+            start = head + 1
+        self._next = start
+        self._mode = _REPLAY if start <= head else _LIVE
+
+    # -- fed by the broadcast ------------------------------------------------------
+
+    def _feed(self, events: Sequence[Event]) -> None:
+        buffer = self._buffer
+        buffer.extend(events)
+        if len(buffer) > self._options.buffer_size:
+            # Too slow to keep up: drop the buffer and catch up from the log later.
+            buffer.clear()
+            self._held.clear()
+            self._overflowed = True
+        self._wake(True)
+
+    def _fail(self, error: BaseException) -> None:
+        if self._error is None:
+            self._error = error
+        self._wake(True)
+
+    def _close(self) -> None:
+        self._mode = _CLOSED
+        self._page.clear()
+        self._buffer.clear()
+        self._held.clear()
+        self._wake(True)
+
+    def _wake(self, value: bool) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(value)
+
+    async def _wait(self, timeout: float) -> bool:
+        """Wait until fed (``True``) or until ``timeout`` seconds pass (``False``)."""
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_later(timeout, self._wake, False)
+        try:
+            return await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    # -- replay --------------------------------------------------------------------
+
+    async def _read_page(self) -> None:
+        # Whatever overflowed before this read is committed, so this read covers it.
+        self._overflowed = False
+        start = self._next
+        page = await self._log.read_from(self.channel, start, self._options.page_size)
+        if page and page[0].offset == start and page[-1].offset - start == len(page) - 1:
+            epoch = page[0].epoch
+            if self._epoch is None:
+                self._epoch = epoch
+            if epoch == self._epoch and page[-1].epoch == epoch:
+                self._page.extend(page)
+                return
+        if self._held:
+            # Drop what the pages delivered meanwhile; keep what is still ahead.
+            self._held = {o: e for o, e in self._held.items() if o >= start}
+        if page or self._held:
+            # A hole the log cannot fill, or events held live that the log lacks.
+            await self._check_head(start)
+        if not page:
+            if self._held:
+                # Live events this log never stored: another log shares the transport.
+                logger.warning("channel %r: live events not in the log, ignored", self.channel)
+                self._held.clear()
+            self._mode = _LIVE
+            self._gap_deadline = None
+            return
+        raise HistoryTruncated(f"events from {start} of {self.channel!r} are missing")
+
+    async def _check_head(self, start: int) -> ChannelInfo | None:
+        """Raise if the log says the channel was reset or trimmed past ``start``."""
+        info = await self._log.channel(self.channel)
+        if info is None:
+            if self._epoch is not None:
+                raise StreamReset(f"channel {self.channel!r} was deleted")
+            return None
+        if self._epoch is None:
+            self._epoch = info.epoch
+        elif info.epoch != self._epoch:
+            raise StreamReset(f"channel {self.channel!r} was reset (epoch {info.epoch})")
+        if info.first_offset > start and info.last_offset >= start:
+            raise HistoryTruncated(
+                f"events {start}..{info.first_offset - 1} of {self.channel!r} were trimmed "
+                "before this subscriber read them"
+            )
+        return info
+
+    # -- live ----------------------------------------------------------------------
+
+    async def _live_step(self) -> Event | None:
+        """Deliver the next live event, or switch mode; ``None`` means loop again."""
+        if self._overflowed:
+            self._mode = _REPLAY
+            return None
+        held = self._held
+        expected = self._next
+        if held:
+            event = held.pop(expected, None)
+            if event is not None:
+                self._next = expected + 1
+                if not held:
+                    self._gap_deadline = None
+                return event
+        buffer = self._buffer
+        while buffer:
+            event = buffer.popleft()
+            offset = event.offset
+            if offset < expected:
+                continue
+            if event.epoch != self._epoch:
+                if self._epoch is not None:
+                    # Possibly a late envelope of an old epoch: let the log decide.
+                    await self._check_head(expected)
+                    continue
+                self._epoch = event.epoch
+            if event.message is NOTICE:
+                # The payload did not fit the transport: read it from the log.
+                self._mode = _REPLAY
+                return None
+            if offset == expected and not held:
+                self._next = expected + 1
+                return event
+            held[offset] = event
+            if len(held) > self._options.buffer_size:
+                held.clear()
+                self._mode = _REPLAY
+                return None
+            if expected in held:
+                return None
+        loop = asyncio.get_running_loop()
+        if held:
+            now = loop.time()
+            if self._gap_deadline is None:
+                self._gap_deadline = now + self._options.reorder_window
+            if now >= self._gap_deadline:
+                self._mode = _REPLAY
+                return None
+            await self._wait(self._gap_deadline - now)
+            return None
+        if not await self._wait(self._options.idle_check) and self._mode == _LIVE:
+            info = await self._check_head(expected)
+            if info is not None and info.last_offset >= expected:
+                self._mode = _REPLAY
+        return None
+

@@ -1,0 +1,63 @@
+"""The live-transport contract, compatible with encode/broadcaster 0.3."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from .._event import Event
+
+
+class BroadcastBackend:
+    """A live transport: moves messages between processes now, stores nothing.
+
+    Subclass it to plug in a transport of your own, exactly as with
+    encode/broadcaster: implement ``connect``, ``disconnect``, ``subscribe``,
+    ``unsubscribe``, ``publish`` and ``next_published``. The broadcast sends each
+    message as a text envelope and orders, de-duplicates and gap-fills on the
+    receiving side, so a transport may drop, repeat or reorder messages.
+
+    Optional hooks (defaults shown here) let a transport do better:
+    ``publish_many`` for batched sends, ``max_message_size`` for transports with a
+    payload limit and ``connected`` to report its health.
+    """
+
+    #: Largest message, in UTF-8 bytes, the transport can carry (``None``: no limit).
+    max_message_size: int | None = None
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+
+    async def connect(self) -> None:
+        """Open connections; called once by ``Broadcast.connect``."""
+        raise NotImplementedError()
+
+    async def disconnect(self) -> None:
+        """Close connections; ``next_published`` may raise afterwards."""
+        raise NotImplementedError()
+
+    async def subscribe(self, channel: str) -> None:
+        """Start receiving messages of ``channel``."""
+        raise NotImplementedError()
+
+    async def unsubscribe(self, channel: str) -> None:
+        """Stop receiving messages of ``channel``."""
+        raise NotImplementedError()
+
+    async def publish(self, channel: str, message: Any) -> None:
+        """Send ``message`` to every process subscribed to ``channel``."""
+        raise NotImplementedError()
+
+    async def next_published(self) -> Event:
+        """Wait for the next message of any subscribed channel."""
+        raise NotImplementedError()
+
+    async def publish_many(self, messages: Sequence[tuple[str, str]]) -> None:
+        """Send several ``(channel, message)`` pairs; override to pipeline them."""
+        for channel, message in messages:
+            await self.publish(channel, message)
+
+    @property
+    def connected(self) -> bool:
+        """Whether the transport is currently connected (for health checks)."""
+        return True

@@ -1,0 +1,62 @@
+"""Plain values the log returns besides events."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from .._errors import InvalidArgument
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelInfo:
+    """State of one channel in the log.
+
+    Attributes:
+        name: Channel name.
+        epoch: Incarnation; changes when the channel is deleted and used again.
+        last_offset: Offset of the newest event (0 before the first publish).
+        first_offset: Offset of the oldest event still stored (``last_offset + 1``
+            when retention removed everything).
+        last_timestamp: Timestamp of the newest event.
+        trimmed_timestamp: Timestamp of the newest event removed by trimming.
+    """
+
+    name: str
+    epoch: int
+    last_offset: int
+    first_offset: int
+    last_timestamp: datetime | None
+    trimmed_timestamp: datetime | None = None
+
+    @property
+    def count(self) -> int:
+        """Number of events stored."""
+        return max(0, self.last_offset - self.first_offset + 1)
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How much history to keep per channel.
+
+    Args:
+        max_events: Keep at most this many newest events per channel.
+        max_age: Remove events older than this.
+        interval: Seconds between automatic retention passes of a connected broadcast.
+    """
+
+    max_events: int | None = None
+    max_age: timedelta | None = None
+    interval: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_events is not None and (
+            not isinstance(self.max_events, int) or self.max_events < 1
+        ):
+            raise InvalidArgument("max_events must be a positive int")
+        if self.max_age is not None and (
+            not isinstance(self.max_age, timedelta) or self.max_age <= timedelta(0)
+        ):
+            raise InvalidArgument("max_age must be a positive timedelta")
+        if self.interval <= 0:
+            raise InvalidArgument("interval must be positive")

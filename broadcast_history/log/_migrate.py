@@ -1,0 +1,84 @@
+"""Schema management through the Alembic migrations shipped with the package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from .._errors import SchemaOutOfDate
+from ._schema import VERSION_TABLE
+
+_PACKAGE = Path(__file__).resolve().parent.parent
+# Any constant works: it only has to be the same for every process migrating this log.
+_PG_LOCK_ID = 0x6268_6C6F_67
+
+
+def migrations_dir() -> Path:
+    """Where the migrations are: inside an installed wheel, else the source checkout."""
+    for candidate in (_PACKAGE / "_migrations", _PACKAGE.parent / "migrations"):
+        if (candidate / "env.py").is_file():
+            return candidate
+    raise SchemaOutOfDate("the broadcast_history migrations are missing from this install")
+
+
+def alembic_config(connection: Connection | None = None, url: str | None = None) -> Config:
+    """An Alembic configuration for the shipped migrations."""
+    config = Config()
+    config.set_main_option("script_location", str(migrations_dir()))
+    if url is not None:
+        config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def head_revision() -> str | None:
+    """Newest revision of the shipped migrations."""
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+def _current(connection: Connection) -> str | None:
+    context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+    return context.get_current_revision()
+
+
+def _upgrade(connection: Connection) -> None:
+    if connection.dialect.name == "postgresql":
+        # Several hosts starting at once must not create the tables twice.
+        connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _PG_LOCK_ID})
+    if _current(connection) == head_revision():
+        return
+    command.upgrade(alembic_config(connection), "head")
+
+
+def _check(connection: Connection) -> None:
+    current, head = _current(connection), head_revision()
+    if current != head:
+        raise SchemaOutOfDate(
+            f"event log schema is at {current or 'nothing'}, this version needs {head}: "
+            "run `broadcast-history db upgrade` or connect with migrate=True"
+        )
+
+
+async def upgrade(conn: AsyncConnection) -> None:
+    """Create or upgrade the schema to the newest revision (inside ``conn``'s transaction)."""
+    await conn.run_sync(_upgrade)
+
+
+async def check(conn: AsyncConnection) -> None:
+    """Raise :class:`SchemaOutOfDate` unless the schema is at the newest revision."""
+    await conn.run_sync(_check)
+
+
+async def current(conn: AsyncConnection) -> str | None:
+    """The revision the database is at (``None``: no schema yet)."""
+    result: Any = await conn.run_sync(_current)
+    return result

@@ -1,0 +1,53 @@
+"""Tables of the event log (SQLAlchemy Core metadata; Alembic migrations mirror it)."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Index,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+)
+
+#: Alembic's version table for this library, apart from the host application's.
+VERSION_TABLE = "broadcast_history_version"
+
+metadata = MetaData()
+
+#: One row per channel: the counter offsets are allocated from, and the epoch.
+channels = Table(
+    "broadcast_channels",
+    metadata,
+    Column("name", String(255), primary_key=True),
+    # Random per incarnation: a channel deleted and used again gets a new one.
+    Column("epoch", BigInteger, nullable=False),
+    Column("last_offset", BigInteger, nullable=False),
+    # Microseconds since the Unix epoch; timestamps are max(now, last) per channel.
+    Column("last_timestamp", BigInteger, nullable=False),
+    # First offset still stored; last_offset + 1 once everything was trimmed.
+    Column("first_offset", BigInteger, nullable=False),
+    # Timestamp of the newest trimmed event, so `since=<time>` knows what is gone.
+    Column("trimmed_timestamp", BigInteger, nullable=True),
+)
+
+#: One row per event. Replay reads by (channel, offset), never by a global id.
+events = Table(
+    "broadcast_events",
+    metadata,
+    Column("channel", String(255), nullable=False),
+    Column("offset", BigInteger, nullable=False),
+    Column("epoch", BigInteger, nullable=False),
+    Column("timestamp", BigInteger, nullable=False),
+    Column("is_text", Boolean, nullable=False),
+    Column("payload", LargeBinary, nullable=False),
+    Column("key", String(255), nullable=True),
+    PrimaryKeyConstraint("channel", "offset", name="pk_broadcast_events"),
+    # With the offset last, "first event at or after a time" is one index seek.
+    Index("ix_broadcast_events_time", "channel", "timestamp", "offset"),
+    Index("ux_broadcast_events_key", "channel", "key", unique=True),
+)

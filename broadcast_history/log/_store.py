@@ -1,0 +1,519 @@
+"""The durable event log: append with gap-free offsets, read by offset or time."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any, Literal, NamedTuple
+
+from sqlalchemy import Row, bindparam, delete, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from .._errors import InvalidArgument, LogError, LogUnavailable, NotConnected
+from .._event import Event, from_micros, to_micros
+from . import _migrate
+from ._engine import MEMORY_URL, create_engine, is_memory_sqlite, normalize_url
+from ._info import ChannelInfo, Retention
+from ._schema import channels, events
+
+_EVENT_COLUMNS = (
+    events.c.offset,
+    events.c.epoch,
+    events.c.timestamp,
+    events.c.is_text,
+    events.c.payload,
+    events.c.key,
+)
+_CHANNEL_COLUMNS = (
+    channels.c.name,
+    channels.c.epoch,
+    channels.c.last_offset,
+    channels.c.first_offset,
+    channels.c.last_timestamp,
+    channels.c.trimmed_timestamp,
+)
+# Epochs are random so that a channel deleted and created again (possibly by another
+# host) never reuses one; 2**53 keeps them exact in JSON and JavaScript.
+_EPOCH_LIMIT = 2**53
+
+
+class Pending(NamedTuple):
+    """A validated message waiting to be appended."""
+
+    channel: str
+    message: str | bytes
+    key: str | None
+
+
+def _now_micros() -> int:
+    return time.time_ns() // 1000
+
+
+def _new_epoch() -> int:
+    return secrets.randbelow(_EPOCH_LIMIT - 1) + 1
+
+
+def _event(channel: str, row: Row[Any]) -> Event:
+    offset, epoch, micros, is_text, payload, key = row
+    message = payload.decode() if is_text else bytes(payload)
+    return Event(channel, message, offset, from_micros(micros), epoch, key)
+
+
+def _info(row: Row[Any]) -> ChannelInfo:
+    name, epoch, last, first, last_ts, trimmed_ts = row
+    return ChannelInfo(
+        name=name,
+        epoch=epoch,
+        last_offset=last,
+        first_offset=first,
+        last_timestamp=from_micros(last_ts) if last else None,
+        trimmed_timestamp=None if trimmed_ts is None else from_micros(trimmed_ts),
+    )
+
+
+class EventLog:
+    """Durable, append-only store of every published event.
+
+    Reached as ``broadcast.log``; usable alone for admin work. Offsets are allocated
+    from a per-channel counter row inside the inserting transaction, so they are
+    gap-free and in commit order under any number of writers sharing the database.
+
+    Args:
+        url: SQLAlchemy URL (``sqlite+aiosqlite:///events.db``,
+            ``postgresql+asyncpg://host/db``). ``None``: a private in-memory SQLite.
+        migrate: Create or upgrade the schema on connect (``True``), only verify it is
+            current (``False``, raising :class:`SchemaOutOfDate` otherwise).
+        sqlite_synchronous: SQLite ``PRAGMA synchronous`` for file databases. ``NORMAL``
+            (default) survives a crash of the process; ``FULL`` also a power loss.
+    """
+
+    def __init__(
+        self,
+        url: str | URL | None = None,
+        *,
+        migrate: bool = True,
+        sqlite_synchronous: Literal["NORMAL", "FULL", "EXTRA"] = "NORMAL",
+    ) -> None:
+        self.url = normalize_url(MEMORY_URL if url is None else url)
+        self.migrate = migrate
+        self._synchronous = sqlite_synchronous
+        self._engine: AsyncEngine | None = None
+        self._dialect = self.url.get_backend_name()
+        # An in-memory SQLite database is one shared connection: serialize its use.
+        self._lock: asyncio.Lock | None = None
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The SQLAlchemy engine (only while connected)."""
+        if self._engine is None:
+            raise NotConnected("the event log is not connected")
+        return self._engine
+
+    @property
+    def dialect(self) -> str:
+        """``"sqlite"`` or ``"postgresql"``."""
+        return self._dialect
+
+    async def connect(self) -> None:
+        """Open the engine and create, upgrade or check the schema."""
+        if self._engine is not None:
+            return
+        engine = create_engine(self.url, sqlite_synchronous=self._synchronous)
+        self._lock = asyncio.Lock() if is_memory_sqlite(self.url) else None
+        try:
+            async with engine.connect() as conn:
+                await conn.execution_options(bh_write=True)
+                if self.migrate:
+                    await _migrate.upgrade(conn)
+                else:
+                    await _migrate.check(conn)
+                await conn.commit()
+        except LogError:
+            await engine.dispose()
+            raise
+        except (SQLAlchemyError, OSError) as exc:
+            await engine.dispose()
+            raise LogUnavailable(f"cannot open the event log: {exc}") from exc
+        self._engine = engine
+
+    async def disconnect(self) -> None:
+        """Close every connection; safe to call twice."""
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            await engine.dispose()
+
+    @asynccontextmanager
+    async def _begin(self, *, write: bool = False) -> AsyncIterator[AsyncConnection]:
+        engine = self.engine
+        if self._lock is not None:
+            await self._lock.acquire()
+        try:
+            async with engine.connect() as conn:
+                if write:
+                    await conn.execution_options(bh_write=True)
+                async with conn.begin():
+                    yield conn
+        except IntegrityError:
+            raise
+        except DBAPIError as exc:
+            raise LogUnavailable(f"event log failure: {exc.orig!r}") from exc
+        except (SQLAlchemyError, OSError) as exc:
+            raise LogUnavailable(f"event log failure: {exc!r}") from exc
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+
+    # -- writing -------------------------------------------------------------------
+
+    async def append(self, items: Sequence[Pending]) -> list[Event]:
+        """Store ``items`` in one transaction and return their events, in order.
+
+        An item whose key was already used on its channel is not stored again: its
+        earlier event is returned instead.
+        """
+        for attempt in range(3):
+            try:
+                async with self._begin(write=True) as conn:
+                    return await self._append(conn, items)
+            except IntegrityError as exc:
+                # Another process stored the same idempotency key (or created the
+                # channel) between our read and our insert: retrying sees its row.
+                if attempt == 2:
+                    raise LogUnavailable(f"append kept conflicting: {exc.orig!r}") from exc
+            except LogUnavailable as exc:
+                # A connection dropped since its last use: retry once on a fresh one.
+                cause = exc.__cause__
+                if attempt or not (isinstance(cause, DBAPIError) and cause.connection_invalidated):
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _lock_channels(
+        self, conn: AsyncConnection, names: Sequence[str]
+    ) -> dict[str, list[int]]:
+        query = select(
+            channels.c.name, channels.c.epoch, channels.c.last_offset, channels.c.last_timestamp
+        ).where(channels.c.name.in_(names))
+        if self._dialect == "postgresql":
+            # Row locks taken in name order, so concurrent batches cannot deadlock.
+            query = query.order_by(channels.c.name).with_for_update()
+        result = await conn.execute(query)
+        return {name: [epoch, last, ts] for name, epoch, last, ts in result}
+
+    def _insert_ignore(self) -> Any:
+        insert = postgresql.insert if self._dialect == "postgresql" else sqlite.insert
+        return insert(channels).on_conflict_do_nothing(index_elements=["name"])
+
+    async def _append(self, conn: AsyncConnection, items: Sequence[Pending]) -> list[Event]:
+        names = sorted({item.channel for item in items})
+        state = await self._lock_channels(conn, names)
+        missing = [name for name in names if name not in state]
+        if missing:
+            rows = [
+                {
+                    "name": name,
+                    "epoch": _new_epoch(),
+                    "last_offset": 0,
+                    "last_timestamp": 0,
+                    "first_offset": 1,
+                }
+                for name in missing
+            ]
+            await conn.execute(self._insert_ignore(), rows)
+            state.update(await self._lock_channels(conn, missing))
+
+        seen: dict[tuple[str, str], Event] = {}
+        keyed = [item for item in items if item.key is not None]
+        if keyed:
+            seen = await self._find_keys(conn, keyed)
+
+        now = _now_micros()
+        stamps: dict[int, datetime] = {}
+        results: list[Event] = []
+        rows = []
+        for item in items:
+            channel, message, key = item
+            if key is not None:
+                earlier = seen.get((channel, key))
+                if earlier is not None:
+                    results.append(earlier)
+                    continue
+            counter = state[channel]
+            counter[1] += 1
+            if now > counter[2]:
+                counter[2] = now
+            micros = counter[2]
+            stamp = stamps.get(micros)
+            if stamp is None:
+                stamp = stamps[micros] = from_micros(micros)
+            is_text = isinstance(message, str)
+            rows.append(
+                {
+                    "channel": channel,
+                    "offset": counter[1],
+                    "epoch": counter[0],
+                    "timestamp": micros,
+                    "is_text": is_text,
+                    "payload": message.encode() if isinstance(message, str) else message,
+                    "key": key,
+                }
+            )
+            event = Event(channel, message, counter[1], stamp, counter[0], key)
+            if key is not None:
+                seen[(channel, key)] = event
+            results.append(event)
+        if rows:
+            await conn.execute(events.insert(), rows)
+            touched = {row["channel"] for row in rows}
+            await conn.execute(
+                update(channels)
+                .where(channels.c.name == bindparam("b_name"))
+                .values(
+                    last_offset=bindparam("b_last"),
+                    last_timestamp=bindparam("b_ts"),
+                ),
+                [
+                    {"b_name": name, "b_last": state[name][1], "b_ts": state[name][2]}
+                    for name in touched
+                ],
+            )
+        return results
+
+    async def _find_keys(
+        self, conn: AsyncConnection, keyed: Sequence[Pending]
+    ) -> dict[tuple[str, str], Event]:
+        by_channel: dict[str, set[str]] = {}
+        for item in keyed:
+            assert item.key is not None
+            by_channel.setdefault(item.channel, set()).add(item.key)
+        found: dict[tuple[str, str], Event] = {}
+        for channel, keys in by_channel.items():
+            result = await conn.execute(
+                select(*_EVENT_COLUMNS).where(
+                    events.c.channel == channel, events.c.key.in_(sorted(keys))
+                )
+            )
+            for row in result:
+                found[(channel, row.key)] = _event(channel, row)
+        return found
+
+    # -- reading -------------------------------------------------------------------
+
+    async def channel(self, name: str) -> ChannelInfo | None:
+        """State of channel ``name``, or ``None`` if it has no history."""
+        async with self._begin() as conn:
+            result = await conn.execute(select(*_CHANNEL_COLUMNS).where(channels.c.name == name))
+            row = result.first()
+        return None if row is None else _info(row)
+
+    async def channels(
+        self, *, prefix: str | None = None, after: str | None = None, limit: int = 100
+    ) -> list[ChannelInfo]:
+        """Channels in name order, optionally those starting with ``prefix``.
+
+        Args:
+            prefix: Only names starting with it.
+            after: Only names sorting after it (the cursor of the previous page).
+            limit: Page size.
+        """
+        query = select(*_CHANNEL_COLUMNS).order_by(channels.c.name).limit(limit)
+        if prefix:
+            query = query.where(channels.c.name.startswith(prefix, autoescape=True))
+        if after is not None:
+            query = query.where(channels.c.name > after)
+        async with self._begin() as conn:
+            result = await conn.execute(query)
+            return [_info(row) for row in result]
+
+    async def read(
+        self,
+        channel: str,
+        *,
+        after: int | None = None,
+        before: int | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 100,
+        order: Literal["asc", "desc"] = "asc",
+    ) -> list[Event]:
+        """A page of stored events of ``channel``.
+
+        Args:
+            after: Only offsets greater than this.
+            before: Only offsets smaller than this.
+            since: Only events with a timestamp at or after this (aware datetime).
+            until: Only events with a timestamp before this (aware datetime).
+            limit: At most this many events.
+            order: ``"asc"`` (oldest first) or ``"desc"`` (newest first).
+        """
+        if order not in ("asc", "desc"):
+            raise InvalidArgument("order must be 'asc' or 'desc'")
+        if not isinstance(limit, int) or limit < 0:
+            raise InvalidArgument("limit must be a non-negative int")
+        query = select(*_EVENT_COLUMNS).where(events.c.channel == channel)
+        if after is not None:
+            query = query.where(events.c.offset > after)
+        if before is not None:
+            query = query.where(events.c.offset < before)
+        if since is not None:
+            query = query.where(events.c.timestamp >= _micros(since))
+        if until is not None:
+            query = query.where(events.c.timestamp < _micros(until))
+        column = events.c.offset
+        query = query.order_by(column.asc() if order == "asc" else column.desc()).limit(limit)
+        async with self._begin() as conn:
+            result = await conn.execute(query)
+            return [_event(channel, row) for row in result]
+
+    async def read_from(self, channel: str, start: int, limit: int) -> list[Event]:
+        """Up to ``limit`` events of ``channel`` from offset ``start`` on, ascending."""
+        query = (
+            select(*_EVENT_COLUMNS)
+            .where(events.c.channel == channel, events.c.offset >= start)
+            .order_by(events.c.offset)
+            .limit(limit)
+        )
+        async with self._begin() as conn:
+            result = await conn.execute(query)
+            return [_event(channel, row) for row in result]
+
+    async def get(self, channel: str, offset: int) -> Event | None:
+        """The event at ``offset`` of ``channel``, if stored."""
+        page = await self.read(channel, after=offset - 1, limit=1)
+        return page[0] if page and page[0].offset == offset else None
+
+    async def offset_at(self, channel: str, moment: datetime) -> int | None:
+        """Offset of the first stored event at or after ``moment``, if any."""
+        query = (
+            select(events.c.offset)
+            .where(events.c.channel == channel, events.c.timestamp >= _micros(moment))
+            .order_by(events.c.timestamp, events.c.offset)
+            .limit(1)
+        )
+        async with self._begin() as conn:
+            result = await conn.execute(query)
+            return result.scalar()
+
+    # -- trimming and deletion -----------------------------------------------------
+
+    async def trim(
+        self, channel: str, *, before: int | None = None, before_time: datetime | None = None
+    ) -> int:
+        """Remove events with an offset below ``before`` and/or older than ``before_time``.
+
+        Returns:
+            The number of events removed.
+        """
+        async with self._begin(write=True) as conn:
+            return await self._trim(conn, channel, before, before_time)
+
+    async def apply_retention(self, retention: Retention) -> int:
+        """Apply ``retention`` to every channel; returns the number of events removed."""
+        if retention.max_events is None and retention.max_age is None:
+            return 0
+        cutoff = None
+        if retention.max_age is not None:
+            cutoff = from_micros(_now_micros()) - retention.max_age
+        removed = 0
+        for info in await self._all_channels():
+            before = None
+            if retention.max_events is not None:
+                before = info.last_offset - retention.max_events + 1
+                if before <= info.first_offset:
+                    before = None
+            if before is None and (
+                cutoff is None or info.count == 0 or info.last_timestamp is None
+            ):
+                continue
+            async with self._begin(write=True) as conn:
+                removed += await self._trim(conn, info.name, before, cutoff)
+        return removed
+
+    async def _all_channels(self) -> list[ChannelInfo]:
+        async with self._begin() as conn:
+            result = await conn.execute(select(*_CHANNEL_COLUMNS))
+            return [_info(row) for row in result]
+
+    async def _trim(
+        self,
+        conn: AsyncConnection,
+        channel: str,
+        before: int | None,
+        before_time: datetime | None,
+    ) -> int:
+        result = await conn.execute(
+            select(channels.c.first_offset, channels.c.last_offset).where(
+                channels.c.name == channel
+            )
+        )
+        row = result.first()
+        if row is None:
+            return 0
+        first, last = row
+        new_first = first
+        if before is not None:
+            new_first = max(new_first, min(before, last + 1))
+        if before_time is not None:
+            kept = await conn.execute(
+                select(events.c.offset)
+                .where(events.c.channel == channel, events.c.timestamp >= _micros(before_time))
+                .order_by(events.c.timestamp, events.c.offset)
+                .limit(1)
+            )
+            first_kept = kept.scalar()
+            new_first = max(new_first, last + 1 if first_kept is None else first_kept)
+        if new_first <= first:
+            return 0
+        newest_removed = await conn.execute(
+            select(events.c.timestamp).where(
+                events.c.channel == channel, events.c.offset == new_first - 1
+            )
+        )
+        trimmed_ts = newest_removed.scalar()
+        deleted = await conn.execute(
+            delete(events).where(events.c.channel == channel, events.c.offset < new_first)
+        )
+        await conn.execute(
+            update(channels)
+            .where(channels.c.name == channel)
+            .values(first_offset=new_first, trimmed_timestamp=trimmed_ts)
+        )
+        return int(deleted.rowcount)
+
+    async def delete_channel(self, channel: str) -> bool:
+        """Delete a channel and its history; its next use starts a new epoch.
+
+        Returns:
+            Whether the channel existed.
+        """
+        async with self._begin(write=True) as conn:
+            await conn.execute(delete(events).where(events.c.channel == channel))
+            result = await conn.execute(delete(channels).where(channels.c.name == channel))
+            return bool(result.rowcount)
+
+    async def count(self, channel: str) -> int:
+        """Number of stored events of ``channel`` (counted, not derived)."""
+        async with self._begin() as conn:
+            result = await conn.execute(
+                select(func.count()).select_from(events).where(events.c.channel == channel)
+            )
+            return int(result.scalar_one())
+
+
+def _micros(moment: datetime) -> int:
+    if not isinstance(moment, datetime):
+        raise InvalidArgument(f"expected a datetime, got {type(moment).__name__}")
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise InvalidArgument("naive datetimes are refused: give a timezone (e.g. UTC)")
+    return to_micros(moment)
+
+
+__all__ = ["ChannelInfo", "EventLog", "Pending", "Retention"]

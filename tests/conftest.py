@@ -1,0 +1,206 @@
+"""Shared fixtures: every log and every live transport, as parametrized fixtures.
+
+Service-backed parameters skip with a reason when the service is absent, except
+under ``CI=true`` where an absent service fails the test.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broadcast_history import Broadcast, BroadcastBackend, EventLog
+
+POSTGRES_URL = os.environ.get("BH_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("BH_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+
+def service_available(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def require_service(name: str, host: str, port: int) -> None:
+    """Skip (or fail under CI=true) when ``name`` is not listening on host:port."""
+    if service_available(host, port):
+        return
+    message = f"{name} is not reachable on {host}:{port}"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{message} (CI=true: services are required)")
+    pytest.skip(message)
+
+
+def require_postgres() -> None:
+    require_service("PostgreSQL", "127.0.0.1", 5432)
+
+
+def require_redis() -> None:
+    require_service("Redis", "127.0.0.1", 6379)
+
+
+# -- logs --------------------------------------------------------------------------
+
+LOGS = ["log:sqlite-memory", "log:sqlite-file", "log:postgres"]
+
+
+@pytest.fixture
+def sqlite_file_url(tmp_path: Path) -> str:
+    return f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
+
+
+async def reset_postgres_log(url: str = POSTGRES_URL) -> None:
+    """Empty the log tables of the test database (the schema stays)."""
+    log = EventLog(url)
+    await log.connect()
+    try:
+        async with log.engine.begin() as conn:
+            await conn.exec_driver_sql("TRUNCATE broadcast_events, broadcast_channels")
+    finally:
+        await log.disconnect()
+
+
+@pytest.fixture(params=LOGS)
+async def log_url(request: pytest.FixtureRequest, tmp_path: Path) -> str | None:
+    """URL of a fresh, empty log of each kind (``None``: the in-memory default)."""
+    kind = request.param
+    if kind == "log:sqlite-memory":
+        return None
+    if kind == "log:sqlite-file":
+        return f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
+    require_postgres()
+    await reset_postgres_log()
+    return POSTGRES_URL
+
+
+# -- live transports ---------------------------------------------------------------
+
+BackendFactory = Callable[[], Awaitable[BroadcastBackend]]
+TRANSPORTS = ["memory", "redis:pubsub", "redis:stream", "postgres:notify", "kafka"]
+
+
+async def _memory() -> BroadcastBackend:
+    from broadcast_history.backends.memory import MemoryBackend
+
+    return MemoryBackend()
+
+
+def unique(prefix: str = "ch") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(params=TRANSPORTS)
+def transport(request: pytest.FixtureRequest) -> Iterator[BackendFactory]:
+    """A factory of fresh backends for each live transport."""
+    kind = request.param
+    if kind == "memory":
+        yield _memory
+        return
+    factory = request.getfixturevalue(f"{kind.replace(':', '_')}_factory")
+    yield factory
+
+
+@pytest.fixture
+def redis_pubsub_factory() -> BackendFactory:
+    require_redis()
+    pytest.importorskip("broadcast_history.backends.redis", reason="redis backend not built")
+
+    async def make() -> BroadcastBackend:
+        from broadcast_history.backends import backend_from_url
+
+        return backend_from_url(REDIS_URL)
+
+    return make
+
+
+@pytest.fixture
+def redis_stream_factory() -> BackendFactory:
+    require_redis()
+    pytest.importorskip(
+        "broadcast_history.backends.redis_stream", reason="redis-stream backend not built"
+    )
+
+    async def make() -> BroadcastBackend:
+        from broadcast_history.backends import backend_from_url
+
+        return backend_from_url(REDIS_URL.replace("redis://", "redis-stream://"))
+
+    return make
+
+
+@pytest.fixture
+def postgres_notify_factory() -> BackendFactory:
+    require_postgres()
+    pytest.importorskip("broadcast_history.backends.postgres", reason="postgres backend not built")
+
+    async def make() -> BroadcastBackend:
+        from broadcast_history.backends import backend_from_url
+
+        return backend_from_url(POSTGRES_URL)
+
+    return make
+
+
+@pytest.fixture
+def kafka_factory(request: pytest.FixtureRequest) -> BackendFactory:
+    pytest.importorskip("broadcast_history.backends.kafka", reason="kafka backend not built")
+    bootstrap: str = request.getfixturevalue("kafka_bootstrap")
+
+    async def make() -> BroadcastBackend:
+        from broadcast_history.backends import backend_from_url
+
+        return backend_from_url(f"kafka://{bootstrap}")
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> Iterator[str]:
+    """host:port of a Kafka-compatible broker (tansu), started for the session."""
+    try:
+        from tests.kafka_broker import running_broker
+    except ImportError:
+        pytest.skip("no Kafka broker fixture yet")
+    with running_broker() as bootstrap:
+        yield bootstrap
+
+
+# -- broadcasts ----------------------------------------------------------------------
+
+MakeBroadcast = Callable[..., Awaitable[Broadcast]]
+
+
+@pytest.fixture
+async def make_broadcast(
+    transport: BackendFactory, log_url: str | None
+) -> AsyncIterator[MakeBroadcast]:
+    """Connected broadcasts over this test's transport and log, closed at teardown.
+
+    Every broadcast made by one test shares the log database (unless the log is the
+    private in-memory default) and the transport service.
+    """
+    made: list[Broadcast] = []
+
+    async def make(**options: Any) -> Broadcast:
+        backend = options.pop("backend", None) or await transport()
+        broadcast = Broadcast(backend=backend, log=options.pop("log", log_url), **options)
+        await broadcast.connect()
+        made.append(broadcast)
+        return broadcast
+
+    yield make
+    for broadcast in made:
+        await broadcast.disconnect()
+
+
+@pytest.fixture
+async def broadcast(make_broadcast: MakeBroadcast) -> Broadcast:
+    return await make_broadcast()

@@ -218,6 +218,12 @@ class Subscriber:
                 self._epoch = epoch
             if epoch == self._epoch and page[-1].epoch == epoch:
                 self._page.extend(page)
+                if len(page) < self._options.page_size:
+                    # The log had nothing more when read, and live delivery was set up
+                    # before the read: whatever commits next arrives live (or shows up
+                    # as a gap), so stop polling the log.
+                    self._mode = _LIVE
+                    self._gap_deadline = None
                 return
         if self._held:
             # Drop what the pages delivered meanwhile; keep what is still ahead.
@@ -269,6 +275,12 @@ class Subscriber:
                 if not held:
                     self._gap_deadline = None
                 return event
+            if min(held) < expected:
+                # Delivered from the log meanwhile.
+                for offset in [o for o in held if o < expected]:
+                    del held[offset]
+                if not held:
+                    self._gap_deadline = None
         buffer = self._buffer
         while buffer:
             event = buffer.popleft()

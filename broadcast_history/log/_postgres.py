@@ -109,7 +109,8 @@ async def append(conn: AsyncConnection, items: Sequence[Pending]) -> list[Event]
                 [items[i].key for i in fresh],
             ),
         )
-        heads = {name: (epoch, last, micros) for name, epoch, last, micros in result}
+        rows: list[Any] = list(result)
+        heads = {name: (epoch, last, micros) for name, epoch, last, micros in rows}
 
     stored: dict[int, Event] = {}
     stamps = {name: from_micros(head[2]) for name, head in heads.items()}
@@ -144,7 +145,8 @@ async def _find_keys(
     result = await conn.exec_driver_sql(
         _FIND_KEYS, ([channel for channel, _ in pairs], [key for _, key in pairs])
     )
-    return {(row[0], row[6]): _event(row) for row in result}
+    rows: list[Any] = list(result)
+    return {(row[0], row[6]): _event(row) for row in rows}
 
 
 def _event(row: Any) -> Event:

@@ -53,7 +53,8 @@ class Appender:
         commit_task, send_task = self._tasks
         self._tasks = []
         self._closing = True
-        assert self._has_pending is not None and self._has_outbox is not None
+        assert self._has_pending is not None
+        assert self._has_outbox is not None
         self._has_pending.set()
         await asyncio.gather(commit_task, return_exceptions=True)
         self._drained = True
@@ -74,7 +75,8 @@ class Appender:
         return future
 
     async def _commit_loop(self) -> None:
-        assert self._has_pending is not None and self._has_outbox is not None
+        assert self._has_pending is not None
+        assert self._has_outbox is not None
         pending = self._pending
         while True:
             if not pending:
@@ -97,7 +99,7 @@ class Appender:
                     if not future.done():
                         future.set_exception(exc)
                 continue
-            for (_, future), event in zip(batch, events):
+            for (_, future), event in zip(batch, events, strict=True):
                 if not future.done():
                     future.set_result(event)
             self._outbox.extend(events)

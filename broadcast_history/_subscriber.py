@@ -138,11 +138,11 @@ class Subscriber:
             )
         self._epoch = info.epoch if info is not None else None
         if isinstance(since, datetime):
-            if info is not None and info.trimmed_timestamp is not None:
-                if info.trimmed_timestamp >= since:
-                    raise HistoryTruncated(
-                        f"events of {self.channel!r} since {since.isoformat()} were trimmed"
-                    )
+            trimmed = info.trimmed_timestamp if info is not None else None
+            if trimmed is not None and trimmed >= since:
+                raise HistoryTruncated(
+                    f"events of {self.channel!r} since {since.isoformat()} were trimmed"
+                )
             found = await self._log.offset_at(self.channel, since) if info else None
             start = head + 1 if found is None else found
         elif since is not None:
@@ -197,7 +197,8 @@ class Subscriber:
     async def _wait(self, timeout: float) -> bool:
         """Wait until fed (``True``) or until ``timeout`` seconds pass (``False``)."""
         loop = asyncio.get_running_loop()
-        waiter = self._waiter = loop.create_future()
+        waiter: asyncio.Future[bool] = loop.create_future()
+        self._waiter = waiter
         timer = loop.call_later(timeout, self._wake, False)
         try:
             return await waiter
@@ -322,4 +323,3 @@ class Subscriber:
             if info is not None and info.last_offset >= expected:
                 self._mode = _REPLAY
         return None
-

@@ -122,7 +122,9 @@ async def test_since_datetime_and_history(broadcast: Broadcast) -> None:
     assert early[-1].timestamp is not None and early[-1].timestamp < cut
     async with broadcast.subscribe(channel, since=cut) as sub:
         assert [e.offset for e in await take(sub, 3)] == [e.offset for e in late]
-    async with broadcast.subscribe(channel, since=cut.astimezone(timezone(timedelta(hours=5)))) as sub:
+    async with broadcast.subscribe(
+        channel, since=cut.astimezone(timezone(timedelta(hours=5)))
+    ) as sub:
         assert (await take(sub, 1))[0].offset == 4
     future = datetime.now(timezone.utc) + timedelta(days=1)
     async with broadcast.subscribe(channel, since=future) as sub:

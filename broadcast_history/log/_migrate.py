@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from alembic import command
 from alembic.config import Config
@@ -80,5 +79,5 @@ async def check(conn: AsyncConnection) -> None:
 
 async def current(conn: AsyncConnection) -> str | None:
     """The revision the database is at (``None``: no schema yet)."""
-    result: Any = await conn.run_sync(_current)
-    return result
+    revision: str | None = await conn.run_sync(_current)
+    return revision

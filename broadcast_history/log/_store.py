@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any, Literal, NamedTuple
 
-from sqlalchemy import Row, bindparam, delete, func, select, update
+from sqlalchemy import bindparam, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
@@ -60,13 +60,13 @@ def _new_epoch() -> int:
     return secrets.randbelow(_EPOCH_LIMIT - 1) + 1
 
 
-def _event(channel: str, row: Row[Any]) -> Event:
+def _event(channel: str, row: Sequence[Any]) -> Event:
     offset, epoch, micros, is_text, payload, key = row
     message = payload.decode() if is_text else bytes(payload)
     return Event(channel, message, offset, from_micros(micros), epoch, key)
 
 
-def _info(row: Row[Any]) -> ChannelInfo:
+def _info(row: Sequence[Any]) -> ChannelInfo:
     name, epoch, last, first, last_ts, trimmed_ts = row
     return ChannelInfo(
         name=name,
@@ -220,7 +220,7 @@ class EventLog:
         state = await self._lock_channels(conn, names)
         missing = [name for name in names if name not in state]
         if missing:
-            rows = [
+            new_rows = [
                 {
                     "name": name,
                     "epoch": _new_epoch(),
@@ -230,7 +230,7 @@ class EventLog:
                 }
                 for name in missing
             ]
-            await conn.execute(self._insert_ignore(), rows)
+            await conn.execute(self._insert_ignore(), new_rows)
             state.update(await self._lock_channels(conn, missing))
 
         seen: dict[tuple[str, str], Event] = {}
@@ -241,7 +241,7 @@ class EventLog:
         now = _now_micros()
         stamps: dict[int, datetime] = {}
         results: list[Event] = []
-        rows = []
+        rows: list[dict[str, Any]] = []
         for item in items:
             channel, message, key = item
             if key is not None:
@@ -275,7 +275,7 @@ class EventLog:
             results.append(event)
         if rows:
             await conn.execute(events.insert(), rows)
-            touched = {row["channel"] for row in rows}
+            touched: set[str] = {row["channel"] for row in rows}
             await conn.execute(
                 update(channels)
                 .where(channels.c.name == bindparam("b_name"))

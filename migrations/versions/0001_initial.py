@@ -40,9 +40,7 @@ def upgrade() -> None:
     op.create_index(
         "ix_broadcast_events_time", "broadcast_events", ["channel", "timestamp", "offset"]
     )
-    op.create_index(
-        "ux_broadcast_events_key", "broadcast_events", ["channel", "key"], unique=True
-    )
+    op.create_index("ux_broadcast_events_key", "broadcast_events", ["channel", "key"], unique=True)
 
 
 def downgrade() -> None:

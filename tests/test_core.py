@@ -1,0 +1,290 @@
+"""Embedded default (memory + SQLite): API surface, validation, lifecycle, durability."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import broadcast_history
+from broadcast_history import (
+    Broadcast,
+    BroadcastError,
+    Event,
+    EventLog,
+    InvalidArgument,
+    InvalidMessage,
+    LogUnavailable,
+    MessageTooLarge,
+    NotConnected,
+    SchemaOutOfDate,
+    Unsubscribed,
+)
+from tests.conftest import POSTGRES_URL, require_postgres
+from tests.helpers import assert_contiguous, take
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_public_names_are_pinned() -> None:
+    assert sorted(broadcast_history.__all__) == [
+        "Broadcast",
+        "BroadcastBackend",
+        "BroadcastError",
+        "ChannelInfo",
+        "Event",
+        "EventLog",
+        "HistoryTruncated",
+        "InvalidArgument",
+        "InvalidMessage",
+        "LogError",
+        "LogUnavailable",
+        "MessageTooLarge",
+        "NotConnected",
+        "OffsetOutOfRange",
+        "PositionError",
+        "Retention",
+        "SchemaOutOfDate",
+        "StreamReset",
+        "Subscriber",
+        "TransportError",
+        "Unsubscribed",
+        "__version__",
+    ]
+    for name in broadcast_history.__all__:
+        value = getattr(broadcast_history, name)
+        if isinstance(value, type) and issubclass(value, Exception) and name != "BroadcastError":
+            assert issubclass(value, BroadcastError), name
+
+
+def test_broadcaster_compatibility_surface() -> None:
+    event = Event(channel="chat", message="hi")
+    assert (event.channel, event.message, event.offset, event.timestamp) == ("chat", "hi", 0, None)
+    with pytest.raises(ValueError, match="Unsupported"):
+        Broadcast("nope://localhost")
+    assert Broadcast("memory://").backend.__class__.__name__ == "MemoryBackend"
+
+
+async def test_broadcaster_style_usage() -> None:
+    broadcast = Broadcast("memory://")
+    await broadcast.connect()
+    await broadcast.connect()  # twice is fine
+    async with broadcast.subscribe("chatroom") as subscriber:
+        await broadcast.publish(channel="chatroom", message="Hello")
+        event = await subscriber.get()
+        assert (event.channel, event.message) == ("chatroom", "Hello")
+    await broadcast.disconnect()
+    await broadcast.disconnect()
+
+
+async def test_validation_rejects_and_writes_nothing() -> None:
+    async with Broadcast(max_message_size=10) as bc:
+        for channel in ("", "x" * 256, "bad\nname", "tab\there", "\x7f", 5):
+            with pytest.raises(InvalidArgument):
+                await bc.publish(channel, "m")  # type: ignore[arg-type]
+        with pytest.raises(InvalidMessage):
+            await bc.publish("c", {"not": "text"})
+        with pytest.raises(TypeError):
+            await bc.publish("c", 42)
+        with pytest.raises(MessageTooLarge):
+            await bc.publish("c", "x" * 11)
+        with pytest.raises(MessageTooLarge):
+            await bc.publish("c", "é" * 6)  # 12 bytes in UTF-8
+        with pytest.raises(MessageTooLarge):
+            await bc.publish("c", b"x" * 11)
+        with pytest.raises(InvalidArgument):
+            await bc.publish("c", "m", key="")
+        with pytest.raises(InvalidArgument):
+            async with bc.subscribe("bad\x00"):
+                pass
+        assert await bc.log.channel("c") is None
+        assert (await bc.publish("c", "x" * 10)).offset == 1
+        assert (await bc.publish("c", bytearray(b"ab"))).message == b"ab"
+        ok = "x" * 255
+        assert (await bc.publish(ok, "✓")).offset == 1
+        assert (await bc.publish("spaces / and ünïcode", "m")).offset == 1
+
+
+async def test_not_connected_errors() -> None:
+    bc = Broadcast()
+    with pytest.raises(NotConnected):
+        await bc.publish("c", "m")
+    with pytest.raises(NotConnected):
+        async with bc.subscribe("c"):
+            pass
+
+
+async def test_disconnect_ends_subscribers_and_flushes_publishes() -> None:
+    bc = Broadcast()
+    await bc.connect()
+    async with bc.subscribe("c") as sub:
+        pending = [asyncio.ensure_future(bc.publish("c", str(i))) for i in range(20)]
+        await asyncio.sleep(0)
+        await bc.disconnect()
+        assert all(p.done() for p in pending)
+        assert [p.result().offset for p in pending] == list(range(1, 21))
+        with pytest.raises(Unsubscribed):
+            await asyncio.wait_for(sub.get(), 2)
+        assert [e async for e in sub] == []
+
+
+async def test_restart_on_file_log_continues(sqlite_file_url: str) -> None:
+    async with Broadcast(log=sqlite_file_url) as bc:
+        first = [await bc.publish("c", str(i)) for i in range(3)]
+    async with Broadcast(log=sqlite_file_url) as bc:
+        again = await bc.publish("c", "3")
+        assert (again.offset, again.epoch) == (4, first[0].epoch)
+        assert again.timestamp is not None and first[-1].timestamp is not None
+        assert again.timestamp >= first[-1].timestamp
+        async with bc.subscribe("c", since=0) as sub:
+            assert [e.message for e in await take(sub, 4)] == ["0", "1", "2", "3"]
+
+
+async def test_migrate_false_refuses_missing_schema(sqlite_file_url: str) -> None:
+    with pytest.raises(SchemaOutOfDate, match="db upgrade"):
+        async with Broadcast(log=sqlite_file_url, migrate=False):
+            pass
+    async with Broadcast(log=sqlite_file_url):
+        pass
+    async with Broadcast(log=sqlite_file_url, migrate=False) as bc:
+        assert (await bc.publish("c", "m")).offset == 1
+
+
+async def test_unreachable_log_is_typed() -> None:
+    with pytest.raises(LogUnavailable):
+        async with Broadcast(log="postgresql+asyncpg://nobody@127.0.0.1:1/none"):
+            pass
+    with pytest.raises(InvalidArgument, match="Unsupported log"):
+        Broadcast(log="mysql://localhost/db")
+
+
+async def test_failed_append_raises_and_sends_nothing(sqlite_file_url: str) -> None:
+    async with Broadcast(log=sqlite_file_url, idle_check=0.05) as bc:
+        async with bc.subscribe("c") as sub:
+            await bc.publish("c", "ok")
+            assert (await take(sub, 1))[0].message == "ok"
+            path = sqlite_file_url.split("///", 1)[1]
+            with sqlite3.connect(path) as raw:
+                raw.execute("ALTER TABLE broadcast_events RENAME TO moved_away")
+            with pytest.raises(LogUnavailable):
+                await bc.publish("c", "lost?")
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(sub.get(), 0.3)
+
+
+@pytest.mark.parametrize("kind", ["log:sqlite-file", "log:postgres"])
+async def test_migrations_match_metadata(kind: str, sqlite_file_url: str) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from broadcast_history.log._schema import VERSION_TABLE, metadata
+
+    url = sqlite_file_url
+    if kind == "log:postgres":
+        require_postgres()
+        url = POSTGRES_URL
+    log = EventLog(url)
+    await log.connect()
+    try:
+        async with log.engine.connect() as conn:
+
+            def diff(sync_conn: object) -> list[object]:
+                context = MigrationContext.configure(
+                    sync_conn,  # type: ignore[arg-type]
+                    opts={"version_table": VERSION_TABLE, "compare_type": True},
+                )
+                return list(compare_metadata(context, metadata))
+
+            assert await conn.run_sync(diff) == []
+    finally:
+        await log.disconnect()
+
+
+_PUBLISHER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from broadcast_history import Broadcast
+
+    async def main(url, name):
+        async with Broadcast(log=url) as bc:
+            await asyncio.gather(*(bc.publish("shared", f"{name}-{i}") for i in range(200)))
+
+    asyncio.run(main(sys.argv[1], sys.argv[2]))
+    """
+)
+
+
+def test_processes_share_a_sqlite_file_log(sqlite_file_url: str) -> None:
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _PUBLISHER, sqlite_file_url, f"p{n}"])
+        for n in range(4)
+    ]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0, 0]
+
+    async def check() -> None:
+        async with Broadcast(log=sqlite_file_url) as bc:
+            events = await bc.log.read("shared", after=0, limit=10_000)
+            assert_contiguous(events, 1, 800)
+            assert len({e.message for e in events}) == 800
+            stamps = [e.timestamp for e in events]
+            assert stamps == sorted(stamps)  # type: ignore[type-var]
+
+    asyncio.run(check())
+
+
+def test_installed_wheel_creates_a_database(tmp_path: Path) -> None:
+    """A built wheel (not the checkout) carries the migrations and can create a log."""
+    wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheel_dir), str(ROOT)],
+        check=True,
+    )
+    [wheel] = wheel_dir.glob("*.whl")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "-q",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
+        check=True,
+    )
+    script = textwrap.dedent(
+        """
+        import asyncio, sys
+        import broadcast_history
+        from broadcast_history.log._migrate import migrations_dir
+        assert broadcast_history.__file__.startswith(sys.argv[1]), broadcast_history.__file__
+        assert str(migrations_dir()).startswith(sys.argv[1]), migrations_dir()
+        async def main():
+            async with broadcast_history.Broadcast(log="sqlite+aiosqlite:///new.db") as bc:
+                print((await bc.publish("c", "m")).offset)
+        asyncio.run(main())
+        """
+    )
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-I",
+            "-c",
+            f"import sys; sys.path.insert(0, {str(target)!r}); " + f"exec({script!r})",
+            str(target),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1"
+    assert (tmp_path / "new.db").exists()

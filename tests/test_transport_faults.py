@@ -1,0 +1,146 @@
+"""A user transport that drops, duplicates and reorders: subscribers still get it all.
+
+The fake here is a transport only (fault injection); the log is a real database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+import pytest
+
+from broadcast_history import Broadcast, BroadcastBackend, Event, TransportError
+from tests.conftest import unique
+from tests.helpers import assert_contiguous, take
+
+
+class UnreliableBackend(BroadcastBackend):
+    """In-process transport written as a broadcaster user would, plus faults.
+
+    It does not call ``BroadcastBackend.__init__`` (broadcaster's raises), to prove
+    the broadcast does not depend on it.
+    """
+
+    def __init__(
+        self, *, drop: float = 0.0, duplicate: float = 0.0, reorder: float = 0.0, seed: int = 1
+    ) -> None:
+        self.rng = random.Random(seed)
+        self.drop, self.duplicate, self.reorder = drop, duplicate, reorder
+        self.drop_all = False
+        self.fail_with: BaseException | None = None
+        self.channels: set[str] = set()
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.held: Event | None = None
+        self.sent = 0
+
+    async def connect(self) -> None:
+        pass
+
+    async def disconnect(self) -> None:
+        pass
+
+    async def subscribe(self, channel: str) -> None:
+        self.channels.add(channel)
+
+    async def unsubscribe(self, channel: str) -> None:
+        self.channels.discard(channel)
+
+    async def publish(self, channel: str, message: Any) -> None:
+        assert isinstance(message, str)  # envelopes travel as text
+        self.sent += 1
+        if self.drop_all or self.rng.random() < self.drop:
+            return
+        event = Event(channel=channel, message=message)
+        if self.held is None and self.rng.random() < self.reorder:
+            self.held = event
+            return
+        self.queue.put_nowait(event)
+        if self.rng.random() < self.duplicate:
+            self.queue.put_nowait(event)
+        if self.held is not None:
+            self.queue.put_nowait(self.held)
+            self.held = None
+
+    async def next_published(self) -> Event:
+        if self.fail_with is not None:
+            raise self.fail_with
+        event = await self.queue.get()
+        if self.fail_with is not None:
+            raise self.fail_with
+        return event
+
+
+@pytest.fixture(params=["log:sqlite-memory", "log:sqlite-file"])
+def log(request: pytest.FixtureRequest, sqlite_file_url: str) -> str | None:
+    return None if request.param == "log:sqlite-memory" else sqlite_file_url
+
+
+async def test_drops_duplicates_and_reorders(log: str | None) -> None:
+    backend = UnreliableBackend(drop=0.15, duplicate=0.15, reorder=0.2)
+    async with Broadcast(backend=backend, log=log, idle_check=0.1, reorder_window=0.01) as bc:
+        channel = unique()
+        async with bc.subscribe(channel, since=0) as sub:
+
+            async def publisher() -> None:
+                for i in range(300):
+                    await bc.publish(channel, f"m{i}")
+                    if i % 7 == 0:
+                        await asyncio.sleep(0)
+
+            task = asyncio.create_task(publisher())
+            events = await take(sub, 300)
+            await task
+    assert_contiguous(events, 1, 300)
+    assert [e.message for e in events] == [f"m{i}" for i in range(300)]
+
+
+async def test_dropped_last_message_still_arrives(log: str | None) -> None:
+    backend = UnreliableBackend()
+    async with Broadcast(backend=backend, log=log, idle_check=0.1) as bc:
+        channel = unique()
+        async with bc.subscribe(channel) as sub:
+            await bc.publish(channel, "delivered")
+            assert (await take(sub, 1))[0].message == "delivered"
+            backend.drop_all = True
+            await bc.publish(channel, "dropped")
+            [event] = await take(sub, 1, timeout=5)
+    assert (event.offset, event.message) == (2, "dropped")
+
+
+async def test_transport_down_subscriber_reads_log(log: str | None) -> None:
+    backend = UnreliableBackend()
+    backend.drop_all = True
+    async with Broadcast(backend=backend, log=log, idle_check=0.05) as bc:
+        channel = unique()
+        async with bc.subscribe(channel) as sub:
+            for i in range(50):
+                await bc.publish(channel, str(i))
+            assert_contiguous(await take(sub, 50, timeout=10), 1, 50)
+
+
+async def test_listener_failure_reaches_every_subscriber(log: str | None) -> None:
+    backend = UnreliableBackend()
+    async with Broadcast(backend=backend, log=log) as bc:
+        async with bc.subscribe("a") as first, bc.subscribe("b") as second:
+            backend.fail_with = ConnectionResetError("broker went away")
+            backend.queue.put_nowait(Event("a", "wake"))
+            for sub in (first, second):
+                with pytest.raises(TransportError) as info:
+                    await asyncio.wait_for(sub.get(), 5)
+                assert isinstance(info.value.__cause__, ConnectionResetError)
+        assert not bc.transport_connected
+        with pytest.raises(TransportError):
+            async with bc.subscribe("c") as third:
+                await asyncio.wait_for(third.get(), 5)
+
+
+async def test_foreign_messages_are_ignored(log: str | None) -> None:
+    backend = UnreliableBackend()
+    async with Broadcast(backend=backend, log=log) as bc:
+        channel = unique()
+        async with bc.subscribe(channel) as sub:
+            backend.queue.put_nowait(Event(channel, "not an envelope"))
+            await bc.publish(channel, "real")
+            assert (await take(sub, 1))[0].message == "real"

@@ -1,0 +1,240 @@
+"""Postgres LISTEN/NOTIFY transport (asyncpg), for ``postgres://`` URLs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg  # type: ignore[import-untyped]  # no stubs shipped
+
+from .._errors import NotConnected, TransportError
+from .._event import Event
+from .base import BroadcastBackend
+
+logger = logging.getLogger("broadcast_history")
+
+# Errors after which trying again may succeed: the server went away or is starting.
+_TRANSIENT = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+)
+
+
+def channel_identifier(channel: str) -> str:
+    """The NOTIFY channel used for ``channel``.
+
+    Postgres channel names are identifiers of at most 63 bytes, while ours may be 255
+    characters of any script; a hash fits every name, and each process maps it back.
+    """
+    return "bh_" + hashlib.blake2b(channel.encode(), digest_size=20).hexdigest()
+
+
+class PostgresBackend(BroadcastBackend):
+    """LISTEN/NOTIFY on a Postgres database (URL ``postgres://user@host:port/db``).
+
+    Notifications are delivered only to connected listeners, in commit order, with
+    payloads under 8000 bytes; larger envelopes travel as notices and subscribers read
+    the events from the log. A dropped listening connection is re-opened with backoff
+    and every channel listened to again; meanwhile ``connected`` is false.
+
+    Args:
+        url: A libpq-style URL; ``postgresql+asyncpg://`` is accepted too.
+        max_reconnect_delay: Longest pause, in seconds, between reconnection attempts.
+        ping_interval: Seconds between liveness checks of the listening connection,
+            which catch a peer that vanished without closing the socket.
+    """
+
+    # NOTIFY refuses payloads of 8000 bytes or more (default server build).
+    max_message_size = 7999
+
+    def __init__(
+        self, url: str, *, max_reconnect_delay: float = 5.0, ping_interval: float = 10.0
+    ) -> None:
+        super().__init__(url)
+        scheme, sep, rest = url.partition("://")
+        self._dsn = "postgresql://" + rest if sep and scheme.startswith("postgres") else url
+        self._max_delay = max_reconnect_delay
+        self._ping_interval = ping_interval
+        self._names: dict[str, str] = {}  # NOTIFY identifier -> channel
+        self._queue: asyncio.Queue[Event | BaseException] | None = None
+        self._listen_conn: asyncpg.Connection | None = None
+        self._publish_conn: asyncpg.Connection | None = None
+        self._listen_lock: asyncio.Lock | None = None
+        self._publish_lock: asyncio.Lock | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+
+    @property
+    def connected(self) -> bool:
+        conn = self._listen_conn
+        return conn is not None and not conn.is_closed()
+
+    async def connect(self) -> None:
+        if self._supervisor is not None:
+            return
+        self._queue = asyncio.Queue()
+        self._listen_lock = asyncio.Lock()
+        self._publish_lock = asyncio.Lock()
+        self._listen_conn = await self._open()
+        self._supervisor = asyncio.create_task(self._supervise(), name="bh-postgres-listen")
+
+    async def disconnect(self) -> None:
+        supervisor, self._supervisor = self._supervisor, None
+        if supervisor is not None:
+            supervisor.cancel()
+            await asyncio.gather(supervisor, return_exceptions=True)
+        for conn in (self._listen_conn, self._publish_conn):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(conn.close(), 2)
+                conn.terminate()
+        self._listen_conn = self._publish_conn = None
+        self._names.clear()
+        if self._queue is not None:
+            # Wakes a pending next_published at once.
+            self._queue.put_nowait(NotConnected("the postgres transport was disconnected"))
+
+    async def subscribe(self, channel: str) -> None:
+        ident = channel_identifier(channel)
+        self._names[ident] = channel
+        await self._on_listen_conn(lambda conn: conn.add_listener(ident, self._notified))
+
+    async def unsubscribe(self, channel: str) -> None:
+        ident = channel_identifier(channel)
+        self._names.pop(ident, None)
+        await self._on_listen_conn(lambda conn: conn.remove_listener(ident, self._notified))
+
+    async def publish(self, channel: str, message: Any) -> None:
+        await self.publish_many([(channel, message)])
+
+    async def publish_many(self, messages: Sequence[tuple[str, str]]) -> None:
+        if not messages:
+            return
+        idents = [channel_identifier(channel) for channel, _ in messages]
+        payloads = [str(message) for _, message in messages]
+        if self._publish_lock is None:
+            raise NotConnected("the postgres transport is not connected")
+        async with self._publish_lock:
+            # One statement, one transaction: the notifications keep their order.
+            for attempt in range(2):
+                try:
+                    if self._publish_conn is None or self._publish_conn.is_closed():
+                        self._publish_conn = await self._open()
+                    await self._publish_conn.execute(
+                        "SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS t(c, p)",
+                        idents,
+                        payloads,
+                    )
+                    return
+                except _TRANSIENT as exc:
+                    self._publish_conn = None
+                    if attempt:
+                        raise TransportError(f"postgres NOTIFY failed: {exc!r}") from exc
+                except asyncpg.PostgresError as exc:
+                    raise TransportError(f"postgres NOTIFY failed: {exc!r}") from exc
+
+    async def next_published(self) -> Event:
+        if self._queue is None:
+            raise NotConnected("the postgres transport is not connected")
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self._queue.put_nowait(item)  # every later call fails the same way
+            raise item
+        return item
+
+    # -- internals -----------------------------------------------------------------
+
+    async def _open(self) -> asyncpg.Connection:
+        try:
+            conn: asyncpg.Connection = await asyncpg.connect(self._dsn, timeout=10)
+        except _TRANSIENT as exc:
+            raise TransportError(f"cannot connect to postgres: {exc!r}") from exc
+        except (asyncpg.PostgresError, ValueError) as exc:
+            raise TransportError(f"postgres refused the connection: {exc!r}") from exc
+        return conn
+
+    def _notified(self, _conn: Any, _pid: int, ident: str, payload: str) -> None:
+        channel = self._names.get(ident)
+        if channel is not None and self._queue is not None:
+            self._queue.put_nowait(Event(channel, payload))
+
+    async def _on_listen_conn(self, operation: Any) -> None:
+        assert self._listen_lock is not None
+        async with self._listen_lock:
+            conn = self._listen_conn
+            if conn is None or conn.is_closed():
+                return  # the supervisor re-listens every channel when it reconnects
+            try:
+                await operation(conn)
+            except _TRANSIENT:
+                # Lost mid-call: the supervisor notices and re-listens from _names.
+                logger.info("postgres listening connection lost", exc_info=True)
+            except asyncpg.PostgresError as exc:
+                raise TransportError(f"postgres LISTEN failed: {exc!r}") from exc
+
+    async def _supervise(self) -> None:
+        """Keep the listening connection alive; on loss, reconnect and re-listen."""
+        assert self._queue is not None and self._listen_lock is not None
+        try:
+            while True:
+                conn = self._listen_conn
+                if conn is not None:
+                    await self._watch(conn)
+                self._listen_conn = None
+                await self._reconnect()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self._queue.put_nowait(exc)  # reaches every subscriber via next_published
+
+    async def _watch(self, conn: asyncpg.Connection) -> None:
+        """Return once ``conn`` is closed or stops answering."""
+        lost = asyncio.Event()
+        conn.add_termination_listener(lambda _conn: lost.set())
+        while not conn.is_closed():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(lost.wait(), self._ping_interval)
+                break
+            try:
+                assert self._listen_lock is not None
+                async with self._listen_lock:
+                    await conn.fetchval("SELECT 1", timeout=self._ping_interval)
+            except _TRANSIENT:
+                break
+        logger.warning("postgres listening connection lost; reconnecting")
+        conn.terminate()
+
+    async def _reconnect(self) -> None:
+        assert self._listen_lock is not None
+        delay = 0.05
+        while True:
+            async with self._listen_lock:
+                try:
+                    conn = await self._open()
+                    try:
+                        for ident in list(self._names):
+                            await conn.add_listener(ident, self._notified)
+                    except BaseException:
+                        conn.terminate()
+                        raise
+                except TransportError as exc:
+                    if not isinstance(exc.__cause__, _TRANSIENT):
+                        raise
+                except _TRANSIENT:
+                    pass
+                else:
+                    # Set under the lock, so a subscribe waiting for it uses this one.
+                    self._listen_conn = conn
+                    logger.info("postgres listening connection re-established")
+                    return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._max_delay)

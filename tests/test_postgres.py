@@ -1,0 +1,273 @@
+"""Postgres specifics: the LISTEN/NOTIFY transport and the one-statement log append."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+
+import pytest
+
+from broadcast_history import Broadcast, Event, EventLog, NotConnected, TransportError, _envelope
+from broadcast_history.backends import backend_from_url
+from broadcast_history.backends.memory import MemoryBackend
+from broadcast_history.backends.postgres import PostgresBackend, channel_identifier
+from tests.conftest import unique
+from tests.helpers import assert_contiguous, take
+from tests.postgres_support import database_url, ensure_database
+
+pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
+
+
+@pytest.fixture
+async def pg_url() -> str:
+    """A database of these tests only (never truncated by the shared fixtures)."""
+    return await ensure_database("bh_test_postgres")
+
+
+@pytest.fixture
+async def backend(pg_url: str) -> AsyncIterator[PostgresBackend]:
+    made = PostgresBackend(pg_url)
+    await made.connect()
+    yield made
+    await made.disconnect()
+
+
+async def next_events(backend: PostgresBackend, count: int) -> list[tuple[str, str]]:
+    async def collect() -> list[tuple[str, str]]:
+        return [
+            (event.channel, event.message)
+            for event in [await backend.next_published() for _ in range(count)]
+        ]
+
+    return await asyncio.wait_for(collect(), 10)
+
+
+# -- transport -------------------------------------------------------------------------
+
+
+def test_url_schemes_select_postgres_backend() -> None:
+    for url in ("postgres://localhost/db", "postgresql://localhost/db"):
+        assert isinstance(backend_from_url(url), PostgresBackend)
+    assert PostgresBackend.max_message_size is not None
+    assert PostgresBackend.max_message_size < 8000
+
+
+def test_channel_identifiers_fit_postgres_names() -> None:
+    names = ["a", "x" * 255, "ü ñ 漢字 " * 30, "with space", "Upper"]
+    idents = {channel_identifier(name) for name in names}
+    assert len(idents) == len(names)
+    for ident in idents:
+        assert len(ident.encode()) <= 63 and ident == ident.lower() and ident.isascii()
+    assert channel_identifier("a") == channel_identifier("a")
+
+
+@pytest.mark.parametrize(
+    "channel", ["x" * 255, "ünïcødé 漢字 " + "é" * 200, "spaces and / slashes ?"]
+)
+async def test_odd_channel_names_round_trip(backend: PostgresBackend, channel: str) -> None:
+    channel = channel[:-12] + unique("")[-12:]
+    await backend.subscribe(channel)
+    await backend.publish(channel, "hello")
+    assert await next_events(backend, 1) == [(channel, "hello")]
+
+
+async def test_publish_many_keeps_order(backend: PostgresBackend) -> None:
+    first, second = unique(), unique()
+    await backend.subscribe(first)
+    await backend.subscribe(second)
+    messages = [(first if i % 2 else second, f"m{i}") for i in range(50)]
+    await backend.publish_many(messages)
+    assert await next_events(backend, 50) == messages
+
+
+async def test_unsubscribe_one_channel_among_many(backend: PostgresBackend) -> None:
+    channels = [unique() for _ in range(5)]
+    for channel in channels:
+        await backend.subscribe(channel)
+    await backend.unsubscribe(channels[2])
+    await backend.publish_many([(channel, channel) for channel in channels])
+    kept = [channel for channel in channels if channel != channels[2]]
+    assert await next_events(backend, 4) == [(channel, channel) for channel in kept]
+    # Subscribing again works and the others are untouched.
+    await backend.subscribe(channels[2])
+    await backend.publish(channels[2], "again")
+    await backend.publish(channels[0], "still")
+    assert await next_events(backend, 2) == [(channels[2], "again"), (channels[0], "still")]
+
+
+async def test_disconnect_wakes_next_published(backend: PostgresBackend) -> None:
+    waiter = asyncio.create_task(backend.next_published())
+    await asyncio.sleep(0.05)
+    await backend.disconnect()
+    with pytest.raises(NotConnected):
+        await asyncio.wait_for(waiter, 5)
+    assert not backend.connected
+
+
+async def test_connect_twice_and_disconnect_twice(pg_url: str) -> None:
+    made = PostgresBackend(pg_url)
+    await made.connect()
+    await made.connect()
+    assert made.connected
+    await made.disconnect()
+    await made.disconnect()
+    assert not made.connected
+
+
+async def test_unreachable_database_raises_transport_error() -> None:
+    made = PostgresBackend(database_url("bh_no_such_database"))
+    with pytest.raises(TransportError):
+        await made.connect()
+
+
+async def test_large_payload_travels_as_notice_and_is_read_from_log(pg_url: str) -> None:
+    log_url = pg_url.replace("postgresql://", "postgresql+asyncpg://")
+    channel = "große Nachricht " + unique()
+    big = "ü" * 9000  # 18000 UTF-8 bytes: over NOTIFY's limit
+    async with (
+        Broadcast(pg_url, log=log_url) as broadcast,
+        broadcast.subscribe(channel) as subscriber,
+    ):
+        # Watch the raw envelopes too, to see the notice on the wire.
+        raw = PostgresBackend(pg_url)
+        await raw.connect()
+        try:
+            await raw.subscribe(channel)
+            small = await broadcast.publish(channel, "small")
+            large = await broadcast.publish(channel, big)
+            binary = await broadcast.publish(channel, bytes(range(256)) * 40)
+            got = await take(subscriber, 3)
+            wire: list[str] = []
+            records: list[Event] = []
+            while len(records) < 3:  # envelopes may carry several events
+                wire += [message for _, message in await next_events(raw, 1)]
+                records += _envelope.decode(channel, wire[-1])
+        finally:
+            await raw.disconnect()
+    assert got == [small, large, binary]
+    assert got[1].message == big and got[2].message == bytes(range(256)) * 40
+    assert all(len(message.encode()) < 8000 for message in wire)
+    assert [record.offset for record in records] == [1, 2, 3]
+    assert records[0].message == "small"
+    assert records[1].message is _envelope.NOTICE and records[2].message is _envelope.NOTICE
+
+
+async def test_live_delivery_between_two_broadcasts(pg_url: str) -> None:
+    log_url = pg_url.replace("postgresql://", "postgresql+asyncpg://")
+    channel = unique()
+    async with Broadcast(pg_url, log=log_url) as sender, Broadcast(pg_url, log=log_url) as receiver:
+        async with receiver.subscribe(channel) as subscriber:
+            published = await asyncio.gather(
+                *(sender.publish(channel, f"m{i}") for i in range(200))
+            )
+            got = await take(subscriber, 200)
+        assert receiver.transport_connected
+    assert_contiguous(got, 1, 200)
+    assert sorted(published, key=lambda e: e.offset) == got
+
+
+# -- log ---------------------------------------------------------------------------------
+
+
+async def test_log_concurrency_many_broadcasts_gap_free(pg_url: str) -> None:
+    """8 broadcasts (own engines, like 8 hosts) x 50 publishers on one Postgres log."""
+    log_url = pg_url.replace("postgresql://", "postgresql+asyncpg://")
+    channel, other = unique(), unique()
+    broadcasts = [Broadcast(backend=MemoryBackend(), log=log_url) for _ in range(8)]
+    for broadcast in broadcasts:
+        await broadcast.connect()
+    try:
+
+        async def publisher(broadcast: Broadcast, n: int) -> list[tuple[int, str]]:
+            done = []
+            for i in range(4):
+                # Every other message also touches a second channel in the same batch.
+                target = other if (n + i) % 2 else channel
+                event = await broadcast.publish(target, f"{n}-{i}")
+                done.append((event.offset, f"{target}:{n}-{i}"))
+            return done
+
+        results = await asyncio.gather(
+            *(publisher(b, n) for n, b in zip(range(400), itertools.cycle(broadcasts)))
+        )
+        reader = broadcasts[0].log
+        stored = await reader.read(channel, after=0, limit=10_000)
+        stored_other = await reader.read(other, after=0, limit=10_000)
+    finally:
+        for broadcast in broadcasts:
+            await broadcast.disconnect()
+    assert len(stored) + len(stored_other) == 1600
+    assert_contiguous(stored, 1, len(stored))
+    assert_contiguous(stored_other, 1, len(stored_other))
+    for events in (stored, stored_other):
+        stamps = [event.timestamp for event in events]
+        assert stamps == sorted(stamps)
+        assert len({event.epoch for event in events}) == 1
+    returned = {text: offset for result in results for offset, text in result}
+    assert returned == {f"{e.channel}:{e.message}": e.offset for e in stored + stored_other}
+
+
+async def test_idempotency_key_race_between_hosts(pg_url: str) -> None:
+    log_url = pg_url.replace("postgresql://", "postgresql+asyncpg://")
+    channel = unique()
+    logs = [EventLog(log_url) for _ in range(4)]
+    for log in logs:
+        await log.connect()
+    try:
+        broadcasts = [Broadcast(backend=MemoryBackend(), log=log) for log in logs]
+        for broadcast in broadcasts:
+            await broadcast.connect()
+        results = await asyncio.gather(
+            *(
+                broadcast.publish(channel, f"try {n}", key=f"k{n % 5}")
+                for n, broadcast in zip(range(80), itertools.cycle(broadcasts))
+            )
+        )
+        stored = await logs[0].read(channel, after=0)
+        for broadcast in broadcasts:
+            await broadcast.disconnect()
+    finally:
+        for log in logs:
+            await log.disconnect()
+    assert_contiguous(stored, 1, 5)
+    by_key = {event.key: event for event in stored}
+    assert all(result == by_key[result.key] for result in results)
+
+
+async def test_append_mixed_batch_in_input_order(pg_url: str) -> None:
+    from broadcast_history.log import Pending
+
+    log = EventLog(pg_url.replace("postgresql://", "postgresql+asyncpg://"))
+    await log.connect()
+    try:
+        a, b = unique(), "ü " + unique()
+        first = await log.append(
+            [Pending(a, "a1", None), Pending(b, b"b1", "k"), Pending(a, "a2", "k")]
+        )
+        again = await log.append(
+            [
+                Pending(b, b"ignored", "k"),
+                Pending(a, "a3", None),
+                Pending(a, "x", "k"),
+                Pending(a, "a4", "n"),
+                Pending(a, "y", "n"),
+            ]
+        )
+        info = await log.channel(a)
+    finally:
+        await log.disconnect()
+    assert [(e.channel, e.message, e.offset) for e in first] == [
+        (a, "a1", 1),
+        (b, b"b1", 1),
+        (a, "a2", 2),
+    ]
+    assert again[0] == first[1] and again[2] == first[2]
+    assert [(e.message, e.offset) for e in again] == [
+        (b"b1", 1),
+        ("a3", 3),
+        ("a2", 2),
+        ("a4", 4),
+        ("a4", 4),
+    ]
+    assert info is not None and info.last_offset == 4

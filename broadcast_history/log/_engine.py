@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
-from sqlalchemy import event
+import sqlalchemy
+from sqlalchemy import Engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
@@ -43,34 +45,63 @@ def is_memory_sqlite(url: URL) -> bool:
     return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
 
 
-def create_engine(url: URL, *, sqlite_synchronous: str = "NORMAL") -> AsyncEngine:
-    """Create the engine; SQLite gets WAL, a busy timeout and explicit transactions."""
+def shared_memory_url(url: URL) -> URL:
+    """A uniquely named shared-cache in-memory database, reachable by two engines.
+
+    The writer thread and the async readers need the same in-memory database, which
+    a plain ``:memory:`` URL would give each connection privately.
+    """
+    name = f"file:broadcast-history-{uuid.uuid4().hex}"
+    return url.set(database=name, query={"mode": "memory", "cache": "shared", "uri": "true"})
+
+
+def create_engine(
+    url: URL, *, memory: bool = False, sqlite_synchronous: str = "NORMAL"
+) -> AsyncEngine:
+    """Create the async engine; SQLite gets WAL, a busy timeout and explicit BEGINs.
+
+    Args:
+        url: A normalized URL (see :func:`normalize_url`).
+        memory: ``url`` is an in-memory SQLite database: keep a single connection.
+        sqlite_synchronous: ``PRAGMA synchronous`` for file databases.
+    """
     if url.get_backend_name() != "sqlite":
         return create_async_engine(url, pool_size=10, max_overflow=10)
-    kwargs: dict[str, Any] = {}
-    memory = is_memory_sqlite(url)
-    if memory:
-        # One connection holds the whole database; the log serializes access to it.
-        kwargs["poolclass"] = StaticPool
+    kwargs: dict[str, Any] = {"poolclass": StaticPool} if memory else {}
     engine = create_async_engine(url, connect_args={"timeout": 30}, **kwargs)
-    sync_engine = engine.sync_engine
+    _configure_sqlite(engine.sync_engine, memory, sqlite_synchronous)
+    return engine
 
-    @event.listens_for(sync_engine, "connect")
+
+def create_writer_engine(
+    url: URL, *, memory: bool = False, sqlite_synchronous: str = "NORMAL"
+) -> Engine:
+    """Synchronous engine (the stdlib sqlite3 driver) for the SQLite writer thread."""
+    sync_url = url.set(drivername="sqlite")
+    engine = sqlalchemy.create_engine(
+        sync_url,
+        poolclass=StaticPool,
+        connect_args={"timeout": 30, "check_same_thread": False},
+    )
+    _configure_sqlite(engine, memory, sqlite_synchronous)
+    return engine
+
+
+def _configure_sqlite(engine: Engine, memory: bool, synchronous: str) -> None:
+    @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Take transaction control from the driver so BEGIN IMMEDIATE can be used.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         if not memory:
             cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute(f"PRAGMA synchronous={sqlite_synchronous}")
+            cursor.execute(f"PRAGMA synchronous={synchronous}")
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.close()
 
-    @event.listens_for(sync_engine, "begin")
+    @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
         # Writers take the lock up front: a deferred transaction that later needs to
         # write can fail with SQLITE_BUSY instead of waiting for its turn.
         immediate = conn.get_execution_options().get("bh_write", False)
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
-
-    return engine

@@ -3,34 +3,32 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
-import time
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import datetime
 from typing import Any, Literal, NamedTuple
 
-from sqlalchemy import bindparam, delete, func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .._errors import InvalidArgument, LogError, LogUnavailable, NotConnected
+from .._errors import InvalidArgument, LogUnavailable, NotConnected
 from .._event import Event, from_micros, to_micros
 from . import _migrate, _postgres
-from ._engine import MEMORY_URL, create_engine, is_memory_sqlite, normalize_url
-from ._info import ChannelInfo, Retention
-from ._schema import channels, events
-
-_EVENT_COLUMNS = (
-    events.c.offset,
-    events.c.epoch,
-    events.c.timestamp,
-    events.c.is_text,
-    events.c.payload,
-    events.c.key,
+from ._engine import (
+    MEMORY_URL,
+    create_engine,
+    create_writer_engine,
+    is_memory_sqlite,
+    normalize_url,
+    shared_memory_url,
 )
+from ._info import ChannelInfo, Retention
+from ._rows import EVENT_COLUMNS, now_micros, row_to_event
+from ._schema import channels, events
+from ._sqlite import SqliteWriter
+
 _CHANNEL_COLUMNS = (
     channels.c.name,
     channels.c.epoch,
@@ -39,9 +37,6 @@ _CHANNEL_COLUMNS = (
     channels.c.last_timestamp,
     channels.c.trimmed_timestamp,
 )
-# Epochs are random so that a channel deleted and created again (possibly by another
-# host) never reuses one; 2**53 keeps them exact in JSON and JavaScript.
-_EPOCH_LIMIT = 2**53
 
 
 class Pending(NamedTuple):
@@ -50,20 +45,6 @@ class Pending(NamedTuple):
     channel: str
     message: str | bytes
     key: str | None
-
-
-def _now_micros() -> int:
-    return time.time_ns() // 1000
-
-
-def _new_epoch() -> int:
-    return secrets.randbelow(_EPOCH_LIMIT - 1) + 1
-
-
-def _event(channel: str, row: Sequence[Any]) -> Event:
-    offset, epoch, micros, is_text, payload, key = row
-    message = payload.decode() if is_text else bytes(payload)
-    return Event(channel, message, offset, from_micros(micros), epoch, key)
 
 
 def _info(row: Sequence[Any]) -> ChannelInfo:
@@ -105,6 +86,7 @@ class EventLog:
         self.migrate = migrate
         self._synchronous = sqlite_synchronous
         self._engine: AsyncEngine | None = None
+        self._writer: SqliteWriter | None = None
         self._dialect = self.url.get_backend_name()
         # An in-memory SQLite database is one shared connection: serialize its use.
         self._lock: asyncio.Lock | None = None
@@ -127,8 +109,15 @@ class EventLog:
         """Open the engine and create, upgrade or check the schema."""
         if self._engine is not None:
             return
-        engine = create_engine(self.url, sqlite_synchronous=self._synchronous)
-        self._lock = asyncio.Lock() if is_memory_sqlite(self.url) else None
+        memory = is_memory_sqlite(self.url)
+        url = shared_memory_url(self.url) if memory else self.url
+        engine = create_engine(url, memory=memory, sqlite_synchronous=self._synchronous)
+        writer = None
+        if self._dialect == "sqlite":
+            writer = SqliteWriter(
+                create_writer_engine(url, memory=memory, sqlite_synchronous=self._synchronous)
+            )
+        self._lock = asyncio.Lock() if memory else None
         try:
             async with engine.connect() as conn:
                 await conn.execution_options(bh_write=True)
@@ -137,17 +126,21 @@ class EventLog:
                 else:
                     await _migrate.check(conn)
                 await conn.commit()
-        except LogError:
+        except BaseException as exc:
             await engine.dispose()
+            if writer is not None:
+                writer.close()
+            if isinstance(exc, (SQLAlchemyError, OSError)):
+                raise LogUnavailable(f"cannot open the event log: {exc}") from exc
             raise
-        except (SQLAlchemyError, OSError) as exc:
-            await engine.dispose()
-            raise LogUnavailable(f"cannot open the event log: {exc}") from exc
-        self._engine = engine
+        self._engine, self._writer = engine, writer
 
     async def disconnect(self) -> None:
         """Close every connection; safe to call twice."""
         engine, self._engine = self._engine, None
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
         if engine is not None:
             await engine.dispose()
 
@@ -172,6 +165,16 @@ class EventLog:
             if self._lock is not None:
                 self._lock.release()
 
+    def transaction(self, *, write: bool = False) -> AbstractAsyncContextManager[AsyncConnection]:
+        """A connection in a transaction, for queries the log has no method for (admin).
+
+        Driver errors come out as :class:`LogUnavailable`, as for the log's own methods.
+
+        Args:
+            write: The transaction will write: SQLite takes its write lock up front.
+        """
+        return self._begin(write=write)
+
     # -- writing -------------------------------------------------------------------
 
     async def append(self, items: Sequence[Pending]) -> list[Event]:
@@ -182,131 +185,33 @@ class EventLog:
         """
         for attempt in range(3):
             try:
-                async with self._begin(write=True) as conn:
-                    return await self._append(conn, items)
+                return await self._append(items)
             except IntegrityError as exc:
                 # Another process stored the same idempotency key (or created the
                 # channel) between our read and our insert: retrying sees its row.
                 if attempt == 2:
                     raise LogUnavailable(f"append kept conflicting: {exc.orig!r}") from exc
-            except LogUnavailable as exc:
+            except DBAPIError as exc:
                 # A connection dropped since its last use: retry once on a fresh one.
+                if attempt or not exc.connection_invalidated:
+                    raise LogUnavailable(f"event log failure: {exc.orig!r}") from exc
+            except LogUnavailable as exc:
                 cause = exc.__cause__
                 if attempt or not (isinstance(cause, DBAPIError) and cause.connection_invalidated):
                     raise
+            except (SQLAlchemyError, OSError) as exc:
+                raise LogUnavailable(f"event log failure: {exc!r}") from exc
         raise AssertionError("unreachable")
 
-    async def _lock_channels(
-        self, conn: AsyncConnection, names: Sequence[str]
-    ) -> dict[str, list[int]]:
-        query = select(
-            channels.c.name, channels.c.epoch, channels.c.last_offset, channels.c.last_timestamp
-        ).where(channels.c.name.in_(names))
-        if self._dialect == "postgresql":
-            # Row locks taken in name order, so concurrent batches cannot deadlock.
-            query = query.order_by(channels.c.name).with_for_update()
-        result = await conn.execute(query)
-        return {name: [epoch, last, ts] for name, epoch, last, ts in result}
-
-    def _insert_ignore(self) -> Any:
-        insert = postgresql.insert if self._dialect == "postgresql" else sqlite.insert
-        return insert(channels).on_conflict_do_nothing(index_elements=["name"])
-
-    async def _append(self, conn: AsyncConnection, items: Sequence[Pending]) -> list[Event]:
-        if self._dialect == "postgresql":
+    async def _append(self, items: Sequence[Pending]) -> list[Event]:
+        if self._writer is not None:
+            if self._lock is None:
+                return await self._writer.append(items)
+            async with self._lock:
+                return await self._writer.append(items)
+        async with self._begin(write=True) as conn:
             # One statement instead of four round trips (see _postgres).
             return await _postgres.append(conn, items)
-        names = sorted({item.channel for item in items})
-        state = await self._lock_channels(conn, names)
-        missing = [name for name in names if name not in state]
-        if missing:
-            new_rows = [
-                {
-                    "name": name,
-                    "epoch": _new_epoch(),
-                    "last_offset": 0,
-                    "last_timestamp": 0,
-                    "first_offset": 1,
-                }
-                for name in missing
-            ]
-            await conn.execute(self._insert_ignore(), new_rows)
-            state.update(await self._lock_channels(conn, missing))
-
-        seen: dict[tuple[str, str], Event] = {}
-        keyed = [item for item in items if item.key is not None]
-        if keyed:
-            seen = await self._find_keys(conn, keyed)
-
-        now = _now_micros()
-        stamps: dict[int, datetime] = {}
-        results: list[Event] = []
-        rows: list[dict[str, Any]] = []
-        for item in items:
-            channel, message, key = item
-            if key is not None:
-                earlier = seen.get((channel, key))
-                if earlier is not None:
-                    results.append(earlier)
-                    continue
-            counter = state[channel]
-            counter[1] += 1
-            if now > counter[2]:
-                counter[2] = now
-            micros = counter[2]
-            stamp = stamps.get(micros)
-            if stamp is None:
-                stamp = stamps[micros] = from_micros(micros)
-            is_text = isinstance(message, str)
-            rows.append(
-                {
-                    "channel": channel,
-                    "offset": counter[1],
-                    "epoch": counter[0],
-                    "timestamp": micros,
-                    "is_text": is_text,
-                    "payload": message.encode() if isinstance(message, str) else message,
-                    "key": key,
-                }
-            )
-            event = Event(channel, message, counter[1], stamp, counter[0], key)
-            if key is not None:
-                seen[(channel, key)] = event
-            results.append(event)
-        if rows:
-            await conn.execute(events.insert(), rows)
-            touched: set[str] = {row["channel"] for row in rows}
-            await conn.execute(
-                update(channels)
-                .where(channels.c.name == bindparam("b_name"))
-                .values(
-                    last_offset=bindparam("b_last"),
-                    last_timestamp=bindparam("b_ts"),
-                ),
-                [
-                    {"b_name": name, "b_last": state[name][1], "b_ts": state[name][2]}
-                    for name in touched
-                ],
-            )
-        return results
-
-    async def _find_keys(
-        self, conn: AsyncConnection, keyed: Sequence[Pending]
-    ) -> dict[tuple[str, str], Event]:
-        by_channel: dict[str, set[str]] = {}
-        for item in keyed:
-            assert item.key is not None
-            by_channel.setdefault(item.channel, set()).add(item.key)
-        found: dict[tuple[str, str], Event] = {}
-        for channel, keys in by_channel.items():
-            result = await conn.execute(
-                select(*_EVENT_COLUMNS).where(
-                    events.c.channel == channel, events.c.key.in_(sorted(keys))
-                )
-            )
-            for row in result:
-                found[(channel, row.key)] = _event(channel, row)
-        return found
 
     # -- reading -------------------------------------------------------------------
 
@@ -361,7 +266,7 @@ class EventLog:
             raise InvalidArgument("order must be 'asc' or 'desc'")
         if not isinstance(limit, int) or limit < 0:
             raise InvalidArgument("limit must be a non-negative int")
-        query = select(*_EVENT_COLUMNS).where(events.c.channel == channel)
+        query = select(*EVENT_COLUMNS).where(events.c.channel == channel)
         if after is not None:
             query = query.where(events.c.offset > after)
         if before is not None:
@@ -374,19 +279,19 @@ class EventLog:
         query = query.order_by(column.asc() if order == "asc" else column.desc()).limit(limit)
         async with self._begin() as conn:
             result = await conn.execute(query)
-            return [_event(channel, row) for row in result]
+            return [row_to_event(channel, row) for row in result]
 
     async def read_from(self, channel: str, start: int, limit: int) -> list[Event]:
         """Up to ``limit`` events of ``channel`` from offset ``start`` on, ascending."""
         query = (
-            select(*_EVENT_COLUMNS)
+            select(*EVENT_COLUMNS)
             .where(events.c.channel == channel, events.c.offset >= start)
             .order_by(events.c.offset)
             .limit(limit)
         )
         async with self._begin() as conn:
             result = await conn.execute(query)
-            return [_event(channel, row) for row in result]
+            return [row_to_event(channel, row) for row in result]
 
     async def get(self, channel: str, offset: int) -> Event | None:
         """The event at ``offset`` of ``channel``, if stored."""
@@ -424,7 +329,7 @@ class EventLog:
             return 0
         cutoff = None
         if retention.max_age is not None:
-            cutoff = from_micros(_now_micros()) - retention.max_age
+            cutoff = from_micros(now_micros()) - retention.max_age
         removed = 0
         for info in await self._all_channels():
             before = None

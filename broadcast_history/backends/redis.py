@@ -1,0 +1,245 @@
+"""Redis PUB/SUB transport (redis-py asyncio), for ``redis://`` and ``rediss://`` URLs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis import exceptions as rexc
+from redis.asyncio.client import PubSub
+
+from .._errors import NotConnected, TransportError
+from .._event import Event
+from .base import BroadcastBackend
+
+logger = logging.getLogger("broadcast_history")
+
+# Name of the transport's connections in CLIENT LIST, so operators can tell them apart.
+CLIENT_NAME = "broadcast_history"
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether trying again later may succeed: the server went away or is loading."""
+    if isinstance(exc, (rexc.AuthenticationError, rexc.AuthorizationError)):
+        return False
+    return isinstance(exc, (rexc.ConnectionError, rexc.TimeoutError, OSError, TimeoutError))
+
+
+def as_text(value: Any) -> Any:
+    """Decode bytes from a client made without ``decode_responses`` (envelopes are text)."""
+    if isinstance(value, bytes):
+        with contextlib.suppress(UnicodeDecodeError):
+            return value.decode()
+    return value
+
+
+class RedisBackend(BroadcastBackend):
+    """Redis PUB/SUB (URL ``redis://host:port/db``, or ``rediss://`` for TLS).
+
+    Messages reach only the processes subscribed at the moment they are published;
+    whatever is missed while the connection is down is read from the log by the
+    subscribers. A dropped subscription connection is re-opened with backoff and every
+    channel subscribed again; meanwhile ``connected`` is false.
+
+    Args:
+        url: A redis-py URL; query options such as ``?ssl_cert_reqs=none`` are honoured.
+        conn: A preconfigured ``redis.asyncio.Redis`` instead of ``url`` (as in
+            broadcaster 0.3). It stays yours: ``disconnect`` does not close it.
+        max_reconnect_delay: Longest pause, in seconds, between reconnection attempts.
+        ping_interval: Seconds of silence after which the subscription connection is
+            pinged; no answer within as long again counts as a lost connection.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        conn: aioredis.Redis | None = None,
+        max_reconnect_delay: float = 5.0,
+        ping_interval: float = 10.0,
+    ) -> None:
+        if (url is None) == (conn is None):
+            raise ValueError("give RedisBackend a url or a conn, exactly one")
+        super().__init__(url or "")
+        self._given = conn
+        self._max_delay = max_reconnect_delay
+        self._ping_interval = ping_interval
+        self._client: aioredis.Redis | None = None
+        self._pubsub: PubSub | None = None
+        self._channels: set[str] = set()
+        self._acks: dict[str, asyncio.Future[None]] = {}
+        self._queue: asyncio.Queue[Event | BaseException] | None = None
+        self._lock: asyncio.Lock | None = None
+        self._wanted: asyncio.Event | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._up = False
+
+    @property
+    def connected(self) -> bool:
+        return self._up
+
+    async def connect(self) -> None:
+        if self._reader is not None:
+            return
+        client = self._given or aioredis.Redis.from_url(
+            self._url, decode_responses=True, client_name=CLIENT_NAME
+        )
+        try:
+            await client.ping()
+        except rexc.RedisError as exc:
+            if self._given is None:
+                await client.aclose()
+            raise TransportError(f"cannot connect to redis: {exc!r}") from exc
+        self._client, self._up = client, True
+        self._queue, self._lock, self._wanted = asyncio.Queue(), asyncio.Lock(), asyncio.Event()
+        self._reader = asyncio.create_task(self._run(), name="bh-redis-pubsub")
+
+    async def disconnect(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+        await self._close_pubsub()
+        client, self._client = self._client, None
+        if client is not None and self._given is None:
+            await client.aclose()
+        self._up = False
+        self._channels.clear()
+        if self._queue is not None:
+            # Wakes a pending next_published at once.
+            self._queue.put_nowait(NotConnected("the redis transport was disconnected"))
+
+    async def subscribe(self, channel: str) -> None:
+        if self._lock is None or self._wanted is None:
+            raise NotConnected("the redis transport is not connected")
+        ack = self._acks[channel] = asyncio.get_running_loop().create_future()
+        async with self._lock:
+            self._channels.add(channel)
+            # The reader starts only now: on redis-py 8 a PubSub read before the first
+            # SUBSCRIBE has no connection to read from and ends at once.
+            self._wanted.set()
+            await self._send(lambda pubsub: pubsub.subscribe(channel))
+        try:
+            if self._up:
+                # Registered on the server before we return, so a publish that follows
+                # is heard; if the connection is failing, the reconnection subscribes it.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(ack), 5.0)
+        finally:
+            if self._acks.get(channel) is ack:
+                del self._acks[channel]
+
+    async def unsubscribe(self, channel: str) -> None:
+        if self._lock is None:
+            return
+        async with self._lock:
+            self._channels.discard(channel)
+            await self._send(lambda pubsub: pubsub.unsubscribe(channel))
+
+    async def publish(self, channel: str, message: Any) -> None:
+        await self.publish_many([(channel, message)])
+
+    async def publish_many(self, messages: Sequence[tuple[str, Any]]) -> None:
+        if not messages:
+            return
+        if self._client is None:
+            raise NotConnected("the redis transport is not connected")
+        for attempt in range(2):  # once more on a fresh connection if the pooled one died
+            try:
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for channel, message in messages:
+                        pipe.publish(channel, message)
+                    await pipe.execute()
+                return
+            except rexc.RedisError as exc:
+                if attempt or not is_transient(exc):
+                    raise TransportError(f"redis PUBLISH failed: {exc!r}") from exc
+
+    async def next_published(self) -> Event:
+        if self._queue is None:
+            raise NotConnected("the redis transport is not connected")
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self._queue.put_nowait(item)  # every later call fails the same way
+            raise item
+        return item
+
+    # -- internals -----------------------------------------------------------------
+
+    async def _send(self, command: Any) -> None:
+        """Run a (un)subscribe on the open subscription connection, if there is one."""
+        if self._pubsub is None:
+            return  # the reader subscribes every channel when it (re)connects
+        try:
+            await command(self._pubsub)
+        except rexc.RedisError as exc:
+            if not is_transient(exc):
+                raise TransportError(f"redis SUBSCRIBE failed: {exc!r}") from exc
+            logger.info("redis subscription connection lost", exc_info=True)
+
+    async def _close_pubsub(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+
+    async def _run(self) -> None:
+        """Read messages; on a lost connection reconnect with backoff and resubscribe."""
+        assert self._queue is not None and self._lock is not None and self._wanted is not None
+        delay = 0.05
+        try:
+            await self._wanted.wait()
+            while True:
+                try:
+                    async with self._lock:
+                        assert self._client is not None
+                        pubsub = self._pubsub = self._client.pubsub()
+                        if self._channels:
+                            await pubsub.subscribe(*self._channels)
+                        else:  # all unsubscribed meanwhile: still give the reads a connection
+                            await pubsub.connect()  # type: ignore[no-untyped-call]
+                    if not self._up:
+                        logger.info("redis subscription connection re-established")
+                    self._up, delay = True, 0.05
+                    await self._read(pubsub)
+                except Exception as exc:
+                    if not is_transient(exc):
+                        raise
+                    if self._up:
+                        logger.warning("redis subscription connection lost: %r", exc)
+                    self._up = False
+                await self._close_pubsub()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._max_delay)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self._up = False
+            error = TransportError(f"the redis subscription failed: {exc!r}")
+            error.__cause__ = exc
+            self._queue.put_nowait(error)  # reaches every subscriber via next_published
+
+    async def _read(self, pubsub: PubSub) -> None:
+        assert self._queue is not None
+        pinged = False
+        while True:
+            message = await pubsub.get_message(timeout=self._ping_interval)
+            if message is None:
+                if pinged:
+                    raise rexc.TimeoutError("redis did not answer a ping")
+                await pubsub.ping()
+                pinged = True
+                continue
+            pinged = False
+            kind = message["type"]
+            channel = as_text(message["channel"])
+            if kind == "message" and channel in self._channels:
+                self._queue.put_nowait(Event(channel, as_text(message["data"])))
+            elif kind == "subscribe":
+                ack = self._acks.pop(channel, None)
+                if ack is not None and not ack.done():
+                    ack.set_result(None)

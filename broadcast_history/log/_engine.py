@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
 from .._errors import InvalidArgument
+from . import _postgres
 
 #: Default log: an in-memory SQLite database private to one EventLog.
 MEMORY_URL = "sqlite+aiosqlite://"
@@ -66,7 +67,9 @@ def create_engine(
         sqlite_synchronous: ``PRAGMA synchronous`` for file databases.
     """
     if url.get_backend_name() != "sqlite":
-        return create_async_engine(url, pool_size=10, max_overflow=10)
+        engine = create_async_engine(url, pool_size=10, max_overflow=10)
+        _postgres.discard_closed_connections(engine)
+        return engine
     kwargs: dict[str, Any] = {"poolclass": StaticPool} if memory else {}
     engine = create_async_engine(url, connect_args={"timeout": 30}, **kwargs)
     _configure_sqlite(engine.sync_engine, memory, sqlite_synchronous)

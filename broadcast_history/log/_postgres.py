@@ -14,7 +14,9 @@ import secrets
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy import event
+from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .._event import Event, from_micros
 
@@ -153,3 +155,18 @@ def _event(row: Any) -> Event:
     channel, offset, epoch, micros, is_text, payload, key = row
     message = bytes(payload).decode() if is_text else bytes(payload)
     return Event(channel, message, offset, from_micros(micros), epoch, key)
+
+
+def discard_closed_connections(engine: AsyncEngine) -> None:
+    """Make ``engine``'s pool drop connections the server has already closed.
+
+    asyncpg notices a terminated backend (``pg_terminate_backend``, a server restart)
+    as soon as the socket closes, but SQLAlchemy's pool would still hand the dead
+    connection out once and fail that query. Checking ``is_closed()`` at checkout is
+    free, unlike ``pool_pre_ping``'s round trip; the pool then opens a fresh one.
+    """
+
+    @event.listens_for(engine.sync_engine, "checkout")
+    def _on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        if dbapi_connection.driver_connection.is_closed():
+            raise DisconnectionError("connection closed by the server")

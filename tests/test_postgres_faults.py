@@ -1,0 +1,151 @@
+"""Postgres faults: backends terminated under the transport and under the log.
+
+Each test uses a database of its own, so terminating "every other backend" there
+touches nothing but the test's own connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from broadcast_history import Broadcast, Event, LogUnavailable, TransportError
+from broadcast_history.backends.memory import MemoryBackend
+from broadcast_history.backends.postgres import PostgresBackend
+from tests.conftest import unique
+from tests.helpers import assert_contiguous, take
+from tests.postgres_support import database_url, ensure_database, terminate
+
+pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
+
+
+def _log(url: str) -> str:
+    return url.replace("postgresql://", "postgresql+asyncpg://")
+
+
+def _listen_pid(broadcast: Broadcast) -> int:
+    backend = broadcast.backend
+    assert isinstance(backend, PostgresBackend)
+    conn = backend._listen_conn
+    assert conn is not None
+    return int(conn.get_server_pid())
+
+
+async def _until(condition: object, timeout: float = 10.0) -> None:
+    async def poll() -> None:
+        while not condition():  # type: ignore[operator]
+            await asyncio.sleep(0.02)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+async def test_listen_connection_terminated_mid_stream() -> None:
+    url = await ensure_database("bh_test_faults_listen")
+    channel = unique()
+    # A long idle check: what was missed can only arrive through the re-established
+    # LISTEN (the next live envelope reveals the gap, which is read from the log).
+    async with (
+        Broadcast(url, log=_log(url)) as sender,
+        Broadcast(url, log=_log(url), idle_check=60) as receiver,
+        receiver.subscribe(channel, since=0) as subscriber,
+    ):
+        killed: list[int] = []
+
+        async def publish_all() -> None:
+            for i in range(300):
+                await sender.publish(channel, f"m{i}")
+                if i in (100, 200):
+                    pid = _listen_pid(receiver)
+                    assert await terminate(url, [pid]) == 1
+                    killed.append(pid)
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0)
+
+        got, _ = await asyncio.gather(take(subscriber, 300, timeout=30), publish_all())
+        assert_contiguous(got, 1, 300)
+        assert [event.message for event in got] == [f"m{i}" for i in range(300)]
+        await _until(lambda: receiver.transport_connected)
+        assert _listen_pid(receiver) not in killed
+        last = await sender.publish(channel, "after")
+        assert await take(subscriber, 1) == [last]
+
+
+async def test_transport_down_subscribers_read_log_then_recover() -> None:
+    url = await ensure_database("bh_test_faults_down")
+    channel = unique()
+    async with (
+        Broadcast(url, log=_log(url)) as sender,
+        Broadcast(url, log=_log(url), idle_check=0.1) as receiver,
+        receiver.subscribe(channel) as subscriber,
+    ):
+        backend = receiver.backend
+        assert isinstance(backend, PostgresBackend)
+        good_dsn = backend._dsn
+        backend._dsn = "postgresql://postgres@127.0.0.1:1/nowhere"  # refused: transient
+        await terminate(url, [_listen_pid(receiver)])
+        await _until(lambda: not receiver.transport_connected)
+        published = [await sender.publish(channel, f"m{i}") for i in range(5)]
+        assert await take(subscriber, 5) == published  # from the log, degraded
+        assert not receiver.transport_connected
+        backend._dsn = good_dsn
+        await _until(lambda: receiver.transport_connected)
+        published = [await sender.publish(channel, f"n{i}") for i in range(5)]
+        assert await take(subscriber, 5) == published
+
+
+async def test_permanent_transport_failure_raises_in_subscribers() -> None:
+    url = await ensure_database("bh_test_faults_down")
+    channel = unique()
+    async with (
+        Broadcast(url, log=_log(url), idle_check=60) as receiver,
+        receiver.subscribe(channel) as subscriber,
+    ):
+        backend = receiver.backend
+        assert isinstance(backend, PostgresBackend)
+        # The database is gone: reconnecting cannot succeed, so it must not hang.
+        backend._dsn = database_url("bh_no_such_database")
+        await terminate(url, [_listen_pid(receiver)])
+        with pytest.raises(TransportError):
+            await asyncio.wait_for(subscriber.get(), 10)
+        assert not receiver.transport_connected
+
+
+async def test_log_connections_terminated_during_publishing() -> None:
+    url = await ensure_database("bh_test_faults_log")
+    channel = unique()
+    failures: list[BaseException] = []
+    returned: list[Event] = []
+    async with Broadcast(backend=MemoryBackend(), log=_log(url)) as broadcast:
+
+        async def publisher(n: int) -> None:
+            for i in range(40):
+                try:
+                    returned.append(await broadcast.publish(channel, f"{n}-{i}"))
+                except LogUnavailable as exc:
+                    failures.append(exc)
+
+        kills: list[int] = []
+
+        async def killer() -> None:
+            for _ in range(15):
+                await asyncio.sleep(0.02)
+                kills.append(await terminate(url))
+
+        await asyncio.wait_for(asyncio.gather(killer(), *(publisher(n) for n in range(16))), 60)
+        stored = await broadcast.log.read(channel, after=0, limit=10_000)
+        # Every event stored is also readable by a subscriber, once, in order.
+        async with broadcast.subscribe(channel, since=0) as subscriber:
+            replayed = await take(subscriber, len(stored))
+
+    assert len(returned) + len(failures) == 640
+    assert_contiguous(stored, 1, len(stored))
+    assert replayed == stored
+    by_offset = {event.offset: event for event in stored}
+    assert len({event.offset for event in returned}) == len(returned)
+    for event in returned:
+        assert by_offset[event.offset] == event
+    # Nothing that failed was stored (so no message is stored twice either).
+    assert len(stored) == len(returned)
+    assert sum(kills) > 0
+    print(f"terminated {sum(kills)} backends; {len(failures)} publishes raised LogUnavailable")

@@ -1,0 +1,73 @@
+"""``broadcast-history demo``: serve the chat demo, on the embedded default or on services."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+DEFAULT_DATA_DIR = Path(".data")
+
+
+def default_log_url(data_dir: Path) -> str:
+    """The embedded log: a SQLite file in ``data_dir`` (created if missing)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite+aiosqlite:///{(data_dir / 'demo.db').resolve()}"
+
+
+def serve(
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    live: str = "memory://",
+    log: str | None = None,
+    data_dir: Path = DEFAULT_DATA_DIR,
+) -> None:
+    """Run the chat demo with uvicorn until interrupted.
+
+    Args:
+        host: Interface to listen on.
+        port: TCP port.
+        live: Live transport URL (``memory://``, ``redis://...``, ``kafka://...``).
+        log: Event log URL; default: ``<data_dir>/demo.db`` (SQLite).
+        data_dir: Where the default SQLite log lives.
+    """
+    import uvicorn
+
+    from .._broadcast import Broadcast
+    from ._app import create_app
+
+    log_url = log or default_log_url(data_dir)
+    app = create_app(Broadcast(live, log=log_url))
+    shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::") else host  # noqa: S104
+    print(f"broadcast_history chat demo: http://{shown}:{port}/", flush=True)
+    print(f"  live transport: {live}\n  event log:      {log_url}", flush=True)
+    print("  open it in two windows, press 'Drop connection' in one, chat in the other.")
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        # Open event streams never end by themselves: do not wait on them at shutdown.
+        timeout_graceful_shutdown=1,
+    )
+    uvicorn.Server(config).run()
+
+
+def demo(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    data_dir: Annotated[
+        Path, typer.Option(help="Directory of the default SQLite log.")
+    ] = DEFAULT_DATA_DIR,
+    live: Annotated[
+        str, typer.Option(help="Live transport URL: memory://, redis://, postgres://, kafka://.")
+    ] = "memory://",
+    log: Annotated[
+        str | None,
+        typer.Option(help="Event log URL (default: a SQLite file in --data-dir)."),
+    ] = None,
+) -> None:
+    """Serve the realtime chat demo (rooms, SSE and WebSocket, catch-up on reconnect)."""
+    serve(host=host, port=port, live=live, log=log, data_dir=data_dir)

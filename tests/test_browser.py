@@ -1,0 +1,202 @@
+"""The chat demo in a real browser: a dropped connection loses nothing and repeats nothing.
+
+Headless Chromium from Debian's ``chromium`` package, driven by Playwright for Python
+(Playwright's own browser download is not used). Two pages share a room; one drops
+its connection while the other keeps talking; after reconnecting it shows every
+message once, in order. A screenshot of both pages is saved under ``build/``.
+
+Needs: ``apt-get install -y chromium`` and ``pip install playwright``; skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+CHROMIUM = os.environ.get("BH_CHROMIUM", "/usr/bin/chromium")
+BUILD = Path(__file__).resolve().parents[1] / "build"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+WAIT_MS = 15_000
+
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="playwright is not installed (pip install playwright)"
+)
+if not Path(CHROMIUM).exists():
+    pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install -y chromium)", allow_module_level=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_for_server(base: str, process: subprocess.Popen[Any], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the demo exited with {process.returncode}")
+        try:
+            if httpx.get(f"{base}/api/info", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError("the demo did not start in time")
+
+
+@pytest.fixture(scope="module")
+def demo_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The demo as a newcomer starts it: the module's CLI, embedded default log."""
+    data_dir = tmp_path_factory.mktemp("demo-data")
+    port = free_port()
+    command = [sys.executable, "-m", "broadcast_history.demo", "--port", str(port)]
+    process = subprocess.Popen(
+        [*command, "--data-dir", str(data_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_server(base, process)
+        yield base
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def chat_state(page: Any) -> dict[str, Any]:
+    state: dict[str, Any] = page.evaluate(
+        "() => ({state: chat.state, duplicates: chat.duplicates, gaps: chat.gaps, last: chat.last})"
+    )
+    return state
+
+
+def messages(page: Any) -> list[tuple[int, str, bool]]:
+    """(offset, text, highlighted as caught up) of every message shown, top to bottom."""
+    rows: list[tuple[int, str, bool]] = page.evaluate(
+        """() => [...document.querySelectorAll('#messages li')].map(li => [
+            Number(li.dataset.offset),
+            li.querySelector('.text').textContent,
+            li.classList.contains('caught-up'),
+        ])"""
+    )
+    return [tuple(row) for row in rows]  # type: ignore[misc]
+
+
+def say(page: Any, text: str) -> None:
+    page.fill("#text", text)
+    page.press("#text", "Enter")
+
+
+def wait_state(page: Any, state: str) -> None:
+    page.wait_for_function(f"() => chat.state === {state!r}", timeout=WAIT_MS)
+
+
+def wait_count(page: Any, count: int) -> None:
+    page.wait_for_function(
+        f"() => document.querySelectorAll('#messages li').length >= {count}", timeout=WAIT_MS
+    )
+
+
+def save_side_by_side(browser: Any, shots: list[bytes], path: Path) -> None:
+    """Compose the pages' screenshots into one image (the browser does the layout)."""
+    images = "".join(
+        f'<img src="data:image/png;base64,{base64.b64encode(shot).decode()}" '
+        'style="width:50%;border:1px solid #999">'
+        for shot in shots
+    )
+    page = browser.new_page(viewport={"width": 1800, "height": 560})
+    try:
+        page.set_content(f'<body style="margin:0;display:flex">{images}</body>')
+        path.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(path))
+    finally:
+        page.close()
+
+
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+def test_dropped_page_catches_up_in_order_without_duplicates(
+    demo_url: str, browser: Any, transport: str
+) -> None:
+    room = f"browser-{transport}-{uuid.uuid4().hex[:6]}"
+    url = f"{demo_url}/?transport={transport}#{room}"
+    context = browser.new_context(viewport={"width": 900, "height": 560})
+    try:
+        alice, bob = context.new_page(), context.new_page()
+        for page, name in ((alice, "alice"), (bob, "bob")):
+            page.goto(url)
+            wait_state(page, "live")
+            page.fill("#author", name)
+
+        before = [f"before drop {i}" for i in range(1, 4)]
+        for text in before:
+            say(alice, text)
+        wait_count(bob, 3)
+
+        bob.click("#drop")
+        wait_state(bob, "dropped")
+        missed = [f"while away {i}" for i in range(1, 5)]
+        for text in missed:
+            say(alice, text)
+        wait_count(alice, 7)
+        assert len(messages(bob)) == 3, "a dropped page must not receive anything"
+
+        bob.click("#drop")  # now labelled "Reconnect"
+        wait_state(bob, "live")
+        wait_count(bob, 7)
+        say(alice, "after reconnect")
+        wait_count(bob, 8)
+        wait_count(alice, 8)
+
+        shown = messages(bob)
+        assert [text for _, text, _ in shown] == [*before, *missed, "after reconnect"]
+        assert [offset for offset, _, _ in shown] == list(range(1, 9))
+        # The messages missed while away arrive as catch-up, and are shown as such.
+        assert [caught_up for _, _, caught_up in shown[3:7]] == [True] * 4
+        assert messages(alice) == [(o, t, False) for o, t, _ in shown]
+        state = chat_state(bob)
+        assert state["gaps"] == 0
+        assert state["duplicates"] == 0
+        assert state["last"] == 8
+
+        save_side_by_side(
+            browser,
+            [alice.screenshot(), bob.screenshot()],
+            BUILD / f"chat-reconnect-{transport}.png",
+        )
+    finally:
+        context.close()

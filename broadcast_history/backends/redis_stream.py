@@ -1,0 +1,227 @@
+"""Redis Streams transport (redis-py asyncio), for ``redis-stream://`` URLs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis import exceptions as rexc
+
+from .._errors import NotConnected, TransportError
+from .._event import Event
+from .base import BroadcastBackend
+from .redis import CLIENT_NAME, as_text, is_transient
+
+logger = logging.getLogger("broadcast_history")
+
+
+class RedisStreamBackend(BroadcastBackend):
+    """One Redis stream per channel (URL ``redis-stream://host:port/db``).
+
+    Each publish is an ``XADD`` to the stream ``prefix + channel``, trimmed to about
+    ``maxlen`` entries: the log, not the stream, is the history. One connection reads
+    every subscribed stream with ``XREAD BLOCK`` from the last entry present when the
+    channel was subscribed, so after a reconnection it resumes where it stopped and
+    loses nothing that is still in the stream.
+
+    Args:
+        url: ``redis-stream://`` (or ``rediss-stream://`` for TLS) followed by what a
+            ``redis://`` URL would hold.
+        maxlen: Approximate number of entries kept per stream.
+        prefix: Prepended to channel names to make the stream keys.
+        block: Longest time, in seconds, one ``XREAD`` waits for new entries.
+        max_reconnect_delay: Longest pause, in seconds, between reconnection attempts.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        maxlen: int = 10_000,
+        prefix: str = "broadcast_history:",
+        block: float = 1.0,
+        max_reconnect_delay: float = 5.0,
+    ) -> None:
+        super().__init__(url)
+        scheme, _, rest = url.partition("://")
+        self._redis_url = ("rediss://" if scheme.startswith("rediss") else "redis://") + rest
+        self.maxlen = maxlen
+        self.prefix = prefix
+        self._block_ms = max(1, int(block * 1000))
+        self._max_delay = max_reconnect_delay
+        self._ids: dict[str, str] = {}  # stream key -> id of the last entry seen
+        self._client: aioredis.Redis | None = None
+        self._reader: aioredis.Redis | None = None
+        self._reader_id: int | None = None  # CLIENT ID of the reading connection
+        self._reading = False
+        self._changed: asyncio.Event | None = None
+        self._queue: asyncio.Queue[Event | BaseException] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._up = False
+
+    @property
+    def connected(self) -> bool:
+        return self._up
+
+    async def connect(self) -> None:
+        if self._task is not None:
+            return
+        client = aioredis.Redis.from_url(
+            self._redis_url, decode_responses=True, client_name=CLIENT_NAME
+        )
+        # A dedicated connection: XREAD BLOCK holds it; a socket timeout longer than
+        # the block catches a server that vanished without closing the socket.
+        reader = aioredis.Redis.from_url(
+            self._redis_url,
+            decode_responses=True,
+            single_connection_client=True,
+            client_name=f"{CLIENT_NAME}:stream-reader",
+            socket_timeout=self._block_ms / 1000 + 10,
+        )
+        try:
+            await client.ping()
+        except rexc.RedisError as exc:
+            await client.aclose()
+            await reader.aclose()
+            raise TransportError(f"cannot connect to redis: {exc!r}") from exc
+        self._client, self._reader, self._up = client, reader, True
+        self._queue, self._changed = asyncio.Queue(), asyncio.Event()
+        self._task = asyncio.create_task(self._run(), name="bh-redis-stream")
+
+    async def disconnect(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        for client in (self._client, self._reader):
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.aclose()
+        self._client = self._reader = self._reader_id = None
+        self._up = False
+        self._ids.clear()
+        if self._queue is not None:
+            # Wakes a pending next_published at once.
+            self._queue.put_nowait(NotConnected("the redis-stream transport was disconnected"))
+
+    async def subscribe(self, channel: str) -> None:
+        if self._client is None or self._changed is None:
+            raise NotConnected("the redis-stream transport is not connected")
+        key = self.prefix + channel
+        try:
+            # The "$" of this moment: the last entry now, or the very start if none.
+            last = await self._client.xrevrange(key, count=1)
+        except rexc.RedisError as exc:
+            if not is_transient(exc):
+                raise TransportError(f"redis XREVRANGE failed: {exc!r}") from exc
+            last = []  # down: read the stream from its start once back; dups are dropped
+        self._ids[key] = as_text(last[0][0]) if last else "0-0"
+        self._changed.set()
+        if self._reading and self._reader_id is not None:
+            # The XREAD in flight lacks this stream: end it so the next one has it.
+            with contextlib.suppress(rexc.RedisError):
+                await self._client.client_unblock(self._reader_id)
+
+    async def unsubscribe(self, channel: str) -> None:
+        # Entries of it still in flight are dropped when they arrive.
+        self._ids.pop(self.prefix + channel, None)
+
+    async def publish(self, channel: str, message: Any) -> None:
+        await self.publish_many([(channel, message)])
+
+    async def publish_many(self, messages: Sequence[tuple[str, Any]]) -> None:
+        if not messages:
+            return
+        if self._client is None:
+            raise NotConnected("the redis-stream transport is not connected")
+        for attempt in range(2):  # once more on a fresh connection if the pooled one died
+            try:
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for channel, message in messages:
+                        pipe.xadd(
+                            self.prefix + channel,
+                            {"m": message},
+                            maxlen=self.maxlen,
+                            approximate=True,
+                        )
+                    await pipe.execute()
+                return
+            except rexc.RedisError as exc:
+                if attempt or not is_transient(exc):
+                    raise TransportError(f"redis XADD failed: {exc!r}") from exc
+
+    async def next_published(self) -> Event:
+        if self._queue is None:
+            raise NotConnected("the redis-stream transport is not connected")
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self._queue.put_nowait(item)  # every later call fails the same way
+            raise item
+        return item
+
+    # -- internals -----------------------------------------------------------------
+
+    async def _run(self) -> None:
+        """Read the subscribed streams; on errors reconnect with backoff and resume."""
+        assert self._queue is not None and self._changed is not None
+        delay = 0.05
+        try:
+            while True:
+                if not self._ids:
+                    self._changed.clear()
+                    await self._changed.wait()
+                    continue
+                try:
+                    reply = await self._read(dict(self._ids))
+                except Exception as exc:
+                    if not is_transient(exc):
+                        raise
+                    if self._up:
+                        logger.warning("redis stream connection lost: %r", exc)
+                    self._up, self._reader_id = False, None
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self._max_delay)
+                    continue
+                if not self._up:
+                    logger.info("redis stream connection re-established")
+                self._up, delay = True, 0.05
+                self._deliver(reply)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self._up = False
+            error = TransportError(f"the redis stream reader failed: {exc!r}")
+            error.__cause__ = exc
+            self._queue.put_nowait(error)  # reaches every subscriber via next_published
+
+    async def _read(self, streams: dict[str, str]) -> Any:
+        assert self._reader is not None
+        if self._reader_id is None:
+            self._reader_id = await self._reader.client_id()
+        self._reading = True
+        try:
+            return await self._reader.xread(streams, count=1000, block=self._block_ms)  # type: ignore[arg-type]
+        finally:
+            self._reading = False
+
+    def _deliver(self, reply: Any) -> None:
+        assert self._queue is not None
+        # RESP2 replies are [[key, entries], ...]; RESP3 ones {key: entries}, nested
+        # once more before redis-py 8. Entries are (id, fields) tuples.
+        items = reply.items() if isinstance(reply, dict) else (reply or [])
+        for raw_key, raw_entries in items:
+            key, entries = as_text(raw_key), raw_entries
+            if entries and isinstance(entries[0], list):
+                entries = entries[0]
+            if key not in self._ids or not entries:
+                continue
+            channel = key[len(self.prefix) :]
+            for _entry_id, fields in entries:
+                message = fields.get("m") if isinstance(fields, dict) else None
+                if message is not None:
+                    self._queue.put_nowait(Event(channel, as_text(message)))
+            self._ids[key] = as_text(entries[-1][0])

@@ -1,0 +1,36 @@
+"""Errors of the admin API.
+
+All of them derive from :class:`~broadcast_history.BroadcastError`::
+
+    BroadcastError
+    ├── NotFound (also LookupError)
+    │   ├── ChannelNotFound                   no channel of that name in the log
+    │   └── EventNotFound                     no stored event at that offset
+    ├── ImportConflict                        the target log already has that channel
+    └── InvalidArgument
+        └── InvalidExport                     a JSON-lines export is malformed
+"""
+
+from __future__ import annotations
+
+from .._errors import BroadcastError, InvalidArgument
+
+
+class NotFound(BroadcastError, LookupError):
+    """What was asked for is not in the log."""
+
+
+class ChannelNotFound(NotFound):
+    """The log has no channel of that name."""
+
+
+class EventNotFound(NotFound):
+    """The channel has no stored event at that offset (never written, or trimmed)."""
+
+
+class ImportConflict(BroadcastError):
+    """An imported channel already exists in the target log: nothing was imported."""
+
+
+class InvalidExport(InvalidArgument):
+    """A line of a JSON-lines export is malformed; the message names the line."""

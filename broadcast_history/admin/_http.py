@@ -1,0 +1,311 @@
+"""The admin HTTP API: a FastAPI app over :class:`HistoryAdmin`.
+
+FastAPI (over Starlette) because the OpenAPI schema comes from the same type hints
+that validate the parameters, so the schema cannot drift from the code, and
+schemathesis can test the app against it.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Literal
+from urllib.parse import unquote
+
+from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import AwareDatetime
+
+from .._broadcast import Broadcast
+from .._errors import BroadcastError, InvalidArgument, LogUnavailable, PositionError
+from .._validation import check_channel
+from . import _sse
+from ._errors import ImportConflict, NotFound
+from ._query import HistoryAdmin
+from ._schemas import (
+    MAX_OFFSET,
+    ChannelList,
+    ChannelOut,
+    ErrorOut,
+    EventList,
+    EventOut,
+    ImportOut,
+    StatsOut,
+    TrimIn,
+    TrimOut,
+)
+
+Scope = MutableMapping[str, Any]
+ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Any]
+
+# Stands for an encoded slash (%2F) inside a channel name while routing: a control
+# character, so never part of a valid channel name.
+_SLASH = "\x1f"
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorOut, "description": "Invalid parameter"},
+    401: {"model": ErrorOut, "description": "Missing or wrong bearer token"},
+    404: {"model": ErrorOut, "description": "Unknown channel or event"},
+}
+_STATUS: list[tuple[type[BroadcastError], int]] = [
+    (NotFound, 404),
+    (InvalidArgument, 400),
+    (ImportConflict, 409),
+    (PositionError, 409),
+    (LogUnavailable, 503),
+]
+
+
+class _EncodedSlashes:
+    """Keep ``%2F`` apart from ``/`` so ``/channels/a%2Fevents`` is channel "a/events".
+
+    Servers decode the path before routing, which makes a channel named "a/events"
+    look like the events route of channel "a". The raw path still tells them apart.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        raw = scope.get("raw_path") if scope["type"] == "http" else None
+        if raw:
+            lowered = raw.split(b"?", 1)[0].lower()
+            if b"%2f" in lowered and b"%1f" not in lowered:
+                path = raw.split(b"?", 1)[0].decode("latin-1")
+                path = path.replace("%2F", _SLASH).replace("%2f", _SLASH)
+                scope = dict(scope, path=unquote(path), bh_encoded_slashes=True)
+        await self.app(scope, receive, send)
+
+
+def _channel(request: Request, channel: Annotated[str, Path()]) -> str:
+    if request.scope.get("bh_encoded_slashes"):
+        channel = channel.replace(_SLASH, "/")
+    return check_channel(channel)
+
+
+Channel = Annotated[str, Depends(_channel)]
+Offset = Annotated[int | None, Query(ge=0, le=MAX_OFFSET)]
+
+
+def create_app(
+    broadcast: Broadcast,
+    *,
+    token: str | None = None,
+    allow_no_token: bool = False,
+    heartbeat: float = 15.0,
+) -> FastAPI:
+    """The admin HTTP API of ``broadcast``, as an ASGI app to mount or serve.
+
+    The app connects ``broadcast`` at startup if it is not connected yet (and then
+    disconnects it at shutdown); a host application that manages ``broadcast``
+    itself can mount the app as it is.
+
+    Args:
+        broadcast: The broadcast whose log is exposed (and whose channels are streamed).
+        token: Every request but the OpenAPI schema and docs needs
+            ``Authorization: Bearer <token>``.
+        allow_no_token: Serve without a token: for local use only.
+        heartbeat: Seconds between keep-alive comments on idle event streams.
+
+    Raises:
+        InvalidArgument: No token and ``allow_no_token`` is not set.
+    """
+    if not token and not allow_no_token:
+        raise InvalidArgument(
+            "the admin API needs a token (create_app(..., token=...)); "
+            "pass allow_no_token=True only for local use"
+        )
+    expected = token.encode() if token else None
+    admin = HistoryAdmin.of(broadcast)
+    bearer = HTTPBearer(auto_error=False, description="The token given to create_app")
+
+    async def authorize(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    ) -> None:
+        if expected is None:
+            return
+        given = credentials.credentials.encode() if credentials is not None else b""
+        # Constant time: how much of a guess matched must not show in the timing.
+        if not hmac.compare_digest(given, expected):
+            raise HTTPException(
+                401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
+            )
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        owned = not broadcast.connected
+        if owned:
+            await broadcast.connect()
+        try:
+            yield
+        finally:
+            if owned:
+                await broadcast.disconnect()
+
+    app = FastAPI(
+        title="broadcast_history admin",
+        description="Channels and events of a broadcast_history event log.",
+        lifespan=lifespan,
+        dependencies=[Depends(authorize)],
+        responses=_ERRORS,
+    )
+    _add_error_handlers(app)
+    _add_routes(app, broadcast, admin, heartbeat)
+    app.add_middleware(_EncodedSlashes)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    async def handle(_request: Request, exc: Exception) -> Response:
+        for kind, status in _STATUS:
+            if isinstance(exc, kind):
+                return JSONResponse({"detail": str(exc)}, status_code=status)
+        return JSONResponse({"detail": str(exc)}, status_code=500)
+
+    app.add_exception_handler(BroadcastError, handle)
+
+
+def _add_routes(app: FastAPI, broadcast: Broadcast, admin: HistoryAdmin, heartbeat: float) -> None:
+    # Routes with a suffix come first: `{channel:path}` would swallow it otherwise.
+
+    @app.get("/channels", tags=["channels"])
+    async def list_channels(
+        prefix: Annotated[str | None, Query(max_length=255)] = None,
+        after: Annotated[str | None, Query(max_length=255, description="Cursor")] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> ChannelList:
+        """Channels in name order, with their stats."""
+        page = await admin.channels(prefix=prefix, after=after, limit=limit)
+        return ChannelList(
+            channels=[ChannelOut.of(c) for c in page.channels], next_cursor=page.next_cursor
+        )
+
+    @app.get("/channels/{channel:path}/events/{offset}", tags=["events"])
+    async def get_event(
+        channel: Channel, offset: Annotated[int, Path(ge=0, le=MAX_OFFSET)]
+    ) -> EventOut:
+        """One stored event."""
+        return EventOut.of(await admin.event(channel, offset))
+
+    @app.get("/channels/{channel:path}/events", tags=["events"])
+    async def list_events(
+        channel: Channel,
+        after: Offset = None,
+        before: Offset = None,
+        since: Annotated[AwareDatetime | None, Query(description="At or after")] = None,
+        until: Annotated[AwareDatetime | None, Query(description="Before")] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        order: Literal["asc", "desc"] = "asc",
+    ) -> EventList:
+        """A page of events by offset and/or time range, oldest or newest first."""
+        page = await admin.events(
+            channel,
+            after=after,
+            before=before,
+            since=since,
+            until=until,
+            limit=limit,
+            order=order,
+        )
+        return EventList.of(page)
+
+    @app.get(
+        "/channels/{channel:path}/stream",
+        tags=["events"],
+        response_class=StreamingResponse,
+        responses={200: {"content": {"text/event-stream": {}}, "description": "SSE"}},
+    )
+    async def stream_events(
+        channel: Channel,
+        since: Annotated[str | None, Query(description="Offset or ISO 8601 time")] = None,
+        history: Annotated[int | None, Query(ge=0, le=MAX_OFFSET)] = None,
+        last_event_id: Annotated[str | None, Header(max_length=100)] = None,
+    ) -> StreamingResponse:
+        """Server-Sent Events: catch-up from `Last-Event-ID` (`epoch:offset`) or
+        `since`, then live. Ends with an `error` event if the position cannot be
+        served (`StreamReset`, `HistoryTruncated`, `OffsetOutOfRange`)."""
+        position = _sse.parse_position(since, history, last_event_id)
+        return StreamingResponse(
+            _sse.stream(broadcast, channel, position, heartbeat),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    @app.post("/channels/{channel:path}/trim", tags=["channels"])
+    async def trim_channel(channel: Channel, bounds: TrimIn) -> TrimOut:
+        """Remove old events of a channel: offsets below `before`, older than `before_time`."""
+        removed = await admin.trim(channel, before=bounds.before, before_time=bounds.before_time)
+        stats = await admin.channel(channel)
+        return TrimOut(channel=channel, removed=removed, first_offset=stats.first_offset)
+
+    @app.get(
+        "/channels/{channel:path}/export",
+        tags=["export"],
+        response_class=StreamingResponse,
+        responses={200: {"content": {"application/x-ndjson": {}}, "description": "JSON lines"}},
+    )
+    async def export_channel(channel: Channel) -> StreamingResponse:
+        """One channel as JSON lines (the format `POST /import` reads)."""
+        await admin.channel(channel)  # 404 now, before the response starts
+        return StreamingResponse(admin.export_jsonl([channel]), media_type="application/x-ndjson")
+
+    @app.get("/channels/{channel:path}", tags=["channels"])
+    async def get_channel(channel: Channel) -> ChannelOut:
+        """A channel's stats."""
+        return ChannelOut.of(await admin.channel(channel))
+
+    @app.delete("/channels/{channel:path}", status_code=204, tags=["channels"])
+    async def delete_channel(channel: Channel) -> Response:
+        """Delete a channel and its history; its next use starts a new epoch."""
+        await admin.delete(channel)
+        return Response(status_code=204)
+
+    @app.get(
+        "/export",
+        tags=["export"],
+        response_class=StreamingResponse,
+        responses={200: {"content": {"application/x-ndjson": {}}, "description": "JSON lines"}},
+    )
+    async def export_all(
+        prefix: Annotated[str | None, Query(max_length=255)] = None,
+    ) -> StreamingResponse:
+        """Every channel (or those under `prefix`) as JSON lines."""
+        if prefix:
+            check_channel(prefix)  # a 400 now, not a broken stream later
+        return StreamingResponse(
+            admin.export_jsonl(prefix=prefix), media_type="application/x-ndjson"
+        )
+
+    @app.post(
+        "/import",
+        tags=["export"],
+        status_code=201,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/x-ndjson": {"schema": {"type": "string"}}},
+            }
+        },
+        responses={409: {"model": ErrorOut, "description": "A channel already exists"}},
+    )
+    async def import_lines(request: Request) -> ImportOut:
+        """Store an export, all or nothing; 409 if one of its channels already exists."""
+        result = await admin.import_jsonl(_lines(request))
+        return ImportOut(channels=result.channels, events=result.events)
+
+    @app.get("/stats", tags=["channels"])
+    async def retention_stats() -> StatsOut:
+        """Totals over every channel and the retention settings."""
+        return StatsOut.of(await admin.retention_stats())
+
+
+async def _lines(request: Request) -> AsyncIterator[bytes]:
+    rest = b""
+    async for chunk in request.stream():
+        rest += chunk
+        *complete, rest = rest.split(b"\n")
+        for line in complete:
+            yield line
+    if rest:
+        yield rest

@@ -1,0 +1,102 @@
+"""Values returned by the admin query layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from .._event import Event
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelStats:
+    """What the log holds for one channel.
+
+    Attributes:
+        name: Channel name.
+        epoch: Incarnation; changes when the channel is deleted and used again.
+        first_offset: Oldest stored offset (``last_offset + 1`` when none is stored).
+        last_offset: Newest offset ever allocated.
+        count: Number of stored events.
+        first_timestamp: Timestamp of the oldest stored event.
+        last_timestamp: Timestamp of the newest event.
+        trimmed: Number of events removed by trimming or retention.
+        trimmed_timestamp: Timestamp of the newest removed event.
+    """
+
+    name: str
+    epoch: int
+    first_offset: int
+    last_offset: int
+    count: int
+    first_timestamp: datetime | None
+    last_timestamp: datetime | None
+    trimmed: int = 0
+    trimmed_timestamp: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelPage:
+    """One page of channels in name order.
+
+    Attributes:
+        channels: The channels of this page.
+        next_cursor: Pass as ``after=`` to get the next page; ``None`` on the last page.
+    """
+
+    channels: list[ChannelStats]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class EventPage:
+    """One page of events.
+
+    Attributes:
+        channel: The channel read.
+        events: The events, in the order asked for.
+        order: ``"asc"`` or ``"desc"``.
+        next_cursor: Offset to pass as ``after=`` (ascending) or ``before=``
+            (descending) for the next page; ``None`` when there is no more.
+    """
+
+    channel: str
+    events: list[Event]
+    order: str
+    next_cursor: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionStats:
+    """How much history the log holds and how much retention removed.
+
+    Attributes:
+        channels: Number of channels.
+        events: Events stored.
+        trimmed: Events removed by trimming or retention, over every channel.
+        oldest_timestamp: Timestamp of the oldest stored event.
+        newest_timestamp: Timestamp of the newest event.
+        max_events: Retention setting of the broadcast (if known).
+        max_age: Retention setting of the broadcast (if known).
+    """
+
+    channels: int
+    events: int
+    trimmed: int
+    oldest_timestamp: datetime | None
+    newest_timestamp: datetime | None
+    max_events: int | None = None
+    max_age: timedelta | None = None
+
+
+@dataclass(slots=True)
+class ImportResult:
+    """What an import stored.
+
+    Attributes:
+        channels: Names of the channels created, in file order.
+        events: Number of events stored.
+    """
+
+    channels: list[str] = field(default_factory=list)
+    events: int = 0

@@ -1,0 +1,362 @@
+"""The admin query layer: what the HTTP app and the CLI both call.
+
+Built on :class:`~broadcast_history.EventLog`: its own methods (``read``, ``get``,
+``trim``, ``delete_channel``) do the work where they fit; the queries here add what
+an operator needs on top (stats with the oldest stored timestamp, pages with a cursor,
+totals), through the same engine and tables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Literal
+
+from sqlalchemy import Row, func, select
+
+from .._errors import InvalidArgument
+from .._event import Event, from_micros, to_micros
+from .._validation import MAX_CHANNEL_LENGTH, check_channel
+from ..log import EventLog, Retention
+from ..log._schema import channels, events
+from . import _jsonl
+from ._errors import ChannelNotFound, EventNotFound
+from ._models import ChannelPage, ChannelStats, EventPage, ImportResult, RetentionStats
+
+if TYPE_CHECKING:
+    from .._broadcast import Broadcast
+
+#: Largest page any query returns.
+MAX_LIMIT = 10_000
+# Offsets are BIGINT columns: a larger bound would make the database fail, not answer.
+_MAX_OFFSET = 2**63 - 1
+
+# Timestamp of the oldest stored event: one primary-key seek per channel.
+_FIRST_TIMESTAMP = (
+    select(events.c.timestamp)
+    .where(events.c.channel == channels.c.name, events.c.offset == channels.c.first_offset)
+    .correlate(channels)
+    .scalar_subquery()
+)
+_STATS_COLUMNS = (
+    channels.c.name,
+    channels.c.epoch,
+    channels.c.first_offset,
+    channels.c.last_offset,
+    channels.c.last_timestamp,
+    channels.c.trimmed_timestamp,
+    _FIRST_TIMESTAMP.label("first_timestamp"),
+)
+
+
+def _stats(row: Row[Any, Any, Any, Any, Any, Any, Any]) -> ChannelStats:
+    name, epoch, first, last, last_ts, trimmed_ts, first_ts = tuple(row)
+    return ChannelStats(
+        name=name,
+        epoch=epoch,
+        first_offset=first,
+        last_offset=last,
+        count=max(0, last - first + 1),
+        first_timestamp=None if first_ts is None else from_micros(first_ts),
+        last_timestamp=from_micros(last_ts) if last else None,
+        trimmed=max(0, first - 1),
+        trimmed_timestamp=None if trimmed_ts is None else from_micros(trimmed_ts),
+    )
+
+
+def _check_offset(name: str, value: int | None) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgument(f"{name} must be an int")
+    if not 0 <= value <= _MAX_OFFSET:
+        raise InvalidArgument(f"{name} must be between 0 and {_MAX_OFFSET}")
+
+
+def _check_limit(limit: int) -> None:
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
+        raise InvalidArgument(f"limit must be an int from 1 to {MAX_LIMIT}")
+
+
+def _check_time(name: str, value: datetime | None) -> None:
+    if value is None:
+        return
+    if not isinstance(value, datetime):
+        raise InvalidArgument(f"{name} must be a datetime")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise InvalidArgument(f"{name}: naive datetimes are refused; give a timezone")
+    try:
+        to_micros(value)
+    except OverflowError as exc:  # pragma: no cover - datetime range fits in 64 bits
+        raise InvalidArgument(f"{name} is out of range") from exc
+
+
+def _check_name_part(name: str, value: str | None) -> None:
+    """A prefix or cursor: any text a channel name could start with."""
+    if value is None:
+        return
+    if not isinstance(value, str) or len(value) > MAX_CHANNEL_LENGTH:
+        raise InvalidArgument(f"{name} must be a str of at most {MAX_CHANNEL_LENGTH} characters")
+    if value:
+        check_channel(value)
+
+
+class HistoryAdmin:
+    """Operator queries over an event log: stats, pages, trim, delete, export, import.
+
+    Args:
+        log: The event log (``broadcast.log``); it must be connected when used.
+        retention: The retention the broadcast applies, reported by
+            :meth:`retention_stats`.
+
+    Example::
+
+        admin = HistoryAdmin.of(broadcast)
+        page = await admin.events("chat", order="desc", limit=20)
+        older = await admin.events("chat", order="desc", before=page.next_cursor)
+    """
+
+    def __init__(self, log: EventLog, *, retention: Retention | None = None) -> None:
+        self.log = log
+        self.retention = retention
+
+    @classmethod
+    def of(cls, broadcast: Broadcast) -> HistoryAdmin:
+        """The admin view of ``broadcast``'s log and retention settings."""
+        return cls(broadcast.log, retention=broadcast.retention)
+
+    # -- channels ------------------------------------------------------------------
+
+    async def channel(self, name: str) -> ChannelStats:
+        """Stats of channel ``name``.
+
+        Raises:
+            ChannelNotFound: The log has no such channel.
+            InvalidArgument: ``name`` is not a valid channel name.
+        """
+        check_channel(name)
+        async with self.log.transaction() as conn:
+            result = await conn.execute(select(*_STATS_COLUMNS).where(channels.c.name == name))
+            row = result.first()
+        if row is None:
+            raise ChannelNotFound(f"no channel {name!r} in the log")
+        return _stats(row)
+
+    async def channels(
+        self, *, prefix: str | None = None, after: str | None = None, limit: int = 100
+    ) -> ChannelPage:
+        """A page of channels with their stats, in name order.
+
+        Args:
+            prefix: Only names starting with it.
+            after: Cursor: only names after it (``next_cursor`` of the previous page).
+            limit: Page size (1 to 10 000).
+        """
+        _check_name_part("prefix", prefix)
+        _check_name_part("after", after)
+        _check_limit(limit)
+        query = select(*_STATS_COLUMNS).order_by(channels.c.name).limit(limit + 1)
+        if prefix:
+            query = query.where(channels.c.name.startswith(prefix, autoescape=True))
+        if after:
+            query = query.where(channels.c.name > after)
+        async with self.log.transaction() as conn:
+            rows = (await conn.execute(query)).all()
+        found = [_stats(row) for row in rows[:limit]]
+        more = len(rows) > limit
+        return ChannelPage(found, found[-1].name if more else None)
+
+    async def all_channels(self, *, prefix: str | None = None) -> AsyncIterator[ChannelStats]:
+        """Every channel (optionally under ``prefix``), read page by page."""
+        after: str | None = None
+        while True:
+            page = await self.channels(prefix=prefix, after=after, limit=500)
+            for stats in page.channels:
+                yield stats
+            if page.next_cursor is None:
+                return
+            after = page.next_cursor
+
+    # -- events --------------------------------------------------------------------
+
+    async def events(
+        self,
+        channel: str,
+        *,
+        after: int | None = None,
+        before: int | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 100,
+        order: Literal["asc", "desc"] = "asc",
+    ) -> EventPage:
+        """A page of stored events, by offset range and/or time range.
+
+        Args:
+            channel: The channel.
+            after: Only offsets greater than this.
+            before: Only offsets smaller than this.
+            since: Only events at or after this time (aware datetime).
+            until: Only events before this time (aware datetime).
+            limit: Page size (1 to 10 000).
+            order: ``"asc"`` (oldest first) or ``"desc"`` (newest first).
+
+        Returns:
+            The page; its ``next_cursor`` goes in ``after=`` (ascending) or
+            ``before=`` (descending), the other filters unchanged.
+
+        Raises:
+            ChannelNotFound: The log has no such channel.
+            InvalidArgument: A bad filter.
+        """
+        check_channel(channel)
+        _check_offset("after", after)
+        _check_offset("before", before)
+        _check_time("since", since)
+        _check_time("until", until)
+        _check_limit(limit)
+        if order not in ("asc", "desc"):
+            raise InvalidArgument("order must be 'asc' or 'desc'")
+        if await self.log.channel(channel) is None:
+            raise ChannelNotFound(f"no channel {channel!r} in the log")
+        found = await self.log.read(
+            channel,
+            after=after,
+            before=before,
+            since=since,
+            until=until,
+            limit=limit + 1,
+            order=order,
+        )
+        page = found[:limit]
+        more = len(found) > limit
+        return EventPage(channel, page, order, page[-1].offset if more else None)
+
+    async def event(self, channel: str, offset: int) -> Event:
+        """The stored event at ``offset`` of ``channel``.
+
+        Raises:
+            ChannelNotFound: The log has no such channel.
+            EventNotFound: No event is stored at that offset.
+        """
+        check_channel(channel)
+        _check_offset("offset", offset)
+        found = await self.log.get(channel, offset)
+        if found is not None:
+            return found
+        info = await self.log.channel(channel)
+        if info is None:
+            raise ChannelNotFound(f"no channel {channel!r} in the log")
+        if offset < info.first_offset and offset >= 1:
+            raise EventNotFound(f"event {offset} of {channel!r} was trimmed")
+        raise EventNotFound(f"{channel!r} has no event {offset} (last is {info.last_offset})")
+
+    # -- retention -----------------------------------------------------------------
+
+    async def retention_stats(self) -> RetentionStats:
+        """Totals over every channel, and the broadcast's retention settings."""
+        stored = func.sum(channels.c.last_offset - channels.c.first_offset + 1)
+        query = select(
+            func.count(),
+            func.coalesce(stored, 0),
+            func.coalesce(func.sum(channels.c.first_offset - 1), 0),
+            func.min(_FIRST_TIMESTAMP),
+            func.max(channels.c.last_timestamp),
+        ).select_from(channels)
+        async with self.log.transaction() as conn:
+            count, total, trimmed, oldest, newest = (await conn.execute(query)).one()
+        retention = self.retention
+        return RetentionStats(
+            channels=int(count),
+            events=int(total),
+            trimmed=int(trimmed),
+            oldest_timestamp=None if oldest is None else from_micros(oldest),
+            newest_timestamp=from_micros(newest) if count and newest else None,
+            max_events=None if retention is None else retention.max_events,
+            max_age=None if retention is None else retention.max_age,
+        )
+
+    # -- changes -------------------------------------------------------------------
+
+    async def trim(
+        self, channel: str, *, before: int | None = None, before_time: datetime | None = None
+    ) -> int:
+        """Remove the events of ``channel`` below offset ``before`` and/or older than
+        ``before_time``; returns how many were removed.
+
+        Live subscribers are not disturbed; one positioned in the removed range gets
+        :class:`~broadcast_history.HistoryTruncated` when it next reads the log.
+
+        Raises:
+            ChannelNotFound: The log has no such channel.
+            InvalidArgument: Neither bound given, or a bad one.
+        """
+        check_channel(channel)
+        _check_offset("before", before)
+        _check_time("before_time", before_time)
+        if before is None and before_time is None:
+            raise InvalidArgument("give before (an offset) and/or before_time (a datetime)")
+        if await self.log.channel(channel) is None:
+            raise ChannelNotFound(f"no channel {channel!r} in the log")
+        return await self.log.trim(channel, before=before, before_time=before_time)
+
+    async def delete(self, channel: str) -> None:
+        """Delete ``channel`` and its history; its next publish starts a new epoch.
+
+        Raises:
+            ChannelNotFound: The log has no such channel.
+        """
+        check_channel(channel)
+        if not await self.log.delete_channel(channel):
+            raise ChannelNotFound(f"no channel {channel!r} in the log")
+
+    # -- export / import -----------------------------------------------------------
+
+    async def export_jsonl(
+        self, channels: Sequence[str] | None = None, *, prefix: str | None = None
+    ) -> AsyncIterator[str]:
+        """Lines (each ending in ``\\n``) of a JSON-lines export.
+
+        Per channel: one ``{"type": "channel", ...}`` line, then its stored events in
+        offset order as ``{"type": "event", ...}`` lines (``bytes`` payloads in base64).
+
+        Args:
+            channels: These channels (``ChannelNotFound`` if one is missing); default
+                every channel (under ``prefix``).
+            prefix: With ``channels=None``: only channels starting with it.
+        """
+        if channels is not None:
+            for name in channels:
+                await self.channel(name)
+            names: AsyncIterable[str] = _aiter(channels)
+        else:
+            names = _names(self.all_channels(prefix=prefix))
+        async for name in names:
+            info = await self.log.channel(name)
+            if info is None:
+                continue  # deleted since it was listed
+            async for line in _jsonl.export_channel(self.log, info):
+                yield line
+
+    async def import_jsonl(
+        self, lines: Iterable[str | bytes] | AsyncIterable[str | bytes]
+    ) -> ImportResult:
+        """Store an export made by :meth:`export_jsonl`, all or nothing.
+
+        Offsets, epochs, timestamps, keys and payloads are stored as exported.
+
+        Raises:
+            ImportConflict: A channel of the export already exists in this log.
+            InvalidExport: A malformed line (the message gives its number).
+        """
+        return await _jsonl.import_lines(self.log, lines)
+
+
+async def _aiter(items: Iterable[str]) -> AsyncIterator[str]:
+    for item in items:
+        yield item
+
+
+async def _names(stats: AsyncIterator[ChannelStats]) -> AsyncIterator[str]:
+    async for item in stats:
+        yield item.name

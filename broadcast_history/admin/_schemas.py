@@ -1,0 +1,136 @@
+"""Pydantic models of the HTTP API: its JSON bodies and its OpenAPI schema."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import AwareDatetime, BaseModel, Field
+
+from .._event import Event
+from ._jsonl import event_json
+from ._models import ChannelStats, EventPage, RetentionStats
+
+MAX_OFFSET = 2**63 - 1
+
+
+class ChannelOut(BaseModel):
+    """A channel and what the log holds of it."""
+
+    name: str
+    epoch: int = Field(description="Incarnation; changes when the channel is deleted and reused")
+    first_offset: int = Field(description="Oldest stored offset (last_offset + 1 if none)")
+    last_offset: int
+    count: int = Field(description="Stored events")
+    first_timestamp: AwareDatetime | None
+    last_timestamp: AwareDatetime | None
+    trimmed: int = Field(description="Events removed by trimming or retention")
+    trimmed_timestamp: AwareDatetime | None
+
+    @classmethod
+    def of(cls, stats: ChannelStats) -> ChannelOut:
+        return cls(
+            name=stats.name,
+            epoch=stats.epoch,
+            first_offset=stats.first_offset,
+            last_offset=stats.last_offset,
+            count=stats.count,
+            first_timestamp=stats.first_timestamp,
+            last_timestamp=stats.last_timestamp,
+            trimmed=stats.trimmed,
+            trimmed_timestamp=stats.trimmed_timestamp,
+        )
+
+
+class ChannelList(BaseModel):
+    """A page of channels in name order."""
+
+    channels: list[ChannelOut]
+    next_cursor: str | None = Field(description="Pass as `after` for the next page")
+
+
+class EventOut(BaseModel):
+    """A stored event; `bytes` payloads are base64 (`encoding`)."""
+
+    channel: str
+    offset: int
+    epoch: int
+    timestamp: AwareDatetime
+    key: str | None
+    encoding: Literal["text", "base64"]
+    message: str
+
+    @classmethod
+    def of(cls, event: Event) -> EventOut:
+        return cls.model_validate(event_json(event))
+
+
+class EventList(BaseModel):
+    """A page of events."""
+
+    channel: str
+    order: Literal["asc", "desc"]
+    events: list[EventOut]
+    next_cursor: int | None = Field(
+        description="Pass as `after` (order=asc) or `before` (order=desc) for the next page"
+    )
+
+    @classmethod
+    def of(cls, page: EventPage) -> EventList:
+        return cls(
+            channel=page.channel,
+            order="desc" if page.order == "desc" else "asc",
+            events=[EventOut.of(event) for event in page.events],
+            next_cursor=page.next_cursor,
+        )
+
+
+class TrimIn(BaseModel):
+    """Trim bounds: remove offsets below `before` and/or events older than `before_time`."""
+
+    before: int | None = Field(default=None, ge=0, le=MAX_OFFSET)
+    before_time: AwareDatetime | None = None
+
+
+class TrimOut(BaseModel):
+    """Result of a trim."""
+
+    channel: str
+    removed: int
+    first_offset: int
+
+
+class ImportOut(BaseModel):
+    """Result of an import."""
+
+    channels: list[str]
+    events: int
+
+
+class StatsOut(BaseModel):
+    """Totals over every channel, and the broadcast's retention settings."""
+
+    channels: int
+    events: int
+    trimmed: int
+    oldest_timestamp: AwareDatetime | None
+    newest_timestamp: AwareDatetime | None
+    max_events: int | None
+    max_age_seconds: float | None
+
+    @classmethod
+    def of(cls, stats: RetentionStats) -> StatsOut:
+        return cls(
+            channels=stats.channels,
+            events=stats.events,
+            trimmed=stats.trimmed,
+            oldest_timestamp=stats.oldest_timestamp,
+            newest_timestamp=stats.newest_timestamp,
+            max_events=stats.max_events,
+            max_age_seconds=None if stats.max_age is None else stats.max_age.total_seconds(),
+        )
+
+
+class ErrorOut(BaseModel):
+    """An error: `detail` says what is wrong."""
+
+    detail: str

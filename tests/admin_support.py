@@ -1,0 +1,66 @@
+"""Fixtures shared by the admin tests: fresh logs on SQLite files and on Postgres.
+
+Postgres tests use a database of their own (``bh_admin_test``), emptied before each
+test, so listing or exporting "every channel" does not see other suites' channels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from sqlalchemy.engine import make_url
+
+from broadcast_history import EventLog
+from tests.conftest import POSTGRES_URL, require_postgres
+
+ADMIN_DB = "bh_admin_test"
+_created: list[str] = []
+
+
+async def _admin_postgres_url() -> str:
+    if _created:
+        return _created[0]
+    import asyncpg
+
+    base = make_url(POSTGRES_URL)
+    conn = await asyncpg.connect(
+        host=base.host, port=base.port, user=base.username, database=base.database
+    )
+    try:
+        await conn.execute(f'CREATE DATABASE "{ADMIN_DB}"')
+    except asyncpg.DuplicateDatabaseError:
+        pass
+    finally:
+        await conn.close()
+    url = base.set(database=ADMIN_DB).render_as_string(hide_password=False)
+    _created.append(url)
+    return url
+
+
+async def fresh_postgres_log() -> str:
+    """URL of the admin tests' Postgres database, with empty log tables."""
+    require_postgres()
+    url = await _admin_postgres_url()
+    log = EventLog(url)
+    await log.connect()
+    try:
+        async with log.engine.begin() as conn:
+            await conn.exec_driver_sql("TRUNCATE broadcast_events, broadcast_channels")
+    finally:
+        await log.disconnect()
+    return url
+
+
+LOG_KINDS = ["log:sqlite-file", "log:postgres"]
+
+
+async def fresh_log_url(kind: str, tmp_path: Path) -> str:
+    """A fresh, empty log of ``kind`` (one of LOG_KINDS) that processes can share."""
+    if kind == "log:sqlite-file":
+        return f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
+    return await fresh_postgres_log()
+
+
+def sync_fresh_postgres_log() -> str:
+    return asyncio.run(fresh_postgres_log())

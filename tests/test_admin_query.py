@@ -1,0 +1,297 @@
+"""The admin query layer (HistoryAdmin) on SQLite and Postgres."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from broadcast_history import Broadcast, InvalidArgument, Retention
+from broadcast_history.admin import (
+    ChannelNotFound,
+    EventNotFound,
+    HistoryAdmin,
+    ImportConflict,
+    InvalidExport,
+)
+from tests.admin_support import LOG_KINDS, fresh_log_url
+
+ODD = "a/b c é"
+
+
+@pytest.fixture(params=LOG_KINDS)
+async def broadcast(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Broadcast]:
+    url = await fresh_log_url(request.param, tmp_path)
+    async with Broadcast("memory://", log=url, retention=Retention(max_events=50)) as b:
+        yield b
+
+
+@pytest.fixture
+def admin(broadcast: Broadcast) -> HistoryAdmin:
+    return HistoryAdmin.of(broadcast)
+
+
+async def collect(lines: AsyncIterator[str]) -> list[str]:
+    return [line async for line in lines]
+
+
+def test_all_is_pinned() -> None:
+    import broadcast_history.admin as admin_module
+
+    assert sorted(admin_module.__all__) == [
+        "ChannelNotFound",
+        "ChannelPage",
+        "ChannelStats",
+        "EventNotFound",
+        "EventPage",
+        "HistoryAdmin",
+        "ImportConflict",
+        "ImportResult",
+        "InvalidExport",
+        "NotFound",
+        "RetentionStats",
+        "create_app",
+        "event_json",
+    ]
+
+
+async def test_channel_stats(broadcast: Broadcast, admin: HistoryAdmin) -> None:
+    published = [await broadcast.publish(ODD, f"m{i}") for i in range(3)]
+    stats = await admin.channel(ODD)
+    assert (stats.name, stats.epoch) == (ODD, published[0].epoch)
+    assert (stats.first_offset, stats.last_offset, stats.count, stats.trimmed) == (1, 3, 3, 0)
+    assert stats.first_timestamp == published[0].timestamp
+    assert stats.last_timestamp == published[-1].timestamp
+
+    await admin.trim(ODD, before=3)
+    stats = await admin.channel(ODD)
+    assert (stats.first_offset, stats.count, stats.trimmed) == (3, 1, 2)
+    assert stats.first_timestamp == published[2].timestamp
+    assert stats.trimmed_timestamp == published[1].timestamp
+
+    with pytest.raises(ChannelNotFound):
+        await admin.channel("nope")
+    with pytest.raises(InvalidArgument):
+        await admin.channel("bad\x00name")
+
+
+async def test_channels_prefix_and_cursor(broadcast: Broadcast, admin: HistoryAdmin) -> None:
+    names = [f"p:{i}" for i in range(5)] + ["q:0", "p%x", "p_y"]
+    for name in names:
+        await broadcast.publish(name, "x")
+    seen: list[str] = []
+    after = None
+    while True:
+        page = await admin.channels(prefix="p:", after=after, limit=2)
+        assert len(page.channels) <= 2
+        seen += [c.name for c in page.channels]
+        if page.next_cursor is None:
+            break
+        after = page.next_cursor
+    assert seen == [f"p:{i}" for i in range(5)]
+    # LIKE wildcards in a prefix are literal.
+    assert [c.name for c in (await admin.channels(prefix="p%")).channels] == ["p%x"]
+    assert [c.name for c in (await admin.channels(prefix="p_")).channels] == ["p_y"]
+    everything = await admin.channels(limit=100)
+    assert len(everything.channels) == len(names) and everything.next_cursor is None
+    with pytest.raises(InvalidArgument):
+        await admin.channels(limit=0)
+    with pytest.raises(InvalidArgument):
+        await admin.channels(prefix="x\x00")
+
+
+async def test_events_pages_both_ways(broadcast: Broadcast, admin: HistoryAdmin) -> None:
+    for i in range(1, 8):
+        await broadcast.publish("chat", f"m{i}")
+    offsets: list[int] = []
+    after = None
+    while True:
+        page = await admin.events("chat", after=after, limit=3)
+        offsets += [e.offset for e in page.events]
+        if page.next_cursor is None:
+            break
+        after = page.next_cursor
+    assert offsets == [1, 2, 3, 4, 5, 6, 7]
+
+    offsets, before = [], None
+    while True:
+        page = await admin.events("chat", before=before, limit=3, order="desc")
+        offsets += [e.offset for e in page.events]
+        if page.next_cursor is None:
+            break
+        before = page.next_cursor
+    assert offsets == [7, 6, 5, 4, 3, 2, 1]
+
+    page = await admin.events("chat", after=2, before=6)
+    assert [e.offset for e in page.events] == [3, 4, 5]
+    assert page.next_cursor is None
+    # Exactly `limit` left: no next page.
+    assert (await admin.events("chat", after=4, limit=3)).next_cursor is None
+
+
+async def test_events_by_time(broadcast: Broadcast, admin: HistoryAdmin) -> None:
+    first = [await broadcast.publish("t", f"a{i}") for i in range(3)]
+    await asyncio.sleep(0.01)
+    middle = datetime.now(timezone.utc)
+    await asyncio.sleep(0.01)
+    later = [await broadcast.publish("t", f"b{i}") for i in range(3)]
+    page = await admin.events("t", since=middle)
+    assert [e.offset for e in page.events] == [e.offset for e in later]
+    page = await admin.events("t", until=middle, order="desc")
+    assert [e.offset for e in page.events] == [3, 2, 1]
+    page = await admin.events("t", since=first[1].timestamp, until=later[1].timestamp)
+    assert [e.offset for e in page.events] == [2, 3, 4]
+    # A time window and a cursor together.
+    page = await admin.events("t", since=first[1].timestamp, limit=2)
+    page = await admin.events("t", since=first[1].timestamp, after=page.next_cursor, limit=2)
+    assert [e.offset for e in page.events] == [4, 5]
+
+
+async def test_events_bad_parameters(broadcast: Broadcast, admin: HistoryAdmin) -> None:
+    await broadcast.publish("c", "x")
+    with pytest.raises(ChannelNotFound):
+        await admin.events("missing")
+    for bad in (
+        {"limit": 0},
+        {"limit": 10**6},
+        {"after": -1},
+        {"before": 2**64},
+        {"order": "up"},
+        {"since": datetime(2024, 1, 1)},  # naive
+    ):
+        with pytest.raises(InvalidArgument):
+            await admin.events("c", **bad)  # type: ignore[arg-type]
+
+
+async def test_one_event(broadcast: Broadcast, admin: HistoryAdmin) -> None:
+    events = [await broadcast.publish("one", b"\x00\xff" * i) for i in range(1, 4)]
+    assert await admin.event("one", 2) == events[1]
+    await admin.trim("one", before=2)
+    with pytest.raises(EventNotFound, match="trimmed"):
+        await admin.event("one", 1)
+    with pytest.raises(EventNotFound):
+        await admin.event("one", 9)
+    with pytest.raises(ChannelNotFound):
+        await admin.event("none", 1)
+
+
+async def test_retention_stats_and_trim_by_time(broadcast: Broadcast, admin: HistoryAdmin) -> None:
+    empty = await admin.retention_stats()
+    assert (empty.channels, empty.events, empty.trimmed) == (0, 0, 0)
+    assert empty.oldest_timestamp is None and empty.max_events == 50
+    old = [await broadcast.publish("r1", f"{i}") for i in range(4)]
+    await asyncio.sleep(0.01)
+    cut = datetime.now(timezone.utc)
+    await broadcast.publish("r1", "new")
+    await broadcast.publish("r2", "x")
+    assert await admin.trim("r1", before_time=cut) == 4
+    assert await admin.trim("r1", before_time=cut - timedelta(days=1)) == 0
+    stats = await admin.retention_stats()
+    assert (stats.channels, stats.events, stats.trimmed) == (2, 2, 4)
+    assert stats.oldest_timestamp is not None and stats.oldest_timestamp > old[-1].timestamp
+    with pytest.raises(InvalidArgument):
+        await admin.trim("r1")
+    with pytest.raises(ChannelNotFound):
+        await admin.trim("zz", before=1)
+
+
+async def test_delete_then_new_epoch(broadcast: Broadcast, admin: HistoryAdmin) -> None:
+    before = await broadcast.publish(ODD, "x")
+    await admin.delete(ODD)
+    with pytest.raises(ChannelNotFound):
+        await admin.channel(ODD)
+    with pytest.raises(ChannelNotFound):
+        await admin.delete(ODD)
+    after = await broadcast.publish(ODD, "y")
+    assert after.offset == 1 and after.epoch != before.epoch
+
+
+async def test_export_import_round_trip(broadcast: Broadcast, admin: HistoryAdmin) -> None:
+    payloads: list[str | bytes] = ["héllo", b"\x00\x01\xfe\xff", "", b"", "line\nbreak"]
+    for i, payload in enumerate(payloads):
+        await broadcast.publish(ODD, payload, key=f"k{i}")
+    for i in range(4):
+        await broadcast.publish("other", f"o{i}")
+    await admin.trim("other", before=3)
+    exported = await collect(admin.export_jsonl())
+    assert all(line.endswith("\n") and line.isascii() for line in exported)
+
+    async with Broadcast("memory://") as target:
+        copy = HistoryAdmin.of(target)
+        result = await copy.import_jsonl(exported)
+        assert result.channels == ["a/b c é", "other"] and result.events == 7
+        for name in (ODD, "other"):
+            assert await copy.channel(name) == await admin.channel(name)
+            assert (await copy.events(name)).events == (await admin.events(name)).events
+        assert await collect(copy.export_jsonl()) == exported
+        restored = (await copy.events(ODD)).events
+        assert [e.message for e in restored] == payloads
+        assert [type(e.message) for e in restored] == [type(p) for p in payloads]
+        # Publishing goes on after the imported history, in the same epoch.
+        nxt = await target.publish(ODD, "next")
+        assert (nxt.offset, nxt.epoch) == (6, restored[0].epoch)
+        assert (await target.publish(ODD, "dup", key="k1")).offset == 2
+
+        # Importing again must not merge: nothing of the file is stored.
+        await copy.delete("other")
+        with pytest.raises(ImportConflict, match="already exists"):
+            await copy.import_jsonl(exported)
+        with pytest.raises(ChannelNotFound):
+            await copy.channel("other")
+
+
+async def test_export_one_channel(broadcast: Broadcast, admin: HistoryAdmin) -> None:
+    await broadcast.publish("x1", "a")
+    await broadcast.publish("x2", "b")
+    lines = await collect(admin.export_jsonl(["x2"]))
+    assert [json.loads(line)["type"] for line in lines] == ["channel", "event"]
+    with pytest.raises(ChannelNotFound):
+        await collect(admin.export_jsonl(["missing"]))
+    assert len(await collect(admin.export_jsonl(prefix="x"))) == 4
+
+
+@pytest.mark.parametrize(
+    ("lines", "match"),
+    [
+        (["not json"], "line 1: not JSON"),
+        (["[1]"], "line 1: expected a JSON object"),
+        (['{"type": "event", "channel": "c"}'], "must follow its channel"),
+        (['{"type": "channel", "name": "", "epoch": 1}'], "line 1: channel must not be empty"),
+        (
+            [
+                '{"type":"channel","name":"c","epoch":1,"first_offset":1,"last_offset":2}',
+                '{"type":"event","channel":"c","offset":1,"epoch":1,'
+                '"timestamp":"2024-01-01T00:00:00+00:00","encoding":"base64","message":"!!"}',
+            ],
+            "line 2: 'message' is not valid base64",
+        ),
+        (
+            [
+                '{"type":"channel","name":"c","epoch":1,"first_offset":1,"last_offset":2}',
+                '{"type":"event","channel":"c","offset":2,"epoch":1,'
+                '"timestamp":"2024-01-01T00:00:00+00:00","encoding":"text","message":"a"}',
+                '{"type":"event","channel":"c","offset":1,"epoch":1,'
+                '"timestamp":"2024-01-01T00:00:00+00:00","encoding":"text","message":"a"}',
+            ],
+            "line 3: offset 1 where 3 was expected",
+        ),
+        (
+            [
+                '{"type":"channel","name":"c","epoch":1,"first_offset":1,"last_offset":2}',
+                '{"type":"event","channel":"c","offset":1,"epoch":1,'
+                '"timestamp":"2024-01-01T00:00:00","encoding":"text","message":"a"}',
+            ],
+            "timezone",
+        ),
+    ],
+)
+async def test_import_rejects_malformed_lines(
+    admin: HistoryAdmin, lines: list[str], match: str
+) -> None:
+    with pytest.raises(InvalidExport, match=match):
+        await admin.import_jsonl(lines)
+    assert (await admin.channels()).channels == []

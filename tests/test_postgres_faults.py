@@ -124,15 +124,21 @@ async def test_log_connections_terminated_during_publishing() -> None:
                     returned.append(await broadcast.publish(channel, f"{n}-{i}"))
                 except LogUnavailable as exc:
                     failures.append(exc)
+                await asyncio.sleep(0.002)  # spread the publishes over the kills
 
         kills: list[int] = []
+        done = asyncio.Event()
 
         async def killer() -> None:
-            for _ in range(15):
-                await asyncio.sleep(0.02)
+            while not done.is_set():
+                await asyncio.sleep(0.01)
                 kills.append(await terminate(url))
 
-        await asyncio.wait_for(asyncio.gather(killer(), *(publisher(n) for n in range(16))), 60)
+        async def publishers() -> None:
+            await asyncio.gather(*(publisher(n) for n in range(16)))
+            done.set()
+
+        await asyncio.wait_for(asyncio.gather(killer(), publishers()), 60)
         stored = await broadcast.log.read(channel, after=0, limit=10_000)
         # Every event stored is also readable by a subscriber, once, in order.
         async with broadcast.subscribe(channel, since=0) as subscriber:

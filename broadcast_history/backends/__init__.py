@@ -23,6 +23,7 @@ _SCHEMES: dict[str, _Entry] = {
     "rediss": _Entry("redis", "RedisBackend", "redis"),
     "redis-stream": _Entry("redis_stream", "RedisStreamBackend", "redis"),
     "redis-streams": _Entry("redis_stream", "RedisStreamBackend", "redis"),
+    "rediss-stream": _Entry("redis_stream", "RedisStreamBackend", "redis"),
     "postgres": _Entry("postgres", "PostgresBackend", "postgres"),
     "postgresql": _Entry("postgres", "PostgresBackend", "postgres"),
     "kafka": _Entry("kafka", "KafkaBackend", "kafka"),

@@ -109,6 +109,7 @@ class RedisBackend(BroadcastBackend):
             await client.aclose()
         self._up = False
         self._channels.clear()
+        self._release_acks()
         if self._queue is not None:
             # Wakes a pending next_published at once.
             self._queue.put_nowait(NotConnected("the redis transport was disconnected"))
@@ -181,6 +182,13 @@ class RedisBackend(BroadcastBackend):
                 raise TransportError(f"redis SUBSCRIBE failed: {exc!r}") from exc
             logger.info("redis subscription connection lost", exc_info=True)
 
+    def _release_acks(self) -> None:
+        """Let every subscribe waiting for a confirmation return."""
+        for ack in self._acks.values():
+            if not ack.done():
+                ack.set_result(None)
+        self._acks.clear()
+
     async def _close_pubsub(self) -> None:
         pubsub, self._pubsub = self._pubsub, None
         if pubsub is not None:
@@ -219,6 +227,7 @@ class RedisBackend(BroadcastBackend):
             raise
         except BaseException as exc:
             self._up = False
+            self._release_acks()
             error = TransportError(f"the redis subscription failed: {exc!r}")
             error.__cause__ = exc
             self._queue.put_nowait(error)  # reaches every subscriber via next_published

@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import base64
 import os
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
+
+from .demo_support import free_port, wait_for_server
 
 CHROMIUM = os.environ.get("BH_CHROMIUM", "/usr/bin/chromium")
 BUILD = Path(__file__).resolve().parents[1] / "build"
@@ -41,27 +40,6 @@ sync_api = pytest.importorskip(
 )
 if not Path(CHROMIUM).exists():
     pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install -y chromium)", allow_module_level=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def wait_for_server(base: str, process: subprocess.Popen[Any], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the demo exited with {process.returncode}")
-        try:
-            if httpx.get(f"{base}/api/info", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError("the demo did not start in time")
 
 
 @pytest.fixture(scope="module")

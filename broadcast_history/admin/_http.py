@@ -84,6 +84,8 @@ def _channel(request: Request, channel: Annotated[str, Path()]) -> str:
     return check_channel(channel)
 
 
+# Module level: FastAPI resolves the (string) annotations of endpoints in this namespace.
+_BEARER = HTTPBearer(auto_error=False, description="The token given to create_app")
 Channel = Annotated[str, Depends(_channel)]
 Offset = Annotated[int | None, Query(ge=0, le=MAX_OFFSET)]
 
@@ -118,10 +120,9 @@ def create_app(
         )
     expected = token.encode() if token else None
     admin = HistoryAdmin.of(broadcast)
-    bearer = HTTPBearer(auto_error=False, description="The token given to create_app")
 
     async def authorize(
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)],
     ) -> None:
         if expected is None:
             return

@@ -1,0 +1,363 @@
+"""The admin HTTP API, over SQLite and Postgres logs.
+
+Plain routes go through httpx's ASGI transport. The event stream runs under a real
+uvicorn server on a free port, because the ASGI transport buffers whole responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+from collections.abc import AsyncIterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import pytest
+import uvicorn
+
+from broadcast_history import Broadcast, InvalidArgument
+from broadcast_history.admin import create_app
+from tests.admin_support import LOG_KINDS, fresh_log_url
+
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def path(channel: str, suffix: str = "") -> str:
+    return f"/channels/{quote(channel, safe='')}{suffix}"
+
+
+@pytest.fixture(params=LOG_KINDS)
+async def broadcast(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Broadcast]:
+    url = await fresh_log_url(request.param, tmp_path)
+    async with Broadcast("memory://", log=url, idle_check=0.2) as b:
+        yield b
+
+
+@pytest.fixture
+async def client(broadcast: Broadcast) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(broadcast, token=TOKEN)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://admin", headers=AUTH) as c:
+        yield c
+
+
+# -- construction and auth -------------------------------------------------------------
+
+
+async def test_refuses_to_build_without_token(broadcast: Broadcast) -> None:
+    with pytest.raises(InvalidArgument, match="token"):
+        create_app(broadcast)
+    with pytest.raises(InvalidArgument):
+        create_app(broadcast, token="")
+    app = create_app(broadcast, allow_no_token=True)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://a") as c:
+        assert (await c.get("/channels")).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": f"Basic {TOKEN}"},
+        {"Authorization": f"Bearer {TOKEN}x"},
+        {"Authorization": "Bearer"},
+    ],
+)
+async def test_auth_failures(client: httpx.AsyncClient, headers: dict[str, str]) -> None:
+    client.headers.pop("Authorization")
+    for method, url in [("GET", "/channels"), ("GET", path("c")), ("DELETE", path("c"))]:
+        response = await client.request(method, url, headers=headers)
+        assert response.status_code == 401, (method, url)
+        assert response.headers["www-authenticate"] == "Bearer"
+    # The schema is public: it tells nothing about the data.
+    assert (await client.get("/openapi.json", headers=headers)).status_code == 200
+
+
+# -- channels -----------------------------------------------------------------------------
+
+
+async def test_channels_list_and_pages(broadcast: Broadcast, client: httpx.AsyncClient) -> None:
+    for name in ["room/1", "room/2", "room/3", "lobby"]:
+        await broadcast.publish(name, "x")
+    names: list[str] = []
+    params: dict[str, Any] = {"prefix": "room/", "limit": 2}
+    while True:
+        body = (await client.get("/channels", params=params)).json()
+        names += [c["name"] for c in body["channels"]]
+        if body["next_cursor"] is None:
+            break
+        params["after"] = body["next_cursor"]
+    assert names == ["room/1", "room/2", "room/3"]
+    assert (await client.get("/channels", params={"limit": 0})).status_code == 422
+    response = await client.get("/channels", params={"prefix": "a\x01"})
+    assert response.status_code == 400 and "control character" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("name", ["a/b c é", "a/events", "x/stream", "100%", "ünï/☃/ "])
+async def test_channel_names_need_no_care(
+    broadcast: Broadcast, client: httpx.AsyncClient, name: str
+) -> None:
+    await broadcast.publish(name, "hi")
+    if "/" in name:  # the channel a greedy route would wrongly pick
+        await broadcast.publish(name.split("/")[0], "other")
+    stats = (await client.get(path(name))).json()
+    assert (stats["name"], stats["count"], stats["first_offset"]) == (name, 1, 1)
+    events = (await client.get(path(name, "/events"))).json()
+    assert [(e["channel"], e["message"]) for e in events["events"]] == [(name, "hi")]
+    assert (await client.get(path(name, "/events/1"))).json()["message"] == "hi"
+
+
+async def test_channel_not_found_and_bad_name(client: httpx.AsyncClient) -> None:
+    for url in [path("nope"), path("nope", "/events"), path("nope", "/events/1")]:
+        response = await client.get(url)
+        assert response.status_code == 404 and "nope" in response.json()["detail"]
+    assert (await client.delete(path("nope"))).status_code == 404
+    assert (await client.get(path("bad\x00name"))).status_code == 400
+    assert (await client.get(path("x" * 256))).status_code == 400
+
+
+# -- events -------------------------------------------------------------------------------
+
+
+async def test_events_pages_both_ways(broadcast: Broadcast, client: httpx.AsyncClient) -> None:
+    for i in range(1, 8):
+        await broadcast.publish("chat", f"m{i}")
+    for order, cursor_name, expected in [
+        ("asc", "after", [1, 2, 3, 4, 5, 6, 7]),
+        ("desc", "before", [7, 6, 5, 4, 3, 2, 1]),
+    ]:
+        offsets: list[int] = []
+        params: dict[str, Any] = {"limit": 3, "order": order}
+        while True:
+            body = (await client.get(path("chat", "/events"), params=params)).json()
+            assert body["order"] == order
+            offsets += [e["offset"] for e in body["events"]]
+            if body["next_cursor"] is None:
+                break
+            params[cursor_name] = body["next_cursor"]
+        assert offsets == expected
+    body = (await client.get(path("chat", "/events"), params={"after": 2, "before": 5})).json()
+    assert [e["offset"] for e in body["events"]] == [3, 4]
+
+
+async def test_events_time_filters(broadcast: Broadcast, client: httpx.AsyncClient) -> None:
+    early = [await broadcast.publish("t", "a") for _ in range(2)]
+    await asyncio.sleep(0.01)
+    middle = datetime.now(timezone.utc)
+    await asyncio.sleep(0.01)
+    late = [await broadcast.publish("t", b"\x00b") for _ in range(2)]
+    zulu = middle.isoformat().replace("+00:00", "Z")
+    body = (await client.get(path("t", "/events"), params={"since": zulu})).json()
+    assert [e["offset"] for e in body["events"]] == [3, 4]
+    assert body["events"][0] == {
+        "channel": "t",
+        "offset": 3,
+        "epoch": late[0].epoch,
+        "timestamp": late[0].timestamp.isoformat().replace("+00:00", "Z"),
+        "key": None,
+        "encoding": "base64",
+        "message": "AGI=",
+    }
+    params = {"until": middle.isoformat(), "order": "desc"}
+    body = (await client.get(path("t", "/events"), params=params)).json()
+    assert [e["offset"] for e in body["events"]] == [2, 1]
+    params = {"since": early[1].timestamp.isoformat(), "until": late[1].timestamp.isoformat()}
+    body = (await client.get(path("t", "/events"), params=params)).json()
+    assert [e["offset"] for e in body["events"]] == [2, 3]
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"limit": 0},
+        {"limit": 1001},
+        {"limit": "ten"},
+        {"after": -1},
+        {"before": 2**63},
+        {"order": "sideways"},
+        {"since": "2024-01-01T00:00:00"},  # no timezone
+        {"until": "yesterday"},
+    ],
+)
+async def test_events_bad_parameters(
+    broadcast: Broadcast, client: httpx.AsyncClient, params: dict[str, Any]
+) -> None:
+    await broadcast.publish("c", "x")
+    response = await client.get(path("c", "/events"), params=params)
+    assert response.status_code == 422
+    assert response.json()["detail"]
+
+
+# -- changes ------------------------------------------------------------------------------
+
+
+async def test_trim(broadcast: Broadcast, client: httpx.AsyncClient) -> None:
+    for i in range(5):
+        await broadcast.publish("tr", str(i))
+    response = await client.post(path("tr", "/trim"), json={"before": 3})
+    assert response.json() == {"channel": "tr", "removed": 2, "first_offset": 3}
+    later = datetime.now(timezone.utc).isoformat()
+    response = await client.post(path("tr", "/trim"), json={"before_time": later})
+    assert response.json()["removed"] == 3
+    assert (await client.post(path("tr", "/trim"), json={})).status_code == 400
+    assert (await client.post(path("tr", "/trim"), json={"before": -2})).status_code == 422
+    assert (await client.post(path("zz", "/trim"), json={"before": 1})).status_code == 404
+    assert (await client.get(path("tr", "/events/1"))).status_code == 404
+    stats = (await client.get("/stats")).json()
+    assert (stats["channels"], stats["events"], stats["trimmed"]) == (1, 0, 5)
+
+
+async def test_delete_changes_epoch(broadcast: Broadcast, client: httpx.AsyncClient) -> None:
+    first = await broadcast.publish("a b/c", "x")
+    response = await client.delete(path("a b/c"))
+    assert response.status_code == 204
+    assert (await client.get(path("a b/c"))).status_code == 404
+    again = await broadcast.publish("a b/c", "y")
+    stats = (await client.get(path("a b/c"))).json()
+    assert stats["epoch"] == again.epoch != first.epoch
+    assert stats["last_offset"] == 1
+
+
+async def test_export_and_import(broadcast: Broadcast, client: httpx.AsyncClient) -> None:
+    await broadcast.publish("ex/1", b"\xff\x00")
+    await broadcast.publish("ex/1", "two", key="k")
+    await broadcast.publish("ex/2", "other")
+    one = await client.get(path("ex/1", "/export"))
+    assert one.headers["content-type"].startswith("application/x-ndjson")
+    lines = one.text.splitlines()
+    assert [json.loads(line)["type"] for line in lines] == ["channel", "event", "event"]
+    everything = (await client.get("/export", params={"prefix": "ex/"})).text
+    assert len(everything.splitlines()) == 5
+    assert (await client.get(path("missing", "/export"))).status_code == 404
+
+    conflict = await client.post("/import", content=everything)
+    assert conflict.status_code == 409 and "already exists" in conflict.json()["detail"]
+    await client.delete(path("ex/1"))
+    await client.delete(path("ex/2"))
+    imported = await client.post("/import", content=everything)
+    assert imported.status_code == 201
+    assert imported.json() == {"channels": ["ex/1", "ex/2"], "events": 3}
+    assert (await client.get("/export", params={"prefix": "ex/"})).text == everything
+    bad = await client.post("/import", content=b'{"type": "channel"}\n')
+    assert bad.status_code == 400 and "line 1" in bad.json()["detail"]
+
+
+# -- event stream -------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def serving(broadcast: Broadcast) -> AsyncIterator[str]:
+    """The admin app under uvicorn on a free port, in this event loop."""
+    app = create_app(broadcast, token=TOKEN, heartbeat=0.5)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", lifespan="off")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        server.force_exit = True
+        await asyncio.wait_for(task, 10)
+        sock.close()
+
+
+async def sse_messages(response: httpx.Response) -> AsyncIterator[dict[str, str]]:
+    """SSE messages (comments skipped) as dicts of field -> value."""
+    fields: dict[str, str] = {}
+    async for line in response.aiter_lines():
+        if not line:
+            if fields:
+                yield fields
+            fields = {}
+        elif not line.startswith(":"):
+            name, _, value = line.partition(":")
+            fields[name] = value.removeprefix(" ")
+
+
+async def read_messages(
+    base: str, url: str, count: int, headers: dict[str, str] | None = None
+) -> list[dict[str, str]]:
+    found: list[dict[str, str]] = []
+    async with (
+        httpx.AsyncClient(base_url=base, headers=AUTH, timeout=20) as http,
+        http.stream("GET", url, headers=headers) as response,
+    ):
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        async for message in sse_messages(response):
+            found.append(message)
+            if len(found) == count or message.get("event") == "error":
+                break
+    return found
+
+
+async def test_stream_catch_up_then_live(broadcast: Broadcast) -> None:
+    name = "live/é chan"
+    first = [await broadcast.publish(name, f"m{i}") for i in range(1, 4)]
+    epoch = first[0].epoch
+    async with serving(broadcast) as base:
+        reader = asyncio.create_task(
+            read_messages(base, path(name, "/stream"), 4, {"Last-Event-ID": f"{epoch}:1"})
+        )
+        await asyncio.sleep(0.3)
+        await broadcast.publish(name, b"\x01live")
+        await broadcast.publish(name, "m5")
+        messages = await asyncio.wait_for(reader, 20)
+        assert [m["id"] for m in messages] == [f"{epoch}:{o}" for o in (2, 3, 4, 5)]
+        assert {m["event"] for m in messages} == {"message"}
+        data = [json.loads(m["data"]) for m in messages]
+        assert [(d["encoding"], d["message"]) for d in data][:3] == [
+            ("text", "m2"),
+            ("text", "m3"),
+            ("base64", "AWxpdmU="),
+        ]
+
+        # ?since= as an offset and as a time; Last-Event-ID without an epoch.
+        got = await read_messages(base, path(name, "/stream") + "?since=4", 1)
+        assert got[0]["id"] == f"{epoch}:5"
+        since = quote(first[2].timestamp.isoformat())
+        got = await read_messages(base, path(name, "/stream") + f"?since={since}", 2)
+        assert [m["id"] for m in got] == [f"{epoch}:3", f"{epoch}:4"]
+        got = await read_messages(base, path(name, "/stream"), 1, {"Last-Event-ID": "3"})
+        assert got[0]["id"] == f"{epoch}:4"
+
+
+async def test_stream_errors(broadcast: Broadcast) -> None:
+    old = await broadcast.publish("gone", "x")
+    for _ in range(3):
+        await broadcast.publish("trimmed", "x")
+    await broadcast.log.trim("trimmed", before=3)
+    await broadcast.log.delete_channel("gone")
+    await broadcast.publish("gone", "new incarnation")
+    async with serving(broadcast) as base:
+        stale = {"Last-Event-ID": f"{old.epoch}:1"}
+        (message,) = await read_messages(base, path("gone", "/stream"), 1, stale)
+        assert message["event"] == "error"
+        assert json.loads(message["data"])["error"] == "StreamReset"
+        (message,) = await read_messages(base, path("trimmed", "/stream") + "?since=0", 1)
+        assert json.loads(message["data"])["error"] == "HistoryTruncated"
+        (message,) = await read_messages(base, path("trimmed", "/stream") + "?since=9", 1)
+        assert json.loads(message["data"])["error"] == "OffsetOutOfRange"
+        async with httpx.AsyncClient(base_url=base, headers=AUTH) as http:
+            for query, headers in [
+                ("?since=soon", {}),
+                ("?since=2024-01-01T00:00", {}),
+                ("?since=1&history=2", {}),
+                ("", {"Last-Event-ID": "x:y"}),
+            ]:
+                response = await http.get(path("gone", "/stream") + query, headers=headers)
+                assert response.status_code == 400, query
+            response = await http.get(path("gone", "/stream"), headers={"Authorization": "no"})
+            assert response.status_code == 401

@@ -209,9 +209,8 @@ class EventLog:
                 return await self._writer.append(items)
             async with self._lock:
                 return await self._writer.append(items)
-        async with self._begin(write=True) as conn:
-            # One statement instead of four round trips (see _postgres).
-            return await _postgres.append(conn, items)
+        # One autocommit statement instead of a transaction of several (see _postgres).
+        return await _postgres.append(self.engine, items)
 
     # -- reading -------------------------------------------------------------------
 

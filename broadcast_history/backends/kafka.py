@@ -109,6 +109,7 @@ class KafkaBackend(BroadcastBackend):
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._admin: AIOKafkaAdminClient | None = None
+        self._lookup: AIOKafkaConsumer | None = None
         self._queue: asyncio.Queue[Event | BaseException] | None = None
         self._lock: asyncio.Lock | None = None
         self._assigned: asyncio.Event | None = None
@@ -130,9 +131,12 @@ class KafkaBackend(BroadcastBackend):
         self._consumer = AIOKafkaConsumer(
             group_id=None, enable_auto_commit=False, auto_offset_reset="latest", **options
         )
+        # Offsets are looked up on a connection of their own: on the fetching one they
+        # would queue behind the broker's long-poll of the current fetch.
+        self._lookup = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, **options)
         self._admin = AIOKafkaAdminClient(**options)
         try:
-            for client in (self._producer, self._consumer, self._admin):
+            for client in (self._producer, self._consumer, self._lookup, self._admin):
                 await asyncio.wait_for(client.start(), self._timeout * 2)
         except (KafkaError, *_TRANSIENT) as exc:
             await self._close_clients()
@@ -208,11 +212,13 @@ class KafkaBackend(BroadcastBackend):
 
     async def _close_clients(self) -> None:
         closers = [
-            client.stop() for client in (self._consumer, self._producer) if client is not None
+            client.stop()
+            for client in (self._consumer, self._lookup, self._producer)
+            if client is not None
         ]
         if self._admin is not None:
             closers.append(self._admin.close())
-        self._producer = self._consumer = self._admin = None
+        self._producer = self._consumer = self._lookup = self._admin = None
         for closer in closers:
             # A broker that is away must not hold up shutdown.
             with contextlib.suppress(Exception):
@@ -259,6 +265,9 @@ class KafkaBackend(BroadcastBackend):
         for topic in topics:
             partitions = await self._producer.partitions_for(topic)
             wanted.update(TopicPartition(topic, p) for p in partitions)
+        assert self._lookup is not None
+        fresh = [tp for tp in wanted if tp not in self._next]
+        ends = await self._lookup.end_offsets(fresh) if fresh else {}
         if wanted != consumer.assignment():
             # aiokafka forgets every position on assign(): keep the ones we know.
             kept = {tp: offset for tp, offset in self._next.items() if tp in wanted}
@@ -267,16 +276,15 @@ class KafkaBackend(BroadcastBackend):
             for tp, offset in kept.items():
                 consumer.seek(tp, offset)
             self._next = kept
+        # New partitions start at their end as of now: what is published after
+        # subscribe() returns is delivered.
+        for tp, offset in ends.items():
+            consumer.seek(tp, offset)
+            self._next[tp] = offset
         if wanted:
             self._assigned.set()
         else:
             self._assigned.clear()
-        fresh = [tp for tp in wanted if tp not in self._next]
-        if fresh:
-            await consumer.seek_to_end(*fresh)
-            for tp in fresh:
-                position = await consumer.position(tp)
-                self._next[tp] = max(self._next.get(tp, 0), position)
 
     async def _fetch(self) -> None:
         """Move records from the consumer to the queue, tracking positions."""
@@ -288,7 +296,7 @@ class KafkaBackend(BroadcastBackend):
                 await self._assigned.wait()
                 generation = self._generation
                 try:
-                    batches = await consumer.getmany(timeout_ms=1000)
+                    batches = await consumer.getmany(timeout_ms=200)
                 except KafkaError as exc:
                     if not exc.retriable:
                         raise
@@ -342,10 +350,12 @@ class KafkaBackend(BroadcastBackend):
     async def _recover(self) -> None:
         assert self._lock is not None
         recreated = await self._check_topics()
-        if recreated or not self._up:
-            async with self._lock:
+        async with self._lock:
+            if recreated or not self._up:
                 await self._assign()
-                await self._rewind_recreated()
+            # Also after a restart too quick to notice: a broker that lost its data
+            # (or a topic deleted and re-created) leaves positions past the end.
+            await self._rewind_recreated()
 
     async def _check_topics(self) -> bool:
         """Ping; whether a subscribed topic has vanished (so it is re-created)."""
@@ -357,15 +367,15 @@ class KafkaBackend(BroadcastBackend):
 
     async def _rewind_recreated(self) -> None:
         """Move positions past a topic's end (a re-created topic) to its start."""
-        assert self._consumer is not None
+        assert self._consumer is not None and self._lookup is not None
         consumer = self._consumer
         assigned = [tp for tp in consumer.assignment() if tp in self._next]
         if not assigned:
             return
-        ends = await consumer.end_offsets(assigned)
+        ends = await self._lookup.end_offsets(assigned)
         stale = [tp for tp in assigned if self._next[tp] > ends[tp]]
         if stale:
-            starts = await consumer.beginning_offsets(stale)
+            starts = await self._lookup.beginning_offsets(stale)
             for tp in stale:
                 consumer.seek(tp, starts[tp])
                 self._next[tp] = starts[tp]

@@ -1,0 +1,166 @@
+"""The Kafka transport against a real Kafka-protocol broker (tansu, one per session)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from broadcast_history import Broadcast, NotConnected, TransportError
+from broadcast_history.backends import backend_from_url
+from broadcast_history.backends.kafka import KafkaBackend, _servers, topic_for
+from tests.conftest import unique
+from tests.helpers import assert_contiguous, take
+
+ODD_CHANNELS = [
+    "chat/room 1",
+    "chat_room_1",  # sanitizes like the one above: the hash keeps them apart
+    "ünïcødé-😀",
+    "..",
+    "a" * 255,
+    "é" * 255,
+    "tab\there"[:3] + "-x:y@z#",
+]
+
+
+# -- topic names (no broker needed) ------------------------------------------------
+
+
+@pytest.mark.parametrize("channel", ODD_CHANNELS)
+def test_topic_names_are_valid_kafka_topics(channel: str) -> None:
+    topic = topic_for(channel)
+    assert re.fullmatch(r"[a-zA-Z0-9._-]{1,249}", topic)
+    assert topic not in {".", ".."}
+    assert topic == topic_for(channel)  # stable across processes
+
+
+def test_topic_names_are_distinct() -> None:
+    topics = {topic_for(channel) for channel in ODD_CHANNELS}
+    assert len(topics) == len(ODD_CHANNELS)
+    assert topic_for("a" * 255) != topic_for("a" * 254 + "b")  # differ past the cut
+
+
+def test_topic_prefix() -> None:
+    assert topic_for("orders", "app.").startswith("app.orders.")
+
+
+def test_bootstrap_servers_from_urls() -> None:
+    assert _servers("kafka://a:1,b:2") == ["a:1", "b:2"]
+    assert _servers(["kafka://a:1", "kafka://b"]) == ["a:1", "b:9092"]
+    assert _servers("a:1") == ["a:1"]
+    with pytest.raises(ValueError, match="bootstrap"):
+        _servers("kafka://")
+
+
+def test_url_scheme_selects_kafka() -> None:
+    backend = backend_from_url("kafka://localhost:9092")
+    assert isinstance(backend, KafkaBackend)
+
+
+# -- against the broker --------------------------------------------------------------
+
+
+@pytest.fixture
+async def backend(kafka_bootstrap: str) -> AsyncIterator[KafkaBackend]:
+    backend = KafkaBackend(f"kafka://{kafka_bootstrap}")
+    await backend.connect()
+    yield backend
+    await backend.disconnect()
+
+
+async def received(backend: KafkaBackend, count: int) -> list[tuple[str, str]]:
+    async def collect() -> list[tuple[str, str]]:
+        events = [await backend.next_published() for _ in range(count)]
+        return [(event.channel, event.message) for event in events]
+
+    return await asyncio.wait_for(collect(), 20)
+
+
+async def test_odd_channel_names_round_trip(backend: KafkaBackend) -> None:
+    channels = [unique() + name for name in ("/a b", "ü😀", ":#@")] + ["é" * 255]
+    for channel in channels:
+        await backend.subscribe(channel)
+    await backend.publish_many([(channel, f"to {channel}") for channel in channels])
+    got = await received(backend, len(channels))
+    assert sorted(got) == sorted((channel, f"to {channel}") for channel in channels)
+
+
+async def test_starts_at_latest_offset(backend: KafkaBackend) -> None:
+    channel = unique()
+    await backend.publish(channel, "before")  # creates the topic
+    await backend.subscribe(channel)
+    await backend.publish(channel, "after")
+    assert await received(backend, 1) == [(channel, "after")]
+
+
+async def test_unsubscribe_one_among_many(backend: KafkaBackend) -> None:
+    a, b, c = unique("a"), unique("b"), unique("c")
+    for channel in (a, b, c):
+        await backend.subscribe(channel)
+    await backend.publish_many([(a, "a1"), (b, "b1"), (c, "c1")])
+    assert sorted(await received(backend, 3)) == [(a, "a1"), (b, "b1"), (c, "c1")]
+
+    # Traffic on a and c while b is dropped: their positions survive the change.
+    await backend.publish_many([(a, f"a{i}") for i in range(2, 50)])
+    await backend.unsubscribe(b)
+    await backend.publish_many([(b, "b2"), (c, "c2"), (a, "a50")])
+    got = await received(backend, 50)
+    assert [m for ch, m in got if ch == a] == [f"a{i}" for i in range(2, 51)]
+    assert [m for ch, m in got if ch == c] == ["c2"]
+    assert all(ch != b for ch, _ in got)
+
+    # Re-subscribing starts at the end again, and the others keep going.
+    await backend.subscribe(b)
+    await backend.publish_many([(b, "b3"), (a, "a51")])
+    assert sorted(await received(backend, 2)) == [(a, "a51"), (b, "b3")]
+
+
+async def test_disconnect_wakes_a_pending_receive(kafka_bootstrap: str) -> None:
+    backend = KafkaBackend(f"kafka://{kafka_bootstrap}")
+    await backend.connect()
+    await backend.subscribe(unique())
+    pending = asyncio.create_task(backend.next_published())
+    await asyncio.sleep(0.1)
+    await backend.disconnect()
+    with pytest.raises(NotConnected):
+        await asyncio.wait_for(pending, 5)
+    await backend.disconnect()  # twice is fine
+
+
+async def test_unreachable_broker_fails_connect() -> None:
+    backend = KafkaBackend("kafka://127.0.0.1:1", timeout=2)
+    with pytest.raises(TransportError):
+        await backend.connect()
+
+
+async def test_urls_list_constructor(kafka_bootstrap: str) -> None:
+    # As broadcaster's KafkaBackend(urls=[...]); the dead first server is skipped.
+    backend = KafkaBackend(urls=["kafka://127.0.0.1:1", f"kafka://{kafka_bootstrap}"])
+    async with Broadcast(backend=backend) as broadcast:
+        channel = unique()
+        async with broadcast.subscribe(channel) as sub:
+            await broadcast.publish(channel, "hello")
+            [event] = await take(sub, 1)
+        assert (event.channel, event.message, event.offset) == (channel, "hello", 1)
+        assert broadcast.transport_connected
+
+
+async def test_two_broadcasts_share_a_file_log(kafka_bootstrap: str, tmp_path: Path) -> None:
+    log = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
+    url = f"kafka://{kafka_bootstrap}"
+    channel = unique("chat/ü ")
+    async with Broadcast(url, log=log) as publisher, Broadcast(url, log=log) as subscriber:
+        await publisher.publish(channel, "earlier")
+        async with subscriber.subscribe(channel, since=0) as sub:
+            published = [await publisher.publish(channel, f"m{i}") for i in range(20)]
+            published.append(await publisher.publish(channel, b"\x00bytes"))
+            events = await take(sub, 22)
+    assert_contiguous(events, 1, 22)
+    assert [e.message for e in events] == ["earlier"] + [f"m{i}" for i in range(20)] + [
+        b"\x00bytes"
+    ]
+    assert {e.channel for e in events} == {channel}
+    assert [e.timestamp for e in events[1:]] == [e.timestamp for e in published]

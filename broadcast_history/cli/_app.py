@@ -1,0 +1,149 @@
+"""The Typer app, the connection options every command shares, and error handling.
+
+Exit codes: 0 success; 1 not found, conflict or other failure; 2 bad arguments (bad
+URL, bad time, invalid channel name); 3 the database cannot be reached or its schema
+is not current.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import asynccontextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from sqlalchemy.engine import make_url
+
+from .._broadcast import Broadcast
+from .._errors import BroadcastError, InvalidArgument, LogError
+from ..admin import HistoryAdmin, ImportConflict, NotFound
+from ..log import EventLog
+from ..log._engine import normalize_url
+
+T = TypeVar("T")
+
+#: Where the log is when neither ``--log`` nor ``BROADCAST_HISTORY_LOG`` says: a SQLite
+#: file in the current directory, so ``tail`` and ``publish`` in two terminals meet.
+DEFAULT_LOG = "sqlite+aiosqlite:///broadcast_history.db"
+DEFAULT_URL = "memory://"
+
+app = typer.Typer(
+    name="broadcast-history",
+    help="Inspect and manage a broadcast_history event log.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+LogOption = Annotated[
+    str,
+    typer.Option(
+        "--log",
+        envvar="BROADCAST_HISTORY_LOG",
+        help="Event log database URL (sqlite+aiosqlite:///FILE or postgresql+asyncpg://...).",
+    ),
+]
+UrlOption = Annotated[
+    str,
+    typer.Option(
+        "--url",
+        envvar="BROADCAST_URL",
+        help="Live transport URL (memory://, redis://, postgres://, kafka://...).",
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="JSON output, one object per line.")]
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Print ``message`` as an error and exit with ``code``."""
+    err_console.print(f"[bold red]Error:[/] {escape(message)}")
+    raise typer.Exit(code)
+
+
+def exit_code(error: BaseException) -> int:
+    """The exit code for ``error`` (see the module docstring)."""
+    if isinstance(error, (NotFound, ImportConflict)):
+        return 1
+    if isinstance(error, (InvalidArgument, ValueError)):
+        return 2
+    if isinstance(error, LogError):
+        return 3
+    return 1
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro``, turning library errors into a message and an exit code."""
+    try:
+        return asyncio.run(coro)
+    except (BroadcastError, ValueError) as exc:
+        fail(str(exc), exit_code(exc))
+
+
+def parse_time(value: str | None, option: str) -> datetime | None:
+    """An aware datetime from ISO 8601 text (``Z`` allowed); naive times are refused."""
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        fail(f"{option}: not an ISO 8601 time: {value!r}", 2)
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        fail(f"{option}: give a timezone, e.g. 2024-05-01T12:00Z or ...T12:00+02:00", 2)
+    return moment
+
+
+def require_existing(log: str) -> None:
+    """Refuse to create a SQLite file just to read it: a typo should not look empty."""
+    url = normalize_url(log)
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return
+    if not Path(url.database).exists():
+        raise LogError(
+            f"no event log at {url.database}: publish something first, "
+            "run `broadcast-history db upgrade`, or give --log / BROADCAST_HISTORY_LOG"
+        )
+
+
+def display_url(url: str) -> str:
+    """``url`` with any password hidden, for messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # only for display: show it as given
+        return url
+
+
+@asynccontextmanager
+async def open_admin(log: str, *, must_exist: bool = True) -> AsyncIterator[HistoryAdmin]:
+    """A connected log wrapped in :class:`HistoryAdmin` (no live transport)."""
+    if must_exist:
+        require_existing(log)
+    event_log = EventLog(log)
+    await event_log.connect()
+    try:
+        yield HistoryAdmin(event_log)
+    finally:
+        await event_log.disconnect()
+
+
+@asynccontextmanager
+async def open_broadcast(url: str, log: str, **options: Any) -> AsyncIterator[Broadcast]:
+    """A connected broadcast over the live transport ``url`` and the log."""
+    async with Broadcast(url, log=log, **options) as broadcast:
+        yield broadcast
+
+
+def main() -> None:
+    """Entry point of the ``broadcast-history`` command."""
+    app(prog_name="broadcast-history")
+
+
+def flush() -> None:
+    """Push output through a pipe now (``tail`` is often piped)."""
+    sys.stdout.flush()

@@ -1,0 +1,71 @@
+"""``db upgrade|current|check``: the log's schema, through the shipped Alembic migrations."""
+
+from __future__ import annotations
+
+import typer
+from rich.markup import escape
+from sqlalchemy.exc import SQLAlchemyError
+
+from .._errors import LogUnavailable
+from ..log import EventLog, _migrate
+from ..log._engine import create_engine, normalize_url
+from ._app import (
+    DEFAULT_LOG,
+    LogOption,
+    app,
+    console,
+    display_url,
+    err_console,
+    require_existing,
+    run,
+)
+
+db = typer.Typer(help="Manage the event log's database schema (Alembic).", no_args_is_help=True)
+app.add_typer(db, name="db")
+
+
+async def _revisions(log: str) -> tuple[str | None, str | None]:
+    """(current revision of the database, newest shipped revision)."""
+    require_existing(log)
+    engine = create_engine(normalize_url(log))
+    try:
+        async with engine.connect() as conn:
+            current = await _migrate.current(conn)
+    except (SQLAlchemyError, OSError) as exc:
+        raise LogUnavailable(f"cannot open the event log {display_url(log)}: {exc}") from exc
+    finally:
+        await engine.dispose()
+    return current, _migrate.head_revision()
+
+
+@db.command()
+def upgrade(log: LogOption = DEFAULT_LOG) -> None:
+    """Create the log's tables or upgrade them to this version's schema."""
+
+    async def go() -> None:
+        event_log = EventLog(log, migrate=True)
+        await event_log.connect()
+        await event_log.disconnect()
+
+    run(go())
+    console.print(f"{escape(display_url(log))}: schema at {_migrate.head_revision()}")
+
+
+@db.command()
+def current(log: LogOption = DEFAULT_LOG) -> None:
+    """Print the revision the database is at, and the newest one shipped."""
+    at, head = run(_revisions(log))
+    console.print(f"current: {at or '(no schema)'}\nhead:    {head}")
+
+
+@db.command()
+def check(log: LogOption = DEFAULT_LOG) -> None:
+    """Exit 0 if the schema is current; 1 (with a message) if it needs `db upgrade`."""
+    at, head = run(_revisions(log))
+    if at != head:
+        err_console.print(
+            f"schema is at {at or 'nothing'}, this version needs {head}: "
+            "run `broadcast-history db upgrade`"
+        )
+        raise typer.Exit(1)
+    console.print(f"schema is current ({head})")

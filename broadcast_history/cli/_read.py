@@ -1,0 +1,251 @@
+"""Reading commands: ``channels``, ``events``, ``event``, ``stats``, ``tail``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import datetime
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from .._event import Event
+from ..admin import ChannelStats, event_json
+from ._app import (
+    DEFAULT_LOG,
+    DEFAULT_URL,
+    JsonOption,
+    LogOption,
+    UrlOption,
+    app,
+    console,
+    err_console,
+    fail,
+    flush,
+    open_admin,
+    open_broadcast,
+    parse_time,
+    run,
+)
+
+
+def _time(moment: datetime | None) -> str:
+    return "" if moment is None else moment.isoformat(sep=" ", timespec="milliseconds")
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat()
+
+
+def _stats_json(stats: ChannelStats) -> dict[str, Any]:
+    return {
+        "name": stats.name,
+        "epoch": stats.epoch,
+        "first_offset": stats.first_offset,
+        "last_offset": stats.last_offset,
+        "count": stats.count,
+        "first_timestamp": None
+        if stats.first_timestamp is None
+        else stats.first_timestamp.isoformat(),
+        "last_timestamp": None
+        if stats.last_timestamp is None
+        else stats.last_timestamp.isoformat(),
+        "trimmed": stats.trimmed,
+    }
+
+
+def _preview(event: Event, width: int = 60) -> str:
+    message: str | bytes = event.message
+    if isinstance(message, bytes):
+        return f"<{len(message)} bytes: {message[:16].hex(' ')}{'…' if len(message) > 16 else ''}>"
+    text = message.replace("\n", "⏎")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _json_line(value: dict[str, Any]) -> None:
+    typer.echo(json.dumps(value, ensure_ascii=False))
+
+
+@app.command()
+def channels(
+    prefix: Annotated[str | None, typer.Option(help="Only channels starting with it.")] = None,
+    after: Annotated[str | None, typer.Option(help="Cursor: channels after this name.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10_000, help="Page size.")] = 100,
+    as_json: JsonOption = False,
+    log: LogOption = DEFAULT_LOG,
+) -> None:
+    """List channels with their stats."""
+
+    async def go() -> None:
+        async with open_admin(log) as admin:
+            page = await admin.channels(prefix=prefix, after=after, limit=limit)
+        if as_json:
+            for stats in page.channels:
+                _json_line(_stats_json(stats))
+        else:
+            table = Table("Channel", "Epoch", "Offsets", "Count", "First event", "Last event")
+            for stats in page.channels:
+                table.add_row(
+                    escape(stats.name),
+                    str(stats.epoch),
+                    f"{stats.first_offset}..{stats.last_offset}",
+                    str(stats.count),
+                    _time(stats.first_timestamp),
+                    _time(stats.last_timestamp),
+                )
+            console.print(table)
+        if page.next_cursor is not None:
+            err_console.print(f"more: --after {escape(json.dumps(page.next_cursor))}")
+
+    run(go())
+
+
+@app.command()
+def events(
+    channel: Annotated[str, typer.Argument(help="The channel.")],
+    after: Annotated[int | None, typer.Option(min=0, help="Offsets greater than this.")] = None,
+    before: Annotated[int | None, typer.Option(min=0, help="Offsets smaller than this.")] = None,
+    since: Annotated[str | None, typer.Option(help="At or after this ISO 8601 time.")] = None,
+    until: Annotated[str | None, typer.Option(help="Before this ISO 8601 time.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10_000, help="Page size.")] = 100,
+    desc: Annotated[bool, typer.Option("--desc", help="Newest first.")] = False,
+    as_json: JsonOption = False,
+    log: LogOption = DEFAULT_LOG,
+) -> None:
+    """Show a page of a channel's stored events (filters by offset and time)."""
+    start, end = parse_time(since, "--since"), parse_time(until, "--until")
+
+    async def go() -> None:
+        async with open_admin(log) as admin:
+            page = await admin.events(
+                channel,
+                after=after,
+                before=before,
+                since=start,
+                until=end,
+                limit=limit,
+                order="desc" if desc else "asc",
+            )
+        if as_json:
+            for event in page.events:
+                _json_line(event_json(event))
+        else:
+            table = Table("Offset", "Time", "Key", "Message", title=escape(channel))
+            for event in page.events:
+                table.add_row(
+                    str(event.offset),
+                    _time(event.timestamp),
+                    escape(event.key or ""),
+                    escape(_preview(event)),
+                )
+            console.print(table)
+        if page.next_cursor is not None:
+            err_console.print(f"more: --{'before' if desc else 'after'} {page.next_cursor}")
+
+    run(go())
+
+
+@app.command()
+def event(
+    channel: Annotated[str, typer.Argument(help="The channel.")],
+    offset: Annotated[int, typer.Argument(min=0, help="The event's offset.")],
+    log: LogOption = DEFAULT_LOG,
+) -> None:
+    """Print one stored event as JSON."""
+
+    async def go() -> None:
+        async with open_admin(log) as admin:
+            found = await admin.event(channel, offset)
+        _json_line(event_json(found))
+
+    run(go())
+
+
+@app.command()
+def stats(log: LogOption = DEFAULT_LOG, as_json: JsonOption = False) -> None:
+    """Totals over every channel: events stored, events trimmed, oldest and newest."""
+
+    async def go() -> None:
+        async with open_admin(log) as admin:
+            totals = await admin.retention_stats()
+        values = {
+            "channels": totals.channels,
+            "events": totals.events,
+            "trimmed": totals.trimmed,
+            "oldest_timestamp": _time(totals.oldest_timestamp) or None,
+            "newest_timestamp": _time(totals.newest_timestamp) or None,
+        }
+        if as_json:
+            _json_line(values)
+        else:
+            for name, value in values.items():
+                console.print(f"{name:>16}: {value if value is not None else '-'}")
+
+    run(go())
+
+
+def _since(value: str | None) -> int | datetime | None:
+    if value is None:
+        return None
+    if value.isascii() and value.isdigit():
+        return int(value)
+    return parse_time(value, "--since")
+
+
+@app.command()
+def tail(
+    channel: Annotated[str, typer.Argument(help="The channel.")],
+    since: Annotated[
+        str | None, typer.Option(help="Start after this offset, or at this ISO 8601 time.")
+    ] = None,
+    history: Annotated[
+        int | None, typer.Option(min=0, help="Start with the last N events.")
+    ] = None,
+    count: Annotated[
+        int | None, typer.Option(min=1, help="Exit after N events (default: until Ctrl-C).")
+    ] = None,
+    as_json: JsonOption = False,
+    log: LogOption = DEFAULT_LOG,
+    url: UrlOption = DEFAULT_URL,
+) -> None:
+    """Print a channel's events: history from --since/--history, then live, until Ctrl-C.
+
+    Works across processes even over memory://: events published by another process
+    into the same log are picked up from the log within a fraction of a second.
+    """
+    start = _since(since)
+    if start is not None and history is not None:
+        fail("give --since or --history, not both", 2)
+
+    async def go() -> None:
+        # A short idle check: over memory:// the log is the only way in from
+        # another process, so it is polled often enough to feel live.
+        async with (
+            open_broadcast(url, log, idle_check=0.2) as broadcast,
+            broadcast.subscribe(channel, since=start, history=history) as subscriber,
+        ):
+            err_console.print(f"tailing {escape(channel)!r} (Ctrl-C to stop)")
+            seen = 0
+            async for item in subscriber:
+                if as_json:
+                    _json_line(event_json(item))
+                else:
+                    console.print(
+                        f"[dim]{_time(item.timestamp)}[/] [bold]#{item.offset}[/] "
+                        f"{escape(_preview(item, 200))}",
+                        soft_wrap=True,
+                    )
+                flush()
+                seen += 1
+                if count is not None and seen >= count:
+                    return
+
+    try:
+        run(go())
+    except KeyboardInterrupt:
+        # Ctrl-C is how tail is meant to end.
+        raise typer.Exit(0) from None
+    except asyncio.CancelledError:  # pragma: no cover - interrupted during shutdown
+        raise typer.Exit(0) from None

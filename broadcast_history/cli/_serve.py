@@ -1,0 +1,43 @@
+"""``serve``: the admin HTTP API under uvicorn."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from .._broadcast import Broadcast
+from ._app import DEFAULT_LOG, DEFAULT_URL, LogOption, UrlOption, app, err_console, fail
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
+    token: Annotated[
+        str | None,
+        typer.Option(envvar="BROADCAST_HISTORY_TOKEN", help="Bearer token clients must send."),
+    ] = None,
+    allow_no_token: Annotated[
+        bool, typer.Option("--allow-no-token", help="Serve without a token (local use only).")
+    ] = False,
+    log: LogOption = DEFAULT_LOG,
+    url: UrlOption = DEFAULT_URL,
+) -> None:
+    """Serve the admin HTTP API (OpenAPI docs at /docs)."""
+    try:
+        import uvicorn
+
+        from ..admin import create_app
+    except ImportError as exc:
+        fail(f"{exc}: pip install 'broadcast-history[admin]'", 1)
+    if not token and not allow_no_token:
+        fail("give --token (or BROADCAST_HISTORY_TOKEN), or --allow-no-token for local use", 2)
+    try:
+        broadcast = Broadcast(url, log=log)
+    except ValueError as exc:
+        fail(str(exc), 2)
+    application = create_app(broadcast, token=token, allow_no_token=allow_no_token)
+    err_console.print(f"admin API on http://{host}:{port} (docs: /docs)")
+    # Event streams never end by themselves: give them a moment, then close them.
+    uvicorn.run(application, host=host, port=port, timeout_graceful_shutdown=2)

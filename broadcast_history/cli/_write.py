@@ -1,0 +1,219 @@
+"""Changing commands: ``publish``, ``trim``, ``delete``, ``export``, ``import``."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import IO, Annotated
+
+import typer
+from rich.markup import escape
+from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn
+
+from ..admin import ImportResult, event_json
+from ._app import (
+    DEFAULT_LOG,
+    DEFAULT_URL,
+    JsonOption,
+    LogOption,
+    UrlOption,
+    app,
+    console,
+    err_console,
+    fail,
+    open_admin,
+    open_broadcast,
+    parse_time,
+    run,
+)
+
+
+@app.command()
+def publish(
+    channel: Annotated[str, typer.Argument(help="The channel.")],
+    message: Annotated[str, typer.Argument(help="The message ('-': read it from stdin).")],
+    key: Annotated[str | None, typer.Option(help="Idempotency key.")] = None,
+    binary: Annotated[
+        bool, typer.Option("--base64", help="MESSAGE is base64: publish the decoded bytes.")
+    ] = False,
+    as_json: JsonOption = False,
+    log: LogOption = DEFAULT_LOG,
+    url: UrlOption = DEFAULT_URL,
+) -> None:
+    """Publish one message (stored in the log, then sent live)."""
+    text = sys.stdin.read() if message == "-" else message
+    payload: str | bytes = text
+    if binary:
+        try:
+            payload = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            fail("--base64: MESSAGE is not valid base64", 2)
+
+    async def go() -> None:
+        async with open_broadcast(url, log) as broadcast:
+            stored = await broadcast.publish(channel, payload, key=key)
+        if as_json:
+            typer.echo(json.dumps(event_json(stored), ensure_ascii=False))
+        else:
+            when = stored.timestamp.isoformat() if stored.timestamp else ""
+            console.print(
+                f"published {escape(channel)!r} #{stored.offset} (epoch {stored.epoch}, {when})"
+            )
+
+    run(go())
+
+
+@app.command()
+def trim(
+    channel: Annotated[str, typer.Argument(help="The channel.")],
+    before: Annotated[int | None, typer.Option(min=0, help="Remove offsets below this.")] = None,
+    before_time: Annotated[
+        str | None, typer.Option(help="Remove events older than this ISO 8601 time.")
+    ] = None,
+    log: LogOption = DEFAULT_LOG,
+) -> None:
+    """Remove a channel's old events (by offset and/or time)."""
+    moment = parse_time(before_time, "--before-time")
+    if before is None and moment is None:
+        fail("give --before OFFSET and/or --before-time TIME", 2)
+
+    async def go() -> None:
+        async with open_admin(log) as admin:
+            removed = await admin.trim(channel, before=before, before_time=moment)
+            stats = await admin.channel(channel)
+        console.print(
+            f"removed {removed} events of {escape(channel)!r}; "
+            f"stored now: {stats.first_offset}..{stats.last_offset} ({stats.count})"
+        )
+
+    run(go())
+
+
+@app.command()
+def delete(
+    channel: Annotated[str, typer.Argument(help="The channel.")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    log: LogOption = DEFAULT_LOG,
+) -> None:
+    """Delete a channel and its whole history (its next use starts a new epoch)."""
+
+    async def count() -> int:
+        async with open_admin(log) as admin:
+            return (await admin.channel(channel)).count
+
+    stored = run(count())
+    if not yes:
+        typer.confirm(
+            f"Delete channel {channel!r} and its {stored} stored events?", abort=True, err=True
+        )
+
+    async def go() -> None:
+        async with open_admin(log) as admin:
+            await admin.delete(channel)
+        console.print(f"deleted {escape(channel)!r}")
+
+    run(go())
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=err_console,
+        transient=True,
+    )
+
+
+@app.command("export")
+def export_(
+    names: Annotated[
+        list[str] | None, typer.Argument(help="Channels to export (default: all).")
+    ] = None,
+    prefix: Annotated[str | None, typer.Option(help="Only channels starting with it.")] = None,
+    output: Annotated[
+        str, typer.Option("--output", "-o", help="File to write ('-': stdout).")
+    ] = "-",
+    log: LogOption = DEFAULT_LOG,
+) -> None:
+    """Write channels and their events as JSON lines (re-importable with `import`)."""
+
+    async def go(out: IO[str], progress: Progress | None) -> int:
+        async with open_admin(log) as admin:
+            if names:
+                total = sum([(await admin.channel(name)).count for name in names])
+            else:
+                total = sum([s.count async for s in admin.all_channels(prefix=prefix)])
+            advance = None
+            if progress is not None:
+                task = progress.add_task("exporting", total=total)
+                advance = lambda: progress.advance(task)  # noqa: E731
+            return await _write(admin.export_jsonl(names or None, prefix=prefix), out, advance)
+
+    if output == "-":
+        run(go(sys.stdout, None))
+        return
+    # Files are opened here, outside the event loop; a half-written file is removed.
+    target = Path(output)
+    try:
+        with target.open("w", encoding="utf-8") as out, _progress() as progress:
+            written = run(go(out, progress))
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+    err_console.print(f"exported {written} events to {escape(output)}")
+
+
+async def _write(
+    lines: AsyncIterator[str], out: IO[str], on_event: Callable[[], object] | None
+) -> int:
+    written = 0
+    async for line in lines:
+        out.write(line)
+        if line.startswith('{"type":"event"'):
+            written += 1
+            if on_event is not None:
+                on_event()
+    out.flush()
+    return written
+
+
+def _read_lines(source: IO[bytes], advance: Callable[[int], object] | None) -> Iterator[bytes]:
+    for line in source:
+        if advance is not None:
+            advance(len(line))
+        yield line
+
+
+@app.command("import")
+def import_(
+    source: Annotated[str, typer.Argument(help="JSON-lines file from `export` ('-': stdin).")],
+    log: LogOption = DEFAULT_LOG,
+) -> None:
+    """Load an export into the log, all or nothing; fails if a channel already exists."""
+
+    async def go(lines: Iterator[bytes]) -> ImportResult:
+        async with open_admin(log, must_exist=False) as admin:
+            return await admin.import_jsonl(lines)
+
+    if source == "-":
+        result = run(go(_read_lines(sys.stdin.buffer, None)))
+    else:
+        path = Path(source)
+        if not path.is_file():
+            fail(f"no such file: {source}", 2)
+        columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn())
+        with (
+            path.open("rb") as file,
+            Progress(*columns, console=err_console, transient=True) as progress,
+        ):
+            task = progress.add_task("importing", total=path.stat().st_size)
+            result = run(go(_read_lines(file, lambda n: progress.advance(task, n))))
+    err_console.print(
+        f"imported {result.events} events in {len(result.channels)} channels: "
+        + escape(", ".join(repr(name) for name in result.channels))
+    )

@@ -34,6 +34,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 WAIT_MS = 15_000
+DEMO_MODULE = "broadcast_history.demo"
 
 sync_api = pytest.importorskip(
     "playwright.sync_api", reason="playwright is not installed (pip install playwright)"
@@ -47,7 +48,10 @@ def demo_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The demo as a newcomer starts it: the module's CLI, embedded default log."""
     data_dir = tmp_path_factory.mktemp("demo-data")
     port = free_port()
-    command = [sys.executable, "-m", "broadcast_history.demo", "--port", str(port)]
+    # The README's main job runs `broadcast-history demo`; fall back to the module form.
+    script = Path(sys.executable).with_name("broadcast-history")
+    entry = [str(script), "demo"] if script.exists() else [sys.executable, "-m", DEMO_MODULE]
+    command = [*entry, "--port", str(port)]
     process = subprocess.Popen(
         [*command, "--data-dir", str(data_dir)],
         stdout=subprocess.PIPE,

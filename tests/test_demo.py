@@ -95,6 +95,17 @@ def test_parse_position() -> None:
         assert parse_position(bad) is None
 
 
+def test_demo_command_is_registered_in_the_cli() -> None:
+    from typer.testing import CliRunner
+
+    from broadcast_history.cli import app
+
+    result = CliRunner().invoke(app, ["demo", "--help"])
+    assert result.exit_code == 0, result.output
+    for option in ("--host", "--port", "--data-dir", "--live", "--log"):
+        assert option in result.output
+
+
 def test_publish_validates(server: str) -> None:
     url = f"{server}/api/rooms/{room()}/messages"
     assert httpx.post(url, content=b"not json").status_code == 422

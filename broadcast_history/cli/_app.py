@@ -40,7 +40,8 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+# Messages are not hard-wrapped: they stay greppable and copy-pastable.
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 LogOption = Annotated[
     str,

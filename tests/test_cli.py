@@ -1,0 +1,246 @@
+"""The broadcast-history command line, through Typer's runner and as real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from broadcast_history.cli import app
+from tests.admin_support import LOG_KINDS, fresh_log_url
+
+runner = CliRunner()
+EXE = [sys.executable, "-c", "from broadcast_history.cli import main; main()"]
+
+
+@pytest.fixture(params=LOG_KINDS)
+def log(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return asyncio.run(fresh_log_url(request.param, tmp_path))
+
+
+def cli(*args: str, input: str | None = None, code: int = 0, **env: str):  # type: ignore[no-untyped-def]
+    result = runner.invoke(app, list(args), input=input, env=env or None)
+    assert result.exit_code == code, (args, result.stdout, result.stderr, result.exception)
+    return result
+
+
+def json_lines(text: str) -> list[dict]:  # type: ignore[type-arg]
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_publish_and_events(log: str) -> None:
+    cli("publish", "room/1", "hello wörld", "--log", log)
+    cli("publish", "room/1", "AAEC", "--base64", "--key", "k1", "--log", log)
+    out = cli("publish", "room/1", "-", "--json", "--log", log, input="from stdin").stdout
+    assert json_lines(out)[0]["offset"] == 3
+    # The same key again stores nothing new.
+    out = cli("publish", "room/1", "AAEC", "--base64", "--key", "k1", "--json", "--log", log)
+    assert json_lines(out.stdout)[0]["offset"] == 2
+
+    events = json_lines(cli("events", "room/1", "--json", "--log", log).stdout)
+    assert [(e["offset"], e["encoding"], e["message"]) for e in events] == [
+        (1, "text", "hello wörld"),
+        (2, "base64", "AAEC"),
+        (3, "text", "from stdin"),
+    ]
+    result = cli("events", "room/1", "--json", "--desc", "--limit", "2", "--log", log)
+    assert [e["offset"] for e in json_lines(result.stdout)] == [3, 2]
+    assert "more: --before 2" in result.stderr
+    result = cli("events", "room/1", "--json", "--after", "1", "--before", "3", "--log", log)
+    assert [e["offset"] for e in json_lines(result.stdout)] == [2]
+    since = events[1]["timestamp"]
+    result = cli("events", "room/1", "--json", "--since", since, "--log", log)
+    assert [e["offset"] for e in json_lines(result.stdout)] == [2, 3]
+    result = cli("events", "room/1", "--json", "--until", since, "--log", log)
+    assert [e["offset"] for e in json_lines(result.stdout)] == [1]
+    table = cli("events", "room/1", "--log", log).stdout
+    assert "hello wörld" in table and "<3 bytes: 00 01 02>" in table
+
+    one = json_lines(cli("event", "room/1", "3", "--log", log).stdout)[0]
+    assert one["message"] == "from stdin"
+    cli("event", "room/1", "9", "--log", log, code=1)
+
+
+def test_channels_and_stats(log: str) -> None:
+    for name in ["a/1", "a/2", "a/3", "b"]:
+        cli("publish", name, "x", "--log", log)
+    result = cli("channels", "--prefix", "a/", "--limit", "2", "--json", "--log", log)
+    assert [c["name"] for c in json_lines(result.stdout)] == ["a/1", "a/2"]
+    assert 'more: --after "a/2"' in result.stderr
+    result = cli("channels", "--prefix", "a/", "--after", "a/2", "--json", "--log", log)
+    assert [c["name"] for c in json_lines(result.stdout)] == ["a/3"]
+    assert "a/1" in cli("channels", "--log", log).stdout
+    stats = json_lines(cli("stats", "--json", "--log", log).stdout)[0]
+    assert (stats["channels"], stats["events"], stats["trimmed"]) == (4, 4, 0)
+    assert "channels: 4" in cli("stats", "--log", log).stdout
+
+
+def test_trim_and_delete(log: str) -> None:
+    for i in range(5):
+        cli("publish", "t", str(i), "--log", log)
+    assert "removed 2 events" in cli("trim", "t", "--before", "3", "--log", log).stdout
+    now = datetime.now(timezone.utc).isoformat()
+    assert "removed 3 events" in cli("trim", "t", "--before-time", now, "--log", log).stdout
+    cli("trim", "t", "--log", log, code=2)
+    cli("trim", "missing", "--before", "1", "--log", log, code=1)
+
+    epoch = json_lines(cli("publish", "t", "x", "--json", "--log", log).stdout)[0]["epoch"]
+    result = cli("delete", "t", "--log", log, input="n\n", code=1)
+    assert "Aborted" in result.stderr
+    cli("delete", "t", "--log", log, input="y\n")
+    cli("delete", "t", "-y", "--log", log, code=1)
+    again = json_lines(cli("publish", "t", "y", "--json", "--log", log).stdout)[0]
+    assert again["offset"] == 1 and again["epoch"] != epoch
+
+
+def test_export_import(log: str, tmp_path: Path) -> None:
+    cli("publish", "e/1", "AP8=", "--base64", "--log", log)
+    cli("publish", "e/1", "two", "--key", "k", "--log", log)
+    cli("publish", "e/2", "three", "--log", log)
+    dump = tmp_path / "dump.jsonl"
+    assert "exported 3 events" in cli("export", "-o", str(dump), "--log", log).stderr
+    assert cli("export", "--log", log).stdout == dump.read_text()
+    assert len(cli("export", "e/2", "--log", log).stdout.splitlines()) == 2
+    cli("export", "nope", "-o", str(tmp_path / "x.jsonl"), "--log", log, code=1)
+    assert not (tmp_path / "x.jsonl").exists()
+
+    result = cli("import", str(dump), "--log", log, code=1)
+    assert "already exists" in result.stderr
+    target = f"sqlite+aiosqlite:///{tmp_path / 'copy.db'}"
+    result = cli("import", str(dump), "--log", target)
+    assert "imported 3 events in 2 channels" in result.stderr
+    assert cli("export", "--log", target).stdout == dump.read_text()
+    other = f"sqlite+aiosqlite:///{tmp_path / 'stdin.db'}"
+    cli("import", "-", "--log", other, input=dump.read_text())
+    assert cli("export", "--log", other).stdout == dump.read_text()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"type": "event"}\n')
+    assert "line 1" in cli("import", str(bad), "--log", other, code=2).stderr
+    cli("import", str(tmp_path / "none.jsonl"), "--log", other, code=2)
+
+
+def test_db_commands(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}"
+    cli("db", "check", "--log", url, code=3)  # no file yet
+    (tmp_path / "db.sqlite").touch()
+    assert "(no schema)" in cli("db", "current", "--log", url).stdout
+    assert "db upgrade" in cli("db", "check", "--log", url, code=1).stderr
+    assert "schema at 0001" in cli("db", "upgrade", "--log", url).stdout
+    assert "current: 0001" in cli("db", "current", "--log", url).stdout
+    cli("db", "check", "--log", url)
+
+
+def test_db_check_after_publish(log: str) -> None:
+    cli("publish", "c", "x", "--log", log)  # creates the schema
+    assert "schema is current" in cli("db", "check", "--log", log).stdout
+
+
+def test_connection_errors(tmp_path: Path) -> None:
+    missing = f"sqlite+aiosqlite:///{tmp_path / 'missing.db'}"
+    assert "no event log at" in cli("channels", "--log", missing, code=3).stderr
+    assert not (tmp_path / "missing.db").exists()
+    result = cli("channels", "--log", "postgresql://postgres@127.0.0.1:1/x", code=3)
+    assert "cannot open the event log" in result.stderr
+    assert "Unsupported log database" in cli("channels", "--log", "mysql://x/y", code=2).stderr
+    cli("publish", "c", "x", "--log", missing, "--url", "nosuch://", code=2)
+    log = f"sqlite+aiosqlite:///{tmp_path / 'ok.db'}"
+    cli("publish", "c", "x", "--log", log)
+    assert "timezone" in cli("events", "c", "--since", "2024-01-01", "--log", log, code=2).stderr
+    assert "control character" in cli("events", "bad\x01", "--log", log, code=2).stderr
+    cli("events", "missing", "--log", log, code=1)
+    # The environment variable names the log as well as --log does.
+    assert "c" in cli("channels", BROADCAST_HISTORY_LOG=log).stdout
+
+
+def test_tail_history_in_process(tmp_path: Path) -> None:
+    log = f"sqlite+aiosqlite:///{tmp_path / 't.db'}"
+    for i in range(4):
+        cli("publish", "c", f"m{i}", "--log", log)
+    result = cli("tail", "c", "--history", "2", "--count", "2", "--json", "--log", log)
+    assert [e["message"] for e in json_lines(result.stdout)] == ["m2", "m3"]
+    result = cli("tail", "c", "--since", "1", "--count", "1", "--log", log)
+    assert "#2 m1" in result.stdout
+    cli("tail", "c", "--since", "1", "--history", "1", "--log", log, code=2)
+    cli("tail", "c", "--since", "99", "--log", log, code=1)  # beyond the head
+
+
+# -- real processes -------------------------------------------------------------------------
+
+
+def _wait_for(stream_line: str, proc: subprocess.Popen[str], timeout: float = 20) -> None:
+    assert proc.stderr is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if stream_line in line:
+            return
+        if not line and proc.poll() is not None:
+            break
+    raise AssertionError(f"{stream_line!r} never printed (exit code {proc.poll()})")
+
+
+def test_tail_and_publish_in_two_processes(log: str) -> None:
+    env = {**os.environ, "BROADCAST_HISTORY_LOG": log}
+    subprocess.run([*EXE, "publish", "room", "before"], env=env, check=True, capture_output=True)
+    tail = subprocess.Popen(
+        [*EXE, "tail", "room", "--since", "0", "--json"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_for("tailing", tail)
+        for message in ("one", "two"):
+            subprocess.run([*EXE, "publish", "room", message], env=env, check=True)
+        assert tail.stdout is not None
+        seen = [json.loads(tail.stdout.readline())["message"] for _ in range(3)]
+        assert seen == ["before", "one", "two"]
+        tail.send_signal(signal.SIGINT)  # Ctrl-C
+        assert tail.wait(timeout=20) == 0
+    finally:
+        if tail.poll() is None:
+            tail.kill()
+            tail.wait()
+
+
+def test_serve(tmp_path: Path) -> None:
+    log = f"sqlite+aiosqlite:///{tmp_path / 's.db'}"
+    cli("serve", "--log", log, code=2)  # no token
+    cli("publish", "c", "x", "--log", log)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "BROADCAST_HISTORY_TOKEN": "tok", "BROADCAST_HISTORY_LOG": log}
+    server = subprocess.Popen(
+        [*EXE, "serve", "--port", str(port)], env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                response = httpx.get(f"{base}/channels", headers={"Authorization": "Bearer tok"})
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline and server.poll() is None
+                time.sleep(0.1)
+        assert [c["name"] for c in response.json()["channels"]] == ["c"]
+        assert httpx.get(f"{base}/channels").status_code == 401
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=20) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
-from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.exc import DisconnectionError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .._event import Event, from_micros
@@ -76,7 +76,17 @@ async def append(engine: AsyncEngine, items: Sequence[Pending]) -> list[Event]:
         # costs one round trip instead of three. The key lookup needs no transaction
         # either, since the unique index catches a key stored after it.
         await conn.execution_options(isolation_level="AUTOCOMMIT")
-        return await _append(conn, items)
+        try:
+            return await _append(conn, items)
+        except IntegrityError:
+            raise
+        except BaseException:
+            # In a transaction, the ROLLBACK on return to the pool would fail on a
+            # connection left in a broken state (e.g. the server terminated it
+            # mid-statement) and discard it. Autocommit skips that ROLLBACK, so
+            # discard it here rather than hand it to the next query.
+            await conn.invalidate()
+            raise
 
 
 async def _append(conn: AsyncConnection, items: Sequence[Pending]) -> list[Event]:

@@ -65,7 +65,17 @@ def create_app(broadcast: Broadcast, *, history: int = 50, heartbeat: float = 15
         broadcast: The broadcast to publish and subscribe on (not yet connected).
         history: Messages a page starts with when it has no position yet.
         heartbeat: Seconds between keep-alive pings on idle streams.
+
+    The returned app has ``app.state.close_streams``: a function, safe to call from a
+    signal handler or another thread, that ends every open stream so that the server
+    can stop at once.
     """
+    stopping = asyncio.Event()
+    loop: asyncio.AbstractEventLoop | None = None
+
+    def close_streams() -> None:
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(stopping.set)
 
     async def index(request: Request) -> Response:
         return FileResponse(STATIC / "index.html")
@@ -123,7 +133,7 @@ def create_app(broadcast: Broadcast, *, history: int = 50, heartbeat: float = 15
         async def frames() -> AsyncIterator[str]:
             yield "retry: 1000\n\n"
             async for item in room_feed(
-                broadcast, channel, last, history=history, heartbeat=heartbeat
+                broadcast, channel, last, history=history, heartbeat=heartbeat, stop=stopping
             ):
                 yield sse_frame(item)
 
@@ -143,7 +153,7 @@ def create_app(broadcast: Broadcast, *, history: int = 50, heartbeat: float = 15
 
         async def send_feed() -> None:
             async for item in room_feed(
-                broadcast, channel, last, history=history, heartbeat=heartbeat
+                broadcast, channel, last, history=history, heartbeat=heartbeat, stop=stopping
             ):
                 await ws.send_json(item)
 
@@ -171,10 +181,13 @@ def create_app(broadcast: Broadcast, *, history: int = 50, heartbeat: float = 15
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        nonlocal loop
+        loop = asyncio.get_running_loop()
+        stopping.clear()
         async with broadcast:
             yield
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/", index),
             Route("/api/info", info),
@@ -187,3 +200,5 @@ def create_app(broadcast: Broadcast, *, history: int = 50, heartbeat: float = 15
         ],
         lifespan=lifespan,
     )
+    app.state.close_streams = close_streams
+    return app

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import FrameType
 from typing import Annotated
 
 import typer
@@ -44,15 +45,21 @@ def serve(
     print(f"broadcast_history chat demo: http://{shown}:{port}/", flush=True)
     print(f"  live transport: {live}\n  event log:      {log_url}", flush=True)
     print("  open it in two windows, press 'Drop connection' in one, chat in the other.")
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            # Event streams never end by themselves: end them, or shutdown waits.
+            app.state.close_streams()
+            super().handle_exit(sig, frame)
+
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
         log_level="warning",
-        # Open event streams never end by themselves: do not wait on them at shutdown.
-        timeout_graceful_shutdown=1,
+        timeout_graceful_shutdown=3,
     )
-    uvicorn.Server(config).run()
+    Server(config).run()
 
 
 def demo(

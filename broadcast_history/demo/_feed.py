@@ -106,6 +106,7 @@ async def room_feed(
     *,
     history: int = 50,
     heartbeat: float = 15.0,
+    stop: asyncio.Event | None = None,
 ) -> AsyncIterator[Item]:
     """Items for one page: ``reset``?, ``ready``, ``message``..., ``live``, ``ping``...
 
@@ -116,6 +117,7 @@ async def room_feed(
         history: How many recent messages a fresh (or reset) page starts with.
         heartbeat: Seconds of silence after which a ``ping`` item is produced, so that
             proxies keep the connection and dead clients are noticed.
+        stop: Set when the server shuts down: the feed then ends.
     """
     async with contextlib.AsyncExitStack() as stack:
         subscriber: Subscriber | None = None
@@ -141,14 +143,23 @@ async def room_feed(
 
         queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=256)
         pump = asyncio.create_task(_pump(subscriber, queue), name="chat-demo-pump")
+        stopper = asyncio.ensure_future((stop or asyncio.Event()).wait())
+        getter: asyncio.Future[Any] | None = None
         try:
             live = False
             while True:
-                try:
-                    item = await asyncio.wait_for(queue.get(), heartbeat)
-                except asyncio.TimeoutError:
+                getter = asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait(
+                    (getter, stopper), timeout=heartbeat, return_when=asyncio.FIRST_COMPLETED
+                )
+                if getter not in done:
+                    # Cancelling a waiting Queue.get leaves any item in the queue.
+                    getter.cancel()
+                    if stopper in done:
+                        return
                     yield {"type": "ping"}
                     continue
+                item = getter.result()
                 if item is _LIVE:
                     live = True
                     yield {"type": "live"}
@@ -159,8 +170,10 @@ async def room_feed(
                 else:
                     yield message_item(item, replayed=not live)
         finally:
-            pump.cancel()
-            await asyncio.gather(pump, return_exceptions=True)
+            for task in (pump, stopper, getter):
+                if task is not None:
+                    task.cancel()
+            await asyncio.gather(pump, stopper, return_exceptions=True)
 
 
 def sse_frame(item: Item) -> str:

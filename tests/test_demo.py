@@ -7,6 +7,7 @@ SQLite file log), and two demo processes sharing rooms over Redis + Postgres.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -32,11 +33,9 @@ def room() -> str:
     return f"r-{uuid.uuid4().hex[:10]}"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The demo app served by uvicorn in a thread; yields its base URL."""
-    log = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('demo') / 'demo.db'}"
-    app = create_app(Broadcast("memory://", log=log), heartbeat=0.5)
+@contextlib.contextmanager
+def serve_in_thread(app: Any) -> Iterator[str]:
+    """Serve ``app`` with uvicorn in a thread; yields its base URL."""
     port = free_port()
     config = uvicorn.Config(
         app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=1
@@ -54,6 +53,18 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         srv.should_exit = True
         thread.join(10)
+
+
+def demo_app(path: Path, **options: Any) -> Any:
+    return create_app(Broadcast("memory://", log=f"sqlite+aiosqlite:///{path}"), **options)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The demo app (memory transport, SQLite file log) on a free port."""
+    app = demo_app(tmp_path_factory.mktemp("demo") / "demo.db", heartbeat=0.5)
+    with serve_in_thread(app) as base:
+        yield base
 
 
 def post(base: str, name: str, text: str, author: str = "ann") -> dict[str, Any]:
@@ -221,6 +232,17 @@ def test_websocket_catch_up_and_publish(server: str) -> None:
         assert (live["offset"], live["author"], live["replayed"]) == (4, "wes", False)
         ws.send(json.dumps({"text": ""}))
         assert receive()["type"] == "error"
+
+
+def test_close_streams_ends_open_streams(tmp_path: Path) -> None:
+    app = demo_app(tmp_path / "close.db")
+    with serve_in_thread(app) as base:
+        with httpx.stream("GET", f"{base}/api/rooms/{room()}/events", timeout=10) as response:
+            lines = response.iter_lines()
+            while next(lines) != "event: live":
+                pass
+            app.state.close_streams()  # what Ctrl-C does before the server stops
+            assert list(lines) == ['data: {"type":"live"}', ""]
 
 
 def test_two_demo_processes_share_rooms_over_redis_and_postgres(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-import asyncpg  # type: ignore[import-untyped]  # no stubs shipped
+import asyncpg
 
 from .._errors import NotConnected, TransportError
 from .._event import Event

@@ -75,6 +75,8 @@ class KafkaBackend(BroadcastBackend):
         num_partitions: Partitions of a created topic.
         replication_factor: Replicas of a created topic.
         ping_interval: Seconds between liveness checks of the broker.
+        max_reconnect_delay: Longest pause, in seconds, between checks of a broker
+            that is away.
         timeout: Seconds a publish or a subscribe waits for the broker.
         client_options: Extra keyword arguments for the aiokafka clients
             (``security_protocol``, ``ssl_context``, ``sasl_*``...).
@@ -88,6 +90,7 @@ class KafkaBackend(BroadcastBackend):
         num_partitions: int = 1,
         replication_factor: int = 1,
         ping_interval: float = 1.0,
+        max_reconnect_delay: float = 5.0,
         timeout: float = 5.0,
         client_options: Mapping[str, Any] | None = None,
     ) -> None:
@@ -99,6 +102,7 @@ class KafkaBackend(BroadcastBackend):
             "replication_factor": replication_factor,
         }
         self._ping_interval = ping_interval
+        self._max_delay = max_reconnect_delay
         self._timeout = timeout
         self._options = dict(client_options or {})
         self._channels: dict[str, str] = {}  # topic -> channel, for subscribed channels
@@ -180,8 +184,10 @@ class KafkaBackend(BroadcastBackend):
         if producer is None:
             raise NotConnected("the kafka transport is not connected")
         if not self._up:
-            # Subscribers read the log while the broker is away; a send would only wait.
-            raise TransportError("the Kafka broker is unreachable; live send skipped")
+            # Subscribers read the log while the broker is away, and the outage was
+            # logged once: a send would only wait, and a warning per publish is noise.
+            logger.debug("kafka broker unreachable; live send of %d skipped", len(messages))
+            return
         try:
             await asyncio.wait_for(self._send(producer, messages), self._timeout)
         except (KafkaError, *_TRANSIENT) as exc:
@@ -340,7 +346,7 @@ class KafkaBackend(BroadcastBackend):
                 if self._up:
                     logger.warning("kafka broker unreachable; retrying: %r", exc)
                 self._up = False
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, self._max_delay)
                 continue
             if not self._up:
                 logger.info("kafka broker reachable again")

@@ -1,0 +1,84 @@
+"""The Kafka broker process killed and restarted while a publisher runs.
+
+The broker (tansu) keeps its data in memory, so a restart also loses every topic and
+offset: harsher than a real Kafka restart. The subscriber must still see every event
+once, in order, and live delivery must come back (its idle log check is set far
+beyond the test's deadlines, so only the transport can bring the tail in).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from broadcast_history import Broadcast, Event
+from broadcast_history.backends.kafka import KafkaBackend
+from tests.conftest import unique
+from tests.helpers import assert_contiguous, take
+from tests.kafka_broker import TansuBroker
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[TansuBroker]:
+    """A broker of this module's own, since the tests kill it."""
+    with TansuBroker() as broker:
+        yield broker
+
+
+def fast_backend(broker: TansuBroker) -> KafkaBackend:
+    return KafkaBackend(
+        f"kafka://{broker.bootstrap}", ping_interval=0.2, max_reconnect_delay=0.5, timeout=2
+    )
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("outage", [0.0, 1.0], ids=["instant-restart", "1s-outage"])
+async def test_broker_restart_mid_stream(
+    broker: TansuBroker, tmp_path: Path, outage: float
+) -> None:
+    log = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
+    channel = unique("faults")
+    publisher = Broadcast(backend=fast_backend(broker), log=log)
+    subscriber = Broadcast(backend=fast_backend(broker), log=log, idle_check=600)
+    published: list[Event] = []
+    stop = asyncio.Event()
+
+    async def publish() -> None:
+        while not stop.is_set():
+            published.append(await publisher.publish(channel, f"m{len(published)}"))
+            await asyncio.sleep(0.005)
+
+    async with publisher, subscriber, subscriber.subscribe(channel) as sub:
+        task = asyncio.create_task(publish())
+        try:
+            # Consumer positions reach ~150 before the crash, and only 30 events follow
+            # the recovery: the tail comes live only if the positions left past the
+            # end of the re-created topics were rewound.
+            await wait_until(lambda: len(published) >= 150, 20)
+            await asyncio.to_thread(broker.stop)
+            if outage:
+                await wait_until(lambda: not subscriber.transport_connected, 10)
+                await asyncio.sleep(outage)
+            await asyncio.to_thread(broker.start)
+            await wait_until(
+                lambda: publisher.transport_connected and subscriber.transport_connected, 20
+            )
+            mark = len(published)
+            await wait_until(lambda: len(published) >= mark + 30, 20)
+        finally:
+            stop.set()
+            await task
+        events = await take(sub, len(published), timeout=30)
+    assert_contiguous(events, 1, len(published))
+    assert [e.message for e in events] == [e.message for e in published]

@@ -7,6 +7,7 @@ import binascii
 import json
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import IO, Annotated
 
@@ -150,8 +151,7 @@ def export_(
                 total = sum([s.count async for s in admin.all_channels(prefix=prefix)])
             advance = None
             if progress is not None:
-                task = progress.add_task("exporting", total=total)
-                advance = lambda: progress.advance(task)  # noqa: E731
+                advance = partial(progress.advance, progress.add_task("exporting", total=total))
             return await _write(admin.export_jsonl(names or None, prefix=prefix), out, advance)
 
     if output == "-":

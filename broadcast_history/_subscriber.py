@@ -71,6 +71,8 @@ class Subscriber:
         self._gap_deadline: float | None = None
         self._waiter: asyncio.Future[bool] | None = None
         self._error: BaseException | None = None
+        # A page being read ahead during replay: (its start offset, the read).
+        self._reading: tuple[int, asyncio.Future[list[Event]]] | None = None
 
     # -- public --------------------------------------------------------------------
 
@@ -184,6 +186,9 @@ class Subscriber:
 
     def _close(self) -> None:
         self._mode = _CLOSED
+        if self._reading is not None:
+            self._reading[1].cancel()
+            self._reading = None
         self._page.clear()
         self._buffer.clear()
         self._held.clear()
@@ -209,10 +214,16 @@ class Subscriber:
     # -- replay --------------------------------------------------------------------
 
     async def _read_page(self) -> None:
-        # Whatever overflowed before this read is committed, so this read covers it.
-        self._overflowed = False
         start = self._next
-        page = await self._log.read_from(self.channel, start, self._options.page_size)
+        reading, self._reading = self._reading, None
+        if reading is not None and reading[0] == start:
+            page = await reading[1]
+        else:
+            if reading is not None:
+                reading[1].cancel()
+            # Whatever overflowed before this read is committed, so the read covers it.
+            self._overflowed = False
+            page = await self._log.read_from(self.channel, start, self._options.page_size)
         if page and page[0].offset == start and page[-1].offset - start == len(page) - 1:
             epoch = page[0].epoch
             if self._epoch is None:
@@ -225,6 +236,8 @@ class Subscriber:
                     # as a gap), so stop polling the log.
                     self._mode = _LIVE
                     self._gap_deadline = None
+                else:
+                    self._read_ahead(page[-1].offset + 1)
                 return
         if self._held:
             # Drop what the pages delivered meanwhile; keep what is still ahead.
@@ -241,6 +254,14 @@ class Subscriber:
             self._gap_deadline = None
             return
         raise HistoryTruncated(f"events from {start} of {self.channel!r} are missing")
+
+    def _read_ahead(self, start: int) -> None:
+        """Fetch the next page while the caller consumes this one."""
+        self._overflowed = False
+        task = asyncio.ensure_future(
+            self._log.read_from(self.channel, start, self._options.page_size)
+        )
+        self._reading = (start, task)
 
     async def _check_head(self, start: int) -> ChannelInfo | None:
         """Raise if the log says the channel was reset or trimmed past ``start``."""

@@ -164,3 +164,32 @@ async def test_two_broadcasts_share_a_file_log(kafka_bootstrap: str, tmp_path: P
     ]
     assert {e.channel for e in events} == {channel}
     assert [e.timestamp for e in events[1:]] == [e.timestamp for e in published]
+
+
+async def test_existing_topic_with_several_partitions(
+    backend: KafkaBackend, kafka_bootstrap: str
+) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    channel = unique()
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(backend.topic(channel), 3, 1)])
+    finally:
+        await admin.close()
+    await backend.subscribe(channel)
+    await backend.publish_many([(channel, f"m{i}") for i in range(30)])
+    # One key per channel: one partition, so the order holds.
+    assert await received(backend, 30) == [(channel, f"m{i}") for i in range(30)]
+
+
+async def test_consumer_failure_reaches_next_published(backend: KafkaBackend) -> None:
+    await backend.subscribe(unique())
+    # Fault injection: the consumer stops under the transport, for good.
+    assert backend._consumer is not None
+    await backend._consumer.stop()
+    with pytest.raises(TransportError, match="consumer"):
+        await asyncio.wait_for(backend.next_published(), 10)
+    with pytest.raises(TransportError):  # and it stays failed
+        await asyncio.wait_for(backend.next_published(), 1)

@@ -261,16 +261,35 @@ class KafkaBackend(BroadcastBackend):
                 logger.warning("kafka subscription deferred: %r", exc)
                 self._up = False
 
+    async def _partitions(self, topics: list[str]) -> tuple[set[TopicPartition], set[str]]:
+        """The partitions of ``topics`` and the topics the broker lacks (also a ping).
+
+        Read from fresh metadata each time, so a topic re-created with another
+        partition count is noticed.
+        """
+        assert self._admin is not None
+        described = await self._admin.describe_topics(topics)
+        wanted: set[TopicPartition] = set()
+        missing = set(topics)
+        for info in described:
+            topic = info["topic"]
+            if topic in missing and not info["error_code"]:
+                missing.discard(topic)
+                wanted.update(TopicPartition(topic, p["partition"]) for p in info["partitions"])
+        return wanted, missing
+
     async def _assign(self) -> None:
-        assert self._consumer is not None and self._producer is not None
-        assert self._assigned is not None
+        assert self._consumer is not None and self._assigned is not None
         consumer = self._consumer
         topics = sorted(self._channels)
-        await self._ensure_topics(topics)
-        wanted: set[TopicPartition] = set()
-        for topic in topics:
-            partitions = await self._producer.partitions_for(topic)
-            wanted.update(TopicPartition(topic, p) for p in partitions)
+        while True:
+            await self._ensure_topics(topics)
+            wanted, missing = await self._partitions(topics)
+            if not missing:
+                break
+            # Gone again, or a new topic's metadata still spreading in the cluster.
+            self._known -= missing
+            await asyncio.sleep(0.1)
         assert self._lookup is not None
         fresh = [tp for tp in wanted if tp not in self._next]
         ends = await self._lookup.end_offsets(fresh) if fresh else {}
@@ -320,12 +339,16 @@ class KafkaBackend(BroadcastBackend):
                             # Fetched across a re-assignment that rewound this
                             # partition: skip what was just delivered.
                             consumer.seek(tp, after)
+                    channel = self._channels.get(tp.topic)
+                    if channel is None:
+                        continue  # unsubscribed meanwhile
+                    key = channel.encode()
                     for record in records:
-                        channel = (
-                            record.key.decode() if record.key else self._channels.get(tp.topic)
-                        )
-                        if channel is not None and record.value is not None:
-                            queue.put_nowait(Event(channel, record.value.decode()))
+                        # The key names the channel: skip foreign records (or, at
+                        # odds of 2**-64, another channel hashed to this topic).
+                        if record.key == key and record.value is not None:
+                            text = record.value.decode(errors="replace")
+                            queue.put_nowait(Event(channel, text))
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
@@ -354,22 +377,15 @@ class KafkaBackend(BroadcastBackend):
             delay = self._ping_interval
 
     async def _recover(self) -> None:
-        assert self._lock is not None
-        recreated = await self._check_topics()
+        assert self._lock is not None and self._consumer is not None
+        wanted, missing = await self._partitions(sorted(self._channels))
         async with self._lock:
-            if recreated or not self._up:
+            if missing or not self._up or wanted != self._consumer.assignment():
+                self._known -= missing
                 await self._assign()
             # Also after a restart too quick to notice: a broker that lost its data
             # (or a topic deleted and re-created) leaves positions past the end.
             await self._rewind_recreated()
-
-    async def _check_topics(self) -> bool:
-        """Ping; whether a subscribed topic has vanished (so it is re-created)."""
-        assert self._admin is not None
-        described = await self._admin.describe_topics(sorted(self._channels))
-        gone = {t["topic"] for t in described if t["error_code"]} & set(self._channels)
-        self._known -= gone
-        return bool(gone)
 
     async def _rewind_recreated(self) -> None:
         """Move positions past a topic's end (a re-created topic) to its start."""

@@ -40,7 +40,10 @@ sync_api = pytest.importorskip(
     "playwright.sync_api", reason="playwright is not installed (pip install playwright)"
 )
 if not Path(CHROMIUM).exists():
-    pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install -y chromium)", allow_module_level=True)
+    _why = f"no Chromium at {CHROMIUM} (apt-get install -y chromium)"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{_why}; .ci/run installs it", pytrace=False)
+    pytest.skip(_why, allow_module_level=True)
 
 
 @pytest.fixture(scope="module")

@@ -37,6 +37,16 @@ def as_text(value: Any) -> Any:
     return value
 
 
+async def cancel_and_wait(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` and wait until it has ended."""
+    # On Python 3.11 redis-py can lose a cancellation that lands while it sends a
+    # command (asyncio.wait_for swallows it), so cancel again until the task ends.
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.1)
+    await asyncio.gather(task, return_exceptions=True)
+
+
 class RedisBackend(BroadcastBackend):
     """Redis PUB/SUB (URL ``redis://host:port/db``, or ``rediss://`` for TLS).
 
@@ -101,8 +111,7 @@ class RedisBackend(BroadcastBackend):
     async def disconnect(self) -> None:
         reader, self._reader = self._reader, None
         if reader is not None:
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
+            await cancel_and_wait(reader)
         await self._close_pubsub()
         client, self._client = self._client, None
         if client is not None and self._given is None:

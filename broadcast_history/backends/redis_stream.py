@@ -14,7 +14,7 @@ from redis import exceptions as rexc
 from .._errors import NotConnected, TransportError
 from .._event import Event
 from .base import BroadcastBackend
-from .redis import CLIENT_NAME, as_text, is_transient
+from .redis import CLIENT_NAME, as_text, cancel_and_wait, is_transient
 
 logger = logging.getLogger("broadcast_history")
 
@@ -95,8 +95,7 @@ class RedisStreamBackend(BroadcastBackend):
     async def disconnect(self) -> None:
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await cancel_and_wait(task)
         for client in (self._client, self._reader):
             if client is not None:
                 with contextlib.suppress(Exception):

@@ -1,0 +1,280 @@
+"""Behaviour specific to the Redis transports, against a real Redis server."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from broadcast_history import Broadcast, BroadcastBackend, Event, NotConnected, TransportError
+from broadcast_history.backends import backend_from_url
+from tests.conftest import REDIS_URL, require_redis, unique
+from tests.helpers import assert_contiguous, take
+
+pytest.importorskip("redis")
+import redis.asyncio as aioredis
+
+from broadcast_history.backends.redis import RedisBackend
+from broadcast_history.backends.redis_stream import RedisStreamBackend
+
+STREAM_URL = REDIS_URL.replace("redis://", "redis-stream://")
+
+
+@pytest.fixture
+async def admin() -> AsyncIterator[aioredis.Redis]:
+    """A plain client for inspecting the server; the test's stream keys are deleted."""
+    require_redis()
+    client = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
+    prefix = f"bh-test-{uuid.uuid4().hex[:8]}:"
+    client.test_prefix = prefix  # type: ignore[attr-defined]
+    yield client
+    keys = [key async for key in client.scan_iter(match=prefix + "*")]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+
+
+def _backends(admin: aioredis.Redis) -> dict[str, Callable[..., BroadcastBackend]]:
+    prefix = admin.test_prefix  # type: ignore[attr-defined]
+    return {
+        "pubsub": lambda **kw: RedisBackend(REDIS_URL, **kw),
+        "stream": lambda **kw: RedisStreamBackend(STREAM_URL, prefix=prefix, **kw),
+    }
+
+
+@pytest.fixture(params=["pubsub", "stream"])
+async def backend(
+    request: pytest.FixtureRequest, admin: aioredis.Redis
+) -> AsyncIterator[BroadcastBackend]:
+    """A connected raw transport of each kind (no Broadcast around it)."""
+    made = _backends(admin)[request.param]()
+    await made.connect()
+    yield made
+    await made.disconnect()
+
+
+async def _next(backend: BroadcastBackend, timeout: float = 10.0) -> Event:
+    return await asyncio.wait_for(backend.next_published(), timeout)
+
+
+# -- construction and URLs -----------------------------------------------------------
+
+
+def test_schemes_select_the_redis_backends() -> None:
+    assert isinstance(backend_from_url("redis://localhost:6379/0"), RedisBackend)
+    assert isinstance(backend_from_url("rediss://user:secret@localhost:6380/2"), RedisBackend)
+    for url in ("redis-stream://h/0", "redis-streams://h/0", "rediss-stream://h/0"):
+        assert isinstance(backend_from_url(url), RedisStreamBackend)
+
+
+def test_url_or_conn_exactly_one() -> None:
+    with pytest.raises(ValueError, match="exactly one"):
+        RedisBackend()
+    with pytest.raises(ValueError, match="exactly one"):
+        RedisBackend("redis://localhost", conn=aioredis.Redis())
+
+
+async def test_rediss_url_speaks_tls() -> None:
+    """The local server speaks plain text, so a TLS client must fail to connect."""
+    require_redis()
+    host_port = REDIS_URL.split("://", 1)[1]
+    for backend in (
+        RedisBackend(f"rediss://{host_port}"),
+        RedisStreamBackend(f"rediss-stream://{host_port}"),
+    ):
+        with pytest.raises(TransportError, match="cannot connect"):
+            await asyncio.wait_for(backend.connect(), 20)
+        assert not backend.connected
+
+
+async def test_unreachable_server_fails_at_connect() -> None:
+    backend = RedisBackend("redis://127.0.0.1:1/0")
+    with pytest.raises(TransportError, match="cannot connect"):
+        await backend.connect()
+    with pytest.raises(NotConnected):
+        await backend.next_published()
+
+
+@pytest.mark.parametrize("decode", [True, False], ids=["decoded", "bytes"])
+async def test_conn_constructor(decode: bool) -> None:
+    """broadcaster 0.3's ``RedisBackend(conn=...)``; the client stays the caller's."""
+    require_redis()
+    conn = aioredis.Redis.from_url(REDIS_URL, decode_responses=decode)
+    channel = unique()
+    async with Broadcast(backend=RedisBackend(conn=conn)) as publisher:
+        async with publisher.subscribe(channel) as sub:
+            await publisher.publish(channel, "text")
+            await publisher.publish(channel, b"\x00raw")
+            events = await take(sub, 2)
+    assert [e.message for e in events] == ["text", b"\x00raw"]
+    assert_contiguous(events, 1, 2)
+    assert await conn.ping()  # disconnect did not close it
+    await conn.aclose()
+
+
+# -- lifecycle ---------------------------------------------------------------------
+
+
+async def test_connect_and_disconnect_twice(backend: BroadcastBackend) -> None:
+    await backend.connect()
+    assert backend.connected
+    await backend.disconnect()
+    await backend.disconnect()
+    assert not backend.connected
+    await backend.connect()  # usable again after a disconnect
+    channel = unique()
+    await backend.subscribe(channel)
+    await backend.publish(channel, "again")
+    assert (await _next(backend)).message == "again"
+
+
+async def test_disconnect_wakes_a_pending_next_published(backend: BroadcastBackend) -> None:
+    await backend.subscribe(unique())
+    waiting = asyncio.create_task(backend.next_published())
+    await asyncio.sleep(0.1)
+    await backend.disconnect()
+    with pytest.raises(NotConnected):
+        await asyncio.wait_for(waiting, 5)
+
+
+async def test_reading_before_the_first_subscribe(backend: BroadcastBackend) -> None:
+    """redis-py 8 regression: a listener started before any SUBSCRIBE must not end."""
+    waiting = asyncio.create_task(backend.next_published())
+    await asyncio.sleep(0.3)  # the reader is up and has nothing to read yet
+    assert not waiting.done()
+    channel = unique()
+    await backend.subscribe(channel)
+    await backend.publish(channel, "first")
+    event = await asyncio.wait_for(waiting, 10)
+    assert (event.channel, event.message) == (channel, "first")
+
+
+async def test_resubscribe_after_unsubscribing_everything(backend: BroadcastBackend) -> None:
+    first, second = unique(), unique()
+    await backend.subscribe(first)
+    await backend.unsubscribe(first)
+    await asyncio.sleep(0.2)
+    await backend.subscribe(second)
+    await backend.publish(first, "not heard")
+    await backend.publish(second, "heard")
+    assert (await _next(backend)).message == "heard"
+
+
+# -- channels and batches ------------------------------------------------------------
+
+
+async def test_publish_many_keeps_order_per_channel(backend: BroadcastBackend) -> None:
+    a, b = unique(), unique()
+    await backend.subscribe(a)
+    await backend.subscribe(b)
+    batch = [(a if i % 2 else b, f"m{i}") for i in range(200)]
+    await backend.publish_many(batch)
+    received = [await _next(backend) for _ in batch]
+    for channel in (a, b):
+        sent = [m for c, m in batch if c == channel]
+        assert [e.message for e in received if e.channel == channel] == sent
+
+
+async def test_unsubscribe_one_channel_among_many(
+    backend: BroadcastBackend, admin: aioredis.Redis
+) -> None:
+    channels = [unique() for _ in range(4)]
+    for channel in channels:
+        await backend.subscribe(channel)
+    dropped = channels[1]
+    await backend.unsubscribe(dropped)
+    if isinstance(backend, RedisBackend):
+        await asyncio.sleep(0.2)  # the server confirms UNSUBSCRIBE asynchronously
+        counts = dict(await admin.pubsub_numsub(*channels))
+        assert counts == {c: 0 if c == dropped else 1 for c in channels}
+    await backend.publish_many([(c, f"to {c}") for c in channels])
+    kept = [c for c in channels if c != dropped]
+    received = [await _next(backend) for _ in kept]
+    assert sorted(e.channel for e in received) == sorted(kept)
+    # Nothing of the dropped channel is queued behind them.
+    await backend.publish(kept[0], "sentinel")
+    assert (await _next(backend)).message == "sentinel"
+
+
+async def test_stream_subscribe_during_a_blocking_read(admin: aioredis.Redis) -> None:
+    """A subscribe ends the XREAD in flight instead of waiting out its long block."""
+    backend = _backends(admin)["stream"](block=60.0)
+    await backend.connect()
+    try:
+        first, second = unique(), unique()
+        await backend.subscribe(first)
+        await asyncio.sleep(0.3)  # the reader is now blocked on `first` alone
+        await backend.subscribe(second)
+        await backend.publish(second, "prompt")
+        assert (await _next(backend, timeout=10)).message == "prompt"
+    finally:
+        await backend.disconnect()
+
+
+async def test_stream_length_is_bounded(admin: aioredis.Redis) -> None:
+    backend = _backends(admin)["stream"](maxlen=100)
+    await backend.connect()
+    try:
+        channel = unique()
+        for start in range(0, 2000, 200):
+            await backend.publish_many([(channel, f"m{i}") for i in range(start, start + 200)])
+        prefix = admin.test_prefix  # type: ignore[attr-defined]
+        length = await admin.xlen(prefix + channel)
+        # MAXLEN ~ trims whole radix-tree nodes (100 entries each by default).
+        assert 100 <= length < 300
+        newest = await admin.xrevrange(prefix + channel, count=1)
+        assert newest[0][1] == {"m": "m1999"}
+    finally:
+        await backend.disconnect()
+
+
+async def test_stream_subscribe_starts_at_the_current_end(admin: aioredis.Redis) -> None:
+    backend = _backends(admin)["stream"]()
+    await backend.connect()
+    try:
+        channel = unique()
+        await backend.publish(channel, "before")
+        await backend.subscribe(channel)
+        await backend.publish(channel, "after")
+        assert (await _next(backend)).message == "after"
+    finally:
+        await backend.disconnect()
+
+
+# -- permanent failures --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("kind", "denied"), [("pubsub", "subscribe"), ("stream", "xread")])
+async def test_a_permanent_failure_raises(admin: aioredis.Redis, kind: str, denied: str) -> None:
+    """A subscription the server refuses raises from next_published, never hangs."""
+    user = f"bh-test-{uuid.uuid4().hex[:8]}"
+    await admin.acl_setuser(
+        user,
+        enabled=True,
+        passwords=["+secret"],
+        keys=["*"],
+        channels=["*"],
+        commands=["+@all", f"-{denied}"],
+    )
+    try:
+        host_port = REDIS_URL.split("://", 1)[1]
+        url = f"redis://{user}:secret@{host_port}"
+        backend: BroadcastBackend = (
+            RedisBackend(url)
+            if kind == "pubsub"
+            else RedisStreamBackend(url.replace("redis://", "redis-stream://"))
+        )
+        await backend.connect()
+        try:
+            await asyncio.wait_for(backend.subscribe(unique()), 10)
+            with pytest.raises(TransportError):
+                await _next(backend)
+            with pytest.raises(TransportError):  # and again: it stays failed
+                await _next(backend)
+            assert not backend.connected
+        finally:
+            await backend.disconnect()
+    finally:
+        await admin.acl_deluser(user)

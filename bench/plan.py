@@ -1,0 +1,249 @@
+"""What is measured: scenarios with their sizes (full and quick) and the targets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+BOTH = ("ours", "theirs")
+OURS = ("ours",)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One scenario of the table, run for every configuration."""
+
+    key: str
+    title: str
+    scenario: str
+    full: dict[str, Any]
+    quick: dict[str, Any]
+    impls: tuple[str, ...] = BOTH
+    timeout: float = 300
+    # Per-configuration overrides of the full sizes.
+    full_by_config: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+ROWS = [
+    Row(
+        "sequential",
+        "Sequential publish -> receive, {n:,} events",
+        "sequential",
+        {"n": 5000},
+        {"n": 500},
+    ),
+    Row(
+        "concurrent_1",
+        "Concurrent, 64 publishers, 1 channel, {n:,} events",
+        "concurrent",
+        {"n": 64_000, "channels": 1},
+        {"n": 6400, "channels": 1},
+    ),
+    Row(
+        "concurrent_100",
+        "Concurrent, 64 publishers, 100 channels, {n:,} events",
+        "concurrent",
+        {"n": 64_000, "channels": 100},
+        {"n": 6400, "channels": 100},
+    ),
+    Row(
+        "fanout",
+        "Fan-out, 1 publisher -> {subscribers:,} subscribers, {n:,} events",
+        "fanout",
+        {"n": 1000},
+        {"n": 50, "subscribers": 200},
+    ),
+    Row(
+        "replay",
+        "Replay since=0 over {size:,} events",
+        "replay",
+        {"size": 1_000_000},
+        {"size": 50_000},
+        OURS,
+    ),
+    Row(
+        "first_event_1m",
+        "First event from the middle of a {size:,}-event log",
+        "first_event",
+        {"size": 1_000_000},
+        {"size": 50_000},
+        OURS,
+    ),
+    Row(
+        "first_event_10m",
+        "First event from the middle of a {size:,}-event log",
+        "first_event",
+        {"size": 10_000_000},
+        {"size": 200_000},
+        OURS,
+    ),
+    Row(
+        "catch_up",
+        "Catch-up: {subscribers} reconnecting subscribers, {rate:,} events/s, {duration:.0f} s",
+        "catch_up",
+        {"preload": 10_000, "duration": 15.0},
+        {"preload": 2000, "duration": 2.0, "subscribers": 20},
+        OURS,
+    ),
+    Row(
+        "memory_subscribers",
+        "RSS, {subscribers:,} subscribers on {channels:,} channels",
+        "memory_subscribers",
+        {},
+        {"subscribers": 1000, "channels": 100},
+    ),
+    Row(
+        "stalled",
+        "RSS, one stalled subscriber, {n:,} events published",
+        "stalled",
+        {"n": 1_000_000},
+        {"n": 20_000},
+    ),
+]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A target of issue 5: ``metric`` of ``row`` on ``config`` compared to ``value``."""
+
+    row: str
+    config: str
+    metric: str
+    op: str  # ">=" or "<="
+    value: float
+    text: str
+    ratio: bool = False  # compare ours/theirs instead of ours
+
+
+TARGETS = [
+    Target(
+        "concurrent_1",
+        "memory+sqlite",
+        "rate",
+        ">=",
+        50_000,
+        "Concurrent durable publish, memory + SQLite file: >= 50,000 events/s",
+    ),
+    Target(
+        "concurrent_1",
+        "redis+postgres",
+        "rate",
+        ">=",
+        30_000,
+        "Concurrent durable publish, Redis + Postgres: >= 30,000 events/s",
+    ),
+    *[
+        Target(
+            "concurrent_1",
+            config,
+            "rate",
+            ">=",
+            3.0,
+            f"Concurrent publish >= 3x broadcaster, {config}",
+            ratio=True,
+        )
+        for config in ("memory+sqlite", "redis+postgres", "postgres+postgres")
+    ],
+    Target(
+        "sequential",
+        "memory+sqlite",
+        "p50_ms",
+        "<=",
+        0.5,
+        "Sequential publish -> receive p50, memory + SQLite file: <= 0.5 ms",
+    ),
+    Target(
+        "sequential",
+        "redis+postgres",
+        "p50_ms",
+        "<=",
+        1.0,
+        "Sequential publish -> receive p50, Redis + Postgres: <= 1 ms",
+    ),
+    *[
+        Target(
+            "sequential",
+            config,
+            "rate",
+            ">=",
+            0.5,
+            f"Sequential rate >= 0.5x broadcaster (non-durable), {config}",
+            ratio=True,
+        )
+        for config in ("memory+sqlite", "redis+postgres", "postgres+postgres")
+    ],
+    Target(
+        "replay",
+        "memory+sqlite",
+        "rate",
+        ">=",
+        300_000,
+        "Replay into async for, SQLite: >= 300,000 events/s",
+    ),
+    Target(
+        "replay",
+        "postgres+postgres",
+        "rate",
+        ">=",
+        400_000,
+        "Replay into async for, Postgres: >= 400,000 events/s",
+    ),
+    Target(
+        "fanout",
+        "memory+sqlite",
+        "rate",
+        ">=",
+        500_000,
+        "Fan-out in-process (memory): >= 500,000 deliveries/s",
+    ),
+    Target(
+        "stalled",
+        "memory+sqlite",
+        "extra_mb",
+        "<=",
+        50,
+        "Stalled subscriber extra RSS (memory + SQLite, 1M events): < 50 MB",
+    ),
+    Target(
+        "stalled",
+        "redis+postgres",
+        "extra_mb",
+        "<=",
+        50,
+        "Stalled subscriber extra RSS (Redis + Postgres, 1M events): < 50 MB",
+    ),
+    Target("catch_up", "memory+sqlite", "gaps", "<=", 0, "Catch-up: zero gaps (memory + SQLite)"),
+    Target(
+        "catch_up",
+        "memory+sqlite",
+        "duplicates",
+        "<=",
+        0,
+        "Catch-up: zero duplicates (memory + SQLite)",
+    ),
+]
+
+# Scenario defaults named in the titles when a row does not set them.
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "fanout": {"subscribers": 1000},
+    "catch_up": {"subscribers": 100, "rate": 2000},
+    "memory_subscribers": {"subscribers": 10_000, "channels": 1000},
+}
+
+UNITS = {
+    "rate": ("/s", 0),
+    "p50_ms": ("ms", 3),
+    "p99_ms": ("ms", 3),
+    "max_ms": ("ms", 2),
+    "catchup_p50_s": ("s", 2),
+    "catchup_max_s": ("s", 2),
+    "reconnects": ("", 0),
+    "checked": ("", 0),
+    "gaps": ("", 0),
+    "duplicates": ("", 0),
+    "publish_rate": ("/s", 0),
+    "rss_mb": ("MB", 1),
+    "kb_per_sub": ("KB", 2),
+    "extra_mb": ("MB", 1),
+    "events": ("", 0),
+}

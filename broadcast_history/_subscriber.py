@@ -187,7 +187,7 @@ class Subscriber:
     def _close(self) -> None:
         self._mode = _CLOSED
         if self._reading is not None:
-            self._reading[1].cancel()
+            _discard(self._reading[1])
             self._reading = None
         self._page.clear()
         self._buffer.clear()
@@ -220,7 +220,7 @@ class Subscriber:
             page = await reading[1]
         else:
             if reading is not None:
-                reading[1].cancel()
+                _discard(reading[1])
             # Whatever overflowed before this read is committed, so the read covers it.
             self._overflowed = False
             page = await self._log.read_from(self.channel, start, self._options.page_size)
@@ -344,3 +344,13 @@ class Subscriber:
             if info is not None and info.last_offset >= expected:
                 self._mode = _REPLAY
         return None
+
+
+def _discard(read: asyncio.Future[list[Event]]) -> None:
+    """Drop a read-ahead that is no longer wanted, without cancelling it midway."""
+
+    def consume(done: asyncio.Future[list[Event]]) -> None:
+        if not done.cancelled():
+            done.exception()
+
+    read.add_done_callback(consume)

@@ -288,3 +288,23 @@ def test_installed_wheel_creates_a_database(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "1"
     assert (tmp_path / "new.db").exists()
+
+
+async def test_cancelled_readers_leave_the_memory_log_intact() -> None:
+    """Cancelling consumers mid-replay (a client going away) must not break the log."""
+    async with Broadcast(page_size=50) as bc:
+        await asyncio.gather(*(bc.publish("c", str(i)) for i in range(2000)))
+
+        async def consume() -> None:
+            async with bc.subscribe("c", since=0) as sub:
+                async for _ in sub:
+                    await asyncio.sleep(0)
+
+        for delay in (0, 0.001, 0.005, 0.01, 0.02):
+            task = asyncio.create_task(consume())
+            await asyncio.sleep(delay)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        assert (await bc.publish("c", "after")).offset == 2001
+        assert len(await bc.log.read("c", after=1990)) == 11

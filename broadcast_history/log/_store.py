@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+import functools
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import datetime
-from typing import Any, Literal, NamedTuple
+from typing import Any, Concatenate, Literal, NamedTuple, ParamSpec, TypeVar
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.engine import URL
@@ -25,7 +26,7 @@ from ._engine import (
     shared_memory_url,
 )
 from ._info import ChannelInfo, Retention
-from ._rows import EVENT_COLUMNS, now_micros, row_to_event
+from ._rows import EVENT_COLUMNS, now_micros, row_to_event, rows_to_events
 from ._schema import channels, events
 from ._sqlite import SqliteWriter
 
@@ -39,12 +40,44 @@ _CHANNEL_COLUMNS = (
 )
 
 
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
 class Pending(NamedTuple):
     """A validated message waiting to be appended."""
 
     channel: str
     message: str | bytes
     key: str | None
+
+
+def _finish_on_cancel(
+    method: Callable[Concatenate[EventLog, _P], Coroutine[Any, Any, _T]],
+) -> Callable[Concatenate[EventLog, _P], Coroutine[Any, Any, _T]]:
+    """Let a database call run to its end even if its caller is cancelled.
+
+    Cancelling an aiosqlite or asyncpg call midway can leave the connection unusable,
+    and for an in-memory SQLite database (one connection) that would lose the data.
+    Subscribers are cancelled routinely (a client goes away), so the call finishes in
+    the background and only the caller stops waiting.
+    """
+
+    @functools.wraps(method)
+    async def wrapper(self: EventLog, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        task = asyncio.ensure_future(method(self, *args, **kwargs))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(_ignore_outcome)
+            raise
+
+    return wrapper
+
+
+def _ignore_outcome(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _info(row: Sequence[Any]) -> ChannelInfo:
@@ -137,6 +170,10 @@ class EventLog:
 
     async def disconnect(self) -> None:
         """Close every connection; safe to call twice."""
+        if self._lock is not None and self._engine is not None:
+            # Let a call still using the single in-memory connection finish first.
+            async with self._lock:
+                pass
         engine, self._engine = self._engine, None
         writer, self._writer = self._writer, None
         if writer is not None:
@@ -188,17 +225,17 @@ class EventLog:
                 return await self._append(items)
             except IntegrityError as exc:
                 # Another process stored the same idempotency key (or created the
-                # channel) between our read and our insert: retrying sees its row.
+                # channel) between our read and our insert; the transaction rolled
+                # back, so retrying is safe and finds its row.
                 if attempt == 2:
                     raise LogUnavailable(f"append kept conflicting: {exc.orig!r}") from exc
             except DBAPIError as exc:
-                # A connection dropped since its last use: retry once on a fresh one.
-                if attempt or not exc.connection_invalidated:
-                    raise LogUnavailable(f"event log failure: {exc.orig!r}") from exc
-            except LogUnavailable as exc:
-                cause = exc.__cause__
-                if attempt or not (isinstance(cause, DBAPIError) and cause.connection_invalidated):
-                    raise
+                # Not retried: if the connection died after the server committed, a
+                # retry would store the batch twice. The caller decides, ideally by
+                # publishing again with the same key.
+                raise LogUnavailable(
+                    f"event log failure, the publish may or may not be stored: {exc.orig!r}"
+                ) from exc
             except (SQLAlchemyError, OSError) as exc:
                 raise LogUnavailable(f"event log failure: {exc!r}") from exc
         raise AssertionError("unreachable")
@@ -214,6 +251,7 @@ class EventLog:
 
     # -- reading -------------------------------------------------------------------
 
+    @_finish_on_cancel
     async def channel(self, name: str) -> ChannelInfo | None:
         """State of channel ``name``, or ``None`` if it has no history."""
         async with self._begin() as conn:
@@ -221,6 +259,7 @@ class EventLog:
             row = result.first()
         return None if row is None else _info(row)
 
+    @_finish_on_cancel
     async def channels(
         self, *, prefix: str | None = None, after: str | None = None, limit: int = 100
     ) -> list[ChannelInfo]:
@@ -240,6 +279,7 @@ class EventLog:
             result = await conn.execute(query)
             return [_info(row) for row in result]
 
+    @_finish_on_cancel
     async def read(
         self,
         channel: str,
@@ -280,6 +320,7 @@ class EventLog:
             result = await conn.execute(query)
             return [row_to_event(channel, row) for row in result]
 
+    @_finish_on_cancel
     async def read_from(self, channel: str, start: int, limit: int) -> list[Event]:
         """Up to ``limit`` events of ``channel`` from offset ``start`` on, ascending."""
         query = (
@@ -290,13 +331,14 @@ class EventLog:
         )
         async with self._begin() as conn:
             result = await conn.execute(query)
-            return [row_to_event(channel, row) for row in result]
+            return rows_to_events(channel, result)
 
     async def get(self, channel: str, offset: int) -> Event | None:
         """The event at ``offset`` of ``channel``, if stored."""
         page = await self.read(channel, after=offset - 1, limit=1)
         return page[0] if page and page[0].offset == offset else None
 
+    @_finish_on_cancel
     async def offset_at(self, channel: str, moment: datetime) -> int | None:
         """Offset of the first stored event at or after ``moment``, if any."""
         query = (
@@ -311,6 +353,7 @@ class EventLog:
 
     # -- trimming and deletion -----------------------------------------------------
 
+    @_finish_on_cancel
     async def trim(
         self, channel: str, *, before: int | None = None, before_time: datetime | None = None
     ) -> int:
@@ -322,6 +365,7 @@ class EventLog:
         async with self._begin(write=True) as conn:
             return await self._trim(conn, channel, before, before_time)
 
+    @_finish_on_cancel
     async def apply_retention(self, retention: Retention) -> int:
         """Apply ``retention`` to every channel; returns the number of events removed."""
         if retention.max_events is None and retention.max_age is None:
@@ -395,6 +439,7 @@ class EventLog:
         )
         return int(deleted.rowcount)
 
+    @_finish_on_cancel
     async def delete_channel(self, channel: str) -> bool:
         """Delete a channel and its history; its next use starts a new epoch.
 
@@ -406,6 +451,7 @@ class EventLog:
             result = await conn.execute(delete(channels).where(channels.c.name == channel))
             return bool(result.rowcount)
 
+    @_finish_on_cancel
     async def count(self, channel: str) -> int:
         """Number of stored events of ``channel`` (counted, not derived)."""
         async with self._begin() as conn:

@@ -19,13 +19,6 @@ from tests.conftest import MakeBroadcast, unique
 from tests.helpers import assert_contiguous, take
 
 
-def _shared(request: pytest.FixtureRequest) -> None:
-    """Skip combinations where two broadcasts cannot share a transport and a log."""
-    ids = request.node.callspec.id
-    if "memory-" in ids or ids.startswith("memory") or "sqlite-memory" in ids:
-        pytest.skip("two broadcasts need a shared transport and a shared log")
-
-
 async def test_publish_returns_stored_event(broadcast: Broadcast) -> None:
     channel = unique()
     before = datetime.now(timezone.utc)
@@ -64,10 +57,10 @@ async def test_offsets_gap_free_under_concurrent_publishers(broadcast: Broadcast
     assert stamps == sorted(stamps)  # type: ignore[type-var]
 
 
+@pytest.mark.two_hosts
 async def test_offsets_gap_free_across_broadcasts_sharing_a_log(
-    request: pytest.FixtureRequest, make_broadcast: MakeBroadcast
+    make_broadcast: MakeBroadcast,
 ) -> None:
-    _shared(request)
     first, second = await make_broadcast(), await make_broadcast()
     channel = unique()
 
@@ -258,11 +251,9 @@ async def test_handoff_many_subscribers_random_offsets(broadcast: Broadcast) -> 
         assert offsets == list(range(since + 1, total + 1))
 
 
-async def test_many_subscribers_across_broadcasts(
-    request: pytest.FixtureRequest, make_broadcast: MakeBroadcast
-) -> None:
+@pytest.mark.two_hosts
+async def test_many_subscribers_across_broadcasts(make_broadcast: MakeBroadcast) -> None:
     """A subscriber on another broadcast (another host) gets events via the transport."""
-    _shared(request)
     publisher, listener = await make_broadcast(), await make_broadcast(idle_check=5.0)
     channel = unique()
     await publisher.publish(channel, "before")

@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -72,14 +73,31 @@ def test_samples_were_found() -> None:
         assert not unknown, f"{sample.id}: unknown requirement {sorted(unknown)}"
 
 
+@pytest.fixture(scope="module")
+def kafka_on_9092() -> Iterator[None]:
+    """The samples name Kafka's usual port: use a broker there, or start tansu on it."""
+    if service_available("127.0.0.1", 9092):
+        yield
+        return
+    from tests.kafka_broker import TansuBroker
+
+    with TansuBroker(port=9092):
+        yield
+
+
 @pytest.mark.parametrize("sample", SAMPLES, ids=[s.id for s in SAMPLES])
-def test_doc_sample_runs(sample: Sample, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_doc_sample_runs(
+    sample: Sample,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+) -> None:
     if "redis" in sample.requires:
         require_redis()
     if "postgres" in sample.requires:
         require_postgres()
-    if "kafka" in sample.requires and not service_available("127.0.0.1", 9092):
-        pytest.skip("no Kafka broker on 127.0.0.1:9092")
+    if "kafka" in sample.requires:
+        request.getfixturevalue("kafka_on_9092")
     # Files the sample creates (SQLite logs) go to a fresh directory.
     monkeypatch.chdir(tmp_path)
     # Blank lines in front keep tracebacks pointing at the line in the .md file.

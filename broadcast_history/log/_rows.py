@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-from .._event import Event, from_micros
+from .._event import _UNIX_EPOCH, Event, from_micros
 from ._schema import events
 
 #: Columns read to rebuild an Event (the channel is known from the query).
@@ -33,6 +33,25 @@ def new_epoch() -> int:
 def now_micros() -> int:
     """Wall-clock time in microseconds since the Unix epoch."""
     return time.time_ns() // 1000
+
+
+def rows_to_events(channel: str, rows: Iterable[Sequence[Any]]) -> list[Event]:
+    """Rebuild the Events of rows selected with :data:`EVENT_COLUMNS` (replay's hot loop).
+
+    A group commit gives all its events one timestamp, so a run of equal timestamps
+    shares one datetime instead of converting each.
+    """
+    result: list[Event] = []
+    append = result.append
+    last_micros = -1
+    stamp = _UNIX_EPOCH
+    for offset, epoch, micros, is_text, payload, key in rows:
+        if micros != last_micros:
+            stamp = from_micros(micros)
+            last_micros = micros
+        message = payload.decode() if is_text else bytes(payload)
+        append(Event(channel, message, offset, stamp, epoch, key))
+    return result
 
 
 def row_to_event(channel: str, row: Sequence[Any]) -> Event:

@@ -1,0 +1,192 @@
+"""Redis connections killed or cut under a running publisher: nothing lost, nothing twice.
+
+A publisher and a subscriber broadcast share a SQLite-file log but have transports of
+their own, so the live path really crosses Redis. Faults are real (``CLIENT KILL``);
+the TCP proxy only stands in for a network that goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from broadcast_history import Broadcast, BroadcastBackend
+from tests.conftest import REDIS_URL, require_redis, unique
+from tests.helpers import assert_contiguous, take
+
+pytest.importorskip("redis")
+import redis.asyncio as aioredis
+
+from broadcast_history.backends.redis import CLIENT_NAME, RedisBackend
+from broadcast_history.backends.redis_stream import RedisStreamBackend
+
+HOST_PORT = REDIS_URL.split("://", 1)[1]
+
+
+def make_backend(kind: str, host_port: str = HOST_PORT) -> BroadcastBackend:
+    if kind == "pubsub":
+        return RedisBackend(f"redis://{host_port}", max_reconnect_delay=0.2)
+    return RedisStreamBackend(f"redis-stream://{host_port}", max_reconnect_delay=0.2)
+
+
+@pytest.fixture
+async def admin() -> AsyncIterator[aioredis.Redis]:
+    require_redis()
+    client = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+async def kill_readers(admin: aioredis.Redis, kind: str) -> int:
+    """Kill the connections our transports of ``kind`` receive on; how many were killed."""
+    if kind == "pubsub":
+        return int(await admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub"))
+    killed = 0
+    for client in await admin.client_list():
+        if client.get("name") == f"{CLIENT_NAME}:stream-reader":
+            killed += int(await admin.execute_command("CLIENT", "KILL", "ID", client["id"]))
+    return killed
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 15.0) -> None:
+    async def poll() -> None:
+        while not await check():
+            await asyncio.sleep(0.02)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+@contextlib.asynccontextmanager
+async def pair(
+    tmp_path: Path, subscriber_backend: BroadcastBackend, kind: str
+) -> AsyncIterator[tuple[Broadcast, Broadcast]]:
+    log = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
+    publisher = Broadcast(backend=make_backend(kind), log=log)
+    subscriber = Broadcast(backend=subscriber_backend, log=log, idle_check=0.2)
+    async with publisher, subscriber:
+        yield publisher, subscriber
+
+
+async def publish_steadily(broadcast: Broadcast, channel: str, count: int) -> None:
+    for i in range(count):
+        await broadcast.publish(channel, f"m{i}")
+        if i % 10 == 0:
+            await asyncio.sleep(0.005)
+
+
+@pytest.mark.parametrize("kind", ["pubsub", "stream"])
+async def test_connection_killed_mid_stream(
+    tmp_path: Path, admin: aioredis.Redis, kind: str
+) -> None:
+    total = 400
+    async with pair(tmp_path, make_backend(kind), kind) as (publisher, subscriber):
+        channel = unique()
+        async with subscriber.subscribe(channel) as sub:
+            killed = 0
+
+            async def killer() -> None:
+                nonlocal killed
+                for _ in range(3):
+                    await asyncio.sleep(0.15)
+                    killed += await kill_readers(admin, kind)
+
+            received = asyncio.create_task(take(sub, total, timeout=60))
+            await asyncio.gather(publish_steadily(publisher, channel, total), killer())
+            assert_contiguous(await received, 1, total)
+            assert killed >= 3  # the transport was really reconnected each time
+
+            async def recovered() -> bool:
+                if not subscriber.transport_connected:
+                    return False
+                if kind == "pubsub":  # and subscribed again on the server
+                    return dict(await admin.pubsub_numsub(channel)) == {channel: 1}
+                return True
+
+            await eventually(recovered)
+            await publisher.publish(channel, "after")
+            (last,) = await take(sub, 1)
+            assert (last.offset, last.message) == (total + 1, "after")
+
+
+class CuttableProxy:
+    """A TCP relay to Redis whose network can be cut (fault injection only)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port, self.is_cut = host, port, False
+        self.links: set[asyncio.StreamWriter] = set()
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        self.cut()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    def cut(self) -> None:
+        self.is_cut = True
+        for writer in list(self.links):
+            writer.transport.abort()
+        self.links.clear()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.is_cut:
+            writer.transport.abort()
+            return
+        up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
+        self.links |= {writer, up_writer}
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+@pytest.mark.parametrize("kind", ["pubsub", "stream"])
+async def test_degraded_while_redis_is_unreachable(
+    tmp_path: Path, admin: aioredis.Redis, kind: str
+) -> None:
+    """With its transport cut off, a subscriber reads from the log, then goes live again."""
+    host, port = HOST_PORT.split("/", 1)[0].split(":")
+    proxy = CuttableProxy(host, int(port))
+    proxy_port = await proxy.start()
+    db = HOST_PORT.split("/", 1)[1] if "/" in HOST_PORT else "0"
+    try:
+        backend = make_backend(kind, f"127.0.0.1:{proxy_port}/{db}")
+        async with pair(tmp_path, backend, kind) as (publisher, subscriber):
+            channel = unique()
+            async with subscriber.subscribe(channel) as sub:
+                await publish_steadily(publisher, channel, 20)
+                assert_contiguous(await take(sub, 20), 1, 20)
+
+                proxy.cut()
+
+                async def down() -> bool:
+                    return not subscriber.transport_connected
+
+                await eventually(down)
+                await publish_steadily(publisher, channel, 50)
+                assert_contiguous(await take(sub, 50), 21, 70)  # from the log alone
+                assert not subscriber.transport_connected
+
+                proxy.is_cut = False
+
+                async def up() -> bool:
+                    return subscriber.transport_connected
+
+                await eventually(up)
+                await publish_steadily(publisher, channel, 30)
+                assert_contiguous(await take(sub, 30), 71, 100)
+    finally:
+        await proxy.stop()

@@ -79,10 +79,11 @@ def test_url_or_conn_exactly_one() -> None:
 async def test_rediss_url_speaks_tls() -> None:
     """The local server speaks plain text, so a TLS client must fail to connect."""
     require_redis()
-    host_port = REDIS_URL.split("://", 1)[1]
+    host_port = REDIS_URL.split("://", 1)[1].split("?", 1)[0]
+    query = "?socket_connect_timeout=0.5"  # URL options reach redis-py
     for backend in (
-        RedisBackend(f"rediss://{host_port}"),
-        RedisStreamBackend(f"rediss-stream://{host_port}"),
+        RedisBackend(f"rediss://{host_port}{query}"),
+        RedisStreamBackend(f"rediss-stream://{host_port}{query}"),
     ):
         with pytest.raises(TransportError, match="cannot connect"):
             await asyncio.wait_for(backend.connect(), 20)

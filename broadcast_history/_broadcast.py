@@ -14,7 +14,7 @@ from . import _envelope
 from ._appender import Appender
 from ._errors import NotConnected, TransportError
 from ._event import Event
-from ._subscriber import Subscriber, SubscriberOptions
+from ._subscriber import HeadProbe, Subscriber, SubscriberOptions
 from ._validation import (
     DEFAULT_MAX_MESSAGE_SIZE,
     check_channel,
@@ -84,6 +84,7 @@ class Broadcast:
             reorder_window=reorder_window,
         )
         self._appender = Appender(self.log, self._send, max_batch=max_batch)
+        self._heads = HeadProbe(self.log)
         # Envelopes above the transport's limit are split or sent as notices.
         self._envelope_limit = getattr(backend, "max_message_size", None)
         self._objects = bool(getattr(backend, "_carries_objects", False))
@@ -228,7 +229,7 @@ class Broadcast:
         check_position(since, history, epoch)
         if not self._connected:
             raise NotConnected("call connect() (or use `async with broadcast`) first")
-        subscriber = Subscriber(channel, self.log, self._options)
+        subscriber = Subscriber(channel, self.log, self._options, self._heads)
         if self._listener_error is not None:
             subscriber._fail(self._listener_error)
         await self._attach(subscriber)

@@ -51,15 +51,49 @@ class SubscriberOptions:
     reorder_window: float = 0.05
 
 
+class HeadProbe:
+    """Shares log lookups of a channel's head among the subscribers of a broadcast.
+
+    Every idle subscriber checks the head about once per ``idle_check``; without
+    sharing, 10,000 idle subscribers would cost 10,000 queries a second. A lookup
+    still running is always shared; an idle check may also reuse one that started
+    at most ``max_age`` seconds ago, which only delays the check by that much.
+    """
+
+    def __init__(self, log: EventLog) -> None:
+        self._log = log
+        self._lookups: dict[str, tuple[float, asyncio.Future[ChannelInfo | None]]] = {}
+
+    async def channel(self, name: str, max_age: float = 0.0) -> ChannelInfo | None:
+        now = asyncio.get_running_loop().time()
+        entry = self._lookups.get(name)
+        if entry is None or (entry[1].done() and now - entry[0] > max_age):
+            future = asyncio.ensure_future(self._log.channel(name))
+            self._lookups[name] = entry = (now, future)
+            if len(self._lookups) > 4096:
+                # Forget finished lookups of channels nobody checks any more.
+                for key in [k for k, (_, f) in self._lookups.items() if f.done()]:
+                    del self._lookups[key]
+        # Shielded: one caller being cancelled must not cancel the others' answer.
+        return await asyncio.shield(entry[1])
+
+
 class Subscriber:
     """Iterate it (``async for event in subscriber``) or call :meth:`get`.
 
     Made by ``Broadcast.subscribe``; not constructed directly.
     """
 
-    def __init__(self, channel: str, log: EventLog, options: SubscriberOptions) -> None:
+    def __init__(
+        self,
+        channel: str,
+        log: EventLog,
+        options: SubscriberOptions,
+        heads: HeadProbe | None = None,
+    ) -> None:
         self.channel = channel
         self._log = log
+        self._heads = heads or HeadProbe(log)
         self._options = options
         self._mode = _LIVE
         self._next = 1
@@ -263,9 +297,9 @@ class Subscriber:
         )
         self._reading = (start, task)
 
-    async def _check_head(self, start: int) -> ChannelInfo | None:
+    async def _check_head(self, start: int, max_age: float = 0.0) -> ChannelInfo | None:
         """Raise if the log says the channel was reset or trimmed past ``start``."""
-        info = await self._log.channel(self.channel)
+        info = await self._heads.channel(self.channel, max_age)
         if info is None:
             if self._epoch is not None:
                 raise StreamReset(f"channel {self.channel!r} was deleted")
@@ -340,7 +374,8 @@ class Subscriber:
             await self._wait(self._gap_deadline - now)
             return None
         if not await self._wait(self._options.idle_check) and self._mode == _LIVE:
-            info = await self._check_head(expected)
+            idle = self._options.idle_check
+            info = await self._check_head(expected, max_age=idle / 2)
             if info is not None and info.last_offset >= expected:
                 self._mode = _REPLAY
         return None

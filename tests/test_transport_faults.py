@@ -144,3 +144,33 @@ async def test_foreign_messages_are_ignored(log: str | None) -> None:
             backend.queue.put_nowait(Event(channel, "not an envelope"))
             await bc.publish(channel, "real")
             assert (await take(sub, 1))[0].message == "real"
+
+
+async def test_idle_checks_are_shared_between_subscribers(log: str | None) -> None:
+    """Many idle subscribers of a channel cost about one head lookup per check."""
+    backend = UnreliableBackend()
+    async with Broadcast(backend=backend, log=log, idle_check=0.1) as bc:
+        lookups = 0
+        channel_lookup = bc.log.channel
+
+        async def counting(name: str) -> object:
+            nonlocal lookups
+            lookups += 1
+            return await channel_lookup(name)
+
+        bc.log.channel = counting  # type: ignore[method-assign,assignment]
+        channel = unique()
+
+        async def idle_subscriber() -> None:
+            async with bc.subscribe(channel) as sub:
+                await sub.get()
+
+        tasks = [asyncio.create_task(idle_subscriber()) for _ in range(200)]
+        await asyncio.sleep(0.3)
+        lookups = 0
+        await asyncio.sleep(1.0)
+        # 200 subscribers x 10 checks each would be 2000 lookups unshared.
+        assert lookups < 100
+        backend.drop_all = True  # the event arrives through the idle check alone
+        await bc.publish(channel, "wake")
+        await asyncio.wait_for(asyncio.gather(*tasks), 5)

@@ -22,6 +22,7 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
 from .._errors import NotConnected, TransportError
 from .._event import Event
+from ._inbox import Inbox
 from .base import BroadcastBackend
 
 logger = logging.getLogger("broadcast_history")
@@ -114,7 +115,7 @@ class KafkaBackend(BroadcastBackend):
         self._consumer: AIOKafkaConsumer | None = None
         self._admin: AIOKafkaAdminClient | None = None
         self._lookup: AIOKafkaConsumer | None = None
-        self._queue: asyncio.Queue[Event | BaseException] | None = None
+        self._inbox: Inbox | None = None
         self._lock: asyncio.Lock | None = None
         self._assigned: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -145,7 +146,7 @@ class KafkaBackend(BroadcastBackend):
         except (KafkaError, *_TRANSIENT) as exc:
             await self._close_clients()
             raise TransportError(f"cannot connect to Kafka at {self._servers}: {exc!r}") from exc
-        self._queue = asyncio.Queue()
+        self._inbox = Inbox()
         self._lock = asyncio.Lock()
         self._assigned = asyncio.Event()
         self._up = True
@@ -164,9 +165,9 @@ class KafkaBackend(BroadcastBackend):
         self._channels.clear()
         self._known.clear()
         self._next.clear()
-        if self._queue is not None:
+        if self._inbox is not None:
             # Wakes a pending next_published at once.
-            self._queue.put_nowait(NotConnected("the kafka transport was disconnected"))
+            self._inbox.fail(NotConnected("the kafka transport was disconnected"))
 
     async def subscribe(self, channel: str) -> None:
         self._channels[self.topic(channel)] = channel
@@ -206,13 +207,9 @@ class KafkaBackend(BroadcastBackend):
         await asyncio.gather(*sent)
 
     async def next_published(self) -> Event:
-        if self._queue is None:
+        if self._inbox is None:
             raise NotConnected("the kafka transport is not connected")
-        item = await self._queue.get()
-        if isinstance(item, BaseException):
-            self._queue.put_nowait(item)  # every later call fails the same way
-            raise item
-        return item
+        return await self._inbox.get()
 
     # -- internals -----------------------------------------------------------------
 
@@ -312,10 +309,10 @@ class KafkaBackend(BroadcastBackend):
             self._assigned.clear()
 
     async def _fetch(self) -> None:
-        """Move records from the consumer to the queue, tracking positions."""
-        assert self._consumer is not None and self._queue is not None
+        """Move records from the consumer to the inbox, tracking positions."""
+        assert self._consumer is not None and self._inbox is not None
         assert self._assigned is not None
-        consumer, queue = self._consumer, self._queue
+        consumer, inbox = self._consumer, self._inbox
         try:
             while True:
                 await self._assigned.wait()
@@ -348,13 +345,13 @@ class KafkaBackend(BroadcastBackend):
                         # odds of 2**-64, another channel hashed to this topic).
                         if record.key == key and record.value is not None:
                             text = record.value.decode(errors="replace")
-                            queue.put_nowait(Event(channel, text))
+                            inbox.put(Event(channel, text))
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
             error = TransportError(f"Kafka consumer failed: {exc!r}")
             error.__cause__ = exc
-            queue.put_nowait(error)  # reaches every subscriber via next_published
+            inbox.fail(error)  # reaches every subscriber via next_published
 
     async def _watch(self) -> None:
         """Ping the broker; after an outage, restore topics and positions."""

@@ -13,6 +13,7 @@ import asyncpg
 
 from .._errors import NotConnected, TransportError
 from .._event import Event
+from ._inbox import Inbox
 from .base import BroadcastBackend
 
 logger = logging.getLogger("broadcast_history")
@@ -66,7 +67,7 @@ class PostgresBackend(BroadcastBackend):
         self._max_delay = max_reconnect_delay
         self._ping_interval = ping_interval
         self._names: dict[str, str] = {}  # NOTIFY identifier -> channel
-        self._queue: asyncio.Queue[Event | BaseException] | None = None
+        self._inbox: Inbox | None = None
         self._listen_conn: asyncpg.Connection | None = None
         self._publish_conn: asyncpg.Connection | None = None
         self._listen_lock: asyncio.Lock | None = None
@@ -81,7 +82,7 @@ class PostgresBackend(BroadcastBackend):
     async def connect(self) -> None:
         if self._supervisor is not None:
             return
-        self._queue = asyncio.Queue()
+        self._inbox = Inbox()
         self._listen_lock = asyncio.Lock()
         self._publish_lock = asyncio.Lock()
         self._listen_conn = await self._open()
@@ -99,9 +100,9 @@ class PostgresBackend(BroadcastBackend):
                 conn.terminate()
         self._listen_conn = self._publish_conn = None
         self._names.clear()
-        if self._queue is not None:
+        if self._inbox is not None:
             # Wakes a pending next_published at once.
-            self._queue.put_nowait(NotConnected("the postgres transport was disconnected"))
+            self._inbox.fail(NotConnected("the postgres transport was disconnected"))
 
     async def subscribe(self, channel: str) -> None:
         ident = channel_identifier(channel)
@@ -143,13 +144,9 @@ class PostgresBackend(BroadcastBackend):
                     raise TransportError(f"postgres NOTIFY failed: {exc!r}") from exc
 
     async def next_published(self) -> Event:
-        if self._queue is None:
+        if self._inbox is None:
             raise NotConnected("the postgres transport is not connected")
-        item = await self._queue.get()
-        if isinstance(item, BaseException):
-            self._queue.put_nowait(item)  # every later call fails the same way
-            raise item
-        return item
+        return await self._inbox.get()
 
     # -- internals -----------------------------------------------------------------
 
@@ -164,8 +161,8 @@ class PostgresBackend(BroadcastBackend):
 
     def _notified(self, _conn: Any, _pid: int, ident: str, payload: str) -> None:
         channel = self._names.get(ident)
-        if channel is not None and self._queue is not None:
-            self._queue.put_nowait(Event(channel, payload))
+        if channel is not None and self._inbox is not None:
+            self._inbox.put(Event(channel, payload))
 
     async def _on_listen_conn(self, operation: Any) -> None:
         assert self._listen_lock is not None
@@ -183,7 +180,7 @@ class PostgresBackend(BroadcastBackend):
 
     async def _supervise(self) -> None:
         """Keep the listening connection alive; on loss, reconnect and re-listen."""
-        assert self._queue is not None and self._listen_lock is not None
+        assert self._inbox is not None and self._listen_lock is not None
         try:
             while True:
                 conn = self._listen_conn
@@ -194,7 +191,7 @@ class PostgresBackend(BroadcastBackend):
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
-            self._queue.put_nowait(exc)  # reaches every subscriber via next_published
+            self._inbox.fail(exc)  # reaches every subscriber via next_published
 
     async def _watch(self, conn: asyncpg.Connection) -> None:
         """Return once ``conn`` is closed or stops answering."""

@@ -14,6 +14,7 @@ from redis.asyncio.client import PubSub
 
 from .._errors import NotConnected, TransportError
 from .._event import Event
+from ._inbox import Inbox
 from .base import BroadcastBackend
 
 logger = logging.getLogger("broadcast_history")
@@ -82,7 +83,7 @@ class RedisBackend(BroadcastBackend):
         self._pubsub: PubSub | None = None
         self._channels: set[str] = set()
         self._acks: dict[str, asyncio.Future[None]] = {}
-        self._queue: asyncio.Queue[Event | BaseException] | None = None
+        self._inbox: Inbox | None = None
         self._lock: asyncio.Lock | None = None
         self._wanted: asyncio.Event | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -105,7 +106,7 @@ class RedisBackend(BroadcastBackend):
                 await client.aclose()
             raise TransportError(f"cannot connect to redis: {exc!r}") from exc
         self._client, self._up = client, True
-        self._queue, self._lock, self._wanted = asyncio.Queue(), asyncio.Lock(), asyncio.Event()
+        self._inbox, self._lock, self._wanted = Inbox(), asyncio.Lock(), asyncio.Event()
         self._reader = asyncio.create_task(self._run(), name="bh-redis-pubsub")
 
     async def disconnect(self) -> None:
@@ -119,9 +120,9 @@ class RedisBackend(BroadcastBackend):
         self._up = False
         self._channels.clear()
         self._release_acks()
-        if self._queue is not None:
+        if self._inbox is not None:
             # Wakes a pending next_published at once.
-            self._queue.put_nowait(NotConnected("the redis transport was disconnected"))
+            self._inbox.fail(NotConnected("the redis transport was disconnected"))
 
     async def subscribe(self, channel: str) -> None:
         if self._lock is None or self._wanted is None:
@@ -170,13 +171,9 @@ class RedisBackend(BroadcastBackend):
                     raise TransportError(f"redis PUBLISH failed: {exc!r}") from exc
 
     async def next_published(self) -> Event:
-        if self._queue is None:
+        if self._inbox is None:
             raise NotConnected("the redis transport is not connected")
-        item = await self._queue.get()
-        if isinstance(item, BaseException):
-            self._queue.put_nowait(item)  # every later call fails the same way
-            raise item
-        return item
+        return await self._inbox.get()
 
     # -- internals -----------------------------------------------------------------
 
@@ -206,7 +203,7 @@ class RedisBackend(BroadcastBackend):
 
     async def _run(self) -> None:
         """Read messages; on a lost connection reconnect with backoff and resubscribe."""
-        assert self._queue is not None and self._lock is not None and self._wanted is not None
+        assert self._inbox is not None and self._lock is not None and self._wanted is not None
         delay = 0.05
         try:
             await self._wanted.wait()
@@ -239,10 +236,10 @@ class RedisBackend(BroadcastBackend):
             self._release_acks()
             error = TransportError(f"the redis subscription failed: {exc!r}")
             error.__cause__ = exc
-            self._queue.put_nowait(error)  # reaches every subscriber via next_published
+            self._inbox.fail(error)  # reaches every subscriber via next_published
 
     async def _read(self, pubsub: PubSub) -> None:
-        assert self._queue is not None
+        assert self._inbox is not None
         pinged = False
         while True:
             message = await pubsub.get_message(timeout=self._ping_interval)
@@ -256,7 +253,7 @@ class RedisBackend(BroadcastBackend):
             kind = message["type"]
             channel = as_text(message["channel"])
             if kind == "message" and channel in self._channels:
-                self._queue.put_nowait(Event(channel, as_text(message["data"])))
+                self._inbox.put(Event(channel, as_text(message["data"])))
             elif kind == "subscribe":
                 ack = self._acks.pop(channel, None)
                 if ack is not None and not ack.done():

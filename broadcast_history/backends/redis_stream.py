@@ -13,6 +13,7 @@ from redis import exceptions as rexc
 
 from .._errors import NotConnected, TransportError
 from .._event import Event
+from ._inbox import Inbox
 from .base import BroadcastBackend
 from .redis import CLIENT_NAME, as_text, cancel_and_wait, is_transient
 
@@ -59,7 +60,7 @@ class RedisStreamBackend(BroadcastBackend):
         self._reader_id: int | None = None  # CLIENT ID of the reading connection
         self._reading = False
         self._changed: asyncio.Event | None = None
-        self._queue: asyncio.Queue[Event | BaseException] | None = None
+        self._inbox: Inbox | None = None
         self._task: asyncio.Task[None] | None = None
         self._up = False
 
@@ -89,7 +90,7 @@ class RedisStreamBackend(BroadcastBackend):
             await reader.aclose()
             raise TransportError(f"cannot connect to redis: {exc!r}") from exc
         self._client, self._reader, self._up = client, reader, True
-        self._queue, self._changed = asyncio.Queue(), asyncio.Event()
+        self._inbox, self._changed = Inbox(), asyncio.Event()
         self._task = asyncio.create_task(self._run(), name="bh-redis-stream")
 
     async def disconnect(self) -> None:
@@ -103,9 +104,9 @@ class RedisStreamBackend(BroadcastBackend):
         self._client = self._reader = self._reader_id = None
         self._up = False
         self._ids.clear()
-        if self._queue is not None:
+        if self._inbox is not None:
             # Wakes a pending next_published at once.
-            self._queue.put_nowait(NotConnected("the redis-stream transport was disconnected"))
+            self._inbox.fail(NotConnected("the redis-stream transport was disconnected"))
 
     async def subscribe(self, channel: str) -> None:
         if self._client is None or self._changed is None:
@@ -154,19 +155,15 @@ class RedisStreamBackend(BroadcastBackend):
                     raise TransportError(f"redis XADD failed: {exc!r}") from exc
 
     async def next_published(self) -> Event:
-        if self._queue is None:
+        if self._inbox is None:
             raise NotConnected("the redis-stream transport is not connected")
-        item = await self._queue.get()
-        if isinstance(item, BaseException):
-            self._queue.put_nowait(item)  # every later call fails the same way
-            raise item
-        return item
+        return await self._inbox.get()
 
     # -- internals -----------------------------------------------------------------
 
     async def _run(self) -> None:
         """Read the subscribed streams; on errors reconnect with backoff and resume."""
-        assert self._queue is not None and self._changed is not None
+        assert self._inbox is not None and self._changed is not None
         delay = 0.05
         try:
             while True:
@@ -195,7 +192,7 @@ class RedisStreamBackend(BroadcastBackend):
             self._up = False
             error = TransportError(f"the redis stream reader failed: {exc!r}")
             error.__cause__ = exc
-            self._queue.put_nowait(error)  # reaches every subscriber via next_published
+            self._inbox.fail(error)  # reaches every subscriber via next_published
 
     async def _read(self, streams: dict[str, str]) -> Any:
         assert self._reader is not None
@@ -208,7 +205,7 @@ class RedisStreamBackend(BroadcastBackend):
             self._reading = False
 
     def _deliver(self, reply: Any) -> None:
-        assert self._queue is not None
+        assert self._inbox is not None
         # RESP2 replies are [[key, entries], ...]; RESP3 ones {key: entries}, nested
         # once more before redis-py 8. Entries are (id, fields) tuples.
         items = reply.items() if isinstance(reply, dict) else (reply or [])
@@ -222,5 +219,5 @@ class RedisStreamBackend(BroadcastBackend):
             for _entry_id, fields in entries:
                 message = fields.get("m") if isinstance(fields, dict) else None
                 if message is not None:
-                    self._queue.put_nowait(Event(channel, as_text(message)))
+                    self._inbox.put(Event(channel, as_text(message)))
             self._ids[key] = as_text(entries[-1][0])

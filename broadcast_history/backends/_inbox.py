@@ -1,0 +1,42 @@
+"""The queue between a transport's reader task and ``next_published``."""
+
+from __future__ import annotations
+
+import asyncio
+
+from .._event import Event
+
+
+class Inbox:
+    """Events a transport received, in order, and then perhaps the failure that ended it.
+
+    A failure is sticky: once raised by ``get`` it is put back, so every later call
+    raises it too. The reader task that hit it is gone and nothing else will ever be
+    queued, so a second caller (or a retry) must fail at once instead of waiting
+    forever. Events received before the failure are still returned first.
+
+    Make it in ``connect()``: the queue belongs to the running event loop.
+    """
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[Event | BaseException] = asyncio.Queue()
+
+    def put(self, event: Event) -> None:
+        """Queue an event received from the transport."""
+        self._queue.put_nowait(event)
+
+    def fail(self, exc: BaseException) -> None:
+        """Make ``get`` raise ``exc`` once the events queued before it are taken.
+
+        Disconnecting fails the inbox with ``NotConnected`` too: that wakes a pending
+        ``get`` at once.
+        """
+        self._queue.put_nowait(exc)
+
+    async def get(self) -> Event:
+        """The next event; raises the failure, if one was queued, from then on."""
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self._queue.put_nowait(item)  # every later call fails the same way
+            raise item
+        return item

@@ -13,6 +13,7 @@ import asyncpg
 
 from .._errors import NotConnected, TransportError
 from .._event import Event
+from ._backoff import Backoff
 from ._inbox import Inbox
 from .base import BroadcastBackend
 
@@ -212,7 +213,7 @@ class PostgresBackend(BroadcastBackend):
 
     async def _reconnect(self) -> None:
         assert self._listen_lock is not None
-        delay = 0.05
+        backoff = Backoff(self._max_delay)
         while True:
             async with self._listen_lock:
                 try:
@@ -233,5 +234,4 @@ class PostgresBackend(BroadcastBackend):
                     self._listen_conn = conn
                     logger.info("postgres listening connection re-established")
                     return
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self._max_delay)
+            await backoff.sleep()

@@ -14,38 +14,12 @@ from redis.asyncio.client import PubSub
 
 from .._errors import NotConnected, TransportError
 from .._event import Event
+from ._backoff import Backoff
 from ._inbox import Inbox
+from ._redis_common import CLIENT_NAME, as_text, cancel_and_wait, is_transient, ping, pipelined
 from .base import BroadcastBackend
 
 logger = logging.getLogger("broadcast_history")
-
-# Name of the transport's connections in CLIENT LIST, so operators can tell them apart.
-CLIENT_NAME = "broadcast_history"
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether trying again later may succeed: the server went away or is loading."""
-    if isinstance(exc, (rexc.AuthenticationError, rexc.AuthorizationError)):
-        return False
-    return isinstance(exc, (rexc.ConnectionError, rexc.TimeoutError, OSError, TimeoutError))
-
-
-def as_text(value: Any) -> Any:
-    """Decode bytes from a client made without ``decode_responses`` (envelopes are text)."""
-    if isinstance(value, bytes):
-        with contextlib.suppress(UnicodeDecodeError):
-            return value.decode()
-    return value
-
-
-async def cancel_and_wait(task: asyncio.Task[None]) -> None:
-    """Cancel ``task`` and wait until it has ended."""
-    # On Python 3.11 redis-py can lose a cancellation that lands while it sends a
-    # command (asyncio.wait_for swallows it), so cancel again until the task ends.
-    while not task.done():
-        task.cancel()
-        await asyncio.wait({task}, timeout=0.1)
-    await asyncio.gather(task, return_exceptions=True)
 
 
 class RedisBackend(BroadcastBackend):
@@ -99,12 +73,7 @@ class RedisBackend(BroadcastBackend):
         client = self._given or aioredis.Redis.from_url(
             self._url, decode_responses=True, client_name=CLIENT_NAME
         )
-        try:
-            await client.ping()
-        except rexc.RedisError as exc:
-            if self._given is None:
-                await client.aclose()
-            raise TransportError(f"cannot connect to redis: {exc!r}") from exc
+        await ping(client, close=[] if self._given else [client])
         self._client, self._up = client, True
         self._inbox, self._lock, self._wanted = Inbox(), asyncio.Lock(), asyncio.Event()
         self._reader = asyncio.create_task(self._run(), name="bh-redis-pubsub")
@@ -159,16 +128,7 @@ class RedisBackend(BroadcastBackend):
             return
         if self._client is None:
             raise NotConnected("the redis transport is not connected")
-        for attempt in range(2):  # once more on a fresh connection if the pooled one died
-            try:
-                async with self._client.pipeline(transaction=False) as pipe:
-                    for channel, message in messages:
-                        pipe.publish(channel, message)
-                    await pipe.execute()
-                return
-            except rexc.RedisError as exc:
-                if attempt or not is_transient(exc):
-                    raise TransportError(f"redis PUBLISH failed: {exc!r}") from exc
+        await pipelined(self._client, messages, lambda pipe, c, m: pipe.publish(c, m), "PUBLISH")
 
     async def next_published(self) -> Event:
         if self._inbox is None:
@@ -204,7 +164,7 @@ class RedisBackend(BroadcastBackend):
     async def _run(self) -> None:
         """Read messages; on a lost connection reconnect with backoff and resubscribe."""
         assert self._inbox is not None and self._lock is not None and self._wanted is not None
-        delay = 0.05
+        backoff = Backoff(self._max_delay)
         try:
             await self._wanted.wait()
             while True:
@@ -218,7 +178,8 @@ class RedisBackend(BroadcastBackend):
                             await pubsub.connect()  # type: ignore[no-untyped-call]
                     if not self._up:
                         logger.info("redis subscription connection re-established")
-                    self._up, delay = True, 0.05
+                    self._up = True
+                    backoff.reset()
                     await self._read(pubsub)
                 except Exception as exc:
                     if not is_transient(exc):
@@ -227,8 +188,7 @@ class RedisBackend(BroadcastBackend):
                         logger.warning("redis subscription connection lost: %r", exc)
                     self._up = False
                 await self._close_pubsub()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self._max_delay)
+                await backoff.sleep()
         except asyncio.CancelledError:
             raise
         except BaseException as exc:

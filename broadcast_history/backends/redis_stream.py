@@ -10,12 +10,14 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
+from redis.asyncio.client import Pipeline
 
 from .._errors import NotConnected, TransportError
 from .._event import Event
+from ._backoff import Backoff
 from ._inbox import Inbox
+from ._redis_common import CLIENT_NAME, as_text, cancel_and_wait, is_transient, ping, pipelined
 from .base import BroadcastBackend
-from .redis import CLIENT_NAME, as_text, cancel_and_wait, is_transient
 
 logger = logging.getLogger("broadcast_history")
 
@@ -83,12 +85,7 @@ class RedisStreamBackend(BroadcastBackend):
             client_name=f"{CLIENT_NAME}:stream-reader",
             socket_timeout=self._block_ms / 1000 + 10,
         )
-        try:
-            await client.ping()
-        except rexc.RedisError as exc:
-            await client.aclose()
-            await reader.aclose()
-            raise TransportError(f"cannot connect to redis: {exc!r}") from exc
+        await ping(client, close=[client, reader])
         self._client, self._reader, self._up = client, reader, True
         self._inbox, self._changed = Inbox(), asyncio.Event()
         self._task = asyncio.create_task(self._run(), name="bh-redis-stream")
@@ -138,21 +135,7 @@ class RedisStreamBackend(BroadcastBackend):
             return
         if self._client is None:
             raise NotConnected("the redis-stream transport is not connected")
-        for attempt in range(2):  # once more on a fresh connection if the pooled one died
-            try:
-                async with self._client.pipeline(transaction=False) as pipe:
-                    for channel, message in messages:
-                        pipe.xadd(
-                            self.prefix + channel,
-                            {"m": message},
-                            maxlen=self.maxlen,
-                            approximate=True,
-                        )
-                    await pipe.execute()
-                return
-            except rexc.RedisError as exc:
-                if attempt or not is_transient(exc):
-                    raise TransportError(f"redis XADD failed: {exc!r}") from exc
+        await pipelined(self._client, messages, self._xadd, "XADD")
 
     async def next_published(self) -> Event:
         if self._inbox is None:
@@ -161,10 +144,13 @@ class RedisStreamBackend(BroadcastBackend):
 
     # -- internals -----------------------------------------------------------------
 
+    def _xadd(self, pipe: Pipeline, channel: str, message: Any) -> None:
+        pipe.xadd(self.prefix + channel, {"m": message}, maxlen=self.maxlen, approximate=True)
+
     async def _run(self) -> None:
         """Read the subscribed streams; on errors reconnect with backoff and resume."""
         assert self._inbox is not None and self._changed is not None
-        delay = 0.05
+        backoff = Backoff(self._max_delay)
         try:
             while True:
                 if not self._ids:
@@ -179,12 +165,12 @@ class RedisStreamBackend(BroadcastBackend):
                     if self._up:
                         logger.warning("redis stream connection lost: %r", exc)
                     self._up, self._reader_id = False, None
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, self._max_delay)
+                    await backoff.sleep()
                     continue
                 if not self._up:
                     logger.info("redis stream connection re-established")
-                self._up, delay = True, 0.05
+                self._up = True
+                backoff.reset()
                 self._deliver(reply)
         except asyncio.CancelledError:
             raise

@@ -1,0 +1,85 @@
+"""What the Redis PUB/SUB and Redis Streams transports share."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis import exceptions as rexc
+from redis.asyncio.client import Pipeline
+
+from .._errors import TransportError
+
+# Name of the transport's connections in CLIENT LIST, so operators can tell them apart.
+CLIENT_NAME = "broadcast_history"
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether trying again later may succeed: the server went away or is loading."""
+    if isinstance(exc, (rexc.AuthenticationError, rexc.AuthorizationError)):
+        return False
+    return isinstance(exc, (rexc.ConnectionError, rexc.TimeoutError, OSError, TimeoutError))
+
+
+def as_text(value: Any) -> Any:
+    """Decode bytes from a client made without ``decode_responses`` (envelopes are text)."""
+    if isinstance(value, bytes):
+        with contextlib.suppress(UnicodeDecodeError):
+            return value.decode()
+    return value
+
+
+async def cancel_and_wait(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` and wait until it has ended."""
+    # On Python 3.11 redis-py can lose a cancellation that lands while it sends a
+    # command (asyncio.wait_for swallows it), so cancel again until the task ends.
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.1)
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def ping(client: aioredis.Redis, *, close: Sequence[aioredis.Redis]) -> None:
+    """Check that the server answers; if not, close the clients ``close`` and raise.
+
+    Raises:
+        TransportError: The server is unreachable or refused the connection.
+    """
+    try:
+        await client.ping()
+    except rexc.RedisError as exc:
+        for other in close:
+            await other.aclose()
+        raise TransportError(f"cannot connect to redis: {exc!r}") from exc
+
+
+async def pipelined(
+    client: aioredis.Redis,
+    messages: Sequence[tuple[str, Any]],
+    add: Callable[[Pipeline, str, Any], object],
+    command: str,
+) -> None:
+    """Send one ``command`` per ``(channel, message)`` in a single round trip.
+
+    Args:
+        client: The client whose pool sends the pipeline.
+        messages: The ``(channel, message)`` pairs, sent in order.
+        add: Queues the command for one pair on the pipeline.
+        command: The command's name, for the error message.
+
+    Raises:
+        TransportError: Redis refused the commands or could not be reached twice.
+    """
+    for attempt in range(2):  # once more on a fresh connection if the pooled one died
+        try:
+            async with client.pipeline(transaction=False) as pipe:
+                for channel, message in messages:
+                    add(pipe, channel, message)
+                await pipe.execute()
+            return
+        except rexc.RedisError as exc:
+            if attempt or not is_transient(exc):
+                raise TransportError(f"redis {command} failed: {exc!r}") from exc

@@ -9,55 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 
 from .._errors import NotConnected, TransportError
 from .._event import Event
 from ._inbox import Inbox
+from ._kafka_topics import TRANSIENT, create_topics, partitions, retriable, topic_for
+from ._kafka_topics import bootstrap_servers as _servers
 from .base import BroadcastBackend
 
 logger = logging.getLogger("broadcast_history")
-
-_MAX_TOPIC = 249  # Kafka's limit on topic name length
-_ILLEGAL = re.compile(r"[^a-zA-Z0-9._-]")
-# Transient trouble: the broker is away, restarting or slow. Worth another try.
-_TRANSIENT = (OSError, asyncio.TimeoutError)
-
-
-def topic_for(channel: str, prefix: str = "bh.") -> str:
-    """The Kafka topic that carries ``channel``.
-
-    Topic names allow only ``[a-zA-Z0-9._-]`` and 249 characters, while channel names
-    may hold any 255 characters; the readable part is sanitized and cut, and a hash
-    of the whole name keeps distinct channels on distinct topics.
-    """
-    digest = hashlib.blake2b(channel.encode(), digest_size=8).hexdigest()
-    room = _MAX_TOPIC - len(prefix) - len(digest) - 1
-    return f"{prefix}{_ILLEGAL.sub('_', channel)[:room]}.{digest}"
-
-
-def _servers(urls: str | Sequence[str]) -> list[str]:
-    servers: list[str] = []
-    for url in [urls] if isinstance(urls, str) else urls:
-        netloc = urlsplit(url).netloc if "://" in url else url
-        for host in filter(None, netloc.split(",")):
-            servers.append(host if ":" in host.rsplit("]", 1)[-1] else f"{host}:9092")
-    if not servers:
-        raise ValueError(f"no Kafka bootstrap server in {urls!r}")
-    return servers
-
-
-def _retriable(exc: BaseException) -> bool:
-    return isinstance(exc, _TRANSIENT) or (isinstance(exc, KafkaError) and exc.retriable)
 
 
 class KafkaBackend(BroadcastBackend):
@@ -143,7 +110,7 @@ class KafkaBackend(BroadcastBackend):
         try:
             for client in (self._producer, self._consumer, self._lookup, self._admin):
                 await asyncio.wait_for(client.start(), self._timeout * 2)
-        except (KafkaError, *_TRANSIENT) as exc:
+        except (KafkaError, *TRANSIENT) as exc:
             await self._close_clients()
             raise TransportError(f"cannot connect to Kafka at {self._servers}: {exc!r}") from exc
         self._inbox = Inbox()
@@ -191,9 +158,9 @@ class KafkaBackend(BroadcastBackend):
             return
         try:
             await asyncio.wait_for(self._send(producer, messages), self._timeout)
-        except (KafkaError, *_TRANSIENT) as exc:
+        except (KafkaError, *TRANSIENT) as exc:
             self._known.clear()  # the topics may be gone with the broker
-            if _retriable(exc):
+            if retriable(exc):
                 self._up = False
             raise TransportError(f"Kafka send failed: {exc!r}") from exc
 
@@ -229,16 +196,8 @@ class KafkaBackend(BroadcastBackend):
 
     async def _ensure_topics(self, topics: Iterable[str]) -> None:
         """Create the topics not known to exist (an existing one is fine)."""
-        missing = [topic for topic in topics if topic not in self._known]
-        if not missing or self._admin is None:
-            return
-        response = await self._admin.create_topics(
-            [NewTopic(topic, **self._new_topic) for topic in missing]
-        )
-        for topic, code, *_ in response.topic_errors:
-            if code and code != TopicAlreadyExistsError.errno:
-                raise for_code(code)(f"creating topic {topic!r}")
-            self._known.add(topic)
+        if self._admin is not None:
+            await create_topics(self._admin, topics, self._known, **self._new_topic)
 
     async def _sync_assignment(self) -> None:
         """Assign the partitions of every subscribed topic; wait (bounded) for them.
@@ -252,28 +211,11 @@ class KafkaBackend(BroadcastBackend):
         async with self._lock:
             try:
                 await asyncio.wait_for(self._assign(), self._timeout)
-            except (KafkaError, *_TRANSIENT) as exc:
-                if not _retriable(exc):
+            except (KafkaError, *TRANSIENT) as exc:
+                if not retriable(exc):
                     raise TransportError(f"Kafka subscription failed: {exc!r}") from exc
                 logger.warning("kafka subscription deferred: %r", exc)
                 self._up = False
-
-    async def _partitions(self, topics: list[str]) -> tuple[set[TopicPartition], set[str]]:
-        """The partitions of ``topics`` and the topics the broker lacks (also a ping).
-
-        Read from fresh metadata each time, so a topic re-created with another
-        partition count is noticed.
-        """
-        assert self._admin is not None
-        described = await self._admin.describe_topics(topics)
-        wanted: set[TopicPartition] = set()
-        missing = set(topics)
-        for info in described:
-            topic = info["topic"]
-            if topic in missing and not info["error_code"]:
-                missing.discard(topic)
-                wanted.update(TopicPartition(topic, p["partition"]) for p in info["partitions"])
-        return wanted, missing
 
     async def _assign(self) -> None:
         assert self._consumer is not None and self._assigned is not None
@@ -281,7 +223,8 @@ class KafkaBackend(BroadcastBackend):
         topics = sorted(self._channels)
         while True:
             await self._ensure_topics(topics)
-            wanted, missing = await self._partitions(topics)
+            assert self._admin is not None
+            wanted, missing = await partitions(self._admin, topics)
             if not missing:
                 break
             # Gone again, or a new topic's metadata still spreading in the cluster.
@@ -374,8 +317,8 @@ class KafkaBackend(BroadcastBackend):
             delay = self._ping_interval
 
     async def _recover(self) -> None:
-        assert self._lock is not None and self._consumer is not None
-        wanted, missing = await self._partitions(sorted(self._channels))
+        assert self._lock is not None and self._consumer is not None and self._admin is not None
+        wanted, missing = await partitions(self._admin, sorted(self._channels))
         async with self._lock:
             if missing or not self._up or wanted != self._consumer.assignment():
                 self._known -= missing
@@ -398,3 +341,6 @@ class KafkaBackend(BroadcastBackend):
             for tp in stale:
                 consumer.seek(tp, starts[tp])
                 self._next[tp] = starts[tp]
+
+
+__all__ = ["KafkaBackend", "topic_for"]

@@ -218,3 +218,6 @@ class RedisBackend(BroadcastBackend):
                 ack = self._acks.pop(channel, None)
                 if ack is not None and not ack.done():
                     ack.set_result(None)
+
+
+__all__ = ["CLIENT_NAME", "RedisBackend"]

@@ -11,8 +11,7 @@ from pathlib import Path
 
 from sqlalchemy.engine import make_url
 
-from broadcast_history import EventLog
-from tests.conftest import POSTGRES_URL, require_postgres
+from tests.conftest import POSTGRES_URL, require_postgres, reset_postgres_log
 
 ADMIN_DB = "bh_admin_test"
 _created: list[str] = []
@@ -42,13 +41,7 @@ async def fresh_postgres_log() -> str:
     """URL of the admin tests' Postgres database, with empty log tables."""
     require_postgres()
     url = await _admin_postgres_url()
-    log = EventLog(url)
-    await log.connect()
-    try:
-        async with log.engine.begin() as conn:
-            await conn.exec_driver_sql("TRUNCATE broadcast_events, broadcast_channels")
-    finally:
-        await log.disconnect()
+    await reset_postgres_log(url)
     return url
 
 

@@ -11,7 +11,6 @@ writer of the same channel waits on the row lock, then increments the committed 
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -20,12 +19,11 @@ from sqlalchemy.exc import DisconnectionError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .._event import Event, from_micros
+from ._rows import new_epoch, row_to_event
 
 if TYPE_CHECKING:
     from ._store import Pending
 
-# Same range as the generic path: exact in JSON and JavaScript.
-_EPOCH_LIMIT = 2**53
 
 # Channel rows are upserted in name order, so batches touching several channels
 # take their row locks in the same order everywhere and cannot deadlock. Timestamps
@@ -123,7 +121,7 @@ async def _append(conn: AsyncConnection, items: Sequence[Pending]) -> list[Event
             (
                 names,
                 [counts[name] for name in names],
-                [secrets.randbelow(_EPOCH_LIMIT - 1) + 1 for _ in names],
+                [new_epoch() for _ in names],
                 [items[i].channel for i in fresh],
                 later,
                 [isinstance(items[i].message, str) for i in fresh],
@@ -168,13 +166,7 @@ async def _find_keys(
         _FIND_KEYS, ([channel for channel, _ in pairs], [key for _, key in pairs])
     )
     rows: list[Any] = list(result)
-    return {(row[0], row[6]): _event(row) for row in rows}
-
-
-def _event(row: Any) -> Event:
-    channel, offset, epoch, micros, is_text, payload, key = row
-    message = bytes(payload).decode() if is_text else bytes(payload)
-    return Event(channel, message, offset, from_micros(micros), epoch, key)
+    return {(row[0], row[6]): row_to_event(row[0], row[1:]) for row in rows}
 
 
 def discard_closed_connections(engine: AsyncEngine) -> None:

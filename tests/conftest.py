@@ -12,6 +12,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -39,12 +40,19 @@ def require_service(name: str, host: str, port: int) -> None:
     pytest.skip(message)
 
 
+def _host_port(url: str, default_port: int) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or default_port
+
+
 def require_postgres() -> None:
-    require_service("PostgreSQL", "127.0.0.1", 5432)
+    """Skip (or fail under CI=true) unless the server of ``BH_TEST_POSTGRES`` listens."""
+    require_service("PostgreSQL", *_host_port(POSTGRES_URL, 5432))
 
 
 def require_redis() -> None:
-    require_service("Redis", "127.0.0.1", 6379)
+    """Skip (or fail under CI=true) unless the server of ``BH_TEST_REDIS`` listens."""
+    require_service("Redis", *_host_port(REDIS_URL, 6379))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

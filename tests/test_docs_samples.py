@@ -5,9 +5,10 @@ that needs a service says so in a comment among its first lines::
 
     # requires: redis, postgres
 
-Such a block runs only where the service listens on its usual local port (under
-``CI=true`` a missing Redis or Postgres fails, as everywhere in this suite; Kafka has
-no fixed test port, so a Kafka sample is skipped unless one listens on 9092).
+Such a block runs only where the service is reachable (under ``CI=true`` a missing
+Redis or Postgres fails, as everywhere in this suite). Samples name the usual local
+addresses; the test points them at ``BH_TEST_REDIS`` / ``BH_TEST_POSTGRES`` when those
+are set. Kafka samples run against a broker on 9092 (tansu is started there if none).
 Blocks in other languages (``bash``, ``text``, ``diff``...) are not run.
 """
 
@@ -25,7 +26,7 @@ from typing import NamedTuple
 
 import pytest
 
-from .conftest import require_postgres, require_redis, service_available
+from .conftest import POSTGRES_URL, REDIS_URL, require_postgres, require_redis, service_available
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -35,6 +36,21 @@ _FENCE = re.compile(
 )
 _REQUIRES = re.compile(r"^#\s*requires:\s*(?P<names>.+)$", re.MULTILINE)
 SERVICES = {"redis", "postgres", "kafka"}
+# The addresses samples write, and the test services they stand for.
+_DEFAULT_URLS = {
+    "redis://127.0.0.1:6379/0": REDIS_URL,
+    "postgresql://postgres@127.0.0.1:5432/test": POSTGRES_URL,
+    "postgresql+asyncpg://postgres@127.0.0.1:5432/test": POSTGRES_URL.replace(
+        "postgresql://", "postgresql+asyncpg://", 1
+    ),
+}
+
+
+def localize(source: str) -> str:
+    """Point the usual local service URLs of a sample at this run's test services."""
+    for written, actual in _DEFAULT_URLS.items():
+        source = source.replace(written, actual)
+    return source
 
 
 class Sample(NamedTuple):
@@ -101,7 +117,8 @@ def test_doc_sample_runs(
     # Files the sample creates (SQLite logs) go to a fresh directory.
     monkeypatch.chdir(tmp_path)
     # Blank lines in front keep tracebacks pointing at the line in the .md file.
-    code = compile("\n" * (sample.line - 1) + sample.source, str(sample.path), "exec")
+    source = localize(sample.source)
+    code = compile("\n" * (sample.line - 1) + source, str(sample.path), "exec")
     exec(code, {"__name__": "docs_sample"})
 
 

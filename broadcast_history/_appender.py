@@ -7,7 +7,7 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 
-from ._errors import NotConnected
+from ._errors import InvalidArgument, NotConnected
 from ._event import Event
 from .log import EventLog, Pending
 
@@ -88,22 +88,38 @@ class Appender:
             size = min(len(pending), self._max_batch)
             batch = [pending.popleft() for _ in range(size)]
             try:
-                events = await self._log.append([item for item, _ in batch])
+                await self._commit(batch)
             except asyncio.CancelledError:
                 for _, future in batch:
                     future.cancel()
                 raise
-            except Exception as exc:
-                # Nothing of this batch was committed, so nothing of it is sent.
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            for (_, future), event in zip(batch, events, strict=True):
-                if not future.done():
-                    future.set_result(event)
-            self._outbox.extend(events)
-            self._has_outbox.set()
+
+    async def _commit(self, batch: list[tuple[Pending, asyncio.Future[Event]]]) -> None:
+        """Append ``batch`` and settle its futures; queue what was stored for sending."""
+        assert self._has_outbox is not None
+        try:
+            events = await self._log.append([item for item, _ in batch])
+        except InvalidArgument as exc:
+            if len(batch) == 1:
+                _settle(batch[0][1], exc)
+                return
+            # The log refused the batch's data, so nothing of it was stored. Every
+            # publish was checked before it was queued, so this is rare; committing
+            # the items one at a time fails only the guilty one.
+            logger.warning("a batch of %d was refused (%s): committing one by one", len(batch), exc)
+            for entry in batch:
+                await self._commit([entry])
+            return
+        except Exception as exc:
+            # Nothing of this batch was committed, so nothing of it is sent.
+            for _, future in batch:
+                _settle(future, exc)
+            return
+        for (_, future), event in zip(batch, events, strict=True):
+            if not future.done():
+                future.set_result(event)
+        self._outbox.extend(events)
+        self._has_outbox.set()
 
     async def _send_loop(self) -> None:
         assert self._has_outbox is not None
@@ -124,3 +140,8 @@ class Appender:
             except Exception:
                 # The events are durable; subscribers find them in the log.
                 logger.warning("live send of %d events failed", len(events), exc_info=True)
+
+
+def _settle(future: asyncio.Future[Event], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)

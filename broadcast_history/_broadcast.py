@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 from . import _envelope
 from ._appender import Appender
-from ._errors import NotConnected, TransportError
+from ._errors import InvalidArgument, NotConnected, TransportError
 from ._event import Event
-from ._subscriber import HeadProbe, Subscriber, SubscriberOptions
+from ._subscriber import HeadProbe, Subscriber, SubscriberOptions, weigh
 from ._validation import (
     DEFAULT_MAX_MESSAGE_SIZE,
     check_channel,
@@ -29,6 +29,14 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 logger = logging.getLogger("broadcast_history")
+
+_NEEDS_SHARED_LOG = (
+    "{url} reaches other processes, so they must share one event log: pass "
+    "log='postgresql+asyncpg://...' (shared by every host) or "
+    "log='sqlite+aiosqlite:///events.db' (processes on one host). Without log=, each "
+    "process would keep a private in-memory log with its own offsets and epochs, and "
+    "subscribers would miss the other processes' messages."
+)
 
 
 class Broadcast:
@@ -52,6 +60,14 @@ class Broadcast:
         reorder_window: Seconds a subscriber waits for out-of-order events to fill a
             hole before it reads the hole from the log.
         max_batch: Most publishes committed in one transaction.
+        buffer_bytes: Bytes of live events a subscriber may have waiting (besides
+            ``buffer_size``) before it falls back to reading the log.
+        page_bytes: Payload bytes read from the log per replay page (a page always
+            holds at least one event).
+
+    Raises:
+        InvalidArgument: The transport reaches other processes and no ``log`` was
+            given: each process would keep a private log of its own.
     """
 
     def __init__(
@@ -68,11 +84,18 @@ class Broadcast:
         idle_check: float = 1.0,
         reorder_window: float = 0.05,
         max_batch: int = 1000,
+        buffer_bytes: int = 16 * 1024 * 1024,
+        page_bytes: int = 4 * 1024 * 1024,
     ) -> None:
         if backend is None:
             backend = backend_from_url(url or "memory://")
         elif url is not None:
-            raise ValueError("give url or backend, not both")
+            raise InvalidArgument("give url or backend, not both")
+        if log is None and getattr(backend, "crosses_processes", False):
+            raise InvalidArgument(_NEEDS_SHARED_LOG.format(url=url or type(backend).__name__))
+        for name, value in (("buffer_bytes", buffer_bytes), ("page_bytes", page_bytes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidArgument(f"{name} must be a positive int")
         self._backend = backend
         self.log = log if isinstance(log, EventLog) else EventLog(log, migrate=migrate)
         self.retention = retention
@@ -82,6 +105,8 @@ class Broadcast:
             page_size=page_size,
             idle_check=idle_check,
             reorder_window=reorder_window,
+            buffer_bytes=buffer_bytes,
+            page_bytes=page_bytes,
         )
         self._appender = Appender(self.log, self._send, max_batch=max_batch)
         self._heads = HeadProbe(self.log)
@@ -95,6 +120,9 @@ class Broadcast:
         self._retention_task: asyncio.Task[None] | None = None
         self._listener_error: BaseException | None = None
         self._connected = False
+        #: Transport messages ignored, by kind: "not_envelope" or "other_log".
+        self.foreign_messages: dict[str, int] = {"not_envelope": 0, "other_log": 0}
+        self._reported: set[tuple[str, str | None]] = set()
 
     @property
     def backend(self) -> BroadcastBackend:
@@ -197,7 +225,7 @@ class Broadcast:
             if self._objects:
                 messages.append((channel, tuple(batch)))
             else:
-                for text in _envelope.encode(batch, self._envelope_limit):
+                for text in _envelope.encode(batch, self.log.log_id, self._envelope_limit):
                     messages.append((channel, text))
         await self._backend.publish_many(messages)
 
@@ -280,9 +308,35 @@ class Broadcast:
 
     # -- background tasks ----------------------------------------------------------
 
+    def _ignore(self, channel: str, origin: str | None) -> None:
+        """Count a foreign message; log the first of each channel (and foreign log)."""
+        kind = "not_envelope" if origin is None else "other_log"
+        self.foreign_messages[kind] += 1
+        if (channel, origin) in self._reported:
+            return
+        if len(self._reported) >= 10_000:
+            self._reported.clear()  # bounded: a storm of names must not grow memory
+        self._reported.add((channel, origin))
+        if origin is None:
+            logger.warning(
+                "ignoring messages on %r that are not broadcast_history envelopes "
+                "(another program publishing on the transport?); logged once per channel",
+                channel,
+            )
+        else:
+            logger.error(
+                "ignoring events on %r from another event log (%s; this one is %s): "
+                "processes sharing a transport must share one log; logged once per "
+                "channel and log",
+                channel,
+                origin,
+                self.log.log_id,
+            )
+
     async def _listen(self) -> None:
         backend = self._backend
         subscribers = self._subscribers
+        log_id = self.log.log_id
         try:
             while True:
                 raw = await backend.next_published()
@@ -295,12 +349,16 @@ class Broadcast:
                     events = message
                 else:
                     try:
-                        events = _envelope.decode(raw.channel, message)
-                    except (ValueError, TypeError, KeyError):
-                        logger.warning("ignoring a non-envelope message on %r", raw.channel)
+                        events = _envelope.decode(raw.channel, message, log_id)
+                    except _envelope.OtherLog as exc:
+                        self._ignore(raw.channel, exc.log_id)
                         continue
+                    except _envelope.NotAnEnvelope:
+                        self._ignore(raw.channel, None)
+                        continue
+                size = weigh(events)
                 for subscriber in tuple(targets):
-                    subscriber._feed(events)
+                    subscriber._feed(events, size)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:

@@ -2,9 +2,13 @@
 
 A transport only moves text. An envelope carries one or more events of one channel,
 with the offsets and epoch the log gave them, so a subscriber can order, de-duplicate
-and detect gaps without trusting the transport. Format (version 1)::
+and detect gaps without trusting the transport. Format (version 2)::
 
-    bh1:[epoch, [[offset, timestamp_us, kind, payload, key], ...]]
+    bh2:<log id>:[epoch, [[offset, timestamp_us, kind, payload, key], ...]]
+
+The log id names the log that stored the events: offsets and epochs only mean
+something in that log, so a receiver ignores envelopes of any other log (processes
+sharing a transport but not a log) instead of mixing two numberings.
 
 ``kind`` is ``"s"`` (text payload), ``"b"`` (bytes, base64) or ``"n"`` (a notice: the
 event exists but its payload did not fit the transport; read it from the log).
@@ -19,7 +23,19 @@ from typing import Any, Final
 
 from ._event import Event, from_micros, to_micros
 
-PREFIX: Final = "bh1:"
+PREFIX: Final = "bh2:"
+
+
+class NotAnEnvelope(ValueError):
+    """The message was not written by broadcast_history (or by an older version)."""
+
+
+class OtherLog(ValueError):
+    """The envelope carries events of another log than the receiver's."""
+
+    def __init__(self, log_id: str) -> None:
+        super().__init__(f"an envelope of log {log_id!r}")
+        self.log_id = log_id
 
 
 class _Notice:
@@ -43,11 +59,12 @@ def _record(event: Event) -> list[Any]:
     return [event.offset, micros, "b", base64.b64encode(message).decode("ascii"), event.key]
 
 
-def encode(events: Sequence[Event], max_size: int | None = None) -> list[str]:
+def encode(events: Sequence[Event], log_id: str, max_size: int | None = None) -> list[str]:
     """Encode events of one channel into envelopes.
 
     Args:
         events: Stored events of a single channel, in offset order.
+        log_id: Identity of the log that stored them.
         max_size: Largest envelope the transport accepts, in UTF-8 bytes. Events
             that cannot fit alone are sent as notices; otherwise events are
             packed into as few envelopes as fit.
@@ -55,10 +72,11 @@ def encode(events: Sequence[Event], max_size: int | None = None) -> list[str]:
     if not events:
         return []
     epoch = events[0].epoch
+    head = f"{PREFIX}{log_id}:"
     if max_size is None:
-        return [PREFIX + _dumps([epoch, [_record(e) for e in events]])]
-    # What is left for records once the frame (prefix, epoch, brackets) is paid for.
-    budget = max_size - 64
+        return [head + _dumps([epoch, [_record(e) for e in events]])]
+    # What is left for records once the frame (prefix, id, epoch, brackets) is paid for.
+    budget = max_size - 64 - len(head)
     envelopes: list[str] = []
     batch: list[list[Any]] = []
     size = 0
@@ -69,26 +87,40 @@ def encode(events: Sequence[Event], max_size: int | None = None) -> list[str]:
             record = [record[0], record[1], "n", None, record[4]]
             record_size = len(_dumps(record).encode())
         if batch and size + record_size > budget:
-            envelopes.append(PREFIX + _dumps([epoch, batch]))
+            envelopes.append(head + _dumps([epoch, batch]))
             batch, size = [], 0
         batch.append(record)
         size += record_size + 1
-    envelopes.append(PREFIX + _dumps([epoch, batch]))
+    envelopes.append(head + _dumps([epoch, batch]))
     return envelopes
 
 
-def decode(channel: str, text: str | bytes) -> list[Event]:
-    """Decode an envelope into events; notices carry :data:`NOTICE` as message.
+def decode(channel: str, text: str | bytes, log_id: str) -> list[Event]:
+    """Decode an envelope of log ``log_id`` into events.
+
+    Notices carry :data:`NOTICE` as their message.
 
     Raises:
-        ValueError: ``text`` is not an envelope of this version.
+        NotAnEnvelope: ``text`` is not an envelope of this version.
+        OtherLog: ``text`` is an envelope of another log.
     """
-    if isinstance(text, bytes):
-        text = text.decode()
-    if not text.startswith(PREFIX):
-        raise ValueError("not a broadcast_history envelope")
-    epoch, records = json.loads(text[len(PREFIX) :])
-    return list(_events(channel, epoch, records))
+    try:
+        if isinstance(text, bytes):
+            text = text.decode()
+        if not text.startswith(PREFIX):
+            raise NotAnEnvelope("not a broadcast_history envelope")
+        end = text.find(":", len(PREFIX))
+        if end < 0:
+            raise NotAnEnvelope("an envelope without a log id")
+        origin = text[len(PREFIX) : end]
+        if origin != log_id:
+            raise OtherLog(origin)
+        epoch, records = json.loads(text[end + 1 :])
+        return list(_events(channel, epoch, records))
+    except (NotAnEnvelope, OtherLog):
+        raise
+    except (ValueError, TypeError, KeyError) as exc:
+        raise NotAnEnvelope(f"a malformed envelope: {exc}") from exc
 
 
 def _events(channel: str, epoch: int, records: Iterable[list[Any]]) -> Iterable[Event]:

@@ -10,14 +10,16 @@ State machine (see DESIGN.md §4):
   After ``idle_check`` seconds without traffic the log head is checked, so an event
   that was committed but never arrived live is still delivered.
 
-The live buffer is bounded: when it overflows it is dropped and the subscriber goes
-back to ``REPLAY``, reading at its own pace. Memory stays bounded, nothing is lost.
+The live buffer is bounded in events and in bytes: when it overflows it is dropped
+and the subscriber goes back to ``REPLAY``, reading at its own pace in pages that are
+bounded the same two ways. Memory stays bounded, nothing is lost.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,6 +41,18 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("broadcast_history")
 _REPLAY, _LIVE, _CLOSED = "replay", "live", "closed"
+# Memory of an Event and its bookkeeping, besides the message itself.
+_EVENT_OVERHEAD = 200
+
+
+def weight(event: Event) -> int:
+    """Approximate memory held by ``event``, in bytes."""
+    return sys.getsizeof(event.message) + _EVENT_OVERHEAD
+
+
+def weigh(events: Sequence[Event]) -> int:
+    """Approximate memory held by ``events``, in bytes."""
+    return sum([sys.getsizeof(event.message) for event in events]) + _EVENT_OVERHEAD * len(events)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +63,8 @@ class SubscriberOptions:
     page_size: int = 1000
     idle_check: float = 1.0
     reorder_window: float = 0.05
+    buffer_bytes: int = 16 * 1024 * 1024
+    page_bytes: int = 4 * 1024 * 1024
 
 
 class HeadProbe:
@@ -100,6 +116,8 @@ class Subscriber:
         self._epoch: int | None = None
         self._buffer: deque[Event] = deque()
         self._held: dict[int, Event] = {}
+        # Memory of the buffered and held live events (see weight()).
+        self._live_bytes = 0
         self._page: deque[Event] = deque()
         self._overflowed = False
         self._gap_deadline: float | None = None
@@ -203,15 +221,23 @@ class Subscriber:
 
     # -- fed by the broadcast ------------------------------------------------------
 
-    def _feed(self, events: Sequence[Event]) -> None:
+    def _feed(self, events: Sequence[Event], size: int | None = None) -> None:
+        """Buffer live ``events``; ``size`` is their :func:`weigh`, if known."""
         buffer = self._buffer
         buffer.extend(events)
-        if len(buffer) > self._options.buffer_size:
+        self._live_bytes += weigh(events) if size is None else size
+        options = self._options
+        if len(buffer) > options.buffer_size or self._live_bytes > options.buffer_bytes:
             # Too slow to keep up: drop the buffer and catch up from the log later.
             buffer.clear()
             self._held.clear()
+            self._live_bytes = 0
             self._overflowed = True
         self._wake(True)
+
+    def _drop_held(self) -> None:
+        self._live_bytes -= weigh(list(self._held.values()))
+        self._held.clear()
 
     def _fail(self, error: BaseException) -> None:
         if self._error is None:
@@ -226,6 +252,7 @@ class Subscriber:
         self._page.clear()
         self._buffer.clear()
         self._held.clear()
+        self._live_bytes = 0
         self._wake(True)
 
     def _wake(self, value: bool) -> None:
@@ -257,14 +284,15 @@ class Subscriber:
                 _discard(reading[1])
             # Whatever overflowed before this read is committed, so the read covers it.
             self._overflowed = False
-            page = await self._log.read_from(self.channel, start, self._options.page_size)
+            page = await self._read(start)
         if page and page[0].offset == start and page[-1].offset - start == len(page) - 1:
             epoch = page[0].epoch
             if self._epoch is None:
                 self._epoch = epoch
             if epoch == self._epoch and page[-1].epoch == epoch:
                 self._page.extend(page)
-                if len(page) < self._options.page_size:
+                options = self._options
+                if len(page) < options.page_size and not _cut(page, options.page_bytes):
                     # The log had nothing more when read, and live delivery was set up
                     # before the read: whatever commits next arrives live (or shows up
                     # as a gap), so stop polling the log.
@@ -275,7 +303,8 @@ class Subscriber:
                 return
         if self._held:
             # Drop what the pages delivered meanwhile; keep what is still ahead.
-            self._held = {o: e for o, e in self._held.items() if o >= start}
+            for offset in [o for o in self._held if o < start]:
+                self._live_bytes -= weight(self._held.pop(offset))
         if page or self._held:
             # A hole the log cannot fill, or events held live that the log lacks.
             await self._check_head(start)
@@ -283,19 +312,22 @@ class Subscriber:
             if self._held:
                 # Live events this log never stored: another log shares the transport.
                 logger.warning("channel %r: live events not in the log, ignored", self.channel)
-                self._held.clear()
+                self._drop_held()
             self._mode = _LIVE
             self._gap_deadline = None
             return
         raise HistoryTruncated(f"events from {start} of {self.channel!r} are missing")
 
+    def _read(self, start: int) -> asyncio.Future[list[Event]]:
+        options = self._options
+        return asyncio.ensure_future(
+            self._log.read_from(self.channel, start, options.page_size, options.page_bytes)
+        )
+
     def _read_ahead(self, start: int) -> None:
         """Fetch the next page while the caller consumes this one."""
         self._overflowed = False
-        task = asyncio.ensure_future(
-            self._log.read_from(self.channel, start, self._options.page_size)
-        )
-        self._reading = (start, task)
+        self._reading = (start, self._read(start))
 
     async def _check_head(self, start: int, max_age: float = 0.0) -> ChannelInfo | None:
         """Raise if the log says the channel was reset or trimmed past ``start``."""
@@ -327,6 +359,7 @@ class Subscriber:
         if held:
             event = held.pop(expected, None)
             if event is not None:
+                self._live_bytes -= weight(event)
                 self._next = expected + 1
                 if not held:
                     self._gap_deadline = None
@@ -334,7 +367,7 @@ class Subscriber:
             if min(held) < expected:
                 # Delivered from the log meanwhile.
                 for offset in [o for o in held if o < expected]:
-                    del held[offset]
+                    self._live_bytes -= weight(held.pop(offset))
                 if not held:
                     self._gap_deadline = None
         buffer = self._buffer
@@ -342,23 +375,27 @@ class Subscriber:
             event = buffer.popleft()
             offset = event.offset
             if offset < expected:
+                self._live_bytes -= weight(event)
                 continue
             if event.epoch != self._epoch:
                 if self._epoch is not None:
                     # Possibly a late envelope of an old epoch: let the log decide.
+                    self._live_bytes -= weight(event)
                     await self._check_head(expected)
                     continue
                 self._epoch = event.epoch
             if event.message is NOTICE:
                 # The payload did not fit the transport: read it from the log.
+                self._live_bytes -= weight(event)
                 self._mode = _REPLAY
                 return None
             if offset == expected and not held:
+                self._live_bytes -= weight(event)
                 self._next = expected + 1
                 return event
             held[offset] = event
             if len(held) > self._options.buffer_size:
-                held.clear()
+                self._drop_held()
                 self._mode = _REPLAY
                 return None
             if expected in held:
@@ -379,6 +416,17 @@ class Subscriber:
             if info is not None and info.last_offset >= expected:
                 self._mode = _REPLAY
         return None
+
+
+def _cut(page: list[Event], page_bytes: int) -> bool:
+    """Whether a replay page was cut by its byte budget (the log has more)."""
+    total = 0
+    for event in page:
+        message = event.message
+        total += len(message.encode() if isinstance(message, str) else message)
+        if total >= page_bytes:
+            return True
+    return False
 
 
 def _discard(read: asyncio.Future[list[Event]]) -> None:

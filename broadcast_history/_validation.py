@@ -1,4 +1,8 @@
-"""Argument checks shared by publish, subscribe and the admin API."""
+"""Argument checks shared by publish, subscribe, the log and the admin API.
+
+Everything a batch could fail on is checked here, before a publish is queued: one
+caller's bad input must never fail the other publishes committed with it.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,20 @@ from ._errors import InvalidArgument, InvalidMessage, MessageTooLarge
 MAX_CHANNEL_LENGTH = 255
 MAX_KEY_LENGTH = 255
 DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024
+#: Offsets, epochs and cursors are 64-bit signed integers in every database.
+MAX_INT = 2**63 - 1
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _encodable(text: str) -> bool:
+    """Whether ``text`` is valid Unicode (no lone surrogates), i.e. encodable as UTF-8."""
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_channel(channel: Any) -> str:
@@ -24,14 +41,25 @@ def check_channel(channel: Any) -> str:
         raise InvalidArgument(f"channel is longer than {MAX_CHANNEL_LENGTH} characters")
     if _CONTROL.search(channel):
         raise InvalidArgument(f"channel contains a control character: {channel!r}")
+    if not _encodable(channel):
+        raise InvalidArgument(f"channel is not valid Unicode (a lone surrogate?): {channel!r}")
     return channel
 
 
 def check_message(message: Any, max_size: int) -> str | bytes:
     """Return ``message`` as ``str`` or ``bytes`` if it fits ``max_size`` bytes."""
     if isinstance(message, str):
-        # Four bytes per character at most: skip encoding when it cannot be too large.
-        if len(message) * 4 > max_size and len(message.encode()) > max_size:
+        if message.isascii():
+            size = len(message)
+        else:
+            try:
+                size = len(message.encode())
+            except UnicodeEncodeError as exc:
+                raise InvalidMessage(
+                    f"message is not valid Unicode text ({exc.reason} at index {exc.start}); "
+                    "publish bytes for binary data"
+                ) from None
+        if size > max_size:
             raise MessageTooLarge(f"message is larger than {max_size} bytes (UTF-8)")
         return message
     if isinstance(message, (bytearray, memoryview)):
@@ -49,22 +77,46 @@ def check_key(key: Any) -> str | None:
         return None
     if not isinstance(key, str) or not key or len(key) > MAX_KEY_LENGTH:
         raise InvalidArgument(f"key must be a non-empty str of at most {MAX_KEY_LENGTH} chars")
+    if _CONTROL.search(key) or not _encodable(key):
+        raise InvalidArgument(f"key must be valid Unicode without control characters: {key!r}")
     return key
 
 
+def check_int(name: str, value: Any, *, minimum: int = 0) -> int:
+    """Return ``value`` if it is an int in ``minimum`` .. 2**63 - 1 (bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgument(f"{name} must be an int, got {type(value).__name__}")
+    if not minimum <= value <= MAX_INT:
+        raise InvalidArgument(f"{name} must be between {minimum} and {MAX_INT}, got {value}")
+    return value
+
+
+def check_optional_int(name: str, value: Any, *, minimum: int = 0) -> int | None:
+    """:func:`check_int`, letting ``None`` through."""
+    return None if value is None else check_int(name, value, minimum=minimum)
+
+
+def check_time(name: str, value: Any) -> datetime:
+    """Return ``value`` if it is an aware datetime (naive ones are ambiguous: refused)."""
+    if not isinstance(value, datetime):
+        raise InvalidArgument(f"{name} must be a datetime, got {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise InvalidArgument(f"{name}: naive datetimes are refused; give a timezone (e.g. UTC)")
+    return value
+
+
 def check_position(since: Any, history: Any, epoch: Any) -> None:
-    """Check the start-position arguments of ``subscribe`` (types and combinations)."""
+    """Check the start-position arguments of ``subscribe`` (types and combinations).
+
+    A negative ``since`` passes: it is an :class:`OffsetOutOfRange`, raised on entry.
+    """
     if since is not None and history is not None:
         raise InvalidArgument("give since or history, not both")
-    if since is not None:
-        if isinstance(since, datetime):
-            if since.tzinfo is None or since.utcoffset() is None:
-                raise InvalidArgument("since: naive datetimes are refused; give a timezone")
-        elif isinstance(since, bool) or not isinstance(since, int):
-            raise InvalidArgument(f"since must be an int or datetime, got {type(since).__name__}")
-    if history is not None and (
-        isinstance(history, bool) or not isinstance(history, int) or history < 0
-    ):
-        raise InvalidArgument("history must be an int >= 0")
-    if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)):
-        raise InvalidArgument("epoch must be an int")
+    if isinstance(since, datetime):
+        check_time("since", since)
+    elif since is not None:
+        check_int("since", since, minimum=-MAX_INT)
+    if history is not None:
+        check_int("history", history)
+    if epoch is not None:
+        check_int("epoch", epoch)

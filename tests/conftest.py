@@ -56,21 +56,24 @@ def require_redis() -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Deselect two-host tests on combinations two broadcasts cannot share.
+    """Deselect combinations that are not valid set-ups.
 
     The memory transport and the private in-memory log live inside one Broadcast, so
-    "another host" cannot reach them; those combinations are not generated as tests
-    at all rather than skipped.
+    "another host" cannot reach them: two-host tests are not generated for them. A
+    transport that crosses processes refuses a private in-memory log (a test checks
+    that it does), so those pairs are not generated either, rather than skipped.
     """
     keep: list[pytest.Item] = []
     dropped: list[pytest.Item] = []
     for item in items:
         callspec = getattr(item, "callspec", None)
         params = callspec.params if callspec is not None else {}
-        unshared = params.get("transport") == "memory" or params.get("log_url") == (
-            "log:sqlite-memory"
-        )
-        (dropped if item.get_closest_marker("two_hosts") and unshared else keep).append(item)
+        private_log = params.get("log_url") == "log:sqlite-memory"
+        memory = params.get("transport", "memory") == "memory"
+        unshared = memory or private_log
+        invalid = private_log and not memory
+        drop = invalid or (item.get_closest_marker("two_hosts") and unshared)
+        (dropped if drop else keep).append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = keep

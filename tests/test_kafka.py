@@ -136,10 +136,10 @@ async def test_unreachable_broker_fails_connect() -> None:
         await backend.connect()
 
 
-async def test_urls_list_constructor(kafka_bootstrap: str) -> None:
+async def test_urls_list_constructor(kafka_bootstrap: str, sqlite_file_url: str) -> None:
     # As broadcaster's KafkaBackend(urls=[...]); the dead first server is skipped.
     backend = KafkaBackend(urls=["kafka://127.0.0.1:1", f"kafka://{kafka_bootstrap}"])
-    async with Broadcast(backend=backend) as broadcast:
+    async with Broadcast(backend=backend, log=sqlite_file_url) as broadcast:
         channel = unique()
         async with broadcast.subscribe(channel) as sub:
             await broadcast.publish(channel, "hello")

@@ -142,7 +142,7 @@ async def test_large_payload_travels_as_notice_and_is_read_from_log(pg_url: str)
             records: list[Event] = []
             while len(records) < 3:  # envelopes may carry several events
                 wire += [message for _, message in await next_events(raw, 1)]
-                records += _envelope.decode(channel, wire[-1])
+                records += _envelope.decode(channel, wire[-1], broadcast.log.log_id)
         finally:
             await raw.disconnect()
     assert got == [small, large, binary]

@@ -99,12 +99,12 @@ async def test_unreachable_server_fails_at_connect() -> None:
 
 
 @pytest.mark.parametrize("decode", [True, False], ids=["decoded", "bytes"])
-async def test_conn_constructor(decode: bool) -> None:
+async def test_conn_constructor(decode: bool, sqlite_file_url: str) -> None:
     """broadcaster 0.3's ``RedisBackend(conn=...)``; the client stays the caller's."""
     require_redis()
     conn = aioredis.Redis.from_url(REDIS_URL, decode_responses=decode)
     channel = unique()
-    async with Broadcast(backend=RedisBackend(conn=conn)) as publisher:
+    async with Broadcast(backend=RedisBackend(conn=conn), log=sqlite_file_url) as publisher:
         async with publisher.subscribe(channel) as sub:
             await publisher.publish(channel, "text")
             await publisher.publish(channel, b"\x00raw")

@@ -19,11 +19,15 @@ class BroadcastBackend:
 
     Optional hooks (defaults shown here) let a transport do better:
     ``publish_many`` for batched sends, ``max_message_size`` for transports with a
-    payload limit and ``connected`` to report its health.
+    payload limit, ``connected`` to report its health, and ``crosses_processes``
+    so that a broadcast refuses to run it without a shared log.
     """
 
     #: Largest message, in UTF-8 bytes, the transport can carry (``None``: no limit).
     max_message_size: int | None = None
+    #: Whether the transport reaches other processes. A broadcast on such a
+    #: transport needs a log every process shares (``log=`` is then required).
+    crosses_processes: bool = False
 
     def __init__(self, url: str) -> None:
         self._url = url

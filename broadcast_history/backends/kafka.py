@@ -50,6 +50,8 @@ class KafkaBackend(BroadcastBackend):
             (``security_protocol``, ``ssl_context``, ``sasl_*``...).
     """
 
+    crosses_processes = True
+
     def __init__(
         self,
         urls: str | Sequence[str],

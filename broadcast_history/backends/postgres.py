@@ -58,6 +58,7 @@ class PostgresBackend(BroadcastBackend):
 
     # NOTIFY refuses payloads of 8000 bytes or more (default server build).
     max_message_size = 7999
+    crosses_processes = True
 
     def __init__(
         self, url: str, *, max_reconnect_delay: float = 5.0, ping_interval: float = 10.0

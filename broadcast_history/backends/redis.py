@@ -39,6 +39,8 @@ class RedisBackend(BroadcastBackend):
             pinged; no answer within as long again counts as a lost connection.
     """
 
+    crosses_processes = True
+
     def __init__(
         self,
         url: str | None = None,

@@ -40,6 +40,8 @@ class RedisStreamBackend(BroadcastBackend):
         max_reconnect_delay: Longest pause, in seconds, between reconnection attempts.
     """
 
+    crosses_processes = True
+
     def __init__(
         self,
         url: str,

@@ -76,15 +76,21 @@ def create_engine(
     return engine
 
 
-def create_writer_engine(
-    url: URL, *, memory: bool = False, sqlite_synchronous: str = "NORMAL"
+def create_sync_engine(
+    url: URL, *, memory: bool = False, sqlite_synchronous: str = "NORMAL", single: bool = True
 ) -> Engine:
-    """Synchronous engine (the stdlib sqlite3 driver) for the SQLite writer thread."""
+    """Synchronous engine (the stdlib sqlite3 driver) for the SQLite writer and readers.
+
+    Args:
+        url: A normalized SQLite URL.
+        memory: ``url`` is a shared in-memory database.
+        sqlite_synchronous: ``PRAGMA synchronous`` for file databases.
+        single: One connection (the writer), else a small pool (reader threads).
+    """
     sync_url = url.set(drivername="sqlite")
+    kwargs: dict[str, Any] = {"poolclass": StaticPool} if single else {"pool_size": 4}
     engine = sqlalchemy.create_engine(
-        sync_url,
-        poolclass=StaticPool,
-        connect_args={"timeout": 30, "check_same_thread": False},
+        sync_url, connect_args={"timeout": 30, "check_same_thread": False}, **kwargs
     )
     _configure_sqlite(engine, memory, sqlite_synchronous)
     return engine

@@ -14,12 +14,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import event
+from sqlalchemy import Select, event, func, select
 from sqlalchemy.exc import DisconnectionError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .._event import Event, from_micros
-from ._rows import new_epoch, row_to_event
+from ._rows import EVENT_COLUMNS, new_epoch, row_to_event
+from ._schema import events
 
 if TYPE_CHECKING:
     from ._store import Pending
@@ -182,3 +183,23 @@ def discard_closed_connections(engine: AsyncEngine) -> None:
     def _on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
         if dbapi_connection.driver_connection.is_closed():
             raise DisconnectionError("connection closed by the server")
+
+
+def byte_bounded(query: Select[Any], max_bytes: int, *, descending: bool = False) -> Select[Any]:
+    """``query`` (events in offset order, with a LIMIT) cut after ``max_bytes`` of payload.
+
+    A running sum over the page computes each row's start in bytes; rows that start
+    below the budget are kept, so the row that passes it is the last one (the caller
+    sees the page was cut) and a single large event still comes through. Postgres
+    reads payload sizes from TOAST headers, so cut rows are never fetched.
+    """
+    size = func.octet_length(events.c.payload)
+    order = events.c.offset.desc() if descending else events.c.offset.asc()
+    start = (func.sum(size).over(order_by=order) - size).label("bh_start")
+    inner = query.add_columns(start).subquery()
+    offset = inner.c.offset
+    return (
+        select(*(inner.c[column.name] for column in EVENT_COLUMNS))
+        .where(inner.c.bh_start < max_bytes)
+        .order_by(offset.desc() if descending else offset.asc())
+    )

@@ -51,3 +51,27 @@ events = Table(
     Index("ix_broadcast_events_time", "channel", "timestamp", "offset"),
     Index("ux_broadcast_events_key", "channel", "key", unique=True),
 )
+
+#: One row: the log's identity, random, made with the schema. Envelopes carry it.
+log_identity = Table(
+    "broadcast_log",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("created_at", BigInteger, nullable=False),
+)
+
+#: Position of each durable consumer of a channel, and the lease of its holder.
+consumers = Table(
+    "broadcast_consumers",
+    metadata,
+    Column("channel", String(255), nullable=False),
+    Column("name", String(255), nullable=False),
+    # The channel's epoch the position belongs to: a reset channel invalidates it.
+    Column("epoch", BigInteger, nullable=False),
+    Column("position", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+    # Who holds the consumer and until when (microseconds, the log's clock).
+    Column("holder", String(64), nullable=True),
+    Column("lease_expires", BigInteger, nullable=True),
+    PrimaryKeyConstraint("channel", "name", name="pk_broadcast_consumers"),
+)

@@ -1,9 +1,11 @@
-"""SQLite append path: the whole batch transaction in one hop to a writer thread.
+"""SQLite hot paths: appends and event reads, each in one hop to a thread.
 
 Through aiosqlite every statement is a round trip to the driver's thread, and a batch
 needs five (BEGIN, read counters, insert, update counters, COMMIT). Running the batch
 as one synchronous function on a dedicated thread pays a single hop instead, which
-is what makes group commit on SQLite fast. Reads stay on the async engine.
+is what makes group commit on SQLite fast. Event reads do the same on reader threads,
+which also lets them stop after a byte budget: SQLite steps one row at a time, so a
+page of large events is cut before the rest of it is ever read from disk.
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, select, update
+from sqlalchemy import Connection, Engine, Executable, bindparam, select, update
 from sqlalchemy.dialects.sqlite import insert
 
 from .._event import Event, from_micros
-from ._rows import EVENT_COLUMNS, new_epoch, now_micros, row_to_event
+from ._rows import EVENT_COLUMNS, new_epoch, now_micros, row_to_event, rows_to_events
 from ._schema import channels, events
 
 _INSERT_CHANNEL = insert(channels).on_conflict_do_nothing(index_elements=["name"])
@@ -27,6 +29,44 @@ _UPDATE_COUNTER = (
     .where(channels.c.name == bindparam("b_name"))
     .values(last_offset=bindparam("b_last"), last_timestamp=bindparam("b_ts"))
 )
+
+
+class SqliteReader:
+    """Runs event reads on a few threads with SQLAlchemy's synchronous engine."""
+
+    def __init__(self, engine: Engine, threads: int = 2) -> None:
+        self._engine = engine
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="broadcast-history-read")
+
+    async def read(
+        self, channel: str, query: Executable, max_bytes: int | None = None
+    ) -> list[Event]:
+        """The events of rows selected with :data:`EVENT_COLUMNS` by ``query``.
+
+        With ``max_bytes``, rows are taken until their payloads reach or pass it (at
+        least one): the row that passes it shows the caller the page was cut.
+        """
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._read, channel, query, max_bytes)
+
+    def _read(self, channel: str, query: Executable, max_bytes: int | None) -> list[Event]:
+        with self._engine.connect() as conn:
+            result = conn.execute(query)
+            if max_bytes is None:
+                return rows_to_events(channel, result)
+            rows: list[Any] = []
+            total = 0
+            for row in result:
+                rows.append(row)
+                total += len(row[4])
+                if total >= max_bytes:
+                    break
+            result.close()
+            return rows_to_events(channel, rows)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        self._engine.dispose()
 
 
 class SqliteWriter:

@@ -4,31 +4,35 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import sqlite3
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import datetime
 from typing import Any, Concatenate, Literal, NamedTuple, ParamSpec, TypeVar
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Select, delete, func, select, update
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .._errors import InvalidArgument, LogUnavailable, NotConnected
 from .._event import Event, from_micros, to_micros
+from .._validation import check_int, check_optional_int, check_time
 from . import _migrate, _postgres
 from ._engine import (
     MEMORY_URL,
     create_engine,
-    create_writer_engine,
+    create_sync_engine,
     is_memory_sqlite,
     normalize_url,
     shared_memory_url,
 )
 from ._info import ChannelInfo, Retention
-from ._rows import EVENT_COLUMNS, now_micros, row_to_event, rows_to_events
-from ._schema import channels, events
-from ._sqlite import SqliteWriter
+from ._rows import EVENT_COLUMNS, now_micros, rows_to_events
+from ._schema import channels, events, log_identity
+from ._sqlite import SqliteReader, SqliteWriter
+
+_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 _CHANNEL_COLUMNS = (
     channels.c.name,
@@ -113,13 +117,21 @@ class EventLog:
         url: str | URL | None = None,
         *,
         migrate: bool = True,
-        sqlite_synchronous: Literal["NORMAL", "FULL", "EXTRA"] = "NORMAL",
+        sqlite_synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "NORMAL",
     ) -> None:
+        level = sqlite_synchronous.upper() if isinstance(sqlite_synchronous, str) else None
+        if level not in _SYNCHRONOUS:
+            raise InvalidArgument(
+                f"sqlite_synchronous must be one of {', '.join(_SYNCHRONOUS)}, "
+                f"got {sqlite_synchronous!r}"
+            )
         self.url = normalize_url(MEMORY_URL if url is None else url)
         self.migrate = migrate
-        self._synchronous = sqlite_synchronous
+        self._synchronous = str(level)
         self._engine: AsyncEngine | None = None
         self._writer: SqliteWriter | None = None
+        self._reader: SqliteReader | None = None
+        self._log_id: str | None = None
         self._dialect = self.url.get_backend_name()
         # An in-memory SQLite database is one shared connection: serialize its use.
         self._lock: asyncio.Lock | None = None
@@ -134,6 +146,14 @@ class EventLog:
         return self._engine
 
     @property
+    def log_id(self) -> str:
+        """This log's identity: random, made with its schema, shared by every process
+        using the same database (only while connected)."""
+        if self._log_id is None:
+            raise NotConnected("the event log is not connected")
+        return self._log_id
+
+    @property
     def dialect(self) -> str:
         """``"sqlite"`` or ``"postgresql"``."""
         return self._dialect
@@ -145,10 +165,12 @@ class EventLog:
         memory = is_memory_sqlite(self.url)
         url = shared_memory_url(self.url) if memory else self.url
         engine = create_engine(url, memory=memory, sqlite_synchronous=self._synchronous)
-        writer = None
+        writer = reader = None
         if self._dialect == "sqlite":
-            writer = SqliteWriter(
-                create_writer_engine(url, memory=memory, sqlite_synchronous=self._synchronous)
+            sync = self._synchronous
+            writer = SqliteWriter(create_sync_engine(url, memory=memory, sqlite_synchronous=sync))
+            reader = SqliteReader(
+                create_sync_engine(url, memory=memory, sqlite_synchronous=sync, single=memory)
             )
         self._lock = asyncio.Lock() if memory else None
         try:
@@ -158,15 +180,21 @@ class EventLog:
                     await _migrate.upgrade(conn)
                 else:
                     await _migrate.check(conn)
+                found = await conn.execute(select(log_identity.c.id).limit(1))
+                log_id = found.scalar()
                 await conn.commit()
+            if log_id is None:
+                raise LogUnavailable("the event log has no identity row: recreate its schema")
         except BaseException as exc:
             await engine.dispose()
-            if writer is not None:
-                writer.close()
+            for closing in (writer, reader):
+                if closing is not None:
+                    closing.close()
             if isinstance(exc, (SQLAlchemyError, OSError)):
                 raise LogUnavailable(f"cannot open the event log: {exc}") from exc
             raise
-        self._engine, self._writer = engine, writer
+        self._engine, self._writer, self._reader = engine, writer, reader
+        self._log_id = str(log_id)
 
     async def disconnect(self) -> None:
         """Close every connection; safe to call twice."""
@@ -176,8 +204,11 @@ class EventLog:
                 pass
         engine, self._engine = self._engine, None
         writer, self._writer = self._writer, None
-        if writer is not None:
-            writer.close()
+        reader, self._reader = self._reader, None
+        self._log_id = None
+        for closing in (writer, reader):
+            if closing is not None:
+                closing.close()
         if engine is not None:
             await engine.dispose()
 
@@ -229,14 +260,20 @@ class EventLog:
                 # back, so retrying is safe and finds its row.
                 if attempt == 2:
                     raise LogUnavailable(f"append kept conflicting: {exc.orig!r}") from exc
-            except DBAPIError as exc:
-                # Not retried: if the connection died after the server committed, a
-                # retry would store the batch twice. The caller decides, ideally by
-                # publishing again with the same key.
-                raise LogUnavailable(
-                    f"event log failure, the publish may or may not be stored: {exc.orig!r}"
-                ) from exc
-            except (SQLAlchemyError, OSError) as exc:
+            except (SQLAlchemyError, UnicodeError) as exc:
+                if _is_data_error(exc):
+                    # Refused before anything was stored: safe to retry without the
+                    # offending item (the appender does, one item at a time).
+                    raise InvalidArgument(f"the event log refused the data: {exc}") from exc
+                if isinstance(exc, DBAPIError):
+                    # Not retried: if the connection died after the server committed, a
+                    # retry would store the batch twice. The caller decides, ideally by
+                    # publishing again with the same key.
+                    raise LogUnavailable(
+                        f"event log failure, the publish may or may not be stored: {exc.orig!r}"
+                    ) from exc
+                raise LogUnavailable(f"event log failure: {exc!r}") from exc
+            except OSError as exc:
                 raise LogUnavailable(f"event log failure: {exc!r}") from exc
         raise AssertionError("unreachable")
 
@@ -286,49 +323,85 @@ class EventLog:
         *,
         after: int | None = None,
         before: int | None = None,
-        since: datetime | None = None,
+        since: int | datetime | None = None,
         until: datetime | None = None,
         limit: int = 100,
         order: Literal["asc", "desc"] = "asc",
+        max_bytes: int | None = None,
     ) -> list[Event]:
         """A page of stored events of ``channel``.
 
         Args:
             after: Only offsets greater than this.
             before: Only offsets smaller than this.
-            since: Only events with a timestamp at or after this (aware datetime).
+            since: An offset: only offsets greater than it (as ``subscribe(since=)``,
+                so not together with ``after``); an aware datetime: only events with
+                a timestamp at or after it.
             until: Only events with a timestamp before this (aware datetime).
             limit: At most this many events.
             order: ``"asc"`` (oldest first) or ``"desc"`` (newest first).
+            max_bytes: Stop once the payloads reach or pass this many bytes; the
+                event that passes it is the last one returned (at least one is).
         """
         if order not in ("asc", "desc"):
             raise InvalidArgument("order must be 'asc' or 'desc'")
-        if not isinstance(limit, int) or limit < 0:
-            raise InvalidArgument("limit must be a non-negative int")
+        check_int("limit", limit)
+        after = check_optional_int("after", after)
+        before = check_optional_int("before", before)
+        max_bytes = check_optional_int("max_bytes", max_bytes, minimum=1)
         query = select(*EVENT_COLUMNS).where(events.c.channel == channel)
+        if since is not None and not isinstance(since, datetime):
+            if after is not None:
+                raise InvalidArgument("give after or an offset since, not both")
+            after = check_int("since", since)
+            since = None
         if after is not None:
             query = query.where(events.c.offset > after)
         if before is not None:
             query = query.where(events.c.offset < before)
         if since is not None:
-            query = query.where(events.c.timestamp >= _micros(since))
+            query = query.where(events.c.timestamp >= _micros(since, "since"))
         if until is not None:
-            query = query.where(events.c.timestamp < _micros(until))
+            query = query.where(events.c.timestamp < _micros(until, "until"))
         column = events.c.offset
         query = query.order_by(column.asc() if order == "asc" else column.desc()).limit(limit)
-        async with self._begin() as conn:
-            result = await conn.execute(query)
-            return [row_to_event(channel, row) for row in result]
+        return await self._read(channel, query, max_bytes, descending=order == "desc")
 
     @_finish_on_cancel
-    async def read_from(self, channel: str, start: int, limit: int) -> list[Event]:
-        """Up to ``limit`` events of ``channel`` from offset ``start`` on, ascending."""
+    async def read_from(
+        self, channel: str, start: int, limit: int, max_bytes: int | None = None
+    ) -> list[Event]:
+        """Up to ``limit`` events of ``channel`` from offset ``start`` on, ascending.
+
+        With ``max_bytes``, as :meth:`read`: cut once the payloads reach or pass it.
+        """
         query = (
             select(*EVENT_COLUMNS)
             .where(events.c.channel == channel, events.c.offset >= start)
             .order_by(events.c.offset)
             .limit(limit)
         )
+        return await self._read(channel, query, max_bytes)
+
+    async def _read(
+        self,
+        channel: str,
+        query: Select[Any],
+        max_bytes: int | None,
+        *,
+        descending: bool = False,
+    ) -> list[Event]:
+        reader = self._reader
+        if reader is not None:
+            try:
+                if self._lock is None:
+                    return await reader.read(channel, query, max_bytes)
+                async with self._lock:
+                    return await reader.read(channel, query, max_bytes)
+            except (SQLAlchemyError, OSError) as exc:
+                raise LogUnavailable(f"event log failure: {exc!r}") from exc
+        if max_bytes is not None:
+            query = _postgres.byte_bounded(query, max_bytes, descending=descending)
         async with self._begin() as conn:
             result = await conn.execute(query)
             return rows_to_events(channel, result)
@@ -362,6 +435,9 @@ class EventLog:
         Returns:
             The number of events removed.
         """
+        before = check_optional_int("before", before)
+        if before_time is not None:
+            check_time("before_time", before_time)
         async with self._begin(write=True) as conn:
             return await self._trim(conn, channel, before, before_time)
 
@@ -461,12 +537,31 @@ class EventLog:
             return int(result.scalar_one())
 
 
-def _micros(moment: datetime) -> int:
-    if not isinstance(moment, datetime):
-        raise InvalidArgument(f"expected a datetime, got {type(moment).__name__}")
-    if moment.tzinfo is None or moment.utcoffset() is None:
-        raise InvalidArgument("naive datetimes are refused: give a timezone (e.g. UTC)")
-    return to_micros(moment)
+def _micros(moment: datetime, name: str = "time") -> int:
+    return to_micros(check_time(name, moment))
+
+
+def _is_data_error(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database refused the values (nothing was stored).
+
+    Such errors come wrapped several times (SQLAlchemy, the driver's adapter, the
+    driver), so the whole chain is searched: an encoding failure, or SQLSTATE class
+    22 ("data exception") from Postgres.
+    """
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, (UnicodeError, sqlite3.DataError)):
+            return True
+        state = getattr(current, "sqlstate", None)
+        if isinstance(state, str) and state.startswith("22"):
+            return True
+        pending += [current.__cause__, getattr(current, "orig", None)]
+    return False
 
 
 __all__ = ["ChannelInfo", "EventLog", "Pending", "Retention"]

@@ -13,6 +13,7 @@ Every exception the library raises on purpose derives from :class:`BroadcastErro
     ├── LogError                              the durable log failed
     │   ├── LogUnavailable                    the database could not be reached
     │   └── SchemaOutOfDate                   the database schema needs `db upgrade`
+    ├── ImportConflict                        a restored channel already exists in the log
     ├── TransportError                        the live transport failed for good
     ├── NotConnected                          used before connect() or after disconnect()
     └── Unsubscribed                          the broadcast was disconnected under a subscriber
@@ -63,6 +64,10 @@ class LogUnavailable(LogError):
 
 class SchemaOutOfDate(LogError):
     """The log database's schema is missing or older than this version expects."""
+
+
+class ImportConflict(BroadcastError):
+    """A channel being restored (imported) already exists in the log: nothing was stored."""
 
 
 class TransportError(BroadcastError):

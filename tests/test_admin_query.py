@@ -277,7 +277,7 @@ async def test_export_one_channel(broadcast: Broadcast, admin: HistoryAdmin) -> 
                 '{"type":"event","channel":"c","offset":1,"epoch":1,'
                 '"timestamp":"2024-01-01T00:00:00+00:00","encoding":"text","message":"a"}',
             ],
-            "line 3: offset 1 where 3 was expected",
+            "line 2: events 1..1 of 'c' are missing",
         ),
         (
             [

@@ -13,7 +13,15 @@ All of them derive from :class:`~broadcast_history.BroadcastError`::
 
 from __future__ import annotations
 
-from .._errors import BroadcastError, InvalidArgument
+from .._errors import BroadcastError, ImportConflict, InvalidArgument
+
+__all__ = [
+    "ChannelNotFound",
+    "EventNotFound",
+    "ImportConflict",
+    "InvalidExport",
+    "NotFound",
+]
 
 
 class NotFound(BroadcastError, LookupError):
@@ -26,10 +34,6 @@ class ChannelNotFound(NotFound):
 
 class EventNotFound(NotFound):
     """The channel has no stored event at that offset (never written, or trimmed)."""
-
-
-class ImportConflict(BroadcastError):
-    """An imported channel already exists in the target log: nothing was imported."""
 
 
 class InvalidExport(InvalidArgument):

@@ -23,6 +23,7 @@ from .._errors import BroadcastError, InvalidArgument, LogUnavailable, PositionE
 from .._validation import check_channel
 from . import _sse
 from ._errors import ImportConflict, NotFound
+from ._import import max_line_length, split_lines
 from ._query import HistoryAdmin
 from ._schemas import (
     MAX_OFFSET,
@@ -292,21 +293,11 @@ def _add_routes(app: FastAPI, broadcast: Broadcast, admin: HistoryAdmin, heartbe
     )
     async def import_lines(request: Request) -> ImportOut:
         """Store an export, all or nothing; 409 if one of its channels already exists."""
-        result = await admin.import_jsonl(_lines(request))
+        lines = split_lines(request.stream(), max_line_length(admin.max_message_size))
+        result = await admin.import_jsonl(lines)
         return ImportOut(channels=result.channels, events=result.events)
 
     @app.get("/stats", tags=["channels"])
     async def retention_stats() -> StatsOut:
         """Totals over every channel and the retention settings."""
         return StatsOut.of(await admin.retention_stats())
-
-
-async def _lines(request: Request) -> AsyncIterator[bytes]:
-    rest = b""
-    async for chunk in request.stream():
-        rest += chunk
-        *complete, rest = rest.split(b"\n")
-        for line in complete:
-            yield line
-    if rest:
-        yield rest

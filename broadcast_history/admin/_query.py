@@ -16,10 +16,10 @@ from sqlalchemy import Row, func, select
 
 from .._errors import InvalidArgument
 from .._event import Event, from_micros, to_micros
-from .._validation import MAX_CHANNEL_LENGTH, check_channel
+from .._validation import DEFAULT_MAX_MESSAGE_SIZE, MAX_CHANNEL_LENGTH, check_channel
 from ..log import EventLog, Retention
 from ..log._schema import channels, events
-from . import _jsonl
+from . import _import, _jsonl
 from ._errors import ChannelNotFound, EventNotFound
 from ._models import ChannelPage, ChannelStats, EventPage, ImportResult, RetentionStats
 
@@ -108,6 +108,7 @@ class HistoryAdmin:
         log: The event log (``broadcast.log``); it must be connected when used.
         retention: The retention the broadcast applies, reported by
             :meth:`retention_stats`.
+        max_message_size: Largest message an import may hold, in bytes.
 
     Example::
 
@@ -116,14 +117,25 @@ class HistoryAdmin:
         older = await admin.events("chat", order="desc", before=page.next_cursor)
     """
 
-    def __init__(self, log: EventLog, *, retention: Retention | None = None) -> None:
+    def __init__(
+        self,
+        log: EventLog,
+        *,
+        retention: Retention | None = None,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+    ) -> None:
         self.log = log
         self.retention = retention
+        self.max_message_size = max_message_size
 
     @classmethod
     def of(cls, broadcast: Broadcast) -> HistoryAdmin:
-        """The admin view of ``broadcast``'s log and retention settings."""
-        return cls(broadcast.log, retention=broadcast.retention)
+        """The admin view of ``broadcast``'s log and settings."""
+        return cls(
+            broadcast.log,
+            retention=broadcast.retention,
+            max_message_size=broadcast.max_message_size,
+        )
 
     # -- channels ------------------------------------------------------------------
 
@@ -343,13 +355,21 @@ class HistoryAdmin:
     ) -> ImportResult:
         """Store an export made by :meth:`export_jsonl`, all or nothing.
 
-        Offsets, epochs, timestamps, keys and payloads are stored as exported.
+        The whole input is checked before anything is written (and before the log's
+        write lock is taken): each channel's events must run gap-free from its
+        ``first_offset`` to its ``last_offset``. Offsets, epochs, timestamps, keys
+        and payloads are stored as exported.
+
+        Args:
+            lines: The export's lines (``str`` or ``bytes``); for a raw byte stream,
+                split it with ``split_lines`` first.
 
         Raises:
             ImportConflict: A channel of the export already exists in this log.
-            InvalidExport: A malformed line (the message gives its number).
+            InvalidExport: A malformed or incomplete export (the message gives the
+                line number or the channel and the missing offsets).
         """
-        return await _jsonl.import_lines(self.log, lines)
+        return await _import.import_lines(self.log, lines, max_message_size=self.max_message_size)
 
 
 async def _aiter(items: Iterable[str]) -> AsyncIterator[str]:

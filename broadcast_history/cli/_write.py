@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn
 
 from ..admin import ImportResult, event_json
+from ..admin._import import max_line_length, split_lines
 from ._app import (
     DEFAULT_LOG,
     DEFAULT_URL,
@@ -182,11 +183,12 @@ async def _write(
     return written
 
 
-def _read_lines(source: IO[bytes], advance: Callable[[int], object] | None) -> Iterator[bytes]:
-    for line in source:
+def _read_chunks(source: IO[bytes], advance: Callable[[int], object] | None) -> Iterator[bytes]:
+    # Chunks, not lines: a line without an end must not be read into memory whole.
+    while chunk := source.read(1 << 16):
         if advance is not None:
-            advance(len(line))
-        yield line
+            advance(len(chunk))
+        yield chunk
 
 
 @app.command("import")
@@ -196,12 +198,13 @@ def import_(
 ) -> None:
     """Load an export into the log, all or nothing; fails if a channel already exists."""
 
-    async def go(lines: Iterator[bytes]) -> ImportResult:
+    async def go(chunks: Iterator[bytes]) -> ImportResult:
         async with open_admin(log, must_exist=False) as admin:
+            lines = split_lines(chunks, max_line_length(admin.max_message_size))
             return await admin.import_jsonl(lines)
 
     if source == "-":
-        result = run(go(_read_lines(sys.stdin.buffer, None)))
+        result = run(go(_read_chunks(sys.stdin.buffer, None)))
     else:
         path = Path(source)
         if not path.is_file():
@@ -212,7 +215,7 @@ def import_(
             Progress(*columns, console=err_console, transient=True) as progress,
         ):
             task = progress.add_task("importing", total=path.stat().st_size)
-            result = run(go(_read_lines(file, lambda n: progress.advance(task, n))))
+            result = run(go(_read_chunks(file, lambda n: progress.advance(task, n))))
     err_console.print(
         f"imported {result.events} events in {len(result.channels)} channels: "
         + escape(", ".join(repr(name) for name in result.channels))

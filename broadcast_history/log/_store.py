@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import datetime
 from typing import Any, Concatenate, Literal, NamedTuple, ParamSpec, TypeVar
@@ -15,10 +15,10 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .._errors import InvalidArgument, LogUnavailable, NotConnected
+from .._errors import ImportConflict, InvalidArgument, LogUnavailable, NotConnected
 from .._event import Event, from_micros, to_micros
 from .._validation import check_int, check_optional_int, check_time
-from . import _migrate, _postgres
+from . import _migrate, _postgres, _restore
 from ._engine import (
     MEMORY_URL,
     create_engine,
@@ -423,6 +423,27 @@ class EventLog:
         async with self._begin() as conn:
             result = await conn.execute(query)
             return result.scalar()
+
+    async def restore(
+        self, infos: Sequence[ChannelInfo], pages: AsyncIterable[Sequence[Event]]
+    ) -> int:
+        """Store exported channels as they were: rows, offsets, epochs, timestamps.
+
+        All or nothing, in one write transaction; the caller has checked that each
+        channel's events run gap-free from its ``first_offset`` to its
+        ``last_offset`` (see ``HistoryAdmin.import_jsonl``). Returns the events stored.
+
+        Raises:
+            ImportConflict: One of the channels exists already (nothing is stored).
+        """
+        try:
+            async with self._begin(write=True) as conn:
+                return await _restore.restore(conn, infos, pages)
+        except IntegrityError as exc:
+            # A publisher created one of the channels while the import ran.
+            raise ImportConflict(
+                f"a channel of the import was created meanwhile: {exc.orig}"
+            ) from exc
 
     # -- trimming and deletion -----------------------------------------------------
 

@@ -1,0 +1,319 @@
+"""Importing a JSON-lines export: checked completely first, then stored all at once.
+
+The import runs in two phases. The first reads the whole input, checks every line
+and spools the checked events to a temporary file, without holding any lock: a
+client uploading slowly (or stalling) blocks nobody. Only once the input is known to
+be complete and consistent does the second phase open the log's write transaction,
+which then reads from the local spool at disk speed.
+
+An export must be complete: each channel's events run gap-free from its
+``first_offset`` to its ``last_offset``. A file cut short (``head -n``), a missing
+line, a repeated offset or key are refused with the line number, never stored.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import tempfile
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import IO, Any
+
+from .._errors import InvalidArgument
+from .._event import Event, from_micros, to_micros
+from .._validation import MAX_INT, check_channel, check_key
+from ..log import ChannelInfo, EventLog
+from ._errors import ImportConflict, InvalidExport
+from ._jsonl import FORMAT
+from ._models import ImportResult
+
+_PAGE = 1000
+# JSON escaping can make a message 6 times longer (``\u0001`` for one byte); keys,
+# names and the other fields fit in the rest.
+_LINE_OVERHEAD = 64 * 1024
+
+
+def max_line_length(max_message_size: int) -> int:
+    """Longest export line that can hold a message of ``max_message_size`` bytes."""
+    return 6 * max_message_size + _LINE_OVERHEAD
+
+
+async def split_lines(
+    chunks: AsyncIterable[bytes] | Iterable[bytes], max_line: int
+) -> AsyncIterator[bytes]:
+    """The lines of a byte stream, without their newlines.
+
+    Linear in the input (each byte is looked at once or twice); a line longer than
+    ``max_line`` raises :class:`InvalidExport` before it is kept whole in memory.
+    """
+    buffer = bytearray()
+    number = 1
+    searched = 0
+
+    async def chunked() -> AsyncIterator[bytes]:
+        if isinstance(chunks, AsyncIterable):
+            async for chunk in chunks:
+                yield chunk
+        else:
+            for chunk in chunks:
+                yield chunk
+
+    async for chunk in chunked():
+        buffer += chunk
+        start = 0
+        while True:
+            end = buffer.find(b"\n", searched)
+            if end < 0:
+                break
+            yield bytes(buffer[start:end])
+            number += 1
+            start = searched = end + 1
+        del buffer[:start]
+        searched = len(buffer)
+        if len(buffer) > max_line:
+            raise InvalidExport(f"line {number}: longer than {max_line} bytes")
+    if buffer:
+        yield bytes(buffer)
+
+
+def _int(line: dict[str, Any], name: str, number: int, minimum: int = 0) -> int:
+    value = line.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= MAX_INT:
+        raise InvalidExport(f"line {number}: {name!r} must be an int from {minimum} to {MAX_INT}")
+    return value
+
+
+def _optional_time(line: dict[str, Any], name: str, number: int) -> int | None:
+    return None if line.get(name) is None else _time(line, name, number)
+
+
+def _time(line: dict[str, Any], name: str, number: int) -> int:
+    value = line.get(name)
+    try:
+        if not isinstance(value, str):
+            raise ValueError(value)
+        moment = datetime.fromisoformat(value)
+        if moment.tzinfo is None:
+            raise ValueError(value)
+        return to_micros(moment)
+    except (ValueError, OverflowError) as exc:
+        raise InvalidExport(
+            f"line {number}: {name!r} must be an ISO 8601 time with a timezone"
+        ) from exc
+
+
+def _message(line: dict[str, Any], number: int, max_size: int) -> str | bytes:
+    encoding, text = line.get("encoding"), line.get("message")
+    if not isinstance(text, str):
+        raise InvalidExport(f"line {number}: 'message' must be a string")
+    message: str | bytes
+    if encoding == "text":
+        try:
+            size = len(text.encode())
+        except UnicodeEncodeError as exc:  # lone surrogates from \\ud800 escapes
+            raise InvalidExport(f"line {number}: 'message' is not valid Unicode") from exc
+        message = text
+    elif encoding == "base64":
+        try:
+            message = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise InvalidExport(f"line {number}: 'message' is not valid base64") from exc
+        size = len(message)
+    else:
+        raise InvalidExport(f"line {number}: 'encoding' must be 'text' or 'base64'")
+    if size > max_size:
+        raise InvalidExport(f"line {number}: the message is larger than {max_size} bytes")
+    return message
+
+
+def _parse(raw: str | bytes, number: int, max_line: int) -> dict[str, Any]:
+    if len(raw) > max_line:
+        raise InvalidExport(f"line {number}: longer than {max_line} bytes")
+    try:
+        line = json.loads(raw)
+    except RecursionError as exc:
+        raise InvalidExport(f"line {number}: nested too deeply") from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidExport(f"line {number}: not JSON ({exc})") from exc
+    if not isinstance(line, dict):
+        raise InvalidExport(f"line {number}: expected a JSON object")
+    if any(isinstance(value, (dict, list)) for value in line.values()):
+        raise InvalidExport(f"line {number}: nested values are not part of the format")
+    return line
+
+
+@dataclass
+class _Channel:
+    """The channel whose event lines are being read."""
+
+    info: ChannelInfo
+    line: int
+    next_offset: int
+    last_micros: int = 0
+    keys: set[str] = field(default_factory=set)
+
+
+class _Checker:
+    """Phase one: checks each line and spools the events it describes."""
+
+    def __init__(self, log: EventLog, spool: IO[bytes], max_message_size: int) -> None:
+        self.log = log
+        self.spool = spool
+        self.max_message_size = max_message_size
+        self.max_line = max_line_length(max_message_size)
+        self.current: _Channel | None = None
+        self.infos: list[ChannelInfo] = []
+        self.names: set[str] = set()
+        self.events = 0
+
+    async def line(self, raw: str | bytes, number: int) -> None:
+        line = _parse(raw, number, self.max_line)
+        kind = line.get("type")
+        if kind == "channel":
+            await self.channel(line, number)
+        elif kind == "event":
+            self.event(line, number)
+        else:
+            raise InvalidExport(f"line {number}: 'type' must be 'channel' or 'event'")
+
+    async def channel(self, line: dict[str, Any], number: int) -> None:
+        self.finish()
+        if line.get("format", FORMAT) != FORMAT:
+            raise InvalidExport(f"line {number}: unsupported export format {line['format']!r}")
+        try:
+            name = check_channel(line.get("name"))
+        except InvalidArgument as exc:
+            raise InvalidExport(f"line {number}: {exc}") from exc
+        if name in self.names:
+            raise InvalidExport(f"line {number}: channel {name!r} appears twice")
+        first = _int(line, "first_offset", number, 1)
+        last = _int(line, "last_offset", number)
+        if first > last + 1:
+            raise InvalidExport(f"line {number}: first_offset is beyond last_offset + 1")
+        last_micros = _optional_time(line, "last_timestamp", number)
+        trimmed_micros = _optional_time(line, "trimmed_timestamp", number)
+        existing = await self.log.channel(name)
+        if existing is not None:
+            # Checked again under the write lock; this only fails early.
+            raise ImportConflict(
+                f"channel {name!r} already exists in this log (epoch {existing.epoch}, "
+                f"offsets up to {existing.last_offset}); nothing was imported: delete it "
+                "first or import into another log"
+            )
+        info = ChannelInfo(
+            name=name,
+            epoch=_int(line, "epoch", number, 1),
+            last_offset=last,
+            first_offset=first,
+            last_timestamp=None if not last_micros else from_micros(last_micros),
+            trimmed_timestamp=None if trimmed_micros is None else from_micros(trimmed_micros),
+        )
+        self.names.add(name)
+        self.current = _Channel(info, number, first)
+
+    def event(self, line: dict[str, Any], number: int) -> None:
+        current = self.current
+        if current is None or line.get("channel") != current.info.name:
+            raise InvalidExport(f"line {number}: an event must follow its channel's line")
+        info = current.info
+        offset = _int(line, "offset", number, 1)
+        expected = current.next_offset
+        if offset < expected:
+            raise InvalidExport(f"line {number}: offset {offset} of {info.name!r} repeated")
+        if offset > info.last_offset:
+            raise InvalidExport(
+                f"line {number}: offset {offset} is beyond the channel's last_offset "
+                f"{info.last_offset}"
+            )
+        if offset > expected:
+            raise InvalidExport(
+                f"line {number}: events {expected}..{offset - 1} of {info.name!r} are missing"
+            )
+        if _int(line, "epoch", number, 1) != info.epoch:
+            raise InvalidExport(f"line {number}: epoch differs from the channel's")
+        micros = _time(line, "timestamp", number)
+        if micros < current.last_micros:
+            raise InvalidExport(f"line {number}: timestamp goes backwards")
+        key = line.get("key")
+        try:
+            check_key(key)
+        except InvalidArgument as exc:
+            raise InvalidExport(f"line {number}: {exc}") from exc
+        if key is not None:
+            if key in current.keys:
+                raise InvalidExport(f"line {number}: key {key!r} of {info.name!r} repeated")
+            current.keys.add(key)
+        message = _message(line, number, self.max_message_size)
+        current.next_offset = offset + 1
+        current.last_micros = micros
+        is_text = isinstance(message, str)
+        stored = message if isinstance(message, str) else base64.b64encode(message).decode()
+        record = [info.name, offset, info.epoch, micros, is_text, stored, key]
+        self.spool.write(json.dumps(record).encode() + b"\n")
+        self.events += 1
+
+    def finish(self) -> None:
+        """End the current channel: its events must have reached its last offset."""
+        current, self.current = self.current, None
+        if current is None:
+            return
+        info = current.info
+        if current.next_offset != info.last_offset + 1:
+            raise InvalidExport(
+                f"channel {info.name!r} (line {current.line}): events "
+                f"{current.next_offset}..{info.last_offset} are missing; the export is "
+                "incomplete (cut short?)"
+            )
+        last_micros = 0 if info.last_timestamp is None else to_micros(info.last_timestamp)
+        if current.last_micros > last_micros:
+            info = ChannelInfo(
+                info.name,
+                info.epoch,
+                info.last_offset,
+                info.first_offset,
+                from_micros(current.last_micros),
+                info.trimmed_timestamp,
+            )
+        self.infos.append(info)
+
+
+async def _spooled(spool: IO[bytes]) -> AsyncIterator[list[Event]]:
+    spool.seek(0)
+    page: list[Event] = []
+    for raw in spool:
+        name, offset, epoch, micros, is_text, stored, key = json.loads(raw)
+        message = stored if is_text else base64.b64decode(stored)
+        page.append(Event(name, message, offset, from_micros(micros), epoch, key))
+        if len(page) >= _PAGE:
+            yield page
+            page = []
+    if page:
+        yield page
+
+
+async def import_lines(
+    log: EventLog,
+    lines: Iterable[str | bytes] | AsyncIterable[str | bytes],
+    *,
+    max_message_size: int,
+) -> ImportResult:
+    """Check a whole export, then store it in one transaction: all of it or nothing."""
+    with tempfile.TemporaryFile(prefix="broadcast-history-import-") as spool:
+        checker = _Checker(log, spool, max_message_size)
+        number = 0
+        if isinstance(lines, AsyncIterable):
+            async for raw in lines:
+                number += 1
+                if raw.strip():
+                    await checker.line(raw, number)
+        else:
+            for raw in lines:
+                number += 1
+                if raw.strip():
+                    await checker.line(raw, number)
+        checker.finish()
+        stored = await log.restore(checker.infos, _spooled(spool))
+    return ImportResult(channels=[info.name for info in checker.infos], events=stored)

@@ -8,9 +8,10 @@ schemathesis can test the app against it.
 from __future__ import annotations
 
 import hmac
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import unquote
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request, Response
@@ -20,6 +21,7 @@ from pydantic import AwareDatetime
 
 from .._broadcast import Broadcast
 from .._errors import BroadcastError, InvalidArgument, LogUnavailable, PositionError
+from .._parse import parse_position, parse_since
 from .._validation import check_channel
 from . import _sse
 from ._errors import ImportConflict, NotFound
@@ -38,9 +40,13 @@ from ._schemas import (
     TrimOut,
 )
 
+T = TypeVar("T")
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Any]
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: Most message bytes one page of ``/events`` carries (besides its first event).
+MAX_PAGE_BYTES = 8 * 1024 * 1024
 # Stands for an encoded slash (%2F) inside a channel name while routing: a control
 # character, so never part of a valid channel name.
 _SLASH = "\x1f"
@@ -63,12 +69,21 @@ class _EncodedSlashes:
 
     Servers decode the path before routing, which makes a channel named "a/events"
     look like the events route of channel "a". The raw path still tells them apart.
+    A path with a control character (``%0A``) cannot hold a valid channel name: it
+    is answered 400 here, as an invalid name is, since no route would match it.
     """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and _CONTROL.search(scope.get("path", "")):
+            response = JSONResponse(
+                {"detail": "the path holds a control character: not a valid channel name"},
+                status_code=400,
+            )
+            await response(scope, receive, send)
+            return
         raw = scope.get("raw_path") if scope["type"] == "http" else None
         if raw:
             lowered = raw.split(b"?", 1)[0].lower()
@@ -119,6 +134,9 @@ def create_app(
             "the admin API needs a token (create_app(..., token=...)); "
             "pass allow_no_token=True only for local use"
         )
+    if token and (not token.isascii() or not token.isprintable() or " " in token):
+        # HTTP headers carry ASCII: any other token could never be presented.
+        raise InvalidArgument("the admin token must be printable ASCII without spaces")
     expected = token.encode() if token else None
     admin = HistoryAdmin.of(broadcast)
 
@@ -158,6 +176,14 @@ def create_app(
     return app
 
 
+def _query_value(parse: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Parse a query parameter; a bad one is a 422, like FastAPI's own validation."""
+    try:
+        return parse(*args, **kwargs)
+    except InvalidArgument as exc:
+        raise HTTPException(422, str(exc)) from exc
+
+
 def _add_error_handlers(app: FastAPI) -> None:
     async def handle(_request: Request, exc: Exception) -> Response:
         for kind, status in _STATUS:
@@ -195,20 +221,36 @@ def _add_routes(app: FastAPI, broadcast: Broadcast, admin: HistoryAdmin, heartbe
         channel: Channel,
         after: Offset = None,
         before: Offset = None,
-        since: Annotated[AwareDatetime | None, Query(description="At or after")] = None,
+        since: Annotated[
+            str | None,
+            Query(
+                max_length=64,
+                description="An offset (events after it, as `after`) or an ISO 8601 time "
+                "(events at or after it), as in `/stream`",
+            ),
+        ] = None,
         until: Annotated[AwareDatetime | None, Query(description="Before")] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
         order: Literal["asc", "desc"] = "asc",
     ) -> EventList:
-        """A page of events by offset and/or time range, oldest or newest first."""
+        """A page of events by offset and/or time range, oldest or newest first.
+
+        A page holds at most `limit` events and about 8 MiB of messages (always at
+        least one event): follow `next_cursor` for the rest."""
+        start = None if since is None else _query_value(parse_since, since)
+        if isinstance(start, int):
+            if after is not None:
+                raise InvalidArgument("give after or an offset since, not both")
+            after, start = start, None
         page = await admin.events(
             channel,
             after=after,
             before=before,
-            since=since,
+            since=start,
             until=until,
             limit=limit,
             order=order,
+            max_bytes=MAX_PAGE_BYTES,
         )
         return EventList.of(page)
 
@@ -227,7 +269,9 @@ def _add_routes(app: FastAPI, broadcast: Broadcast, admin: HistoryAdmin, heartbe
         """Server-Sent Events: catch-up from `Last-Event-ID` (`epoch:offset`) or
         `since`, then live. Ends with an `error` event if the position cannot be
         served (`StreamReset`, `HistoryTruncated`, `OffsetOutOfRange`)."""
-        position = _sse.parse_position(since, history, last_event_id)
+        position = _query_value(
+            parse_position, last_event_id=last_event_id, since=since, history=history
+        )
         return StreamingResponse(
             _sse.stream(broadcast, channel, position, heartbeat),
             media_type="text/event-stream",

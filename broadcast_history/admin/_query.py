@@ -201,6 +201,7 @@ class HistoryAdmin:
         until: datetime | None = None,
         limit: int = 100,
         order: Literal["asc", "desc"] = "asc",
+        max_bytes: int | None = None,
     ) -> EventPage:
         """A page of stored events, by offset range and/or time range.
 
@@ -212,6 +213,8 @@ class HistoryAdmin:
             until: Only events before this time (aware datetime).
             limit: Page size (1 to 10 000).
             order: ``"asc"`` (oldest first) or ``"desc"`` (newest first).
+            max_bytes: At most this many bytes of messages per page (at least one
+                event): a page cut short still has a ``next_cursor``.
 
         Returns:
             The page; its ``next_cursor`` goes in ``after=`` (ascending) or
@@ -239,9 +242,14 @@ class HistoryAdmin:
             until=until,
             limit=limit + 1,
             order=order,
+            max_bytes=max_bytes,
         )
-        page = found[:limit]
         more = len(found) > limit
+        page = found[:limit]
+        if max_bytes is not None and len(page) > 1 and _size(page) > max_bytes:
+            # The log stops at the event that passes the budget: it goes to the next page.
+            page.pop()
+            more = True
         return EventPage(channel, page, order, page[-1].offset if more else None)
 
     async def event(self, channel: str, offset: int) -> Event:
@@ -370,6 +378,12 @@ class HistoryAdmin:
                 line number or the channel and the missing offsets).
         """
         return await _import.import_lines(self.log, lines, max_message_size=self.max_message_size)
+
+
+def _size(events: Sequence[Event]) -> int:
+    return sum(
+        len(e.message.encode()) if isinstance(e.message, str) else len(e.message) for e in events
+    )
 
 
 async def _aiter(items: Iterable[str]) -> AsyncIterator[str]:

@@ -140,11 +140,6 @@ async def open_broadcast(url: str, log: str, **options: Any) -> AsyncIterator[Br
         yield broadcast
 
 
-def main() -> None:
-    """Entry point of the ``broadcast-history`` command."""
-    app(prog_name="broadcast-history")
-
-
 def flush() -> None:
     """Push output through a pipe now (``tail`` is often piped)."""
     sys.stdout.flush()

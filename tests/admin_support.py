@@ -12,8 +12,9 @@ from pathlib import Path
 from sqlalchemy.engine import make_url
 
 from tests.conftest import POSTGRES_URL, require_postgres, reset_postgres_log
+from tests.postgres_support import private_name
 
-ADMIN_DB = "bh_admin_test"
+ADMIN_DB = private_name("bh_admin_test")
 _created: list[str] = []
 
 

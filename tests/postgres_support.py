@@ -20,9 +20,18 @@ def database_url(name: str) -> str:
     return urlunsplit(parts._replace(path=f"/{name}"))
 
 
+def private_name(name: str) -> str:
+    """``name``, namespaced by ``BH_TEST_POSTGRES``'s database when it is not ``test``,
+    so that test runs pointed at different databases never share one."""
+    base = urlsplit(POSTGRES_URL).path.lstrip("/") or "test"
+    return name if base == "test" else f"{base}_{name}"
+
+
 async def ensure_database(name: str) -> str:
-    """Create database ``name`` if it is missing; returns its ``postgresql://`` URL."""
+    """Create database ``name`` (see :func:`private_name`) if it is missing; returns
+    its ``postgresql://`` URL."""
     require_postgres()
+    name = private_name(name)
     admin = await asyncpg.connect(database_url("postgres"))
     try:
         exists = await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)

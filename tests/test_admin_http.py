@@ -363,3 +363,33 @@ async def test_stream_errors(broadcast: Broadcast) -> None:
                 assert response.status_code == 422, query
             response = await http.get(path("gone", "/stream"), headers={"Authorization": "no"})
             assert response.status_code == 401
+
+
+# -- small holes ------------------------------------------------------------------------
+
+
+async def test_control_characters_in_a_channel_path_are_400(client: httpx.AsyncClient) -> None:
+    for raw in ("/channels/a%0Ab", "/channels/a%0Ab/events", "/channels/%00"):
+        response = await client.get(raw)
+        assert response.status_code == 400, raw
+        assert "control character" in response.json()["detail"]
+
+
+async def test_a_token_that_headers_cannot_carry_is_refused(broadcast: Broadcast) -> None:
+    for token in ("pässwort", "two words", "tab\there"):
+        with pytest.raises(InvalidArgument, match="printable ASCII"):
+            create_app(broadcast, token=token)
+
+
+async def test_since_means_the_same_in_events_and_stream(
+    broadcast: Broadcast, client: httpx.AsyncClient
+) -> None:
+    for i in range(5):
+        await broadcast.publish("c", f"m{i}")
+    page = (await client.get(path("c", "/events") + "?since=3")).json()
+    assert [e["offset"] for e in page["events"]] == [4, 5]  # an offset, as in /stream
+    first = page["events"][0]["timestamp"]
+    page = (await client.get(path("c", "/events"), params={"since": first})).json()
+    assert page["events"][0]["offset"] <= 4  # an ISO time: at or after
+    for query in ("?since=3&after=1", "?since=soon", f"?since={2**64}", f"?after={2**63}"):
+        assert (await client.get(path("c", "/events") + query)).status_code == 422, query

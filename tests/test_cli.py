@@ -244,3 +244,21 @@ def test_serve(tmp_path: Path) -> None:
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+def test_help_without_the_admin_extra_names_it() -> None:
+    # As if only broadcast-history[redis,postgres] were installed: no Typer.
+    blocked = "import sys; sys.modules['typer'] = None; "
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            blocked + "from broadcast_history.cli import main; main()",
+            "--help",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1
+    assert "pip install 'broadcast-history[admin]'" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import subprocess
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +58,8 @@ def serve_in_thread(app: Any) -> Iterator[str]:
 
 
 def demo_app(path: Path, **options: Any) -> Any:
+    # One client address posts for every test here: lift the per-client rate limit.
+    options.setdefault("message_rate", (1000.0, 1000.0))
     return create_app(Broadcast("memory://", log=f"sqlite+aiosqlite:///{path}"), **options)
 
 
@@ -287,3 +291,67 @@ def test_two_demo_processes_share_rooms_over_redis_and_postgres(tmp_path: Path) 
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+# -- one client cannot hurt the others -------------------------------------------------
+
+
+def test_a_bad_string_fails_alone(server: str) -> None:
+    name = room()
+    url = f"{server}/api/rooms/{name}/messages"
+    bodies = [json.dumps({"author": "a", "text": f"ok {i}"}) for i in range(10)]
+    bodies.insert(5, '{"author": "a", "text": "\\ud800"}')  # valid JSON, not valid Unicode
+
+    def send(body: str) -> httpx.Response:
+        return httpx.post(url, content=body, headers={"content-type": "application/json"})
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        responses = list(pool.map(send, bodies))
+    assert [r.status_code for r in responses] == [201] * 5 + [422] + [201] * 5
+    offsets = sorted(r.json()["offset"] for r in responses if r.status_code == 201)
+    assert offsets == list(range(1, 11))
+
+
+def test_bodies_integers_and_rates_are_capped(tmp_path: Path) -> None:
+    log = f"sqlite+aiosqlite:///{tmp_path / 'caps.db'}"
+    app = create_app(Broadcast("memory://", log=log), message_rate=(1.0, 5.0))
+    with serve_in_thread(app) as base:
+        name = room()
+        url = f"{base}/api/rooms/{name}/messages"
+        big = json.dumps({"text": "x" * (1024 * 1024)})
+        assert httpx.post(url, content=big).status_code == 413
+        huge = str(2**64)
+        assert httpx.get(f"{base}/api/rooms/{name}/history?before={huge}").status_code == 422
+        statuses = [httpx.post(url, json={"text": f"m{i}"}).status_code for i in range(15)]
+        assert statuses[:4] == [201] * 4  # the burst (the refused big body took one)
+        assert 429 in statuses[4:]
+
+
+def test_websocket_frames_are_capped_and_close_cleanly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ws_client = pytest.importorskip("websockets.sync.client", reason="websockets not installed")
+    app = demo_app(tmp_path / "ws.db")
+    port = free_port()
+    # log_config=None: uvicorn's own loggers propagate, so caplog sees an ASGI error.
+    config = uvicorn.Config(app, port=port, log_config=None, timeout_graceful_shutdown=1)
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    try:
+        while not srv.started:
+            time.sleep(0.02)
+        caplog.set_level(logging.INFO)
+        url = f"ws://127.0.0.1:{port}/api/rooms/{room()}/ws"
+        for _ in range(3):
+            with ws_client.connect(url, open_timeout=10) as ws:
+                ws.send(json.dumps({"text": "x" * 20_000}))
+                while (item := json.loads(ws.recv(timeout=10)))["type"] != "error":
+                    pass
+                assert "frames are limited" in item["detail"]
+        time.sleep(0.3)
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []

@@ -240,7 +240,7 @@ def _add_routes(app: FastAPI, broadcast: Broadcast, admin: HistoryAdmin, heartbe
         start = None if since is None else _query_value(parse_since, since)
         if isinstance(start, int):
             if after is not None:
-                raise InvalidArgument("give after or an offset since, not both")
+                raise HTTPException(422, "give after or an offset since, not both")
             after, start = start, None
         page = await admin.events(
             channel,

@@ -242,12 +242,13 @@ class HistoryAdmin:
             until=until,
             limit=limit + 1,
             order=order,
-            max_bytes=max_bytes,
+            # The log stops at the first event that reaches its budget: one byte more
+            # makes that the event passing ours, which then starts the next page.
+            max_bytes=None if max_bytes is None else max_bytes + 1,
         )
         more = len(found) > limit
         page = found[:limit]
         if max_bytes is not None and len(page) > 1 and _size(page) > max_bytes:
-            # The log stops at the event that passes the budget: it goes to the next page.
             page.pop()
             more = True
         return EventPage(channel, page, order, page[-1].offset if more else None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .._broadcast import Broadcast
 from .._errors import InvalidArgument
+from .._parse import parse_int
 from ._feed import (
     ROOM_PREFIX,
     encode_message,
@@ -26,6 +28,7 @@ from ._feed import (
     room_feed,
     sse_frame,
 )
+from ._limits import MAX_BODY, BodyTooLarge, RateLimit, RateLimits, read_body
 
 STATIC = Path(__file__).parent / "static"
 MAX_TEXT = 2000
@@ -40,9 +43,7 @@ def _int_param(request: Request, name: str, default: int | None) -> int | None:
     value = request.query_params.get(name)
     if value is None or value == "":
         return default
-    if not value.isascii() or not value.isdigit():
-        raise InvalidArgument(f"{name} must be a non-negative integer")
-    return int(value)
+    return parse_int(value, name)
 
 
 def _parse_message(body: Any) -> tuple[str, str]:
@@ -58,13 +59,21 @@ def _parse_message(body: Any) -> tuple[str, str]:
     return author.strip(), text
 
 
-def create_app(broadcast: Broadcast, *, history: int = 50, heartbeat: float = 15.0) -> Starlette:
+def create_app(
+    broadcast: Broadcast,
+    *,
+    history: int = 50,
+    heartbeat: float = 15.0,
+    message_rate: tuple[float, float] = (5.0, 20.0),
+) -> Starlette:
     """The chat demo as an ASGI app; it connects ``broadcast`` for its lifetime.
 
     Args:
         broadcast: The broadcast to publish and subscribe on (not yet connected).
         history: Messages a page starts with when it has no position yet.
         heartbeat: Seconds between keep-alive pings on idle streams.
+        message_rate: Messages per second, and burst, one client address (HTTP) or
+            one WebSocket may send.
 
     The returned app has ``app.state.close_streams``: a function, safe to call from a
     signal handler or another thread, that ends every open stream so that the server
@@ -72,6 +81,7 @@ def create_app(broadcast: Broadcast, *, history: int = 50, heartbeat: float = 15
     """
     stopping = asyncio.Event()
     loop: asyncio.AbstractEventLoop | None = None
+    posts = RateLimits(rate=message_rate[0], burst=message_rate[1])
 
     def close_streams() -> None:
         if loop is not None and not loop.is_closed():
@@ -101,11 +111,15 @@ def create_app(broadcast: Broadcast, *, history: int = 50, heartbeat: float = 15
         channel = room_channel(request.path_params["room"])
         if channel is None:
             return _error(404, "no such room name")
+        if not posts.allow(request.client.host if request.client else "?"):
+            return _error(429, "too many messages: slow down")
         try:
-            author, text = _parse_message(await request.json())
-        except ValueError as exc:  # bad JSON or an InvalidArgument
+            author, text = _parse_message(json.loads(await read_body(request)))
+            event = await broadcast.publish(channel, encode_message(author, text))
+        except BodyTooLarge as exc:
+            return _error(413, str(exc))
+        except ValueError as exc:  # bad JSON, or an InvalidArgument (bad text)
             return _error(422, str(exc))
-        event = await broadcast.publish(channel, encode_message(author, text))
         return JSONResponse(message_item(event), status_code=201)
 
     async def room_history(request: Request) -> Response:
@@ -159,15 +173,19 @@ def create_app(broadcast: Broadcast, *, history: int = 50, heartbeat: float = 15
 
         async def receive() -> None:
             # The page may publish over the socket: {"type": "publish", author, text}.
+            limit = RateLimit(*message_rate)
             with contextlib.suppress(WebSocketDisconnect):
                 while True:
-                    body = await ws.receive_json()
+                    frame = await ws.receive_text()
                     try:
-                        author, text = _parse_message(body)
-                    except InvalidArgument as exc:
+                        if len(frame) > MAX_BODY:
+                            raise InvalidArgument(f"frames are limited to {MAX_BODY} bytes")
+                        if not limit.allow():
+                            raise InvalidArgument("too many messages: slow down")
+                        author, text = _parse_message(json.loads(frame))
+                        await broadcast.publish(channel, encode_message(author, text))
+                    except ValueError as exc:  # bad JSON, or an InvalidArgument
                         await ws.send_json({"type": "error", "detail": str(exc)})
-                        continue
-                    await broadcast.publish(channel, encode_message(author, text))
 
         tasks = [asyncio.create_task(send_feed()), asyncio.create_task(receive())]
         try:
@@ -176,7 +194,8 @@ def create_app(broadcast: Broadcast, *, history: int = 50, heartbeat: float = 15
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        with contextlib.suppress(RuntimeError):  # already closed by the client
+        # Closed by the client already: Starlette says RuntimeError, uvicorn a disconnect.
+        with contextlib.suppress(RuntimeError, WebSocketDisconnect):
             await ws.close()
 
     @contextlib.asynccontextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from types import FrameType
 from typing import Annotated
@@ -37,10 +38,14 @@ def serve(
     import uvicorn
 
     from .._broadcast import Broadcast
+    from ..log import Retention
     from ._app import create_app
+    from ._limits import MAX_BODY
 
     log_url = log or default_log_url(data_dir)
-    app = create_app(Broadcast(live, log=log_url))
+    # A demo anyone can write to keeps a bounded history per room.
+    retention = Retention(max_events=10_000, max_age=timedelta(days=7), interval=60.0)
+    app = create_app(Broadcast(live, log=log_url, retention=retention))
     shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::") else host  # noqa: S104
     print(f"broadcast_history chat demo: http://{shown}:{port}/", flush=True)
     print(f"  live transport: {live}\n  event log:      {log_url}", flush=True)
@@ -58,6 +63,7 @@ def serve(
         port=port,
         log_level="warning",
         timeout_graceful_shutdown=3,
+        ws_max_size=MAX_BODY,
     )
     Server(config).run()
 

@@ -1,0 +1,207 @@
+"""Importing is complete or rejected, checked before any write lock, bounded in memory."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from broadcast_history import Broadcast
+from broadcast_history.admin import HistoryAdmin, InvalidExport, create_app
+from broadcast_history.admin._import import split_lines
+from tests.admin_support import LOG_KINDS, fresh_log_url
+
+TOKEN = "t"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+CLI = [sys.executable, "-c", "from broadcast_history.cli import main; main()"]
+
+
+def channel_line(name: str = "c", first: int = 1, last: int = 3) -> str:
+    return json.dumps(
+        {"type": "channel", "name": name, "epoch": 7, "first_offset": first, "last_offset": last}
+    )
+
+
+def event_line(offset: int, name: str = "c", **fields: object) -> str:
+    line = {
+        "type": "event",
+        "channel": name,
+        "offset": offset,
+        "epoch": 7,
+        "timestamp": "2024-01-01T00:00:00+00:00",
+        "key": None,
+        "encoding": "text",
+        "message": f"m{offset}",
+    }
+    line.update(fields)
+    return json.dumps(line)
+
+
+@pytest.fixture(params=LOG_KINDS)
+async def admin(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[HistoryAdmin]:
+    url = await fresh_log_url(request.param, tmp_path)
+    async with Broadcast("memory://", log=url) as broadcast:
+        yield HistoryAdmin.of(broadcast)
+
+
+@pytest.mark.parametrize(
+    ("lines", "match"),
+    [
+        (
+            [channel_line(), event_line(1), event_line(2)],
+            r"'c' \(line 1\): events 3..3 are missing",
+        ),
+        ([channel_line(), event_line(2), event_line(3)], "line 2: events 1..1 of 'c' are missing"),
+        ([channel_line(), event_line(1), event_line(3)], "line 3: events 2..2 of 'c' are missing"),
+        ([channel_line(), event_line(1), event_line(1)], "line 3: offset 1 of 'c' repeated"),
+        ([channel_line(last=0, first=1), event_line(1)], "line 2: offset 1 is beyond"),
+        ([channel_line(first=2), event_line(1)], "line 2: offset 1 of 'c' repeated"),
+        (
+            [channel_line(last=2), event_line(1, key="k"), event_line(2, key="k")],
+            "line 3: key 'k' of 'c' repeated",
+        ),
+        ([channel_line(), '{"type": "event", "x": ' + "[" * 5_000], "line 2: nested too deeply"),
+        ([channel_line(), event_line(1, extra={"a": 1})], "line 2: nested values"),
+        ([channel_line(last=1), event_line(1, message="x" * 2000)], "line 2: .*larger than 1000"),
+        ([channel_line(last=1), event_line(1, message="\ud800")], "not valid Unicode"),
+        (
+            [channel_line("a", last=1), event_line(1, "a"), channel_line("b")],
+            "'b'.*1..3 are missing",
+        ),
+    ],
+)
+async def test_incomplete_or_malformed_exports_store_nothing(
+    admin: HistoryAdmin, lines: list[str], match: str
+) -> None:
+    admin.max_message_size = 1000
+    with pytest.raises(InvalidExport, match=match):
+        await admin.import_jsonl(lines)
+    assert (await admin.channels()).channels == []
+
+
+async def test_a_trimmed_channel_imports_from_its_first_offset(admin: HistoryAdmin) -> None:
+    lines = [channel_line(first=3, last=4), event_line(3), event_line(4)]
+    result = await admin.import_jsonl(lines)
+    assert (result.channels, result.events) == (["c"], 2)
+    stats = await admin.channel("c")
+    assert (stats.first_offset, stats.last_offset, stats.count) == (3, 4, 2)
+    empty = [channel_line("d", first=6, last=5)]
+    assert (await admin.import_jsonl(empty)).events == 0
+
+
+async def test_split_lines_is_bounded_and_linear() -> None:
+    def endless() -> Iterator[bytes]:
+        for _ in range(100 * 16):  # 100 MiB without a newline
+            yield b"x" * 65536
+
+    got: list[bytes] = []
+    with pytest.raises(InvalidExport, match="line 3: longer than 1000000"):
+        async for line in split_lines(iter([b"a\nb", b"c\n", *endless()]), 1_000_000):
+            got.append(line)
+    assert got == [b"a", b"bc"]
+    lines = [line async for line in split_lines([b"one\ntwo\n\nthree"], 100)]
+    assert lines == [b"one", b"two", b"", b"three"]
+
+
+async def _publish(log: str, channel: str, count: int) -> None:
+    async with Broadcast("memory://", log=log) as broadcast:
+        for i in range(count):
+            await broadcast.publish(channel, f"m{i}")
+
+
+def test_cli_refuses_a_truncated_export(tmp_path: Path) -> None:
+    source = f"sqlite+aiosqlite:///{tmp_path / 'a.db'}"
+    target = f"sqlite+aiosqlite:///{tmp_path / 'b.db'}"
+    asyncio.run(_publish(source, "room", 5))
+    export = subprocess.run(
+        [*CLI, "export", "--log", source], check=True, capture_output=True, text=True
+    ).stdout
+    head = "".join(export.splitlines(keepends=True)[:3])  # `export | head -n 3`
+    result = subprocess.run(
+        [*CLI, "import", "-", "--log", target], input=head, capture_output=True, text=True
+    )
+    assert result.returncode != 0
+    assert "events 3..5 are missing" in result.stderr
+    assert (
+        "room"
+        not in subprocess.run(
+            [*CLI, "channels", "--log", target], capture_output=True, text=True, check=False
+        ).stdout
+    )
+
+
+# -- over HTTP ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        ("\n".join([channel_line(last=2), event_line(1, key="k"), event_line(2, key="k")]), 400),
+        ("\n".join([channel_line(), "[" * 50_000]), 400),
+        ("x" * (7 * 1024 * 1024), 400),  # one line over the limit for 1 MiB messages
+    ],
+)
+async def test_http_import_errors_are_400(tmp_path: Path, body: str, status: int) -> None:
+    async with Broadcast("memory://", log=f"sqlite+aiosqlite:///{tmp_path / 'e.db'}") as b:
+        transport = httpx.ASGITransport(app=create_app(b, token=TOKEN))
+        async with httpx.AsyncClient(transport=transport, base_url="http://a", headers=AUTH) as c:
+            response = await c.post("/import", content=body.encode())
+        assert response.status_code == status, response.text
+        assert await b.log.channels() == []
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def _serving(app: object) -> AsyncIterator[int]:
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))  # type: ignore[arg-type]
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.02)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def test_a_stalled_upload_blocks_no_other_process(tmp_path: Path) -> None:
+    log = f"sqlite+aiosqlite:///{tmp_path / 'shared.db'}"
+    lines = [channel_line(last=1000)] + [event_line(i) for i in range(1, 1001)]
+    body = ("\n".join(lines) + "\n").encode()
+    async with Broadcast("memory://", log=log) as broadcast:
+        async with _serving(create_app(broadcast, token=TOKEN)) as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            head = (
+                f"POST /import HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {TOKEN}\r\n"
+                f"Content-Length: {len(body)}\r\nContent-Type: application/x-ndjson\r\n\r\n"
+            )
+            writer.write(head.encode() + body[: len(body) // 2])
+            await writer.drain()
+            await asyncio.sleep(0.5)  # the server has the first half; the client stalls
+            # Another process publishes to the same SQLite file meanwhile.
+            other = await asyncio.create_subprocess_exec(
+                *CLI, "publish", "elsewhere", "hello", "--log", log
+            )
+            assert await asyncio.wait_for(other.wait(), 20) == 0
+            writer.write(body[len(body) // 2 :])
+            await writer.drain()
+            status = await asyncio.wait_for(reader.readline(), 20)
+            writer.close()
+            assert b" 201 " in status, status
+        assert (await broadcast.log.channel("c")).last_offset == 1000  # type: ignore[union-attr]
+        assert (await broadcast.log.channel("elsewhere")) is not None

@@ -1,0 +1,264 @@
+"""Safe across processes, and one bad input fails alone.
+
+* A transport that reaches other processes refuses to run without a shared log.
+* Envelopes of another log, and messages that are not envelopes, are ignored,
+  logged once per channel, and counted.
+* A bad string fails its own publish only; a batch refused by the database is
+  retried one item at a time, so the good items of it are stored gap-free.
+* Integers beyond 2**63 - 1 and other bad arguments are ``InvalidArgument``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broadcast_history import (
+    Broadcast,
+    BroadcastBackend,
+    EventLog,
+    InvalidArgument,
+    InvalidMessage,
+)
+from broadcast_history.backends.memory import MemoryBackend
+from broadcast_history.log import Pending
+from tests.conftest import REDIS_URL, BackendFactory, MakeBroadcast, require_redis, unique
+from tests.helpers import assert_contiguous, take
+
+CROSSING = [
+    "redis://127.0.0.1:6379",
+    "rediss://127.0.0.1:6379",
+    "redis-stream://127.0.0.1:6379",
+    "rediss-stream://127.0.0.1:6379",
+    "postgres://postgres@127.0.0.1/test",
+    "postgresql://postgres@127.0.0.1/test",
+    "kafka://127.0.0.1:9092",
+]
+MAX = 2**63 - 1
+
+
+# -- a shared log is required ------------------------------------------------------
+
+
+@pytest.mark.parametrize("url", CROSSING)
+def test_crossing_transport_without_log_is_refused(url: str) -> None:
+    with pytest.raises(InvalidArgument, match=r"log=.*postgresql\+asyncpg.*sqlite") as info:
+        Broadcast(url)
+    assert url in str(info.value)
+
+
+def test_memory_keeps_its_private_log_and_instances_may_say_they_cross() -> None:
+    Broadcast("memory://")
+    Broadcast()
+
+    class Crossing(MemoryBackend):
+        crosses_processes = True
+
+    with pytest.raises(InvalidArgument, match="share one event log"):
+        Broadcast(backend=Crossing())
+    Broadcast(backend=Crossing(), log="sqlite+aiosqlite:///unused.db")
+
+    class Unknown(BroadcastBackend):  # says nothing: not checked
+        def __init__(self) -> None:
+            pass
+
+    Broadcast(backend=Unknown())
+
+
+SHARED_LOG_ERROR = """
+import sys
+from broadcast_history import Broadcast, InvalidArgument
+try:
+    Broadcast(sys.argv[1])
+except InvalidArgument as exc:
+    print("refused:", exc)
+else:
+    print("accepted")
+"""
+
+
+def test_two_processes_on_redis_without_a_log_get_the_clear_error() -> None:
+    # broadcaster's multi-worker chat, after changing only the import: each worker
+    # must be told at start-up, not lose messages later.
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", SHARED_LOG_ERROR, REDIS_URL], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    outputs = [run.communicate(timeout=60)[0] for run in runs]
+    for output in outputs:
+        assert output.startswith("refused:"), output
+        assert "share one event log" in output and "log=" in output
+
+
+# -- foreign messages on the transport ------------------------------------------------
+
+
+@pytest.mark.two_hosts
+async def test_envelopes_of_another_log_are_ignored_and_reported_once(
+    transport: BackendFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Two processes share the transport but not the log: each must see only its own.
+    ours = Broadcast(backend=await transport(), log=f"sqlite+aiosqlite:///{tmp_path / 'a.db'}")
+    theirs = Broadcast(backend=await transport(), log=f"sqlite+aiosqlite:///{tmp_path / 'b.db'}")
+    channel = unique()
+    async with ours, theirs, ours.subscribe(channel) as sub:
+        caplog.set_level(logging.ERROR, logger="broadcast_history")
+        for i in range(5):
+            await theirs.publish(channel, f"theirs {i}")
+        mine = [await ours.publish(channel, f"mine {i}") for i in range(3)]
+        got = await take(sub, 3)
+        assert got == mine
+        for _ in range(100):
+            if ours.foreign_messages["other_log"] >= 1:
+                break
+            await asyncio.sleep(0.05)
+    assert ours.foreign_messages["other_log"] >= 1
+    reports = [r for r in caplog.records if "another event log" in r.getMessage()]
+    assert len(reports) == 1, [r.getMessage() for r in reports]
+    assert theirs.log.url.database is not None
+
+
+async def test_messages_that_are_not_envelopes_warn_once_per_channel(
+    sqlite_file_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    require_redis()
+    from broadcast_history.backends.redis import RedisBackend
+
+    caplog.set_level(logging.WARNING, logger="broadcast_history")
+    raw = RedisBackend(REDIS_URL)
+    channels = [unique(), unique()]
+    async with Broadcast(REDIS_URL, log=sqlite_file_url) as broadcast:
+        async with broadcast.subscribe(channels[0]) as first, broadcast.subscribe(channels[1]):
+            await raw.connect()
+            try:
+                for i in range(20):
+                    await raw.publish(channels[i % 2], f"plain text {i}")
+                event = await broadcast.publish(channels[0], "an envelope")
+                assert await take(first, 1) == [event]
+                for _ in range(100):
+                    if broadcast.foreign_messages["not_envelope"] >= 20:
+                        break
+                    await asyncio.sleep(0.05)
+            finally:
+                await raw.disconnect()
+    assert broadcast.foreign_messages["not_envelope"] == 20
+    warnings = [r for r in caplog.records if "not broadcast_history envelopes" in r.getMessage()]
+    assert len(warnings) == 2  # one per channel, not one per message
+
+
+# -- one bad input fails alone ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("channel", "message", "key", "error"),
+    [
+        ("c", "\ud800", None, InvalidMessage),
+        ("c", "ok \udfff then", None, InvalidMessage),
+        ("c\ud800", "x", None, InvalidArgument),
+        ("c", "x", "\ud800", InvalidArgument),
+        ("c", "x", "k\x00", InvalidArgument),
+    ],
+)
+async def test_bad_strings_are_refused_before_queueing(
+    make_broadcast: MakeBroadcast, channel: str, message: str, key: str | None, error: type
+) -> None:
+    broadcast = await make_broadcast()
+    good = unique()
+    results: list[Any] = await asyncio.gather(
+        *[broadcast.publish(good, f"good {i}") for i in range(5)],
+        broadcast.publish(channel, message, key=key),
+        *[broadcast.publish(good, f"good {i}") for i in range(5, 10)],
+        return_exceptions=True,
+    )
+    assert isinstance(results[5], error), results[5]
+    stored = results[:5] + results[6:]
+    assert_contiguous(sorted(stored, key=lambda e: e.offset), 1, 10)
+    assert [e.message for e in await broadcast.log.read(good, limit=20)] == [
+        f"good {i}" for i in range(10)
+    ]
+
+
+async def test_batch_refused_by_the_database_is_retried_item_by_item(
+    make_broadcast: MakeBroadcast,
+) -> None:
+    """Fault injection: an item that skipped validation reaches the log in a batch."""
+    broadcast = await make_broadcast()
+    good = unique()
+    # A lone surrogate in the channel name: every database driver refuses to encode it.
+    poisoned = broadcast._appender.submit(Pending("bad\ud800", "x", None))
+    publishes = [broadcast.publish(good, f"good {i}") for i in range(10)]
+    results = await asyncio.gather(poisoned, *publishes, return_exceptions=True)
+    assert isinstance(results[0], InvalidArgument), results[0]
+    events = results[1:]
+    assert not any(isinstance(e, BaseException) for e in events), events
+    assert_contiguous(sorted(events, key=lambda e: e.offset), 1, 10)
+    assert_contiguous(await broadcast.log.read(good, limit=20), 1, 10)
+
+
+# -- integers and other arguments --------------------------------------------------
+
+
+async def test_integers_beyond_64_bits_are_invalid_arguments(sqlite_file_url: str) -> None:
+    async with Broadcast(log=sqlite_file_url) as broadcast:
+        channel = unique()
+        await broadcast.publish(channel, "x")
+        log = broadcast.log
+        for call in (
+            log.read(channel, before=2**64),
+            log.read(channel, after=MAX + 1),
+            log.read(channel, since=2**64),
+            log.read(channel, limit=2**64),
+            log.read(channel, after=-1),
+            log.trim(channel, before=2**64),
+        ):
+            with pytest.raises(InvalidArgument):
+                await call
+        assert await log.read(channel, before=MAX) != []
+        for options in ({"since": 2**64}, {"history": 2**64}, {"since": 1, "epoch": 2**64}):
+            with pytest.raises(InvalidArgument):
+                async with broadcast.subscribe(channel, **options):
+                    pass
+
+
+async def test_trim_with_a_wrong_type_is_an_invalid_argument(sqlite_file_url: str) -> None:
+    async with Broadcast(log=sqlite_file_url) as broadcast:
+        await broadcast.publish("c", "x")
+        with pytest.raises(InvalidArgument):
+            await broadcast.log.trim("c", before="x")  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgument):
+            await broadcast.log.trim("c", before_time="yesterday")  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgument, match="naive"):
+            await broadcast.log.trim("c", before_time=datetime(2024, 1, 1))
+        assert (
+            await broadcast.log.trim("c", before_time=datetime(2000, 1, 1, tzinfo=timezone.utc))
+            == 0
+        )
+
+
+async def test_read_since_an_offset_means_after_it(sqlite_file_url: str) -> None:
+    async with Broadcast(log=sqlite_file_url) as broadcast:
+        for i in range(5):
+            await broadcast.publish("c", str(i))
+        assert [e.offset for e in await broadcast.log.read("c", since=3)] == [4, 5]
+        with pytest.raises(InvalidArgument, match="not both"):
+            await broadcast.log.read("c", since=3, after=1)
+
+
+def test_sqlite_synchronous_must_be_a_known_level() -> None:
+    with pytest.raises(InvalidArgument, match="sqlite_synchronous"):
+        EventLog("sqlite+aiosqlite:///x.db", sqlite_synchronous="bogus")  # type: ignore[arg-type]
+    assert EventLog("sqlite+aiosqlite:///x.db", sqlite_synchronous="full")._synchronous == "FULL"
+
+
+def test_url_and_backend_together_are_an_invalid_argument() -> None:
+    with pytest.raises(InvalidArgument):
+        Broadcast("memory://", backend=MemoryBackend())

@@ -1,0 +1,126 @@
+"""Memory is bounded in bytes, not only in counts.
+
+A subscriber's live buffer (``buffer_bytes``), a replay page (``page_bytes``) and a
+page of the admin API (8 MiB) each stop at a byte budget, and always hold at least
+one event, so large messages neither exhaust memory nor stall delivery.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from broadcast_history import Broadcast
+from broadcast_history.admin import create_app
+from tests.admin_support import LOG_KINDS, fresh_log_url
+from tests.conftest import MakeBroadcast, unique
+from tests.helpers import assert_contiguous, take
+
+STALLED = """
+import asyncio, json, resource, sys
+from broadcast_history import Broadcast
+
+def rss_mib():
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+
+async def main(log, count, size):
+    async with Broadcast("memory://", log=log) as broadcast:
+        async with broadcast.subscribe("big") as subscriber:
+            await broadcast.publish("big", b"warm-up")
+            await subscriber.get()
+            before = rss_mib()
+            peak = before
+            for i in range(count):
+                # A new object each time: a buffer keeping references keeps them all.
+                await broadcast.publish("big", bytes([i % 256]) * size)
+                peak = max(peak, rss_mib())
+            # The subscriber never read while that happened; now it catches up.
+            offsets = []
+            for _ in range(count):
+                event = await asyncio.wait_for(subscriber.get(), 30)
+                assert len(event.message) == size and event.message[0] == (event.offset - 2) % 256
+                offsets.append(event.offset)
+    print(json.dumps({"before": before, "peak": peak, "offsets": offsets}))
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
+"""
+
+
+def test_stalled_subscriber_over_200_mb_stays_bounded(tmp_path: Path) -> None:
+    count, size = 400, 512 * 1024  # 200 MiB published while the subscriber stalls
+    log = f"sqlite+aiosqlite:///{tmp_path / 'e.db'}"
+    result = subprocess.run(
+        [sys.executable, "-c", STALLED, log, str(count), str(size)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    assert figures["offsets"] == list(range(2, count + 2))
+    grown = figures["peak"] - figures["before"]
+    assert grown < 60, f"RSS grew by {grown:.0f} MiB while 200 MiB went by"
+
+
+async def test_live_buffer_overflows_by_bytes_and_catches_up(make_broadcast: MakeBroadcast) -> None:
+    broadcast = await make_broadcast(buffer_bytes=64 * 1024)
+    channel = unique()
+    async with broadcast.subscribe(channel) as subscriber:
+        published = [await broadcast.publish(channel, b"x" * 10_000) for _ in range(30)]
+        assert subscriber._live_bytes <= 64 * 1024 + 11_000
+        got = await take(subscriber, 30)
+    assert got == published
+
+
+async def test_replay_pages_stop_at_their_byte_budget(make_broadcast: MakeBroadcast) -> None:
+    broadcast = await make_broadcast(page_bytes=25_000)
+    channel = unique()
+    published = [await broadcast.publish(channel, "é" * 5_000) for _ in range(20)]  # 10 kB each
+    log = broadcast.log
+    assert [e.offset for e in await log.read_from(channel, 1, 100, max_bytes=25_000)] == [1, 2, 3]
+    assert [e.offset for e in await log.read(channel, limit=100, max_bytes=20_000)] == [1, 2]
+    desc = await log.read(channel, limit=100, max_bytes=25_000, order="desc")
+    assert [e.offset for e in desc] == [20, 19, 18]
+    assert [e.offset for e in await log.read(channel, max_bytes=1)] == [1]  # one at least
+    async with broadcast.subscribe(channel, since=0) as subscriber:
+        got = await take(subscriber, 20)
+    assert got == published
+    assert_contiguous(got, 1, 20)
+
+
+@pytest.mark.parametrize("kind", LOG_KINDS)
+async def test_admin_pages_hold_at_most_8_mib(kind: str, tmp_path: Path) -> None:
+    url = await fresh_log_url(kind, tmp_path)
+    async with Broadcast("memory://", log=url) as broadcast:
+        megabyte = 1024 * 1024
+        for i in range(20):
+            await broadcast.publish("big", bytes([i]) * megabyte)
+        app = create_app(broadcast, token="t")
+        transport = httpx.ASGITransport(app=app)
+        headers = {"Authorization": "Bearer t"}
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://a", headers=headers
+        ) as c:
+            offsets: list[int] = []
+            query = "?limit=200"
+            while True:
+                response = await c.get("/channels/big/events" + query)
+                assert response.status_code == 200, response.text
+                page = response.json()
+                sizes = [len(base64.b64decode(e["message"])) for e in page["events"]]
+                assert sum(sizes) <= 8 * megabyte
+                offsets += [e["offset"] for e in page["events"]]
+                if page["next_cursor"] is None:
+                    break
+                query = f"?limit=200&after={page['next_cursor']}"
+    assert offsets == list(range(1, 21))

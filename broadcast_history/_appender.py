@@ -5,19 +5,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
 
 from ._errors import InvalidArgument, NotConnected
 from ._event import Event
+from ._wire import Wire
 from .log import EventLog, Pending
 
 logger = logging.getLogger("broadcast_history")
 
-Sender = Callable[[list[Event]], Awaitable[None]]
-
 
 class Appender:
-    """Batches publishes into log transactions, then hands the events to a sender.
+    """Batches publishes into log transactions, then sends the events on the wire.
 
     Whatever is waiting when a transaction starts goes into it: there is no timer, so
     a lone publisher pays one transaction and many publishers share them. Live sends
@@ -25,9 +23,9 @@ class Appender:
     commit order.
     """
 
-    def __init__(self, log: EventLog, send: Sender, *, max_batch: int = 1000) -> None:
+    def __init__(self, log: EventLog, wire: Wire, *, max_batch: int = 1000) -> None:
         self._log = log
-        self._send = send
+        self._wire = wire
         self._max_batch = max_batch
         self._pending: deque[tuple[Pending, asyncio.Future[Event]]] = deque()
         self._outbox: deque[Event] = deque()
@@ -134,7 +132,7 @@ class Appender:
             events = list(outbox)
             outbox.clear()
             try:
-                await self._send(events)
+                await self._wire.send(events)
             except asyncio.CancelledError:
                 raise
             except Exception:

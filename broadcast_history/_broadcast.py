@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from . import _envelope
 from ._appender import Appender
+from ._budget import SubscriberOptions, weigh
 from ._errors import InvalidArgument, NotConnected, TransportError
 from ._event import Event
-from ._subscriber import HeadProbe, Subscriber, SubscriberOptions, weigh
+from ._heads import HeadProbe
+from ._subscriber import Subscriber
 from ._validation import (
     DEFAULT_MAX_MESSAGE_SIZE,
     check_channel,
@@ -22,6 +23,7 @@ from ._validation import (
     check_message,
     check_position,
 )
+from ._wire import Wire
 from .backends import BroadcastBackend, backend_from_url
 from .log import EventLog, Pending, Retention
 
@@ -108,11 +110,9 @@ class Broadcast:
             buffer_bytes=buffer_bytes,
             page_bytes=page_bytes,
         )
-        self._appender = Appender(self.log, self._send, max_batch=max_batch)
+        self._wire = Wire(backend, self.log)
+        self._appender = Appender(self.log, self._wire, max_batch=max_batch)
         self._heads = HeadProbe(self.log)
-        # Envelopes above the transport's limit are split or sent as notices.
-        self._envelope_limit = getattr(backend, "max_message_size", None)
-        self._objects = bool(getattr(backend, "_carries_objects", False))
         self._subscribers: dict[str, set[Subscriber]] = {}
         self._transport_channels: set[str] = set()
         self._channel_lock: asyncio.Lock | None = None
@@ -120,9 +120,9 @@ class Broadcast:
         self._retention_task: asyncio.Task[None] | None = None
         self._listener_error: BaseException | None = None
         self._connected = False
-        #: Transport messages ignored, by kind: "not_envelope" or "other_log".
-        self.foreign_messages: dict[str, int] = {"not_envelope": 0, "other_log": 0}
-        self._reported: set[tuple[str, str | None]] = set()
+        #: Transport messages ignored, by kind: ``"not_envelope"`` (another program
+        #: publishing) or ``"other_log"`` (a process with another log).
+        self.foreign_messages = self._wire.foreign
 
     @property
     def backend(self) -> BroadcastBackend:
@@ -216,19 +216,6 @@ class Broadcast:
             raise NotConnected("call connect() (or use `async with broadcast`) first")
         return await self._appender.submit(Pending(channel, payload, key))
 
-    async def _send(self, events: list[Event]) -> None:
-        by_channel: dict[str, list[Event]] = {}
-        for event in events:
-            by_channel.setdefault(event.channel, []).append(event)
-        messages: list[tuple[str, Any]] = []
-        for channel, batch in by_channel.items():
-            if self._objects:
-                messages.append((channel, tuple(batch)))
-            else:
-                for text in _envelope.encode(batch, self.log.log_id, self._envelope_limit):
-                    messages.append((channel, text))
-        await self._backend.publish_many(messages)
-
     # -- subscribe -----------------------------------------------------------------
 
     @asynccontextmanager
@@ -308,63 +295,23 @@ class Broadcast:
 
     # -- background tasks ----------------------------------------------------------
 
-    def _ignore(self, channel: str, origin: str | None) -> None:
-        """Count a foreign message; log the first of each channel (and foreign log)."""
-        kind = "not_envelope" if origin is None else "other_log"
-        self.foreign_messages[kind] += 1
-        if (channel, origin) in self._reported:
-            return
-        if len(self._reported) >= 10_000:
-            self._reported.clear()  # bounded: a storm of names must not grow memory
-        self._reported.add((channel, origin))
-        if origin is None:
-            logger.warning(
-                "ignoring messages on %r that are not broadcast_history envelopes "
-                "(another program publishing on the transport?); logged once per channel",
-                channel,
-            )
-        else:
-            logger.error(
-                "ignoring events on %r from another event log (%s; this one is %s): "
-                "processes sharing a transport must share one log; logged once per "
-                "channel and log",
-                channel,
-                origin,
-                self.log.log_id,
-            )
-
     async def _listen(self) -> None:
-        backend = self._backend
+        wire = self._wire
         subscribers = self._subscribers
-        log_id = self.log.log_id
         try:
             while True:
-                raw = await backend.next_published()
-                targets = subscribers.get(raw.channel)
-                if not targets:
-                    continue
-                message = raw.message
-                events: Sequence[Event]
-                if isinstance(message, tuple):
-                    events = message
-                else:
-                    try:
-                        events = _envelope.decode(raw.channel, message, log_id)
-                    except _envelope.OtherLog as exc:
-                        self._ignore(raw.channel, exc.log_id)
-                        continue
-                    except _envelope.NotAnEnvelope:
-                        self._ignore(raw.channel, None)
-                        continue
+                channel, events = await wire.receive(subscribers)
                 size = weigh(events)
-                for subscriber in tuple(targets):
+                for subscriber in tuple(subscribers.get(channel, ())):
                     subscriber._feed(events, size)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
             # Every subscriber hears of it; none is left waiting forever.
-            error = TransportError(f"the live transport failed: {exc!r}")
-            error.__cause__ = exc
+            error = exc
+            if not isinstance(exc, TransportError):
+                error = TransportError(f"the live transport failed: {exc!r}")
+                error.__cause__ = exc
             self._listener_error = error
             for group in subscribers.values():
                 for subscriber in group:

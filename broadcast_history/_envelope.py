@@ -11,7 +11,8 @@ something in that log, so a receiver ignores envelopes of any other log (process
 sharing a transport but not a log) instead of mixing two numberings.
 
 ``kind`` is ``"s"`` (text payload), ``"b"`` (bytes, base64) or ``"n"`` (a notice: the
-event exists but its payload did not fit the transport; read it from the log).
+event exists but its payload did not fit the transport; its message decodes as
+``NOTICE`` and subscribers read it from the log).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
-from ._event import Event, from_micros, to_micros
+from ._event import NOTICE, Event, from_micros, to_micros
 
 PREFIX: Final = "bh2:"
 
@@ -38,16 +39,6 @@ class OtherLog(ValueError):
         self.log_id = log_id
 
 
-class _Notice:
-    """Placeholder message of an event that must be read from the log."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "NOTICE"
-
-
-NOTICE: Final = _Notice()
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 

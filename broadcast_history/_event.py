@@ -4,9 +4,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, Final
 
 _UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+class _InLog:
+    """The message of an event that arrived as a notice: read it from the log."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NOTICE"
+
+
+#: Stands for the message of a live event whose payload did not fit the transport.
+NOTICE: Final = _InLog()
 
 
 def to_micros(moment: datetime) -> int:

@@ -1,6 +1,6 @@
 """One subscription: replay from the log, then live, exactly once and in order.
 
-State machine (see DESIGN.md §4):
+State machine (docs/concepts.md, "The replay → live handoff"):
 
 * ``REPLAY``: read the log page by page from ``next`` on. An empty page means the
   subscriber has caught up: it switches to ``LIVE``.
@@ -19,21 +19,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from ._envelope import NOTICE
+from ._budget import SubscriberOptions, page_was_cut, weigh, weight
 from ._errors import (
     HistoryTruncated,
-    OffsetOutOfRange,
+    LogUnavailable,
     StreamReset,
     Unsubscribed,
 )
-from ._event import Event
+from ._event import NOTICE, Event
+from ._heads import HeadProbe
+from ._start import resolve_start
 from .log import ChannelInfo, EventLog
 
 if TYPE_CHECKING:
@@ -41,57 +41,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("broadcast_history")
 _REPLAY, _LIVE, _CLOSED = "replay", "live", "closed"
-# Memory of an Event and its bookkeeping, besides the message itself.
-_EVENT_OVERHEAD = 200
-
-
-def weight(event: Event) -> int:
-    """Approximate memory held by ``event``, in bytes."""
-    return sys.getsizeof(event.message) + _EVENT_OVERHEAD
-
-
-def weigh(events: Sequence[Event]) -> int:
-    """Approximate memory held by ``events``, in bytes."""
-    return sum([sys.getsizeof(event.message) for event in events]) + _EVENT_OVERHEAD * len(events)
-
-
-@dataclass(frozen=True, slots=True)
-class SubscriberOptions:
-    """Tuning shared by the subscribers of one broadcast."""
-
-    buffer_size: int = 10_000
-    page_size: int = 1000
-    idle_check: float = 1.0
-    reorder_window: float = 0.05
-    buffer_bytes: int = 16 * 1024 * 1024
-    page_bytes: int = 4 * 1024 * 1024
-
-
-class HeadProbe:
-    """Shares log lookups of a channel's head among the subscribers of a broadcast.
-
-    Every idle subscriber checks the head about once per ``idle_check``; without
-    sharing, 10,000 idle subscribers would cost 10,000 queries a second. A lookup
-    still running is always shared; an idle check may also reuse one that started
-    at most ``max_age`` seconds ago, which only delays the check by that much.
-    """
-
-    def __init__(self, log: EventLog) -> None:
-        self._log = log
-        self._lookups: dict[str, tuple[float, asyncio.Future[ChannelInfo | None]]] = {}
-
-    async def channel(self, name: str, max_age: float = 0.0) -> ChannelInfo | None:
-        now = asyncio.get_running_loop().time()
-        entry = self._lookups.get(name)
-        if entry is None or (entry[1].done() and now - entry[0] > max_age):
-            future = asyncio.ensure_future(self._log.channel(name))
-            self._lookups[name] = entry = (now, future)
-            if len(self._lookups) > 4096:
-                # Forget finished lookups of channels nobody checks any more.
-                for key in [k for k, (_, f) in self._lookups.items() if f.done()]:
-                    del self._lookups[key]
-        # Shielded: one caller being cancelled must not cancel the others' answer.
-        return await asyncio.shield(entry[1])
 
 
 class Subscriber:
@@ -101,15 +50,11 @@ class Subscriber:
     """
 
     def __init__(
-        self,
-        channel: str,
-        log: EventLog,
-        options: SubscriberOptions,
-        heads: HeadProbe | None = None,
+        self, channel: str, log: EventLog, options: SubscriberOptions, heads: HeadProbe
     ) -> None:
         self.channel = channel
         self._log = log
-        self._heads = heads or HeadProbe(log)
+        self._heads = heads
         self._options = options
         self._mode = _LIVE
         self._next = 1
@@ -182,42 +127,10 @@ class Subscriber:
         self, since: int | datetime | None, history: int | None, epoch: int | None
     ) -> None:
         """Resolve the start position; called after live registration."""
-        info = await self._log.channel(self.channel)
-        head = info.last_offset if info is not None else 0
-        first = info.first_offset if info is not None else 1
-        if epoch is not None and (info is None or info.epoch != epoch):
-            current = "no history" if info is None else f"epoch {info.epoch}"
-            raise StreamReset(
-                f"channel {self.channel!r} was reset: asked for epoch {epoch}, it has {current}"
-            )
-        self._epoch = info.epoch if info is not None else None
-        if isinstance(since, datetime):
-            trimmed = info.trimmed_timestamp if info is not None else None
-            if trimmed is not None and trimmed >= since:
-                raise HistoryTruncated(
-                    f"events of {self.channel!r} since {since.isoformat()} were trimmed"
-                )
-            found = await self._log.offset_at(self.channel, since) if info else None
-            start = head + 1 if found is None else found
-        elif since is not None:
-            if since < 0:
-                raise OffsetOutOfRange(f"since must be >= 0, got {since}")
-            if since > head:
-                raise OffsetOutOfRange(
-                    f"since={since} is beyond the head of {self.channel!r} ({head})"
-                )
-            if since + 1 < first:
-                raise HistoryTruncated(
-                    f"events {since + 1}..{first - 1} of {self.channel!r} were trimmed; "
-                    f"the oldest stored offset is {first}"
-                )
-            start = since + 1
-        elif history is not None:
-            start = max(first, head - history + 1)
-        else:
-            start = head + 1
-        self._next = start
-        self._mode = _REPLAY if start <= head else _LIVE
+        start = await resolve_start(self._log, self.channel, since, history, epoch)
+        self._epoch = start.epoch
+        self._next = start.offset
+        self._mode = _REPLAY if start.offset <= start.head else _LIVE
 
     # -- fed by the broadcast ------------------------------------------------------
 
@@ -292,7 +205,7 @@ class Subscriber:
             if epoch == self._epoch and page[-1].epoch == epoch:
                 self._page.extend(page)
                 options = self._options
-                if len(page) < options.page_size and not _cut(page, options.page_bytes):
+                if len(page) < options.page_size and not page_was_cut(page, options.page_bytes):
                     # The log had nothing more when read, and live delivery was set up
                     # before the read: whatever commits next arrives live (or shows up
                     # as a gap), so stop polling the log.
@@ -412,21 +325,16 @@ class Subscriber:
             return None
         if not await self._wait(self._options.idle_check) and self._mode == _LIVE:
             idle = self._options.idle_check
-            info = await self._check_head(expected, max_age=idle / 2)
+            try:
+                info = await self._check_head(expected, max_age=idle / 2)
+            except LogUnavailable as exc:
+                # Only a safety net failed: live delivery goes on, the next idle check
+                # tries again.
+                logger.warning("channel %r: idle check failed: %s", self.channel, exc)
+                return None
             if info is not None and info.last_offset >= expected:
                 self._mode = _REPLAY
         return None
-
-
-def _cut(page: list[Event], page_bytes: int) -> bool:
-    """Whether a replay page was cut by its byte budget (the log has more)."""
-    total = 0
-    for event in page:
-        message = event.message
-        total += len(message.encode() if isinstance(message, str) else message)
-        if total >= page_bytes:
-            return True
-    return False
 
 
 def _discard(read: asyncio.Future[list[Event]]) -> None:

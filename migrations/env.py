@@ -13,8 +13,7 @@ import os
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from broadcast_history.log._engine import create_engine, normalize_url
-from broadcast_history.log._schema import VERSION_TABLE, metadata
+from broadcast_history.log import VERSION_TABLE, metadata, migration_engine
 
 config = context.config
 
@@ -39,10 +38,9 @@ def _run(connection: Connection) -> None:
 
 
 async def _run_with_engine() -> None:
-    engine = create_engine(normalize_url(_url()))
+    engine = migration_engine(_url())
     try:
         async with engine.connect() as connection:
-            await connection.execution_options(bh_write=True)
             await connection.run_sync(_run)
             await connection.commit()
     finally:
@@ -51,7 +49,7 @@ async def _run_with_engine() -> None:
 
 if context.is_offline_mode():
     context.configure(
-        url=str(normalize_url(_url())),
+        url=str(migration_engine(_url()).url),
         target_metadata=metadata,
         version_table=VERSION_TABLE,
         literal_binds=True,

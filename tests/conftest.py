@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from broadcast_history import Broadcast, BroadcastBackend, EventLog
+from broadcast_history.log import migration_engine
 
 POSTGRES_URL = os.environ.get("BH_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("BH_TEST_REDIS", "redis://127.0.0.1:6379/0")
@@ -92,12 +93,16 @@ def sqlite_file_url(tmp_path: Path) -> str:
 async def reset_postgres_log(url: str = POSTGRES_URL) -> None:
     """Empty the log tables of the test database (the schema stays)."""
     log = EventLog(url)
-    await log.connect()
+    await log.connect()  # creates the schema if it is missing
+    await log.disconnect()
+    engine = migration_engine(url)
     try:
-        async with log.engine.begin() as conn:
-            await conn.exec_driver_sql("TRUNCATE broadcast_events, broadcast_channels")
+        async with engine.begin() as conn:
+            await conn.exec_driver_sql(
+                "TRUNCATE broadcast_events, broadcast_channels, broadcast_consumers"
+            )
     finally:
-        await log.disconnect()
+        await engine.dispose()
 
 
 @pytest.fixture(params=LOGS)

@@ -182,16 +182,18 @@ async def test_migrations_match_metadata(kind: str, sqlite_file_url: str) -> Non
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
 
-    from broadcast_history.log._schema import VERSION_TABLE, metadata
+    from broadcast_history.log import VERSION_TABLE, metadata, migration_engine
 
     url = sqlite_file_url
     if kind == "log:postgres":
         require_postgres()
         url = POSTGRES_URL
     log = EventLog(url)
-    await log.connect()
+    await log.connect()  # migrates
+    await log.disconnect()
+    engine = migration_engine(url)
     try:
-        async with log.engine.connect() as conn:
+        async with engine.connect() as conn:
 
             def diff(sync_conn: object) -> list[object]:
                 context = MigrationContext.configure(
@@ -202,7 +204,7 @@ async def test_migrations_match_metadata(kind: str, sqlite_file_url: str) -> Non
 
             assert await conn.run_sync(diff) == []
     finally:
-        await log.disconnect()
+        await engine.dispose()
 
 
 _PUBLISHER = textwrap.dedent(

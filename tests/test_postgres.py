@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from broadcast_history import Broadcast, Event, EventLog, NotConnected, TransportError, _envelope
+from broadcast_history._event import NOTICE
 from broadcast_history.backends import backend_from_url
 from broadcast_history.backends.memory import MemoryBackend
 from broadcast_history.backends.postgres import PostgresBackend, channel_identifier
@@ -150,7 +151,7 @@ async def test_large_payload_travels_as_notice_and_is_read_from_log(pg_url: str)
     assert all(len(message.encode()) < 8000 for message in wire)
     assert [record.offset for record in records] == [1, 2, 3]
     assert records[0].message == "small"
-    assert records[1].message is _envelope.NOTICE and records[2].message is _envelope.NOTICE
+    assert records[1].message is NOTICE and records[2].message is NOTICE
 
 
 async def test_live_delivery_between_two_broadcasts(pg_url: str) -> None:

@@ -6,33 +6,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from .._event import Event
+from ..log import ChannelInfo
 
-
-@dataclass(frozen=True, slots=True)
-class ChannelStats:
-    """What the log holds for one channel.
-
-    Attributes:
-        name: Channel name.
-        epoch: Incarnation; changes when the channel is deleted and used again.
-        first_offset: Oldest stored offset (``last_offset + 1`` when none is stored).
-        last_offset: Newest offset ever allocated.
-        count: Number of stored events.
-        first_timestamp: Timestamp of the oldest stored event.
-        last_timestamp: Timestamp of the newest event.
-        trimmed: Number of events removed by trimming or retention.
-        trimmed_timestamp: Timestamp of the newest removed event.
-    """
-
-    name: str
-    epoch: int
-    first_offset: int
-    last_offset: int
-    count: int
-    first_timestamp: datetime | None
-    last_timestamp: datetime | None
-    trimmed: int = 0
-    trimmed_timestamp: datetime | None = None
+#: The stats of a channel are the log's :class:`ChannelInfo` (offsets, count, times).
+ChannelStats = ChannelInfo
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +21,7 @@ class ChannelPage:
         next_cursor: Pass as ``after=`` to get the next page; ``None`` on the last page.
     """
 
-    channels: list[ChannelStats]
+    channels: list[ChannelInfo]
     next_cursor: str | None
 
 

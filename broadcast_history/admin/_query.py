@@ -10,67 +10,27 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal
-
-from sqlalchemy import Row, func, select
+from typing import TYPE_CHECKING, Literal
 
 from .._errors import InvalidArgument
-from .._event import Event, from_micros, to_micros
-from .._validation import DEFAULT_MAX_MESSAGE_SIZE, MAX_CHANNEL_LENGTH, check_channel
-from ..log import EventLog, Retention
-from ..log._schema import channels, events
+from .._event import Event
+from .._validation import (
+    DEFAULT_MAX_MESSAGE_SIZE,
+    MAX_CHANNEL_LENGTH,
+    check_channel,
+    check_optional_int,
+    check_time,
+)
+from ..log import ChannelInfo, EventLog, Retention
 from . import _import, _jsonl
 from ._errors import ChannelNotFound, EventNotFound
-from ._models import ChannelPage, ChannelStats, EventPage, ImportResult, RetentionStats
+from ._models import ChannelPage, EventPage, ImportResult, RetentionStats
 
 if TYPE_CHECKING:
     from .._broadcast import Broadcast
 
 #: Largest page any query returns.
 MAX_LIMIT = 10_000
-# Offsets are BIGINT columns: a larger bound would make the database fail, not answer.
-_MAX_OFFSET = 2**63 - 1
-
-# Timestamp of the oldest stored event: one primary-key seek per channel.
-_FIRST_TIMESTAMP = (
-    select(events.c.timestamp)
-    .where(events.c.channel == channels.c.name, events.c.offset == channels.c.first_offset)
-    .correlate(channels)
-    .scalar_subquery()
-)
-_STATS_COLUMNS = (
-    channels.c.name,
-    channels.c.epoch,
-    channels.c.first_offset,
-    channels.c.last_offset,
-    channels.c.last_timestamp,
-    channels.c.trimmed_timestamp,
-    _FIRST_TIMESTAMP.label("first_timestamp"),
-)
-
-
-def _stats(row: Row[Any, Any, Any, Any, Any, Any, Any]) -> ChannelStats:
-    name, epoch, first, last, last_ts, trimmed_ts, first_ts = tuple(row)
-    return ChannelStats(
-        name=name,
-        epoch=epoch,
-        first_offset=first,
-        last_offset=last,
-        count=max(0, last - first + 1),
-        first_timestamp=None if first_ts is None else from_micros(first_ts),
-        last_timestamp=from_micros(last_ts) if last else None,
-        trimmed=max(0, first - 1),
-        trimmed_timestamp=None if trimmed_ts is None else from_micros(trimmed_ts),
-    )
-
-
-def _check_offset(name: str, value: int | None) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidArgument(f"{name} must be an int")
-    if not 0 <= value <= _MAX_OFFSET:
-        raise InvalidArgument(f"{name} must be between 0 and {_MAX_OFFSET}")
 
 
 def _check_limit(limit: int) -> None:
@@ -79,16 +39,8 @@ def _check_limit(limit: int) -> None:
 
 
 def _check_time(name: str, value: datetime | None) -> None:
-    if value is None:
-        return
-    if not isinstance(value, datetime):
-        raise InvalidArgument(f"{name} must be a datetime")
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise InvalidArgument(f"{name}: naive datetimes are refused; give a timezone")
-    try:
-        to_micros(value)
-    except OverflowError as exc:  # pragma: no cover - datetime range fits in 64 bits
-        raise InvalidArgument(f"{name} is out of range") from exc
+    if value is not None:
+        check_time(name, value)
 
 
 def _check_name_part(name: str, value: str | None) -> None:
@@ -139,7 +91,7 @@ class HistoryAdmin:
 
     # -- channels ------------------------------------------------------------------
 
-    async def channel(self, name: str) -> ChannelStats:
+    async def channel(self, name: str) -> ChannelInfo:
         """Stats of channel ``name``.
 
         Raises:
@@ -147,12 +99,10 @@ class HistoryAdmin:
             InvalidArgument: ``name`` is not a valid channel name.
         """
         check_channel(name)
-        async with self.log.transaction() as conn:
-            result = await conn.execute(select(*_STATS_COLUMNS).where(channels.c.name == name))
-            row = result.first()
-        if row is None:
+        info = await self.log.channel(name)
+        if info is None:
             raise ChannelNotFound(f"no channel {name!r} in the log")
-        return _stats(row)
+        return info
 
     async def channels(
         self, *, prefix: str | None = None, after: str | None = None, limit: int = 100
@@ -167,18 +117,12 @@ class HistoryAdmin:
         _check_name_part("prefix", prefix)
         _check_name_part("after", after)
         _check_limit(limit)
-        query = select(*_STATS_COLUMNS).order_by(channels.c.name).limit(limit + 1)
-        if prefix:
-            query = query.where(channels.c.name.startswith(prefix, autoescape=True))
-        if after:
-            query = query.where(channels.c.name > after)
-        async with self.log.transaction() as conn:
-            rows = (await conn.execute(query)).all()
-        found = [_stats(row) for row in rows[:limit]]
-        more = len(rows) > limit
+        found = await self.log.channels(prefix=prefix, after=after or None, limit=limit + 1)
+        more = len(found) > limit
+        found = found[:limit]
         return ChannelPage(found, found[-1].name if more else None)
 
-    async def all_channels(self, *, prefix: str | None = None) -> AsyncIterator[ChannelStats]:
+    async def all_channels(self, *, prefix: str | None = None) -> AsyncIterator[ChannelInfo]:
         """Every channel (optionally under ``prefix``), read page by page."""
         after: str | None = None
         while True:
@@ -225,8 +169,8 @@ class HistoryAdmin:
             InvalidArgument: A bad filter.
         """
         check_channel(channel)
-        _check_offset("after", after)
-        _check_offset("before", before)
+        check_optional_int("after", after)
+        check_optional_int("before", before)
         _check_time("since", since)
         _check_time("until", until)
         _check_limit(limit)
@@ -261,7 +205,7 @@ class HistoryAdmin:
             EventNotFound: No event is stored at that offset.
         """
         check_channel(channel)
-        _check_offset("offset", offset)
+        check_optional_int("offset", offset)
         found = await self.log.get(channel, offset)
         if found is not None:
             return found
@@ -276,23 +220,14 @@ class HistoryAdmin:
 
     async def retention_stats(self) -> RetentionStats:
         """Totals over every channel, and the broadcast's retention settings."""
-        stored = func.sum(channels.c.last_offset - channels.c.first_offset + 1)
-        query = select(
-            func.count(),
-            func.coalesce(stored, 0),
-            func.coalesce(func.sum(channels.c.first_offset - 1), 0),
-            func.min(_FIRST_TIMESTAMP),
-            func.max(channels.c.last_timestamp),
-        ).select_from(channels)
-        async with self.log.transaction() as conn:
-            count, total, trimmed, oldest, newest = (await conn.execute(query)).one()
+        totals = await self.log.totals()
         retention = self.retention
         return RetentionStats(
-            channels=int(count),
-            events=int(total),
-            trimmed=int(trimmed),
-            oldest_timestamp=None if oldest is None else from_micros(oldest),
-            newest_timestamp=from_micros(newest) if count and newest else None,
+            channels=totals.channels,
+            events=totals.events,
+            trimmed=totals.trimmed,
+            oldest_timestamp=totals.oldest_timestamp,
+            newest_timestamp=totals.newest_timestamp,
             max_events=None if retention is None else retention.max_events,
             max_age=None if retention is None else retention.max_age,
         )
@@ -313,7 +248,7 @@ class HistoryAdmin:
             InvalidArgument: Neither bound given, or a bad one.
         """
         check_channel(channel)
-        _check_offset("before", before)
+        check_optional_int("before", before)
         _check_time("before_time", before_time)
         if before is None and before_time is None:
             raise InvalidArgument("give before (an offset) and/or before_time (a datetime)")
@@ -392,6 +327,6 @@ async def _aiter(items: Iterable[str]) -> AsyncIterator[str]:
         yield item
 
 
-async def _names(stats: AsyncIterator[ChannelStats]) -> AsyncIterator[str]:
+async def _names(stats: AsyncIterator[ChannelInfo]) -> AsyncIterator[str]:
     async for item in stats:
         yield item.name

@@ -6,6 +6,7 @@ import importlib
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
+from .._errors import InvalidArgument
 from .base import BroadcastBackend
 
 
@@ -34,7 +35,7 @@ def backend_from_url(url: str) -> BroadcastBackend:
     """Build the transport for ``url``.
 
     Raises:
-        ValueError: The scheme is unknown.
+        InvalidArgument: The scheme is unknown (a ``ValueError``, as in broadcaster).
         ImportError: The transport's driver is not installed; the message names the
             extra to install.
     """
@@ -42,7 +43,7 @@ def backend_from_url(url: str) -> BroadcastBackend:
     entry = _SCHEMES.get(scheme)
     if entry is None:
         known = ", ".join(f"{s}://" for s in _SCHEMES)
-        raise ValueError(f"Unsupported broadcast URL scheme {scheme!r}; use one of {known}")
+        raise InvalidArgument(f"Unsupported broadcast URL scheme {scheme!r}; use one of {known}")
     try:
         module = importlib.import_module(f"{__name__}.{entry.module}")
     except ModuleNotFoundError as exc:

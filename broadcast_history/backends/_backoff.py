@@ -6,20 +6,20 @@ import asyncio
 
 
 class Backoff:
-    """Sleeps 50 ms, then twice as long each time, up to ``longest`` seconds.
+    """Sleeps ``first`` seconds (50 ms), then twice as long each time, up to ``longest``.
 
     The first retry is quick, because most losses are a single dropped connection;
     doubling keeps a transport from hammering a server that is down for longer.
 
     Args:
         longest: Longest pause, in seconds.
+        first: First pause, in seconds (and the pause after :meth:`reset`).
     """
 
-    first = 0.05
-
-    def __init__(self, longest: float) -> None:
+    def __init__(self, longest: float, first: float = 0.05) -> None:
         self._longest = longest
-        self._delay = self.first
+        self.first = first
+        self._delay = first
 
     def reset(self) -> None:
         """Start again from the shortest pause (after a successful connection)."""

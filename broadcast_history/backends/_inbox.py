@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from .._errors import TransportError
 from .._event import Event
 
 
@@ -32,6 +33,15 @@ class Inbox:
         ``get`` at once.
         """
         self._queue.put_nowait(exc)
+
+    def broke(self, what: str, exc: BaseException) -> None:
+        """The reader task ended on ``exc``: fail with a :class:`TransportError` saying
+        ``what`` failed (``exc`` as its cause). A ``TransportError`` passes as it is."""
+        if not isinstance(exc, TransportError):
+            error = TransportError(f"{what} failed: {exc!r}")
+            error.__cause__ = exc
+            exc = error
+        self.fail(exc)
 
     async def get(self) -> Event:
         """The next event; raises the failure, if one was queued, from then on."""

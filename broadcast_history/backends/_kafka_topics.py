@@ -13,6 +13,8 @@ from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
+from .._errors import InvalidArgument
+
 _MAX_TOPIC = 249  # Kafka's limit on topic name length
 _ILLEGAL = re.compile(r"[^a-zA-Z0-9._-]")
 # Transient trouble: the broker is away, restarting or slow. Worth another try.
@@ -39,7 +41,7 @@ def bootstrap_servers(urls: str | Sequence[str]) -> list[str]:
         for host in filter(None, netloc.split(",")):
             servers.append(host if ":" in host.rsplit("]", 1)[-1] else f"{host}:9092")
     if not servers:
-        raise ValueError(f"no Kafka bootstrap server in {urls!r}")
+        raise InvalidArgument(f"no Kafka bootstrap server in {urls!r}")
     return servers
 
 

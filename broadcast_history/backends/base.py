@@ -28,6 +28,9 @@ class BroadcastBackend:
     #: Whether the transport reaches other processes. A broadcast on such a
     #: transport needs a log every process shares (``log=`` is then required).
     crosses_processes: bool = False
+    #: Whether the transport stays inside this process, so the broadcast may hand it
+    #: event objects instead of text envelopes (the memory transport does).
+    carries_objects: bool = False
 
     def __init__(self, url: str) -> None:
         self._url = url

@@ -19,6 +19,7 @@ from aiokafka.errors import KafkaError
 
 from .._errors import NotConnected, TransportError
 from .._event import Event
+from ._backoff import Backoff
 from ._inbox import Inbox
 from ._kafka_topics import TRANSIENT, create_topics, partitions, retriable, topic_for
 from ._kafka_topics import bootstrap_servers as _servers
@@ -294,15 +295,14 @@ class KafkaBackend(BroadcastBackend):
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
-            error = TransportError(f"Kafka consumer failed: {exc!r}")
-            error.__cause__ = exc
-            inbox.fail(error)  # reaches every subscriber via next_published
+            inbox.broke("the Kafka consumer", exc)  # reaches every subscriber
 
     async def _watch(self) -> None:
         """Ping the broker; after an outage, restore topics and positions."""
-        delay = self._ping_interval
+        # Pings at the ping interval while the broker answers, less often while not.
+        backoff = Backoff(self._max_delay, first=self._ping_interval)
         while True:
-            await asyncio.sleep(delay)
+            await backoff.sleep()
             try:
                 await asyncio.wait_for(self._recover(), self._timeout)
             except asyncio.CancelledError:
@@ -311,12 +311,11 @@ class KafkaBackend(BroadcastBackend):
                 if self._up:
                     logger.warning("kafka broker unreachable; retrying: %r", exc)
                 self._up = False
-                delay = min(delay * 2, self._max_delay)
                 continue
             if not self._up:
                 logger.info("kafka broker reachable again")
             self._up = True
-            delay = self._ping_interval
+            backoff.reset()
 
     async def _recover(self) -> None:
         assert self._lock is not None and self._consumer is not None and self._admin is not None

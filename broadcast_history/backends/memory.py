@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from .._errors import NotConnected
 from .._event import Event
 from .base import BroadcastBackend
 
@@ -12,8 +13,7 @@ from .base import BroadcastBackend
 class MemoryBackend(BroadcastBackend):
     """Delivers within this process only (URL ``memory://``)."""
 
-    # Same process, so the broadcast hands over event objects instead of envelopes.
-    _carries_objects = True
+    carries_objects = True
 
     def __init__(self, url: str = "memory://") -> None:
         super().__init__(url)
@@ -40,5 +40,5 @@ class MemoryBackend(BroadcastBackend):
 
     async def next_published(self) -> Event:
         if self._queue is None:
-            raise RuntimeError("memory backend is not connected")
+            raise NotConnected("the memory transport is not connected")
         return await self._queue.get()

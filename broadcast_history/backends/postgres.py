@@ -193,7 +193,7 @@ class PostgresBackend(BroadcastBackend):
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
-            self._inbox.fail(exc)  # reaches every subscriber via next_published
+            self._inbox.broke("the postgres listener", exc)  # reaches every subscriber
 
     async def _watch(self, conn: asyncpg.Connection) -> None:
         """Return once ``conn`` is closed or stops answering."""

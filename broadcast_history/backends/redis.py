@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from redis import exceptions as rexc
 from redis.asyncio.client import PubSub
 
-from .._errors import NotConnected, TransportError
+from .._errors import InvalidArgument, NotConnected, TransportError
 from .._event import Event
 from ._backoff import Backoff
 from ._inbox import Inbox
@@ -50,7 +50,7 @@ class RedisBackend(BroadcastBackend):
         ping_interval: float = 10.0,
     ) -> None:
         if (url is None) == (conn is None):
-            raise ValueError("give RedisBackend a url or a conn, exactly one")
+            raise InvalidArgument("give RedisBackend a url or a conn, exactly one")
         super().__init__(url or "")
         self._given = conn
         self._max_delay = max_reconnect_delay
@@ -196,9 +196,7 @@ class RedisBackend(BroadcastBackend):
         except BaseException as exc:
             self._up = False
             self._release_acks()
-            error = TransportError(f"the redis subscription failed: {exc!r}")
-            error.__cause__ = exc
-            self._inbox.fail(error)  # reaches every subscriber via next_published
+            self._inbox.broke("the redis subscription", exc)  # reaches every subscriber
 
     async def _read(self, pubsub: PubSub) -> None:
         assert self._inbox is not None

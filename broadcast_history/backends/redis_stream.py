@@ -178,9 +178,7 @@ class RedisStreamBackend(BroadcastBackend):
             raise
         except BaseException as exc:
             self._up = False
-            error = TransportError(f"the redis stream reader failed: {exc!r}")
-            error.__cause__ = exc
-            self._inbox.fail(error)  # reaches every subscriber via next_published
+            self._inbox.broke("the redis stream reader", exc)  # reaches every subscriber
 
     async def _read(self, streams: dict[str, str]) -> Any:
         assert self._reader is not None

@@ -12,7 +12,6 @@ import sys
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from datetime import datetime
-from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
@@ -20,11 +19,11 @@ from rich.console import Console
 from rich.markup import escape
 from sqlalchemy.engine import make_url
 
+from .. import _parse as times
 from .._broadcast import Broadcast
 from .._errors import BroadcastError, InvalidArgument, LogError
 from ..admin import HistoryAdmin, ImportConflict, NotFound
 from ..log import EventLog
-from ..log._engine import normalize_url
 
 T = TypeVar("T")
 
@@ -89,27 +88,10 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 
 def parse_time(value: str | None, option: str) -> datetime | None:
     """An aware datetime from ISO 8601 text (``Z`` allowed); naive times are refused."""
-    if value is None:
-        return None
     try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        fail(f"{option}: not an ISO 8601 time: {value!r}", 2)
-    if moment.tzinfo is None or moment.utcoffset() is None:
-        fail(f"{option}: give a timezone, e.g. 2024-05-01T12:00Z or ...T12:00+02:00", 2)
-    return moment
-
-
-def require_existing(log: str) -> None:
-    """Refuse to create a SQLite file just to read it: a typo should not look empty."""
-    url = normalize_url(log)
-    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
-        return
-    if not Path(url.database).exists():
-        raise LogError(
-            f"no event log at {url.database}: publish something first, "
-            "run `broadcast-history db upgrade`, or give --log / BROADCAST_HISTORY_LOG"
-        )
+        return None if value is None else times.parse_time(value, option)
+    except InvalidArgument as exc:
+        fail(str(exc), 2)
 
 
 def display_url(url: str) -> str:
@@ -123,9 +105,7 @@ def display_url(url: str) -> str:
 @asynccontextmanager
 async def open_admin(log: str, *, must_exist: bool = True) -> AsyncIterator[HistoryAdmin]:
     """A connected log wrapped in :class:`HistoryAdmin` (no live transport)."""
-    if must_exist:
-        require_existing(log)
-    event_log = EventLog(log)
+    event_log = EventLog(log, must_exist=must_exist)
     await event_log.connect()
     try:
         yield HistoryAdmin(event_log)

@@ -4,21 +4,9 @@ from __future__ import annotations
 
 import typer
 from rich.markup import escape
-from sqlalchemy.exc import SQLAlchemyError
 
-from .._errors import LogUnavailable
-from ..log import EventLog, _migrate
-from ..log._engine import create_engine, normalize_url
-from ._app import (
-    DEFAULT_LOG,
-    LogOption,
-    app,
-    console,
-    display_url,
-    err_console,
-    require_existing,
-    run,
-)
+from ..log import EventLog, head_revision, schema_revision
+from ._app import DEFAULT_LOG, LogOption, app, console, display_url, err_console, run
 
 db = typer.Typer(help="Manage the event log's database schema (Alembic).", no_args_is_help=True)
 app.add_typer(db, name="db")
@@ -26,16 +14,7 @@ app.add_typer(db, name="db")
 
 async def _revisions(log: str) -> tuple[str | None, str | None]:
     """(current revision of the database, newest shipped revision)."""
-    require_existing(log)
-    engine = create_engine(normalize_url(log))
-    try:
-        async with engine.connect() as conn:
-            current = await _migrate.current(conn)
-    except (SQLAlchemyError, OSError) as exc:
-        raise LogUnavailable(f"cannot open the event log {display_url(log)}: {exc}") from exc
-    finally:
-        await engine.dispose()
-    return current, _migrate.head_revision()
+    return await schema_revision(log), head_revision()
 
 
 @db.command()
@@ -48,7 +27,7 @@ def upgrade(log: LogOption = DEFAULT_LOG) -> None:
         await event_log.disconnect()
 
     run(go())
-    console.print(f"{escape(display_url(log))}: schema at {_migrate.head_revision()}")
+    console.print(f"{escape(display_url(log))}: schema at {head_revision()}")
 
 
 @db.command()

@@ -11,8 +11,11 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from .._errors import InvalidArgument
 from .._event import Event
-from ..admin import ChannelStats, event_json
+from .._parse import parse_since
+from ..admin import event_json
+from ..log import ChannelInfo
 from ._app import (
     DEFAULT_LOG,
     DEFAULT_URL,
@@ -35,11 +38,7 @@ def _time(moment: datetime | None) -> str:
     return "" if moment is None else moment.isoformat(sep=" ", timespec="milliseconds")
 
 
-def _iso(moment: datetime | None) -> str | None:
-    return None if moment is None else moment.isoformat()
-
-
-def _stats_json(stats: ChannelStats) -> dict[str, Any]:
+def _stats_json(stats: ChannelInfo) -> dict[str, Any]:
     return {
         "name": stats.name,
         "epoch": stats.epoch,
@@ -187,11 +186,10 @@ def stats(log: LogOption = DEFAULT_LOG, as_json: JsonOption = False) -> None:
 
 
 def _since(value: str | None) -> int | datetime | None:
-    if value is None:
-        return None
-    if value.isascii() and value.isdigit():
-        return int(value)
-    return parse_time(value, "--since")
+    try:
+        return None if value is None else parse_since(value, "--since")
+    except InvalidArgument as exc:
+        fail(str(exc), 2)
 
 
 @app.command()

@@ -1,6 +1,35 @@
-"""The durable event log (SQLAlchemy Core over SQLite or Postgres)."""
+"""The durable event log (SQLAlchemy Core over SQLite or Postgres).
 
-from ._info import ChannelInfo, Retention
-from ._store import EventLog, Pending
+:class:`EventLog` is the only way into the log's tables: its lifecycle, reads,
+pages, stats, trimming, retention, deletion and import. The Alembic environment
+(``migrations/env.py``) uses :func:`migration_engine`, :data:`metadata` and
+:data:`VERSION_TABLE`; tools use :func:`schema_revision` and :func:`head_revision`.
+"""
 
-__all__ = ["ChannelInfo", "EventLog", "Pending", "Retention"]
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ._engine import create_engine, normalize_url
+from ._info import ChannelInfo, LogTotals, Pending, Retention
+from ._log import EventLog
+from ._migrate import head_revision, schema_revision
+from ._schema import VERSION_TABLE, metadata
+
+
+def migration_engine(url: str) -> AsyncEngine:
+    """An engine on the log database at ``url``, set up as the log sets up its own
+    (explicit transactions on SQLite), for the Alembic command line."""
+    return create_engine(normalize_url(url))
+
+
+__all__ = [
+    "VERSION_TABLE",
+    "ChannelInfo",
+    "EventLog",
+    "LogTotals",
+    "Pending",
+    "Retention",
+    "head_revision",
+    "metadata",
+    "migration_engine",
+    "schema_revision",
+]

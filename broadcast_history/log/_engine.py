@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy
@@ -11,11 +12,13 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
-from .._errors import InvalidArgument
-from . import _postgres
+from .._errors import InvalidArgument, LogUnavailable
 
 #: Default log: an in-memory SQLite database private to one EventLog.
 MEMORY_URL = "sqlite+aiosqlite://"
+#: Execution option of a connection that will write: SQLite then takes its write
+#: lock when the transaction begins (BEGIN IMMEDIATE).
+WRITE = {"bh_write": True}
 
 _DRIVERS = {
     "sqlite": "sqlite+aiosqlite",
@@ -46,6 +49,20 @@ def is_memory_sqlite(url: URL) -> bool:
     return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
 
 
+def require_file(url: URL) -> None:
+    """Raise :class:`LogUnavailable` if ``url`` is a SQLite file that does not exist.
+
+    Tools that only read must not create an empty database: a typo in the path
+    would look like an empty log.
+    """
+    sqlite_file = url.get_backend_name() == "sqlite" and not is_memory_sqlite(url)
+    if sqlite_file and not Path(str(url.database)).exists():
+        raise LogUnavailable(
+            f"no event log at {url.database} (nothing was stored there yet; "
+            "`broadcast-history db upgrade` creates an empty one)"
+        )
+
+
 def shared_memory_url(url: URL) -> URL:
     """A uniquely named shared-cache in-memory database, reachable by two engines.
 
@@ -67,9 +84,7 @@ def create_engine(
         sqlite_synchronous: ``PRAGMA synchronous`` for file databases.
     """
     if url.get_backend_name() != "sqlite":
-        engine = create_async_engine(url, pool_size=10, max_overflow=10)
-        _postgres.discard_closed_connections(engine)
-        return engine
+        return create_async_engine(url, pool_size=10, max_overflow=10)
     kwargs: dict[str, Any] = {"poolclass": StaticPool} if memory else {}
     engine = create_async_engine(url, connect_args={"timeout": 30}, **kwargs)
     _configure_sqlite(engine.sync_engine, memory, sqlite_synchronous)
@@ -112,5 +127,5 @@ def _configure_sqlite(engine: Engine, memory: bool, synchronous: str) -> None:
     def _on_begin(conn: Any) -> None:
         # Writers take the lock up front: a deferred transaction that later needs to
         # write can fail with SQLITE_BUSY instead of waiting for its turn.
-        immediate = conn.get_execution_options().get("bh_write", False)
+        immediate = conn.get_execution_options().get("bh_write", False)  # see WRITE
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")

@@ -1,11 +1,20 @@
-"""Plain values the log returns besides events."""
+"""Plain values the log takes and returns besides events."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 from .._errors import InvalidArgument
+
+
+class Pending(NamedTuple):
+    """A validated message waiting to be appended."""
+
+    channel: str
+    message: str | bytes
+    key: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +29,7 @@ class ChannelInfo:
             when retention removed everything).
         last_timestamp: Timestamp of the newest event.
         trimmed_timestamp: Timestamp of the newest event removed by trimming.
+        first_timestamp: Timestamp of the oldest event still stored.
     """
 
     name: str
@@ -28,11 +38,36 @@ class ChannelInfo:
     first_offset: int
     last_timestamp: datetime | None
     trimmed_timestamp: datetime | None = None
+    first_timestamp: datetime | None = None
 
     @property
     def count(self) -> int:
         """Number of events stored."""
         return max(0, self.last_offset - self.first_offset + 1)
+
+    @property
+    def trimmed(self) -> int:
+        """Number of events removed by trimming or retention."""
+        return max(0, self.first_offset - 1)
+
+
+@dataclass(frozen=True, slots=True)
+class LogTotals:
+    """How much history the whole log holds.
+
+    Attributes:
+        channels: Number of channels.
+        events: Events stored.
+        trimmed: Events removed by trimming or retention, over every channel.
+        oldest_timestamp: Timestamp of the oldest stored event.
+        newest_timestamp: Timestamp of the newest event.
+    """
+
+    channels: int
+    events: int
+    trimmed: int
+    oldest_timestamp: datetime | None
+    newest_timestamp: datetime | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,12 +86,16 @@ class Retention:
 
     def __post_init__(self) -> None:
         if self.max_events is not None and (
-            not isinstance(self.max_events, int) or self.max_events < 1
+            isinstance(self.max_events, bool)
+            or not isinstance(self.max_events, int)
+            or self.max_events < 1
         ):
             raise InvalidArgument("max_events must be a positive int")
         if self.max_age is not None and (
             not isinstance(self.max_age, timedelta) or self.max_age <= timedelta(0)
         ):
             raise InvalidArgument("max_age must be a positive timedelta")
+        if isinstance(self.interval, bool) or not isinstance(self.interval, (int, float)):
+            raise InvalidArgument("interval must be a number of seconds")
         if self.interval <= 0:
             raise InvalidArgument("interval must be positive")

@@ -9,10 +9,12 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import text
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import URL, Connection
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from .._errors import SchemaOutOfDate
+from .._errors import LogUnavailable, SchemaOutOfDate
+from ._engine import create_engine, normalize_url, require_file
 from ._schema import VERSION_TABLE
 
 _PACKAGE = Path(__file__).resolve().parent.parent
@@ -28,12 +30,10 @@ def migrations_dir() -> Path:
     raise SchemaOutOfDate("the broadcast_history migrations are missing from this install")
 
 
-def alembic_config(connection: Connection | None = None, url: str | None = None) -> Config:
+def alembic_config(connection: Connection | None = None) -> Config:
     """An Alembic configuration for the shipped migrations."""
     config = Config()
     config.set_main_option("script_location", str(migrations_dir()))
-    if url is not None:
-        config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     if connection is not None:
         config.attributes["connection"] = connection
     return config
@@ -77,7 +77,23 @@ async def check(conn: AsyncConnection) -> None:
     await conn.run_sync(_check)
 
 
-async def current(conn: AsyncConnection) -> str | None:
-    """The revision the database is at (``None``: no schema yet)."""
-    revision: str | None = await conn.run_sync(_current)
-    return revision
+async def schema_revision(url: str | URL) -> str | None:
+    """The schema revision the log database at ``url`` is at (``None``: no schema).
+
+    Never creates anything: a SQLite file that does not exist is
+    :class:`LogUnavailable`.
+
+    Raises:
+        LogUnavailable: The database cannot be reached.
+    """
+    parsed = normalize_url(url)
+    require_file(parsed)
+    engine = create_engine(parsed)
+    try:
+        async with engine.connect() as conn:
+            revision: str | None = await conn.run_sync(_current)
+            return revision
+    except (SQLAlchemyError, OSError) as exc:
+        raise LogUnavailable(f"cannot open the event log: {exc}") from exc
+    finally:
+        await engine.dispose()

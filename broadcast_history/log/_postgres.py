@@ -1,4 +1,4 @@
-"""Postgres fast path of :meth:`EventLog.append`: one statement per batch.
+"""The Postgres store: one statement per appended batch, byte-bounded reads.
 
 A transaction of SELECT ... FOR UPDATE, INSERT channels, INSERT events and UPDATE
 counters costs six round trips with BEGIN and COMMIT. Here a single autocommit
@@ -12,18 +12,48 @@ writer of the same channel waits on the row lock, then increments the committed 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import Select, event, func, select
+from sqlalchemy.engine import URL
 from sqlalchemy.exc import DisconnectionError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .._event import Event, from_micros
-from ._rows import EVENT_COLUMNS, new_epoch, row_to_event
-from ._schema import events
+from ._engine import create_engine
+from ._info import Pending
+from ._rows import EVENT_COLUMNS, new_epoch, rows_to_events
+from ._schema import channels, events
+from ._store import Store
 
-if TYPE_CHECKING:
-    from ._store import Pending
+
+class PostgresStore(Store):
+    """A Postgres database shared by every process and host."""
+
+    def __init__(self, url: URL) -> None:
+        super().__init__()
+        self._url = url
+
+    async def open(self) -> None:
+        engine = create_engine(self._url)
+        discard_closed_connections(engine)
+        self._engine = engine
+
+    async def close(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            await engine.dispose()
+
+    async def append(self, items: Sequence[Pending]) -> list[Event]:
+        return await append(self.engine, items)
+
+    async def read(
+        self, channel: str, query: Select[Any], max_bytes: int | None, *, descending: bool
+    ) -> list[Event]:
+        if max_bytes is not None:
+            query = byte_bounded(query, max_bytes, descending=descending)
+        async with self.begin() as conn:
+            return rows_to_events(channel, await conn.execute(query))
 
 
 # Channel rows are upserted in name order, so batches touching several channels
@@ -31,9 +61,9 @@ if TYPE_CHECKING:
 # come from the database clock, one clock for every host, never below the last one.
 # `later` is how many items of the same channel follow the item in this batch, so its
 # offset is the channel's new last offset minus `later`.
-_APPEND = """
+_APPEND = f"""
 WITH alloc AS (
-    INSERT INTO broadcast_channels AS c
+    INSERT INTO {channels.name} AS c
         (name, epoch, last_offset, last_timestamp, first_offset)
     SELECT t.name, t.epoch, t.n, clock.us, 1
     FROM unnest($1::varchar[], $2::bigint[], $3::bigint[]) AS t(name, n, epoch),
@@ -44,7 +74,7 @@ WITH alloc AS (
             last_timestamp = greatest(c.last_timestamp, excluded.last_timestamp)
     RETURNING c.name, c.epoch, c.last_offset, c.last_timestamp
 ), stored AS (
-    INSERT INTO broadcast_events
+    INSERT INTO {events.name}
         (channel, "offset", epoch, "timestamp", is_text, payload, key)
     SELECT a.name, a.last_offset - e.later, a.epoch, a.last_timestamp,
            e.is_text, e.payload, e.key
@@ -55,9 +85,9 @@ WITH alloc AS (
 SELECT name, epoch, last_offset, last_timestamp FROM alloc
 """
 
-_FIND_KEYS = """
+_FIND_KEYS = f"""
 SELECT e.channel, e."offset", e.epoch, e."timestamp", e.is_text, e.payload, e.key
-FROM broadcast_events AS e
+FROM {events.name} AS e
 JOIN unnest($1::varchar[], $2::varchar[]) AS k(channel, key)
     ON e.channel = k.channel AND e.key = k.key
 """
@@ -139,7 +169,7 @@ async def _append(conn: AsyncConnection, items: Sequence[Pending]) -> list[Event
         channel, message, key = items[index]
         epoch, last, _ = heads[channel]
         stored[index] = Event(channel, message, last - behind, stamps[channel], epoch, key)
-    events: list[Event] = []
+    results: list[Event] = []
     for index, item in enumerate(items):
         event = stored.get(index)
         if event is None:
@@ -149,8 +179,8 @@ async def _append(conn: AsyncConnection, items: Sequence[Pending]) -> list[Event
             else:
                 assert item.key is not None
                 event = seen[(item.channel, item.key)]
-        events.append(event)
-    return events
+        results.append(event)
+    return results
 
 
 def _payload(message: str | bytes) -> bytes:
@@ -166,8 +196,12 @@ async def _find_keys(
     result = await conn.exec_driver_sql(
         _FIND_KEYS, ([channel for channel, _ in pairs], [key for _, key in pairs])
     )
-    rows: list[Any] = list(result)
-    return {(row[0], row[6]): row_to_event(row[0], row[1:]) for row in rows}
+    found: dict[tuple[str, str], Event] = {}
+    row: Any
+    for row in result:
+        (stored,) = rows_to_events(row[0], [row[1:]])
+        found[(row[0], row[6])] = stored
+    return found
 
 
 def discard_closed_connections(engine: AsyncEngine) -> None:

@@ -1,4 +1,4 @@
-"""Conversions between stored rows and events, shared by every append path."""
+"""Conversions between stored rows and values, shared by every store and query."""
 
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from .._event import _UNIX_EPOCH, Event, from_micros
-from ._schema import events
+from sqlalchemy import select
+
+from .._event import _UNIX_EPOCH, Event, from_micros, to_micros
+from ._info import ChannelInfo
+from ._schema import channels, events
 
 #: Columns read to rebuild an Event (the channel is known from the query).
 EVENT_COLUMNS = (
@@ -18,6 +21,25 @@ EVENT_COLUMNS = (
     events.c.is_text,
     events.c.payload,
     events.c.key,
+)
+
+# Timestamp of the oldest stored event: one primary-key seek per channel.
+_FIRST_TIMESTAMP = (
+    select(events.c.timestamp)
+    .where(events.c.channel == channels.c.name, events.c.offset == channels.c.first_offset)
+    .correlate(channels)
+    .scalar_subquery()
+)
+
+#: Columns read to build a ChannelInfo (see :func:`channel_info`).
+CHANNEL_COLUMNS = (
+    channels.c.name,
+    channels.c.epoch,
+    channels.c.last_offset,
+    channels.c.first_offset,
+    channels.c.last_timestamp,
+    channels.c.trimmed_timestamp,
+    _FIRST_TIMESTAMP.label("first_timestamp"),
 )
 
 # Epochs are random so that a channel deleted and created again (possibly by another
@@ -33,6 +55,54 @@ def new_epoch() -> int:
 def now_micros() -> int:
     """Wall-clock time in microseconds since the Unix epoch."""
     return time.time_ns() // 1000
+
+
+def _time(micros: int | None) -> Any:
+    return None if micros is None else from_micros(micros)
+
+
+def channel_info(row: Sequence[Any]) -> ChannelInfo:
+    """The ChannelInfo of a row selected with :data:`CHANNEL_COLUMNS`."""
+    name, epoch, last, first, last_ts, trimmed_ts, first_ts = row
+    return ChannelInfo(
+        name=name,
+        epoch=epoch,
+        last_offset=last,
+        first_offset=first,
+        last_timestamp=from_micros(last_ts) if last else None,
+        trimmed_timestamp=_time(trimmed_ts),
+        first_timestamp=_time(first_ts),
+    )
+
+
+def channel_row(info: ChannelInfo) -> dict[str, Any]:
+    """The channel row that stores ``info`` (as an import restores it)."""
+    return {
+        "name": info.name,
+        "epoch": info.epoch,
+        "last_offset": info.last_offset,
+        "first_offset": info.first_offset,
+        "last_timestamp": 0 if info.last_timestamp is None else to_micros(info.last_timestamp),
+        "trimmed_timestamp": (
+            None if info.trimmed_timestamp is None else to_micros(info.trimmed_timestamp)
+        ),
+    }
+
+
+def event_row(
+    channel: str, offset: int, epoch: int, micros: int, message: str | bytes, key: str | None
+) -> dict[str, Any]:
+    """The events row that stores one event."""
+    is_text = isinstance(message, str)
+    return {
+        "channel": channel,
+        "offset": offset,
+        "epoch": epoch,
+        "timestamp": micros,
+        "is_text": is_text,
+        "payload": message.encode() if isinstance(message, str) else message,
+        "key": key,
+    }
 
 
 def rows_to_events(channel: str, rows: Iterable[Sequence[Any]]) -> list[Event]:
@@ -52,10 +122,3 @@ def rows_to_events(channel: str, rows: Iterable[Sequence[Any]]) -> list[Event]:
         message = payload.decode() if is_text else bytes(payload)
         append(Event(channel, message, offset, stamp, epoch, key))
     return result
-
-
-def row_to_event(channel: str, row: Sequence[Any]) -> Event:
-    """Rebuild the Event of a row selected with :data:`EVENT_COLUMNS`."""
-    offset, epoch, micros, is_text, payload, key = row
-    message = payload.decode() if is_text else bytes(payload)
-    return Event(channel, message, offset, from_micros(micros), epoch, key)

@@ -1,28 +1,35 @@
-"""SQLite hot paths: appends and event reads, each in one hop to a thread.
+"""The SQLite store: appends and event reads, each in one hop to a thread.
 
 Through aiosqlite every statement is a round trip to the driver's thread, and a batch
 needs five (BEGIN, read counters, insert, update counters, COMMIT). Running the batch
-as one synchronous function on a dedicated thread pays a single hop instead, which
-is what makes group commit on SQLite fast. Event reads do the same on reader threads,
-which also lets them stop after a byte budget: SQLite steps one row at a time, so a
-page of large events is cut before the rest of it is ever read from disk.
+as one synchronous function on a dedicated writer thread pays a single hop instead,
+which is what makes group commit on SQLite fast. Event reads do the same on reader
+threads, which also lets them stop after a byte budget: SQLite steps one row at a
+time, so a page of large events is cut before the rest of it is read from disk.
+The async engine (aiosqlite) serves migrations and the shared queries.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, Executable, bindparam, select, update
+from sqlalchemy import Connection, Engine, Select, bindparam, select, update
 from sqlalchemy.dialects.sqlite import insert
+from sqlalchemy.engine import URL
 
+from .._errors import NotConnected
 from .._event import Event, from_micros
-from ._rows import EVENT_COLUMNS, new_epoch, now_micros, row_to_event, rows_to_events
+from ._engine import WRITE, create_engine, create_sync_engine, shared_memory_url
+from ._info import Pending
+from ._rows import EVENT_COLUMNS, event_row, new_epoch, now_micros, rows_to_events
 from ._schema import channels, events
+from ._store import Store
 
+_T = TypeVar("_T")
 _INSERT_CHANNEL = insert(channels).on_conflict_do_nothing(index_elements=["name"])
 _UPDATE_COUNTER = (
     update(channels)
@@ -31,64 +38,95 @@ _UPDATE_COUNTER = (
 )
 
 
-class SqliteReader:
-    """Runs event reads on a few threads with SQLAlchemy's synchronous engine."""
+class SqliteStore(Store):
+    """A SQLite file, or a private in-memory database (one shared connection)."""
 
-    def __init__(self, engine: Engine, threads: int = 2) -> None:
-        self._engine = engine
-        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="broadcast-history-read")
+    def __init__(self, url: URL, *, memory: bool, synchronous: str) -> None:
+        super().__init__()
+        self._url = url
+        self._memory = memory
+        self._synchronous = synchronous
+        self._writer: Engine | None = None
+        self._reader: Engine | None = None
+        self._write_thread: ThreadPoolExecutor | None = None
+        self._read_threads: ThreadPoolExecutor | None = None
+
+    async def open(self) -> None:
+        memory, sync = self._memory, self._synchronous
+        # Several engines must reach the same in-memory database: name it.
+        url = shared_memory_url(self._url) if memory else self._url
+        self._engine = create_engine(url, memory=memory, sqlite_synchronous=sync)
+        self._writer = create_sync_engine(url, memory=memory, sqlite_synchronous=sync)
+        self._reader = create_sync_engine(
+            url, memory=memory, sqlite_synchronous=sync, single=memory
+        )
+        self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="broadcast-history-write")
+        self._read_threads = ThreadPoolExecutor(2, thread_name_prefix="broadcast-history-read")
+        self.lock = asyncio.Lock() if memory else None
+
+    async def close(self) -> None:
+        if self.lock is not None and self._engine is not None:
+            # Let a call still using the single in-memory connection finish first.
+            async with self.lock:
+                pass
+        for threads in (self._write_thread, self._read_threads):
+            if threads is not None:
+                threads.shutdown(wait=True)
+        for sync in (self._writer, self._reader):
+            if sync is not None:
+                sync.dispose()
+        if self._engine is not None:
+            await self._engine.dispose()
+        self._engine = self._writer = self._reader = None
+        self._write_thread = self._read_threads = None
+
+    async def _run(self, threads: ThreadPoolExecutor | None, call: Callable[[], _T]) -> _T:
+        if threads is None:
+            raise NotConnected("the event log is not connected")
+        loop = asyncio.get_running_loop()
+        if self.lock is None:
+            return await loop.run_in_executor(threads, call)
+        async with self.lock:
+            return await loop.run_in_executor(threads, call)
+
+    async def append(self, items: Sequence[Pending]) -> list[Event]:
+        writer = self._writer
+        if writer is None:
+            raise NotConnected("the event log is not connected")
+
+        def run() -> list[Event]:
+            with writer.connect() as conn:
+                conn = conn.execution_options(**WRITE)
+                with conn.begin():
+                    return append(conn, items)
+
+        return await self._run(self._write_thread, run)
 
     async def read(
-        self, channel: str, query: Executable, max_bytes: int | None = None
+        self, channel: str, query: Select[Any], max_bytes: int | None, *, descending: bool
     ) -> list[Event]:
-        """The events of rows selected with :data:`EVENT_COLUMNS` by ``query``.
+        reader = self._reader
+        if reader is None:
+            raise NotConnected("the event log is not connected")
 
-        With ``max_bytes``, rows are taken until their payloads reach or pass it (at
-        least one): the row that passes it shows the caller the page was cut.
-        """
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._read, channel, query, max_bytes)
+        def run() -> list[Event]:
+            with reader.connect() as conn:
+                result = conn.execute(query)
+                if max_bytes is None:
+                    return rows_to_events(channel, result)
+                # Rows until their payloads reach the budget (at least one): the row
+                # that passes it shows the caller the page was cut.
+                rows: list[Any] = []
+                total = 0
+                for row in result:
+                    rows.append(row)
+                    total += len(row[4])
+                    if total >= max_bytes:
+                        break
+                result.close()
+                return rows_to_events(channel, rows)
 
-    def _read(self, channel: str, query: Executable, max_bytes: int | None) -> list[Event]:
-        with self._engine.connect() as conn:
-            result = conn.execute(query)
-            if max_bytes is None:
-                return rows_to_events(channel, result)
-            rows: list[Any] = []
-            total = 0
-            for row in result:
-                rows.append(row)
-                total += len(row[4])
-                if total >= max_bytes:
-                    break
-            result.close()
-            return rows_to_events(channel, rows)
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=True)
-        self._engine.dispose()
-
-
-class SqliteWriter:
-    """Runs append transactions on one thread with SQLAlchemy's synchronous engine."""
-
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="broadcast-history-writer")
-
-    async def append(self, items: Sequence[Any]) -> list[Event]:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._append, items)
-
-    def _append(self, items: Sequence[Any]) -> list[Event]:
-        with self._engine.connect() as conn:
-            conn = conn.execution_options(bh_write=True)
-            with conn.begin():
-                return append(conn, items)
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=True)
-        self._engine.dispose()
+        return await self._run(self._read_threads, run)
 
 
 def _counters(conn: Connection, names: Sequence[str]) -> dict[str, list[int]]:
@@ -100,7 +138,7 @@ def _counters(conn: Connection, names: Sequence[str]) -> dict[str, list[int]]:
     return {name: [epoch, last, ts] for name, epoch, last, ts in result}
 
 
-def _find_keys(conn: Connection, items: Sequence[Any]) -> dict[tuple[str, str], Event]:
+def _find_keys(conn: Connection, items: Sequence[Pending]) -> dict[tuple[str, str], Event]:
     by_channel: dict[str, set[str]] = {}
     for channel, _, key in items:
         if key is not None:
@@ -112,19 +150,20 @@ def _find_keys(conn: Connection, items: Sequence[Any]) -> dict[tuple[str, str], 
                 events.c.channel == channel, events.c.key.in_(sorted(keys))
             )
         )
-        for row in result:
-            found[(channel, row.key)] = row_to_event(channel, row)
+        for event in rows_to_events(channel, result):
+            if event.key is not None:  # it is: selected by key
+                found[(channel, event.key)] = event
     return found
 
 
-def append(conn: Connection, items: Sequence[Any]) -> list[Event]:
-    """Store ``items`` (channel, message, key) in ``conn``'s write transaction.
+def append(conn: Connection, items: Sequence[Pending]) -> list[Event]:
+    """Store ``items`` in ``conn``'s write transaction.
 
     The transaction holds SQLite's write lock from its start (BEGIN IMMEDIATE), so the
     counters read here cannot change before the update: offsets are gap-free across
     processes sharing the file.
     """
-    names = sorted({item[0] for item in items})
+    names = sorted({item.channel for item in items})
     state = _counters(conn, names)
     missing = [name for name in names if name not in state]
     if missing:
@@ -142,7 +181,7 @@ def append(conn: Connection, items: Sequence[Any]) -> list[Event]:
             ],
         )
         state.update(_counters(conn, missing))
-    seen = _find_keys(conn, items) if any(item[2] is not None for item in items) else {}
+    seen = _find_keys(conn, items) if any(item.key is not None for item in items) else {}
 
     now = now_micros()
     stamps: dict[int, datetime] = {}
@@ -162,18 +201,7 @@ def append(conn: Connection, items: Sequence[Any]) -> list[Event]:
         stamp = stamps.get(micros)
         if stamp is None:
             stamp = stamps[micros] = from_micros(micros)
-        is_text = isinstance(message, str)
-        rows.append(
-            {
-                "channel": channel,
-                "offset": offset,
-                "epoch": epoch,
-                "timestamp": micros,
-                "is_text": is_text,
-                "payload": message.encode() if is_text else message,
-                "key": key,
-            }
-        )
+        rows.append(event_row(channel, offset, epoch, micros, message, key))
         event = Event(channel, message, offset, stamp, epoch, key)
         if key is not None:
             seen[(channel, key)] = event

@@ -1,0 +1,99 @@
+"""The wire: committed events onto the live transport, and back off it.
+
+One place owns both directions, so neither the appender (which commits) nor the
+subscribers (which order and de-duplicate) know how events travel: sending groups
+events by channel and encodes envelopes (or hands the objects over, in process);
+receiving decodes them and sets aside what is not for this log.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Container, Sequence
+from typing import Any
+
+from . import _envelope
+from ._event import Event
+from .backends import BroadcastBackend
+from .log import EventLog
+
+logger = logging.getLogger("broadcast_history")
+# Channels and foreign logs already reported; forgotten past this many.
+_MAX_REPORTED = 10_000
+
+
+class Wire:
+    """Sends committed events on ``backend`` and receives them for ``log``'s readers."""
+
+    def __init__(self, backend: BroadcastBackend, log: EventLog) -> None:
+        self.backend = backend
+        self.log = log
+        #: Transport messages ignored, by kind: ``"not_envelope"`` or ``"other_log"``.
+        self.foreign: dict[str, int] = {"not_envelope": 0, "other_log": 0}
+        self._limit: int | None = getattr(backend, "max_message_size", None)
+        # In one process the events themselves travel: nothing to encode or decode.
+        self._objects = bool(getattr(backend, "carries_objects", False))
+        self._reported: set[tuple[str, str | None]] = set()
+
+    async def send(self, events: Sequence[Event]) -> None:
+        """Publish committed ``events`` (of any channels), in commit order per channel."""
+        by_channel: dict[str, list[Event]] = {}
+        for event in events:
+            by_channel.setdefault(event.channel, []).append(event)
+        messages: list[tuple[str, Any]] = []
+        log_id = self.log.log_id
+        for channel, batch in by_channel.items():
+            if self._objects:
+                messages.append((channel, tuple(batch)))
+            else:
+                for text in _envelope.encode(batch, log_id, self._limit):
+                    messages.append((channel, text))
+        await self.backend.publish_many(messages)
+
+    async def receive(self, wanted: Container[str]) -> tuple[str, Sequence[Event]]:
+        """The next events of this log on a ``wanted`` channel.
+
+        Messages of other channels are skipped before decoding; messages that are not
+        envelopes, or are envelopes of another log, are counted and reported once per
+        channel (and log), never delivered.
+        """
+        backend = self.backend
+        log_id = self.log.log_id
+        while True:
+            raw = await backend.next_published()
+            channel = raw.channel
+            if channel not in wanted:
+                continue
+            message = raw.message
+            if self._objects and isinstance(message, tuple):
+                return channel, message
+            try:
+                return channel, _envelope.decode(channel, message, log_id)
+            except _envelope.OtherLog as exc:
+                self._ignore(channel, exc.log_id)
+            except _envelope.NotAnEnvelope:
+                self._ignore(channel, None)
+
+    def _ignore(self, channel: str, origin: str | None) -> None:
+        kind = "not_envelope" if origin is None else "other_log"
+        self.foreign[kind] += 1
+        if (channel, origin) in self._reported:
+            return
+        if len(self._reported) >= _MAX_REPORTED:
+            self._reported.clear()  # bounded: a storm of names must not grow memory
+        self._reported.add((channel, origin))
+        if origin is None:
+            logger.warning(
+                "ignoring messages on %r that are not broadcast_history envelopes "
+                "(another program publishing on the transport?); logged once per channel",
+                channel,
+            )
+        else:
+            logger.error(
+                "ignoring events on %r from another event log (%s; this one is %s): "
+                "processes sharing a transport must share one log; logged once per "
+                "channel and log",
+                channel,
+                origin,
+                self.log.log_id,
+            )

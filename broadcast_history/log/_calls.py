@@ -1,0 +1,102 @@
+"""How the log calls its database: to the end, and with its errors translated once.
+
+Every driver error leaves the log as a :class:`LogError` (or, for values the
+database refused, :class:`InvalidArgument`); callers never see SQLAlchemy's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
+
+from .._errors import InvalidArgument, LogUnavailable
+
+_S = TypeVar("_S")
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def finish_on_cancel(
+    method: Callable[Concatenate[_S, _P], Coroutine[Any, Any, _T]],
+) -> Callable[Concatenate[_S, _P], Coroutine[Any, Any, _T]]:
+    """Let a database call run to its end even if its caller is cancelled.
+
+    Cancelling an aiosqlite or asyncpg call midway can leave the connection unusable,
+    and for an in-memory SQLite database (one connection) that would lose the data.
+    Subscribers are cancelled routinely (a client goes away), so the call finishes in
+    the background and only the caller stops waiting.
+    """
+
+    @functools.wraps(method)
+    async def wrapper(self: _S, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        task = asyncio.ensure_future(method(self, *args, **kwargs))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(_ignore_outcome)
+            raise
+
+    return wrapper
+
+
+def _ignore_outcome(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+@asynccontextmanager
+async def translated() -> AsyncIterator[None]:
+    """Driver errors inside become :class:`LogUnavailable` (integrity errors pass)."""
+    try:
+        yield
+    except IntegrityError:
+        raise
+    except DBAPIError as exc:
+        raise LogUnavailable(f"event log failure: {exc.orig!r}") from exc
+    except (SQLAlchemyError, OSError) as exc:
+        raise LogUnavailable(f"event log failure: {exc!r}") from exc
+
+
+def append_error(exc: BaseException) -> Exception:
+    """What a failed append raises, from the driver's error ``exc``."""
+    if is_data_error(exc):
+        # Refused before anything was stored: safe to retry without the offending
+        # item (the appender does, one item at a time).
+        return InvalidArgument(f"the event log refused the data: {exc}")
+    if isinstance(exc, DBAPIError):
+        # Not retried: if the connection died after the server committed, a retry
+        # would store the batch twice. The caller decides, ideally by publishing
+        # again with the same key.
+        return LogUnavailable(
+            f"event log failure, the publish may or may not be stored: {exc.orig!r}"
+        )
+    return LogUnavailable(f"event log failure: {exc!r}")
+
+
+def is_data_error(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database refused the values (nothing was stored).
+
+    Such errors come wrapped several times (SQLAlchemy, the driver's adapter, the
+    driver), so the whole chain is searched: an encoding failure, or SQLSTATE class
+    22 ("data exception") from Postgres.
+    """
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, (UnicodeError, sqlite3.DataError)):
+            return True
+        state = getattr(current, "sqlstate", None)
+        if isinstance(state, str) and state.startswith("22"):
+            return True
+        pending += [current.__cause__, getattr(current, "orig", None)]
+    return False

@@ -1,0 +1,317 @@
+"""The durable event log: append with gap-free offsets, read by offset or time."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, Sequence
+from datetime import datetime
+from typing import Literal
+
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from .._errors import ImportConflict, InvalidArgument, LogUnavailable, NotConnected
+from .._event import Event, from_micros, to_micros
+from .._validation import check_int, check_optional_int, check_time
+from . import _migrate, _queries
+from ._calls import append_error, finish_on_cancel, translated
+from ._engine import MEMORY_URL, is_memory_sqlite, normalize_url, require_file
+from ._info import ChannelInfo, LogTotals, Pending, Retention
+from ._rows import now_micros
+from ._store import Store
+
+_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+
+class EventLog:
+    """Durable, append-only store of every published event.
+
+    Reached as ``broadcast.log``; usable alone for admin work. Offsets are allocated
+    from a per-channel counter row inside the inserting transaction, so they are
+    gap-free and in commit order under any number of writers sharing the database.
+
+    Args:
+        url: SQLAlchemy URL (``sqlite+aiosqlite:///events.db``,
+            ``postgresql+asyncpg://host/db``). ``None``: a private in-memory SQLite.
+        migrate: Create or upgrade the schema on connect (``True``), only verify it is
+            current (``False``, raising :class:`SchemaOutOfDate` otherwise).
+        sqlite_synchronous: SQLite ``PRAGMA synchronous`` for file databases. ``NORMAL``
+            (default) survives a crash of the process; ``FULL`` also a power loss.
+        must_exist: Raise :class:`LogUnavailable` instead of creating a SQLite file
+            that does not exist yet (for tools that only read).
+    """
+
+    def __init__(
+        self,
+        url: str | URL | None = None,
+        *,
+        migrate: bool = True,
+        sqlite_synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "NORMAL",
+        must_exist: bool = False,
+    ) -> None:
+        level = sqlite_synchronous.upper() if isinstance(sqlite_synchronous, str) else None
+        if level not in _SYNCHRONOUS:
+            raise InvalidArgument(
+                f"sqlite_synchronous must be one of {', '.join(_SYNCHRONOUS)}, "
+                f"got {sqlite_synchronous!r}"
+            )
+        self.url = normalize_url(MEMORY_URL if url is None else url)
+        self.migrate = migrate
+        self.must_exist = must_exist
+        self._synchronous = str(level)
+        self._store: Store | None = None
+        self._log_id: str | None = None
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    @property
+    def log_id(self) -> str:
+        """This log's identity: random, made with its schema, the same for every
+        process using the database (only while connected)."""
+        if self._log_id is None:
+            raise NotConnected("the event log is not connected")
+        return self._log_id
+
+    @property
+    def _connected_store(self) -> Store:
+        if self._store is None:
+            raise NotConnected("the event log is not connected")
+        return self._store
+
+    async def connect(self) -> None:
+        """Open the database and create, upgrade or check the schema."""
+        if self._store is not None:
+            return
+        store = _store_for(self.url, self._synchronous, must_exist=self.must_exist)
+        try:
+            await store.open()
+            async with store.begin(write=True) as conn:
+                if self.migrate:
+                    await _migrate.upgrade(conn)
+                else:
+                    await _migrate.check(conn)
+                log_id = await _queries.log_id(conn)
+            if log_id is None:
+                raise LogUnavailable("the event log has no identity row: recreate its schema")
+        except BaseException as exc:
+            await store.close()
+            if isinstance(exc, (SQLAlchemyError, OSError)):
+                raise LogUnavailable(f"cannot open the event log: {exc}") from exc
+            raise
+        self._store, self._log_id = store, log_id
+
+    async def disconnect(self) -> None:
+        """Close every connection; safe to call twice."""
+        store, self._store = self._store, None
+        self._log_id = None
+        if store is not None:
+            await store.close()
+
+    # -- writing -------------------------------------------------------------------
+
+    async def append(self, items: Sequence[Pending]) -> list[Event]:
+        """Store ``items`` in one transaction and return their events, in order.
+
+        An item whose key was already used on its channel is not stored again: its
+        earlier event is returned instead.
+
+        Raises:
+            InvalidArgument: The database refused a value (nothing was stored).
+            LogUnavailable: The database failed (the batch may or may not be stored
+                if the connection died while committing).
+        """
+        store = self._connected_store
+        for attempt in range(3):
+            try:
+                return await store.append(items)
+            except IntegrityError as exc:
+                # Another process stored the same idempotency key (or created the
+                # channel) between our read and our insert; the transaction rolled
+                # back, so retrying is safe and finds its row.
+                if attempt == 2:
+                    raise LogUnavailable(f"append kept conflicting: {exc.orig!r}") from exc
+            except (SQLAlchemyError, UnicodeError, OSError) as exc:
+                raise append_error(exc) from exc
+        raise AssertionError("unreachable")
+
+    async def restore(
+        self, infos: Sequence[ChannelInfo], pages: AsyncIterable[Sequence[Event]]
+    ) -> int:
+        """Store exported channels as they were: rows, offsets, epochs, timestamps.
+
+        All or nothing, in one write transaction; the caller has checked that each
+        channel's events run gap-free from its ``first_offset`` to its
+        ``last_offset`` (see ``HistoryAdmin.import_jsonl``). Returns the events stored.
+
+        Raises:
+            ImportConflict: One of the channels exists already (nothing is stored).
+        """
+        try:
+            async with translated(), self._connected_store.begin(write=True) as conn:
+                return await _queries.restore(conn, infos, pages)
+        except IntegrityError as exc:
+            # A publisher created one of the channels while the import ran.
+            raise ImportConflict(
+                f"a channel of the import was created meanwhile: {exc.orig}"
+            ) from exc
+
+    @finish_on_cancel
+    async def trim(
+        self, channel: str, *, before: int | None = None, before_time: datetime | None = None
+    ) -> int:
+        """Remove events with an offset below ``before`` and/or older than ``before_time``.
+
+        Returns:
+            The number of events removed.
+        """
+        before = check_optional_int("before", before)
+        before_us = None if before_time is None else _micros(before_time, "before_time")
+        async with translated(), self._connected_store.begin(write=True) as conn:
+            return await _queries.trim(conn, channel, before, before_us)
+
+    @finish_on_cancel
+    async def apply_retention(self, retention: Retention) -> int:
+        """Apply ``retention`` to every channel; returns the number of events removed."""
+        if retention.max_events is None and retention.max_age is None:
+            return 0
+        cutoff = None
+        if retention.max_age is not None:
+            cutoff = to_micros(from_micros(now_micros()) - retention.max_age)
+        store = self._connected_store
+        async with translated(), store.begin() as conn:
+            infos = await _queries.channel_page(conn, None, None, None)
+        removed = 0
+        for info in infos:
+            bounds = _queries.retention_bounds(info, retention.max_events, cutoff)
+            if bounds is not None:
+                async with translated(), store.begin(write=True) as conn:
+                    removed += await _queries.trim(conn, info.name, *bounds)
+        return removed
+
+    @finish_on_cancel
+    async def delete_channel(self, channel: str) -> bool:
+        """Delete a channel and its history; its next use starts a new epoch.
+
+        Returns:
+            Whether the channel existed.
+        """
+        async with translated(), self._connected_store.begin(write=True) as conn:
+            return await _queries.delete_channel(conn, channel)
+
+    # -- reading -------------------------------------------------------------------
+
+    @finish_on_cancel
+    async def channel(self, name: str) -> ChannelInfo | None:
+        """State of channel ``name``, or ``None`` if it has no history."""
+        async with translated(), self._connected_store.begin() as conn:
+            return await _queries.channel(conn, name)
+
+    @finish_on_cancel
+    async def channels(
+        self, *, prefix: str | None = None, after: str | None = None, limit: int = 100
+    ) -> list[ChannelInfo]:
+        """Channels in name order, optionally those starting with ``prefix``.
+
+        Args:
+            prefix: Only names starting with it.
+            after: Only names sorting after it (the cursor of the previous page).
+            limit: Page size.
+        """
+        check_int("limit", limit)
+        async with translated(), self._connected_store.begin() as conn:
+            return await _queries.channel_page(conn, prefix, after, limit)
+
+    @finish_on_cancel
+    async def totals(self) -> LogTotals:
+        """How much the whole log holds: channels, events, trimmed events, times."""
+        async with translated(), self._connected_store.begin() as conn:
+            return await _queries.totals(conn)
+
+    @finish_on_cancel
+    async def read(
+        self,
+        channel: str,
+        *,
+        after: int | None = None,
+        before: int | None = None,
+        since: int | datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 100,
+        order: Literal["asc", "desc"] = "asc",
+        max_bytes: int | None = None,
+    ) -> list[Event]:
+        """A page of stored events of ``channel``.
+
+        Args:
+            after: Only offsets greater than this.
+            before: Only offsets smaller than this.
+            since: An offset: only offsets greater than it (as ``subscribe(since=)``,
+                so not together with ``after``); an aware datetime: only events with
+                a timestamp at or after it.
+            until: Only events with a timestamp before this (aware datetime).
+            limit: At most this many events.
+            order: ``"asc"`` (oldest first) or ``"desc"`` (newest first).
+            max_bytes: Stop once the payloads reach or pass this many bytes; the
+                event that passes it is the last one returned (at least one is).
+        """
+        if order not in ("asc", "desc"):
+            raise InvalidArgument("order must be 'asc' or 'desc'")
+        after = check_optional_int("after", after)
+        if since is not None and not isinstance(since, datetime):
+            if after is not None:
+                raise InvalidArgument("give after or an offset since, not both")
+            after, since = check_int("since", since), None
+        query = _queries.events_query(
+            channel,
+            after=after,
+            before=check_optional_int("before", before),
+            since_us=None if since is None else _micros(since, "since"),
+            until_us=None if until is None else _micros(until, "until"),
+            limit=check_int("limit", limit),
+            descending=order == "desc",
+        )
+        max_bytes = check_optional_int("max_bytes", max_bytes, minimum=1)
+        async with translated():
+            return await self._connected_store.read(
+                channel, query, max_bytes, descending=order == "desc"
+            )
+
+    @finish_on_cancel
+    async def read_from(
+        self, channel: str, start: int, limit: int, max_bytes: int | None = None
+    ) -> list[Event]:
+        """Up to ``limit`` events of ``channel`` from offset ``start`` on, ascending.
+
+        With ``max_bytes``, as :meth:`read`: cut once the payloads reach or pass it.
+        """
+        query = _queries.events_query(channel, after=start - 1, limit=limit)
+        async with translated():
+            return await self._connected_store.read(channel, query, max_bytes, descending=False)
+
+    async def get(self, channel: str, offset: int) -> Event | None:
+        """The event at ``offset`` of ``channel``, if stored."""
+        check_int("offset", offset)
+        page = await self.read(channel, after=offset - 1 if offset else None, limit=1)
+        return page[0] if page and page[0].offset == offset else None
+
+    @finish_on_cancel
+    async def offset_at(self, channel: str, moment: datetime) -> int | None:
+        """Offset of the first stored event at or after ``moment``, if any."""
+        micros = _micros(moment, "moment")
+        async with translated(), self._connected_store.begin() as conn:
+            return await _queries.offset_at(conn, channel, micros)
+
+
+def _micros(moment: datetime, name: str) -> int:
+    return to_micros(check_time(name, moment))
+
+
+def _store_for(url: URL, synchronous: str, *, must_exist: bool) -> Store:
+    if url.get_backend_name() == "sqlite":
+        from ._sqlite import SqliteStore
+
+        if must_exist:
+            require_file(url)
+        return SqliteStore(url, memory=is_memory_sqlite(url), synchronous=synchronous)
+    from ._postgres import PostgresStore
+
+    return PostgresStore(url)

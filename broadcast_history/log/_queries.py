@@ -1,0 +1,198 @@
+"""The log's queries that every database runs alike (SQLAlchemy Core).
+
+What differs per database (appending, byte-bounded reads) lives in the stores; this
+module holds the rest, each function running inside a connection the store opened.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, Sequence
+
+from sqlalchemy import Select, delete, func, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from .._errors import ImportConflict
+from .._event import Event, from_micros, to_micros
+from ._info import ChannelInfo, LogTotals
+from ._rows import CHANNEL_COLUMNS, EVENT_COLUMNS, channel_info, channel_row, event_row
+from ._schema import channels, events, log_identity
+
+_CHUNK = 500
+
+
+async def log_id(conn: AsyncConnection) -> str | None:
+    """The log's identity (written with its schema)."""
+    found = await conn.execute(select(log_identity.c.id).limit(1))
+    value = found.scalar()
+    return None if value is None else str(value)
+
+
+async def channel(conn: AsyncConnection, name: str) -> ChannelInfo | None:
+    result = await conn.execute(select(*CHANNEL_COLUMNS).where(channels.c.name == name))
+    row = result.first()
+    return None if row is None else channel_info(row)
+
+
+async def channel_page(
+    conn: AsyncConnection, prefix: str | None, after: str | None, limit: int | None
+) -> list[ChannelInfo]:
+    query = select(*CHANNEL_COLUMNS).order_by(channels.c.name)
+    if limit is not None:
+        query = query.limit(limit)
+    if prefix:
+        query = query.where(channels.c.name.startswith(prefix, autoescape=True))
+    if after is not None:
+        query = query.where(channels.c.name > after)
+    result = await conn.execute(query)
+    return [channel_info(row) for row in result]
+
+
+def events_query(
+    channel: str,
+    *,
+    after: int | None = None,
+    before: int | None = None,
+    since_us: int | None = None,
+    until_us: int | None = None,
+    limit: int,
+    descending: bool = False,
+) -> Select[tuple[int, int, int, bool, bytes, str | None]]:
+    """Events of ``channel`` in a range of offsets and/or times, in offset order."""
+    query = select(*EVENT_COLUMNS).where(events.c.channel == channel)
+    if after is not None:
+        query = query.where(events.c.offset > after)
+    if before is not None:
+        query = query.where(events.c.offset < before)
+    if since_us is not None:
+        query = query.where(events.c.timestamp >= since_us)
+    if until_us is not None:
+        query = query.where(events.c.timestamp < until_us)
+    column = events.c.offset
+    return query.order_by(column.desc() if descending else column.asc()).limit(limit)
+
+
+async def offset_at(conn: AsyncConnection, channel: str, micros: int) -> int | None:
+    """Offset of the first stored event at or after ``micros``, if any."""
+    result = await conn.execute(
+        select(events.c.offset)
+        .where(events.c.channel == channel, events.c.timestamp >= micros)
+        .order_by(events.c.timestamp, events.c.offset)
+        .limit(1)
+    )
+    return result.scalar()
+
+
+async def trim(
+    conn: AsyncConnection, channel: str, before: int | None, before_us: int | None
+) -> int:
+    """Remove events below offset ``before`` and/or older than ``before_us``."""
+    result = await conn.execute(
+        select(channels.c.first_offset, channels.c.last_offset).where(channels.c.name == channel)
+    )
+    row = result.first()
+    if row is None:
+        return 0
+    first, last = row
+    new_first = first
+    if before is not None:
+        new_first = max(new_first, min(before, last + 1))
+    if before_us is not None:
+        first_kept = await offset_at(conn, channel, before_us)
+        new_first = max(new_first, last + 1 if first_kept is None else first_kept)
+    if new_first <= first:
+        return 0
+    newest_removed = await conn.execute(
+        select(events.c.timestamp).where(
+            events.c.channel == channel, events.c.offset == new_first - 1
+        )
+    )
+    trimmed_ts = newest_removed.scalar()
+    deleted = await conn.execute(
+        delete(events).where(events.c.channel == channel, events.c.offset < new_first)
+    )
+    await conn.execute(
+        update(channels)
+        .where(channels.c.name == channel)
+        .values(first_offset=new_first, trimmed_timestamp=trimmed_ts)
+    )
+    return int(deleted.rowcount)
+
+
+def retention_bounds(
+    info: ChannelInfo, max_events: int | None, cutoff_us: int | None
+) -> tuple[int | None, int | None] | None:
+    """What retention removes from ``info``'s channel: ``(before, before_us)``, or
+    ``None`` when nothing can be due."""
+    before = None
+    if max_events is not None:
+        before = info.last_offset - max_events + 1
+        if before <= info.first_offset:
+            before = None
+    if before is None and (cutoff_us is None or info.count == 0):
+        return None
+    return before, cutoff_us
+
+
+async def delete_channel(conn: AsyncConnection, channel: str) -> bool:
+    await conn.execute(delete(events).where(events.c.channel == channel))
+    result = await conn.execute(delete(channels).where(channels.c.name == channel))
+    return bool(result.rowcount)
+
+
+async def totals(conn: AsyncConnection) -> LogTotals:
+    stored = func.sum(channels.c.last_offset - channels.c.first_offset + 1)
+    oldest = CHANNEL_COLUMNS[-1]
+    query = select(
+        func.count(),
+        func.coalesce(stored, 0),
+        func.coalesce(func.sum(channels.c.first_offset - 1), 0),
+        func.min(oldest),
+        func.max(channels.c.last_timestamp),
+    ).select_from(channels)
+    count, total, trimmed, oldest_us, newest_us = (await conn.execute(query)).one()
+    return LogTotals(
+        channels=int(count),
+        events=int(total),
+        trimmed=int(trimmed),
+        oldest_timestamp=None if oldest_us is None else from_micros(oldest_us),
+        newest_timestamp=from_micros(newest_us) if count and newest_us else None,
+    )
+
+
+async def restore(
+    conn: AsyncConnection, infos: Sequence[ChannelInfo], pages: AsyncIterable[Sequence[Event]]
+) -> int:
+    """Insert ``infos`` and the events of ``pages``; refuses channels that exist."""
+    names = [info.name for info in infos]
+    for start in range(0, len(names), _CHUNK):
+        found = await conn.execute(
+            select(channels.c.name, channels.c.epoch, channels.c.last_offset).where(
+                channels.c.name.in_(names[start : start + _CHUNK])
+            )
+        )
+        row = found.first()
+        if row is not None:
+            raise ImportConflict(
+                f"channel {row[0]!r} already exists in this log (epoch {row[1]}, offsets "
+                f"up to {row[2]}); nothing was imported: delete it first or import into "
+                "another log"
+            )
+    stored = 0
+    async for page in pages:
+        if page:
+            rows = [
+                event_row(
+                    e.channel,
+                    e.offset,
+                    e.epoch,
+                    0 if e.timestamp is None else to_micros(e.timestamp),
+                    e.message,
+                    e.key,
+                )
+                for e in page
+            ]
+            await conn.execute(events.insert(), rows)
+            stored += len(page)
+    if infos:
+        await conn.execute(channels.insert(), [channel_row(info) for info in infos])
+    return stored

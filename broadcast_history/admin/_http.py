@@ -22,6 +22,7 @@ from .._broadcast import Broadcast
 from .._errors import BroadcastError, InvalidArgument, LogUnavailable, PositionError
 from .._validation import check_channel
 from . import _sse
+from ._console import add_console
 from ._errors import ImportConflict, NotFound
 from ._query import HistoryAdmin
 from ._schemas import (
@@ -105,8 +106,8 @@ def create_app(
 
     Args:
         broadcast: The broadcast whose log is exposed (and whose channels are streamed).
-        token: Every request but the OpenAPI schema and docs needs
-            ``Authorization: Bearer <token>``.
+        token: Every request but the OpenAPI schema, the docs and the console's
+            static files (``/ui``) needs ``Authorization: Bearer <token>``.
         allow_no_token: Serve without a token: for local use only.
         heartbeat: Seconds between keep-alive comments on idle event streams.
 
@@ -153,6 +154,7 @@ def create_app(
     )
     _add_error_handlers(app)
     _add_routes(app, broadcast, admin, heartbeat)
+    add_console(app)
     app.add_middleware(_EncodedSlashes)
     return app
 

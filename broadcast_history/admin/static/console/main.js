@@ -6,7 +6,7 @@ import { Channels } from "./channels.js";
 import { showConsumers } from "./consumers.js";
 import { EventBrowser } from "./events.js";
 import { Tail } from "./tail.js";
-import { $, confirmDialog, el, isoTime, notice, number, showError, time } from "./ui.js";
+import { $, confirmDialog, el, isoTime, notice, number, resolveError, showError, time } from "./ui.js";
 
 const TOKEN_KEY = "broadcast_history.token";
 const REFRESH_MS = 2000;
@@ -101,11 +101,13 @@ async function refreshChannel() {
   $("delete-dialog").querySelector(".count").textContent = number(stats.count);
 }
 
+const tracked = (key, job) => job.then(() => resolveError(key), report(key));
+
 async function refresh() {
-  const jobs = [channels.refresh().catch(report("channels")), refreshTotals().catch(report("stats"))];
+  const jobs = [tracked("channels", channels.refresh()), tracked("stats", refreshTotals())];
   if (state.channel) {
-    jobs.push(refreshChannel().catch(report("channel")));
-    jobs.push(showConsumers(api, state.channel).catch(report("consumers")));
+    jobs.push(tracked("channel", refreshChannel()));
+    jobs.push(tracked("consumers", showConsumers(api, state.channel)));
   }
   await Promise.all(jobs);
 }

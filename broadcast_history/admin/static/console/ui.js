@@ -41,7 +41,7 @@ export function message(event) {
   const badge = el("span", { className: `badge ${event.encoding}` }, event.encoding);
   const long = event.message.length > MAX_SHOWN;
   const short = long ? `${event.message.slice(0, MAX_SHOWN)}… (${number(event.message.length)} chars)` : event.message;
-  const text = el("span", { className: "text" }, short);
+  const text = el("span", { className: "content" }, short);
   if (long) {
     text.classList.add("long");
     text.title = "click to show all";
@@ -80,11 +80,18 @@ async function copyText(value) {
   if (!done) throw new Error("the browser refused");
 }
 
+const stamp = () => new Date().toISOString().slice(11, 19);
+const errorLine = (key) => [...$("errors").children].find((node) => node.dataset.key === key);
+
 // Errors stay on screen until dismissed; a repeated one (same key, e.g. an
 // auto-refresh that keeps failing) updates its line instead of adding lines.
 export function showError(key, error) {
   const box = $("errors");
-  let line = [...box.children].find((node) => node.dataset.key === key);
+  let line = errorLine(key);
+  if (line?.classList.contains("resolved")) {
+    line.classList.remove("resolved");
+    line.dataset.count = "0";
+  }
   if (!line) {
     const close = el("button", { type: "button", className: "dismiss", title: "dismiss" }, "×");
     line = el("div", { className: "error", dataset: { key, count: "0" } }, el("span"), close);
@@ -93,8 +100,15 @@ export function showError(key, error) {
   }
   const count = Number(line.dataset.count) + 1;
   line.dataset.count = String(count);
-  const stamp = new Date().toISOString().slice(11, 19);
-  line.firstChild.textContent = `${stamp}  ${error.message}${count > 1 ? `  (×${count})` : ""}`;
+  line.firstChild.textContent = `${stamp()}  ${error.message}${count > 1 ? `  (×${count})` : ""}`;
+}
+
+// The same request worked again: the error stays on screen, marked as over.
+export function resolveError(key) {
+  const line = errorLine(key);
+  if (!line || line.classList.contains("resolved")) return;
+  line.classList.add("resolved");
+  line.firstChild.textContent += `  — working again since ${stamp()}`;
 }
 
 export function notice(text) {

@@ -241,7 +241,8 @@ def test_processes_share_a_sqlite_file_log(sqlite_file_url: str) -> None:
 def test_installed_wheel_creates_a_database(tmp_path: Path) -> None:
     """A built wheel (not the checkout) carries the migrations and can create a log.
 
-    It also carries the operator console's static files (package data)."""
+    It also carries the operator console's static files (package data).
+    """
     wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheel_dir), str(ROOT)],

@@ -13,6 +13,7 @@ export class EventBrowser {
     this.filter = {};
     this.older = null; // `before` of the next older page, null when none
     this.newer = null; // `after` of the next newer page, null when none
+    this.asked = 0; // requests made: only the latest one's answer is shown
   }
 
   open(channel) {
@@ -39,9 +40,9 @@ export class EventBrowser {
     if (move === "oldest" || move === "newer") query.order = "asc";
     if (move === "older") query.before = this.older;
     if (move === "newer") query.after = this.newer;
-    const channel = this.channel;
-    const page = await this.api.json("GET", channelPath(channel, "/events"), { query });
-    if (channel !== this.channel) return; // another channel was opened meanwhile
+    const asked = ++this.asked;
+    const page = await this.api.json("GET", channelPath(this.channel, "/events"), { query });
+    if (asked !== this.asked) return; // a later click (or another channel) won
     const events = page.order === "asc" ? page.events.reverse() : page.events;
     if (!events.length && (move === "older" || move === "newer")) {
       notice(`No ${move} events.`);
@@ -65,10 +66,10 @@ export class EventBrowser {
 
   show(events, top, bottom) {
     $("events").tBodies[0].replaceChildren(...events.map((event) => this.row(event)));
-    const window = this.filter.since || this.filter.until ? " in the time window" : "";
+    const where = this.filter.since || this.filter.until ? " in the time window" : "";
     $("page-info").textContent = events.length
       ? `offsets ${number(top)} – ${number(bottom)} (${number(events.length)} events)`
-      : `no events${window}`;
+      : `no events${where}`;
     this.showPager();
   }
 

@@ -123,6 +123,7 @@ export function confirmDialog(dialog, action) {
   const form = dialog.querySelector("form");
   const error = dialog.querySelector(".dialog-error");
   error.hidden = true;
+  form.reset(); // no bounds left over from the last time
   form.onsubmit = async (event) => {
     event.preventDefault();
     const buttons = form.querySelectorAll("button");

@@ -20,9 +20,21 @@ def database_url(name: str) -> str:
     return urlunsplit(parts._replace(path=f"/{name}"))
 
 
+def private_name(name: str) -> str:
+    """``name`` prefixed with the test database's own name.
+
+    Runs against different test databases (other checkouts, branches with other
+    migrations) then never share a private database either.
+    """
+    base = urlsplit(POSTGRES_URL).path.lstrip("/") or "test"
+    return f"{base}_{name}"
+
+
 async def ensure_database(name: str) -> str:
-    """Create database ``name`` if it is missing; returns its ``postgresql://`` URL."""
+    """Create database :func:`private_name` of ``name`` if it is missing; returns its
+    ``postgresql://`` URL."""
     require_postgres()
+    name = private_name(name)
     admin = await asyncpg.connect(database_url("postgres"))
     try:
         exists = await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)

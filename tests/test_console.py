@@ -9,6 +9,7 @@ server restart, trim and delete. Screenshots are saved under ``build/``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -59,32 +60,23 @@ class Server:
         self.base = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
         self.output = workdir / "serve.log"
-        script = Path(sys.executable).with_name("broadcast-history")
-        self.command = (
-            [str(script)] if script.exists() else [sys.executable, "-m", "broadcast_history.cli"]
-        )
 
     def start(self) -> None:
-        env = {**os.environ, "BROADCAST_HISTORY_TOKEN": TOKEN}
+        command = [sys.executable, "-m", "broadcast_history.cli", "serve", "--log", self.log]
         with self.output.open("w") as out:
             self.process = subprocess.Popen(
-                [*self.command, "serve", "--port", str(self.port), "--log", self.log],
-                env=env,
+                [*command, "--port", str(self.port)],
+                env={**os.environ, "BROADCAST_HISTORY_TOKEN": TOKEN},
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + 20
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"serve exited:\n{self.output.read_text()}")
-            try:
+        while self.process.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(httpx.TransportError):
                 if httpx.get(f"{self.base}/ui/", timeout=1).status_code == 200:
                     return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"serve did not start:\n{self.output.read_text()}")
             time.sleep(0.1)
+        raise RuntimeError(f"serve did not start:\n{self.output.read_text()}")
 
     def stop(self) -> None:
         if self.process is None:
@@ -155,13 +147,6 @@ def open_channel(page: Any, name: str) -> None:
     expect(page.locator("#events tbody tr").first).to_be_visible()
 
 
-def table(page: Any, selector: str) -> list[list[str]]:
-    rows: list[list[str]] = page.eval_on_selector_all(
-        f"{selector} tbody tr", "rows => rows.map(r => [...r.cells].map(c => c.textContent.trim()))"
-    )
-    return rows
-
-
 def offsets(page: Any, selector: str = "#events tbody tr") -> list[int]:
     found: list[int] = page.eval_on_selector_all(
         selector, "rows => rows.map(r => Number(r.dataset.offset))"
@@ -194,8 +179,10 @@ def test_log_in_list_and_browse(page: Any, server: Server, seeded: dict[str, Any
     expect(page.locator("#token-dialog")).to_be_hidden()
 
     expect(page.locator("#channels tbody tr")).to_have_count(3)
-    listed = {row[0]: row for row in table(page, "#channels")}
-    assert {name: (row[1], row[2]) for name, row in listed.items()} == {
+    listed = page.eval_on_selector_all(
+        "#channels tbody tr", "rows => rows.map(r => [...r.cells].map(c => c.textContent))"
+    )
+    assert {name: (head, count) for name, head, count, *_ in listed} == {
         "chat/room-1": ("5", "5"),
         "orders": ("123", "123"),
         "scratch": ("10", "10"),

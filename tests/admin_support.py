@@ -1,7 +1,10 @@
 """Fixtures shared by the admin tests: fresh logs on SQLite files and on Postgres.
 
-Postgres tests use a database of their own (``bh_admin_test``), emptied before each
-test, so listing or exporting "every channel" does not see other suites' channels.
+Postgres tests use a database of their own (that of ``BH_TEST_POSTGRES`` with
+``_admin`` appended), emptied before each test, so listing or exporting "every
+channel" does not see other suites' channels; named after the test database so that
+runs against different test databases (other checkouts, other branches with other
+migrations) do not share it.
 """
 
 from __future__ import annotations
@@ -12,9 +15,7 @@ from pathlib import Path
 from sqlalchemy.engine import make_url
 
 from tests.conftest import POSTGRES_URL, require_postgres, reset_postgres_log
-from tests.postgres_support import private_name
 
-ADMIN_DB = private_name("bh_admin_test")
 _created: list[str] = []
 
 
@@ -24,16 +25,17 @@ async def _admin_postgres_url() -> str:
     import asyncpg
 
     base = make_url(POSTGRES_URL)
+    admin_db = f"{base.database}_admin"
     conn = await asyncpg.connect(
         host=base.host, port=base.port, user=base.username, database=base.database
     )
     try:
-        await conn.execute(f'CREATE DATABASE "{ADMIN_DB}"')
+        await conn.execute(f'CREATE DATABASE "{admin_db}"')
     except asyncpg.DuplicateDatabaseError:
         pass
     finally:
         await conn.close()
-    url = base.set(database=ADMIN_DB).render_as_string(hide_password=False)
+    url = base.set(database=admin_db).render_as_string(hide_password=False)
     _created.append(url)
     return url
 

@@ -19,6 +19,8 @@ from urllib.parse import quote
 import httpx
 import pytest
 import uvicorn
+from starlette.applications import Starlette
+from starlette.routing import Mount
 
 from broadcast_history import Broadcast, InvalidArgument
 from broadcast_history.admin import create_app
@@ -78,6 +80,43 @@ async def test_auth_failures(client: httpx.AsyncClient, headers: dict[str, str])
         assert response.headers["www-authenticate"] == "Bearer"
     # The schema is public: it tells nothing about the data.
     assert (await client.get("/openapi.json", headers=headers)).status_code == 200
+
+
+async def test_console_is_public_and_stays_in_its_directory() -> None:
+    """/ui serves the console's static files without the token, nothing else."""
+    app = create_app(Broadcast("memory://"), token=TOKEN)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://a") as c:
+        redirect = await c.get("/ui")
+        assert redirect.status_code == 308
+        assert redirect.headers["location"] == "ui/"  # relative: works under a mount prefix
+        page = await c.get("/ui/")
+        assert page.status_code == 200
+        assert "broadcast_history console" in page.text
+        assert "default-src 'self'" in page.headers["content-security-policy"]
+        script = await c.get("/ui/main.js")
+        assert script.status_code == 200
+        assert script.headers["content-type"].startswith("text/javascript")  # ES module
+        # The API behind it still wants the token.
+        assert (await c.get("/channels")).status_code == 401
+        assert (await c.get("/ui/../channels")).status_code == 401
+        # Escapes from the directory: the target exists, but is not served.
+        assert (Path(__file__).parents[1] / "broadcast_history/admin/_http.py").exists()
+        for escape in [
+            "/ui/%2e%2e/%2e%2e/_http.py",
+            "/ui/%2e%2e%2f%2e%2e%2f_http.py",
+            "/ui/..%2F..%2F_http.py",
+            "/ui//etc/passwd",
+            "/ui/%2Fetc%2Fpasswd",
+        ]:
+            assert (await c.get(escape)).status_code == 404, escape
+    assert all("/ui" not in route for route in app.openapi()["paths"])
+
+    # Under a prefix the redirect still lands on the console (the page finds the API
+    # relative to its own address too).
+    host = Starlette(routes=[Mount("/admin", app)])
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=host), base_url="http://a") as c:
+        page = await c.get("/admin/ui", follow_redirects=True)
+        assert (page.status_code, page.url.path) == (200, "/admin/ui/")
 
 
 # -- channels -----------------------------------------------------------------------------

@@ -1,17 +1,13 @@
 """The chat demo in a real browser: a dropped connection loses nothing and repeats nothing.
 
-Headless Chromium from Debian's ``chromium`` package, driven by Playwright for Python
-(Playwright's own browser download is not used). Two pages share a room; one drops
-its connection while the other keeps talking; after reconnecting it shows every
-message once, in order. A screenshot of both pages is saved under ``build/``.
-
-Needs: ``apt-get install -y chromium`` and ``pip install playwright``; skipped otherwise.
+Headless Chromium (see ``browser_support``). Two pages share a room; one drops its
+connection while the other keeps talking; after reconnecting it shows every message
+once, in order. A screenshot of both pages is saved under ``build/``.
 """
 
 from __future__ import annotations
 
 import base64
-import os
 import subprocess
 import sys
 import uuid
@@ -21,29 +17,12 @@ from typing import Any
 
 import pytest
 
+from .browser_support import BUILD, WAIT_MS, chromium, require_chromium
 from .demo_support import free_port, wait_for_server
 
-CHROMIUM = os.environ.get("BH_CHROMIUM", "/usr/bin/chromium")
-BUILD = Path(__file__).resolve().parents[1] / "build"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-WAIT_MS = 15_000
 DEMO_MODULE = "broadcast_history.demo"
 
-sync_api = pytest.importorskip(
-    "playwright.sync_api", reason="playwright is not installed (pip install playwright)"
-)
-if not Path(CHROMIUM).exists():
-    _why = f"no Chromium at {CHROMIUM} (apt-get install -y chromium)"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{_why}; .ci/run installs it", pytrace=False)
-    pytest.skip(_why, allow_module_level=True)
+sync_api = require_chromium()
 
 
 @pytest.fixture(scope="module")
@@ -75,12 +54,8 @@ def demo_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
+    with chromium(sync_api) as browser:
+        yield browser
 
 
 def chat_state(page: Any) -> dict[str, Any]:

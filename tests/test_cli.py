@@ -238,8 +238,11 @@ def test_serve(tmp_path: Path) -> None:
                 time.sleep(0.1)
         assert [c["name"] for c in response.json()["channels"]] == ["c"]
         assert httpx.get(f"{base}/channels").status_code == 401
+        assert httpx.get(f"{base}/ui/").status_code == 200  # the console: no token
         server.send_signal(signal.SIGINT)
         assert server.wait(timeout=20) == 0
+        assert server.stderr is not None
+        assert f"operator console: {base}/ui/" in server.stderr.read()
     finally:
         if server.poll() is None:
             server.kill()

@@ -7,6 +7,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -240,13 +241,23 @@ def test_processes_share_a_sqlite_file_log(sqlite_file_url: str) -> None:
 
 
 def test_installed_wheel_creates_a_database(tmp_path: Path) -> None:
-    """A built wheel (not the checkout) carries the migrations and can create a log."""
+    """A built wheel (not the checkout) carries the migrations and can create a log.
+
+    It also carries the operator console's static files (package data).
+    """
     wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheel_dir), str(ROOT)],
         check=True,
     )
     [wheel] = wheel_dir.glob("*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        shipped = set(archive.namelist())
+    console = ROOT / "broadcast_history" / "admin" / "static" / "console"
+    assert (console / "index.html").exists()
+    assert {
+        f"broadcast_history/admin/static/console/{f.name}" for f in console.iterdir()
+    } <= shipped
     subprocess.run(
         [
             sys.executable,

@@ -24,6 +24,7 @@ from .._errors import BroadcastError, InvalidArgument, LogUnavailable, PositionE
 from .._parse import parse_position, parse_since
 from .._validation import check_channel
 from . import _sse
+from ._console import add_console
 from ._errors import ImportConflict, NotFound
 from ._import import max_line_length, split_lines
 from ._query import HistoryAdmin
@@ -121,8 +122,8 @@ def create_app(
 
     Args:
         broadcast: The broadcast whose log is exposed (and whose channels are streamed).
-        token: Every request but the OpenAPI schema and docs needs
-            ``Authorization: Bearer <token>``.
+        token: Every request but the OpenAPI schema, the docs and the console's
+            static files (``/ui``) needs ``Authorization: Bearer <token>``.
         allow_no_token: Serve without a token: for local use only.
         heartbeat: Seconds between keep-alive comments on idle event streams.
 
@@ -172,6 +173,7 @@ def create_app(
     )
     _add_error_handlers(app)
     _add_routes(app, broadcast, admin, heartbeat)
+    add_console(app)
     app.add_middleware(_EncodedSlashes)
     return app
 

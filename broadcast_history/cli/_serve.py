@@ -24,7 +24,7 @@ def serve(
     log: LogOption = DEFAULT_LOG,
     url: UrlOption = DEFAULT_URL,
 ) -> None:
-    """Serve the admin HTTP API (OpenAPI docs at /docs)."""
+    """Serve the admin HTTP API (OpenAPI docs at /docs, operator console at /ui/)."""
     try:
         import uvicorn
 
@@ -38,6 +38,8 @@ def serve(
     except ValueError as exc:
         fail(str(exc), 2)
     application = create_app(broadcast, token=token, allow_no_token=allow_no_token)
-    err_console.print(f"admin API on http://{host}:{port} (docs: /docs)")
+    base = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    err_console.print(f"admin API on {base} (docs: {base}/docs)", markup=False)
+    err_console.print(f"operator console: {base}/ui/", markup=False)
     # Event streams never end by themselves: give them a moment, then close them.
     uvicorn.run(application, host=host, port=port, timeout_graceful_shutdown=2)

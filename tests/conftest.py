@@ -203,7 +203,7 @@ def kafka_factory(request: pytest.FixtureRequest) -> BackendFactory:
 def kafka_bootstrap() -> Iterator[str]:
     """host:port of a Kafka-compatible broker (tansu), started for the session."""
     try:
-        from tests.kafka_broker import running_broker
+        from tests.support.kafka_broker import running_broker
     except ImportError:
         pytest.skip("no Kafka broker fixture yet")
     with running_broker() as bootstrap:

@@ -24,7 +24,7 @@ from starlette.routing import Mount
 
 from broadcast_history import Broadcast, InvalidArgument
 from broadcast_history.admin import create_app
-from tests.admin_support import LOG_KINDS, fresh_log_url
+from tests.support.admin_support import LOG_KINDS, fresh_log_url
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

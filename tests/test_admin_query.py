@@ -18,7 +18,7 @@ from broadcast_history.admin import (
     ImportConflict,
     InvalidExport,
 )
-from tests.admin_support import LOG_KINDS, fresh_log_url
+from tests.support.admin_support import LOG_KINDS, fresh_log_url
 
 ODD = "a/b c é"
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from .browser_support import BUILD, WAIT_MS, chromium, require_chromium
-from .demo_support import free_port, wait_for_server
+from tests.support.browser_support import BUILD, WAIT_MS, chromium, require_chromium
+from tests.support.demo_support import free_port, wait_for_server
 
 DEMO_MODULE = "broadcast_history.demo"
 

@@ -18,7 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from broadcast_history.cli import app
-from tests.admin_support import LOG_KINDS, fresh_log_url
+from tests.support.admin_support import LOG_KINDS, fresh_log_url
 
 runner = CliRunner()
 EXE = [sys.executable, "-c", "from broadcast_history.cli import main; main()"]

@@ -16,7 +16,7 @@ from broadcast_history import (
     StreamReset,
 )
 from tests.conftest import MakeBroadcast, unique
-from tests.helpers import assert_contiguous, take
+from tests.support.helpers import assert_contiguous, take
 
 
 async def test_publish_returns_stored_event(broadcast: Broadcast) -> None:

@@ -27,7 +27,7 @@ from broadcast_history import (
     Unsubscribed,
 )
 from tests.conftest import POSTGRES_URL, require_postgres
-from tests.helpers import assert_contiguous, take
+from tests.support.helpers import assert_contiguous, take
 
 ROOT = Path(__file__).resolve().parent.parent
 

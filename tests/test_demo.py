@@ -26,9 +26,8 @@ import uvicorn
 
 from broadcast_history import Broadcast
 from broadcast_history.demo import Position, create_app, parse_position
-
-from .conftest import POSTGRES_URL, REDIS_URL, require_postgres, require_redis
-from .demo_support import free_port, wait_for_server
+from tests.conftest import POSTGRES_URL, REDIS_URL, require_postgres, require_redis
+from tests.support.demo_support import free_port, wait_for_server
 
 
 def room() -> str:

@@ -26,7 +26,13 @@ from typing import NamedTuple
 
 import pytest
 
-from .conftest import POSTGRES_URL, REDIS_URL, require_postgres, require_redis, service_available
+from tests.conftest import (
+    POSTGRES_URL,
+    REDIS_URL,
+    require_postgres,
+    require_redis,
+    service_available,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -95,7 +101,7 @@ def kafka_on_9092() -> Iterator[None]:
     if service_available("127.0.0.1", 9092):
         yield
         return
-    from tests.kafka_broker import TansuBroker
+    from tests.support.kafka_broker import TansuBroker
 
     with TansuBroker(port=9092):
         yield

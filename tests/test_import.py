@@ -18,7 +18,7 @@ import uvicorn
 from broadcast_history import Broadcast
 from broadcast_history.admin import HistoryAdmin, InvalidExport, create_app
 from broadcast_history.admin._import import split_lines
-from tests.admin_support import LOG_KINDS, fresh_log_url
+from tests.support.admin_support import LOG_KINDS, fresh_log_url
 
 TOKEN = "t"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

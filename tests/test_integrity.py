@@ -30,7 +30,7 @@ from broadcast_history import (
 from broadcast_history.backends.memory import MemoryBackend
 from broadcast_history.log import Pending
 from tests.conftest import REDIS_URL, BackendFactory, MakeBroadcast, require_redis, unique
-from tests.helpers import assert_contiguous, take
+from tests.support.helpers import assert_contiguous, take
 
 CROSSING = [
     "redis://127.0.0.1:6379",

@@ -13,7 +13,7 @@ from broadcast_history import Broadcast, NotConnected, TransportError
 from broadcast_history.backends import backend_from_url
 from broadcast_history.backends.kafka import KafkaBackend, _servers, topic_for
 from tests.conftest import unique
-from tests.helpers import assert_contiguous, take
+from tests.support.helpers import assert_contiguous, take
 
 ODD_CHANNELS = [
     "chat/room 1",

@@ -18,8 +18,8 @@ import pytest
 from broadcast_history import Broadcast, Event
 from broadcast_history.backends.kafka import KafkaBackend
 from tests.conftest import unique
-from tests.helpers import assert_contiguous, take
-from tests.kafka_broker import TansuBroker
+from tests.support.helpers import assert_contiguous, take
+from tests.support.kafka_broker import TansuBroker
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,9 @@ import pytest
 
 from broadcast_history import Broadcast
 from broadcast_history.admin import create_app
-from tests.admin_support import LOG_KINDS, fresh_log_url
 from tests.conftest import MakeBroadcast, unique
-from tests.helpers import assert_contiguous, take
+from tests.support.admin_support import LOG_KINDS, fresh_log_url
+from tests.support.helpers import assert_contiguous, take
 
 STALLED = """
 import asyncio, json, resource, sys

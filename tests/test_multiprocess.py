@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from tests.conftest import REDIS_URL, require_redis, unique
-from tests.postgres_support import ensure_database
+from tests.support.postgres_support import ensure_database
 
 PUBLISHERS = 4
 PER_PUBLISHER = 100

@@ -14,8 +14,8 @@ from broadcast_history.backends import backend_from_url
 from broadcast_history.backends.memory import MemoryBackend
 from broadcast_history.backends.postgres import PostgresBackend, channel_identifier
 from tests.conftest import unique
-from tests.helpers import assert_contiguous, take
-from tests.postgres_support import database_url, ensure_database
+from tests.support.helpers import assert_contiguous, take
+from tests.support.postgres_support import database_url, ensure_database
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 

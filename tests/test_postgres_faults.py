@@ -14,8 +14,8 @@ from broadcast_history import Broadcast, Event, LogUnavailable, TransportError
 from broadcast_history.backends.memory import MemoryBackend
 from broadcast_history.backends.postgres import PostgresBackend
 from tests.conftest import unique
-from tests.helpers import assert_contiguous, take
-from tests.postgres_support import database_url, ensure_database, terminate
+from tests.support.helpers import assert_contiguous, take
+from tests.support.postgres_support import database_url, ensure_database, terminate
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 

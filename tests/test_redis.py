@@ -11,7 +11,7 @@ import pytest
 from broadcast_history import Broadcast, BroadcastBackend, Event, NotConnected, TransportError
 from broadcast_history.backends import backend_from_url
 from tests.conftest import REDIS_URL, require_redis, unique
-from tests.helpers import assert_contiguous, take
+from tests.support.helpers import assert_contiguous, take
 
 pytest.importorskip("redis")
 import redis.asyncio as aioredis

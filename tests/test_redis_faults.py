@@ -16,7 +16,7 @@ import pytest
 
 from broadcast_history import Broadcast, BroadcastBackend
 from tests.conftest import REDIS_URL, require_redis, unique
-from tests.helpers import assert_contiguous, take
+from tests.support.helpers import assert_contiguous, take
 
 pytest.importorskip("redis")
 import redis.asyncio as aioredis

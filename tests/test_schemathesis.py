@@ -27,7 +27,7 @@ except ImportError:  # pragma: no cover - older 4.x: the lifespan ends with the 
 
 from broadcast_history import Broadcast
 from broadcast_history.admin import create_app
-from tests.admin_support import LOG_KINDS, fresh_log_url
+from tests.support.admin_support import LOG_KINDS, fresh_log_url
 
 TOKEN = "schemathesis"
 

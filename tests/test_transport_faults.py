@@ -13,7 +13,7 @@ import pytest
 
 from broadcast_history import Broadcast, BroadcastBackend, Event, TransportError
 from tests.conftest import unique
-from tests.helpers import assert_contiguous, take
+from tests.support.helpers import assert_contiguous, take
 
 
 class UnreliableBackend(BroadcastBackend):

@@ -1,0 +1,71 @@
+"""The envelope codec on its own: round trips, size limits, notices, foreign input."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pytest
+
+from broadcast_history import Event
+from broadcast_history._envelope import NotAnEnvelope, OtherLog, decode, encode
+from broadcast_history._event import NOTICE
+
+LOG = "0123456789abcdef"
+WHEN = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=timezone.utc)
+
+
+def stored(offset: int, message: str | bytes, key: str | None = None) -> Event:
+    return Event("chat", message, offset, WHEN, 77, key)
+
+
+@pytest.mark.parametrize(
+    "events",
+    [
+        [stored(1, "hello")],
+        [stored(1, "ünïcødé ✓ 𝄞"), stored(2, b"\x00\xffbinary"), stored(3, "", key="k")],
+        [stored(n, f"m{n}") for n in range(1, 101)],
+        [stored(1, 'quotes " and \\ and \n newlines')],
+    ],
+    ids=["one", "mixed", "many", "escapes"],
+)
+def test_round_trip(events: list[Event]) -> None:
+    [text] = encode(events, LOG)
+    assert text.startswith(f"bh2:{LOG}:")
+    assert decode("chat", text, LOG) == events
+    assert decode("chat", text.encode(), LOG) == events  # some transports give bytes
+
+
+def test_a_size_limit_splits_envelopes_and_turns_giants_into_notices() -> None:
+    events = [stored(n, "x" * 300) for n in range(1, 21)] + [stored(21, "y" * 5000)]
+    texts = encode(events, LOG, max_size=1000)
+    assert len(texts) > 1
+    assert all(len(text.encode()) <= 1000 for text in texts)
+    decoded = [event for text in texts for event in decode("chat", text, LOG)]
+    assert [e.offset for e in decoded] == list(range(1, 22))
+    assert decoded[:20] == events[:20]
+    assert decoded[20].message is NOTICE and decoded[20].offset == 21
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "plain text from another program",
+        b"\xff\xfe not utf-8",
+        'bh1:[7,[[1,0,"s","old format",null]]]',
+        f"bh2:{LOG}",
+        f"bh2:{LOG}:[7,",
+        f"bh2:{LOG}:[7,[[1,0]]]",
+        f"bh2:{LOG}:" + '{"a": 1}',
+    ],
+    ids=["text", "bytes", "v1", "no-body", "cut", "short-record", "object"],
+)
+def test_what_is_not_an_envelope(text: str | bytes) -> None:
+    with pytest.raises(NotAnEnvelope):
+        decode("chat", text, LOG)
+
+
+def test_an_envelope_of_another_log_names_it() -> None:
+    [text] = encode([stored(1, "theirs")], "fedcba9876543210")
+    with pytest.raises(OtherLog) as info:
+        decode("chat", text, LOG)
+    assert info.value.log_id == "fedcba9876543210"

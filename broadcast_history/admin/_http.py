@@ -8,11 +8,9 @@ schemathesis can test the app against it.
 from __future__ import annotations
 
 import hmac
-import re
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal, TypeVar
-from urllib.parse import unquote
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -20,37 +18,45 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AwareDatetime
 
 from .._broadcast import Broadcast
-from .._errors import BroadcastError, InvalidArgument, LogUnavailable, PositionError
+from .._errors import (
+    BroadcastError,
+    InvalidArgument,
+    LogUnavailable,
+    MessageTooLarge,
+    PositionError,
+)
+from .._event import Event
 from .._parse import parse_position, parse_since
 from .._validation import check_channel
-from . import _sse
+from ..web._feed import Feed
+from ..web._publish import event_info, publish_request
+from ..web._sse import EventStream, json_frame
+from ..web._streams import OpenStreams
 from ._console import add_console
 from ._errors import ImportConflict, NotFound
 from ._import import max_line_length, split_lines
+from ._jsonl import event_json
+from ._paths import EncodedSlashes, channel_of
 from ._query import HistoryAdmin
 from ._schemas import (
     MAX_OFFSET,
+    MESSAGE_BODY,
     ChannelList,
     ChannelOut,
     ErrorOut,
     EventList,
     EventOut,
     ImportOut,
+    PublishedOut,
     StatsOut,
     TrimIn,
     TrimOut,
 )
 
 T = TypeVar("T")
-Scope = MutableMapping[str, Any]
-ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Any]
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 #: Most message bytes one page of ``/events`` carries (besides its first event).
 MAX_PAGE_BYTES = 8 * 1024 * 1024
-# Stands for an encoded slash (%2F) inside a channel name while routing: a control
-# character, so never part of a valid channel name.
-_SLASH = "\x1f"
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorOut, "description": "Invalid parameter"},
     401: {"model": ErrorOut, "description": "Missing or wrong bearer token"},
@@ -58,6 +64,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 _STATUS: list[tuple[type[BroadcastError], int]] = [
     (NotFound, 404),
+    (MessageTooLarge, 413),
     (InvalidArgument, 400),
     (ImportConflict, 409),
     (PositionError, 409),
@@ -65,45 +72,14 @@ _STATUS: list[tuple[type[BroadcastError], int]] = [
 ]
 
 
-class _EncodedSlashes:
-    """Keep ``%2F`` apart from ``/`` so ``/channels/a%2Fevents`` is channel "a/events".
-
-    Servers decode the path before routing, which makes a channel named "a/events"
-    look like the events route of channel "a". The raw path still tells them apart.
-    A path with a control character (``%0A``) cannot hold a valid channel name: it
-    is answered 400 here, as an invalid name is, since no route would match it.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and _CONTROL.search(scope.get("path", "")):
-            response = JSONResponse(
-                {"detail": "the path holds a control character: not a valid channel name"},
-                status_code=400,
-            )
-            await response(scope, receive, send)
-            return
-        raw = scope.get("raw_path") if scope["type"] == "http" else None
-        if raw:
-            lowered = raw.split(b"?", 1)[0].lower()
-            if b"%2f" in lowered and b"%1f" not in lowered:
-                path = raw.split(b"?", 1)[0].decode("latin-1")
-                path = path.replace("%2F", _SLASH).replace("%2f", _SLASH)
-                scope = dict(scope, path=unquote(path), bh_encoded_slashes=True)
-        await self.app(scope, receive, send)
-
-
-def _channel(request: Request, channel: Annotated[str, Path()]) -> str:
-    if request.scope.get("bh_encoded_slashes"):
-        channel = channel.replace(_SLASH, "/")
-    return check_channel(channel)
+def _stream_frame(event: Event) -> bytes:
+    """An event of ``/stream``: the JSON object of ``/events`` as its data."""
+    return json_frame(event, event_json(event))
 
 
 # Module level: FastAPI resolves the (string) annotations of endpoints in this namespace.
 _BEARER = HTTPBearer(auto_error=False, description="The token given to create_app")
-Channel = Annotated[str, Depends(_channel)]
+Channel = Annotated[str, Depends(channel_of)]
 Offset = Annotated[int | None, Query(ge=0, le=MAX_OFFSET)]
 
 
@@ -125,7 +101,8 @@ def create_app(
         token: Every request but the OpenAPI schema, the docs and the console's
             static files (``/ui``) needs ``Authorization: Bearer <token>``.
         allow_no_token: Serve without a token: for local use only.
-        heartbeat: Seconds between keep-alive comments on idle event streams.
+        heartbeat: Seconds without traffic after which an event stream gets a
+            ``: ping`` comment.
 
     Raises:
         InvalidArgument: No token and ``allow_no_token`` is not set.
@@ -140,6 +117,7 @@ def create_app(
         raise InvalidArgument("the admin token must be printable ASCII without spaces")
     expected = token.encode() if token else None
     admin = HistoryAdmin.of(broadcast)
+    streams = OpenStreams()
 
     async def authorize(
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)],
@@ -161,6 +139,7 @@ def create_app(
         try:
             yield
         finally:
+            streams.close_all()
             if owned:
                 await broadcast.disconnect()
 
@@ -172,9 +151,11 @@ def create_app(
         responses=_ERRORS,
     )
     _add_error_handlers(app)
-    _add_routes(app, broadcast, admin, heartbeat)
+    _add_routes(app, broadcast, admin, heartbeat, streams)
     add_console(app)
-    app.add_middleware(_EncodedSlashes)
+    app.add_middleware(EncodedSlashes)
+    # What a stopping server calls to end the event streams (they never end alone).
+    app.state.close_streams = streams.close_all
     return app
 
 
@@ -196,7 +177,13 @@ def _add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(BroadcastError, handle)
 
 
-def _add_routes(app: FastAPI, broadcast: Broadcast, admin: HistoryAdmin, heartbeat: float) -> None:
+def _add_routes(
+    app: FastAPI,
+    broadcast: Broadcast,
+    admin: HistoryAdmin,
+    heartbeat: float,
+    streams: OpenStreams,
+) -> None:
     # Routes with a suffix come first: `{channel:path}` would swallow it otherwise.
 
     @app.get("/channels", tags=["channels"])
@@ -217,6 +204,22 @@ def _add_routes(app: FastAPI, broadcast: Broadcast, admin: HistoryAdmin, heartbe
     ) -> EventOut:
         """One stored event."""
         return EventOut.of(await admin.event(channel, offset))
+
+    @app.post(
+        "/channels/{channel:path}/events",
+        tags=["events"],
+        status_code=201,
+        openapi_extra={"requestBody": {"required": True, "content": MESSAGE_BODY}},
+        responses={413: {"model": ErrorOut, "description": "Over the message size limit"}},
+    )
+    async def publish_event(
+        channel: Channel,
+        request: Request,
+        idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+    ) -> PublishedOut:
+        """Publish the body: `text/*` and `application/json` as text, anything else as
+        bytes; `Idempotency-Key` returns the event first stored with that key."""
+        return PublishedOut(**event_info(await publish_request(broadcast, channel, request)))
 
     @app.get("/channels/{channel:path}/events", tags=["events"])
     async def list_events(
@@ -267,18 +270,15 @@ def _add_routes(app: FastAPI, broadcast: Broadcast, admin: HistoryAdmin, heartbe
         since: Annotated[str | None, Query(description="Offset or ISO 8601 time")] = None,
         history: Annotated[int | None, Query(ge=0, le=MAX_OFFSET)] = None,
         last_event_id: Annotated[str | None, Header(max_length=100)] = None,
-    ) -> StreamingResponse:
+    ) -> Response:
         """Server-Sent Events: catch-up from `Last-Event-ID` (`epoch:offset`) or
-        `since`, then live. Ends with an `error` event if the position cannot be
-        served (`StreamReset`, `HistoryTruncated`, `OffsetOutOfRange`)."""
+        `since`, then live. A position that cannot be served is said with one `reset`
+        event (`{"reason", "epoch", "head"}`), then the stream goes on from the head."""
         position = _query_value(
             parse_position, last_event_id=last_event_id, since=since, history=history
         )
-        return StreamingResponse(
-            _sse.stream(broadcast, channel, position, heartbeat),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        feed = Feed(broadcast, channel, position)
+        return EventStream(feed, keepalive=heartbeat, streams=streams, encode=_stream_frame)
 
     @app.post("/channels/{channel:path}/trim", tags=["channels"])
     async def trim_channel(channel: Channel, bounds: TrimIn) -> TrimOut:

@@ -28,11 +28,11 @@ from .._event import Event
 from .._parse import Position, parse_position
 from .._validation import check_channel
 from ._auth import Authorize, Forbidden, check_authorize, require
-from ._body import body_message, read_body
 from ._feed import Feed
+from ._publish import event_info, publish_request
 from ._sse import EventStream
 from ._streams import OpenStreams
-from ._ws import BAD_REQUEST, FORBIDDEN, TRY_LATER, WebSocketSession, event_info
+from ._ws import BAD_REQUEST, FORBIDDEN, TRY_LATER, WebSocketSession
 
 STATIC = Path(__file__).parent / "static"
 
@@ -132,10 +132,7 @@ def create_stream_app(
         try:
             channel = check_channel(request.path_params["channel"])
             await require(authorize, request, channel, "publish")
-            body = await read_body(request, broadcast.max_message_size)
-            message = body_message(body, request.headers.get("content-type", ""))
-            key = request.headers.get("idempotency-key")
-            event = await broadcast.publish(channel, message, key=key)
+            event = await publish_request(broadcast, channel, request)
         except Forbidden as exc:
             return _error(403, str(exc))
         except MessageTooLarge as exc:

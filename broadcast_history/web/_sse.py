@@ -70,6 +70,12 @@ def event_frame(event: Event) -> bytes:
     return frame(event_id, "binary", base64.b64encode(message).decode("ascii"))
 
 
+def json_frame(event: Event, value: Any) -> bytes:
+    """A ``message`` frame of ``event`` whose data is ``value`` as JSON (one line)."""
+    data = json.dumps(value, separators=(",", ":"))
+    return frame(f"{event.epoch}:{event.offset}", "message", data)
+
+
 def reset_frame(reset: Reset) -> bytes:
     """The ``event: reset`` frame, whose id is the position the stream goes on from."""
     return frame(reset.id, "reset", json.dumps(reset.json(), separators=(",", ":")))

@@ -33,6 +33,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from .._errors import BroadcastError, InvalidArgument, InvalidMessage
 from .._event import Event
 from ._feed import Feed, Reset
+from ._publish import event_info
 from ._streams import OpenStreams
 
 logger = logging.getLogger("broadcast_history.web")
@@ -45,17 +46,6 @@ Publisher = Callable[[WebSocket, "str | bytes", "str | None"], Awaitable[Event]]
 FORBIDDEN = 1008
 BAD_REQUEST = 4400
 TRY_LATER = 1013
-
-
-def event_info(event: Event) -> dict[str, Any]:
-    """Where a stored event is: what acks and ``POST`` responses carry."""
-    return {
-        "id": f"{event.epoch}:{event.offset}",
-        "channel": event.channel,
-        "offset": event.offset,
-        "epoch": event.epoch,
-        "timestamp": event.timestamp.isoformat() if event.timestamp else None,
-    }
 
 
 def message_json(event: Event) -> dict[str, Any]:

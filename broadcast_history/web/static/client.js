@@ -68,7 +68,8 @@ function storage(key) {
  * Stream a channel and resume it across reconnects, reloads and server restarts.
  *
  * @param {string} url The channel's URL in the streaming app, e.g. "/events/chat";
- *   its query string may hold `history=N` or `since=...` for the very first start.
+ *   its query string may hold `history=N` or `since=...` for the very first start, or
+ *   `last_event_id=...` to start after that id whatever is stored.
  * @param {object} options
  * @param {(data: string|Uint8Array, event: object) => void} options.onMessage Each
  *   event, once, in order; `event` has `id`, `epoch`, `offset` (and over WebSocket
@@ -89,9 +90,12 @@ export function connect(url, options = {}) {
     throw new Error(`transport must be "sse" or "ws", not ${transport}`);
   }
   const base = new URL(url, globalThis.location?.href);
+  // An id in the URL is where the caller wants to start: it wins over the stored one.
+  const given = base.searchParams.get("last_event_id");
   base.searchParams.delete("last_event_id");
-  const store = storage(options.storageKey === undefined ? `broadcast_history:${base}` : options.storageKey);
-  let last = store.load(); // the id of the last event handled
+  const key = options.storageKey === undefined ? `broadcast_history:${base}` : options.storageKey;
+  const store = storage(key);
+  let last = given || store.load(); // the id of the last event handled
   let closed = false;
   let source = null; // the EventSource or WebSocket in use
   let timer = null;

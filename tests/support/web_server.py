@@ -16,10 +16,12 @@ only through the shared log, which an idle subscriber checks every 0.2 s.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import FrameType
 
 import uvicorn
 from starlette.applications import Starlette
@@ -40,6 +42,15 @@ def rss_kb() -> int:
     return 0
 
 
+def open_files() -> list[str]:
+    """What the process's file descriptors point at (sockets, the log's files...)."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            found.append(os.readlink(f"/proc/self/fd/{fd}"))
+    return found
+
+
 def make_app(broadcast: Broadcast) -> Starlette:
     streams = create_stream_app(broadcast, authorize=allow_all, publish=True, keepalive=1.0)
 
@@ -54,6 +65,7 @@ def make_app(broadcast: Broadcast) -> Starlette:
                 "streams": len(streams.state.streams),
                 "rss_kb": rss_kb(),
                 "fds": len(os.listdir("/proc/self/fd")),
+                "sockets": sum(f.startswith("socket:") for f in open_files()),
             }
         )
 
@@ -85,9 +97,17 @@ def main() -> None:
         page_bytes=args.page_bytes,
     )
     app = make_app(broadcast)
-    uvicorn.run(
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            # Event streams never end by themselves: end them, or shutdown waits.
+            app.state.close_streams()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
         app, host="127.0.0.1", port=args.port, log_level="warning", timeout_graceful_shutdown=1
     )
+    Server(config).run()
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ class SSEClient:
         comments are skipped."""
         buffer = b""
         async for chunk in self.chunks():
-            buffer += chunk
+            buffer += chunk.replace(b"\r\n", b"\n")  # either line end is allowed
             *complete, buffer = buffer.split(b"\n\n")
             for block in complete:
                 fields: dict[str, str] = {}

@@ -9,6 +9,7 @@ streams, RSS and open files at ``/stats``; the clients are plain sockets
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -195,3 +196,12 @@ async def test_killed_clients_end_their_subscriptions(server: Server) -> None:
         if client.poll() is None:
             client.kill()
             client.wait()
+
+
+def test_the_fan_out_benchmark_runs(tmp_path: Path) -> None:
+    from bench import web_fanout
+
+    out = tmp_path / "web.json"
+    figures = web_fanout.main(["--clients", "20", "--events", "10", "--out", str(out)])
+    assert figures["delivered_per_s"] > 0
+    assert json.loads(out.read_text())["clients"] == 20

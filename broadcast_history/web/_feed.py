@@ -23,10 +23,11 @@ from .._broadcast import Broadcast
 from .._errors import PositionError
 from .._event import Event
 from .._parse import Position, format_event_id
-from .._subscriber import Subscriber
 
 if TYPE_CHECKING:
     from typing_extensions import Self
+
+    from .. import Subscriber
 
 logger = logging.getLogger("broadcast_history.web")
 

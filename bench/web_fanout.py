@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -45,6 +46,12 @@ def _free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds used so far by process ``pid``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _server_rss_kb(pid: int) -> int:
@@ -138,6 +145,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--events", type=int, default=300)
     parser.add_argument("--rate", type=float, default=0.0, help="events/s; 0: back to back")
     parser.add_argument("--impl", choices=["ours", "sse-starlette"], default="ours")
+    parser.add_argument(
+        "--fast", action="store_true", help="serve with uvloop and httptools (uvicorn[standard])"
+    )
     parser.add_argument("--out", default=str(OUT / "web_fanout.json"))
     args = parser.parse_args(argv)
     # Stopped with SIGTERM: still run the finally below, which stops the server.
@@ -147,6 +157,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     port = _free_port()
     command = [sys.executable, "-m", "bench.web_server", "--port", str(port)]
     command += ["--log", f"sqlite+aiosqlite:///{db}", "--impl", args.impl]
+    if args.fast:
+        command += ["--http", "httptools", "--loop", "uvloop"]
     server = subprocess.Popen(command, cwd=ROOT)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -160,8 +172,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     raise SystemExit("the benchmark server did not start") from None
                 time.sleep(0.1)
         rss_idle = _server_rss_kb(server.pid)
+        cpu = _cpu_s(server.pid), time.process_time()
         result = asyncio.run(run(base, args.clients, args.events, args.rate))
+        deliveries = args.clients * args.events
+        # CPU per delivery, connections included: where the time goes on a busy machine.
+        result["server_us_per_delivery"] = round(
+            (_cpu_s(server.pid) - cpu[0]) / deliveries * 1e6, 1
+        )
+        result["client_us_per_delivery"] = round(
+            (time.process_time() - cpu[1]) / deliveries * 1e6, 1
+        )
         result["impl"] = args.impl
+        result["server"] = "uvloop+httptools" if args.fast else "asyncio+h11"
         result["server_rss_mb_idle"] = round(rss_idle / 1024, 1)
         result["server_rss_mb_after"] = round(_server_rss_kb(server.pid) / 1024, 1)
     finally:

@@ -77,6 +77,8 @@ def main() -> None:
     parser.add_argument("--log", required=True)
     parser.add_argument("--impl", choices=["ours", "sse-starlette"], default="ours")
     parser.add_argument("--buffer-bytes", type=int, default=1024 * 1024)
+    parser.add_argument("--http", choices=["h11", "httptools"], default="h11")
+    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
     args = parser.parse_args()
     broadcast = Broadcast("memory://", log=args.log, buffer_bytes=args.buffer_bytes)
     if args.impl == "ours":
@@ -96,6 +98,8 @@ def main() -> None:
         host="127.0.0.1",
         port=args.port,
         log_level="error",
+        http=args.http,
+        loop=args.loop,
         backlog=4096,
         timeout_graceful_shutdown=1,
     )

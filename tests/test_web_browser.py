@@ -4,8 +4,9 @@ Headless Chromium (see ``browser_support``) loads the test page of
 ``tests/support/web_server.py``, which streams a channel with ``/events/client.js``
 and keeps what it has shown. For SSE and WebSocket: 5 events, the server killed, 5
 more published by another process into the shared log, the server started again,
-the page reloaded: the 10 are shown once each, in order. Then the channel is deleted
-and the page's ``onReset`` fires.
+the page reloaded: the 10 are shown once each, in order. The same again without the
+reload (the page reconnects by itself). Then the channel is deleted and the page's
+``onReset`` fires.
 """
 
 from __future__ import annotations
@@ -130,6 +131,13 @@ def test_reload_and_restart_lose_nothing_and_resets_are_said(
         page.wait_for_timeout(300)  # anything repeated would show up by now
         assert page.evaluate("() => window.shown") == shown == [f"m{i}" for i in range(1, 11)]
         assert page.locator("#shown li").count() == 10
+
+        # Without a reload, the page reconnects by itself (EventSource's retry, or
+        # client.js's backoff for the WebSocket) and resumes after the 10th.
+        server.kill()
+        in_thread(publish_elsewhere(server.log, channel, ["m11", "m12"]))
+        server.start()
+        assert wait_shown(page, 12)[10:] == ["m11", "m12"]
 
         in_thread(delete_and_publish(server.log, channel, "new incarnation"))
         page.wait_for_function("() => window.resets.length === 1", timeout=WAIT_MS)

@@ -13,8 +13,8 @@ without a frame.
 
 Framing and response are written here rather than taken from sse-starlette: its
 response costs about 14 µs per frame sent (an anyio cancel scope around every send)
-against under 1 µs here, and on a fan-out to a thousand clients it delivered half as
-many events per second (docs/performance.md has the measurements).
+against under 1 µs here, and on a fan-out to a thousand clients it delivered 41%
+fewer events per second (docs/performance.md has the measurements).
 """
 
 from __future__ import annotations

@@ -307,6 +307,7 @@ async def test_authorize_is_required_and_checked(broadcast: Broadcast) -> None:
         "Action",
         "Authorize",
         "Feed",
+        "Position",
         "Reset",
         "allow_all",
         "create_stream_app",

@@ -6,21 +6,23 @@ Every reconnect resumes exactly (event ids are ``<epoch>:<offset>``), and a posi
 that cannot be served is said with a ``reset`` before the stream goes on.
 
 The app needs the ``web`` extra (``pip install 'broadcast-history[web]'``);
-:class:`Feed`, :class:`Reset` and :func:`allow_all` do not, so ``create_stream_app``
-is imported on first use.
+:class:`Feed` (what every stream face reads: events, and :class:`Reset` items for
+positions that cannot be served), :class:`Position` and :func:`allow_all` do not, so
+``create_stream_app`` is imported on first use.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .._parse import Position
 from ._auth import Action, Authorize, allow_all
 from ._feed import Feed, Reset
 
 if TYPE_CHECKING:
     from ._app import create_stream_app
 
-__all__ = ["Action", "Authorize", "Feed", "Reset", "allow_all", "create_stream_app"]
+__all__ = ["Action", "Authorize", "Feed", "Position", "Reset", "allow_all", "create_stream_app"]
 
 
 def __getattr__(name: str) -> Any:

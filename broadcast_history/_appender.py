@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Callable
+from typing import Any
 
 from ._errors import InvalidArgument, NotConnected
 from ._event import Event
@@ -76,13 +78,7 @@ class Appender:
         assert self._has_pending is not None
         assert self._has_outbox is not None
         pending = self._pending
-        while True:
-            if not pending:
-                if self._closing:
-                    return
-                self._has_pending.clear()
-                await self._has_pending.wait()
-                continue
+        while await _filled(pending, self._has_pending, lambda: self._closing):
             size = min(len(pending), self._max_batch)
             batch = [pending.popleft() for _ in range(size)]
             try:
@@ -122,13 +118,7 @@ class Appender:
     async def _send_loop(self) -> None:
         assert self._has_outbox is not None
         outbox = self._outbox
-        while True:
-            if not outbox:
-                if self._drained:
-                    return
-                self._has_outbox.clear()
-                await self._has_outbox.wait()
-                continue
+        while await _filled(outbox, self._has_outbox, lambda: self._drained):
             events = list(outbox)
             outbox.clear()
             try:
@@ -143,3 +133,13 @@ class Appender:
 def _settle(future: asyncio.Future[Event], error: BaseException) -> None:
     if not future.done():
         future.set_exception(error)
+
+
+async def _filled(queue: deque[Any], ready: asyncio.Event, finished: Callable[[], bool]) -> bool:
+    """Wait until ``queue`` holds something; ``False`` once it is empty and finished."""
+    while not queue:
+        if finished():
+            return False
+        ready.clear()
+        await ready.wait()
+    return True

@@ -103,12 +103,7 @@ class Broadcast:
         self.retention = retention
         self.max_message_size = max_message_size
         self._options = SubscriberOptions(
-            buffer_size=buffer_size,
-            page_size=page_size,
-            idle_check=idle_check,
-            reorder_window=reorder_window,
-            buffer_bytes=buffer_bytes,
-            page_bytes=page_bytes,
+            buffer_size, page_size, idle_check, reorder_window, buffer_bytes, page_bytes
         )
         self._wire = Wire(backend, self.log)
         self._appender = Appender(self.log, self._wire, max_batch=max_batch)

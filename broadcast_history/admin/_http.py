@@ -178,6 +178,12 @@ def create_app(
     return app
 
 
+def _streamed(media_type: str, description: str) -> dict[str, Any]:
+    """Route options of a streamed response, for the OpenAPI schema."""
+    content = {"content": {media_type: {}}, "description": description}
+    return {"response_class": StreamingResponse, "responses": {200: content}}
+
+
 def _query_value(parse: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Parse a query parameter; a bad one is a 422, like FastAPI's own validation."""
     try:
@@ -259,8 +265,7 @@ def _add_routes(app: FastAPI, broadcast: Broadcast, admin: HistoryAdmin, heartbe
     @app.get(
         "/channels/{channel:path}/stream",
         tags=["events"],
-        response_class=StreamingResponse,
-        responses={200: {"content": {"text/event-stream": {}}, "description": "SSE"}},
+        **_streamed("text/event-stream", "Server-Sent Events"),
     )
     async def stream_events(
         channel: Channel,
@@ -290,8 +295,7 @@ def _add_routes(app: FastAPI, broadcast: Broadcast, admin: HistoryAdmin, heartbe
     @app.get(
         "/channels/{channel:path}/export",
         tags=["export"],
-        response_class=StreamingResponse,
-        responses={200: {"content": {"application/x-ndjson": {}}, "description": "JSON lines"}},
+        **_streamed("application/x-ndjson", "JSON lines"),
     )
     async def export_channel(channel: Channel) -> StreamingResponse:
         """One channel as JSON lines (the format `POST /import` reads)."""
@@ -312,8 +316,7 @@ def _add_routes(app: FastAPI, broadcast: Broadcast, admin: HistoryAdmin, heartbe
     @app.get(
         "/export",
         tags=["export"],
-        response_class=StreamingResponse,
-        responses={200: {"content": {"application/x-ndjson": {}}, "description": "JSON lines"}},
+        **_streamed("application/x-ndjson", "JSON lines"),
     )
     async def export_all(
         prefix: Annotated[str | None, Query(max_length=255)] = None,

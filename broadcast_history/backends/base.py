@@ -68,3 +68,17 @@ class BroadcastBackend:
     def connected(self) -> bool:
         """Whether the transport is currently connected (for health checks)."""
         return True
+
+
+class Health:
+    """A transport whose connection may be down: ``connected`` reads ``_up``.
+
+    Mixed in before :class:`BroadcastBackend` by transports that reconnect.
+    """
+
+    _up = False
+
+    @property
+    def connected(self) -> bool:
+        """Whether the transport's connection is up now."""
+        return self._up

@@ -23,12 +23,12 @@ from ._backoff import Backoff
 from ._inbox import Inbox
 from ._kafka_topics import TRANSIENT, create_topics, partitions, retriable, topic_for
 from ._kafka_topics import bootstrap_servers as _servers
-from .base import BroadcastBackend
+from .base import BroadcastBackend, Health
 
 logger = logging.getLogger("broadcast_history")
 
 
-class KafkaBackend(BroadcastBackend):
+class KafkaBackend(Health, BroadcastBackend):
     """Kafka topics as a live transport (URL ``kafka://host:port[,host:port]``).
 
     Compatible with broadcaster's ``KafkaBackend(urls=[...])``. Messages of a channel
@@ -89,10 +89,6 @@ class KafkaBackend(BroadcastBackend):
         self._lock: asyncio.Lock | None = None
         self._assigned: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
-
-    @property
-    def connected(self) -> bool:
-        return self._up
 
     def topic(self, channel: str) -> str:
         """The topic this transport uses for ``channel``."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -14,15 +13,15 @@ from redis.asyncio.client import PubSub
 
 from .._errors import InvalidArgument, NotConnected, TransportError
 from .._event import Event
+from . import _redis_common as shared
 from ._backoff import Backoff
 from ._inbox import Inbox
-from ._redis_common import CLIENT_NAME, as_text, cancel_and_wait, is_transient, ping, pipelined
-from .base import BroadcastBackend
+from .base import BroadcastBackend, Health
 
 logger = logging.getLogger("broadcast_history")
 
 
-class RedisBackend(BroadcastBackend):
+class RedisBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
     """Redis PUB/SUB (URL ``redis://host:port/db``, or ``rediss://`` for TLS).
 
     Messages reach only the processes subscribed at the moment they are published;
@@ -65,17 +64,13 @@ class RedisBackend(BroadcastBackend):
         self._reader: asyncio.Task[None] | None = None
         self._up = False
 
-    @property
-    def connected(self) -> bool:
-        return self._up
-
     async def connect(self) -> None:
         if self._reader is not None:
             return
         client = self._given or aioredis.Redis.from_url(
-            self._url, decode_responses=True, client_name=CLIENT_NAME
+            self._url, decode_responses=True, client_name=shared.CLIENT_NAME
         )
-        await ping(client, close=[] if self._given else [client])
+        await shared.ping(client, close=[] if self._given else [client])
         self._client, self._up = client, True
         self._inbox, self._lock, self._wanted = Inbox(), asyncio.Lock(), asyncio.Event()
         self._reader = asyncio.create_task(self._run(), name="bh-redis-pubsub")
@@ -83,7 +78,7 @@ class RedisBackend(BroadcastBackend):
     async def disconnect(self) -> None:
         reader, self._reader = self._reader, None
         if reader is not None:
-            await cancel_and_wait(reader)
+            await shared.cancel_and_wait(reader)
         await self._close_pubsub()
         client, self._client = self._client, None
         if client is not None and self._given is None:
@@ -122,16 +117,6 @@ class RedisBackend(BroadcastBackend):
             self._channels.discard(channel)
             await self._send(lambda pubsub: pubsub.unsubscribe(channel))
 
-    async def publish(self, channel: str, message: Any) -> None:
-        await self.publish_many([(channel, message)])
-
-    async def publish_many(self, messages: Sequence[tuple[str, Any]]) -> None:
-        if not messages:
-            return
-        if self._client is None:
-            raise NotConnected("the redis transport is not connected")
-        await pipelined(self._client, messages, lambda pipe, c, m: pipe.publish(c, m), "PUBLISH")
-
     async def next_published(self) -> Event:
         if self._inbox is None:
             raise NotConnected("the redis transport is not connected")
@@ -146,7 +131,7 @@ class RedisBackend(BroadcastBackend):
         try:
             await command(self._pubsub)
         except rexc.RedisError as exc:
-            if not is_transient(exc):
+            if not shared.is_transient(exc):
                 raise TransportError(f"redis SUBSCRIBE failed: {exc!r}") from exc
             logger.info("redis subscription connection lost", exc_info=True)
 
@@ -184,7 +169,7 @@ class RedisBackend(BroadcastBackend):
                     backoff.reset()
                     await self._read(pubsub)
                 except Exception as exc:
-                    if not is_transient(exc):
+                    if not shared.is_transient(exc):
                         raise
                     if self._up:
                         logger.warning("redis subscription connection lost: %r", exc)
@@ -211,13 +196,16 @@ class RedisBackend(BroadcastBackend):
                 continue
             pinged = False
             kind = message["type"]
-            channel = as_text(message["channel"])
+            channel = shared.as_text(message["channel"])
             if kind == "message" and channel in self._channels:
-                self._inbox.put(Event(channel, as_text(message["data"])))
+                self._inbox.put(Event(channel, shared.as_text(message["data"])))
             elif kind == "subscribe":
                 ack = self._acks.pop(channel, None)
                 if ack is not None and not ack.done():
                     ack.set_result(None)
 
+
+#: The name our connections give Redis (``CLIENT LIST``), to tell them apart.
+CLIENT_NAME = shared.CLIENT_NAME
 
 __all__ = ["CLIENT_NAME", "RedisBackend"]

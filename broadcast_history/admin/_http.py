@@ -8,11 +8,9 @@ schemathesis can test the app against it.
 from __future__ import annotations
 
 import hmac
-import re
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal, TypeVar
-from urllib.parse import unquote
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -27,6 +25,7 @@ from . import _sse
 from ._console import add_console
 from ._errors import ImportConflict, NotFound
 from ._import import max_line_length, split_lines
+from ._paths import EncodedSlashes, channel_from_path
 from ._query import HistoryAdmin
 from ._schemas import (
     MAX_OFFSET,
@@ -42,15 +41,8 @@ from ._schemas import (
 )
 
 T = TypeVar("T")
-Scope = MutableMapping[str, Any]
-ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Any]
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 #: Most message bytes one page of ``/events`` carries (besides its first event).
 MAX_PAGE_BYTES = 8 * 1024 * 1024
-# Stands for an encoded slash (%2F) inside a channel name while routing: a control
-# character, so never part of a valid channel name.
-_SLASH = "\x1f"
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorOut, "description": "Invalid parameter"},
     401: {"model": ErrorOut, "description": "Missing or wrong bearer token"},
@@ -65,45 +57,9 @@ _STATUS: list[tuple[type[BroadcastError], int]] = [
 ]
 
 
-class _EncodedSlashes:
-    """Keep ``%2F`` apart from ``/`` so ``/channels/a%2Fevents`` is channel "a/events".
-
-    Servers decode the path before routing, which makes a channel named "a/events"
-    look like the events route of channel "a". The raw path still tells them apart.
-    A path with a control character (``%0A``) cannot hold a valid channel name: it
-    is answered 400 here, as an invalid name is, since no route would match it.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and _CONTROL.search(scope.get("path", "")):
-            response = JSONResponse(
-                {"detail": "the path holds a control character: not a valid channel name"},
-                status_code=400,
-            )
-            await response(scope, receive, send)
-            return
-        raw = scope.get("raw_path") if scope["type"] == "http" else None
-        if raw:
-            lowered = raw.split(b"?", 1)[0].lower()
-            if b"%2f" in lowered and b"%1f" not in lowered:
-                path = raw.split(b"?", 1)[0].decode("latin-1")
-                path = path.replace("%2F", _SLASH).replace("%2f", _SLASH)
-                scope = dict(scope, path=unquote(path), bh_encoded_slashes=True)
-        await self.app(scope, receive, send)
-
-
-def _channel(request: Request, channel: Annotated[str, Path()]) -> str:
-    if request.scope.get("bh_encoded_slashes"):
-        channel = channel.replace(_SLASH, "/")
-    return check_channel(channel)
-
-
 # Module level: FastAPI resolves the (string) annotations of endpoints in this namespace.
 _BEARER = HTTPBearer(auto_error=False, description="The token given to create_app")
-Channel = Annotated[str, Depends(_channel)]
+Channel = Annotated[str, Depends(channel_from_path)]
 Offset = Annotated[int | None, Query(ge=0, le=MAX_OFFSET)]
 
 
@@ -174,7 +130,7 @@ def create_app(
     _add_error_handlers(app)
     _add_routes(app, broadcast, admin, heartbeat)
     add_console(app)
-    app.add_middleware(_EncodedSlashes)
+    app.add_middleware(EncodedSlashes)
     return app
 
 

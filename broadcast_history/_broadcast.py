@@ -12,9 +12,16 @@ from typing import TYPE_CHECKING, Any
 
 from ._appender import Appender
 from ._budget import SubscriberOptions, weigh
-from ._errors import InvalidArgument, NotConnected, TransportError
+from ._errors import (
+    BroadcastError,
+    InvalidArgument,
+    MessageTooLarge,
+    NotConnected,
+    TransportError,
+)
 from ._event import Event
 from ._heads import HeadProbe
+from ._stats import Stats
 from ._subscriber import Subscriber
 from ._validation import (
     DEFAULT_MAX_MESSAGE_SIZE,
@@ -28,6 +35,7 @@ from .backends import BroadcastBackend, backend_from_url
 from .log import EventLog, Pending, Retention
 
 if TYPE_CHECKING:
+    from prometheus_client.registry import CollectorRegistry
     from typing_extensions import Self
 
 logger = logging.getLogger("broadcast_history")
@@ -66,6 +74,8 @@ class Broadcast:
             ``buffer_size``) before it falls back to reading the log.
         page_bytes: Payload bytes read from the log per replay page (a page always
             holds at least one event).
+        metrics: Export Prometheus metrics (the ``metrics`` extra): ``True`` in the
+            default registry, or in the ``CollectorRegistry`` given.
 
     Raises:
         InvalidArgument: The transport reaches other processes and no ``log`` was
@@ -88,6 +98,7 @@ class Broadcast:
         max_batch: int = 1000,
         buffer_bytes: int = 16 * 1024 * 1024,
         page_bytes: int = 4 * 1024 * 1024,
+        metrics: bool | CollectorRegistry = False,
     ) -> None:
         if backend is None:
             backend = backend_from_url(url or "memory://")
@@ -106,7 +117,9 @@ class Broadcast:
             buffer_size, page_size, idle_check, reorder_window, buffer_bytes, page_bytes
         )
         self._wire = Wire(backend, self.log)
-        self._appender = Appender(self.log, self._wire, max_batch=max_batch)
+        #: What this broadcast counted so far (published, delivered, fallbacks...).
+        self.stats = Stats()
+        self._appender = Appender(self.log, self._wire, self.stats, max_batch=max_batch)
         self._heads = HeadProbe(self.log)
         self._subscribers: dict[str, set[Subscriber]] = {}
         self._transport_channels: set[str] = set()
@@ -118,6 +131,12 @@ class Broadcast:
         #: Transport messages ignored, by kind: ``"not_envelope"`` (another program
         #: publishing) or ``"other_log"`` (a process with another log).
         self.foreign_messages = self._wire.foreign
+        #: The Prometheus registry this broadcast's metrics are in (``None``: none).
+        self.metrics_registry: CollectorRegistry | None = None
+        if metrics:
+            from ._metrics import register
+
+            self.metrics_registry = register(self, None if metrics is True else metrics)
 
     @property
     def backend(self) -> BroadcastBackend:
@@ -204,12 +223,17 @@ class Broadcast:
             LogUnavailable: The log could not store it; nothing was sent live.
             NotConnected: The broadcast is not connected.
         """
-        check_channel(channel)
-        payload = check_message(message, self.max_message_size)
-        check_key(key)
-        if not self._connected:
-            raise NotConnected("call connect() (or use `async with broadcast`) first")
-        return await self._appender.submit(Pending(channel, payload, key))
+        try:
+            check_channel(channel)
+            payload = check_message(message, self.max_message_size)
+            check_key(key)
+            if not self._connected:
+                raise NotConnected("call connect() (or use `async with broadcast`) first")
+            future = self._appender.submit(Pending(channel, payload, key))
+        except BroadcastError as exc:
+            self.stats.failures[_failure_reason(exc)] += 1
+            raise
+        return await future
 
     # -- subscribe -----------------------------------------------------------------
 
@@ -239,7 +263,7 @@ class Broadcast:
         check_position(since, history, epoch)
         if not self._connected:
             raise NotConnected("call connect() (or use `async with broadcast`) first")
-        subscriber = Subscriber(channel, self.log, self._options, self._heads)
+        subscriber = Subscriber(channel, self.log, self._options, self._heads, self.stats)
         if self._listener_error is not None:
             subscriber._fail(self._listener_error)
         await self._attach(subscriber)
@@ -288,6 +312,14 @@ class Broadcast:
                 if self._connected:
                     await self._backend.unsubscribe(channel)
 
+    def subscriber_modes(self) -> dict[str, int]:
+        """How many subscriptions are open, by mode: ``"live"`` or ``"replay"``."""
+        modes = {"replay": 0, "live": 0}
+        for group in self._subscribers.values():
+            for subscriber in group:
+                modes["live" if subscriber.live else "replay"] += 1
+        return modes
+
     # -- background tasks ----------------------------------------------------------
 
     async def _listen(self) -> None:
@@ -321,3 +353,13 @@ class Broadcast:
                 await self.log.apply_retention(retention)
             except Exception:
                 logger.warning("retention pass failed", exc_info=True)
+
+
+def _failure_reason(error: BroadcastError) -> str:
+    if isinstance(error, MessageTooLarge):
+        return "too_large"
+    if isinstance(error, InvalidArgument):
+        return "invalid"
+    if isinstance(error, NotConnected):
+        return "not_connected"
+    return "other"

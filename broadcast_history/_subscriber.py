@@ -34,6 +34,7 @@ from ._errors import (
 from ._event import NOTICE, Event
 from ._heads import HeadProbe
 from ._start import resolve_start
+from ._stats import Stats
 from .log import ChannelInfo, EventLog
 
 if TYPE_CHECKING:
@@ -50,11 +51,17 @@ class Subscriber:
     """
 
     def __init__(
-        self, channel: str, log: EventLog, options: SubscriberOptions, heads: HeadProbe
+        self,
+        channel: str,
+        log: EventLog,
+        options: SubscriberOptions,
+        heads: HeadProbe,
+        stats: Stats,
     ) -> None:
         self.channel = channel
         self._log = log
         self._heads = heads
+        self._stats = stats
         self._options = options
         self._mode = _LIVE
         self._next = 1
@@ -108,6 +115,7 @@ class Subscriber:
             if page:
                 event = page.popleft()
                 self._next = event.offset + 1
+                self._stats.delivered_log += 1
                 return event
             if self._error is not None:
                 raise self._error
@@ -265,7 +273,7 @@ class Subscriber:
     async def _live_step(self) -> Event | None:
         """Deliver the next live event, or switch mode; ``None`` means loop again."""
         if self._overflowed:
-            self._mode = _REPLAY
+            self._fall_back("overflow")
             return None
         held = self._held
         expected = self._next
@@ -276,6 +284,7 @@ class Subscriber:
                 self._next = expected + 1
                 if not held:
                     self._gap_deadline = None
+                self._stats.delivered_live += 1
                 return event
             if min(held) < expected:
                 # Delivered from the log meanwhile.
@@ -300,16 +309,17 @@ class Subscriber:
             if event.message is NOTICE:
                 # The payload did not fit the transport: read it from the log.
                 self._live_bytes -= weight(event)
-                self._mode = _REPLAY
+                self._fall_back("notice")
                 return None
             if offset == expected and not held:
                 self._live_bytes -= weight(event)
                 self._next = expected + 1
+                self._stats.delivered_live += 1
                 return event
             held[offset] = event
             if len(held) > self._options.buffer_size:
                 self._drop_held()
-                self._mode = _REPLAY
+                self._fall_back("overflow")
                 return None
             if expected in held:
                 return None
@@ -319,7 +329,7 @@ class Subscriber:
             if self._gap_deadline is None:
                 self._gap_deadline = now + self._options.reorder_window
             if now >= self._gap_deadline:
-                self._mode = _REPLAY
+                self._fall_back("gap")
                 return None
             await self._wait(self._gap_deadline - now)
             return None
@@ -333,8 +343,13 @@ class Subscriber:
                 logger.warning("channel %r: idle check failed: %s", self.channel, exc)
                 return None
             if info is not None and info.last_offset >= expected:
-                self._mode = _REPLAY
+                self._fall_back("idle")
         return None
+
+    def _fall_back(self, reason: str) -> None:
+        """Go back to reading the log (``reason`` is counted for the metrics)."""
+        self._stats.fallbacks[reason] += 1
+        self._mode = _REPLAY
 
 
 def _discard(read: asyncio.Future[list[Event]]) -> None:

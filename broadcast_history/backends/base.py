@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 from .._event import Event
+
+logger = logging.getLogger("broadcast_history")
 
 
 class BroadcastBackend:
@@ -31,6 +34,8 @@ class BroadcastBackend:
     #: Whether the transport stays inside this process, so the broadcast may hand it
     #: event objects instead of text envelopes (the memory transport does).
     carries_objects: bool = False
+    #: How many times the transport re-established a lost connection (for metrics).
+    reconnects: int = 0
 
     def __init__(self, url: str) -> None:
         self._url = url
@@ -77,6 +82,14 @@ class Health:
     """
 
     _up = False
+    reconnects = 0
+
+    def _back_up(self, what: str) -> None:
+        """The connection works (again): log and count it if it had been lost."""
+        if not self._up:
+            logger.info("%s re-established", what)
+            self.reconnects += 1
+        self._up = True
 
     @property
     def connected(self) -> bool:

@@ -308,9 +308,7 @@ class KafkaBackend(Health, BroadcastBackend):
                     logger.warning("kafka broker unreachable; retrying: %r", exc)
                 self._up = False
                 continue
-            if not self._up:
-                logger.info("kafka broker reachable again")
-            self._up = True
+            self._back_up("kafka broker connection")
             backoff.reset()
 
     async def _recover(self) -> None:

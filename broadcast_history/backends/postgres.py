@@ -233,6 +233,7 @@ class PostgresBackend(BroadcastBackend):
                 else:
                     # Set under the lock, so a subscribe waiting for it uses this one.
                     self._listen_conn = conn
+                    self.reconnects += 1
                     logger.info("postgres listening connection re-established")
                     return
             await backoff.sleep()

@@ -163,9 +163,7 @@ class RedisBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
                             await pubsub.subscribe(*self._channels)
                         else:  # all unsubscribed meanwhile: still give the reads a connection
                             await pubsub.connect()  # type: ignore[no-untyped-call]
-                    if not self._up:
-                        logger.info("redis subscription connection re-established")
-                    self._up = True
+                    self._back_up("redis subscription connection")
                     backoff.reset()
                     await self._read(pubsub)
                 except Exception as exc:

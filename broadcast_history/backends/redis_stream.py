@@ -159,9 +159,7 @@ class RedisStreamBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
                     self._up, self._reader_id = False, None
                     await backoff.sleep()
                     continue
-                if not self._up:
-                    logger.info("redis stream connection re-established")
-                self._up = True
+                self._back_up("redis stream connection")
                 backoff.reset()
                 self._deliver(reply)
         except asyncio.CancelledError:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from broadcast_history import Broadcast, Event, InvalidArgument, TransportError
+from broadcast_history import Broadcast, Event, InvalidArgument, NotConnected, TransportError
 from tests.conftest import unique
 from tests.helpers import assert_contiguous, take
 
@@ -65,6 +65,20 @@ async def test_unreachable_server_fails_at_connect() -> None:
     backend = NatsBackend(f"nats://127.0.0.1:{free_port()}", reconnect_time_wait=0.1)
     with pytest.raises(TransportError):
         await backend.connect()
+    assert not backend.connected
+
+
+async def test_connect_disconnect_twice_and_wake_a_pending_receive(nats_url: str) -> None:
+    backend = NatsBackend(nats_url)
+    await backend.connect()
+    await backend.connect()
+    assert backend.connected
+    pending = asyncio.create_task(backend.next_published())
+    await asyncio.sleep(0.05)
+    await backend.disconnect()
+    await backend.disconnect()
+    with pytest.raises(NotConnected):
+        await asyncio.wait_for(pending, 5)
     assert not backend.connected
 
 
@@ -154,3 +168,16 @@ async def test_server_restart_mid_stream(own_server: NatsServer, tmp_path: Path)
         assert_contiguous(received, 1, len(published))
         assert [e.message for e in received] == [e.message for e in published]
         assert receiving._nc is not None and receiving._nc.stats["reconnects"] >= 1
+
+
+async def test_giving_up_reaches_the_receiver(own_server: NatsServer) -> None:
+    """With a reconnection limit, nats-py closes for good: next_published raises."""
+    backend = NatsBackend(own_server.url, reconnect_time_wait=0.05, max_reconnect_attempts=1)
+    await backend.connect()
+    try:
+        pending = asyncio.create_task(backend.next_published())
+        own_server.stop()
+        with pytest.raises(TransportError):
+            await asyncio.wait_for(pending, 10)
+    finally:
+        await backend.disconnect()

@@ -9,6 +9,7 @@ transport subscribes again and live delivery resumes. Nothing lost, nothing twic
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from broadcast_history import Broadcast, Event, InvalidArgument, TransportError
+from broadcast_history import Broadcast, Event, InvalidArgument, NotConnected, TransportError
 from tests.conftest import unique
 from tests.helpers import assert_contiguous, take
 
@@ -45,6 +46,22 @@ async def test_unreachable_cluster_fails_at_connect() -> None:
     backend = RedisClusterBackend(f"redis-cluster://127.0.0.1:{free_cluster_port()}")
     with pytest.raises(TransportError):
         await backend.connect()
+    assert not backend.connected
+
+
+async def test_connect_disconnect_twice_and_wake_a_pending_receive(
+    redis_cluster_url: str,
+) -> None:
+    backend = RedisClusterBackend(redis_cluster_url)
+    await backend.connect()
+    await backend.connect()
+    assert backend.connected
+    pending = asyncio.create_task(backend.next_published())
+    await asyncio.sleep(0.05)
+    await backend.disconnect()
+    await backend.disconnect()
+    with pytest.raises(NotConnected):
+        await asyncio.wait_for(pending, 5)
     assert not backend.connected
 
 
@@ -220,3 +237,26 @@ async def test_master_killed_mid_stream(
             event = await publisher.publish(channel, "after")
             (last,) = await take(sub, 1, timeout=5)
             assert (last.offset, last.message) == (event.offset, "after")
+
+
+async def test_a_permanent_failure_reaches_the_receiver(
+    redis_cluster_url: str, admin: RedisCluster
+) -> None:
+    """An ACL refusal of SSUBSCRIBE cannot be retried away: next_published raises."""
+    for node in admin.get_primaries():
+        await admin.execute_command(
+            "ACL", "SETUSER", "bh-limited", "on", ">secret", "~*", "&allowed-*", "+@all",
+            target_nodes=node,
+        )  # fmt: skip
+    url = redis_cluster_url.replace("://", "://bh-limited:secret@", 1)
+    backend = RedisClusterBackend(url)
+    await backend.connect()
+    try:
+        await backend.subscribe("allowed-1")
+        pending = asyncio.create_task(backend.next_published())
+        with contextlib.suppress(TransportError):
+            await backend.subscribe(unique("denied"))
+        with pytest.raises(TransportError):
+            await asyncio.wait_for(pending, 10)
+    finally:
+        await backend.disconnect()

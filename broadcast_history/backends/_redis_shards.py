@@ -1,4 +1,4 @@
-"""Redis Cluster pieces: URL to startup nodes, and one master's subscription connection."""
+"""Redis Cluster pieces: URL to startup nodes, fault kinds, one master's subscription."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from .._errors import InvalidArgument
-from ._redis_common import CLIENT_NAME, as_text, cancel_and_wait
+from ._redis_common import CLIENT_NAME, as_text, cancel_and_wait, is_transient
 
 SCHEMES = ("redis-cluster", "rediss-cluster")
 
@@ -61,6 +61,13 @@ def cluster_options(url: str) -> tuple[list[ClusterNode], dict[str, Any]]:
         "retry": Retry(NoBackoff(), 1),
     }
     return nodes, options
+
+
+def is_cluster_transient(exc: BaseException) -> bool:
+    """Whether trying again may succeed: a node is away, or slots are moving."""
+    return is_transient(exc) or isinstance(
+        exc, (rexc.AskError, rexc.TryAgainError, rexc.ClusterError, rexc.RedisClusterException)
+    )
 
 
 class Shard:

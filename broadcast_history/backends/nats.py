@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
-import re
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
 from nats import errors as nerr
 from nats.aio.client import Client
@@ -28,49 +25,13 @@ from nats.aio.subscription import Subscription
 from .._errors import InvalidArgument, NotConnected, TransportError
 from .._event import Event
 from ._inbox import Inbox
+from ._nats_names import PREFIX, nats_servers, subject_for
 from .base import BroadcastBackend
 
 logger = logging.getLogger("broadcast_history")
 
-_KEPT = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
-_BYTE = [chr(b) if b in _KEPT else f"%{b:02X}" for b in range(256)]
-_PREFIX = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 # NATS's default max_payload: larger envelopes travel as offset-only notices.
 DEFAULT_MAX_PAYLOAD = 1024 * 1024
-
-
-@functools.lru_cache(maxsize=4096)
-def subject_for(channel: str, prefix: str = "bh") -> str:
-    """The NATS subject that carries ``channel`` (see the module docstring)."""
-    escaped = "".join(_BYTE[b] for b in channel.encode("utf-8", "surrogatepass"))
-    return f"{prefix}.{escaped}"
-
-
-def nats_servers(url: str) -> list[str]:
-    """``nats://[user:password@]h1:p1,h2:p2`` as nats-py's list of server URLs.
-
-    Raises:
-        InvalidArgument: The URL names no server, or a port is not a number.
-    """
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme != "nats":
-        raise InvalidArgument(f"not a nats:// URL: {url!r}")
-    netloc = rest.split("/", 1)[0].split("?", 1)[0]
-    userinfo, at, hosts = netloc.rpartition("@")
-    servers = []
-    for item in filter(None, hosts.split(",")):
-        try:
-            parts = urlsplit("//" + item)
-            host, port = parts.hostname, parts.port or 4222
-        except ValueError as exc:
-            raise InvalidArgument(f"bad server {item!r} in {url!r}: {exc}") from exc
-        if not host:
-            raise InvalidArgument(f"bad server {item!r} in {url!r}")
-        host = f"[{host}]" if ":" in host else host
-        servers.append(f"nats://{userinfo}{at}{host}:{port}")
-    if not servers:
-        raise InvalidArgument(f"no server in {url!r}: use nats://host:port[,host:port]")
-    return servers
 
 
 class NatsBackend(BroadcastBackend):
@@ -103,7 +64,7 @@ class NatsBackend(BroadcastBackend):
     ) -> None:
         super().__init__(url)
         self._servers = nats_servers(url)
-        if not _PREFIX.fullmatch(subject_prefix):
+        if not PREFIX.fullmatch(subject_prefix):
             raise InvalidArgument(f"subject_prefix {subject_prefix!r}: use dotted [A-Za-z0-9_-]")
         if max_payload < 1024:
             raise InvalidArgument(f"max_payload must be at least 1024 bytes, not {max_payload}")
@@ -264,4 +225,4 @@ class NatsBackend(BroadcastBackend):
             self._inbox.fail(TransportError("the nats connection was closed for good"))
 
 
-__all__ = ["NatsBackend", "subject_for"]
+__all__ = ["NatsBackend", "nats_servers", "subject_for"]

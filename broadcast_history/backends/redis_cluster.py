@@ -25,18 +25,11 @@ from .._errors import NotConnected, TransportError
 from .._event import Event
 from ._backoff import Backoff
 from ._inbox import Inbox
-from ._redis_common import CLIENT_NAME, cancel_and_wait, is_transient
-from ._redis_shards import Shard, cluster_options
+from ._redis_common import CLIENT_NAME, cancel_and_wait
+from ._redis_shards import Shard, cluster_options, is_cluster_transient
 from .base import BroadcastBackend
 
 logger = logging.getLogger("broadcast_history")
-
-
-def is_cluster_transient(exc: BaseException) -> bool:
-    """Whether trying again may succeed: a node is away, or slots are moving."""
-    return is_transient(exc) or isinstance(
-        exc, (rexc.AskError, rexc.TryAgainError, rexc.ClusterError, rexc.RedisClusterException)
-    )
 
 
 class RedisClusterBackend(BroadcastBackend):

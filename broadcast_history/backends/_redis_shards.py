@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
 from redis.asyncio.client import PubSub
-from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from .._errors import InvalidArgument
+from .._errors import InvalidArgument, TransportError
 from ._redis_common import CLIENT_NAME, as_text, cancel_and_wait, is_transient
 
 SCHEMES = ("redis-cluster", "rediss-cluster")
@@ -117,3 +117,74 @@ class Shard:
             await self.pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
         with contextlib.suppress(Exception):
             await self._client.aclose()
+
+
+class ShardPublisher:
+    """Sends ``SPUBLISH`` batches: one pipeline per owning master, all masters at once.
+
+    redis-py's cluster pipeline does the same grouping but costs about 1.6 times as
+    much CPU per message (measured with 100-message batches); publishing is the hot
+    path, so the grouping is done here with the cluster client's slot map, and each
+    master gets a plain client. A group that fails (its master died, or its slot
+    moved) is sent once more after the slot map is refreshed.
+    """
+
+    def __init__(self, cluster: RedisCluster, options: dict[str, Any]) -> None:
+        self._cluster = cluster
+        self._options = options
+        self._clients: dict[str, aioredis.Redis] = {}
+
+    async def send(self, messages: Sequence[tuple[str, Any]]) -> None:
+        """Publish every ``(channel, message)``; order is kept within each master.
+
+        Raises:
+            TransportError: A group failed twice, or for a reason retrying cannot fix.
+        """
+        pending = list(messages)
+        for attempt in range(2):
+            try:
+                groups: dict[str, tuple[ClusterNode, list[tuple[str, Any]]]] = {}
+                for channel, message in pending:
+                    node = self._cluster.get_node_from_key(channel)
+                    assert node is not None  # a primary is always returned
+                    groups.setdefault(node.name, (node, []))[1].append((channel, message))
+                outcomes = await asyncio.gather(
+                    *(self._pipeline(node, items) for node, items in groups.values()),
+                    return_exceptions=True,
+                )
+                failures: list[BaseException] = []
+                pending = []
+                for (_, items), outcome in zip(groups.values(), outcomes, strict=True):
+                    if isinstance(outcome, BaseException):
+                        failures.append(outcome)
+                        pending += items  # only the failed groups are sent again
+                if not failures:
+                    return
+                raise failures[0]
+            except (rexc.RedisError, rexc.RedisClusterException, OSError) as exc:
+                if attempt or not is_cluster_transient(exc):
+                    raise TransportError(f"redis-cluster SPUBLISH failed: {exc!r}") from exc
+                await self._refresh(exc)
+
+    async def close(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+    async def _pipeline(self, node: ClusterNode, items: list[tuple[str, Any]]) -> None:
+        client = self._clients.get(node.name)
+        if client is None:
+            client = self._clients[node.name] = aioredis.Redis(
+                host=node.host, port=int(node.port), **self._options
+            )
+        async with client.pipeline(transaction=False) as pipe:
+            for channel, message in items:
+                pipe.spublish(channel, message)
+            await pipe.execute()
+
+    async def _refresh(self, cause: BaseException) -> None:
+        try:
+            await self._cluster.nodes_manager.initialize()
+        except (rexc.RedisError, rexc.RedisClusterException, OSError) as exc:
+            raise TransportError(f"redis-cluster SPUBLISH failed: {cause!r}") from exc

@@ -26,7 +26,7 @@ from .._event import Event
 from ._backoff import Backoff
 from ._inbox import Inbox
 from ._redis_common import CLIENT_NAME, cancel_and_wait
-from ._redis_shards import Shard, cluster_options, is_cluster_transient
+from ._redis_shards import Shard, ShardPublisher, cluster_options, is_cluster_transient
 from .base import BroadcastBackend
 
 logger = logging.getLogger("broadcast_history")
@@ -59,6 +59,7 @@ class RedisClusterBackend(BroadcastBackend):
         self._max_delay = max_reconnect_delay
         self._ping_interval = ping_interval
         self._cluster: RedisCluster | None = None
+        self._publisher: ShardPublisher | None = None
         self._channels: set[str] = set()
         self._shards: dict[str, Shard] = {}  # node name -> its subscription connection
         self._owner: dict[str, str] = {}  # channel -> node name it is subscribed on
@@ -85,6 +86,7 @@ class RedisClusterBackend(BroadcastBackend):
             await cluster.aclose()
             raise TransportError(f"cannot connect to the redis cluster: {exc!r}") from exc
         self._cluster, self._up = cluster, True
+        self._publisher = ShardPublisher(cluster, self._options)
         self._inbox, self._lock, self._trouble = Inbox(), asyncio.Lock(), asyncio.Event()
         self._fatal = None
         self._supervisor = asyncio.create_task(self._supervise(), name="bh-redis-cluster")
@@ -94,6 +96,9 @@ class RedisClusterBackend(BroadcastBackend):
         if supervisor is not None:
             await cancel_and_wait(supervisor)
         await self._close_shards()
+        publisher, self._publisher = self._publisher, None
+        if publisher is not None:
+            await publisher.close()
         cluster, self._cluster = self._cluster, None
         if cluster is not None:
             await cluster.aclose()
@@ -138,17 +143,9 @@ class RedisClusterBackend(BroadcastBackend):
     async def publish_many(self, messages: Sequence[tuple[str, Any]]) -> None:
         if not messages:
             return
-        if self._cluster is None:
+        if self._publisher is None:
             raise NotConnected("the redis-cluster transport is not connected")
-        try:
-            # One pipeline: redis-py groups the commands by node and sends each group
-            # in one round trip, all nodes at once.
-            async with self._cluster.pipeline(transaction=False) as pipe:
-                for channel, message in messages:
-                    pipe.spublish(channel, message)
-                await pipe.execute()
-        except (rexc.RedisError, rexc.RedisClusterException, OSError) as exc:
-            raise TransportError(f"redis-cluster SPUBLISH failed: {exc!r}") from exc
+        await self._publisher.send(messages)
 
     async def next_published(self) -> Event:
         if self._inbox is None:

@@ -80,6 +80,10 @@ async def test_connect_disconnect_twice_and_wake_a_pending_receive(nats_url: str
     with pytest.raises(NotConnected):
         await asyncio.wait_for(pending, 5)
     assert not backend.connected
+    with pytest.raises(NotConnected):
+        await backend.subscribe("after")
+    with pytest.raises(NotConnected):
+        await backend.publish("after", "m")
 
 
 async def test_odd_channel_names_round_trip(nats_url: str, tmp_path: Path) -> None:

@@ -63,6 +63,10 @@ async def test_connect_disconnect_twice_and_wake_a_pending_receive(
     with pytest.raises(NotConnected):
         await asyncio.wait_for(pending, 5)
     assert not backend.connected
+    with pytest.raises(NotConnected):
+        await backend.subscribe("after")
+    with pytest.raises(NotConnected):
+        await backend.publish("after", "m")
 
 
 @pytest.fixture

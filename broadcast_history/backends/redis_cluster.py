@@ -102,7 +102,7 @@ class RedisClusterBackend(BroadcastBackend):
         cluster, self._cluster = self._cluster, None
         if cluster is not None:
             await cluster.aclose()
-        self._up = False
+        self._up, self._lock = False, None  # subscribe now raises NotConnected
         self._channels.clear()
         self._release_acks()
         if self._inbox is not None:

@@ -5,9 +5,9 @@ instead of to every node as cluster-wide ``PUBLISH`` does, so publishing scales 
 the number of masters. redis-py's asyncio ``RedisCluster`` keeps the slot map;
 publishes go out as one pipeline per master (``ShardPublisher``). Subscriptions are
 ``SSUBSCRIBE`` on one connection per master, each read by its own task: redis-py's
-asyncio ``ClusterPubSub`` (8.x) has
-``ssubscribe``, but its ``get_sharded_message`` polls the nodes in turn, each for up
-to ``timeout``, so a reader would either spin or wait up to nodes x timeout.
+asyncio ``ClusterPubSub`` (8.x) has ``ssubscribe``, but its ``get_sharded_message``
+polls the nodes in turn, each for up to ``timeout``, so a reader would either spin or
+wait up to nodes x timeout.
 """
 
 from __future__ import annotations

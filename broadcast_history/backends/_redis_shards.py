@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
@@ -15,7 +15,8 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from .._errors import InvalidArgument, TransportError
+from .._errors import TransportError
+from ._hosts import parse_hosts
 from ._redis_common import CLIENT_NAME, as_text, cancel_and_wait, is_transient
 
 SCHEMES = ("redis-cluster", "rediss-cluster")
@@ -31,23 +32,9 @@ def cluster_options(url: str) -> tuple[list[ClusterNode], dict[str, Any]]:
     Raises:
         InvalidArgument: The URL names no node, or a port is not a number.
     """
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme not in SCHEMES:
-        raise InvalidArgument(f"not a redis-cluster:// URL: {url!r}")
-    netloc = rest.split("/", 1)[0].split("?", 1)[0]
-    userinfo, _, hosts = netloc.rpartition("@")
-    nodes = []
-    for item in filter(None, hosts.split(",")):
-        try:
-            parts = urlsplit("//" + item)
-            host, port = parts.hostname, parts.port or 6379
-        except ValueError as exc:
-            raise InvalidArgument(f"bad node {item!r} in {url!r}: {exc}") from exc
-        if not host:
-            raise InvalidArgument(f"bad node {item!r} in {url!r}")
-        nodes.append(ClusterNode(host, port))
-    if not nodes:
-        raise InvalidArgument(f"no node in {url!r}: use redis-cluster://host:port[,host:port]")
+    userinfo, servers = parse_hosts(url, SCHEMES, 6379)
+    nodes = [ClusterNode(host, port) for host, port in servers]
+    scheme = url.partition("://")[0]
     user, _, password = userinfo.partition(":")
     options: dict[str, Any] = {
         "username": unquote(user) or None,

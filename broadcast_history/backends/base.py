@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from .._event import Event
+from ._inbox import Inbox
 
 logger = logging.getLogger("broadcast_history")
 
@@ -95,3 +97,19 @@ class Health:
     def connected(self) -> bool:
         """Whether the transport's connection is up now."""
         return self._up
+
+    async def _until_broken(
+        self, what: str, run: Callable[[], Awaitable[None]], lost: Callable[[], None]
+    ) -> None:
+        """Run the reader loop ``run``; if it ends on an error, the connection is down
+        for good: call ``lost`` and make every subscriber hear of it (never a hang)."""
+        try:
+            await run()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self._up = False
+            lost()
+            inbox: Inbox | None = getattr(self, "_inbox", None)
+            if inbox is not None:
+                inbox.broke(what, exc)

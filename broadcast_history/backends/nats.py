@@ -24,7 +24,7 @@ from nats.aio.subscription import Subscription
 
 from .._errors import InvalidArgument, NotConnected, TransportError
 from .._event import Event
-from ._inbox import Inbox
+from ._inbox import Inbox, InboxTransport
 from ._nats_names import PREFIX, nats_servers, subject_for
 from .base import BroadcastBackend
 
@@ -34,7 +34,7 @@ logger = logging.getLogger("broadcast_history")
 DEFAULT_MAX_PAYLOAD = 1024 * 1024
 
 
-class NatsBackend(BroadcastBackend):
+class NatsBackend(InboxTransport, BroadcastBackend):
     """Core NATS subjects (URL ``nats://host:4222[,host:4223]``); no JetStream.
 
     Messages reach the connections subscribed when they are published, at most once.
@@ -52,6 +52,7 @@ class NatsBackend(BroadcastBackend):
     """
 
     crosses_processes = True
+    _name = "nats"
 
     def __init__(
         self,
@@ -128,9 +129,7 @@ class NatsBackend(BroadcastBackend):
                 await nc.close()  # sends what is still buffered first
         self._subs.clear()
         self._names.clear()
-        if self._inbox is not None:
-            # Wakes a pending next_published at once.
-            self._inbox.fail(NotConnected("the nats transport was disconnected"))
+        self._wake_readers()
 
     async def subscribe(self, channel: str) -> None:
         nc = self._require()
@@ -157,9 +156,6 @@ class NatsBackend(BroadcastBackend):
             with contextlib.suppress(nerr.Error):  # closed or reconnecting: gone anyway
                 await sub.unsubscribe()
 
-    async def publish(self, channel: str, message: Any) -> None:
-        await self.publish_many([(channel, message)])
-
     async def publish_many(self, messages: Sequence[tuple[str, Any]]) -> None:
         nc = self._require()
         limit = min(nc.max_payload, self._max_payload)
@@ -174,11 +170,6 @@ class NatsBackend(BroadcastBackend):
                 await nc.publish(subject_for(channel, self._prefix), data)
         except nerr.Error as exc:
             raise TransportError(f"nats PUB failed: {exc!r}") from exc
-
-    async def next_published(self) -> Event:
-        if self._inbox is None:
-            raise NotConnected("the nats transport is not connected")
-        return await self._inbox.get()
 
     # -- internals -----------------------------------------------------------------
 

@@ -13,7 +13,6 @@ wait up to nodes x timeout.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import Counter
 from collections.abc import Sequence
@@ -25,15 +24,15 @@ from redis.asyncio.cluster import RedisCluster
 from .._errors import NotConnected, TransportError
 from .._event import Event
 from ._backoff import Backoff
-from ._inbox import Inbox
-from ._redis_common import CLIENT_NAME, cancel_and_wait
+from ._inbox import Inbox, InboxTransport
+from ._redis_common import CLIENT_NAME, Confirmations, cancel_and_wait
 from ._redis_shards import Shard, ShardPublisher, cluster_options, is_cluster_transient
 from .base import BroadcastBackend, Health
 
 logger = logging.getLogger("broadcast_history")
 
 
-class RedisClusterBackend(Health, BroadcastBackend):
+class RedisClusterBackend(Health, InboxTransport, BroadcastBackend):
     """Sharded PUB/SUB on a Redis 7 cluster (URL ``redis-cluster://host:port[,host:port]``).
 
     Any reachable node of the URL serves to discover the others. Messages reach the
@@ -51,6 +50,7 @@ class RedisClusterBackend(Health, BroadcastBackend):
     """
 
     crosses_processes = True
+    _name = "redis-cluster"
 
     def __init__(
         self, url: str, *, max_reconnect_delay: float = 5.0, ping_interval: float = 10.0
@@ -65,7 +65,7 @@ class RedisClusterBackend(Health, BroadcastBackend):
         self._shards: dict[str, Shard] = {}  # node name -> its subscription connection
         self._owner: dict[str, str] = {}  # channel -> node name it is subscribed on
         self._leaving: Counter[str] = Counter()  # our SUNSUBSCRIBEs not yet confirmed
-        self._acks: dict[str, asyncio.Future[None]] = {}
+        self._acks = Confirmations()
         self._inbox: Inbox | None = None
         self._lock: asyncio.Lock | None = None
         self._trouble: asyncio.Event | None = None
@@ -101,28 +101,18 @@ class RedisClusterBackend(Health, BroadcastBackend):
             await cluster.aclose()
         self._up, self._lock = False, None  # subscribe now raises NotConnected
         self._channels.clear()
-        self._release_acks()
-        if self._inbox is not None:
-            # Wakes a pending next_published at once.
-            self._inbox.fail(NotConnected("the redis-cluster transport was disconnected"))
+        self._acks.release()
+        self._wake_readers()
 
     async def subscribe(self, channel: str) -> None:
         if self._lock is None:
             raise NotConnected("the redis-cluster transport is not connected")
-        ack = self._acks[channel] = asyncio.get_running_loop().create_future()
+        ack = self._acks.expect(channel)
         async with self._lock:
             self._channels.add(channel)
             if self._up:
                 await self._guard(self._place([channel]))
-        try:
-            if self._up:
-                # Registered on the shard before we return, so a publish that follows
-                # is heard; if the connection is failing, the reconnection subscribes it.
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(ack), 5.0)
-        finally:
-            if self._acks.get(channel) is ack:
-                del self._acks[channel]
+        await self._acks.wait(channel, ack, up=self._up)
 
     async def unsubscribe(self, channel: str) -> None:
         if self._lock is None:
@@ -134,20 +124,12 @@ class RedisClusterBackend(Health, BroadcastBackend):
                 self._leaving[channel] += 1
                 await self._guard(shard.pubsub.sunsubscribe(channel))
 
-    async def publish(self, channel: str, message: Any) -> None:
-        await self.publish_many([(channel, message)])
-
     async def publish_many(self, messages: Sequence[tuple[str, Any]]) -> None:
         if not messages:
             return
         if self._publisher is None:
             raise NotConnected("the redis-cluster transport is not connected")
         await self._publisher.send(messages)
-
-    async def next_published(self) -> Event:
-        if self._inbox is None:
-            raise NotConnected("the redis-cluster transport is not connected")
-        return await self._inbox.get()
 
     # -- internals -----------------------------------------------------------------
 
@@ -189,46 +171,37 @@ class RedisClusterBackend(Health, BroadcastBackend):
         for shard in shards:
             await shard.close()
 
-    def _release_acks(self) -> None:
-        """Let every subscribe waiting for a confirmation return."""
-        for ack in self._acks.values():
-            if not ack.done():
-                ack.set_result(None)
-        self._acks.clear()
-
     async def _supervise(self) -> None:
         """Whenever a shard fails or a slot moves: refresh the slot map, resubscribe all."""
+        await self._until_broken(
+            "the redis-cluster subscription", self._recover, self._acks.release
+        )
+
+    async def _recover(self) -> None:
         assert self._inbox is not None and self._lock is not None and self._trouble is not None
         assert self._cluster is not None
         backoff = Backoff(self._max_delay)
-        try:
-            while True:
-                await self._trouble.wait()
-                if self._fatal is not None:
-                    raise self._fatal
-                self._up = False
-                await backoff.sleep()
-                async with self._lock:
-                    self._trouble.clear()
-                    await self._close_shards()
-                    try:
-                        await self._cluster.nodes_manager.initialize()
-                        await self._place(sorted(self._channels))
-                    except Exception as exc:
-                        if not is_cluster_transient(exc):
-                            raise
-                        logger.debug("redis-cluster resubscription failed: %r", exc)
-                        self._trouble.set()
-                        continue
-                    # Under the lock: a subscribe that waited for it places its channel.
-                    self._back_up("redis-cluster shard subscriptions")
-                backoff.reset()
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:
+        while True:
+            await self._trouble.wait()
+            if self._fatal is not None:
+                raise self._fatal
             self._up = False
-            self._release_acks()
-            self._inbox.broke("the redis-cluster subscription", exc)  # reaches every subscriber
+            await backoff.sleep()
+            async with self._lock:
+                self._trouble.clear()
+                await self._close_shards()
+                try:
+                    await self._cluster.nodes_manager.initialize()
+                    await self._place(sorted(self._channels))
+                except Exception as exc:
+                    if not is_cluster_transient(exc):
+                        raise
+                    logger.debug("redis-cluster resubscription failed: %r", exc)
+                    self._trouble.set()
+                    continue
+                # Under the lock: a subscribe that waited for it places its channel.
+                self._back_up("redis-cluster shard subscriptions")
+            backoff.reset()
 
     async def _read(self, shard: Shard) -> None:
         """Read one shard's messages until its connection fails or a slot moves away."""
@@ -239,9 +212,7 @@ class RedisClusterBackend(Health, BroadcastBackend):
                     if channel in self._channels:
                         self._inbox.put(Event(channel, data))
                 elif kind == "ssubscribe":
-                    ack = self._acks.pop(channel, None)
-                    if ack is not None and not ack.done():
-                        ack.set_result(None)
+                    self._acks.confirm(channel)
                 elif kind == "sunsubscribe":
                     if self._leaving[channel] > 0:
                         self._leaving[channel] -= 1

@@ -9,8 +9,10 @@ and no other subscription, unlike the suite: that is the point of this script.
 Each run is a fresh process (``--repeats``, default 5) against a fresh log (a new
 SQLite file, or the benchmark Postgres database emptied). Printed: the median
 [min - max] of the rate, of the time until the last publish returned, of the process's
-CPU time per event, and of the mean number of events per log transaction (counted by
-wrapping ``broadcast.log.append``, one call per transaction).
+CPU time per event, of the mean number of events per log transaction (counted by
+wrapping ``broadcast.log.append``, one call per transaction), of the time
+``connect()`` and ``subscribe()`` took before the first publish, and the rate a timer
+started before ``connect()`` would show.
 
 ``--like-suite`` runs the same workload the way the suite's ``concurrent`` scenario
 does (warm-up, a held idle subscription, ``async for``), and ``--events``, ``--size``,
@@ -56,6 +58,7 @@ async def one_run(options: dict[str, Any]) -> dict[str, float]:
     message = "x" * options["size"]
     broadcast, files = await _broadcast(options["config"])
     transactions = 0
+    opened = time.perf_counter()
     try:
         async with broadcast:
             append = broadcast.log.append
@@ -90,6 +93,12 @@ async def one_run(options: dict[str, Any]) -> dict[str, float]:
                             await subscription.get()
 
                 async def publisher(count: int) -> None:
+                    if options.get("suite_message"):
+                        from .scenarios import message as suite_message
+
+                        for k in range(count):
+                            await broadcast.publish(channel, suite_message(k))
+                        return
                     for _ in range(count):
                         await broadcast.publish(channel, message)
 
@@ -98,6 +107,7 @@ async def one_run(options: dict[str, Any]) -> dict[str, float]:
                 reader = asyncio.create_task(subscriber())
                 cpu = time.process_time()
                 began = time.perf_counter()
+                setup = began - opened
                 await asyncio.gather(*(publisher(n) for n in shares))
                 published = time.perf_counter() - began
                 await asyncio.wait_for(reader, 120)
@@ -110,6 +120,8 @@ async def one_run(options: dict[str, Any]) -> dict[str, float]:
             path.unlink(missing_ok=True)
     return {
         "rate": events / elapsed,
+        "setup_s": setup,
+        "rate_with_setup": events / (setup + elapsed),
         "publish_s": published,
         "cpu_us_per_event": cpu / events * 1e6,
         "events_per_transaction": events / max(1, transactions),
@@ -179,6 +191,8 @@ def main(argv: list[str] | None = None) -> None:
             f"  publish {_fmt([r['publish_s'] for r in runs], 3)} s"
             f"  CPU {_fmt([r['cpu_us_per_event'] for r in runs], 1)} us/event"
             f"  events/transaction {_fmt([r['events_per_transaction'] for r in runs], 1)}"
+            f"  connect+subscribe {_fmt([r['setup_s'] for r in runs], 3)} s"
+            f"  rate counting them {_fmt([r['rate_with_setup'] for r in runs], 0)} /s"
             f"  ({len(runs)} runs)",
             flush=True,
         )

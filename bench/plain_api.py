@@ -15,9 +15,9 @@ wrapping ``broadcast.log.append``, one call per transaction), of the time
 started before ``connect()`` would show.
 
 ``--like-suite`` runs the same workload the way the suite's ``concurrent`` scenario
-does (warm-up, a held idle subscription, ``async for``), and ``--events``, ``--size``,
-``--publishers``, ``--warm-up``, ``--keep-subscription`` and ``--iterate`` switch the
-differences one by one.
+does (warm-up, a held idle subscription, ``async for``, its 79-character messages), and
+``--events``, ``--size``, ``--publishers``, ``--warm-up``, ``--keep-subscription``,
+``--iterate`` and ``--suite-message`` switch the differences one by one.
 """
 
 from __future__ import annotations
@@ -138,6 +138,7 @@ def _options(args: argparse.Namespace, config: str) -> dict[str, Any]:
         "warm_up": args.warm_up or like,
         "keep_subscription": args.keep_subscription or like,
         "iterate": args.iterate or like,
+        "suite_message": args.suite_message or like,
     }
 
 
@@ -156,7 +157,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warm-up", action="store_true", help="200 events first, as the suite")
     parser.add_argument("--keep-subscription", action="store_true", help="hold an idle one")
     parser.add_argument("--iterate", action="store_true", help="async for instead of get()")
-    parser.add_argument("--like-suite", action="store_true", help="all three switches above")
+    parser.add_argument(
+        "--suite-message", action="store_true", help="the suite's 79-char messages (--size unused)"
+    )
+    parser.add_argument("--like-suite", action="store_true", help="the four switches above")
     parser.add_argument("--json", help="also write the runs to this file")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a single run (internal)
     args = parser.parse_args(argv)

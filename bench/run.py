@@ -81,7 +81,7 @@ def _available(configs: list[str], kafka: str | None) -> dict[str, str | None]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="small sizes, about 2 minutes")
+    parser.add_argument("--quick", action="store_true", help="small sizes, a few minutes")
     parser.add_argument("--configs", help="comma-separated configurations")
     parser.add_argument("--rows", help="comma-separated scenario keys")
     parser.add_argument("--repeats", type=int, default=3)

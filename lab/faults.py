@@ -12,17 +12,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from lab.fleet import Fleet
 from lab.netns import Host, Network
 from lab.proxy import ProxyControl
 from lab.services import Service
-
-
-class Fleet(Protocol):
-    """The app processes of a run, by name (see ``lab.runner``)."""
-
-    def names(self, role: str) -> list[str]: ...
-    def kill9(self, name: str) -> None: ...
-    def restart(self, name: str) -> None: ...
 
 
 class Target(Protocol):
@@ -168,8 +161,12 @@ FAULTS: dict[str, Fault] = {
             "kill -9 of a subscriber, restarted 1 s later; it resumes from its last event",
             _kill("subscriber"),
         ),
-        Fault("redis-restart", "the lab's Redis killed, started 1 s later", _restart("redis"), REDIS),
-        Fault("nats-restart", "the lab's NATS killed, started 1 s later", _restart("nats"), ("nats",)),
+        Fault(
+            "redis-restart", "the lab's Redis killed, started 1 s later", _restart("redis"), REDIS
+        ),
+        Fault(
+            "nats-restart", "the lab's NATS killed, started 1 s later", _restart("nats"), ("nats",)
+        ),
         Fault(
             "postgres-restart",
             "the lab's Postgres crashed (immediate shutdown), started 1 s later",

@@ -83,7 +83,7 @@ class Network:
             )
             self.hosts.append(host)
             _ip("netns", "add", host.netns)
-            _ip("link", "add", host.veth, "type", "veth", "peer", "name", "eth0", "netns", host.netns)
+            _ip(*f"link add {host.veth} type veth peer name eth0 netns {host.netns}".split())
             _ip("addr", "add", f"{host.gateway}/30", "dev", host.veth)
             _ip("link", "set", host.veth, "up")
             _ip("-n", host.netns, "addr", "add", f"{host.address}/30", "dev", "eth0")

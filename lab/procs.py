@@ -48,7 +48,7 @@ def spawn(
             group=user,
             extra_groups=[] if user else None,
             start_new_session=True,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509  # spawned from the main thread only
+            preexec_fn=_die_with_parent,  # spawn from the main thread only: see above
             env=env,
         )
 

@@ -9,8 +9,9 @@ from pathlib import Path
 from lab.checker import Result
 
 HEADER = (
-    "| fault | transport | log | acked publishes | raised (stored anyway) | stored events "
-    "| deliveries checked | errors recovered | kills | anomalies |"
+    "| fault | transport | log | publishes acked | publish errors (retried) "
+    "| never acked (stored) | events stored | deliveries checked | subscriber errors "
+    "| kills | anomalies |"
 )
 
 
@@ -30,8 +31,9 @@ class Row:
         r = self.result
         return (
             f"| {self.fault} | {self.transport} | {self.log} | {r.acked:,} "
-            f"| {r.raised:,} ({r.raised_stored:,}) | {r.stored:,} | {r.delivered:,} "
-            f"| {r.errors:,} | {self.kills} | **{len(r.anomalies)}** |"
+            f"| {r.publish_errors:,} | {r.unacked:,} ({r.unacked_stored:,}) | {r.stored:,} "
+            f"| {r.delivered:,} | {r.subscriber_errors:,} | {self.kills} "
+            f"| **{len(r.anomalies)}** |"
         )
 
 

@@ -99,7 +99,9 @@ class Run:
                 name = f"{host.name}-s{j + 1}"
                 channel = self.channels[(i + j) % 2]
                 self.subscribed[name] = channel
-                self.fleet.add(host, name, "subscriber", *common, "--channel", channel, "--start", start)
+                self.fleet.add(
+                    host, name, "subscriber", *common, "--channel", channel, "--start", start
+                )
         self._await_subscriptions()
         self.started = time.time()
         until = self.started + duration

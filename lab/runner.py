@@ -23,9 +23,8 @@ from pathlib import Path
 from types import FrameType
 
 from lab import procs, report
-from lab.checker import Result, check_run, read_log
 from lab.faults import FAULTS, Settings
-from lab.fleet import REPO, Fleet
+from lab.fleet import REPO
 from lab.netns import Network
 from lab.proxy import ProxyControl
 from lab.run import Run
@@ -75,7 +74,9 @@ class Lab:
             for service in self.services.values():
                 argv += ["--route", f"{host.gateway}:{service.port}=127.0.0.1:{service.port}"]
             env = {**os.environ, "PYTHONPATH": str(REPO)}
-            proc = procs.spawn(argv, log=self.dir / f"proxy-{host.name}.log", stdout_pipe=True, env=env)
+            proc = procs.spawn(
+                argv, log=self.dir / f"proxy-{host.name}.log", stdout_pipe=True, env=env
+            )
             self._proxy_procs.append(proc)
             assert proc.stdout is not None
             if proc.stdout.readline() != b"ready\n":
@@ -129,6 +130,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--faults", default=None, help=f"any of {','.join(FAULTS)}")
     parser.add_argument("--rate", type=float, default=10.0, help="publishes/s per publisher")
     parser.add_argument("--hosts", type=int, default=3)
+    parser.add_argument("--partition", type=float, default=5.0, help="seconds a link is cut")
+    parser.add_argument("--stall", type=float, default=5.0, help="seconds a proxy stalls")
+    parser.add_argument("--delay", type=float, default=50.0, help="ms the delay fault adds")
     parser.add_argument("--keep", action="store_true", help="keep the lab's files")
     parser.add_argument("--out", default=str(REPO / "build" / "lab"), help="results directory")
     parser.add_argument("-v", "--verbose", action="store_true", help="print each fault step")
@@ -188,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"scripts/lab cannot run: {problem or '; '.join(missing)}", file=sys.stderr)
         return 2
     duration = args.duration or (12.0 if args.short else 30.0)
-    settings = Settings()
+    settings = Settings(partition=args.partition, stall=args.stall, delay=args.delay / 1000)
 
     def terminate(_signum: int, _frame: FrameType | None) -> None:
         raise KeyboardInterrupt
@@ -230,6 +234,3 @@ def main(argv: list[str] | None = None) -> int:
     found = sum(len(row.result.anomalies) for row in rows)
     print(f"\n{found} anomalies; results in {args.out}/results.md")
     return 1 if found else 0
-
-
-__all__ = ["Lab", "Result", "check_run", "main", "read_log"]

@@ -8,7 +8,7 @@ fault, waits, undoes it, pauses, and starts again while a whole cycle still fits
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -57,9 +57,18 @@ class Fault:
         return self.transports is None or transport in self.transports
 
 
-def _cycles(until: float, length: float) -> int:
-    """How many cycles of ``length`` seconds fit before ``until`` (at least one)."""
-    return max(1, int((until - time.time()) // length))
+def _cycles(until: float, length: float, pause: float) -> Iterator[int]:
+    """Number the cycles of ``length`` seconds that fit before ``until`` (at least one).
+
+    Two cycles are ``pause`` seconds apart.
+    """
+    cycle = 0
+    while True:
+        yield cycle
+        cycle += 1
+        if time.time() + pause + length > until:
+            return
+        time.sleep(pause)
 
 
 def _none(target: Target, settings: Settings, until: float) -> None:
@@ -68,7 +77,7 @@ def _none(target: Target, settings: Settings, until: float) -> None:
 
 def _partition(target: Target, settings: Settings, until: float) -> None:
     hosts = target.network.hosts
-    for i in range(_cycles(until, settings.partition + settings.pause)):
+    for i in _cycles(until, settings.partition, settings.pause):
         host = hosts[i % len(hosts)]
         target.note(f"cut {host.name}'s link")
         target.network.cut(host)
@@ -77,7 +86,6 @@ def _partition(target: Target, settings: Settings, until: float) -> None:
         finally:
             target.network.restore(host)
         target.note(f"restored {host.name}'s link")
-        time.sleep(settings.pause)
 
 
 def _proxy_fault(
@@ -87,7 +95,7 @@ def _proxy_fault(
 ) -> Inject:
     def inject(target: Target, settings: Settings, until: float) -> None:
         hosts: list[Host] = target.network.hosts
-        for i in range(_cycles(until, hold(settings) + settings.pause)):
+        for i in _cycles(until, hold(settings), settings.pause):
             host = hosts[i % len(hosts)]
             control = target.proxies[host.name]
             command = on(settings)
@@ -99,7 +107,6 @@ def _proxy_fault(
                 if off:
                     control.send(**off)
             target.note(f"{host.name} proxy: {off or 'done'}")
-            time.sleep(settings.pause)
 
     return inject
 
@@ -107,14 +114,13 @@ def _proxy_fault(
 def _kill(role: str) -> Inject:
     def inject(target: Target, settings: Settings, until: float) -> None:
         names = target.fleet.names(role)
-        for i in range(_cycles(until, settings.outage + settings.pause)):
+        for i in _cycles(until, settings.outage, settings.pause):
             name = names[i % len(names)]
             target.note(f"kill -9 {name}")
             target.fleet.kill9(name)
             time.sleep(settings.outage)
             target.fleet.restart(name)
             target.note(f"restarted {name}")
-            time.sleep(settings.pause)
 
     return inject
 
@@ -122,13 +128,12 @@ def _kill(role: str) -> Inject:
 def _restart(service: str) -> Inject:
     def inject(target: Target, settings: Settings, until: float) -> None:
         server = target.services[service]
-        for _ in range(_cycles(until, settings.outage + settings.pause + 2)):
+        for _ in _cycles(until, settings.outage + 2, settings.pause):
             target.note(f"crash {service}")
             server.crash()
             time.sleep(settings.outage)
             server.start()
             target.note(f"{service} is back")
-            time.sleep(settings.pause)
 
     return inject
 

@@ -102,7 +102,6 @@ class Run:
                 self.fleet.add(
                     host, name, "subscriber", *common, "--channel", channel, "--start", start
                 )
-        self._await_subscriptions()
         self.started = time.time()
         until = self.started + duration
         for host in hosts:
@@ -115,14 +114,18 @@ class Run:
                     "--rate", str(self.args.rate), "--until", str(until),
                     "--grace", str(PUBLISH_GRACE),
                 )  # fmt: skip
-        warmup = min(3.0, duration / 4)
-        time.sleep(warmup)
+        self._await_subscriptions()
+        self.note("subscribers subscribed")
+        # The processes take a few seconds to start (imports, connections): the
+        # fault begins once they run.
+        time.sleep(max(0.0, self.started + min(4.0, duration / 3) - time.time()))
         self.note(f"fault {self.fault.name} begins")
         self.fault.inject(self, self.settings, until - min(2.0, duration / 6))
         self.note(f"fault {self.fault.name} ends")
         self._await_publishers(until + PUBLISH_GRACE + 30)
         self._await_catch_up()
         self._stop_subscribers()
+        self.note("subscribers stopped")
 
     def _await_subscriptions(self) -> None:
         """Wait until every subscriber has entered its subscription."""
@@ -177,13 +180,17 @@ class Run:
 
     def _stop_subscribers(self) -> None:
         self._check_alive("subscriber")
-        for name in self.fleet.names("subscriber"):
-            proc = self.fleet.procs[name]
-            if proc.poll() is not None:
-                continue
+        running = [
+            (name, self.fleet.procs[name])
+            for name in self.fleet.names("subscriber")
+            if self.fleet.procs[name].poll() is None
+        ]
+        for _, proc in running:
             proc.terminate()
+        deadline = time.time() + 15
+        for name, proc in running:
             try:
-                proc.wait(15)
+                proc.wait(max(0.1, deadline - time.time()))
             except subprocess.TimeoutExpired:
                 self.result.add(f"{name}: did not stop within 15 s of SIGTERM")
                 proc.kill()

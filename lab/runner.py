@@ -128,7 +128,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, help="seconds of publishing per run")
     parser.add_argument("--transports", default=None, help=f"default {DEFAULT_TRANSPORTS}")
     parser.add_argument("--faults", default=None, help=f"any of {','.join(FAULTS)}")
-    parser.add_argument("--rate", type=float, default=10.0, help="publishes/s per publisher")
+    parser.add_argument("--rate", type=float, default=20.0, help="publishes/s per publisher")
     parser.add_argument("--hosts", type=int, default=3)
     parser.add_argument("--partition", type=float, default=5.0, help="seconds a link is cut")
     parser.add_argument("--stall", type=float, default=5.0, help="seconds a proxy stalls")
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem or missing:
         print(f"scripts/lab cannot run: {problem or '; '.join(missing)}", file=sys.stderr)
         return 2
-    duration = args.duration or (12.0 if args.short else 30.0)
+    duration = args.duration or (10.0 if args.short else 30.0)
     settings = Settings(partition=args.partition, stall=args.stall, delay=args.delay / 1000)
 
     def terminate(_signum: int, _frame: FrameType | None) -> None:

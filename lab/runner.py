@@ -18,6 +18,7 @@ import signal
 import sys
 import tempfile
 import time
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 from types import FrameType
@@ -160,11 +161,11 @@ def _plan(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 def _unavailable(transports: set[str]) -> str | None:
     """Why one of ``transports`` cannot run in this build, if one cannot."""
-    from broadcast_history.backends import backend_from_url
+    from broadcast_history import Broadcast
 
     for transport in sorted(transports):
-        try:
-            backend_from_url(f"{transport}://127.0.0.1:1")
+        try:  # builds the transport from its URL; connects nothing
+            Broadcast(f"{transport}://127.0.0.1:1", log="postgresql://127.0.0.1:1/none")
         except ImportError as exc:
             return str(exc)
         except ValueError:
@@ -201,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     rows: list[report.Row] = []
     lab = Lab(transports, args.hosts, args.keep)
+    failure: str | None = None
     try:
         lab.open()
         print(f"lab: {args.hosts} hosts, files in {lab.dir}; {len(plan)} runs of {duration:g} s")
@@ -217,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lab: interrupted; cleaning up", file=sys.stderr)
         return 130
+    except Exception as exc:
+        # The lab itself broke (a server that would not start...): report what ran.
+        failure = f"the lab failed: {exc!r}"
+        traceback.print_exc()
     finally:
         lab.close()
     elapsed = time.monotonic() - started
@@ -233,4 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{details}")
     found = sum(len(row.result.anomalies) for row in rows)
     print(f"\n{found} anomalies; results in {args.out}/results.md")
+    if failure is not None:
+        print(f"{failure}; {len(plan) - len(rows)} runs not done", file=sys.stderr)
+        return 2
     return 1 if found else 0

@@ -8,13 +8,15 @@ nothing sent from a host can leave the machine: it reaches the root-side address
 where the host's proxy listens, or nowhere.
 
 Each lab instance takes the first free ``n``; a state directory per instance records
-its owner's pid, so a later lab can remove what a killed one left behind.
+its owner's pid and its files, so a later lab can remove what a killed one left behind
+(its child processes die with it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -55,8 +57,9 @@ def _namespaces() -> set[str]:
 class Network:
     """The lab's hosts; :meth:`destroy` removes everything :meth:`create` made."""
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, workdir: Path) -> None:
         self.count = count
+        self.workdir = workdir  # removed by a later lab if this one is killed
         self.instance: int | None = None
         self.hosts: list[Host] = []
 
@@ -72,6 +75,7 @@ class Network:
             break
         else:
             raise RuntimeError(f"no free lab instance number under {STATE}")
+        (STATE / str(n) / "workdir").write_text(str(self.workdir))
         (STATE / str(n) / "owner").write_text(str(os.getpid()))
         for i in range(1, self.count + 1):
             host = Host(
@@ -102,12 +106,12 @@ class Network:
         """Remove the namespaces and veths; kill what still runs inside them."""
         if self.instance is None:
             return
-        _remove_instance(self.instance)
+        _remove_instance(self.instance, files=False)  # the lab keeps or removes them
         self.instance = None
         self.hosts = []
 
 
-def _remove_instance(n: int) -> None:
+def _remove_instance(n: int, *, files: bool = True) -> None:
     for netns in sorted(ns for ns in _namespaces() if ns.startswith(f"{PREFIX}{n}-h")):
         # Only the lab's own processes can be inside its namespaces.
         pids = subprocess.run(
@@ -119,10 +123,16 @@ def _remove_instance(n: int) -> None:
         veth = f"bl{n}h{netns.rsplit('-h', 1)[1]}"
         subprocess.run(["ip", "link", "del", veth], capture_output=True, check=False)
         subprocess.run(["ip", "netns", "del", netns], capture_output=True, check=False)
-    with contextlib.suppress(FileNotFoundError):
-        (STATE / str(n) / "owner").unlink()
+    state = STATE / str(n)
     with contextlib.suppress(OSError):
-        (STATE / str(n)).rmdir()
+        workdir = Path((state / "workdir").read_text())
+        if files and workdir.name.startswith("bhlab-"):
+            shutil.rmtree(workdir, ignore_errors=True)
+    for name in ("workdir", "owner"):
+        with contextlib.suppress(FileNotFoundError):
+            (state / name).unlink()
+    with contextlib.suppress(OSError):
+        state.rmdir()
 
 
 def sweep_stale() -> None:

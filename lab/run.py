@@ -1,9 +1,10 @@
 """One run: a fault on a transport, with fresh channels and fresh processes.
 
-Timeline: subscribers start and enter their subscriptions; publishers publish for
-``duration`` seconds; after a warm-up the fault runs in cycles and stops before a
-quiet end; publishers finish their retries and exit; subscribers are given time to
-reach each channel's head, then are stopped (SIGTERM); the checker reads it all.
+Timeline: subscribers and publishers start together, publishers publish for
+``duration`` seconds; once the subscribers are in and a warm-up has passed, the fault
+runs in cycles and stops before a quiet end; publishers finish their retries and exit;
+subscribers are given time to reach each channel's head, then are stopped (SIGTERM);
+the checker reads it all.
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ class Lab:
         self.keep = keep
         self.dir = Path(tempfile.mkdtemp(prefix="bhlab-"))
         self.dir.chmod(0o755)  # the postgres user must reach its data directory
-        self.network = Network(hosts)
+        self.network = Network(hosts, self.dir)
         self.services: dict[str, Service] = {}
         self.proxies: dict[str, ProxyControl] = {}
         self._proxy_procs: list[object] = []
@@ -199,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, terminate)
+    # Even when started in the background, where the shell made it ignore SIGINT.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     started = time.monotonic()
     rows: list[report.Row] = []
     lab = Lab(transports, args.hosts, args.keep)

@@ -242,7 +242,7 @@ class Subscriber:
     def _read(self, start: int) -> asyncio.Future[list[Event]]:
         options = self._options
         return asyncio.ensure_future(
-            self._log.read_from(self.channel, start, options.page_size, options.page_bytes)
+            self._heads.read_page(self.channel, start, options.page_size, options.page_bytes)
         )
 
     def _read_ahead(self, start: int) -> None:

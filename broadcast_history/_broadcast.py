@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from types import TracebackType
@@ -12,16 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 from ._appender import Appender
 from ._budget import SubscriberOptions, weigh
-from ._errors import (
-    BroadcastError,
-    InvalidArgument,
-    MessageTooLarge,
-    NotConnected,
-    TransportError,
-)
+from ._errors import BroadcastError, InvalidArgument, NotConnected, TransportError
 from ._event import Event
 from ._heads import HeadProbe
-from ._stats import Stats
+from ._stats import Stats, failure_reason
 from ._subscriber import Subscriber
 from ._validation import (
     DEFAULT_MAX_MESSAGE_SIZE,
@@ -30,7 +24,7 @@ from ._validation import (
     check_message,
     check_position,
 )
-from ._wire import Wire
+from ._wire import Wire, require_shared_log
 from .backends import BroadcastBackend, backend_from_url
 from .log import EventLog, Pending, Retention
 
@@ -39,14 +33,6 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 logger = logging.getLogger("broadcast_history")
-
-_NEEDS_SHARED_LOG = (
-    "{url} reaches other processes, so they must share one event log: pass "
-    "log='postgresql+asyncpg://...' (shared by every host) or "
-    "log='sqlite+aiosqlite:///events.db' (processes on one host). Without log=, each "
-    "process would keep a private in-memory log with its own offsets and epochs, and "
-    "subscribers would miss the other processes' messages."
-)
 
 
 class Broadcast:
@@ -104,11 +90,8 @@ class Broadcast:
             backend = backend_from_url(url or "memory://")
         elif url is not None:
             raise InvalidArgument("give url or backend, not both")
-        if log is None and getattr(backend, "crosses_processes", False):
-            raise InvalidArgument(_NEEDS_SHARED_LOG.format(url=url or type(backend).__name__))
-        for name, value in (("buffer_bytes", buffer_bytes), ("page_bytes", page_bytes)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidArgument(f"{name} must be a positive int")
+        if log is None:
+            require_shared_log(backend, url)
         self._backend = backend
         self.log = log if isinstance(log, EventLog) else EventLog(log, migrate=migrate)
         self.retention = retention
@@ -117,6 +100,7 @@ class Broadcast:
             buffer_size, page_size, idle_check, reorder_window, buffer_bytes, page_bytes
         )
         self._wire = Wire(backend, self.log)
+        self._wire.deliver_locally(self._dispatch)
         #: What this broadcast counted so far (published, delivered, fallbacks...).
         self.stats = Stats()
         self._appender = Appender(self.log, self._wire, self.stats, max_batch=max_batch)
@@ -231,7 +215,7 @@ class Broadcast:
                 raise NotConnected("call connect() (or use `async with broadcast`) first")
             future = self._appender.submit(Pending(channel, payload, key))
         except BroadcastError as exc:
-            self.stats.failures[_failure_reason(exc)] += 1
+            self.stats.failures[failure_reason(exc)] += 1
             raise
         return await future
 
@@ -322,15 +306,22 @@ class Broadcast:
 
     # -- background tasks ----------------------------------------------------------
 
+    def _dispatch(self, channel: str, events: Sequence[Event]) -> None:
+        """Feed live ``events`` of ``channel`` to its subscribers in this process."""
+        targets = self._subscribers.get(channel)
+        if targets:
+            size = weigh(events)
+            for subscriber in tuple(targets):
+                subscriber._feed(events, size)
+
     async def _listen(self) -> None:
         wire = self._wire
         subscribers = self._subscribers
+        dispatch = self._dispatch
         try:
             while True:
                 channel, events = await wire.receive(subscribers)
-                size = weigh(events)
-                for subscriber in tuple(subscribers.get(channel, ())):
-                    subscriber._feed(events, size)
+                dispatch(channel, events)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
@@ -353,13 +344,3 @@ class Broadcast:
                 await self.log.apply_retention(retention)
             except Exception:
                 logger.warning("retention pass failed", exc_info=True)
-
-
-def _failure_reason(error: BroadcastError) -> str:
-    if isinstance(error, MessageTooLarge):
-        return "too_large"
-    if isinstance(error, InvalidArgument):
-        return "invalid"
-    if isinstance(error, NotConnected):
-        return "not_connected"
-    return "other"

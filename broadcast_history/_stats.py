@@ -11,6 +11,8 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Sequence
 
+from ._errors import InvalidArgument, LogUnavailable, MessageTooLarge, NotConnected
+
 
 class Histogram:
     """Counts of observations per bucket (upper bounds), their sum and number."""
@@ -79,3 +81,16 @@ class Stats:
             self.fallbacks[reason] += count
         self.delivered_live += other.delivered_live
         self.delivered_log += other.delivered_log
+
+
+def failure_reason(error: BaseException) -> str:
+    """The ``reason`` label of a failed publish."""
+    if isinstance(error, MessageTooLarge):
+        return "too_large"
+    if isinstance(error, InvalidArgument):
+        return "invalid"
+    if isinstance(error, LogUnavailable):
+        return "log_unavailable"
+    if isinstance(error, NotConnected):
+        return "not_connected"
+    return "other"

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from ._bell import Bell
 from ._budget import SubscriberOptions, page_was_cut, weigh, weight
 from ._errors import (
     HistoryTruncated,
@@ -73,7 +74,7 @@ class Subscriber:
         self._page: deque[Event] = deque()
         self._overflowed = False
         self._gap_deadline: float | None = None
-        self._waiter: asyncio.Future[bool] | None = None
+        self._bell = Bell()
         self._error: BaseException | None = None
         # A page being read ahead during replay: (its start offset, the read).
         self._reading: tuple[int, asyncio.Future[list[Event]]] | None = None
@@ -154,7 +155,7 @@ class Subscriber:
             self._held.clear()
             self._live_bytes = 0
             self._overflowed = True
-        self._wake(True)
+        self._bell.ring()
 
     def _drop_held(self) -> None:
         self._live_bytes -= weigh(list(self._held.values()))
@@ -163,7 +164,7 @@ class Subscriber:
     def _fail(self, error: BaseException) -> None:
         if self._error is None:
             self._error = error
-        self._wake(True)
+        self._bell.ring()
 
     def _close(self) -> None:
         self._mode = _CLOSED
@@ -174,24 +175,7 @@ class Subscriber:
         self._buffer.clear()
         self._held.clear()
         self._live_bytes = 0
-        self._wake(True)
-
-    def _wake(self, value: bool) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(value)
-
-    async def _wait(self, timeout: float) -> bool:
-        """Wait until fed (``True``) or until ``timeout`` seconds pass (``False``)."""
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[bool] = loop.create_future()
-        self._waiter = waiter
-        timer = loop.call_later(timeout, self._wake, False)
-        try:
-            return await waiter
-        finally:
-            timer.cancel()
-            self._waiter = None
+        self._bell.close()
 
     # -- replay --------------------------------------------------------------------
 
@@ -331,9 +315,9 @@ class Subscriber:
             if now >= self._gap_deadline:
                 self._fall_back("gap")
                 return None
-            await self._wait(self._gap_deadline - now)
+            await self._bell.wait(self._gap_deadline - now)
             return None
-        if not await self._wait(self._options.idle_check) and self._mode == _LIVE:
+        if not await self._bell.wait(self._options.idle_check) and self._mode == _LIVE:
             idle = self._options.idle_check
             try:
                 info = await self._check_head(expected, max_age=idle / 2)

@@ -27,15 +27,23 @@ PREFIX = "broadcast_history_"
 
 
 class Faulty(MemoryBackend):
-    """The in-process transport, with faults: drop chosen offsets, or fail sends."""
+    """The in-process transport, with faults: drop chosen offsets, or fail sends.
 
-    def __init__(self, *, text: bool = False, limit: int | None = None) -> None:
+    With ``text=True`` it carries envelopes as a network transport does, to every
+    backend on the same ``bus`` (two broadcasts then behave as two processes).
+    """
+
+    def __init__(
+        self, *, text: bool = False, limit: int | None = None, bus: list[Faulty] | None = None
+    ) -> None:
         super().__init__()
         self.drop: set[int] = set()
         self.fail = False
-        # Envelopes as text (like a network transport), with a size limit if given.
         self.carries_objects = not text
         self.max_message_size = limit
+        self.bus = bus if bus is not None else [self]
+        if self not in self.bus:
+            self.bus.append(self)
 
     async def publish_many(self, messages: Sequence[tuple[str, Any]]) -> None:
         if self.fail:
@@ -45,7 +53,8 @@ class Faulty(MemoryBackend):
                 message = tuple(e for e in message if e.offset not in self.drop)
                 if not message:
                     continue
-            await self.publish(channel, message)
+            for backend in self.bus:
+                await MemoryBackend.publish(backend, channel, message)
 
 
 def value(registry: CollectorRegistry, name: str, **labels: str) -> float:
@@ -113,17 +122,23 @@ async def test_overflow_of_a_stalled_subscriber(registry: CollectorRegistry) -> 
     assert value(registry, "subscriber_fallbacks_total", reason="overflow") >= 1
 
 
-async def test_notice_and_live_send_failures(registry: CollectorRegistry) -> None:
-    backend = Faulty(text=True, limit=500)
-    async with Broadcast(backend=backend, metrics=registry, idle_check=0.1) as broadcast:
-        async with broadcast.subscribe("c") as sub:
-            big = await broadcast.publish("c", "x" * 2000)  # over the transport's limit
-            assert await take(sub, 1) == [big]
-            backend.fail = True
-            lost = await broadcast.publish("c", "sent into the void")
-            assert await take(sub, 1) == [lost]  # from the log, by the idle check
+async def test_notice_and_live_send_failures(
+    registry: CollectorRegistry, sqlite_file_url: str
+) -> None:
+    bus: list[Faulty] = []
+    sender, receiver = Faulty(text=True, limit=500, bus=bus), Faulty(text=True, bus=bus)
+    async with (
+        Broadcast(backend=sender, log=sqlite_file_url, idle_check=0.1) as publisher,
+        Broadcast(backend=receiver, log=sqlite_file_url, metrics=registry) as broadcast,
+        broadcast.subscribe("c") as sub,
+    ):
+        big = await publisher.publish("c", "x" * 2000)  # over the transport's limit
+        assert await take(sub, 1) == [big]
+        sender.fail = True
+        lost = await publisher.publish("c", "sent into the void")
+        assert await take(sub, 1) == [lost]  # from the log, by the idle check
     assert value(registry, "subscriber_fallbacks_total", reason="notice") == 1
-    assert value(registry, "live_send_failures_total") == 1
+    assert publisher.stats.live_send_failures == 1
 
 
 async def test_foreign_messages_and_reconnects_on_redis(

@@ -13,7 +13,7 @@ from .._errors import ImportConflict, InvalidArgument, LogUnavailable, NotConnec
 from .._event import Event, from_micros, to_micros
 from .._validation import check_int, check_optional_int, check_time
 from . import _migrate, _queries
-from ._calls import append_error, finish_on_cancel, translated
+from ._calls import Conflict, append_error, finish_on_cancel, translated
 from ._engine import MEMORY_URL, is_memory_sqlite, normalize_url, require_file
 from ._info import ChannelInfo, LogTotals, Pending, Retention
 from ._rows import now_micros
@@ -117,12 +117,14 @@ class EventLog:
         for attempt in range(3):
             try:
                 return await store.append(items)
-            except IntegrityError as exc:
+            except (IntegrityError, Conflict) as exc:
                 # Another process stored the same idempotency key (or created the
                 # channel) between our read and our insert; the transaction rolled
                 # back, so retrying is safe and finds its row.
                 if attempt == 2:
-                    raise LogUnavailable(f"append kept conflicting: {exc.orig!r}") from exc
+                    raise LogUnavailable(f"append kept conflicting: {exc!r}") from exc
+            except (InvalidArgument, LogUnavailable):
+                raise  # already translated by the store
             except (SQLAlchemyError, UnicodeError, OSError) as exc:
                 raise append_error(exc) from exc
         raise AssertionError("unreachable")

@@ -277,9 +277,8 @@ class EventLog:
 
         With ``max_bytes``, as :meth:`read`: cut once the payloads reach or pass it.
         """
-        query = _queries.events_query(channel, after=start - 1, limit=limit)
         async with translated():
-            return await self._store.read(channel, query, max_bytes, descending=False)
+            return await self._store.read_page(channel, start, limit, max_bytes)
 
     async def get(self, channel: str, offset: int) -> Event | None:
         """The event at ``offset`` of ``channel``, if stored."""

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
-from sqlalchemy import Select, event, func, select
+from sqlalchemy import Select, bindparam, event, func, select
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -24,7 +24,8 @@ from .._event import Event, from_micros, stored_event
 from ._calls import Conflict, append_error, is_data_error
 from ._engine import create_engine
 from ._info import Pending
-from ._rows import EVENT_COLUMNS, compiled, new_epoch, rows_to_events
+from ._queries import page_query
+from ._rows import EVENT_COLUMNS, compiled, new_epoch, prepared, rows_to_events
 from ._schema import channels, events
 from ._store import Store
 
@@ -54,9 +55,20 @@ class PostgresStore(Store):
     ) -> list[Event]:
         if max_bytes is not None:
             query = byte_bounded(query, max_bytes, descending=descending)
-        engine = self.engine
-        sql, params = compiled(query, engine.dialect)
-        async with engine.connect() as conn:
+        return await self._fetch(channel, *compiled(query, self.engine.dialect))
+
+    async def read_page(
+        self, channel: str, start: int, limit: int, max_bytes: int | None
+    ) -> list[Event]:
+        values = {"channel": channel, "after": start - 1, "limit": limit, "max_bytes": max_bytes}
+        if max_bytes is None:
+            sql, params = prepared("page", page_query, self.engine.dialect, values)
+        else:
+            sql, params = prepared("bounded_page", _bounded_page, self.engine.dialect, values)
+        return await self._fetch(channel, sql, params)
+
+    async def _fetch(self, channel: str, sql: str, params: tuple[Any, ...]) -> list[Event]:
+        async with self.engine.connect() as conn:
             raw = await conn.get_raw_connection()
             # One autocommit SELECT on asyncpg itself: one round trip (no BEGIN and
             # COMMIT around it) and plain records, no SQLAlchemy row per event.
@@ -249,3 +261,7 @@ def byte_bounded(query: Select[Any], max_bytes: int, *, descending: bool = False
         .where(inner.c.bh_start < max_bytes)
         .order_by(offset.desc() if descending else offset.asc())
     )
+
+
+def _bounded_page() -> Select[Any]:
+    return byte_bounded(page_query(), bindparam("max_bytes", None))  # type: ignore[arg-type]

@@ -27,7 +27,8 @@ from .._errors import NotConnected
 from .._event import Event, from_micros, stored_event
 from ._engine import WRITE, create_engine, create_sync_engine, shared_memory_url
 from ._info import Pending
-from ._rows import EVENT_COLUMNS, compiled, new_epoch, now_micros, rows_to_events
+from ._queries import page_query
+from ._rows import EVENT_COLUMNS, compiled, new_epoch, now_micros, prepared, rows_to_events
 from ._schema import channels, events
 from ._store import Store
 
@@ -123,7 +124,23 @@ class SqliteStore(Store):
         if reader is None:
             raise NotConnected("the event log is not connected")
 
-        sql, params = compiled(query, reader.dialect)
+        return await self._fetch(channel, *compiled(query, reader.dialect), max_bytes)
+
+    async def read_page(
+        self, channel: str, start: int, limit: int, max_bytes: int | None
+    ) -> list[Event]:
+        if self._reader is None:
+            raise NotConnected("the event log is not connected")
+        values = {"channel": channel, "after": start - 1, "limit": limit}
+        sql, params = prepared("page", page_query, self._reader.dialect, values)
+        return await self._fetch(channel, sql, params, max_bytes)
+
+    async def _fetch(
+        self, channel: str, sql: str, params: tuple[Any, ...], max_bytes: int | None
+    ) -> list[Event]:
+        reader = self._reader
+        if reader is None:
+            raise NotConnected("the event log is not connected")
 
         def run() -> list[Event]:
             with reader.connect() as conn:

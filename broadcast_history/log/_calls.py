@@ -59,7 +59,8 @@ async def translated() -> AsyncIterator[None]:
         raise
     except DBAPIError as exc:
         raise LogUnavailable(f"event log failure: {exc.orig!r}") from exc
-    except (SQLAlchemyError, OSError) as exc:
+    except (SQLAlchemyError, sqlite3.Error, OSError) as exc:
+        # The SQLite store's hot paths call sqlite3 itself.
         raise LogUnavailable(f"event log failure: {exc!r}") from exc
 
 

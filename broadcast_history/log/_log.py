@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterable, Sequence
 from datetime import datetime
 from typing import Literal
@@ -125,7 +126,7 @@ class EventLog:
                     raise LogUnavailable(f"append kept conflicting: {exc!r}") from exc
             except (InvalidArgument, LogUnavailable):
                 raise  # already translated by the store
-            except (SQLAlchemyError, UnicodeError, OSError) as exc:
+            except (SQLAlchemyError, sqlite3.Error, UnicodeError, OSError) as exc:
                 raise append_error(exc) from exc
         raise AssertionError("unreachable")
 

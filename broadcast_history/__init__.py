@@ -8,6 +8,7 @@ from ._broadcast import Broadcast
 from ._errors import (
     BroadcastError,
     HistoryTruncated,
+    ImportConflict,
     InvalidArgument,
     InvalidMessage,
     LogError,
@@ -24,7 +25,7 @@ from ._errors import (
 from ._event import Event
 from ._subscriber import Subscriber
 from .backends import BroadcastBackend
-from .log import ChannelInfo, EventLog, Retention
+from .log import ChannelInfo, EventLog, LogTotals, Retention
 
 __version__ = "0.1.0"
 
@@ -36,9 +37,11 @@ __all__ = [
     "Event",
     "EventLog",
     "HistoryTruncated",
+    "ImportConflict",
     "InvalidArgument",
     "InvalidMessage",
     "LogError",
+    "LogTotals",
     "LogUnavailable",
     "MessageTooLarge",
     "NotConnected",

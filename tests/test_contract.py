@@ -1,4 +1,4 @@
-"""The contract of DESIGN.md §2-§3, over every live transport x every log."""
+"""The contract (docs/concepts.md: guarantees, semantics), over every live transport x every log."""
 
 from __future__ import annotations
 

@@ -41,9 +41,11 @@ def test_public_names_are_pinned() -> None:
         "Event",
         "EventLog",
         "HistoryTruncated",
+        "ImportConflict",
         "InvalidArgument",
         "InvalidMessage",
         "LogError",
+        "LogTotals",
         "LogUnavailable",
         "MessageTooLarge",
         "NotConnected",
@@ -323,3 +325,14 @@ async def test_cancelled_readers_leave_the_memory_log_intact() -> None:
                 await task
         assert (await bc.publish("c", "after")).offset == 2001
         assert len(await bc.log.read("c", after=1990)) == 11
+
+
+def test_migrations_use_only_public_log_names() -> None:
+    """The Alembic environment reaches the log as any other user does."""
+    import ast
+
+    env = Path(__file__).resolve().parents[1] / "migrations" / "env.py"
+    for node in ast.walk(ast.parse(env.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("broadcast_history"):
+            assert "._" not in (node.module or ""), node.module
+            assert not any(alias.name.startswith("_") for alias in node.names), node.module

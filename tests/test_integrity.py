@@ -256,7 +256,8 @@ async def test_read_since_an_offset_means_after_it(sqlite_file_url: str) -> None
 def test_sqlite_synchronous_must_be_a_known_level() -> None:
     with pytest.raises(InvalidArgument, match="sqlite_synchronous"):
         EventLog("sqlite+aiosqlite:///x.db", sqlite_synchronous="bogus")  # type: ignore[arg-type]
-    assert EventLog("sqlite+aiosqlite:///x.db", sqlite_synchronous="full")._synchronous == "FULL"
+    log = EventLog("sqlite+aiosqlite:///x.db", sqlite_synchronous="full")
+    assert log._store._synchronous == "FULL"  # type: ignore[attr-defined]
 
 
 def test_url_and_backend_together_are_an_invalid_argument() -> None:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import hmac
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AwareDatetime
@@ -25,36 +25,33 @@ from .._errors import (
     MessageTooLarge,
     PositionError,
 )
-from .._event import Event
-from .._parse import parse_position, parse_since
+from .._parse import parse_since
 from .._validation import check_channel
-from ..web._feed import Feed
-from ..web._publish import event_info, publish_request
-from ..web._sse import EventStream, json_frame
 from ..web._streams import OpenStreams
 from ._console import add_console
 from ._errors import ImportConflict, NotFound
 from ._import import max_line_length, split_lines
-from ._jsonl import event_json
-from ._paths import EncodedSlashes, channel_of
+from ._paths import EncodedSlashes, channel_from_path
 from ._query import HistoryAdmin
+from ._streaming import add_streaming_routes
+
+if TYPE_CHECKING:
+    from prometheus_client.registry import CollectorRegistry
+
 from ._schemas import (
     MAX_OFFSET,
-    MESSAGE_BODY,
     ChannelList,
     ChannelOut,
     ErrorOut,
     EventList,
     EventOut,
     ImportOut,
-    PublishedOut,
     StatsOut,
     TrimIn,
     TrimOut,
 )
 
 T = TypeVar("T")
-
 #: Most message bytes one page of ``/events`` carries (besides its first event).
 MAX_PAGE_BYTES = 8 * 1024 * 1024
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -72,14 +69,9 @@ _STATUS: list[tuple[type[BroadcastError], int]] = [
 ]
 
 
-def _stream_frame(event: Event) -> bytes:
-    """An event of ``/stream``: the JSON object of ``/events`` as its data."""
-    return json_frame(event, event_json(event))
-
-
 # Module level: FastAPI resolves the (string) annotations of endpoints in this namespace.
 _BEARER = HTTPBearer(auto_error=False, description="The token given to create_app")
-Channel = Annotated[str, Depends(channel_of)]
+Channel = Annotated[str, Depends(channel_from_path)]
 Offset = Annotated[int | None, Query(ge=0, le=MAX_OFFSET)]
 
 
@@ -159,6 +151,25 @@ def create_app(
     return app
 
 
+def _metrics_registry(broadcast: Broadcast) -> CollectorRegistry | None:
+    """The broadcast's metrics registry; a private one if it exports none yet."""
+    if broadcast.metrics_registry is not None:
+        return broadcast.metrics_registry
+    try:
+        from prometheus_client import CollectorRegistry
+    except ImportError:
+        return None
+    from .._metrics import register
+
+    return register(broadcast, CollectorRegistry(auto_describe=True))
+
+
+def _streamed(media_type: str, description: str) -> dict[str, Any]:
+    """Route options of a streamed response, for the OpenAPI schema."""
+    content = {"content": {media_type: {}}, "description": description}
+    return {"response_class": StreamingResponse, "responses": {200: content}}
+
+
 def _query_value(parse: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Parse a query parameter; a bad one is a 422, like FastAPI's own validation."""
     try:
@@ -205,22 +216,6 @@ def _add_routes(
         """One stored event."""
         return EventOut.of(await admin.event(channel, offset))
 
-    @app.post(
-        "/channels/{channel:path}/events",
-        tags=["events"],
-        status_code=201,
-        openapi_extra={"requestBody": {"required": True, "content": MESSAGE_BODY}},
-        responses={413: {"model": ErrorOut, "description": "Over the message size limit"}},
-    )
-    async def publish_event(
-        channel: Channel,
-        request: Request,
-        idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
-    ) -> PublishedOut:
-        """Publish the body: `text/*` and `application/json` as text, anything else as
-        bytes; `Idempotency-Key` returns the event first stored with that key."""
-        return PublishedOut(**event_info(await publish_request(broadcast, channel, request)))
-
     @app.get("/channels/{channel:path}/events", tags=["events"])
     async def list_events(
         channel: Channel,
@@ -259,26 +254,7 @@ def _add_routes(
         )
         return EventList.of(page)
 
-    @app.get(
-        "/channels/{channel:path}/stream",
-        tags=["events"],
-        response_class=StreamingResponse,
-        responses={200: {"content": {"text/event-stream": {}}, "description": "SSE"}},
-    )
-    async def stream_events(
-        channel: Channel,
-        since: Annotated[str | None, Query(description="Offset or ISO 8601 time")] = None,
-        history: Annotated[int | None, Query(ge=0, le=MAX_OFFSET)] = None,
-        last_event_id: Annotated[str | None, Header(max_length=100)] = None,
-    ) -> Response:
-        """Server-Sent Events: catch-up from `Last-Event-ID` (`epoch:offset`) or
-        `since`, then live. A position that cannot be served is said with one `reset`
-        event (`{"reason", "epoch", "head"}`), then the stream goes on from the head."""
-        position = _query_value(
-            parse_position, last_event_id=last_event_id, since=since, history=history
-        )
-        feed = Feed(broadcast, channel, position)
-        return EventStream(feed, keepalive=heartbeat, streams=streams, encode=_stream_frame)
+    add_streaming_routes(app, broadcast, heartbeat, streams)
 
     @app.post("/channels/{channel:path}/trim", tags=["channels"])
     async def trim_channel(channel: Channel, bounds: TrimIn) -> TrimOut:
@@ -290,8 +266,7 @@ def _add_routes(
     @app.get(
         "/channels/{channel:path}/export",
         tags=["export"],
-        response_class=StreamingResponse,
-        responses={200: {"content": {"application/x-ndjson": {}}, "description": "JSON lines"}},
+        **_streamed("application/x-ndjson", "JSON lines"),
     )
     async def export_channel(channel: Channel) -> StreamingResponse:
         """One channel as JSON lines (the format `POST /import` reads)."""
@@ -312,8 +287,7 @@ def _add_routes(
     @app.get(
         "/export",
         tags=["export"],
-        response_class=StreamingResponse,
-        responses={200: {"content": {"application/x-ndjson": {}}, "description": "JSON lines"}},
+        **_streamed("application/x-ndjson", "JSON lines"),
     )
     async def export_all(
         prefix: Annotated[str | None, Query(max_length=255)] = None,
@@ -342,6 +316,22 @@ def _add_routes(
         lines = split_lines(request.stream(), max_line_length(admin.max_message_size))
         result = await admin.import_jsonl(lines)
         return ImportOut(channels=result.channels, events=result.events)
+
+    registry = _metrics_registry(broadcast)
+
+    @app.get(
+        "/metrics",
+        tags=["metrics"],
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text"}},
+    )
+    async def metrics() -> Response:
+        """Prometheus metrics of the broadcast (the `metrics` extra)."""
+        if registry is None:
+            raise HTTPException(501, "metrics need prometheus-client: the `metrics` extra")
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/stats", tags=["channels"])
     async def retention_stats() -> StatsOut:

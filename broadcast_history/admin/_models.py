@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from .._event import Event
-from ..log import ChannelInfo
+from ..log import ChannelInfo, LogTotals
 
 #: The stats of a channel are the log's :class:`ChannelInfo` (offsets, count, times).
 ChannelStats = ChannelInfo
@@ -44,24 +44,15 @@ class EventPage:
 
 
 @dataclass(frozen=True, slots=True)
-class RetentionStats:
-    """How much history the log holds and how much retention removed.
+class RetentionStats(LogTotals):
+    """How much history the log holds (:class:`LogTotals`), and the retention
+    settings of the broadcast.
 
     Attributes:
-        channels: Number of channels.
-        events: Events stored.
-        trimmed: Events removed by trimming or retention, over every channel.
-        oldest_timestamp: Timestamp of the oldest stored event.
-        newest_timestamp: Timestamp of the newest event.
         max_events: Retention setting of the broadcast (if known).
         max_age: Retention setting of the broadcast (if known).
     """
 
-    channels: int
-    events: int
-    trimmed: int
-    oldest_timestamp: datetime | None
-    newest_timestamp: datetime | None
     max_events: int | None = None
     max_age: timedelta | None = None
 

@@ -1,9 +1,4 @@
-"""Channel names in URL paths: encoded slashes and control characters.
-
-A channel name may hold ``/``, and ``/channels/{channel:path}`` routes have suffixes
-(``/events``, ``/stream``...): the raw path tells a channel named "a/events" (sent as
-``a%2Fevents``) from the events route of channel "a".
-"""
+"""Channel names in URL paths: encoded slashes kept apart, control characters refused."""
 
 from __future__ import annotations
 
@@ -56,8 +51,8 @@ class EncodedSlashes:
         await self.app(scope, receive, send)
 
 
-def channel_of(request: Request, channel: Annotated[str, Path()]) -> str:
-    """The channel named by the path (a FastAPI dependency); 400 if invalid."""
+def channel_from_path(request: Request, channel: Annotated[str, Path()]) -> str:
+    """The ``{channel}`` of a route, with its encoded slashes restored, checked."""
     if request.scope.get("bh_encoded_slashes"):
         channel = channel.replace(_SLASH, "/")
     return check_channel(channel)

@@ -9,6 +9,7 @@ totals), through the same engine and tables.
 from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from dataclasses import asdict
 from datetime import datetime
 from typing import TYPE_CHECKING, Literal
 
@@ -221,15 +222,9 @@ class HistoryAdmin:
     async def retention_stats(self) -> RetentionStats:
         """Totals over every channel, and the broadcast's retention settings."""
         totals = await self.log.totals()
-        retention = self.retention
+        retention = self.retention or Retention()
         return RetentionStats(
-            channels=totals.channels,
-            events=totals.events,
-            trimmed=totals.trimmed,
-            oldest_timestamp=totals.oldest_timestamp,
-            newest_timestamp=totals.newest_timestamp,
-            max_events=None if retention is None else retention.max_events,
-            max_age=None if retention is None else retention.max_age,
+            **asdict(totals), max_events=retention.max_events, max_age=retention.max_age
         )
 
     # -- changes -------------------------------------------------------------------

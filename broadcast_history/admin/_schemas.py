@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Literal
 
 from pydantic import AwareDatetime, BaseModel, Field
 
 from .._event import Event
+from ..log import ChannelInfo
 from ._jsonl import event_json
-from ._models import ChannelStats, EventPage, RetentionStats
+from ._models import EventPage, RetentionStats
 
 MAX_OFFSET = 2**63 - 1
 #: The request body of a publish: text, JSON (stored as text) or bytes.
@@ -33,18 +35,8 @@ class ChannelOut(BaseModel):
     trimmed_timestamp: AwareDatetime | None
 
     @classmethod
-    def of(cls, stats: ChannelStats) -> ChannelOut:
-        return cls(
-            name=stats.name,
-            epoch=stats.epoch,
-            first_offset=stats.first_offset,
-            last_offset=stats.last_offset,
-            count=stats.count,
-            first_timestamp=stats.first_timestamp,
-            last_timestamp=stats.last_timestamp,
-            trimmed=stats.trimmed,
-            trimmed_timestamp=stats.trimmed_timestamp,
-        )
+    def of(cls, stats: ChannelInfo) -> ChannelOut:
+        return cls.model_validate(stats, from_attributes=True)
 
 
 class ChannelList(BaseModel):
@@ -135,14 +127,9 @@ class StatsOut(BaseModel):
 
     @classmethod
     def of(cls, stats: RetentionStats) -> StatsOut:
-        return cls(
-            channels=stats.channels,
-            events=stats.events,
-            trimmed=stats.trimmed,
-            oldest_timestamp=stats.oldest_timestamp,
-            newest_timestamp=stats.newest_timestamp,
-            max_events=stats.max_events,
-            max_age_seconds=None if stats.max_age is None else stats.max_age.total_seconds(),
+        max_age = None if stats.max_age is None else stats.max_age.total_seconds()
+        return cls.model_validate(
+            {**asdict(stats), "max_age_seconds": max_age}, from_attributes=True
         )
 
 

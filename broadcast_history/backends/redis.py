@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -14,15 +13,15 @@ from redis.asyncio.client import PubSub
 
 from .._errors import InvalidArgument, NotConnected, TransportError
 from .._event import Event
+from . import _redis_common as shared
 from ._backoff import Backoff
 from ._inbox import Inbox
-from ._redis_common import CLIENT_NAME, as_text, cancel_and_wait, is_transient, ping, pipelined
-from .base import BroadcastBackend
+from .base import BroadcastBackend, Health
 
 logger = logging.getLogger("broadcast_history")
 
 
-class RedisBackend(BroadcastBackend):
+class RedisBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
     """Redis PUB/SUB (URL ``redis://host:port/db``, or ``rediss://`` for TLS).
 
     Messages reach only the processes subscribed at the moment they are published;
@@ -40,6 +39,7 @@ class RedisBackend(BroadcastBackend):
     """
 
     crosses_processes = True
+    _name = "redis"
 
     def __init__(
         self,
@@ -58,24 +58,20 @@ class RedisBackend(BroadcastBackend):
         self._client: aioredis.Redis | None = None
         self._pubsub: PubSub | None = None
         self._channels: set[str] = set()
-        self._acks: dict[str, asyncio.Future[None]] = {}
+        self._acks = shared.Confirmations()
         self._inbox: Inbox | None = None
         self._lock: asyncio.Lock | None = None
         self._wanted: asyncio.Event | None = None
         self._reader: asyncio.Task[None] | None = None
         self._up = False
 
-    @property
-    def connected(self) -> bool:
-        return self._up
-
     async def connect(self) -> None:
         if self._reader is not None:
             return
         client = self._given or aioredis.Redis.from_url(
-            self._url, decode_responses=True, client_name=CLIENT_NAME
+            self._url, decode_responses=True, client_name=shared.CLIENT_NAME
         )
-        await ping(client, close=[] if self._given else [client])
+        await shared.ping(client, close=[] if self._given else [client])
         self._client, self._up = client, True
         self._inbox, self._lock, self._wanted = Inbox(), asyncio.Lock(), asyncio.Event()
         self._reader = asyncio.create_task(self._run(), name="bh-redis-pubsub")
@@ -83,59 +79,34 @@ class RedisBackend(BroadcastBackend):
     async def disconnect(self) -> None:
         reader, self._reader = self._reader, None
         if reader is not None:
-            await cancel_and_wait(reader)
+            await shared.cancel_and_wait(reader)
         await self._close_pubsub()
         client, self._client = self._client, None
         if client is not None and self._given is None:
             await client.aclose()
         self._up = False
         self._channels.clear()
-        self._release_acks()
-        if self._inbox is not None:
-            # Wakes a pending next_published at once.
-            self._inbox.fail(NotConnected("the redis transport was disconnected"))
+        self._acks.release()
+        self._wake_readers()
 
     async def subscribe(self, channel: str) -> None:
         if self._lock is None or self._wanted is None:
             raise NotConnected("the redis transport is not connected")
-        ack = self._acks[channel] = asyncio.get_running_loop().create_future()
+        ack = self._acks.expect(channel)
         async with self._lock:
             self._channels.add(channel)
             # The reader starts only now: on redis-py 8 a PubSub read before the first
             # SUBSCRIBE has no connection to read from and ends at once.
             self._wanted.set()
             await self._send(lambda pubsub: pubsub.subscribe(channel))
-        try:
-            if self._up:
-                # Registered on the server before we return, so a publish that follows
-                # is heard; if the connection is failing, the reconnection subscribes it.
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(ack), 5.0)
-        finally:
-            if self._acks.get(channel) is ack:
-                del self._acks[channel]
+        await self._acks.wait(channel, ack, up=self._up)
 
     async def unsubscribe(self, channel: str) -> None:
-        if self._lock is None:
-            return
-        async with self._lock:
-            self._channels.discard(channel)
-            await self._send(lambda pubsub: pubsub.unsubscribe(channel))
-
-    async def publish(self, channel: str, message: Any) -> None:
-        await self.publish_many([(channel, message)])
-
-    async def publish_many(self, messages: Sequence[tuple[str, Any]]) -> None:
-        if not messages:
-            return
-        if self._client is None:
-            raise NotConnected("the redis transport is not connected")
-        await pipelined(self._client, messages, lambda pipe, c, m: pipe.publish(c, m), "PUBLISH")
-
-    async def next_published(self) -> Event:
-        if self._inbox is None:
-            raise NotConnected("the redis transport is not connected")
-        return await self._inbox.get()
+        # A reconnection reads the set without yielding: no lock needed to change it.
+        self._channels.discard(channel)
+        if self._lock is not None:
+            async with self._lock:
+                await self._send(lambda pubsub: pubsub.unsubscribe(channel))
 
     # -- internals -----------------------------------------------------------------
 
@@ -146,16 +117,9 @@ class RedisBackend(BroadcastBackend):
         try:
             await command(self._pubsub)
         except rexc.RedisError as exc:
-            if not is_transient(exc):
+            if not shared.is_transient(exc):
                 raise TransportError(f"redis SUBSCRIBE failed: {exc!r}") from exc
             logger.info("redis subscription connection lost", exc_info=True)
-
-    def _release_acks(self) -> None:
-        """Let every subscribe waiting for a confirmation return."""
-        for ack in self._acks.values():
-            if not ack.done():
-                ack.set_result(None)
-        self._acks.clear()
 
     async def _close_pubsub(self) -> None:
         pubsub, self._pubsub = self._pubsub, None
@@ -165,38 +129,32 @@ class RedisBackend(BroadcastBackend):
 
     async def _run(self) -> None:
         """Read messages; on a lost connection reconnect with backoff and resubscribe."""
+        await self._until_broken("the redis subscription", self._loop, self._acks.release)
+
+    async def _loop(self) -> None:
         assert self._inbox is not None and self._lock is not None and self._wanted is not None
         backoff = Backoff(self._max_delay)
-        try:
-            await self._wanted.wait()
-            while True:
-                try:
-                    async with self._lock:
-                        assert self._client is not None
-                        pubsub = self._pubsub = self._client.pubsub()
-                        if self._channels:
-                            await pubsub.subscribe(*self._channels)
-                        else:  # all unsubscribed meanwhile: still give the reads a connection
-                            await pubsub.connect()  # type: ignore[no-untyped-call]
-                    if not self._up:
-                        logger.info("redis subscription connection re-established")
-                    self._up = True
-                    backoff.reset()
-                    await self._read(pubsub)
-                except Exception as exc:
-                    if not is_transient(exc):
-                        raise
-                    if self._up:
-                        logger.warning("redis subscription connection lost: %r", exc)
-                    self._up = False
-                await self._close_pubsub()
-                await backoff.sleep()
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:
-            self._up = False
-            self._release_acks()
-            self._inbox.broke("the redis subscription", exc)  # reaches every subscriber
+        await self._wanted.wait()
+        while True:
+            try:
+                async with self._lock:
+                    assert self._client is not None
+                    pubsub = self._pubsub = self._client.pubsub()
+                    if self._channels:
+                        await pubsub.subscribe(*self._channels)
+                    else:  # all unsubscribed meanwhile: still give the reads a connection
+                        await pubsub.connect()  # type: ignore[no-untyped-call]
+                self._back_up("redis subscription connection")
+                backoff.reset()
+                await self._read(pubsub)
+            except Exception as exc:
+                if not shared.is_transient(exc):
+                    raise
+                if self._up:
+                    logger.warning("redis subscription connection lost: %r", exc)
+                self._up = False
+            await self._close_pubsub()
+            await backoff.sleep()
 
     async def _read(self, pubsub: PubSub) -> None:
         assert self._inbox is not None
@@ -211,13 +169,14 @@ class RedisBackend(BroadcastBackend):
                 continue
             pinged = False
             kind = message["type"]
-            channel = as_text(message["channel"])
+            channel = shared.as_text(message["channel"])
             if kind == "message" and channel in self._channels:
-                self._inbox.put(Event(channel, as_text(message["data"])))
+                self._inbox.put(Event(channel, shared.as_text(message["data"])))
             elif kind == "subscribe":
-                ack = self._acks.pop(channel, None)
-                if ack is not None and not ack.done():
-                    ack.set_result(None)
+                self._acks.confirm(channel)
 
+
+#: The name our connections give Redis (``CLIENT LIST``), to tell them apart.
+CLIENT_NAME = shared.CLIENT_NAME
 
 __all__ = ["CLIENT_NAME", "RedisBackend"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -14,15 +13,15 @@ from redis.asyncio.client import Pipeline
 
 from .._errors import NotConnected, TransportError
 from .._event import Event
+from . import _redis_common as shared
 from ._backoff import Backoff
 from ._inbox import Inbox
-from ._redis_common import CLIENT_NAME, as_text, cancel_and_wait, is_transient, ping, pipelined
-from .base import BroadcastBackend
+from .base import BroadcastBackend, Health
 
 logger = logging.getLogger("broadcast_history")
 
 
-class RedisStreamBackend(BroadcastBackend):
+class RedisStreamBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
     """One Redis stream per channel (URL ``redis-stream://host:port/db``).
 
     Each publish is an ``XADD`` to the stream ``prefix + channel``, trimmed to about
@@ -68,15 +67,11 @@ class RedisStreamBackend(BroadcastBackend):
         self._task: asyncio.Task[None] | None = None
         self._up = False
 
-    @property
-    def connected(self) -> bool:
-        return self._up
-
     async def connect(self) -> None:
         if self._task is not None:
             return
         client = aioredis.Redis.from_url(
-            self._redis_url, decode_responses=True, client_name=CLIENT_NAME
+            self._redis_url, decode_responses=True, client_name=shared.CLIENT_NAME
         )
         # A dedicated connection: XREAD BLOCK holds it; a socket timeout longer than
         # the block catches a server that vanished without closing the socket.
@@ -84,10 +79,10 @@ class RedisStreamBackend(BroadcastBackend):
             self._redis_url,
             decode_responses=True,
             single_connection_client=True,
-            client_name=f"{CLIENT_NAME}:stream-reader",
+            client_name=f"{shared.CLIENT_NAME}:stream-reader",
             socket_timeout=self._block_ms / 1000 + 10,
         )
-        await ping(client, close=[client, reader])
+        await shared.ping(client, close=[client, reader])
         self._client, self._reader, self._up = client, reader, True
         self._inbox, self._changed = Inbox(), asyncio.Event()
         self._task = asyncio.create_task(self._run(), name="bh-redis-stream")
@@ -95,7 +90,7 @@ class RedisStreamBackend(BroadcastBackend):
     async def disconnect(self) -> None:
         task, self._task = self._task, None
         if task is not None:
-            await cancel_and_wait(task)
+            await shared.cancel_and_wait(task)
         for client in (self._client, self._reader):
             if client is not None:
                 with contextlib.suppress(Exception):
@@ -103,9 +98,7 @@ class RedisStreamBackend(BroadcastBackend):
         self._client = self._reader = self._reader_id = None
         self._up = False
         self._ids.clear()
-        if self._inbox is not None:
-            # Wakes a pending next_published at once.
-            self._inbox.fail(NotConnected("the redis-stream transport was disconnected"))
+        self._wake_readers()
 
     async def subscribe(self, channel: str) -> None:
         if self._client is None or self._changed is None:
@@ -115,10 +108,10 @@ class RedisStreamBackend(BroadcastBackend):
             # The "$" of this moment: the last entry now, or the very start if none.
             last = await self._client.xrevrange(key, count=1)
         except rexc.RedisError as exc:
-            if not is_transient(exc):
+            if not shared.is_transient(exc):
                 raise TransportError(f"redis XREVRANGE failed: {exc!r}") from exc
             last = []  # down: read the stream from its start once back; dups are dropped
-        self._ids[key] = as_text(last[0][0]) if last else "0-0"
+        self._ids[key] = shared.as_text(last[0][0]) if last else "0-0"
         self._changed.set()
         if self._reading and self._reader_id is not None:
             # The XREAD in flight lacks this stream: end it so the next one has it.
@@ -129,25 +122,15 @@ class RedisStreamBackend(BroadcastBackend):
         # Entries of it still in flight are dropped when they arrive.
         self._ids.pop(self.prefix + channel, None)
 
-    async def publish(self, channel: str, message: Any) -> None:
-        await self.publish_many([(channel, message)])
-
-    async def publish_many(self, messages: Sequence[tuple[str, Any]]) -> None:
-        if not messages:
-            return
-        if self._client is None:
-            raise NotConnected("the redis-stream transport is not connected")
-        await pipelined(self._client, messages, self._xadd, "XADD")
-
-    async def next_published(self) -> Event:
-        if self._inbox is None:
-            raise NotConnected("the redis-stream transport is not connected")
-        return await self._inbox.get()
-
     # -- internals -----------------------------------------------------------------
 
-    def _xadd(self, pipe: Pipeline, channel: str, message: Any) -> None:
-        pipe.xadd(self.prefix + channel, {"m": message}, maxlen=self.maxlen, approximate=True)
+    _name = "redis-stream"
+    _command = "XADD"
+
+    def _queue(self, pipe: Pipeline, channel: str, message: Any) -> object:
+        return pipe.xadd(
+            self.prefix + channel, {"m": message}, maxlen=self.maxlen, approximate=True
+        )
 
     async def _run(self) -> None:
         """Read the subscribed streams; on errors reconnect with backoff and resume."""
@@ -162,16 +145,14 @@ class RedisStreamBackend(BroadcastBackend):
                 try:
                     reply = await self._read(dict(self._ids))
                 except Exception as exc:
-                    if not is_transient(exc):
+                    if not shared.is_transient(exc):
                         raise
                     if self._up:
                         logger.warning("redis stream connection lost: %r", exc)
                     self._up, self._reader_id = False, None
                     await backoff.sleep()
                     continue
-                if not self._up:
-                    logger.info("redis stream connection re-established")
-                self._up = True
+                self._back_up("redis stream connection")
                 backoff.reset()
                 self._deliver(reply)
         except asyncio.CancelledError:
@@ -196,7 +177,7 @@ class RedisStreamBackend(BroadcastBackend):
         # once more before redis-py 8. Entries are (id, fields) tuples.
         items = reply.items() if isinstance(reply, dict) else (reply or [])
         for raw_key, raw_entries in items:
-            key, entries = as_text(raw_key), raw_entries
+            key, entries = shared.as_text(raw_key), raw_entries
             if entries and isinstance(entries[0], list):
                 entries = entries[0]
             if key not in self._ids or not entries:
@@ -205,5 +186,5 @@ class RedisStreamBackend(BroadcastBackend):
             for _entry_id, fields in entries:
                 message = fields.get("m") if isinstance(fields, dict) else None
                 if message is not None:
-                    self._inbox.put(Event(channel, as_text(message)))
-            self._ids[key] = as_text(entries[-1][0])
+                    self._inbox.put(Event(channel, shared.as_text(message)))
+            self._ids[key] = shared.as_text(entries[-1][0])

@@ -55,7 +55,7 @@ def __getattr__(name: str) -> Any:
     if name == "app":
         return _load()
     if name == "DEFAULT_LOG":
-        from ._app import DEFAULT_LOG
+        from ._options import DEFAULT_LOG
 
         return DEFAULT_LOG
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

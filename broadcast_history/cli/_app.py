@@ -12,7 +12,7 @@ import sys
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -27,11 +27,6 @@ from ..log import EventLog
 
 T = TypeVar("T")
 
-#: Where the log is when neither ``--log`` nor ``BROADCAST_HISTORY_LOG`` says: a SQLite
-#: file in the current directory, so ``tail`` and ``publish`` in two terminals meet.
-DEFAULT_LOG = "sqlite+aiosqlite:///broadcast_history.db"
-DEFAULT_URL = "memory://"
-
 app = typer.Typer(
     name="broadcast-history",
     help="Inspect and manage a broadcast_history event log.",
@@ -41,24 +36,6 @@ app = typer.Typer(
 console = Console(highlight=False)
 # Messages are not hard-wrapped: they stay greppable and copy-pastable.
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
-
-LogOption = Annotated[
-    str,
-    typer.Option(
-        "--log",
-        envvar="BROADCAST_HISTORY_LOG",
-        help="Event log database URL (sqlite+aiosqlite:///FILE or postgresql+asyncpg://...).",
-    ),
-]
-UrlOption = Annotated[
-    str,
-    typer.Option(
-        "--url",
-        envvar="BROADCAST_URL",
-        help="Live transport URL (memory://, redis://, postgres://, kafka://...).",
-    ),
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="JSON output, one object per line.")]
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

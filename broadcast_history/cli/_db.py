@@ -6,7 +6,8 @@ import typer
 from rich.markup import escape
 
 from ..log import EventLog, head_revision, schema_revision
-from ._app import DEFAULT_LOG, LogOption, app, console, display_url, err_console, run
+from ._app import app, console, display_url, err_console, run
+from ._options import DEFAULT_LOG, LogOption
 
 db = typer.Typer(help="Manage the event log's database schema (Alembic).", no_args_is_help=True)
 app.add_typer(db, name="db")

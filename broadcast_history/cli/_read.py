@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterable, Sequence
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.markup import escape
@@ -15,14 +16,10 @@ from .._errors import InvalidArgument
 from .._event import Event
 from .._parse import parse_position
 from ..admin import event_json
+from ..admin._schemas import ChannelOut
 from ..log import ChannelInfo
 from ..web import Feed, Reset
 from ._app import (
-    DEFAULT_LOG,
-    DEFAULT_URL,
-    JsonOption,
-    LogOption,
-    UrlOption,
     app,
     console,
     err_console,
@@ -33,6 +30,7 @@ from ._app import (
     parse_time,
     run,
 )
+from ._options import DEFAULT_LOG, DEFAULT_URL, JsonOption, LogOption, UrlOption
 
 
 def _time(moment: datetime | None) -> str:
@@ -40,20 +38,33 @@ def _time(moment: datetime | None) -> str:
 
 
 def _stats_json(stats: ChannelInfo) -> dict[str, Any]:
-    return {
-        "name": stats.name,
-        "epoch": stats.epoch,
-        "first_offset": stats.first_offset,
-        "last_offset": stats.last_offset,
-        "count": stats.count,
-        "first_timestamp": None
-        if stats.first_timestamp is None
-        else stats.first_timestamp.isoformat(),
-        "last_timestamp": None
-        if stats.last_timestamp is None
-        else stats.last_timestamp.isoformat(),
-        "trimmed": stats.trimmed,
-    }
+    # The shape of the HTTP API's channel objects.
+    return ChannelOut.of(stats).model_dump(mode="json")
+
+
+def _channel_row(c: ChannelInfo) -> list[str]:
+    offsets = f"{c.first_offset}..{c.last_offset}"
+    times = [_time(c.first_timestamp), _time(c.last_timestamp)]
+    return [escape(c.name), str(c.epoch), offsets, str(c.count), *times]
+
+
+def _show(
+    as_json: bool,
+    objects: Iterable[dict[str, Any]],
+    table: Table,
+    rows: Iterable[Sequence[str]],
+    more: str | None,
+) -> None:
+    """A page as JSON lines or as a table, then how to get the next page."""
+    if as_json:
+        for value in objects:
+            _json_line(value)
+    else:
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+    if more is not None:
+        err_console.print(f"more: {more}")
 
 
 def _preview(event: Event, width: int = 60) -> str:
@@ -81,23 +92,15 @@ def channels(
     async def go() -> None:
         async with open_admin(log) as admin:
             page = await admin.channels(prefix=prefix, after=after, limit=limit)
-        if as_json:
-            for stats in page.channels:
-                _json_line(_stats_json(stats))
-        else:
-            table = Table("Channel", "Epoch", "Offsets", "Count", "First event", "Last event")
-            for stats in page.channels:
-                table.add_row(
-                    escape(stats.name),
-                    str(stats.epoch),
-                    f"{stats.first_offset}..{stats.last_offset}",
-                    str(stats.count),
-                    _time(stats.first_timestamp),
-                    _time(stats.last_timestamp),
-                )
-            console.print(table)
-        if page.next_cursor is not None:
-            err_console.print(f"more: --after {escape(json.dumps(page.next_cursor))}")
+        cursor = page.next_cursor
+        found = page.channels
+        _show(
+            as_json,
+            (_stats_json(c) for c in found),
+            Table("Channel", "Epoch", "Offsets", "Count", "First event", "Last event"),
+            (_channel_row(c) for c in found),
+            None if cursor is None else f"--after {escape(json.dumps(cursor))}",
+        )
 
     run(go())
 
@@ -119,30 +122,21 @@ def events(
 
     async def go() -> None:
         async with open_admin(log) as admin:
+            way: Literal["asc", "desc"] = "desc" if desc else "asc"
             page = await admin.events(
-                channel,
-                after=after,
-                before=before,
-                since=start,
-                until=end,
-                limit=limit,
-                order="desc" if desc else "asc",
+                channel, after=after, before=before, since=start, until=end, limit=limit, order=way
             )
-        if as_json:
-            for event in page.events:
-                _json_line(event_json(event))
-        else:
-            table = Table("Offset", "Time", "Key", "Message", title=escape(channel))
-            for event in page.events:
-                table.add_row(
-                    str(event.offset),
-                    _time(event.timestamp),
-                    escape(event.key or ""),
-                    escape(_preview(event)),
-                )
-            console.print(table)
-        if page.next_cursor is not None:
-            err_console.print(f"more: --{'before' if desc else 'after'} {page.next_cursor}")
+        cursor = page.next_cursor
+        _show(
+            as_json,
+            (event_json(e) for e in page.events),
+            Table("Offset", "Time", "Key", "Message", title=escape(channel)),
+            (
+                [str(e.offset), _time(e.timestamp), escape(e.key or ""), escape(_preview(e))]
+                for e in page.events
+            ),
+            None if cursor is None else f"--{'before' if desc else 'after'} {cursor}",
+        )
 
     run(go())
 

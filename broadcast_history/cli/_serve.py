@@ -7,7 +7,8 @@ from typing import Annotated
 import typer
 
 from .._broadcast import Broadcast
-from ._app import DEFAULT_LOG, DEFAULT_URL, LogOption, UrlOption, app, err_console, fail
+from ._app import app, err_console, fail
+from ._options import DEFAULT_LOG, DEFAULT_URL, LogOption, UrlOption
 
 
 @app.command()

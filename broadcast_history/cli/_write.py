@@ -17,21 +17,8 @@ from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progres
 
 from ..admin import ImportResult, event_json
 from ..admin._import import max_line_length, split_lines
-from ._app import (
-    DEFAULT_LOG,
-    DEFAULT_URL,
-    JsonOption,
-    LogOption,
-    UrlOption,
-    app,
-    console,
-    err_console,
-    fail,
-    open_admin,
-    open_broadcast,
-    parse_time,
-    run,
-)
+from ._app import app, console, err_console, fail, open_admin, open_broadcast, parse_time, run
+from ._options import DEFAULT_LOG, DEFAULT_URL, JsonOption, LogOption, UrlOption
 
 
 @app.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterable, Sequence
 from datetime import datetime
 from typing import Literal
@@ -13,7 +14,7 @@ from .._errors import ImportConflict, InvalidArgument, LogUnavailable, NotConnec
 from .._event import Event, from_micros, to_micros
 from .._validation import check_int, check_optional_int, check_time
 from . import _migrate, _queries
-from ._calls import append_error, finish_on_cancel, translated
+from ._calls import Conflict, append_error, finish_on_cancel, translated
 from ._engine import MEMORY_URL, is_memory_sqlite, normalize_url, require_file
 from ._info import ChannelInfo, LogTotals, Pending, Retention
 from ._rows import now_micros
@@ -57,8 +58,7 @@ class EventLog:
         self.url = normalize_url(MEMORY_URL if url is None else url)
         self.migrate = migrate
         self.must_exist = must_exist
-        self._synchronous = str(level)
-        self._store: Store | None = None
+        self._store = _store_for(self.url, str(level))
         self._log_id: str | None = None
 
     # -- lifecycle -----------------------------------------------------------------
@@ -71,17 +71,13 @@ class EventLog:
             raise NotConnected("the event log is not connected")
         return self._log_id
 
-    @property
-    def _connected_store(self) -> Store:
-        if self._store is None:
-            raise NotConnected("the event log is not connected")
-        return self._store
-
     async def connect(self) -> None:
         """Open the database and create, upgrade or check the schema."""
-        if self._store is not None:
+        if self._log_id is not None:
             return
-        store = _store_for(self.url, self._synchronous, must_exist=self.must_exist)
+        if self.must_exist:
+            require_file(self.url)
+        store = self._store
         try:
             await store.open()
             async with store.begin(write=True) as conn:
@@ -97,14 +93,13 @@ class EventLog:
             if isinstance(exc, (SQLAlchemyError, OSError)):
                 raise LogUnavailable(f"cannot open the event log: {exc}") from exc
             raise
-        self._store, self._log_id = store, log_id
+        self._log_id = log_id
 
     async def disconnect(self) -> None:
         """Close every connection; safe to call twice."""
-        store, self._store = self._store, None
-        self._log_id = None
-        if store is not None:
-            await store.close()
+        if self._log_id is not None:
+            self._log_id = None
+            await self._store.close()
 
     # -- writing -------------------------------------------------------------------
 
@@ -119,17 +114,19 @@ class EventLog:
             LogUnavailable: The database failed (the batch may or may not be stored
                 if the connection died while committing).
         """
-        store = self._connected_store
+        store = self._store
         for attempt in range(3):
             try:
                 return await store.append(items)
-            except IntegrityError as exc:
+            except (IntegrityError, Conflict) as exc:
                 # Another process stored the same idempotency key (or created the
                 # channel) between our read and our insert; the transaction rolled
                 # back, so retrying is safe and finds its row.
                 if attempt == 2:
-                    raise LogUnavailable(f"append kept conflicting: {exc.orig!r}") from exc
-            except (SQLAlchemyError, UnicodeError, OSError) as exc:
+                    raise LogUnavailable(f"append kept conflicting: {exc!r}") from exc
+            except (InvalidArgument, LogUnavailable):
+                raise  # already translated by the store
+            except (SQLAlchemyError, sqlite3.Error, UnicodeError, OSError) as exc:
                 raise append_error(exc) from exc
         raise AssertionError("unreachable")
 
@@ -146,7 +143,7 @@ class EventLog:
             ImportConflict: One of the channels exists already (nothing is stored).
         """
         try:
-            async with translated(), self._connected_store.begin(write=True) as conn:
+            async with translated(), self._store.begin(write=True) as conn:
                 return await _queries.restore(conn, infos, pages)
         except IntegrityError as exc:
             # A publisher created one of the channels while the import ran.
@@ -165,7 +162,7 @@ class EventLog:
         """
         before = check_optional_int("before", before)
         before_us = None if before_time is None else _micros(before_time, "before_time")
-        async with translated(), self._connected_store.begin(write=True) as conn:
+        async with translated(), self._store.begin(write=True) as conn:
             return await _queries.trim(conn, channel, before, before_us)
 
     @finish_on_cancel
@@ -176,7 +173,7 @@ class EventLog:
         cutoff = None
         if retention.max_age is not None:
             cutoff = to_micros(from_micros(now_micros()) - retention.max_age)
-        store = self._connected_store
+        store = self._store
         async with translated(), store.begin() as conn:
             infos = await _queries.channel_page(conn, None, None, None)
         removed = 0
@@ -194,7 +191,7 @@ class EventLog:
         Returns:
             Whether the channel existed.
         """
-        async with translated(), self._connected_store.begin(write=True) as conn:
+        async with translated(), self._store.begin(write=True) as conn:
             return await _queries.delete_channel(conn, channel)
 
     # -- reading -------------------------------------------------------------------
@@ -202,7 +199,7 @@ class EventLog:
     @finish_on_cancel
     async def channel(self, name: str) -> ChannelInfo | None:
         """State of channel ``name``, or ``None`` if it has no history."""
-        async with translated(), self._connected_store.begin() as conn:
+        async with translated(), self._store.begin() as conn:
             return await _queries.channel(conn, name)
 
     @finish_on_cancel
@@ -217,13 +214,13 @@ class EventLog:
             limit: Page size.
         """
         check_int("limit", limit)
-        async with translated(), self._connected_store.begin() as conn:
+        async with translated(), self._store.begin() as conn:
             return await _queries.channel_page(conn, prefix, after, limit)
 
     @finish_on_cancel
     async def totals(self) -> LogTotals:
         """How much the whole log holds: channels, events, trimmed events, times."""
-        async with translated(), self._connected_store.begin() as conn:
+        async with translated(), self._store.begin() as conn:
             return await _queries.totals(conn)
 
     @finish_on_cancel
@@ -271,9 +268,7 @@ class EventLog:
         )
         max_bytes = check_optional_int("max_bytes", max_bytes, minimum=1)
         async with translated():
-            return await self._connected_store.read(
-                channel, query, max_bytes, descending=order == "desc"
-            )
+            return await self._store.read(channel, query, max_bytes, descending=order == "desc")
 
     @finish_on_cancel
     async def read_from(
@@ -283,9 +278,8 @@ class EventLog:
 
         With ``max_bytes``, as :meth:`read`: cut once the payloads reach or pass it.
         """
-        query = _queries.events_query(channel, after=start - 1, limit=limit)
         async with translated():
-            return await self._connected_store.read(channel, query, max_bytes, descending=False)
+            return await self._store.read_page(channel, start, limit, max_bytes)
 
     async def get(self, channel: str, offset: int) -> Event | None:
         """The event at ``offset`` of ``channel``, if stored."""
@@ -297,7 +291,7 @@ class EventLog:
     async def offset_at(self, channel: str, moment: datetime) -> int | None:
         """Offset of the first stored event at or after ``moment``, if any."""
         micros = _micros(moment, "moment")
-        async with translated(), self._connected_store.begin() as conn:
+        async with translated(), self._store.begin() as conn:
             return await _queries.offset_at(conn, channel, micros)
 
 
@@ -305,12 +299,10 @@ def _micros(moment: datetime, name: str) -> int:
     return to_micros(check_time(name, moment))
 
 
-def _store_for(url: URL, synchronous: str, *, must_exist: bool) -> Store:
+def _store_for(url: URL, synchronous: str) -> Store:
     if url.get_backend_name() == "sqlite":
         from ._sqlite import SqliteStore
 
-        if must_exist:
-            require_file(url)
         return SqliteStore(url, memory=is_memory_sqlite(url), synchronous=synchronous)
     from ._postgres import PostgresStore
 

@@ -41,10 +41,13 @@ events = Table(
     metadata,
     Column("channel", String(255), nullable=False),
     Column("offset", BigInteger, nullable=False),
+    # The channel's epoch when stored: a replayed page proves it was not reset.
     Column("epoch", BigInteger, nullable=False),
     Column("timestamp", BigInteger, nullable=False),
+    # The payload is bytes; is_text says it was a str (stored as UTF-8).
     Column("is_text", Boolean, nullable=False),
     Column("payload", LargeBinary, nullable=False),
+    # The idempotency key of the publish, unique per channel.
     Column("key", String(255), nullable=True),
     PrimaryKeyConstraint("channel", "offset", name="pk_broadcast_events"),
     # With the offset last, "first event at or after a time" is one index seek.

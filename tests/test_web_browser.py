@@ -138,6 +138,9 @@ def test_reload_and_restart_lose_nothing_and_resets_are_said(
         in_thread(publish_elsewhere(server.log, channel, ["m11", "m12"]))
         server.start()
         assert wait_shown(page, 12)[10:] == ["m11", "m12"]
+        # Bytes arrive as bytes (base64 on the wire, a Uint8Array in the handler).
+        httpx.post(f"{server.base}/events/{channel}", content=b"\x01\xff")
+        assert wait_shown(page, 13)[12] == "bytes:1,255"
 
         in_thread(delete_and_publish(server.log, channel, "new incarnation"))
         page.wait_for_function("() => window.resets.length === 1", timeout=WAIT_MS)

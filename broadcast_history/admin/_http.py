@@ -8,8 +8,7 @@ schemathesis can test the app against it.
 from __future__ import annotations
 
 import hmac
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response
@@ -123,22 +122,10 @@ def create_app(
                 401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
             )
 
-    @asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        owned = not broadcast.connected
-        if owned:
-            await broadcast.connect()
-        try:
-            yield
-        finally:
-            streams.close_all()
-            if owned:
-                await broadcast.disconnect()
-
     app = FastAPI(
         title="broadcast_history admin",
         description="Channels and events of a broadcast_history event log.",
-        lifespan=lifespan,
+        lifespan=streams.lifespan(broadcast),
         dependencies=[Depends(authorize)],
         responses=_ERRORS,
     )

@@ -6,8 +6,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -191,18 +190,6 @@ def create_stream_app(
             headers={"Cache-Control": "no-cache"},
         )
 
-    @asynccontextmanager
-    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
-        owned = not broadcast.connected
-        if owned:
-            await broadcast.connect()
-        try:
-            yield
-        finally:
-            streams.close_all()
-            if owned:
-                await broadcast.disconnect()
-
     routes = [
         Route("/client.js", client_js, methods=["GET"]),
         Route("/{channel:path}", subscribe_sse, methods=["GET"]),
@@ -212,7 +199,7 @@ def create_stream_app(
     ]
     if publish:
         routes.append(Route("/{channel:path}", publish_http, methods=["POST"]))
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=routes, lifespan=streams.lifespan(broadcast))
     app.state.close_streams = streams.close_all
     app.state.streams = streams
     return app

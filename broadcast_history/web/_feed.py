@@ -16,7 +16,6 @@ import logging
 from collections import deque
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from .._broadcast import Broadcast
@@ -108,12 +107,7 @@ class Feed:
             await self._reopen(exc)
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self._leave()
 
     def __aiter__(self) -> Self:

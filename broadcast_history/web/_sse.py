@@ -33,7 +33,7 @@ from starlette.responses import Response
 from .._errors import BroadcastError, LogUnavailable, NotConnected
 from .._event import Event
 from ._feed import Feed, Reset
-from ._streams import OpenStreams
+from ._streams import OpenStreams, first_of
 
 logger = logging.getLogger("broadcast_history.web")
 
@@ -160,15 +160,8 @@ class EventStream(Response):
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             self._last_write = loop.time()
 
-        pump = asyncio.ensure_future(self._pump(write))
-        watch = asyncio.ensure_future(self._watch(receive, write, stop))
-        try:
-            done, _ = await asyncio.wait((pump, watch), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (pump, watch):
-                task.cancel()
-            await asyncio.gather(pump, watch, return_exceptions=True)
-        if pump in done and not pump.cancelled():
+        pump, watch = await first_of(self._pump(write), self._watch(receive, write, stop))
+        if pump.done() and not pump.cancelled():
             error = pump.exception()
             if isinstance(error, OSError):
                 return False
@@ -179,7 +172,7 @@ class EventStream(Response):
                 if not isinstance(error, BroadcastError):
                     raise error
             return True
-        if watch in done and not watch.cancelled() and watch.exception() is None:
+        if not watch.cancelled() and watch.exception() is None:
             return bool(watch.result())
         return False
 

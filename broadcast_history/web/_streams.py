@@ -7,8 +7,12 @@ shuts down: without this, Ctrl-C would wait for every browser to go away.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .._broadcast import Broadcast
 
 
 class OpenStreams:
@@ -37,7 +41,38 @@ class OpenStreams:
             if not loop.is_closed():
                 loop.call_soon_threadsafe(_finish, stop)
 
+    def lifespan(self, broadcast: Broadcast) -> Any:
+        """An ASGI app's lifespan: connect ``broadcast`` if nobody did (and disconnect
+        it then), and end the open streams when the server stops."""
+
+        @asynccontextmanager
+        async def lifespan(_app: object) -> AsyncIterator[None]:
+            owned = not broadcast.connected
+            if owned:
+                await broadcast.connect()
+            try:
+                yield
+            finally:
+                self.close_all()
+                if owned:
+                    await broadcast.disconnect()
+
+        return lifespan
+
 
 def _finish(stop: asyncio.Future[None]) -> None:
     if not stop.done():
         stop.set_result(None)
+
+
+async def first_of(*coroutines: Any) -> tuple[asyncio.Future[Any], ...]:
+    """Run ``coroutines`` until the first ends; cancel the rest. Returns the tasks in
+    order (the ones that ended are done; cancelled ones are cancelled)."""
+    tasks = tuple(asyncio.ensure_future(c) for c in coroutines)
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return tasks

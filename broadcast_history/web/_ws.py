@@ -26,6 +26,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import suppress
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -34,7 +35,7 @@ from .._errors import BroadcastError, InvalidArgument, InvalidMessage
 from .._event import Event
 from ._feed import Feed, Reset
 from ._publish import event_info
-from ._streams import OpenStreams
+from ._streams import OpenStreams, first_of
 
 logger = logging.getLogger("broadcast_history.web")
 
@@ -98,10 +99,11 @@ def parse_publish(text: str) -> tuple[str | bytes, str | None]:
     return data, key
 
 
+@dataclass(eq=False)
 class WebSocketSession:
     """Run one accepted WebSocket: the feed out, client frames in, pings when idle.
 
-    Args:
+    Attributes:
         websocket: The accepted WebSocket.
         feed: The entered feed.
         keepalive: Seconds without a frame after which a ``ping`` frame is sent.
@@ -110,24 +112,14 @@ class WebSocketSession:
         max_frame: Largest client frame accepted, in characters.
     """
 
-    def __init__(
-        self,
-        websocket: WebSocket,
-        feed: Feed,
-        *,
-        keepalive: float,
-        streams: OpenStreams,
-        publisher: Publisher | None,
-        max_frame: int,
-    ) -> None:
-        self.websocket = websocket
-        self.feed = feed
-        self.keepalive = keepalive
-        self.streams = streams
-        self.publisher = publisher
-        self.max_frame = max_frame
-        self._lock = asyncio.Lock()
-        self._last_write = 0.0
+    websocket: WebSocket
+    feed: Feed
+    keepalive: float
+    streams: OpenStreams
+    publisher: Publisher | None
+    max_frame: int
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
+    _last_write: float = field(default=0.0, init=False)
 
     async def _write(self, value: dict[str, Any]) -> None:
         async with self._lock:
@@ -138,18 +130,11 @@ class WebSocketSession:
         """Until the client leaves, the feed ends or the server stops."""
         self._last_write = asyncio.get_running_loop().time()
         with self.streams.open() as stop:
-            pump = asyncio.ensure_future(self._pump())
-            talk = asyncio.ensure_future(self._talk(stop))
-            try:
-                done, _ = await asyncio.wait((pump, talk), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for task in (pump, talk):
-                    task.cancel()
-                await asyncio.gather(pump, talk, return_exceptions=True)
-        gone = talk in done and not talk.cancelled() and talk.exception() is None
+            pump, talk = await first_of(self._pump(), self._talk(stop))
+        gone = not talk.cancelled() and talk.exception() is None
         gone = gone and not talk.result()
         for task in (pump, talk):
-            if task not in done or task.cancelled():
+            if task.cancelled():
                 continue
             error = task.exception()
             if isinstance(error, (OSError, WebSocketDisconnect)):

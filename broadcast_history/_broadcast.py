@@ -12,9 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 from ._appender import Appender
 from ._budget import SubscriberOptions, weigh
+from ._consumer import DEFAULT_LEASE
 from ._errors import InvalidArgument, NotConnected, TransportError
 from ._event import Event
 from ._heads import HeadProbe
+from ._leases import Leases, check_consumer_options
 from ._subscriber import Subscriber
 from ._validation import (
     DEFAULT_MAX_MESSAGE_SIZE,
@@ -108,6 +110,7 @@ class Broadcast:
         self._wire = Wire(backend, self.log)
         self._appender = Appender(self.log, self._wire, max_batch=max_batch)
         self._heads = HeadProbe(self.log)
+        self._leases = Leases(self.log)
         self._subscribers: dict[str, set[Subscriber]] = {}
         self._transport_channels: set[str] = set()
         self._channel_lock: asyncio.Lock | None = None
@@ -173,6 +176,7 @@ class Broadcast:
         self._subscribers.clear()
         self._transport_channels.clear()
         try:
+            await self._leases.close()
             await self._backend.disconnect()
         finally:
             await self.log.disconnect()
@@ -221,6 +225,10 @@ class Broadcast:
         since: int | datetime | None = None,
         history: int | None = None,
         epoch: int | None = None,
+        consumer: str | None = None,
+        auto_commit: float | None = None,
+        wait: bool = True,
+        lease: float = DEFAULT_LEASE,
     ) -> AsyncIterator[Subscriber]:
         """Subscribe to ``channel``: history from a start position, then live.
 
@@ -229,16 +237,31 @@ class Broadcast:
             history: The last ``history`` events, then live.
             epoch: The epoch ``since`` belongs to; a different current epoch raises
                 :class:`StreamReset`.
+            consumer: A durable consumer's name: its position is kept in the log
+                (``sub.commit()``; a stored one wins over ``since``/``history``), and
+                one subscription at a time holds it across processes (its lease).
+            auto_commit: Commit every this many seconds, and at a normal end.
+            wait: Wait while another process holds ``consumer``, or raise.
+            lease: Seconds a hold on ``consumer`` lasts unless renewed.
 
         Raises:
             OffsetOutOfRange: ``since`` is negative or beyond the head.
             HistoryTruncated: Events after ``since`` were removed by retention.
             StreamReset: ``epoch`` is not the channel's current epoch.
+            ConsumerBusy: ``wait=False`` and another process holds ``consumer``.
         """
         check_channel(channel)
         check_position(since, history, epoch)
+        check_consumer_options(consumer, auto_commit, wait, lease)
         if not self._connected:
             raise NotConnected("call connect() (or use `async with broadcast`) first")
+        if consumer is not None:
+            start, hold = (since, history, epoch), (auto_commit, wait, lease)
+            async with self._leases.subscription(
+                self.subscribe, channel, consumer, start, hold
+            ) as sub:
+                yield sub
+            return
         subscriber = Subscriber(channel, self.log, self._options, self._heads)
         if self._listener_error is not None:
             subscriber._fail(self._listener_error)

@@ -33,17 +33,35 @@ def _encodable(text: str) -> bool:
 
 def check_channel(channel: Any) -> str:
     """Return ``channel`` if it is a valid channel name, else raise."""
-    if not isinstance(channel, str):
-        raise InvalidArgument(f"channel must be a str, got {type(channel).__name__}")
-    if not channel:
-        raise InvalidArgument("channel must not be empty")
-    if len(channel) > MAX_CHANNEL_LENGTH:
-        raise InvalidArgument(f"channel is longer than {MAX_CHANNEL_LENGTH} characters")
-    if _CONTROL.search(channel):
-        raise InvalidArgument(f"channel contains a control character: {channel!r}")
-    if not _encodable(channel):
-        raise InvalidArgument(f"channel is not valid Unicode (a lone surrogate?): {channel!r}")
-    return channel
+    return _check_name("channel", channel)
+
+
+def check_consumer(name: Any) -> str:
+    """Return ``name`` if it is a valid durable consumer name (the rules of channels)."""
+    return _check_name("consumer", name)
+
+
+def _check_name(what: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{what} must be a str, got {type(value).__name__}")
+    if not value:
+        raise InvalidArgument(f"{what} must not be empty")
+    if len(value) > MAX_CHANNEL_LENGTH:
+        raise InvalidArgument(f"{what} is longer than {MAX_CHANNEL_LENGTH} characters")
+    if _CONTROL.search(value):
+        raise InvalidArgument(f"{what} contains a control character: {value!r}")
+    if not _encodable(value):
+        raise InvalidArgument(f"{what} is not valid Unicode (a lone surrogate?): {value!r}")
+    return value
+
+
+def check_seconds(name: str, value: Any) -> float:
+    """Return ``value`` if it is a positive, finite number of seconds."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidArgument(f"{name} must be a number of seconds, got {type(value).__name__}")
+    if not 0 < value < float("inf"):
+        raise InvalidArgument(f"{name} must be a positive number of seconds, got {value}")
+    return float(value)
 
 
 def check_message(message: Any, max_size: int) -> str | bytes:

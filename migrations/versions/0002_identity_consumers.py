@@ -4,7 +4,7 @@
 envelope on the live transport carries it, so processes whose logs differ but whose
 transport is shared ignore each other's events instead of mixing offsets.
 ``broadcast_consumers`` keeps the position of each named consumer of a channel and
-the lease of the process holding it.
+the lease of the process holding it (one holder at a time, fenced by the lease).
 
 Revision ID: 0002
 Revises: 0001
@@ -36,9 +36,10 @@ def upgrade() -> None:
         "broadcast_consumers",
         sa.Column("channel", sa.String(255), nullable=False),
         sa.Column("name", sa.String(255), nullable=False),
-        sa.Column("epoch", sa.BigInteger, nullable=False),
-        sa.Column("position", sa.BigInteger, nullable=False),
-        sa.Column("updated_at", sa.BigInteger, nullable=False),
+        # NULL until the consumer's first commit (its holder's lease needs the row).
+        sa.Column("epoch", sa.BigInteger, nullable=True),
+        sa.Column("position", sa.BigInteger, nullable=True),
+        sa.Column("updated_at", sa.BigInteger, nullable=True),
         sa.Column("holder", sa.String(64), nullable=True),
         sa.Column("lease_expires", sa.BigInteger, nullable=True),
         sa.PrimaryKeyConstraint("channel", "name", name="pk_broadcast_consumers"),

@@ -86,6 +86,7 @@ class Holding:
     def __init__(
         self,
         log: EventLog,
+        gate: asyncio.Semaphore,
         channel: str,
         name: str,
         holder: str,
@@ -106,6 +107,7 @@ class Holding:
         #: Set once released (or the broadcast disconnected): nothing more is stored.
         self.closed = False
         self._log = log
+        self._gate = gate
         self._committed = stored
         # Events handed out before the subscriber was asked for the next one count as
         # handled: what auto_commit stores (never an event still being processed).
@@ -190,10 +192,11 @@ class Holding:
         done = self._committed
         if done is not None and done[0] == epoch and done[1] >= position:
             return
-        sent = asyncio.get_running_loop().time()
-        stored = await self._log.commit_position(
-            self.channel, self.name, self.holder, epoch, position, self.lease
-        )
+        async with self._gate:
+            sent = asyncio.get_running_loop().time()
+            stored = await self._log.commit_position(
+                self.channel, self.name, self.holder, epoch, position, self.lease
+            )
         if stored is None:
             self.lose("another holder took it over, or it ran out")
             raise ConsumerBusy(str(self._lost))

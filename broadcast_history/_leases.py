@@ -6,6 +6,11 @@ of one duration are renewed together, by one statement a third of the lease apar
 much as one. A process waiting for a busy consumer asks again when the holder's
 lease would run out, at least every third of a lease, and at once when a
 subscription of the same broadcast lets the consumer go.
+
+Renewals must not wait behind other writes: SQLite runs one write at a time, so a
+burst of 1,000 acquisitions or commits could delay a renewal past the lease. A
+broadcast therefore has at most a few acquisitions, commits and releases in flight
+(:data:`IN_FLIGHT`); renewals do not queue behind the rest.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from .log import EventLog, LeaseAttempt
 
 logger = logging.getLogger("broadcast_history")
 S = TypeVar("S", bound=Bound)
+#: Lease writes (acquire, commit, release) one broadcast runs at once.
+IN_FLIGHT = 8
 _Key = tuple[str, str]
 
 
@@ -58,6 +65,15 @@ class Leases:
         # Subscriptions of this broadcast waiting for a consumer that is held here.
         self._waiters: dict[_Key, set[asyncio.Future[None]]] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        # Made in the running loop on first use (see IN_FLIGHT).
+        self._gate: asyncio.Semaphore | None = None
+
+    @property
+    def gate(self) -> asyncio.Semaphore:
+        """What acquisitions, commits and releases queue on (renewals do not)."""
+        if self._gate is None:
+            self._gate = asyncio.Semaphore(IN_FLIGHT)
+        return self._gate
 
     @asynccontextmanager
     async def subscription(
@@ -101,6 +117,7 @@ class Leases:
             await holding.commit_handled()
             await self._release(holding)
         self._held.clear()
+        self._gate = None
 
     # -- taking and giving back ----------------------------------------------------
 
@@ -128,6 +145,7 @@ class Leases:
             stored = (attempt.epoch, attempt.position)
         holding = Holding(
             self.log,
+            self.gate,
             channel,
             name,
             holder,
@@ -146,14 +164,15 @@ class Leases:
         return holding
 
     async def _try(self, channel: str, name: str, holder: str, lease: float) -> LeaseAttempt:
-        task = asyncio.ensure_future(self.log.acquire_lease(channel, name, holder, lease))
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            # The statement still runs to its end and may take the lease: give it
-            # back then, rather than leave a standby waiting for it to run out.
-            task.add_done_callback(lambda done: self._give_back(done, channel, name, holder))
-            raise
+        async with self.gate:
+            task = asyncio.ensure_future(self.log.acquire_lease(channel, name, holder, lease))
+            try:
+                return await asyncio.shield(task)
+            except asyncio.CancelledError:
+                # The statement still runs to its end and may take the lease: give it
+                # back then, rather than leave a standby waiting for it to run out.
+                task.add_done_callback(lambda done: self._give_back(done, channel, name, holder))
+                raise
 
     def _give_back(
         self, done: asyncio.Future[LeaseAttempt], channel: str, name: str, holder: str
@@ -184,7 +203,8 @@ class Leases:
             return
         holding.closed = True
         try:
-            await self.log.release_lease(holding.channel, holding.name, holding.holder)
+            async with self.gate:
+                await self.log.release_lease(holding.channel, holding.name, holding.holder)
         except BroadcastError as exc:
             logger.warning(
                 "consumer %r of %r: giving its lease back failed (it runs out by itself): %s",

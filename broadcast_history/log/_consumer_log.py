@@ -47,7 +47,7 @@ class ConsumerMethods:
         check_channel(channel)
         check_consumer(name)
         lease_us = _micros("lease", lease)
-        async with translated(), self._store.begin(write=True) as conn:
+        async with translated(), self._store.autocommit() as conn:
             return await _consumers.acquire(conn, channel, name, _holder(holder), lease_us)
 
     @finish_on_cancel
@@ -61,14 +61,14 @@ class ConsumerMethods:
         lease_us = _micros("lease", lease)
         if not holders:
             return set()
-        async with translated(), self._store.begin(write=True) as conn:
+        async with translated(), self._store.autocommit() as conn:
             return await _consumers.renew(conn, [_holder(h) for h in holders], lease_us)
 
     @finish_on_cancel
     async def release_lease(self, channel: str, name: str, holder: str) -> None:
         """Give up ``holder``'s lease of the consumer (nothing if it is not held by
         ``holder``); a consumer that never committed is forgotten with it."""
-        async with translated(), self._store.begin(write=True) as conn:
+        async with translated(), self._store.autocommit() as conn:
             await _consumers.release(conn, channel, name, holder)
 
     @finish_on_cancel
@@ -88,7 +88,7 @@ class ConsumerMethods:
         check_int("epoch", epoch)
         check_int("position", position)
         lease_us = _micros("lease", lease)
-        async with translated(), self._store.begin(write=True) as conn:
+        async with translated(), self._store.autocommit() as conn:
             return await _consumers.commit(conn, channel, name, holder, epoch, position, lease_us)
 
     @finish_on_cancel

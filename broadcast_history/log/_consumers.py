@@ -19,18 +19,22 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     ColumnElement,
+    String,
     and_,
+    any_,
+    bindparam,
     case,
     cast,
     delete,
     func,
-    literal,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.expression import Executable
 
 from .._errors import ConsumerBusy, HistoryTruncated, OffsetOutOfRange
 from .._event import from_micros
@@ -43,50 +47,129 @@ _C = consumers.c
 _CHUNK = 500
 
 
-def _now(conn: AsyncConnection) -> ColumnElement[int]:
-    """The current time on the log's clock, in microseconds."""
-    if conn.dialect.name == "postgresql":
-        seconds = func.extract("epoch", func.clock_timestamp())
-        return cast(func.round(seconds * 1_000_000), BigInteger)
-    return literal(now_micros(), BigInteger)
+class _Statements:
+    """The consumer statements of one database, built once with bind parameters:
+    lease statements run often, and building an upsert costs more than running it."""
+
+    def __init__(self, postgres: bool) -> None:
+        dialect: Any = postgresql if postgres else sqlite
+        now: ColumnElement[int]
+        if postgres:
+            seconds = func.extract("epoch", func.clock_timestamp())
+            now = cast(func.round(seconds * 1_000_000), BigInteger)
+        else:
+            now = bindparam("b_now", type_=BigInteger)
+        key = and_(_C.channel == bindparam("b_channel"), _C.name == bindparam("b_name"))
+        mine = and_(key, _C.holder == bindparam("b_holder"))
+        lease = bindparam("b_lease", type_=BigInteger)
+        epoch = bindparam("b_epoch", type_=BigInteger)
+        position = bindparam("b_position", type_=BigInteger)
+        # The stored row has no live holder.
+        free = or_(_C.holder.is_(None), _C.lease_expires.is_(None), _C.lease_expires <= now)
+        row: dict[str, Any] = {"channel": bindparam("b_channel"), "name": bindparam("b_name")}
+
+        taking = dialect.insert(consumers).values(
+            **row, holder=bindparam("b_holder"), lease_expires=now + lease
+        )
+        self.acquire = taking.on_conflict_do_update(
+            index_elements=[_C.channel, _C.name],
+            set_={"holder": taking.excluded.holder, "lease_expires": taking.excluded.lease_expires},
+            where=free,
+        ).returning(_C.epoch, _C.position)
+        self.busy = select(_C.holder, _C.lease_expires - now).where(key)
+
+        if postgres:  # one prepared statement, whatever the number of holders
+            holders = _C.holder == any_(bindparam("b_holders", type_=postgresql.ARRAY(String)))
+        else:
+            holders = _C.holder.in_(bindparam("b_holders", expanding=True))
+        self.renew = (
+            update(consumers)
+            .where(holders, _C.lease_expires > now)
+            .values(lease_expires=now + lease)
+            .returning(_C.holder)
+        )
+        # Giving a lease back forgets a row that never got a position.
+        self.release: list[Executable] = [
+            delete(consumers).where(mine, _C.position.is_(None)),
+            update(consumers).where(mine).values(holder=None, lease_expires=None),
+        ]
+        if postgres:  # one round trip; each half touches rows the other does not
+            self.release = [
+                text(
+                    f"WITH forgotten AS (DELETE FROM {consumers.name} WHERE channel = "
+                    ":b_channel AND name = :b_name AND holder = :b_holder AND position "
+                    f"IS NULL) UPDATE {consumers.name} SET holder = NULL, lease_expires = "
+                    "NULL WHERE channel = :b_channel AND name = :b_name AND holder = :b_holder"
+                    " AND position IS NOT NULL"
+                )
+            ]
+
+        ahead = and_(_C.epoch == epoch, _C.position >= position)
+        self.commit = (
+            update(consumers)
+            .where(mine, _C.lease_expires > now)
+            .values(
+                # SET expressions all read the row as it was: the CASE sees the old epoch.
+                position=case((ahead, _C.position), else_=position),
+                epoch=epoch,
+                updated_at=now,
+                lease_expires=now + lease,
+            )
+            .returning(_C.position)
+        )
+
+        setting = dialect.insert(consumers).values(
+            **row, epoch=epoch, position=position, updated_at=now
+        )
+        self.set_position = setting.on_conflict_do_update(
+            index_elements=[_C.channel, _C.name],
+            set_={c: setting.excluded[c] for c in ("epoch", "position", "updated_at")},
+            where=free,
+        ).returning(_C.name)
+        self.remove = delete(consumers).where(key, free)
+        self.exists = select(_C.name).where(key)
+
+        live = and_(_C.holder.is_not(None), _C.lease_expires > now)
+        self.listing = (
+            select(
+                _C.channel,
+                _C.name,
+                _C.epoch,
+                _C.position,
+                _C.updated_at,
+                case((live, _C.holder), else_=None),
+                channels.c.epoch,
+                channels.c.last_offset,
+            )
+            .select_from(consumers.outerjoin(channels, channels.c.name == _C.channel))
+            .order_by(_C.channel, _C.name)
+        )
+        self.listing_of = self.listing.where(_C.channel == bindparam("b_channel"))
 
 
-def _free(now: ColumnElement[int]) -> ColumnElement[bool]:
-    """The stored row has no live holder."""
-    return or_(_C.holder.is_(None), _C.lease_expires.is_(None), _C.lease_expires <= now)
+_BUILT: dict[str, _Statements] = {}
 
 
-def _key(channel: str, name: str) -> ColumnElement[bool]:
-    return and_(_C.channel == channel, _C.name == name)
-
-
-def _upsert(
-    conn: AsyncConnection, channel: str, name: str, values: dict[str, Any], now: ColumnElement[int]
-) -> Any:
-    """Insert the row of (channel, name) with ``values``, or set them on the stored
-    row if no live holder has it."""
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    insert = dialect.insert(consumers).values(channel=channel, name=name, **values)
-    return insert.on_conflict_do_update(
-        index_elements=[_C.channel, _C.name],
-        set_={column: insert.excluded[column] for column in values},
-        where=_free(now),
-    )
+def _statements(conn: AsyncConnection) -> tuple[_Statements, dict[str, Any]]:
+    """The statements of ``conn``'s database, and the parameters they all take."""
+    name = conn.dialect.name
+    built = _BUILT.get(name)
+    if built is None:
+        built = _BUILT[name] = _Statements(name == "postgresql")
+    # SQLite's clock is the host's: every process sharing the file reads the same one.
+    return built, ({} if name == "postgresql" else {"b_now": now_micros()})
 
 
 async def acquire(
     conn: AsyncConnection, channel: str, name: str, holder: str, lease_us: int
 ) -> LeaseAttempt:
     """Take the lease of (channel, name) for ``holder`` if nobody holds it."""
-    now = _now(conn)
-    values = {"holder": holder, "lease_expires": now + lease_us}
-    upsert = _upsert(conn, channel, name, values, now)
-    result = await conn.execute(upsert.returning(_C.epoch, _C.position))
-    row = result.first()
+    sql, params = _statements(conn)
+    params.update(b_channel=channel, b_name=name, b_holder=holder, b_lease=lease_us)
+    row = (await conn.execute(sql.acquire, params)).first()
     if row is not None:
         return LeaseAttempt(True, row[0], row[1])
-    found = await conn.execute(select(_C.holder, _C.lease_expires - now).where(_key(channel, name)))
-    busy = found.first()
+    busy = (await conn.execute(sql.busy, params)).first()
     if busy is None:  # released and deleted meanwhile: the caller tries again
         return LeaseAttempt(False)
     return LeaseAttempt(False, holder=busy[0], expires_in=max(0, busy[1] or 0) / 1e6)
@@ -94,24 +177,21 @@ async def acquire(
 
 async def renew(conn: AsyncConnection, holders: Sequence[str], lease_us: int) -> set[str]:
     """Extend the unexpired leases of ``holders``; returns the holders still holding."""
+    sql, params = _statements(conn)
     kept: set[str] = set()
     for start in range(0, len(holders), _CHUNK):
-        now = _now(conn)
-        result = await conn.execute(
-            update(consumers)
-            .where(_C.holder.in_(holders[start : start + _CHUNK]), _C.lease_expires > now)
-            .values(lease_expires=now + lease_us)
-            .returning(_C.holder)
-        )
+        chunk = list(holders[start : start + _CHUNK])
+        result = await conn.execute(sql.renew, {**params, "b_holders": chunk, "b_lease": lease_us})
         kept.update(row[0] for row in result)
     return kept
 
 
 async def release(conn: AsyncConnection, channel: str, name: str, holder: str) -> None:
     """Give the lease up; a row that never got a position goes with it."""
-    mine = and_(_key(channel, name), _C.holder == holder)
-    await conn.execute(delete(consumers).where(mine, _C.position.is_(None)))
-    await conn.execute(update(consumers).where(mine).values(holder=None, lease_expires=None))
+    sql, params = _statements(conn)
+    params.update(b_channel=channel, b_name=name, b_holder=holder)
+    for statement in sql.release:
+        await conn.execute(statement, params)
 
 
 async def commit(
@@ -129,46 +209,19 @@ async def commit(
     Returns the stored position, or ``None`` when the lease is not held: then nothing
     was written.
     """
-    now = _now(conn)
-    ahead = and_(_C.epoch == epoch, _C.position >= position)
-    result = await conn.execute(
-        update(consumers)
-        .where(_key(channel, name), _C.holder == holder, _C.lease_expires > now)
-        .values(
-            # SET expressions all read the row as it was: the CASE sees the old epoch.
-            position=case((ahead, _C.position), else_=position),
-            epoch=epoch,
-            updated_at=now,
-            lease_expires=now + lease_us,
-        )
-        .returning(_C.position)
-    )
-    stored = result.scalar()
+    sql, params = _statements(conn)
+    params.update(b_channel=channel, b_name=name, b_holder=holder, b_lease=lease_us)
+    params.update(b_epoch=epoch, b_position=position)
+    stored = (await conn.execute(sql.commit, params)).scalar()
     return None if stored is None else int(stored)
 
 
 async def listing(conn: AsyncConnection, channel: str | None) -> list[ConsumerInfo]:
     """Consumers (of ``channel``, or all) in (channel, name) order, with their lag."""
-    now = _now(conn)
-    live = and_(_C.holder.is_not(None), _C.lease_expires > now)
-    query = (
-        select(
-            _C.channel,
-            _C.name,
-            _C.epoch,
-            _C.position,
-            _C.updated_at,
-            case((live, _C.holder), else_=None),
-            channels.c.epoch,
-            channels.c.last_offset,
-        )
-        .select_from(consumers.outerjoin(channels, channels.c.name == _C.channel))
-        .order_by(_C.channel, _C.name)
-    )
-    if channel is not None:
-        query = query.where(_C.channel == channel)
+    sql, params = _statements(conn)
+    query = sql.listing if channel is None else sql.listing_of
     found = []
-    for row in await conn.execute(query):
+    for row in await conn.execute(query, {**params, "b_channel": channel}):
         of, name, epoch, position, updated, holder, channel_epoch, head = row
         lag = None
         if position is not None and epoch == channel_epoch:
@@ -195,10 +248,10 @@ async def set_position(
             channels.c.name == channel
         )
     )
-    row = result.first()
-    if row is None:
+    found = result.first()
+    if found is None:
         return None
-    epoch, first, last = row
+    epoch, first, last = found
     if position > last:
         raise OffsetOutOfRange(f"position {position} is beyond the head of {channel!r} ({last})")
     if position + 1 < first:
@@ -206,10 +259,9 @@ async def set_position(
             f"events {position + 1}..{first - 1} of {channel!r} were trimmed; "
             f"the lowest position still served is {first - 1}"
         )
-    now = _now(conn)
-    values = {"epoch": epoch, "position": position, "updated_at": now}
-    written = await conn.execute(_upsert(conn, channel, name, values, now).returning(_C.name))
-    if written.first() is None:
+    sql, params = _statements(conn)
+    params.update(b_channel=channel, b_name=name, b_epoch=epoch, b_position=position)
+    if (await conn.execute(sql.set_position, params)).first() is None:
         raise _busy(channel, name)
     [info] = [c for c in await listing(conn, channel) if c.name == name]
     return info
@@ -221,12 +273,11 @@ async def remove(conn: AsyncConnection, channel: str, name: str) -> bool:
     Raises:
         ConsumerBusy: A live holder has the consumer.
     """
-    now = _now(conn)
-    result = await conn.execute(delete(consumers).where(_key(channel, name), _free(now)))
-    if result.rowcount:
+    sql, params = _statements(conn)
+    params.update(b_channel=channel, b_name=name)
+    if (await conn.execute(sql.remove, params)).rowcount:
         return True
-    exists = await conn.execute(select(_C.name).where(_key(channel, name)))
-    if exists.first() is not None:
+    if (await conn.execute(sql.exists, params)).first() is not None:
         raise _busy(channel, name)
     return False
 

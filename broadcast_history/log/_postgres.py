@@ -11,7 +11,8 @@ writer of the same channel waits on the row lock, then increments the committed 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 from sqlalchemy import Select, event, func, select
@@ -19,6 +20,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import DisconnectionError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from .._errors import BroadcastError
 from .._event import Event, from_micros
 from ._engine import create_engine
 from ._info import Pending
@@ -43,6 +45,20 @@ class PostgresStore(Store):
         engine, self._engine = self._engine, None
         if engine is not None:
             await engine.dispose()
+
+    @asynccontextmanager
+    async def autocommit(self) -> AsyncIterator[AsyncConnection]:
+        async with self.engine.connect() as conn:
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
+            try:
+                yield conn
+            except BroadcastError:
+                raise  # raised between statements: the connection is fine
+            except BaseException:
+                # As in append: no ROLLBACK runs on return to the pool in autocommit,
+                # so a connection broken mid-statement is discarded here.
+                await conn.invalidate()
+                raise
 
     async def append(self, items: Sequence[Pending]) -> list[Event]:
         return await append(self.engine, items)

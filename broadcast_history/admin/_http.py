@@ -18,11 +18,18 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AwareDatetime
 
 from .._broadcast import Broadcast
-from .._errors import BroadcastError, InvalidArgument, LogUnavailable, PositionError
+from .._errors import (
+    BroadcastError,
+    ConsumerBusy,
+    InvalidArgument,
+    LogUnavailable,
+    PositionError,
+)
 from .._parse import parse_position, parse_since
 from .._validation import check_channel
 from . import _sse
 from ._console import add_console
+from ._consumer_routes import add_consumer_routes
 from ._errors import ImportConflict, NotFound
 from ._import import max_line_length, split_lines
 from ._paths import EncodedSlashes, channel_from_path
@@ -52,6 +59,7 @@ _STATUS: list[tuple[type[BroadcastError], int]] = [
     (NotFound, 404),
     (InvalidArgument, 400),
     (ImportConflict, 409),
+    (ConsumerBusy, 409),
     (PositionError, 409),
     (LogUnavailable, 503),
 ]
@@ -128,6 +136,7 @@ def create_app(
         responses=_ERRORS,
     )
     _add_error_handlers(app)
+    add_consumer_routes(app, admin)
     _add_routes(app, broadcast, admin, heartbeat)
     add_console(app)
     app.add_middleware(EncodedSlashes)

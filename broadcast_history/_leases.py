@@ -3,9 +3,8 @@
 Renewal cost does not grow with the number of consumers a process holds: the leases
 of one duration are renewed together, by one statement a third of the lease apart
 (``EventLog.renew_leases``), so 1,000 consumers held by one broadcast cost about as
-much as one. A process waiting for a busy consumer asks again when the holder's
-lease would run out, at least every third of a lease, and at once when a
-subscription of the same broadcast lets the consumer go.
+much as one. Subscriptions waiting for a consumer held elsewhere ask together too
+(:mod:`._standbys`).
 
 Renewals must not wait behind other writes: SQLite runs one write at a time, so a
 burst of 1,000 acquisitions or commits could delay a renewal past the lease. A
@@ -27,6 +26,7 @@ from typing import Any, TypeVar
 
 from ._consumer import DEFAULT_LEASE, Bound, Holding
 from ._errors import BroadcastError, ConsumerBusy, InvalidArgument
+from ._standbys import Standbys
 from ._validation import check_consumer, check_seconds
 from .log import EventLog, LeaseAttempt
 
@@ -34,7 +34,6 @@ logger = logging.getLogger("broadcast_history")
 S = TypeVar("S", bound=Bound)
 #: Lease writes (acquire, commit, release) one broadcast runs at once.
 IN_FLIGHT = 8
-_Key = tuple[str, str]
 
 
 def check_consumer_options(
@@ -62,8 +61,7 @@ class Leases:
         # Held leases by duration, by holder id: each duration has its renewal task.
         self._held: dict[float, dict[str, Holding]] = {}
         self._renewers: dict[float, asyncio.Task[None]] = {}
-        # Subscriptions of this broadcast waiting for a consumer that is held here.
-        self._waiters: dict[_Key, set[asyncio.Future[None]]] = {}
+        self._standbys = Standbys(log)
         self._background: set[asyncio.Task[Any]] = set()
         # Made in the running loop on first use (see IN_FLIGHT).
         self._gate: asyncio.Semaphore | None = None
@@ -106,7 +104,9 @@ class Leases:
             await self._release(holding)
 
     async def close(self) -> None:
-        """Store what auto-committing holders handled, then give every lease back."""
+        """Stop standbys; store what auto-committing holders handled, then give every
+        lease back."""
+        await self._standbys.close()
         renewers = list(self._renewers.values())
         self._renewers.clear()
         for task in renewers:
@@ -125,24 +125,17 @@ class Leases:
         self, channel: str, name: str, lease: float, wait: bool, auto_commit: float | None
     ) -> Holding:
         holder = f"{self._host}:{os.getpid()}:{secrets.token_hex(6)}"
-        loop = asyncio.get_running_loop()
-        while True:
-            sent = loop.time()
-            attempt = await self._try(channel, name, holder, lease)
-            if attempt.acquired:
-                break
+        sent = asyncio.get_running_loop().time()
+        attempt = await self._try(channel, name, holder, lease)
+        found = attempt.epoch, attempt.position
+        if not attempt.acquired:
             if not wait:
                 raise ConsumerBusy(
                     f"consumer {name!r} of {channel!r} is held by {attempt.holder} (its lease "
                     f"runs out in {attempt.expires_in:.1f} s unless renewed)"
                 )
-            # Ask again when that lease would run out (it may be renewed), at least
-            # every third of a lease, at once if a subscription here lets it go.
-            delay = max(0.01, min(attempt.expires_in + 0.01, lease / 3))
-            await self._wait_free((channel, name), delay)
-        stored = None
-        if attempt.epoch is not None and attempt.position is not None:
-            stored = (attempt.epoch, attempt.position)
+            sent, found = await self._standbys.wait(channel, name, holder, lease)
+        stored = None if found[0] is None or found[1] is None else (found[0], found[1])
         holding = Holding(
             self.log,
             self.gate,
@@ -183,17 +176,6 @@ class Leases:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _wait_free(self, key: _Key, timeout: float) -> None:
-        freed = asyncio.get_running_loop().create_future()
-        waiters = self._waiters.setdefault(key, set())
-        waiters.add(freed)
-        try:
-            await asyncio.wait([freed], timeout=timeout)
-        finally:
-            waiters.discard(freed)
-            if not waiters:
-                self._waiters.pop(key, None)
-
     async def _release(self, holding: Holding) -> None:
         await holding.stop_auto()
         group = self._held.get(holding.lease)
@@ -212,9 +194,7 @@ class Leases:
                 holding.channel,
                 exc,
             )
-        for freed in self._waiters.get((holding.channel, holding.name), ()):
-            if not freed.done():
-                freed.set_result(None)
+        self._standbys.poke()
 
     # -- renewal -------------------------------------------------------------------
 

@@ -264,6 +264,8 @@ async def test_a_thousand_consumers_on_a_hundred_channels(
     done = asyncio.Event()
 
     async def worker(channel: str, name: str) -> None:
+        # Not shorter: 1,000 subscriptions entering at once keep a loaded 2-core
+        # machine's event loop busy for seconds, and a lease must outlast that.
         async with broadcast.subscribe(channel, consumer=name, lease=2.0) as sub:
             held.append(sub)
             await done.wait()
@@ -272,11 +274,11 @@ async def test_a_thousand_consumers_on_a_hundred_channels(
     while len(held) < 1000:
         await asyncio.sleep(0.05)
     renewals.clear()
-    await asyncio.sleep(2.5)  # beyond a lease: only renewals keep them
+    await asyncio.sleep(2.3)  # beyond a lease: only renewals keep them
     infos = await broadcast.log.consumers()
     assert len(infos) == 1000
     assert all(info.holder is not None for info in infos)
-    assert 2 <= len(renewals) <= 6 and set(renewals) == {1000}
+    assert 2 <= len(renewals) <= 6 and set(renewals) == {1000}  # every 2/3 s
     for sub in held:
         sub._consumer.check()  # type: ignore[union-attr]  # none lost its lease
     done.set()

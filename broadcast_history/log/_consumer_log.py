@@ -51,6 +51,28 @@ class ConsumerMethods:
             return await _consumers.acquire(conn, channel, name, _holder(holder), lease_us)
 
     @finish_on_cancel
+    async def acquire_leases(
+        self, claims: Sequence[tuple[str, str, str]], lease: float
+    ) -> dict[str, tuple[int | None, int | None]]:
+        """:meth:`acquire_lease` for many consumers at once, for processes waiting
+        for them: ``claims`` are (channel, name, holder), one per consumer.
+
+        Returns:
+            For each holder that got its lease: the stored (epoch, position), both
+            ``None`` when no position is stored.
+        """
+        lease_us = _micros("lease", lease)
+        keys = {(channel, name) for channel, name, _ in claims}
+        if len(keys) != len(claims):
+            raise InvalidArgument("one claim per consumer")
+        for channel, name, holder in claims:
+            check_channel(channel)
+            check_consumer(name)
+            _holder(holder)
+        async with translated(), self._store.autocommit() as conn:
+            return await _consumers.acquire_many(conn, claims, lease_us)
+
+    @finish_on_cancel
     async def renew_leases(self, holders: Sequence[str], lease: float) -> set[str]:
         """Extend the unexpired leases of ``holders`` by ``lease`` seconds, in one
         statement (per 500 holders); returns the holders whose lease was extended.

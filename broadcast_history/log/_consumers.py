@@ -30,6 +30,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    tuple_,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -66,6 +67,7 @@ class _Statements:
         position = bindparam("b_position", type_=BigInteger)
         # The stored row has no live holder.
         free = or_(_C.holder.is_(None), _C.lease_expires.is_(None), _C.lease_expires <= now)
+        self.postgres, self.now, self.free = postgres, now, free
         row: dict[str, Any] = {"channel": bindparam("b_channel"), "name": bindparam("b_name")}
 
         taking = dialect.insert(consumers).values(
@@ -77,6 +79,11 @@ class _Statements:
             where=free,
         ).returning(_C.epoch, _C.position)
         self.busy = select(_C.holder, _C.lease_expires - now).where(key)
+        self.held = select(_C.channel, _C.name).where(
+            tuple_(_C.channel, _C.name).in_(bindparam("b_keys", expanding=True)),
+            _C.holder.is_not(None),
+            _C.lease_expires > now,
+        )
 
         if postgres:  # one prepared statement, whatever the number of holders
             holders = _C.holder == any_(bindparam("b_holders", type_=postgresql.ARRAY(String)))
@@ -173,6 +180,41 @@ async def acquire(
     if busy is None:  # released and deleted meanwhile: the caller tries again
         return LeaseAttempt(False)
     return LeaseAttempt(False, holder=busy[0], expires_in=max(0, busy[1] or 0) / 1e6)
+
+
+async def acquire_many(
+    conn: AsyncConnection, claims: Sequence[tuple[str, str, str]], lease_us: int
+) -> dict[str, tuple[int | None, int | None]]:
+    """Take the free leases among ``claims`` (channel, name, holder; one per
+    consumer); returns the stored (epoch, position) by holder, for those taken.
+
+    Which consumers are held is read first, without locking them; only the others
+    are tried, so waiting for busy consumers costs one read.
+    """
+    sql, params = _statements(conn)
+    taken: dict[str, tuple[int | None, int | None]] = {}
+    for start in range(0, len(claims), _CHUNK):
+        chunk = claims[start : start + _CHUNK]
+        keys = [(channel, name) for channel, name, _ in chunk]
+        held = await conn.execute(sql.held, {**params, "b_keys": keys})
+        busy = {(channel, name) for channel, name in held}
+        free = [claim for claim in chunk if (claim[0], claim[1]) not in busy]
+        if not free:
+            continue
+        dialect: Any = postgresql if sql.postgres else sqlite
+        expires = sql.now + lease_us
+        rows = [
+            {"channel": c, "name": n, "holder": h, "lease_expires": expires} for c, n, h in free
+        ]
+        taking = dialect.insert(consumers).values(rows)
+        statement = taking.on_conflict_do_update(
+            index_elements=[_C.channel, _C.name],
+            set_={"holder": taking.excluded.holder, "lease_expires": taking.excluded.lease_expires},
+            where=sql.free,
+        ).returning(_C.holder, _C.epoch, _C.position)
+        for holder, epoch, position in await conn.execute(statement, params):
+            taken[holder] = (epoch, position)
+    return taken
 
 
 async def renew(conn: AsyncConnection, holders: Sequence[str], lease_us: int) -> set[str]:

@@ -22,7 +22,7 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
-from ._event import NOTICE, Event, from_micros, to_micros
+from ._event import NOTICE, Event, from_micros, stored_event, to_micros
 
 PREFIX: Final = "bh2:"
 
@@ -123,4 +123,4 @@ def _events(channel: str, epoch: int, records: Iterable[list[Any]]) -> Iterable[
             message = base64.b64decode(payload)
         else:
             message = NOTICE
-        yield Event(channel, message, offset, from_micros(micros), epoch, key)
+        yield stored_event(channel, message, offset, from_micros(micros), epoch, key)

@@ -21,10 +21,10 @@ from sqlalchemy.exc import DisconnectionError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .._errors import BroadcastError
-from .._event import Event, from_micros
+from .._event import Event, from_micros, stored_event
 from ._engine import create_engine
 from ._info import Pending
-from ._rows import EVENT_COLUMNS, new_epoch, rows_to_events
+from ._rows import EVENT_COLUMNS, compiled, new_epoch, rows_to_events
 from ._schema import channels, events
 from ._store import Store
 
@@ -68,8 +68,14 @@ class PostgresStore(Store):
     ) -> list[Event]:
         if max_bytes is not None:
             query = byte_bounded(query, max_bytes, descending=descending)
-        async with self.begin() as conn:
-            return rows_to_events(channel, await conn.execute(query))
+        engine = self.engine
+        sql, params = compiled(query, engine.dialect)
+        async with engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            # One autocommit SELECT on asyncpg itself: one round trip (no BEGIN and
+            # COMMIT around it) and plain records, no SQLAlchemy row per event.
+            records = await raw.driver_connection.fetch(sql, *params)  # type: ignore[union-attr]
+        return rows_to_events(channel, records)
 
 
 # Channel rows are upserted in name order, so batches touching several channels
@@ -184,7 +190,7 @@ async def _append(conn: AsyncConnection, items: Sequence[Pending]) -> list[Event
     for index, behind in zip(fresh, later, strict=True):
         channel, message, key = items[index]
         epoch, last, _ = heads[channel]
-        stored[index] = Event(channel, message, last - behind, stamps[channel], epoch, key)
+        stored[index] = stored_event(channel, message, last - behind, stamps[channel], epoch, key)
     results: list[Event] = []
     for index, item in enumerate(items):
         event = stored.get(index)

@@ -7,9 +7,11 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Dialect, select
+from sqlalchemy.sql import ClauseElement
+from sqlalchemy.sql.compiler import SQLCompiler
 
-from .._event import _UNIX_EPOCH, Event, from_micros, to_micros
+from .._event import _UNIX_EPOCH, Event, from_micros, stored_event, to_micros
 from ._info import ChannelInfo
 from ._schema import channels, events
 
@@ -120,5 +122,15 @@ def rows_to_events(channel: str, rows: Iterable[Sequence[Any]]) -> list[Event]:
             stamp = from_micros(micros)
             last_micros = micros
         message = payload.decode() if is_text else bytes(payload)
-        append(Event(channel, message, offset, stamp, epoch, key))
+        append(stored_event(channel, message, offset, stamp, epoch, key))
     return result
+
+
+def compiled(query: ClauseElement, dialect: Dialect) -> tuple[str, tuple[Any, ...]]:
+    """``query`` as driver SQL and its positional parameters, for the read paths that
+    run on the driver itself (no SQLAlchemy row objects per event)."""
+    compiled_query = query.compile(dialect=dialect)
+    assert isinstance(compiled_query, SQLCompiler)  # a SELECT compiles to SQL
+    values = compiled_query.construct_params()
+    order = compiled_query.positiontup or []
+    return str(compiled_query), tuple(values[name] for name in order)

@@ -22,10 +22,10 @@ from sqlalchemy.dialects.sqlite import insert
 from sqlalchemy.engine import URL
 
 from .._errors import NotConnected
-from .._event import Event, from_micros
+from .._event import Event, from_micros, stored_event
 from ._engine import WRITE, create_engine, create_sync_engine, shared_memory_url
 from ._info import Pending
-from ._rows import EVENT_COLUMNS, event_row, new_epoch, now_micros, rows_to_events
+from ._rows import EVENT_COLUMNS, compiled, event_row, new_epoch, now_micros, rows_to_events
 from ._schema import channels, events
 from ._store import Store
 
@@ -109,22 +109,27 @@ class SqliteStore(Store):
         if reader is None:
             raise NotConnected("the event log is not connected")
 
+        sql, params = compiled(query, reader.dialect)
+
         def run() -> list[Event]:
             with reader.connect() as conn:
-                result = conn.execute(query)
-                if max_bytes is None:
-                    return rows_to_events(channel, result)
-                # Rows until their payloads reach the budget (at least one): the row
-                # that passes it shows the caller the page was cut.
-                rows: list[Any] = []
-                total = 0
-                for row in result:
-                    rows.append(row)
-                    total += len(row[4])
-                    if total >= max_bytes:
-                        break
-                result.close()
-                return rows_to_events(channel, rows)
+                # The driver's own cursor: plain tuples, no SQLAlchemy row per event.
+                cursor = conn.connection.driver_connection.execute(sql, params)  # type: ignore[union-attr]
+                try:
+                    if max_bytes is None:
+                        return rows_to_events(channel, cursor)
+                    # Rows until their payloads reach the budget (at least one): the
+                    # row that passes it shows the caller the page was cut.
+                    rows: list[Any] = []
+                    total = 0
+                    for row in cursor:
+                        rows.append(row)
+                        total += len(row[4])
+                        if total >= max_bytes:
+                            break
+                    return rows_to_events(channel, rows)
+                finally:
+                    cursor.close()
 
         return await self._run(self._read_threads, run)
 
@@ -202,7 +207,7 @@ def append(conn: Connection, items: Sequence[Pending]) -> list[Event]:
         if stamp is None:
             stamp = stamps[micros] = from_micros(micros)
         rows.append(event_row(channel, offset, epoch, micros, message, key))
-        event = Event(channel, message, offset, stamp, epoch, key)
+        event = stored_event(channel, message, offset, stamp, epoch, key)
         if key is not None:
             seen[(channel, key)] = event
         results.append(event)

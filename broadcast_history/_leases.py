@@ -227,4 +227,4 @@ class Leases:
                     holding.renewed(sent)
                 elif group.get(holding.holder) is holding:
                     group.pop(holding.holder, None)
-                    holding.lose("it ran out, and another holder may have taken it over")
+                    holding.lose("it ran out and another holder took it over")

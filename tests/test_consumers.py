@@ -123,6 +123,26 @@ async def test_one_holder_at_a_time(make_broadcast: MakeBroadcast) -> None:
     assert await asyncio.wait_for(pending.pop(), 10) == [5, 6, 7, 8, 9, 10]
 
 
+async def test_a_standby_that_gives_up_leaves_no_lease(make_broadcast: MakeBroadcast) -> None:
+    first, second = await make_broadcast(), await make_broadcast()
+    await first.publish("jobs", "j")
+    async with first.subscribe("jobs", consumer="w", since=0, lease=1.0) as holder:
+        await holder.get()
+        await holder.commit()
+
+        async def enter(broadcast: Broadcast) -> None:
+            async with broadcast.subscribe("jobs", consumer="w", lease=1.0):
+                pass
+
+        for broadcast in (first, second):
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(enter(broadcast), 0.5)
+    [info] = await second.log.consumers()
+    assert (info.position, info.holder) == (1, None)
+    async with second.subscribe("jobs", consumer="w", wait=False) as sub:
+        assert sub.position == 1
+
+
 async def test_a_holder_that_lost_its_lease_is_fenced(
     make_broadcast: MakeBroadcast, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -160,7 +180,11 @@ async def test_commit_is_fenced_in_the_statement(broadcast: Broadcast) -> None:
     assert (await log.acquire_lease("c", "w", "old", 0.2)).acquired
     assert await log.commit_position("c", "w", "old", event.epoch, 1, 0.2) == 1
     await asyncio.sleep(0.3)
-    assert await log.renew_leases(["old"], 0.2) == set()
+    # Ran out: the holder's commit is refused, though nobody took the consumer yet...
+    assert await log.commit_position("c", "w", "old", event.epoch, 1, 0.2) is None
+    # ...and its renewal, arriving late, still renews it (nobody held it meanwhile).
+    assert await log.renew_leases(["old"], 0.2) == {"old"}
+    await asyncio.sleep(0.3)
     taken = await log.acquire_lease("c", "w", "new", 5)
     assert (taken.acquired, taken.epoch, taken.position) == (True, event.epoch, 1)
     assert await log.commit_position("c", "w", "old", event.epoch, 1, 0.2) is None

@@ -74,11 +74,12 @@ class ConsumerMethods:
 
     @finish_on_cancel
     async def renew_leases(self, holders: Sequence[str], lease: float) -> set[str]:
-        """Extend the unexpired leases of ``holders`` by ``lease`` seconds, in one
-        statement (per 500 holders); returns the holders whose lease was extended.
+        """Extend the leases of ``holders`` by ``lease`` seconds, in one statement (per
+        500 holders); returns the holders whose lease was extended.
 
-        A holder missing from the answer lost its lease: it ran out, and possibly
-        another process took the consumer over.
+        A holder missing from the answer lost its lease: another process took the
+        consumer over after it ran out (or it was given back). A lease that ran out
+        but that nobody took is renewed: no other holder processed anything meanwhile.
         """
         lease_us = _micros("lease", lease)
         if not holders:

@@ -89,11 +89,10 @@ class _Statements:
             holders = _C.holder == any_(bindparam("b_holders", type_=postgresql.ARRAY(String)))
         else:
             holders = _C.holder.in_(bindparam("b_holders", expanding=True))
+        # A lease that ran out but that nobody took since is renewed too: the row
+        # still names this holder, so nobody else held the consumer meanwhile.
         self.renew = (
-            update(consumers)
-            .where(holders, _C.lease_expires > now)
-            .values(lease_expires=now + lease)
-            .returning(_C.holder)
+            update(consumers).where(holders).values(lease_expires=now + lease).returning(_C.holder)
         )
         # Giving a lease back forgets a row that never got a position.
         self.release: list[Executable] = [
@@ -218,7 +217,7 @@ async def acquire_many(
 
 
 async def renew(conn: AsyncConnection, holders: Sequence[str], lease_us: int) -> set[str]:
-    """Extend the unexpired leases of ``holders``; returns the holders still holding."""
+    """Extend the leases ``holders`` still have; returns those holders."""
     sql, params = _statements(conn)
     kept: set[str] = set()
     for start in range(0, len(holders), _CHUNK):

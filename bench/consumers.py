@@ -109,7 +109,8 @@ async def renewal(log: str, window: float, lease: float = 3.0) -> Figures:
         renewals: list[tuple[float, int]] = []
         attempts: list[tuple[float, int]] = []
         holders.log.renew_leases = _timed(renewals, holders.log.renew_leases)  # type: ignore[method-assign]
-        standbys.log.acquire_lease = _timed(attempts, standbys.log.acquire_lease, 1)  # type: ignore[method-assign]
+        firsts: list[tuple[float, int]] = []  # each standby asks once alone, then with all
+        standbys.log.acquire_lease = _timed(firsts, standbys.log.acquire_lease, 1)  # type: ignore[method-assign]
         standbys.log.acquire_leases = _timed(attempts, standbys.log.acquire_leases)  # type: ignore[method-assign]
         done = asyncio.Event()
         held: list[Subscriber] = []
@@ -126,11 +127,13 @@ async def renewal(log: str, window: float, lease: float = 3.0) -> Figures:
             await asyncio.sleep(0.01)
         acquired = time.perf_counter() - started
         waiting = [asyncio.create_task(hold(standbys, *pair)) for pair in pairs]
-        await asyncio.sleep(lease)  # every standby has asked once and is polling
+        while len(firsts) < len(pairs):  # until every standby asked once, alone
+            await asyncio.sleep(0.05)
         renewals.clear()
         attempts.clear()
+        firsts.clear()
         await asyncio.sleep(window)
-        in_window = list(renewals), list(attempts)
+        in_window = list(renewals), list(attempts) + list(firsts)
         lost = sum(sub._consumer is None or sub._consumer.lost for sub in held)
 
         # The same leases renewed one statement per consumer, for comparison.

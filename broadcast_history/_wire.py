@@ -9,6 +9,7 @@ receiving decodes them and sets aside what is not for this log.
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Callable, Container, Sequence
 from typing import Any
 
@@ -57,6 +58,8 @@ class Wire:
         self._objects = bool(getattr(backend, "carries_objects", False))
         self._reported: set[tuple[str, str | None]] = set()
         self._local: Callable[[str, Sequence[Event]], None] | None = None
+        # Names this broadcast's envelopes, so their echo can be skipped undecoded.
+        self._sender = secrets.token_hex(4)
 
     def deliver_locally(self, sink: Callable[[str, Sequence[Event]], None]) -> None:
         """Hand events sent from this process to ``sink`` at once, too.
@@ -83,7 +86,7 @@ class Wire:
             if self._objects:
                 messages.append((channel, tuple(batch)))
             else:
-                for text in _envelope.encode(batch, log_id, limit):
+                for text in _envelope.encode(batch, log_id, limit, self._sender):
                     messages.append((channel, text))
         await self.backend.publish_many(messages)
 
@@ -96,12 +99,16 @@ class Wire:
         """
         backend = self.backend
         log_id = self.log.log_id
+        # Our own envelopes, when we delivered their events locally already.
+        echo = f"{_envelope.PREFIX}{log_id}:{self._sender}:" if self._local else None
         while True:
             raw = await backend.next_published()
             channel = raw.channel
             if channel not in wanted:
                 continue
             message = raw.message
+            if echo is not None and isinstance(message, str) and message.startswith(echo):
+                continue
             if self._objects and isinstance(message, tuple):
                 return channel, message
             try:

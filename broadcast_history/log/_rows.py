@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from sqlalchemy import Dialect, select
@@ -134,3 +134,24 @@ def compiled(query: ClauseElement, dialect: Dialect) -> tuple[str, tuple[Any, ..
     values = compiled_query.construct_params()
     order = compiled_query.positiontup or []
     return str(compiled_query), tuple(values[name] for name in order)
+
+
+_PREPARED: dict[tuple[str, str], tuple[str, tuple[str, ...], dict[str, Any]]] = {}
+
+
+def prepared(
+    name: str, build: Callable[[], ClauseElement], dialect: Dialect, values: dict[str, Any]
+) -> tuple[str, tuple[Any, ...]]:
+    """Like :func:`compiled`, for a query of bound parameters compiled once per dialect
+    (``name`` tells the queries apart): the replay hot path compiles nothing."""
+    key = (name, dialect.name)
+    known = _PREPARED.get(key)
+    if known is None:
+        compiled_query = build().compile(dialect=dialect)
+        assert isinstance(compiled_query, SQLCompiler)  # a SELECT compiles to SQL
+        # Constants the dialect itself bound (SQLite's OFFSET of a LIMIT, say).
+        constants = dict(compiled_query.construct_params())
+        order = tuple(compiled_query.positiontup or ())
+        known = _PREPARED[key] = (str(compiled_query), order, constants)
+    sql, order, constants = known
+    return sql, tuple(values[p] if p in values else constants[p] for p in order)

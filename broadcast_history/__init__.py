@@ -7,6 +7,7 @@ with no gap and no duplicate. See ``Broadcast``.
 from ._broadcast import Broadcast
 from ._errors import (
     BroadcastError,
+    ConsumerBusy,
     HistoryTruncated,
     ImportConflict,
     InvalidArgument,
@@ -25,7 +26,7 @@ from ._errors import (
 from ._event import Event
 from ._subscriber import Subscriber
 from .backends import BroadcastBackend
-from .log import ChannelInfo, EventLog, LogTotals, Retention
+from .log import ChannelInfo, ConsumerInfo, EventLog, LogTotals, Retention
 
 __version__ = "0.1.0"
 
@@ -34,6 +35,8 @@ __all__ = [
     "BroadcastBackend",
     "BroadcastError",
     "ChannelInfo",
+    "ConsumerBusy",
+    "ConsumerInfo",
     "Event",
     "EventLog",
     "HistoryTruncated",

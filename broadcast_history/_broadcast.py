@@ -12,9 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 from ._appender import Appender
 from ._budget import SubscriberOptions, weigh
+from ._channels import Channels
+from ._consumer import DEFAULT_LEASE
 from ._errors import BroadcastError, InvalidArgument, NotConnected, TransportError
 from ._event import Event
 from ._heads import HeadProbe
+from ._leases import Leases, check_consumer_options
 from ._stats import Stats, failure_reason
 from ._subscriber import Subscriber
 from ._validation import (
@@ -105,9 +108,9 @@ class Broadcast:
         self.stats = Stats()
         self._appender = Appender(self.log, self._wire, self.stats, max_batch=max_batch)
         self._heads = HeadProbe(self.log)
-        self._subscribers: dict[str, set[Subscriber]] = {}
-        self._transport_channels: set[str] = set()
-        self._channel_lock: asyncio.Lock | None = None
+        self._leases = Leases(self.log)
+        self._channels = Channels(backend)
+        self._subscribers = self._channels.subscribers
         self._listener: asyncio.Task[None] | None = None
         self._retention_task: asyncio.Task[None] | None = None
         self._listener_error: BaseException | None = None
@@ -149,7 +152,7 @@ class Broadcast:
         except BaseException:
             await self.log.disconnect()
             raise
-        self._channel_lock = asyncio.Lock()
+        self._channels.open()
         self._listener_error = None
         self._listener = asyncio.create_task(self._listen(), name="broadcast-history-listen")
         self._appender.start()
@@ -170,12 +173,9 @@ class Broadcast:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         self._listener = self._retention_task = None
-        for subscribers in self._subscribers.values():
-            for subscriber in subscribers:
-                subscriber._close()
-        self._subscribers.clear()
-        self._transport_channels.clear()
+        self._channels.close()
         try:
+            await self._leases.close()
             await self._backend.disconnect()
         finally:
             await self.log.disconnect()
@@ -229,6 +229,10 @@ class Broadcast:
         since: int | datetime | None = None,
         history: int | None = None,
         epoch: int | None = None,
+        consumer: str | None = None,
+        auto_commit: float | None = None,
+        wait: bool = True,
+        lease: float = DEFAULT_LEASE,
     ) -> AsyncIterator[Subscriber]:
         """Subscribe to ``channel``: history from a start position, then live.
 
@@ -237,72 +241,46 @@ class Broadcast:
             history: The last ``history`` events, then live.
             epoch: The epoch ``since`` belongs to; a different current epoch raises
                 :class:`StreamReset`.
+            consumer: A durable consumer's name: its position is kept in the log
+                (``sub.commit()``; a stored one wins over ``since``/``history``), and
+                one subscription at a time holds it across processes (its lease).
+            auto_commit: Commit every this many seconds, and at a normal end.
+            wait: Wait while another process holds ``consumer``, or raise.
+            lease: Seconds a hold on ``consumer`` lasts unless renewed.
 
         Raises:
             OffsetOutOfRange: ``since`` is negative or beyond the head.
             HistoryTruncated: Events after ``since`` were removed by retention.
             StreamReset: ``epoch`` is not the channel's current epoch.
+            ConsumerBusy: ``wait=False`` and another process holds ``consumer``.
         """
         check_channel(channel)
         check_position(since, history, epoch)
+        check_consumer_options(consumer, auto_commit, wait, lease)
         if not self._connected:
             raise NotConnected("call connect() (or use `async with broadcast`) first")
+        if consumer is not None:
+            start, hold = (since, history, epoch), (auto_commit, wait, lease)
+            async with self._leases.subscription(
+                self.subscribe, channel, consumer, start, hold
+            ) as sub:
+                yield sub
+            return
         subscriber = Subscriber(channel, self.log, self._options, self._heads, self.stats)
         if self._listener_error is not None:
             subscriber._fail(self._listener_error)
-        await self._attach(subscriber)
+        await self._channels.attach(subscriber)
         try:
             # Registered first, positioned second: whatever commits in between is
             # either buffered live or read from the log, so nothing falls between.
             await subscriber._start(since, history, epoch)
             yield subscriber
         finally:
-            await self._detach(subscriber)
-
-    async def _attach(self, subscriber: Subscriber) -> None:
-        channel = subscriber.channel
-        self._subscribers.setdefault(channel, set()).add(subscriber)
-        if channel in self._transport_channels:
-            return
-        assert self._channel_lock is not None
-        async with self._channel_lock:
-            if channel not in self._transport_channels:
-                try:
-                    await self._backend.subscribe(channel)
-                except Exception:
-                    self._forget(subscriber)
-                    raise
-                self._transport_channels.add(channel)
-
-    def _forget(self, subscriber: Subscriber) -> bool:
-        """Remove ``subscriber``; whether its channel has no subscribers left."""
-        subscribers = self._subscribers.get(subscriber.channel)
-        if subscribers is None:
-            return False
-        subscribers.discard(subscriber)
-        if subscribers:
-            return False
-        del self._subscribers[subscriber.channel]
-        return True
-
-    async def _detach(self, subscriber: Subscriber) -> None:
-        subscriber._close()
-        channel = subscriber.channel
-        if not self._forget(subscriber) or self._channel_lock is None:
-            return
-        async with self._channel_lock:
-            if channel not in self._subscribers and channel in self._transport_channels:
-                self._transport_channels.discard(channel)
-                if self._connected:
-                    await self._backend.unsubscribe(channel)
+            await self._channels.detach(subscriber, connected=self._connected)
 
     def subscriber_modes(self) -> dict[str, int]:
         """How many subscriptions are open, by mode: ``"live"`` or ``"replay"``."""
-        modes = {"replay": 0, "live": 0}
-        for group in self._subscribers.values():
-            for subscriber in group:
-                modes["live" if subscriber.live else "replay"] += 1
-        return modes
+        return self._channels.modes()
 
     # -- background tasks ----------------------------------------------------------
 

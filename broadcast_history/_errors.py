@@ -14,6 +14,7 @@ Every exception the library raises on purpose derives from :class:`BroadcastErro
     │   ├── LogUnavailable                    the database could not be reached
     │   └── SchemaOutOfDate                   the database schema needs `db upgrade`
     ├── ImportConflict                        a restored channel already exists in the log
+    ├── ConsumerBusy                          another process holds the durable consumer
     ├── TransportError                        the live transport failed for good
     ├── NotConnected                          used before connect() or after disconnect()
     └── Unsubscribed                          the broadcast was disconnected under a subscriber
@@ -68,6 +69,15 @@ class SchemaOutOfDate(LogError):
 
 class ImportConflict(BroadcastError):
     """A channel being restored (imported) already exists in the log: nothing was stored."""
+
+
+class ConsumerBusy(BroadcastError):
+    """Another holder has the lease of a durable consumer, or took it over from this one.
+
+    Raised by ``subscribe(..., consumer=..., wait=False)`` while another process holds
+    the consumer, and by ``commit``/``get`` of a holder whose lease ran out: its work
+    since its last commit will be done again by the next holder.
+    """
 
 
 class TransportError(BroadcastError):

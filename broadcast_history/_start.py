@@ -5,7 +5,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import NamedTuple
 
-from ._errors import HistoryTruncated, OffsetOutOfRange, StreamReset
+from ._errors import HistoryTruncated, StreamReset
+from ._validation import check_served
 from .log import EventLog
 
 
@@ -47,15 +48,7 @@ async def resolve_start(
         found = await log.offset_at(channel, since) if info else None
         return Start(head + 1 if found is None else found, current_epoch, head)
     if since is not None:
-        if since < 0:
-            raise OffsetOutOfRange(f"since must be >= 0, got {since}")
-        if since > head:
-            raise OffsetOutOfRange(f"since={since} is beyond the head of {channel!r} ({head})")
-        if since + 1 < first:
-            raise HistoryTruncated(
-                f"events {since + 1}..{first - 1} of {channel!r} were trimmed; "
-                f"the oldest stored offset is {first}"
-            )
+        check_served(channel, since, first, head)
         return Start(since + 1, current_epoch, head)
     if history is not None:
         return Start(max(first, head - history + 1), current_epoch, head)

@@ -26,12 +26,8 @@ from typing import TYPE_CHECKING
 
 from ._bell import Bell
 from ._budget import SubscriberOptions, page_was_cut, weigh, weight
-from ._errors import (
-    HistoryTruncated,
-    LogUnavailable,
-    StreamReset,
-    Unsubscribed,
-)
+from ._consumer import Committable, Holding
+from ._errors import HistoryTruncated, LogUnavailable, StreamReset, Unsubscribed
 from ._event import NOTICE, Event
 from ._heads import HeadProbe
 from ._start import resolve_start
@@ -45,10 +41,11 @@ logger = logging.getLogger("broadcast_history")
 _REPLAY, _LIVE, _CLOSED = "replay", "live", "closed"
 
 
-class Subscriber:
+class Subscriber(Committable):
     """Iterate it (``async for event in subscriber``) or call :meth:`get`.
 
-    Made by ``Broadcast.subscribe``; not constructed directly.
+    Made by ``Broadcast.subscribe``; not constructed directly. A durable consumer's
+    subscription also has :meth:`commit`.
     """
 
     def __init__(
@@ -61,9 +58,9 @@ class Subscriber:
     ) -> None:
         self.channel = channel
         self._log = log
-        self._heads = heads
-        self._stats = stats
-        self._options = options
+        # Shared by the subscribers of one broadcast.
+        self._heads, self._stats, self._options = heads, stats, options
+        # Where it is: the mode, the next offset to deliver, the epoch it reads.
         self._mode = _LIVE
         self._next = 1
         self._epoch: int | None = None
@@ -78,6 +75,8 @@ class Subscriber:
         self._error: BaseException | None = None
         # A page being read ahead during replay: (its start offset, the read).
         self._reading: tuple[int, asyncio.Future[list[Event]]] | None = None
+        # The lease held for a durable consumer (subscribe(consumer=...)).
+        self._consumer: Holding | None = None
 
     # -- public --------------------------------------------------------------------
 
@@ -111,6 +110,9 @@ class Subscriber:
         return self
 
     async def __anext__(self) -> Event:
+        if self._consumer is not None:
+            # What was delivered counts as handled; a holder without its lease stops.
+            self._consumer.next_asked(self._epoch, self._next - 1)
         while True:
             page = self._page
             if page:

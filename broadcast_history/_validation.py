@@ -10,7 +10,13 @@ import re
 from datetime import datetime
 from typing import Any
 
-from ._errors import InvalidArgument, InvalidMessage, MessageTooLarge
+from ._errors import (
+    HistoryTruncated,
+    InvalidArgument,
+    InvalidMessage,
+    MessageTooLarge,
+    OffsetOutOfRange,
+)
 
 MAX_CHANNEL_LENGTH = 255
 MAX_KEY_LENGTH = 255
@@ -33,17 +39,35 @@ def _encodable(text: str) -> bool:
 
 def check_channel(channel: Any) -> str:
     """Return ``channel`` if it is a valid channel name, else raise."""
-    if not isinstance(channel, str):
-        raise InvalidArgument(f"channel must be a str, got {type(channel).__name__}")
-    if not channel:
-        raise InvalidArgument("channel must not be empty")
-    if len(channel) > MAX_CHANNEL_LENGTH:
-        raise InvalidArgument(f"channel is longer than {MAX_CHANNEL_LENGTH} characters")
-    if _CONTROL.search(channel):
-        raise InvalidArgument(f"channel contains a control character: {channel!r}")
-    if not _encodable(channel):
-        raise InvalidArgument(f"channel is not valid Unicode (a lone surrogate?): {channel!r}")
-    return channel
+    return _check_name("channel", channel)
+
+
+def check_consumer(name: Any) -> str:
+    """Return ``name`` if it is a valid durable consumer name (the rules of channels)."""
+    return _check_name("consumer", name)
+
+
+def _check_name(what: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{what} must be a str, got {type(value).__name__}")
+    if not value:
+        raise InvalidArgument(f"{what} must not be empty")
+    if len(value) > MAX_CHANNEL_LENGTH:
+        raise InvalidArgument(f"{what} is longer than {MAX_CHANNEL_LENGTH} characters")
+    if _CONTROL.search(value):
+        raise InvalidArgument(f"{what} contains a control character: {value!r}")
+    if not _encodable(value):
+        raise InvalidArgument(f"{what} is not valid Unicode (a lone surrogate?): {value!r}")
+    return value
+
+
+def check_seconds(name: str, value: Any) -> float:
+    """Return ``value`` if it is a positive, finite number of seconds."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidArgument(f"{name} must be a number of seconds, got {type(value).__name__}")
+    if not 0 < value < float("inf"):
+        raise InvalidArgument(f"{name} must be a positive number of seconds, got {value}")
+    return float(value)
 
 
 def check_message(message: Any, max_size: int) -> str | bytes:
@@ -120,3 +144,22 @@ def check_position(since: Any, history: Any, epoch: Any) -> None:
         check_int("history", history)
     if epoch is not None:
         check_int("epoch", epoch)
+
+
+def check_served(channel: str, position: int, first: int, last: int, what: str = "since") -> None:
+    """Raise unless the events after ``position`` can be served from a channel that
+    stores ``first`` .. ``last``.
+
+    Raises:
+        OffsetOutOfRange: ``position`` is negative or beyond ``last``.
+        HistoryTruncated: Events after ``position`` were removed.
+    """
+    if position < 0:
+        raise OffsetOutOfRange(f"{what} must be >= 0, got {position}")
+    if position > last:
+        raise OffsetOutOfRange(f"{what}={position} is beyond the head of {channel!r} ({last})")
+    if position + 1 < first:
+        raise HistoryTruncated(
+            f"events {position + 1}..{first - 1} of {channel!r} were trimmed; "
+            f"the oldest stored offset is {first}"
+        )

@@ -46,6 +46,8 @@ def test_all_is_pinned() -> None:
         "ChannelNotFound",
         "ChannelPage",
         "ChannelStats",
+        "ConsumerInfo",
+        "ConsumerNotFound",
         "EventNotFound",
         "EventPage",
         "HistoryAdmin",

@@ -40,6 +40,11 @@ async def _publish(log: str, channel: str, messages: list[str | bytes]) -> list[
         return [await broadcast.publish(channel, message) for message in messages]
 
 
+async def _set_consumer(log: str, channel: str, name: str, position: int) -> None:
+    async with Broadcast("memory://", log=log) as broadcast:
+        await broadcast.log.set_consumer(channel, name, position)
+
+
 def publish(log: str, channel: str, *messages: str | bytes) -> list[Event]:
     """Publish as another publisher sharing the log would.
 
@@ -97,6 +102,8 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     orders += publish(log, "orders", b"\x00\x01", b"\x00\x02", b"\xff\xfe")
     publish(log, "chat/room-1", *[f"message {i}" for i in range(1, 5)], b"\x00\xffbinary")
     publish(log, "scratch", *[f"draft {i}" for i in range(1, 11)])
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, _set_consumer(log, "orders", "mailer", 100)).result()
     return {"log": log, "workdir": workdir, "orders": orders}
 
 
@@ -232,13 +239,13 @@ def test_log_in_list_and_browse(page: Any, server: Server, seeded: dict[str, Any
     expect(page.locator("#errors .error")).to_contain_text("422")
     expect(page.locator("#errors .error")).to_contain_text("since")
 
-    # Consumers: a table when the server has the route, a note when it answers 404.
-    status = httpx.get(f"{server.base}/consumers", headers=AUTH).status_code
-    if status == 404:
-        expect(page.locator("#consumers .unavailable")).to_contain_text("not available")
-    else:
-        assert status == 200
-        expect(page.locator("#consumers")).not_to_be_empty()
+    # Durable consumers of the channel: position, lag behind the head, holder.
+    row = page.locator('#consumers-table tr[data-consumer="mailer"]')
+    expect(row).to_be_visible()
+    cells = row.locator("td")
+    expect(cells.nth(2)).to_have_text("100")
+    expect(cells.nth(3)).to_have_text("23")
+    expect(cells.nth(5)).to_have_text("free")
     screenshot(page, BUILD / "console-browse.png")
 
 

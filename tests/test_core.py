@@ -38,6 +38,8 @@ def test_public_names_are_pinned() -> None:
         "BroadcastBackend",
         "BroadcastError",
         "ChannelInfo",
+        "ConsumerBusy",
+        "ConsumerInfo",
         "Event",
         "EventLog",
         "HistoryTruncated",

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ._errors import ChannelNotFound, EventNotFound, ImportConflict, InvalidExport, NotFound
+from ..log import ConsumerInfo
+from ._errors import (
+    ChannelNotFound,
+    ConsumerNotFound,
+    EventNotFound,
+    ImportConflict,
+    InvalidExport,
+    NotFound,
+)
 from ._jsonl import event_json
 from ._models import ChannelPage, ChannelStats, EventPage, ImportResult, RetentionStats
 from ._query import HistoryAdmin
@@ -21,6 +29,8 @@ __all__ = [
     "ChannelNotFound",
     "ChannelPage",
     "ChannelStats",
+    "ConsumerInfo",
+    "ConsumerNotFound",
     "EventNotFound",
     "EventPage",
     "HistoryAdmin",

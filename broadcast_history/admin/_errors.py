@@ -5,7 +5,8 @@ All of them derive from :class:`~broadcast_history.BroadcastError`::
     BroadcastError
     ├── NotFound (also LookupError)
     │   ├── ChannelNotFound                   no channel of that name in the log
-    │   └── EventNotFound                     no stored event at that offset
+    │   ├── EventNotFound                     no stored event at that offset
+    │   └── ConsumerNotFound                  no durable consumer of that name
     ├── ImportConflict                        the target log already has that channel
     └── InvalidArgument
         └── InvalidExport                     a JSON-lines export is malformed
@@ -17,6 +18,7 @@ from .._errors import BroadcastError, ImportConflict, InvalidArgument
 
 __all__ = [
     "ChannelNotFound",
+    "ConsumerNotFound",
     "EventNotFound",
     "ImportConflict",
     "InvalidExport",
@@ -38,3 +40,7 @@ class EventNotFound(NotFound):
 
 class InvalidExport(InvalidArgument):
     """A line of a JSON-lines export is malformed; the message names the line."""
+
+
+class ConsumerNotFound(NotFound):
+    """The channel has no durable consumer of that name."""

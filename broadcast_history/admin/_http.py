@@ -19,6 +19,7 @@ from pydantic import AwareDatetime
 from .._broadcast import Broadcast
 from .._errors import (
     BroadcastError,
+    ConsumerBusy,
     InvalidArgument,
     LogUnavailable,
     MessageTooLarge,
@@ -28,6 +29,7 @@ from .._parse import parse_since
 from .._validation import check_channel
 from ..web._streams import OpenStreams
 from ._console import add_console
+from ._consumer_routes import add_consumer_routes
 from ._errors import ImportConflict, NotFound
 from ._import import max_line_length, split_lines
 from ._paths import EncodedSlashes, channel_from_path
@@ -63,6 +65,7 @@ _STATUS: list[tuple[type[BroadcastError], int]] = [
     (MessageTooLarge, 413),
     (InvalidArgument, 400),
     (ImportConflict, 409),
+    (ConsumerBusy, 409),
     (PositionError, 409),
     (LogUnavailable, 503),
 ]
@@ -130,6 +133,7 @@ def create_app(
         responses=_ERRORS,
     )
     _add_error_handlers(app)
+    add_consumer_routes(app, admin)
     _add_routes(app, broadcast, admin, heartbeat, streams)
     add_console(app)
     app.add_middleware(EncodedSlashes)

@@ -10,7 +10,7 @@ from urllib.parse import unquote
 from fastapi import Path, Request
 from fastapi.responses import JSONResponse
 
-from .._validation import check_channel
+from .._validation import check_channel, check_consumer
 
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Any]
@@ -56,3 +56,10 @@ def channel_from_path(request: Request, channel: Annotated[str, Path()]) -> str:
     if request.scope.get("bh_encoded_slashes"):
         channel = channel.replace(_SLASH, "/")
     return check_channel(channel)
+
+
+def consumer_from_path(request: Request, name: Annotated[str, Path()]) -> str:
+    """The ``{name}`` of a consumer route, with its encoded slashes restored, checked."""
+    if request.scope.get("bh_encoded_slashes"):
+        name = name.replace(_SLASH, "/")
+    return check_consumer(name)

@@ -24,6 +24,7 @@ from .._validation import (
 )
 from ..log import ChannelInfo, EventLog, Retention
 from . import _import, _jsonl
+from ._consumers import ConsumerAdmin
 from ._errors import ChannelNotFound, EventNotFound
 from ._models import ChannelPage, EventPage, ImportResult, RetentionStats
 
@@ -54,8 +55,9 @@ def _check_name_part(name: str, value: str | None) -> None:
         check_channel(value)
 
 
-class HistoryAdmin:
-    """Operator queries over an event log: stats, pages, trim, delete, export, import.
+class HistoryAdmin(ConsumerAdmin):
+    """Operator queries over an event log: stats, pages, trim, delete, export, import,
+    durable consumers.
 
     Args:
         log: The event log (``broadcast.log``); it must be connected when used.

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import AwareDatetime, BaseModel, Field
 
 from .._event import Event
-from ..log import ChannelInfo
+from ..log import ChannelInfo, ConsumerInfo
 from ._jsonl import event_json
 from ._models import EventPage, RetentionStats
 
@@ -137,3 +137,34 @@ class ErrorOut(BaseModel):
     """An error: `detail` says what is wrong."""
 
     detail: str
+
+
+class ConsumerOut(BaseModel):
+    """A durable consumer: its stored position, its lag and who holds it."""
+
+    channel: str
+    name: str
+    epoch: int | None = Field(description="The channel's epoch its position belongs to")
+    position: int | None = Field(description="Offset of the last event it committed")
+    lag: int | None = Field(
+        description="Events stored after its position (null: no position yet, or one of "
+        "an earlier epoch of the channel)"
+    )
+    updated_at: AwareDatetime | None = Field(description="When its position was stored")
+    holder: str | None = Field(description="The process holding it (host:pid:id); null: free")
+
+    @classmethod
+    def of(cls, info: ConsumerInfo) -> ConsumerOut:
+        return cls.model_validate(info, from_attributes=True)
+
+
+class ConsumerList(BaseModel):
+    """Durable consumers, by channel and name."""
+
+    consumers: list[ConsumerOut]
+
+
+class PositionIn(BaseModel):
+    """A consumer's new position: its next holder starts after this offset."""
+
+    position: int = Field(ge=0, le=MAX_OFFSET)

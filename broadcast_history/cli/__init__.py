@@ -26,7 +26,7 @@ _ADMIN_MODULES = {"typer", "rich", "click", "fastapi", "starlette", "uvicorn", "
 
 
 def _load() -> Any:
-    from . import _db, _read, _serve, _write  # noqa: F401  (they register their commands)
+    from . import _consumers, _db, _read, _serve, _write  # noqa: F401  (they register commands)
     from ._app import app
 
     for module in pkgutil.iter_modules(__path__):

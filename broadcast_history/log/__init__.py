@@ -1,7 +1,8 @@
 """The durable event log (SQLAlchemy Core over SQLite or Postgres).
 
 :class:`EventLog` is the only way into the log's tables: its lifecycle, reads,
-pages, stats, trimming, retention, deletion and import. The Alembic environment
+pages, stats, trimming, retention, deletion and import, and durable consumers'
+positions and leases. The Alembic environment
 (``migrations/env.py``) uses :func:`migration_engine`, :data:`metadata` and
 :data:`VERSION_TABLE`; tools use :func:`schema_revision` and :func:`head_revision`.
 """
@@ -9,7 +10,7 @@ pages, stats, trimming, retention, deletion and import. The Alembic environment
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ._engine import create_engine, normalize_url
-from ._info import ChannelInfo, LogTotals, Pending, Retention
+from ._info import ChannelInfo, ConsumerInfo, LeaseAttempt, LogTotals, Pending, Retention
 from ._log import EventLog
 from ._migrate import head_revision, schema_revision
 from ._schema import VERSION_TABLE, metadata
@@ -24,7 +25,9 @@ def migration_engine(url: str) -> AsyncEngine:
 __all__ = [
     "VERSION_TABLE",
     "ChannelInfo",
+    "ConsumerInfo",
     "EventLog",
+    "LeaseAttempt",
     "LogTotals",
     "Pending",
     "Retention",

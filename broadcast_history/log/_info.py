@@ -99,3 +99,50 @@ class Retention:
             raise InvalidArgument("interval must be a number of seconds")
         if self.interval <= 0:
             raise InvalidArgument("interval must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerInfo:
+    """A durable consumer of a channel: its stored position and who holds it.
+
+    Attributes:
+        channel: The channel it reads.
+        name: Its name (``subscribe(channel, consumer=name)``).
+        epoch: The channel's epoch its position belongs to (``None`` before its first
+            commit).
+        position: Offset of the last event it committed (``None`` before its first
+            commit).
+        lag: Events stored after its position; ``None`` without a position, or when
+            the position belongs to an earlier epoch of the channel (resuming it
+            raises :class:`StreamReset`).
+        updated_at: When its position was last stored.
+        holder: The process holding its lease now (``host:pid:id``), ``None`` when
+            free.
+    """
+
+    channel: str
+    name: str
+    epoch: int | None
+    position: int | None
+    lag: int | None
+    updated_at: datetime | None
+    holder: str | None
+
+
+class LeaseAttempt(NamedTuple):
+    """The outcome of ``EventLog.acquire_lease``.
+
+    Attributes:
+        acquired: Whether the lease is now the caller's.
+        epoch: When acquired: the epoch of the stored position (``None``: none stored).
+        position: When acquired: the stored position (``None``: none stored).
+        holder: When not acquired: who holds the lease.
+        expires_in: When not acquired: seconds until that lease runs out unless
+            renewed.
+    """
+
+    acquired: bool
+    epoch: int | None = None
+    position: int | None = None
+    holder: str | None = None
+    expires_in: float = 0.0

@@ -15,6 +15,7 @@ from .._event import Event, from_micros, to_micros
 from .._validation import check_int, check_optional_int, check_time
 from . import _migrate, _queries
 from ._calls import Conflict, append_error, finish_on_cancel, translated
+from ._consumer_log import ConsumerMethods
 from ._engine import MEMORY_URL, is_memory_sqlite, normalize_url, require_file
 from ._info import ChannelInfo, LogTotals, Pending, Retention
 from ._rows import now_micros
@@ -23,12 +24,14 @@ from ._store import Store
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 
-class EventLog:
+class EventLog(ConsumerMethods):
     """Durable, append-only store of every published event.
 
     Reached as ``broadcast.log``; usable alone for admin work. Offsets are allocated
     from a per-channel counter row inside the inserting transaction, so they are
     gap-free and in commit order under any number of writers sharing the database.
+    It also keeps the positions and leases of durable consumers (the methods of
+    ``ConsumerMethods``: ``acquire_lease``, ``commit_position``, ``consumers``...).
 
     Args:
         url: SQLAlchemy URL (``sqlite+aiosqlite:///events.db``,

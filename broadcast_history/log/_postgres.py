@@ -11,16 +11,17 @@ writer of the same channel waits on the row lock, then increments the committed 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
 from sqlalchemy import Select, bindparam, event, func, select
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DisconnectionError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .._errors import LogUnavailable
+from .._errors import BroadcastError, LogUnavailable
 from .._event import Event, from_micros, stored_event
 from ._calls import Conflict, append_error, is_data_error
 from ._engine import create_engine
@@ -47,6 +48,20 @@ class PostgresStore(Store):
         engine, self._engine = self._engine, None
         if engine is not None:
             await engine.dispose()
+
+    @asynccontextmanager
+    async def autocommit(self) -> AsyncIterator[AsyncConnection]:
+        async with self.engine.connect() as conn:
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
+            try:
+                yield conn
+            except BroadcastError:
+                raise  # raised between statements: the connection is fine
+            except BaseException:
+                # As in append: no ROLLBACK runs on return to the pool in autocommit,
+                # so a connection broken mid-statement is discarded here.
+                await conn.invalidate()
+                raise
 
     async def append(self, items: Sequence[Pending]) -> list[Event]:
         return await append(self.engine, items)

@@ -69,10 +69,12 @@ consumers = Table(
     metadata,
     Column("channel", String(255), nullable=False),
     Column("name", String(255), nullable=False),
-    # The channel's epoch the position belongs to: a reset channel invalidates it.
-    Column("epoch", BigInteger, nullable=False),
-    Column("position", BigInteger, nullable=False),
-    Column("updated_at", BigInteger, nullable=False),
+    # The position and the channel's epoch it belongs to (a reset channel invalidates
+    # it), and when it was stored: all NULL until the first commit, since a holder's
+    # lease needs the row before there is a position to keep.
+    Column("epoch", BigInteger, nullable=True),
+    Column("position", BigInteger, nullable=True),
+    Column("updated_at", BigInteger, nullable=True),
     # Who holds the consumer and until when (microseconds, the log's clock).
     Column("holder", String(64), nullable=True),
     Column("lease_expires", BigInteger, nullable=True),

@@ -59,6 +59,18 @@ class Store:
             if self.lock is not None:
                 self.lock.release()
 
+    @asynccontextmanager
+    async def autocommit(self) -> AsyncIterator[AsyncConnection]:
+        """A connection whose statements commit one by one, for lease statements.
+
+        A lease statement is atomic by itself. Inside a transaction, a holder paused
+        between its statement and COMMIT (SIGSTOP, a debugger) would keep the row
+        locked and block the standby meant to take over. This default, a write
+        transaction, is for SQLite, whose processes share one host and one lock.
+        """
+        async with self.begin(write=True) as conn:
+            yield conn
+
     async def append(self, items: Sequence[Pending]) -> list[Event]:
         """Store ``items`` in one transaction (see ``EventLog.append``)."""
         raise NotImplementedError

@@ -27,7 +27,7 @@ export async function showConsumers(api, channel) {
       "tr",
       { dataset: { consumer: c.name } },
       el("td", {}, c.name),
-      el("td", { className: "num" }, String(c.epoch)),
+      el("td", { className: "num" }, c.epoch === null ? "—" : String(c.epoch)),
       el("td", { className: "num" }, number(c.position)),
       el("td", { className: `num lag${c.lag ? " behind" : ""}` }, number(c.lag)),
       el("td", {}, time(c.updated_at)),

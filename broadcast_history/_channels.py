@@ -1,0 +1,86 @@
+"""A broadcast's subscribers by channel, and its subscriptions on the transport."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from .backends import BroadcastBackend
+
+if TYPE_CHECKING:
+    from ._subscriber import Subscriber
+
+
+class Channels:
+    """The subscribers of one broadcast, by channel.
+
+    A channel is subscribed on the live transport while it has a subscriber here, once
+    however many it has; the lock orders the first subscriber's ``subscribe`` and the
+    last one's ``unsubscribe`` of a channel.
+    """
+
+    def __init__(self, backend: BroadcastBackend) -> None:
+        #: Subscribers by channel (only channels that have some).
+        self.subscribers: dict[str, set[Subscriber]] = {}
+        self._backend = backend
+        self._on_transport: set[str] = set()
+        self._lock: asyncio.Lock | None = None
+
+    def open(self) -> None:
+        """Ready for subscribers (in the running event loop)."""
+        self._lock = asyncio.Lock()
+
+    def close(self) -> None:
+        """End every subscription and forget them (the transport is going away)."""
+        for subscribers in self.subscribers.values():
+            for subscriber in subscribers:
+                subscriber._close()
+        self.subscribers.clear()
+        self._on_transport.clear()
+
+    async def attach(self, subscriber: Subscriber) -> None:
+        """Add ``subscriber``, subscribing its channel on the transport if needed."""
+        channel = subscriber.channel
+        self.subscribers.setdefault(channel, set()).add(subscriber)
+        if channel in self._on_transport:
+            return
+        assert self._lock is not None
+        async with self._lock:
+            if channel not in self._on_transport:
+                try:
+                    await self._backend.subscribe(channel)
+                except Exception:
+                    self._forget(subscriber)
+                    raise
+                self._on_transport.add(channel)
+
+    async def detach(self, subscriber: Subscriber, *, connected: bool) -> None:
+        """Close and remove ``subscriber``; the last one of a channel unsubscribes it."""
+        subscriber._close()
+        channel = subscriber.channel
+        if not self._forget(subscriber) or self._lock is None:
+            return
+        async with self._lock:
+            if channel not in self.subscribers and channel in self._on_transport:
+                self._on_transport.discard(channel)
+                if connected:
+                    await self._backend.unsubscribe(channel)
+
+    def modes(self) -> dict[str, int]:
+        """How many subscriptions are open, by mode: ``"live"`` or ``"replay"``."""
+        modes = {"replay": 0, "live": 0}
+        for group in self.subscribers.values():
+            for subscriber in group:
+                modes["live" if subscriber.live else "replay"] += 1
+        return modes
+
+    def _forget(self, subscriber: Subscriber) -> bool:
+        """Remove ``subscriber``; whether its channel has no subscribers left."""
+        subscribers = self.subscribers.get(subscriber.channel)
+        if subscribers is None:
+            return False
+        subscribers.discard(subscriber)
+        if subscribers:
+            return False
+        del self.subscribers[subscriber.channel]
+        return True

@@ -1,0 +1,230 @@
+"""The leases of durable consumers a broadcast holds: taken, renewed, given back.
+
+Renewal cost does not grow with the number of consumers a process holds: the leases
+of one duration are renewed together, by one statement a third of the lease apart
+(``EventLog.renew_leases``), so 1,000 consumers held by one broadcast cost about as
+much as one. Subscriptions waiting for a consumer held elsewhere ask together too
+(:mod:`._standbys`).
+
+Renewals must not wait behind other writes: SQLite runs one write at a time, so a
+burst of 1,000 acquisitions or commits could delay a renewal past the lease. A
+broadcast therefore has at most a few acquisitions, commits and releases in flight
+(:data:`IN_FLIGHT`); renewals do not queue behind the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from datetime import datetime
+from typing import Any, TypeVar
+
+from ._consumer import DEFAULT_LEASE, Bound, Holding
+from ._errors import BroadcastError, ConsumerBusy, InvalidArgument
+from ._standbys import Standbys
+from ._validation import check_consumer, check_seconds
+from .log import EventLog, LeaseAttempt
+
+logger = logging.getLogger("broadcast_history")
+S = TypeVar("S", bound=Bound)
+#: Lease writes (acquire, commit, release) one broadcast runs at once.
+IN_FLIGHT = 8
+
+
+def check_consumer_options(
+    consumer: str | None, auto_commit: float | None, wait: bool, lease: float
+) -> None:
+    """Check the durable-consumer arguments of ``subscribe``."""
+    if consumer is None:
+        if auto_commit is not None or wait is not True or lease != DEFAULT_LEASE:
+            raise InvalidArgument("auto_commit, wait and lease need consumer=")
+        return
+    check_consumer(consumer)
+    check_seconds("lease", lease)
+    if auto_commit is not None:
+        check_seconds("auto_commit", auto_commit)
+    if not isinstance(wait, bool):
+        raise InvalidArgument(f"wait must be a bool, got {type(wait).__name__}")
+
+
+class Leases:
+    """Every durable consumer one broadcast holds."""
+
+    def __init__(self, log: EventLog) -> None:
+        self.log = log
+        self._host = socket.gethostname()[:32]
+        # Held leases by duration, by holder id: each duration has its renewal task.
+        self._held: dict[float, dict[str, Holding]] = {}
+        self._renewers: dict[float, asyncio.Task[None]] = {}
+        self._standbys = Standbys(log)
+        self._background: set[asyncio.Task[Any]] = set()
+        # Made in the running loop on first use (see IN_FLIGHT).
+        self._gate: asyncio.Semaphore | None = None
+
+    @property
+    def gate(self) -> asyncio.Semaphore:
+        """What acquisitions, commits and releases queue on (renewals do not)."""
+        if self._gate is None:
+            self._gate = asyncio.Semaphore(IN_FLIGHT)
+        return self._gate
+
+    @asynccontextmanager
+    async def subscription(
+        self,
+        subscribe: Callable[..., AbstractAsyncContextManager[S]],
+        channel: str,
+        name: str,
+        start: tuple[int | datetime | None, int | None, int | None],
+        hold: tuple[float | None, bool, float],
+    ) -> AsyncIterator[S]:
+        """Hold consumer ``name`` of ``channel`` for a subscription made by ``subscribe``.
+
+        Args:
+            start: ``since``, ``history`` and ``epoch`` for when no position is stored.
+                A stored position wins: the subscription starts after it, in its epoch
+                (so a reset channel raises ``StreamReset``, trimmed events
+                ``HistoryTruncated``).
+            hold: ``auto_commit``, ``wait`` and ``lease`` (see ``Broadcast.subscribe``).
+        """
+        (since, history, epoch), (auto_commit, wait, lease) = start, hold
+        holding = await self._acquire(channel, name, lease, wait, auto_commit)
+        try:
+            if holding.stored is not None:
+                (epoch, since), history = holding.stored, None
+            async with subscribe(channel, since=since, history=history, epoch=epoch) as sub:
+                holding.bind(sub)
+                yield sub
+                await holding.finish()
+        finally:
+            await self._release(holding)
+
+    async def close(self) -> None:
+        """Stop standbys; store what auto-committing holders handled, then give every
+        lease back."""
+        await self._standbys.close()
+        renewers = list(self._renewers.values())
+        self._renewers.clear()
+        for task in renewers:
+            task.cancel()
+        await asyncio.gather(*renewers, return_exceptions=True)
+        holdings = [holding for group in self._held.values() for holding in group.values()]
+        for holding in holdings:
+            await holding.commit_handled()
+            await self._release(holding)
+        self._held.clear()
+        self._gate = None
+
+    # -- taking and giving back ----------------------------------------------------
+
+    async def _acquire(
+        self, channel: str, name: str, lease: float, wait: bool, auto_commit: float | None
+    ) -> Holding:
+        holder = f"{self._host}:{os.getpid()}:{secrets.token_hex(6)}"
+        sent = asyncio.get_running_loop().time()
+        attempt = await self._try(channel, name, holder, lease)
+        found = attempt.epoch, attempt.position
+        if not attempt.acquired:
+            if not wait:
+                raise ConsumerBusy(
+                    f"consumer {name!r} of {channel!r} is held by {attempt.holder} (its lease "
+                    f"runs out in {attempt.expires_in:.1f} s unless renewed)"
+                )
+            sent, found = await self._standbys.wait(channel, name, holder, lease)
+        stored = None if found[0] is None or found[1] is None else (found[0], found[1])
+        holding = Holding(
+            self.log,
+            self.gate,
+            channel,
+            name,
+            holder,
+            lease=lease,
+            auto_commit=auto_commit,
+            stored=stored,
+            valid_until=sent + lease,
+        )
+        group = self._held.setdefault(lease, {})
+        group[holder] = holding
+        task = self._renewers.get(lease)
+        if task is None or task.done():
+            self._renewers[lease] = asyncio.create_task(
+                self._renew(lease), name="broadcast-history-lease-renewal"
+            )
+        return holding
+
+    async def _try(self, channel: str, name: str, holder: str, lease: float) -> LeaseAttempt:
+        async with self.gate:
+            task = asyncio.ensure_future(self.log.acquire_lease(channel, name, holder, lease))
+            try:
+                return await asyncio.shield(task)
+            except asyncio.CancelledError:
+                # The statement still runs to its end and may take the lease: give it
+                # back then, rather than leave a standby waiting for it to run out.
+                task.add_done_callback(lambda done: self._give_back(done, channel, name, holder))
+                raise
+
+    def _give_back(
+        self, done: asyncio.Future[LeaseAttempt], channel: str, name: str, holder: str
+    ) -> None:
+        if done.cancelled() or done.exception() is not None or not done.result().acquired:
+            return
+        task = asyncio.ensure_future(self.log.release_lease(channel, name, holder))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _release(self, holding: Holding) -> None:
+        await holding.stop_auto()
+        group = self._held.get(holding.lease)
+        if group is not None:
+            group.pop(holding.holder, None)
+        if holding.closed:
+            return
+        holding.closed = True
+        try:
+            async with self.gate:
+                await self.log.release_lease(holding.channel, holding.name, holding.holder)
+        except BroadcastError as exc:
+            logger.warning(
+                "consumer %r of %r: giving its lease back failed (it runs out by itself): %s",
+                holding.name,
+                holding.channel,
+                exc,
+            )
+        self._standbys.poke()
+
+    # -- renewal -------------------------------------------------------------------
+
+    async def _renew(self, lease: float) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(lease / 3)
+            group = self._held.get(lease)
+            if not group:
+                # Nothing left to renew: stop (a new lease of this duration starts a task).
+                self._held.pop(lease, None)
+                self._renewers.pop(lease, None)
+                return
+            holdings = list(group.values())
+            sent = loop.time()
+            try:
+                kept: set[str] | None = await self.log.renew_leases(
+                    [holding.holder for holding in holdings], lease
+                )
+            except Exception as exc:
+                # Tried again next period; meanwhile each holding stops by itself once
+                # its lease may have run out (Holding.check).
+                logger.warning("renewing %d consumer leases failed: %s", len(holdings), exc)
+                kept = None
+            for holding in holdings:
+                if kept is None:
+                    if holding.overdue():
+                        holding.lose("the log could not be reached to renew it")
+                elif holding.holder in kept:
+                    holding.renewed(sent)
+                elif group.get(holding.holder) is holding:
+                    group.pop(holding.holder, None)
+                    holding.lose("it ran out and another holder took it over")

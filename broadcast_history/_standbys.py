@@ -1,0 +1,128 @@
+"""Subscriptions waiting for a durable consumer that another holder has (standbys).
+
+The standbys of one broadcast ask together: once per third of a lease, one read of
+which wanted consumers are held (it locks nothing), then one statement trying the
+free ones (``EventLog.acquire_leases``). A thousand standbys cost what one does. A
+subscription of the same broadcast that lets a consumer go pokes them to ask at
+once; one in another process is noticed at the next period, and a dead holder's
+lease when it runs out: a standby takes over within a lease and a third of one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from ._errors import LogError, Unsubscribed
+from .log import EventLog
+
+logger = logging.getLogger("broadcast_history")
+#: What a standby gets with the lease: when the winning statement was sent (loop
+#: time) and the stored (epoch, position), both ``None`` if none is stored.
+Taken = tuple[float, tuple[int | None, int | None]]
+
+
+class _Waiting:
+    __slots__ = ("channel", "holder", "name", "taken")
+
+    def __init__(self, channel: str, name: str, holder: str, taken: asyncio.Future[Taken]):
+        self.channel = channel
+        self.name = name
+        self.holder = holder
+        self.taken = taken
+
+
+class Standbys:
+    """Every subscription of one broadcast waiting for a consumer's lease."""
+
+    def __init__(self, log: EventLog) -> None:
+        self.log = log
+        # By lease duration (each has its own period and poller), by holder id.
+        self._waiting: dict[float, dict[str, _Waiting]] = {}
+        self._pollers: dict[float, asyncio.Task[None]] = {}
+        self._pokes: dict[float, asyncio.Event] = {}
+
+    async def wait(self, channel: str, name: str, holder: str, lease: float) -> Taken:
+        """Wait until ``holder`` has the lease of consumer ``name`` of ``channel``.
+
+        Raises:
+            Unsubscribed: The broadcast disconnected meanwhile.
+        """
+        taken: asyncio.Future[Taken] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(lease, {})[holder] = _Waiting(channel, name, holder, taken)
+        poller = self._pollers.get(lease)
+        if poller is None or poller.done():
+            self._pokes[lease] = asyncio.Event()
+            self._pollers[lease] = asyncio.create_task(
+                self._poll(lease), name="broadcast-history-standbys"
+            )
+        try:
+            return await taken
+        except asyncio.CancelledError:
+            self._waiting.get(lease, {}).pop(holder, None)
+            if taken.done() and not taken.cancelled() and taken.exception() is None:
+                # Taken as the caller gave up: give it back, so others need not wait.
+                await asyncio.shield(self.log.release_lease(channel, name, holder))
+            raise
+
+    def poke(self) -> None:
+        """A consumer was let go here: ask now rather than at the next period."""
+        for poke in self._pokes.values():
+            poke.set()
+
+    async def close(self) -> None:
+        """Stop waiting: every standby gets :class:`Unsubscribed`."""
+        pollers = list(self._pollers.values())
+        self._pollers.clear()
+        self._pokes.clear()
+        for task in pollers:
+            task.cancel()
+        await asyncio.gather(*pollers, return_exceptions=True)
+        for group in self._waiting.values():
+            for waiting in group.values():
+                if not waiting.taken.done():
+                    waiting.taken.set_exception(Unsubscribed("the broadcast disconnected"))
+        self._waiting.clear()
+
+    async def _poll(self, lease: float) -> None:
+        loop = asyncio.get_running_loop()
+        poke = self._pokes[lease]
+        while True:
+            group = self._waiting.get(lease)
+            if not group:
+                # Nobody waits: stop (the next standby of this duration starts a poller).
+                self._waiting.pop(lease, None)
+                self._pollers.pop(lease, None)
+                self._pokes.pop(lease, None)
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(poke.wait(), lease / 3)
+            poke.clear()
+            # One claim per consumer: a statement may not take the same row twice.
+            claims: dict[tuple[str, str], _Waiting] = {}
+            for waiting in group.values():
+                if not waiting.taken.done():
+                    claims.setdefault((waiting.channel, waiting.name), waiting)
+            if not claims:
+                continue
+            sent = loop.time()
+            try:
+                taken = await self.log.acquire_leases(
+                    [(w.channel, w.name, w.holder) for w in claims.values()], lease
+                )
+            except LogError as exc:
+                # A standby's job is to wait: try again next period.
+                logger.warning("standbys could not ask for their leases: %s", exc)
+                continue
+            for waiting in claims.values():
+                stored = taken.get(waiting.holder)
+                if stored is not None:
+                    group.pop(waiting.holder, None)
+                    if not waiting.taken.done():
+                        waiting.taken.set_result((sent, stored))
+                        continue
+                    try:  # the standby gave up meanwhile: let the lease go
+                        await self.log.release_lease(waiting.channel, waiting.name, waiting.holder)
+                    except LogError as exc:
+                        logger.warning("an unwanted lease runs out by itself: %s", exc)

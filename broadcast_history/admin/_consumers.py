@@ -1,0 +1,56 @@
+"""The admin queries of durable consumers (part of :class:`HistoryAdmin`)."""
+
+from __future__ import annotations
+
+from .._validation import check_channel, check_consumer, check_int
+from ..log import ConsumerInfo, EventLog
+from ._errors import ChannelNotFound, ConsumerNotFound
+
+
+class ConsumerAdmin:
+    """Durable consumers: list them with their lag, move or forget a position."""
+
+    log: EventLog
+
+    async def consumers(self, channel: str | None = None) -> list[ConsumerInfo]:
+        """Durable consumers (of ``channel``, or of every channel), ordered by channel
+        and name, with their position, lag behind the head and live holder.
+
+        A consumer may name a channel that does not exist (yet, or any more).
+        """
+        if channel is not None:
+            check_channel(channel)
+        return await self.log.consumers(channel)
+
+    async def set_consumer(self, channel: str, name: str, position: int) -> ConsumerInfo:
+        """Set the stored position of consumer ``name`` of ``channel`` (created if
+        needed), in the channel's current epoch: its next holder starts after it.
+
+        Moving it back makes the consumer process events again; forward, skip them.
+
+        Raises:
+            ChannelNotFound: The log has no such channel.
+            ConsumerBusy: A running process holds the consumer: stop it first.
+            OffsetOutOfRange: ``position`` is beyond the channel's head.
+            HistoryTruncated: Events after ``position`` were trimmed.
+        """
+        check_channel(channel)
+        check_consumer(name)
+        check_int("position", position)
+        info = await self.log.set_consumer(channel, name, position)
+        if info is None:
+            raise ChannelNotFound(f"no channel {channel!r} in the log")
+        return info
+
+    async def delete_consumer(self, channel: str, name: str) -> None:
+        """Forget consumer ``name`` of ``channel`` and its position: its next
+        subscription starts from its ``since``/``history`` again.
+
+        Raises:
+            ConsumerNotFound: No such consumer.
+            ConsumerBusy: A running process holds the consumer: stop it first.
+        """
+        check_channel(channel)
+        check_consumer(name)
+        if not await self.log.delete_consumer(channel, name):
+            raise ConsumerNotFound(f"no consumer {name!r} of channel {channel!r}")

@@ -1,0 +1,107 @@
+"""Durable consumers: ``consumers [CHANNEL]``, ``consumer set``, ``consumer delete``."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from ..admin._schemas import ConsumerOut
+from ..log import ConsumerInfo
+from ._app import app, console, err_console, open_admin, run
+from ._options import DEFAULT_LOG, JsonOption, LogOption
+
+consumer = typer.Typer(
+    help="Move or forget a durable consumer's stored position.", no_args_is_help=True
+)
+app.add_typer(consumer, name="consumer")
+
+Channel = Annotated[str, typer.Argument(help="The channel.")]
+Name = Annotated[str, typer.Argument(help="The consumer's name.")]
+
+
+def _text(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, datetime):
+        return value.isoformat(sep=" ", timespec="seconds")
+    return escape(str(value))
+
+
+def _lag(info: ConsumerInfo) -> str:
+    if info.lag is None:
+        # No position yet, or one of an earlier epoch: resuming it raises StreamReset.
+        return "-" if info.position is None else "[red]reset[/]"
+    return f"[yellow]{info.lag}[/]" if info.lag else "0"
+
+
+def _describe(info: ConsumerInfo) -> str:
+    return (
+        f"consumer {escape(info.name)!r} of {escape(info.channel)!r}: position "
+        f"{_text(info.position)} (epoch {_text(info.epoch)}), lag {_text(info.lag)}"
+    )
+
+
+@app.command("consumers")
+def list_consumers(
+    channel: Annotated[str | None, typer.Argument(help="Only this channel's consumers.")] = None,
+    as_json: JsonOption = False,
+    log: LogOption = DEFAULT_LOG,
+) -> None:
+    """List durable consumers: stored position, lag behind the head, holder."""
+
+    async def go() -> list[ConsumerInfo]:
+        async with open_admin(log) as admin:
+            return await admin.consumers(channel)
+
+    found = run(go())
+    if as_json:
+        for info in found:
+            typer.echo(ConsumerOut.of(info).model_dump_json())
+        return
+    if not found:
+        err_console.print("no durable consumers" + (f" of {channel!r}" if channel else ""))
+        return
+    table = Table("Channel", "Consumer", "Epoch", "Position", "Lag", "Updated", "Holder")
+    for info in found:
+        table.add_row(
+            escape(info.channel),
+            escape(info.name),
+            _text(info.epoch),
+            _text(info.position),
+            _lag(info),
+            _text(info.updated_at),
+            _text(info.holder) if info.holder else "[dim]free[/]",
+        )
+    console.print(table)
+
+
+@consumer.command("set")
+def set_position(
+    channel: Channel,
+    name: Name,
+    position: Annotated[int, typer.Argument(min=0, help="Its next holder starts after it.")],
+    log: LogOption = DEFAULT_LOG,
+) -> None:
+    """Set a consumer's position (created if needed); refused while a process holds it."""
+
+    async def go() -> ConsumerInfo:
+        async with open_admin(log) as admin:
+            return await admin.set_consumer(channel, name, position)
+
+    console.print(_describe(run(go())))
+
+
+@consumer.command("delete")
+def delete(channel: Channel, name: Name, log: LogOption = DEFAULT_LOG) -> None:
+    """Forget a consumer and its position; refused while a process holds it."""
+
+    async def go() -> None:
+        async with open_admin(log) as admin:
+            await admin.delete_consumer(channel, name)
+
+    run(go())
+    console.print(f"deleted consumer {escape(name)!r} of {escape(channel)!r}")

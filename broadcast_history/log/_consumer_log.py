@@ -1,0 +1,153 @@
+"""The event log's methods for durable consumers (part of :class:`EventLog`).
+
+Kept in a module of their own so each module stays small; ``EventLog`` inherits
+them. They are the only way to table ``broadcast_consumers``: the leases that make
+one process at a time the holder of a consumer, and the positions it commits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from .._errors import InvalidArgument
+from .._validation import check_channel, check_consumer, check_int, check_seconds
+from . import _consumers
+from ._calls import finish_on_cancel, translated
+from ._info import ConsumerInfo, LeaseAttempt
+from ._store import Store
+
+
+def _micros(name: str, seconds: float) -> int:
+    return max(1, round(check_seconds(name, seconds) * 1_000_000))
+
+
+def _holder(holder: Any) -> str:
+    if not isinstance(holder, str) or not 0 < len(holder) <= 64:
+        raise InvalidArgument("a lease holder is a str of 1 to 64 characters")
+    return holder
+
+
+class ConsumerMethods:
+    """Leases and positions of durable consumers."""
+
+    _store: Store
+
+    @finish_on_cancel
+    async def acquire_lease(
+        self, channel: str, name: str, holder: str, lease: float
+    ) -> LeaseAttempt:
+        """Make ``holder`` the holder of consumer ``name`` of ``channel`` for ``lease``
+        seconds, unless another holder's lease is still running.
+
+        The check and the take are one statement: of several processes trying at
+        once, exactly one gets the lease. When acquired, the answer carries the
+        stored position (if any), read in that same statement.
+        """
+        check_channel(channel)
+        check_consumer(name)
+        lease_us = _micros("lease", lease)
+        async with translated(), self._store.autocommit() as conn:
+            return await _consumers.acquire(conn, channel, name, _holder(holder), lease_us)
+
+    @finish_on_cancel
+    async def acquire_leases(
+        self, claims: Sequence[tuple[str, str, str]], lease: float
+    ) -> dict[str, tuple[int | None, int | None]]:
+        """:meth:`acquire_lease` for many consumers at once, for processes waiting
+        for them: ``claims`` are (channel, name, holder), one per consumer.
+
+        Returns:
+            For each holder that got its lease: the stored (epoch, position), both
+            ``None`` when no position is stored.
+        """
+        lease_us = _micros("lease", lease)
+        keys = {(channel, name) for channel, name, _ in claims}
+        if len(keys) != len(claims):
+            raise InvalidArgument("one claim per consumer")
+        for channel, name, holder in claims:
+            check_channel(channel)
+            check_consumer(name)
+            _holder(holder)
+        async with translated(), self._store.autocommit() as conn:
+            return await _consumers.acquire_many(conn, claims, lease_us)
+
+    @finish_on_cancel
+    async def renew_leases(self, holders: Sequence[str], lease: float) -> set[str]:
+        """Extend the leases of ``holders`` by ``lease`` seconds, in one statement (per
+        500 holders); returns the holders whose lease was extended.
+
+        A holder missing from the answer lost its lease: another process took the
+        consumer over after it ran out (or it was given back). A lease that ran out
+        but that nobody took is renewed: no other holder processed anything meanwhile.
+        """
+        lease_us = _micros("lease", lease)
+        if not holders:
+            return set()
+        async with translated(), self._store.autocommit() as conn:
+            return await _consumers.renew(conn, [_holder(h) for h in holders], lease_us)
+
+    @finish_on_cancel
+    async def release_lease(self, channel: str, name: str, holder: str) -> None:
+        """Give up ``holder``'s lease of the consumer (nothing if it is not held by
+        ``holder``); a consumer that never committed is forgotten with it."""
+        async with translated(), self._store.autocommit() as conn:
+            await _consumers.release(conn, channel, name, holder)
+
+    @finish_on_cancel
+    async def commit_position(
+        self, channel: str, name: str, holder: str, epoch: int, position: int, lease: float
+    ) -> int | None:
+        """Store the consumer's position, fenced by ``holder``'s lease.
+
+        Written only if ``holder`` still holds an unexpired lease, checked in the
+        same statement (which also extends the lease by ``lease`` seconds). A
+        position is never moved backwards within an epoch.
+
+        Returns:
+            The position now stored (``position`` or a higher one committed before),
+            or ``None`` if ``holder`` does not hold the lease: nothing was written.
+        """
+        check_int("epoch", epoch)
+        check_int("position", position)
+        lease_us = _micros("lease", lease)
+        async with translated(), self._store.autocommit() as conn:
+            return await _consumers.commit(conn, channel, name, holder, epoch, position, lease_us)
+
+    @finish_on_cancel
+    async def consumers(self, channel: str | None = None) -> list[ConsumerInfo]:
+        """The durable consumers (of ``channel``, or of every channel), ordered by
+        channel and name, with their lag and live holder."""
+        if channel is not None:
+            check_channel(channel)
+        async with translated(), self._store.begin() as conn:
+            return await _consumers.listing(conn, channel)
+
+    @finish_on_cancel
+    async def set_consumer(self, channel: str, name: str, position: int) -> ConsumerInfo | None:
+        """Store ``position`` (in the channel's current epoch) as the consumer's, created
+        if needed; it may move backwards (to process events again). ``None`` if the
+        channel does not exist.
+
+        Raises:
+            ConsumerBusy: A running process holds the consumer.
+            OffsetOutOfRange: ``position`` is beyond the channel's head.
+            HistoryTruncated: Events after ``position`` were trimmed.
+        """
+        check_channel(channel)
+        check_consumer(name)
+        check_int("position", position)
+        async with translated(), self._store.begin(write=True) as conn:
+            return await _consumers.set_position(conn, channel, name, position)
+
+    @finish_on_cancel
+    async def delete_consumer(self, channel: str, name: str) -> bool:
+        """Forget a consumer and its position; whether it existed.
+
+        Raises:
+            ConsumerBusy: A running process holds the consumer.
+        """
+        check_channel(channel)
+        check_consumer(name)
+        async with translated(), self._store.begin(write=True) as conn:
+            return await _consumers.remove(conn, channel, name)

@@ -1,0 +1,325 @@
+"""Queries of durable consumers' rows: leases and positions (SQLAlchemy Core).
+
+One row per (channel, consumer): the committed position with its epoch, and the
+lease of the process holding the consumer. Every decision about a lease is taken
+inside the statement that acts on it (the upsert that acquires, the update that
+renews or commits), so two processes can never both believe they hold it: the row
+lock orders them and the loser's condition no longer matches.
+
+Lease times are microseconds on the log's clock. On Postgres that is the server's
+``clock_timestamp()``, so holders on several hosts are judged by one clock; a SQLite
+log is shared only by processes of one host, which share its clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    String,
+    and_,
+    any_,
+    bindparam,
+    case,
+    cast,
+    delete,
+    func,
+    or_,
+    select,
+    text,
+    tuple_,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.expression import Executable
+
+from .._errors import ConsumerBusy
+from .._event import from_micros
+from .._validation import check_served
+from ._info import ConsumerInfo, LeaseAttempt
+from ._rows import now_micros
+from ._schema import channels, consumers
+
+_C = consumers.c
+# Holders renewed per statement: well under every database's limit on parameters.
+_CHUNK = 500
+
+
+class _Statements:
+    """The consumer statements of one database, built once with bind parameters:
+    lease statements run often, and building an upsert costs more than running it."""
+
+    def __init__(self, postgres: bool) -> None:
+        dialect: Any = postgresql if postgres else sqlite
+        now: ColumnElement[int]
+        if postgres:
+            seconds = func.extract("epoch", func.clock_timestamp())
+            now = cast(func.round(seconds * 1_000_000), BigInteger)
+        else:
+            now = bindparam("b_now", type_=BigInteger)
+        key = and_(_C.channel == bindparam("b_channel"), _C.name == bindparam("b_name"))
+        mine = and_(key, _C.holder == bindparam("b_holder"))
+        lease = bindparam("b_lease", type_=BigInteger)
+        epoch = bindparam("b_epoch", type_=BigInteger)
+        position = bindparam("b_position", type_=BigInteger)
+        # The stored row has no live holder.
+        free = or_(_C.holder.is_(None), _C.lease_expires.is_(None), _C.lease_expires <= now)
+        self.postgres, self.now, self.free = postgres, now, free
+        row: dict[str, Any] = {"channel": bindparam("b_channel"), "name": bindparam("b_name")}
+
+        taking = dialect.insert(consumers).values(
+            **row, holder=bindparam("b_holder"), lease_expires=now + lease
+        )
+        self.acquire = taking.on_conflict_do_update(
+            index_elements=[_C.channel, _C.name],
+            set_={"holder": taking.excluded.holder, "lease_expires": taking.excluded.lease_expires},
+            where=free,
+        ).returning(_C.epoch, _C.position)
+        self.busy = select(_C.holder, _C.lease_expires - now).where(key)
+        self.held = select(_C.channel, _C.name).where(
+            tuple_(_C.channel, _C.name).in_(bindparam("b_keys", expanding=True)),
+            _C.holder.is_not(None),
+            _C.lease_expires > now,
+        )
+
+        if postgres:  # one prepared statement, whatever the number of holders
+            holders = _C.holder == any_(bindparam("b_holders", type_=postgresql.ARRAY(String)))
+        else:
+            holders = _C.holder.in_(bindparam("b_holders", expanding=True))
+        # A lease that ran out but that nobody took since is renewed too: the row
+        # still names this holder, so nobody else held the consumer meanwhile.
+        self.renew = (
+            update(consumers).where(holders).values(lease_expires=now + lease).returning(_C.holder)
+        )
+        # Giving a lease back forgets a row that never got a position.
+        self.release: list[Executable] = [
+            delete(consumers).where(mine, _C.position.is_(None)),
+            update(consumers).where(mine).values(holder=None, lease_expires=None),
+        ]
+        if postgres:  # one round trip; each half touches rows the other does not
+            self.release = [
+                text(
+                    f"WITH forgotten AS (DELETE FROM {consumers.name} WHERE channel = "
+                    ":b_channel AND name = :b_name AND holder = :b_holder AND position "
+                    f"IS NULL) UPDATE {consumers.name} SET holder = NULL, lease_expires = "
+                    "NULL WHERE channel = :b_channel AND name = :b_name AND holder = :b_holder"
+                    " AND position IS NOT NULL"
+                )
+            ]
+
+        ahead = and_(_C.epoch == epoch, _C.position >= position)
+        self.commit = (
+            update(consumers)
+            .where(mine, _C.lease_expires > now)
+            .values(
+                # SET expressions all read the row as it was: the CASE sees the old epoch.
+                position=case((ahead, _C.position), else_=position),
+                epoch=epoch,
+                updated_at=now,
+                lease_expires=now + lease,
+            )
+            .returning(_C.position)
+        )
+
+        setting = dialect.insert(consumers).values(
+            **row, epoch=epoch, position=position, updated_at=now
+        )
+        self.set_position = setting.on_conflict_do_update(
+            index_elements=[_C.channel, _C.name],
+            set_={c: setting.excluded[c] for c in ("epoch", "position", "updated_at")},
+            where=free,
+        ).returning(_C.name)
+        self.remove = delete(consumers).where(key, free)
+        self.exists = select(_C.name).where(key)
+
+        live = and_(_C.holder.is_not(None), _C.lease_expires > now)
+        self.listing = (
+            select(
+                _C.channel,
+                _C.name,
+                _C.epoch,
+                _C.position,
+                _C.updated_at,
+                case((live, _C.holder), else_=None),
+                channels.c.epoch,
+                channels.c.last_offset,
+            )
+            .select_from(consumers.outerjoin(channels, channels.c.name == _C.channel))
+            .order_by(_C.channel, _C.name)
+        )
+        self.listing_of = self.listing.where(_C.channel == bindparam("b_channel"))
+
+
+_BUILT: dict[str, _Statements] = {}
+
+
+def _statements(conn: AsyncConnection) -> tuple[_Statements, dict[str, Any]]:
+    """The statements of ``conn``'s database, and the parameters they all take."""
+    name = conn.dialect.name
+    built = _BUILT.get(name)
+    if built is None:
+        built = _BUILT[name] = _Statements(name == "postgresql")
+    # SQLite's clock is the host's: every process sharing the file reads the same one.
+    return built, ({} if name == "postgresql" else {"b_now": now_micros()})
+
+
+async def acquire(
+    conn: AsyncConnection, channel: str, name: str, holder: str, lease_us: int
+) -> LeaseAttempt:
+    """Take the lease of (channel, name) for ``holder`` if nobody holds it."""
+    sql, params = _statements(conn)
+    params.update(b_channel=channel, b_name=name, b_holder=holder, b_lease=lease_us)
+    row = (await conn.execute(sql.acquire, params)).first()
+    if row is not None:
+        return LeaseAttempt(True, row[0], row[1])
+    busy = (await conn.execute(sql.busy, params)).first()
+    if busy is None:  # released and deleted meanwhile: the caller tries again
+        return LeaseAttempt(False)
+    return LeaseAttempt(False, holder=busy[0], expires_in=max(0, busy[1] or 0) / 1e6)
+
+
+async def acquire_many(
+    conn: AsyncConnection, claims: Sequence[tuple[str, str, str]], lease_us: int
+) -> dict[str, tuple[int | None, int | None]]:
+    """Take the free leases among ``claims`` (channel, name, holder; one per
+    consumer); returns the stored (epoch, position) by holder, for those taken.
+
+    Which consumers are held is read first, without locking them; only the others
+    are tried, so waiting for busy consumers costs one read.
+    """
+    sql, params = _statements(conn)
+    taken: dict[str, tuple[int | None, int | None]] = {}
+    for start in range(0, len(claims), _CHUNK):
+        chunk = claims[start : start + _CHUNK]
+        keys = [(channel, name) for channel, name, _ in chunk]
+        held = await conn.execute(sql.held, {**params, "b_keys": keys})
+        busy = {(channel, name) for channel, name in held}
+        free = [claim for claim in chunk if (claim[0], claim[1]) not in busy]
+        if not free:
+            continue
+        dialect: Any = postgresql if sql.postgres else sqlite
+        expires = sql.now + lease_us
+        rows = [
+            {"channel": c, "name": n, "holder": h, "lease_expires": expires} for c, n, h in free
+        ]
+        taking = dialect.insert(consumers).values(rows)
+        statement = taking.on_conflict_do_update(
+            index_elements=[_C.channel, _C.name],
+            set_={"holder": taking.excluded.holder, "lease_expires": taking.excluded.lease_expires},
+            where=sql.free,
+        ).returning(_C.holder, _C.epoch, _C.position)
+        for holder, epoch, position in await conn.execute(statement, params):
+            taken[holder] = (epoch, position)
+    return taken
+
+
+async def renew(conn: AsyncConnection, holders: Sequence[str], lease_us: int) -> set[str]:
+    """Extend the leases ``holders`` still have; returns those holders."""
+    sql, params = _statements(conn)
+    kept: set[str] = set()
+    for start in range(0, len(holders), _CHUNK):
+        chunk = list(holders[start : start + _CHUNK])
+        result = await conn.execute(sql.renew, {**params, "b_holders": chunk, "b_lease": lease_us})
+        kept.update(row[0] for row in result)
+    return kept
+
+
+async def release(conn: AsyncConnection, channel: str, name: str, holder: str) -> None:
+    """Give the lease up; a row that never got a position goes with it."""
+    sql, params = _statements(conn)
+    params.update(b_channel=channel, b_name=name, b_holder=holder)
+    for statement in sql.release:
+        await conn.execute(statement, params)
+
+
+async def commit(
+    conn: AsyncConnection,
+    channel: str,
+    name: str,
+    holder: str,
+    epoch: int,
+    position: int,
+    lease_us: int,
+) -> int | None:
+    """Store ``position`` if ``holder`` still holds an unexpired lease (which the
+    commit extends); never moves a position of the same epoch backwards.
+
+    Returns the stored position, or ``None`` when the lease is not held: then nothing
+    was written.
+    """
+    sql, params = _statements(conn)
+    params.update(b_channel=channel, b_name=name, b_holder=holder, b_lease=lease_us)
+    params.update(b_epoch=epoch, b_position=position)
+    stored = (await conn.execute(sql.commit, params)).scalar()
+    return None if stored is None else int(stored)
+
+
+async def listing(conn: AsyncConnection, channel: str | None) -> list[ConsumerInfo]:
+    """Consumers (of ``channel``, or all) in (channel, name) order, with their lag."""
+    sql, params = _statements(conn)
+    query = sql.listing if channel is None else sql.listing_of
+    found = []
+    for row in await conn.execute(query, {**params, "b_channel": channel}):
+        of, name, epoch, position, updated, holder, channel_epoch, head = row
+        lag = None
+        if position is not None and epoch == channel_epoch:
+            lag = max(0, head - position)
+        when = None if updated is None else from_micros(updated)
+        found.append(ConsumerInfo(of, name, epoch, position, lag, when, holder))
+    return found
+
+
+async def set_position(
+    conn: AsyncConnection, channel: str, name: str, position: int
+) -> ConsumerInfo | None:
+    """Store ``position`` (of the channel's current epoch) for a consumer nobody holds.
+
+    Returns ``None`` if the channel does not exist.
+
+    Raises:
+        ConsumerBusy: A live holder has the consumer.
+        OffsetOutOfRange: ``position`` is beyond the channel's head.
+        HistoryTruncated: The events after ``position`` were trimmed.
+    """
+    result = await conn.execute(
+        select(channels.c.epoch, channels.c.first_offset, channels.c.last_offset).where(
+            channels.c.name == channel
+        )
+    )
+    found = result.first()
+    if found is None:
+        return None
+    epoch, first, last = found
+    check_served(channel, position, first, last, "position")
+    sql, params = _statements(conn)
+    params.update(b_channel=channel, b_name=name, b_epoch=epoch, b_position=position)
+    if (await conn.execute(sql.set_position, params)).first() is None:
+        raise _busy(channel, name)
+    [info] = [c for c in await listing(conn, channel) if c.name == name]
+    return info
+
+
+async def remove(conn: AsyncConnection, channel: str, name: str) -> bool:
+    """Delete a consumer nobody holds; whether it existed.
+
+    Raises:
+        ConsumerBusy: A live holder has the consumer.
+    """
+    sql, params = _statements(conn)
+    params.update(b_channel=channel, b_name=name)
+    if (await conn.execute(sql.remove, params)).rowcount:
+        return True
+    if (await conn.execute(sql.exists, params)).first() is not None:
+        raise _busy(channel, name)
+    return False
+
+
+def _busy(channel: str, name: str) -> ConsumerBusy:
+    return ConsumerBusy(
+        f"consumer {name!r} of {channel!r} is held by a running process: stop it first "
+        "(or wait until its lease runs out)"
+    )

@@ -1,0 +1,136 @@
+"""Durable consumers for operators: HistoryAdmin, the HTTP routes and the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from urllib.parse import quote
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from broadcast_history import Broadcast, ConsumerBusy, HistoryTruncated, OffsetOutOfRange
+from broadcast_history.admin import (
+    ChannelNotFound,
+    ConsumerInfo,
+    ConsumerNotFound,
+    HistoryAdmin,
+    create_app,
+)
+from broadcast_history.cli import app as cli_app
+from tests.support.admin_support import LOG_KINDS, fresh_log_url
+
+TOKEN = "consumers-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(params=LOG_KINDS)
+async def broadcast(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Broadcast]:
+    url = await fresh_log_url(request.param, tmp_path)
+    async with Broadcast("memory://", log=url) as b:
+        for i in range(10):
+            await b.publish("orders/eu", f"order {i}")
+        yield b
+
+
+async def test_history_admin(broadcast: Broadcast) -> None:
+    admin = HistoryAdmin.of(broadcast)
+    assert await admin.consumers() == []
+    info = await admin.set_consumer("orders/eu", "mailer", 4)
+    assert (info.channel, info.name, info.position, info.lag, info.holder) == (
+        "orders/eu",
+        "mailer",
+        4,
+        6,
+        None,
+    )
+    async with broadcast.subscribe("orders/eu", consumer="mailer") as sub:
+        assert (await sub.get()).offset == 5
+        await sub.commit()
+        [held] = await admin.consumers("orders/eu")
+        assert held.holder is not None and held.lag == 5
+        with pytest.raises(ConsumerBusy):
+            await admin.set_consumer("orders/eu", "mailer", 0)
+        with pytest.raises(ConsumerBusy):
+            await admin.delete_consumer("orders/eu", "mailer")
+    assert await admin.set_consumer("orders/eu", "mailer", 0) == ConsumerInfo(
+        "orders/eu", "mailer", held.epoch, 0, 10, (await admin.consumers())[0].updated_at, None
+    )
+    with pytest.raises(ChannelNotFound):
+        await admin.set_consumer("nowhere", "mailer", 0)
+    with pytest.raises(OffsetOutOfRange):
+        await admin.set_consumer("orders/eu", "mailer", 11)
+    await broadcast.log.trim("orders/eu", before=5)
+    with pytest.raises(HistoryTruncated):
+        await admin.set_consumer("orders/eu", "mailer", 2)
+    await admin.delete_consumer("orders/eu", "mailer")
+    with pytest.raises(ConsumerNotFound):
+        await admin.delete_consumer("orders/eu", "mailer")
+    assert await admin.consumers("nowhere") == []
+
+
+async def test_http_routes(broadcast: Broadcast) -> None:
+    transport = httpx.ASGITransport(app=create_app(broadcast, token=TOKEN))
+    route = f"/channels/{quote('orders/eu', safe='')}/consumers"
+    async with httpx.AsyncClient(transport=transport, base_url="http://a", headers=AUTH) as http:
+        assert (await http.get("/consumers")).json() == {"consumers": []}
+        put = await http.put(f"{route}/mailer", json={"position": 3})
+        assert put.status_code == 200
+        body = put.json()
+        assert {k: body[k] for k in ("channel", "name", "position", "lag", "holder")} == {
+            "channel": "orders/eu",
+            "name": "mailer",
+            "position": 3,
+            "lag": 7,
+            "holder": None,
+        }
+        async with broadcast.subscribe("orders/eu", consumer="indexer"):
+            listed = (await http.get("/consumers", params={"channel": "orders/eu"})).json()
+            assert [
+                (c["name"], c["position"], c["holder"] is not None) for c in listed["consumers"]
+            ] == [
+                ("indexer", None, True),
+                ("mailer", 3, False),
+            ]
+            busy = await http.delete(f"{route}/indexer")
+            assert busy.status_code == 409 and "held" in busy.json()["detail"]
+        assert (await http.put(f"{route}/mailer", json={"position": 11})).status_code == 409
+        assert (await http.put(f"{route}/mailer", json={"position": -1})).status_code == 422
+        assert (
+            await http.put("/channels/none/consumers/x", json={"position": 0})
+        ).status_code == 404
+        assert (await http.get("/consumers", params={"channel": ""})).status_code == 400
+        assert (await http.delete(f"{route}/mailer")).status_code == 204
+        assert (await http.delete(f"{route}/mailer")).status_code == 404
+        assert (await http.get("/consumers")).json() == {"consumers": []}
+
+
+async def _seed(url: str) -> None:
+    async with Broadcast(log=url) as broadcast:
+        for i in range(10):
+            await broadcast.publish("orders/eu", f"order {i}")
+
+
+@pytest.mark.parametrize("kind", LOG_KINDS)
+def test_cli(kind: str, tmp_path: Path) -> None:
+    log = asyncio.run(fresh_log_url(kind, tmp_path))
+    asyncio.run(_seed(log))
+    runner = CliRunner()
+
+    def cli(*args: str, code: int = 0) -> str:
+        result = runner.invoke(cli_app, [*args, "--log", log])
+        assert result.exit_code == code, (args, result.stdout, result.stderr)
+        return result.stdout + result.stderr
+
+    assert "no durable consumers" in cli("consumers")
+    assert "position 4" in cli("consumer", "set", "orders/eu", "mailer", "4")
+    assert "beyond the head" in cli("consumer", "set", "orders/eu", "mailer", "99", code=1)
+    table = cli("consumers", "orders/eu")
+    assert "mailer" in table and "Lag" in table and " 6 " in table
+    [line] = cli("consumers", "--json").splitlines()
+    assert json.loads(line)["lag"] == 6
+    assert "deleted" in cli("consumer", "delete", "orders/eu", "mailer")
+    assert "no consumer" in cli("consumer", "delete", "orders/eu", "mailer", code=1)

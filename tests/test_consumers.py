@@ -1,0 +1,310 @@
+"""Durable consumers in one process: positions, leases, fencing, reset and trimmed
+channels, auto_commit, and 1,000 consumers on 100 channels (SQLite file and Postgres).
+
+The failover of a killed or paused holder process is in test_consumer_failover.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from broadcast_history import (
+    Broadcast,
+    ConsumerBusy,
+    HistoryTruncated,
+    InvalidArgument,
+    LogUnavailable,
+    StreamReset,
+    Subscriber,
+)
+from tests.conftest import MakeBroadcast
+from tests.support.helpers import take
+
+SHARED_LOGS = pytest.mark.parametrize("log_url", ["log:sqlite-file", "log:postgres"], indirect=True)
+pytestmark = [SHARED_LOGS, pytest.mark.parametrize("transport", ["memory"], indirect=True)]
+
+
+async def positions(broadcast: Broadcast, channel: str) -> dict[str, int | None]:
+    return {c.name: c.position for c in await broadcast.log.consumers(channel)}
+
+
+async def test_position_is_stored_and_wins(broadcast: Broadcast) -> None:
+    for i in range(1, 6):
+        await broadcast.publish("orders", f"o{i}")
+    # Nothing stored yet: since= applies, and leaving without a commit stores nothing.
+    async with broadcast.subscribe("orders", consumer="mailer", since=0) as sub:
+        assert [e.offset for e in await take(sub, 2)] == [1, 2]
+    assert await broadcast.log.consumers() == []
+
+    async with broadcast.subscribe("orders", consumer="mailer", since=0) as sub:
+        first, _ = await take(sub, 2)
+        await sub.commit(first)
+        assert await positions(broadcast, "orders") == {"mailer": 1}
+        await sub.commit()
+        assert await positions(broadcast, "orders") == {"mailer": 2}
+        await sub.commit(first)  # never backwards
+        [info] = await broadcast.log.consumers("orders")
+        assert (info.position, info.epoch, info.lag) == (2, first.epoch, 3)
+        assert info.holder is not None and info.updated_at is not None
+
+    # The stored position wins over since= and history=.
+    async with broadcast.subscribe("orders", consumer="mailer", since=4) as sub:
+        assert [e.offset for e in await take(sub, 3)] == [3, 4, 5]
+    async with broadcast.subscribe("orders", consumer="mailer", history=1) as sub:
+        assert sub.position == 2
+    # Another name is another position.
+    async with broadcast.subscribe("orders", consumer="indexer") as sub:
+        assert sub.position == 5
+
+
+async def test_commit_checks_its_arguments(broadcast: Broadcast) -> None:
+    await broadcast.publish("c", "m")
+    async with broadcast.subscribe("c", since=0) as plain:
+        with pytest.raises(InvalidArgument, match="consumer"):
+            await plain.commit()
+    async with broadcast.subscribe("c", consumer="w") as sub:
+        event = await broadcast.publish("c", "not yet delivered")
+        with pytest.raises(InvalidArgument, match="not delivered"):
+            await sub.commit(event)
+    for bad in ({"consumer": ""}, {"consumer": "w", "lease": 0}, {"auto_commit": 1.0}):
+        with pytest.raises(InvalidArgument):
+            async with broadcast.subscribe("c", **bad):  # type: ignore[arg-type]
+                pass
+
+
+async def test_commits_racing_from_two_tasks(broadcast: Broadcast) -> None:
+    for i in range(50):
+        await broadcast.publish("race", str(i))
+    async with broadcast.subscribe("race", consumer="w", since=0) as sub:
+        events = await take(sub, 50)
+
+        async def committer(seed: int) -> None:
+            shuffled = events[:]
+            random.Random(seed).shuffle(shuffled)
+            for event in shuffled:
+                await sub.commit(event)
+
+        await asyncio.gather(committer(1), committer(2))
+        assert await positions(broadcast, "race") == {"w": 50}
+        await asyncio.gather(sub.commit(events[3]), sub.commit(events[9]))
+        assert await positions(broadcast, "race") == {"w": 50}
+
+
+async def test_one_holder_at_a_time(make_broadcast: MakeBroadcast) -> None:
+    first, second = await make_broadcast(), await make_broadcast()  # two "processes"
+    for i in range(10):
+        await first.publish("jobs", str(i))
+    async with first.subscribe("jobs", consumer="w", since=0, lease=1.0) as holder:
+        await take(holder, 4)
+        await holder.commit()
+        with pytest.raises(ConsumerBusy, match="held by"):
+            async with second.subscribe("jobs", consumer="w", wait=False):
+                pass
+        with pytest.raises(ConsumerBusy):  # the same broadcast counts as another holder
+            async with first.subscribe("jobs", consumer="w", wait=False):
+                pass
+
+        async def standby(broadcast: Broadcast) -> list[int]:
+            async with broadcast.subscribe("jobs", consumer="w", lease=1.0) as sub:
+                return [e.offset for e in await take(sub, 6)]
+
+        waiting = [asyncio.create_task(standby(b)) for b in (first, second)]
+        await asyncio.sleep(1.5)  # more than a lease: renewals keep it held
+        assert not any(task.done() for task in waiting)
+        await take(holder, 1)  # offset 5, handled but not committed
+    # One standby takes over and starts after the last commit; the other waits.
+    done, pending = await asyncio.wait(waiting, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+    assert [task.result() for task in done] == [[5, 6, 7, 8, 9, 10]]
+    assert len(pending) == 1
+    # The winner left without committing: the last one starts at 5 again.
+    assert await asyncio.wait_for(pending.pop(), 10) == [5, 6, 7, 8, 9, 10]
+
+
+async def test_a_standby_that_gives_up_leaves_no_lease(make_broadcast: MakeBroadcast) -> None:
+    first, second = await make_broadcast(), await make_broadcast()
+    await first.publish("jobs", "j")
+    async with first.subscribe("jobs", consumer="w", since=0, lease=1.0) as holder:
+        await holder.get()
+        await holder.commit()
+
+        async def enter(broadcast: Broadcast) -> None:
+            async with broadcast.subscribe("jobs", consumer="w", lease=1.0):
+                pass
+
+        for broadcast in (first, second):
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(enter(broadcast), 0.5)
+    [info] = await second.log.consumers()
+    assert (info.position, info.holder) == (1, None)
+    async with second.subscribe("jobs", consumer="w", wait=False) as sub:
+        assert sub.position == 1
+
+
+async def test_a_holder_that_lost_its_lease_is_fenced(
+    make_broadcast: MakeBroadcast, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paused, other = await make_broadcast(), await make_broadcast()
+    for i in range(5):
+        await paused.publish("jobs", str(i))
+    async with paused.subscribe("jobs", consumer="w", since=0, lease=1.0) as sub:
+        events = await take(sub, 5)
+        await sub.commit(events[1])
+
+        # The holder's renewals stop reaching the log (as if it were paused).
+        async def unreachable(*_args: object) -> set[str]:
+            raise LogUnavailable("injected")
+
+        monkeypatch.setattr(paused.log, "renew_leases", unreachable)
+        getting = asyncio.create_task(sub.get())  # nothing new: it waits
+        async with other.subscribe("jobs", consumer="w", lease=1.0) as standby:
+            assert standby.position == 2
+            with pytest.raises(ConsumerBusy, match="lost its lease"):
+                await asyncio.wait_for(getting, 5)
+            with pytest.raises(ConsumerBusy):
+                await sub.commit()
+            with pytest.raises(ConsumerBusy):
+                await sub.get()
+            assert [e.offset for e in await take(standby, 3)] == [3, 4, 5]
+            await standby.commit()
+    assert await positions(other, "jobs") == {"w": 5}
+
+
+async def test_commit_is_fenced_in_the_statement(broadcast: Broadcast) -> None:
+    """The log refuses a commit of a holder whose lease ran out, even if the holder
+    believes it still holds it (its own clock is not consulted)."""
+    event = await broadcast.publish("c", "m")
+    log = broadcast.log
+    assert (await log.acquire_lease("c", "w", "old", 0.2)).acquired
+    assert await log.commit_position("c", "w", "old", event.epoch, 1, 0.2) == 1
+    await asyncio.sleep(0.3)
+    # Ran out: the holder's commit is refused, though nobody took the consumer yet...
+    assert await log.commit_position("c", "w", "old", event.epoch, 1, 0.2) is None
+    # ...and its renewal, arriving late, still renews it (nobody held it meanwhile).
+    assert await log.renew_leases(["old"], 0.2) == {"old"}
+    await asyncio.sleep(0.3)
+    taken = await log.acquire_lease("c", "w", "new", 5)
+    assert (taken.acquired, taken.epoch, taken.position) == (True, event.epoch, 1)
+    assert await log.commit_position("c", "w", "old", event.epoch, 1, 0.2) is None
+    assert await log.renew_leases(["old", "new"], 5) == {"new"}
+    assert not (await log.acquire_lease("c", "w", "old", 5)).acquired
+
+
+async def test_reset_channel_raises_stream_reset(broadcast: Broadcast) -> None:
+    for i in range(3):
+        await broadcast.publish("room", str(i))
+    async with broadcast.subscribe("room", consumer="w", since=0) as sub:
+        await take(sub, 3)
+        await sub.commit()
+    await broadcast.log.delete_channel("room")
+    await broadcast.publish("room", "new room")
+    [info] = await broadcast.log.consumers("room")
+    assert (info.position, info.lag) == (3, None)  # a position of an earlier epoch
+    for _ in range(2):  # the lease is given back after the error
+        with pytest.raises(StreamReset):
+            async with broadcast.subscribe("room", consumer="w", wait=False):
+                pass
+    assert await broadcast.log.delete_consumer("room", "w")
+    async with broadcast.subscribe("room", consumer="w", since=0) as sub:
+        assert (await sub.get()).message == "new room"
+
+
+async def test_trimmed_position_raises_history_truncated(broadcast: Broadcast) -> None:
+    for i in range(10):
+        await broadcast.publish("log", str(i))
+    async with broadcast.subscribe("log", consumer="w", since=0) as sub:
+        await take(sub, 2)
+        await sub.commit()
+    await broadcast.log.trim("log", before=6)
+    with pytest.raises(HistoryTruncated):
+        async with broadcast.subscribe("log", consumer="w"):
+            pass
+    with pytest.raises(HistoryTruncated):
+        await broadcast.log.set_consumer("log", "w", 4)
+    await broadcast.log.set_consumer("log", "w", 5)
+    async with broadcast.subscribe("log", consumer="w") as sub:
+        assert (await sub.get()).offset == 6
+
+
+async def test_consumer_of_a_channel_that_does_not_exist_yet(broadcast: Broadcast) -> None:
+    async with broadcast.subscribe("later", consumer="w") as sub:
+        await sub.commit()  # nothing delivered, no epoch yet: nothing to store
+        assert await positions(broadcast, "later") == {"w": None}  # held, no position
+        for i in range(3):
+            await broadcast.publish("later", str(i))
+        assert [e.offset for e in await take(sub, 3)] == [1, 2, 3]
+        await sub.commit()
+    for i in range(2):
+        await broadcast.publish("later", str(i))
+    async with broadcast.subscribe("later", consumer="w") as sub:
+        assert [e.offset for e in await take(sub, 2)] == [4, 5]
+
+
+async def test_auto_commit_stores_only_what_was_handled(broadcast: Broadcast) -> None:
+    for i in range(6):
+        await broadcast.publish("mail", str(i))
+    async with broadcast.subscribe("mail", consumer="w", since=0, auto_commit=0.05) as sub:
+        await take(sub, 2)  # asking for 2 means 1 is handled; 2 may still be in work
+        await asyncio.sleep(0.3)
+        assert await positions(broadcast, "mail") == {"w": 1}
+    assert await positions(broadcast, "mail") == {"w": 2}  # a normal end: all of it
+
+    with pytest.raises(RuntimeError):
+        async with broadcast.subscribe("mail", consumer="w", auto_commit=60) as sub:
+            await take(sub, 3)
+            raise RuntimeError("the handler failed")
+    assert await positions(broadcast, "mail") == {"w": 2}  # not after an error
+
+    # A disconnect stores what was handled before it.
+    async with broadcast.subscribe("mail", consumer="w", auto_commit=60) as sub:
+        await take(sub, 3)
+        await broadcast.disconnect()
+    await broadcast.connect()
+    assert await positions(broadcast, "mail") == {"w": 4}
+
+
+async def test_a_thousand_consumers_on_a_hundred_channels(
+    broadcast: Broadcast, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Renewal does not grow with the consumers held: one statement per period.
+
+    Its cost is measured in bench/consumers.py; here only that every lease outlives
+    its duration through renewals, each renewing all 1,000 at once.
+    """
+    channels = [f"ch{i}" for i in range(100)]
+    for channel in channels:
+        await broadcast.publish(channel, "first")
+    renewals: list[int] = []
+    renew = broadcast.log.renew_leases
+
+    async def counting(holders: list[str], lease: float) -> set[str]:
+        renewals.append(len(holders))
+        return await renew(holders, lease)
+
+    monkeypatch.setattr(broadcast.log, "renew_leases", counting)
+    held: list[Subscriber] = []
+    done = asyncio.Event()
+
+    async def worker(channel: str, name: str) -> None:
+        # Not shorter: 1,000 subscriptions entering at once keep a loaded 2-core
+        # machine's event loop busy for seconds, and a lease must outlast that.
+        async with broadcast.subscribe(channel, consumer=name, lease=2.0) as sub:
+            held.append(sub)
+            await done.wait()
+
+    workers = [asyncio.create_task(worker(c, f"c{n}")) for c in channels for n in range(10)]
+    while len(held) < 1000:
+        await asyncio.sleep(0.05)
+    renewals.clear()
+    await asyncio.sleep(2.3)  # beyond a lease: only renewals keep them
+    infos = await broadcast.log.consumers()
+    assert len(infos) == 1000
+    assert all(info.holder is not None for info in infos)
+    assert 2 <= len(renewals) <= 6 and set(renewals) == {1000}  # every 2/3 s
+    for sub in held:
+        sub._consumer.check()  # type: ignore[union-attr]  # none lost its lease
+    done.set()
+    await asyncio.gather(*workers)
+    assert await broadcast.log.consumers() == []  # never committed: nothing kept

@@ -1,0 +1,95 @@
+"""Migrations 0002 and 0003 (log identity, durable consumers) on SQLite and Postgres: a
+database at 0001 is refused by ``migrate=False``, upgraded by ``migrate=True`` with its
+history kept, and 0003 and 0002 downgrade cleanly. (That the migrations match the metadata, and ship
+in the wheel, is tested in test_core.py.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic import command
+from sqlalchemy import text
+
+from broadcast_history import Broadcast, EventLog, SchemaOutOfDate
+from broadcast_history.log import VERSION_TABLE, migration_engine
+from broadcast_history.log._migrate import alembic_config
+from tests.support.postgres_support import ensure_database
+
+
+async def _migrate_to(url: str, revision: str, *, down: bool = False) -> None:
+    engine = migration_engine(url)
+    try:
+        async with engine.begin() as conn:
+
+            def run(sync_conn: Any) -> None:
+                config = alembic_config(sync_conn)
+                if down:
+                    command.downgrade(config, revision)
+                else:
+                    command.upgrade(config, revision)
+
+            await conn.run_sync(run)
+    finally:
+        await engine.dispose()
+
+
+async def _tables(url: str) -> set[str]:
+    engine = migration_engine(url)
+    try:
+        async with engine.connect() as conn:
+            return set(await conn.run_sync(lambda c: c.dialect.get_table_names(c)))
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture(params=["log:sqlite-file", "log:postgres"])
+async def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "log:sqlite-file":
+        return f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
+    url = await ensure_database("bh_test_migrations")
+    if VERSION_TABLE in await _tables(url):
+        await _migrate_to(url, "base", down=True)
+    engine = migration_engine(url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text(f"DROP TABLE IF EXISTS {VERSION_TABLE}"))
+    finally:
+        await engine.dispose()
+    return url
+
+
+async def test_upgrade_from_0001_keeps_history_and_adds_consumers(empty_url: str) -> None:
+    await _migrate_to(empty_url, "0001")
+    assert "broadcast_consumers" not in await _tables(empty_url)
+    with pytest.raises(SchemaOutOfDate, match="0001"):
+        await EventLog(empty_url, migrate=False).connect()
+
+    engine = migration_engine(empty_url)
+    try:
+        async with engine.begin() as conn:  # a channel stored by the 0001 schema
+            await conn.execute(
+                text(
+                    "INSERT INTO broadcast_channels (name, epoch, last_offset, last_timestamp,"
+                    " first_offset) VALUES ('old', 7, 0, 0, 1)"
+                )
+            )
+    finally:
+        await engine.dispose()
+
+    async with Broadcast(log=empty_url) as broadcast:  # migrate=True: to the head
+        event = await broadcast.publish("old", "after the upgrade")
+        assert (event.offset, event.epoch) == (1, 7)
+        async with broadcast.subscribe("old", consumer="w", since=0) as sub:
+            await sub.get()
+            await sub.commit()
+        [info] = await broadcast.log.consumers()
+        assert (info.channel, info.position, info.lag) == ("old", 1, 0)
+    async with Broadcast(log=empty_url, migrate=False):
+        pass
+
+    await _migrate_to(empty_url, "0001", down=True)
+    tables = await _tables(empty_url)
+    assert "broadcast_consumers" not in tables and "broadcast_log" not in tables
+    assert "broadcast_events" in tables

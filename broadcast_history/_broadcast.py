@@ -113,6 +113,7 @@ class Broadcast:
         self._subscribers = self._channels.subscribers
         self._listener: asyncio.Task[None] | None = None
         self._retention_task: asyncio.Task[None] | None = None
+        self._lags_task: asyncio.Task[None] | None = None
         self._listener_error: BaseException | None = None
         self._connected = False
         #: Transport messages ignored, by kind: ``"not_envelope"`` (another program
@@ -160,6 +161,10 @@ class Broadcast:
             self._retention_task = asyncio.create_task(
                 self._retain(self.retention), name="broadcast-history-retention"
             )
+        if self.metrics_registry is not None:
+            from ._metrics import keep_lags_fresh
+
+            self._lags_task = asyncio.create_task(keep_lags_fresh(self.metrics_registry))
         self._connected = True
 
     async def disconnect(self) -> None:
@@ -168,11 +173,11 @@ class Broadcast:
             return
         self._connected = False
         await self._appender.stop()
-        for task in (self._listener, self._retention_task):
+        for task in (self._listener, self._retention_task, self._lags_task):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-        self._listener = self._retention_task = None
+        self._listener = self._retention_task = self._lags_task = None
         self._channels.close()
         try:
             await self._leases.close()

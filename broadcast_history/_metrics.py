@@ -9,6 +9,8 @@ channel name on a hot counter (the number of channels is unbounded): only
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import weakref
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
 
     from ._broadcast import Broadcast
 
+logger = logging.getLogger("broadcast_history")
 _PREFIX = "broadcast_history_"
 _collectors: weakref.WeakKeyDictionary[Any, BroadcastCollector] = weakref.WeakKeyDictionary()
 
@@ -75,6 +78,19 @@ class BroadcastCollector:
         for kind, count in foreign.items():
             self._retired_foreign[kind] = self._retired_foreign.get(kind, 0) + count
         self._retired_reconnects += int(getattr(backend, "reconnects", 0))
+
+    async def refresh_lags(self) -> None:
+        """Read the lag of every durable consumer of the registered broadcasts' logs."""
+        lags: dict[tuple[str, str], int] = {}
+        seen: set[str] = set()
+        for broadcast in list(self._broadcasts):
+            if not broadcast.connected or broadcast.log.log_id in seen:
+                continue  # several broadcasts of one process may share a log
+            seen.add(broadcast.log.log_id)
+            for info in await broadcast.log.consumers():
+                if info.lag is not None:
+                    lags[(info.channel, info.name)] = info.lag
+        self.lags = lags
 
     def describe(self) -> Iterable[Metric]:
         return []  # the names are fixed, but no need to check them up front
@@ -164,3 +180,15 @@ class BroadcastCollector:
         for (channel, consumer), value in sorted(self.lags.items()):
             lag.add_metric([channel, consumer], value)
         yield lag
+
+
+async def keep_lags_fresh(registry: CollectorRegistry, interval: float = 15.0) -> None:
+    """Refresh ``consumer_lag`` every ``interval`` seconds (runs until cancelled), for
+    scrapes that do not go through the admin app (which refreshes at each scrape)."""
+    collector = collector_of(registry)
+    while collector is not None:
+        try:
+            await collector.refresh_lags()
+        except Exception:
+            logger.debug("consumer lag refresh failed", exc_info=True)
+        await asyncio.sleep(interval)

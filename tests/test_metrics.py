@@ -196,3 +196,19 @@ async def test_many_broadcasts_share_a_registry(registry: CollectorRegistry) -> 
         assert value(registry, "publishes_total") == 2
     del one, two
     assert value(registry, "publishes_total") == 2  # a counter never goes back
+
+
+async def test_consumer_lag_at_scrape_time(sqlite_file_url: str) -> None:
+    registry = CollectorRegistry()
+    async with Broadcast(log=sqlite_file_url, metrics=registry) as broadcast:
+        for i in range(5):
+            await broadcast.publish("orders", f"o{i}")
+        async with broadcast.subscribe("orders", consumer="mailer", since=0) as sub:
+            await take(sub, 2)
+            await sub.commit()
+        app = create_app(broadcast, token="t")
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://a") as client:
+            response = await client.get("/metrics", headers={"Authorization": "Bearer t"})
+    line = 'broadcast_history_consumer_lag{channel="orders",consumer="mailer"} 3.0'
+    assert line in response.text

@@ -322,6 +322,11 @@ def _add_routes(
             raise HTTPException(501, "metrics need prometheus-client: the `metrics` extra")
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+        from .._metrics import collector_of
+
+        collector = collector_of(registry)
+        if collector is not None:
+            await collector.refresh_lags()  # consumer_lag as of this scrape
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/stats", tags=["channels"])

@@ -28,7 +28,7 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 # Screenshots go here (not committed).
-BUILD = Path(__file__).resolve().parents[1] / "build"
+BUILD = Path(__file__).resolve().parents[2] / "build"  # the checkout's build/
 WAIT_MS = 15_000
 
 

@@ -26,11 +26,16 @@ _DRIVERS = {
     "postgres": "postgresql+asyncpg",
     "postgresql": "postgresql+asyncpg",
     "postgresql+asyncpg": "postgresql+asyncpg",
+    "mysql": "mysql+asyncmy",
+    "mysql+asyncmy": "mysql+asyncmy",
+    "mariadb": "mysql+asyncmy",
+    "mariadb+asyncmy": "mysql+asyncmy",
 }
 
 
 def normalize_url(url: str | URL) -> URL:
-    """Map plain ``sqlite://`` and ``postgresql://`` URLs onto their async drivers."""
+    """Map plain ``sqlite://``, ``postgresql://`` and ``mysql://`` URLs onto their
+    async drivers (MySQL connections always talk utf8mb4)."""
     try:
         parsed = make_url(url)
     except Exception as exc:  # SQLAlchemy raises ArgumentError, sometimes ValueError
@@ -39,8 +44,11 @@ def normalize_url(url: str | URL) -> URL:
     if driver is None:
         raise InvalidArgument(
             f"Unsupported log database {parsed.drivername!r}: "
-            "use sqlite+aiosqlite:// or postgresql+asyncpg://"
+            "use sqlite+aiosqlite://, postgresql+asyncpg:// or mysql+asyncmy://"
         )
+    if driver == "mysql+asyncmy":
+        # The client's character set is what str parameters are sent in.
+        parsed = parsed.update_query_dict({"charset": "utf8mb4"})
     return parsed.set(drivername=driver)
 
 
@@ -83,6 +91,13 @@ def create_engine(
         memory: ``url`` is an in-memory SQLite database: keep a single connection.
         sqlite_synchronous: ``PRAGMA synchronous`` for file databases.
     """
+    if url.get_backend_name() == "mysql":
+        # READ COMMITTED as on Postgres: each statement sees what was committed before
+        # it, and InnoDB takes no gap locks (fewer deadlocks between appenders). The
+        # server closes connections idle for wait_timeout (8 h by default): recycle.
+        return create_async_engine(
+            url, pool_size=10, max_overflow=10, isolation_level="READ COMMITTED", pool_recycle=3600
+        )
     if url.get_backend_name() != "sqlite":
         return create_async_engine(url, pool_size=10, max_overflow=10)
     kwargs: dict[str, Any] = {"poolclass": StaticPool} if memory else {}

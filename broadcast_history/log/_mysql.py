@@ -1,0 +1,226 @@
+"""The MySQL/MariaDB store: one short transaction per appended batch, bounded reads.
+
+An append is one InnoDB transaction (READ COMMITTED, see ``_engine``):
+
+1. the events already stored under the batch's idempotency keys, if any keys;
+2. ``INSERT ... ON DUPLICATE KEY UPDATE`` of the batch's channel rows, in name order:
+   it creates missing channels and bumps the existing counters by the number of
+   events each channel gets, holding each row's exclusive lock from then on;
+3. the counters read back (the rows are ours until the commit);
+4. the events inserted at the offsets below the new counters; COMMIT.
+
+A concurrent writer of the same channel waits on the row lock at step 2 and then
+bumps the committed value, so offsets are gap-free and in commit order. Rows are
+locked in name order everywhere, so appends touching several channels never
+deadlock each other; a deadlock with another kind of writer (a trim) rolls the
+whole transaction back and is retried here. A failure of COMMIT itself is ambiguous
+and is not retried (``EventLog.append`` says the batch may or may not be stored).
+Timestamps come from the database clock (UTC), one clock for every host, and never
+go below the channel's last one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import BigInteger, Select, event, func, literal_column, select, tuple_
+from sqlalchemy.dialects.mysql import insert
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import DisconnectionError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from .._event import Event
+from ._batch import assemble, plan
+from ._engine import create_engine
+from ._info import Pending
+from ._rows import EVENT_COLUMNS, event_row, new_epoch, rows_to_events
+from ._schema import channels, events
+from ._store import Store
+
+# Microseconds since the Unix epoch from the server's clock, whatever the session's
+# time zone (UTC_TIMESTAMP is fixed for the duration of a statement).
+_NOW_US = literal_column(
+    "TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6))", BigInteger
+)
+# InnoDB's "deadlock found": the transaction was rolled back whole, so retrying is safe.
+_DEADLOCK = 1213
+_ATTEMPTS = 5
+_HEADS = select(
+    channels.c.name, channels.c.epoch, channels.c.last_offset, channels.c.last_timestamp
+)
+
+
+class MySQLStore(Store):
+    """A MySQL (8.0+) or MariaDB (10.5+) database shared by every process and host."""
+
+    def __init__(self, url: URL) -> None:
+        super().__init__()
+        if importlib.util.find_spec("asyncmy") is None:
+            raise ImportError(
+                "a mysql+asyncmy:// event log needs 'asyncmy': "
+                "pip install 'broadcast-history[mysql]'"
+            )
+        self._url = url
+
+    async def open(self) -> None:
+        engine = create_engine(self._url)
+        discard_broken_connections(engine)
+        self._engine = engine
+
+    async def close(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            await engine.dispose()
+
+    async def append(self, items: Sequence[Pending]) -> list[Event]:
+        engine = self.engine
+        for attempt in range(_ATTEMPTS):
+            try:
+                return await append(engine, items)
+            except _RolledBack as exc:
+                if attempt == _ATTEMPTS - 1:
+                    raise exc.error from None
+        raise AssertionError("unreachable")
+
+    async def read(
+        self, channel: str, query: Select[Any], max_bytes: int | None, *, descending: bool
+    ) -> list[Event]:
+        if max_bytes is not None:
+            query = byte_bounded(channel, query, max_bytes, descending=descending)
+        async with self.begin() as conn:
+            return rows_to_events(channel, await conn.execute(query))
+
+
+class _RolledBack(Exception):
+    """The append's transaction was rolled back by a deadlock: nothing was stored."""
+
+    def __init__(self, error: OperationalError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+async def append(engine: AsyncEngine, items: Sequence[Pending]) -> list[Event]:
+    """Store ``items`` atomically; their events in input order.
+
+    Items whose idempotency key is already stored on their channel (or repeated
+    earlier in ``items``) get the earlier event. A concurrent writer storing the same
+    key first makes the insert fail with an IntegrityError; the caller retries.
+
+    Raises:
+        _RolledBack: A deadlock rolled the transaction back before its COMMIT.
+    """
+    async with engine.connect() as conn:
+        try:
+            async with conn.begin():
+                stored = await _append(conn, items)
+        except OperationalError as exc:
+            if _errno(exc) == _DEADLOCK:
+                raise _RolledBack(exc) from exc
+            raise
+        return stored
+
+
+async def _append(conn: AsyncConnection, items: Sequence[Pending]) -> list[Event]:
+    seen = await _find_keys(conn, items)
+    batch = plan(items, seen)
+    heads: dict[str, tuple[int, int, int]] = {}
+    if batch.fresh:
+        names = sorted(batch.counts)
+        allocate = insert(channels).values(
+            [
+                {
+                    "name": name,
+                    "epoch": new_epoch(),
+                    "last_offset": batch.counts[name],
+                    "last_timestamp": _NOW_US,
+                    "first_offset": 1,
+                }
+                for name in names
+            ]
+        )
+        allocate = allocate.on_duplicate_key_update(
+            last_offset=channels.c.last_offset + allocate.inserted.last_offset,
+            last_timestamp=func.greatest(
+                channels.c.last_timestamp, allocate.inserted.last_timestamp
+            ),
+        )
+        await conn.execute(allocate)
+        result = await conn.execute(_HEADS.where(channels.c.name.in_(names)))
+        heads = {name: (epoch, last, micros) for name, epoch, last, micros in result}
+        rows = []
+        for index, behind in zip(batch.fresh, batch.later, strict=True):
+            channel, message, key = items[index]
+            epoch, last, micros = heads[channel]
+            rows.append(event_row(channel, last - behind, epoch, micros, message, key))
+        await conn.execute(events.insert(), rows)
+    return assemble(items, batch, heads, seen)
+
+
+async def _find_keys(
+    conn: AsyncConnection, items: Sequence[Pending]
+) -> dict[tuple[str, str], Event]:
+    pairs = sorted({(item.channel, item.key) for item in items if item.key is not None})
+    if not pairs:
+        return {}
+    result = await conn.execute(
+        select(events.c.channel, *EVENT_COLUMNS).where(
+            tuple_(events.c.channel, events.c.key).in_(pairs)
+        )
+    )
+    found: dict[tuple[str, str], Event] = {}
+    row: Any
+    for row in result:
+        (stored,) = rows_to_events(row[0], [row[1:]])
+        found[(row[0], row[6])] = stored
+    return found
+
+
+def _errno(exc: OperationalError) -> object:
+    args = getattr(exc.orig, "args", ())
+    return args[0] if args else None
+
+
+def discard_broken_connections(engine: AsyncEngine) -> None:
+    """Make ``engine``'s pool drop connections whose socket the server closed.
+
+    A connection killed by the server (``KILL``, a restart, ``wait_timeout``) would
+    be handed out once more and fail that query. asyncmy notices the closed socket
+    as soon as it happens; checking it at checkout costs no round trip, unlike
+    ``pool_pre_ping``. Older asyncmy versions lack the flag: then nothing is checked.
+    """
+
+    @event.listens_for(engine.sync_engine, "checkout")
+    def _on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        driver = dbapi_connection.driver_connection
+        if not driver.connected or getattr(driver, "_stream_broken", False):
+            raise DisconnectionError("connection closed by the server")
+
+
+def byte_bounded(
+    channel: str, query: Select[Any], max_bytes: int, *, descending: bool = False
+) -> Select[Any]:
+    """``query`` (events of ``channel`` in offset order, with a LIMIT) cut after
+    ``max_bytes`` of payload.
+
+    The page's offsets and payload sizes are selected first (the LIMIT applies
+    there, so no more than a page is ever sized), a running sum over them gives
+    each row's start in bytes, and only rows starting below the budget are joined
+    back to their payloads: the row that passes the budget is the last one (the
+    caller sees the page was cut) and a single large event still comes through.
+    """
+    sizes = query.with_only_columns(
+        events.c.offset, func.length(events.c.payload).label("size")
+    ).subquery()
+    order = sizes.c.offset.desc() if descending else sizes.c.offset.asc()
+    start = func.sum(sizes.c.size).over(order_by=order) - sizes.c.size
+    starts = select(sizes.c.offset, start.label("start")).subquery()
+    kept = select(starts.c.offset).where(starts.c.start < max_bytes).subquery()
+    offset = events.c.offset
+    return (
+        select(*EVENT_COLUMNS)
+        .join_from(events, kept, offset == kept.c.offset)
+        .where(events.c.channel == channel)
+        .order_by(offset.desc() if descending else offset.asc())
+    )

@@ -64,9 +64,13 @@ def _upgrade(connection: Connection) -> None:
         ).scalar()
         if locked != 1:
             raise LogUnavailable("another process has been migrating the event log for too long")
+        # Notes such as "name ignored for PRIMARY key" (MySQL names every primary key
+        # PRIMARY) would each cost a SHOW WARNINGS and be logged by the driver.
+        connection.execute(text("SET SESSION sql_notes = 0"))
         try:
             _upgrade_unlocked(connection)
         finally:
+            connection.execute(text("SET SESSION sql_notes = 1"))
             connection.execute(text(f"SELECT RELEASE_LOCK({_MYSQL_LOCK})"))
         return
     _upgrade_unlocked(connection)

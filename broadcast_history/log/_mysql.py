@@ -145,28 +145,34 @@ async def _append(
         params: list[Any] = []
         for name, count in zip(padded, counts, strict=True):
             params += [name.encode(), new_epoch(), count]
-        await conn.exec_driver_sql(_allocation(conn.dialect, len(padded)), tuple(params))
-        result = await conn.execute(_HEADS.where(channels.c.name.in_(padded)))
-        heads = {name: (epoch, last, micros) for name, epoch, last, micros in result}
-        rows = []
+        sql, returning = _allocation(conn.dialect, len(padded))
+        result: Any = await conn.exec_driver_sql(sql, tuple(params))
+        if returning:
+            rows: Any = [(name.decode(), *head) for name, *head in result]
+        else:  # MySQL has no RETURNING: read the counters (locked: ours) back
+            rows = await conn.execute(_HEADS.where(channels.c.name.in_(padded)))
+        heads = {name: (epoch, last, micros) for name, epoch, last, micros in rows}
+        stored = []
         for index, behind in zip(batch.fresh, batch.later, strict=True):
             channel, message, key = items[index]
             epoch, last, micros = heads[channel]
-            rows.append(event_row(channel, last - behind, epoch, micros, message, key))
-        if all(row["key"] is None for row in rows):
+            stored.append(event_row(channel, last - behind, epoch, micros, message, key))
+        if all(row["key"] is None for row in stored):
             # A column of NULLs only would make asyncmy fall back from MariaDB's bulk
             # insert (binary, one round trip) to escaped SQL text, 8x slower on
             # large payloads: leave the column to its default instead.
-            for row in rows:
+            for row in stored:
                 del row["key"]
-        for chunk in _chunks(rows, max_statement):
+        for chunk in _chunks(stored, max_statement):
             await conn.execute(events.insert(), chunk)
     return assemble(items, batch, heads, seen)
 
 
 @functools.lru_cache(maxsize=32)
-def _allocation(dialect: Dialect, size: int) -> str:
-    """SQL of the allocation of ``size`` channel rows (see the module's docstring).
+def _allocation(dialect: Dialect, size: int) -> tuple[str, bool]:
+    """SQL of the allocation of ``size`` channel rows (see the module's docstring),
+    and whether it returns the new counters (MariaDB's RETURNING, one round trip
+    less than reading them back).
 
     Compiled once per size: SQLAlchemy does not cache statements with several VALUES
     rows, and compiling one of 64 rows costs more than running it. Parameters: name
@@ -187,11 +193,14 @@ def _allocation(dialect: Dialect, size: int) -> str:
         last_offset=channels.c.last_offset + statement.inserted.last_offset,
         last_timestamp=func.greatest(channels.c.last_timestamp, statement.inserted.last_timestamp),
     )
-    compiled = statement.compile(dialect=dialect)
+    # MariaDB returns each row as updated, duplicates included (MySQL 8 lacks it).
+    returning = bool(getattr(dialect, "is_mariadb", False)) and dialect.insert_returning
+    final = statement.returning(*_HEADS.selected_columns) if returning else statement
+    compiled = final.compile(dialect=dialect)
     expected = [name for row in range(size) for name in (f"n{row}", f"e{row}", f"c{row}")]
     if list(compiled.positiontup or ()) != expected:
         raise AssertionError(f"unexpected parameter order: {compiled.positiontup}")
-    return compiled.string
+    return compiled.string, returning
 
 
 def _padded(values: list[_T]) -> list[_T]:

@@ -208,3 +208,35 @@ def test_missing_driver_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None
     )
     with pytest.raises(ImportError, match=r"broadcast-history\[mysql\]"):
         EventLog("mysql://localhost/db")
+
+
+@pytest.mark.parametrize(("errno", "retried"), [(1213, True), (2013, False)])
+async def test_only_deadlocks_are_retried(
+    mysql_url: str, monkeypatch: pytest.MonkeyPatch, errno: int, retried: bool
+) -> None:
+    """A deadlock rolled the batch back whole: it is retried. A lost connection may
+    have hit the COMMIT: it is not (the publish may or may not be stored)."""
+    import asyncmy.errors
+    from sqlalchemy.exc import OperationalError
+
+    from broadcast_history.log import _mysql
+
+    calls: list[int] = []
+    real = _mysql.MySQLStore._append_once
+
+    async def failing_once(self: _mysql.MySQLStore, *args: object) -> list[Event]:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OperationalError("INSERT ...", {}, asyncmy.errors.OperationalError(errno, "x"))
+        return await real(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_mysql.MySQLStore, "_append_once", failing_once)
+    channel = unique()
+    async with Broadcast(backend=MemoryBackend(), log=mysql_url) as broadcast:
+        if retried:
+            assert (await broadcast.publish(channel, "m")).offset == 1
+        else:
+            with pytest.raises(LogUnavailable, match="may or may not be stored"):
+                await broadcast.publish(channel, "m")
+            assert await broadcast.log.read(channel, after=0) == []
+    assert len(calls) == (2 if retried else 1)

@@ -39,7 +39,7 @@ def mysql_log_url(database: str = MYSQL_DB) -> str:
 
 async def mysql_connect(database: str | None = None) -> Any:
     """A plain asyncmy connection to the MySQL server (to ``database`` if given)."""
-    import asyncmy  # type: ignore[import-untyped]
+    import asyncmy
 
     parts = urlsplit(MYSQL_ADMIN_URL)
     return await asyncmy.connect(

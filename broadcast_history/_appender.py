@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from ._errors import InvalidArgument, NotConnected
+from ._errors import InvalidArgument, LogUnavailable, NotConnected
 from ._event import Event
+from ._stats import Stats
 from ._wire import Wire
 from .log import EventLog, Pending
 
@@ -25,9 +27,10 @@ class Appender:
     commit order.
     """
 
-    def __init__(self, log: EventLog, wire: Wire, *, max_batch: int = 1000) -> None:
+    def __init__(self, log: EventLog, wire: Wire, stats: Stats, *, max_batch: int = 1000) -> None:
         self._log = log
         self._wire = wire
+        self._stats = stats
         self._max_batch = max_batch
         self._pending: deque[tuple[Pending, asyncio.Future[Event]]] = deque()
         self._outbox: deque[Event] = deque()
@@ -91,10 +94,13 @@ class Appender:
     async def _commit(self, batch: list[tuple[Pending, asyncio.Future[Event]]]) -> None:
         """Append ``batch`` and settle its futures; queue what was stored for sending."""
         assert self._has_outbox is not None
+        stats = self._stats
+        started = time.perf_counter()
         try:
             events = await self._log.append([item for item, _ in batch])
         except InvalidArgument as exc:
             if len(batch) == 1:
+                stats.failures["invalid"] += 1
                 _settle(batch[0][1], exc)
                 return
             # The log refused the batch's data, so nothing of it was stored. Every
@@ -106,9 +112,14 @@ class Appender:
             return
         except Exception as exc:
             # Nothing of this batch was committed, so nothing of it is sent.
+            reason = "log_unavailable" if isinstance(exc, LogUnavailable) else "other"
+            stats.failures[reason] += len(batch)
             for _, future in batch:
                 _settle(future, exc)
             return
+        stats.commit_seconds.observe(time.perf_counter() - started)
+        stats.batch_size.observe(len(batch))
+        stats.publishes += len(batch)
         for (_, future), event in zip(batch, events, strict=True):
             if not future.done():
                 future.set_result(event)
@@ -127,6 +138,7 @@ class Appender:
                 raise
             except Exception:
                 # The events are durable; subscribers find them in the log.
+                self._stats.live_send_failures += 1
                 logger.warning("live send of %d events failed", len(events), exc_info=True)
 
 

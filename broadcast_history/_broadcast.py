@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from types import TracebackType
@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 from ._appender import Appender
 from ._budget import SubscriberOptions, weigh
-from ._errors import InvalidArgument, NotConnected, TransportError
+from ._errors import BroadcastError, InvalidArgument, NotConnected, TransportError
 from ._event import Event
 from ._heads import HeadProbe
+from ._stats import Stats, failure_reason
 from ._subscriber import Subscriber
 from ._validation import (
     DEFAULT_MAX_MESSAGE_SIZE,
@@ -23,22 +24,15 @@ from ._validation import (
     check_message,
     check_position,
 )
-from ._wire import Wire
+from ._wire import Wire, require_shared_log
 from .backends import BroadcastBackend, backend_from_url
 from .log import EventLog, Pending, Retention
 
 if TYPE_CHECKING:
+    from prometheus_client.registry import CollectorRegistry
     from typing_extensions import Self
 
 logger = logging.getLogger("broadcast_history")
-
-_NEEDS_SHARED_LOG = (
-    "{url} reaches other processes, so they must share one event log: pass "
-    "log='postgresql+asyncpg://...' (shared by every host) or "
-    "log='sqlite+aiosqlite:///events.db' (processes on one host). Without log=, each "
-    "process would keep a private in-memory log with its own offsets and epochs, and "
-    "subscribers would miss the other processes' messages."
-)
 
 
 class Broadcast:
@@ -66,6 +60,8 @@ class Broadcast:
             ``buffer_size``) before it falls back to reading the log.
         page_bytes: Payload bytes read from the log per replay page (a page always
             holds at least one event).
+        metrics: Export Prometheus metrics (the ``metrics`` extra): ``True`` in the
+            default registry, or in the ``CollectorRegistry`` given.
 
     Raises:
         InvalidArgument: The transport reaches other processes and no ``log`` was
@@ -88,16 +84,14 @@ class Broadcast:
         max_batch: int = 1000,
         buffer_bytes: int = 16 * 1024 * 1024,
         page_bytes: int = 4 * 1024 * 1024,
+        metrics: bool | CollectorRegistry = False,
     ) -> None:
         if backend is None:
             backend = backend_from_url(url or "memory://")
         elif url is not None:
             raise InvalidArgument("give url or backend, not both")
-        if log is None and getattr(backend, "crosses_processes", False):
-            raise InvalidArgument(_NEEDS_SHARED_LOG.format(url=url or type(backend).__name__))
-        for name, value in (("buffer_bytes", buffer_bytes), ("page_bytes", page_bytes)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidArgument(f"{name} must be a positive int")
+        if log is None:
+            require_shared_log(backend, url)
         self._backend = backend
         self.log = log if isinstance(log, EventLog) else EventLog(log, migrate=migrate)
         self.retention = retention
@@ -106,7 +100,10 @@ class Broadcast:
             buffer_size, page_size, idle_check, reorder_window, buffer_bytes, page_bytes
         )
         self._wire = Wire(backend, self.log)
-        self._appender = Appender(self.log, self._wire, max_batch=max_batch)
+        self._wire.deliver_locally(self._dispatch)
+        #: What this broadcast counted so far (published, delivered, fallbacks...).
+        self.stats = Stats()
+        self._appender = Appender(self.log, self._wire, self.stats, max_batch=max_batch)
         self._heads = HeadProbe(self.log)
         self._subscribers: dict[str, set[Subscriber]] = {}
         self._transport_channels: set[str] = set()
@@ -118,6 +115,12 @@ class Broadcast:
         #: Transport messages ignored, by kind: ``"not_envelope"`` (another program
         #: publishing) or ``"other_log"`` (a process with another log).
         self.foreign_messages = self._wire.foreign
+        #: The Prometheus registry this broadcast's metrics are in (``None``: none).
+        self.metrics_registry: CollectorRegistry | None = None
+        if metrics:
+            from ._metrics import register
+
+            self.metrics_registry = register(self, None if metrics is True else metrics)
 
     @property
     def backend(self) -> BroadcastBackend:
@@ -204,12 +207,17 @@ class Broadcast:
             LogUnavailable: The log could not store it; nothing was sent live.
             NotConnected: The broadcast is not connected.
         """
-        check_channel(channel)
-        payload = check_message(message, self.max_message_size)
-        check_key(key)
-        if not self._connected:
-            raise NotConnected("call connect() (or use `async with broadcast`) first")
-        return await self._appender.submit(Pending(channel, payload, key))
+        try:
+            check_channel(channel)
+            payload = check_message(message, self.max_message_size)
+            check_key(key)
+            if not self._connected:
+                raise NotConnected("call connect() (or use `async with broadcast`) first")
+            future = self._appender.submit(Pending(channel, payload, key))
+        except BroadcastError as exc:
+            self.stats.failures[failure_reason(exc)] += 1
+            raise
+        return await future
 
     # -- subscribe -----------------------------------------------------------------
 
@@ -239,7 +247,7 @@ class Broadcast:
         check_position(since, history, epoch)
         if not self._connected:
             raise NotConnected("call connect() (or use `async with broadcast`) first")
-        subscriber = Subscriber(channel, self.log, self._options, self._heads)
+        subscriber = Subscriber(channel, self.log, self._options, self._heads, self.stats)
         if self._listener_error is not None:
             subscriber._fail(self._listener_error)
         await self._attach(subscriber)
@@ -288,17 +296,32 @@ class Broadcast:
                 if self._connected:
                     await self._backend.unsubscribe(channel)
 
+    def subscriber_modes(self) -> dict[str, int]:
+        """How many subscriptions are open, by mode: ``"live"`` or ``"replay"``."""
+        modes = {"replay": 0, "live": 0}
+        for group in self._subscribers.values():
+            for subscriber in group:
+                modes["live" if subscriber.live else "replay"] += 1
+        return modes
+
     # -- background tasks ----------------------------------------------------------
+
+    def _dispatch(self, channel: str, events: Sequence[Event]) -> None:
+        """Feed live ``events`` of ``channel`` to its subscribers in this process."""
+        targets = self._subscribers.get(channel)
+        if targets:
+            size = weigh(events)
+            for subscriber in tuple(targets):
+                subscriber._feed(events, size)
 
     async def _listen(self) -> None:
         wire = self._wire
         subscribers = self._subscribers
+        dispatch = self._dispatch
         try:
             while True:
                 channel, events = await wire.receive(subscribers)
-                size = weigh(events)
-                for subscriber in tuple(subscribers.get(channel, ())):
-                    subscriber._feed(events, size)
+                dispatch(channel, events)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:

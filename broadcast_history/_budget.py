@@ -6,6 +6,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ._errors import InvalidArgument
 from ._event import Event
 
 # Memory of an Event and its bookkeeping, besides the message itself.
@@ -22,6 +23,16 @@ class SubscriberOptions:
     reorder_window: float = 0.05
     buffer_bytes: int = 16 * 1024 * 1024
     page_bytes: int = 4 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        for name in ("buffer_size", "page_size", "buffer_bytes", "page_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidArgument(f"{name} must be a positive int")
+        for name in ("idle_check", "reorder_window"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise InvalidArgument(f"{name} must be a positive number of seconds")
 
 
 def weight(event: Event) -> int:

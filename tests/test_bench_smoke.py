@@ -1,4 +1,5 @@
-"""The benchmark suite runs end to end (smallest sizes, in-process configuration)."""
+"""The benchmark suite runs end to end (smallest sizes, in-process configuration, the
+JetStream peer), and so does the plain public-API script."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("broadcaster", reason="the benchmarks compare with broadcaster 0.3.1")
+pytest.importorskip("nats", reason="the benchmarks compare with NATS JetStream (nats-py)")
 
-from bench import scenarios
+from bench import plain_api, scenarios
+from bench.jetstream import server_binary
 from bench.run import main
 from broadcast_history import Broadcast
 
@@ -32,7 +35,28 @@ def test_quick_rows_write_a_table(tmp_path: Path) -> None:
     cell = report["results"]["sequential"]["memory+sqlite"]
     assert cell["ours"]["stats"]["rate"]["median"] > 0
     assert cell["theirs"]["stats"]["rate"]["median"] > 0
-    assert "| Sequential publish" in (tmp_path / "results.md").read_text()
+    if server_binary() is not None:
+        peer = report["results"]["concurrent_1"]["jetstream"]["peer"]
+        assert peer["stats"]["rate"]["median"] > 0, peer
+    table = (tmp_path / "results.md").read_text()
+    assert "| Sequential publish" in table
+    assert "JetStream (file)" in table or server_binary() is None
+
+
+async def test_plain_api_run_counts_every_event() -> None:
+    figures = await plain_api.one_run(
+        {
+            "config": "memory+sqlite",
+            "events": 640,
+            "publishers": 64,
+            "size": 99,
+            "warm_up": False,
+            "keep_subscription": False,
+            "iterate": False,
+        }
+    )
+    assert figures["rate"] > 0
+    assert 1 <= figures["events_per_transaction"] <= 64
 
 
 async def test_catch_up_checks_every_offset(tmp_path: Path) -> None:

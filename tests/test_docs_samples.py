@@ -9,7 +9,9 @@ Such a block runs only where the service is reachable (under ``CI=true`` a missi
 Redis, Postgres or MySQL fails, as everywhere in this suite). Samples name the usual
 local addresses; the test points them at ``BH_TEST_REDIS``, ``BH_TEST_POSTGRES`` and
 ``BH_TEST_MYSQL`` when those are set. Kafka samples run against a broker on 9092
-(tansu is started there if none).
+(tansu is started there if none). NATS samples (``nats://127.0.0.1:4222``) and Redis
+Cluster samples (``redis-cluster://127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003``) run
+against the session's servers of ``tests/conftest.py``.
 Blocks in other languages (``bash``, ``text``, ``diff``...) are not run.
 """
 
@@ -44,7 +46,10 @@ _FENCE = re.compile(
     re.MULTILINE | re.DOTALL,
 )
 _REQUIRES = re.compile(r"^#\s*requires:\s*(?P<names>.+)$", re.MULTILINE)
-SERVICES = {"redis", "postgres", "kafka", "mysql"}
+SERVICES = {"redis", "postgres", "kafka", "mysql", "nats", "redis-cluster"}
+# The addresses samples write for services the session starts on free ports.
+SAMPLE_NATS = "nats://127.0.0.1:4222"
+SAMPLE_REDIS_CLUSTER = "redis-cluster://127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003"
 # The addresses samples write, and the test services they stand for.
 _DEFAULT_URLS = {
     "redis://127.0.0.1:6379/0": REDIS_URL,
@@ -126,10 +131,16 @@ def test_doc_sample_runs(
         require_mysql()
     if "kafka" in sample.requires:
         request.getfixturevalue("kafka_on_9092")
+    source = localize(sample.source)
+    if "nats" in sample.requires:
+        pytest.importorskip("nats", reason="nats-py is not installed (the nats extra)")
+        source = source.replace(SAMPLE_NATS, request.getfixturevalue("nats_url"))
+    if "redis-cluster" in sample.requires:
+        url = request.getfixturevalue("redis_cluster_url")
+        source = source.replace(SAMPLE_REDIS_CLUSTER, url)
     # Files the sample creates (SQLite logs) go to a fresh directory.
     monkeypatch.chdir(tmp_path)
     # Blank lines in front keep tracebacks pointing at the line in the .md file.
-    source = localize(sample.source)
     code = compile("\n" * (sample.line - 1) + source, str(sample.path), "exec")
     exec(code, {"__name__": "docs_sample"})
 

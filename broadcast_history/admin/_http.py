@@ -10,7 +10,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -27,6 +27,10 @@ from ._errors import ImportConflict, NotFound
 from ._import import max_line_length, split_lines
 from ._paths import EncodedSlashes, channel_from_path
 from ._query import HistoryAdmin
+
+if TYPE_CHECKING:
+    from prometheus_client.registry import CollectorRegistry
+
 from ._schemas import (
     MAX_OFFSET,
     ChannelList,
@@ -132,6 +136,19 @@ def create_app(
     add_console(app)
     app.add_middleware(EncodedSlashes)
     return app
+
+
+def _metrics_registry(broadcast: Broadcast) -> CollectorRegistry | None:
+    """The broadcast's metrics registry; a private one if it exports none yet."""
+    if broadcast.metrics_registry is not None:
+        return broadcast.metrics_registry
+    try:
+        from prometheus_client import CollectorRegistry
+    except ImportError:
+        return None
+    from .._metrics import register
+
+    return register(broadcast, CollectorRegistry(auto_describe=True))
 
 
 def _streamed(media_type: str, description: str) -> dict[str, Any]:
@@ -301,6 +318,22 @@ def _add_routes(app: FastAPI, broadcast: Broadcast, admin: HistoryAdmin, heartbe
         lines = split_lines(request.stream(), max_line_length(admin.max_message_size))
         result = await admin.import_jsonl(lines)
         return ImportOut(channels=result.channels, events=result.events)
+
+    registry = _metrics_registry(broadcast)
+
+    @app.get(
+        "/metrics",
+        tags=["metrics"],
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text"}},
+    )
+    async def metrics() -> Response:
+        """Prometheus metrics of the broadcast (the `metrics` extra)."""
+        if registry is None:
+            raise HTTPException(501, "metrics need prometheus-client: the `metrics` extra")
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/stats", tags=["channels"])
     async def retention_stats() -> StatsOut:

@@ -28,6 +28,9 @@ _SCHEMES: dict[str, _Entry] = {
     "postgres": _Entry("postgres", "PostgresBackend", "postgres"),
     "postgresql": _Entry("postgres", "PostgresBackend", "postgres"),
     "kafka": _Entry("kafka", "KafkaBackend", "kafka"),
+    "nats": _Entry("nats", "NatsBackend", "nats"),
+    "redis-cluster": _Entry("redis_cluster", "RedisClusterBackend", "redis"),
+    "rediss-cluster": _Entry("redis_cluster", "RedisClusterBackend", "redis"),
 }
 
 

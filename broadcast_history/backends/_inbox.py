@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
+from typing import Any
 
-from .._errors import TransportError
+from .._errors import NotConnected, TransportError
 from .._event import Event
 
 
@@ -50,3 +52,33 @@ class Inbox:
             self._queue.put_nowait(item)  # every later call fails the same way
             raise item
         return item
+
+
+class InboxTransport:
+    """What a networked transport repeats: ``publish`` sends a batch of one, and
+    ``next_published`` reads the :class:`Inbox` its reader task fills.
+
+    Mixed in before ``BroadcastBackend``; the transport names itself in ``_name``
+    (for errors) and implements ``publish_many``.
+    """
+
+    _name = "live"
+    _inbox: Inbox | None
+
+    async def publish(self, channel: str, message: Any) -> None:
+        """Send one message (as a batch of one)."""
+        await self.publish_many([(channel, message)])
+
+    async def publish_many(self, messages: Sequence[tuple[str, Any]]) -> None:
+        raise NotImplementedError
+
+    async def next_published(self) -> Event:
+        """The next message received, or the failure that ended the reader."""
+        if self._inbox is None:
+            raise NotConnected(f"the {self._name} transport is not connected")
+        return await self._inbox.get()
+
+    def _wake_readers(self) -> None:
+        """On disconnect: a ``next_published`` waiting now raises ``NotConnected``."""
+        if self._inbox is not None:
+            self._inbox.fail(NotConnected(f"the {self._name} transport was disconnected"))

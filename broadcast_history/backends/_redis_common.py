@@ -12,6 +12,7 @@ from redis import exceptions as rexc
 from redis.asyncio.client import Pipeline
 
 from .._errors import NotConnected, TransportError
+from ._inbox import InboxTransport
 
 # Name of the transport's connections in CLIENT LIST, so operators can tell them apart.
 CLIENT_NAME = "broadcast_history"
@@ -85,8 +86,8 @@ async def pipelined(
                 raise TransportError(f"redis {command} failed: {exc!r}") from exc
 
 
-class PipelinedPublisher:
-    """``publish`` and ``publish_many`` of a Redis transport: one round trip a batch.
+class PipelinedPublisher(InboxTransport):
+    """``publish_many`` of a Redis transport: one pipelined round trip a batch.
 
     The transport sets ``_client`` once connected, names itself in ``_name`` and says
     how one message is queued on the pipeline in :meth:`_queue`.
@@ -99,10 +100,6 @@ class PipelinedPublisher:
     def _queue(self, pipe: Pipeline, channel: str, message: Any) -> object:
         return pipe.publish(channel, message)
 
-    async def publish(self, channel: str, message: Any) -> None:
-        """Send one message."""
-        await self.publish_many([(channel, message)])
-
     async def publish_many(self, messages: Sequence[tuple[str, Any]]) -> None:
         """Send ``(channel, message)`` pairs in one pipeline."""
         if not messages:
@@ -110,3 +107,44 @@ class PipelinedPublisher:
         if self._client is None:
             raise NotConnected(f"the {self._name} transport is not connected")
         await pipelined(self._client, messages, self._queue, self._command)
+
+
+class Confirmations:
+    """Subscribes waiting until the server confirms them (a ``subscribe`` reply).
+
+    A subscribe returns once the server has registered the channel, so a publish
+    right after it is heard. If the connection is failing, it returns after
+    ``timeout`` and the reconnection subscribes the channel.
+    """
+
+    def __init__(self, timeout: float = 5.0) -> None:
+        self._timeout = timeout
+        self._waiting: dict[str, asyncio.Future[None]] = {}
+
+    def expect(self, channel: str) -> asyncio.Future[None]:
+        """Start waiting for ``channel`` (before sending the command)."""
+        ack = self._waiting[channel] = asyncio.get_running_loop().create_future()
+        return ack
+
+    async def wait(self, channel: str, ack: asyncio.Future[None], *, up: bool) -> None:
+        """Wait for ``ack`` (if the connection is ``up``), then forget it."""
+        try:
+            if up:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(ack), self._timeout)
+        finally:
+            if self._waiting.get(channel) is ack:
+                del self._waiting[channel]
+
+    def confirm(self, channel: str) -> None:
+        """The server confirmed ``channel``."""
+        ack = self._waiting.pop(channel, None)
+        if ack is not None and not ack.done():
+            ack.set_result(None)
+
+    def release(self) -> None:
+        """Let every waiting subscribe return (the connection is gone)."""
+        for ack in self._waiting.values():
+            if not ack.done():
+                ack.set_result(None)
+        self._waiting.clear()

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from .._event import Event
+from ._inbox import Inbox
+
+logger = logging.getLogger("broadcast_history")
 
 
 class BroadcastBackend:
@@ -31,6 +36,8 @@ class BroadcastBackend:
     #: Whether the transport stays inside this process, so the broadcast may hand it
     #: event objects instead of text envelopes (the memory transport does).
     carries_objects: bool = False
+    #: How many times the transport re-established a lost connection (for metrics).
+    reconnects: int = 0
 
     def __init__(self, url: str) -> None:
         self._url = url
@@ -77,8 +84,32 @@ class Health:
     """
 
     _up = False
+    reconnects = 0
+
+    def _back_up(self, what: str) -> None:
+        """The connection works (again): log and count it if it had been lost."""
+        if not self._up:
+            logger.info("%s re-established", what)
+            self.reconnects += 1
+        self._up = True
 
     @property
     def connected(self) -> bool:
         """Whether the transport's connection is up now."""
         return self._up
+
+    async def _until_broken(
+        self, what: str, run: Callable[[], Awaitable[None]], lost: Callable[[], None]
+    ) -> None:
+        """Run the reader loop ``run``; if it ends on an error, the connection is down
+        for good: call ``lost`` and make every subscriber hear of it (never a hang)."""
+        try:
+            await run()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self._up = False
+            lost()
+            inbox: Inbox | None = getattr(self, "_inbox", None)
+            if inbox is not None:
+                inbox.broke(what, exc)

@@ -20,7 +20,7 @@ from aiokafka.errors import KafkaError
 from .._errors import NotConnected, TransportError
 from .._event import Event
 from ._backoff import Backoff
-from ._inbox import Inbox
+from ._inbox import Inbox, InboxTransport
 from ._kafka_topics import TRANSIENT, create_topics, partitions, retriable, topic_for
 from ._kafka_topics import bootstrap_servers as _servers
 from .base import BroadcastBackend, Health
@@ -28,7 +28,7 @@ from .base import BroadcastBackend, Health
 logger = logging.getLogger("broadcast_history")
 
 
-class KafkaBackend(Health, BroadcastBackend):
+class KafkaBackend(Health, InboxTransport, BroadcastBackend):
     """Kafka topics as a live transport (URL ``kafka://host:port[,host:port]``).
 
     Compatible with broadcaster's ``KafkaBackend(urls=[...])``. Messages of a channel
@@ -52,6 +52,7 @@ class KafkaBackend(Health, BroadcastBackend):
     """
 
     crosses_processes = True
+    _name = "kafka"
 
     def __init__(
         self,
@@ -131,9 +132,7 @@ class KafkaBackend(Health, BroadcastBackend):
         self._channels.clear()
         self._known.clear()
         self._next.clear()
-        if self._inbox is not None:
-            # Wakes a pending next_published at once.
-            self._inbox.fail(NotConnected("the kafka transport was disconnected"))
+        self._wake_readers()
 
     async def subscribe(self, channel: str) -> None:
         self._channels[self.topic(channel)] = channel
@@ -142,9 +141,6 @@ class KafkaBackend(Health, BroadcastBackend):
     async def unsubscribe(self, channel: str) -> None:
         self._channels.pop(self.topic(channel), None)
         await self._sync_assignment()
-
-    async def publish(self, channel: str, message: Any) -> None:
-        await self.publish_many([(channel, message)])
 
     async def publish_many(self, messages: Sequence[tuple[str, str]]) -> None:
         producer = self._producer
@@ -171,11 +167,6 @@ class KafkaBackend(Health, BroadcastBackend):
             for channel, text in messages
         ]
         await asyncio.gather(*sent)
-
-    async def next_published(self) -> Event:
-        if self._inbox is None:
-            raise NotConnected("the kafka transport is not connected")
-        return await self._inbox.get()
 
     # -- internals -----------------------------------------------------------------
 
@@ -308,9 +299,7 @@ class KafkaBackend(Health, BroadcastBackend):
                     logger.warning("kafka broker unreachable; retrying: %r", exc)
                 self._up = False
                 continue
-            if not self._up:
-                logger.info("kafka broker reachable again")
-            self._up = True
+            self._back_up("kafka broker connection")
             backoff.reset()
 
     async def _recover(self) -> None:

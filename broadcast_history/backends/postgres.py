@@ -14,7 +14,7 @@ import asyncpg
 from .._errors import NotConnected, TransportError
 from .._event import Event
 from ._backoff import Backoff
-from ._inbox import Inbox
+from ._inbox import Inbox, InboxTransport
 from .base import BroadcastBackend
 
 logger = logging.getLogger("broadcast_history")
@@ -41,7 +41,7 @@ def channel_identifier(channel: str) -> str:
     return "bh_" + hashlib.blake2b(channel.encode(), digest_size=20).hexdigest()
 
 
-class PostgresBackend(BroadcastBackend):
+class PostgresBackend(InboxTransport, BroadcastBackend):
     """LISTEN/NOTIFY on a Postgres database (URL ``postgres://user@host:port/db``).
 
     Notifications are delivered only to connected listeners, in commit order, with
@@ -59,6 +59,7 @@ class PostgresBackend(BroadcastBackend):
     # NOTIFY refuses payloads of 8000 bytes or more (default server build).
     max_message_size = 7999
     crosses_processes = True
+    _name = "postgres"
 
     def __init__(
         self, url: str, *, max_reconnect_delay: float = 5.0, ping_interval: float = 10.0
@@ -102,9 +103,7 @@ class PostgresBackend(BroadcastBackend):
                 conn.terminate()
         self._listen_conn = self._publish_conn = None
         self._names.clear()
-        if self._inbox is not None:
-            # Wakes a pending next_published at once.
-            self._inbox.fail(NotConnected("the postgres transport was disconnected"))
+        self._wake_readers()
 
     async def subscribe(self, channel: str) -> None:
         ident = channel_identifier(channel)
@@ -115,9 +114,6 @@ class PostgresBackend(BroadcastBackend):
         ident = channel_identifier(channel)
         self._names.pop(ident, None)
         await self._on_listen_conn(lambda conn: conn.remove_listener(ident, self._notified))
-
-    async def publish(self, channel: str, message: Any) -> None:
-        await self.publish_many([(channel, message)])
 
     async def publish_many(self, messages: Sequence[tuple[str, str]]) -> None:
         if not messages:
@@ -144,11 +140,6 @@ class PostgresBackend(BroadcastBackend):
                         raise TransportError(f"postgres NOTIFY failed: {exc!r}") from exc
                 except asyncpg.PostgresError as exc:
                     raise TransportError(f"postgres NOTIFY failed: {exc!r}") from exc
-
-    async def next_published(self) -> Event:
-        if self._inbox is None:
-            raise NotConnected("the postgres transport is not connected")
-        return await self._inbox.get()
 
     # -- internals -----------------------------------------------------------------
 
@@ -233,6 +224,7 @@ class PostgresBackend(BroadcastBackend):
                 else:
                     # Set under the lock, so a subscribe waiting for it uses this one.
                     self._listen_conn = conn
+                    self.reconnects += 1
                     logger.info("postgres listening connection re-established")
                     return
             await backoff.sleep()

@@ -39,6 +39,7 @@ class RedisBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
     """
 
     crosses_processes = True
+    _name = "redis"
 
     def __init__(
         self,
@@ -57,7 +58,7 @@ class RedisBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
         self._client: aioredis.Redis | None = None
         self._pubsub: PubSub | None = None
         self._channels: set[str] = set()
-        self._acks: dict[str, asyncio.Future[None]] = {}
+        self._acks = shared.Confirmations()
         self._inbox: Inbox | None = None
         self._lock: asyncio.Lock | None = None
         self._wanted: asyncio.Event | None = None
@@ -85,42 +86,27 @@ class RedisBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
             await client.aclose()
         self._up = False
         self._channels.clear()
-        self._release_acks()
-        if self._inbox is not None:
-            # Wakes a pending next_published at once.
-            self._inbox.fail(NotConnected("the redis transport was disconnected"))
+        self._acks.release()
+        self._wake_readers()
 
     async def subscribe(self, channel: str) -> None:
         if self._lock is None or self._wanted is None:
             raise NotConnected("the redis transport is not connected")
-        ack = self._acks[channel] = asyncio.get_running_loop().create_future()
+        ack = self._acks.expect(channel)
         async with self._lock:
             self._channels.add(channel)
             # The reader starts only now: on redis-py 8 a PubSub read before the first
             # SUBSCRIBE has no connection to read from and ends at once.
             self._wanted.set()
             await self._send(lambda pubsub: pubsub.subscribe(channel))
-        try:
-            if self._up:
-                # Registered on the server before we return, so a publish that follows
-                # is heard; if the connection is failing, the reconnection subscribes it.
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(ack), 5.0)
-        finally:
-            if self._acks.get(channel) is ack:
-                del self._acks[channel]
+        await self._acks.wait(channel, ack, up=self._up)
 
     async def unsubscribe(self, channel: str) -> None:
-        if self._lock is None:
-            return
-        async with self._lock:
-            self._channels.discard(channel)
-            await self._send(lambda pubsub: pubsub.unsubscribe(channel))
-
-    async def next_published(self) -> Event:
-        if self._inbox is None:
-            raise NotConnected("the redis transport is not connected")
-        return await self._inbox.get()
+        # A reconnection reads the set without yielding: no lock needed to change it.
+        self._channels.discard(channel)
+        if self._lock is not None:
+            async with self._lock:
+                await self._send(lambda pubsub: pubsub.unsubscribe(channel))
 
     # -- internals -----------------------------------------------------------------
 
@@ -135,13 +121,6 @@ class RedisBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
                 raise TransportError(f"redis SUBSCRIBE failed: {exc!r}") from exc
             logger.info("redis subscription connection lost", exc_info=True)
 
-    def _release_acks(self) -> None:
-        """Let every subscribe waiting for a confirmation return."""
-        for ack in self._acks.values():
-            if not ack.done():
-                ack.set_result(None)
-        self._acks.clear()
-
     async def _close_pubsub(self) -> None:
         pubsub, self._pubsub = self._pubsub, None
         if pubsub is not None:
@@ -150,38 +129,32 @@ class RedisBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
 
     async def _run(self) -> None:
         """Read messages; on a lost connection reconnect with backoff and resubscribe."""
+        await self._until_broken("the redis subscription", self._loop, self._acks.release)
+
+    async def _loop(self) -> None:
         assert self._inbox is not None and self._lock is not None and self._wanted is not None
         backoff = Backoff(self._max_delay)
-        try:
-            await self._wanted.wait()
-            while True:
-                try:
-                    async with self._lock:
-                        assert self._client is not None
-                        pubsub = self._pubsub = self._client.pubsub()
-                        if self._channels:
-                            await pubsub.subscribe(*self._channels)
-                        else:  # all unsubscribed meanwhile: still give the reads a connection
-                            await pubsub.connect()  # type: ignore[no-untyped-call]
-                    if not self._up:
-                        logger.info("redis subscription connection re-established")
-                    self._up = True
-                    backoff.reset()
-                    await self._read(pubsub)
-                except Exception as exc:
-                    if not shared.is_transient(exc):
-                        raise
-                    if self._up:
-                        logger.warning("redis subscription connection lost: %r", exc)
-                    self._up = False
-                await self._close_pubsub()
-                await backoff.sleep()
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:
-            self._up = False
-            self._release_acks()
-            self._inbox.broke("the redis subscription", exc)  # reaches every subscriber
+        await self._wanted.wait()
+        while True:
+            try:
+                async with self._lock:
+                    assert self._client is not None
+                    pubsub = self._pubsub = self._client.pubsub()
+                    if self._channels:
+                        await pubsub.subscribe(*self._channels)
+                    else:  # all unsubscribed meanwhile: still give the reads a connection
+                        await pubsub.connect()  # type: ignore[no-untyped-call]
+                self._back_up("redis subscription connection")
+                backoff.reset()
+                await self._read(pubsub)
+            except Exception as exc:
+                if not shared.is_transient(exc):
+                    raise
+                if self._up:
+                    logger.warning("redis subscription connection lost: %r", exc)
+                self._up = False
+            await self._close_pubsub()
+            await backoff.sleep()
 
     async def _read(self, pubsub: PubSub) -> None:
         assert self._inbox is not None
@@ -200,9 +173,7 @@ class RedisBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
             if kind == "message" and channel in self._channels:
                 self._inbox.put(Event(channel, shared.as_text(message["data"])))
             elif kind == "subscribe":
-                ack = self._acks.pop(channel, None)
-                if ack is not None and not ack.done():
-                    ack.set_result(None)
+                self._acks.confirm(channel)
 
 
 #: The name our connections give Redis (``CLIENT LIST``), to tell them apart.

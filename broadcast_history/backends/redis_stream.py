@@ -98,9 +98,7 @@ class RedisStreamBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
         self._client = self._reader = self._reader_id = None
         self._up = False
         self._ids.clear()
-        if self._inbox is not None:
-            # Wakes a pending next_published at once.
-            self._inbox.fail(NotConnected("the redis-stream transport was disconnected"))
+        self._wake_readers()
 
     async def subscribe(self, channel: str) -> None:
         if self._client is None or self._changed is None:
@@ -123,11 +121,6 @@ class RedisStreamBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
     async def unsubscribe(self, channel: str) -> None:
         # Entries of it still in flight are dropped when they arrive.
         self._ids.pop(self.prefix + channel, None)
-
-    async def next_published(self) -> Event:
-        if self._inbox is None:
-            raise NotConnected("the redis-stream transport is not connected")
-        return await self._inbox.get()
 
     # -- internals -----------------------------------------------------------------
 
@@ -159,9 +152,7 @@ class RedisStreamBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
                     self._up, self._reader_id = False, None
                     await backoff.sleep()
                     continue
-                if not self._up:
-                    logger.info("redis stream connection re-established")
-                self._up = True
+                self._back_up("redis stream connection")
                 backoff.reset()
                 self._deliver(reply)
         except asyncio.CancelledError:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
-from .._event import Event, from_micros
+from .._event import Event, from_micros, stored_event
 from ._info import Pending
 
 
@@ -72,7 +72,7 @@ def assemble(
     for index, behind in zip(batch.fresh, batch.later, strict=True):
         channel, message, key = items[index]
         epoch, last, _ = heads[channel]
-        stored[index] = Event(channel, message, last - behind, stamps[channel], epoch, key)
+        stored[index] = stored_event(channel, message, last - behind, stamps[channel], epoch, key)
     results: list[Event] = []
     for index, item in enumerate(items):
         event = stored.get(index)

@@ -64,22 +64,37 @@ async def translated() -> AsyncIterator[None]:
         raise
     except DBAPIError as exc:
         raise LogUnavailable(f"event log failure: {exc.orig!r}") from exc
-    except (SQLAlchemyError, OSError) as exc:
+    except (SQLAlchemyError, sqlite3.Error, OSError) as exc:
+        # The SQLite store's hot paths call sqlite3 itself.
         raise LogUnavailable(f"event log failure: {exc!r}") from exc
 
 
-def append_error(exc: BaseException) -> Exception:
-    """What a failed append raises, from the driver's error ``exc``."""
+class Conflict(Exception):
+    """An append lost a race on an idempotency key or a new channel row; nothing was
+    stored, and a retry finds the other writer's row."""
+
+
+def append_error(exc: BaseException, *, ambiguous: bool | None = None) -> Exception:
+    """What a failed append raises, from the driver's error ``exc``.
+
+    Args:
+        exc: The error.
+        ambiguous: Whether the batch may have been committed anyway (the connection
+            died after sending it); by default, any driver error from SQLAlchemy.
+    """
     if is_data_error(exc):
         # Refused before anything was stored: safe to retry without the offending
         # item (the appender does, one item at a time).
         return InvalidArgument(f"the event log refused the data: {exc}")
-    if isinstance(exc, DBAPIError):
+    if ambiguous is None:
+        ambiguous = isinstance(exc, DBAPIError)
+    if ambiguous:
         # Not retried: if the connection died after the server committed, a retry
         # would store the batch twice. The caller decides, ideally by publishing
         # again with the same key.
+        detail = exc.orig if isinstance(exc, DBAPIError) else exc
         return LogUnavailable(
-            f"event log failure, the publish may or may not be stored: {exc.orig!r}"
+            f"event log failure, the publish may or may not be stored: {detail!r}"
         )
     return LogUnavailable(f"event log failure: {exc!r}")
 

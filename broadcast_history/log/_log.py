@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterable, Sequence
 from datetime import datetime
 from typing import Literal
@@ -13,7 +14,7 @@ from .._errors import ImportConflict, InvalidArgument, LogUnavailable, NotConnec
 from .._event import Event, from_micros, to_micros
 from .._validation import check_int, check_optional_int, check_time
 from . import _migrate, _queries
-from ._calls import append_error, finish_on_cancel, translated
+from ._calls import Conflict, append_error, finish_on_cancel, translated
 from ._engine import MEMORY_URL, is_memory_sqlite, normalize_url, require_file
 from ._info import ChannelInfo, LogTotals, Pending, Retention
 from ._rows import now_micros
@@ -118,13 +119,15 @@ class EventLog:
         for attempt in range(3):
             try:
                 return await store.append(items)
-            except IntegrityError as exc:
+            except (IntegrityError, Conflict) as exc:
                 # Another process stored the same idempotency key (or created the
                 # channel) between our read and our insert; the transaction rolled
                 # back, so retrying is safe and finds its row.
                 if attempt == 2:
-                    raise LogUnavailable(f"append kept conflicting: {exc.orig!r}") from exc
-            except (SQLAlchemyError, UnicodeError, OSError) as exc:
+                    raise LogUnavailable(f"append kept conflicting: {exc!r}") from exc
+            except (InvalidArgument, LogUnavailable):
+                raise  # already translated by the store
+            except (SQLAlchemyError, sqlite3.Error, UnicodeError, OSError) as exc:
                 raise append_error(exc) from exc
         raise AssertionError("unreachable")
 
@@ -276,9 +279,8 @@ class EventLog:
 
         With ``max_bytes``, as :meth:`read`: cut once the payloads reach or pass it.
         """
-        query = _queries.events_query(channel, after=start - 1, limit=limit)
         async with translated():
-            return await self._store.read(channel, query, max_bytes, descending=False)
+            return await self._store.read_page(channel, start, limit, max_bytes)
 
     async def get(self, channel: str, offset: int) -> Event | None:
         """The event at ``offset`` of ``channel``, if stored."""

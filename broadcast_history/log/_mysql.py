@@ -32,11 +32,13 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from .._errors import LogUnavailable
 from .._event import Event
 from ._batch import assemble, plan
 from ._engine import create_engine
 from ._info import Pending
-from ._rows import EVENT_COLUMNS, event_row, new_epoch, rows_to_events
+from ._queries import page_query
+from ._rows import EVENT_COLUMNS, event_row, new_epoch, prepared, rows_to_events
 from ._schema import channels, events
 from ._store import Store
 
@@ -122,6 +124,35 @@ class MySQLStore(Store):
             query = byte_bounded(channel, query, max_bytes, descending=descending)
         async with self.begin() as conn:
             return rows_to_events(channel, await conn.execute(query))
+
+    async def read_page(
+        self, channel: str, start: int, limit: int, max_bytes: int | None
+    ) -> list[Event]:
+        dialect = self.engine.dialect
+        values = {"channel": channel.encode(), "after": start - 1, "limit": limit}
+        if max_bytes is None:
+            sql, params = prepared("page", page_query, dialect, values)
+        else:
+            values["max_bytes"] = max_bytes
+            sql, params = prepared("mysql_bounded_page", _bounded_page, dialect, values)
+        async with self.engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            # The statement on asyncmy itself (kept prepared by its statement cache):
+            # plain tuples, no SQLAlchemy row per event.
+            try:
+                async with raw.driver_connection.cursor() as cursor:  # type: ignore[union-attr]
+                    await cursor.execute(sql, params)
+                    rows = await cursor.fetchall()
+            except Exception as exc:
+                if not type(exc).__module__.startswith("asyncmy"):
+                    raise
+                await conn.invalidate()
+                raise LogUnavailable(f"event log failure: {exc!r}") from exc
+        # Keys are bytes here (VARBINARY), without the column type that decodes them.
+        return rows_to_events(
+            channel,
+            [row if row[5] is None else (*row[:5], row[5].decode()) for row in rows],
+        )
 
 
 async def _append(
@@ -251,6 +282,14 @@ async def _find_keys(
 def _errno(exc: OperationalError) -> object:
     args = getattr(exc.orig, "args", ())
     return args[0] if args else None
+
+
+def _bounded_page() -> Select[Any]:
+    return byte_bounded(
+        bindparam("channel", None),  # type: ignore[arg-type]
+        page_query(),
+        bindparam("max_bytes", None),  # type: ignore[arg-type]
+    )
 
 
 def byte_bounded(

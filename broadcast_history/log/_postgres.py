@@ -14,16 +14,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Select, event, func, select
+import asyncpg
+from sqlalchemy import Select, bindparam, event, func, select
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import DisconnectionError, IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .._event import Event
 from ._batch import assemble, plan
+from ._calls import Conflict, append_error, is_data_error
 from ._engine import create_engine
 from ._info import Pending
-from ._rows import EVENT_COLUMNS, new_epoch, rows_to_events
+from ._queries import page_query
+from ._rows import EVENT_COLUMNS, compiled, new_epoch, prepared, rows_to_events
 from ._schema import channels, events
 from ._store import Store
 
@@ -53,8 +56,25 @@ class PostgresStore(Store):
     ) -> list[Event]:
         if max_bytes is not None:
             query = byte_bounded(query, max_bytes, descending=descending)
-        async with self.begin() as conn:
-            return rows_to_events(channel, await conn.execute(query))
+        return await self._fetch(channel, *compiled(query, self.engine.dialect))
+
+    async def read_page(
+        self, channel: str, start: int, limit: int, max_bytes: int | None
+    ) -> list[Event]:
+        values = {"channel": channel, "after": start - 1, "limit": limit, "max_bytes": max_bytes}
+        if max_bytes is None:
+            sql, params = prepared("page", page_query, self.engine.dialect, values)
+        else:
+            sql, params = prepared("bounded_page", _bounded_page, self.engine.dialect, values)
+        return await self._fetch(channel, sql, params)
+
+    async def _fetch(self, channel: str, sql: str, params: tuple[Any, ...]) -> list[Event]:
+        async with self.engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            # One autocommit SELECT on asyncpg itself: one round trip (no BEGIN and
+            # COMMIT around it) and plain records, no SQLAlchemy row per event.
+            records = await raw.driver_connection.fetch(sql, *params)  # type: ignore[union-attr]
+        return rows_to_events(channel, records)
 
 
 # Channel rows are upserted in name order, so batches touching several channels
@@ -99,47 +119,51 @@ async def append(engine: AsyncEngine, items: Sequence[Pending]) -> list[Event]:
 
     Items whose idempotency key is already stored on their channel (or repeated
     earlier in ``items``) get the earlier event. A concurrent writer storing the same
-    key first makes the insert fail with an IntegrityError; the caller retries.
+    key first makes the insert fail: :class:`Conflict`, and the caller retries.
+
+    Raises:
+        Conflict: A concurrent writer stored one of the keys first (nothing stored).
+        InvalidArgument: Postgres refused a value (nothing stored).
+        LogUnavailable: The statement failed otherwise; it may have been committed.
     """
     async with engine.connect() as conn:
-        # The append is one statement, atomic by itself: without BEGIN and COMMIT it
-        # costs one round trip instead of three. The key lookup needs no transaction
-        # either, since the unique index catches a key stored after it.
-        await conn.execution_options(isolation_level="AUTOCOMMIT")
+        raw = await conn.get_raw_connection()
+        driver: asyncpg.Connection = raw.driver_connection
+        # The append is one statement on asyncpg itself, atomic by itself: without
+        # BEGIN and COMMIT it costs one round trip instead of three, and no
+        # SQLAlchemy work. The key lookup needs no transaction either: the unique
+        # index catches a key stored after it.
         try:
-            return await _append(conn, items)
-        except IntegrityError:
-            raise
-        except BaseException:
-            # In a transaction, the ROLLBACK on return to the pool would fail on a
-            # connection left in a broken state (e.g. the server terminated it
-            # mid-statement) and discard it. Autocommit skips that ROLLBACK, so
-            # discard it here rather than hand it to the next query.
+            return await _append(driver, items)
+        except asyncpg.UniqueViolationError as exc:
+            raise Conflict(f"append conflicted: {exc!r}") from exc
+        except BaseException as exc:
+            # A connection left broken (e.g. the server terminated it mid-statement)
+            # must not go back to the pool for the next query.
             await conn.invalidate()
+            if isinstance(exc, Exception):
+                raise append_error(exc, ambiguous=not is_data_error(exc)) from exc
             raise
 
 
-async def _append(conn: AsyncConnection, items: Sequence[Pending]) -> list[Event]:
+async def _append(conn: asyncpg.Connection, items: Sequence[Pending]) -> list[Event]:
     seen = await _find_keys(conn, items)
     batch = plan(items, seen)
     heads: dict[str, tuple[int, int, int]] = {}
     if batch.fresh:
         names = sorted(batch.counts)
         fresh = batch.fresh
-        result = await conn.exec_driver_sql(
+        rows: list[Any] = await conn.fetch(
             _APPEND,
-            (
-                names,
-                [batch.counts[name] for name in names],
-                [new_epoch() for _ in names],
-                [items[i].channel for i in fresh],
-                batch.later,
-                [isinstance(items[i].message, str) for i in fresh],
-                [_payload(items[i].message) for i in fresh],
-                [items[i].key for i in fresh],
-            ),
+            names,
+            [batch.counts[name] for name in names],
+            [new_epoch() for _ in names],
+            [items[i].channel for i in fresh],
+            batch.later,
+            [isinstance(items[i].message, str) for i in fresh],
+            [_payload(items[i].message) for i in fresh],
+            [items[i].key for i in fresh],
         )
-        rows: list[Any] = list(result)
         heads = {name: (epoch, last, micros) for name, epoch, last, micros in rows}
     return assemble(items, batch, heads, seen)
 
@@ -149,13 +173,13 @@ def _payload(message: str | bytes) -> bytes:
 
 
 async def _find_keys(
-    conn: AsyncConnection, items: Sequence[Pending]
+    conn: asyncpg.Connection, items: Sequence[Pending]
 ) -> dict[tuple[str, str], Event]:
     pairs = sorted({(item.channel, item.key) for item in items if item.key is not None})
     if not pairs:
         return {}
-    result = await conn.exec_driver_sql(
-        _FIND_KEYS, ([channel for channel, _ in pairs], [key for _, key in pairs])
+    result = await conn.fetch(
+        _FIND_KEYS, [channel for channel, _ in pairs], [key for _, key in pairs]
     )
     found: dict[tuple[str, str], Event] = {}
     row: Any
@@ -198,3 +222,7 @@ def byte_bounded(query: Select[Any], max_bytes: int, *, descending: bool = False
         .where(inner.c.bh_start < max_bytes)
         .order_by(offset.desc() if descending else offset.asc())
     )
+
+
+def _bounded_page() -> Select[Any]:
+    return byte_bounded(page_query(), bindparam("max_bytes", None))  # type: ignore[arg-type]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, Sequence
 
-from sqlalchemy import Select, delete, func, select, update
+from sqlalchemy import Select, bindparam, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .._errors import ImportConflict
@@ -69,6 +69,16 @@ def events_query(
         query = query.where(events.c.timestamp < until_us)
     column = events.c.offset
     return query.order_by(column.desc() if descending else column.asc()).limit(limit)
+
+
+def page_query() -> Select[tuple[int, int, int, bool, bytes, str | None]]:
+    """A replay page: ``limit`` events of ``channel`` from offset ``start`` on (bound
+    parameters, so it is compiled once)."""
+    return events_query(
+        bindparam("channel", None),  # type: ignore[arg-type]
+        after=bindparam("after", None),  # type: ignore[arg-type]
+        limit=bindparam("limit", None),  # type: ignore[arg-type]
+    )
 
 
 async def offset_at(conn: AsyncConnection, channel: str, micros: int) -> int | None:

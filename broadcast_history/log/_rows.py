@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Dialect, select
+from sqlalchemy.sql import ClauseElement
+from sqlalchemy.sql.compiler import SQLCompiler
 
-from .._event import _UNIX_EPOCH, Event, from_micros, to_micros
+from .._event import _UNIX_EPOCH, Event, from_micros, stored_event, to_micros
 from ._info import ChannelInfo
 from ._schema import channels, events
 
@@ -120,5 +122,36 @@ def rows_to_events(channel: str, rows: Iterable[Sequence[Any]]) -> list[Event]:
             stamp = from_micros(micros)
             last_micros = micros
         message = payload.decode() if is_text else bytes(payload)
-        append(Event(channel, message, offset, stamp, epoch, key))
+        append(stored_event(channel, message, offset, stamp, epoch, key))
     return result
+
+
+def compiled(query: ClauseElement, dialect: Dialect) -> tuple[str, tuple[Any, ...]]:
+    """``query`` as driver SQL and its positional parameters, for the read paths that
+    run on the driver itself (no SQLAlchemy row objects per event)."""
+    compiled_query = query.compile(dialect=dialect)
+    assert isinstance(compiled_query, SQLCompiler)  # a SELECT compiles to SQL
+    values = compiled_query.construct_params()
+    order = compiled_query.positiontup or []
+    return str(compiled_query), tuple(values[name] for name in order)
+
+
+_PREPARED: dict[tuple[str, str], tuple[str, tuple[str, ...], dict[str, Any]]] = {}
+
+
+def prepared(
+    name: str, build: Callable[[], ClauseElement], dialect: Dialect, values: dict[str, Any]
+) -> tuple[str, tuple[Any, ...]]:
+    """Like :func:`compiled`, for a query of bound parameters compiled once per dialect
+    (``name`` tells the queries apart): the replay hot path compiles nothing."""
+    key = (name, dialect.name)
+    known = _PREPARED.get(key)
+    if known is None:
+        compiled_query = build().compile(dialect=dialect)
+        assert isinstance(compiled_query, SQLCompiler)  # a SELECT compiles to SQL
+        # Constants the dialect itself bound (SQLite's OFFSET of a LIMIT, say).
+        constants = dict(compiled_query.construct_params())
+        order = tuple(compiled_query.positiontup or ())
+        known = _PREPARED[key] = (str(compiled_query), order, constants)
+    sql, order, constants = known
+    return sql, tuple(values[p] if p in values else constants[p] for p in order)

@@ -15,26 +15,41 @@ import asyncio
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
+from sqlite3 import Cursor
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, Select, bindparam, select, update
+from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.dialects.sqlite import insert
 from sqlalchemy.engine import URL
 
 from .._errors import NotConnected
-from .._event import Event, from_micros
+from .._event import Event, from_micros, stored_event
 from ._engine import WRITE, create_engine, create_sync_engine, shared_memory_url
 from ._info import Pending
-from ._rows import EVENT_COLUMNS, event_row, new_epoch, now_micros, rows_to_events
+from ._queries import page_query
+from ._rows import EVENT_COLUMNS, compiled, new_epoch, now_micros, prepared, rows_to_events
 from ._schema import channels, events
 from ._store import Store
 
 _T = TypeVar("_T")
-_INSERT_CHANNEL = insert(channels).on_conflict_do_nothing(index_elements=["name"])
-_UPDATE_COUNTER = (
+# The append's statements, compiled once to SQLite's SQL: the writer runs them on the
+# driver's cursor, with tuples, without SQLAlchemy's per-statement work.
+_DIALECT = sqlite_dialect(paramstyle="qmark")
+_INSERT_EVENTS = str(events.insert().compile(dialect=_DIALECT))
+_INSERT_CHANNELS = str(
+    insert(channels).on_conflict_do_nothing(index_elements=["name"]).compile(dialect=_DIALECT)
+)
+_UPDATE_COUNTER = str(
     update(channels)
     .where(channels.c.name == bindparam("b_name"))
     .values(last_offset=bindparam("b_last"), last_timestamp=bindparam("b_ts"))
+    .compile(dialect=_DIALECT)
+)  # parameters: last offset, last timestamp, name
+_COUNTERS = str(
+    select(channels.c.name, channels.c.epoch, channels.c.last_offset, channels.c.last_timestamp)
+    .where(channels.c.name == bindparam("name"))
+    .compile(dialect=_DIALECT)
 )
 
 
@@ -109,33 +124,54 @@ class SqliteStore(Store):
         if reader is None:
             raise NotConnected("the event log is not connected")
 
+        return await self._fetch(channel, *compiled(query, reader.dialect), max_bytes)
+
+    async def read_page(
+        self, channel: str, start: int, limit: int, max_bytes: int | None
+    ) -> list[Event]:
+        if self._reader is None:
+            raise NotConnected("the event log is not connected")
+        values = {"channel": channel, "after": start - 1, "limit": limit}
+        sql, params = prepared("page", page_query, self._reader.dialect, values)
+        return await self._fetch(channel, sql, params, max_bytes)
+
+    async def _fetch(
+        self, channel: str, sql: str, params: tuple[Any, ...], max_bytes: int | None
+    ) -> list[Event]:
+        reader = self._reader
+        if reader is None:
+            raise NotConnected("the event log is not connected")
+
         def run() -> list[Event]:
             with reader.connect() as conn:
-                result = conn.execute(query)
-                if max_bytes is None:
-                    return rows_to_events(channel, result)
-                # Rows until their payloads reach the budget (at least one): the row
-                # that passes it shows the caller the page was cut.
-                rows: list[Any] = []
-                total = 0
-                for row in result:
-                    rows.append(row)
-                    total += len(row[4])
-                    if total >= max_bytes:
-                        break
-                result.close()
-                return rows_to_events(channel, rows)
+                # The driver's own cursor: plain tuples, no SQLAlchemy row per event.
+                cursor = conn.connection.driver_connection.execute(sql, params)  # type: ignore[union-attr]
+                try:
+                    if max_bytes is None:
+                        return rows_to_events(channel, cursor)
+                    # Rows until their payloads reach the budget (at least one): the
+                    # row that passes it shows the caller the page was cut.
+                    rows: list[Any] = []
+                    total = 0
+                    for row in cursor:
+                        rows.append(row)
+                        total += len(row[4])
+                        if total >= max_bytes:
+                            break
+                    return rows_to_events(channel, rows)
+                finally:
+                    cursor.close()
 
         return await self._run(self._read_threads, run)
 
 
-def _counters(conn: Connection, names: Sequence[str]) -> dict[str, list[int]]:
-    result = conn.execute(
-        select(
-            channels.c.name, channels.c.epoch, channels.c.last_offset, channels.c.last_timestamp
-        ).where(channels.c.name.in_(names))
-    )
-    return {name: [epoch, last, ts] for name, epoch, last, ts in result}
+def _counters(cursor: Cursor, names: Sequence[str]) -> dict[str, list[int]]:
+    state: dict[str, list[int]] = {}
+    for name in names:
+        row = cursor.execute(_COUNTERS, (name,)).fetchone()
+        if row is not None:
+            state[name] = [row[1], row[2], row[3]]
+    return state
 
 
 def _find_keys(conn: Connection, items: Sequence[Pending]) -> dict[tuple[str, str], Event]:
@@ -163,30 +199,21 @@ def append(conn: Connection, items: Sequence[Pending]) -> list[Event]:
     counters read here cannot change before the update: offsets are gap-free across
     processes sharing the file.
     """
+    cursor: Cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
     names = sorted({item.channel for item in items})
-    state = _counters(conn, names)
+    state = _counters(cursor, names)
     missing = [name for name in names if name not in state]
     if missing:
-        conn.execute(
-            _INSERT_CHANNEL,
-            [
-                {
-                    "name": name,
-                    "epoch": new_epoch(),
-                    "last_offset": 0,
-                    "last_timestamp": 0,
-                    "first_offset": 1,
-                }
-                for name in missing
-            ],
+        cursor.executemany(
+            _INSERT_CHANNELS, [(name, new_epoch(), 0, 0, 1, None) for name in missing]
         )
-        state.update(_counters(conn, missing))
+        state.update(_counters(cursor, missing))
     seen = _find_keys(conn, items) if any(item.key is not None for item in items) else {}
 
     now = now_micros()
     stamps: dict[int, datetime] = {}
     results: list[Event] = []
-    rows: list[dict[str, Any]] = []
+    rows: list[tuple[Any, ...]] = []
     for channel, message, key in items:
         if key is not None:
             earlier = seen.get((channel, key))
@@ -201,16 +228,16 @@ def append(conn: Connection, items: Sequence[Pending]) -> list[Event]:
         stamp = stamps.get(micros)
         if stamp is None:
             stamp = stamps[micros] = from_micros(micros)
-        rows.append(event_row(channel, offset, epoch, micros, message, key))
-        event = Event(channel, message, offset, stamp, epoch, key)
+        is_text = isinstance(message, str)
+        payload = message.encode() if isinstance(message, str) else message
+        rows.append((channel, offset, epoch, micros, is_text, payload, key))
+        event = stored_event(channel, message, offset, stamp, epoch, key)
         if key is not None:
             seen[(channel, key)] = event
         results.append(event)
     if rows:
-        conn.execute(events.insert(), rows)
-        touched = {row["channel"] for row in rows}
-        conn.execute(
-            _UPDATE_COUNTER,
-            [{"b_name": n, "b_last": state[n][1], "b_ts": state[n][2]} for n in touched],
-        )
+        cursor.executemany(_INSERT_EVENTS, rows)
+        touched = {row[0] for row in rows}
+        cursor.executemany(_UPDATE_COUNTER, [(state[n][1], state[n][2], n) for n in touched])
+    cursor.close()
     return results

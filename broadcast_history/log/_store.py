@@ -68,3 +68,10 @@ class Store:
     ) -> list[Event]:
         """The events ``query`` selects, cut after ``max_bytes`` of payload if given."""
         raise NotImplementedError
+
+    async def read_page(
+        self, channel: str, start: int, limit: int, max_bytes: int | None
+    ) -> list[Event]:
+        """A replay page: ``limit`` events from offset ``start`` on, ascending, cut
+        after ``max_bytes`` of payload if given (the hot path of replay)."""
+        raise NotImplementedError

@@ -1,0 +1,166 @@
+"""Prometheus metrics of broadcasts (extra ``metrics``: prometheus-client).
+
+One collector per registry reads the plain counters (``_stats``) of every broadcast
+registered with it when it is scraped, so metrics cost nothing on the hot paths but
+an integer increment. Names start with ``broadcast_history_``; no label carries a
+channel name on a hot counter (the number of channels is unbounded): only
+``consumer_lag`` has one, one series per durable consumer.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from ._stats import Histogram, Stats
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+    from prometheus_client.registry import CollectorRegistry
+
+    from ._broadcast import Broadcast
+
+_PREFIX = "broadcast_history_"
+_collectors: weakref.WeakKeyDictionary[Any, BroadcastCollector] = weakref.WeakKeyDictionary()
+
+
+def register(broadcast: Broadcast, registry: CollectorRegistry | None) -> CollectorRegistry:
+    """Count ``broadcast`` in the metrics of ``registry`` (default: the global one),
+    which is returned.
+
+    Raises:
+        ImportError: prometheus-client is not installed (the ``metrics`` extra).
+    """
+    try:
+        from prometheus_client import REGISTRY
+    except ImportError as exc:
+        raise ImportError(
+            f"metrics need prometheus-client: pip install 'broadcast-history[metrics]' ({exc})"
+        ) from exc
+    target = REGISTRY if registry is None else registry
+    collector = _collectors.get(target)
+    if collector is None:
+        collector = _collectors[target] = BroadcastCollector()
+        target.register(collector)
+    collector.add(broadcast)
+    return target
+
+
+def collector_of(registry: CollectorRegistry) -> BroadcastCollector | None:
+    """The collector of broadcasts registered in ``registry``, if any."""
+    return _collectors.get(registry)
+
+
+class BroadcastCollector:
+    """Collects the metrics of every broadcast of one registry (sums over them)."""
+
+    def __init__(self) -> None:
+        self._broadcasts: weakref.WeakSet[Broadcast] = weakref.WeakSet()
+        # Counts of broadcasts already garbage-collected: counters never go back.
+        self._retired = Stats()
+        self._retired_foreign = {"not_envelope": 0, "other_log": 0}
+        self._retired_reconnects = 0
+        #: Lag of each durable consumer, refreshed by :meth:`refresh_lags`.
+        self.lags: dict[tuple[str, str], int] = {}
+
+    def add(self, broadcast: Broadcast) -> None:
+        self._broadcasts.add(broadcast)
+        weakref.finalize(
+            broadcast, self._retire, broadcast.stats, broadcast.foreign_messages, broadcast.backend
+        )
+
+    def _retire(self, stats: Stats, foreign: dict[str, int], backend: Any) -> None:
+        self._retired.add(stats)
+        for kind, count in foreign.items():
+            self._retired_foreign[kind] = self._retired_foreign.get(kind, 0) + count
+        self._retired_reconnects += int(getattr(backend, "reconnects", 0))
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # the names are fixed, but no need to check them up front
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
+        broadcasts = list(self._broadcasts)
+        total = Stats()
+        total.add(self._retired)
+        foreign = dict(self._retired_foreign)
+        reconnects = self._retired_reconnects
+        modes = {"replay": 0, "live": 0}
+        up = 1
+        for broadcast in broadcasts:
+            total.add(broadcast.stats)
+            for kind, count in broadcast.foreign_messages.items():
+                foreign[kind] = foreign.get(kind, 0) + count
+            reconnects += int(getattr(broadcast.backend, "reconnects", 0))
+            if broadcast.connected and not broadcast.transport_connected:
+                up = 0
+            for mode, count in broadcast.subscriber_modes().items():
+                modes[mode] += count
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            return CounterMetricFamily(_PREFIX + name, doc, value=value)
+
+        def labelled(name: str, doc: str, label: str, values: dict[str, int]) -> Metric:
+            family = CounterMetricFamily(_PREFIX + name, doc, labels=[label])
+            for key, value in values.items():
+                family.add_metric([key], value)
+            return family
+
+        def histogram(name: str, doc: str, values: Histogram) -> HistogramMetricFamily:
+            buckets: list[tuple[str, float]] = []
+            running = 0
+            for bound, count in zip([*values.bounds, float("inf")], values.counts, strict=True):
+                running += count
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), running))
+            return HistogramMetricFamily(_PREFIX + name, doc, buckets=buckets, sum_value=values.sum)
+
+        yield counter("publishes", "Events committed by publish", total.publishes)
+        yield labelled(
+            "publish_failures", "Publishes that raised, by reason", "reason", total.failures
+        )
+        yield histogram("batch_size", "Publishes per committed batch", total.batch_size)
+        yield histogram("commit_seconds", "Time to commit one batch", total.commit_seconds)
+        yield counter(
+            "live_send_failures",
+            "Batches committed but not sent live (subscribers read them from the log)",
+            total.live_send_failures,
+        )
+        yield GaugeMetricFamily(
+            _PREFIX + "transport_up", "1 when every connected broadcast's transport is up", up
+        )
+        yield counter(
+            "transport_reconnects", "Lost transport connections re-established", reconnects
+        )
+        modes_family = GaugeMetricFamily(
+            _PREFIX + "subscribers", "Open subscriptions by mode", labels=["mode"]
+        )
+        for mode, count in modes.items():
+            modes_family.add_metric([mode], count)
+        yield modes_family
+        yield labelled(
+            "subscriber_fallbacks",
+            "Times a subscriber went back to reading the log, by reason",
+            "reason",
+            total.fallbacks,
+        )
+        yield labelled(
+            "delivered",
+            "Events delivered to subscribers, by where they came from",
+            "source",
+            {"live": total.delivered_live, "log": total.delivered_log},
+        )
+        yield labelled("foreign_messages", "Transport messages ignored, by kind", "kind", foreign)
+        lag = GaugeMetricFamily(
+            _PREFIX + "consumer_lag",
+            "Events a durable consumer has not committed yet",
+            labels=["channel", "consumer"],
+        )
+        for (channel, consumer), value in sorted(self.lags.items()):
+            lag.add_metric([channel, consumer], value)
+        yield lag

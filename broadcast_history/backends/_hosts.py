@@ -1,0 +1,41 @@
+"""URLs that name several servers: ``scheme://[user:password@]h1:p1,h2:p2``."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+from urllib.parse import urlsplit
+
+from .._errors import InvalidArgument
+
+
+class Hosts(NamedTuple):
+    """The servers of a URL, and its ``user:password`` part (``""`` if none)."""
+
+    userinfo: str
+    servers: list[tuple[str, int]]
+
+
+def parse_hosts(url: str, schemes: tuple[str, ...], default_port: int) -> Hosts:
+    """The servers a multi-host URL names, ``default_port`` where it gives none.
+
+    Raises:
+        InvalidArgument: Another scheme, no server, or a bad host or port.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in schemes:
+        raise InvalidArgument(f"not a {schemes[0]}:// URL: {url!r}")
+    netloc = rest.split("/", 1)[0].split("?", 1)[0]
+    userinfo, _, hosts = netloc.rpartition("@")
+    servers: list[tuple[str, int]] = []
+    for item in filter(None, hosts.split(",")):
+        try:
+            parts = urlsplit("//" + item)
+            host, port = parts.hostname, parts.port or default_port
+        except ValueError as exc:
+            raise InvalidArgument(f"bad server {item!r} in {url!r}: {exc}") from exc
+        if not host:
+            raise InvalidArgument(f"bad server {item!r} in {url!r}")
+        servers.append((host, port))
+    if not servers:
+        raise InvalidArgument(f"no server in {url!r}: use {schemes[0]}://host:port[,host:port]")
+    return Hosts(userinfo, servers)

@@ -1,0 +1,220 @@
+"""Core NATS PUB/SUB transport (nats-py), for ``nats://`` URLs.
+
+Channel to subject: a channel may hold any 255 characters, dots, ``*``, ``>`` and
+spaces included, while a NATS subject is dot-separated tokens without whitespace,
+where ``*`` and ``>`` are wildcards. So every channel is one token after a prefix:
+its UTF-8 bytes with ASCII letters, digits, ``-`` and ``_`` kept and every other byte
+written ``%XX`` (upper-case hex). ``chat.room 1`` travels on ``bh.chat%2Eroom%201``.
+The mapping is one-to-one (``%`` itself is escaped), readable for plain names, and
+at most 3 KB long (255 four-byte characters), under NATS's 4 KiB control-line limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from nats import errors as nerr
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from .._errors import InvalidArgument, NotConnected, TransportError
+from .._event import Event
+from ._inbox import Inbox, InboxTransport
+from ._nats_names import PREFIX, nats_servers, subject_for
+from .base import BroadcastBackend
+
+logger = logging.getLogger("broadcast_history")
+
+# NATS's default max_payload: larger envelopes travel as offset-only notices.
+DEFAULT_MAX_PAYLOAD = 1024 * 1024
+
+
+class NatsBackend(InboxTransport, BroadcastBackend):
+    """Core NATS subjects (URL ``nats://host:4222[,host:4223]``); no JetStream.
+
+    Messages reach the connections subscribed when they are published, at most once.
+    nats-py reconnects by itself (to any server of the URL, or any it learns of),
+    forever, and subscribes again; meanwhile ``connected`` is false and subscribers
+    read what they miss from the log.
+
+    Args:
+        url: ``nats://[user:password@]host:port[,host:port]`` (port 4222 if none).
+        subject_prefix: First tokens of every subject, e.g. one per application.
+        max_payload: Largest message sent, in bytes; larger envelopes become notices.
+            Keep it at or under the server's ``max_payload`` (1 MiB by default).
+        reconnect_time_wait: Seconds between reconnection attempts to one server.
+        **connect_options: More ``nats.connect`` arguments (TLS, credentials...).
+    """
+
+    crosses_processes = True
+    _name = "nats"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        subject_prefix: str = "bh",
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        reconnect_time_wait: float = 0.5,
+        **connect_options: Any,
+    ) -> None:
+        super().__init__(url)
+        self._servers = nats_servers(url)
+        if not PREFIX.fullmatch(subject_prefix):
+            raise InvalidArgument(f"subject_prefix {subject_prefix!r}: use dotted [A-Za-z0-9_-]")
+        if max_payload < 1024:
+            raise InvalidArgument(f"max_payload must be at least 1024 bytes, not {max_payload}")
+        self.max_message_size: int | None = max_payload
+        self._max_payload = max_payload
+        self._prefix = subject_prefix
+        self._attempts = connect_options.pop("max_reconnect_attempts", -1)
+        self._options = {"reconnect_time_wait": reconnect_time_wait, **connect_options}
+        self._nc: Client | None = None
+        self._subs: dict[str, Subscription] = {}  # subject -> its subscription
+        self._names: dict[str, str] = {}  # subject -> channel
+        self._inbox: Inbox | None = None
+        self._oversize_warned = False
+
+    @property
+    def connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
+    async def connect(self) -> None:
+        if self._nc is not None:
+            return
+        self._inbox = Inbox()
+        nc = Client()
+
+        async def closed() -> None:
+            await self._on_closed(nc)
+
+        options: dict[str, Any] = {
+            "name": "broadcast_history",
+            "error_cb": self._on_error,
+            "disconnected_cb": self._on_disconnected,
+            "reconnected_cb": self._on_reconnected,
+            "closed_cb": closed,
+            # Two tries of each server, then give up: a server that is down when we
+            # start is an error for the caller, not a wait without end.
+            "max_reconnect_attempts": 1,
+            **self._options,
+        }
+        try:
+            await nc.connect(self._servers, **options)
+        except (nerr.Error, OSError, asyncio.TimeoutError) as exc:
+            with contextlib.suppress(Exception):
+                await nc.close()
+            raise TransportError(f"cannot connect to nats: {exc!r}") from exc
+        # Once connected, reconnect for as long as it takes (nats-py reads this option
+        # at each attempt); subscribers meanwhile read from the log.
+        nc.options["max_reconnect_attempts"] = self._attempts
+        if nc.max_payload < self._max_payload:
+            logger.warning(
+                "nats server max_payload is %d bytes, under max_payload=%d: larger "
+                "envelopes are not sent live (subscribers read them from the log)",
+                nc.max_payload,
+                self._max_payload,
+            )
+        self._nc = nc
+
+    async def disconnect(self) -> None:
+        nc, self._nc = self._nc, None
+        if nc is not None:
+            with contextlib.suppress(Exception):
+                await nc.close()  # sends what is still buffered first
+        self._subs.clear()
+        self._names.clear()
+        self._wake_readers()
+
+    async def subscribe(self, channel: str) -> None:
+        nc = self._require()
+        subject = subject_for(channel, self._prefix)
+        if subject in self._subs:
+            return
+        self._names[subject] = channel
+        try:
+            self._subs[subject] = await nc.subscribe(subject, cb=self._received)
+        except nerr.Error as exc:
+            self._names.pop(subject, None)
+            raise TransportError(f"nats SUB failed: {exc!r}") from exc
+        if nc.is_connected:
+            # A round trip, so the server has the SUB before a publish that follows;
+            # if the connection is failing, nats-py sends it again on reconnect.
+            with contextlib.suppress(nerr.Error, asyncio.TimeoutError):
+                await nc.flush(timeout=5)
+
+    async def unsubscribe(self, channel: str) -> None:
+        subject = subject_for(channel, self._prefix)
+        self._names.pop(subject, None)
+        sub = self._subs.pop(subject, None)
+        if sub is not None and self._nc is not None:
+            with contextlib.suppress(nerr.Error):  # closed or reconnecting: gone anyway
+                await sub.unsubscribe()
+
+    async def publish_many(self, messages: Sequence[tuple[str, Any]]) -> None:
+        nc = self._require()
+        limit = min(nc.max_payload, self._max_payload)
+        try:
+            # Each publish only appends to nats-py's buffer; its flusher task writes
+            # the whole buffer at once. No flush (round trip) per message or batch.
+            for channel, message in messages:
+                data = message.encode() if isinstance(message, str) else bytes(message)
+                if len(data) > limit:
+                    self._warn_oversize(len(data), limit)
+                    continue
+                await nc.publish(subject_for(channel, self._prefix), data)
+        except nerr.Error as exc:
+            raise TransportError(f"nats PUB failed: {exc!r}") from exc
+
+    # -- internals -----------------------------------------------------------------
+
+    def _require(self) -> Client:
+        if self._nc is None:
+            raise NotConnected("the nats transport is not connected")
+        return self._nc
+
+    def _warn_oversize(self, size: int, limit: int) -> None:
+        if not self._oversize_warned:
+            self._oversize_warned = True
+            logger.warning(
+                "nats: a %d-byte envelope exceeds the server's max_payload (%d); such "
+                "envelopes are dropped and read from the log (set max_payload=%d)",
+                size,
+                limit,
+                limit,
+            )
+
+    async def _received(self, msg: Msg) -> None:
+        channel = self._names.get(msg.subject)
+        if channel is None or self._inbox is None:
+            return
+        data: str | bytes = msg.data
+        with contextlib.suppress(UnicodeDecodeError):
+            data = msg.data.decode()
+        self._inbox.put(Event(channel, data))
+
+    async def _on_error(self, exc: Exception) -> None:
+        # Reconnection attempts report each refusal here; the state change itself is
+        # logged by the disconnected/reconnected callbacks.
+        logger.debug("nats: %r", exc)
+
+    async def _on_disconnected(self) -> None:
+        if self._nc is not None:
+            logger.warning("nats connection lost; nats-py is reconnecting")
+
+    async def _on_reconnected(self) -> None:
+        self.reconnects += 1
+        logger.info("nats connection re-established")
+
+    async def _on_closed(self, nc: Client) -> None:
+        if nc is self._nc and self._inbox is not None:
+            # Not our disconnect(): nats-py gave up. Every subscriber hears of it.
+            self._inbox.fail(TransportError("the nats connection was closed for good"))
+
+
+__all__ = ["NatsBackend", "nats_servers", "subject_for"]

@@ -1,0 +1,233 @@
+"""Redis Cluster sharded PUB/SUB transport, for ``redis-cluster://`` URLs.
+
+``SPUBLISH`` sends a message to the shard that owns its channel's hash slot only,
+instead of to every node as cluster-wide ``PUBLISH`` does, so publishing scales with
+the number of masters. redis-py's asyncio ``RedisCluster`` keeps the slot map;
+publishes go out as one pipeline per master (``ShardPublisher``). Subscriptions are
+``SSUBSCRIBE`` on one connection per master, each read by its own task: redis-py's
+asyncio ``ClusterPubSub`` (8.x) has ``ssubscribe``, but its ``get_sharded_message``
+polls the nodes in turn, each for up to ``timeout``, so a reader would either spin or
+wait up to nodes x timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+from redis import exceptions as rexc
+from redis.asyncio.cluster import RedisCluster
+
+from .._errors import NotConnected, TransportError
+from .._event import Event
+from ._backoff import Backoff
+from ._inbox import Inbox, InboxTransport
+from ._redis_common import CLIENT_NAME, Confirmations, cancel_and_wait
+from ._redis_shards import Shard, ShardPublisher, cluster_options, is_cluster_transient
+from .base import BroadcastBackend, Health
+
+logger = logging.getLogger("broadcast_history")
+
+
+class RedisClusterBackend(Health, InboxTransport, BroadcastBackend):
+    """Sharded PUB/SUB on a Redis 7 cluster (URL ``redis-cluster://host:port[,host:port]``).
+
+    Any reachable node of the URL serves to discover the others. Messages reach the
+    processes subscribed at the moment they are published. When a node's connection
+    drops or a slot moves to another node, every shard subscription is opened again
+    on the current owners (with backoff); meanwhile ``connected`` is false and
+    subscribers read what they miss from the log.
+
+    Args:
+        url: ``redis-cluster://[user:password@]host:port[,host:port]``, or
+            ``rediss-cluster://`` for TLS.
+        max_reconnect_delay: Longest pause, in seconds, between reconnection attempts.
+        ping_interval: Seconds of silence after which a shard connection is pinged;
+            no answer within as long again counts as a lost connection.
+    """
+
+    crosses_processes = True
+    _name = "redis-cluster"
+
+    def __init__(
+        self, url: str, *, max_reconnect_delay: float = 5.0, ping_interval: float = 10.0
+    ) -> None:
+        super().__init__(url)
+        self._startup, self._options = cluster_options(url)
+        self._max_delay = max_reconnect_delay
+        self._ping_interval = ping_interval
+        self._cluster: RedisCluster | None = None
+        self._publisher: ShardPublisher | None = None
+        self._channels: set[str] = set()
+        self._shards: dict[str, Shard] = {}  # node name -> its subscription connection
+        self._owner: dict[str, str] = {}  # channel -> node name it is subscribed on
+        self._leaving: Counter[str] = Counter()  # our SUNSUBSCRIBEs not yet confirmed
+        self._acks = Confirmations()
+        self._inbox: Inbox | None = None
+        self._lock: asyncio.Lock | None = None
+        self._trouble: asyncio.Event | None = None
+        self._fatal: BaseException | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._up = False
+
+    async def connect(self) -> None:
+        if self._supervisor is not None:
+            return
+        cluster = RedisCluster(startup_nodes=self._startup, **self._options)
+        try:
+            await cluster.initialize()
+        except (rexc.RedisError, rexc.RedisClusterException, OSError) as exc:
+            await cluster.aclose()
+            raise TransportError(f"cannot connect to the redis cluster: {exc!r}") from exc
+        self._cluster, self._up = cluster, True
+        self._publisher = ShardPublisher(cluster, self._options)
+        self._inbox, self._lock, self._trouble = Inbox(), asyncio.Lock(), asyncio.Event()
+        self._fatal = None
+        self._supervisor = asyncio.create_task(self._supervise(), name="bh-redis-cluster")
+
+    async def disconnect(self) -> None:
+        supervisor, self._supervisor = self._supervisor, None
+        if supervisor is not None:
+            await cancel_and_wait(supervisor)
+        await self._close_shards()
+        publisher, self._publisher = self._publisher, None
+        if publisher is not None:
+            await publisher.close()
+        cluster, self._cluster = self._cluster, None
+        if cluster is not None:
+            await cluster.aclose()
+        self._up, self._lock = False, None  # subscribe now raises NotConnected
+        self._channels.clear()
+        self._acks.release()
+        self._wake_readers()
+
+    async def subscribe(self, channel: str) -> None:
+        if self._lock is None:
+            raise NotConnected("the redis-cluster transport is not connected")
+        ack = self._acks.expect(channel)
+        async with self._lock:
+            self._channels.add(channel)
+            if self._up:
+                await self._guard(self._place([channel]))
+        await self._acks.wait(channel, ack, up=self._up)
+
+    async def unsubscribe(self, channel: str) -> None:
+        if self._lock is None:
+            return
+        async with self._lock:
+            self._channels.discard(channel)
+            shard = self._shards.get(self._owner.pop(channel, ""))
+            if shard is not None:
+                self._leaving[channel] += 1
+                await self._guard(shard.pubsub.sunsubscribe(channel))
+
+    async def publish_many(self, messages: Sequence[tuple[str, Any]]) -> None:
+        if not messages:
+            return
+        if self._publisher is None:
+            raise NotConnected("the redis-cluster transport is not connected")
+        await self._publisher.send(messages)
+
+    # -- internals -----------------------------------------------------------------
+
+    async def _guard(self, operation: Any) -> None:
+        """Run a subscription change; a lost node or moved slot triggers a resync."""
+        assert self._trouble is not None
+        try:
+            await operation
+        except Exception as exc:
+            if not is_cluster_transient(exc):
+                raise TransportError(f"redis-cluster SSUBSCRIBE failed: {exc!r}") from exc
+            logger.info("redis-cluster subscription failed; resubscribing: %r", exc)
+            self._trouble.set()
+
+    async def _place(self, channels: Sequence[str]) -> None:
+        """SSUBSCRIBE ``channels`` on the masters owning them, one command per slot."""
+        assert self._cluster is not None and self._inbox is not None
+        by_slot: dict[tuple[str, int], list[str]] = {}
+        for channel in channels:
+            node = self._cluster.get_node_from_key(channel)
+            assert node is not None  # a primary is always returned
+            by_slot.setdefault((node.name, self._cluster.keyslot(channel)), []).append(channel)
+        for (name, _slot), group in by_slot.items():
+            shard = self._shards.get(name)
+            if shard is None:
+                node = self._cluster.get_node(node_name=name)
+                assert node is not None
+                shard = self._shards[name] = Shard(node.host, int(node.port), self._options)
+            for channel in group:
+                self._owner[channel] = name
+            await shard.pubsub.ssubscribe(*group)
+            # Read only once subscribed: a PubSub read before that has no connection.
+            shard.start(self._read)
+
+    async def _close_shards(self) -> None:
+        shards, self._shards = list(self._shards.values()), {}
+        self._owner.clear()
+        self._leaving.clear()
+        for shard in shards:
+            await shard.close()
+
+    async def _supervise(self) -> None:
+        """Whenever a shard fails or a slot moves: refresh the slot map, resubscribe all."""
+        await self._until_broken(
+            "the redis-cluster subscription", self._recover, self._acks.release
+        )
+
+    async def _recover(self) -> None:
+        assert self._inbox is not None and self._lock is not None and self._trouble is not None
+        assert self._cluster is not None
+        backoff = Backoff(self._max_delay)
+        while True:
+            await self._trouble.wait()
+            if self._fatal is not None:
+                raise self._fatal
+            self._up = False
+            await backoff.sleep()
+            async with self._lock:
+                self._trouble.clear()
+                await self._close_shards()
+                try:
+                    await self._cluster.nodes_manager.initialize()
+                    await self._place(sorted(self._channels))
+                except Exception as exc:
+                    if not is_cluster_transient(exc):
+                        raise
+                    logger.debug("redis-cluster resubscription failed: %r", exc)
+                    self._trouble.set()
+                    continue
+                # Under the lock: a subscribe that waited for it places its channel.
+                self._back_up("redis-cluster shard subscriptions")
+            backoff.reset()
+
+    async def _read(self, shard: Shard) -> None:
+        """Read one shard's messages until its connection fails or a slot moves away."""
+        assert self._inbox is not None and self._trouble is not None
+        try:
+            async for kind, channel, data in shard.messages(self._ping_interval):
+                if kind == "smessage":
+                    if channel in self._channels:
+                        self._inbox.put(Event(channel, data))
+                elif kind == "ssubscribe":
+                    self._acks.confirm(channel)
+                elif kind == "sunsubscribe":
+                    if self._leaving[channel] > 0:
+                        self._leaving[channel] -= 1
+                    elif channel in self._channels:
+                        # The server dropped it: its slot moved to another node.
+                        logger.info("redis-cluster slot of %r moved; resubscribing", channel)
+                        break
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if not is_cluster_transient(exc):
+                self._fatal = exc
+            elif self._up:
+                logger.warning("redis-cluster shard %s lost: %r", shard.name, exc)
+        self._trouble.set()
+
+
+__all__ = ["CLIENT_NAME", "RedisClusterBackend"]

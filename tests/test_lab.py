@@ -1,0 +1,185 @@
+"""The fault lab (lab/, scripts/lab): its checker, its proxy, and its short run."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lab.checker import ChannelLog, check_run
+from lab.services import missing_tools
+
+REPO = Path(__file__).resolve().parent.parent
+CI = os.environ.get("CI", "").lower() == "true"
+
+
+# -- checker -----------------------------------------------------------------------
+
+
+def _log(*messages: str, name: str = "c", epoch: int = 7) -> ChannelLog:
+    events = {i: (epoch, m, m) for i, m in enumerate(messages, 1)}
+    return ChannelLog(name, epoch, len(messages), 1, events)
+
+
+def _pub(*steps: tuple[str, str, int | None]) -> list[dict[str, Any]]:
+    """Publisher records from (kind, id, offset) steps on channel c, epoch 7."""
+    records: list[dict[str, Any]] = [{"k": "start"}]
+    for kind, message, offset in steps:
+        record: dict[str, Any] = {"k": kind, "ch": "c", "id": message}
+        if kind == "ok":
+            record.update(off=offset, ep=7)
+        if kind == "err":
+            record["error"] = "LogUnavailable('down')"
+        records.append(record)
+    return records
+
+
+def _sub(*records: tuple[Any, ...]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for record in records:
+        if record[0] == "start":
+            out.append({"k": "start", "since": record[1], "pos": record[1], "ep": 7})
+        else:
+            out.append({"k": "ev", "off": record[0], "ep": 7, "id": record[1]})
+    return out
+
+
+def _anomalies(log: ChannelLog, pub: list[dict[str, Any]], sub: list[dict[str, Any]]) -> list[str]:
+    return check_run({"c": log}, {"p": pub}, {"s": ("c", sub)}).anomalies
+
+
+def test_checker_accepts_a_clean_run() -> None:
+    log = _log("a", "b", "c")
+    pub = _pub(("try", "a", None), ("ok", "a", 1), ("try", "b", None), ("err", "b", None))
+    pub += _pub(("try", "b", None), ("ok", "b", 2), ("try", "c", None))  # c: killed, stored
+    # Killed after event 2, resumed from it.
+    sub = _sub(("start", 0), (1, "a"), (2, "b"), ("start", 2), (3, "c"))
+    result = check_run({"c": log}, {"p": pub}, {"s": ("c", sub)})
+    assert result.anomalies == []
+    counts = (result.acked, result.publish_errors, result.unacked, result.unacked_stored)
+    assert counts == (2, 1, 1, 1)  # c never acked, yet stored once
+    assert (result.stored, result.delivered) == (3, 3)
+
+
+def test_checker_finds_lost_duplicated_and_phantom_events() -> None:
+    log = _log("a", "a", "x")  # "a" stored twice, "x" never published, "b" lost
+    pub = _pub(("try", "a", None), ("ok", "a", 1), ("try", "b", None), ("ok", "b", 4))
+    sub = _sub(("start", 0), (1, "a"), (2, "a"), (3, "x"))
+    found = " ".join(_anomalies(log, pub, sub))
+    assert "duplicate: 'a'" in found
+    assert "phantom: 'x'" in found
+    assert "lost: publish of 'b'" in found
+
+
+def test_checker_finds_gaps_repeats_and_bad_resumptions() -> None:
+    log = _log("a", "b", "c", "d")
+    pub = _pub(
+        *[step for m in "abcd" for step in (("try", m, None), ("ok", m, "abcd".index(m) + 1))]
+    )
+    assert "gap, events 2..2" in " ".join(
+        _anomalies(log, pub, _sub(("start", 0), (1, "a"), (3, "c"), (4, "d")))
+    )
+    repeated = _anomalies(
+        log, pub, _sub(("start", 0), (1, "a"), (2, "b"), (2, "b"), (3, "c"), (4, "d"))
+    )
+    assert any("event 2 again" in a for a in repeated)
+    resumed = _anomalies(log, pub, _sub(("start", 0), (1, "a"), ("start", 2), (3, "c"), (4, "d")))
+    assert any("resumed since=2, last was 1" in a for a in resumed)
+    short = _anomalies(log, pub, _sub(("start", 0), (1, "a"), (2, "b")))
+    assert any("stopped at 2, the head is 4" in a for a in short)
+    wrong = _anomalies(log, pub, _sub(("start", 0), (1, "a"), (2, "c"), (3, "c"), (4, "d")))
+    assert any("event 2 is 'c'" in a for a in wrong)
+
+
+# -- proxy -------------------------------------------------------------------------
+
+
+async def test_proxy_stalls_and_severs_connections(tmp_path: Path) -> None:
+    from lab.procs import free_port
+    from lab.proxy import ProxyControl
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(1024):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    upstream = server.sockets[0].getsockname()[1]
+    port, control = free_port(), str(tmp_path / "control")
+    proxy = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "lab.proxy", "--control", control,
+        "--route", f"127.0.0.1:{port}=127.0.0.1:{upstream}",
+        cwd=REPO, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proxy.stdout is not None
+        assert await asyncio.wait_for(proxy.stdout.readline(), 30) == b"ready\n"
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"one")
+        assert await asyncio.wait_for(reader.readexactly(3), 10) == b"one"
+
+        await asyncio.to_thread(ProxyControl(control).send, stall=True)
+        writer.write(b"two")
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(reader.readexactly(3), 0.5)
+        await asyncio.to_thread(ProxyControl(control).send, stall=False)
+        assert await asyncio.wait_for(reader.readexactly(3), 10) == b"two"
+
+        await asyncio.to_thread(ProxyControl(control).send, sever=True)
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+    finally:
+        proxy.kill()
+        await proxy.wait()
+        server.close()
+
+
+# -- the short run -----------------------------------------------------------------
+
+
+def _lab_unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "the lab needs root (network namespaces, veth pairs)"
+    if shutil.which("ip") is None:
+        return "the lab needs iproute2's ip"
+    probe = subprocess.run(["ip", "netns", "list"], capture_output=True, check=False)
+    if probe.returncode != 0:
+        return f"ip netns is unavailable: {probe.stderr.decode().strip()}"
+    missing = missing_tools(["redis", "redis-stream", "postgres"])
+    if missing:
+        return "the lab needs " + "; ".join(missing)
+    return None
+
+
+@pytest.mark.timeout(300)
+def test_short_lab_run_finds_no_anomaly(tmp_path: Path) -> None:
+    reason = _lab_unavailable()
+    if reason is not None:
+        if CI:  # CI runs as root on a machine with every tool: a missing one is a bug
+            pytest.fail(f"{reason} (CI=true)")
+        pytest.skip(reason)
+    lab = subprocess.Popen(
+        [sys.executable, "-m", "lab", "--short", "--out", str(tmp_path)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        output, _ = lab.communicate(timeout=270)
+    finally:
+        if lab.poll() is None:  # SIGTERM: the lab cleans up before it exits
+            lab.terminate()
+            lab.communicate(timeout=20)
+    assert lab.returncode == 0, output[-8000:]
+    table = (tmp_path / "results.md").read_text()
+    for transport in ("| redis |", "| redis-stream |", "| postgres |"):
+        assert transport in table
+    assert "**0** |" in table

@@ -1,0 +1,198 @@
+"""Prometheus metrics: each one provoked by the event it counts.
+
+Every test uses a registry of its own. Faults come from a transport that drops or
+fails on purpose (fault injection over the in-process transport) and, for the
+reconnect metrics, from a Redis connection killed on the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import httpx
+import pytest
+
+prometheus_client = pytest.importorskip("prometheus_client", reason="the metrics extra")
+from prometheus_client import CollectorRegistry  # noqa: E402
+
+from broadcast_history import Broadcast, InvalidMessage, MessageTooLarge  # noqa: E402
+from broadcast_history.admin import create_app  # noqa: E402
+from broadcast_history.backends.memory import MemoryBackend  # noqa: E402
+from tests.conftest import REDIS_URL, require_redis, unique  # noqa: E402
+from tests.support.helpers import take  # noqa: E402
+
+PREFIX = "broadcast_history_"
+
+
+class Faulty(MemoryBackend):
+    """The in-process transport, with faults: drop chosen offsets, or fail sends.
+
+    With ``text=True`` it carries envelopes as a network transport does, to every
+    backend on the same ``bus`` (two broadcasts then behave as two processes).
+    """
+
+    def __init__(
+        self, *, text: bool = False, limit: int | None = None, bus: list[Faulty] | None = None
+    ) -> None:
+        super().__init__()
+        self.drop: set[int] = set()
+        self.fail = False
+        self.carries_objects = not text
+        self.max_message_size = limit
+        self.bus = bus if bus is not None else [self]
+        if self not in self.bus:
+            self.bus.append(self)
+
+    async def publish_many(self, messages: Sequence[tuple[str, Any]]) -> None:
+        if self.fail:
+            raise OSError("the transport is down")
+        for channel, message in messages:
+            if isinstance(message, tuple):
+                message = tuple(e for e in message if e.offset not in self.drop)
+                if not message:
+                    continue
+            for backend in self.bus:
+                await MemoryBackend.publish(backend, channel, message)
+
+
+def value(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    found = registry.get_sample_value(PREFIX + name, labels)
+    return 0.0 if found is None else found
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture
+async def faulty(registry: CollectorRegistry) -> AsyncIterator[tuple[Broadcast, Faulty]]:
+    backend = Faulty()
+    broadcast = Broadcast(backend=backend, metrics=registry, idle_check=0.1, reorder_window=0.01)
+    async with broadcast:
+        yield broadcast, backend
+
+
+async def test_publishes_batches_commits_and_failures(
+    faulty: tuple[Broadcast, Faulty], registry: CollectorRegistry
+) -> None:
+    broadcast, _ = faulty
+    await asyncio.gather(*[broadcast.publish("c", f"m{i}") for i in range(50)])
+    assert value(registry, "publishes_total") == 50
+    assert 1 <= value(registry, "batch_size_count") <= 50
+    assert value(registry, "batch_size_sum") == 50
+    assert value(registry, "commit_seconds_count") == value(registry, "batch_size_count")
+    with pytest.raises(InvalidMessage):
+        await broadcast.publish("c", "\ud800")
+    with pytest.raises(MessageTooLarge):
+        await broadcast.publish("c", b"x" * (broadcast.max_message_size + 1))
+    assert value(registry, "publish_failures_total", reason="invalid") == 1
+    assert value(registry, "publish_failures_total", reason="too_large") == 1
+
+
+async def test_gap_idle_and_delivery_sources(
+    faulty: tuple[Broadcast, Faulty], registry: CollectorRegistry
+) -> None:
+    broadcast, backend = faulty
+    channel = unique()
+    backend.drop = {2, 5}  # 2: a hole the next event shows; 5: the last, only idle finds it
+    async with broadcast.subscribe(channel) as sub:
+        assert value(registry, "subscribers", mode="live") == 1
+        published = [await broadcast.publish(channel, f"m{i}") for i in range(4)]
+        assert await take(sub, 4) == published
+        last = await broadcast.publish(channel, "never sent live")
+        assert await take(sub, 1) == [last]
+    assert value(registry, "subscriber_fallbacks_total", reason="gap") >= 1
+    assert value(registry, "subscriber_fallbacks_total", reason="idle") >= 1
+    live, log = (
+        value(registry, "delivered_total", source="live"),
+        value(registry, "delivered_total", source="log"),
+    )
+    assert live + log == 5 and live >= 1 and log >= 2
+    assert value(registry, "subscribers", mode="live") == 0
+
+
+async def test_overflow_of_a_stalled_subscriber(registry: CollectorRegistry) -> None:
+    async with Broadcast(metrics=registry, buffer_size=5) as broadcast:
+        async with broadcast.subscribe("c") as sub:
+            published = [await broadcast.publish("c", f"m{i}") for i in range(20)]
+            assert await take(sub, 20) == published
+    assert value(registry, "subscriber_fallbacks_total", reason="overflow") >= 1
+
+
+async def test_notice_and_live_send_failures(
+    registry: CollectorRegistry, sqlite_file_url: str
+) -> None:
+    bus: list[Faulty] = []
+    sender, receiver = Faulty(text=True, limit=500, bus=bus), Faulty(text=True, bus=bus)
+    async with (
+        Broadcast(backend=sender, log=sqlite_file_url, idle_check=0.1) as publisher,
+        Broadcast(backend=receiver, log=sqlite_file_url, metrics=registry) as broadcast,
+        broadcast.subscribe("c") as sub,
+    ):
+        big = await publisher.publish("c", "x" * 2000)  # over the transport's limit
+        assert await take(sub, 1) == [big]
+        sender.fail = True
+        lost = await publisher.publish("c", "sent into the void")
+        assert await take(sub, 1) == [lost]  # from the log, by the idle check
+    assert value(registry, "subscriber_fallbacks_total", reason="notice") == 1
+    assert publisher.stats.live_send_failures == 1
+
+
+async def test_foreign_messages_and_reconnects_on_redis(
+    registry: CollectorRegistry, sqlite_file_url: str
+) -> None:
+    require_redis()
+    import redis.asyncio as aioredis
+
+    from broadcast_history.backends.redis import RedisBackend
+
+    admin = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
+    backend = RedisBackend(REDIS_URL, max_reconnect_delay=0.2)
+    channel = unique()
+    try:
+        async with Broadcast(backend=backend, log=sqlite_file_url, metrics=registry) as b:
+            async with b.subscribe(channel) as sub:
+                await admin.publish(channel, "from redis-cli")  # not an envelope
+                event = await b.publish(channel, "ours")
+                assert await take(sub, 1) == [event]
+                assert value(registry, "foreign_messages_total", kind="not_envelope") == 1
+                assert value(registry, "transport_up") == 1
+                await admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+                seen_down = False
+                for _ in range(200):
+                    seen_down = seen_down or value(registry, "transport_up") == 0
+                    if value(registry, "transport_reconnects_total") >= 1:
+                        break
+                    await asyncio.sleep(0.01)
+                assert value(registry, "transport_reconnects_total") >= 1
+                assert value(registry, "transport_up") == 1
+                after = await b.publish(channel, "after the reconnect")
+                assert await take(sub, 1) == [after]
+    finally:
+        await admin.aclose()
+    assert seen_down or backend.reconnects >= 1
+
+
+async def test_metrics_route_of_the_admin_app(faulty: tuple[Broadcast, Faulty]) -> None:
+    broadcast, _ = faulty
+    await broadcast.publish("c", "x")
+    app = create_app(broadcast, token="t")
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://a") as client:
+        assert (await client.get("/metrics")).status_code == 401
+        response = await client.get("/metrics", headers={"Authorization": "Bearer t"})
+    assert response.status_code == 200
+    assert "broadcast_history_publishes_total 1.0" in response.text
+    assert "# TYPE broadcast_history_commit_seconds histogram" in response.text
+
+
+async def test_many_broadcasts_share_a_registry(registry: CollectorRegistry) -> None:
+    async with Broadcast(metrics=registry) as one, Broadcast(metrics=registry) as two:
+        await one.publish("c", "a")
+        await two.publish("c", "b")
+        assert value(registry, "publishes_total") == 2
+    del one, two
+    assert value(registry, "publishes_total") == 2  # a counter never goes back

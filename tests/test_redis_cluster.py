@@ -1,0 +1,266 @@
+"""The Redis Cluster transport: URLs, one shard per message, and a master killed.
+
+The fault test has a cluster of its own (three masters, no replicas), kills one
+master mid-stream and starts it again: its channels' sends fail meanwhile (and,
+once the cluster notices, every shard's), subscribers read from the log, then the
+transport subscribes again and live delivery resumes. Nothing lost, nothing twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import pytest
+
+from broadcast_history import Broadcast, Event, InvalidArgument, NotConnected, TransportError
+from tests.conftest import unique
+from tests.support.helpers import assert_contiguous, take
+
+pytest.importorskip("redis", reason="redis-py is not installed (the redis extra)")
+from redis.asyncio.cluster import RedisCluster
+
+from broadcast_history.backends import backend_from_url
+from broadcast_history.backends._redis_shards import cluster_options
+from broadcast_history.backends.redis_cluster import RedisClusterBackend
+from tests.support.redis_cluster import RedisClusterNodes, free_cluster_port
+
+
+def test_urls() -> None:
+    nodes, options = cluster_options("redis-cluster://u:p%40ss@h1,h2:7001/")
+    assert [(n.host, int(n.port)) for n in nodes] == [("h1", 6379), ("h2", 7001)]
+    assert (options["username"], options["password"], options["ssl"]) == ("u", "p@ss", False)
+    assert cluster_options("rediss-cluster://h")[1]["ssl"] is True
+    for bad in ("redis-cluster://", "redis-cluster://h:port", "redis://h"):
+        with pytest.raises(InvalidArgument):
+            cluster_options(bad)
+    backend = backend_from_url("redis-cluster://127.0.0.1:7000,127.0.0.1:7001")
+    assert isinstance(backend, RedisClusterBackend) and backend.crosses_processes
+
+
+async def test_unreachable_cluster_fails_at_connect() -> None:
+    backend = RedisClusterBackend(f"redis-cluster://127.0.0.1:{free_cluster_port()}")
+    with pytest.raises(TransportError):
+        await backend.connect()
+    assert not backend.connected
+
+
+async def test_connect_disconnect_twice_and_wake_a_pending_receive(
+    redis_cluster_url: str,
+) -> None:
+    backend = RedisClusterBackend(redis_cluster_url)
+    await backend.connect()
+    await backend.connect()
+    assert backend.connected
+    pending = asyncio.create_task(backend.next_published())
+    await asyncio.sleep(0.05)
+    await backend.disconnect()
+    await backend.disconnect()
+    with pytest.raises(NotConnected):
+        await asyncio.wait_for(pending, 5)
+    assert not backend.connected
+    with pytest.raises(NotConnected):
+        await backend.subscribe("after")
+    with pytest.raises(NotConnected):
+        await backend.publish("after", "m")
+
+
+@pytest.fixture
+async def admin(redis_cluster_url: str) -> AsyncIterator[RedisCluster]:
+    nodes, _ = cluster_options(redis_cluster_url)
+    client = RedisCluster(startup_nodes=nodes, decode_responses=True)
+    await client.initialize()
+    yield client
+    await client.aclose()
+
+
+async def spublish_calls(admin: RedisCluster) -> dict[str, int]:
+    """How many SPUBLISH commands each master has run."""
+    calls = {}
+    for node in admin.get_primaries():
+        stats = await admin.info("commandstats", target_nodes=node)
+        calls[node.name] = int(stats.get("cmdstat_spublish", {}).get("calls", 0))
+    return calls
+
+
+async def test_a_message_goes_to_one_shard(
+    redis_cluster_url: str, admin: RedisCluster, tmp_path: Path
+) -> None:
+    log = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
+    channel = unique()
+    owner = admin.get_node_from_key(channel)
+    assert owner is not None
+    async with Broadcast(redis_cluster_url, log=log) as broadcast:
+        async with broadcast.subscribe(channel) as sub:
+            for node in admin.get_primaries():  # subscribed on the owner only
+                reply = await admin.execute_command(
+                    "PUBSUB", "SHARDNUMSUB", channel, target_nodes=node
+                )
+                assert list(reply) == [channel, 1 if node.name == owner.name else 0]
+            before = await spublish_calls(admin)
+            for i in range(20):
+                await broadcast.publish(channel, f"m{i}")
+            assert_contiguous(await take(sub, 20, timeout=10), 1, 20)
+            after = await spublish_calls(admin)
+    sent = {name: after[name] - before[name] for name in after}
+    assert sent[owner.name] >= 1 and sum(sent.values()) == sent[owner.name]
+
+
+@pytest.fixture(scope="module")
+def own_cluster() -> Iterator[RedisClusterNodes]:
+    """A cluster of this module's own, since its tests move slots and kill masters."""
+    with RedisClusterNodes() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+async def own_admin(own_cluster: RedisClusterNodes) -> AsyncIterator[RedisCluster]:
+    nodes, _ = cluster_options(own_cluster.url)
+    client = RedisCluster(startup_nodes=nodes, decode_responses=True)
+    await client.initialize()
+    yield client
+    await client.aclose()
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not {what} within {timeout}s")
+        await asyncio.sleep(0.02)
+
+
+async def test_slot_moved_to_another_master(
+    own_cluster: RedisClusterNodes, own_admin: RedisCluster, tmp_path: Path
+) -> None:
+    """The old owner drops the subscription (SUNSUBSCRIBE); the new owner gets it."""
+    log = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
+    admin = own_admin
+    channel = unique("moving")
+    slot = admin.keyslot(channel)
+    source = admin.get_node_from_key(channel)
+    assert source is not None
+    target = next(n for n in admin.get_primaries() if n.name != source.name)
+    ids = {n.name: await admin.cluster_myid(n) for n in admin.get_primaries()}
+    async with (
+        Broadcast(own_cluster.url, log=log, idle_check=600) as broadcast,
+        broadcast.subscribe(channel) as sub,
+    ):
+        await broadcast.publish(channel, "before")
+        await admin.cluster_setslot(target, ids[source.name], slot, "IMPORTING")
+        await admin.cluster_setslot(source, ids[target.name], slot, "MIGRATING")
+        for node in admin.get_primaries():
+            await admin.cluster_setslot(node, ids[target.name], slot, "NODE")
+        await wait_until(lambda: target.name in broadcast.backend._shards, 10, "moved")
+        await wait_until(lambda: broadcast.transport_connected, 10, "reconnected")
+        reply = await admin.execute_command("PUBSUB", "SHARDNUMSUB", channel, target_nodes=target)
+        assert list(reply) == [channel, 1]
+        await broadcast.publish(channel, "after")
+        assert [e.message for e in await take(sub, 2, timeout=5)] == ["before", "after"]
+
+
+def on_every_master(admin: RedisCluster, per_master: int) -> list[str]:
+    """Channel names, ``per_master`` of them owned by each master (in turn)."""
+    wanted = {node.name: per_master for node in admin.get_primaries()}
+    channels: list[str] = []
+    while any(wanted.values()):
+        channel = unique("shard")
+        node = admin.get_node_from_key(channel)
+        assert node is not None
+        if wanted[node.name]:
+            wanted[node.name] -= 1
+            channels.append(channel)
+    return channels
+
+
+async def test_master_killed_mid_stream(
+    own_cluster: RedisClusterNodes, own_admin: RedisCluster, tmp_path: Path
+) -> None:
+    log = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
+    channels = on_every_master(own_admin, 2)
+
+    def backend() -> RedisClusterBackend:
+        return RedisClusterBackend(own_cluster.url, max_reconnect_delay=0.2)
+
+    publisher = Broadcast(backend=backend(), log=log)
+    subscriber = Broadcast(backend=backend(), log=log, idle_check=0.2)
+    published: dict[str, list[Event]] = {channel: [] for channel in channels}
+    stop = asyncio.Event()
+
+    async def publish() -> None:
+        i = 0
+        while not stop.is_set():
+            channel = channels[i % len(channels)]
+            published[channel].append(await publisher.publish(channel, f"m{i}"))
+            i += 1
+            await asyncio.sleep(0.002)
+
+    def count() -> int:
+        return sum(len(events) for events in published.values())
+
+    async with publisher, subscriber, AsyncExitStack() as stack:
+        subs = [await stack.enter_async_context(subscriber.subscribe(c)) for c in channels]
+        task = asyncio.create_task(publish())
+        try:
+            await wait_until(lambda: count() >= 60, 10, "60 published")
+            victim = own_cluster.ports[0]
+            own_cluster.kill_node(victim)
+            await wait_until(lambda: not subscriber.transport_connected, 10, "disconnected")
+            await asyncio.sleep(1.5)  # the cluster marks the node failed: all sends fail
+            own_cluster.start_node(victim)
+            await asyncio.to_thread(own_cluster.wait_ok)
+            await wait_until(lambda: subscriber.transport_connected, 20, "reconnected")
+            before = count()
+            await wait_until(lambda: count() >= before + 60, 10, "60 more published")
+        finally:
+            stop.set()
+            await asyncio.gather(task, return_exceptions=True)
+        for channel, sub in zip(channels, subs, strict=True):
+            received = await take(sub, len(published[channel]), timeout=30)
+            assert_contiguous(received, 1, len(published[channel]))
+            assert [e.message for e in received] == [e.message for e in published[channel]]
+        # Subscribed again on every shard, and live there (a fresh client: the admin's
+        # pooled connection to the killed master is dead).
+        nodes, _ = cluster_options(own_cluster.url)
+        admin = RedisCluster(startup_nodes=nodes, decode_responses=True)
+        try:
+            await admin.initialize()
+            for channel in channels:
+                owner = admin.get_node_from_key(channel)
+                reply = await admin.execute_command(
+                    "PUBSUB", "SHARDNUMSUB", channel, target_nodes=owner
+                )
+                assert list(reply) == [channel, 1]
+        finally:
+            await admin.aclose()
+        for channel, sub in zip(channels, subs, strict=True):
+            event = await publisher.publish(channel, "after")
+            (last,) = await take(sub, 1, timeout=5)
+            assert (last.offset, last.message) == (event.offset, "after")
+
+
+async def test_a_permanent_failure_reaches_the_receiver(
+    redis_cluster_url: str, admin: RedisCluster
+) -> None:
+    """An ACL refusal of SSUBSCRIBE cannot be retried away: next_published raises."""
+    for node in admin.get_primaries():
+        await admin.execute_command(
+            "ACL", "SETUSER", "bh-limited", "on", ">secret", "~*", "&allowed-*", "+@all",
+            target_nodes=node,
+        )  # fmt: skip
+    url = redis_cluster_url.replace("://", "://bh-limited:secret@", 1)
+    backend = RedisClusterBackend(url)
+    await backend.connect()
+    try:
+        await backend.subscribe("allowed-1")
+        pending = asyncio.create_task(backend.next_published())
+        with contextlib.suppress(TransportError):
+            await backend.subscribe(unique("denied"))
+        with pytest.raises(TransportError):
+            await asyncio.wait_for(pending, 10)
+    finally:
+        await backend.disconnect()

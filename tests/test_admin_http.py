@@ -288,6 +288,34 @@ async def test_export_and_import(broadcast: Broadcast, client: httpx.AsyncClient
     assert bad.status_code == 400 and "line 1" in bad.json()["detail"]
 
 
+async def test_publish_text_json_bytes_and_keys(
+    broadcast: Broadcast, client: httpx.AsyncClient
+) -> None:
+    url = path("pub/1", "/events")
+    text = await client.post(url, content="héllo", headers={"content-type": "text/plain"})
+    assert text.status_code == 201
+    body = text.json()
+    assert (body["offset"], body["channel"]) == (1, "pub/1")
+    assert body["id"] == f"{body['epoch']}:1"
+    assert (await client.post(url, json={"a": 1})).status_code == 201
+    raw = await client.post(url, content=b"\x00\xff")  # no content type: bytes
+    keyed = [
+        await client.post(url, content=b"once", headers={"Idempotency-Key": "k-1"})
+        for _ in range(2)
+    ]
+    assert keyed[0].json() == keyed[1].json()
+    stored = [e.message for e in await broadcast.log.read("pub/1", after=0)]
+    assert stored == ["héllo", '{"a":1}', b"\x00\xff", b"once"]
+    assert raw.json()["offset"] == 3
+    big = await client.post(url, content=b"x" * (broadcast.max_message_size + 1))
+    assert big.status_code == 413
+    assert (await client.post(path("x" * 256, "/events"), content=b"x")).status_code == 400
+    bad = await client.post(url, content=b"\xff", headers={"content-type": "text/plain"})
+    assert bad.status_code == 400
+    unauthorized = await client.post(url, content=b"x", headers={"Authorization": "no"})
+    assert unauthorized.status_code == 401
+
+
 # -- event stream -------------------------------------------------------------------------
 
 
@@ -317,7 +345,7 @@ async def sse_messages(response: httpx.Response) -> AsyncIterator[dict[str, str]
     fields: dict[str, str] = {}
     async for line in response.aiter_lines():
         if not line:
-            if fields:
+            if "data" in fields:  # not the stream's opening `retry:`
                 yield fields
             fields = {}
         elif not line.startswith(":"):
@@ -337,7 +365,7 @@ async def read_messages(
         assert response.headers["content-type"].startswith("text/event-stream")
         async for message in sse_messages(response):
             found.append(message)
-            if len(found) == count or message.get("event") == "error":
+            if len(found) == count:
                 break
     return found
 
@@ -373,22 +401,31 @@ async def test_stream_catch_up_then_live(broadcast: Broadcast) -> None:
         assert got[0]["id"] == f"{epoch}:4"
 
 
-async def test_stream_errors(broadcast: Broadcast) -> None:
+async def test_stream_resets_say_why_then_go_on_live(broadcast: Broadcast) -> None:
     old = await broadcast.publish("gone", "x")
     for _ in range(3):
         await broadcast.publish("trimmed", "x")
     await broadcast.log.trim("trimmed", before=3)
     await broadcast.log.delete_channel("gone")
-    await broadcast.publish("gone", "new incarnation")
+    new = await broadcast.publish("gone", "new incarnation")
+    trimmed = await broadcast.log.channel("trimmed")
+    assert trimmed is not None
     async with serving(broadcast) as base:
         stale = {"Last-Event-ID": f"{old.epoch}:1"}
-        (message,) = await read_messages(base, path("gone", "/stream"), 1, stale)
-        assert message["event"] == "error"
-        assert json.loads(message["data"])["error"] == "StreamReset"
-        (message,) = await read_messages(base, path("trimmed", "/stream") + "?since=0", 1)
-        assert json.loads(message["data"])["error"] == "HistoryTruncated"
-        (message,) = await read_messages(base, path("trimmed", "/stream") + "?since=9", 1)
-        assert json.loads(message["data"])["error"] == "OffsetOutOfRange"
+        reader = asyncio.create_task(read_messages(base, path("gone", "/stream"), 2, stale))
+        await asyncio.sleep(0.3)
+        await broadcast.publish("gone", "after the reset")
+        reset, after = await asyncio.wait_for(reader, 20)
+        assert (reset["event"], reset["id"]) == ("reset", f"{new.epoch}:1")
+        assert json.loads(reset["data"]) == {"reason": "StreamReset", "epoch": new.epoch, "head": 1}
+        assert (after["id"], json.loads(after["data"])["message"]) == (
+            f"{new.epoch}:2",
+            "after the reset",
+        )
+        for query, reason in [("?since=0", "HistoryTruncated"), ("?since=9", "OffsetOutOfRange")]:
+            (message,) = await read_messages(base, path("trimmed", "/stream") + query, 1)
+            assert message["id"] == f"{trimmed.epoch}:3"
+            assert json.loads(message["data"])["reason"] == reason
         async with httpx.AsyncClient(base_url=base, headers=AUTH) as http:
             for query, headers in [
                 ("?since=soon", {}),

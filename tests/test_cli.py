@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -172,7 +173,38 @@ def test_tail_history_in_process(tmp_path: Path) -> None:
     result = cli("tail", "c", "--since", "1", "--count", "1", "--log", log)
     assert "#2 m1" in result.stdout
     cli("tail", "c", "--since", "1", "--history", "1", "--log", log, code=2)
-    cli("tail", "c", "--since", "99", "--log", log, code=1)  # beyond the head
+    cli("tail", "c", "--last-event-id", "x:1", "--log", log, code=2)
+    epoch = json_lines(cli("event", "c", "1", "--log", log).stdout)[0]["epoch"]
+    result = cli("tail", "c", "--last-event-id", f"{epoch}:2", "--count", "1", "--log", log)
+    assert "#3 m2" in result.stdout
+
+
+async def _publish_soon(log: str, message: str) -> None:
+    from broadcast_history import Broadcast
+
+    await asyncio.sleep(0.5)
+    async with Broadcast(log=log) as broadcast:
+        await broadcast.publish("c", message)
+
+
+def test_tail_says_reset_and_goes_on(tmp_path: Path) -> None:
+    log = f"sqlite+aiosqlite:///{tmp_path / 'r.db'}"
+    cli("publish", "c", "m0", "--log", log)
+    # Published from another thread while tail waits (it polls the log: memory://).
+    later = threading.Thread(target=asyncio.run, args=(_publish_soon(log, "m1"),))
+    later.start()
+    result = cli("tail", "c", "--since", "99", "--count", "1", "--json", "--log", log)
+    later.join()
+    reset, event = json_lines(result.stdout)
+    assert reset == {
+        "type": "reset",
+        "id": f"{event['epoch']}:1",
+        "channel": "c",
+        "reason": "OffsetOutOfRange",
+        "epoch": event["epoch"],
+        "head": 1,
+    }
+    assert (event["offset"], event["message"]) == (2, "m1")
 
 
 # -- real processes -------------------------------------------------------------------------

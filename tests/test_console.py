@@ -285,6 +285,13 @@ def test_live_tail_resumes_across_a_server_restart(
     expect(page.locator("#tail-info")).to_contain_text(f"last id {epoch}:9")
     screenshot(page, BUILD / "console-reconnect.png")
 
+    # Deleted under the tail: a reset row says so, and the tail goes on.
+    assert httpx.delete(f"{server.base}/channels/chat%2Froom-1", headers=AUTH).status_code == 204
+    publish(seeded["log"], "chat/room-1", "new incarnation")
+    expect(page.locator("#tail li.reset")).to_contain_text("reset (StreamReset)")
+    publish(seeded["log"], "chat/room-1", "after the reset")
+    expect(tail.last).to_contain_text("after the reset")
+
 
 def test_trim_and_delete_ask_first(page: Any, server: Server) -> None:
     log_in(page, server)

@@ -248,7 +248,8 @@ def test_processes_share_a_sqlite_file_log(sqlite_file_url: str) -> None:
 def test_installed_wheel_creates_a_database(tmp_path: Path) -> None:
     """A built wheel (not the checkout) carries the migrations and can create a log.
 
-    It also carries the operator console's static files (package data).
+    It also carries the operator console's static files and the streaming app's
+    ``client.js`` (package data).
     """
     wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
     subprocess.run(
@@ -263,6 +264,7 @@ def test_installed_wheel_creates_a_database(tmp_path: Path) -> None:
     assert {
         f"broadcast_history/admin/static/console/{f.name}" for f in console.iterdir()
     } <= shipped
+    assert "broadcast_history/web/static/client.js" in shipped
     subprocess.run(
         [
             sys.executable,

@@ -1,8 +1,10 @@
 """The chat demo's HTTP API: publishing, history pages, SSE and WebSocket catch-up.
 
-The browser test (``test_browser.py``) checks the page; these check the protocol
+The browser test (``test_browser.py``) checks the page; these check the API
 underneath it against a real server on a free port (the memory transport and a
-SQLite file log), and two demo processes sharing rooms over Redis + Postgres.
+SQLite file log), and two demo processes sharing rooms over Redis + Postgres. The
+streams are broadcast_history.web's (``test_web.py`` tests them in depth): here, that
+the demo serves its rooms through them, read-only.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import pytest
 import uvicorn
 
 from broadcast_history import Broadcast
-from broadcast_history.demo import Position, create_app, parse_position
+from broadcast_history.demo import create_app
 from tests.conftest import POSTGRES_URL, REDIS_URL, require_postgres, require_redis
 from tests.support.demo_support import free_port, wait_for_server
 
@@ -79,34 +81,34 @@ def post(base: str, name: str, text: str, author: str = "ann") -> dict[str, Any]
     return body
 
 
+def stream_url(base: str, name: str) -> str:
+    return f"{base}/api/stream/chat.{name}"
+
+
 def read_sse(
-    base: str, name: str, *, until: str, headers: dict[str, str] | None = None, query: str = ""
-) -> list[tuple[str | None, str, dict[str, Any]]]:
-    """(id, event, data) of the frames of one SSE stream, up to the first ``until`` event."""
-    frames: list[tuple[str | None, str, dict[str, Any]]] = []
-    url = f"{base}/api/rooms/{name}/events{query}"
-    with httpx.stream("GET", url, headers=headers, timeout=10) as response:
-        assert response.headers["content-type"].startswith("text/event-stream")
+    base: str, name: str, count: int, *, headers: dict[str, str] | None = None, query: str = ""
+) -> list[tuple[str, str, str]]:
+    """(id, event, data) of the first ``count`` events of one SSE stream of a room."""
+    frames: list[tuple[str, str, str]] = []
+    with httpx.stream("GET", stream_url(base, name) + query, headers=headers, timeout=10) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
         fields: dict[str, str] = {}
-        for line in response.iter_lines():
+        for line in r.iter_lines():
             if line:
                 key, _, value = line.partition(": ")
                 fields[key] = value
                 continue
             if "data" in fields:
-                data = json.loads(fields["data"])
-                frames.append((fields.get("id"), fields["event"], data))
-                if fields["event"] == until:
+                frames.append((fields["id"], fields["event"], fields["data"]))
+                if len(frames) == count:
                     break
             fields = {}
     return frames
 
 
-def test_parse_position() -> None:
-    assert parse_position("12:34") == Position(12, 34)
-    assert str(Position(12, 34)) == "12:34"
-    for bad in (None, "", "12", "a:1", "1:-1", "1:2:3", "\u0661:\u0662"):
-        assert parse_position(bad) is None
+def text_of(data: str) -> str:
+    text: str = json.loads(data)["text"]
+    return text
 
 
 def test_demo_command_is_registered_in_the_cli() -> None:
@@ -148,15 +150,22 @@ def test_rooms_and_history_pages(server: str) -> None:
 
 def test_sse_starts_with_recent_history_then_live(server: str) -> None:
     name = room()
-    first = post(server, name, "one")
-    frames = read_sse(server, name, until="live")
-    epoch = first["epoch"]
-    assert [(i, e) for i, e, _ in frames] == [
-        (f"{epoch}:0", "ready"),
-        (f"{epoch}:1", "message"),
-        (None, "live"),
-    ]
-    assert frames[1][2]["replayed"] is True
+    epoch = post(server, name, "one")["epoch"]
+    url = stream_url(server, name) + "?history=50"
+    with httpx.stream("GET", url, timeout=10) as response:
+        lines = response.iter_lines()
+        assert [next(lines) for _ in range(4)] == [
+            "retry: 1000",
+            "",
+            f"id: {epoch}:1",
+            "event: message",
+        ]
+        assert text_of(next(lines).removeprefix("data: ")) == "one"
+        post(server, name, "two")  # subscribed before the response started: delivered
+        for line in lines:
+            if line.startswith("data: "):
+                assert text_of(line[6:]) == "two"
+                break
 
 
 def test_sse_resumes_after_last_event_id(server: str) -> None:
@@ -164,57 +173,39 @@ def test_sse_resumes_after_last_event_id(server: str) -> None:
     events = [post(server, name, f"m{i}") for i in range(1, 5)]
     epoch = events[0]["epoch"]
     # What EventSource sends by itself when it reconnects:
-    frames = read_sse(server, name, until="live", headers={"Last-Event-ID": f"{epoch}:2"})
-    assert [d["offset"] for _, e, d in frames if e == "message"] == [3, 4]
-    assert frames[0][2]["position"] == f"{epoch}:2"
+    frames = read_sse(server, name, 2, headers={"Last-Event-ID": f"{epoch}:2"})
+    assert [(i, text_of(d)) for i, _, d in frames] == [(f"{epoch}:3", "m3"), (f"{epoch}:4", "m4")]
     # What the page sends after "Drop connection" then "Reconnect":
-    frames = read_sse(server, name, until="live", query=f"?last={epoch}:3")
-    assert [d["text"] for _, e, d in frames if e == "message"] == ["m4"]
-
-
-def test_sse_delivers_live_after_catch_up(server: str) -> None:
-    name = room()
-    epoch = post(server, name, "before")["epoch"]
-    url = f"{server}/api/rooms/{name}/events"
-    seen: list[tuple[str, bool]] = []
-    with httpx.stream("GET", url, headers={"Last-Event-ID": f"{epoch}:1"}, timeout=10) as response:
-        for line in response.iter_lines():
-            if line.startswith("event: live"):
-                post(server, name, "after")
-            elif line.startswith("data: ") and '"message"' in line:
-                data = json.loads(line[6:])
-                seen.append((data["text"], data["replayed"]))
-                break
-            elif line == ": ping":  # heartbeats keep idle streams open
-                continue
-    assert seen == [("after", False)]
+    frames = read_sse(server, name, 1, query=f"?last_event_id={epoch}:3")
+    assert [text_of(d) for _, _, d in frames] == ["m4"]
 
 
 def test_sse_tells_a_page_from_another_epoch_to_start_over(server: str) -> None:
     name = room()
     real = post(server, name, "only")["epoch"]
     stale = real + 1 if real < 2**53 - 1 else real - 1
-    frames = read_sse(server, name, until="live", headers={"Last-Event-ID": f"{stale}:7"})
-    kinds = [e for _, e, _ in frames]
-    assert kinds == ["reset", "ready", "message", "live"]
-    assert "reset" in frames[0][2]["reason"]
-    assert frames[2][2]["text"] == "only"
+    for last, reason in [(f"{stale}:7", "StreamReset"), (f"{real}:99", "OffsetOutOfRange")]:
+        ((event_id, kind, data),) = read_sse(server, name, 1, headers={"Last-Event-ID": last})
+        assert (event_id, kind) == (f"{real}:1", "reset")
+        assert json.loads(data) == {"reason": reason, "epoch": real, "head": 1}
 
 
-def test_sse_offset_beyond_head_starts_over(server: str) -> None:
-    name = room()
-    epoch = post(server, name, "only")["epoch"]
-    frames = read_sse(server, name, until="live", headers={"Last-Event-ID": f"{epoch}:99"})
-    assert [e for _, e, _ in frames] == ["reset", "ready", "message", "live"]
+def test_streams_serve_rooms_only_and_read_only(server: str) -> None:
+    assert httpx.get(f"{server}/api/stream/not-a-room").status_code == 403
+    assert httpx.get(f"{server}/api/stream/chat.bad%20name").status_code == 403
+    assert httpx.post(stream_url(server, room()), content=b"x").status_code == 405
+    script = httpx.get(f"{server}/api/stream/client.js")
+    assert script.headers["content-type"].startswith("text/javascript")
+    assert "export function connect" in script.text
 
 
-def test_websocket_catch_up_and_publish(server: str) -> None:
+def test_websocket_catch_up_then_live(server: str) -> None:
     ws_client = pytest.importorskip("websockets.sync.client", reason="websockets not installed")
     name = room()
     epoch = post(server, name, "m1")["epoch"]
     post(server, name, "m2")
     post(server, name, "m3")
-    url = server.replace("http://", "ws://") + f"/api/rooms/{name}/ws?last={epoch}:1"
+    url = stream_url(server, name).replace("http://", "ws://") + f"/ws?last_event_id={epoch}:1"
     with ws_client.connect(url, open_timeout=10) as ws:
 
         def receive() -> dict[str, Any]:
@@ -223,29 +214,27 @@ def test_websocket_catch_up_and_publish(server: str) -> None:
                 if item["type"] != "ping":
                     return item
 
-        assert receive() == {"type": "ready", "position": f"{epoch}:1", "id": f"{epoch}:1"}
-        got = [receive() for _ in range(3)]
-        assert [(m["type"], m.get("offset")) for m in got] == [
-            ("message", 2),
-            ("message", 3),
-            ("live", None),
+        got = [receive() for _ in range(2)]
+        assert [(m["type"], m["offset"], text_of(m["data"])) for m in got] == [
+            ("message", 2, "m2"),
+            ("message", 3, "m3"),
         ]
-        ws.send(json.dumps({"author": "wes", "text": "over the socket"}))
+        post(server, name, "after", author="wes")
         live = receive()
-        assert (live["offset"], live["author"], live["replayed"]) == (4, "wes", False)
-        ws.send(json.dumps({"text": ""}))
+        assert (live["id"], json.loads(live["data"])["author"]) == (f"{epoch}:4", "wes")
+        # Messages go through the checked POST, not the socket.
+        ws.send(json.dumps({"type": "publish", "data": "sneaky"}))
         assert receive()["type"] == "error"
 
 
 def test_close_streams_ends_open_streams(tmp_path: Path) -> None:
     app = demo_app(tmp_path / "close.db")
     with serve_in_thread(app) as base:
-        with httpx.stream("GET", f"{base}/api/rooms/{room()}/events", timeout=10) as response:
+        with httpx.stream("GET", stream_url(base, room()), timeout=10) as response:
             lines = response.iter_lines()
-            while next(lines) != "event: live":
-                pass
+            assert next(lines) == "retry: 1000"
             app.state.close_streams()  # what Ctrl-C does before the server stops
-            assert list(lines) == ['data: {"type":"live"}', ""]
+            assert list(lines) == [""]
 
 
 def test_two_demo_processes_share_rooms_over_redis_and_postgres(tmp_path: Path) -> None:
@@ -269,16 +258,15 @@ def test_two_demo_processes_share_rooms_over_redis_and_postgres(tmp_path: Path) 
         name = room()
         first = post(a, name, "from a")
         epoch = first["epoch"]
-        url = f"{b}/api/rooms/{name}/events"
+        url = stream_url(b, name)
         texts: list[str] = []
         with httpx.stream("GET", url, headers={"Last-Event-ID": f"{epoch}:0"}, timeout=15) as r:
             for line in r.iter_lines():
-                if line.startswith("event: live"):
-                    post(a, name, "live from a")  # published on A, delivered by B
-                elif line.startswith("data: ") and '"message"' in line:
-                    texts.append(json.loads(line[6:])["text"])
+                if line.startswith("data: "):
+                    texts.append(text_of(line[6:]))
                     if len(texts) == 2:
                         break
+                    post(a, name, "live from a")  # published on A, delivered by B
         assert texts == ["from a", "live from a"]
         assert post(b, name, "from b")["offset"] == 3  # one log, one sequence of offsets
     finally:
@@ -326,7 +314,7 @@ def test_bodies_integers_and_rates_are_capped(tmp_path: Path) -> None:
         assert 429 in statuses[4:]
 
 
-def test_websocket_frames_are_capped_and_close_cleanly(
+def test_websocket_frames_are_refused_and_close_cleanly(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     ws_client = pytest.importorskip("websockets.sync.client", reason="websockets not installed")
@@ -341,13 +329,13 @@ def test_websocket_frames_are_capped_and_close_cleanly(
         while not srv.started:
             time.sleep(0.02)
         caplog.set_level(logging.INFO)
-        url = f"ws://127.0.0.1:{port}/api/rooms/{room()}/ws"
+        url = f"ws://127.0.0.1:{port}/api/stream/chat.{room()}/ws"
         for _ in range(3):
             with ws_client.connect(url, open_timeout=10) as ws:
-                ws.send(json.dumps({"text": "x" * 20_000}))
+                ws.send(json.dumps({"type": "publish", "data": "x" * 20_000}))
                 while (item := json.loads(ws.recv(timeout=10)))["type"] != "error":
                     pass
-                assert "frames are limited" in item["detail"]
+                assert "publishing is not enabled" in item["detail"]
         time.sleep(0.3)
     finally:
         srv.should_exit = True

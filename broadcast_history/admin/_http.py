@@ -8,25 +8,31 @@ schemathesis can test the app against it.
 from __future__ import annotations
 
 import hmac
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AwareDatetime
 
 from .._broadcast import Broadcast
-from .._errors import BroadcastError, InvalidArgument, LogUnavailable, PositionError
-from .._parse import parse_position, parse_since
+from .._errors import (
+    BroadcastError,
+    InvalidArgument,
+    LogUnavailable,
+    MessageTooLarge,
+    PositionError,
+)
+from .._parse import parse_since
 from .._validation import check_channel
-from . import _sse
+from ..web._streams import OpenStreams
 from ._console import add_console
 from ._errors import ImportConflict, NotFound
 from ._import import max_line_length, split_lines
 from ._paths import EncodedSlashes, channel_from_path
 from ._query import HistoryAdmin
+from ._streaming import add_streaming_routes
 
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
@@ -54,6 +60,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 _STATUS: list[tuple[type[BroadcastError], int]] = [
     (NotFound, 404),
+    (MessageTooLarge, 413),
     (InvalidArgument, 400),
     (ImportConflict, 409),
     (PositionError, 409),
@@ -85,7 +92,8 @@ def create_app(
         token: Every request but the OpenAPI schema, the docs and the console's
             static files (``/ui``) needs ``Authorization: Bearer <token>``.
         allow_no_token: Serve without a token: for local use only.
-        heartbeat: Seconds between keep-alive comments on idle event streams.
+        heartbeat: Seconds without traffic after which an event stream gets a
+            ``: ping`` comment.
 
     Raises:
         InvalidArgument: No token and ``allow_no_token`` is not set.
@@ -100,6 +108,7 @@ def create_app(
         raise InvalidArgument("the admin token must be printable ASCII without spaces")
     expected = token.encode() if token else None
     admin = HistoryAdmin.of(broadcast)
+    streams = OpenStreams()
 
     async def authorize(
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)],
@@ -113,28 +122,19 @@ def create_app(
                 401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
             )
 
-    @asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        owned = not broadcast.connected
-        if owned:
-            await broadcast.connect()
-        try:
-            yield
-        finally:
-            if owned:
-                await broadcast.disconnect()
-
     app = FastAPI(
         title="broadcast_history admin",
         description="Channels and events of a broadcast_history event log.",
-        lifespan=lifespan,
+        lifespan=streams.lifespan(broadcast),
         dependencies=[Depends(authorize)],
         responses=_ERRORS,
     )
     _add_error_handlers(app)
-    _add_routes(app, broadcast, admin, heartbeat)
+    _add_routes(app, broadcast, admin, heartbeat, streams)
     add_console(app)
     app.add_middleware(EncodedSlashes)
+    # What a stopping server calls to end the event streams (they never end alone).
+    app.state.close_streams = streams.close_all
     return app
 
 
@@ -175,7 +175,13 @@ def _add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(BroadcastError, handle)
 
 
-def _add_routes(app: FastAPI, broadcast: Broadcast, admin: HistoryAdmin, heartbeat: float) -> None:
+def _add_routes(
+    app: FastAPI,
+    broadcast: Broadcast,
+    admin: HistoryAdmin,
+    heartbeat: float,
+    streams: OpenStreams,
+) -> None:
     # Routes with a suffix come first: `{channel:path}` would swallow it otherwise.
 
     @app.get("/channels", tags=["channels"])
@@ -235,28 +241,7 @@ def _add_routes(app: FastAPI, broadcast: Broadcast, admin: HistoryAdmin, heartbe
         )
         return EventList.of(page)
 
-    @app.get(
-        "/channels/{channel:path}/stream",
-        tags=["events"],
-        **_streamed("text/event-stream", "Server-Sent Events"),
-    )
-    async def stream_events(
-        channel: Channel,
-        since: Annotated[str | None, Query(description="Offset or ISO 8601 time")] = None,
-        history: Annotated[int | None, Query(ge=0, le=MAX_OFFSET)] = None,
-        last_event_id: Annotated[str | None, Header(max_length=100)] = None,
-    ) -> StreamingResponse:
-        """Server-Sent Events: catch-up from `Last-Event-ID` (`epoch:offset`) or
-        `since`, then live. Ends with an `error` event if the position cannot be
-        served (`StreamReset`, `HistoryTruncated`, `OffsetOutOfRange`)."""
-        position = _query_value(
-            parse_position, last_event_id=last_event_id, since=since, history=history
-        )
-        return StreamingResponse(
-            _sse.stream(broadcast, channel, position, heartbeat),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+    add_streaming_routes(app, broadcast, heartbeat, streams)
 
     @app.post("/channels/{channel:path}/trim", tags=["channels"])
     async def trim_channel(channel: Channel, bounds: TrimIn) -> TrimOut:

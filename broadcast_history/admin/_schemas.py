@@ -13,6 +13,12 @@ from ._jsonl import event_json
 from ._models import EventPage, RetentionStats
 
 MAX_OFFSET = 2**63 - 1
+#: The request body of a publish: text, JSON (stored as text) or bytes.
+MESSAGE_BODY = {
+    "text/plain": {"schema": {"type": "string"}},
+    "application/json": {"schema": {}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+}
 
 
 class ChannelOut(BaseModel):
@@ -54,6 +60,16 @@ class EventOut(BaseModel):
     @classmethod
     def of(cls, event: Event) -> EventOut:
         return cls.model_validate(event_json(event))
+
+
+class PublishedOut(BaseModel):
+    """Where a published event is stored."""
+
+    id: str = Field(description="`epoch:offset`, the id event streams send")
+    channel: str
+    offset: int
+    epoch: int
+    timestamp: AwareDatetime
 
 
 class EventList(BaseModel):

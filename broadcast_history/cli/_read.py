@@ -14,10 +14,11 @@ from rich.table import Table
 
 from .._errors import InvalidArgument
 from .._event import Event
-from .._parse import parse_since
+from .._parse import parse_position
 from ..admin import event_json
 from ..admin._schemas import ChannelOut
 from ..log import ChannelInfo
+from ..web import Feed, Reset
 from ._app import (
     app,
     console,
@@ -179,11 +180,15 @@ def stats(log: LogOption = DEFAULT_LOG, as_json: JsonOption = False) -> None:
     run(go())
 
 
-def _since(value: str | None) -> int | datetime | None:
-    try:
-        return None if value is None else parse_since(value, "--since")
-    except InvalidArgument as exc:
-        fail(str(exc), 2)
+def _reset(reset: Reset, as_json: bool) -> None:
+    if as_json:
+        _json_line({"type": "reset", "id": reset.id, "channel": reset.channel, **reset.json()})
+    else:
+        err_console.print(
+            f"[yellow]reset ({reset.reason}): {escape(reset.detail)}; continuing after "
+            f"offset {reset.head}[/]"
+        )
+    flush()
 
 
 @app.command()
@@ -195,6 +200,10 @@ def tail(
     history: Annotated[
         int | None, typer.Option(min=0, help="Start with the last N events.")
     ] = None,
+    last_event_id: Annotated[
+        str | None,
+        typer.Option(help="Start after this event id (EPOCH:OFFSET), as a stream would."),
+    ] = None,
     count: Annotated[
         int | None, typer.Option(min=1, help="Exit after N events (default: until Ctrl-C).")
     ] = None,
@@ -205,22 +214,33 @@ def tail(
     """Print a channel's events: history from --since/--history, then live, until Ctrl-C.
 
     Works across processes even over memory://: events published by another process
-    into the same log are picked up from the log within a fraction of a second.
+    into the same log are picked up from the log within a fraction of a second. A
+    position that cannot be served (trimmed, reset, beyond the head) is said (on
+    stderr, or as a {"type": "reset"} line with --json) and the tail goes on from
+    the channel's head, as the streaming endpoints do.
     """
-    start = _since(since)
-    if start is not None and history is not None:
-        fail("give --since or --history, not both", 2)
+    try:
+        position = parse_position(
+            last_event_id=last_event_id,
+            since=since,
+            history=history,
+        )
+    except InvalidArgument as exc:
+        fail(str(exc), 2)
 
     async def go() -> None:
         # A short idle check: over memory:// the log is the only way in from
         # another process, so it is polled often enough to feel live.
         async with (
             open_broadcast(url, log, idle_check=0.2) as broadcast,
-            broadcast.subscribe(channel, since=start, history=history) as subscriber,
+            Feed(broadcast, channel, position) as feed,
         ):
             err_console.print(f"tailing {escape(channel)!r} (Ctrl-C to stop)")
             seen = 0
-            async for item in subscriber:
+            async for item in feed:
+                if isinstance(item, Reset):
+                    _reset(item, as_json)
+                    continue
                 if as_json:
                     _json_line(event_json(item))
                 else:

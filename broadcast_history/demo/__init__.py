@@ -12,6 +12,5 @@ uvicorn, Typer)::
 
 from ._app import create_app
 from ._command import demo, serve
-from ._feed import Position, parse_position, room_feed
 
-__all__ = ["Position", "create_app", "demo", "parse_position", "room_feed", "serve"]
+__all__ = ["create_app", "demo", "serve"]

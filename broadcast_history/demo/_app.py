@@ -1,8 +1,13 @@
-"""The chat demo as a Starlette app: a static page and a small JSON/SSE/WebSocket API."""
+"""The chat demo as a Starlette app: a static page, a small JSON API, and the streams.
+
+The page reads its room through :mod:`broadcast_history.web` (mounted at
+``/api/stream``, SSE or WebSocket, with ``client.js``) and writes through
+``POST /api/rooms/{room}/messages``, which checks what a chat message is (author,
+text, lengths) and how often one client may send.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
@@ -10,25 +15,18 @@ from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .._broadcast import Broadcast
-from .._errors import InvalidArgument
+from .._errors import InvalidArgument, MessageTooLarge
 from .._parse import parse_int
-from ._feed import (
-    ROOM_PREFIX,
-    encode_message,
-    message_item,
-    parse_position,
-    room_channel,
-    room_feed,
-    sse_frame,
-)
-from ._limits import MAX_BODY, BodyTooLarge, RateLimit, RateLimits, read_body
+from ..web import Action, create_stream_app
+from ..web._publish import read_body
+from ._limits import MAX_BODY, RateLimits
+from ._rooms import ROOM_PREFIX, encode_message, is_room_channel, message_item, room_channel
 
 STATIC = Path(__file__).parent / "static"
 MAX_TEXT = 2000
@@ -59,10 +57,14 @@ def _parse_message(body: Any) -> tuple[str, str]:
     return author.strip(), text
 
 
+async def _rooms_only(connection: HTTPConnection, channel: str, action: Action) -> bool:
+    """The streams serve chat rooms, read-only: messages go through the checked POST."""
+    return action == "subscribe" and is_room_channel(channel)
+
+
 def create_app(
     broadcast: Broadcast,
     *,
-    history: int = 50,
     heartbeat: float = 15.0,
     message_rate: tuple[float, float] = (5.0, 20.0),
 ) -> Starlette:
@@ -70,22 +72,15 @@ def create_app(
 
     Args:
         broadcast: The broadcast to publish and subscribe on (not yet connected).
-        history: Messages a page starts with when it has no position yet.
         heartbeat: Seconds between keep-alive pings on idle streams.
-        message_rate: Messages per second, and burst, one client address (HTTP) or
-            one WebSocket may send.
+        message_rate: Messages per second, and burst, one client address may send.
 
     The returned app has ``app.state.close_streams``: a function, safe to call from a
     signal handler or another thread, that ends every open stream so that the server
     can stop at once.
     """
-    stopping = asyncio.Event()
-    loop: asyncio.AbstractEventLoop | None = None
     posts = RateLimits(rate=message_rate[0], burst=message_rate[1])
-
-    def close_streams() -> None:
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(stopping.set)
+    streams = create_stream_app(broadcast, authorize=_rooms_only, keepalive=heartbeat)
 
     async def index(request: Request) -> Response:
         return FileResponse(STATIC / "index.html")
@@ -95,6 +90,7 @@ def create_app(
             {
                 "transport": type(broadcast.backend).__name__,
                 "log": broadcast.log.url.render_as_string(hide_password=True),
+                "prefix": ROOM_PREFIX,
             }
         )
 
@@ -114,9 +110,9 @@ def create_app(
         if not posts.allow(request.client.host if request.client else "?"):
             return _error(429, "too many messages: slow down")
         try:
-            author, text = _parse_message(json.loads(await read_body(request)))
+            author, text = _parse_message(json.loads(await read_body(request, MAX_BODY)))
             event = await broadcast.publish(channel, encode_message(author, text))
-        except BodyTooLarge as exc:
+        except MessageTooLarge as exc:
             return _error(413, str(exc))
         except ValueError as exc:  # bad JSON, or an InvalidArgument (bad text)
             return _error(422, str(exc))
@@ -132,79 +128,13 @@ def create_app(
         except InvalidArgument as exc:
             return _error(422, str(exc))
         page = await broadcast.log.read(channel, before=before, limit=limit, order="desc")
-        return JSONResponse([message_item(event, replayed=True) for event in page])
-
-    async def events(request: Request) -> Response:
-        channel = room_channel(request.path_params["room"])
-        if channel is None:
-            return _error(404, "no such room name")
-        # EventSource resends the last id it saw in Last-Event-ID when it reconnects by
-        # itself; a page that reconnects on purpose passes it as ?last= instead.
-        last = parse_position(request.headers.get("last-event-id")) or parse_position(
-            request.query_params.get("last")
-        )
-
-        async def frames() -> AsyncIterator[str]:
-            yield "retry: 1000\n\n"
-            async for item in room_feed(
-                broadcast, channel, last, history=history, heartbeat=heartbeat, stop=stopping
-            ):
-                yield sse_frame(item)
-
-        return StreamingResponse(
-            frames(),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
-        )
-
-    async def websocket(ws: WebSocket) -> None:
-        channel = room_channel(ws.path_params["room"])
-        if channel is None:
-            await ws.close(code=4404)
-            return
-        await ws.accept()
-        last = parse_position(ws.query_params.get("last"))
-
-        async def send_feed() -> None:
-            async for item in room_feed(
-                broadcast, channel, last, history=history, heartbeat=heartbeat, stop=stopping
-            ):
-                await ws.send_json(item)
-
-        async def receive() -> None:
-            # The page may publish over the socket: {"type": "publish", author, text}.
-            limit = RateLimit(*message_rate)
-            with contextlib.suppress(WebSocketDisconnect):
-                while True:
-                    frame = await ws.receive_text()
-                    try:
-                        if len(frame) > MAX_BODY:
-                            raise InvalidArgument(f"frames are limited to {MAX_BODY} bytes")
-                        if not limit.allow():
-                            raise InvalidArgument("too many messages: slow down")
-                        author, text = _parse_message(json.loads(frame))
-                        await broadcast.publish(channel, encode_message(author, text))
-                    except ValueError as exc:  # bad JSON, or an InvalidArgument
-                        await ws.send_json({"type": "error", "detail": str(exc)})
-
-        tasks = [asyncio.create_task(send_feed()), asyncio.create_task(receive())]
-        try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        # Closed by the client already: Starlette says RuntimeError, uvicorn a disconnect.
-        with contextlib.suppress(RuntimeError, WebSocketDisconnect):
-            await ws.close()
+        return JSONResponse([message_item(event) for event in page])
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        nonlocal loop
-        loop = asyncio.get_running_loop()
-        stopping.clear()
         async with broadcast:
             yield
+            streams.state.close_streams()
 
     app = Starlette(
         routes=[
@@ -213,11 +143,10 @@ def create_app(
             Route("/api/rooms", rooms),
             Route("/api/rooms/{room}/messages", post_message, methods=["POST"]),
             Route("/api/rooms/{room}/history", room_history),
-            Route("/api/rooms/{room}/events", events),
-            WebSocketRoute("/api/rooms/{room}/ws", websocket),
+            Mount("/api/stream", streams),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
         ],
         lifespan=lifespan,
     )
-    app.state.close_streams = close_streams
+    app.state.close_streams = streams.state.close_streams
     return app

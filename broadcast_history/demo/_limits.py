@@ -5,29 +5,8 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 
-from starlette.requests import Request
-
-from .._errors import InvalidArgument
-
 #: Largest request body or WebSocket frame a page may send, in bytes.
 MAX_BODY = 16 * 1024
-
-
-class BodyTooLarge(InvalidArgument):
-    """A request body is over :data:`MAX_BODY`."""
-
-
-async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:
-    """The request body, refused as soon as it passes ``limit`` bytes."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge(f"the body is larger than {limit} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise BodyTooLarge(f"the body is larger than {limit} bytes")
-    return bytes(body)
 
 
 class RateLimit:

@@ -143,11 +143,13 @@ class MySQLStore(Store):
                 async with raw.driver_connection.cursor() as cursor:  # type: ignore[union-attr]
                     await cursor.execute(sql, params)
                     rows = await cursor.fetchall()
-            except Exception as exc:
-                if not type(exc).__module__.startswith("asyncmy"):
-                    raise
+            except BaseException as exc:
+                # asyncmy's own errors, past SQLAlchemy: the connection may be broken
+                # or still busy, so it must not go back to the pool.
                 await conn.invalidate()
-                raise LogUnavailable(f"event log failure: {exc!r}") from exc
+                if isinstance(exc, Exception):
+                    raise LogUnavailable(f"event log failure: {exc!r}") from exc
+                raise
         # Keys are bytes here (VARBINARY), without the column type that decodes them.
         return rows_to_events(
             channel,

@@ -20,6 +20,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from .._errors import LogUnavailable
 from .._event import Event
 from ._batch import assemble, plan
 from ._calls import Conflict, append_error, is_data_error
@@ -73,7 +74,15 @@ class PostgresStore(Store):
             raw = await conn.get_raw_connection()
             # One autocommit SELECT on asyncpg itself: one round trip (no BEGIN and
             # COMMIT around it) and plain records, no SQLAlchemy row per event.
-            records = await raw.driver_connection.fetch(sql, *params)  # type: ignore[union-attr]
+            try:
+                records = await raw.driver_connection.fetch(sql, *params)  # type: ignore[union-attr]
+            except BaseException as exc:
+                # asyncpg's own errors, past SQLAlchemy: the connection may be broken
+                # or still busy, so it must not go back to the pool.
+                await conn.invalidate()
+                if isinstance(exc, Exception):
+                    raise LogUnavailable(f"event log failure: {exc!r}") from exc
+                raise
         return rows_to_events(channel, records)
 
 

@@ -1,15 +1,18 @@
-// The chat page: one live stream per room (SSE or WebSocket) that resumes from the
-// last position seen ("<epoch>:<offset>"), so a dropped connection loses nothing.
-// Offsets are also checked here: a message at or below the last offset is a duplicate
-// and is dropped; one that skips an offset would be a gap and is counted (never happens).
-"use strict";
+// The chat page: one live stream per room through broadcast_history's client.js (SSE
+// or WebSocket). The stream resumes from the last position seen ("<epoch>:<offset>"),
+// so a dropped connection loses nothing. Offsets are also checked here: a message at
+// or below the last offset would be a duplicate, one that skips an offset a gap; both
+// are counted (and never happen).
+import { connect as stream } from "/api/stream/client.js";
 
+const HISTORY = 50; // messages a fresh page starts with
 const $ = (id) => document.getElementById(id);
 
 const chat = {
   room: "lobby",
   transport: "sse",
-  source: null,        // the EventSource or WebSocket in use
+  source: null,        // the client.js stream in use
+  catchUpUntil: 0,     // messages up to this offset arrive as catch-up after a reconnect
   epoch: null,         // epoch of the room the page has read
   last: 0,             // last offset shown (or the start position)
   oldest: null,        // smallest offset shown, for paging back through history
@@ -71,54 +74,53 @@ function clearRoom() {
   $("older").hidden = false;
 }
 
-function handle(item) {
-  switch (item.type) {
-    case "reset":
-      clearRoom();
-      notice(`This room was reset while you were away; starting over. (${item.reason})`);
-      break;
-    case "ready":
-      if (chat.epoch === null && item.position) {
-        const [epoch, offset] = item.position.split(":").map(Number);
-        chat.epoch = epoch;
-        chat.last = offset;
-        chat.oldest = offset + 1;
-      }
-      $("older").hidden = chat.oldest !== null && chat.oldest <= 1;
-      setState("catching-up");
-      break;
-    case "live":
-      setState("live");
-      break;
-    case "message":
-      receive(item);
-      break;
-    case "error":
-      notice(item.detail);
-      break;
+// A chat message is stored as JSON {author, text}; other tools may publish raw text.
+function parse(data) {
+  let body = null;
+  try {
+    body = JSON.parse(typeof data === "string" ? data : new TextDecoder().decode(data));
+  } catch {}
+  if (body && typeof body === "object" && typeof body.text === "string") {
+    return { author: String(body.author || "?"), text: body.text, sent: body.sent };
   }
-  showStats();
+  return { author: "?", text: typeof data === "string" ? data : new TextDecoder().decode(data) };
 }
 
-function receive(item) {
-  if (chat.epoch === null) {
-    chat.epoch = item.epoch;
-    chat.last = item.offset - 1;
-    chat.oldest = item.offset;
+function receive(data, event) {
+  if (chat.epoch !== event.epoch) {
+    chat.epoch = event.epoch;
+    chat.last = event.offset - 1;
+    if (chat.oldest === null) chat.oldest = event.offset;
   }
-  if (item.offset <= chat.last) {
+  if (event.offset <= chat.last) {
     chat.duplicates += 1;
     return;
   }
-  if (item.offset !== chat.last + 1) chat.gaps += 1;
-  chat.last = item.offset;
+  if (event.offset !== chat.last + 1) chat.gaps += 1;
+  chat.last = event.offset;
   chat.received += 1;
   const log = $("log");
   const atBottom = log.scrollHeight - log.scrollTop - log.clientHeight < 40;
-  const caughtUp = item.replayed && chat.reconnects > 0;
+  const caughtUp = event.offset <= chat.catchUpUntil;
+  const { sent, ...message } = parse(data);
+  // Over WebSocket the commit time comes with the event; over SSE, the time sent.
+  const item = { ...message, offset: event.offset, timestamp: event.timestamp ?? sent };
   $("messages").append(renderMessage(item, caughtUp ? "caught-up" : null));
-  if (atBottom || !item.replayed) log.scrollTop = log.scrollHeight;
-  if (!item.replayed) refreshRoomsSoon();
+  if (atBottom || !caughtUp) log.scrollTop = log.scrollHeight;
+  refreshRoomsSoon();
+  $("older").hidden = chat.oldest !== null && chat.oldest <= 1;
+  showStats();
+}
+
+function reset(info) {
+  // The room was deleted or trimmed while this page was away: start over from its head.
+  clearRoom();
+  chat.epoch = info.epoch;
+  chat.last = info.head;
+  chat.oldest = info.head + 1;
+  notice(`This room was reset while you were away; starting over. (${info.reason})`);
+  loadOlder();
+  showStats();
 }
 
 let roomsTimer = null;
@@ -134,45 +136,27 @@ function notice(text) {
 }
 
 function connect() {
-  const room = encodeURIComponent(chat.room);
-  const pos = position();
+  const url = new URL(`/api/stream/${chat.prefix}${chat.room}`, location.href);
+  // A fresh page starts with recent history; a reconnecting one after what it showed.
+  if (position()) url.searchParams.set("last_event_id", position());
+  else url.searchParams.set("history", HISTORY);
   chat.dropped = false;
-  setState("connecting");
-  if (chat.transport === "ws") {
-    const url = new URL(`/api/rooms/${room}/ws`, location.href);
-    url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
-    if (pos) url.searchParams.set("last", pos);
-    const ws = new WebSocket(url);
-    chat.source = ws;
-    ws.onmessage = (e) => handle(JSON.parse(e.data));
-    ws.onclose = () => {
-      if (chat.source !== ws || chat.dropped) return;
-      // A WebSocket does not come back by itself: do what EventSource would do.
-      setState("reconnecting");
-      chat.reconnects += 1;
-      setTimeout(() => chat.source === ws && !chat.dropped && connect(), 1000);
-    };
-    return;
-  }
-  const url = new URL(`/api/rooms/${room}/events`, location.href);
-  // When EventSource reconnects by itself it sends Last-Event-ID; a new EventSource
-  // (after "Reconnect" or a room switch) starts from ?last= instead.
-  if (pos) url.searchParams.set("last", pos);
-  const es = new EventSource(url);
-  chat.source = es;
-  for (const type of ["reset", "ready", "live", "message"]) {
-    es.addEventListener(type, (e) => handle(JSON.parse(e.data)));
-  }
-  es.onerror = () => {
-    if (chat.source !== es) return;
-    if (es.readyState === EventSource.CLOSED) {
-      setState("reconnecting");
-      setTimeout(() => chat.source === es && !chat.dropped && connect(), 1000);
-    } else {
-      setState("reconnecting");
-      chat.reconnects += 1;
-    }
-  };
+  chat.source = stream(url, {
+    transport: chat.transport,
+    storageKey: null, // a reloaded page starts afresh with recent history
+    onMessage: receive,
+    onReset: reset,
+    onStatus(status, detail) {
+      if (chat.dropped) return;
+      if (status === "open") setState("live");
+      else if (status === "reconnecting") {
+        if (chat.state !== "reconnecting") chat.reconnects += 1;
+        setState("reconnecting");
+      } else if (status === "closed" && detail) notice(detail);
+      else if (status === "connecting" && chat.state !== "reconnecting") setState("connecting");
+      showStats();
+    },
+  });
 }
 
 function disconnect() {
@@ -181,9 +165,13 @@ function disconnect() {
   if (source) source.close();
 }
 
-function toggleConnection() {
+async function toggleConnection() {
   if (chat.state === "dropped") {
     chat.reconnects += 1;
+    // What arrives up to the current head is what this page missed while away.
+    const room = encodeURIComponent(chat.room);
+    const newest = await fetch(`/api/rooms/${room}/history?limit=1`).then((r) => r.json());
+    chat.catchUpUntil = newest.length ? newest[0].offset : 0;
     connect();
   } else {
     chat.dropped = true;
@@ -200,11 +188,6 @@ async function send(event) {
   localStorage.setItem("bh-author", author);
   if (!text.trim()) return;
   $("text").value = "";
-  const source = chat.source;
-  if (source instanceof WebSocket && source.readyState === WebSocket.OPEN) {
-    source.send(JSON.stringify({ author, text }));
-    return;
-  }
   const response = await fetch(`/api/rooms/${encodeURIComponent(chat.room)}/messages`, {
     method: "POST",
     headers: { "Content-Type": "application/json" },
@@ -233,11 +216,7 @@ async function loadOlder() {
 }
 
 async function loadRooms() {
-  const [rooms, info] = await Promise.all([
-    fetch("/api/rooms").then((r) => r.json()),
-    fetch("/api/info").then((r) => r.json()),
-  ]);
-  $("backend").textContent = `${info.transport} · ${info.log}`;
+  const rooms = await fetch("/api/rooms").then((r) => r.json());
   if (!rooms.some((r) => r.room === chat.room)) rooms.unshift({ room: chat.room, messages: 0 });
   $("rooms").replaceChildren(
     ...rooms.map((r) => {
@@ -257,6 +236,12 @@ async function loadRooms() {
   );
 }
 
+async function showInfo() {
+  const info = await fetch("/api/info").then((r) => r.json());
+  $("backend").textContent = `${info.transport} · ${info.log}`;
+  return info;
+}
+
 function openRoom() {
   const params = new URLSearchParams(location.search);
   chat.transport = params.get("transport") === "ws" ? "ws" : "sse";
@@ -270,7 +255,8 @@ function openRoom() {
   loadRooms();
 }
 
-document.addEventListener("DOMContentLoaded", () => {
+async function start() {
+  chat.prefix = (await showInfo()).prefix;
   $("author").value =
     localStorage.getItem("bh-author") || `guest-${Math.floor(Math.random() * 9000 + 1000)}`;
   $("drop").addEventListener("click", toggleConnection);
@@ -290,4 +276,6 @@ document.addEventListener("DOMContentLoaded", () => {
   window.addEventListener("hashchange", openRoom);
   setInterval(loadRooms, 10000);
   openRoom();
-});
+}
+
+start();

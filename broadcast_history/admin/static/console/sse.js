@@ -3,7 +3,8 @@
 // parsing rules of the HTML standard's "event stream interpretation".
 
 // Yields {type, data, id} for each event, {comment} for each comment line (the server
-// sends one as soon as it has subscribed, and keep-alives), {retry} for retry fields.
+// sends `: ping` when the stream is idle), {retry} for retry fields (the stream opens
+// with one).
 export async function* readEvents(body) {
   const reader = body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";

@@ -1,7 +1,8 @@
 // The live tail: GET /channels/{channel}/stream read with fetch() (see sse.js). When
 // the connection drops it reconnects with `Last-Event-ID: <epoch>:<offset>` of the
 // last event shown, so the server replays what was missed from the log: nothing lost,
-// nothing twice. A position the server cannot serve (`event: error`) ends the tail.
+// nothing twice. A position the server cannot serve (the channel was deleted or
+// trimmed meanwhile) comes as one `reset` event, shown as a row; the tail goes on.
 
 import { ApiError, channelPath } from "./api.js";
 import { $, el, message, time } from "./ui.js";
@@ -80,14 +81,12 @@ export class Tail {
           query: { history }, headers, signal,
         });
         for await (const item of readEvents(response.body)) {
+          // The stream opens with `retry:` once the server has subscribed: it is up.
           if (item.retry !== undefined) base = item.retry;
-          else if (item.type === "error") return this.fail(item.data);
-          else {
-            // The server comments as soon as it has subscribed: the stream is up.
-            delay = base;
-            if (item.type === "message") this.receive(item);
-            else this.setState("live");
-          }
+          delay = base;
+          if (item.type === "message") this.receive(item);
+          else if (item.type === "reset") this.resetTo(item);
+          else this.setState("live");
         }
       } catch (error) {
         if (signal.aborted) return;
@@ -118,13 +117,13 @@ export class Tail {
     this.setState("live");
   }
 
-  fail(data) {
-    let why = data;
-    try {
-      const info = JSON.parse(data);
-      why = `${info.error}: ${info.detail}`;
-    } catch {}
-    this.end("ended", why);
+  // The position could not be served: the stream goes on after the channel's head.
+  resetTo(item) {
+    const info = JSON.parse(item.data);
+    this.lastId = item.id;
+    const text = `reset (${info.reason}): continuing after offset ${info.head}`;
+    $("tail").append(el("li", { className: "reset" }, text));
+    this.setState("live", text);
   }
 
   // The tail stops for a reason the operator must see: in its state line and as an error.

@@ -1,0 +1,205 @@
+"""``create_stream_app``: the routes browsers and other languages use.
+
+``GET /{channel}`` (Server-Sent Events), ``GET /{channel}/ws`` (WebSocket),
+``POST /{channel}`` (publish, when enabled) and ``GET /client.js``.
+"""
+
+from __future__ import annotations
+
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from .._broadcast import Broadcast
+from .._errors import (
+    InvalidArgument,
+    LogUnavailable,
+    MessageTooLarge,
+    NotConnected,
+)
+from .._event import Event
+from .._parse import Position, parse_position
+from .._validation import check_channel
+from ._auth import Authorize, Forbidden, check_authorize, require
+from ._feed import Feed
+from ._publish import event_info, publish_request
+from ._sse import EventStream
+from ._streams import OpenStreams
+from ._ws import BAD_REQUEST, FORBIDDEN, TRY_LATER, WebSocketSession
+
+STATIC = Path(__file__).parent / "static"
+
+
+def request_position(connection: HTTPConnection) -> Position:
+    """The start position a request asks for: ``Last-Event-ID``, else the query's
+    ``last_event_id``, ``since`` (an offset or an ISO time) or ``history``.
+
+    Raises:
+        InvalidArgument: A malformed or out-of-range value.
+    """
+    params = connection.query_params
+    return parse_position(
+        last_event_id=connection.headers.get("last-event-id") or params.get("last_event_id"),
+        since=params.get("since"),
+        history=params.get("history"),
+    )
+
+
+def _error(status: int, detail: str) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status)
+
+
+def _check_keepalive(keepalive: Any) -> float:
+    if isinstance(keepalive, bool) or not isinstance(keepalive, (int, float)) or keepalive <= 0:
+        raise InvalidArgument(f"keepalive must be a positive number of seconds, got {keepalive!r}")
+    return float(keepalive)
+
+
+async def _close(websocket: WebSocket, code: int, detail: str) -> None:
+    """Accept, say why in an error frame, and close with ``code``."""
+    with suppress(OSError, RuntimeError, WebSocketDisconnect):
+        await websocket.accept()
+        await websocket.send_json({"type": "error", "detail": detail})
+        # A close reason is at most 123 bytes.
+        await websocket.close(code, detail.encode()[:120].decode(errors="ignore"))
+
+
+def create_stream_app(
+    broadcast: Broadcast,
+    *,
+    authorize: Authorize,
+    publish: bool = False,
+    keepalive: float = 15.0,
+) -> Starlette:
+    """An ASGI app streaming ``broadcast``'s channels to browsers and other languages.
+
+    Mount it in a web app (``app.mount("/events", create_stream_app(...))``) or serve
+    it alone. Served alone it connects ``broadcast`` at startup if needed (and then
+    disconnects it at shutdown); mounted, the host app connects it in its own
+    lifespan (Starlette does not run a mounted app's lifespan).
+
+    Routes:
+        ``GET /{channel}``: Server-Sent Events from ``Last-Event-ID`` (or
+        ``?last_event_id=``, ``?since=``, ``?history=``), then live.
+        ``GET /{channel}/ws``: the same as WebSocket JSON frames.
+        ``POST /{channel}``: publish the body (with ``publish=True``).
+        ``GET /client.js``: the browser client, an ES module.
+
+    ``app.state.close_streams()`` ends every open stream (for a server that is
+    stopping; safe from a signal handler or another thread).
+
+    Args:
+        broadcast: The broadcast to stream.
+        authorize: ``async (connection, channel, action) -> bool``, ``action`` being
+            ``"subscribe"`` or ``"publish"`` (asked for each message published).
+            Anything but ``True`` answers 403, or closes a WebSocket with code 1008.
+            :func:`allow_all` lets everyone in.
+        publish: Accept ``POST /{channel}`` and WebSocket ``publish`` frames.
+        keepalive: Seconds without traffic after which an idle stream is pinged.
+
+    Raises:
+        InvalidArgument: ``authorize`` is not callable, or ``keepalive`` is not positive.
+    """
+    authorize = check_authorize(authorize)
+    keepalive = _check_keepalive(keepalive)
+    streams = OpenStreams()
+    # A publish frame carries its message as JSON text (bytes as base64: 4/3 larger).
+    max_frame = broadcast.max_message_size * 4 // 3 + 4096
+
+    async def subscribe_sse(request: Request) -> Response:
+        try:
+            channel = check_channel(request.path_params["channel"])
+        except InvalidArgument as exc:
+            return _error(400, str(exc))
+        try:
+            position = request_position(request)
+        except InvalidArgument as exc:
+            return _error(422, str(exc))
+        try:
+            await require(authorize, request, channel, "subscribe")
+        except Forbidden as exc:
+            return _error(403, str(exc))
+        return EventStream(Feed(broadcast, channel, position), keepalive=keepalive, streams=streams)
+
+    async def publish_http(request: Request) -> Response:
+        try:
+            channel = check_channel(request.path_params["channel"])
+            await require(authorize, request, channel, "publish")
+            event = await publish_request(broadcast, channel, request)
+        except Forbidden as exc:
+            return _error(403, str(exc))
+        except MessageTooLarge as exc:
+            return _error(413, str(exc))
+        except InvalidArgument as exc:
+            return _error(400, str(exc))
+        except (LogUnavailable, NotConnected) as exc:
+            return _error(503, str(exc))
+        return JSONResponse(event_info(event), status_code=201)
+
+    async def subscribe_ws(websocket: WebSocket) -> None:
+        try:
+            channel = check_channel(websocket.path_params["channel"])
+            position = request_position(websocket)
+        except InvalidArgument as exc:
+            await _close(websocket, BAD_REQUEST, str(exc))
+            return
+        try:
+            await require(authorize, websocket, channel, "subscribe")
+        except Forbidden as exc:
+            await _close(websocket, FORBIDDEN, str(exc))
+            return
+
+        async def publisher(ws: WebSocket, message: str | bytes, key: str | None) -> Event:
+            await require(authorize, ws, channel, "publish")
+            return await broadcast.publish(channel, message, key=key)
+
+        feed = Feed(broadcast, channel, position)
+        try:
+            # Subscribed before the handshake completes: a client whose socket is
+            # open receives whatever is published next.
+            await feed.__aenter__()
+        except (LogUnavailable, NotConnected) as exc:
+            await _close(websocket, TRY_LATER, str(exc))
+            return
+        try:
+            await websocket.accept()
+            session = WebSocketSession(
+                websocket,
+                feed,
+                keepalive=keepalive,
+                streams=streams,
+                publisher=publisher if publish else None,
+                max_frame=max_frame,
+            )
+            await session.run()
+        except (OSError, WebSocketDisconnect):
+            pass  # gone during the handshake
+        finally:
+            await feed.__aexit__(None, None, None)
+
+    async def client_js(request: Request) -> Response:
+        return FileResponse(
+            STATIC / "client.js",
+            media_type="text/javascript",
+            headers={"Cache-Control": "no-cache"},
+        )
+
+    routes = [
+        Route("/client.js", client_js, methods=["GET"]),
+        Route("/{channel:path}", subscribe_sse, methods=["GET"]),
+        # WebSocket routes only match WebSocket requests: GET /a/ws is the event
+        # stream of channel "a/ws", a WebSocket to /a/ws the one of channel "a".
+        WebSocketRoute("/{channel:path}/ws", subscribe_ws),
+    ]
+    if publish:
+        routes.append(Route("/{channel:path}", publish_http, methods=["POST"]))
+    app = Starlette(routes=routes, lifespan=streams.lifespan(broadcast))
+    app.state.close_streams = streams.close_all
+    app.state.streams = streams
+    return app

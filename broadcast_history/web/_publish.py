@@ -1,0 +1,79 @@
+"""Publishing over HTTP: one set of body rules for the streaming app and the admin API.
+
+The body is the message: ``text/*`` and ``application/json`` as ``str`` (UTF-8, or
+the ``charset`` given), anything else as ``bytes``; ``Idempotency-Key`` is the
+``key=``. The answer says where the event is stored.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+
+from .._broadcast import Broadcast
+from .._errors import InvalidMessage, MessageTooLarge
+from .._event import Event
+
+
+def event_info(event: Event) -> dict[str, Any]:
+    """Where a stored event is: ``{"id", "channel", "offset", "epoch", "timestamp"}``."""
+    return {
+        "id": f"{event.epoch}:{event.offset}",
+        "channel": event.channel,
+        "offset": event.offset,
+        "epoch": event.epoch,
+        "timestamp": event.timestamp.isoformat() if event.timestamp else None,
+    }
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused as soon as it passes ``limit`` bytes.
+
+    Raises:
+        MessageTooLarge: The body (or its declared ``Content-Length``) is over ``limit``.
+    """
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise MessageTooLarge(f"the body is larger than {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise MessageTooLarge(f"the body is larger than {limit} bytes")
+    return bytes(body)
+
+
+def body_message(body: bytes, content_type: str) -> str | bytes:
+    """The message a body stands for, by its ``Content-Type``.
+
+    Raises:
+        InvalidMessage: Text that does not decode in its charset.
+    """
+    media, *parameters = content_type.split(";")
+    media = media.strip().lower()
+    if not (media.startswith("text/") or media == "application/json"):
+        return body
+    charset = "utf-8"
+    for parameter in parameters:
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "charset" and value.strip():
+            charset = value.strip().strip('"')
+    try:
+        return body.decode(charset)
+    except (LookupError, UnicodeDecodeError) as exc:
+        raise InvalidMessage(f"the body is not valid {charset} text: {exc}") from None
+
+
+async def publish_request(broadcast: Broadcast, channel: str, request: Request) -> Event:
+    """Publish the body of ``request`` on ``channel``.
+
+    Raises:
+        MessageTooLarge: The body is over ``broadcast.max_message_size`` (HTTP 413).
+        InvalidArgument: Bad channel name, key or text (HTTP 400).
+        LogUnavailable: The log could not store it (HTTP 503).
+    """
+    body = await read_body(request, broadcast.max_message_size)
+    message = body_message(body, request.headers.get("content-type", ""))
+    key = request.headers.get("idempotency-key")
+    return await broadcast.publish(channel, message, key=key)

@@ -1,0 +1,78 @@
+"""The open streams of an app, so a server that stops can end them at once.
+
+An event stream never ends by itself, and uvicorn waits for open responses before it
+shuts down: without this, Ctrl-C would wait for every browser to go away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .._broadcast import Broadcast
+
+
+class OpenStreams:
+    """A registry of running streams; :meth:`close_all` ends them all."""
+
+    def __init__(self) -> None:
+        self._stops: set[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = set()
+
+    def __len__(self) -> int:
+        return len(self._stops)
+
+    @contextmanager
+    def open(self) -> Iterator[asyncio.Future[None]]:
+        """Register a stream; the future it yields is done when it must end."""
+        loop = asyncio.get_running_loop()
+        entry = (loop, loop.create_future())
+        self._stops.add(entry)
+        try:
+            yield entry[1]
+        finally:
+            self._stops.discard(entry)
+
+    def close_all(self) -> None:
+        """End every open stream; safe to call from a signal handler or another thread."""
+        for loop, stop in list(self._stops):
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(_finish, stop)
+
+    def lifespan(self, broadcast: Broadcast) -> Any:
+        """An ASGI app's lifespan: connect ``broadcast`` if nobody did (and disconnect
+        it then), and end the open streams when the server stops."""
+
+        @asynccontextmanager
+        async def lifespan(_app: object) -> AsyncIterator[None]:
+            owned = not broadcast.connected
+            if owned:
+                await broadcast.connect()
+            try:
+                yield
+            finally:
+                self.close_all()
+                if owned:
+                    await broadcast.disconnect()
+
+        return lifespan
+
+
+def _finish(stop: asyncio.Future[None]) -> None:
+    if not stop.done():
+        stop.set_result(None)
+
+
+async def first_of(*coroutines: Any) -> tuple[asyncio.Future[Any], ...]:
+    """Run ``coroutines`` until the first ends; cancel the rest. Returns the tasks in
+    order (the ones that ended are done; cancelled ones are cancelled)."""
+    tasks = tuple(asyncio.ensure_future(c) for c in coroutines)
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return tasks

@@ -1,0 +1,196 @@
+"""A :class:`Feed` over a WebSocket: JSON text frames both ways.
+
+Server to client::
+
+    {"type": "message", "id": "<epoch>:<offset>", "channel", "offset", "epoch",
+     "timestamp", "data", "encoding": "text" | "base64"}
+    {"type": "reset", "id": "<epoch>:<head>", "channel", "reason", "epoch", "head", "detail"}
+    {"type": "ping"}                                   after `keepalive` s without a frame
+    {"type": "ack", "id": "<epoch>:<offset>", ...}     a publish was stored
+    {"type": "error", "detail": "..."}                 a client frame was refused
+
+Client to server (when publishing is enabled)::
+
+    {"type": "publish", "data": "...", "key": "optional", "encoding": "text" | "base64"}
+
+Client frames are handled one at a time, in order, so acks and errors come back in
+the order of the frames they answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import suppress
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from .._errors import BroadcastError, InvalidArgument, InvalidMessage
+from .._event import Event
+from ._feed import Feed, Reset
+from ._publish import event_info
+from ._streams import OpenStreams, first_of
+
+logger = logging.getLogger("broadcast_history.web")
+
+#: Publishes a client's message (``data`` as str or bytes, ``key``) on the channel.
+Publisher = Callable[[WebSocket, "str | bytes", "str | None"], Awaitable[Event]]
+
+# Close codes: 1008 policy violation (refused by authorize); 4400 a bad request
+# (channel name, start position), like HTTP 400; 1013 try again later (no log).
+FORBIDDEN = 1008
+BAD_REQUEST = 4400
+TRY_LATER = 1013
+
+
+def message_json(event: Event) -> dict[str, Any]:
+    """The ``message`` frame of an event."""
+    message = event.message
+    if isinstance(message, str):
+        data, encoding = message, "text"
+    else:
+        data, encoding = base64.b64encode(message).decode("ascii"), "base64"
+    return {"type": "message", **event_info(event), "data": data, "encoding": encoding}
+
+
+def reset_json(reset: Reset) -> dict[str, Any]:
+    """The ``reset`` frame."""
+    return {
+        "type": "reset",
+        "id": reset.id,
+        "channel": reset.channel,
+        **reset.json(),
+        "detail": reset.detail,
+    }
+
+
+def _dumps(value: dict[str, Any]) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def parse_publish(text: str) -> tuple[str | bytes, str | None]:
+    """The message and key of a client's publish frame.
+
+    Raises:
+        InvalidArgument: Not a publish frame, or a malformed one.
+    """
+    try:
+        frame = json.loads(text)
+    except ValueError:
+        raise InvalidArgument("frames must be JSON objects") from None
+    if not isinstance(frame, dict) or frame.get("type") != "publish":
+        raise InvalidArgument('expected {"type": "publish", "data": ...}')
+    data, key, encoding = frame.get("data"), frame.get("key"), frame.get("encoding", "text")
+    if not isinstance(data, str):
+        raise InvalidMessage("data must be a string (base64 with encoding: base64)")
+    if encoding == "base64":
+        try:
+            return base64.b64decode(data, validate=True), key
+        except (binascii.Error, ValueError):
+            raise InvalidMessage("data is not valid base64") from None
+    if encoding != "text":
+        raise InvalidArgument('encoding must be "text" or "base64"')
+    return data, key
+
+
+@dataclass(eq=False)
+class WebSocketSession:
+    """Run one accepted WebSocket: the feed out, client frames in, pings when idle.
+
+    Attributes:
+        websocket: The accepted WebSocket.
+        feed: The entered feed.
+        keepalive: Seconds without a frame after which a ``ping`` frame is sent.
+        streams: The app's open streams, which a stopping server ends.
+        publisher: Publishes a client's message; ``None``: publishing is disabled.
+        max_frame: Largest client frame accepted, in characters.
+    """
+
+    websocket: WebSocket
+    feed: Feed
+    keepalive: float
+    streams: OpenStreams
+    publisher: Publisher | None
+    max_frame: int
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
+    _last_write: float = field(default=0.0, init=False)
+
+    async def _write(self, value: dict[str, Any]) -> None:
+        async with self._lock:
+            await self.websocket.send({"type": "websocket.send", "text": _dumps(value)})
+        self._last_write = asyncio.get_running_loop().time()
+
+    async def run(self) -> None:
+        """Until the client leaves, the feed ends or the server stops."""
+        self._last_write = asyncio.get_running_loop().time()
+        with self.streams.open() as stop:
+            pump, talk = await first_of(self._pump(), self._talk(stop))
+        gone = not talk.cancelled() and talk.exception() is None
+        gone = gone and not talk.result()
+        for task in (pump, talk):
+            if task.cancelled():
+                continue
+            error = task.exception()
+            if isinstance(error, (OSError, WebSocketDisconnect)):
+                gone = True
+            elif error is not None:
+                logger.warning("WebSocket stream of %r ended: %r", self.feed.channel, error)
+                if not isinstance(error, BroadcastError):
+                    raise error
+        if not gone:
+            # 1001 "going away": the feed ended or the server stops; clients come back.
+            with suppress(OSError, RuntimeError, WebSocketDisconnect):
+                await self.websocket.close(1001)
+
+    async def _pump(self) -> None:
+        async for item in self.feed:
+            await self._write(message_json(item) if isinstance(item, Event) else reset_json(item))
+
+    async def _talk(self, stop: asyncio.Future[None]) -> bool:
+        """Answer client frames and ping; ``False`` when the client left, ``True`` on
+        ``stop``."""
+        loop = asyncio.get_running_loop()
+        receive = self.websocket.receive
+        receiving = asyncio.ensure_future(receive())
+        try:
+            while True:
+                wait = self._last_write + self.keepalive - loop.time()
+                if wait <= 0:
+                    await self._write({"type": "ping"})
+                    continue
+                await asyncio.wait(
+                    (receiving, stop), timeout=wait, return_when=asyncio.FIRST_COMPLETED
+                )
+                if stop.done():
+                    return True
+                if not receiving.done():
+                    continue
+                message = receiving.result()
+                if message["type"] == "websocket.disconnect":
+                    return False
+                await self._answer(message)
+                receiving = asyncio.ensure_future(receive())
+        finally:
+            receiving.cancel()
+
+    async def _answer(self, message: Mapping[str, Any]) -> None:
+        text = message.get("text")
+        try:
+            if self.publisher is None:
+                raise InvalidArgument("publishing is not enabled on this stream")
+            if text is None:
+                raise InvalidArgument("send JSON text frames")
+            if len(text) > self.max_frame:
+                raise InvalidArgument(f"frames are limited to {self.max_frame} characters")
+            data, key = parse_publish(text)
+            event = await self.publisher(self.websocket, data, key)
+        except BroadcastError as exc:  # refused, invalid, or the log is down
+            await self._write({"type": "error", "detail": str(exc)})
+        else:
+            await self._write({"type": "ack", **event_info(event)})

@@ -1,0 +1,276 @@
+// broadcast_history browser client: an ES module with no dependencies.
+//
+//   import { connect } from "/events/client.js";
+//   const stream = connect("/events/chat", {
+//     onMessage(data, event) { ... },   // data: a string, or a Uint8Array for bytes
+//     onReset(reset) { ... },           // {reason, epoch, head, id}: reload your state
+//   });
+//
+// The id of the last event handled ("<epoch>:<offset>") is kept in localStorage, so a
+// reloaded page, or one whose server restarted, resumes right after it: nothing is
+// lost and nothing comes twice. When the server cannot serve that position (the
+// channel was deleted, trimmed, or the id is from elsewhere) it says so with a reset
+// and goes on from its head.
+
+const FIRST_DELAY = 500; // ms before the first WebSocket reconnect
+const MAX_DELAY = 15000; // backoff cap
+const STEADY = 5000; // a connection open this long resets the backoff
+
+function decodeBase64(text) {
+  const raw = atob(text);
+  const bytes = new Uint8Array(raw.length);
+  for (let i = 0; i < raw.length; i += 1) bytes[i] = raw.charCodeAt(i);
+  return bytes;
+}
+
+function encodeBase64(bytes) {
+  let raw = "";
+  for (let i = 0; i < bytes.length; i += 0x8000) {
+    raw += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+  }
+  return btoa(raw);
+}
+
+// "<epoch>:<offset>" (or a bare offset) as [epoch or null, offset].
+function parseId(id) {
+  const colon = id.lastIndexOf(":");
+  if (colon < 0) return [null, Number(id)];
+  return [Number(id.slice(0, colon)), Number(id.slice(colon + 1))];
+}
+
+function storage(key) {
+  let memory = null;
+  return {
+    load() {
+      if (key !== null) {
+        try {
+          const stored = localStorage.getItem(key);
+          if (stored) memory = stored;
+        } catch {
+          // No localStorage (privacy mode, sandboxed frame): keep the id in memory.
+        }
+      }
+      return memory;
+    },
+    save(id) {
+      memory = id;
+      if (key === null) return;
+      try {
+        localStorage.setItem(key, id);
+      } catch {
+        // As above: the id is still kept in memory.
+      }
+    },
+  };
+}
+
+/**
+ * Stream a channel and resume it across reconnects, reloads and server restarts.
+ *
+ * @param {string} url The channel's URL in the streaming app, e.g. "/events/chat";
+ *   its query string may hold `history=N` or `since=...` for the very first start, or
+ *   `last_event_id=...` to start after that id whatever is stored.
+ * @param {object} options
+ * @param {(data: string|Uint8Array, event: object) => void} options.onMessage Each
+ *   event, once, in order; `event` has `id`, `epoch`, `offset` (and over WebSocket
+ *   `channel` and `timestamp`).
+ * @param {(reset: object) => void} [options.onReset] The position could not be
+ *   served: `{reason, epoch, head, id}`; the stream goes on after `head`.
+ * @param {string|null} [options.storageKey] localStorage key of the last id (default:
+ *   one per URL); `null` keeps it in memory only.
+ * @param {"sse"|"ws"} [options.transport] Server-Sent Events (default) or WebSocket.
+ * @param {(status: string, detail?: string) => void} [options.onStatus] "connecting",
+ *   "open", "reconnecting" or "closed".
+ * @returns {{close(): void, publish(data, options?): Promise<object>, readonly lastEventId: string|null}}
+ */
+export function connect(url, options = {}) {
+  const { onMessage = () => {}, onReset = () => {}, onStatus = () => {} } = options;
+  const transport = options.transport ?? "sse";
+  if (transport !== "sse" && transport !== "ws") {
+    throw new Error(`transport must be "sse" or "ws", not ${transport}`);
+  }
+  const base = new URL(url, globalThis.location?.href);
+  // An id in the URL is where the caller wants to start: it wins over the stored one.
+  const given = base.searchParams.get("last_event_id");
+  base.searchParams.delete("last_event_id");
+  const key = options.storageKey === undefined ? `broadcast_history:${base}` : options.storageKey;
+  const store = storage(key);
+  let last = given || store.load(); // the id of the last event handled
+  let closed = false;
+  let source = null; // the EventSource or WebSocket in use
+  let timer = null;
+  let attempts = 0;
+  let openedAt = 0;
+  const acks = []; // resolvers of WebSocket publishes, in order
+  let refusal = ""; // the detail of an error frame that no publish waits for
+
+  function report(error) {
+    setTimeout(() => {
+      throw error;
+    });
+  }
+
+  function startUrl() {
+    const target = new URL(base);
+    if (last) target.searchParams.set("last_event_id", last);
+    return target;
+  }
+
+  function handleEvent(data, event) {
+    if (last) {
+      const [epoch, offset] = parseId(last);
+      // The server never repeats an event; checked anyway, so a handler never sees
+      // one twice.
+      if (epoch === event.epoch && event.offset <= offset) return;
+    }
+    try {
+      onMessage(data, event);
+    } catch (error) {
+      report(error);
+    }
+    last = event.id;
+    store.save(last);
+  }
+
+  function handleReset(reset) {
+    last = reset.id;
+    store.save(last);
+    try {
+      onReset(reset);
+    } catch (error) {
+      report(error);
+    }
+  }
+
+  function retryLater() {
+    if (closed) return;
+    // Capped exponential backoff with jitter: a restarted server is not stampeded.
+    const ceiling = Math.min(MAX_DELAY, FIRST_DELAY * 2 ** attempts);
+    attempts += 1;
+    const delay = ceiling / 2 + Math.random() * (ceiling / 2);
+    onStatus("reconnecting", `retrying in ${Math.round(delay)} ms`);
+    timer = setTimeout(open, delay);
+  }
+
+  function openSse() {
+    const es = new EventSource(startUrl());
+    source = es;
+    const fromId = (id) => {
+      const [epoch, offset] = parseId(id);
+      return { id, epoch, offset };
+    };
+    es.addEventListener("message", (e) => handleEvent(e.data, { ...fromId(e.lastEventId), type: "message" }));
+    es.addEventListener("binary", (e) =>
+      handleEvent(decodeBase64(e.data), { ...fromId(e.lastEventId), type: "binary" }),
+    );
+    es.addEventListener("reset", (e) => handleReset({ ...JSON.parse(e.data), id: e.lastEventId }));
+    es.onopen = () => {
+      attempts = 0;
+      onStatus("open");
+    };
+    es.onerror = () => {
+      if (source !== es) return;
+      if (es.readyState === EventSource.CLOSED) {
+        // Refused (an HTTP error): EventSource gives up; try again from the last id.
+        es.close();
+        retryLater();
+      } else {
+        // EventSource reconnects by itself, sending Last-Event-ID.
+        onStatus("reconnecting");
+      }
+    };
+  }
+
+  function openWs() {
+    const target = startUrl();
+    target.pathname += "/ws";
+    target.protocol = target.protocol === "https:" ? "wss:" : "ws:";
+    const ws = new WebSocket(target);
+    source = ws;
+    ws.onopen = () => {
+      openedAt = Date.now();
+      onStatus("open");
+    };
+    ws.onmessage = (e) => {
+      const frame = JSON.parse(e.data);
+      if (frame.type === "message") {
+        const data = frame.encoding === "base64" ? decodeBase64(frame.data) : frame.data;
+        const { type, data: _, encoding, ...event } = frame;
+        handleEvent(data, { ...event, type: encoding === "base64" ? "binary" : "message" });
+      } else if (frame.type === "reset") {
+        const { type, ...reset } = frame;
+        handleReset(reset);
+      } else if (frame.type === "ack" || frame.type === "error") {
+        const pending = acks.shift();
+        if (pending && frame.type === "ack") pending.resolve(frame);
+        else if (pending) pending.reject(new Error(frame.detail));
+        else if (frame.type === "error") refusal = frame.detail;
+      }
+    };
+    ws.onclose = (e) => {
+      if (source !== ws) return;
+      source = null;
+      for (const pending of acks.splice(0)) pending.reject(new Error("the connection closed"));
+      if (Date.now() - openedAt > STEADY) attempts = 0;
+      openedAt = 0;
+      if (closed) return;
+      if (e.code === 1008 || e.code === 4400) {
+        // Refused (authorization) or a bad request: trying again will not help.
+        closed = true;
+        onStatus("closed", e.reason || refusal || `closed with code ${e.code}`);
+        return;
+      }
+      retryLater();
+    };
+  }
+
+  function open() {
+    timer = null;
+    if (closed) return;
+    onStatus("connecting");
+    if (transport === "ws") openWs();
+    else openSse();
+  }
+
+  async function publishHttp(data, key) {
+    const headers = {
+      "Content-Type": typeof data === "string" ? "text/plain; charset=utf-8" : "application/octet-stream",
+    };
+    if (key) headers["Idempotency-Key"] = key;
+    const response = await fetch(base, { method: "POST", headers, body: data });
+    const body = await response.json().catch(() => ({}));
+    if (!response.ok) throw new Error(body.detail || `HTTP ${response.status}`);
+    return body;
+  }
+
+  open();
+  return {
+    get lastEventId() {
+      return last;
+    },
+    /** Publish `data` (a string or bytes) on the channel; resolves with its id. */
+    publish(data, { key } = {}) {
+      if (transport !== "ws" || !(source instanceof WebSocket) || source.readyState !== WebSocket.OPEN) {
+        return publishHttp(data, key);
+      }
+      const frame = { type: "publish", data, ...(key ? { key } : {}) };
+      if (typeof data !== "string") {
+        frame.data = encodeBase64(data instanceof Uint8Array ? data : new Uint8Array(data));
+        frame.encoding = "base64";
+      }
+      return new Promise((resolve, reject) => {
+        acks.push({ resolve, reject });
+        source.send(JSON.stringify(frame));
+      });
+    },
+    /** Stop for good (the last id stays stored). */
+    close() {
+      closed = true;
+      if (timer !== null) clearTimeout(timer);
+      const current = source;
+      source = null;
+      if (current) current.close();
+      onStatus("closed");
+    },
+  };
+}

@@ -1,0 +1,488 @@
+"""The streaming app (``broadcast_history.web``) through real clients on a real server.
+
+Server-Sent Events are read with httpx, WebSockets with the ``websockets`` client,
+from uvicorn serving the app on a free port in this event loop. Every start position
+form, every position that cannot be served (a reset, then live), every refusal.
+Load, slow and killed clients: ``test_web_load.py``; browsers: ``test_web_browser.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import pytest
+import uvicorn
+from starlette.requests import Request
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed
+
+import broadcast_history.web
+from broadcast_history import Broadcast, Event, InvalidArgument
+from broadcast_history.web import allow_all, create_stream_app
+
+Frames = list[dict[str, str]]
+
+
+@pytest.fixture
+async def broadcast(tmp_path: Path) -> AsyncIterator[Broadcast]:
+    log = f"sqlite+aiosqlite:///{tmp_path / 'web.db'}"
+    async with Broadcast("memory://", log=log, idle_check=0.2) as b:
+        yield b
+
+
+@contextlib.asynccontextmanager
+async def serving(app: Any) -> AsyncIterator[str]:
+    """``app`` under uvicorn on a free port, in this event loop; yields its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = server.force_exit = True
+        await asyncio.wait_for(task, 10)
+        sock.close()
+
+
+@pytest.fixture
+async def base(broadcast: Broadcast) -> AsyncIterator[str]:
+    app = create_stream_app(broadcast, authorize=allow_all, publish=True, keepalive=0.3)
+    async with serving(app) as url:
+        yield url
+
+
+async def sse(
+    url: str,
+    count: int,
+    headers: dict[str, str] | None = None,
+    then: Callable[[], Awaitable[Any]] | None = None,
+) -> Frames:
+    """The first ``count`` frames of a stream (comments skipped, ``retry`` included);
+    ``then`` runs once the stream is open."""
+    frames: Frames = []
+    async with (
+        httpx.AsyncClient(timeout=10) as http,
+        http.stream("GET", url, headers=headers) as response,
+    ):
+        assert response.status_code == 200, await response.aread()
+        assert response.headers["content-type"] == "text/event-stream; charset=utf-8"
+        assert response.headers["x-accel-buffering"] == "no"
+        fields: dict[str, str] = {}
+        async for line in response.aiter_lines():
+            if line.startswith(":"):
+                continue
+            if line:
+                name, _, value = line.partition(": ")
+                fields[name] = fields[name] + "\n" + value if name in fields else value
+                continue
+            frames.append(fields)
+            fields = {}
+            if len(frames) == 1 and then is not None:
+                await then()
+            if len(frames) == count:
+                break
+    return frames
+
+
+def ids(frames: Frames) -> list[str]:
+    return [f.get("id", "") for f in frames]
+
+
+async def seed(broadcast: Broadcast) -> list[Event]:
+    return [
+        await broadcast.publish("c", message)
+        for message in ("one", "two\nlines\r\nthree", b"\x00bin", "four")
+    ]
+
+
+# -- Server-Sent Events ------------------------------------------------------------------
+
+
+async def test_sse_frames_and_every_start_position(broadcast: Broadcast, base: str) -> None:
+    events = await seed(broadcast)
+    e = events[0].epoch
+    url = f"{base}/c"
+    frames = await sse(url, 4, {"Last-Event-ID": f"{e}:1"})
+    assert frames[0] == {"retry": "1000"}
+    assert frames[1:] == [
+        {"id": f"{e}:2", "event": "message", "data": "two\nlines\nthree"},
+        {"id": f"{e}:3", "event": "binary", "data": "AGJpbg=="},
+        {"id": f"{e}:4", "event": "message", "data": "four"},
+    ]
+    positions: list[tuple[str, dict[str, str]]] = [
+        ("", {"Last-Event-ID": "2"}),  # a bare offset: any epoch
+        (f"?last_event_id={e}:2", {}),  # what client.js sends on a fresh page
+        (f"?last_event_id={e}:0", {"Last-Event-ID": f"{e}:2"}),  # the header wins
+        ("?since=2", {}),
+        (f"?since={quote(events[2].timestamp.isoformat())}", {}),  # at or after a time
+        ("?history=2", {}),
+    ]
+    for query, headers in positions:
+        assert ids(await sse(url + query, 3, headers))[1:] == [f"{e}:3", f"{e}:4"], query
+
+    async def publish_five() -> None:
+        await broadcast.publish("c", "five")
+
+    for query in ("", "?history=0"):  # live only: subscribed before the response starts
+        frames = await sse(url + query, 2, then=publish_five)
+        assert frames[1]["data"] == "five"
+        assert frames[1]["id"] == f"{e}:{5 if query == '' else 6}"
+
+
+async def test_sse_positions_that_cannot_be_served_reset_then_go_on(
+    broadcast: Broadcast, base: str
+) -> None:
+    old = await broadcast.publish("gone", "x")
+    await broadcast.log.delete_channel("gone")
+    for _ in range(3):
+        trimmed = await broadcast.publish("trimmed", "x")
+    await broadcast.log.trim("trimmed", before=3)
+    e = trimmed.epoch
+    cases = [
+        ("gone", {"Last-Event-ID": f"{old.epoch}:1"}, "StreamReset", None, 0),
+        ("trimmed", {"Last-Event-ID": f"{e + 1}:1"}, "StreamReset", e, 3),
+        ("trimmed", {"Last-Event-ID": f"{e}:1"}, "HistoryTruncated", e, 3),
+        ("trimmed", {"Last-Event-ID": "0"}, "HistoryTruncated", e, 3),
+        ("trimmed", {"Last-Event-ID": f"{e}:99"}, "OffsetOutOfRange", e, 3),
+    ]
+    for channel, headers, reason, epoch, head in cases:
+        (_, reset) = await sse(f"{base}/{channel}", 2, headers)
+        assert reset["event"] == "reset"
+        assert reset["id"] == ("0" if epoch is None else f"{epoch}:{head}")
+        assert json.loads(reset["data"]) == {"reason": reason, "epoch": epoch, "head": head}
+
+    # Then live from the head: the next event is the one published next.
+    async def publish() -> None:
+        await broadcast.publish("trimmed", "after")
+
+    frames = await sse(f"{base}/trimmed?since=99", 3, then=publish)
+    assert [f.get("event") for f in frames] == [None, "reset", "message"]
+    assert (frames[2]["id"], frames[2]["data"]) == (f"{e}:4", "after")
+
+
+async def test_sse_a_channel_reset_under_a_stream_is_said(broadcast: Broadcast, base: str) -> None:
+    first = await broadcast.publish("c", "old epoch")
+
+    async def recreate() -> None:
+        await broadcast.log.delete_channel("c")
+        await broadcast.publish("c", "new epoch 1")
+        await asyncio.sleep(0.5)  # the reset is noticed (live, or by the idle check)
+        await broadcast.publish("c", "new epoch 2")
+
+    frames = await sse(f"{base}/c", 3, {"Last-Event-ID": f"{first.epoch}:1"}, then=recreate)
+    reset, message = frames[1], frames[2]
+    info = await broadcast.log.channel("c")
+    assert info is not None and info.epoch != first.epoch
+    assert reset["event"] == "reset"
+    assert json.loads(reset["data"])["reason"] == "StreamReset"
+    assert (message["id"], message["data"]) == (f"{info.epoch}:2", "new epoch 2")
+
+
+async def test_sse_refusals(broadcast: Broadcast) -> None:
+    async def only_public(connection: Any, channel: str, action: str) -> bool:
+        assert isinstance(connection, Request)
+        return channel.startswith("public/")
+
+    app = create_stream_app(broadcast, authorize=only_public)
+    async with serving(app) as base, httpx.AsyncClient(base_url=base) as http:
+        assert (await http.get("/private/x")).status_code == 403
+        for path in ("/a%01b", "/" + "x" * 256, "/"):
+            assert (await http.get(path)).status_code == 400, path
+        for query, headers in [
+            ("?since=soon", {}),
+            ("?since=2024-01-01T00:00", {}),  # no timezone
+            ("?since=1&history=2", {}),
+            ("?history=-1", {}),
+            ("", {"Last-Event-ID": "x:y"}),
+            (f"?since={2**63}", {}),
+            (f"?last_event_id={2**63}:1", {}),
+        ]:
+            response = await http.get("/public/x" + query, headers=headers)
+            assert response.status_code == 422, query
+            assert response.json()["detail"]
+        head = await http.head("/public/x")
+        assert (head.status_code, head.content) == (200, b"")
+        # Publishing is off unless asked for.
+        assert (await http.post("/public/x", content=b"x")).status_code == 405
+
+
+async def test_sse_keepalive_pings_idle_streams(broadcast: Broadcast, base: str) -> None:
+    async with (
+        httpx.AsyncClient(timeout=10) as http,
+        http.stream("GET", f"{base}/idle") as response,
+    ):
+        lines = response.aiter_lines()
+        assert [await anext(lines) for _ in range(4)] == ["retry: 1000", "", ": ping", ""]
+
+
+# -- publishing over HTTP ----------------------------------------------------------------
+
+
+async def test_post_publishes_by_content_type(broadcast: Broadcast, base: str) -> None:
+    async with httpx.AsyncClient(base_url=base) as http:
+        answers = [
+            await http.post("/p", content="héllo", headers={"content-type": "text/plain"}),
+            await http.post("/p", json={"a": [1]}),
+            await http.post("/p", content=b"\x00\xff"),
+            await http.post(
+                "/p",
+                content="é".encode("latin-1"),
+                headers={"content-type": "text/x; charset=latin-1"},
+            ),
+        ]
+        assert [a.status_code for a in answers] == [201] * 4
+        body = answers[0].json()
+        assert set(body) == {"id", "channel", "offset", "epoch", "timestamp"}
+        assert (body["id"], body["channel"]) == (f"{body['epoch']}:1", "p")
+        stored = [e.message for e in await broadcast.log.read("p", after=0)]
+        assert stored == ["héllo", '{"a":[1]}', b"\x00\xff", "é"]
+
+        keyed = [
+            await http.post("/p", content=b"once", headers={"Idempotency-Key": "order-17"})
+            for _ in range(2)
+        ]
+        assert keyed[0].json() == keyed[1].json()
+        assert keyed[0].json()["offset"] == 5
+
+        too_big = b"x" * (broadcast.max_message_size + 1)
+        assert (await http.post("/p", content=too_big)).status_code == 413
+        for path, content, headers in [
+            ("/a%01b", b"x", {}),
+            ("/" + "x" * 256, b"x", {}),
+            ("/p", b"x", {"Idempotency-Key": "k" * 256}),
+            ("/p", b"\xff", {"content-type": "text/plain"}),
+            ("/p", b"x", {"content-type": "text/plain; charset=nonesuch"}),
+        ]:
+            response = await http.post(path, content=content, headers=headers)
+            assert response.status_code == 400, (path, headers)
+        assert (await broadcast.log.channel("p")).last_offset == 5  # type: ignore[union-attr]
+
+
+async def test_publish_is_authorized_per_message(broadcast: Broadcast) -> None:
+    calls: list[tuple[str, str, str]] = []
+
+    def read_only(connection: Any, channel: str, action: str) -> bool:  # a plain function
+        calls.append((type(connection).__name__, channel, action))
+        return action == "subscribe"
+
+    app = create_stream_app(broadcast, authorize=read_only, publish=True)
+    async with serving(app) as base, httpx.AsyncClient(base_url=base) as http:
+        assert (await http.post("/c", content=b"x")).status_code == 403
+        ws_url = base.replace("http", "ws") + "/c/ws"
+        async with ws_connect(ws_url) as ws:
+            await ws.send(json.dumps({"type": "publish", "data": "x"}))
+            assert json.loads(await ws.recv()) == {
+                "type": "error",
+                "detail": "not allowed to publish on this channel",
+            }
+    assert calls == [
+        ("Request", "c", "publish"),
+        ("WebSocket", "c", "subscribe"),
+        ("WebSocket", "c", "publish"),
+    ]
+    assert await broadcast.log.channel("c") is None
+
+
+async def test_authorize_is_required_and_checked(broadcast: Broadcast) -> None:
+    with pytest.raises(TypeError):
+        create_stream_app(broadcast)  # type: ignore[call-arg]
+    with pytest.raises(InvalidArgument, match="allow_all"):
+        create_stream_app(broadcast, authorize=None)  # type: ignore[arg-type]
+    for keepalive in (0, -1, True, "15"):
+        with pytest.raises(InvalidArgument, match="keepalive"):
+            create_stream_app(broadcast, authorize=allow_all, keepalive=keepalive)  # type: ignore[arg-type]
+    assert broadcast_history.web.__all__ == [
+        "Action",
+        "Authorize",
+        "Feed",
+        "Position",
+        "Reset",
+        "allow_all",
+        "create_stream_app",
+    ]
+
+
+# -- WebSocket ---------------------------------------------------------------------------
+
+
+async def ws_frames(url: str, count: int) -> list[dict[str, Any]]:
+    frames: list[dict[str, Any]] = []
+    async with ws_connect(url) as ws:
+        while len(frames) < count:
+            frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            if frame["type"] != "ping":
+                frames.append(frame)
+    return frames
+
+
+async def test_ws_frames_and_every_start_position(broadcast: Broadcast, base: str) -> None:
+    events = await seed(broadcast)
+    e = events[0].epoch
+    url = base.replace("http", "ws") + "/c/ws"
+    frames = await ws_frames(url + f"?last_event_id={e}:1", 3)
+    assert frames[0] == {
+        "type": "message",
+        "id": f"{e}:2",
+        "channel": "c",
+        "offset": 2,
+        "epoch": e,
+        "timestamp": events[1].timestamp.isoformat(),  # type: ignore[union-attr]
+        "data": "two\nlines\r\nthree",  # exact: JSON carries any text
+        "encoding": "text",
+    }
+    assert (frames[1]["data"], frames[1]["encoding"]) == ("AGJpbg==", "base64")
+    stamp = quote(events[2].timestamp.isoformat())  # type: ignore[union-attr]
+    for query in ("?last_event_id=2", "?since=2", f"?since={stamp}", "?history=2"):
+        assert [f["id"] for f in await ws_frames(url + query, 2)] == [f"{e}:3", f"{e}:4"], query
+
+    async with ws_connect(url) as ws:  # live only: subscribed before the handshake ends
+        await broadcast.publish("c", "five")
+        frame = json.loads(await ws.recv())
+        assert (frame["type"], frame["offset"], frame["data"]) == ("message", 5, "five")
+
+
+async def test_ws_resets_then_live(broadcast: Broadcast, base: str) -> None:
+    for _ in range(3):
+        last = await broadcast.publish("t", "x")
+    await broadcast.log.trim("t", before=3)
+    e = last.epoch
+    url = base.replace("http", "ws") + "/t/ws"
+    head = 3
+    for query, reason in [
+        (f"?last_event_id={e + 1}:1", "StreamReset"),
+        ("?since=0", "HistoryTruncated"),
+        ("?since=99", "OffsetOutOfRange"),
+    ]:
+        async with ws_connect(url + query) as ws:
+            reset = json.loads(await ws.recv())
+            assert reset == {
+                "type": "reset",
+                "id": f"{e}:{head}",
+                "channel": "t",
+                "reason": reason,
+                "epoch": e,
+                "head": head,
+                "detail": reset["detail"],
+            }
+            await broadcast.publish("t", "next")
+            head += 1
+            frame = json.loads(await ws.recv())
+            assert (frame["type"], frame["id"]) == ("message", f"{e}:{head}")
+
+
+async def test_ws_publish_ack_errors_and_pings(broadcast: Broadcast, base: str) -> None:
+    url = base.replace("http", "ws") + "/w/ws"
+    async with ws_connect(url) as ws:
+
+        async def answer(frame: Any) -> dict[str, Any]:
+            await ws.send(frame if isinstance(frame, str) else json.dumps(frame))
+            while True:  # our own publishes come back as messages too
+                got: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                if got["type"] in ("ack", "error"):
+                    return got
+
+        ack = await answer({"type": "publish", "data": "hi", "key": "k1"})
+        assert (ack["type"], ack["offset"], ack["id"]) == ("ack", 1, f"{ack['epoch']}:1")
+        assert (await answer({"type": "publish", "data": "hi", "key": "k1"}))["offset"] == 1
+        ack = await answer({"type": "publish", "data": "AAE=", "encoding": "base64"})
+        assert ack["offset"] == 2
+        for bad in [
+            "not json",
+            {"type": "subscribe"},
+            {"type": "publish", "data": 5},
+            {"type": "publish", "data": "%%", "encoding": "base64"},
+            {"type": "publish", "data": "x", "encoding": "utf-16"},
+            {"type": "publish", "data": "x", "key": ""},
+            {"type": "publish", "data": "x" * (broadcast.max_message_size + 1)},
+        ]:
+            error = await answer(bad)
+            assert error["type"] == "error" and error["detail"], bad
+        await ws.send(b"\x00binary frame")
+        while (frame := json.loads(await ws.recv()))["type"] == "message":
+            pass
+        assert frame == {"type": "error", "detail": "send JSON text frames"}
+        pings = 0
+        while pings < 2:  # idle: a ping every keepalive (0.3 s)
+            pings += json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "ping"
+    assert [e.message for e in await broadcast.log.read("w", after=0)] == ["hi", b"\x00\x01"]
+
+
+async def test_ws_refusals_close_with_codes(broadcast: Broadcast) -> None:
+    async def only_public(connection: Any, channel: str, action: str) -> bool:
+        return channel.startswith("public/")
+
+    app = create_stream_app(broadcast, authorize=only_public)
+    async with serving(app) as base:
+        url = base.replace("http", "ws")
+        for path, code in [
+            ("/private/x/ws", 1008),
+            ("/public/x/ws?since=soon", 4400),
+            ("/public/x/ws?since=1&history=1", 4400),
+            ("/a%01b/ws", 4400),
+        ]:
+            async with ws_connect(url + path) as ws:
+                error = json.loads(await ws.recv())
+                with pytest.raises(ConnectionClosed) as closed:
+                    await ws.recv()
+            assert error["type"] == "error"
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == code, path
+        async with ws_connect(url + "/public/x/ws") as ws:
+            await ws.send(json.dumps({"type": "publish", "data": "x"}))
+            assert "not enabled" in json.loads(await ws.recv())["detail"]
+
+
+# -- lifetimes ---------------------------------------------------------------------------
+
+
+def live_subscriptions(broadcast: Broadcast) -> int:
+    return sum(len(group) for group in broadcast._subscribers.values())
+
+
+async def wait_for_subscriptions(broadcast: Broadcast, count: int) -> None:
+    for _ in range(200):
+        if live_subscriptions(broadcast) == count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{live_subscriptions(broadcast)} subscriptions, expected {count}")
+
+
+async def test_a_disconnect_ends_the_subscription_at_once(broadcast: Broadcast, base: str) -> None:
+    async with httpx.AsyncClient(timeout=10) as http:
+        for _ in range(3):
+            async with http.stream("GET", f"{base}/c") as response:
+                await anext(response.aiter_lines())
+                assert live_subscriptions(broadcast) == 1
+            await wait_for_subscriptions(broadcast, 0)  # within 2 s, keepalive or not
+    async with ws_connect(base.replace("http", "ws") + "/c/ws"):
+        assert live_subscriptions(broadcast) == 1
+    await wait_for_subscriptions(broadcast, 0)
+
+
+async def test_close_streams_ends_every_stream(broadcast: Broadcast) -> None:
+    app = create_stream_app(broadcast, authorize=allow_all)
+    async with serving(app) as base, httpx.AsyncClient(timeout=10) as http:
+        async with (
+            http.stream("GET", f"{base}/c") as response,
+            ws_connect(base.replace("http", "ws") + "/c/ws") as ws,
+        ):
+            lines = response.aiter_lines()
+            assert await anext(lines) == "retry: 1000"
+            await wait_for_subscriptions(broadcast, 2)
+            app.state.close_streams()
+            assert [line async for line in lines] == [""]  # the body ends
+            with pytest.raises(ConnectionClosed) as closed:
+                await ws.recv()
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+    await wait_for_subscriptions(broadcast, 0)

@@ -1,0 +1,153 @@
+"""client.js in a real browser: reloads and server restarts lose nothing, resets are said.
+
+Headless Chromium (see ``browser_support``) loads the test page of
+``tests/support/web_server.py``, which streams a channel with ``/events/client.js``
+and keeps what it has shown. For SSE and WebSocket: 5 events, the server killed, 5
+more published by another process into the shared log, the server started again,
+the page reloaded: the 10 are shown once each, in order. The same again without the
+reload (the page reconnects by itself). Then the channel is deleted and the page's
+``onReset`` fires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from broadcast_history import Broadcast
+from tests.support.browser_support import WAIT_MS, chromium, require_chromium
+from tests.support.demo_support import free_port
+
+sync_api = require_chromium()
+ROOT = Path(__file__).parents[1]
+
+
+class Server:
+    """``tests/support/web_server.py`` on a fixed port: killed and started again."""
+
+    def __init__(self, log: str) -> None:
+        self.log = log
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        command = [sys.executable, "-m", "tests.support.web_server"]
+        command += ["--port", str(self.port), "--log", self.log]
+        self.process = subprocess.Popen(command, cwd=ROOT)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                httpx.get(f"{self.base}/stats")
+                return
+            except httpx.TransportError:
+                assert self.process.poll() is None and time.monotonic() < deadline
+                time.sleep(0.05)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    log = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('browser') / 'web.db'}"
+    server = Server(log)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with chromium(sync_api) as browser:
+        yield browser
+
+
+def in_thread(coroutine: Any) -> Any:
+    """Run ``coroutine`` in a thread: Playwright's sync API keeps a loop in this one."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
+
+
+async def publish_elsewhere(log: str, channel: str, messages: list[str]) -> None:
+    """Publish as another process sharing the log would (the server is down)."""
+    async with Broadcast("memory://", log=log) as broadcast:
+        for message in messages:
+            await broadcast.publish(channel, message)
+
+
+async def delete_and_publish(log: str, channel: str, message: str) -> None:
+    async with Broadcast("memory://", log=log) as broadcast:
+        await broadcast.log.delete_channel(channel)
+        await broadcast.publish(channel, message)
+
+
+def wait_shown(page: Any, count: int) -> list[str]:
+    page.wait_for_function(f"() => window.shown && window.shown.length >= {count}", timeout=WAIT_MS)
+    shown: list[str] = page.evaluate("() => window.shown")
+    return shown
+
+
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+def test_reload_and_restart_lose_nothing_and_resets_are_said(
+    server: Server, browser: Any, transport: str
+) -> None:
+    channel = f"page-{transport}-{uuid.uuid4().hex[:6]}"
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(f"{server.base}/?channel={channel}&transport={transport}")
+        page.wait_for_function("() => window.statuses.includes('open')", timeout=WAIT_MS)
+        for i in range(1, 6):
+            response = httpx.post(
+                f"{server.base}/events/{channel}",
+                content=f"m{i}",
+                headers={"content-type": "text/plain"},
+            )
+            assert response.status_code == 201
+        assert wait_shown(page, 5) == [f"m{i}" for i in range(1, 6)]
+
+        server.kill()
+        in_thread(publish_elsewhere(server.log, channel, [f"m{i}" for i in range(6, 11)]))
+        server.start()
+        page.reload()
+        shown = wait_shown(page, 10)
+        page.wait_for_timeout(300)  # anything repeated would show up by now
+        assert page.evaluate("() => window.shown") == shown == [f"m{i}" for i in range(1, 11)]
+        assert page.locator("#shown li").count() == 10
+
+        # Without a reload, the page reconnects by itself (EventSource's retry, or
+        # client.js's backoff for the WebSocket) and resumes after the 10th.
+        server.kill()
+        in_thread(publish_elsewhere(server.log, channel, ["m11", "m12"]))
+        server.start()
+        assert wait_shown(page, 12)[10:] == ["m11", "m12"]
+        # Bytes arrive as bytes (base64 on the wire, a Uint8Array in the handler).
+        httpx.post(f"{server.base}/events/{channel}", content=b"\x01\xff")
+        assert wait_shown(page, 13)[12] == "bytes:1,255"
+
+        in_thread(delete_and_publish(server.log, channel, "new incarnation"))
+        page.wait_for_function("() => window.resets.length === 1", timeout=WAIT_MS)
+        reset = page.evaluate("() => window.resets[0]")
+        assert reset["reason"] == "StreamReset"
+        # The position it goes on from (a bare "0" if the reset came before the publish).
+        expected = "0" if reset["epoch"] is None else f"{reset['epoch']}:{reset['head']}"
+        assert reset["id"] == expected
+    finally:
+        context.close()

@@ -6,7 +6,8 @@ An append is one InnoDB transaction (READ COMMITTED, see ``_engine``):
 2. ``INSERT ... ON DUPLICATE KEY UPDATE`` of the batch's channel rows, in name order:
    it creates missing channels and bumps the existing counters by the number of
    events each channel gets, holding each row's exclusive lock from then on;
-3. the counters read back (the rows are ours until the commit);
+3. the new counters: returned by the upsert on MariaDB (``RETURNING``), read back on
+   MySQL 8 (the rows are ours until the commit);
 4. the events inserted at the offsets below the new counters; COMMIT.
 
 A concurrent writer of the same channel waits on the row lock at step 2 and then

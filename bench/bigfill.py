@@ -2,10 +2,11 @@
 
 Publishing 10M events one by one would take longer than the benchmark itself, so the
 replay scenarios get their logs from here: the schema is created by ``EventLog``
-(Alembic), then rows go in with ``executemany`` (SQLite) or ``COPY`` (Postgres) in
-big transactions, and the channel row is set to match. Built logs are kept (SQLite
-files under ``build/bench/cache``, Postgres channels ``big-<N>`` in the database
-``bench_history_big``) and reused by later runs.
+(Alembic), then rows go in with ``executemany`` (SQLite, MySQL) or ``COPY``
+(Postgres) in big transactions, and the channel row is set to match. Built logs are
+kept (SQLite files under ``build/bench/cache``, channels ``big-<N>`` in the databases
+``bench_history_big`` on Postgres and ``<test database>_bench_big`` on MySQL) and
+reused by later runs.
 """
 
 from __future__ import annotations
@@ -15,7 +16,15 @@ import time
 
 from broadcast_history import EventLog
 
-from .configs import OUT, POSTGRES_BIG_DB, postgres_log_url, postgres_url
+from .configs import (
+    MYSQL_BIG_DB,
+    OUT,
+    POSTGRES_BIG_DB,
+    mysql_connect,
+    mysql_log_url,
+    postgres_log_url,
+    postgres_url,
+)
 
 PAYLOAD = b'{"user": "bench", "text": "' + b"x" * 40 + b'"}'  # 70 bytes
 EPOCH = 4242
@@ -128,7 +137,55 @@ async def ensure_postgres(size: int) -> tuple[str, float]:
         await conn.close()
 
 
+async def ensure_mysql(size: int) -> tuple[str, float]:
+    """URL of the MySQL benchmark log with channel ``big-<size>``; build seconds."""
+    url = mysql_log_url(MYSQL_BIG_DB)
+    log = EventLog(url)
+    await log.connect()
+    await log.disconnect()
+    channel = channel_name(size).encode()  # names are VARBINARY on MySQL
+    conn = await mysql_connect(MYSQL_BIG_DB)
+    try:
+        async with conn.cursor() as cursor:
+            await cursor.execute(
+                "SELECT last_offset FROM broadcast_channels WHERE name = %s", (channel,)
+            )
+            found = await cursor.fetchone()
+            if found is not None and found[0] == size:
+                return url, 0.0
+            began = time.perf_counter()
+            await cursor.execute("DELETE FROM broadcast_events WHERE channel = %s", (channel,))
+            await cursor.execute("DELETE FROM broadcast_channels WHERE name = %s", (channel,))
+            await conn.commit()
+            for start in range(1, size + 1, CHUNK // 20):
+                rows = [
+                    (channel, offset, EPOCH, BASE_MICROS + offset, 1, PAYLOAD)
+                    for offset in range(start, min(start + CHUNK // 20, size + 1))
+                ]
+                await cursor.executemany(
+                    "INSERT INTO broadcast_events "
+                    "(channel, `offset`, epoch, `timestamp`, is_text, payload) "
+                    "VALUES (%s, %s, %s, %s, %s, %s)",
+                    rows,
+                )
+                await conn.commit()
+            await cursor.execute(
+                "INSERT INTO broadcast_channels "
+                "(name, epoch, last_offset, last_timestamp, first_offset) "
+                "VALUES (%s, %s, %s, %s, 1)",
+                (channel, EPOCH, size, BASE_MICROS + size),
+            )
+            await cursor.execute("ANALYZE TABLE broadcast_events")
+            await cursor.fetchall()
+            await conn.commit()
+        return url, time.perf_counter() - began
+    finally:
+        conn.close()
+
+
 async def ensure(log: str, size: int) -> tuple[str, float]:
     if log == "sqlite":
         return await ensure_sqlite(size)
+    if log == "mysql":
+        return await ensure_mysql(size)
     return await ensure_postgres(size)

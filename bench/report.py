@@ -43,6 +43,7 @@ def machine() -> dict[str, Any]:
         "sqlalchemy",
         "aiosqlite",
         "asyncpg",
+        "asyncmy",
         "redis",
         "aiokafka",
         "nats-py",

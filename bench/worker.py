@@ -2,8 +2,8 @@
 
 ``python -m bench.worker '<json job>'`` prints one JSON line: the figures of each run,
 or the error that stopped them. Each run gets a fresh broadcast (for ours a fresh
-SQLite file or an emptied Postgres database, for JetStream a fresh stream), so runs do
-not inherit each other's log.
+SQLite file or an emptied Postgres or MySQL database, for JetStream a fresh stream), so
+runs do not inherit each other's log.
 """
 
 from __future__ import annotations
@@ -16,7 +16,15 @@ import uuid
 from typing import Any
 
 from . import bigfill
-from .configs import BY_NAME, OUT, Config, postgres_log_url, postgres_url
+from .configs import (
+    BY_NAME,
+    OUT,
+    Config,
+    mysql_connect,
+    mysql_log_url,
+    postgres_log_url,
+    postgres_url,
+)
 from .jetstream import JetStreamBroadcast
 from .scenarios import SCENARIOS
 
@@ -36,6 +44,21 @@ async def _empty_postgres() -> None:
         await conn.execute("TRUNCATE broadcast_events, broadcast_channels")
     finally:
         await conn.close()
+
+
+async def _empty_mysql() -> None:
+    from broadcast_history import EventLog
+
+    log = EventLog(mysql_log_url())
+    await log.connect()
+    await log.disconnect()
+    conn = await mysql_connect(mysql_log_url().rsplit("/", 1)[1])
+    try:
+        async with conn.cursor() as cursor:
+            for table in ("broadcast_events", "broadcast_channels"):
+                await cursor.execute(f"TRUNCATE TABLE {table}")
+    finally:
+        conn.close()
 
 
 async def _make(job: dict[str, Any], config: Config | None) -> tuple[Any, list[str]]:
@@ -60,6 +83,9 @@ async def _make(job: dict[str, Any], config: Config | None) -> tuple[Any, list[s
         path = str(OUT / "tmp" / f"{uuid.uuid4().hex}.db")
         garbage = [path, path + "-wal", path + "-shm"]
         log = f"sqlite+aiosqlite:///{path}"
+    elif config.log == "mysql":
+        await _empty_mysql()
+        log = mysql_log_url()
     else:
         await _empty_postgres()
         log = postgres_log_url()

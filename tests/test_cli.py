@@ -153,7 +153,7 @@ def test_connection_errors(tmp_path: Path) -> None:
     assert not (tmp_path / "missing.db").exists()
     result = cli("channels", "--log", "postgresql://postgres@127.0.0.1:1/x", code=3)
     assert "cannot open the event log" in result.stderr
-    assert "Unsupported log database" in cli("channels", "--log", "mysql://x/y", code=2).stderr
+    assert "Unsupported log database" in cli("channels", "--log", "oracle://x/y", code=2).stderr
     cli("publish", "c", "x", "--log", missing, "--url", "nosuch://", code=2)
     log = f"sqlite+aiosqlite:///{tmp_path / 'ok.db'}"
     cli("publish", "c", "x", "--log", log)

@@ -306,9 +306,12 @@ async def test_retention_by_age(broadcast: Broadcast) -> None:
     channel = unique()
     for i in range(3):
         await broadcast.publish(channel, str(i))
-    await asyncio.sleep(0.05)
+    # The old events are older than max_age once the sleep is over; the new one must
+    # stay younger than max_age until retention runs, which takes a few round trips
+    # on a loaded machine: a generous max_age keeps that from being a race.
+    await asyncio.sleep(0.15)
     await broadcast.publish(channel, "new")
-    removed = await broadcast.log.apply_retention(Retention(max_age=timedelta(milliseconds=40)))
+    removed = await broadcast.log.apply_retention(Retention(max_age=timedelta(milliseconds=150)))
     assert removed == 3
     async with broadcast.subscribe(channel, history=10) as sub:
         assert [e.message for e in await take(sub, 1)] == ["new"]

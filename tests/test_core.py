@@ -26,7 +26,7 @@ from broadcast_history import (
     SchemaOutOfDate,
     Unsubscribed,
 )
-from tests.conftest import POSTGRES_URL, require_postgres
+from tests.conftest import MYSQL_URL, POSTGRES_URL, require_mysql, require_postgres
 from tests.support.helpers import assert_contiguous, take
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -165,7 +165,7 @@ async def test_unreachable_log_is_typed() -> None:
         async with Broadcast(log="postgresql+asyncpg://nobody@127.0.0.1:1/none"):
             pass
     with pytest.raises(InvalidArgument, match="Unsupported log"):
-        Broadcast(log="mysql://localhost/db")
+        Broadcast(log="oracle://localhost/db")
 
 
 async def test_failed_append_raises_and_sends_nothing(sqlite_file_url: str) -> None:
@@ -182,7 +182,7 @@ async def test_failed_append_raises_and_sends_nothing(sqlite_file_url: str) -> N
                 await asyncio.wait_for(sub.get(), 0.3)
 
 
-@pytest.mark.parametrize("kind", ["log:sqlite-file", "log:postgres"])
+@pytest.mark.parametrize("kind", ["log:sqlite-file", "log:postgres", "log:mysql"])
 async def test_migrations_match_metadata(kind: str, sqlite_file_url: str) -> None:
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
@@ -193,6 +193,9 @@ async def test_migrations_match_metadata(kind: str, sqlite_file_url: str) -> Non
     if kind == "log:postgres":
         require_postgres()
         url = POSTGRES_URL
+    if kind == "log:mysql":
+        require_mysql()
+        url = MYSQL_URL
     log = EventLog(url)
     await log.connect()  # migrates
     await log.disconnect()

@@ -6,12 +6,12 @@ that needs a service says so in a comment among its first lines::
     # requires: redis, postgres
 
 Such a block runs only where the service is reachable (under ``CI=true`` a missing
-Redis or Postgres fails, as everywhere in this suite). Samples name the usual local
-addresses; the test points them at ``BH_TEST_REDIS`` / ``BH_TEST_POSTGRES`` when those
-are set. Kafka samples run against a broker on 9092 (tansu is started there if none).
-NATS samples (``nats://127.0.0.1:4222``) and Redis Cluster samples
-(``redis-cluster://127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003``) run against the
-session's servers of ``tests/conftest.py``.
+Redis, Postgres or MySQL fails, as everywhere in this suite). Samples name the usual
+local addresses; the test points them at ``BH_TEST_REDIS``, ``BH_TEST_POSTGRES`` and
+``BH_TEST_MYSQL`` when those are set. Kafka samples run against a broker on 9092
+(tansu is started there if none). NATS samples (``nats://127.0.0.1:4222``) and Redis
+Cluster samples (``redis-cluster://127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003``) run
+against the session's servers of ``tests/conftest.py``.
 Blocks in other languages (``bash``, ``text``, ``diff``...) are not run.
 """
 
@@ -30,8 +30,10 @@ from typing import NamedTuple
 import pytest
 
 from tests.conftest import (
+    MYSQL_URL,
     POSTGRES_URL,
     REDIS_URL,
+    require_mysql,
     require_postgres,
     require_redis,
     service_available,
@@ -44,7 +46,7 @@ _FENCE = re.compile(
     re.MULTILINE | re.DOTALL,
 )
 _REQUIRES = re.compile(r"^#\s*requires:\s*(?P<names>.+)$", re.MULTILINE)
-SERVICES = {"redis", "postgres", "kafka", "nats", "redis-cluster"}
+SERVICES = {"redis", "postgres", "kafka", "mysql", "nats", "redis-cluster"}
 # The addresses samples write for services the session starts on free ports.
 SAMPLE_NATS = "nats://127.0.0.1:4222"
 SAMPLE_REDIS_CLUSTER = "redis-cluster://127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003"
@@ -55,6 +57,7 @@ _DEFAULT_URLS = {
     "postgresql+asyncpg://postgres@127.0.0.1:5432/test": POSTGRES_URL.replace(
         "postgresql://", "postgresql+asyncpg://", 1
     ),
+    "mysql+asyncmy://root@127.0.0.1:3306/test": MYSQL_URL,
 }
 
 
@@ -124,6 +127,8 @@ def test_doc_sample_runs(
         require_redis()
     if "postgres" in sample.requires:
         require_postgres()
+    if "mysql" in sample.requires:
+        require_mysql()
     if "kafka" in sample.requires:
         request.getfixturevalue("kafka_on_9092")
     source = localize(sample.source)

@@ -1,4 +1,4 @@
-"""The durable event log (SQLAlchemy Core over SQLite or Postgres).
+"""The durable event log (SQLAlchemy Core over SQLite, Postgres or MySQL/MariaDB).
 
 :class:`EventLog` is the only way into the log's tables: its lifecycle, reads,
 pages, stats, trimming, retention, deletion and import, and durable consumers'

@@ -17,6 +17,11 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 
 from .._errors import InvalidArgument, LogUnavailable
 
+# MySQL errors that refuse values without a SQLSTATE of class 22: a packet over the
+# server's max_allowed_packet (an event too large for it; the server disconnects),
+# a string the column's character set cannot hold.
+_MYSQL_DATA_ERRORS = frozenset({1153, 1366})
+
 _S = TypeVar("_S")
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -98,8 +103,9 @@ def is_data_error(exc: BaseException) -> bool:
     """Whether ``exc`` says the database refused the values (nothing was stored).
 
     Such errors come wrapped several times (SQLAlchemy, the driver's adapter, the
-    driver), so the whole chain is searched: an encoding failure, or SQLSTATE class
-    22 ("data exception") from Postgres.
+    driver), so the whole chain is searched: an encoding failure, SQLSTATE class 22
+    ("data exception") from Postgres or MySQL, or one of MySQL's errors that refuse
+    a value under another SQLSTATE.
     """
     seen: set[int] = set()
     pending: list[BaseException | None] = [exc]
@@ -113,5 +119,14 @@ def is_data_error(exc: BaseException) -> bool:
         state = getattr(current, "sqlstate", None)
         if isinstance(state, str) and state.startswith("22"):
             return True
+        if _is_mysql_data_error(current):
+            return True
         pending += [current.__cause__, getattr(current, "orig", None)]
     return False
+
+
+def _is_mysql_data_error(exc: BaseException) -> bool:
+    args = exc.args
+    return (
+        type(exc).__module__.startswith("asyncmy") and bool(args) and args[0] in _MYSQL_DATA_ERRORS
+    )

@@ -37,7 +37,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.expression import Executable
 
-from .._errors import ConsumerBusy
+from .._errors import ConsumerBusy, InvalidArgument
 from .._event import from_micros
 from .._validation import check_served
 from ._info import ConsumerInfo, LeaseAttempt
@@ -160,6 +160,10 @@ _BUILT: dict[str, _Statements] = {}
 def _statements(conn: AsyncConnection) -> tuple[_Statements, dict[str, Any]]:
     """The statements of ``conn``'s database, and the parameters they all take."""
     name = conn.dialect.name
+    if name not in ("postgresql", "sqlite"):
+        raise InvalidArgument(
+            f"durable consumers need a SQLite or Postgres log; not available on {name} yet"
+        )
     built = _BUILT.get(name)
     if built is None:
         built = _BUILT[name] = _Statements(name == "postgresql")

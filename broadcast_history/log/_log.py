@@ -35,7 +35,8 @@ class EventLog(ConsumerMethods):
 
     Args:
         url: SQLAlchemy URL (``sqlite+aiosqlite:///events.db``,
-            ``postgresql+asyncpg://host/db``). ``None``: a private in-memory SQLite.
+            ``postgresql+asyncpg://host/db``, ``mysql+asyncmy://user@host/db``).
+            ``None``: a private in-memory SQLite.
         migrate: Create or upgrade the schema on connect (``True``), only verify it is
             current (``False``, raising :class:`SchemaOutOfDate` otherwise).
         sqlite_synchronous: SQLite ``PRAGMA synchronous`` for file databases. ``NORMAL``
@@ -307,6 +308,10 @@ def _store_for(url: URL, synchronous: str) -> Store:
         from ._sqlite import SqliteStore
 
         return SqliteStore(url, memory=is_memory_sqlite(url), synchronous=synchronous)
+    if url.get_backend_name() == "mysql":
+        from ._mysql import MySQLStore
+
+        return MySQLStore(url)
     from ._postgres import PostgresStore
 
     return PostgresStore(url)

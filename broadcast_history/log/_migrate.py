@@ -20,6 +20,9 @@ from ._schema import VERSION_TABLE
 _PACKAGE = Path(__file__).resolve().parent.parent
 # Any constant works: it only has to be the same for every process migrating this log.
 _PG_LOCK_ID = 0x6268_6C6F_67
+# MySQL's named locks are server-wide: one name per database (at most 64 characters).
+_MYSQL_LOCK = "CONCAT('broadcast_history:', MD5(DATABASE()))"
+_MYSQL_LOCK_WAIT = 300
 
 
 def migrations_dir() -> Path:
@@ -50,9 +53,30 @@ def _current(connection: Connection) -> str | None:
 
 
 def _upgrade(connection: Connection) -> None:
+    # Several hosts starting at once must not create the tables twice.
     if connection.dialect.name == "postgresql":
-        # Several hosts starting at once must not create the tables twice.
         connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _PG_LOCK_ID})
+    elif connection.dialect.name == "mysql":
+        # MySQL's DDL commits as it goes, so the lock is the session's, not the
+        # transaction's: released explicitly.
+        locked = connection.execute(
+            text(f"SELECT GET_LOCK({_MYSQL_LOCK}, :wait)"), {"wait": _MYSQL_LOCK_WAIT}
+        ).scalar()
+        if locked != 1:
+            raise LogUnavailable("another process has been migrating the event log for too long")
+        # Notes such as "name ignored for PRIMARY key" (MySQL names every primary key
+        # PRIMARY) would each cost a SHOW WARNINGS and be logged by the driver.
+        connection.execute(text("SET SESSION sql_notes = 0"))
+        try:
+            _upgrade_unlocked(connection)
+        finally:
+            connection.execute(text("SET SESSION sql_notes = 1"))
+            connection.execute(text(f"SELECT RELEASE_LOCK({_MYSQL_LOCK})"))
+        return
+    _upgrade_unlocked(connection)
+
+
+def _upgrade_unlocked(connection: Connection) -> None:
     if _current(connection) == head_revision():
         return
     command.upgrade(alembic_config(connection), "head")

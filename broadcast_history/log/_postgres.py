@@ -22,7 +22,8 @@ from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .._errors import BroadcastError, LogUnavailable
-from .._event import Event, from_micros, stored_event
+from .._event import Event
+from ._batch import assemble, plan
 from ._calls import Conflict, append_error, is_data_error
 from ._engine import create_engine
 from ._info import Pending
@@ -171,64 +172,24 @@ async def append(engine: AsyncEngine, items: Sequence[Pending]) -> list[Event]:
 
 async def _append(conn: asyncpg.Connection, items: Sequence[Pending]) -> list[Event]:
     seen = await _find_keys(conn, items)
-    fresh: list[int] = []  # indexes of the items to store
-    claimed: dict[tuple[str, str], int] = {}  # key -> index of the item storing it
-    duplicate_of: dict[int, int] = {}
-    for index, (channel, _, key) in enumerate(items):
-        if key is not None:
-            if (channel, key) in seen:
-                continue
-            first = claimed.setdefault((channel, key), index)
-            if first != index:
-                duplicate_of[index] = first
-                continue
-        fresh.append(index)
-
-    counts: dict[str, int] = {}
-    for index in fresh:
-        channel = items[index].channel
-        counts[channel] = counts.get(channel, 0) + 1
-    later: list[int] = []
-    remaining = dict(counts)
-    for index in fresh:
-        channel = items[index].channel
-        remaining[channel] -= 1
-        later.append(remaining[channel])
-
+    batch = plan(items, seen)
     heads: dict[str, tuple[int, int, int]] = {}
-    if fresh:
-        names = sorted(counts)
+    if batch.fresh:
+        names = sorted(batch.counts)
+        fresh = batch.fresh
         rows: list[Any] = await conn.fetch(
             _APPEND,
             names,
-            [counts[name] for name in names],
+            [batch.counts[name] for name in names],
             [new_epoch() for _ in names],
             [items[i].channel for i in fresh],
-            later,
+            batch.later,
             [isinstance(items[i].message, str) for i in fresh],
             [_payload(items[i].message) for i in fresh],
             [items[i].key for i in fresh],
         )
         heads = {name: (epoch, last, micros) for name, epoch, last, micros in rows}
-
-    stored: dict[int, Event] = {}
-    stamps = {name: from_micros(head[2]) for name, head in heads.items()}
-    for index, behind in zip(fresh, later, strict=True):
-        channel, message, key = items[index]
-        epoch, last, _ = heads[channel]
-        stored[index] = stored_event(channel, message, last - behind, stamps[channel], epoch, key)
-    results: list[Event] = []
-    for index, item in enumerate(items):
-        event = stored.get(index)
-        if event is None:
-            earlier = duplicate_of.get(index)
-            if earlier is not None:
-                event = stored[earlier]
-            else:
-                assert item.key is not None
-                event = seen[(item.channel, item.key)]
-        results.append(event)
-    return results
+    return assemble(items, batch, heads, seen)
 
 
 def _payload(message: str | bytes) -> bytes:

@@ -2,20 +2,54 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import (
+    VARBINARY,
     BigInteger,
     Boolean,
     Column,
+    Dialect,
     Index,
     LargeBinary,
     MetaData,
     PrimaryKeyConstraint,
     String,
     Table,
+    TypeDecorator,
 )
+from sqlalchemy.dialects.mysql import LONGBLOB
 
 #: Alembic's version table for this library, apart from the host application's.
 VERSION_TABLE = "broadcast_history_version"
+
+_MYSQL = ("mysql", "mariadb")
+
+
+class _Utf8Bytes(TypeDecorator[str]):
+    """Text kept as its UTF-8 bytes (MySQL's VARBINARY), compared byte for byte.
+
+    MySQL's text collations fold case or pad with spaces (``'a' = 'a '`` holds even
+    under ``utf8mb4_bin``), which would merge distinct channel names and keys.
+    """
+
+    impl = VARBINARY
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        return value.encode() if isinstance(value, str) else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
+        return value.decode() if isinstance(value, (bytes, bytearray)) else value
+
+
+def _name() -> String:
+    """VARCHAR(255); on MySQL the 1020 bytes that 255 characters of UTF-8 can take."""
+    return String(255).with_variant(_Utf8Bytes(1020), *_MYSQL)
+
+
+#: Payloads up to the largest message size (MySQL's BLOB stops at 64 KiB).
+_PAYLOAD = LargeBinary().with_variant(LONGBLOB(), *_MYSQL)
 
 metadata = MetaData()
 
@@ -23,7 +57,7 @@ metadata = MetaData()
 channels = Table(
     "broadcast_channels",
     metadata,
-    Column("name", String(255), primary_key=True),
+    Column("name", _name(), primary_key=True),
     # Random per incarnation: a channel deleted and used again gets a new one.
     Column("epoch", BigInteger, nullable=False),
     Column("last_offset", BigInteger, nullable=False),
@@ -39,16 +73,16 @@ channels = Table(
 events = Table(
     "broadcast_events",
     metadata,
-    Column("channel", String(255), nullable=False),
+    Column("channel", _name(), nullable=False),
     Column("offset", BigInteger, nullable=False),
     # The channel's epoch when stored: a replayed page proves it was not reset.
     Column("epoch", BigInteger, nullable=False),
     Column("timestamp", BigInteger, nullable=False),
     # The payload is bytes; is_text says it was a str (stored as UTF-8).
     Column("is_text", Boolean, nullable=False),
-    Column("payload", LargeBinary, nullable=False),
+    Column("payload", _PAYLOAD, nullable=False),
     # The idempotency key of the publish, unique per channel.
-    Column("key", String(255), nullable=True),
+    Column("key", _name(), nullable=True),
     PrimaryKeyConstraint("channel", "offset", name="pk_broadcast_events"),
     # With the offset last, "first event at or after a time" is one index seek.
     Index("ix_broadcast_events_time", "channel", "timestamp", "offset"),
@@ -67,8 +101,8 @@ log_identity = Table(
 consumers = Table(
     "broadcast_consumers",
     metadata,
-    Column("channel", String(255), nullable=False),
-    Column("name", String(255), nullable=False),
+    Column("channel", _name(), nullable=False),
+    Column("name", _name(), nullable=False),
     # The position and the channel's epoch it belongs to (a reset channel invalidates
     # it), and when it was stored: all NULL until the first commit, since a holder's
     # lease needs the row before there is a position to keep.

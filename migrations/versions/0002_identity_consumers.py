@@ -25,6 +25,11 @@ branch_labels = None
 depends_on = None
 
 
+def _name() -> sa.types.TypeEngine[str]:
+    # Bytes on MySQL and MariaDB, as the names of 0001.
+    return sa.String(255).with_variant(sa.VARBINARY(1020), "mysql", "mariadb")
+
+
 def upgrade() -> None:
     log = op.create_table(
         "broadcast_log",
@@ -34,8 +39,8 @@ def upgrade() -> None:
     op.bulk_insert(log, [{"id": secrets.token_hex(8), "created_at": time.time_ns() // 1000}])
     op.create_table(
         "broadcast_consumers",
-        sa.Column("channel", sa.String(255), nullable=False),
-        sa.Column("name", sa.String(255), nullable=False),
+        sa.Column("channel", _name(), nullable=False),
+        sa.Column("name", _name(), nullable=False),
         sa.Column("epoch", sa.BigInteger, nullable=False),
         sa.Column("position", sa.BigInteger, nullable=False),
         sa.Column("updated_at", sa.BigInteger, nullable=False),

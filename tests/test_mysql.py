@@ -1,0 +1,250 @@
+"""MySQL/MariaDB log specifics: names byte for byte, events the server refuses, the
+migration lock, several processes appending at once, connections killed mid-publish.
+
+The contract suite runs on this log too (``log:mysql`` in ``LOGS``); these tests use
+databases of their own (see ``tests/support/mysql_support.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import textwrap
+
+import pytest
+
+from broadcast_history import Broadcast, Event, EventLog, InvalidArgument, LogUnavailable
+from broadcast_history.backends.memory import MemoryBackend
+from broadcast_history.log import head_revision, schema_revision
+from tests.conftest import unique
+from tests.support.helpers import assert_contiguous, take
+from tests.support.mysql_support import ensure_database, kill_connections
+
+pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
+
+
+@pytest.fixture
+async def mysql_url() -> str:
+    """A database of these tests only (never emptied by the shared fixtures)."""
+    return await ensure_database("mysql")
+
+
+def test_urls_select_asyncmy() -> None:
+    pytest.importorskip("asyncmy")
+    for scheme in ("mysql", "mysql+asyncmy", "mariadb", "mariadb+asyncmy"):
+        log = EventLog(f"{scheme}://user@db.example/app")
+        assert log.url.drivername == "mysql+asyncmy"
+        assert log.url.query["charset"] == "utf8mb4"
+
+
+async def test_names_and_keys_compare_byte_for_byte(mysql_url: str) -> None:
+    """MySQL's text collations would fold case and ignore trailing spaces."""
+    base = unique()
+    names = [base, base + " ", base.upper(), base + "\u00e9", base + "e\u0301"]
+    async with Broadcast(backend=MemoryBackend(), log=mysql_url) as broadcast:
+        for name in names:
+            assert (await broadcast.publish(name, name)).offset == 1
+        first = await broadcast.publish(base, "k", key="key")
+        second = await broadcast.publish(base, "K", key="KEY")
+        third = await broadcast.publish(base, "k ", key="key ")
+        assert [first.offset, second.offset, third.offset] == [2, 3, 4]
+        assert await broadcast.publish(base, "again", key="KEY") == second
+        listed = [info.name for info in await broadcast.log.channels(prefix=base)]
+        # Prefixes match byte for byte too: the upper-case name is not listed.
+        assert sorted(listed) == sorted(name for name in names if name.startswith(base))
+        assert [info.name for info in await broadcast.log.channels(prefix=base + " ")] == [
+            base + " "
+        ]
+        for name in names:
+            [event] = await broadcast.log.read(name, after=0, limit=1)
+            assert event.message == name
+
+
+async def test_event_too_large_for_the_server_fails_alone(mysql_url: str) -> None:
+    """An event over the server's max_allowed_packet is refused on its data; the
+    publishes committed in the same batch are stored without it."""
+    channel = unique()
+    async with Broadcast(backend=MemoryBackend(), log=mysql_url) as broadcast:
+        async with broadcast.log._store.begin() as conn:
+            found = await conn.exec_driver_sql("SELECT @@max_allowed_packet")
+            huge = b"x" * (int(found.scalar()) + 1024 * 1024)
+    async with Broadcast(
+        backend=MemoryBackend(), log=mysql_url, max_message_size=len(huge)
+    ) as broadcast:
+        results = await asyncio.gather(
+            broadcast.publish(channel, "before"),
+            broadcast.publish(channel, huge),
+            broadcast.publish(channel, "after"),
+            return_exceptions=True,
+        )
+        assert isinstance(results[1], InvalidArgument)
+        stored = await broadcast.log.read(channel, after=0)
+    assert [event.message for event in stored] == ["before", "after"]
+    assert_contiguous(stored, 1, 2)
+
+
+async def test_hosts_migrating_at_once_create_one_schema() -> None:
+    url = await ensure_database("migrate", empty=True)
+    assert await schema_revision(url) is None
+    logs = [EventLog(url) for _ in range(4)]
+    await asyncio.gather(*(log.connect() for log in logs))
+    try:
+        assert len({log.log_id for log in logs}) == 1
+        assert await schema_revision(url) == head_revision()
+    finally:
+        await asyncio.gather(*(log.disconnect() for log in logs))
+
+
+_PUBLISHER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from broadcast_history import Broadcast
+
+    async def main(url, prefix, name):
+        channels = [f"{prefix}-{n}" for n in range(3)]
+        async with Broadcast(log=url) as bc:
+            await asyncio.gather(
+                *(bc.publish(channels[i % 3], f"{name}-{i}") for i in range(400))
+            )
+
+    asyncio.run(main(*sys.argv[1:]))
+    """
+)
+
+
+async def test_four_processes_publish_gap_free(mysql_url: str) -> None:
+    """4 processes x 400 concurrent publishes over 3 channels: every channel's offsets
+    run gap-free, each process's messages in its order, timestamps never go back."""
+    prefix = unique("mp")
+    processes = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _PUBLISHER, mysql_url, prefix, f"p{n}"
+        )
+        for n in range(4)
+    ]
+    codes = await asyncio.wait_for(asyncio.gather(*(p.wait() for p in processes)), 120)
+    assert codes == [0, 0, 0, 0]
+    log = EventLog(mysql_url)
+    await log.connect()
+    try:
+        pages = [await log.read(f"{prefix}-{n}", after=0, limit=2000) for n in range(3)]
+    finally:
+        await log.disconnect()
+    everything: list[Event] = []
+    for page in pages:
+        assert_contiguous(page, 1, len(page))
+        stamps = [event.timestamp for event in page]
+        assert stamps == sorted(stamps)  # type: ignore[type-var]
+        everything += page
+    messages = [str(event.message) for event in everything]
+    assert sorted(messages) == sorted(f"p{n}-{i}" for n in range(4) for i in range(400))
+    for page in pages:
+        for n in range(4):
+            mine = [
+                int(str(e.message).split("-")[1]) for e in page if e.message.startswith(f"p{n}-")
+            ]
+            assert mine == sorted(mine)
+
+
+async def test_log_connections_killed_during_publishing() -> None:
+    """Connections killed under 16 publishers: no gap, no duplicate; what returned is
+    stored once; what raised is stored at most once (the kill may land after the
+    server committed, before it answered)."""
+    url = await ensure_database("faults")
+    channel = unique()
+    failed: list[str] = []
+    returned: list[Event] = []
+    async with Broadcast(backend=MemoryBackend(), log=url) as broadcast:
+
+        async def publisher(n: int) -> None:
+            for i in range(40):
+                try:
+                    returned.append(await broadcast.publish(channel, f"{n}-{i}"))
+                except LogUnavailable:
+                    failed.append(f"{n}-{i}")
+                await asyncio.sleep(0.002)  # spread the publishes over the kills
+
+        kills: list[int] = []
+        done = asyncio.Event()
+
+        async def killer() -> None:
+            while not done.is_set():
+                await asyncio.sleep(0.01)
+                kills.append(await kill_connections(url))
+
+        async def publishers() -> None:
+            await asyncio.gather(*(publisher(n) for n in range(16)))
+            done.set()
+
+        await asyncio.wait_for(asyncio.gather(killer(), publishers()), 60)
+        stored = await broadcast.log.read(channel, after=0, limit=10_000)
+        async with broadcast.subscribe(channel, since=0) as subscriber:
+            replayed = await take(subscriber, len(stored))
+
+    assert len(returned) + len(failed) == 640
+    assert_contiguous(stored, 1, len(stored))
+    assert replayed == stored
+    by_offset = {event.offset: event for event in stored}
+    assert len({event.offset for event in returned}) == len(returned)
+    for event in returned:
+        assert by_offset[event.offset] == event
+    messages = [event.message for event in stored]
+    assert len(set(messages)) == len(messages)  # nothing stored twice
+    unexpected = set(messages) - {event.message for event in returned}
+    assert unexpected <= set(failed)
+    assert sum(kills) > 0
+    print(
+        f"killed {sum(kills)} connections; {len(failed)} publishes raised LogUnavailable, "
+        f"{len(unexpected)} of them stored (killed after the commit)"
+    )
+
+
+def test_missing_driver_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "asyncmy" else real(name, *a)
+    )
+    with pytest.raises(ImportError, match=r"broadcast-history\[mysql\]"):
+        EventLog("mysql://localhost/db")
+
+
+@pytest.mark.parametrize(("errno", "retried"), [(1213, True), (2013, False)])
+async def test_only_deadlocks_are_retried(
+    mysql_url: str, monkeypatch: pytest.MonkeyPatch, errno: int, retried: bool
+) -> None:
+    """A deadlock rolled the batch back whole: it is retried. A lost connection may
+    have hit the COMMIT: it is not (the publish may or may not be stored)."""
+    import asyncmy.errors
+    from sqlalchemy.exc import OperationalError
+
+    from broadcast_history.log import _mysql
+
+    calls: list[int] = []
+    real = _mysql.MySQLStore._append_once
+
+    async def failing_once(self: _mysql.MySQLStore, *args: object) -> list[Event]:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OperationalError("INSERT ...", {}, asyncmy.errors.OperationalError(errno, "x"))
+        return await real(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_mysql.MySQLStore, "_append_once", failing_once)
+    channel = unique()
+    async with Broadcast(backend=MemoryBackend(), log=mysql_url) as broadcast:
+        if retried:
+            assert (await broadcast.publish(channel, "m")).offset == 1
+        else:
+            with pytest.raises(LogUnavailable, match="may or may not be stored"):
+                await broadcast.publish(channel, "m")
+            assert await broadcast.log.read(channel, after=0) == []
+    assert len(calls) == (2 if retried else 1)
+
+
+async def test_durable_consumers_say_they_are_not_available_yet(mysql_url: str) -> None:
+    async with Broadcast(log=mysql_url) as broadcast:
+        await broadcast.publish("orders", "o1")
+        with pytest.raises(InvalidArgument, match="not available on mysql"):
+            async with broadcast.subscribe("orders", consumer="mailer"):
+                pass

@@ -39,7 +39,7 @@ from ._batch import assemble, plan
 from ._engine import create_engine
 from ._info import Pending
 from ._queries import page_query
-from ._rows import EVENT_COLUMNS, event_row, new_epoch, prepared, rows_to_events
+from ._rows import EVENT_COLUMNS, event_row, keyed_events, new_epoch, prepared, rows_to_events
 from ._schema import channels, events
 from ._store import Store
 
@@ -274,12 +274,7 @@ async def _find_keys(
             tuple_(events.c.channel, events.c.key).in_(_padded(pairs))
         )
     )
-    found: dict[tuple[str, str], Event] = {}
-    row: Any
-    for row in result:
-        (stored,) = rows_to_events(row[0], [row[1:]])
-        found[(row[0], row[6])] = stored
-    return found
+    return keyed_events(result)
 
 
 def _errno(exc: OperationalError) -> object:

@@ -28,7 +28,7 @@ from ._calls import Conflict, append_error, is_data_error
 from ._engine import create_engine
 from ._info import Pending
 from ._queries import page_query
-from ._rows import EVENT_COLUMNS, compiled, new_epoch, prepared, rows_to_events
+from ._rows import EVENT_COLUMNS, compiled, keyed_events, new_epoch, prepared, rows_to_events
 from ._schema import channels, events
 from ._store import Store
 
@@ -205,12 +205,7 @@ async def _find_keys(
     result = await conn.fetch(
         _FIND_KEYS, [channel for channel, _ in pairs], [key for _, key in pairs]
     )
-    found: dict[tuple[str, str], Event] = {}
-    row: Any
-    for row in result:
-        (stored,) = rows_to_events(row[0], [row[1:]])
-        found[(row[0], row[6])] = stored
-    return found
+    return keyed_events(result)
 
 
 def discard_closed_connections(engine: AsyncEngine) -> None:

@@ -63,6 +63,16 @@ def _time(micros: int | None) -> Any:
     return None if micros is None else from_micros(micros)
 
 
+def keyed_events(rows: Iterable[Sequence[Any]]) -> dict[tuple[str, str], Event]:
+    """Events of rows selected as ``(channel, *EVENT_COLUMNS)``, by (channel, key): what
+    an append finds of the idempotency keys it was given."""
+    found: dict[tuple[str, str], Event] = {}
+    for channel, *columns in rows:
+        (event,) = rows_to_events(channel, [columns])
+        found[(channel, columns[5])] = event
+    return found
+
+
 def channel_info(row: Sequence[Any]) -> ChannelInfo:
     """The ChannelInfo of a row selected with :data:`CHANNEL_COLUMNS`."""
     name, epoch, last, first, last_ts, trimmed_ts, first_ts = row

@@ -155,3 +155,36 @@ async def test_log_connections_terminated_during_publishing() -> None:
     assert len(stored) == len(returned)
     assert sum(kills) > 0
     print(f"terminated {sum(kills)} backends; {len(failures)} publishes raised LogUnavailable")
+
+
+async def test_connection_refused_by_the_driver_is_retried_once_on_a_fresh_one() -> None:
+    # A backend terminated while its connection sat idle in the pool can be handed out
+    # before asyncpg reads the socket's end; asyncpg then refuses the first statement
+    # with InternalClientError, before sending it. Injected here, as that window is
+    # a few microseconds wide in the test above.
+    import asyncpg
+
+    from broadcast_history.log._engine import create_engine, normalize_url
+    from broadcast_history.log._postgres import discard_broken_connections, on_driver
+
+    url = await ensure_database("bh_test_faults_log")
+    engine = create_engine(normalize_url(_log(url)))
+    discard_broken_connections(engine)
+    pids: list[int] = []
+
+    async def flaky(driver: asyncpg.Connection) -> int:
+        pids.append(driver.get_server_pid())
+        if len(pids) == 1:
+            raise asyncpg.InternalClientError("cannot switch to state 12")
+        return int(await driver.fetchval("SELECT 1"))
+
+    async def broken(driver: asyncpg.Connection) -> int:
+        raise asyncpg.InternalClientError("cannot switch to state 12")
+
+    try:
+        assert await on_driver(engine, flaky) == 1
+        assert pids[0] != pids[1]  # the refused connection was not reused
+        with pytest.raises(asyncpg.InternalClientError):
+            await on_driver(engine, broken)
+    finally:
+        await engine.dispose()

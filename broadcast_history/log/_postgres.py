@@ -11,13 +11,13 @@ writer of the same channel waits on the row lock, then increments the committed 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 from sqlalchemy import Select, bindparam, event, func, select
-from sqlalchemy.engine import URL
+from sqlalchemy.engine import URL, ExceptionContext
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -32,6 +32,8 @@ from ._rows import EVENT_COLUMNS, compiled, keyed_events, new_epoch, prepared, r
 from ._schema import channels, events
 from ._store import Store
 
+T = TypeVar("T")
+
 
 class PostgresStore(Store):
     """A Postgres database shared by every process and host."""
@@ -42,7 +44,7 @@ class PostgresStore(Store):
 
     async def open(self) -> None:
         engine = create_engine(self._url)
-        discard_closed_connections(engine)
+        discard_broken_connections(engine)
         self._engine = engine
 
     async def close(self) -> None:
@@ -85,19 +87,12 @@ class PostgresStore(Store):
         return await self._fetch(channel, sql, params)
 
     async def _fetch(self, channel: str, sql: str, params: tuple[Any, ...]) -> list[Event]:
-        async with self.engine.connect() as conn:
-            raw = await conn.get_raw_connection()
-            # One autocommit SELECT on asyncpg itself: one round trip (no BEGIN and
-            # COMMIT around it) and plain records, no SQLAlchemy row per event.
-            try:
-                records = await raw.driver_connection.fetch(sql, *params)  # type: ignore[union-attr]
-            except BaseException as exc:
-                # asyncpg's own errors, past SQLAlchemy: the connection may be broken
-                # or still busy, so it must not go back to the pool.
-                await conn.invalidate()
-                if isinstance(exc, Exception):
-                    raise LogUnavailable(f"event log failure: {exc!r}") from exc
-                raise
+        # One autocommit SELECT on asyncpg itself: one round trip (no BEGIN and COMMIT
+        # around it) and plain records, no SQLAlchemy row per event.
+        try:
+            records = await on_driver(self.engine, lambda driver: driver.fetch(sql, *params))
+        except Exception as exc:
+            raise LogUnavailable(f"event log failure: {exc!r}") from exc
         return rows_to_events(channel, records)
 
 
@@ -150,24 +145,46 @@ async def append(engine: AsyncEngine, items: Sequence[Pending]) -> list[Event]:
         InvalidArgument: Postgres refused a value (nothing stored).
         LogUnavailable: The statement failed otherwise; it may have been committed.
     """
-    async with engine.connect() as conn:
-        raw = await conn.get_raw_connection()
-        driver: asyncpg.Connection = raw.driver_connection
-        # The append is one statement on asyncpg itself, atomic by itself: without
-        # BEGIN and COMMIT it costs one round trip instead of three, and no
-        # SQLAlchemy work. The key lookup needs no transaction either: the unique
-        # index catches a key stored after it.
-        try:
-            return await _append(driver, items)
-        except asyncpg.UniqueViolationError as exc:
-            raise Conflict(f"append conflicted: {exc!r}") from exc
-        except BaseException as exc:
-            # A connection left broken (e.g. the server terminated it mid-statement)
-            # must not go back to the pool for the next query.
-            await conn.invalidate()
-            if isinstance(exc, Exception):
-                raise append_error(exc, ambiguous=not is_data_error(exc)) from exc
-            raise
+    # The append is one statement on asyncpg itself, atomic by itself: without BEGIN
+    # and COMMIT it costs one round trip instead of three, and no SQLAlchemy work. The
+    # key lookup needs no transaction either: the unique index catches a key stored
+    # after it.
+    try:
+        return await on_driver(engine, lambda driver: _append(driver, items))
+    except asyncpg.UniqueViolationError as exc:
+        raise Conflict(f"append conflicted: {exc!r}") from exc
+    except Exception as exc:
+        raise append_error(exc, ambiguous=not is_data_error(exc)) from exc
+
+
+async def on_driver(
+    engine: AsyncEngine, operation: Callable[[asyncpg.Connection], Awaitable[T]]
+) -> T:
+    """Run ``operation`` on a pooled connection's asyncpg driver, past SQLAlchemy.
+
+    A connection that failed is discarded, not returned to the pool: asyncpg's
+    errors bypass SQLAlchemy's disconnect handling, and a connection the server
+    terminated mid-statement (or one still busy after a cancel) would fail the next
+    query. A connection the server terminated while it sat idle in the pool can be
+    handed out before its socket's end is read: asyncpg then refuses the first
+    statement with ``InternalClientError`` before sending it, so that one attempt
+    is repeated on a fresh connection.
+    """
+    for attempt in (1, 2):
+        async with engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            try:
+                return await operation(raw.driver_connection)
+            except asyncpg.UniqueViolationError:
+                raise  # refused by the server: the connection is fine
+            except asyncpg.InternalClientError:
+                await conn.invalidate()
+                if attempt == 2:
+                    raise
+            except BaseException:
+                await conn.invalidate()
+                raise
+    raise AssertionError("unreachable")
 
 
 async def _append(conn: asyncpg.Connection, items: Sequence[Pending]) -> list[Event]:
@@ -208,19 +225,28 @@ async def _find_keys(
     return keyed_events(result)
 
 
-def discard_closed_connections(engine: AsyncEngine) -> None:
+def discard_broken_connections(engine: AsyncEngine) -> None:
     """Make ``engine``'s pool drop connections the server has already closed.
 
     asyncpg notices a terminated backend (``pg_terminate_backend``, a server restart)
     as soon as the socket closes, but SQLAlchemy's pool would still hand the dead
     connection out once and fail that query. Checking ``is_closed()`` at checkout is
     free, unlike ``pool_pre_ping``'s round trip; the pool then opens a fresh one.
+    A connection terminated while idle can be checked out before the socket's end
+    is read; its first statement fails with ``InternalClientError``, which
+    SQLAlchemy does not count as a disconnect: counted here, so the pool drops it.
     """
 
     @event.listens_for(engine.sync_engine, "checkout")
     def _on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
         if dbapi_connection.driver_connection.is_closed():
             raise DisconnectionError("connection closed by the server")
+
+    @event.listens_for(engine.sync_engine, "handle_error")
+    def _on_error(context: ExceptionContext) -> None:
+        cause = getattr(context.original_exception, "__cause__", None)
+        if isinstance(cause, asyncpg.InternalClientError):
+            context.is_disconnect = True
 
 
 def byte_bounded(query: Select[Any], max_bytes: int, *, descending: bool = False) -> Select[Any]:

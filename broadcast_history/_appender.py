@@ -9,6 +9,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from ._budget import weigh, weight
 from ._errors import InvalidArgument, LogUnavailable, NotConnected
 from ._event import Event
 from ._stats import Stats
@@ -17,6 +18,16 @@ from .log import EventLog, Pending
 
 logger = logging.getLogger("broadcast_history")
 
+#: Longest a live send may take: a stalled transport must not hold the send task (and
+#: every later event's live delivery) for ever. Subscribers read what it lost from
+#: the log.
+SEND_TIMEOUT = 10.0
+#: Most events, and message bytes, waiting for a live send; past either the oldest
+#: are not sent live (their subscribers find them in the log), so a stalled
+#: transport cannot fill memory.
+MAX_OUTBOX = 100_000
+MAX_OUTBOX_BYTES = 64 * 1024 * 1024
+
 
 class Appender:
     """Batches publishes into log transactions, then sends the events on the wire.
@@ -24,7 +35,8 @@ class Appender:
     Whatever is waiting when a transaction starts goes into it: there is no timer, so
     a lone publisher pays one transaction and many publishers share them. Live sends
     run in a second task, so batch N is sent while batch N+1 commits; they stay in
-    commit order.
+    commit order. This process's own subscribers get each batch when it commits,
+    whatever the transport does.
     """
 
     def __init__(self, log: EventLog, wire: Wire, stats: Stats, *, max_batch: int = 1000) -> None:
@@ -34,6 +46,8 @@ class Appender:
         self._max_batch = max_batch
         self._pending: deque[tuple[Pending, asyncio.Future[Event]]] = deque()
         self._outbox: deque[Event] = deque()
+        self._outbox_bytes = 0
+        self._dropping = False  # warned that the transport is behind, until it catches up
         self._has_pending: asyncio.Event | None = None
         self._has_outbox: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -62,6 +76,10 @@ class Appender:
         await asyncio.gather(commit_task, return_exceptions=True)
         self._drained = True
         self._has_outbox.set()
+        # Each send is bounded by SEND_TIMEOUT; what is still unsent after one more
+        # such wait is in the log already.
+        await asyncio.wait({send_task}, timeout=SEND_TIMEOUT)
+        send_task.cancel()
         await asyncio.gather(send_task, return_exceptions=True)
         while self._pending:
             _, future = self._pending.popleft()
@@ -123,7 +141,23 @@ class Appender:
         for (_, future), event in zip(batch, events, strict=True):
             if not future.done():
                 future.set_result(event)
-        self._outbox.extend(events)
+        self._wire.hand_over(events)
+        outbox = self._outbox
+        outbox.extend(events)
+        self._outbox_bytes += weigh(events)
+        if len(outbox) > MAX_OUTBOX or self._outbox_bytes > MAX_OUTBOX_BYTES:
+            dropped = 0
+            while len(outbox) > MAX_OUTBOX or self._outbox_bytes > MAX_OUTBOX_BYTES:
+                self._outbox_bytes -= weight(outbox.popleft())
+                dropped += 1
+            stats.live_send_failures += 1
+            if not self._dropping:
+                self._dropping = True
+                logger.warning(
+                    "the transport is not keeping up: events are not sent live until it "
+                    "does (%d so far; subscribers read them from the log)",
+                    dropped,
+                )
         self._has_outbox.set()
 
     async def _send_loop(self) -> None:
@@ -132,10 +166,17 @@ class Appender:
         while await _filled(outbox, self._has_outbox, lambda: self._drained):
             events = list(outbox)
             outbox.clear()
+            self._outbox_bytes = 0
             try:
-                await self._wire.send(events)
+                await asyncio.wait_for(self._wire.send(events), SEND_TIMEOUT)
+                self._dropping = False
             except asyncio.CancelledError:
                 raise
+            except asyncio.TimeoutError:
+                self._stats.live_send_failures += 1
+                logger.warning(
+                    "live send of %d events took over %g s: abandoned", len(events), SEND_TIMEOUT
+                )
             except Exception:
                 # The events are durable; subscribers find them in the log.
                 self._stats.live_send_failures += 1

@@ -118,17 +118,35 @@ def decode(channel: str, text: str | bytes, log_id: str) -> list[Event]:
         return list(_events(channel, epoch, records))
     except (NotAnEnvelope, OtherLog):
         raise
-    except (ValueError, TypeError, KeyError) as exc:
+    except (ValueError, TypeError, KeyError, OverflowError, RecursionError) as exc:
+        # Anyone on the transport can write text that starts like an envelope: none
+        # of it may escape as another error than NotAnEnvelope.
         raise NotAnEnvelope(f"a malformed envelope: {exc}") from exc
 
 
+_MAX_INT: Final = 2**63 - 1
+
+
 def _events(channel: str, epoch: int, records: Iterable[list[Any]]) -> Iterable[Event]:
+    _number(epoch)
     for offset, micros, kind, payload, key in records:
+        _number(offset)
+        _number(micros)
+        if key is not None and not isinstance(key, str):
+            raise TypeError("a key that is not text")
         message: Any
-        if kind == "s":
+        if kind == "s" and isinstance(payload, str):
             message = payload
-        elif kind == "b":
-            message = base64.b64decode(payload)
-        else:
+        elif kind == "b" and isinstance(payload, str):
+            message = base64.b64decode(payload, validate=True)
+        elif kind == "n":
             message = NOTICE
+        else:
+            raise ValueError(f"a record of unknown kind {kind!r}")
         yield stored_event(channel, message, offset, from_micros(micros), epoch, key)
+
+
+def _number(value: object) -> None:
+    # The numbers the log hands out: JSON integers within 0..2^63-1 (not bools).
+    if type(value) is not int or not 0 <= value <= _MAX_INT:
+        raise ValueError(f"{value!r} is not an offset, epoch or time")

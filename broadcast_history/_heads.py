@@ -36,8 +36,19 @@ class HeadProbe:
         """
         if self._reads is None:
             self._reads = asyncio.Semaphore(self.READS_AT_ONCE)
-        async with self._reads:
-            return await self._log.read_from(channel, start, limit, max_bytes)
+        reads = self._reads
+        await reads.acquire()
+        read = asyncio.ensure_future(self._log.read_from(channel, start, limit, max_bytes))
+
+        def done(read: asyncio.Future[list[Event]]) -> None:
+            # The turn ends when the read does: a cancelled caller's read still runs
+            # to its end (see finish_on_cancel) and still counts against the limit.
+            reads.release()
+            if not read.cancelled():
+                read.exception()
+
+        read.add_done_callback(done)
+        return await asyncio.shield(read)
 
     async def channel(self, name: str, max_age: float = 0.0) -> ChannelInfo | None:
         """The state of channel ``name``, at most ``max_age`` seconds old."""

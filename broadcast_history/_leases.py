@@ -208,7 +208,11 @@ class Leases:
                 self._held.pop(lease, None)
                 self._renewers.pop(lease, None)
                 return
-            holdings = list(group.values())
+            # A lost lease is not renewed: its holder stopped serving, and a renewal
+            # would keep a standby waiting until the subscription is closed.
+            holdings = [holding for holding in group.values() if not holding.lost]
+            if not holdings:
+                continue
             sent = loop.time()
             try:
                 kept: set[str] | None = await self.log.renew_leases(

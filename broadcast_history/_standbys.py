@@ -96,7 +96,7 @@ class Standbys:
                 self._pollers.pop(lease, None)
                 self._pokes.pop(lease, None)
                 return
-            with contextlib.suppress(TimeoutError):
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(poke.wait(), lease / 3)
             poke.clear()
             # One claim per consumer: a statement may not take the same row twice.

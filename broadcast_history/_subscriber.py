@@ -192,6 +192,8 @@ class Subscriber(Committable):
             # Whatever overflowed before this read is committed, so the read covers it.
             self._overflowed = False
             page = await self._read(start)
+        if self._mode == _CLOSED:
+            return  # unsubscribed while the page was read: nothing more to deliver
         if page and page[0].offset == start and page[-1].offset - start == len(page) - 1:
             epoch = page[0].epoch
             if self._epoch is None:
@@ -215,6 +217,8 @@ class Subscriber(Committable):
         if page or self._held:
             # A hole the log cannot fill, or events held live that the log lacks.
             await self._check_head(start)
+            if self._mode == _CLOSED:
+                return
         if not page:
             if self._held:
                 # Live events this log never stored: another log shares the transport.
@@ -334,6 +338,8 @@ class Subscriber(Committable):
 
     def _fall_back(self, reason: str) -> None:
         """Go back to reading the log (``reason`` is counted for the metrics)."""
+        if self._mode == _CLOSED:
+            return  # closed during the await that led here: stay closed
         self._stats.fallbacks[reason] += 1
         self._mode = _REPLAY
 

@@ -70,19 +70,21 @@ class Wire:
         """
         self._local = None if self._objects else sink
 
+    def hand_over(self, events: Sequence[Event]) -> None:
+        """Give committed ``events`` to this process's own subscribers (see
+        :meth:`deliver_locally`), without waiting for the transport."""
+        local = self._local
+        if local is not None:
+            for channel, batch in _by_channel(events).items():
+                local(channel, batch)
+
     async def send(self, events: Sequence[Event]) -> None:
         """Publish committed ``events`` (of any channels), in commit order per channel."""
-        by_channel: dict[str, list[Event]] = {}
-        for event in events:
-            by_channel.setdefault(event.channel, []).append(event)
         messages: list[tuple[str, Any]] = []
         log_id = self.log.log_id
         # Read at each send: a transport may learn its server's limit when connecting.
         limit: int | None = getattr(self.backend, "max_message_size", None)
-        local = self._local
-        for channel, batch in by_channel.items():
-            if local is not None:
-                local(channel, batch)
+        for channel, batch in _by_channel(events).items():
             if self._objects:
                 messages.append((channel, tuple(batch)))
             else:
@@ -141,3 +143,10 @@ class Wire:
                 origin,
                 self.log.log_id,
             )
+
+
+def _by_channel(events: Sequence[Event]) -> dict[str, list[Event]]:
+    by_channel: dict[str, list[Event]] = {}
+    for event in events:
+        by_channel.setdefault(event.channel, []).append(event)
+    return by_channel

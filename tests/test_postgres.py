@@ -272,3 +272,66 @@ async def test_append_mixed_batch_in_input_order(pg_url: str) -> None:
         ("a4", 4),
     ]
     assert info is not None and info.last_offset == 4
+
+
+async def test_delete_and_trim_racing_appends_leave_consistent_channels(pg_url: str) -> None:
+    """Deletes and trims from one host while another appends: no event is left without
+    its channel row or outside the channel's bounds, and no append fails."""
+    import asyncpg
+
+    from broadcast_history.log import Pending
+
+    log_url = pg_url.replace("postgresql://", "postgresql+asyncpg://")
+    channels = [unique() for _ in range(4)]
+    writer, admin = EventLog(log_url), EventLog(log_url)
+    await writer.connect()
+    await admin.connect()
+    stop = asyncio.Event()
+    try:
+
+        async def append(channel: str) -> int:
+            done = 0
+            while not stop.is_set():
+                await writer.append([Pending(channel, f"m{done}", None)] * 3)
+                done += 1
+            return done
+
+        async def churn() -> None:
+            for i in range(60):
+                channel = channels[i % len(channels)]
+                if i % 3:
+                    info = await admin.channel(channel)
+                    if info is not None:
+                        await admin.trim(channel, before=info.last_offset)
+                else:
+                    await admin.delete_channel(channel)
+                await asyncio.sleep(0.005)
+            stop.set()
+
+        counts = await asyncio.wait_for(
+            asyncio.gather(churn(), *(append(channel) for channel in channels)), 60
+        )
+    finally:
+        await writer.disconnect()
+        await admin.disconnect()
+    assert all(count > 0 for count in counts[1:])
+    conn = await asyncpg.connect(pg_url)
+    try:
+        bad = await conn.fetch(
+            'SELECT e.channel, e."offset", c.first_offset, c.last_offset'
+            " FROM broadcast_events e LEFT JOIN broadcast_channels c ON c.name = e.channel"
+            " WHERE e.channel = ANY($1::varchar[]) AND (c.name IS NULL"
+            ' OR e."offset" < c.first_offset OR e."offset" > c.last_offset)',
+            channels,
+        )
+        rows = await conn.fetch(
+            'SELECT c.first_offset, c.last_offset, count(e."offset") AS n'
+            " FROM broadcast_channels c LEFT JOIN broadcast_events e ON e.channel = c.name"
+            " WHERE c.name = ANY($1::varchar[]) GROUP BY c.name, c.first_offset, c.last_offset",
+            channels,
+        )
+    finally:
+        await conn.close()
+    assert [dict(row) for row in bad] == []
+    for row in rows:
+        assert row["n"] == row["last_offset"] - row["first_offset"] + 1

@@ -34,6 +34,7 @@ class UnreliableBackend(BroadcastBackend):
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         self.held: Event | None = None
         self.sent = 0
+        self.stalled: asyncio.Event | None = None  # set: publish hangs (a stuck socket)
 
     async def connect(self) -> None:
         pass
@@ -49,6 +50,9 @@ class UnreliableBackend(BroadcastBackend):
 
     async def publish(self, channel: str, message: Any) -> None:
         assert isinstance(message, str)  # envelopes travel as text
+        if self.stalled is not None:
+            self.stalled.set()
+            await asyncio.Event().wait()
         self.sent += 1
         if self.drop_all or self.rng.random() < self.drop:
             return
@@ -174,3 +178,32 @@ async def test_idle_checks_are_shared_between_subscribers(log: str | None) -> No
         backend.drop_all = True  # the event arrives through the idle check alone
         await bc.publish(channel, "wake")
         await asyncio.wait_for(asyncio.gather(*tasks), 5)
+
+
+async def test_stalled_transport_bounds_memory_and_delays_nobody(
+    log: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A transport whose publish never returns (a peer that stopped reading): publishes
+    # still return, this process's subscribers still get every event at once, the
+    # events waiting for the transport stay bounded, and disconnect does not hang.
+    from broadcast_history import _appender
+
+    monkeypatch.setattr(_appender, "SEND_TIMEOUT", 0.5)
+    monkeypatch.setattr(_appender, "MAX_OUTBOX", 50)
+    backend = UnreliableBackend()
+    backend.stalled = asyncio.Event()
+    channel = unique()
+    broadcast = Broadcast(backend=backend, log=log)
+    await broadcast.connect()
+    try:
+        async with broadcast.subscribe(channel) as subscriber:
+            first = await broadcast.publish(channel, "first")
+            await asyncio.wait_for(backend.stalled.wait(), 5)
+            published = [first] + [await broadcast.publish(channel, f"m{i}") for i in range(300)]
+            received = await asyncio.wait_for(take(subscriber, len(published)), 5)
+            assert received == published
+            assert len(broadcast._appender._outbox) <= 50
+            await asyncio.sleep(0.7)  # the stuck send is abandoned
+            assert broadcast.stats.live_send_failures >= 2
+    finally:
+        await asyncio.wait_for(broadcast.disconnect(), 5)

@@ -8,6 +8,7 @@ schemathesis can test the app against it.
 from __future__ import annotations
 
 import hmac
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
@@ -51,6 +52,8 @@ from ._schemas import (
     TrimIn,
     TrimOut,
 )
+
+logger = logging.getLogger("broadcast_history.admin")
 
 T = TypeVar("T")
 #: Most message bytes one page of ``/events`` carries (besides its first event).
@@ -326,7 +329,12 @@ def _add_routes(
 
         collector = collector_of(registry)
         if collector is not None:
-            await collector.refresh_lags()  # consumer_lag as of this scrape
+            try:
+                await collector.refresh_lags()  # consumer_lag as of this scrape
+            except BroadcastError:
+                # The log is down: scrape the other metrics anyway (with the last
+                # lags); an unreachable log is what an operator most needs to see.
+                logger.warning("consumer lag refresh failed", exc_info=True)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/stats", tags=["channels"])

@@ -22,7 +22,7 @@ def is_transient(exc: BaseException) -> bool:
     """Whether trying again later may succeed: the server went away or is loading."""
     if isinstance(exc, (rexc.AuthenticationError, rexc.AuthorizationError)):
         return False
-    return isinstance(exc, (rexc.ConnectionError, rexc.TimeoutError, OSError, TimeoutError))
+    return isinstance(exc, (rexc.ConnectionError, rexc.TimeoutError, OSError, asyncio.TimeoutError))
 
 
 def as_text(value: Any) -> Any:

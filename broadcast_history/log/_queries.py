@@ -96,8 +96,13 @@ async def trim(
     conn: AsyncConnection, channel: str, before: int | None, before_us: int | None
 ) -> int:
     """Remove events below offset ``before`` and/or older than ``before_us``."""
+    # The channel row is locked first (Postgres, MySQL; SQLite's write transaction
+    # already excludes other writers): two trims cannot both compute from the same
+    # first offset, and an append waits rather than race the new bounds.
     result = await conn.execute(
-        select(channels.c.first_offset, channels.c.last_offset).where(channels.c.name == channel)
+        select(channels.c.first_offset, channels.c.last_offset)
+        .where(channels.c.name == channel)
+        .with_for_update()
     )
     row = result.first()
     if row is None:
@@ -144,6 +149,14 @@ def retention_bounds(
 
 
 async def delete_channel(conn: AsyncConnection, channel: str) -> bool:
+    # Lock the channel row before deleting its events: an append committed between
+    # the two deletes would otherwise leave an event behind with no channel row, and
+    # the channel's next epoch would collide with its offset.
+    locked = await conn.execute(
+        select(channels.c.name).where(channels.c.name == channel).with_for_update()
+    )
+    if locked.first() is None:
+        return False
     await conn.execute(delete(events).where(events.c.channel == channel))
     result = await conn.execute(delete(channels).where(channels.c.name == channel))
     return bool(result.rowcount)

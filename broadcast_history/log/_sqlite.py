@@ -80,20 +80,24 @@ class SqliteStore(Store):
         self.lock = asyncio.Lock() if memory else None
 
     async def close(self) -> None:
-        if self.lock is not None and self._engine is not None:
+        # Detach first: a call made while closing finds no threads (NotConnected)
+        # instead of queueing work on an executor about to shut down.
+        engine, writer, reader = self._engine, self._writer, self._reader
+        threads = (self._write_thread, self._read_threads)
+        self._engine = self._writer = self._reader = None
+        self._write_thread = self._read_threads = None
+        if self.lock is not None and engine is not None:
             # Let a call still using the single in-memory connection finish first.
             async with self.lock:
                 pass
-        for threads in (self._write_thread, self._read_threads):
-            if threads is not None:
-                threads.shutdown(wait=True)
-        for sync in (self._writer, self._reader):
+        for pool in threads:
+            if pool is not None:
+                pool.shutdown(wait=True)
+        for sync in (writer, reader):
             if sync is not None:
                 sync.dispose()
-        if self._engine is not None:
-            await self._engine.dispose()
-        self._engine = self._writer = self._reader = None
-        self._write_thread = self._read_threads = None
+        if engine is not None:
+            await engine.dispose()
 
     async def _run(self, threads: ThreadPoolExecutor | None, call: Callable[[], _T]) -> _T:
         if threads is None:

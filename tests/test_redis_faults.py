@@ -92,7 +92,13 @@ async def test_connection_killed_mid_stream(
                 nonlocal killed
                 for _ in range(3):
                     await asyncio.sleep(0.15)
-                    killed += await kill_readers(admin, kind)
+                    # The transport may still be reconnecting (with backoff) from the
+                    # last kill: wait for its new connection, then kill that one.
+                    for _ in range(250):
+                        if now := await kill_readers(admin, kind):
+                            killed += now
+                            break
+                        await asyncio.sleep(0.02)
 
             received = asyncio.create_task(take(sub, total, timeout=60))
             await asyncio.gather(publish_steadily(publisher, channel, total), killer())

@@ -193,7 +193,8 @@ async def test_stalled_transport_bounds_memory_and_delays_nobody(
     backend = UnreliableBackend()
     backend.stalled = asyncio.Event()
     channel = unique()
-    broadcast = Broadcast(backend=backend, log=log)
+    # Idle checks far apart: the events must come at once, not from the log later.
+    broadcast = Broadcast(backend=backend, log=log, idle_check=60)
     await broadcast.connect()
     try:
         async with broadcast.subscribe(channel) as subscriber:

@@ -119,7 +119,15 @@ CONFIGS = [
 BY_NAME = {config.name: config for config in CONFIGS}
 
 
-def _accepts(host: str, port: int) -> bool:
+def free_port() -> int:
+    """A loopback port nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def accepts(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5):
             return True
@@ -129,13 +137,13 @@ def _accepts(host: str, port: int) -> bool:
 
 def redis_up() -> bool:
     parts = urlsplit(REDIS_URL)
-    return _accepts(parts.hostname or "127.0.0.1", parts.port or 6379)
+    return accepts(parts.hostname or "127.0.0.1", parts.port or 6379)
 
 
 def postgres_up() -> bool:
     """Whether Postgres answers; creates the benchmark database if it is missing."""
     parts = urlsplit(POSTGRES_ADMIN_URL)
-    if not _accepts(parts.hostname or "127.0.0.1", parts.port or 5432):
+    if not accepts(parts.hostname or "127.0.0.1", parts.port or 5432):
         return False
 
     async def create() -> None:
@@ -157,7 +165,7 @@ def postgres_up() -> bool:
 def mysql_up() -> bool:
     """Whether MySQL answers (with asyncmy installed); creates the benchmark databases."""
     parts = urlsplit(MYSQL_ADMIN_URL)
-    if not _accepts(parts.hostname or "127.0.0.1", parts.port or 3306):
+    if not accepts(parts.hostname or "127.0.0.1", parts.port or 3306):
         return False
 
     async def create() -> None:
@@ -212,7 +220,7 @@ class KafkaBroker:
             stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 15
-        while not _accepts("127.0.0.1", port):
+        while not accepts("127.0.0.1", port):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 return None
@@ -247,7 +255,7 @@ class RedisClusterLab:
             with socket.socket() as sock:
                 sock.bind(("127.0.0.1", 0))
                 port = sock.getsockname()[1]
-            if port < 55_000 and port not in ports and not _accepts("127.0.0.1", port + 10_000):
+            if port < 55_000 and port not in ports and not accepts("127.0.0.1", port + 10_000):
                 ports.append(port)
         for port in ports:
             node_dir = Path(self._tmp.name) / str(port)
@@ -260,7 +268,7 @@ class RedisClusterLab:
                 )
             )
         deadline = time.monotonic() + 15
-        while not all(_accepts("127.0.0.1", port) for port in ports):
+        while not all(accepts("127.0.0.1", port) for port in ports):
             if time.monotonic() > deadline:
                 self.stop()
                 return None

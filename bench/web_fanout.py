@@ -31,21 +31,12 @@ from typing import Any
 
 import httpx
 
-from .configs import OUT, ROOT
+from .configs import OUT, ROOT, free_port
 from .scenarios import percentile
 from .sse_clients import SSEClient
 
 SAMPLED = 20
 PAYLOAD = "x" * 60
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _cpu_s(pid: int) -> float:
@@ -154,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     (OUT / "tmp").mkdir(parents=True, exist_ok=True)
     db = OUT / "tmp" / f"web-{uuid.uuid4().hex}.db"
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "bench.web_server", "--port", str(port)]
     command += ["--log", f"sqlite+aiosqlite:///{db}", "--impl", args.impl]
     if args.fast:

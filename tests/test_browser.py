@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from tests.support.browser_support import BUILD, WAIT_MS, chromium, require_chromium
-from tests.support.demo_support import free_port, wait_for_server
+from tests.support.demo_support import wait_for_server
+from tests.support.ports import free_port
 
 DEMO_MODULE = "broadcast_history.demo"
 

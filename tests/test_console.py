@@ -26,7 +26,7 @@ import pytest
 
 from broadcast_history import Broadcast, Event
 from tests.support.browser_support import BUILD, WAIT_MS, chromium, require_chromium
-from tests.support.demo_support import free_port
+from tests.support.ports import free_port
 
 sync_api = require_chromium()
 expect = sync_api.expect

@@ -29,7 +29,8 @@ import uvicorn
 from broadcast_history import Broadcast
 from broadcast_history.demo import create_app
 from tests.conftest import POSTGRES_URL, REDIS_URL, require_postgres, require_redis
-from tests.support.demo_support import free_port, wait_for_server
+from tests.support.demo_support import wait_for_server
+from tests.support.ports import free_port
 
 
 def room() -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -19,6 +18,7 @@ from broadcast_history import Broadcast
 from broadcast_history.admin import HistoryAdmin, InvalidExport, create_app
 from broadcast_history.admin._import import split_lines
 from tests.support.admin_support import LOG_KINDS, fresh_log_url
+from tests.support.ports import free_port
 
 TOKEN = "t"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -159,15 +159,9 @@ async def test_http_import_errors_are_400(tmp_path: Path, body: str, status: int
         assert await b.log.channels() == []
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @contextlib.asynccontextmanager
 async def _serving(app: object) -> AsyncIterator[int]:
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))  # type: ignore[arg-type]
     task = asyncio.create_task(server.serve())
     while not server.started:

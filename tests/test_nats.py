@@ -23,7 +23,8 @@ pytest.importorskip("nats", reason="nats-py is not installed (the nats extra)")
 
 from broadcast_history.backends import backend_from_url
 from broadcast_history.backends.nats import NatsBackend, nats_servers, subject_for
-from tests.support.nats_server import NatsServer, free_port, server_binary
+from tests.support.nats_server import NatsServer, server_binary
+from tests.support.ports import free_port
 
 ODD = ["a.b", "*", ">", "a b", "a.*.>", "ünï cödé 🎉", "%41", "A", "x" * 255, "🎉" * 255]
 

@@ -28,7 +28,7 @@ import pytest
 
 from broadcast_history import Broadcast
 from tests.support.browser_support import WAIT_MS, chromium, require_chromium
-from tests.support.demo_support import free_port
+from tests.support.ports import free_port
 
 sync_api = require_chromium()
 ROOT = Path(__file__).parents[1]

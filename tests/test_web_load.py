@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from bench.sse_clients import SSEClient
-from tests.support.demo_support import free_port
+from tests.support.ports import free_port
 
 BUFFER_BYTES = 1024 * 1024
 PAGE_BYTES = 256 * 1024

@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 from typing import Any
 
 import httpx
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def wait_for_server(base: str, process: subprocess.Popen[Any], timeout: float = 20) -> None:

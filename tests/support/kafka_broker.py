@@ -11,7 +11,6 @@ fail.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import tempfile
 import time
@@ -20,6 +19,8 @@ from contextlib import contextmanager
 from types import TracebackType
 
 import pytest
+
+from tests.support.ports import accepts, free_port
 
 _READY_TIMEOUT = 15.0
 
@@ -36,21 +37,6 @@ def broker_binary() -> str:
             pytest.fail(f"{message} (CI=true: services are required)")
         pytest.skip(message)
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 class TansuBroker:
@@ -90,7 +76,7 @@ class TansuBroker:
             stderr=self._log,
         )
         deadline = time.monotonic() + _READY_TIMEOUT
-        while not _accepts(self.port):
+        while not accepts(self.port):
             if self.process.poll() is not None:
                 self.process = None
                 self._log.seek(0)

@@ -8,13 +8,14 @@ the binary, callers fall back to the server of ``BH_TEST_NATS``.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+
+from tests.support.ports import accepts, free_port
 
 _READY_TIMEOUT = 15.0
 
@@ -25,21 +26,6 @@ def server_binary() -> str | None:
     if beside.is_file():
         return str(beside)
     return shutil.which("nats-server")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 class NatsServer:
@@ -67,7 +53,7 @@ class NatsServer:
             stderr=self._log,
         )
         deadline = time.monotonic() + _READY_TIMEOUT
-        while not _accepts(self.port):
+        while not accepts(self.port):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 self._log.seek(0)

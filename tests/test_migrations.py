@@ -1,7 +1,7 @@
-"""Migrations 0002 and 0003 (log identity, durable consumers) on SQLite and Postgres: a
-database at 0001 is refused by ``migrate=False``, upgraded by ``migrate=True`` with its
-history kept, and 0003 and 0002 downgrade cleanly. (That the migrations match the metadata, and ship
-in the wheel, is tested in test_core.py.)"""
+"""Migrations 0002 to 0004 (log identity, durable consumers, partial key index) on SQLite
+and Postgres: a database at 0001 is refused by ``migrate=False``, upgraded by
+``migrate=True`` with its history kept, and each downgrades cleanly. (That the
+migrations match the metadata, and ship in the wheel, is tested in test_core.py.)"""
 
 from __future__ import annotations
 
@@ -93,3 +93,43 @@ async def test_upgrade_from_0001_keeps_history_and_adds_consumers(empty_url: str
     tables = await _tables(empty_url)
     assert "broadcast_consumers" not in tables and "broadcast_log" not in tables
     assert "broadcast_events" in tables
+
+
+async def _key_index_sql(url: str) -> str:
+    engine = migration_engine(url)
+    try:
+        async with engine.connect() as conn:
+            if conn.dialect.name == "sqlite":
+                query = "SELECT sql FROM sqlite_master WHERE name = 'ux_broadcast_events_key'"
+            else:
+                query = (
+                    "SELECT indexdef FROM pg_indexes WHERE indexname = 'ux_broadcast_events_key'"
+                )
+            return str((await conn.execute(text(query))).scalar_one())
+    finally:
+        await engine.dispose()
+
+
+async def test_0004_indexes_keyed_events_only_and_keys_stay_unique(empty_url: str) -> None:
+    await _migrate_to(empty_url, "0003")
+    assert "WHERE" not in (await _key_index_sql(empty_url)).upper()
+    with pytest.raises(SchemaOutOfDate, match="0003"):
+        await EventLog(empty_url, migrate=False).connect()
+    async with Broadcast(log=empty_url) as broadcast:  # migrate=True: to 0004
+        first = await broadcast.publish("keys", "a", key="k")
+        await broadcast.publish("keys", "b")
+        await broadcast.publish("keys", "c")
+        # The key still finds the stored event after the index was rebuilt.
+        assert await broadcast.publish("keys", "again", key="k") == first
+    assert "IS NOT NULL" in (await _key_index_sql(empty_url)).upper()
+
+    await _migrate_to(empty_url, "0003", down=True)
+    assert "WHERE" not in (await _key_index_sql(empty_url)).upper()
+    async with Broadcast(log=empty_url) as broadcast:
+        assert [e.message async for e in _first(broadcast, 3)] == ["a", "b", "c"]
+
+
+async def _first(broadcast: Broadcast, count: int) -> Any:
+    async with broadcast.subscribe("keys", since=0) as sub:
+        for _ in range(count):
+            yield await sub.get()

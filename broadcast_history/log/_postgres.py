@@ -130,6 +130,7 @@ SELECT e.channel, e."offset", e.epoch, e."timestamp", e.is_text, e.payload, e.ke
 FROM {events.name} AS e
 JOIN unnest($1::varchar[], $2::varchar[]) AS k(channel, key)
     ON e.channel = k.channel AND e.key = k.key
+WHERE e.key IS NOT NULL  -- lets the planner use the partial key index
 """
 
 

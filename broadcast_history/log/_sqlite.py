@@ -46,11 +46,12 @@ _UPDATE_COUNTER = str(
     .values(last_offset=bindparam("b_last"), last_timestamp=bindparam("b_ts"))
     .compile(dialect=_DIALECT)
 )  # parameters: last offset, last timestamp, name
-_COUNTERS = str(
-    select(channels.c.name, channels.c.epoch, channels.c.last_offset, channels.c.last_timestamp)
-    .where(channels.c.name == bindparam("name"))
-    .compile(dialect=_DIALECT)
+_COUNTERS = (
+    f"SELECT name, epoch, last_offset, last_timestamp FROM {channels.name} WHERE name IN (%s)"
 )
+# Channels per counter query: one query for a batch over many channels instead of one
+# per channel, under SQLite's oldest limit of 999 parameters.
+_COUNTERS_CHUNK = 500
 
 
 class SqliteStore(Store):
@@ -171,10 +172,11 @@ class SqliteStore(Store):
 
 def _counters(cursor: Cursor, names: Sequence[str]) -> dict[str, list[int]]:
     state: dict[str, list[int]] = {}
-    for name in names:
-        row = cursor.execute(_COUNTERS, (name,)).fetchone()
-        if row is not None:
-            state[name] = [row[1], row[2], row[3]]
+    for at in range(0, len(names), _COUNTERS_CHUNK):
+        chunk = names[at : at + _COUNTERS_CHUNK]
+        sql = _COUNTERS % ", ".join("?" * len(chunk))
+        for name, epoch, last_offset, last_timestamp in cursor.execute(sql, chunk):
+            state[name] = [epoch, last_offset, last_timestamp]
     return state
 
 

@@ -1,11 +1,13 @@
 """What the subscribers of one broadcast share when they go to the log: lookups of a
-channel's head (idle checks) and turns at reading pages (catch-up)."""
+channel's head (idle checks), turns at reading pages and the pages read (catch-up)."""
 
 from __future__ import annotations
 
 import asyncio
 
+from ._budget import page_was_cut
 from ._event import Event
+from ._pagecache import PageCache
 from .log import ChannelInfo, EventLog
 
 
@@ -25,20 +27,37 @@ class HeadProbe:
         self._log = log
         self._lookups: dict[str, tuple[float, asyncio.Future[ChannelInfo | None]]] = {}
         self._reads: asyncio.Semaphore | None = None
+        #: Whole replay pages, shared by the subscribers that replay the same stretch.
+        self.pages = PageCache()
 
-    async def read_page(self, channel: str, start: int, limit: int, max_bytes: int) -> list[Event]:
-        """A replay page, when this broadcast's turn comes.
+    async def read_page(
+        self, channel: str, start: int, limit: int, max_bytes: int, epoch: int | None
+    ) -> tuple[list[Event], bool]:
+        """A replay page from ``start``, and whether it reached the end of the log.
 
-        A hundred subscribers catching up at once would otherwise fill every loop
-        iteration with page conversions, and a publish, which needs several
-        iterations, would crawl: a few reads at a time, first come first served,
-        leave the loop free for everything else.
+        Pages are aligned to multiples of ``limit`` (the first one read from an
+        offset inside a page stops at that page's end), so that the subscribers
+        replaying the same stretch share whole pages through the cache; a page of
+        another epoch than ``epoch`` is never served from it.
+
+        Reads take turns: a hundred subscribers catching up at once would otherwise
+        fill every loop iteration with page conversions, and a publish, which needs
+        several iterations, would crawl: a few reads at a time, first come first
+        served, leave the loop free for everything else.
         """
         if self._reads is None:
             self._reads = asyncio.Semaphore(self.READS_AT_ONCE)
         reads = self._reads
+        kept = self.pages.get(channel, start, limit, epoch)
+        if kept is not None:
+            # No read, but a turn all the same: a hundred subscribers served from the
+            # cache at once would otherwise take every loop iteration from a publisher.
+            async with reads:
+                await asyncio.sleep(0)
+            return kept, False
+        wanted = PageCache.page_start(start, limit) + limit - start
         await reads.acquire()
-        read = asyncio.ensure_future(self._log.read_from(channel, start, limit, max_bytes))
+        read = asyncio.ensure_future(self._log.read_from(channel, start, wanted, max_bytes))
 
         def done(read: asyncio.Future[list[Event]]) -> None:
             # The turn ends when the read does: a cancelled caller's read still runs
@@ -48,7 +67,11 @@ class HeadProbe:
                 read.exception()
 
         read.add_done_callback(done)
-        return await asyncio.shield(read)
+        page = await asyncio.shield(read)
+        if len(page) == limit:
+            self.pages.put(channel, start, limit, page)
+        ended = len(page) < wanted and not page_was_cut(page, max_bytes)
+        return page, ended
 
     async def channel(self, name: str, max_age: float = 0.0) -> ChannelInfo | None:
         """The state of channel ``name``, at most ``max_age`` seconds old."""

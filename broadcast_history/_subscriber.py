@@ -25,7 +25,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from ._bell import Bell
-from ._budget import SubscriberOptions, page_was_cut, weigh, weight
+from ._budget import SubscriberOptions, weigh, weight
 from ._consumer import Committable, Holding
 from ._errors import HistoryTruncated, LogUnavailable, StreamReset, Unsubscribed
 from ._event import NOTICE, Event
@@ -74,7 +74,7 @@ class Subscriber(Committable):
         self._bell = Bell()
         self._error: BaseException | None = None
         # A page being read ahead during replay: (its start offset, the read).
-        self._reading: tuple[int, asyncio.Future[list[Event]]] | None = None
+        self._reading: tuple[int, asyncio.Future[tuple[list[Event], bool]]] | None = None
         # The lease held for a durable consumer (subscribe(consumer=...)).
         self._consumer: Holding | None = None
 
@@ -185,13 +185,13 @@ class Subscriber(Committable):
         start = self._next
         reading, self._reading = self._reading, None
         if reading is not None and reading[0] == start:
-            page = await reading[1]
+            page, ended = await reading[1]
         else:
             if reading is not None:
                 _discard(reading[1])
             # Whatever overflowed before this read is committed, so the read covers it.
             self._overflowed = False
-            page = await self._read(start)
+            page, ended = await self._read(start)
         if self._mode == _CLOSED:
             return  # unsubscribed while the page was read: nothing more to deliver
         if page and page[0].offset == start and page[-1].offset - start == len(page) - 1:
@@ -200,8 +200,7 @@ class Subscriber(Committable):
                 self._epoch = epoch
             if epoch == self._epoch and page[-1].epoch == epoch:
                 self._page.extend(page)
-                options = self._options
-                if len(page) < options.page_size and not page_was_cut(page, options.page_bytes):
+                if ended:
                     # The log had nothing more when read, and live delivery was set up
                     # before the read: whatever commits next arrives live (or shows up
                     # as a gap), so stop polling the log.
@@ -229,10 +228,12 @@ class Subscriber(Committable):
             return
         raise HistoryTruncated(f"events from {start} of {self.channel!r} are missing")
 
-    def _read(self, start: int) -> asyncio.Future[list[Event]]:
+    def _read(self, start: int) -> asyncio.Future[tuple[list[Event], bool]]:
         options = self._options
         return asyncio.ensure_future(
-            self._heads.read_page(self.channel, start, options.page_size, options.page_bytes)
+            self._heads.read_page(
+                self.channel, start, options.page_size, options.page_bytes, self._epoch
+            )
         )
 
     def _read_ahead(self, start: int) -> None:
@@ -344,10 +345,10 @@ class Subscriber(Committable):
         self._mode = _REPLAY
 
 
-def _discard(read: asyncio.Future[list[Event]]) -> None:
+def _discard(read: asyncio.Future[tuple[list[Event], bool]]) -> None:
     """Drop a read-ahead that is no longer wanted, without cancelling it midway."""
 
-    def consume(done: asyncio.Future[list[Event]]) -> None:
+    def consume(done: asyncio.Future[tuple[list[Event], bool]]) -> None:
         if not done.cancelled():
             done.exception()
 

@@ -39,6 +39,11 @@ from typing import Any, NamedTuple
 
 from .configs import accepts, free_port
 
+# nats-server 2.15 gives a stream 1,000 consumers unless its config says otherwise
+# (and takes -1 for "its default"): the fan-out row alone subscribes 1,000, and
+# catch-up's reconnecting subscribers leave ordered consumers behind until the
+# server removes them.
+MAX_CONSUMERS = 100_000
 RUN_STREAM = "RUN"
 BIG_PAYLOAD = b'{"user": "bench", "text": "' + b"x" * 40 + b'"}'  # 70 bytes, as bigfill
 
@@ -162,7 +167,12 @@ class JetStreamBroadcast:
         with contextlib.suppress(Exception):
             await self._js.delete_stream(RUN_STREAM)
         await self._js.add_stream(
-            StreamConfig(name=RUN_STREAM, subjects=["run.>"], storage=StorageType.FILE)
+            StreamConfig(
+                name=RUN_STREAM,
+                subjects=["run.>"],
+                storage=StorageType.FILE,
+                max_consumers=MAX_CONSUMERS,
+            )
         )
         return self
 
@@ -227,7 +237,12 @@ async def ensure_big(url: str, size: int) -> float:
             await js.delete_stream(name)
         began = time.perf_counter()
         await js.add_stream(
-            StreamConfig(name=name, subjects=[f"big.{size}"], storage=StorageType.FILE)
+            StreamConfig(
+                name=name,
+                subjects=[f"big.{size}"],
+                storage=StorageType.FILE,
+                max_consumers=MAX_CONSUMERS,
+            )
         )
         for start in range(size):
             await nc.publish(f"big.{size}", b"%09d" % start + BIG_PAYLOAD)

@@ -23,14 +23,11 @@ from broadcast_history.admin import (
 from broadcast_history.cli import app as cli_app
 from tests.support.admin_support import LOG_KINDS, fresh_log_url
 
-# Durable consumers are not available on the MySQL log yet (see test_mysql.py).
-CONSUMER_LOGS = [kind for kind in LOG_KINDS if kind != "log:mysql"]
-
 TOKEN = "consumers-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-@pytest.fixture(params=CONSUMER_LOGS)
+@pytest.fixture(params=LOG_KINDS)
 async def broadcast(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Broadcast]:
     url = await fresh_log_url(request.param, tmp_path)
     async with Broadcast("memory://", log=url) as b:
@@ -117,7 +114,7 @@ async def _seed(url: str) -> None:
             await broadcast.publish("orders/eu", f"order {i}")
 
 
-@pytest.mark.parametrize("kind", CONSUMER_LOGS)
+@pytest.mark.parametrize("kind", LOG_KINDS)
 def test_cli(kind: str, tmp_path: Path) -> None:
     log = asyncio.run(fresh_log_url(kind, tmp_path))
     asyncio.run(_seed(log))

@@ -1,5 +1,6 @@
 """Durable consumers across processes: a holder killed (``kill -9``) or paused
-(``SIGSTOP``) and a standby process taking over, on a SQLite file and on Postgres.
+(``SIGSTOP``) and a standby process taking over, on a SQLite file, on Postgres and
+on MySQL/MariaDB.
 
 Every worker commits after each event and reports what it does on stdout, so the
 test can check the promises: every event is processed at least once and none is
@@ -24,7 +25,9 @@ import pytest
 from broadcast_history import Broadcast
 
 pytestmark = [
-    pytest.mark.parametrize("log_url", ["log:sqlite-file", "log:postgres"], indirect=True),
+    pytest.mark.parametrize(
+        "log_url", ["log:sqlite-file", "log:postgres", "log:mysql"], indirect=True
+    ),
     pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals"),
 ]
 

@@ -1,5 +1,6 @@
 """Durable consumers in one process: positions, leases, fencing, reset and trimmed
-channels, auto_commit, and 1,000 consumers on 100 channels (SQLite file and Postgres).
+channels, auto_commit, and 1,000 consumers on 100 channels (SQLite file, Postgres,
+MySQL/MariaDB).
 
 The failover of a killed or paused holder process is in test_consumer_failover.py.
 """
@@ -23,7 +24,9 @@ from broadcast_history import (
 from tests.conftest import MakeBroadcast
 from tests.support.helpers import take
 
-SHARED_LOGS = pytest.mark.parametrize("log_url", ["log:sqlite-file", "log:postgres"], indirect=True)
+SHARED_LOGS = pytest.mark.parametrize(
+    "log_url", ["log:sqlite-file", "log:postgres", "log:mysql"], indirect=True
+)
 pytestmark = [SHARED_LOGS, pytest.mark.parametrize("transport", ["memory"], indirect=True)]
 
 

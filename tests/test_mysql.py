@@ -1,5 +1,6 @@
 """MySQL/MariaDB log specifics: names byte for byte, events the server refuses, the
-migration lock, several processes appending at once, connections killed mid-publish.
+migration lock, several processes appending at once, connections killed mid-publish,
+durable consumers' leases decided without RETURNING.
 
 The contract suite runs on this log too (``log:mysql`` in ``LOGS``); these tests use
 databases of their own (see ``tests/support/mysql_support.py``).
@@ -242,9 +243,93 @@ async def test_only_deadlocks_are_retried(
     assert len(calls) == (2 if retried else 1)
 
 
-async def test_durable_consumers_say_they_are_not_available_yet(mysql_url: str) -> None:
-    async with Broadcast(log=mysql_url) as broadcast:
-        await broadcast.publish("orders", "o1")
-        with pytest.raises(InvalidArgument, match="not available on mysql"):
-            async with broadcast.subscribe("orders", consumer="mailer"):
-                pass
+async def test_consumer_names_compare_byte_for_byte(mysql_url: str) -> None:
+    """Consumers whose channel or name differ only in case or trailing spaces are
+    distinct consumers, each with its own lease and position."""
+    base = unique()
+    pairs = [(c, n) for c in (base, base + " ", base.upper()) for n in ("w", "w ", "W")]
+    holders = [f"holder-{i}" for i in range(len(pairs))]
+    async with Broadcast(backend=MemoryBackend(), log=mysql_url) as broadcast:
+        log = broadcast.log
+        epochs = {c: (await broadcast.publish(c, "m")).epoch for c, _ in pairs}
+        for i, (channel, name) in enumerate(pairs):
+            assert (await log.acquire_lease(channel, name, holders[i], 5)).acquired
+            assert await log.commit_position(channel, name, holders[i], epochs[channel], i, 5) == i
+        listed = {(c.channel, c.name): c.position for c in await log.consumers()}
+        assert {pair: listed.get(pair) for pair in pairs} == {
+            pair: i for i, pair in enumerate(pairs)
+        }
+        assert await log.renew_leases(holders, 5) == set(holders)
+        for i, (channel, name) in enumerate(pairs):
+            await log.release_lease(channel, name, holders[i])
+            assert await log.delete_consumer(channel, name)
+        assert [c for c in await log.consumers() if c.channel in epochs] == []
+
+
+async def test_commit_returns_the_stored_position(mysql_url: str) -> None:
+    """The position comes back from the UPDATE itself: the higher one within an
+    epoch, the new one (even 0, even lower) in another epoch."""
+    channel = unique()
+    async with Broadcast(backend=MemoryBackend(), log=mysql_url) as broadcast:
+        log = broadcast.log
+        assert (await log.acquire_lease(channel, "w", "h", 5)).acquired
+        assert await log.commit_position(channel, "w", "h", 7, 5, 5) == 5
+        assert await log.commit_position(channel, "w", "h", 7, 3, 5) == 5
+        assert await log.commit_position(channel, "w", "h", 7, 9, 5) == 9
+        assert await log.commit_position(channel, "w", "h", 8, 0, 5) == 0
+        assert await log.commit_position(channel, "w", "h", 8, 2, 5) == 2
+        assert await log.commit_position(channel, "w", "other", 8, 4, 5) is None
+        await log.release_lease(channel, "w", "h")
+        assert await log.commit_position(channel, "w", "h", 8, 4, 5) is None
+        taken = await log.acquire_lease(channel, "w", "next", 5)
+        assert (taken.acquired, taken.epoch, taken.position) == (True, 8, 2)
+
+
+async def test_one_of_many_connections_takes_a_lease(mysql_url: str) -> None:
+    """Logs of their own (as separate processes would have) racing for a consumer
+    that does not exist yet, then for one whose lease ran out: one wins each time."""
+    channel = unique()
+    logs = [EventLog(mysql_url) for _ in range(6)]
+    await asyncio.gather(*(log.connect() for log in logs))
+    try:
+        for round_ in range(2):
+            attempts = await asyncio.gather(
+                *(
+                    log.acquire_lease(channel, "w", f"h{round_}-{n}", 0.3)
+                    for n, log in enumerate(logs)
+                )
+            )
+            assert sum(attempt.acquired for attempt in attempts) == 1
+            busy = [attempt for attempt in attempts if not attempt.acquired]
+            assert {attempt.holder for attempt in busy} == {
+                f"h{round_}-{n}" for n, attempt in enumerate(attempts) if attempt.acquired
+            }
+            await asyncio.sleep(0.4)  # the lease runs out
+        taken = await logs[0].acquire_leases([(channel, "w", "a"), (channel, "v", "b")], 5)
+        assert taken == {"a": (None, None), "b": (None, None)}
+        assert await logs[1].acquire_leases([(channel, "w", "c")], 5) == {}
+    finally:
+        await asyncio.gather(*(log.disconnect() for log in logs))
+
+
+async def test_lease_connections_killed() -> None:
+    """A lease statement's connection killed by the server is discarded: the next
+    statements run on fresh connections, and the lease is still the holder's."""
+    url = await ensure_database("consumer_faults")
+    channel = unique()
+    async with Broadcast(backend=MemoryBackend(), log=url) as broadcast:
+        log = broadcast.log
+        event = await broadcast.publish(channel, "m")
+        assert (await log.acquire_lease(channel, "w", "h", 5)).acquired
+        assert await kill_connections(url) > 0
+        failures = 0
+        for _ in range(5):
+            try:
+                kept = await log.renew_leases(["h"], 5)
+                stored = await log.commit_position(channel, "w", "h", event.epoch, 1, 5)
+                break
+            except LogUnavailable:
+                failures += 1
+        assert failures <= 2
+        assert (kept, stored) == ({"h"}, 1)
+        assert not (await log.acquire_lease(channel, "w", "other", 5)).acquired

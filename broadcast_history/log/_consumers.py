@@ -8,7 +8,8 @@ lock orders them and the loser's condition no longer matches.
 
 Lease times are microseconds on the log's clock. On Postgres that is the server's
 ``clock_timestamp()``, so holders on several hosts are judged by one clock; a SQLite
-log is shared only by processes of one host, which share its clock.
+log is shared only by processes of one host, which share its clock. MySQL/MariaDB
+has no ``UPDATE ... RETURNING``: its writes are in ``_consumers_mysql``.
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.expression import Executable
 
-from .._errors import ConsumerBusy, InvalidArgument
+from .._errors import ConsumerBusy
 from .._event import from_micros
 from .._validation import check_served
+from . import _consumers_mysql as _mysql
 from ._info import ConsumerInfo, LeaseAttempt
 from ._rows import now_micros
 from ._schema import channels, consumers
@@ -49,9 +51,30 @@ _C = consumers.c
 _CHUNK = 500
 
 
-class _Statements:
-    """The consumer statements of one database, built once with bind parameters:
-    lease statements run often, and building an upsert costs more than running it."""
+class _Reads:
+    """Statements every database runs as they are, given its clock ``now``."""
+
+    def __init__(self, now: ColumnElement[int]) -> None:
+        key = and_(_C.channel == bindparam("b_channel"), _C.name == bindparam("b_name"))
+        # The stored row has no live holder.
+        free = or_(_C.holder.is_(None), _C.lease_expires.is_(None), _C.lease_expires <= now)
+        self.now, self.key, self.free = now, key, free
+        self.remove = delete(consumers).where(key, free)
+        self.exists = select(_C.name).where(key)
+        live = and_(_C.holder.is_not(None), _C.lease_expires > now)
+        stored = (_C.channel, _C.name, _C.epoch, _C.position, _C.updated_at)
+        heads = (channels.c.epoch, channels.c.last_offset)
+        self.listing = (
+            select(*stored, case((live, _C.holder), else_=None), *heads)
+            .select_from(consumers.outerjoin(channels, channels.c.name == _C.channel))
+            .order_by(_C.channel, _C.name)
+        )
+        self.listing_of = self.listing.where(_C.channel == bindparam("b_channel"))
+
+
+class _Statements(_Reads):
+    """The consumer statements of SQLite or Postgres: lease statements run often, and
+    building an upsert costs more than running it."""
 
     def __init__(self, postgres: bool) -> None:
         dialect: Any = postgresql if postgres else sqlite
@@ -61,14 +84,12 @@ class _Statements:
             now = cast(func.round(seconds * 1_000_000), BigInteger)
         else:
             now = bindparam("b_now", type_=BigInteger)
-        key = and_(_C.channel == bindparam("b_channel"), _C.name == bindparam("b_name"))
+        super().__init__(now)
+        key, free, self.postgres = self.key, self.free, postgres
         mine = and_(key, _C.holder == bindparam("b_holder"))
         lease = bindparam("b_lease", type_=BigInteger)
         epoch = bindparam("b_epoch", type_=BigInteger)
         position = bindparam("b_position", type_=BigInteger)
-        # The stored row has no live holder.
-        free = or_(_C.holder.is_(None), _C.lease_expires.is_(None), _C.lease_expires <= now)
-        self.postgres, self.now, self.free = postgres, now, free
         row: dict[str, Any] = {"channel": bindparam("b_channel"), "name": bindparam("b_name")}
 
         taking = dialect.insert(consumers).values(
@@ -133,37 +154,16 @@ class _Statements:
             set_={c: setting.excluded[c] for c in ("epoch", "position", "updated_at")},
             where=free,
         ).returning(_C.name)
-        self.remove = delete(consumers).where(key, free)
-        self.exists = select(_C.name).where(key)
-
-        live = and_(_C.holder.is_not(None), _C.lease_expires > now)
-        self.listing = (
-            select(
-                _C.channel,
-                _C.name,
-                _C.epoch,
-                _C.position,
-                _C.updated_at,
-                case((live, _C.holder), else_=None),
-                channels.c.epoch,
-                channels.c.last_offset,
-            )
-            .select_from(consumers.outerjoin(channels, channels.c.name == _C.channel))
-            .order_by(_C.channel, _C.name)
-        )
-        self.listing_of = self.listing.where(_C.channel == bindparam("b_channel"))
 
 
 _BUILT: dict[str, _Statements] = {}
+_MYSQL = "mysql"  # MariaDB's name too
+_MYSQL_READS = _Reads(_mysql.NOW)
 
 
 def _statements(conn: AsyncConnection) -> tuple[_Statements, dict[str, Any]]:
-    """The statements of ``conn``'s database, and the parameters they all take."""
+    """The statements of ``conn``'s SQLite or Postgres, and the parameters they take."""
     name = conn.dialect.name
-    if name not in ("postgresql", "sqlite"):
-        raise InvalidArgument(
-            f"durable consumers need a SQLite or Postgres log; not available on {name} yet"
-        )
     built = _BUILT.get(name)
     if built is None:
         built = _BUILT[name] = _Statements(name == "postgresql")
@@ -171,10 +171,17 @@ def _statements(conn: AsyncConnection) -> tuple[_Statements, dict[str, Any]]:
     return built, ({} if name == "postgresql" else {"b_now": now_micros()})
 
 
+def _reads(conn: AsyncConnection) -> tuple[_Reads, dict[str, Any]]:
+    """:func:`_statements`, for the statements MySQL shares with the others."""
+    return (_MYSQL_READS, {}) if conn.dialect.name == _MYSQL else _statements(conn)
+
+
 async def acquire(
     conn: AsyncConnection, channel: str, name: str, holder: str, lease_us: int
 ) -> LeaseAttempt:
     """Take the lease of (channel, name) for ``holder`` if nobody holds it."""
+    if conn.dialect.name == _MYSQL:
+        return await _mysql.acquire(conn, channel, name, holder, lease_us)
     sql, params = _statements(conn)
     params.update(b_channel=channel, b_name=name, b_holder=holder, b_lease=lease_us)
     row = (await conn.execute(sql.acquire, params)).first()
@@ -195,6 +202,8 @@ async def acquire_many(
     Which consumers are held is read first, without locking them; only the others
     are tried, so waiting for busy consumers costs one read.
     """
+    if conn.dialect.name == _MYSQL:
+        return await _mysql.acquire_many(conn, claims, lease_us)
     sql, params = _statements(conn)
     taken: dict[str, tuple[int | None, int | None]] = {}
     for start in range(0, len(claims), _CHUNK):
@@ -223,6 +232,8 @@ async def acquire_many(
 
 async def renew(conn: AsyncConnection, holders: Sequence[str], lease_us: int) -> set[str]:
     """Extend the leases ``holders`` still have; returns those holders."""
+    if conn.dialect.name == _MYSQL:
+        return await _mysql.renew(conn, holders, lease_us)
     sql, params = _statements(conn)
     kept: set[str] = set()
     for start in range(0, len(holders), _CHUNK):
@@ -234,6 +245,9 @@ async def renew(conn: AsyncConnection, holders: Sequence[str], lease_us: int) ->
 
 async def release(conn: AsyncConnection, channel: str, name: str, holder: str) -> None:
     """Give the lease up; a row that never got a position goes with it."""
+    if conn.dialect.name == _MYSQL:
+        await _mysql.release(conn, channel, name, holder)
+        return
     sql, params = _statements(conn)
     params.update(b_channel=channel, b_name=name, b_holder=holder)
     for statement in sql.release:
@@ -255,6 +269,8 @@ async def commit(
     Returns the stored position, or ``None`` when the lease is not held: then nothing
     was written.
     """
+    if conn.dialect.name == _MYSQL:
+        return await _mysql.commit(conn, channel, name, holder, epoch, position, lease_us)
     sql, params = _statements(conn)
     params.update(b_channel=channel, b_name=name, b_holder=holder, b_lease=lease_us)
     params.update(b_epoch=epoch, b_position=position)
@@ -264,7 +280,7 @@ async def commit(
 
 async def listing(conn: AsyncConnection, channel: str | None) -> list[ConsumerInfo]:
     """Consumers (of ``channel``, or all) in (channel, name) order, with their lag."""
-    sql, params = _statements(conn)
+    sql, params = _reads(conn)
     query = sql.listing if channel is None else sql.listing_of
     found = []
     for row in await conn.execute(query, {**params, "b_channel": channel}):
@@ -299,9 +315,13 @@ async def set_position(
         return None
     epoch, first, last = found
     check_served(channel, position, first, last, "position")
-    sql, params = _statements(conn)
-    params.update(b_channel=channel, b_name=name, b_epoch=epoch, b_position=position)
-    if (await conn.execute(sql.set_position, params)).first() is None:
+    if conn.dialect.name == _MYSQL:
+        stored = await _mysql.store_position(conn, channel, name, epoch, position)
+    else:
+        sql, params = _statements(conn)
+        params.update(b_channel=channel, b_name=name, b_epoch=epoch, b_position=position)
+        stored = (await conn.execute(sql.set_position, params)).first() is not None
+    if not stored:
         raise _busy(channel, name)
     [info] = [c for c in await listing(conn, channel) if c.name == name]
     return info
@@ -313,7 +333,7 @@ async def remove(conn: AsyncConnection, channel: str, name: str) -> bool:
     Raises:
         ConsumerBusy: A live holder has the consumer.
     """
-    sql, params = _statements(conn)
+    sql, params = _reads(conn)
     params.update(b_channel=channel, b_name=name)
     if (await conn.execute(sql.remove, params)).rowcount:
         return True

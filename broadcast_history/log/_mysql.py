@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 from sqlalchemy import BigInteger, Dialect, Select, bindparam, func, literal_column, select, tuple_
@@ -33,7 +34,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .._errors import LogUnavailable
+from .._errors import BroadcastError, LogUnavailable, NotConnected
 from .._event import Event
 from ._batch import assemble, plan
 from ._engine import create_engine
@@ -74,14 +75,36 @@ class MySQLStore(Store):
         self._url = url
         # The server's max_allowed_packet, read with the first append.
         self._packet: int | None = None
+        # Connections in autocommit mode, for lease statements (see autocommit).
+        self._autocommit: AsyncEngine | None = None
 
     async def open(self) -> None:
         self._engine = create_engine(self._url)
+        self._autocommit = create_engine(self._url, autocommit=True)
 
     async def close(self) -> None:
-        engine, self._engine = self._engine, None
-        if engine is not None:
-            await engine.dispose()
+        engines = (self._engine, self._autocommit)
+        self._engine = self._autocommit = None
+        for engine in engines:
+            if engine is not None:
+                await engine.dispose()
+
+    @asynccontextmanager
+    async def autocommit(self) -> AsyncIterator[AsyncConnection]:
+        # A pool of its own: switching a pooled connection to autocommit and back
+        # would cost three round trips per use.
+        if self._autocommit is None:
+            raise NotConnected("the event log is not connected")
+        async with self._autocommit.connect() as conn:
+            try:
+                yield conn
+            except BroadcastError:
+                raise  # raised between statements: the connection is fine
+            except BaseException:
+                # A statement failed midway (the connection killed, or still busy
+                # after a cancel): discard the connection rather than pool it.
+                await conn.invalidate()
+                raise
 
     async def append(self, items: Sequence[Pending]) -> list[Event]:
         engine = self.engine

@@ -27,6 +27,8 @@ class HeadProbe:
         self._log = log
         self._lookups: dict[str, tuple[float, asyncio.Future[ChannelInfo | None]]] = {}
         self._reads: asyncio.Semaphore | None = None
+        # Whole-page reads running, shared by every subscriber that wants the page.
+        self._reading: dict[tuple[str, int, int], asyncio.Future[list[Event]]] = {}
         #: Whole replay pages, shared by the subscribers that replay the same stretch.
         self.pages = PageCache()
 
@@ -37,27 +39,57 @@ class HeadProbe:
 
         Pages are aligned to multiples of ``limit`` (the first one read from an
         offset inside a page stops at that page's end), so that the subscribers
-        replaying the same stretch share whole pages through the cache; a page of
-        another epoch than ``epoch`` is never served from it.
+        replaying the same stretch share whole pages: kept ones through the cache,
+        and one read for all of them while it runs.
 
         Reads take turns: a hundred subscribers catching up at once would otherwise
         fill every loop iteration with page conversions, and a publish, which needs
         several iterations, would crawl: a few reads at a time, first come first
         served, leave the loop free for everything else.
         """
-        if self._reads is None:
-            self._reads = asyncio.Semaphore(self.READS_AT_ONCE)
-        reads = self._reads
         kept = self.pages.get(channel, start, limit, epoch)
         if kept is not None:
-            # No read, but a turn all the same: a hundred subscribers served from the
-            # cache at once would otherwise take every loop iteration from a publisher.
-            async with reads:
-                await asyncio.sleep(0)
-            return kept, False
-        wanted = PageCache.page_start(start, limit) + limit - start
+            # A turn all the same (a hundred subscribers served from memory at once
+            # would take every loop iteration from a publisher), spent making sure the
+            # log still holds the page as kept: a deleted, trimmed or re-imported
+            # channel shows up here as soon as it would without the cache.
+            async with self._gate():
+                if await self._still_stored(channel, kept[-1]):
+                    return kept, False
+            self.pages.drop(channel, start, limit)
+        first = PageCache.page_start(start, limit)
+        wanted = first + limit - start
+        if start != first:
+            page = await self._read(channel, start, wanted, max_bytes)
+        else:
+            key = (channel, start, limit)
+            shared = self._reading.get(key)
+            if shared is None:
+                shared = asyncio.ensure_future(self._read(channel, start, wanted, max_bytes))
+                self._reading[key] = shared
+
+                def done(read: asyncio.Future[list[Event]]) -> None:
+                    del self._reading[key]
+                    if not read.cancelled():
+                        read.exception()  # retrieved: the callers have it
+
+                shared.add_done_callback(done)
+            # Shielded: a caller cancelled must not cancel the others' read.
+            page = await asyncio.shield(shared)
+            if len(page) == limit:
+                self.pages.put(channel, start, limit, page)
+        ended = len(page) < wanted and not page_was_cut(page, max_bytes)
+        return page, ended
+
+    def _gate(self) -> asyncio.Semaphore:
+        if self._reads is None:
+            self._reads = asyncio.Semaphore(self.READS_AT_ONCE)
+        return self._reads
+
+    async def _read(self, channel: str, start: int, limit: int, max_bytes: int) -> list[Event]:
+        reads = self._gate()
         await reads.acquire()
-        read = asyncio.ensure_future(self._log.read_from(channel, start, wanted, max_bytes))
+        read = asyncio.ensure_future(self._log.read_from(channel, start, limit, max_bytes))
 
         def done(read: asyncio.Future[list[Event]]) -> None:
             # The turn ends when the read does: a cancelled caller's read still runs
@@ -67,11 +99,20 @@ class HeadProbe:
                 read.exception()
 
         read.add_done_callback(done)
-        page = await asyncio.shield(read)
-        if len(page) == limit:
-            self.pages.put(channel, start, limit, page)
-        ended = len(page) < wanted and not page_was_cut(page, max_bytes)
-        return page, ended
+        return await asyncio.shield(read)
+
+    async def _still_stored(self, channel: str, event: Event) -> bool:
+        """Whether the log holds ``event`` at its offset: same epoch, same commit time.
+
+        Within one incarnation of a channel stored events never change, and a history
+        that diverged (the channel deleted and an older export imported, a backup
+        restored) commits its later events at later times.
+        """
+        found = await self._log.read_from(channel, event.offset, 1, None)
+        return bool(found) and (found[0].epoch, found[0].timestamp) == (
+            event.epoch,
+            event.timestamp,
+        )
 
     async def channel(self, name: str, max_age: float = 0.0) -> ChannelInfo | None:
         """The state of channel ``name``, at most ``max_age`` seconds old."""

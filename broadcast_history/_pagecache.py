@@ -3,14 +3,14 @@
 After a deploy or a network blip, many clients reconnect to the same channels and
 replay overlapping stretches of them. Without sharing, each one reads its pages from
 the log and builds its own events: a hundred subscribers catching up cost a hundred
-times the reads and the conversions. Stored events never change within an epoch, so
-a full page read once can serve every later subscriber of that stretch.
+times the reads and the conversions. A whole page read once serves every later
+subscriber of that stretch instead.
 
 Only whole pages are kept: ``size`` events starting at a multiple of ``size`` plus
-one, all of one epoch. A page is used only by a reader
-of the same epoch; one of another epoch (the channel was deleted and reused) is
-dropped. A page trimmed from the log after it was kept may still be served until it
-is evicted: retention frees storage, it does not take back what a client may read.
+one, all of one epoch, and served only to a reader of that epoch. Before serving a
+kept page the broadcast checks that the log still holds its last event as kept
+(``HeadProbe``): a channel deleted, trimmed or re-imported meanwhile is seen as it
+would be without the cache, and the page is dropped.
 """
 
 from __future__ import annotations
@@ -49,8 +49,7 @@ class PageCache:
             return None
         events = entry[0]
         if events[0].epoch != epoch:
-            self._drop(key)
-            return None
+            return None  # a reader of another incarnation: the log answers it
         self._pages.move_to_end(key)
         self.hits += 1
         return events[start - first :]
@@ -67,7 +66,7 @@ class PageCache:
             return
         key = (channel, start, size)
         if key in self._pages:
-            return
+            self._drop(key)  # the newer read wins (the channel may have been reset)
         cost = weigh(events)
         if cost > self._max_bytes:
             return
@@ -75,6 +74,12 @@ class PageCache:
         self._bytes += cost
         while self._bytes > self._max_bytes:
             self._drop(next(iter(self._pages)))
+
+    def drop(self, channel: str, start: int, size: int) -> None:
+        """Forget the page of ``start`` (the log no longer holds it as kept)."""
+        key = (channel, self.page_start(start, size), size)
+        if key in self._pages:
+            self._drop(key)
 
     def _drop(self, key: tuple[str, int, int]) -> None:
         _, cost = self._pages.pop(key)

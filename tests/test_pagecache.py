@@ -1,18 +1,23 @@
 """Replay pages shared by the subscribers of one broadcast (broadcast_history._pagecache).
 
-Subscribers replaying the same stretch of a channel get the same events without a read
-of their own; a page of an earlier incarnation of the channel is never served; the
-cache stays within its byte budget.
+Subscribers replaying the same stretch of a channel get the same events without
+reading the page themselves, and share one read while it runs; a kept page the log no
+longer holds as kept (the channel deleted, or re-imported from an older export with
+the same epoch) is never served; the cache stays within its byte budget.
 """
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
-from broadcast_history import Broadcast, Event
+import pytest
+
+from broadcast_history import Broadcast, Event, StreamReset
 from broadcast_history._event import stored_event
 from broadcast_history._pagecache import PageCache
+from broadcast_history.admin import HistoryAdmin
 
 
 async def _replay(bc: Broadcast, channel: str, since: int, until: int) -> list[Event]:
@@ -50,7 +55,9 @@ async def test_subscribers_replaying_one_stretch_share_its_pages(tmp_path: Path)
         )
         assert [e.offset for e in second] == list(range(131, 501))
         assert [e.offset for e in third] == list(range(101, 501))
-        assert reads <= 2 + 2 * 2  # a short first page each, the tail's reads each
+        # A short first page and the tail's reads each; the kept pages cost one
+        # one-event check each (7 and 8 pages), not a page read.
+        assert reads <= 2 * 2 + 7 + 8 + 2
         # The same events, not copies.
         assert second[-1] is first[-1] and third[100] is first[80]
 
@@ -86,6 +93,70 @@ def test_only_whole_aligned_pages_are_kept_within_the_byte_budget() -> None:
     assert cache.get("c", 1, 10, 1) is None  # the oldest went first
     tail = cache.get("c", 995, 10, 1)
     assert tail is not None and [e.offset for e in tail] == list(range(995, 1001))
-    assert cache.get("c", 995, 10, 2) is None  # another epoch: dropped
+    assert cache.get("c", 995, 10, 2) is None  # a reader of another epoch
+    assert cache.get("c", 995, 10, 1) is not None  # still kept for this one
+    cache.drop("c", 997, 10)
     assert cache.get("c", 995, 10, 1) is None
     assert cache.get("c", 985, 10, None) is None  # unknown epoch: ask the log
+
+
+async def _replay_all(bc: Broadcast, channel: str, count: int) -> list[Event]:
+    async with bc.subscribe(channel, since=0) as sub:
+        return [await asyncio.wait_for(sub.get(), 5) for _ in range(count)]
+
+
+async def test_a_history_re_imported_with_the_same_epoch_is_read_from_the_log(
+    tmp_path: Path,
+) -> None:
+    async with Broadcast(log=f"sqlite+aiosqlite:///{tmp_path / 'log.db'}", page_size=10) as bc:
+        admin = HistoryAdmin.of(bc)
+        for i in range(5):
+            await bc.publish("c", f"v1-{i}")
+        export = [line async for line in admin.export_jsonl(["c"])]
+        for i in range(5, 30):
+            await bc.publish("c", f"v1-{i}")
+        first = await _replay_all(bc, "c", 30)  # keeps pages 1-10, 11-20, 21-30
+        await bc.log.delete_channel("c")
+        await admin.import_jsonl(export)  # offsets 1..5 again, under the same epoch
+        for i in range(5, 30):
+            await bc.publish("c", f"v2-{i}")
+        second = await _replay_all(bc, "c", 30)
+        assert second[0].epoch == first[0].epoch
+        assert [e.message for e in second] == [f"v1-{i}" for i in range(5)] + [
+            f"v2-{i}" for i in range(5, 30)
+        ]
+
+
+async def test_a_subscriber_of_a_deleted_channel_is_reset_within_a_page(tmp_path: Path) -> None:
+    async with Broadcast(log=f"sqlite+aiosqlite:///{tmp_path / 'log.db'}", page_size=10) as bc:
+        for i in range(200):
+            await bc.publish("c", f"old{i}")
+        await _replay_all(bc, "c", 200)  # every page kept
+        async with bc.subscribe("c", since=0) as sub:
+            for _ in range(5):
+                await sub.get()
+            await bc.log.delete_channel("c")
+            delivered = 0
+            with pytest.raises(StreamReset):
+                while True:
+                    await asyncio.wait_for(sub.get(), 5)
+                    delivered += 1
+            # The rest of the page in hand (and the one read ahead), not the 195 kept.
+            assert delivered <= 15
+
+
+async def test_subscribers_missing_the_same_page_share_one_read(tmp_path: Path) -> None:
+    async with Broadcast(log=f"sqlite+aiosqlite:///{tmp_path / 'log.db'}", page_size=100) as bc:
+        await asyncio.gather(*(bc.publish("c", f"m{i}") for i in range(2000)))
+        pages = 0
+        read_from = bc.log.read_from
+
+        async def counting(channel: str, start: int, limit: int, max_bytes: int | None) -> Any:
+            nonlocal pages
+            pages += limit > 1  # one-event reads are the checks of kept pages
+            return await read_from(channel, start, limit, max_bytes)
+
+        bc.log.read_from = counting  # type: ignore[method-assign]
+        got = await asyncio.gather(*(_replay_all(bc, "c", 2000) for _ in range(30)))
+        assert all([e.offset for e in g] == list(range(1, 2001)) for g in got)
+        assert pages <= 2 * 21  # 20 pages and the empty tail, a few read twice at most

@@ -4,8 +4,8 @@ Most events are published without one; indexing them all cost every append an in
 entry per event, and a dirty index page per channel per commit. SQLite and Postgres
 index the keyed rows only; MySQL has no partial indexes and is left as it is.
 
-Rebuilding the index reads the whole events table once, and on Postgres holds appends
-for that long (a transaction of DDL); see docs/migrating.md.
+Building the new index reads the whole events table once; appends wait meanwhile
+(see docs/deployment.md for the time it takes).
 
 Revision ID: 0004
 Revises: 0003
@@ -32,15 +32,19 @@ def _rebuild(*, partial: bool) -> None:
     if dialect not in _PARTIAL:
         return
     where = sa.text("key IS NOT NULL") if partial else None
+    if dialect == "postgresql":
+        # Build the new index first (appends wait, reads go on), then swap: DROP INDEX
+        # locks the table against reads too, until the migration commits, so it comes
+        # last and lasts only for the rename.
+        op.create_index(
+            f"{_INDEX}_new", _TABLE, ["channel", "key"], unique=True, postgresql_where=where
+        )
+        op.drop_index(_INDEX, table_name=_TABLE)
+        op.execute(f"ALTER INDEX {_INDEX}_new RENAME TO {_INDEX}")
+        return
+    # SQLite cannot rename an index; its writers wait either way and WAL readers do not.
     op.drop_index(_INDEX, table_name=_TABLE)
-    op.create_index(
-        _INDEX,
-        _TABLE,
-        ["channel", "key"],
-        unique=True,
-        sqlite_where=where,
-        postgresql_where=where,
-    )
+    op.create_index(_INDEX, _TABLE, ["channel", "key"], unique=True, sqlite_where=where)
 
 
 def upgrade() -> None:

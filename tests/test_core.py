@@ -341,3 +341,24 @@ def test_migrations_use_only_public_log_names() -> None:
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("broadcast_history"):
             assert "._" not in (node.module or ""), node.module
             assert not any(alias.name.startswith("_") for alias in node.names), node.module
+
+
+async def test_disconnect_lets_a_read_left_by_a_cancelled_caller_end(tmp_path: Path) -> None:
+    # A subscriber cancelled mid-read leaves the read running (it holds a connection);
+    # closing the pool under it would leak the connection.
+    log = EventLog(f"sqlite+aiosqlite:///{tmp_path / 'events.db'}")
+    await log.connect()
+    real, finished = log._store.read_page, []
+
+    async def slow(*args: object) -> list[Event]:
+        await asyncio.sleep(0.3)  # fault injection: a slow database
+        page = await real(*args)  # type: ignore[arg-type]
+        finished.append(page)
+        return page
+
+    log._store.read_page = slow  # type: ignore[method-assign]
+    caller = asyncio.ensure_future(log.read_from("c", 1, 10))
+    await asyncio.sleep(0.05)
+    caller.cancel()
+    await log.disconnect()
+    assert finished == [[]]

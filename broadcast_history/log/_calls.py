@@ -35,12 +35,17 @@ def finish_on_cancel(
     Cancelling an aiosqlite or asyncpg call midway can leave the connection unusable,
     and for an in-memory SQLite database (one connection) that would lose the data.
     Subscribers are cancelled routinely (a client goes away), so the call finishes in
-    the background and only the caller stops waiting.
+    the background and only the caller stops waiting. An object with a ``_running``
+    set gets each call's task in it while it runs.
     """
 
     @functools.wraps(method)
     async def wrapper(self: _S, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
         task = asyncio.ensure_future(method(self, *args, **kwargs))
+        running: set[asyncio.Future[Any]] | None = getattr(self, "_running", None)
+        if running is not None:  # for disconnect(), which lets them end first
+            running.add(task)
+            task.add_done_callback(running.discard)
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import AsyncIterable, Sequence
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -22,6 +23,9 @@ from ._rows import now_micros
 from ._store import Store
 
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+# Longest disconnect() waits for calls still running (a stalled database must not
+# hold it for ever).
+_CALLS_WAIT = 5.0
 
 
 class EventLog(ConsumerMethods):
@@ -64,6 +68,8 @@ class EventLog(ConsumerMethods):
         self.must_exist = must_exist
         self._store = _store_for(self.url, str(level))
         self._log_id: str | None = None
+        # Calls running, their callers possibly gone (see finish_on_cancel).
+        self._running: set[asyncio.Future[Any]] = set()
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -103,6 +109,10 @@ class EventLog(ConsumerMethods):
         """Close every connection; safe to call twice."""
         if self._log_id is not None:
             self._log_id = None
+            if self._running:
+                # A read left running by a cancelled subscriber holds a connection:
+                # let it end rather than close the pool under it.
+                await asyncio.wait(list(self._running), timeout=_CALLS_WAIT)
             await self._store.close()
 
     # -- writing -------------------------------------------------------------------

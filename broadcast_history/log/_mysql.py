@@ -34,7 +34,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .._errors import BroadcastError, LogUnavailable, NotConnected
+from .._errors import LogUnavailable, NotConnected
 from .._event import Event
 from ._batch import assemble, plan
 from ._engine import create_engine
@@ -42,7 +42,7 @@ from ._info import Pending
 from ._queries import page_query
 from ._rows import EVENT_COLUMNS, event_row, keyed_events, new_epoch, prepared, rows_to_events
 from ._schema import channels, events
-from ._store import Store
+from ._store import Store, discarding_broken
 
 _T = TypeVar("_T")
 # Microseconds since the Unix epoch from the server's clock, whatever the session's
@@ -95,16 +95,8 @@ class MySQLStore(Store):
         # would cost three round trips per use.
         if self._autocommit is None:
             raise NotConnected("the event log is not connected")
-        async with self._autocommit.connect() as conn:
-            try:
-                yield conn
-            except BroadcastError:
-                raise  # raised between statements: the connection is fine
-            except BaseException:
-                # A statement failed midway (the connection killed, or still busy
-                # after a cancel): discard the connection rather than pool it.
-                await conn.invalidate()
-                raise
+        async with self._autocommit.connect() as conn, discarding_broken(conn):
+            yield conn
 
     async def append(self, items: Sequence[Pending]) -> list[Event]:
         engine = self.engine

@@ -21,7 +21,7 @@ from sqlalchemy.engine import URL, ExceptionContext
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .._errors import BroadcastError, LogUnavailable
+from .._errors import LogUnavailable
 from .._event import Event
 from ._batch import assemble, plan
 from ._calls import Conflict, append_error, is_data_error
@@ -30,7 +30,7 @@ from ._info import Pending
 from ._queries import page_query
 from ._rows import EVENT_COLUMNS, compiled, keyed_events, new_epoch, prepared, rows_to_events
 from ._schema import channels, events
-from ._store import Store
+from ._store import Store, discarding_broken
 
 T = TypeVar("T")
 
@@ -56,15 +56,8 @@ class PostgresStore(Store):
     async def autocommit(self) -> AsyncIterator[AsyncConnection]:
         async with self.engine.connect() as conn:
             await conn.execution_options(isolation_level="AUTOCOMMIT")
-            try:
+            async with discarding_broken(conn):
                 yield conn
-            except BroadcastError:
-                raise  # raised between statements: the connection is fine
-            except BaseException:
-                # As in append: no ROLLBACK runs on return to the pool in autocommit,
-                # so a connection broken mid-statement is discarded here.
-                await conn.invalidate()
-                raise
 
     async def append(self, items: Sequence[Pending]) -> list[Event]:
         return await append(self.engine, items)

@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import Select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .._errors import NotConnected
+from .._errors import BroadcastError, NotConnected
 from .._event import Event
 from ._engine import WRITE
 from ._info import Pending
@@ -87,3 +87,21 @@ class Store:
         """A replay page: ``limit`` events from offset ``start`` on, ascending, cut
         after ``max_bytes`` of payload if given (the hot path of replay)."""
         raise NotImplementedError
+
+
+@asynccontextmanager
+async def discarding_broken(conn: AsyncConnection) -> AsyncIterator[AsyncConnection]:
+    """Yield ``conn`` (an autocommit connection); discard it if a statement failed.
+
+    No ROLLBACK runs when an autocommit connection goes back to the pool, so one
+    broken mid-statement (killed, or still busy after a cancel) would be handed out
+    again: it is invalidated instead. Our own errors are raised between statements
+    and leave the connection fine.
+    """
+    try:
+        yield conn
+    except BroadcastError:
+        raise
+    except BaseException:
+        await conn.invalidate()
+        raise

@@ -74,10 +74,19 @@ class HeadProbe:
                         read.exception()  # retrieved: the callers have it
 
                 shared.add_done_callback(done)
+                joined = False
+            else:
+                joined = True
             # Shielded: a caller cancelled must not cancel the others' read.
             page = await asyncio.shield(shared)
             if len(page) == limit:
                 self.pages.put(channel, start, limit, page)
+            elif joined:
+                # A short page says the log had nothing more when it was read, which
+                # may be before this caller registered for live events: what was
+                # committed in between would reach it only through a gap. Its own
+                # read, begun after registering, tells it.
+                page = await self._read(channel, start, wanted, max_bytes)
         ended = len(page) < wanted and not page_was_cut(page, max_bytes)
         return page, ended
 

@@ -160,3 +160,31 @@ async def test_subscribers_missing_the_same_page_share_one_read(tmp_path: Path) 
         got = await asyncio.gather(*(_replay_all(bc, "c", 2000) for _ in range(30)))
         assert all([e.offset for e in g] == list(range(1, 2001)) for g in got)
         assert pages <= 2 * 21  # 20 pages and the empty tail, a few read twice at most
+
+
+async def test_joining_a_read_begun_before_subscribing_misses_nothing(tmp_path: Path) -> None:
+    # A read shared with a subscriber that registered for live events after the read
+    # began: its short page lacks an event committed in between, which that
+    # subscriber will not get live either (with idle checks 30 s apart, it would
+    # wait that long for it).
+    url = f"sqlite+aiosqlite:///{tmp_path / 'log.db'}"
+    async with Broadcast(log=url, page_size=10, idle_check=30) as bc:
+        for i in range(3):
+            await bc.publish("c", f"m{i}")
+        read_from = bc.log.read_from
+
+        async def slow(channel: str, start: int, limit: int, max_bytes: int | None) -> Any:
+            page = await read_from(channel, start, limit, max_bytes)
+            await asyncio.sleep(0.3)  # fault injection: the answer is slow to arrive
+            return page
+
+        bc.log.read_from = slow  # type: ignore[method-assign]
+        async with bc.subscribe("c", since=0) as first:
+            reading = asyncio.ensure_future(first.get())
+            await asyncio.sleep(0.1)  # its read of page 1 has run and is on its way
+            async with Broadcast(log=url) as elsewhere:  # another process, in effect
+                await elsewhere.publish("c", "m3")  # committed before `second` subscribes
+            async with bc.subscribe("c", since=0) as second:
+                got = [await asyncio.wait_for(second.get(), 3) for _ in range(4)]
+            assert [e.message for e in got] == ["m0", "m1", "m2", "m3"]
+            assert (await reading).offset == 1

@@ -27,8 +27,6 @@ class HeadProbe:
         self._log = log
         self._lookups: dict[str, tuple[float, asyncio.Future[ChannelInfo | None]]] = {}
         self._reads: asyncio.Semaphore | None = None
-        # Whole-page reads running, shared by every subscriber that wants the page.
-        self._reading: dict[tuple[str, int, int], asyncio.Future[list[Event]]] = {}
         #: Whole replay pages, shared by the subscribers that replay the same stretch.
         self.pages = PageCache()
 
@@ -39,8 +37,7 @@ class HeadProbe:
 
         Pages are aligned to multiples of ``limit`` (the first one read from an
         offset inside a page stops at that page's end), so that the subscribers
-        replaying the same stretch share whole pages: kept ones through the cache,
-        and one read for all of them while it runs.
+        replaying the same stretch share whole pages through the cache.
 
         Reads take turns: a hundred subscribers catching up at once would otherwise
         fill every loop iteration with page conversions, and a publish, which needs
@@ -59,34 +56,12 @@ class HeadProbe:
             self.pages.drop(channel, start, limit)
         first = PageCache.page_start(start, limit)
         wanted = first + limit - start
-        if start != first:
-            page = await self._read(channel, start, wanted, max_bytes)
-        else:
-            key = (channel, start, limit)
-            shared = self._reading.get(key)
-            if shared is None:
-                shared = asyncio.ensure_future(self._read(channel, start, wanted, max_bytes))
-                self._reading[key] = shared
-
-                def done(read: asyncio.Future[list[Event]]) -> None:
-                    del self._reading[key]
-                    if not read.cancelled():
-                        read.exception()  # retrieved: the callers have it
-
-                shared.add_done_callback(done)
-                joined = False
-            else:
-                joined = True
-            # Shielded: a caller cancelled must not cancel the others' read.
-            page = await asyncio.shield(shared)
-            if len(page) == limit:
-                self.pages.put(channel, start, limit, page)
-            elif joined:
-                # A short page says the log had nothing more when it was read, which
-                # may be before this caller registered for live events: what was
-                # committed in between would reach it only through a gap. Its own
-                # read, begun after registering, tells it.
-                page = await self._read(channel, start, wanted, max_bytes)
+        # Always a read of this caller's own, begun now: a short page then proves the
+        # log had nothing more after everything this subscriber missed live (a read
+        # shared with others could have begun before that).
+        page = await self._read(channel, start, wanted, max_bytes)
+        if start == first and len(page) == limit:
+            self.pages.put(channel, start, limit, page)
         ended = len(page) < wanted and not page_was_cut(page, max_bytes)
         return page, ended
 

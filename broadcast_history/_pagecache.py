@@ -31,7 +31,6 @@ class PageCache:
         self._max_bytes = max_bytes
         self._pages: OrderedDict[tuple[str, int, int], tuple[list[Event], int]] = OrderedDict()
         self._bytes = 0
-        self.hits = 0
 
     @staticmethod
     def page_start(start: int, size: int) -> int:
@@ -51,7 +50,6 @@ class PageCache:
         if events[0].epoch != epoch:
             return None  # a reader of another incarnation: the log answers it
         self._pages.move_to_end(key)
-        self.hits += 1
         return events[start - first :]
 
     def put(self, channel: str, start: int, size: int, events: list[Event]) -> None:

@@ -43,7 +43,7 @@ from .._event import from_micros
 from .._validation import check_served
 from . import _consumers_mysql as _mysql
 from ._info import ConsumerInfo, LeaseAttempt
-from ._rows import now_micros
+from ._rows import MYSQL_NOW_US, now_micros
 from ._schema import channels, consumers
 
 _C = consumers.c
@@ -158,7 +158,7 @@ class _Statements(_Reads):
 
 _BUILT: dict[str, _Statements] = {}
 _MYSQL = "mysql"  # MariaDB's name too
-_MYSQL_READS = _Reads(_mysql.NOW)
+_MYSQL_READS = _Reads(MYSQL_NOW_US)
 
 
 def _statements(conn: AsyncConnection) -> tuple[_Statements, dict[str, Any]]:

@@ -33,7 +33,6 @@ from sqlalchemy import (
     delete,
     func,
     insert,
-    literal_column,
     or_,
     select,
     tuple_,
@@ -43,14 +42,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ._info import LeaseAttempt
+from ._rows import MYSQL_NOW_US as NOW  # the server's clock, as for event timestamps
 from ._schema import consumers
 
-#: The server's clock in microseconds since the Unix epoch, whatever the session's
-#: time zone (the clock of event timestamps too, see ``_mysql``): UTC has no hour
-#: that repeats, unlike ``UNIX_TIMESTAMP(NOW(6))`` in a time zone with summer time.
-NOW = literal_column(
-    "TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6))", BigInteger
-)
 _C = consumers.c
 # Holders per statement, as on the other databases.
 _CHUNK = 500

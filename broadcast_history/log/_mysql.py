@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
-from sqlalchemy import BigInteger, Dialect, Select, bindparam, func, literal_column, select, tuple_
+from sqlalchemy import Dialect, Select, bindparam, func, literal_column, select, tuple_
 from sqlalchemy.dialects.mysql import insert
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -40,16 +40,19 @@ from ._batch import assemble, plan
 from ._engine import create_engine
 from ._info import Pending
 from ._queries import page_query
-from ._rows import EVENT_COLUMNS, event_row, keyed_events, new_epoch, prepared, rows_to_events
+from ._rows import (
+    EVENT_COLUMNS,
+    MYSQL_NOW_US,
+    event_row,
+    keyed_events,
+    new_epoch,
+    prepared,
+    rows_to_events,
+)
 from ._schema import channels, events
 from ._store import Store, discarding_broken
 
 _T = TypeVar("_T")
-# Microseconds since the Unix epoch from the server's clock, whatever the session's
-# time zone (UTC_TIMESTAMP is fixed for the duration of a statement).
-_NOW_US = literal_column(
-    "TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6))", BigInteger
-)
 # InnoDB's "deadlock found": the transaction was rolled back whole, so retrying is safe.
 _DEADLOCK = 1213
 _ATTEMPTS = 5
@@ -232,7 +235,7 @@ def _allocation(dialect: Dialect, size: int) -> tuple[str, bool]:
             "name": bindparam(f"n{row}"),
             "epoch": bindparam(f"e{row}"),
             "last_offset": bindparam(f"c{row}"),
-            "last_timestamp": _NOW_US,
+            "last_timestamp": MYSQL_NOW_US,
             "first_offset": literal_column("1"),
         }
         for row in range(size)

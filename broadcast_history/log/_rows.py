@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import Dialect, select
+from sqlalchemy import BigInteger, Dialect, literal_column, select
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
@@ -47,6 +47,15 @@ CHANNEL_COLUMNS = (
 # Epochs are random so that a channel deleted and created again (possibly by another
 # host) never reuses one; 2**53 keeps them exact in JSON and JavaScript.
 EPOCH_LIMIT = 2**53
+
+
+#: MySQL's clock in microseconds since the Unix epoch, whatever the session's time zone:
+#: UTC has no hour that repeats (``UNIX_TIMESTAMP(NOW(6))`` does under summer time),
+#: and UTC_TIMESTAMP is fixed for the duration of a statement. Event timestamps and
+#: consumer leases both use it.
+MYSQL_NOW_US = literal_column(
+    "TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6))", BigInteger
+)
 
 
 def new_epoch() -> int:

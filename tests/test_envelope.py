@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+import random
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
 from broadcast_history import Event
 from broadcast_history._envelope import NotAnEnvelope, OtherLog, decode, encode
-from broadcast_history._event import NOTICE
+from broadcast_history._event import NOTICE, from_micros, to_micros
 
 LOG = "0123456789abcdef"
 WHEN = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=timezone.utc)
@@ -96,3 +97,34 @@ def test_an_envelope_of_another_log_names_it() -> None:
     with pytest.raises(OtherLog) as info:
         decode("chat", text, LOG)
     assert info.value.log_id == "fedcba9876543210"
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+@pytest.mark.parametrize(
+    "micros",
+    [
+        0,
+        1,
+        999_999,
+        1_764_124_800_123_456,
+        2**32 * 1_000_000 - 1,
+        2**32 * 1_000_000,
+        253_402_300_799_999_999,
+        -1,
+    ],
+)
+def test_timestamps_convert_exactly(micros: int) -> None:
+    # from_micros takes a float shortcut below the year 2106: it must never be off
+    # by a microsecond, there or past it.
+    moment = from_micros(micros)
+    assert moment == _EPOCH + timedelta(microseconds=micros)
+    assert to_micros(moment) == micros
+
+
+def test_timestamps_convert_exactly_at_random() -> None:
+    rng = random.Random(5)
+    for _ in range(100_000):
+        micros = rng.randrange(2**32 * 1_000_000)
+        assert to_micros(from_micros(micros)) == micros

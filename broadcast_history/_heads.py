@@ -27,6 +27,8 @@ class HeadProbe:
         self._log = log
         self._lookups: dict[str, tuple[float, asyncio.Future[ChannelInfo | None]]] = {}
         self._reads: asyncio.Semaphore | None = None
+        # Page reads running, by (channel, page start, page size): (read's start, read).
+        self._running: dict[tuple[str, int, int], tuple[int, asyncio.Future[list[Event]]]] = {}
         #: Whole replay pages, shared by the subscribers that replay the same stretch.
         self.pages = PageCache()
 
@@ -37,7 +39,8 @@ class HeadProbe:
 
         Pages are aligned to multiples of ``limit`` (the first one read from an
         offset inside a page stops at that page's end), so that the subscribers
-        replaying the same stretch share whole pages through the cache.
+        replaying the same stretch share whole pages: kept ones through the cache, and
+        one read while it runs.
 
         Reads take turns: a hundred subscribers catching up at once would otherwise
         fill every loop iteration with page conversions, and a publish, which needs
@@ -56,14 +59,51 @@ class HeadProbe:
             self.pages.drop(channel, start, limit)
         first = PageCache.page_start(start, limit)
         wanted = first + limit - start
-        # Always a read of this caller's own, begun now: a short page then proves the
-        # log had nothing more after everything this subscriber missed live (a read
-        # shared with others could have begun before that).
-        page = await self._read(channel, start, wanted, max_bytes)
+        key = (channel, first, limit)
+        running = self._running.get(key)
+        if running is not None and running[0] <= start:
+            page = await self._join(running, start, epoch)
+            if page is not None:
+                # Never the end, even if short: the read may have begun before this
+                # subscriber registered for live events or dropped some, and miss
+                # what was committed since. Its next read says.
+                return page, False
+        # Only a read of the caller's own, begun now, proves by coming back short that
+        # the log had nothing more after everything this subscriber missed live.
+        read = asyncio.ensure_future(self._read(channel, start, wanted, max_bytes))
+        if running is None:
+            entry = (start, read)
+            self._running[key] = entry
+
+            def done(read: asyncio.Future[list[Event]]) -> None:
+                if self._running.get(key) is entry:
+                    del self._running[key]
+                if not read.cancelled():
+                    read.exception()  # retrieved: the callers have it
+
+            read.add_done_callback(done)
+        # Shielded: a caller cancelled must not cancel the read others joined.
+        page = await asyncio.shield(read)
         if start == first and len(page) == limit:
             self.pages.put(channel, start, limit, page)
         ended = len(page) < wanted and not page_was_cut(page, max_bytes)
         return page, ended
+
+    @staticmethod
+    async def _join(
+        running: tuple[int, asyncio.Future[list[Event]]], start: int, epoch: int | None
+    ) -> list[Event] | None:
+        """The events from ``start`` on of a running read, if it got any of them and
+        they are of the caller's epoch (a read begun before the channel was reset
+        would pass for a hole in the new history)."""
+        read_start, read = running
+        page = await asyncio.shield(read)
+        skip = start - read_start
+        if len(page) <= skip or page[skip].offset != start:
+            return None
+        if epoch is not None and (page[skip].epoch != epoch or page[-1].epoch != epoch):
+            return None
+        return page[skip:]
 
     def _gate(self) -> asyncio.Semaphore:
         if self._reads is None:

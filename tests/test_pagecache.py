@@ -1,9 +1,10 @@
 """Replay pages shared by the subscribers of one broadcast (broadcast_history._pagecache).
 
 Subscribers replaying the same stretch of a channel get the same events without
-reading the page themselves; a kept page the log no longer holds as kept (the channel
-deleted, or re-imported from an older export with the same epoch) is never served;
-the cache stays within its byte budget.
+reading the page themselves, and share one read while it runs (but never take a short
+page of a read they joined for the end of the log); a kept page the log no longer
+holds as kept (the channel deleted, or re-imported from an older export with the same
+epoch) is never served; the cache stays within its byte budget.
 """
 
 from __future__ import annotations
@@ -145,11 +146,29 @@ async def test_a_subscriber_of_a_deleted_channel_is_reset_within_a_page(tmp_path
             assert delivered <= 15
 
 
+async def test_subscribers_missing_the_same_page_share_one_read(tmp_path: Path) -> None:
+    async with Broadcast(log=f"sqlite+aiosqlite:///{tmp_path / 'log.db'}", page_size=100) as bc:
+        await asyncio.gather(*(bc.publish("c", f"m{i}") for i in range(2000)))
+        pages = 0
+        read_from = bc.log.read_from
+
+        async def counting(channel: str, start: int, limit: int, max_bytes: int | None) -> Any:
+            nonlocal pages
+            pages += limit > 1  # one-event reads are the checks of kept pages
+            return await read_from(channel, start, limit, max_bytes)
+
+        bc.log.read_from = counting  # type: ignore[method-assign]
+        got = await asyncio.gather(*(_replay(bc, "c", 0, 2000) for _ in range(30)))
+        assert all([e.offset for e in g] == list(range(1, 2001)) for g in got)
+        # 20 whole pages, a few read twice at most (without sharing: 30 of page 1).
+        assert pages <= 2 * 20
+
+
 async def test_a_read_begun_before_subscribing_is_not_taken_for_the_end(tmp_path: Path) -> None:
-    # Sharing one running read between subscribers was tried and undone: a short page
-    # of a read begun before the second subscriber registered for live events lacks
-    # an event committed in between, which it does not get live either (with idle
-    # checks 30 s apart it would wait that long). Each reads for itself.
+    # A short page of a read begun before the second subscriber registered for live
+    # events lacks an event committed in between, which that subscriber does not get
+    # live either (with idle checks 30 s apart it would wait that long): a subscriber
+    # that joined a running read reads a short page again itself.
     url = f"sqlite+aiosqlite:///{tmp_path / 'log.db'}"
     async with Broadcast(log=url, page_size=10, idle_check=30) as bc:
         for i in range(3):

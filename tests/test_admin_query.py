@@ -181,6 +181,16 @@ async def test_one_event(broadcast: Broadcast, admin: HistoryAdmin) -> None:
         await admin.event("none", 1)
 
 
+async def test_the_log_reads_events_at_offsets(broadcast: Broadcast) -> None:
+    # EventLog.read_at: what the broadcast checks kept replay pages with, many at once.
+    events = [await broadcast.publish(ODD, b"\x00" if i % 2 else f"m{i}") for i in range(6)]
+    await broadcast.publish("other", "x")
+    got = await broadcast.log.read_at(ODD, [5, 1, 3, 99, 1])
+    assert got == [events[0], events[2], events[4]]
+    assert await broadcast.log.read_at(ODD, []) == []
+    assert await broadcast.log.read_at("none", [1]) == []
+
+
 async def test_retention_stats_and_trim_by_time(broadcast: Broadcast, admin: HistoryAdmin) -> None:
     empty = await admin.retention_stats()
     assert (empty.channels, empty.events, empty.trimmed) == (0, 0, 0)

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from broadcast_history import Broadcast, Event, StreamReset
+from broadcast_history import Broadcast, Event, LogUnavailable, StreamReset
 from broadcast_history._event import stored_event
 from broadcast_history._pagecache import PageCache
 from broadcast_history.admin import HistoryAdmin
@@ -56,9 +56,9 @@ async def test_subscribers_replaying_one_stretch_share_its_pages(tmp_path: Path)
         )
         assert [e.offset for e in second] == list(range(131, 501))
         assert [e.offset for e in third] == list(range(101, 501))
-        # A short first page and the tail's reads each; the kept pages cost one
-        # one-event check each (7 and 8 pages), not a page read.
-        assert reads <= 2 * 2 + 7 + 8 + 2
+        # A short first page and the tail's reads each; the kept pages (7 and 8)
+        # cost a check each (batched, read_at), not a page read.
+        assert reads <= 2 * 2 + 2
         # The same events, not copies.
         assert second[-1] is first[-1] and third[100] is first[80]
 
@@ -154,7 +154,9 @@ async def test_subscribers_missing_the_same_page_share_one_read(tmp_path: Path) 
 
         async def counting(channel: str, start: int, limit: int, max_bytes: int | None) -> Any:
             nonlocal pages
-            pages += limit > 1  # one-event reads are the checks of kept pages
+            # Pages of events (each subscriber also reads ahead past the end itself,
+            # to learn it is the end).
+            pages += start <= 2000
             return await read_from(channel, start, limit, max_bytes)
 
         bc.log.read_from = counting  # type: ignore[method-assign]
@@ -162,6 +164,37 @@ async def test_subscribers_missing_the_same_page_share_one_read(tmp_path: Path) 
         assert all([e.offset for e in g] == list(range(1, 2001)) for g in got)
         # 20 whole pages, a few read twice at most (without sharing: 30 of page 1).
         assert pages <= 2 * 20
+
+
+async def test_the_checks_of_kept_pages_go_to_the_log_together(tmp_path: Path) -> None:
+    async with Broadcast(log=f"sqlite+aiosqlite:///{tmp_path / 'log.db'}", page_size=50) as bc:
+        await asyncio.gather(*(bc.publish("c", f"m{i}") for i in range(1000)))
+        await _replay(bc, "c", 0, 1000)  # keeps the 20 pages
+        checks: list[int] = []
+        read_at = bc.log.read_at
+
+        async def counting(channel: str, offsets: list[int]) -> list[Event]:
+            checks.append(len(offsets))
+            return await read_at(channel, offsets)
+
+        bc.log.read_at = counting  # type: ignore[method-assign]
+        got = await asyncio.gather(*(_replay(bc, "c", 0, 1000) for _ in range(20)))
+        assert all([e.offset for e in g] == list(range(1, 1001)) for g in got)
+        # 20 subscribers x 20 kept pages asked about in far fewer queries.
+        assert len(checks) <= 100
+
+
+async def test_a_failed_check_of_a_kept_page_fails_the_subscriber(tmp_path: Path) -> None:
+    async with Broadcast(log=f"sqlite+aiosqlite:///{tmp_path / 'log.db'}", page_size=10) as bc:
+        await asyncio.gather(*(bc.publish("c", f"m{i}") for i in range(30)))
+        await _replay(bc, "c", 0, 30)
+
+        async def down(channel: str, offsets: list[int]) -> list[Event]:
+            raise LogUnavailable("the log went away")  # fault injection
+
+        bc.log.read_at = down  # type: ignore[method-assign]
+        with pytest.raises(LogUnavailable, match="went away"):
+            await _replay(bc, "c", 0, 30)
 
 
 async def test_a_read_begun_before_subscribing_is_not_taken_for_the_end(tmp_path: Path) -> None:

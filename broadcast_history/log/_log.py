@@ -295,6 +295,16 @@ class EventLog(ConsumerMethods):
         async with translated():
             return await self._store.read_page(channel, start, limit, max_bytes)
 
+    @finish_on_cancel
+    async def read_at(self, channel: str, offsets: Sequence[int]) -> list[Event]:
+        """The events of ``channel`` stored at ``offsets`` (one query), in offset order."""
+        offsets = [check_int("offset", offset) for offset in offsets]
+        if not offsets:
+            return []
+        query = _queries.at_offsets_query(channel, offsets)
+        async with translated():
+            return await self._store.read(channel, query, None, descending=False)
+
     async def get(self, channel: str, offset: int) -> Event | None:
         """The event at ``offset`` of ``channel``, if stored."""
         check_int("offset", offset)

@@ -71,6 +71,17 @@ def events_query(
     return query.order_by(column.desc() if descending else column.asc()).limit(limit)
 
 
+def at_offsets_query(
+    channel: str, offsets: Sequence[int]
+) -> Select[tuple[int, int, int, bool, bytes, str | None]]:
+    """The stored events of ``channel`` at ``offsets``, in offset order."""
+    return (
+        select(*EVENT_COLUMNS)
+        .where(events.c.channel == channel, events.c.offset.in_(offsets))
+        .order_by(events.c.offset)
+    )
+
+
 def page_query() -> Select[tuple[int, int, int, bool, bytes, str | None]]:
     """A replay page: ``limit`` events of ``channel`` from offset ``start`` on (bound
     parameters, so it is compiled once)."""

@@ -156,7 +156,8 @@ def rows_to_events(channel: str, rows: Iterable[Sequence[Any]]) -> list[Event]:
 def compiled(query: ClauseElement, dialect: Dialect) -> tuple[str, tuple[Any, ...]]:
     """``query`` as driver SQL and its positional parameters, for the read paths that
     run on the driver itself (no SQLAlchemy row objects per event)."""
-    compiled_query = query.compile(dialect=dialect)
+    # render_postcompile: an IN list becomes one parameter per value.
+    compiled_query = query.compile(dialect=dialect, compile_kwargs={"render_postcompile": True})
     assert isinstance(compiled_query, SQLCompiler)  # a SELECT compiles to SQL
     values = compiled_query.construct_params()
     order = compiled_query.positiontup or []

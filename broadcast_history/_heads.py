@@ -4,6 +4,7 @@ channel's head (idle checks), turns at reading pages and the pages read (catch-u
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from ._budget import page_was_cut
 from ._event import Event
@@ -28,10 +29,13 @@ class HeadProbe:
         self._lookups: dict[str, tuple[float, asyncio.Future[ChannelInfo | None]]] = {}
         self._reads: asyncio.Semaphore | None = None
         # Checks of kept pages asked for, by channel, and the task answering them.
-        self._checks: dict[str, list[tuple[Event, asyncio.Future[bool]]]] = {}
+        self._checks: dict[str, list[tuple[tuple[Event, ...], asyncio.Future[bool]]]] = {}
         self._checking: asyncio.Future[None] | None = None
-        # Page reads running, by (channel, page start, page size): (read's start, read).
-        self._running: dict[tuple[str, int, int], tuple[int, asyncio.Future[list[Event]]]] = {}
+        # Page reads waiting for their turn, by (channel, page start, page size):
+        # (read's start, read). Only these are shared: the log is read after every
+        # caller that joined asked, as by a read of its own (one already running
+        # could miss a delete, a re-import, or events committed since it began).
+        self._waiting: dict[tuple[str, int, int], tuple[int, asyncio.Future[list[Event]]]] = {}
         #: Whole replay pages, shared by the subscribers that replay the same stretch.
         self.pages = PageCache()
 
@@ -43,7 +47,7 @@ class HeadProbe:
         Pages are aligned to multiples of ``limit`` (the first one read from an
         offset inside a page stops at that page's end), so that the subscribers
         replaying the same stretch share whole pages: kept ones through the cache, and
-        one read while it runs.
+        one read while it waits for its turn.
 
         Reads take turns: a hundred subscribers catching up at once would otherwise
         fill every loop iteration with page conversions, and a publish, which needs
@@ -52,37 +56,32 @@ class HeadProbe:
         """
         kept = self.pages.get(channel, start, limit, epoch)
         if kept is not None:
-            # Served once the log is seen to still hold the page as kept: a deleted,
-            # trimmed or re-imported channel shows up here as soon as it would
-            # without the cache.
-            if await self._still_stored(channel, kept[-1]):
+            # Served once the log is seen to still hold the page as kept, from this
+            # caller's first event to the page's last: a deleted, trimmed or
+            # re-imported channel shows up here as soon as it would without the cache.
+            if await self._still_stored(channel, kept[0], kept[-1]):
                 return kept, False
             self.pages.drop(channel, start, limit)
         first = PageCache.page_start(start, limit)
         wanted = first + limit - start
         key = (channel, first, limit)
-        running = self._running.get(key)
-        if running is not None and running[0] <= start:
-            page = await self._join(running, start, epoch)
+        waiting = self._waiting.get(key)
+        if waiting is not None and waiting[0] <= start:
+            page = await self._join(waiting, start)
             if page is not None:
-                # Never the end, even if short: the read may have begun before this
-                # subscriber registered for live events or dropped some, and miss
-                # what was committed since. Its next read says.
+                # Not taken for the end of the log even if short (the read began
+                # after this call, so it could be; the next read, its own, says).
                 return page, False
-        # Only a read of the caller's own, begun now, proves by coming back short that
-        # the log had nothing more after everything this subscriber missed live.
-        read = asyncio.ensure_future(self._read(channel, start, wanted, max_bytes))
-        if running is None:
-            entry = (start, read)
-            self._running[key] = entry
 
-            def done(read: asyncio.Future[list[Event]]) -> None:
-                if self._running.get(key) is entry:
-                    del self._running[key]
-                if not read.cancelled():
-                    read.exception()  # retrieved: the callers have it
+        def forget(_: object = None) -> None:
+            # Once the read has its turn (or failed before), nobody else joins it.
+            if key in self._waiting and self._waiting[key][1] is read:
+                del self._waiting[key]
 
-            read.add_done_callback(done)
+        read = asyncio.ensure_future(self._read(channel, start, wanted, max_bytes, forget))
+        if waiting is None:
+            self._waiting[key] = (start, read)
+            read.add_done_callback(forget)
         # Shielded: a caller cancelled must not cancel the read others joined.
         page = await asyncio.shield(read)
         if start == first and len(page) == limit:
@@ -92,17 +91,14 @@ class HeadProbe:
 
     @staticmethod
     async def _join(
-        running: tuple[int, asyncio.Future[list[Event]]], start: int, epoch: int | None
+        waiting: tuple[int, asyncio.Future[list[Event]]], start: int
     ) -> list[Event] | None:
-        """The events from ``start`` on of a running read, if it got any of them and
-        they are of the caller's epoch (a read begun before the channel was reset
-        would pass for a hole in the new history)."""
-        read_start, read = running
+        """The events from ``start`` on of a read of the same page that was still
+        waiting for its turn when this caller asked, if it got any of them."""
+        read_start, read = waiting
         page = await asyncio.shield(read)
         skip = start - read_start
         if len(page) <= skip or page[skip].offset != start:
-            return None
-        if epoch is not None and (page[skip].epoch != epoch or page[-1].epoch != epoch):
             return None
         return page[skip:]
 
@@ -111,9 +107,18 @@ class HeadProbe:
             self._reads = asyncio.Semaphore(self.READS_AT_ONCE)
         return self._reads
 
-    async def _read(self, channel: str, start: int, limit: int, max_bytes: int) -> list[Event]:
+    async def _read(
+        self,
+        channel: str,
+        start: int,
+        limit: int,
+        max_bytes: int,
+        began: Callable[[], None] | None = None,
+    ) -> list[Event]:
         reads = self._gate()
         await reads.acquire()
+        if began is not None:
+            began()
         read = asyncio.ensure_future(self._log.read_from(channel, start, limit, max_bytes))
 
         def done(read: asyncio.Future[list[Event]]) -> None:
@@ -126,8 +131,9 @@ class HeadProbe:
         read.add_done_callback(done)
         return await asyncio.shield(read)
 
-    async def _still_stored(self, channel: str, event: Event) -> bool:
-        """Whether the log holds ``event`` at its offset: same epoch, same commit time.
+    async def _still_stored(self, channel: str, *events: Event) -> bool:
+        """Whether the log holds ``events`` at their offsets: same epoch, same commit
+        time.
 
         Within one incarnation of a channel stored events never change, and a history
         that diverged (the channel deleted and an older export imported, a backup
@@ -139,7 +145,7 @@ class HeadProbe:
         third slower (measured).
         """
         answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._checks.setdefault(channel, []).append((event, answer))
+        self._checks.setdefault(channel, []).append((events, answer))
         if self._checking is None:
             self._checking = asyncio.ensure_future(self._check_all())
         return await answer
@@ -158,9 +164,11 @@ class HeadProbe:
                     answer.cancel()
             self._checks.clear()
 
-    async def _check(self, channel: str, asked: list[tuple[Event, asyncio.Future[bool]]]) -> None:
+    async def _check(
+        self, channel: str, asked: list[tuple[tuple[Event, ...], asyncio.Future[bool]]]
+    ) -> None:
         try:
-            offsets = sorted({event.offset for event, _ in asked})
+            offsets = sorted({event.offset for events, _ in asked for event in events})
             try:
                 found = await self._log.read_at(channel, offsets)
             except Exception as exc:
@@ -169,9 +177,11 @@ class HeadProbe:
                         answer.set_exception(exc)
                 return
             stored = {event.offset: (event.epoch, event.timestamp) for event in found}
-            for event, answer in asked:
+            for events, answer in asked:
                 if not answer.done():
-                    answer.set_result(stored.get(event.offset) == (event.epoch, event.timestamp))
+                    answer.set_result(
+                        all(stored.get(e.offset) == (e.epoch, e.timestamp) for e in events)
+                    )
                     # One answer per loop iteration: each subscriber answered goes
                     # through a page of events at once, and fifty of them in one
                     # iteration would hold a publisher up for as long.

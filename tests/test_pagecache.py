@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
-from broadcast_history import Broadcast, Event, LogUnavailable, StreamReset
+from broadcast_history import Broadcast, Event, HistoryTruncated, LogUnavailable, StreamReset
 from broadcast_history._event import stored_event
+from broadcast_history._heads import HeadProbe
 from broadcast_history._pagecache import PageCache
 from broadcast_history.admin import HistoryAdmin
 
@@ -149,21 +150,35 @@ async def test_a_subscriber_of_a_deleted_channel_is_reset_within_a_page(tmp_path
 async def test_subscribers_missing_the_same_page_share_one_read(tmp_path: Path) -> None:
     async with Broadcast(log=f"sqlite+aiosqlite:///{tmp_path / 'log.db'}", page_size=100) as bc:
         await asyncio.gather(*(bc.publish("c", f"m{i}") for i in range(2000)))
-        pages = 0
+        pages = firsts = 0
         read_from = bc.log.read_from
 
         async def counting(channel: str, start: int, limit: int, max_bytes: int | None) -> Any:
-            nonlocal pages
+            nonlocal pages, firsts
             # Pages of events (each subscriber also reads ahead past the end itself,
             # to learn it is the end).
             pages += start <= 2000
+            firsts += start == 1
             return await read_from(channel, start, limit, max_bytes)
 
         bc.log.read_from = counting  # type: ignore[method-assign]
-        got = await asyncio.gather(*(_replay(bc, "c", 0, 2000) for _ in range(30)))
+        # Every turn at reading taken (as by other subscribers' reads), until all 30
+        # have asked for page 1.
+        gate = bc._heads._gate()
+        for _ in range(gate._value):
+            await gate.acquire()
+        replays = asyncio.gather(*(_replay(bc, "c", 0, 2000) for _ in range(30)))
+        await asyncio.sleep(0.5)
+        assert firsts == 0
+        for _ in range(HeadProbe.READS_AT_ONCE):
+            gate.release()
+        got = await replays
         assert all([e.offset for e in g] == list(range(1, 2001)) for g in got)
-        # 20 whole pages, a few read twice at most (without sharing: 30 of page 1).
-        assert pages <= 2 * 20
+        # All 30 asked for page 1 while its read waited for its turn: one read.
+        # (Later pages are shared through the cache once read, or read again by
+        # those asking once the read has begun.)
+        assert firsts == 1
+        assert pages < 30 * 20 // 4
 
 
 async def test_the_checks_of_kept_pages_go_to_the_log_together(tmp_path: Path) -> None:
@@ -223,3 +238,69 @@ async def test_a_read_begun_before_subscribing_is_not_taken_for_the_end(tmp_path
                 got = [await asyncio.wait_for(second.get(), 3) for _ in range(4)]
             assert [e.message for e in got] == ["m0", "m1", "m2", "m3"]
             assert (await reading).offset == 1
+
+
+def _slow_reads(bc: Broadcast) -> None:
+    read_from = bc.log.read_from
+
+    async def slow(channel: str, start: int, limit: int, max_bytes: int | None) -> Any:
+        page = await read_from(channel, start, limit, max_bytes)
+        await asyncio.sleep(0.3)  # fault injection: the answer is slow to arrive
+        return page
+
+    bc.log.read_from = slow  # type: ignore[method-assign]
+
+
+async def test_a_read_running_across_a_re_import_is_not_shared(tmp_path: Path) -> None:
+    # A second subscriber must not be handed the page a first one's read got before
+    # the channel was deleted and re-imported (same epoch): the log no longer holds it.
+    async with Broadcast(log=f"sqlite+aiosqlite:///{tmp_path / 'log.db'}", page_size=10) as bc:
+        admin = HistoryAdmin.of(bc)
+        for i in range(5):
+            await bc.publish("c", f"v1-{i}")
+        export = [line async for line in admin.export_jsonl(["c"])]
+        for i in range(5, 10):
+            await bc.publish("c", f"v1-{i}")
+        _slow_reads(bc)
+        async with bc.subscribe("c", since=0) as first:
+            reading = asyncio.ensure_future(first.get())
+            await asyncio.sleep(0.1)  # its read of page 1 has run and is on its way
+            await bc.log.delete_channel("c")
+            await admin.import_jsonl(export)  # offsets 1..5 again, same epoch
+            for i in range(5, 12):
+                await bc.publish("c", f"v2-{i}")
+            async with bc.subscribe("c", since=0) as second:
+                got = [(await asyncio.wait_for(second.get(), 5)).message for _ in range(12)]
+            await reading
+        assert got == [f"v1-{i}" for i in range(5)] + [f"v2-{i}" for i in range(5, 12)]
+
+
+async def test_a_read_running_across_a_delete_is_not_shared(tmp_path: Path) -> None:
+    # The second subscriber subscribes to the deleted channel (no epoch known yet) and
+    # falls back to the log on overflow: it gets the new incarnation, not the old one.
+    url = f"sqlite+aiosqlite:///{tmp_path / 'log.db'}"
+    async with Broadcast(log=url, page_size=10, buffer_size=2) as bc:
+        for i in range(3):
+            await bc.publish("c", f"old{i}")
+        _slow_reads(bc)
+        async with bc.subscribe("c", since=0) as first:
+            reading = asyncio.ensure_future(first.get())
+            await asyncio.sleep(0.1)
+            await bc.log.delete_channel("c")
+            async with bc.subscribe("c", since=0) as second:
+                for i in range(5):
+                    await bc.publish("c", f"new{i}")  # overflows its buffer of 2
+                got = [(await asyncio.wait_for(second.get(), 5)).message for _ in range(5)]
+            await reading
+        assert got == [f"new{i}" for i in range(5)]
+
+
+async def test_events_trimmed_from_a_kept_page_are_not_served(tmp_path: Path) -> None:
+    async with Broadcast(log=f"sqlite+aiosqlite:///{tmp_path / 'log.db'}", page_size=10) as bc:
+        for i in range(30):
+            await bc.publish("c", f"m{i}")
+        await _replay(bc, "c", 0, 30)  # every page kept
+        async with bc.subscribe("c", since=0) as sub:  # subscribed before the trim
+            await bc.log.trim("c", before=6)
+            with pytest.raises(HistoryTruncated):
+                await asyncio.wait_for(sub.get(), 5)  # as without the cache

@@ -10,6 +10,8 @@ epoch) is never served; the cache stays within its byte budget.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -212,34 +214,6 @@ async def test_a_failed_check_of_a_kept_page_fails_the_subscriber(tmp_path: Path
             await _replay(bc, "c", 0, 30)
 
 
-async def test_a_read_begun_before_subscribing_is_not_taken_for_the_end(tmp_path: Path) -> None:
-    # A short page of a read begun before the second subscriber registered for live
-    # events lacks an event committed in between, which that subscriber does not get
-    # live either (with idle checks 30 s apart it would wait that long): a subscriber
-    # that joined a running read reads a short page again itself.
-    url = f"sqlite+aiosqlite:///{tmp_path / 'log.db'}"
-    async with Broadcast(log=url, page_size=10, idle_check=30) as bc:
-        for i in range(3):
-            await bc.publish("c", f"m{i}")
-        read_from = bc.log.read_from
-
-        async def slow(channel: str, start: int, limit: int, max_bytes: int | None) -> Any:
-            page = await read_from(channel, start, limit, max_bytes)
-            await asyncio.sleep(0.3)  # fault injection: the answer is slow to arrive
-            return page
-
-        bc.log.read_from = slow  # type: ignore[method-assign]
-        async with bc.subscribe("c", since=0) as first:
-            reading = asyncio.ensure_future(first.get())
-            await asyncio.sleep(0.1)  # its read of page 1 has run and is on its way
-            async with Broadcast(log=url) as elsewhere:  # another process, in effect
-                await elsewhere.publish("c", "m3")  # committed before `second` subscribes
-            async with bc.subscribe("c", since=0) as second:
-                got = [await asyncio.wait_for(second.get(), 3) for _ in range(4)]
-            assert [e.message for e in got] == ["m0", "m1", "m2", "m3"]
-            assert (await reading).offset == 1
-
-
 def _slow_reads(bc: Broadcast) -> None:
     read_from = bc.log.read_from
 
@@ -249,6 +223,35 @@ def _slow_reads(bc: Broadcast) -> None:
         return page
 
     bc.log.read_from = slow  # type: ignore[method-assign]
+
+
+@asynccontextmanager
+async def _a_read_on_its_way(bc: Broadcast) -> AsyncIterator[None]:
+    """While inside, a first subscriber's read of page 1 has run and its (slow) answer
+    is on its way."""
+    _slow_reads(bc)
+    async with bc.subscribe("c", since=0) as first:
+        reading = asyncio.ensure_future(first.get())
+        await asyncio.sleep(0.1)
+        yield
+        assert (await reading).offset == 1
+
+
+async def test_a_read_begun_before_subscribing_is_not_taken_for_the_end(tmp_path: Path) -> None:
+    # A short page of a read begun before the second subscriber registered for live
+    # events lacks an event committed in between, which that subscriber does not get
+    # live either (with idle checks 30 s apart it would wait that long): a read that
+    # is already running is not shared.
+    url = f"sqlite+aiosqlite:///{tmp_path / 'log.db'}"
+    async with Broadcast(log=url, page_size=10, idle_check=30) as bc:
+        for i in range(3):
+            await bc.publish("c", f"m{i}")
+        async with _a_read_on_its_way(bc):
+            async with Broadcast(log=url) as elsewhere:  # another process, in effect
+                await elsewhere.publish("c", "m3")  # committed before `second` subscribes
+            async with bc.subscribe("c", since=0) as second:
+                got = [await asyncio.wait_for(second.get(), 3) for _ in range(4)]
+            assert [e.message for e in got] == ["m0", "m1", "m2", "m3"]
 
 
 async def test_a_read_running_across_a_re_import_is_not_shared(tmp_path: Path) -> None:
@@ -261,17 +264,13 @@ async def test_a_read_running_across_a_re_import_is_not_shared(tmp_path: Path) -
         export = [line async for line in admin.export_jsonl(["c"])]
         for i in range(5, 10):
             await bc.publish("c", f"v1-{i}")
-        _slow_reads(bc)
-        async with bc.subscribe("c", since=0) as first:
-            reading = asyncio.ensure_future(first.get())
-            await asyncio.sleep(0.1)  # its read of page 1 has run and is on its way
+        async with _a_read_on_its_way(bc):
             await bc.log.delete_channel("c")
             await admin.import_jsonl(export)  # offsets 1..5 again, same epoch
             for i in range(5, 12):
                 await bc.publish("c", f"v2-{i}")
             async with bc.subscribe("c", since=0) as second:
                 got = [(await asyncio.wait_for(second.get(), 5)).message for _ in range(12)]
-            await reading
         assert got == [f"v1-{i}" for i in range(5)] + [f"v2-{i}" for i in range(5, 12)]
 
 
@@ -282,16 +281,12 @@ async def test_a_read_running_across_a_delete_is_not_shared(tmp_path: Path) -> N
     async with Broadcast(log=url, page_size=10, buffer_size=2) as bc:
         for i in range(3):
             await bc.publish("c", f"old{i}")
-        _slow_reads(bc)
-        async with bc.subscribe("c", since=0) as first:
-            reading = asyncio.ensure_future(first.get())
-            await asyncio.sleep(0.1)
+        async with _a_read_on_its_way(bc):
             await bc.log.delete_channel("c")
             async with bc.subscribe("c", since=0) as second:
                 for i in range(5):
                     await bc.publish("c", f"new{i}")  # overflows its buffer of 2
                 got = [(await asyncio.wait_for(second.get(), 5)).message for _ in range(5)]
-            await reading
         assert got == [f"new{i}" for i in range(5)]
 
 

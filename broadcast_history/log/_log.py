@@ -28,6 +28,10 @@ _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 _CALLS_WAIT = 5.0
 
 
+#: Offsets asked for in one query by EventLog.read_at.
+_OFFSETS_PER_QUERY = 500
+
+
 class EventLog(ConsumerMethods):
     """Durable, append-only store of every published event.
 
@@ -297,13 +301,15 @@ class EventLog(ConsumerMethods):
 
     @finish_on_cancel
     async def read_at(self, channel: str, offsets: Sequence[int]) -> list[Event]:
-        """The events of ``channel`` stored at ``offsets`` (one query), in offset order."""
-        offsets = [check_int("offset", offset) for offset in offsets]
-        if not offsets:
-            return []
-        query = _queries.at_offsets_query(channel, offsets)
+        """The events of ``channel`` stored at ``offsets``, in offset order (one query
+        per 500 distinct offsets: drivers cap the parameters of a statement)."""
+        wanted = sorted({check_int("offset", offset) for offset in offsets})
+        found: list[Event] = []
         async with translated():
-            return await self._store.read(channel, query, None, descending=False)
+            for at in range(0, len(wanted), _OFFSETS_PER_QUERY):
+                query = _queries.at_offsets_query(channel, wanted[at : at + _OFFSETS_PER_QUERY])
+                found += await self._store.read(channel, query, None, descending=False)
+        return found
 
     async def get(self, channel: str, offset: int) -> Event | None:
         """The event at ``offset`` of ``channel``, if stored."""

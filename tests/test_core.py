@@ -150,6 +150,25 @@ async def test_restart_on_file_log_continues(sqlite_file_url: str) -> None:
             assert [e.message for e in await take(sub, 4)] == ["0", "1", "2", "3"]
 
 
+async def test_new_sqlite_file_takes_small_pages_and_old_files_keep_theirs(
+    tmp_path: Path,
+) -> None:
+    """A new file gets 2 KiB pages (cheaper commits over many channels); a file made
+    with SQLite's 4 KiB default keeps them and works as before."""
+    old = tmp_path / "old.db"
+    with sqlite3.connect(old) as raw:
+        raw.execute("CREATE TABLE unrelated (x INTEGER)")
+    for path, size in ((tmp_path / "new.db", 2048), (old, 4096)):
+        async with Broadcast(log=f"sqlite+aiosqlite:///{path}") as bc:
+            await bc.publish("c", "one")
+        async with Broadcast(log=f"sqlite+aiosqlite:///{path}") as bc:
+            await bc.publish("c", "two")
+            assert [e.message for e in await bc.log.read("c")] == ["one", "two"]
+        with sqlite3.connect(path) as raw:
+            assert raw.execute("PRAGMA page_size").fetchone() == (size,)
+            assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
 async def test_migrate_false_refuses_missing_schema(sqlite_file_url: str) -> None:
     with pytest.raises(SchemaOutOfDate, match="db upgrade"):
         async with Broadcast(log=sqlite_file_url, migrate=False):

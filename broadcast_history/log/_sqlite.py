@@ -12,20 +12,21 @@ The async engine (aiosqlite) serves migrations and the shared queries.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from sqlite3 import Cursor
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, Select, bindparam, select, update
+from sqlalchemy import Engine, Select, bindparam, select, update
 from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.dialects.sqlite import insert
 from sqlalchemy.engine import URL
 
 from .._errors import NotConnected
 from .._event import Event, from_micros, stored_event
-from ._engine import WRITE, create_engine, create_sync_engine, shared_memory_url
+from ._engine import create_engine, create_sync_engine, shared_memory_url
 from ._info import Pending
 from ._queries import page_query
 from ._rows import EVENT_COLUMNS, compiled, new_epoch, now_micros, prepared, rows_to_events
@@ -115,10 +116,22 @@ class SqliteStore(Store):
             raise NotConnected("the event log is not connected")
 
         def run() -> list[Event]:
-            with writer.connect() as conn:
-                conn = conn.execution_options(**WRITE)
-                with conn.begin():
-                    return append(conn, items)
+            # The driver's connection itself: SQLAlchemy's checkout, begin events and
+            # commit cost about as much as storing a small batch.
+            pooled = writer.raw_connection()
+            try:
+                driver: sqlite3.Connection = pooled.driver_connection  # type: ignore[assignment]
+                driver.execute("BEGIN IMMEDIATE")  # the write lock up front (see WRITE)
+                try:
+                    stored = append(driver, items)
+                    driver.commit()
+                except BaseException:
+                    if driver.in_transaction:
+                        driver.rollback()
+                    raise
+                return stored
+            finally:
+                pooled.close()
 
         return await self._run(self._write_thread, run)
 
@@ -180,32 +193,30 @@ def _counters(cursor: Cursor, names: Sequence[str]) -> dict[str, list[int]]:
     return state
 
 
-def _find_keys(conn: Connection, items: Sequence[Pending]) -> dict[tuple[str, str], Event]:
+def _find_keys(cursor: Cursor, items: Sequence[Pending]) -> dict[tuple[str, str], Event]:
     by_channel: dict[str, set[str]] = {}
     for channel, _, key in items:
         if key is not None:
             by_channel.setdefault(channel, set()).add(key)
     found: dict[tuple[str, str], Event] = {}
     for channel, keys in by_channel.items():
-        result = conn.execute(
-            select(*EVENT_COLUMNS).where(
-                events.c.channel == channel, events.c.key.in_(sorted(keys))
-            )
+        query = select(*EVENT_COLUMNS).where(
+            events.c.channel == channel, events.c.key.in_(sorted(keys))
         )
-        for event in rows_to_events(channel, result):
+        for event in rows_to_events(channel, cursor.execute(*compiled(query, _DIALECT))):
             if event.key is not None:  # it is: selected by key
                 found[(channel, event.key)] = event
     return found
 
 
-def append(conn: Connection, items: Sequence[Pending]) -> list[Event]:
+def append(conn: sqlite3.Connection, items: Sequence[Pending]) -> list[Event]:
     """Store ``items`` in ``conn``'s write transaction.
 
     The transaction holds SQLite's write lock from its start (BEGIN IMMEDIATE), so the
     counters read here cannot change before the update: offsets are gap-free across
     processes sharing the file.
     """
-    cursor: Cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    cursor = conn.cursor()
     names = sorted({item.channel for item in items})
     state = _counters(cursor, names)
     missing = [name for name in names if name not in state]
@@ -214,7 +225,7 @@ def append(conn: Connection, items: Sequence[Pending]) -> list[Event]:
             _INSERT_CHANNELS, [(name, new_epoch(), 0, 0, 1, None) for name in missing]
         )
         state.update(_counters(cursor, missing))
-    seen = _find_keys(conn, items) if any(item.key is not None for item in items) else {}
+    seen = _find_keys(cursor, items) if any(item.key is not None for item in items) else {}
 
     now = now_micros()
     stamps: dict[int, datetime] = {}

@@ -153,6 +153,60 @@ async def test_events_by_time(broadcast: Broadcast, admin: HistoryAdmin) -> None
     assert [e.offset for e in page.events] == [4, 5]
 
 
+@pytest.mark.parametrize("kind", LOG_KINDS)
+async def test_times_find_events_across_the_sparse_time_index(kind: str, tmp_path: Path) -> None:
+    """Only every 64th offset is in the time index: lookups by time land on the right
+    event wherever it falls between two indexed ones (repeated timestamps, gaps, a
+    trimmed start, a time before, between and after everything)."""
+    async with Broadcast(log=await fresh_log_url(kind, tmp_path)) as broadcast:  # no retention
+        await _check_times(broadcast, HistoryAdmin.of(broadcast))
+
+
+async def _check_times(broadcast: Broadcast, admin: HistoryAdmin) -> None:
+    base = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    # Offsets 37..600: runs of one to five events per timestamp, gaps between runs.
+    first_offset, last_offset = 37, 600
+    stamps, micros = [], 0
+    for offset in range(first_offset, last_offset + 1):
+        if offset % 5 in (0, 3):
+            micros += 7 + offset % 11
+        stamps.append(base + timedelta(microseconds=micros))
+
+    def line(value: dict[str, object]) -> str:
+        return json.dumps(value)
+
+    lines = [
+        line(
+            {"type": "channel", "format": 1, "name": "times", "epoch": 9,
+             "first_offset": first_offset, "last_offset": last_offset,
+             "last_timestamp": stamps[-1].isoformat(), "trimmed_timestamp": None}
+        )
+    ] + [
+        line(
+            {"type": "event", "channel": "times", "offset": offset, "epoch": 9,
+             "timestamp": stamp.isoformat(), "key": None, "encoding": "text",
+             "message": str(offset)}
+        )
+        for offset, stamp in zip(range(first_offset, last_offset + 1), stamps, strict=True)
+    ]  # fmt: skip
+    await admin.import_jsonl(lines)
+    stored = list(zip(range(first_offset, last_offset + 1), stamps, strict=True))
+
+    def expected_first(moment: datetime) -> int | None:
+        return next((offset for offset, stamp in stored if stamp >= moment), None)
+
+    probes = sorted({s + timedelta(microseconds=d) for s in stamps[::3] for d in (-1, 0, 1)})
+    probes += [base - timedelta(days=1), stamps[-1] + timedelta(microseconds=1)]
+    for moment in probes:
+        assert await broadcast.log.offset_at("times", moment) == expected_first(moment), moment
+    for since, until in zip(probes[::17], probes[40::17], strict=False):
+        want = [offset for offset, stamp in stored if since <= stamp < until]
+        page = await broadcast.log.read("times", since=since, until=until, limit=1000)
+        assert [e.offset for e in page] == want
+        page = await broadcast.log.read("times", until=until, order="desc", limit=5)
+        assert [e.offset for e in page] == [o for o, s in stored if s < until][::-1][:5]
+
+
 async def test_events_bad_parameters(broadcast: Broadcast, admin: HistoryAdmin) -> None:
     await broadcast.publish("c", "x")
     with pytest.raises(ChannelNotFound):

@@ -137,8 +137,8 @@ def test_db_commands(tmp_path: Path) -> None:
     (tmp_path / "db.sqlite").touch()
     assert "(no schema)" in cli("db", "current", "--log", url).stdout
     assert "db upgrade" in cli("db", "check", "--log", url, code=1).stderr
-    assert "schema at 0004" in cli("db", "upgrade", "--log", url).stdout
-    assert "current: 0004" in cli("db", "current", "--log", url).stdout
+    assert "schema at 0005" in cli("db", "upgrade", "--log", url).stdout
+    assert "current: 0005" in cli("db", "current", "--log", url).stdout
     cli("db", "check", "--log", url)
 
 

@@ -1,10 +1,12 @@
-"""Migrations 0002 to 0004 (log identity, durable consumers, partial key index) on SQLite
+"""Migrations 0002 to 0005 (log identity, durable consumers, partial key index, sparse
+time index) on SQLite
 and Postgres: a database at 0001 is refused by ``migrate=False``, upgraded by
 ``migrate=True`` with its history kept, and each downgrades cleanly. (That the
 migrations match the metadata, and ship in the wheel, is tested in test_core.py.)"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,7 @@ from alembic import command
 from sqlalchemy import text
 
 from broadcast_history import Broadcast, EventLog, SchemaOutOfDate
-from broadcast_history.log import VERSION_TABLE, migration_engine
+from broadcast_history.log import VERSION_TABLE, Pending, migration_engine
 from broadcast_history.log._migrate import alembic_config
 from tests.support.postgres_support import ensure_database
 
@@ -95,16 +97,14 @@ async def test_upgrade_from_0001_keeps_history_and_adds_consumers(empty_url: str
     assert "broadcast_events" in tables
 
 
-async def _key_index_sql(url: str) -> str:
+async def _index_sql(url: str, name: str = "ux_broadcast_events_key") -> str:
     engine = migration_engine(url)
     try:
         async with engine.connect() as conn:
             if conn.dialect.name == "sqlite":
-                query = "SELECT sql FROM sqlite_master WHERE name = 'ux_broadcast_events_key'"
+                query = f"SELECT sql FROM sqlite_master WHERE name = '{name}'"
             else:
-                query = (
-                    "SELECT indexdef FROM pg_indexes WHERE indexname = 'ux_broadcast_events_key'"
-                )
+                query = f"SELECT indexdef FROM pg_indexes WHERE indexname = '{name}'"
             return str((await conn.execute(text(query))).scalar_one())
     finally:
         await engine.dispose()
@@ -112,19 +112,19 @@ async def _key_index_sql(url: str) -> str:
 
 async def test_0004_indexes_keyed_events_only_and_keys_stay_unique(empty_url: str) -> None:
     await _migrate_to(empty_url, "0003")
-    assert "WHERE" not in (await _key_index_sql(empty_url)).upper()
+    assert "WHERE" not in (await _index_sql(empty_url)).upper()
     with pytest.raises(SchemaOutOfDate, match="0003"):
         await EventLog(empty_url, migrate=False).connect()
-    async with Broadcast(log=empty_url) as broadcast:  # migrate=True: to 0004
+    async with Broadcast(log=empty_url) as broadcast:  # migrate=True: to the head
         first = await broadcast.publish("keys", "a", key="k")
         await broadcast.publish("keys", "b")
         await broadcast.publish("keys", "c")
         # The key still finds the stored event after the index was rebuilt.
         assert await broadcast.publish("keys", "again", key="k") == first
-    assert "IS NOT NULL" in (await _key_index_sql(empty_url)).upper()
+    assert "IS NOT NULL" in (await _index_sql(empty_url)).upper()
 
     await _migrate_to(empty_url, "0003", down=True)
-    assert "WHERE" not in (await _key_index_sql(empty_url)).upper()
+    assert "WHERE" not in (await _index_sql(empty_url)).upper()
     async with Broadcast(log=empty_url) as broadcast:
         assert [e.message async for e in _first(broadcast, 3)] == ["a", "b", "c"]
 
@@ -133,3 +133,26 @@ async def _first(broadcast: Broadcast, count: int) -> Any:
     async with broadcast.subscribe("keys", since=0) as sub:
         for _ in range(count):
             yield await sub.get()
+
+
+async def test_0005_indexes_every_64th_event_by_time(empty_url: str) -> None:
+    await _migrate_to(empty_url, "0004")
+    assert "WHERE" not in (await _index_sql(empty_url, _TIME_INDEX)).upper()
+    async with Broadcast(log=empty_url) as broadcast:  # migrate=True: to the head
+        log = broadcast.log
+        await log.append([Pending("t", f"m{i}", None) for i in range(200)])
+        later = await log.append([Pending("t", "later", None)])
+        assert await log.offset_at("t", later[0].timestamp) == 201
+        page = await log.read("t", since=later[0].timestamp)
+        assert [e.offset for e in page] == [201]
+    assert re.search(r'"offset" % \(?64\b', await _index_sql(empty_url, _TIME_INDEX))
+
+    await _migrate_to(empty_url, "0004", down=True)
+    assert "WHERE" not in (await _index_sql(empty_url, _TIME_INDEX)).upper()
+    with pytest.raises(SchemaOutOfDate, match="0004"):
+        await EventLog(empty_url, migrate=False).connect()
+    async with Broadcast(log=empty_url) as broadcast:
+        assert await broadcast.log.offset_at("t", later[0].timestamp) == 201
+
+
+_TIME_INDEX = "ix_broadcast_events_time"

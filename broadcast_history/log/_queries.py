@@ -15,7 +15,7 @@ from .._errors import ImportConflict
 from .._event import Event, from_micros, to_micros
 from ._info import ChannelInfo, LogTotals
 from ._rows import CHANNEL_COLUMNS, EVENT_COLUMNS, channel_info, channel_row, event_row
-from ._schema import channels, events, log_identity
+from ._schema import channels, events, log_identity, time_marked
 
 _CHUNK = 500
 
@@ -94,10 +94,25 @@ def page_query() -> Select[tuple[int, int, int, bool, bytes, str | None]]:
 
 async def offset_at(conn: AsyncConnection, channel: str, micros: int) -> int | None:
     """Offset of the first stored event at or after ``micros``, if any."""
+    offset = events.c.offset
+    # The newest indexed event still before the time (one seek in the time index,
+    # which holds every TIME_MARK_EVERY-th offset); timestamps never decrease along
+    # offsets, so the answer is among the next TIME_MARK_EVERY rows after it.
+    mark = (
+        select(offset)
+        .where(events.c.channel == channel, time_marked(offset), events.c.timestamp < micros)
+        .order_by(events.c.timestamp.desc(), offset.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
     result = await conn.execute(
-        select(events.c.offset)
-        .where(events.c.channel == channel, events.c.timestamp >= micros)
-        .order_by(events.c.timestamp, events.c.offset)
+        select(offset)
+        .where(
+            events.c.channel == channel,
+            offset > func.coalesce(mark, 0),
+            events.c.timestamp >= micros,
+        )
+        .order_by(offset)
         .limit(1)
     )
     return result.scalar()

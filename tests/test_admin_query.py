@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import sqlite3
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from sqlalchemy.dialects import sqlite
 
 from broadcast_history import Broadcast, InvalidArgument, Retention
 from broadcast_history.admin import (
@@ -18,6 +21,7 @@ from broadcast_history.admin import (
     ImportConflict,
     InvalidExport,
 )
+from broadcast_history.log import _queries
 from tests.support.admin_support import LOG_KINDS, fresh_log_url
 
 ODD = "a/b c é"
@@ -205,6 +209,26 @@ async def _check_times(broadcast: Broadcast, admin: HistoryAdmin) -> None:
         assert [e.offset for e in page] == want
         page = await broadcast.log.read("times", until=until, order="desc", limit=5)
         assert [e.offset for e in page] == [o for o, s in stored if s < until][::-1][:5]
+
+
+async def test_time_lookups_seek_the_sparse_index_on_sqlite(tmp_path: Path) -> None:
+    """The plans behind the previous test: one seek in the time index, then a short
+    range of the primary key (not a scan of the channel)."""
+    path = tmp_path / "plans.db"
+    async with Broadcast(log=f"sqlite+aiosqlite:///{path}"):
+        pass
+    dialect = sqlite.dialect()
+    queries = [
+        _queries.offset_at_query("c", 5, time_marks=True),
+        _queries.events_query("c", since_us=5, limit=10, time_marks=True),
+        _queries.events_query("c", until_us=9, limit=10, descending=True, time_marks=True),
+    ]
+    with sqlite3.connect(path) as raw:
+        for query in queries:
+            sql = str(query.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
+            plan = " | ".join(row[3] for row in raw.execute(f"EXPLAIN QUERY PLAN {sql}"))
+            assert "USING COVERING INDEX ix_broadcast_events_time (channel=? AND" in plan, plan
+            assert re.search(r"USING INDEX \w+ \(channel=\? AND offset[<>]\?\)", plan), plan
 
 
 async def test_events_bad_parameters(broadcast: Broadcast, admin: HistoryAdmin) -> None:

@@ -275,33 +275,18 @@ class EventLog(ConsumerMethods):
             if after is not None:
                 raise InvalidArgument("give after or an offset since, not both")
             after, since = check_int("since", since), None
-        before = check_optional_int("before", before)
-        since_us = None if since is None else _micros(since, "since")
-        until_us = None if until is None else _micros(until, "until")
-        limit = check_int("limit", limit)
+        query = _queries.events_query(
+            channel,
+            after=after,
+            before=check_optional_int("before", before),
+            since_us=None if since is None else _micros(since, "since"),
+            until_us=None if until is None else _micros(until, "until"),
+            limit=check_int("limit", limit),
+            descending=order == "desc",
+            time_marks=_queries.sparse_time_index(self.url.get_backend_name()),
+        )
         max_bytes = check_optional_int("max_bytes", max_bytes, minimum=1)
         async with translated():
-            # Times become offset bounds first (timestamps grow with offsets): only
-            # some events are in the time index, the offsets are all in the key. The
-            # times stay in the query too, for events appended in between.
-            if since_us is not None:
-                first = await self._offset_at(channel, since_us)
-                if first is None:
-                    return []
-                after = first - 1 if after is None else max(after, first - 1)
-            if until_us is not None:
-                end = await self._offset_at(channel, until_us)
-                if end is not None:
-                    before = end if before is None else min(before, end)
-            query = _queries.events_query(
-                channel,
-                after=after,
-                before=before,
-                since_us=since_us,
-                until_us=until_us,
-                limit=limit,
-                descending=order == "desc",
-            )
             return await self._store.read(channel, query, max_bytes, descending=order == "desc")
 
     @finish_on_cancel
@@ -337,11 +322,7 @@ class EventLog(ConsumerMethods):
     async def offset_at(self, channel: str, moment: datetime) -> int | None:
         """Offset of the first stored event at or after ``moment``, if any."""
         micros = _micros(moment, "moment")
-        async with translated():
-            return await self._offset_at(channel, micros)
-
-    async def _offset_at(self, channel: str, micros: int) -> int | None:
-        async with self._store.begin() as conn:
+        async with translated(), self._store.begin() as conn:
             return await _queries.offset_at(conn, channel, micros)
 
 

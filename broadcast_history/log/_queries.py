@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, Sequence
 
-from sqlalchemy import Select, bindparam, delete, func, select, update
+from sqlalchemy import ScalarSelect, Select, bindparam, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .._errors import ImportConflict
@@ -56,8 +56,14 @@ def events_query(
     until_us: int | None = None,
     limit: int,
     descending: bool = False,
+    time_marks: bool = False,
 ) -> Select[tuple[int, int, int, bool, bytes, str | None]]:
-    """Events of ``channel`` in a range of offsets and/or times, in offset order."""
+    """Events of ``channel`` in a range of offsets and/or times, in offset order.
+
+    ``time_marks``: the database has the sparse time index (see
+    :func:`sparse_time_index`); times then also bound the offsets, in the same
+    statement, so that the scan along the primary key stays short.
+    """
     query = select(*EVENT_COLUMNS).where(events.c.channel == channel)
     if after is not None:
         query = query.where(events.c.offset > after)
@@ -65,8 +71,15 @@ def events_query(
         query = query.where(events.c.offset < before)
     if since_us is not None:
         query = query.where(events.c.timestamp >= since_us)
+        if time_marks:
+            # Start at most TIME_MARK_EVERY rows before the first match (see offset_at).
+            query = query.where(events.c.offset > func.coalesce(_mark_before(channel, since_us), 0))
     if until_us is not None:
         query = query.where(events.c.timestamp < until_us)
+        if time_marks:
+            # And stop at the first indexed event at or after the end, likewise.
+            end = func.coalesce(_mark_from(channel, until_us), _NO_OFFSET)
+            query = query.where(events.c.offset < end)
     column = events.c.offset
     return query.order_by(column.desc() if descending else column.asc()).limit(limit)
 
@@ -92,29 +105,63 @@ def page_query() -> Select[tuple[int, int, int, bool, bytes, str | None]]:
     )
 
 
-async def offset_at(conn: AsyncConnection, channel: str, micros: int) -> int | None:
-    """Offset of the first stored event at or after ``micros``, if any."""
-    offset = events.c.offset
-    # The newest indexed event still before the time (one seek in the time index,
-    # which holds every TIME_MARK_EVERY-th offset); timestamps never decrease along
-    # offsets, so the answer is among the next TIME_MARK_EVERY rows after it.
-    mark = (
-        select(offset)
-        .where(events.c.channel == channel, time_marked(offset), events.c.timestamp < micros)
-        .order_by(events.c.timestamp.desc(), offset.desc())
+#: Above every offset: the end of a range that has none.
+_NO_OFFSET = 2**63 - 1
+
+
+def sparse_time_index(dialect: str) -> bool:
+    """Whether the time index holds only every TIME_MARK_EVERY-th event (not MySQL,
+    which has no partial indexes and indexes every event)."""
+    return dialect not in ("mysql", "mariadb")
+
+
+def _mark_before(channel: str, micros: int) -> ScalarSelect[int]:
+    """The newest indexed event before ``micros``: one seek in the time index."""
+    return (
+        select(events.c.offset)
+        .where(
+            events.c.channel == channel,
+            time_marked(events.c.offset),
+            events.c.timestamp < micros,
+        )
+        .order_by(events.c.timestamp.desc(), events.c.offset.desc())
         .limit(1)
         .scalar_subquery()
     )
-    result = await conn.execute(
-        select(offset)
+
+
+def _mark_from(channel: str, micros: int) -> ScalarSelect[int]:
+    """The oldest indexed event at or after ``micros``: one seek in the time index."""
+    return (
+        select(events.c.offset)
         .where(
             events.c.channel == channel,
-            offset > func.coalesce(mark, 0),
+            time_marked(events.c.offset),
             events.c.timestamp >= micros,
         )
-        .order_by(offset)
+        .order_by(events.c.timestamp, events.c.offset)
         .limit(1)
+        .scalar_subquery()
     )
+
+
+def offset_at_query(channel: str, micros: int, *, time_marks: bool) -> Select[int]:
+    """The offset of the first event of ``channel`` at or after ``micros``."""
+    offset = events.c.offset
+    query = select(offset).where(events.c.channel == channel, events.c.timestamp >= micros)
+    if time_marks:
+        # Timestamps never decrease along offsets, so the answer is among the
+        # TIME_MARK_EVERY rows after the newest indexed event before the time. (MySQL
+        # would not bound its key scan by the subquery: it seeks its full index.)
+        query = query.where(offset > func.coalesce(_mark_before(channel, micros), 0))
+        return query.order_by(offset).limit(1)
+    return query.order_by(events.c.timestamp, offset).limit(1)
+
+
+async def offset_at(conn: AsyncConnection, channel: str, micros: int) -> int | None:
+    """Offset of the first stored event at or after ``micros``, if any."""
+    marks = sparse_time_index(conn.dialect.name)
+    result = await conn.execute(offset_at_query(channel, micros, time_marks=marks))
     return result.scalar()
 
 

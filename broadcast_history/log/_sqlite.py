@@ -12,6 +12,7 @@ The async engine (aiosqlite) serves migrations and the shared queries.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -127,7 +128,10 @@ class SqliteStore(Store):
                     driver.commit()
                 except BaseException:
                     if driver.in_transaction:
-                        driver.rollback()
+                        # The first error is the one to report; the pool rolls back
+                        # again on check-in if this fails too.
+                        with contextlib.suppress(sqlite3.Error):
+                            driver.rollback()
                     raise
                 return stored
             finally:

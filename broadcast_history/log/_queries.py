@@ -73,12 +73,13 @@ def events_query(
         query = query.where(events.c.timestamp >= since_us)
         if time_marks:
             # Start at most TIME_MARK_EVERY rows before the first match (see offset_at).
-            query = query.where(events.c.offset > func.coalesce(_mark_before(channel, since_us), 0))
+            start = func.coalesce(_mark(channel, since_us, before=True), 0)
+            query = query.where(events.c.offset > start)
     if until_us is not None:
         query = query.where(events.c.timestamp < until_us)
         if time_marks:
             # And stop at the first indexed event at or after the end, likewise.
-            end = func.coalesce(_mark_from(channel, until_us), _NO_OFFSET)
+            end = func.coalesce(_mark(channel, until_us, before=False), _NO_OFFSET)
             query = query.where(events.c.offset < end)
     column = events.c.offset
     return query.order_by(column.desc() if descending else column.asc()).limit(limit)
@@ -115,34 +116,16 @@ def sparse_time_index(dialect: str) -> bool:
     return dialect not in ("mysql", "mariadb")
 
 
-def _mark_before(channel: str, micros: int) -> ScalarSelect[int]:
-    """The newest indexed event before ``micros``: one seek in the time index."""
-    return (
-        select(events.c.offset)
-        .where(
-            events.c.channel == channel,
-            time_marked(events.c.offset),
-            events.c.timestamp < micros,
-        )
-        .order_by(events.c.timestamp.desc(), events.c.offset.desc())
-        .limit(1)
-        .scalar_subquery()
-    )
-
-
-def _mark_from(channel: str, micros: int) -> ScalarSelect[int]:
-    """The oldest indexed event at or after ``micros``: one seek in the time index."""
-    return (
-        select(events.c.offset)
-        .where(
-            events.c.channel == channel,
-            time_marked(events.c.offset),
-            events.c.timestamp >= micros,
-        )
-        .order_by(events.c.timestamp, events.c.offset)
-        .limit(1)
-        .scalar_subquery()
-    )
+def _mark(channel: str, micros: int, *, before: bool) -> ScalarSelect[int]:
+    """The newest indexed event before ``micros`` (``before``), or the oldest at or
+    after it: one seek in the time index."""
+    stamp, offset = events.c.timestamp, events.c.offset
+    query = select(offset).where(events.c.channel == channel, time_marked(offset))
+    if before:
+        query = query.where(stamp < micros).order_by(stamp.desc(), offset.desc())
+    else:
+        query = query.where(stamp >= micros).order_by(stamp, offset)
+    return query.limit(1).scalar_subquery()
 
 
 def offset_at_query(channel: str, micros: int, *, time_marks: bool) -> Select[int]:
@@ -153,7 +136,7 @@ def offset_at_query(channel: str, micros: int, *, time_marks: bool) -> Select[in
         # Timestamps never decrease along offsets, so the answer is among the
         # TIME_MARK_EVERY rows after the newest indexed event before the time. (MySQL
         # would not bound its key scan by the subquery: it seeks its full index.)
-        query = query.where(offset > func.coalesce(_mark_before(channel, micros), 0))
+        query = query.where(offset > func.coalesce(_mark(channel, micros, before=True), 0))
         return query.order_by(offset).limit(1)
     return query.order_by(events.c.timestamp, offset).limit(1)
 

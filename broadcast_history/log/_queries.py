@@ -81,8 +81,13 @@ def events_query(
             # And stop at the first indexed event at or after the end, likewise.
             end = func.coalesce(_mark(channel, until_us, before=False), _NO_OFFSET)
             query = query.where(events.c.offset < end)
-    column = events.c.offset
-    return query.order_by(column.desc() if descending else column.asc()).limit(limit)
+    order = [events.c.offset]
+    if not time_marks and (since_us is not None or until_us is not None):
+        # The same order (timestamps never decrease along offsets), which a full time
+        # index gives as it is: a scan from the time on, not along the key from an end.
+        order.insert(0, events.c.timestamp)
+    query = query.order_by(*(column.desc() if descending else column for column in order))
+    return query.limit(limit)
 
 
 def at_offsets_query(

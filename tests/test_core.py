@@ -169,6 +169,17 @@ async def test_new_sqlite_file_takes_small_pages_and_old_files_keep_theirs(
             assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
+async def test_keys_of_a_large_batch_find_their_events(sqlite_file_url: str) -> None:
+    # 700 keys of one channel in one batch: the writer looks them up in chunks.
+    async with Broadcast(log=sqlite_file_url) as bc:
+        keys = [f"k{i}" for i in range(700)]
+        first = await asyncio.gather(*(bc.publish("c", k, key=k) for k in keys))
+        again = await asyncio.gather(*(bc.publish("c", "other", key=k) for k in keys))
+        assert again == first
+        assert sorted(e.offset for e in first) == list(range(1, 701))
+        assert (await bc.log.channel("c")).last_offset == 700  # type: ignore[union-attr]
+
+
 async def test_migrate_false_refuses_missing_schema(sqlite_file_url: str) -> None:
     with pytest.raises(SchemaOutOfDate, match="db upgrade"):
         async with Broadcast(log=sqlite_file_url, migrate=False):

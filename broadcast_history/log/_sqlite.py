@@ -54,6 +54,16 @@ _COUNTERS = (
 # Channels per counter query: one query for a batch over many channels instead of one
 # per channel, under SQLite's oldest limit of 999 parameters.
 _COUNTERS_CHUNK = 500
+# Stored events of one channel by key; the IN list is filled in per call (compiling a
+# query per batch would cost the writer more than running it).
+_BY_KEYS = (
+    str(
+        select(*EVENT_COLUMNS)
+        .where(events.c.channel == bindparam("b_channel"))
+        .compile(dialect=_DIALECT)
+    )
+    + f" AND {events.c.key.compile(dialect=_DIALECT)} IN (%s)"
+)
 
 
 class SqliteStore(Store):
@@ -204,12 +214,13 @@ def _find_keys(cursor: Cursor, items: Sequence[Pending]) -> dict[tuple[str, str]
             by_channel.setdefault(channel, set()).add(key)
     found: dict[tuple[str, str], Event] = {}
     for channel, keys in by_channel.items():
-        query = select(*EVENT_COLUMNS).where(
-            events.c.channel == channel, events.c.key.in_(sorted(keys))
-        )
-        for event in rows_to_events(channel, cursor.execute(*compiled(query, _DIALECT))):
-            if event.key is not None:  # it is: selected by key
-                found[(channel, event.key)] = event
+        wanted = sorted(keys)
+        for at in range(0, len(wanted), _COUNTERS_CHUNK):
+            chunk = wanted[at : at + _COUNTERS_CHUNK]
+            sql = _BY_KEYS % ", ".join("?" * len(chunk))
+            for event in rows_to_events(channel, cursor.execute(sql, [channel, *chunk])):
+                if event.key is not None:  # it is: selected by key
+                    found[(channel, event.key)] = event
     return found
 
 

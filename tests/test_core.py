@@ -7,8 +7,10 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,6 +28,7 @@ from broadcast_history import (
     SchemaOutOfDate,
     Unsubscribed,
 )
+from broadcast_history.log import _sqlite as sqlite_store
 from tests.conftest import MYSQL_URL, POSTGRES_URL, require_mysql, require_postgres
 from tests.support.helpers import assert_contiguous, take
 
@@ -178,6 +181,84 @@ async def test_keys_of_a_large_batch_find_their_events(sqlite_file_url: str) -> 
         assert again == first
         assert sorted(e.offset for e in first) == list(range(1, 701))
         assert (await bc.log.channel("c")).last_offset == 700  # type: ignore[union-attr]
+
+
+def _commit_threads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names of the threads the SQLite store commits its batches on, as they happen."""
+    threads: list[str] = []
+    commit = sqlite_store.commit
+
+    def spy(conn: sqlite3.Connection, items: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return commit(conn, items)
+
+    monkeypatch.setattr(sqlite_store, "commit", spy)
+    return threads
+
+
+async def test_lone_publishes_commit_on_the_loop_and_crowds_on_the_writer_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threads = _commit_threads(monkeypatch)
+    loop_thread = threading.current_thread().name
+    url = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
+    async with Broadcast(log=url) as bc:
+        assert (await bc.publish("c", "lone")).offset == 1
+        assert threads == [loop_thread]
+        threads.clear()
+        events = await asyncio.gather(*(bc.publish("c", str(i)) for i in range(64)))
+        assert sorted(e.offset for e in events) == list(range(2, 66))
+        assert threads and all(name.startswith("broadcast-history-write") for name in threads)
+    threads.clear()
+    # A commit that syncs the disk never runs on the event loop.
+    async with Broadcast(log=EventLog(url, sqlite_synchronous="FULL")) as bc:
+        assert (await bc.publish("c", "synced")).offset == 66
+        assert len(threads) == 1 and threads[0].startswith("broadcast-history-write")
+
+
+async def test_a_publish_waits_for_another_writer_without_blocking_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threads = _commit_threads(monkeypatch)
+    path = tmp_path / "events.db"
+    async with Broadcast(log=f"sqlite+aiosqlite:///{path}") as bc:
+        await bc.publish("c", "first")
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another process's write transaction
+        try:
+            publishing = asyncio.ensure_future(bc.publish("c", "second"))
+            began = asyncio.get_running_loop().time()
+            for _ in range(20):
+                await asyncio.sleep(0.01)
+            # The loop ran on (not stuck in SQLite's busy wait) and the publish waits.
+            assert asyncio.get_running_loop().time() - began < 1.0
+            assert not publishing.done()
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        event = await asyncio.wait_for(publishing, 10)
+        assert (event.offset, event.message) == (2, "second")
+        # Tried on the loop, found the lock taken, committed on the writer thread.
+        assert threads[-1].startswith("broadcast-history-write")
+        assert [e.message for e in await bc.log.read("c")] == ["first", "second"]
+
+
+async def test_lone_publishes_keep_the_wal_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loop's connection never checkpoints; the writer thread does, every
+    INLINE_CHECKPOINT_EVERY lone commits, and the WAL then starts over from its
+    beginning instead of growing."""
+    monkeypatch.setattr(sqlite_store, "INLINE_CHECKPOINT_EVERY", 100)
+    path = tmp_path / "events.db"
+    async with Broadcast(log=f"sqlite+aiosqlite:///{path}") as bc:
+        for i in range(3000):
+            await bc.publish(f"c{i % 10}", "x" * 79)
+        wal_bytes = Path(f"{path}-wal").stat().st_size
+        assert (await bc.log.channel("c9")).last_offset == 300  # type: ignore[union-attr]
+    # 100 lone commits write ~340 pages of 2 KiB (0.7 MB); a WAL that never started
+    # over would hold all 3,000 (~21 MB).
+    assert wal_bytes < 3 * 1024 * 1024
 
 
 async def test_migrate_false_refuses_missing_schema(sqlite_file_url: str) -> None:

@@ -7,12 +7,19 @@ which is what makes group commit on SQLite fast. Event reads do the same on read
 threads, which also lets them stop after a byte budget: SQLite steps one row at a
 time, so a page of large events is cut before the rest of it is read from disk.
 The async engine (aiosqlite) serves migrations and the shared queries.
+
+A lone small batch is the exception: the hop to the writer thread and back costs
+several times its commit (a WAL commit that does not sync writes a few pages to the
+OS), so with ``synchronous`` OFF or NORMAL it is committed on the event loop itself,
+on a connection that never waits for the write lock (if another connection holds it,
+the batch goes to the writer thread) and never checkpoints (the writer thread does).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,17 +31,32 @@ from sqlalchemy import Engine, Select, bindparam, select, update
 from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.dialects.sqlite import insert
 from sqlalchemy.engine import URL
+from sqlalchemy.pool import PoolProxiedConnection
 
 from .._errors import NotConnected
 from .._event import Event, from_micros, stored_event
-from ._engine import create_engine, create_sync_engine, shared_memory_url
+from ._engine import WAL_CHECKPOINT_PAGES, create_engine, create_sync_engine, shared_memory_url
 from ._info import Pending
 from ._queries import page_query
 from ._rows import EVENT_COLUMNS, compiled, new_epoch, now_micros, prepared, rows_to_events
 from ._schema import channels, events
 from ._store import Store
 
+logger = logging.getLogger("broadcast_history")
+
 _T = TypeVar("_T")
+#: Largest batch committed on the event loop (see the module's docstring): events and
+#: payload bytes. Larger batches come from many publishers at once, whose group
+#: commit gains more from the loop running on while the writer thread commits.
+INLINE_MAX_EVENTS = 8
+INLINE_MAX_BYTES = 64 * 1024
+#: Batches committed on the event loop between two checkpoints on the writer thread.
+#: A small commit writes about four WAL pages (the events' table and key pages, the
+#: channel's row, an index page now and then): about WAL_CHECKPOINT_PAGES between two.
+INLINE_CHECKPOINT_EVERY = WAL_CHECKPOINT_PAGES // 4
+# SQLite's result codes for a lock held by another connection (the primary code is
+# the low byte of an extended one).
+_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
 # The append's statements, compiled once to SQLite's SQL: the writer runs them on the
 # driver's cursor, with tuples, without SQLAlchemy's per-statement work.
 _DIALECT = sqlite_dialect(paramstyle="qmark")
@@ -78,6 +100,11 @@ class SqliteStore(Store):
         self._reader: Engine | None = None
         self._write_thread: ThreadPoolExecutor | None = None
         self._read_threads: ThreadPoolExecutor | None = None
+        # The connection that commits small batches on the event loop, if any.
+        self._inline_engine: Engine | None = None
+        self._inline: PoolProxiedConnection | None = None
+        self._inline_commits = 0
+        self._checkpoint: asyncio.Future[None] | None = None
 
     async def open(self) -> None:
         memory, sync = self._memory, self._synchronous
@@ -91,13 +118,22 @@ class SqliteStore(Store):
         self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="broadcast-history-write")
         self._read_threads = ThreadPoolExecutor(2, thread_name_prefix="broadcast-history-read")
         self.lock = asyncio.Lock() if memory else None
+        if not memory and sync in ("OFF", "NORMAL"):
+            # FULL and EXTRA sync the disk at every commit: never on the event loop.
+            self._inline_engine = create_sync_engine(url, sqlite_synchronous=sync)
+            loop = asyncio.get_running_loop()
+            self._inline = await loop.run_in_executor(
+                self._write_thread, _open_inline, self._inline_engine
+            )
 
     async def close(self) -> None:
         # Detach first: a call made while closing finds no threads (NotConnected)
         # instead of queueing work on an executor about to shut down.
         engine, writer, reader = self._engine, self._writer, self._reader
+        inline, inline_engine = self._inline, self._inline_engine
         threads = (self._write_thread, self._read_threads)
-        self._engine = self._writer = self._reader = None
+        self._engine = self._writer = self._reader = self._inline_engine = None
+        self._inline = None
         self._write_thread = self._read_threads = None
         if self.lock is not None and engine is not None:
             # Let a call still using the single in-memory connection finish first.
@@ -106,7 +142,9 @@ class SqliteStore(Store):
         for pool in threads:
             if pool is not None:
                 pool.shutdown(wait=True)
-        for sync in (writer, reader):
+        if inline is not None:
+            inline.close()
+        for sync in (writer, reader, inline_engine):
             if sync is not None:
                 sync.dispose()
         if engine is not None:
@@ -125,29 +163,63 @@ class SqliteStore(Store):
         writer = self._writer
         if writer is None:
             raise NotConnected("the event log is not connected")
+        inline = self._inline
+        # While the writer thread checkpoints, batches queue behind it there: a commit
+        # during the checkpoint would leave the WAL short of fully copied, and only a
+        # fully copied WAL starts over from its beginning (else it grows for ever).
+        if inline is not None and self._checkpoint is None and _small(items):
+            stored = self._append_inline(inline, items)
+            if stored is not None:
+                return stored
 
         def run() -> list[Event]:
             # The driver's connection itself: SQLAlchemy's checkout, begin events and
             # commit cost about as much as storing a small batch.
             pooled = writer.raw_connection()
             try:
-                driver: sqlite3.Connection = pooled.driver_connection  # type: ignore[assignment]
-                driver.execute("BEGIN IMMEDIATE")  # the write lock up front (see WRITE)
-                try:
-                    stored = append(driver, items)
-                    driver.commit()
-                except BaseException:
-                    if driver.in_transaction:
-                        # The first error is the one to report; the pool rolls back
-                        # again on check-in if this fails too.
-                        with contextlib.suppress(sqlite3.Error):
-                            driver.rollback()
-                    raise
-                return stored
+                return commit(pooled.driver_connection, items)  # type: ignore[arg-type]
             finally:
                 pooled.close()
 
         return await self._run(self._write_thread, run)
+
+    def _append_inline(
+        self, inline: PoolProxiedConnection, items: Sequence[Pending]
+    ) -> list[Event] | None:
+        """Commit ``items`` on the event loop; ``None`` if another connection writes."""
+        try:
+            stored = commit(inline.driver_connection, items)  # type: ignore[arg-type]
+        except sqlite3.OperationalError as exc:
+            if _is_busy(exc):
+                return None  # rolled back: the writer thread waits for its turn
+            raise
+        self._inline_commits += 1
+        if self._inline_commits >= INLINE_CHECKPOINT_EVERY and self._checkpoint is None:
+            self._checkpoint_later()
+        return stored
+
+    def _checkpoint_later(self) -> None:
+        """Checkpoint the WAL on the writer thread (the inline connection never does)."""
+        writer, thread = self._writer, self._write_thread
+        if writer is None or thread is None:
+            return
+        self._inline_commits = 0
+
+        def run() -> None:
+            pooled = writer.raw_connection()
+            try:
+                # PASSIVE: copies what no reader still needs, waits for nobody.
+                pooled.driver_connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()  # type: ignore[union-attr]
+            finally:
+                pooled.close()
+
+        def done(future: asyncio.Future[None]) -> None:
+            self._checkpoint = None
+            if not future.cancelled() and future.exception() is not None:
+                logger.warning("WAL checkpoint failed", exc_info=future.exception())
+
+        self._checkpoint = asyncio.get_running_loop().run_in_executor(thread, run)
+        self._checkpoint.add_done_callback(done)
 
     async def read(
         self, channel: str, query: Select[Any], max_bytes: int | None, *, descending: bool
@@ -222,6 +294,45 @@ def _find_keys(cursor: Cursor, items: Sequence[Pending]) -> dict[tuple[str, str]
                 if event.key is not None:  # it is: selected by key
                     found[(channel, event.key)] = event
     return found
+
+
+def _open_inline(engine: Engine) -> PoolProxiedConnection:
+    """The connection for inline commits: no waiting for the lock, no checkpoints."""
+    pooled = engine.raw_connection()
+    driver = pooled.driver_connection
+    assert isinstance(driver, sqlite3.Connection)
+    driver.execute("PRAGMA busy_timeout=0")
+    driver.execute("PRAGMA wal_autocheckpoint=0")
+    return pooled
+
+
+def _small(items: Sequence[Pending]) -> bool:
+    if len(items) > INLINE_MAX_EVENTS:
+        return False
+    return sum(len(item.message) for item in items) <= INLINE_MAX_BYTES
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if code is None:
+        return "locked" in str(exc)
+    return code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
+
+
+def commit(conn: sqlite3.Connection, items: Sequence[Pending]) -> list[Event]:
+    """Store ``items`` in a transaction of their own on ``conn`` and commit it."""
+    conn.execute("BEGIN IMMEDIATE")  # the write lock up front (see WRITE)
+    try:
+        stored = append(conn, items)
+        conn.commit()
+    except BaseException:
+        if conn.in_transaction:
+            # The first error is the one to report; the pool rolls back again on
+            # check-in if this fails too.
+            with contextlib.suppress(sqlite3.Error):
+                conn.rollback()
+        raise
+    return stored
 
 
 def append(conn: sqlite3.Connection, items: Sequence[Pending]) -> list[Event]:

@@ -158,18 +158,20 @@ async def test_log_connections_terminated_during_publishing() -> None:
 
 
 async def test_connection_refused_by_the_driver_is_retried_once_on_a_fresh_one() -> None:
-    # A backend terminated while its connection sat idle in the pool can be handed out
-    # before asyncpg reads the socket's end; asyncpg then refuses the first statement
-    # with InternalClientError, before sending it. Injected here, as that window is
-    # a few microseconds wide in the test above.
+    # A backend terminated while its connection sat idle can be handed out before
+    # asyncpg reads the socket's end; asyncpg then refuses the first statement with
+    # InternalClientError, before sending it. Injected here, as that window is a few
+    # microseconds wide in the test above.
     import asyncpg
 
     from broadcast_history.log._engine import create_engine, normalize_url
-    from broadcast_history.log._postgres import discard_broken_connections, on_driver
+    from broadcast_history.log._kept import KeptConnections
+    from broadcast_history.log._postgres import discard_broken_connections
 
     url = await ensure_database("bh_test_faults_log")
     engine = create_engine(normalize_url(_log(url)))
     discard_broken_connections(engine)
+    kept = KeptConnections(engine, keep=4)
     pids: list[int] = []
 
     async def flaky(driver: asyncpg.Connection) -> int:
@@ -182,9 +184,51 @@ async def test_connection_refused_by_the_driver_is_retried_once_on_a_fresh_one()
         raise asyncpg.InternalClientError("cannot switch to state 12")
 
     try:
-        assert await on_driver(engine, flaky) == 1
+        assert await kept.run(flaky) == 1
         assert pids[0] != pids[1]  # the refused connection was not reused
         with pytest.raises(asyncpg.InternalClientError):
-            await on_driver(engine, broken)
+            await kept.run(broken)
     finally:
+        await kept.close()
+        await engine.dispose()
+
+
+async def test_kept_connections_are_reused_bounded_replaced_and_returned() -> None:
+    import asyncpg
+
+    from broadcast_history.log._engine import create_engine, normalize_url
+    from broadcast_history.log._kept import KeptConnections
+    from broadcast_history.log._postgres import discard_broken_connections
+
+    url = await ensure_database("bh_test_faults_log")
+    engine = create_engine(normalize_url(_log(url)))
+    discard_broken_connections(engine)
+    kept = KeptConnections(engine, keep=2)
+    release = asyncio.Event()
+
+    async def pid(driver: asyncpg.Connection) -> int:
+        return driver.get_server_pid()
+
+    async def held(driver: asyncpg.Connection) -> int:
+        await release.wait()
+        return driver.get_server_pid()
+
+    try:
+        first = await kept.run(pid)
+        assert await kept.run(pid) == first  # kept, not checked out again
+        # Five at once take five connections; two stay kept, three go back to the pool.
+        running = [asyncio.ensure_future(kept.run(held)) for _ in range(5)]
+        await asyncio.sleep(0.1)
+        release.set()
+        assert len(set(await asyncio.gather(*running))) == 5
+        assert engine.pool.checkedout() == 2  # type: ignore[attr-defined]
+        # A kept connection whose backend the server ended is replaced, not used.
+        victim = await kept.run(pid)
+        async with engine.connect() as other:
+            await other.exec_driver_sql(f"SELECT pg_terminate_backend({victim})")
+        await asyncio.sleep(0.2)  # asyncpg reads the socket's end
+        assert await kept.run(lambda driver: driver.fetchval("SELECT 1")) == 1
+    finally:
+        await kept.close()
+        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
         await engine.dispose()

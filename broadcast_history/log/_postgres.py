@@ -11,9 +11,9 @@ writer of the same channel waits on the row lock, then increments the committed 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any
 
 import asyncpg
 from sqlalchemy import Select, bindparam, event, func, select
@@ -21,18 +21,21 @@ from sqlalchemy.engine import URL, ExceptionContext
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .._errors import LogUnavailable
+from .._errors import LogUnavailable, NotConnected
 from .._event import Event
 from ._batch import assemble, plan
 from ._calls import Conflict, append_error, is_data_error
 from ._engine import create_engine
 from ._info import Pending
+from ._kept import KeptConnections
 from ._queries import page_query
 from ._rows import EVENT_COLUMNS, compiled, keyed_events, new_epoch, prepared, rows_to_events
 from ._schema import channels, events
 from ._store import Store, discarding_broken
 
-T = TypeVar("T")
+#: Idle connections kept for appends and replay pages: one appender and up to four
+#: replay reads of a broadcast run at a time.
+KEEP = 4
 
 
 class PostgresStore(Store):
@@ -41,16 +44,27 @@ class PostgresStore(Store):
     def __init__(self, url: URL) -> None:
         super().__init__()
         self._url = url
+        self._kept: KeptConnections | None = None
 
     async def open(self) -> None:
         engine = create_engine(self._url)
         discard_broken_connections(engine)
         self._engine = engine
+        self._kept = KeptConnections(engine, keep=KEEP)
 
     async def close(self) -> None:
         engine, self._engine = self._engine, None
+        kept, self._kept = self._kept, None
+        if kept is not None:
+            await kept.close()
         if engine is not None:
             await engine.dispose()
+
+    @property
+    def kept(self) -> KeptConnections:
+        if self._kept is None:
+            raise NotConnected("the event log is not connected")
+        return self._kept
 
     @asynccontextmanager
     async def autocommit(self) -> AsyncIterator[AsyncConnection]:
@@ -60,7 +74,7 @@ class PostgresStore(Store):
                 yield conn
 
     async def append(self, items: Sequence[Pending]) -> list[Event]:
-        return await append(self.engine, items)
+        return await append(self.kept, items)
 
     async def read(
         self, channel: str, query: Select[Any], max_bytes: int | None, *, descending: bool
@@ -83,7 +97,7 @@ class PostgresStore(Store):
         # One autocommit SELECT on asyncpg itself: one round trip (no BEGIN and COMMIT
         # around it) and plain records, no SQLAlchemy row per event.
         try:
-            records = await on_driver(self.engine, lambda driver: driver.fetch(sql, *params))
+            records = await self.kept.run(lambda driver: driver.fetch(sql, *params))
         except Exception as exc:
             raise LogUnavailable(f"event log failure: {exc!r}") from exc
         return rows_to_events(channel, records)
@@ -127,7 +141,7 @@ WHERE e.key IS NOT NULL  -- lets the planner use the partial key index
 """
 
 
-async def append(engine: AsyncEngine, items: Sequence[Pending]) -> list[Event]:
+async def append(kept: KeptConnections, items: Sequence[Pending]) -> list[Event]:
     """Store ``items`` atomically; their events in input order.
 
     Items whose idempotency key is already stored on their channel (or repeated
@@ -144,41 +158,11 @@ async def append(engine: AsyncEngine, items: Sequence[Pending]) -> list[Event]:
     # key lookup needs no transaction either: the unique index catches a key stored
     # after it.
     try:
-        return await on_driver(engine, lambda driver: _append(driver, items))
+        return await kept.run(lambda driver: _append(driver, items))
     except asyncpg.UniqueViolationError as exc:
         raise Conflict(f"append conflicted: {exc!r}") from exc
     except Exception as exc:
         raise append_error(exc, ambiguous=not is_data_error(exc)) from exc
-
-
-async def on_driver(
-    engine: AsyncEngine, operation: Callable[[asyncpg.Connection], Awaitable[T]]
-) -> T:
-    """Run ``operation`` on a pooled connection's asyncpg driver, past SQLAlchemy.
-
-    A connection that failed is discarded, not returned to the pool: asyncpg's
-    errors bypass SQLAlchemy's disconnect handling, and a connection the server
-    terminated mid-statement (or one still busy after a cancel) would fail the next
-    query. A connection the server terminated while it sat idle in the pool can be
-    handed out before its socket's end is read: asyncpg then refuses the first
-    statement with ``InternalClientError`` before sending it, so that one attempt
-    is repeated on a fresh connection.
-    """
-    for attempt in (1, 2):
-        async with engine.connect() as conn:
-            raw = await conn.get_raw_connection()
-            try:
-                return await operation(raw.driver_connection)
-            except asyncpg.UniqueViolationError:
-                raise  # refused by the server: the connection is fine
-            except asyncpg.InternalClientError:
-                await conn.invalidate()
-                if attempt == 2:
-                    raise
-            except BaseException:
-                await conn.invalidate()
-                raise
-    raise AssertionError("unreachable")
 
 
 async def _append(conn: asyncpg.Connection, items: Sequence[Pending]) -> list[Event]:

@@ -274,6 +274,36 @@ async def test_append_mixed_batch_in_input_order(pg_url: str) -> None:
     assert info is not None and info.last_offset == 4
 
 
+async def test_append_stores_each_payload_as_its_slice_of_the_batch(pg_url: str) -> None:
+    # The batch's payloads travel as one bytea; each row stores its own slice.
+    from broadcast_history.log import Pending
+
+    log = EventLog(pg_url.replace("postgresql://", "postgresql+asyncpg://"))
+    await log.connect()
+    a, b, c = unique(), unique(), unique()
+    messages: list[tuple[str, str | bytes]] = [
+        (a, ""),
+        (b, b""),
+        (a, "ü 漢字 🙂"),
+        (c, b"\x00\xff\x00"),
+        (a, "x" * 100_000),
+        (b, "plain"),
+        (a, b"\x00"),
+        (c, ""),
+    ]
+    try:
+        returned = await log.append([Pending(ch, m, None) for ch, m in messages])
+        stored = {ch: await log.read(ch) for ch in (a, b, c)}
+    finally:
+        await log.disconnect()
+    assert [(e.channel, e.message) for e in returned] == messages
+    for channel in (a, b, c):
+        mine = [m for ch, m in messages if ch == channel]
+        assert [e.message for e in stored[channel]] == mine
+        assert [type(e.message) for e in stored[channel]] == [type(m) for m in mine]
+        assert [e.offset for e in stored[channel]] == list(range(1, len(mine) + 1))
+
+
 async def test_delete_and_trim_racing_appends_leave_consistent_channels(pg_url: str) -> None:
     """Deletes and trims from one host while another appends: no event is left without
     its channel row or outside the channel's bounds, and no append fails."""

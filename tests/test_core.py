@@ -203,17 +203,21 @@ async def test_lone_publishes_commit_on_the_loop_and_crowds_on_the_writer_thread
     loop_thread = threading.current_thread().name
     url = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
     async with Broadcast(log=url) as bc:
-        assert (await bc.publish("c", "lone")).offset == 1
-        assert threads == [loop_thread]
+        # The first commit may start a new WAL, which syncs: on the writer thread.
+        assert (await bc.publish("c", "first")).offset == 1
+        assert (await bc.publish("c", "lone")).offset == 2
+        assert threads[0].startswith("broadcast-history-write")
+        assert threads[1:] == [loop_thread]
         threads.clear()
         events = await asyncio.gather(*(bc.publish("c", str(i)) for i in range(64)))
-        assert sorted(e.offset for e in events) == list(range(2, 66))
+        assert sorted(e.offset for e in events) == list(range(3, 67))
         assert threads and all(name.startswith("broadcast-history-write") for name in threads)
     threads.clear()
     # A commit that syncs the disk never runs on the event loop.
     async with Broadcast(log=EventLog(url, sqlite_synchronous="FULL")) as bc:
-        assert (await bc.publish("c", "synced")).offset == 66
-        assert len(threads) == 1 and threads[0].startswith("broadcast-history-write")
+        for offset in (67, 68):
+            assert (await bc.publish("c", "synced")).offset == offset
+        assert len(threads) == 2 and all(t.startswith("broadcast-history-write") for t in threads)
 
 
 async def test_a_publish_waits_for_another_writer_without_blocking_the_loop(
@@ -243,22 +247,31 @@ async def test_a_publish_waits_for_another_writer_without_blocking_the_loop(
         assert [e.message for e in await bc.log.read("c")] == ["first", "second"]
 
 
-async def test_lone_publishes_keep_the_wal_bounded(
+async def test_lone_publishes_keep_the_wal_bounded_and_its_syncs_off_the_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The loop's connection never checkpoints; the writer thread does, every
-    INLINE_CHECKPOINT_EVERY lone commits, and the WAL then starts over from its
-    beginning instead of growing."""
-    monkeypatch.setattr(sqlite_store, "INLINE_CHECKPOINT_EVERY", 100)
+    """Neither connection checkpoints on its own: the store does, on the writer thread,
+    every WAL_CHECKPOINT_PAGES (estimated); the WAL then starts over from its beginning
+    instead of growing, and the commit that starts it over (which syncs the WAL's
+    header) runs on the writer thread too."""
+    monkeypatch.setattr(sqlite_store, "WAL_CHECKPOINT_PAGES", 200)
+    threads = _commit_threads(monkeypatch)
+    writer = "broadcast-history-write"
     path = tmp_path / "events.db"
     async with Broadcast(log=f"sqlite+aiosqlite:///{path}") as bc:
         for i in range(3000):
             await bc.publish(f"c{i % 10}", "x" * 79)
         wal_bytes = Path(f"{path}-wal").stat().st_size
         assert (await bc.log.channel("c9")).last_offset == 300  # type: ignore[union-attr]
-    # 100 lone commits write ~340 pages of 2 KiB (0.7 MB); a WAL that never started
+    # ~50 lone commits write 200 pages of 2 KiB (0.4 MB); a WAL that never started
     # over would hold all 3,000 (~21 MB).
-    assert wal_bytes < 3 * 1024 * 1024
+    assert wal_bytes < 2 * 1024 * 1024
+    on_writer = [i for i, name in enumerate(threads) if name.startswith(writer)]
+    # The first commit, then one that checkpoints and the next, every ~50 commits.
+    assert 90 <= len(on_writer) <= 140
+    checkpoints = [i for i in on_writer[1:] if not threads[i - 1].startswith(writer)]
+    assert len(checkpoints) >= 45
+    assert all(threads[i + 1].startswith(writer) for i in checkpoints if i + 1 < len(threads))
 
 
 async def test_migrate_false_refuses_missing_schema(sqlite_file_url: str) -> None:

@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from broadcast_history import Broadcast, Event, LogUnavailable, TransportError
+from broadcast_history import Broadcast, Event, LogUnavailable, NotConnected, TransportError
 from broadcast_history.backends.memory import MemoryBackend
 from broadcast_history.backends.postgres import PostgresBackend
 from tests.conftest import unique
@@ -228,6 +228,21 @@ async def test_kept_connections_are_reused_bounded_replaced_and_returned() -> No
             await other.exec_driver_sql(f"SELECT pg_terminate_backend({victim})")
         await asyncio.sleep(0.2)  # asyncpg reads the socket's end
         assert await kept.run(lambda driver: driver.fetchval("SELECT 1")) == 1
+        # Closed while a call runs: that connection is closed when the call ends,
+        # not kept, and nothing is taken after the close.
+        release.clear()
+        running = [asyncio.ensure_future(kept.run(held))]
+        await asyncio.sleep(0.1)
+        await kept.close()
+        release.set()
+        in_flight = await running[0]
+        with pytest.raises(NotConnected):
+            await kept.run(pid)
+        async with engine.connect() as other:
+            alive = await other.exec_driver_sql(
+                f"SELECT count(*) FROM pg_stat_activity WHERE pid = {in_flight}"
+            )
+            assert alive.scalar() == 0
     finally:
         await kept.close()
         assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]

@@ -124,7 +124,12 @@ def create_engine(
 
 
 def create_sync_engine(
-    url: URL, *, memory: bool = False, sqlite_synchronous: str = "NORMAL", single: bool = True
+    url: URL,
+    *,
+    memory: bool = False,
+    sqlite_synchronous: str = "NORMAL",
+    single: bool = True,
+    checkpoints: bool = True,
 ) -> Engine:
     """Synchronous engine (the stdlib sqlite3 driver) for the SQLite writer and readers.
 
@@ -133,13 +138,15 @@ def create_sync_engine(
         memory: ``url`` is a shared in-memory database.
         sqlite_synchronous: ``PRAGMA synchronous`` for file databases.
         single: One connection (the writer), else a small pool (reader threads).
+        checkpoints: Commits checkpoint the WAL every ``WAL_CHECKPOINT_PAGES``;
+            ``False`` for a writer whose owner checkpoints itself.
     """
     sync_url = url.set(drivername="sqlite")
     kwargs: dict[str, Any] = {"poolclass": StaticPool} if single else {"pool_size": 4}
     engine = sqlalchemy.create_engine(
         sync_url, connect_args={"timeout": 30, "check_same_thread": False}, **kwargs
     )
-    _configure_sqlite(engine, memory, sqlite_synchronous)
+    _configure_sqlite(engine, memory, sqlite_synchronous, checkpoints)
     return engine
 
 
@@ -182,7 +189,9 @@ WAL_CHECKPOINT_PAGES = 4000
 PAGE_SIZE = 2048
 
 
-def _configure_sqlite(engine: Engine, memory: bool, synchronous: str) -> None:
+def _configure_sqlite(
+    engine: Engine, memory: bool, synchronous: str, checkpoints: bool = True
+) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Take transaction control from the driver so BEGIN IMMEDIATE can be used.
@@ -193,7 +202,8 @@ def _configure_sqlite(engine: Engine, memory: bool, synchronous: str) -> None:
             cursor.execute(f"PRAGMA page_size={PAGE_SIZE}")
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute(f"PRAGMA synchronous={synchronous}")
-            cursor.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
+            pages = WAL_CHECKPOINT_PAGES if checkpoints else 0
+            cursor.execute(f"PRAGMA wal_autocheckpoint={pages}")
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.close()
 

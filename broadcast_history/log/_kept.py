@@ -17,6 +17,8 @@ from typing import TypeVar
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from .._errors import NotConnected
+
 T = TypeVar("T")
 
 
@@ -59,13 +61,22 @@ class KeptConnections:
         raise AssertionError("unreachable")
 
     async def close(self) -> None:
-        """Return the idle connections to the pool; later ones go back as they finish."""
+        """Close the idle connections; one still in use is closed when it finishes."""
         self._closed = True
         idle, self._idle = self._idle, []
-        for conn, _ in idle:
-            await conn.close()
+        while idle:
+            conn, driver = idle.pop()
+            try:
+                await _discard(conn)
+            except BaseException:
+                # Failed or cancelled: close the sockets of this one and the rest.
+                for _, left in [(conn, driver), *idle]:
+                    left.terminate()
+                raise
 
     async def _take(self) -> tuple[AsyncConnection, asyncpg.Connection]:
+        if self._closed:
+            raise NotConnected("the event log is not connected")
         while self._idle:
             conn, driver = self._idle.pop()
             if not driver.is_closed():
@@ -82,12 +93,17 @@ class KeptConnections:
         return conn, driver
 
     async def _give(self, conn: AsyncConnection, driver: asyncpg.Connection) -> None:
-        if self._closed or len(self._idle) >= self._keep:
+        if self._closed:
+            await _discard(conn)  # its pool may be disposed already: close it for good
+        elif len(self._idle) >= self._keep:
             await conn.close()
         else:
             self._idle.append((conn, driver))
 
 
 async def _discard(conn: AsyncConnection) -> None:
-    await conn.invalidate()
-    await conn.close()
+    """Close ``conn``'s database connection instead of returning it to the pool."""
+    try:
+        await conn.invalidate()
+    finally:
+        await conn.close()

@@ -170,6 +170,8 @@ async def append(kept: KeptConnections, items: Sequence[Pending]) -> list[Event]
         return await kept.run(lambda driver: _append(driver, items))
     except asyncpg.UniqueViolationError as exc:
         raise Conflict(f"append conflicted: {exc!r}") from exc
+    except NotConnected:
+        raise  # closed meanwhile: nothing was sent
     except Exception as exc:
         raise append_error(exc, ambiguous=not is_data_error(exc)) from exc
 

@@ -295,7 +295,9 @@ async def test_one_of_many_connections_takes_a_lease(mysql_url: str) -> None:
         for round_ in range(2):
             attempts = await asyncio.gather(
                 *(
-                    log.acquire_lease(channel, "w", f"h{round_}-{n}", 0.3)
+                    # Long enough that the race ends before the lease runs out, on
+                    # a loaded 2-core machine too (with 0.3 s, two of the six won once).
+                    log.acquire_lease(channel, "w", f"h{round_}-{n}", 1.5)
                     for n, log in enumerate(logs)
                 )
             )
@@ -304,7 +306,7 @@ async def test_one_of_many_connections_takes_a_lease(mysql_url: str) -> None:
             assert {attempt.holder for attempt in busy} == {
                 f"h{round_}-{n}" for n, attempt in enumerate(attempts) if attempt.acquired
             }
-            await asyncio.sleep(0.4)  # the lease runs out
+            await asyncio.sleep(1.6)  # the lease runs out
         taken = await logs[0].acquire_leases([(channel, "w", "a"), (channel, "v", "b")], 5)
         assert taken == {"a": (None, None), "b": (None, None)}
         assert await logs[1].acquire_leases([(channel, "w", "c")], 5) == {}

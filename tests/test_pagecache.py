@@ -169,8 +169,22 @@ async def test_subscribers_missing_the_same_page_share_one_read(tmp_path: Path) 
         gate = bc._heads._gate()
         for _ in range(gate._value):
             await gate.acquire()
+        # Counted as they ask (a fixed sleep was too short for 30 subscribers to start
+        # on a loaded 2-core machine: one asked after the gate opened and read again).
+        asked = 0
+        read_page = bc._heads.read_page
+
+        async def asking(channel: str, start: int, *rest: Any) -> Any:
+            nonlocal asked
+            asked += start == 1
+            return await read_page(channel, start, *rest)
+
+        bc._heads.read_page = asking  # type: ignore[method-assign,assignment]
         replays = asyncio.gather(*(_replay(bc, "c", 0, 2000) for _ in range(30)))
-        await asyncio.sleep(0.5)
+        for _ in range(3000):  # 30 s at most
+            if asked == 30:
+                break
+            await asyncio.sleep(0.01)
         assert firsts == 0
         for _ in range(HeadProbe.READS_AT_ONCE):
             gate.release()

@@ -34,8 +34,9 @@ from ._rows import EVENT_COLUMNS, compiled, keyed_events, new_epoch, prepared, r
 from ._schema import channels, events
 from ._store import Store, discarding_broken
 
-#: Idle connections kept for appends and replay pages: one appender and up to four
-#: replay reads of a broadcast run at a time.
+#: Idle connections kept for appends and replay pages. A broadcast runs one append
+#: and up to four replay reads at a time; a call beyond the kept ones checks a
+#: connection out of the pool as before.
 KEEP = 4
 
 

@@ -302,12 +302,12 @@ def _find_keys(cursor: Cursor, items: Sequence[Pending]) -> dict[tuple[str, str]
 
 
 def _open_inline(engine: Engine) -> PoolProxiedConnection:
-    """The connection for inline commits: no waiting for the lock, no checkpoints."""
+    """The connection for inline commits (its engine never checkpoints): it never
+    waits for the write lock either."""
     pooled = engine.raw_connection()
     driver = pooled.driver_connection
     assert isinstance(driver, sqlite3.Connection)
     driver.execute("PRAGMA busy_timeout=0")
-    driver.execute("PRAGMA wal_autocheckpoint=0")
     return pooled
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Callable, Container, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import _envelope
 from ._errors import InvalidArgument
@@ -46,6 +46,13 @@ def require_shared_log(backend: BroadcastBackend, url: str | None) -> None:
         raise InvalidArgument(_NEEDS_SHARED_LOG.format(url=url or type(backend).__name__))
 
 
+class Objects(NamedTuple):
+    """Events handed to an in-process transport, marked with their sender."""
+
+    sender: str
+    events: tuple[Event, ...]
+
+
 class Wire:
     """Sends committed events on ``backend`` and receives them for ``log``'s readers."""
 
@@ -66,9 +73,9 @@ class Wire:
 
         Subscribers in the sending process then need not wait for the transport's
         round trip; the copy that comes back through the transport is a duplicate
-        they drop by its offset. (An in-process transport delivers them already.)
+        they drop by its offset, or skip unread when it is marked as this wire's.
         """
-        self._local = None if self._objects else sink
+        self._local = sink
 
     def hand_over(self, events: Sequence[Event]) -> None:
         """Give committed ``events`` to this process's own subscribers (see
@@ -86,7 +93,7 @@ class Wire:
         limit: int | None = getattr(self.backend, "max_message_size", None)
         for channel, batch in _by_channel(events).items():
             if self._objects:
-                messages.append((channel, tuple(batch)))
+                messages.append((channel, Objects(self._sender, tuple(batch))))
             else:
                 for text in _envelope.encode(batch, log_id, limit, self._sender):
                     messages.append((channel, text))
@@ -101,8 +108,10 @@ class Wire:
         """
         backend = self.backend
         log_id = self.log.log_id
-        # Our own envelopes, when we delivered their events locally already.
-        echo = f"{_envelope.PREFIX}{log_id}:{self._sender}:" if self._local else None
+        # Our own messages, when we delivered their events locally already.
+        local = self._local is not None
+        sender = self._sender
+        echo = f"{_envelope.PREFIX}{log_id}:{sender}:" if local else None
         while True:
             raw = await backend.next_published()
             channel = raw.channel
@@ -111,8 +120,10 @@ class Wire:
             message = raw.message
             if echo is not None and isinstance(message, str) and message.startswith(echo):
                 continue
-            if self._objects and isinstance(message, tuple):
-                return channel, message
+            if self._objects and isinstance(message, Objects):
+                if local and message.sender == sender:
+                    continue
+                return channel, message.events
             try:
                 return channel, _envelope.decode(channel, message, log_id)
             except _envelope.OtherLog as exc:

@@ -9,6 +9,7 @@ import sys
 import textwrap
 import threading
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +140,36 @@ async def test_disconnect_ends_subscribers_and_flushes_publishes() -> None:
         with pytest.raises(Unsubscribed):
             await asyncio.wait_for(sub.get(), 2)
         assert [e async for e in sub] == []
+
+
+async def test_own_subscribers_get_events_at_commit_on_the_memory_transport() -> None:
+    """A stalled send delays nobody here; the transport's copy comes back skipped."""
+    async with Broadcast() as bc:
+        backend = bc.backend
+        send = backend.publish_many
+        gate = asyncio.Event()
+        sends: list[bool] = []  # one per send: whether it went through
+
+        async def held(messages: Sequence[tuple[str, Any]]) -> None:
+            sends.append(False)
+            index = len(sends) - 1
+            await gate.wait()
+            await send(messages)
+            sends[index] = True
+
+        backend.publish_many = held  # type: ignore[method-assign]
+        async with bc.subscribe("c") as sub:
+            published = [await bc.publish("c", f"m{i}") for i in range(3)]
+            assert await take(sub, 3, timeout=2) == published
+            assert sends and not gate.is_set()
+            gate.set()
+            last = await bc.publish("c", "after the stall")
+            assert await take(sub, 1) == [last]
+            # Once every send went through and the queue is empty, the listener
+            # has had each echo (it takes what is queued without pausing).
+            while not all(sends) or not backend._queue.empty():  # type: ignore[attr-defined]
+                await asyncio.sleep(0.001)
+            assert not sub._buffer  # skipped, not delivered twice
 
 
 async def test_restart_on_file_log_continues(sqlite_file_url: str) -> None:

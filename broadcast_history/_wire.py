@@ -47,8 +47,10 @@ def require_shared_log(backend: BroadcastBackend, url: str | None) -> None:
 
 
 class Objects(NamedTuple):
-    """Events handed to an in-process transport, marked with their sender."""
+    """Events handed to an in-process transport, with the log and broadcast they
+    come from (a broadcast skips its own: it delivered them at commit)."""
 
+    log_id: str
     sender: str
     events: tuple[Event, ...]
 
@@ -65,7 +67,8 @@ class Wire:
         self._objects = bool(getattr(backend, "carries_objects", False))
         self._reported: set[tuple[str, str | None]] = set()
         self._local: Callable[[str, Sequence[Event]], None] | None = None
-        # Names this broadcast's envelopes, so their echo can be skipped undecoded.
+        # Names this broadcast's envelopes and Objects, so their echo can be skipped
+        # undecoded.
         self._sender = secrets.token_hex(4)
 
     def deliver_locally(self, sink: Callable[[str, Sequence[Event]], None]) -> None:
@@ -93,7 +96,7 @@ class Wire:
         limit: int | None = getattr(self.backend, "max_message_size", None)
         for channel, batch in _by_channel(events).items():
             if self._objects:
-                messages.append((channel, Objects(self._sender, tuple(batch))))
+                messages.append((channel, Objects(log_id, self._sender, tuple(batch))))
             else:
                 for text in _envelope.encode(batch, log_id, limit, self._sender):
                     messages.append((channel, text))
@@ -120,10 +123,15 @@ class Wire:
             message = raw.message
             if echo is not None and isinstance(message, str) and message.startswith(echo):
                 continue
-            if self._objects and isinstance(message, Objects):
-                if local and message.sender == sender:
-                    continue
-                return channel, message.events
+            if isinstance(message, Objects):
+                if message.log_id != log_id:
+                    self._ignore(channel, message.log_id)
+                elif not (local and message.sender == sender):
+                    return channel, message.events
+                continue
+            if not isinstance(message, str | bytes):
+                self._ignore(channel, None)  # an object no broadcast sent
+                continue
             try:
                 return channel, _envelope.decode(channel, message, log_id)
             except _envelope.OtherLog as exc:

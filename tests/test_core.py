@@ -29,6 +29,7 @@ from broadcast_history import (
     SchemaOutOfDate,
     Unsubscribed,
 )
+from broadcast_history._wire import Objects
 from broadcast_history.log import _sqlite as sqlite_store
 from tests.conftest import MYSQL_URL, POSTGRES_URL, require_mysql, require_postgres
 from tests.support.helpers import assert_contiguous, take
@@ -143,33 +144,56 @@ async def test_disconnect_ends_subscribers_and_flushes_publishes() -> None:
 
 
 async def test_own_subscribers_get_events_at_commit_on_the_memory_transport() -> None:
-    """A stalled send delays nobody here; the transport's copy comes back skipped."""
+    """A stalled send delays nobody here; the transport's copies come back skipped."""
     async with Broadcast() as bc:
         backend = bc.backend
         send = backend.publish_many
         gate = asyncio.Event()
-        sends: list[bool] = []  # one per send: whether it went through
+        sent: list[int] = []  # offsets the transport took
 
         async def held(messages: Sequence[tuple[str, Any]]) -> None:
-            sends.append(False)
-            index = len(sends) - 1
             await gate.wait()
             await send(messages)
-            sends[index] = True
+            sent.extend(event.offset for _, message in messages for event in message.events)
 
         backend.publish_many = held  # type: ignore[method-assign]
         async with bc.subscribe("c") as sub:
+            fed: list[int] = []  # offsets handed to the subscriber, from anywhere
+            feed = sub._feed
+
+            def counting(events: Sequence[Event], size: int | None = None) -> None:
+                fed.extend(event.offset for event in events)
+                feed(events, size)
+
+            sub._feed = counting  # type: ignore[method-assign]
             published = [await bc.publish("c", f"m{i}") for i in range(3)]
-            assert await take(sub, 3, timeout=2) == published
-            assert sends and not gate.is_set()
+            assert await take(sub, 3) == published  # every send still held
+            assert not sent
             gate.set()
             last = await bc.publish("c", "after the stall")
             assert await take(sub, 1) == [last]
-            # Once every send went through and the queue is empty, the listener
-            # has had each echo (it takes what is queued without pausing).
-            while not all(sends) or not backend._queue.empty():  # type: ignore[attr-defined]
-                await asyncio.sleep(0.001)
-            assert not sub._buffer  # skipped, not delivered twice
+            # Once the transport took all four and its queue is empty, the listener
+            # has had each copy (it takes what is queued without pausing).
+            async with asyncio.timeout(10):
+                while len(sent) < 4 or not backend._queue.empty():  # type: ignore[attr-defined]
+                    await asyncio.sleep(0.001)
+            assert fed == [1, 2, 3, 4]  # each once: the copies were skipped
+
+
+async def test_foreign_objects_on_the_memory_transport_are_ignored() -> None:
+    async with Broadcast() as bc:
+        queue = bc.backend._queue  # type: ignore[attr-defined]
+        async with bc.subscribe("c") as sub:
+            stray = Event("c", "m", offset=1, epoch=1)
+            queue.put_nowait(Event("c", (stray,)))  # a tuple no broadcast sent
+            queue.put_nowait(Event("c", Objects("another-log", "s", (stray,))))
+            published = await bc.publish("c", "ours")
+            assert await take(sub, 1) == [published]
+            async with asyncio.timeout(10):
+                while not queue.empty():
+                    await asyncio.sleep(0.001)
+            assert bc.foreign_messages == {"not_envelope": 1, "other_log": 1}
+            assert bc.transport_connected
 
 
 async def test_restart_on_file_log_continues(sqlite_file_url: str) -> None:

@@ -28,17 +28,18 @@ PREFIX = "broadcast_history_"
 
 
 class Faulty(MemoryBackend):
-    """The in-process transport, with faults: drop chosen messages, or fail sends.
+    """The in-process transport, with faults: drop chosen offsets, or fail sends.
 
     With ``text=True`` it carries envelopes as a network transport does, to every
-    backend on the same ``bus`` (two broadcasts then behave as two processes).
+    backend on the same ``bus`` (two broadcasts then behave as two processes). A
+    lone broadcast's own subscribers get its events at commit, so a drop shows only
+    to another broadcast on the bus.
     """
 
     def __init__(
         self, *, text: bool = False, limit: int | None = None, bus: list[Faulty] | None = None
     ) -> None:
         super().__init__()
-        #: Offsets not delivered: a message holding one of them is dropped whole.
         self.drop: set[int] = set()
         self.fail = False
         self.carries_objects = not text
@@ -51,17 +52,21 @@ class Faulty(MemoryBackend):
         if self.fail:
             raise OSError("the transport is down")
         for channel, message in messages:
-            if self.drop and self._offsets(channel, message) & self.drop:
-                continue
-            for backend in self.bus:
-                await MemoryBackend.publish(backend, channel, message)
+            for kept in self._without_dropped(channel, message):
+                for backend in self.bus:
+                    await MemoryBackend.publish(backend, channel, kept)
 
-    @staticmethod
-    def _offsets(channel: str, message: Any) -> set[int]:
+    def _without_dropped(self, channel: str, message: Any) -> list[Any]:
+        """``message`` without the events whose offsets are in ``drop``."""
+        if not self.drop:
+            return [message]
         if isinstance(message, Objects):
-            return {event.offset for event in message.events}
-        log_id = message.split(":")[1]  # bh2:<log id>:...
-        return {event.offset for event in _envelope.decode(channel, message, log_id)}
+            kept = tuple(event for event in message.events if event.offset not in self.drop)
+            return [message._replace(events=kept)] if kept else []
+        _, log_id, sender, _ = message.split(":", 3)  # bh2:<log id>:<sender>:<body>
+        events = _envelope.decode(channel, message, log_id)
+        left = [event for event in events if event.offset not in self.drop]
+        return _envelope.encode(left, log_id, self.max_message_size, sender)
 
 
 def value(registry: CollectorRegistry, name: str, **labels: str) -> float:

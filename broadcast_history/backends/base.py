@@ -34,7 +34,9 @@ class BroadcastBackend:
     #: transport needs a log every process shares (``log=`` is then required).
     crosses_processes: bool = False
     #: Whether the transport stays inside this process, so the broadcast may hand it
-    #: event objects instead of text envelopes (the memory transport does).
+    #: event objects instead of text envelopes (the memory transport does). Its
+    #: messages are then ``Objects`` tuples (log id, sender, events), to be passed on
+    #: as they are.
     carries_objects: bool = False
     #: How many times the transport re-established a lost connection (for metrics).
     reconnects: int = 0

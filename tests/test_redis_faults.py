@@ -124,6 +124,9 @@ class CuttableProxy:
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port, self.is_cut = host, port, False
         self.links: set[asyncio.StreamWriter] = set()
+        # Links open when stall() ran: they stay open and carry nothing, a network
+        # gone silent (no reset); later connections pass.
+        self.stalled: set[asyncio.StreamWriter] = set()
         self.server: asyncio.Server | None = None
 
     async def start(self) -> int:
@@ -135,6 +138,9 @@ class CuttableProxy:
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
+
+    def stall(self) -> None:
+        self.stalled |= self.links
 
     def cut(self) -> None:
         self.is_cut = True
@@ -152,6 +158,8 @@ class CuttableProxy:
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             with contextlib.suppress(OSError):
                 while data := await src.read(65536):
+                    if dst in self.stalled or writer in self.stalled:
+                        continue
                     dst.write(data)
                     await dst.drain()
             dst.transport.abort()
@@ -195,4 +203,47 @@ async def test_degraded_while_redis_is_unreachable(
                 await publish_steadily(publisher, channel, 30)
                 assert_contiguous(await take(sub, 30), 71, 100)
     finally:
+        await proxy.stop()
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+async def test_a_silent_subscription_connection_is_pinged_then_replaced(
+    admin: aioredis.Redis, protocol: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No reset, no data: the silence check pings, gets no answer and reconnects."""
+    host, port = HOST_PORT.split("/", 1)[0].split(":")
+    proxy = CuttableProxy(host, int(port))
+    proxy_port = await proxy.start()
+    db = HOST_PORT.split("/", 1)[1] if "/" in HOST_PORT else "0"
+    backend = RedisBackend(
+        f"redis://127.0.0.1:{proxy_port}/{db}?protocol={protocol}",
+        ping_interval=0.2,
+        max_reconnect_delay=0.2,
+    )
+    channel = unique()
+    try:
+        await backend.connect()
+        await backend.subscribe(channel)
+        await backend.publish(channel, "before")
+        assert (await asyncio.wait_for(backend.next_published(), 5)).message == "before"
+        proxy.stall()
+
+        async def replaced() -> bool:
+            return backend.reconnects >= 1 and backend.connected
+
+        await eventually(replaced, timeout=10)
+        assert "redis did not answer a ping" in caplog.text
+
+        # A message published now reaches the new subscription connection.
+        async def delivered() -> bool:
+            await admin.publish(channel, "after")
+            try:
+                event = await asyncio.wait_for(backend.next_published(), 0.2)
+            except asyncio.TimeoutError:
+                return False
+            return event.message == "after"
+
+        await eventually(delivered, timeout=10)
+    finally:
+        await backend.disconnect()
         await proxy.stop()

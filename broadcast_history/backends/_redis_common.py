@@ -18,6 +18,11 @@ from ._inbox import InboxTransport
 CLIENT_NAME = "broadcast_history"
 
 
+def describe(exc: BaseException) -> str:
+    """``exc`` for a message: redis-py 8's ``repr`` of its errors leaves out their text."""
+    return f"{type(exc).__name__}: {exc}"
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether trying again later may succeed: the server went away or is loading."""
     if isinstance(exc, (rexc.AuthenticationError, rexc.AuthorizationError)):
@@ -54,7 +59,7 @@ async def ping(client: aioredis.Redis, *, close: Sequence[aioredis.Redis]) -> No
     except rexc.RedisError as exc:
         for other in close:
             await other.aclose()
-        raise TransportError(f"cannot connect to redis: {exc!r}") from exc
+        raise TransportError(f"cannot connect to redis: {describe(exc)}") from exc
 
 
 async def pipelined(
@@ -83,7 +88,7 @@ async def pipelined(
             return
         except rexc.RedisError as exc:
             if attempt or not is_transient(exc):
-                raise TransportError(f"redis {command} failed: {exc!r}") from exc
+                raise TransportError(f"redis {command} failed: {describe(exc)}") from exc
 
 
 class PipelinedPublisher(InboxTransport):

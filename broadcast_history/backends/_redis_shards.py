@@ -17,7 +17,7 @@ from redis.backoff import NoBackoff
 
 from .._errors import TransportError
 from ._hosts import parse_hosts
-from ._redis_common import CLIENT_NAME, as_text, cancel_and_wait, is_transient
+from ._redis_common import CLIENT_NAME, as_text, cancel_and_wait, describe, is_transient
 
 SCHEMES = ("redis-cluster", "rediss-cluster")
 
@@ -150,7 +150,7 @@ class ShardPublisher:
                 raise failures[0]
             except (rexc.RedisError, rexc.RedisClusterException, OSError) as exc:
                 if attempt or not is_cluster_transient(exc):
-                    raise TransportError(f"redis-cluster SPUBLISH failed: {exc!r}") from exc
+                    raise TransportError(f"redis-cluster SPUBLISH failed: {describe(exc)}") from exc
                 await self._refresh(exc)
 
     async def close(self) -> None:
@@ -174,4 +174,4 @@ class ShardPublisher:
         try:
             await self._cluster.nodes_manager.initialize()
         except (rexc.RedisError, rexc.RedisClusterException, OSError) as exc:
-            raise TransportError(f"redis-cluster SPUBLISH failed: {cause!r}") from exc
+            raise TransportError(f"redis-cluster SPUBLISH failed: {describe(cause)}") from exc

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -35,7 +36,8 @@ class RedisBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
             broadcaster 0.3). It stays yours: ``disconnect`` does not close it.
         max_reconnect_delay: Longest pause, in seconds, between reconnection attempts.
         ping_interval: Seconds of silence after which the subscription connection is
-            pinged; no answer within as long again counts as a lost connection.
+            pinged; no answer within as long again counts as a lost connection (both
+            checked every half interval).
     """
 
     crosses_processes = True
@@ -58,6 +60,7 @@ class RedisBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
         self._client: aioredis.Redis | None = None
         self._pubsub: PubSub | None = None
         self._channels: set[str] = set()
+        self._replies = 0  # read from the subscription connection, for the silence check
         self._acks = shared.Confirmations()
         self._inbox: Inbox | None = None
         self._lock: asyncio.Lock | None = None
@@ -118,7 +121,7 @@ class RedisBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
             await command(self._pubsub)
         except rexc.RedisError as exc:
             if not shared.is_transient(exc):
-                raise TransportError(f"redis SUBSCRIBE failed: {exc!r}") from exc
+                raise TransportError(f"redis SUBSCRIBE failed: {shared.describe(exc)}") from exc
             logger.info("redis subscription connection lost", exc_info=True)
 
     async def _close_pubsub(self) -> None:
@@ -151,30 +154,82 @@ class RedisBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
                 if not shared.is_transient(exc):
                     raise
                 if self._up:
-                    logger.warning("redis subscription connection lost: %r", exc)
+                    logger.warning("redis subscription connection lost: %s", shared.describe(exc))
                 self._up = False
             await self._close_pubsub()
             await backoff.sleep()
 
     async def _read(self, pubsub: PubSub) -> None:
-        assert self._inbox is not None
-        pinged = False
-        while True:
-            message = await pubsub.get_message(timeout=self._ping_interval)
-            if message is None:
-                if pinged:
-                    raise rexc.TimeoutError("redis did not answer a ping")
-                await pubsub.ping()
-                pinged = True
-                continue
-            pinged = False
-            kind = message["type"]
-            channel = shared.as_text(message["channel"])
-            if kind == "message" and channel in self._channels:
-                self._inbox.put(Event(channel, shared.as_text(message["data"])))
-            elif kind == "subscribe":
-                self._acks.confirm(channel)
+        """Receive until the connection fails; ping it when it has been quiet.
 
+        A task of its own reads; this one watches it. ``PubSub.get_message`` puts a
+        timeout context, a retry wrapper and a message dict around every read, about
+        half of the CPU a message costs here, so the reader takes the parser's
+        replies from the connection itself, and the silence check costs a wake-up
+        per half ``ping_interval`` instead.
+        """
+        connection = pubsub.connection
+        assert connection is not None
+        reader = asyncio.create_task(self._receive(connection), name="bh-redis-read")
+        try:
+            await self._watch(reader, connection)
+        except BaseException as exc:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+            lost = None if reader.cancelled() else reader.exception()
+            if isinstance(exc, asyncio.CancelledError) or lost is None or lost is exc:
+                raise
+            if not shared.is_transient(lost):
+                raise lost from exc  # the reader's failure is the worse one
+            raise
+
+    async def _watch(self, reader: asyncio.Task[None], connection: Any) -> None:
+        """Raise when ``reader`` fails, or when a ping sent after a quiet
+        ``ping_interval`` gets no reply within another."""
+        half = self._ping_interval / 2
+        seen = self._replies
+        quiet = 0  # half intervals without a reply
+        pinged_at: int | None = None
+        while True:
+            done, _ = await asyncio.wait({reader}, timeout=half)
+            if done:
+                reader.result()  # it only ends by failing
+            if self._replies != seen:
+                seen, quiet, pinged_at = self._replies, 0, None
+                continue
+            quiet += 1
+            if pinged_at is None:
+                if quiet >= 2:
+                    # Sent without redis-py's health check: that would read the
+                    # connection itself, beside the reader.
+                    await connection.send_command("PING", check_health=False)
+                    pinged_at = quiet
+            elif quiet - pinged_at >= 2:
+                raise rexc.TimeoutError("redis did not answer a ping")
+
+    async def _receive(self, connection: Any) -> None:
+        inbox = self._inbox
+        assert inbox is not None
+        channels = self._channels
+        as_text = shared.as_text
+        while True:
+            # math.inf: block without a timeout (None would mean the socket timeout).
+            reply = await connection.read_response(timeout=math.inf, push_request=True)
+            self._replies += 1
+            if not isinstance(reply, list):
+                continue  # PONG while subscribed to nothing
+            kind = reply[0]
+            if kind in _MESSAGE:
+                channel = as_text(reply[1])
+                if channel in channels:
+                    inbox.put(Event(channel, as_text(reply[2])))
+            elif kind in _SUBSCRIBE:
+                self._acks.confirm(as_text(reply[1]))
+
+
+# A reply's kind, as bytes or, from a client with decode_responses, as text.
+_MESSAGE = (b"message", "message")
+_SUBSCRIBE = (b"subscribe", "subscribe")
 
 #: The name our connections give Redis (``CLIENT LIST``), to tell them apart.
 CLIENT_NAME = shared.CLIENT_NAME

@@ -25,7 +25,7 @@ from .._errors import NotConnected, TransportError
 from .._event import Event
 from ._backoff import Backoff
 from ._inbox import Inbox, InboxTransport
-from ._redis_common import CLIENT_NAME, Confirmations, cancel_and_wait
+from ._redis_common import CLIENT_NAME, Confirmations, cancel_and_wait, describe
 from ._redis_shards import Shard, ShardPublisher, cluster_options, is_cluster_transient
 from .base import BroadcastBackend, Health
 
@@ -81,7 +81,7 @@ class RedisClusterBackend(Health, InboxTransport, BroadcastBackend):
             await cluster.initialize()
         except (rexc.RedisError, rexc.RedisClusterException, OSError) as exc:
             await cluster.aclose()
-            raise TransportError(f"cannot connect to the redis cluster: {exc!r}") from exc
+            raise TransportError(f"cannot connect to the redis cluster: {describe(exc)}") from exc
         self._cluster, self._up = cluster, True
         self._publisher = ShardPublisher(cluster, self._options)
         self._inbox, self._lock, self._trouble = Inbox(), asyncio.Lock(), asyncio.Event()
@@ -140,8 +140,8 @@ class RedisClusterBackend(Health, InboxTransport, BroadcastBackend):
             await operation
         except Exception as exc:
             if not is_cluster_transient(exc):
-                raise TransportError(f"redis-cluster SSUBSCRIBE failed: {exc!r}") from exc
-            logger.info("redis-cluster subscription failed; resubscribing: %r", exc)
+                raise TransportError(f"redis-cluster SSUBSCRIBE failed: {describe(exc)}") from exc
+            logger.info("redis-cluster subscription failed; resubscribing: %s", describe(exc))
             self._trouble.set()
 
     async def _place(self, channels: Sequence[str]) -> None:
@@ -196,7 +196,7 @@ class RedisClusterBackend(Health, InboxTransport, BroadcastBackend):
                 except Exception as exc:
                     if not is_cluster_transient(exc):
                         raise
-                    logger.debug("redis-cluster resubscription failed: %r", exc)
+                    logger.debug("redis-cluster resubscription failed: %s", describe(exc))
                     self._trouble.set()
                     continue
                 # Under the lock: a subscribe that waited for it places its channel.

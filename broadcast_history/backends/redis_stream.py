@@ -109,7 +109,7 @@ class RedisStreamBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
             last = await self._client.xrevrange(key, count=1)
         except rexc.RedisError as exc:
             if not shared.is_transient(exc):
-                raise TransportError(f"redis XREVRANGE failed: {exc!r}") from exc
+                raise TransportError(f"redis XREVRANGE failed: {shared.describe(exc)}") from exc
             last = []  # down: read the stream from its start once back; dups are dropped
         self._ids[key] = shared.as_text(last[0][0]) if last else "0-0"
         self._changed.set()
@@ -148,7 +148,7 @@ class RedisStreamBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
                     if not shared.is_transient(exc):
                         raise
                     if self._up:
-                        logger.warning("redis stream connection lost: %r", exc)
+                        logger.warning("redis stream connection lost: %s", shared.describe(exc))
                     self._up, self._reader_id = False, None
                     await backoff.sleep()
                     continue

@@ -107,10 +107,10 @@ class Broadcast:
         #: What this broadcast counted so far (published, delivered, fallbacks...).
         self.stats = Stats()
         self._appender = Appender(self.log, self._wire, self.stats, max_batch=max_batch)
-        self._heads = HeadProbe(self.log)
-        self._leases = Leases(self.log)
         self._channels = Channels(backend)
         self._subscribers = self._channels.subscribers
+        self._heads = HeadProbe(self.log, self._subscribers)
+        self._leases = Leases(self.log)
         self._listener: asyncio.Task[None] | None = None
         self._retention_task: asyncio.Task[None] | None = None
         self._lags_task: asyncio.Task[None] | None = None

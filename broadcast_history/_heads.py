@@ -4,7 +4,7 @@ channel's head (idle checks), turns at reading pages and the pages read (catch-u
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 
 from ._budget import page_was_cut
 from ._event import Event
@@ -24,8 +24,11 @@ class HeadProbe:
     #: Replay pages read (and turned into events) at once, per broadcast.
     READS_AT_ONCE = 4
 
-    def __init__(self, log: EventLog) -> None:
+    def __init__(self, log: EventLog, subscribers: Mapping[str, Collection[object]]) -> None:
         self._log = log
+        # The broadcast's subscribers by channel: pages are kept only for a channel
+        # that has more than one (see read_page).
+        self._subscribers = subscribers
         self._lookups: dict[str, tuple[float, asyncio.Future[ChannelInfo | None]]] = {}
         self._reads: asyncio.Semaphore | None = None
         # Checks of kept pages asked for, by channel, and the task answering them.
@@ -53,6 +56,13 @@ class HeadProbe:
         fill every loop iteration with page conversions, and a publish, which needs
         several iterations, would crawl: a few reads at a time, first come first
         served, leave the loop free for everything else.
+
+        A whole page is kept for later readers only while its channel has another
+        subscriber in this broadcast. A lone subscriber replaying a long history
+        (a worker, a durable consumer) would only fill the cache with pages nobody
+        reads again, and the garbage collector would walk every kept event on each
+        pass: a quarter of a 1M-event replay's time went to that. In a wave of
+        reconnects the first subscriber's pages are not kept; the second one's are.
         """
         kept = self.pages.get(channel, start, limit, epoch)
         if kept is not None:
@@ -84,7 +94,7 @@ class HeadProbe:
             read.add_done_callback(forget)
         # Shielded: a caller cancelled must not cancel the read others joined.
         page = await asyncio.shield(read)
-        if start == first and len(page) == limit:
+        if start == first and len(page) == limit and len(self._subscribers.get(channel, ())) > 1:
             self.pages.put(channel, start, limit, page)
         ended = len(page) < wanted and not page_was_cut(page, max_bytes)
         return page, ended

@@ -4,7 +4,8 @@ Subscribers replaying the same stretch of a channel get the same events without
 reading the page themselves, and share one read while it runs (but never take a short
 page of a read they joined for the end of the log); a kept page the log no longer
 holds as kept (the channel deleted, or re-imported from an older export with the same
-epoch) is never served; the cache stays within its byte budget.
+epoch) is never served; the cache stays within its byte budget. Pages are kept only for
+a channel that has more than one subscriber in the broadcast.
 """
 
 from __future__ import annotations
@@ -24,6 +25,15 @@ from broadcast_history._pagecache import PageCache
 from broadcast_history.admin import HistoryAdmin
 
 
+@asynccontextmanager
+async def _watched(tmp_path: Path, **options: Any) -> AsyncIterator[Broadcast]:
+    """A broadcast whose channel ``c`` has another (live, idle) subscriber besides the
+    ones a test makes: pages are kept only for a channel that has more than one."""
+    async with Broadcast(log=f"sqlite+aiosqlite:///{tmp_path / 'log.db'}", **options) as bc:
+        async with bc.subscribe("c"):
+            yield bc
+
+
 async def _replay(bc: Broadcast, channel: str, since: int, until: int) -> list[Event]:
     got: list[Event] = []
     async with bc.subscribe(channel, since=since) as sub:
@@ -35,7 +45,7 @@ async def _replay(bc: Broadcast, channel: str, since: int, until: int) -> list[E
 
 
 async def test_subscribers_replaying_one_stretch_share_its_pages(tmp_path: Path) -> None:
-    async with Broadcast(log=f"sqlite+aiosqlite:///{tmp_path / 'log.db'}", page_size=50) as bc:
+    async with _watched(tmp_path, page_size=50) as bc:
         await asyncio.gather(*(bc.publish("c", f"m{i}") for i in range(500)))
         reads = 0
         read_from = bc.log.read_from
@@ -67,7 +77,7 @@ async def test_subscribers_replaying_one_stretch_share_its_pages(tmp_path: Path)
 
 
 async def test_a_page_of_an_earlier_incarnation_is_never_served(tmp_path: Path) -> None:
-    async with Broadcast(log=f"sqlite+aiosqlite:///{tmp_path / 'log.db'}", page_size=10) as bc:
+    async with _watched(tmp_path, page_size=10) as bc:
         await asyncio.gather(*(bc.publish("c", f"old{i}") for i in range(30)))
         old = await _replay(bc, "c", since=0, until=30)
         assert {e.epoch for e in old} == {old[0].epoch}
@@ -77,6 +87,19 @@ async def test_a_page_of_an_earlier_incarnation_is_never_served(tmp_path: Path) 
         new = await _replay(bc, "c", since=0, until=30)
         assert [e.message for e in new] == [f"new{i}" for i in range(30)]
         assert {e.epoch for e in new} != {old[0].epoch}
+
+
+async def test_a_lone_subscriber_s_pages_are_not_kept(tmp_path: Path) -> None:
+    # Kept pages cost the garbage collector a walk over every kept event per pass: a
+    # lone reader of a long history pays that for pages nobody reads again.
+    async with Broadcast(log=f"sqlite+aiosqlite:///{tmp_path / 'log.db'}", page_size=10) as bc:
+        await asyncio.gather(*(bc.publish("c", f"m{i}") for i in range(30)))
+        await _replay(bc, "c", 0, 30)
+        assert bc._heads.pages._bytes == 0
+        async with bc.subscribe("c"):  # another client of the channel
+            epoch = (await _replay(bc, "c", 0, 30))[0].epoch
+        kept = [bc._heads.pages.get("c", first, 10, epoch) for first in (1, 11, 21)]
+        assert all(page is not None and len(page) == 10 for page in kept)
 
 
 def _page(channel: str, first: int, size: int, epoch: int = 1) -> list[Event]:
@@ -112,7 +135,7 @@ async def _replay_all(bc: Broadcast, channel: str, count: int) -> list[Event]:
 async def test_a_history_re_imported_with_the_same_epoch_is_read_from_the_log(
     tmp_path: Path,
 ) -> None:
-    async with Broadcast(log=f"sqlite+aiosqlite:///{tmp_path / 'log.db'}", page_size=10) as bc:
+    async with _watched(tmp_path, page_size=10) as bc:
         admin = HistoryAdmin.of(bc)
         for i in range(5):
             await bc.publish("c", f"v1-{i}")
@@ -132,7 +155,7 @@ async def test_a_history_re_imported_with_the_same_epoch_is_read_from_the_log(
 
 
 async def test_a_subscriber_of_a_deleted_channel_is_reset_within_a_page(tmp_path: Path) -> None:
-    async with Broadcast(log=f"sqlite+aiosqlite:///{tmp_path / 'log.db'}", page_size=10) as bc:
+    async with _watched(tmp_path, page_size=10) as bc:
         for i in range(200):
             await bc.publish("c", f"old{i}")
         await _replay_all(bc, "c", 200)  # every page kept
@@ -198,7 +221,7 @@ async def test_subscribers_missing_the_same_page_share_one_read(tmp_path: Path) 
 
 
 async def test_the_checks_of_kept_pages_go_to_the_log_together(tmp_path: Path) -> None:
-    async with Broadcast(log=f"sqlite+aiosqlite:///{tmp_path / 'log.db'}", page_size=50) as bc:
+    async with _watched(tmp_path, page_size=50) as bc:
         await asyncio.gather(*(bc.publish("c", f"m{i}") for i in range(1000)))
         await _replay(bc, "c", 0, 1000)  # keeps the 20 pages
         checks: list[int] = []
@@ -216,7 +239,7 @@ async def test_the_checks_of_kept_pages_go_to_the_log_together(tmp_path: Path) -
 
 
 async def test_a_failed_check_of_a_kept_page_fails_the_subscriber(tmp_path: Path) -> None:
-    async with Broadcast(log=f"sqlite+aiosqlite:///{tmp_path / 'log.db'}", page_size=10) as bc:
+    async with _watched(tmp_path, page_size=10) as bc:
         await asyncio.gather(*(bc.publish("c", f"m{i}") for i in range(30)))
         await _replay(bc, "c", 0, 30)
 
@@ -305,7 +328,7 @@ async def test_a_read_running_across_a_delete_is_not_shared(tmp_path: Path) -> N
 
 
 async def test_events_trimmed_from_a_kept_page_are_not_served(tmp_path: Path) -> None:
-    async with Broadcast(log=f"sqlite+aiosqlite:///{tmp_path / 'log.db'}", page_size=10) as bc:
+    async with _watched(tmp_path, page_size=10) as bc:
         for i in range(30):
             await bc.publish("c", f"m{i}")
         await _replay(bc, "c", 0, 30)  # every page kept

@@ -95,7 +95,7 @@ async def _take(subscriber: Subscriber, count: int) -> list[Event]:
 async def test_every_feed_delivers_each_offset_once_in_order(
     log: EventLog, name: str, feed: Feed, options: SubscriberOptions
 ) -> None:
-    subscriber = Subscriber("c", log, options, HeadProbe(log), Stats())
+    subscriber = Subscriber("c", log, options, HeadProbe(log, {}), Stats())
     await subscriber._start(None, None, None)  # live only: the channel is empty
     stored = await log.append([Pending("c", f"m{i}", None) for i in range(1, N + 1)])
     for batch in feed(stored):
@@ -108,7 +108,7 @@ async def test_every_feed_delivers_each_offset_once_in_order(
 
 async def test_replay_then_live_hands_over_without_a_duplicate(log: EventLog) -> None:
     first = await log.append([Pending("c", f"old{i}", None) for i in range(5)])
-    subscriber = Subscriber("c", log, FAST, HeadProbe(log), Stats())
+    subscriber = Subscriber("c", log, FAST, HeadProbe(log, {}), Stats())
     await subscriber._start(0, None, None)
     later = await log.append([Pending("c", f"new{i}", None) for i in range(3)])
     subscriber._feed(first[3:] + later)  # live buffered during replay, overlapping it
@@ -116,7 +116,7 @@ async def test_replay_then_live_hands_over_without_a_duplicate(log: EventLog) ->
 
 
 async def test_events_of_a_new_epoch_say_the_channel_was_reset(log: EventLog) -> None:
-    subscriber = Subscriber("c", log, FAST, HeadProbe(log), Stats())
+    subscriber = Subscriber("c", log, FAST, HeadProbe(log, {}), Stats())
     old = await log.append([Pending("c", "before", None)])
     await subscriber._start(0, None, None)
     assert await _take(subscriber, 1) == old

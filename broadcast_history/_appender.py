@@ -142,6 +142,8 @@ class Appender:
             if not future.done():
                 future.set_result(event)
         self._wire.hand_over(events)
+        if not self._wire.sends:
+            return  # nobody else reads the transport: the hand-over was the delivery
         outbox = self._outbox
         outbox.extend(events)
         self._outbox_bytes += weigh(events)

@@ -65,6 +65,8 @@ class Wire:
         self.foreign: dict[str, int] = {"not_envelope": 0, "other_log": 0}
         # In one process the events themselves travel: nothing to encode or decode.
         self._objects = bool(getattr(backend, "carries_objects", False))
+        #: Whether committed events go on the transport at all (see ``private``).
+        self.sends = not getattr(backend, "private", False)
         self._reported: set[tuple[str, str | None]] = set()
         self._local: Callable[[str, Sequence[Event]], None] | None = None
         # Names this broadcast's envelopes and Objects, so their echo can be skipped

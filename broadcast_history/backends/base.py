@@ -24,8 +24,9 @@ class BroadcastBackend:
 
     Optional hooks (defaults shown here) let a transport do better:
     ``publish_many`` for batched sends, ``max_message_size`` for transports with a
-    payload limit, ``connected`` to report its health, and ``crosses_processes``
-    so that a broadcast refuses to run it without a shared log.
+    payload limit, ``connected`` to report its health, ``crosses_processes``
+    so that a broadcast refuses to run it without a shared log, and ``private`` for
+    a transport nobody but its own broadcast reads.
     """
 
     #: Largest message, in UTF-8 bytes, the transport can carry (``None``: no limit).
@@ -38,6 +39,11 @@ class BroadcastBackend:
     #: messages are then ``Objects`` tuples (log id, sender, events), to be passed on
     #: as they are.
     carries_objects: bool = False
+    #: Whether only the broadcast that publishes on the transport reads from it (the
+    #: memory transport: a queue per instance, for the one broadcast that owns it). The
+    #: broadcast then sends nothing on it: its own subscribers get every event at
+    #: commit, and nobody else could receive it.
+    private: bool = False
     #: How many times the transport re-established a lost connection (for metrics).
     reconnects: int = 0
 

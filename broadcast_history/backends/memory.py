@@ -11,9 +11,12 @@ from .base import BroadcastBackend
 
 
 class MemoryBackend(BroadcastBackend):
-    """Delivers within this process only (URL ``memory://``)."""
+    """Delivers within this process only (URL ``memory://``), to the one broadcast
+    that owns the instance: it sends nothing here (see ``private``), and the queue
+    only carries what is put on it otherwise."""
 
     carries_objects = True
+    private = True
 
     def __init__(self, url: str = "memory://") -> None:
         super().__init__(url)

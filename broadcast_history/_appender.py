@@ -36,7 +36,8 @@ class Appender:
     a lone publisher pays one transaction and many publishers share them. Live sends
     run in a second task, so batch N is sent while batch N+1 commits; they stay in
     commit order. This process's own subscribers get each batch when it commits,
-    whatever the transport does.
+    whatever the transport does; a transport only this broadcast reads (``private``)
+    gets nothing.
     """
 
     def __init__(self, log: EventLog, wire: Wire, stats: Stats, *, max_batch: int = 1000) -> None:
@@ -110,7 +111,9 @@ class Appender:
                 raise
 
     async def _commit(self, batch: list[tuple[Pending, asyncio.Future[Event]]]) -> None:
-        """Append ``batch`` and settle its futures; queue what was stored for sending."""
+        """Append ``batch`` and settle its futures; hand what was stored to this
+        broadcast's subscribers and queue it for sending (unless the transport is
+        private)."""
         assert self._has_outbox is not None
         stats = self._stats
         started = time.perf_counter()

@@ -3,8 +3,9 @@
 After a deploy or a network blip, many clients reconnect to the same channels and
 replay overlapping stretches of them. Without sharing, each one reads its pages from
 the log and builds its own events: a hundred subscribers catching up cost a hundred
-times the reads and the conversions. A whole page read once serves every later
-subscriber of that stretch instead.
+times the reads and the conversions. A whole page read while its channel has more
+than one subscriber in the broadcast serves every later subscriber of that stretch
+instead (a lone subscriber's pages are not kept: see ``HeadProbe.read_page``).
 
 Only whole pages are kept: ``size`` events starting at a multiple of ``size`` plus
 one, all of one epoch, and served only to a reader of that epoch. Before serving a

@@ -65,13 +65,17 @@ class Wire:
         self.foreign: dict[str, int] = {"not_envelope": 0, "other_log": 0}
         # In one process the events themselves travel: nothing to encode or decode.
         self._objects = bool(getattr(backend, "carries_objects", False))
-        #: Whether committed events go on the transport at all (see ``private``).
-        self.sends = not getattr(backend, "private", False)
         self._reported: set[tuple[str, str | None]] = set()
         self._local: Callable[[str, Sequence[Event]], None] | None = None
         # Names this broadcast's envelopes and Objects, so their echo can be skipped
         # undecoded.
         self._sender = secrets.token_hex(4)
+
+    @property
+    def sends(self) -> bool:
+        """Whether committed events go on the transport at all: not when only this
+        broadcast reads it (the backend's ``private``, read at each commit)."""
+        return not getattr(self.backend, "private", False)
 
     def deliver_locally(self, sink: Callable[[str, Sequence[Event]], None]) -> None:
         """Hand events sent from this process to ``sink`` at once, too.

@@ -30,6 +30,7 @@ from broadcast_history import (
     Unsubscribed,
 )
 from broadcast_history._wire import Objects
+from broadcast_history.backends.memory import MemoryBackend
 from broadcast_history.log import _sqlite as sqlite_store
 from tests.conftest import MYSQL_URL, POSTGRES_URL, require_mysql, require_postgres
 from tests.support.helpers import assert_contiguous, take
@@ -170,6 +171,34 @@ async def test_nothing_is_sent_on_the_memory_transport() -> None:
             assert fed == [1, 2, 3, 4]
         assert sent == []
         assert bc.stats.live_send_failures == 0
+
+
+async def test_a_shared_or_subclassed_memory_transport_is_sent_on(sqlite_file_url: str) -> None:
+    """Private only while one broadcast reads it: once a second broadcast connects the
+    same instance, events are sent on it again; a subclass may carry them elsewhere."""
+
+    class Elsewhere(MemoryBackend):
+        pass
+
+    assert MemoryBackend().private and not Elsewhere().private
+    shared = MemoryBackend()
+    sent: list[str] = []
+    publish_many = shared.publish_many
+
+    async def recording(messages: Sequence[tuple[str, Any]]) -> None:
+        sent.extend(channel for channel, _ in messages)
+        await publish_many(messages)
+
+    shared.publish_many = recording  # type: ignore[method-assign]
+    async with Broadcast(backend=shared, log=sqlite_file_url) as first:
+        await first.publish("c", "alone")
+        assert shared.private
+        async with Broadcast(backend=shared, log=sqlite_file_url) as second:
+            assert not shared.private
+            async with second.subscribe("c", since=0) as sub:
+                await first.publish("c", "shared")
+                assert [e.message for e in await take(sub, 2)] == ["alone", "shared"]
+    assert sent == ["c"]  # the second publish only
 
 
 async def test_foreign_objects_on_the_memory_transport_are_ignored() -> None:

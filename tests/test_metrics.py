@@ -43,7 +43,6 @@ class Faulty(MemoryBackend):
         self.drop: set[int] = set()
         self.fail = False
         self.carries_objects = not text
-        self.private = False  # sends go through it, to be dropped or failed
         self.max_message_size = limit
         self.bus = bus if bus is not None else [self]
         if self not in self.bus:

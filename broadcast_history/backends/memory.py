@@ -11,23 +11,33 @@ from .base import BroadcastBackend
 
 
 class MemoryBackend(BroadcastBackend):
-    """Delivers within this process only (URL ``memory://``), to the one broadcast
-    that owns the instance: it sends nothing here (see ``private``), and the queue
-    only carries what is put on it otherwise."""
+    """Delivers within this process only (URL ``memory://``).
+
+    An instance belongs to the broadcast that connects it: only that broadcast reads
+    its queue, so the broadcast sends nothing on it (``private``) and its subscribers
+    get each event at commit. A subclass (which may carry messages elsewhere) is not
+    private unless it says so, and neither is an instance a second broadcast connects.
+    """
 
     carries_objects = True
-    private = True
 
     def __init__(self, url: str = "memory://") -> None:
         super().__init__(url)
         self._channels: set[str] = set()
         self._queue: asyncio.Queue[Event] | None = None
+        self._connected = 0
+        self.private = type(self) is MemoryBackend
 
     async def connect(self) -> None:
+        self._connected += 1
+        if self._connected > 1:
+            # Connected by a second broadcast: both send, and read the one queue.
+            self.private = False
         if self._queue is None:
             self._queue = asyncio.Queue()
 
     async def disconnect(self) -> None:
+        self._connected = max(0, self._connected - 1)
         self._queue = None
         self._channels.clear()
 

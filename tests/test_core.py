@@ -180,7 +180,10 @@ async def test_a_shared_or_subclassed_memory_transport_is_sent_on(sqlite_file_ur
     class Elsewhere(MemoryBackend):
         pass
 
-    assert MemoryBackend().private and not Elsewhere().private
+    class Own(Elsewhere):
+        private = True
+
+    assert MemoryBackend().private and not Elsewhere().private and Own().private
     shared = MemoryBackend()
     sent: list[str] = []
     publish_many = shared.publish_many

@@ -450,6 +450,55 @@ def test_processes_share_a_sqlite_file_log(sqlite_file_url: str) -> None:
     asyncio.run(check())
 
 
+def _open_and_close(path: str, barrier: Any, failures: Any, asynchronous: bool) -> None:
+    from sqlalchemy import text
+
+    from broadcast_history.log._engine import create_engine, create_sync_engine, normalize_url
+
+    url = normalize_url(f"sqlite:///{path}")
+    barrier.wait()
+    try:
+        if asynchronous:
+
+            async def touch() -> None:
+                engine = create_engine(url)
+                async with engine.connect() as conn:
+                    await conn.execute(text("SELECT 1"))
+                await engine.dispose()
+
+            asyncio.run(touch())
+        else:
+            engine = create_sync_engine(url)
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            engine.dispose()
+    except Exception as exc:
+        failures.put(repr(exc))
+
+
+def test_processes_opening_and_closing_one_sqlite_file_together(tmp_path: Path) -> None:
+    """SQLite refuses a new connection's first statement, busy handler or not, while
+    another process creates the file or closes the last connection to it: the
+    engines retry it. Before, about one round in ten failed here."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    failures = context.Queue()
+    for round_ in range(60):
+        path = tmp_path / f"r{round_}.db"
+        barrier = context.Barrier(4)
+        procs = [
+            context.Process(target=_open_and_close, args=(str(path), barrier, failures, n % 2))
+            for n in range(4)
+        ]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join(timeout=60)
+        assert [proc.exitcode for proc in procs] == [0, 0, 0, 0]
+    assert failures.empty(), failures.get()
+
+
 def test_installed_wheel_creates_a_database(tmp_path: Path) -> None:
     """A built wheel (not the checkout) carries the migrations and can create a log.
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
+from sqlalchemy.util.concurrency import await_only, in_greenlet
 
 from .._errors import InvalidArgument, LogUnavailable
 
@@ -189,6 +192,39 @@ WAL_CHECKPOINT_PAGES = 4000
 PAGE_SIZE = 2048
 
 
+#: How long a new connection keeps retrying its first statements on a locked file.
+OPEN_LOCKED_SECONDS = 30.0
+
+
+def _first_statements(cursor: Any, locked: type[Exception]) -> None:
+    """Page size and WAL, retried while the file is locked.
+
+    A connection's first statement reads the WAL index, and SQLite answers
+    "database is locked" at once, without the busy handler, while another process
+    holds the file for a moment: the last connection closing (it checkpoints and
+    removes the WAL), the first one creating it, or one recovering after a crash.
+    Processes starting and stopping together on one file hit that window.
+    """
+    deadline = time.monotonic() + OPEN_LOCKED_SECONDS
+    pause = 0.002
+    while True:
+        try:
+            # Before WAL: a database in WAL mode can no longer change its page size.
+            cursor.execute(f"PRAGMA page_size={PAGE_SIZE}")
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except locked as exc:
+            if "locked" not in str(exc) or time.monotonic() + pause > deadline:
+                raise
+        # On the async engine this runs on the event loop (in SQLAlchemy's greenlet):
+        # wait there rather than block the loop.
+        if in_greenlet():
+            await_only(asyncio.sleep(pause))
+        else:
+            time.sleep(pause)
+        pause = min(pause * 2, 0.1)
+
+
 def _configure_sqlite(
     engine: Engine, memory: bool, synchronous: str, checkpoints: bool = True
 ) -> None:
@@ -198,9 +234,7 @@ def _configure_sqlite(
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         if not memory:
-            # Before WAL: a database in WAL mode can no longer change its page size.
-            cursor.execute(f"PRAGMA page_size={PAGE_SIZE}")
-            cursor.execute("PRAGMA journal_mode=WAL")
+            _first_statements(cursor, engine.dialect.loaded_dbapi.OperationalError)
             cursor.execute(f"PRAGMA synchronous={synchronous}")
             pages = WAL_CHECKPOINT_PAGES if checkpoints else 0
             cursor.execute(f"PRAGMA wal_autocheckpoint={pages}")

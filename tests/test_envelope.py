@@ -10,6 +10,7 @@ import pytest
 from broadcast_history import Event
 from broadcast_history._envelope import NotAnEnvelope, OtherLog, decode, encode
 from broadcast_history._event import NOTICE, from_micros, to_micros
+from broadcast_history.log._rows import rows_to_events
 
 LOG = "0123456789abcdef"
 WHEN = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=timezone.utc)
@@ -128,3 +129,19 @@ def test_timestamps_convert_exactly_at_random() -> None:
     for _ in range(100_000):
         micros = rng.randrange(2**32 * 1_000_000)
         assert to_micros(from_micros(micros)) == micros
+
+
+def test_replayed_rows_get_their_exact_timestamps() -> None:
+    # Replay builds a datetime from the fields of the second it is in while the rows
+    # stay in that second: across seconds, days, years, the epoch and 2106 alike, and
+    # from the microsecond before the epoch (first row or not).
+    rng = random.Random(7)
+    starts = [0, -1_500_000, 1_735_689_599_000_000, 2**32 * 1_000_000 - 700_000]
+    starts += [rng.randrange(-(10**16), 253_402_300_000_000_000) for _ in range(50)]
+    runs = [sorted(start + rng.randrange(0, 3_000_000) for _ in range(300)) for start in starts]
+    runs += [[-1], [-2, -1], [-1, 0]]
+    for micros in runs:
+        rows = [(n, 1, m, True, b"x", None) for n, m in enumerate(micros, 1)]
+        stamps = [event.timestamp for event in rows_to_events("c", rows)]
+        assert stamps == [_EPOCH + timedelta(microseconds=m) for m in micros]
+        assert all(stamp.tzinfo is timezone.utc for stamp in stamps)  # type: ignore[union-attr]

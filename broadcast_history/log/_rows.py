@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import BigInteger, Dialect, literal_column, select
@@ -14,6 +15,8 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from .._event import _UNIX_EPOCH, SLOTS, Event, from_micros, to_micros
 from ._info import ChannelInfo
 from ._schema import channels, events
+
+_UTC = timezone.utc
 
 #: Columns read to rebuild an Event (the channel is known from the query).
 EVENT_COLUMNS = (
@@ -130,17 +133,30 @@ def rows_to_events(channel: str, rows: Iterable[Sequence[Any]]) -> list[Event]:
     """Rebuild the Events of rows selected with :data:`EVENT_COLUMNS` (replay's hot loop).
 
     A group commit gives all its events one timestamp, so a run of equal timestamps
-    shares one datetime instead of converting each.
+    shares one datetime instead of converting each. Within one second, a datetime is
+    built from the second's fields and the microseconds: the constructor with all
+    its fields given costs half of a conversion from a timestamp.
     """
     result: list[Event] = []
     append = result.append
-    last_micros = -1
+    last_micros: int | None = None  # (any int could be a row's)
     stamp = _UNIX_EPOCH
+    # The fields of the second that starts at `second` (microseconds): at first, the
+    # epoch's own.
+    second = 0
+    year, month, day, hour, minute, sec = 1970, 1, 1, 0, 0, 0
     # stored_event() written out with local names: about a tenth less time per event.
     new, set_channel, set_message, set_offset, set_timestamp, set_epoch, set_key = SLOTS
     for offset, epoch, micros, is_text, payload, key in rows:
         if micros != last_micros:
-            stamp = from_micros(micros)
+            us = micros - second
+            if 0 <= us < 1_000_000:
+                stamp = datetime(year, month, day, hour, minute, sec, us, _UTC)
+            else:
+                stamp = from_micros(micros)
+                second = micros - stamp.microsecond
+                year, month, day = stamp.year, stamp.month, stamp.day
+                hour, minute, sec = stamp.hour, stamp.minute, stamp.second
             last_micros = micros
         event = new(Event)
         set_channel(event, channel)

@@ -43,7 +43,13 @@ class HeadProbe:
         self.pages = PageCache()
 
     async def read_page(
-        self, channel: str, start: int, limit: int, max_bytes: int, epoch: int | None
+        self,
+        channel: str,
+        start: int,
+        limit: int,
+        max_bytes: int,
+        epoch: int | None,
+        reader: object = None,
     ) -> tuple[list[Event], bool]:
         """A replay page from ``start``, and whether it reached the end of the log.
 
@@ -63,6 +69,9 @@ class HeadProbe:
         reads again, and the garbage collector would walk every kept event on each
         pass: a quarter of a 1M-event replay's time went to that. In a wave of
         reconnects the first subscriber's pages are not kept; the second one's are.
+
+        ``reader`` (the subscriber asking) lets a lone subscriber's next page be read
+        ahead for it alone (see :class:`~broadcast_history.log._ahead.ReadAhead`).
         """
         kept = self.pages.get(channel, start, limit, epoch)
         if kept is not None:
@@ -88,7 +97,10 @@ class HeadProbe:
             if key in self._waiting and self._waiting[key][1] is read:
                 del self._waiting[key]
 
-        read = asyncio.ensure_future(self._read(channel, start, wanted, max_bytes, forget))
+        # A reader's next page is read ahead from its aligned pages on (the one after
+        # a partial first page would be asked for with another size).
+        ahead = reader if start == first else None
+        read = asyncio.ensure_future(self._read(channel, start, wanted, max_bytes, forget, ahead))
         if waiting is None:
             self._waiting[key] = (start, read)
             read.add_done_callback(forget)
@@ -124,12 +136,25 @@ class HeadProbe:
         limit: int,
         max_bytes: int,
         began: Callable[[], None] | None = None,
+        reader: object = None,
     ) -> list[Event]:
         reads = self._gate()
         await reads.acquire()
         if began is not None:
             began()
-        read = asyncio.ensure_future(self._log.read_from(channel, start, limit, max_bytes))
+        # Nobody joins the read from here on. Pages are read ahead only for a lone
+        # subscriber: the one asking now is the one that will take the next page, and
+        # nobody who subscribed after that page was read gets it. Subscribers sharing
+        # a channel share its pages instead (the cache, joined reads).
+        subscribers = self._subscribers.get(channel, ())
+        ahead = (
+            reader
+            if reader is not None and len(subscribers) == 1 and reader in subscribers
+            else None
+        )
+        read = asyncio.ensure_future(
+            self._log.read_from(channel, start, limit, max_bytes, ahead=ahead)
+        )
 
         def done(read: asyncio.Future[list[Event]]) -> None:
             # The turn ends when the read does: a cancelled caller's read still runs

@@ -232,7 +232,7 @@ class Subscriber(Committable):
         options = self._options
         return asyncio.ensure_future(
             self._heads.read_page(
-                self.channel, start, options.page_size, options.page_bytes, self._epoch
+                self.channel, start, options.page_size, options.page_bytes, self._epoch, self
             )
         )
 

@@ -178,13 +178,15 @@ async def test_subscribers_missing_the_same_page_share_one_read(tmp_path: Path) 
         pages = firsts = 0
         read_from = bc.log.read_from
 
-        async def counting(channel: str, start: int, limit: int, max_bytes: int | None) -> Any:
+        async def counting(
+            channel: str, start: int, limit: int, max_bytes: int | None, **kwargs: Any
+        ) -> Any:
             nonlocal pages, firsts
             # Pages of events (each subscriber also reads ahead past the end itself,
             # to learn it is the end).
             pages += start <= 2000
             firsts += start == 1
-            return await read_from(channel, start, limit, max_bytes)
+            return await read_from(channel, start, limit, max_bytes, **kwargs)
 
         bc.log.read_from = counting  # type: ignore[method-assign]
         # Every turn at reading taken (as by other subscribers' reads), until all 30
@@ -254,8 +256,10 @@ async def test_a_failed_check_of_a_kept_page_fails_the_subscriber(tmp_path: Path
 def _slow_reads(bc: Broadcast) -> None:
     read_from = bc.log.read_from
 
-    async def slow(channel: str, start: int, limit: int, max_bytes: int | None) -> Any:
-        page = await read_from(channel, start, limit, max_bytes)
+    async def slow(
+        channel: str, start: int, limit: int, max_bytes: int | None, **kwargs: Any
+    ) -> Any:
+        page = await read_from(channel, start, limit, max_bytes, **kwargs)
         await asyncio.sleep(0.3)  # fault injection: the answer is slow to arrive
         return page
 

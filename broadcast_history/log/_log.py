@@ -291,14 +291,23 @@ class EventLog(ConsumerMethods):
 
     @finish_on_cancel
     async def read_from(
-        self, channel: str, start: int, limit: int, max_bytes: int | None = None
+        self,
+        channel: str,
+        start: int,
+        limit: int,
+        max_bytes: int | None = None,
+        *,
+        ahead: object = None,
     ) -> list[Event]:
         """Up to ``limit`` events of ``channel`` from offset ``start`` on, ascending.
 
         With ``max_bytes``, as :meth:`read`: cut once the payloads reach or pass it.
+        With ``ahead`` (whoever will ask for the page after this one, and nobody else),
+        a log that reads on the event loop (Postgres) asks for that page now; only a
+        call with the same ``ahead`` gets it.
         """
         async with translated():
-            return await self._store.read_page(channel, start, limit, max_bytes)
+            return await self._store.read_page(channel, start, limit, max_bytes, ahead)
 
     @finish_on_cancel
     async def read_at(self, channel: str, offsets: Sequence[int]) -> list[Event]:

@@ -145,7 +145,7 @@ class MySQLStore(Store):
             return rows_to_events(channel, await conn.execute(query))
 
     async def read_page(
-        self, channel: str, start: int, limit: int, max_bytes: int | None
+        self, channel: str, start: int, limit: int, max_bytes: int | None, ahead: object = None
     ) -> list[Event]:
         dialect = self.engine.dialect
         values = {"channel": channel.encode(), "after": start - 1, "limit": limit}

@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .._errors import LogUnavailable, NotConnected
 from .._event import Event
+from ._ahead import ReadAhead
 from ._batch import assemble, plan
 from ._calls import Conflict, append_error, is_data_error
 from ._engine import create_engine
@@ -47,6 +48,7 @@ class PostgresStore(Store):
         super().__init__()
         self._url = url
         self._kept: KeptConnections | None = None
+        self.ahead = ReadAhead(self._page_records)
 
     async def open(self) -> None:
         engine = create_engine(self._url)
@@ -55,6 +57,7 @@ class PostgresStore(Store):
         self._kept = KeptConnections(engine, keep=KEEP)
 
     async def close(self) -> None:
+        await self.ahead.close()
         engine, self._engine = self._engine, None
         kept, self._kept = self._kept, None
         if kept is not None:
@@ -86,23 +89,31 @@ class PostgresStore(Store):
         return await self._fetch(channel, *compiled(query, self.engine.dialect))
 
     async def read_page(
-        self, channel: str, start: int, limit: int, max_bytes: int | None
+        self, channel: str, start: int, limit: int, max_bytes: int | None, ahead: object = None
     ) -> list[Event]:
+        rows = await self.ahead.rows(channel, start, limit, max_bytes, ahead)
+        return rows_to_events(channel, rows)
+
+    async def _page_records(
+        self, channel: str, start: int, limit: int, max_bytes: int | None
+    ) -> list[asyncpg.Record]:
         values = {"channel": channel, "after": start - 1, "limit": limit, "max_bytes": max_bytes}
         if max_bytes is None:
             sql, params = prepared("page", page_query, self.engine.dialect, values)
         else:
             sql, params = prepared("bounded_page", _bounded_page, self.engine.dialect, values)
-        return await self._fetch(channel, sql, params)
+        return await self._records(sql, params)
 
     async def _fetch(self, channel: str, sql: str, params: tuple[Any, ...]) -> list[Event]:
+        return rows_to_events(channel, await self._records(sql, params))
+
+    async def _records(self, sql: str, params: tuple[Any, ...]) -> list[asyncpg.Record]:
         # One autocommit SELECT on asyncpg itself: one round trip (no BEGIN and COMMIT
         # around it) and plain records, no SQLAlchemy row per event.
         try:
-            records = await self.kept.run(lambda driver: driver.fetch(sql, *params))
+            return await self.kept.run(lambda driver: driver.fetch(sql, *params))
         except Exception as exc:
             raise LogUnavailable(f"event log failure: {exc!r}") from exc
-        return rows_to_events(channel, records)
 
 
 # Channel rows are upserted in name order, so batches touching several channels

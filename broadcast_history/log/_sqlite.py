@@ -236,7 +236,7 @@ class SqliteStore(Store):
         return await self._fetch(channel, *compiled(query, reader.dialect), max_bytes)
 
     async def read_page(
-        self, channel: str, start: int, limit: int, max_bytes: int | None
+        self, channel: str, start: int, limit: int, max_bytes: int | None, ahead: object = None
     ) -> list[Event]:
         if self._reader is None:
             raise NotConnected("the event log is not connected")

@@ -82,10 +82,11 @@ class Store:
         raise NotImplementedError
 
     async def read_page(
-        self, channel: str, start: int, limit: int, max_bytes: int | None
+        self, channel: str, start: int, limit: int, max_bytes: int | None, ahead: object = None
     ) -> list[Event]:
         """A replay page: ``limit`` events from offset ``start`` on, ascending, cut
-        after ``max_bytes`` of payload if given (the hot path of replay)."""
+        after ``max_bytes`` of payload if given (the hot path of replay). ``ahead``:
+        see :meth:`EventLog.read_from <broadcast_history.EventLog.read_from>`."""
         raise NotImplementedError
 
 

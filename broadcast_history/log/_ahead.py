@@ -1,0 +1,100 @@
+"""Replay pages asked for one ahead, on stores that read on the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeVar
+
+_R = TypeVar("_R")
+
+#: A page read for someone: who, channel, first offset, most rows, most payload bytes.
+_Key = tuple[object, str, int, int, int | None]
+
+
+class ReadAhead(Generic[_R]):
+    """The rows of the page after a full one, asked for before that one is converted.
+
+    On Postgres a page's rows become events on the event loop, and a subscriber asks
+    for its next page only once its consumer has taken every event of this one: the
+    server worked while the loop waited, and the loop converted while the server
+    idled. Here the next page's statement goes out as soon as a full page's rows
+    arrive, so the two overlap.
+
+    A page read ahead goes only to the reader it was read for (``ahead``), whose
+    earlier read set it off: it was read after that reader subscribed, as its own
+    read-ahead is, so even a short page rightly ends its replay. Nobody else gets it:
+    a subscriber that came later could be handed a page from before a delete and
+    re-import, or a short page lacking what was committed before it subscribed. A
+    page not taken within :attr:`FRESH` seconds is dropped (the reader went away, or
+    is slow: it reads that page again), and at most :attr:`SLOTS` reads are ahead at
+    once; past that, pages are read when asked for.
+    """
+
+    SLOTS = 8
+    FRESH = 1.0
+
+    def __init__(self, fetch: Callable[[str, int, int, int | None], Awaitable[list[_R]]]) -> None:
+        self._fetch = fetch
+        self._ahead: dict[_Key, tuple[float, asyncio.Future[list[_R]]]] = {}
+
+    async def rows(
+        self, channel: str, start: int, limit: int, max_bytes: int | None, ahead: object = None
+    ) -> list[_R]:
+        """The rows of a page, read ahead if they were; then, for ``ahead`` (if given)
+        and after a full page, the next page is asked for."""
+        rows = (
+            None if ahead is None else await self._taken((ahead, channel, start, limit, max_bytes))
+        )
+        if rows is None:
+            rows = await self._fetch(channel, start, limit, max_bytes)
+        # After a full page, the next one is asked for, and one loop turn sends its
+        # statement before this page's rows are converted.
+        following: _Key = (ahead, channel, start + limit, limit, max_bytes)
+        if ahead is not None and len(rows) == limit and self._ask(following):
+            await asyncio.sleep(0)
+        return rows
+
+    @property
+    def pending(self) -> int:
+        """Reads ahead not taken yet."""
+        return len(self._ahead)
+
+    async def close(self) -> None:
+        """Stop the reads that are still ahead (nobody will take them)."""
+        reads = [read for _, read in self._ahead.values()]
+        self._ahead.clear()
+        for read in reads:
+            read.cancel()
+        await asyncio.gather(*reads, return_exceptions=True)
+
+    async def _taken(self, key: _Key) -> list[_R] | None:
+        entry = self._ahead.pop(key, None)
+        if entry is None:
+            return None
+        began, read = entry
+        if time.monotonic() - began > self.FRESH:
+            return None
+        try:
+            # Shielded: a caller cancelled here leaves the read to end by itself.
+            return await asyncio.shield(read)
+        except Exception:
+            return None  # read it again, and fail (or not) as that read does
+
+    def _ask(self, key: _Key) -> bool:
+        now = time.monotonic()
+        for old in [k for k, (began, _) in self._ahead.items() if now - began > self.FRESH]:
+            del self._ahead[old]  # not taken in time: let it end, unread
+        if key in self._ahead or len(self._ahead) >= self.SLOTS:
+            return False
+        read = asyncio.ensure_future(self._fetch(*key[1:]))
+        read.add_done_callback(_retrieve)
+        self._ahead[key] = (now, read)
+        return True
+
+
+def _retrieve(read: asyncio.Future[Any]) -> None:
+    # A read nobody took: its failure must not be logged as never retrieved.
+    if not read.cancelled():
+        read.exception()

@@ -1,0 +1,192 @@
+"""Replay pages read one ahead for a lone subscriber (broadcast_history.log._ahead).
+
+The next page's statement goes out when a full page arrives; the page read ahead is
+handed only to the reader it was read for, fresh, and never to another subscriber
+(one that came after a delete and re-import gets the log as it is then).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from broadcast_history import Broadcast, Event
+from broadcast_history.admin import HistoryAdmin
+from broadcast_history.log._ahead import ReadAhead
+from tests.support.helpers import assert_contiguous
+from tests.support.postgres_support import ensure_database
+
+A, B = object(), object()
+
+
+class _Pages:
+    """Rows 1..size of one channel, answered at once; counts what was asked."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.asked: list[int] = []
+        self.failing: set[int] = set()  # pages whose next fetch fails
+
+    async def fetch(self, channel: str, start: int, limit: int, max_bytes: int | None) -> list[int]:
+        self.asked.append(start)
+        if start in self.failing:
+            self.failing.discard(start)
+            raise RuntimeError("the log is down")
+        return list(range(start, min(start + limit, self.size + 1)))
+
+
+async def _settle() -> None:
+    for _ in range(3):
+        await asyncio.sleep(0)
+
+
+async def test_a_full_page_sets_off_the_next_for_the_same_reader_only() -> None:
+    pages = _Pages(25)
+    ahead: ReadAhead[int] = ReadAhead(pages.fetch)
+    assert await ahead.rows("c", 1, 10, None, A) == list(range(1, 11))
+    assert pages.asked == [1, 11]  # page 11 went out before page 1 was handed back
+    assert await ahead.rows("c", 11, 10, None, A) == list(range(11, 21))
+    assert pages.asked == [1, 11, 21]  # page 11 was taken, 21 asked for
+    await _settle()
+    # Another reader does not get A's page: it reads its own (and nothing ahead of a
+    # short page).
+    assert await ahead.rows("c", 21, 10, None, B) == list(range(21, 26))
+    assert pages.asked == [1, 11, 21, 21]
+    assert await ahead.rows("c", 21, 10, None, A) == list(range(21, 26))  # A's own, short
+    assert pages.asked == [1, 11, 21, 21]
+    assert ahead.pending == 0
+
+
+async def test_no_reader_no_page_ahead() -> None:
+    pages = _Pages(100)
+    ahead: ReadAhead[int] = ReadAhead(pages.fetch)
+    await ahead.rows("c", 1, 10, None)
+    await ahead.rows("c", 11, 10, None)
+    assert pages.asked == [1, 11]
+    assert ahead.pending == 0
+
+
+async def test_a_page_not_taken_in_time_is_read_again() -> None:
+    pages = _Pages(100)
+    ahead: ReadAhead[int] = ReadAhead(pages.fetch)
+    ahead.FRESH = 0.0
+    await ahead.rows("c", 1, 10, None, A)
+    await asyncio.sleep(0.01)
+    assert await ahead.rows("c", 11, 10, None, A) == list(range(11, 21))
+    assert pages.asked == [1, 11, 11, 21]
+
+
+async def test_a_failed_read_ahead_is_read_again() -> None:
+    pages = _Pages(100)
+    ahead: ReadAhead[int] = ReadAhead(pages.fetch)
+    pages.failing.add(11)
+    await ahead.rows("c", 1, 10, None, A)
+    await _settle()  # the read ahead failed, and nobody has asked for it yet
+    assert await ahead.rows("c", 11, 10, None, A) == list(range(11, 21))
+    assert pages.asked == [1, 11, 11, 21]
+
+
+async def test_reads_ahead_are_bounded_and_closed() -> None:
+    pages = _Pages(1000)
+    ahead: ReadAhead[int] = ReadAhead(pages.fetch)
+    readers = [object() for _ in range(ahead.SLOTS + 3)]
+    for reader in readers:
+        await ahead.rows("c", 1, 10, None, reader)
+    assert ahead.pending == ahead.SLOTS
+    await ahead.close()
+    assert ahead.pending == 0
+
+
+async def test_closing_cancels_a_read_still_ahead() -> None:
+    release = asyncio.Event()
+    asked: list[int] = []
+
+    async def slow(channel: str, start: int, limit: int, max_bytes: int | None) -> list[int]:
+        asked.append(start)
+        if start > 1:
+            await release.wait()
+        return list(range(start, start + limit))
+
+    ahead: ReadAhead[int] = ReadAhead(slow)
+    await ahead.rows("c", 1, 10, None, A)
+    assert asked == [1, 11]
+    await asyncio.wait_for(ahead.close(), 1)  # does not wait for the stuck read
+    assert ahead.pending == 0
+
+
+# -- on Postgres -------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def pg_log() -> str:
+    url = await ensure_database("bh_test_read_ahead")
+    return url.replace("postgresql://", "postgresql+asyncpg://")
+
+
+async def _counted(bc: Broadcast) -> dict[str, int]:
+    """Counts of the pages the Postgres store fetched, and of those taken from ahead."""
+    ahead: Any = bc.log._store.ahead  # type: ignore[attr-defined]
+    counts = {"fetched": 0, "taken": 0}
+    fetch, taken = ahead._fetch, ahead._taken
+
+    async def counting_fetch(*args: Any) -> Any:
+        counts["fetched"] += 1
+        return await fetch(*args)
+
+    async def counting_taken(*args: Any) -> Any:
+        rows = await taken(*args)
+        counts["taken"] += rows is not None
+        return rows
+
+    ahead._fetch, ahead._taken = counting_fetch, counting_taken
+    return counts
+
+
+async def test_a_lone_subscriber_replays_through_pages_read_ahead(pg_log: str) -> None:
+    channel = f"ahead-{id(object())}"
+    async with Broadcast(log=pg_log, page_size=50) as bc:
+        await bc.log.delete_channel(channel)
+        for i in range(1, 1001):
+            await bc.publish(channel, f"m{i}")
+        counts = await _counted(bc)
+        got: list[Event] = []
+        async with bc.subscribe(channel, since=0) as sub:
+            async for event in sub:
+                got.append(event)
+                if len(got) == 1000:
+                    break
+        assert_contiguous(got, 1, 1000)
+        assert [e.message for e in got] == [f"m{i}" for i in range(1, 1001)]
+        # 20 pages (and the empty one after them), each fetched once, every one after
+        # the first read ahead.
+        assert counts["taken"] >= 19
+        assert counts["fetched"] <= 22
+
+
+async def test_a_page_read_ahead_for_one_subscriber_never_goes_to_the_next(pg_log: str) -> None:
+    # A first subscriber stops after one page, with the next read ahead for it; the
+    # channel is deleted and re-imported (same epoch, offsets 1..5 again) and gets
+    # new events: a second subscriber replays the log as it is now.
+    channel = f"ahead-{id(object())}"
+    async with Broadcast(log=pg_log, page_size=10) as bc:
+        await bc.log.delete_channel(channel)
+        admin = HistoryAdmin.of(bc)
+        for i in range(5):
+            await bc.publish(channel, f"v1-{i}")
+        export = [line async for line in admin.export_jsonl([channel])]
+        for i in range(5, 30):
+            await bc.publish(channel, f"v1-{i}")
+        async with bc.subscribe(channel, since=0) as first:
+            for _ in range(10):
+                await asyncio.wait_for(first.get(), 5)
+            await asyncio.sleep(0.05)  # the page after it has been read ahead
+            assert bc.log._store.ahead.pending >= 1  # type: ignore[attr-defined]
+        await bc.log.delete_channel(channel)
+        await admin.import_jsonl(export)
+        for i in range(5, 30):
+            await bc.publish(channel, f"v2-{i}")
+        async with bc.subscribe(channel, since=0) as second:
+            got = [(await asyncio.wait_for(second.get(), 5)).message for _ in range(30)]
+        assert got == [f"v1-{i}" for i in range(5)] + [f"v2-{i}" for i in range(5, 30)]

@@ -37,7 +37,8 @@ _FLOAT_EXACT_US = 2**32 * 1_000_000
 
 def from_micros(micros: int) -> datetime:
     """Aware UTC datetime from microseconds since the Unix epoch."""
-    # This runs once per replayed event: fromtimestamp makes one object where the
+    # Replay runs this for each second its events span (and builds the datetimes
+    # within a second from its fields): fromtimestamp makes one object where the
     # sum of a timedelta makes two, in little more than half the time.
     if 0 <= micros < _FLOAT_EXACT_US:
         return _from_timestamp(micros / 1_000_000, _UTC)

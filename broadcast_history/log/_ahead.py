@@ -23,13 +23,15 @@ class ReadAhead(Generic[_R]):
     arrive, so the two overlap.
 
     A page read ahead goes only to the reader it was read for (``ahead``), whose
-    earlier read set it off: it was read after that reader subscribed, as its own
-    read-ahead is, so even a short page rightly ends its replay. Nobody else gets it:
-    a subscriber that came later could be handed a page from before a delete and
-    re-import, or a short page lacking what was committed before it subscribed. A
-    page not taken within :attr:`FRESH` seconds is dropped (the reader went away, or
-    is slow: it reads that page again), and at most :attr:`SLOTS` reads are ahead at
-    once; past that, pages are read when asked for.
+    earlier read set it off, so it was read after that reader subscribed, as its own
+    read-ahead is. Nobody else gets it: a subscriber that came later could be handed
+    a page from before a delete and re-import. And it goes only if full: a short
+    page would end the replay, and it may lack what was committed after it was read
+    and that the reader has since missed live (its buffer overflowed, or a gap is
+    being filled); a full page ends nothing and holds only history. A page not taken
+    within :attr:`FRESH` seconds is let go (the reader went away, or is slow: it
+    reads that page again), a reader has one page ahead at most, and at most
+    :attr:`SLOTS` are ahead at once; past that, pages are read when asked for.
     """
 
     SLOTS = 8
@@ -38,6 +40,7 @@ class ReadAhead(Generic[_R]):
     def __init__(self, fetch: Callable[[str, int, int, int | None], Awaitable[list[_R]]]) -> None:
         self._fetch = fetch
         self._ahead: dict[_Key, tuple[float, asyncio.Future[list[_R]]]] = {}
+        self._closed = False
 
     async def rows(
         self, channel: str, start: int, limit: int, max_bytes: int | None, ahead: object = None
@@ -62,7 +65,9 @@ class ReadAhead(Generic[_R]):
         return len(self._ahead)
 
     async def close(self) -> None:
-        """Stop the reads that are still ahead (nobody will take them)."""
+        """Stop the reads that are still ahead (nobody will take them), and read
+        nothing ahead from now on."""
+        self._closed = True
         reads = [read for _, read in self._ahead.values()]
         self._ahead.clear()
         for read in reads:
@@ -78,20 +83,31 @@ class ReadAhead(Generic[_R]):
             return None
         try:
             # Shielded: a caller cancelled here leaves the read to end by itself.
-            return await asyncio.shield(read)
+            rows = await asyncio.shield(read)
         except Exception:
             return None  # read it again, and fail (or not) as that read does
+        return rows if len(rows) == key[3] else None
 
     def _ask(self, key: _Key) -> bool:
-        now = time.monotonic()
-        for old in [k for k, (began, _) in self._ahead.items() if now - began > self.FRESH]:
-            del self._ahead[old]  # not taken in time: let it end, unread
-        if key in self._ahead or len(self._ahead) >= self.SLOTS:
+        if self._closed:
+            return False
+        # The reader's earlier page, if still here, will not be asked for now.
+        for other in [k for k in self._ahead if k[0] is key[0]]:
+            del self._ahead[other]
+        if len(self._ahead) >= self.SLOTS:
             return False
         read = asyncio.ensure_future(self._fetch(*key[1:]))
         read.add_done_callback(_retrieve)
-        self._ahead[key] = (now, read)
+        self._ahead[key] = (time.monotonic(), read)
+        # Not taken in time (the reader went away, or is slow): forget it, rows and
+        # reader, even if nothing else is read here for a long while.
+        asyncio.get_running_loop().call_later(self.FRESH, self._expire, key, read)
         return True
+
+    def _expire(self, key: _Key, read: asyncio.Future[list[_R]]) -> None:
+        entry = self._ahead.get(key)
+        if entry is not None and entry[1] is read:
+            del self._ahead[key]
 
 
 def _retrieve(read: asyncio.Future[Any]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 import uuid
 from pathlib import Path
@@ -14,7 +15,12 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
-from sqlalchemy.util.concurrency import await_only, in_greenlet
+
+try:  # SQLAlchemy 2.1 names it await_ (await_only is its deprecated alias); 2.0 has
+    # only await_only.
+    from sqlalchemy.util.concurrency import await_ as _await
+except ImportError:  # pragma: no cover
+    from sqlalchemy.util.concurrency import await_only as _await
 
 from .._errors import InvalidArgument, LogUnavailable
 
@@ -196,7 +202,7 @@ PAGE_SIZE = 2048
 OPEN_LOCKED_SECONDS = 30.0
 
 
-def _first_statements(cursor: Any, locked: type[Exception]) -> None:
+def _first_statements(cursor: Any, locked: type[Exception], on_loop: bool) -> None:
     """Page size and WAL, retried while the file is locked.
 
     A connection's first statement reads the WAL index, and SQLite answers
@@ -216,12 +222,12 @@ def _first_statements(cursor: Any, locked: type[Exception]) -> None:
         except locked as exc:
             if "locked" not in str(exc) or time.monotonic() + pause > deadline:
                 raise
-        # On the async engine this runs on the event loop (in SQLAlchemy's greenlet):
-        # wait there rather than block the loop.
-        if in_greenlet():
-            await_only(asyncio.sleep(pause))
+        if on_loop:
+            # aiosqlite's connection: this runs on the event loop (in SQLAlchemy's
+            # greenlet), so wait there rather than block the loop.
+            _await(asyncio.sleep(pause))
         else:
-            time.sleep(pause)
+            time.sleep(pause)  # a thread of our own
         pause = min(pause * 2, 0.1)
 
 
@@ -234,7 +240,8 @@ def _configure_sqlite(
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         if not memory:
-            _first_statements(cursor, engine.dialect.loaded_dbapi.OperationalError)
+            on_loop = not isinstance(dbapi_connection, sqlite3.Connection)
+            _first_statements(cursor, engine.dialect.loaded_dbapi.OperationalError, on_loop)
             cursor.execute(f"PRAGMA synchronous={synchronous}")
             pages = WAL_CHECKPOINT_PAGES if checkpoints else 0
             cursor.execute(f"PRAGMA wal_autocheckpoint={pages}")

@@ -36,8 +36,8 @@ from ._schema import channels, events
 from ._store import Store, discarding_broken
 
 #: Idle connections kept for appends and replay pages. A broadcast runs one append
-#: and up to four replay reads at a time; a call beyond the kept ones checks a
-#: connection out of the pool as before.
+#: and up to four replay reads at a time (and up to ReadAhead.SLOTS pages read
+#: ahead); a call beyond the kept ones checks a connection out of the pool as before.
 KEEP = 4
 
 
@@ -55,6 +55,7 @@ class PostgresStore(Store):
         discard_broken_connections(engine)
         self._engine = engine
         self._kept = KeptConnections(engine, keep=KEEP)
+        self.ahead = ReadAhead(self._page_records)
 
     async def close(self) -> None:
         await self.ahead.close()

@@ -39,7 +39,8 @@ class ReadAhead(Generic[_R]):
 
     def __init__(self, fetch: Callable[[str, int, int, int | None], Awaitable[list[_R]]]) -> None:
         self._fetch = fetch
-        self._ahead: dict[_Key, tuple[float, asyncio.Future[list[_R]]]] = {}
+        # Per page: when it was asked for, the read, and the timer that lets it go.
+        self._ahead: dict[_Key, tuple[float, asyncio.Future[list[_R]], asyncio.TimerHandle]] = {}
         self._closed = False
 
     async def rows(
@@ -68,17 +69,16 @@ class ReadAhead(Generic[_R]):
         """Stop the reads that are still ahead (nobody will take them), and read
         nothing ahead from now on."""
         self._closed = True
-        reads = [read for _, read in self._ahead.values()]
-        self._ahead.clear()
+        reads = [self._let_go(key) for key in list(self._ahead)]
         for read in reads:
             read.cancel()
         await asyncio.gather(*reads, return_exceptions=True)
 
     async def _taken(self, key: _Key) -> list[_R] | None:
-        entry = self._ahead.pop(key, None)
-        if entry is None:
+        if key not in self._ahead:
             return None
-        began, read = entry
+        began = self._ahead[key][0]
+        read = self._let_go(key)
         if time.monotonic() - began > self.FRESH:
             return None
         try:
@@ -93,21 +93,24 @@ class ReadAhead(Generic[_R]):
             return False
         # The reader's earlier page, if still here, will not be asked for now.
         for other in [k for k in self._ahead if k[0] is key[0]]:
-            del self._ahead[other]
+            self._let_go(other)
         if len(self._ahead) >= self.SLOTS:
             return False
         read = asyncio.ensure_future(self._fetch(*key[1:]))
         read.add_done_callback(_retrieve)
-        self._ahead[key] = (time.monotonic(), read)
-        # Not taken in time (the reader went away, or is slow): forget it, rows and
+        # Not taken in time (the reader went away, or is slow): let it go, rows and
         # reader, even if nothing else is read here for a long while.
-        asyncio.get_running_loop().call_later(self.FRESH, self._expire, key, read)
+        timer = asyncio.get_running_loop().call_later(self.FRESH, self._let_go, key)
+        self._ahead[key] = (time.monotonic(), read, timer)
         return True
 
-    def _expire(self, key: _Key, read: asyncio.Future[list[_R]]) -> None:
-        entry = self._ahead.get(key)
-        if entry is not None and entry[1] is read:
-            del self._ahead[key]
+    def _let_go(self, key: _Key) -> asyncio.Future[list[_R]]:
+        # The timer is cancelled too: a pending one would keep the rows alive until it
+        # fires, and a second's worth of replayed rows made every pass of the garbage
+        # collector long (a replay ran at 410k instead of 720k events/s).
+        _, read, timer = self._ahead.pop(key)
+        timer.cancel()
+        return read
 
 
 def _retrieve(read: asyncio.Future[Any]) -> None:

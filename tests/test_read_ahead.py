@@ -1,4 +1,5 @@
-"""Replay pages read one ahead for a lone subscriber (broadcast_history.log._ahead).
+"""Replay pages read one ahead for a lone subscriber (broadcast_history.log._ahead),
+on the logs that read on the event loop (Postgres, MySQL).
 
 The next page's statement goes out when a full page arrives; the page read ahead is
 handed only to the reader it was read for, fresh, and never to another subscriber
@@ -15,6 +16,7 @@ import pytest
 from broadcast_history import Broadcast, Event
 from broadcast_history.admin import HistoryAdmin
 from broadcast_history.log._ahead import ReadAhead
+from tests.conftest import MYSQL_URL, require_mysql
 from tests.support.helpers import assert_contiguous
 from tests.support.postgres_support import ensure_database
 
@@ -140,17 +142,21 @@ async def test_closing_cancels_a_read_still_ahead() -> None:
     assert ahead.pending == 0
 
 
-# -- on Postgres -------------------------------------------------------------------------
+# -- on the logs that read on the event loop -------------------------------------------
 
 
-@pytest.fixture
-async def pg_log() -> str:
+@pytest.fixture(params=["postgres", "mysql"])
+async def loop_log(request: pytest.FixtureRequest) -> str:
+    """A Postgres or MySQL/MariaDB log (the stores that read pages on the loop)."""
+    if request.param == "mysql":
+        require_mysql()
+        return MYSQL_URL
     url = await ensure_database("bh_test_read_ahead")
     return url.replace("postgresql://", "postgresql+asyncpg://")
 
 
 async def _counted(bc: Broadcast) -> dict[str, int]:
-    """Counts of the pages the Postgres store fetched, and of those taken from ahead."""
+    """Counts of the pages the store fetched, and of those taken from ahead."""
     ahead: Any = bc.log._store.ahead  # type: ignore[attr-defined]
     counts = {"fetched": 0, "taken": 0}
     fetch, taken = ahead._fetch, ahead._taken
@@ -168,9 +174,9 @@ async def _counted(bc: Broadcast) -> dict[str, int]:
     return counts
 
 
-async def test_a_lone_subscriber_replays_through_pages_read_ahead(pg_log: str) -> None:
+async def test_a_lone_subscriber_replays_through_pages_read_ahead(loop_log: str) -> None:
     channel = f"ahead-{id(object())}"
-    async with Broadcast(log=pg_log, page_size=50) as bc:
+    async with Broadcast(log=loop_log, page_size=50) as bc:
         await bc.log.delete_channel(channel)
         for i in range(1, 1001):
             await bc.publish(channel, f"m{i}")
@@ -189,12 +195,12 @@ async def test_a_lone_subscriber_replays_through_pages_read_ahead(pg_log: str) -
         assert counts["fetched"] <= 22
 
 
-async def test_a_page_read_ahead_for_one_subscriber_never_goes_to_the_next(pg_log: str) -> None:
+async def test_a_page_read_ahead_for_one_subscriber_never_goes_to_the_next(loop_log: str) -> None:
     # A first subscriber stops after one page, with the next read ahead for it; the
     # channel is deleted and re-imported (same epoch, offsets 1..5 again) and gets
     # new events: a second subscriber replays the log as it is now.
     channel = f"ahead-{id(object())}"
-    async with Broadcast(log=pg_log, page_size=10) as bc:
+    async with Broadcast(log=loop_log, page_size=10) as bc:
         await bc.log.delete_channel(channel)
         admin = HistoryAdmin.of(bc)
         for i in range(5):

@@ -16,7 +16,7 @@ _Key = tuple[object, str, int, int, int | None]
 class ReadAhead(Generic[_R]):
     """The rows of the page after a full one, asked for before that one is converted.
 
-    On Postgres a page's rows become events on the event loop, and a subscriber asks
+    On Postgres and MySQL a page's rows become events on the event loop, and a subscriber asks
     for its next page only once its consumer has taken every event of this one: the
     server worked while the loop waited, and the loop converted while the server
     idled. Here the next page's statement goes out as soon as a full page's rows

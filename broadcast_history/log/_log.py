@@ -303,7 +303,7 @@ class EventLog(ConsumerMethods):
 
         With ``max_bytes``, as :meth:`read`: cut once the payloads reach or pass it.
         With ``ahead`` (whoever will ask for the page after this one, and nobody else),
-        a log that reads on the event loop (Postgres) asks for that page now; only a
+        a log that reads on the event loop (Postgres, MySQL) asks for that page now; only a
         call with the same ``ahead`` gets it.
         """
         async with translated():

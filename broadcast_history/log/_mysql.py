@@ -36,6 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .._errors import LogUnavailable, NotConnected
 from .._event import Event
+from ._ahead import ReadAhead
 from ._batch import assemble, plan
 from ._engine import create_engine
 from ._info import Pending
@@ -76,6 +77,7 @@ class MySQLStore(Store):
                 "pip install 'broadcast-history[mysql]'"
             )
         self._url = url
+        self.ahead = ReadAhead(self._page_rows)
         # The server's max_allowed_packet, read with the first append.
         self._packet: int | None = None
         # Connections in autocommit mode, for lease statements (see autocommit).
@@ -84,8 +86,10 @@ class MySQLStore(Store):
     async def open(self) -> None:
         self._engine = create_engine(self._url)
         self._autocommit = create_engine(self._url, autocommit=True)
+        self.ahead = ReadAhead(self._page_rows)
 
     async def close(self) -> None:
+        await self.ahead.close()
         engines = (self._engine, self._autocommit)
         self._engine = self._autocommit = None
         for engine in engines:
@@ -147,6 +151,16 @@ class MySQLStore(Store):
     async def read_page(
         self, channel: str, start: int, limit: int, max_bytes: int | None, ahead: object = None
     ) -> list[Event]:
+        rows = await self.ahead.rows(channel, start, limit, max_bytes, ahead)
+        # Keys are bytes here (VARBINARY), without the column type that decodes them.
+        return rows_to_events(
+            channel,
+            [row if row[5] is None else (*row[:5], row[5].decode()) for row in rows],
+        )
+
+    async def _page_rows(
+        self, channel: str, start: int, limit: int, max_bytes: int | None
+    ) -> list[Any]:
         dialect = self.engine.dialect
         values = {"channel": channel.encode(), "after": start - 1, "limit": limit}
         if max_bytes is None:
@@ -169,11 +183,7 @@ class MySQLStore(Store):
                 if isinstance(exc, Exception):
                     raise LogUnavailable(f"event log failure: {exc!r}") from exc
                 raise
-        # Keys are bytes here (VARBINARY), without the column type that decodes them.
-        return rows_to_events(
-            channel,
-            [row if row[5] is None else (*row[:5], row[5].decode()) for row in rows],
-        )
+        return list(rows)
 
 
 async def _append(

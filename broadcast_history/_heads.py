@@ -21,8 +21,8 @@ class HeadProbe:
     at most ``max_age`` seconds ago, which only delays the check by that much.
     """
 
-    #: Replay pages read (and turned into events) at once, per broadcast. A
-    #: Postgres log may also have a few statements out for pages read ahead for lone
+    #: Replay pages read (and turned into events) at once, per broadcast. A Postgres
+    #: or MySQL log may also have a few statements out for pages read ahead for lone
     #: subscribers (only their rows: they are converted in their reader's turn).
     READS_AT_ONCE = 4
 

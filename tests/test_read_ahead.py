@@ -47,6 +47,7 @@ async def _settle() -> None:
 async def test_a_full_page_sets_off_the_next_for_the_same_reader_only() -> None:
     pages = _Pages(25)
     ahead: ReadAhead[int] = ReadAhead(pages.fetch)
+    ahead.FRESH = 60  # this test is not about time
     assert await ahead.rows("c", 1, 10, None, A) == list(range(1, 11))
     assert pages.asked == [1, 11]  # page 11 went out before page 1 was handed back
     assert await ahead.rows("c", 11, 10, None, A) == list(range(11, 21))
@@ -65,6 +66,7 @@ async def test_a_full_page_sets_off_the_next_for_the_same_reader_only() -> None:
 async def test_a_reader_has_one_page_ahead_at_most() -> None:
     pages = _Pages(100)
     ahead: ReadAhead[int] = ReadAhead(pages.fetch)
+    ahead.FRESH = 60  # this test is not about time
     await ahead.rows("c", 1, 10, None, A)
     await ahead.rows("c", 41, 10, None, A)  # A jumped (a gap filled, say): 11 let go
     assert ahead.pending == 1
@@ -75,6 +77,7 @@ async def test_a_reader_has_one_page_ahead_at_most() -> None:
 async def test_no_reader_no_page_ahead() -> None:
     pages = _Pages(100)
     ahead: ReadAhead[int] = ReadAhead(pages.fetch)
+    ahead.FRESH = 60  # this test is not about time
     await ahead.rows("c", 1, 10, None)
     await ahead.rows("c", 11, 10, None)
     assert pages.asked == [1, 11]
@@ -105,6 +108,7 @@ async def test_a_page_not_taken_is_let_go_without_further_reads() -> None:
 async def test_a_failed_read_ahead_is_read_again() -> None:
     pages = _Pages(100)
     ahead: ReadAhead[int] = ReadAhead(pages.fetch)
+    ahead.FRESH = 60  # this test is not about time
     pages.failing.add(11)
     await ahead.rows("c", 1, 10, None, A)
     await _settle()  # the read ahead failed, and nobody has asked for it yet
@@ -115,6 +119,7 @@ async def test_a_failed_read_ahead_is_read_again() -> None:
 async def test_reads_ahead_are_bounded_and_closed() -> None:
     pages = _Pages(1000)
     ahead: ReadAhead[int] = ReadAhead(pages.fetch)
+    ahead.FRESH = 60  # this test is not about time
     readers = [object() for _ in range(ahead.SLOTS + 3)]
     for reader in readers:
         await ahead.rows("c", 1, 10, None, reader)
@@ -125,20 +130,28 @@ async def test_reads_ahead_are_bounded_and_closed() -> None:
     assert ahead.pending == 0
 
 
-async def test_closing_cancels_a_read_still_ahead() -> None:
+async def test_closing_lets_reads_ahead_end_then_cancels_the_stuck() -> None:
     release = asyncio.Event()
     asked: list[int] = []
+    ended: list[int] = []
 
     async def slow(channel: str, start: int, limit: int, max_bytes: int | None) -> list[int]:
         asked.append(start)
-        if start > 1:
-            await release.wait()
+        if start == 11:
+            await asyncio.sleep(0.05)  # slow, but ends
+        elif start == 41:
+            await release.wait()  # stuck
+        ended.append(start)
         return list(range(start, start + limit))
 
     ahead: ReadAhead[int] = ReadAhead(slow)
+    ahead.FRESH = 0.5  # how long close() waits
     await ahead.rows("c", 1, 10, None, A)
-    assert asked == [1, 11]
-    await asyncio.wait_for(ahead.close(), 1)  # does not wait for the stuck read
+    await ahead.rows("c", 31, 10, None, B)
+    assert asked == [1, 11, 31, 41]
+    await asyncio.wait_for(ahead.close(), 5)
+    assert 11 in ended  # let to end (its connection goes back whole)
+    assert 41 not in ended  # cancelled once the wait was over
     assert ahead.pending == 0
 
 
@@ -180,6 +193,7 @@ async def test_a_lone_subscriber_replays_through_pages_read_ahead(loop_log: str)
         await bc.log.delete_channel(channel)
         for i in range(1, 1001):
             await bc.publish(channel, f"m{i}")
+        bc.log._store.ahead.FRESH = 60  # type: ignore[attr-defined]
         counts = await _counted(bc)
         got: list[Event] = []
         async with bc.subscribe(channel, since=0) as sub:
@@ -201,6 +215,7 @@ async def test_a_page_read_ahead_for_one_subscriber_never_goes_to_the_next(loop_
     # new events: a second subscriber replays the log as it is now.
     channel = f"ahead-{id(object())}"
     async with Broadcast(log=loop_log, page_size=10) as bc:
+        bc.log._store.ahead.FRESH = 60  # type: ignore[attr-defined]
         await bc.log.delete_channel(channel)
         admin = HistoryAdmin.of(bc)
         for i in range(5):
@@ -211,12 +226,11 @@ async def test_a_page_read_ahead_for_one_subscriber_never_goes_to_the_next(loop_
         async with bc.subscribe(channel, since=0) as first:
             for _ in range(10):
                 await asyncio.wait_for(first.get(), 5)
-            await asyncio.sleep(0.05)  # the page after it has been read ahead
-            assert bc.log._store.ahead.pending >= 1  # type: ignore[attr-defined]
         await bc.log.delete_channel(channel)
         await admin.import_jsonl(export)
         for i in range(5, 30):
             await bc.publish(channel, f"v2-{i}")
+        assert bc.log._store.ahead.pending >= 1  # type: ignore[attr-defined]  # first's page 11
         async with bc.subscribe(channel, since=0) as second:
             got = [(await asyncio.wait_for(second.get(), 5)).message for _ in range(30)]
         assert got == [f"v1-{i}" for i in range(5)] + [f"v2-{i}" for i in range(5, 30)]

@@ -41,6 +41,8 @@ class ReadAhead(Generic[_R]):
         self._fetch = fetch
         # Per page: when it was asked for, the read, and the timer that lets it go.
         self._ahead: dict[_Key, tuple[float, asyncio.Future[list[_R]], asyncio.TimerHandle]] = {}
+        # Every read ahead still running, taken or not: close() lets them end.
+        self._running: set[asyncio.Future[list[_R]]] = set()
         self._closed = False
 
     async def rows(
@@ -66,13 +68,17 @@ class ReadAhead(Generic[_R]):
         return len(self._ahead)
 
     async def close(self) -> None:
-        """Stop the reads that are still ahead (nobody will take them), and read
-        nothing ahead from now on."""
+        """Read nothing ahead from now on; let the reads still running end (a second
+        at most, then cancel them), so no connection is in use when the store closes."""
         self._closed = True
-        reads = [self._let_go(key) for key in list(self._ahead)]
-        for read in reads:
-            read.cancel()
-        await asyncio.gather(*reads, return_exceptions=True)
+        for key in list(self._ahead):
+            self._let_go(key)
+        running = list(self._running)
+        if running:
+            _, late = await asyncio.wait(running, timeout=self.FRESH)
+            for read in late:
+                read.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
 
     async def _taken(self, key: _Key) -> list[_R] | None:
         if key not in self._ahead:
@@ -92,12 +98,14 @@ class ReadAhead(Generic[_R]):
         if self._closed:
             return False
         # The reader's earlier page, if still here, will not be asked for now.
-        for other in [k for k in self._ahead if k[0] is key[0]]:
+        for other in [k for k in self._ahead if k[0] == key[0]]:
             self._let_go(other)
         if len(self._ahead) >= self.SLOTS:
             return False
         read = asyncio.ensure_future(self._fetch(*key[1:]))
         read.add_done_callback(_retrieve)
+        self._running.add(read)
+        read.add_done_callback(self._running.discard)
         # Not taken in time (the reader went away, or is slow): let it go, rows and
         # reader, even if nothing else is read here for a long while.
         timer = asyncio.get_running_loop().call_later(self.FRESH, self._let_go, key)

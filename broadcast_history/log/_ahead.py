@@ -16,11 +16,11 @@ _Key = tuple[object, str, int, int, int | None]
 class ReadAhead(Generic[_R]):
     """The rows of the page after a full one, asked for before that one is converted.
 
-    On Postgres and MySQL a page's rows become events on the event loop, and a subscriber asks
-    for its next page only once its consumer has taken every event of this one: the
-    server worked while the loop waited, and the loop converted while the server
-    idled. Here the next page's statement goes out as soon as a full page's rows
-    arrive, so the two overlap.
+    On Postgres and MySQL a page's rows become events on the event loop, and a
+    subscriber asks for its next page only once its consumer has taken every event of
+    this one: the server worked while the loop waited, and the loop converted while
+    the server idled. Here the next page's statement goes out as soon as a full
+    page's rows arrive, so the two overlap.
 
     A page read ahead goes only to the reader it was read for (``ahead``), whose
     earlier read set it off, so it was read after that reader subscribed, as its own
@@ -31,7 +31,8 @@ class ReadAhead(Generic[_R]):
     being filled); a full page ends nothing and holds only history. A page not taken
     within :attr:`FRESH` seconds is let go (the reader went away, or is slow: it
     reads that page again), a reader has one page ahead at most, and at most
-    :attr:`SLOTS` are ahead at once; past that, pages are read when asked for.
+    :attr:`SLOTS` are ahead, or still being read, at once; past that, pages are read
+    when asked for.
     """
 
     SLOTS = 8
@@ -100,7 +101,8 @@ class ReadAhead(Generic[_R]):
         # The reader's earlier page, if still here, will not be asked for now.
         for other in [k for k in self._ahead if k[0] == key[0]]:
             self._let_go(other)
-        if len(self._ahead) >= self.SLOTS:
+        # Reads let go still run until they end: they count against SLOTS too.
+        if len(self._ahead) >= self.SLOTS or len(self._running) >= self.SLOTS:
             return False
         read = asyncio.ensure_future(self._fetch(*key[1:]))
         read.add_done_callback(_retrieve)

@@ -302,9 +302,9 @@ class EventLog(ConsumerMethods):
         """Up to ``limit`` events of ``channel`` from offset ``start`` on, ascending.
 
         With ``max_bytes``, as :meth:`read`: cut once the payloads reach or pass it.
-        With ``ahead`` (whoever will ask for the page after this one, and nobody else),
-        a log that reads on the event loop (Postgres, MySQL) asks for that page now; only a
-        call with the same ``ahead`` gets it.
+        With ``ahead`` (whoever will ask for the page after this one, and nobody
+        else), a log that reads on the event loop (Postgres, MySQL) asks for that page
+        now; only a call with the same ``ahead`` gets it.
         """
         async with translated():
             return await self._store.read_page(channel, start, limit, max_bytes, ahead)

@@ -5,18 +5,16 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import BigInteger, Dialect, literal_column, select
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
-from .._event import _UNIX_EPOCH, SLOTS, Event, from_micros, to_micros
+from .._event import _UNIX_EPOCH, _UTC, SLOTS, Event, from_micros, to_micros
 from ._info import ChannelInfo
 from ._schema import channels, events
-
-_UTC = timezone.utc
 
 #: Columns read to rebuild an Event (the channel is known from the query).
 EVENT_COLUMNS = (

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from . import plain_api, scenarios
-from .configs import BY_NAME
+from .configs import BY_NAME, mysql_up, postgres_up, redis_up
 from .worker import _make
 
 AREAS = (
@@ -107,6 +107,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--out", help="write the pstats file here")
     args = parser.parse_args(argv)
+    config = BY_NAME[args.config]
+    # As the suite does: these also create the benchmark databases a fresh server lacks.
+    for needed, up in (("postgres", postgres_up), ("mysql", mysql_up), ("redis", redis_up)):
+        if needed in (config.transport, config.log) and not up():
+            parser.error(f"{args.config} needs {needed}, which does not answer")
     profiler = cProfile.Profile()
 
     async def run() -> Any:

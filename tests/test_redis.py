@@ -16,6 +16,7 @@ from tests.support.helpers import assert_contiguous, take
 pytest.importorskip("redis")
 import redis.asyncio as aioredis
 
+from broadcast_history.backends import _redis_common as shared
 from broadcast_history.backends.redis import RedisBackend
 from broadcast_history.backends.redis_stream import RedisStreamBackend
 
@@ -176,6 +177,93 @@ async def test_publish_many_keeps_order_per_channel(backend: BroadcastBackend) -
     for channel in (a, b):
         sent = [m for c, m in batch if c == channel]
         assert [e.message for e in received if e.channel == channel] == sent
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+async def test_either_protocol_in_the_url(protocol: int) -> None:
+    """RESP2 by default; ``?protocol=3`` gets RESP3, whose messages arrive as pushes."""
+    require_redis()
+    backend = RedisBackend(f"{REDIS_URL}?protocol={protocol}")
+    await backend.connect()
+    try:
+        assert backend._client is not None
+        info = await backend._client.client_info()
+        assert int(info["resp"]) == protocol
+        channel = unique()
+        await backend.subscribe(channel)
+        await backend.publish_many([(channel, "one"), (channel, "two")])
+        await backend.publish(channel, "three")
+        assert [(await _next(backend)).message for _ in range(3)] == ["one", "two", "three"]
+    finally:
+        await backend.disconnect()
+
+
+async def test_a_pubsub_batch_is_one_script_call(admin: aioredis.Redis) -> None:
+    """Several messages go as calls of one Lua script (in chunks of SCRIPT_PAIRS), in
+    order per channel; a flushed script cache is refilled on the way."""
+    backend = RedisBackend(REDIS_URL)
+    await backend.connect()
+    try:
+        a, b = unique(), unique()
+        await backend.subscribe(a)
+        await backend.subscribe(b)
+        calls_before = await _script_calls(admin)
+        batch = [(a if i % 3 else b, f"m{i}") for i in range(2 * shared.SCRIPT_PAIRS + 10)]
+        await backend.publish_many(batch)
+        received = [await _next(backend) for _ in batch]
+        for channel in (a, b):
+            sent = [m for c, m in batch if c == channel]
+            assert [e.message for e in received if e.channel == channel] == sent
+        # Three script calls for three chunks (other clients of the server may add some).
+        assert await _script_calls(admin) - calls_before >= 3
+        await admin.script_flush()
+        await backend.publish_many([(a, "after flush 1"), (b, "after flush 2")])
+        assert {(await _next(backend)).message for _ in range(2)} == {
+            "after flush 1",
+            "after flush 2",
+        }
+    finally:
+        await backend.disconnect()
+
+
+async def _script_calls(admin: aioredis.Redis) -> int:
+    stats = await admin.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+async def test_a_server_refusing_scripts_gets_pipelines(
+    admin: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without the right to run scripts (an ACL, a server without Lua) the batch still
+    arrives, by pipeline, and scripts are not tried again."""
+    user = f"bh-test-{uuid.uuid4().hex[:8]}"
+    await admin.acl_setuser(
+        user,
+        enabled=True,
+        passwords=["+secret"],
+        keys=["*"],
+        channels=["*"],
+        commands=["+@all", "-@scripting"],
+    )
+    try:
+        host_port = REDIS_URL.split("://", 1)[1]
+        backend = RedisBackend(f"redis://{user}:secret@{host_port}")
+        await backend.connect()
+        try:
+            channel = unique()
+            await backend.subscribe(channel)
+            with caplog.at_level("WARNING", logger="broadcast_history"):
+                await backend.publish_many([(channel, "one"), (channel, "two")])
+            assert [(await _next(backend)).message for _ in range(2)] == ["one", "two"]
+            assert "refused the batch script" in caplog.text
+            caplog.clear()
+            await backend.publish_many([(channel, "three"), (channel, "four")])
+            assert [(await _next(backend)).message for _ in range(2)] == ["three", "four"]
+            assert "refused" not in caplog.text  # pipelines straight away now
+        finally:
+            await backend.disconnect()
+    finally:
+        await admin.acl_deluser(user)
 
 
 async def test_unsubscribe_one_channel_among_many(

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -15,6 +18,7 @@ from tests.support.helpers import assert_contiguous, take
 
 pytest.importorskip("redis")
 import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
 
 from broadcast_history.backends import _redis_common as shared
 from broadcast_history.backends.redis import RedisBackend
@@ -179,16 +183,35 @@ async def test_publish_many_keeps_order_per_channel(backend: BroadcastBackend) -
         assert [e.message for e in received if e.channel == channel] == sent
 
 
-@pytest.mark.parametrize("protocol", [2, 3])
-async def test_either_protocol_in_the_url(protocol: int) -> None:
+def _url(user: str | None = None, query: str = "") -> str:
+    """REDIS_URL as ``user`` (password ``secret``), with ``query`` instead of its own."""
+    parts = urlsplit(REDIS_URL)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    netloc = f"{user}:secret@{host}" if user else parts.netloc
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+@asynccontextmanager
+async def _acl_user(admin: aioredis.Redis, **rules: Any) -> AsyncIterator[str]:
+    """A temporary ACL user (password ``secret``), deleted afterwards."""
+    user = f"bh-test-{uuid.uuid4().hex[:8]}"
+    await admin.acl_setuser(user, enabled=True, passwords=["+secret"], keys=["*"], **rules)
+    try:
+        yield user
+    finally:
+        await admin.acl_deluser(user)
+
+
+@pytest.mark.parametrize("query", ["", "protocol=2", "protocol=3"])
+async def test_resp2_unless_the_url_says_otherwise(query: str) -> None:
     """RESP2 by default; ``?protocol=3`` gets RESP3, whose messages arrive as pushes."""
     require_redis()
-    backend = RedisBackend(f"{REDIS_URL}?protocol={protocol}")
+    backend = RedisBackend(_url(query=query))
     await backend.connect()
     try:
         assert backend._client is not None
         info = await backend._client.client_info()
-        assert int(info["resp"]) == protocol
+        assert int(info["resp"]) == (3 if query == "protocol=3" else 2)
         channel = unique()
         await backend.subscribe(channel)
         await backend.publish_many([(channel, "one"), (channel, "two")])
@@ -198,72 +221,112 @@ async def test_either_protocol_in_the_url(protocol: int) -> None:
         await backend.disconnect()
 
 
-async def test_a_pubsub_batch_is_one_script_call(admin: aioredis.Redis) -> None:
-    """Several messages go as calls of one Lua script (in chunks of SCRIPT_PAIRS), in
-    order per channel; a flushed script cache is refilled on the way."""
+def test_script_calls_are_cut_by_count_and_size() -> None:
+    many = [("c", "m")] * (2 * shared.SCRIPT_PAIRS + 1)
+    assert [len(args) // 2 for args in shared.script_calls(many)] == [
+        shared.SCRIPT_PAIRS,
+        shared.SCRIPT_PAIRS,
+        1,
+    ]
+    half = "x" * (shared.SCRIPT_CHARS // 2)
+    big = [("a", half), ("b", half), ("c", half), ("d", "x" * (shared.SCRIPT_CHARS + 1))]
+    calls = shared.script_calls(big)
+    assert [args[::2] for args in calls] == [["a", "b"], ["c"], ["d"]]
+
+
+class _Spy:
+    """Counts the calls of redis-py's script objects (whatever else uses the server)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        real = AsyncScript.__call__
+
+        async def call(script: AsyncScript, *args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            return await real(script, *args, **kwargs)
+
+        monkeypatch.setattr(AsyncScript, "__call__", call)
+
+
+async def test_a_pubsub_batch_is_one_script_call(
+    admin: aioredis.Redis, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Several messages go as calls of one Lua script (SCRIPT_PAIRS at most each), in
+    order per channel; a flushed script cache is loaded again on the way."""
+    spy = _Spy(monkeypatch)
     backend = RedisBackend(REDIS_URL)
     await backend.connect()
     try:
         a, b = unique(), unique()
         await backend.subscribe(a)
         await backend.subscribe(b)
-        calls_before = await _script_calls(admin)
         batch = [(a if i % 3 else b, f"m{i}") for i in range(2 * shared.SCRIPT_PAIRS + 10)]
         await backend.publish_many(batch)
         received = [await _next(backend) for _ in batch]
         for channel in (a, b):
             sent = [m for c, m in batch if c == channel]
             assert [e.message for e in received if e.channel == channel] == sent
-        # Three script calls for three chunks (other clients of the server may add some).
-        assert await _script_calls(admin) - calls_before >= 3
+        assert spy.calls == 3
+        await backend.publish(a, "alone")  # one message: a plain PUBLISH
+        assert (await _next(backend)).message == "alone"
+        assert spy.calls == 3
         await admin.script_flush()
-        await backend.publish_many([(a, "after flush 1"), (b, "after flush 2")])
+        with caplog.at_level("WARNING", logger="broadcast_history"):
+            await backend.publish_many([(a, "after flush 1"), (b, "after flush 2")])
         assert {(await _next(backend)).message for _ in range(2)} == {
             "after flush 1",
             "after flush 2",
         }
+        assert spy.calls == 4 and not backend._scripts_refused and not caplog.records
+        assert backend._script is not None
+        assert await admin.script_exists(backend._script.sha) == [True]  # loaded again
     finally:
         await backend.disconnect()
 
 
-async def _script_calls(admin: aioredis.Redis) -> int:
-    stats = await admin.info("commandstats")
-    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+async def test_a_refused_channel_fails_the_batch_once(admin: aioredis.Redis) -> None:
+    """A PUBLISH the server refuses (an ACL on its channel) raises TransportError, as a
+    pipeline would; the batch's other messages go once, and scripts stay on."""
+    allowed = unique()
+    async with _acl_user(admin, channels=[allowed], commands=["+@all"]) as user:
+        backend = RedisBackend(_url(user))
+        await backend.connect()
+        try:
+            await backend.subscribe(allowed)
+            with pytest.raises(TransportError, match="PUBLISH failed"):
+                await backend.publish_many([(allowed, "1"), (unique(), "x"), (allowed, "2")])
+            assert [(await _next(backend)).message for _ in range(2)] == ["1", "2"]
+            await backend.publish(allowed, "sentinel")  # nothing else was queued
+            assert (await _next(backend)).message == "sentinel"
+            assert not backend._scripts_refused
+        finally:
+            await backend.disconnect()
 
 
 async def test_a_server_refusing_scripts_gets_pipelines(
     admin: aioredis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Without the right to run scripts (an ACL, a server without Lua) the batch still
-    arrives, by pipeline, and scripts are not tried again."""
-    user = f"bh-test-{uuid.uuid4().hex[:8]}"
-    await admin.acl_setuser(
-        user,
-        enabled=True,
-        passwords=["+secret"],
-        keys=["*"],
-        channels=["*"],
-        commands=["+@all", "-@scripting"],
-    )
-    try:
-        host_port = REDIS_URL.split("://", 1)[1]
-        backend = RedisBackend(f"redis://{user}:secret@{host_port}")
+    arrives, by pipeline, and scripts are tried again only on a new connection."""
+    async with _acl_user(admin, channels=["*"], commands=["+@all", "-@scripting"]) as user:
+        backend = RedisBackend(_url(user))
         await backend.connect()
         try:
             channel = unique()
             await backend.subscribe(channel)
             with caplog.at_level("WARNING", logger="broadcast_history"):
                 await backend.publish_many([(channel, "one"), (channel, "two")])
-            assert [(await _next(backend)).message for _ in range(2)] == ["one", "two"]
-            assert "refused the batch script" in caplog.text
-            caplog.clear()
-            await backend.publish_many([(channel, "three"), (channel, "four")])
-            assert [(await _next(backend)).message for _ in range(2)] == ["three", "four"]
-            assert "refused" not in caplog.text  # pipelines straight away now
+                assert [(await _next(backend)).message for _ in range(2)] == ["one", "two"]
+                assert "refused the publishing script" in caplog.text
+                caplog.clear()
+                await backend.publish_many([(channel, "three"), (channel, "four")])
+                assert [(await _next(backend)).message for _ in range(2)] == ["three", "four"]
+                assert not caplog.records  # pipelines straight away now
+            await backend.disconnect()
+            await backend.connect()
+            assert not backend._scripts_refused
         finally:
             await backend.disconnect()
-    finally:
-        await admin.acl_deluser(user)
 
 
 async def test_unsubscribe_one_channel_among_many(
@@ -338,22 +401,12 @@ async def test_stream_subscribe_starts_at_the_current_end(admin: aioredis.Redis)
 @pytest.mark.parametrize(("kind", "denied"), [("pubsub", "subscribe"), ("stream", "xread")])
 async def test_a_permanent_failure_raises(admin: aioredis.Redis, kind: str, denied: str) -> None:
     """A subscription the server refuses raises from next_published, never hangs."""
-    user = f"bh-test-{uuid.uuid4().hex[:8]}"
-    await admin.acl_setuser(
-        user,
-        enabled=True,
-        passwords=["+secret"],
-        keys=["*"],
-        channels=["*"],
-        commands=["+@all", f"-{denied}"],
-    )
-    try:
-        host_port = REDIS_URL.split("://", 1)[1]
-        url = f"redis://{user}:secret@{host_port}"
+    async with _acl_user(admin, channels=["*"], commands=["+@all", f"-{denied}"]) as user:
+        url = _url(user)
         backend: BroadcastBackend = (
             RedisBackend(url)
             if kind == "pubsub"
-            else RedisStreamBackend(url.replace("redis://", "redis-stream://"))
+            else RedisStreamBackend(url.replace("redis://", "redis-stream://", 1))
         )
         await backend.connect()
         try:
@@ -365,5 +418,3 @@ async def test_a_permanent_failure_raises(admin: aioredis.Redis, kind: str, deni
             assert not backend.connected
         finally:
             await backend.disconnect()
-    finally:
-        await admin.acl_deluser(user)

@@ -95,29 +95,61 @@ async def pipelined(
                 raise TransportError(f"redis {command} failed: {describe(exc)}") from exc
 
 
-#: Lua that PUBLISHes each ``channel, message`` pair of its arguments, in order.
+#: Lua that PUBLISHes each ``channel, message`` pair of its arguments, in order. Each
+#: PUBLISH runs whatever the others do, as in a pipeline; the first one refused (an
+#: ACL on its channel, say) is returned as text, and an empty text means all went.
 PUBLISH_ALL = """
+local refused = ''
 for i = 1, #ARGV, 2 do
-  redis.call('PUBLISH', ARGV[i], ARGV[i + 1])
+  local reply = redis.pcall('PUBLISH', ARGV[i], ARGV[i + 1])
+  if refused == '' and type(reply) == 'table' and reply.err then
+    refused = reply.err
+  end
 end
-return 0
+return refused
 """
 
-#: Pairs per script call at most. Redis serves nobody else while a script runs, so a
-#: huge batch goes as several calls.
+#: A script call's size at most, in messages and in characters of messages: Redis
+#: serves nobody else while a script runs, and copies its arguments, so a large batch
+#: goes as several calls.
 SCRIPT_PAIRS = 256
+SCRIPT_CHARS = 1 << 20
+
+
+def script_calls(messages: Sequence[tuple[str, Any]]) -> list[list[Any]]:
+    """The arguments of each script call that publishes ``messages``, in order."""
+    calls: list[list[Any]] = []
+    args: list[Any] = []
+    size = 0
+    for channel, message in messages:
+        if args and (len(args) >= 2 * SCRIPT_PAIRS or size + len(message) > SCRIPT_CHARS):
+            calls.append(args)
+            args, size = [], 0
+        args.append(channel)
+        args.append(message)
+        size += len(message)
+    calls.append(args)
+    return calls
+
+
+def refuses_scripts(exc: rexc.RedisError) -> bool:
+    """Whether ``exc``, answering EVALSHA, says this server (or user) runs no scripts."""
+    if isinstance(exc, rexc.NoPermissionError):
+        return True
+    text = str(exc).lower()
+    return "unknown command" in text or "scripting" in text or "lua" in text
 
 
 class PipelinedPublisher(InboxTransport):
-    """``publish_many`` of a Redis transport: one round trip a batch.
+    """``publish_many`` of a Redis transport: a batch in one round trip.
 
     The transport sets ``_client`` once connected, names itself in ``_name`` and says
     how one message is queued on a pipeline in :meth:`_queue`. A transport whose
-    command is PUBLISH also sets ``_script_source``: a batch of several messages then
-    goes as one script call instead of a pipeline of one command per message:
-    redis-py packs each pipelined command and parses each reply through its
-    wrappers, and a commit over many channels sends a message per channel (over 100
-    channels that was 30 % of the event loop's time).
+    command is PUBLISH also sets ``_script_source``: several messages then go as
+    calls of that script instead of a pipeline of one command per message: redis-py
+    packs each pipelined command and parses each reply through its wrappers, and a
+    commit over many channels sends a message per channel (over 100 channels that
+    was 30 % of the event loop's time).
     """
 
     _client: aioredis.Redis | None
@@ -125,63 +157,72 @@ class PipelinedPublisher(InboxTransport):
     _command = "PUBLISH"
     _script_source: str | None = None
     _script: AsyncScript | None = None
+    #: Set when the server refused scripts; a new connection tries them again.
+    _scripts_refused = False
 
     def _queue(self, pipe: Pipeline, channel: str, message: Any) -> object:
         return pipe.publish(channel, message)
 
     async def publish_many(self, messages: Sequence[tuple[str, Any]]) -> None:
-        """Send ``(channel, message)`` pairs in order, in one round trip (or a few)."""
+        """Send ``(channel, message)`` pairs in order, in one round trip (a few for
+        a large batch).
+
+        Raises:
+            TransportError: Redis refused a message or could not be reached twice.
+        """
         if not messages:
             return
         client = self._client
         if client is None:
             raise NotConnected(f"the {self._name} transport is not connected")
-        if len(messages) > 1 and self._script_source is not None:
-            messages = await self._scripted(client, messages)
+        if len(messages) > 1 and self._script_source is not None and not self._scripts_refused:
+            messages = await self._scripted(client, self._script_source, messages)
             if not messages:
                 return
         await pipelined(client, messages, self._queue, self._command)
 
     async def _scripted(
-        self, client: aioredis.Redis, messages: Sequence[tuple[str, Any]]
+        self, client: aioredis.Redis, source: str, messages: Sequence[tuple[str, Any]]
     ) -> Sequence[tuple[str, Any]]:
-        """Send ``messages`` by script calls; what is left if the server refuses
-        scripts (an ACL without ``@scripting``, a server without Lua), which are
-        then no longer tried on this transport.
+        """Send ``messages`` by script calls; what is left to send by pipeline if the
+        server refused a call (see :func:`refuses_scripts`).
 
         Raises:
-            TransportError: Redis could not be reached twice.
+            TransportError: Redis refused a message or could not be reached twice.
         """
         script = self._script
         if script is None:
-            assert self._script_source is not None
             # redis-py loads it again by itself when the server answers NOSCRIPT.
-            script = self._script = client.register_script(self._script_source)
-        for start in range(0, len(messages), SCRIPT_PAIRS):
-            args = [part for pair in messages[start : start + SCRIPT_PAIRS] for part in pair]
+            script = self._script = client.register_script(source)
+        sent = 0
+        for args in script_calls(messages):
             for attempt in range(2):  # as pipelined: once more on a fresh connection
                 try:
                     # This connection's client: a reconnected transport has a new one.
-                    await script(args=args, client=client)
+                    refused = await script(args=args, client=client)
                     break
                 except rexc.RedisError as exc:
-                    if is_transient(exc):
-                        if attempt:
-                            raise TransportError(
-                                f"redis {self._command} failed: {describe(exc)}"
-                            ) from exc
+                    if is_transient(exc) and not attempt:
                         continue
-                    # Refused: the script, or a PUBLISH in it (an ACL on a channel),
-                    # which the pipeline then meets too and reports. The rest goes
-                    # as pipelines, now and from now on; a PUBLISH the refused call
-                    # made before failing is sent twice, and subscribers drop the
-                    # copy by its offset.
-                    logger.warning(
-                        "redis refused the batch script (%s): publishing with pipelines",
-                        describe(exc),
-                    )
-                    self._script_source = None
-                    return messages[start:]
+                    if is_transient(exc):
+                        raise TransportError(
+                            f"redis {self._command} failed: {describe(exc)}"
+                        ) from exc
+                    # The call was refused, so none of its messages went (or, if
+                    # the script was killed, some went and go again: subscribers
+                    # drop the copies by offset).
+                    if refuses_scripts(exc):
+                        logger.warning(
+                            "redis refused the publishing script (%s): pipelines until "
+                            "the transport connects again",
+                            describe(exc),
+                        )
+                        self._scripts_refused = True
+                    return messages[sent:]
+            if refused:
+                text = refused.decode() if isinstance(refused, bytes) else str(refused)
+                raise TransportError(f"redis {self._command} failed: {text}")
+            sent += len(args) // 2
         return ()
 
 

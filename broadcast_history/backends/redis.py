@@ -74,12 +74,13 @@ class RedisBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
             return
         # RESP2 unless the URL asks for ``protocol=3``: redis-py (8 defaults to RESP3)
         # passes each RESP3 push message through handlers that format it into a debug
-        # string whether or not debug is on, a tenth of a message's cost here.
+        # string whether or not debug is on, a third of reading a message here.
         client = self._given or aioredis.Redis.from_url(
             self._url, decode_responses=True, client_name=shared.CLIENT_NAME, protocol=2
         )
         await shared.ping(client, close=[] if self._given else [client])
         self._client, self._up = client, True
+        self._scripts_refused = False
         self._inbox, self._lock, self._wanted = Inbox(), asyncio.Lock(), asyncio.Event()
         self._reader = asyncio.create_task(self._run(), name="bh-redis-pubsub")
 
@@ -221,7 +222,7 @@ class RedisBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
             reply = await connection.read_response(timeout=math.inf, push_request=True)
             self._replies += 1
             if not isinstance(reply, list):
-                continue  # PONG while subscribed to nothing
+                continue  # PONG while subscribed to nothing (RESP2: ["pong", ""] otherwise)
             kind = reply[0]
             if kind in _MESSAGE:
                 channel = as_text(reply[1])

@@ -26,7 +26,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from broadcast_history.backends import backend_from_url
 from broadcast_history.backends._redis_shards import cluster_options
-from broadcast_history.backends.redis_cluster import RedisClusterBackend
+from broadcast_history.backends.redis_cluster import CLIENT_NAME, RedisClusterBackend
 from tests.support.redis_cluster import RedisClusterNodes, free_cluster_port
 
 
@@ -101,6 +101,10 @@ async def test_a_message_goes_to_one_shard(
                     "PUBSUB", "SHARDNUMSUB", channel, target_nodes=node
                 )
                 assert list(reply) == [channel, 1 if node.name == owner.name else 0]
+            # Our connections speak RESP2 (see cluster_options).
+            clients = await admin.client_list(target_nodes=owner)
+            ours = [c for c in clients if c.get("name") == CLIENT_NAME]
+            assert ours and all(c["resp"] == "2" for c in ours)
             before = await spublish_calls(admin)
             for i in range(20):
                 await broadcast.publish(channel, f"m{i}")

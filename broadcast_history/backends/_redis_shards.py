@@ -41,6 +41,9 @@ def cluster_options(url: str) -> tuple[list[ClusterNode], dict[str, Any]]:
         "password": unquote(password) or None,
         "ssl": scheme == "rediss-cluster",
         "client_name": CLIENT_NAME,
+        # RESP2: redis-py 8 defaults to RESP3, whose push handlers format each message
+        # into a debug string (see the PUB/SUB transport); sharded PUB/SUB is the same.
+        "protocol": 2,
         "socket_connect_timeout": 5.0,
         "socket_timeout": 10.0,
         # One quick retry (after redis-py refreshes the slot map): a publish to a dead

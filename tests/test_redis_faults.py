@@ -118,6 +118,44 @@ async def test_connection_killed_mid_stream(
             assert (last.offset, last.message) == (total + 1, "after")
 
 
+async def test_publishing_connections_killed_under_multi_channel_batches(
+    tmp_path: Path, admin: aioredis.Redis
+) -> None:
+    """Batches over several channels go as script calls; killing the connections they
+    go on loses nothing and repeats nothing on any channel."""
+    per_channel, channels = 160, [unique() for _ in range(4)]  # 40 per task
+    async with (
+        pair(tmp_path, make_backend("pubsub"), "pubsub") as (publisher, subscriber),
+        contextlib.AsyncExitStack() as stack,
+    ):
+        subs = [await stack.enter_async_context(subscriber.subscribe(c)) for c in channels]
+        killed = 0
+
+        async def killer() -> None:
+            nonlocal killed
+            for _ in range(3):
+                await asyncio.sleep(0.05)
+                for client in await admin.client_list():
+                    # Our command connections (publishing), not the subscriptions.
+                    if client.get("name") == CLIENT_NAME and "P" not in client["flags"]:
+                        killed += int(
+                            await admin.execute_command("CLIENT", "KILL", "ID", client["id"])
+                        )
+
+        async def publish(task: int) -> None:
+            # 16 tasks, each over every channel in turn: commits touch several channels.
+            for i in range(per_channel * len(channels) // 16):
+                await publisher.publish(channels[(task + i) % len(channels)], f"m{task}-{i}")
+                if i % 5 == 0:
+                    await asyncio.sleep(0.01)
+
+        received = [asyncio.create_task(take(sub, per_channel, timeout=60)) for sub in subs]
+        await asyncio.gather(*(publish(task) for task in range(16)), killer())
+        for task in received:
+            assert_contiguous(await task, 1, per_channel)
+        assert killed >= 1
+
+
 class CuttableProxy:
     """A TCP relay to Redis whose network can be cut (fault injection only)."""
 

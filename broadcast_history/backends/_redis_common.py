@@ -202,12 +202,12 @@ class PipelinedPublisher(InboxTransport):
                     refused = await script(args=args, client=client)
                     break
                 except rexc.RedisError as exc:
-                    if is_transient(exc) and not attempt:
-                        continue
                     if is_transient(exc):
-                        raise TransportError(
-                            f"redis {self._command} failed: {describe(exc)}"
-                        ) from exc
+                        if attempt:
+                            raise TransportError(
+                                f"redis {self._command} failed: {describe(exc)}"
+                            ) from exc
+                        continue
                     # The call was refused, so none of its messages went (or, if
                     # the script was killed, some went and go again: subscribers
                     # drop the copies by offset).

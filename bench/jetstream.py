@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import pathlib
 import shutil
 import subprocess
 import sysconfig
@@ -44,6 +45,8 @@ from .configs import accepts, free_port
 # catch-up's reconnecting subscribers leave ordered consumers behind until the
 # server removes them.
 MAX_CONSUMERS = 100_000
+# Bytes the server queues for one client before cutting it off (see NatsServer.start).
+MAX_PENDING = 1024 * 1024 * 1024
 RUN_STREAM = "RUN"
 BIG_PAYLOAD = b'{"user": "bench", "text": "' + b"x" * 40 + b'"}'  # 70 bytes, as bigfill
 
@@ -78,9 +81,17 @@ class NatsServer:
             [binary, "--version"], capture_output=True, text=True, check=False
         ).stdout.strip()
         self.store = tempfile.mkdtemp(prefix="bench-jetstream-")
+        # The catch-up row's 100 ordered consumers share one client connection, as
+        # ours share one broadcast. With the default max_pending (64 MiB of data not
+        # yet written to a client) the server cuts that client off as a slow consumer
+        # mid-row ("Slow Consumer Detected" in its log) and the row's publishes time
+        # out; with room for the backlog it completes and has figures.
+        config = pathlib.Path(self.store) / "nats.conf"
+        config.write_text(f"max_pending: {MAX_PENDING}\n")
         port = free_port()
+        command = [binary, "-c", str(config), "-js", "-a", "127.0.0.1", "-p", str(port)]
         self.process = subprocess.Popen(
-            [binary, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", self.store],
+            [*command, "-sd", self.store],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -371,6 +371,14 @@ async def test_unreachable_log_is_typed() -> None:
         Broadcast(log="oracle://localhost/db")
 
 
+async def test_sqlite_file_that_cannot_be_opened_is_typed(tmp_path: Path) -> None:
+    # The directory does not exist: sqlite3 itself refuses, before SQLAlchemy.
+    url = f"sqlite+aiosqlite:///{tmp_path / 'missing' / 'events.db'}"
+    with pytest.raises(LogUnavailable, match="cannot open the event log"):
+        async with Broadcast(log=url):
+            pass
+
+
 async def test_failed_append_raises_and_sends_nothing(sqlite_file_url: str) -> None:
     async with Broadcast(log=sqlite_file_url, idle_check=0.05) as bc:
         async with bc.subscribe("c") as sub:

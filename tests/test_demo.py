@@ -123,6 +123,20 @@ def test_demo_command_is_registered_in_the_cli() -> None:
         assert option in result.output
 
 
+def test_demo_with_an_unreachable_log_fails_in_one_line(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from broadcast_history.cli import app
+
+    # A SQLite file in a directory that does not exist cannot be opened.
+    log = f"sqlite+aiosqlite:///{tmp_path / 'missing' / 'demo.db'}"
+    result = CliRunner().invoke(app, ["demo", "--log", log, "--port", "0"])
+    assert result.exit_code == 3, result.output
+    assert "cannot start the demo: cannot open the event log" in result.stderr
+    assert "Traceback" not in result.output + result.stderr
+    assert "chat demo:" not in result.output  # nothing was served
+
+
 def test_publish_validates(server: str) -> None:
     url = f"{server}/api/rooms/{room()}/messages"
     assert httpx.post(url, content=b"not json").status_code == 422

@@ -203,7 +203,9 @@ def import_(
         ):
             task = progress.add_task("importing", total=path.stat().st_size)
             result = run(go(_read_chunks(file, lambda n: progress.advance(task, n))))
+    events, channels = result.events, len(result.channels)
     err_console.print(
-        f"imported {result.events} events in {len(result.channels)} channels: "
+        f"imported {events} event{'' if events == 1 else 's'} in {channels} "
+        f"channel{'' if channels == 1 else 's'}: "
         + escape(", ".join(repr(name) for name in result.channels))
     )

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from pathlib import Path
 from types import FrameType
 from typing import Annotated
 
 import typer
+
+from .._broadcast import Broadcast
+from .._errors import BroadcastError
 
 DEFAULT_DATA_DIR = Path(".data")
 
@@ -16,6 +20,11 @@ def default_log_url(data_dir: Path) -> str:
     """The embedded log: a SQLite file in ``data_dir`` (created if missing)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     return f"sqlite+aiosqlite:///{(data_dir / 'demo.db').resolve()}"
+
+
+async def _reachable(live: str, log: str) -> None:
+    async with Broadcast(live, log=log):
+        pass
 
 
 def serve(
@@ -37,12 +46,18 @@ def serve(
     """
     import uvicorn
 
-    from .._broadcast import Broadcast
     from ..log import Retention
     from ._app import create_app
     from ._limits import MAX_BODY
 
     log_url = log or default_log_url(data_dir)
+    # Connected once before serving: an unreachable log or transport is one line and
+    # exit code 3, as in the other commands, not uvicorn's startup traceback.
+    try:
+        asyncio.run(_reachable(live, log_url))
+    except (BroadcastError, ValueError) as exc:
+        typer.echo(f"Error: cannot start the demo: {exc}", err=True)
+        raise typer.Exit(2 if isinstance(exc, ValueError) else 3) from None
     # A demo anyone can write to keeps a bounded history per room.
     retention = Retention(max_events=10_000, max_age=timedelta(days=7), interval=60.0)
     app = create_app(Broadcast(live, log=log_url, retention=retention))

@@ -104,7 +104,9 @@ class EventLog(ConsumerMethods):
                 raise LogUnavailable("the event log has no identity row: recreate its schema")
         except BaseException as exc:
             await store.close()
-            if isinstance(exc, (SQLAlchemyError, OSError)):
+            # sqlite3's own errors too: the SQLite store opens its first connection
+            # on the driver (a missing directory fails there, not in SQLAlchemy).
+            if isinstance(exc, (SQLAlchemyError, OSError, sqlite3.Error)):
                 raise LogUnavailable(f"cannot open the event log: {exc}") from exc
             raise
         self._log_id = log_id

@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("broadcaster", reason="the benchmarks compare with broadcaster 0.3.1")
 pytest.importorskip("nats", reason="the benchmarks compare with NATS JetStream (nats-py)")
 
-from bench import plain_api, scenarios
+from bench import plain_api, scenarios, sqlite_layout
 from bench.jetstream import server_binary
 from bench.run import main
 from broadcast_history import Broadcast
@@ -67,3 +67,10 @@ async def test_catch_up_checks_every_offset(tmp_path: Path) -> None:
     assert figures["reconnects"] > 0
     assert figures["checked"] > 0
     assert figures["gaps"] == figures["duplicates"] == 0
+
+
+@pytest.mark.parametrize("without_rowid", [False, True])
+def test_sqlite_layout_commits_and_replays_every_row(tmp_path: Path, without_rowid: bool) -> None:
+    line = sqlite_layout.run(str(tmp_path / "l.db"), without_rowid, 2, 10, batches=4)
+    # 4 batches of 51 over 2 channels: the first channel holds 102 events.
+    assert "(102 rows)" in line

@@ -1,12 +1,12 @@
 """The SQLite events table as stored today against a ``WITHOUT ROWID`` one, raw.
 
 ``python -m bench.sqlite_layout``: for each layout, 1 and 100 channels round-robin,
-payloads of 100 and 1,000 bytes, commits batches of 51 events as the store does (the
-rows, then each touched channel's counter, in one ``BEGIN IMMEDIATE``; 2 KiB pages,
-WAL, ``synchronous=NORMAL``) and prints the median commit time, the rate and the
-file's size; then replays the first channel in pages of 1,000 rows (best of three).
-``sqlite3`` alone: no event loop, no SQLAlchemy, so only the layout differs.
-"""
+and payloads of 100 and 1,000 bytes (``--payloads``), commits batches of 51 events as
+the store does (the rows, then each touched channel's counter, in one ``BEGIN
+IMMEDIATE``; WAL, ``synchronous=NORMAL``, the store's page size unless
+``--page-size``) and prints the median commit time, the rate and the file's size;
+then replays the first channel in pages of 1,000 rows (best of three). ``sqlite3``
+alone: no event loop, no SQLAlchemy, so only the layout differs."""
 
 from __future__ import annotations
 
@@ -40,10 +40,12 @@ def _schema(without_rowid: bool) -> list[str]:
     ]
 
 
-def run(path: str, without_rowid: bool, count: int, size: int, batches: int) -> str:
+def run(
+    path: str, without_rowid: bool, count: int, size: int, batches: int, page_size: int = PAGE_SIZE
+) -> str:
     """One layout, one shape: a line of figures."""
     db = sqlite3.connect(path, isolation_level=None)
-    db.execute(f"PRAGMA page_size={PAGE_SIZE}")
+    db.execute(f"PRAGMA page_size={page_size}")
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")
     db.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
@@ -100,13 +102,20 @@ def run(path: str, without_rowid: bool, count: int, size: int, batches: int) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=4_000, help="commits per shape")
+    parser.add_argument(
+        "--page-size", type=int, default=PAGE_SIZE, help="of the new files (the store's by default)"
+    )
+    parser.add_argument(
+        "--payloads", default="100,1000", help="payload sizes in bytes, comma-separated"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as directory:
-        for size in (100, 1_000):
+        for size in map(int, args.payloads.split(",")):
             for count in (1, 100):
                 for without_rowid in (False, True):
                     path = os.path.join(directory, f"{without_rowid}-{count}-{size}.db")
-                    print(run(path, without_rowid, count, size, args.batches), flush=True)
+                    line = run(path, without_rowid, count, size, args.batches, args.page_size)
+                    print(line, flush=True)
                     os.remove(path)
 
 

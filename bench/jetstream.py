@@ -47,6 +47,8 @@ from .configs import accepts, free_port
 MAX_CONSUMERS = 100_000
 # Bytes the server queues for one client before cutting it off (see NatsServer.start).
 MAX_PENDING = 1024 * 1024 * 1024
+#: Seconds a publish waits for its ack (nats-py's default is 2; see publish).
+PUBLISH_TIMEOUT = 60.0
 RUN_STREAM = "RUN"
 BIG_PAYLOAD = b'{"user": "bench", "text": "' + b"x" * 40 + b'"}'  # 70 bytes, as bigfill
 
@@ -193,7 +195,10 @@ class JetStreamBroadcast:
             await nc.close()
 
     async def publish(self, channel: str, message: str) -> JsEvent:
-        ack = await self._js.publish(subject(channel), message.encode())
+        # The ack shares the connection with every consumer's replay, and behind a
+        # backlog it can take longer than nats-py's 2 s default: the row would fail
+        # where ours just waits for its commit. Wait as long as the scenario allows.
+        ack = await self._js.publish(subject(channel), message.encode(), timeout=PUBLISH_TIMEOUT)
         return JsEvent(message, ack.seq)
 
     @asynccontextmanager

@@ -23,6 +23,7 @@ from ._subscriber import Subscriber
 from ._validation import (
     DEFAULT_MAX_MESSAGE_SIZE,
     check_channel,
+    check_int,
     check_key,
     check_message,
     check_position,
@@ -68,7 +69,8 @@ class Broadcast:
 
     Raises:
         InvalidArgument: The transport reaches other processes and no ``log`` was
-            given: each process would keep a private log of its own.
+            given: each process would keep a private log of its own; or an option is
+            out of range (``max_message_size`` below 1, ``buffer_size`` below 1...).
     """
 
     def __init__(
@@ -98,7 +100,7 @@ class Broadcast:
         self._backend = backend
         self.log = log if isinstance(log, EventLog) else EventLog(log, migrate=migrate)
         self.retention = retention
-        self.max_message_size = max_message_size
+        self.max_message_size = check_int("max_message_size", max_message_size, minimum=1)
         self._options = SubscriberOptions(
             buffer_size, page_size, idle_check, reorder_window, buffer_bytes, page_bytes
         )

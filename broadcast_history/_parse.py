@@ -56,6 +56,11 @@ def parse_since(text: str, what: str = "since") -> int | datetime:
     stripped = text.strip()
     if stripped.isascii() and stripped.isdigit():
         return parse_int(stripped, what)
+    if stripped[:1] in ("-", "+") and stripped[1:].isascii() and stripped[1:].isdigit():
+        # "-1" is no time either: say what an offset may be.
+        raise InvalidArgument(
+            f"{what} must be an offset from 0 to {MAX_INT} or an ISO 8601 time, got {text!r}"
+        )
     return parse_time(stripped, what)
 
 

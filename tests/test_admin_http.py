@@ -451,6 +451,19 @@ async def test_control_characters_in_a_channel_path_are_400(client: httpx.AsyncC
         assert "control character" in response.json()["detail"]
 
 
+async def test_a_channel_path_that_is_not_utf8_is_400(
+    broadcast: Broadcast, client: httpx.AsyncClient
+) -> None:
+    """Servers decode ``%FF`` to U+FFFD: every invalid spelling would be one channel."""
+    for raw in ("/channels/a%FFb", "/channels/a%FEb/events", "/channels/%C3"):
+        response = await client.get(raw)
+        assert response.status_code == 400, raw
+        assert "not valid UTF-8" in response.json()["detail"]
+    await broadcast.publish("a\ufffdb", "x")  # U+FFFD itself, sent as such, is a name
+    response = await client.get("/channels/a%EF%BF%BDb")
+    assert (response.status_code, response.json()["name"]) == (200, "a\ufffdb")
+
+
 async def test_a_token_that_headers_cannot_carry_is_refused(broadcast: Broadcast) -> None:
     for token in ("pässwort", "two words", "tab\there"):
         with pytest.raises(InvalidArgument, match="printable ASCII"):

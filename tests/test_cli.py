@@ -57,7 +57,21 @@ def test_publish_and_events(log: str) -> None:
     ]
     result = cli("events", "room/1", "--json", "--desc", "--limit", "2", "--log", log)
     assert [e["offset"] for e in json_lines(result.stdout)] == [3, 2]
-    assert "more: --before 2" in result.stderr
+    assert "more: --before 2 --limit 2 --desc" in result.stderr  # the filters kept
+    result = cli(
+        "events",
+        "room/1",
+        "--json",
+        "--since",
+        "2000-01-01T00:00Z",
+        "--limit",
+        "1",
+        "--before",
+        "3",
+        "--log",
+        log,
+    )
+    assert "more: --after 1 --before 3 --since 2000-01-01T00:00Z --limit 1" in result.stderr
     result = cli("events", "room/1", "--json", "--after", "1", "--before", "3", "--log", log)
     assert [e["offset"] for e in json_lines(result.stdout)] == [2]
     since = events[1]["timestamp"]
@@ -78,7 +92,7 @@ def test_channels_and_stats(log: str) -> None:
         cli("publish", name, "x", "--log", log)
     result = cli("channels", "--prefix", "a/", "--limit", "2", "--json", "--log", log)
     assert [c["name"] for c in json_lines(result.stdout)] == ["a/1", "a/2"]
-    assert 'more: --after "a/2"' in result.stderr
+    assert 'more: --after "a/2" --prefix a/ --limit 2' in result.stderr
     result = cli("channels", "--prefix", "a/", "--after", "a/2", "--json", "--log", log)
     assert [c["name"] for c in json_lines(result.stdout)] == ["a/3"]
     assert "a/1" in cli("channels", "--log", log).stdout
@@ -250,6 +264,9 @@ def test_tail_and_publish_in_two_processes(log: str) -> None:
 def test_serve(tmp_path: Path) -> None:
     log = f"sqlite+aiosqlite:///{tmp_path / 's.db'}"
     cli("serve", "--log", log, code=2)  # no token
+    refused = cli("serve", "--log", log, code=2, BROADCAST_HISTORY_TOKEN="two words")
+    assert "printable ASCII" in refused.stderr and refused.exception is not None
+    assert isinstance(refused.exception, SystemExit)  # an error line, not a traceback
     cli("publish", "c", "x", "--log", log)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -271,10 +288,18 @@ def test_serve(tmp_path: Path) -> None:
         assert [c["name"] for c in response.json()["channels"]] == ["c"]
         assert httpx.get(f"{base}/channels").status_code == 401
         assert httpx.get(f"{base}/ui/").status_code == 200  # the console: no token
-        server.send_signal(signal.SIGINT)
-        assert server.wait(timeout=20) == 0
+        # An open event stream is ended at the signal, not cancelled after a timeout.
+        stream_url = f"{base}/channels/c/stream?since=0"
+        with httpx.stream("GET", stream_url, headers={"Authorization": "Bearer tok"}) as stream:
+            lines = stream.iter_lines()
+            while not next(lines).startswith("data:"):
+                pass
+            server.send_signal(signal.SIGINT)
+            assert server.wait(timeout=20) == 0
         assert server.stderr is not None
-        assert f"operator console: {base}/ui/" in server.stderr.read()
+        logged = server.stderr.read()
+        assert f"operator console: {base}/ui/" in logged
+        assert "Traceback" not in logged and "Exception in ASGI" not in logged, logged
     finally:
         if server.poll() is None:
             server.kill()

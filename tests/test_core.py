@@ -93,6 +93,12 @@ async def test_broadcaster_style_usage() -> None:
     await broadcast.disconnect()
 
 
+@pytest.mark.parametrize("size", [0, -1, 1.5, "10", True])
+def test_a_message_size_limit_that_admits_nothing_is_refused(size: object) -> None:
+    with pytest.raises(InvalidArgument, match="max_message_size"):
+        Broadcast(max_message_size=size)  # type: ignore[arg-type]
+
+
 async def test_validation_rejects_and_writes_nothing() -> None:
     async with Broadcast(max_message_size=10) as bc:
         for channel in ("", "x" * 256, "bad\nname", "tab\there", "\x7f", 5):
@@ -374,9 +380,10 @@ async def test_unreachable_log_is_typed() -> None:
 async def test_sqlite_file_that_cannot_be_opened_is_typed(tmp_path: Path) -> None:
     # The directory does not exist: sqlite3 itself refuses, before SQLAlchemy.
     url = f"sqlite+aiosqlite:///{tmp_path / 'missing' / 'events.db'}"
-    with pytest.raises(LogUnavailable, match="cannot open the event log"):
+    with pytest.raises(LogUnavailable, match="cannot open the event log at ") as failed:
         async with Broadcast(log=url):
             pass
+    assert str(tmp_path / "missing" / "events.db") in str(failed.value)  # which file
 
 
 async def test_failed_append_raises_and_sends_nothing(sqlite_file_url: str) -> None:

@@ -198,8 +198,10 @@ async def test_sse_refusals(broadcast: Broadcast) -> None:
     app = create_stream_app(broadcast, authorize=only_public)
     async with serving(app) as base, httpx.AsyncClient(base_url=base) as http:
         assert (await http.get("/private/x")).status_code == 403
-        for path in ("/a%01b", "/" + "x" * 256, "/"):
+        for path in ("/a%01b", "/" + "x" * 256, "/", "/public/a%FFb"):
             assert (await http.get(path)).status_code == 400, path
+        answer = await http.get("/public/a%FEb")
+        assert "not valid UTF-8" in answer.json()["detail"]
         for query, headers in [
             ("?since=soon", {}),
             ("?since=2024-01-01T00:00", {}),  # no timezone
@@ -212,6 +214,9 @@ async def test_sse_refusals(broadcast: Broadcast) -> None:
             response = await http.get("/public/x" + query, headers=headers)
             assert response.status_code == 422, query
             assert response.json()["detail"]
+        negative = await http.get("/public/x?since=-1")
+        assert negative.status_code == 422
+        assert negative.json()["detail"].startswith("since must be an offset from 0 to")
         head = await http.head("/public/x")
         assert (head.status_code, head.content) == (200, b"")
         # Publishing is off unless asked for.
@@ -260,6 +265,7 @@ async def test_post_publishes_by_content_type(broadcast: Broadcast, base: str) -
         assert (await http.post("/p", content=too_big)).status_code == 413
         for path, content, headers in [
             ("/a%01b", b"x", {}),
+            ("/a%FFb", b"x", {}),  # servers decode it to U+FFFD: refused, not renamed
             ("/" + "x" * 256, b"x", {}),
             ("/p", b"x", {"Idempotency-Key": "k" * 256}),
             ("/p", b"\xff", {"content-type": "text/plain"}),
@@ -268,6 +274,7 @@ async def test_post_publishes_by_content_type(broadcast: Broadcast, base: str) -
             response = await http.post(path, content=content, headers=headers)
             assert response.status_code == 400, (path, headers)
         assert (await broadcast.log.channel("p")).last_offset == 5  # type: ignore[union-attr]
+        assert await broadcast.log.channel("a\ufffdb") is None
 
 
 async def test_publish_is_authorized_per_message(broadcast: Broadcast) -> None:
@@ -419,6 +426,29 @@ async def test_ws_publish_ack_errors_and_pings(broadcast: Broadcast, base: str) 
     assert [e.message for e in await broadcast.log.read("w", after=0)] == ["hi", b"\x00\x01"]
 
 
+async def test_ws_publish_takes_any_message_under_the_size_limit_however_escaped(
+    tmp_path: Path,
+) -> None:
+    """A JSON encoder may write a character as six (``\\u00e9`` for é): a message the size
+    limit allows is taken however its frame escapes it, as ``POST`` takes it."""
+    log = f"sqlite+aiosqlite:///{tmp_path / 'ws.db'}"
+    async with Broadcast("memory://", log=log, max_message_size=10_000) as b:
+        app = create_stream_app(b, authorize=allow_all, publish=True)
+        async with serving(app) as url, ws_connect(url.replace("http", "ws") + "/e/ws") as ws:
+            answers = []
+            for data in ["\u00e9" * 5_000, "\x01" * 10_000, "\u00e9" * 5_000 + "x"]:
+                await ws.send(json.dumps({"type": "publish", "data": data}))  # ensure_ascii
+                while (got := json.loads(await asyncio.wait_for(ws.recv(), 10)))["type"] not in (
+                    "ack",
+                    "error",
+                ):
+                    pass
+                answers.append(got)
+        assert [a["type"] for a in answers] == ["ack", "ack", "error"]
+        assert "larger than 10000 bytes" in answers[2]["detail"]
+        assert [len(e.message) for e in await b.log.read("e", after=0)] == [5_000, 10_000]
+
+
 async def test_ws_refusals_close_with_codes(broadcast: Broadcast) -> None:
     async def only_public(connection: Any, channel: str, action: str) -> bool:
         return channel.startswith("public/")
@@ -431,6 +461,7 @@ async def test_ws_refusals_close_with_codes(broadcast: Broadcast) -> None:
             ("/public/x/ws?since=soon", 4400),
             ("/public/x/ws?since=1&history=1", 4400),
             ("/a%01b/ws", 4400),
+            ("/public/a%FFb/ws", 4400),
         ]:
             async with ws_connect(url + path) as ws:
                 error = json.loads(await ws.recv())

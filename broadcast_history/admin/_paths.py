@@ -1,4 +1,5 @@
-"""Channel names in URL paths: encoded slashes kept apart, control characters refused."""
+"""Channel names in URL paths: encoded slashes kept apart, control characters and
+bytes that are not UTF-8 refused."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from fastapi import Path, Request
 from fastapi.responses import JSONResponse
 
 from .._validation import check_channel, check_consumer
+from ..web._paths import undecodable_path
 
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Any]
@@ -26,21 +28,25 @@ class EncodedSlashes:
 
     Servers decode the path before routing, which makes a channel named "a/events"
     look like the events route of channel "a". The raw path still tells them apart.
-    A path with a control character (``%0A``) cannot hold a valid channel name: it
-    is answered 400 here, as an invalid name is, since no route would match it.
+    A path with a control character (``%0A``), or whose bytes are not UTF-8 (``%FF``,
+    which servers turn into U+FFFD), cannot hold a valid channel name: it is answered
+    400 here, as an invalid name is, since no route would match it or several
+    spellings would reach one channel.
     """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and _CONTROL.search(scope.get("path", "")):
-            response = JSONResponse(
-                {"detail": "the path holds a control character: not a valid channel name"},
-                status_code=400,
-            )
-            await response(scope, receive, send)
-            return
+        if scope["type"] == "http":
+            refusal = None
+            if _CONTROL.search(scope.get("path", "")):
+                refusal = "the path holds a control character: not a valid channel name"
+            elif undecodable_path(scope):
+                refusal = "the path is not valid UTF-8: not a valid channel name"
+            if refusal is not None:
+                await JSONResponse({"detail": refusal}, status_code=400)(scope, receive, send)
+                return
         raw = scope.get("raw_path") if scope["type"] == "http" else None
         if raw:
             lowered = raw.split(b"?", 1)[0].lower()

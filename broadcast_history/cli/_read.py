@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shlex
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -67,6 +68,17 @@ def _show(
         err_console.print(f"more: {more}")
 
 
+def _next_page(cursor: str, *kept: tuple[str, object]) -> str:
+    """The options for the next page: the cursor, then the filters given, to repeat."""
+    options = [cursor]
+    for flag, value in kept:
+        if value is True:
+            options.append(flag)
+        elif value is not None and value is not False:
+            options.append(f"{flag} {shlex.quote(str(value))}")
+    return escape(" ".join(options))
+
+
 def _preview(event: Event, width: int = 60) -> str:
     message: str | bytes = event.message
     if isinstance(message, bytes):
@@ -99,7 +111,11 @@ def channels(
             (_stats_json(c) for c in found),
             Table("Channel", "Epoch", "Offsets", "Count", "First event", "Last event"),
             (_channel_row(c) for c in found),
-            None if cursor is None else f"--after {escape(json.dumps(cursor))}",
+            None
+            if cursor is None
+            else _next_page(
+                f"--after {json.dumps(cursor)}", ("--prefix", prefix), ("--limit", limit)
+            ),
         )
 
     run(go())
@@ -135,7 +151,18 @@ def events(
                 [str(e.offset), _time(e.timestamp), escape(e.key or ""), escape(_preview(e))]
                 for e in page.events
             ),
-            None if cursor is None else f"--{'before' if desc else 'after'} {cursor}",
+            None
+            if cursor is None
+            else _next_page(
+                f"--before {cursor}" if desc else f"--after {cursor}",
+                # The bound on the other side stays; the cursor replaces this side's.
+                ("--after", after if desc else None),
+                ("--before", None if desc else before),
+                ("--since", since),
+                ("--until", until),
+                ("--limit", limit),
+                ("--desc", desc),
+            ),
         )
 
     run(go())

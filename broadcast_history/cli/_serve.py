@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from types import FrameType
 from typing import Annotated
 
 import typer
@@ -36,11 +38,23 @@ def serve(
         fail("give --token (or BROADCAST_HISTORY_TOKEN), or --allow-no-token for local use", 2)
     try:
         broadcast = Broadcast(url, log=log)
+        # The token is checked here too (printable ASCII, no spaces).
+        application = create_app(broadcast, token=token, allow_no_token=allow_no_token)
     except ValueError as exc:
         fail(str(exc), 2)
-    application = create_app(broadcast, token=token, allow_no_token=allow_no_token)
     base = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
     err_console.print(f"admin API on {base} (docs: {base}/docs)", markup=False)
     err_console.print(f"operator console: {base}/ui/", markup=False)
-    # Event streams never end by themselves: give them a moment, then close them.
-    uvicorn.run(application, host=host, port=port, timeout_graceful_shutdown=2)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            # Event streams never end by themselves: end them, or shutdown waits for
+            # them (then cancels them, logging each as an error).
+            application.state.close_streams()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(application, host=host, port=port, timeout_graceful_shutdown=2)
+    # After a graceful stop uvicorn raises the signal again (as uvicorn.run does,
+    # Ctrl-C then ends the command normally).
+    with contextlib.suppress(KeyboardInterrupt):
+        Server(config).run()

@@ -76,9 +76,17 @@ def require_file(url: URL) -> None:
     sqlite_file = url.get_backend_name() == "sqlite" and not is_memory_sqlite(url)
     if sqlite_file and not Path(str(url.database)).exists():
         raise LogUnavailable(
-            f"no event log at {url.database} (nothing was stored there yet; "
+            f"no event log at {Path(str(url.database)).absolute()} (nothing was stored there yet; "
             "`broadcast-history db upgrade` creates an empty one)"
         )
+
+
+def cannot_open(url: URL, exc: BaseException) -> LogUnavailable:
+    """The error for a log that failed to open; a SQLite file's says which file (a
+    URL with three slashes names a path relative to the working directory)."""
+    sqlite_file = url.get_backend_name() == "sqlite" and not is_memory_sqlite(url)
+    where = f" at {Path(str(url.database)).absolute()}" if sqlite_file else ""
+    return LogUnavailable(f"cannot open the event log{where}: {exc}")
 
 
 def shared_memory_url(url: URL) -> URL:

@@ -17,7 +17,7 @@ from .._validation import check_int, check_optional_int, check_time
 from . import _migrate, _queries
 from ._calls import Conflict, append_error, finish_on_cancel, translated
 from ._consumer_log import ConsumerMethods
-from ._engine import MEMORY_URL, is_memory_sqlite, normalize_url, require_file
+from ._engine import MEMORY_URL, cannot_open, is_memory_sqlite, normalize_url, require_file
 from ._info import ChannelInfo, LogTotals, Pending, Retention
 from ._rows import now_micros
 from ._store import Store
@@ -107,7 +107,7 @@ class EventLog(ConsumerMethods):
             # sqlite3's own errors too: the SQLite store opens its first connection
             # on the driver (a missing directory fails there, not in SQLAlchemy).
             if isinstance(exc, (SQLAlchemyError, OSError, sqlite3.Error)):
-                raise LogUnavailable(f"cannot open the event log: {exc}") from exc
+                raise cannot_open(self.url, exc) from exc
             raise
         self._log_id = log_id
 

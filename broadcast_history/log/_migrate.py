@@ -14,7 +14,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .._errors import LogUnavailable, SchemaOutOfDate
-from ._engine import create_engine, normalize_url, require_file
+from ._engine import cannot_open, create_engine, normalize_url, require_file
 from ._schema import VERSION_TABLE
 
 _PACKAGE = Path(__file__).resolve().parent.parent
@@ -118,6 +118,6 @@ async def schema_revision(url: str | URL) -> str | None:
             revision: str | None = await conn.run_sync(_current)
             return revision
     except (SQLAlchemyError, OSError) as exc:
-        raise LogUnavailable(f"cannot open the event log: {exc}") from exc
+        raise cannot_open(parsed, exc) from exc
     finally:
         await engine.dispose()

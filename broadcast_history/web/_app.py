@@ -25,9 +25,9 @@ from .._errors import (
 )
 from .._event import Event
 from .._parse import Position, parse_position
-from .._validation import check_channel
 from ._auth import Authorize, Forbidden, check_authorize, require
 from ._feed import Feed
+from ._paths import channel_from_path
 from ._publish import event_info, publish_request
 from ._sse import EventStream
 from ._streams import OpenStreams
@@ -109,12 +109,14 @@ def create_stream_app(
     authorize = check_authorize(authorize)
     keepalive = _check_keepalive(keepalive)
     streams = OpenStreams()
-    # A publish frame carries its message as JSON text (bytes as base64: 4/3 larger).
-    max_frame = broadcast.max_message_size * 4 // 3 + 4096
+    # A publish frame carries its message as JSON text: bytes as base64 (4/3 larger),
+    # text escaped by the client's encoder, up to 6 times longer (``\u00e9`` for
+    # ``é`` with Python's default ensure_ascii, ``\u0001`` for a control byte).
+    max_frame = 6 * broadcast.max_message_size + 4096
 
     async def subscribe_sse(request: Request) -> Response:
         try:
-            channel = check_channel(request.path_params["channel"])
+            channel = channel_from_path(request)
         except InvalidArgument as exc:
             return _error(400, str(exc))
         try:
@@ -129,7 +131,7 @@ def create_stream_app(
 
     async def publish_http(request: Request) -> Response:
         try:
-            channel = check_channel(request.path_params["channel"])
+            channel = channel_from_path(request)
             await require(authorize, request, channel, "publish")
             event = await publish_request(broadcast, channel, request)
         except Forbidden as exc:
@@ -144,7 +146,7 @@ def create_stream_app(
 
     async def subscribe_ws(websocket: WebSocket) -> None:
         try:
-            channel = check_channel(websocket.path_params["channel"])
+            channel = channel_from_path(websocket)
             position = request_position(websocket)
         except InvalidArgument as exc:
             await _close(websocket, BAD_REQUEST, str(exc))

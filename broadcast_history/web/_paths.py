@@ -1,0 +1,44 @@
+"""Channel names from URL paths, refused when the path's bytes are not UTF-8."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+from starlette.requests import HTTPConnection
+
+from .._errors import InvalidArgument
+from .._validation import check_channel
+
+_REPLACED = "\ufffd"
+
+
+def undecodable_path(scope: Mapping[str, Any]) -> bool:
+    """Whether the request's path, percent-decoded, is not valid UTF-8.
+
+    Servers decode it with replacement characters (``%FF`` becomes U+FFFD), which
+    would make one channel of every invalid spelling; the raw path tells them apart
+    from a U+FFFD that was sent as such (``%EF%BF%BD``).
+    """
+    if _REPLACED not in scope.get("path", ""):
+        return False
+    raw = scope.get("raw_path")
+    if not raw:
+        return False
+    try:
+        unquote_to_bytes(raw.split(b"?", 1)[0]).decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
+def channel_from_path(connection: HTTPConnection) -> str:
+    """The ``{channel}`` of a route, checked.
+
+    Raises:
+        InvalidArgument: The path is not UTF-8, or the name is not a valid channel name.
+    """
+    if undecodable_path(connection.scope):
+        raise InvalidArgument("the path is not valid UTF-8: not a valid channel name")
+    return check_channel(connection.path_params["channel"])

@@ -12,7 +12,7 @@ from fastapi import Path, Request
 from fastapi.responses import JSONResponse
 
 from .._validation import check_channel, check_consumer
-from ..web._paths import undecodable_path
+from ..web._paths import NOT_UTF8, undecodable_path
 
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Any]
@@ -43,7 +43,7 @@ class EncodedSlashes:
             if _CONTROL.search(scope.get("path", "")):
                 refusal = "the path holds a control character: not a valid channel name"
             elif undecodable_path(scope):
-                refusal = "the path is not valid UTF-8: not a valid channel name"
+                refusal = NOT_UTF8
             if refusal is not None:
                 await JSONResponse({"detail": refusal}, status_code=400)(scope, receive, send)
                 return

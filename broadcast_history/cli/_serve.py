@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from types import FrameType
 from typing import Annotated
 
 import typer
@@ -29,9 +27,10 @@ def serve(
 ) -> None:
     """Serve the admin HTTP API (OpenAPI docs at /docs, operator console at /ui/)."""
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401  (the admin extra: missing, say so before anything starts)
 
         from ..admin import create_app
+        from ..web._serving import serve_until_stopped
     except ImportError as exc:
         fail(f"{exc}: pip install 'broadcast-history[admin]'", 1)
     if not token and not allow_no_token:
@@ -46,15 +45,4 @@ def serve(
     err_console.print(f"admin API on {base} (docs: {base}/docs)", markup=False)
     err_console.print(f"operator console: {base}/ui/", markup=False)
 
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            # Event streams never end by themselves: end them, or shutdown waits for
-            # them (then cancels them, logging each as an error).
-            application.state.close_streams()
-            super().handle_exit(sig, frame)
-
-    config = uvicorn.Config(application, host=host, port=port, timeout_graceful_shutdown=2)
-    # After a graceful stop uvicorn raises the signal again (as uvicorn.run does,
-    # Ctrl-C then ends the command normally).
-    with contextlib.suppress(KeyboardInterrupt):
-        Server(config).run()
+    serve_until_stopped(application, host=host, port=port, timeout_graceful_shutdown=2)

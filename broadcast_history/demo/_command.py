@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 from pathlib import Path
-from types import FrameType
 from typing import Annotated
 
 import typer
@@ -44,9 +43,8 @@ def serve(
         log: Event log URL; default: ``<data_dir>/demo.db`` (SQLite).
         data_dir: Where the default SQLite log lives.
     """
-    import uvicorn
-
     from ..log import Retention
+    from ..web._serving import serve_until_stopped
     from ._app import create_app
     from ._limits import MAX_BODY
 
@@ -66,13 +64,7 @@ def serve(
     print(f"  live transport: {live}\n  event log:      {log_url}", flush=True)
     print("  open it in two windows, press 'Drop connection' in one, chat in the other.")
 
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            # Event streams never end by themselves: end them, or shutdown waits.
-            app.state.close_streams()
-            super().handle_exit(sig, frame)
-
-    config = uvicorn.Config(
+    serve_until_stopped(
         app,
         host=host,
         port=port,
@@ -80,7 +72,6 @@ def serve(
         timeout_graceful_shutdown=3,
         ws_max_size=MAX_BODY,
     )
-    Server(config).run()
 
 
 def demo(

@@ -73,20 +73,27 @@ def require_file(url: URL) -> None:
     Tools that only read must not create an empty database: a typo in the path
     would look like an empty log.
     """
-    sqlite_file = url.get_backend_name() == "sqlite" and not is_memory_sqlite(url)
-    if sqlite_file and not Path(str(url.database)).exists():
+    path = _sqlite_file(url)
+    if path is not None and not path.exists():
         raise LogUnavailable(
-            f"no event log at {Path(str(url.database)).absolute()} (nothing was stored there yet; "
+            f"no event log at {path} (nothing was stored there yet; "
             "`broadcast-history db upgrade` creates an empty one)"
         )
 
 
 def cannot_open(url: URL, exc: BaseException) -> LogUnavailable:
-    """The error for a log that failed to open; a SQLite file's says which file (a
-    URL with three slashes names a path relative to the working directory)."""
-    sqlite_file = url.get_backend_name() == "sqlite" and not is_memory_sqlite(url)
-    where = f" at {Path(str(url.database)).absolute()}" if sqlite_file else ""
+    """The error for a log that failed to open; a SQLite file's says which file."""
+    path = _sqlite_file(url)
+    where = "" if path is None else f" at {path}"
     return LogUnavailable(f"cannot open the event log{where}: {exc}")
+
+
+def _sqlite_file(url: URL) -> Path | None:
+    """The absolute path of a SQLite file log (a URL with three slashes names a path
+    relative to the working directory); ``None`` for other databases."""
+    if url.get_backend_name() != "sqlite" or is_memory_sqlite(url):
+        return None
+    return Path(str(url.database)).absolute()
 
 
 def shared_memory_url(url: URL) -> URL:

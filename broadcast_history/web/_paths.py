@@ -12,6 +12,8 @@ from .._errors import InvalidArgument
 from .._validation import check_channel
 
 _REPLACED = "\ufffd"
+#: What a path that is not UTF-8 is answered (400).
+NOT_UTF8 = "the path is not valid UTF-8: not a valid channel name"
 
 
 def undecodable_path(scope: Mapping[str, Any]) -> bool:
@@ -40,5 +42,5 @@ def channel_from_path(connection: HTTPConnection) -> str:
         InvalidArgument: The path is not UTF-8, or the name is not a valid channel name.
     """
     if undecodable_path(connection.scope):
-        raise InvalidArgument("the path is not valid UTF-8: not a valid channel name")
+        raise InvalidArgument(NOT_UTF8)
     return check_channel(connection.path_params["channel"])

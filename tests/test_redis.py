@@ -11,7 +11,14 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from broadcast_history import Broadcast, BroadcastBackend, Event, NotConnected, TransportError
+from broadcast_history import (
+    Broadcast,
+    BroadcastBackend,
+    Event,
+    InvalidArgument,
+    NotConnected,
+    TransportError,
+)
 from broadcast_history.backends import backend_from_url
 from tests.conftest import REDIS_URL, require_redis, unique
 from tests.support.helpers import assert_contiguous, take
@@ -378,6 +385,48 @@ async def test_stream_length_is_bounded(admin: aioredis.Redis) -> None:
         assert 100 <= length < 300
         newest = await admin.xrevrange(prefix + channel, count=1)
         assert newest[0][1] == {"m": "m1999"}
+    finally:
+        await backend.disconnect()
+
+
+def test_stream_options_are_checked() -> None:
+    for bad in ({"maxlen": 0}, {"maxlen": 1.5}, {"ttl": 0}, {"ttl": -1.0}, {"ttl": True}):
+        with pytest.raises(InvalidArgument, match=next(iter(bad))):
+            RedisStreamBackend(STREAM_URL, **bad)  # type: ignore[arg-type]
+
+
+async def test_stream_expiry_follows_the_last_publish(admin: aioredis.Redis) -> None:
+    """Each publish sets the stream's time to live; ``ttl=None`` keeps it forever."""
+    prefix = admin.test_prefix  # type: ignore[attr-defined]
+    kept, default = unique(), unique()
+    for backend, channel in (
+        (_backends(admin)["stream"](ttl=None), kept),
+        (_backends(admin)["stream"](), default),
+    ):
+        await backend.connect()
+        try:
+            await backend.publish_many([(channel, "a"), (channel, "b")])
+        finally:
+            await backend.disconnect()
+    assert await admin.pttl(prefix + kept) == -1
+    assert 3_590_000 < await admin.pttl(prefix + default) <= 3_600_000
+
+
+async def test_an_expired_stream_is_read_again_once_published(admin: aioredis.Redis) -> None:
+    backend = _backends(admin)["stream"](ttl=0.3, block=0.2)
+    key = admin.test_prefix + (channel := unique())  # type: ignore[attr-defined]
+    await backend.connect()
+    try:
+        await backend.subscribe(channel)
+        await backend.publish(channel, "before")
+        assert (await _next(backend)).message == "before"
+        for _ in range(100):  # Redis deletes expired keys lazily or within ~100 ms
+            if not await admin.exists(key):
+                break
+            await asyncio.sleep(0.05)
+        assert not await admin.exists(key)
+        await backend.publish(channel, "after")
+        assert (await _next(backend)).message == "after"
     finally:
         await backend.disconnect()
 

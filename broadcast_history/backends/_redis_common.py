@@ -71,6 +71,7 @@ async def pipelined(
     messages: Sequence[tuple[str, Any]],
     add: Callable[[Pipeline, str, Any], object],
     command: str,
+    after: Callable[[Pipeline, Sequence[tuple[str, Any]]], object] | None = None,
 ) -> None:
     """Send one ``command`` per ``(channel, message)`` in a single round trip.
 
@@ -79,6 +80,7 @@ async def pipelined(
         messages: The ``(channel, message)`` pairs, sent in order.
         add: Queues the command for one pair on the pipeline.
         command: The command's name, for the error message.
+        after: Queues commands that follow the batch's, in the same round trip.
 
     Raises:
         TransportError: Redis refused the commands or could not be reached twice.
@@ -88,6 +90,8 @@ async def pipelined(
             async with client.pipeline(transaction=False) as pipe:
                 for channel, message in messages:
                     add(pipe, channel, message)
+                if after is not None:
+                    after(pipe, messages)
                 await pipe.execute()
             return
         except rexc.RedisError as exc:
@@ -163,6 +167,9 @@ class PipelinedPublisher(InboxTransport):
     def _queue(self, pipe: Pipeline, channel: str, message: Any) -> object:
         return pipe.publish(channel, message)
 
+    def _after(self, pipe: Pipeline, messages: Sequence[tuple[str, Any]]) -> None:
+        """Queue what follows a batch's commands on its pipeline (here, nothing)."""
+
     async def publish_many(self, messages: Sequence[tuple[str, Any]]) -> None:
         """Send ``(channel, message)`` pairs in order, in one round trip (a few for
         a large batch).
@@ -179,7 +186,7 @@ class PipelinedPublisher(InboxTransport):
             messages = await self._scripted(client, self._script_source, messages)
             if not messages:
                 return
-        await pipelined(client, messages, self._queue, self._command)
+        await pipelined(client, messages, self._queue, self._command, self._after)
 
     async def _scripted(
         self, client: aioredis.Redis, source: str, messages: Sequence[tuple[str, Any]]

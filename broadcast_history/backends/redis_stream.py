@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
 from redis.asyncio.client import Pipeline
 
-from .._errors import NotConnected, TransportError
+from .._errors import InvalidArgument, NotConnected, TransportError
 from .._event import Event
 from . import _redis_common as shared
 from ._backoff import Backoff
@@ -28,7 +29,8 @@ class RedisStreamBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
     ``maxlen`` entries: the log, not the stream, is the history. One connection reads
     every subscribed stream with ``XREAD BLOCK`` from the last entry present when the
     channel was subscribed, so after a reconnection it resumes where it stopped and
-    loses nothing that is still in the stream.
+    loses nothing that is still in the stream. A stream expires ``ttl`` seconds after
+    its last publish, so the streams of channels no longer used leave Redis.
 
     Args:
         url: ``redis-stream://`` (or ``rediss-stream://`` for TLS) followed by what a
@@ -37,6 +39,11 @@ class RedisStreamBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
         prefix: Prepended to channel names to make the stream keys.
         block: Longest time, in seconds, one ``XREAD`` waits for new entries.
         max_reconnect_delay: Longest pause, in seconds, between reconnection attempts.
+        ttl: Seconds after its last publish that Redis deletes a channel's stream;
+            ``None`` keeps streams until deleted by hand.
+
+    Raises:
+        InvalidArgument: ``maxlen`` is below 1 or ``ttl`` is not a positive number.
     """
 
     crosses_processes = True
@@ -49,12 +56,22 @@ class RedisStreamBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
         prefix: str = "broadcast_history:",
         block: float = 1.0,
         max_reconnect_delay: float = 5.0,
+        ttl: float | None = 3600.0,
     ) -> None:
+        if isinstance(maxlen, bool) or not isinstance(maxlen, int) or maxlen < 1:
+            raise InvalidArgument(f"maxlen must be an int of at least 1, not {maxlen!r}")
+        if ttl is not None and (
+            isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl < 1e12
+        ):
+            raise InvalidArgument(f"ttl must be a positive number of seconds or None, not {ttl!r}")
         super().__init__(url)
         scheme, _, rest = url.partition("://")
         self._redis_url = ("rediss://" if scheme.startswith("rediss") else "redis://") + rest
         self.maxlen = maxlen
         self.prefix = prefix
+        self.ttl = ttl
+        # PEXPIRE takes whole milliseconds; a ttl under one still expires, at once.
+        self._ttl_ms = None if ttl is None else max(1, round(ttl * 1000))
         self._block_ms = max(1, int(block * 1000))
         self._max_delay = max_reconnect_delay
         self._ids: dict[str, str] = {}  # stream key -> id of the last entry seen
@@ -131,6 +148,14 @@ class RedisStreamBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
         return pipe.xadd(
             self.prefix + channel, {"m": message}, maxlen=self.maxlen, approximate=True
         )
+
+    def _after(self, pipe: Pipeline, messages: Sequence[tuple[str, Any]]) -> None:
+        # The expiry restarts with each publish: only the streams of channels nobody
+        # publishes to any more go away. A subscriber of one reads the new stream
+        # (its entry ids are later), and catches up from the log if it was away.
+        if self._ttl_ms is not None:
+            for key in dict.fromkeys(self.prefix + channel for channel, _ in messages):
+                pipe.pexpire(key, self._ttl_ms)
 
     async def _run(self) -> None:
         """Read the subscribed streams; on errors reconnect with backoff and resume."""

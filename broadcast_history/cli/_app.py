@@ -17,6 +17,7 @@ from typing import Any, NoReturn, TypeVar
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 from sqlalchemy.engine import make_url
 
 from .. import _parse as times
@@ -36,6 +37,16 @@ app = typer.Typer(
 console = Console(highlight=False)
 # Messages are not hard-wrapped: they stay greppable and copy-pastable.
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def print_table(table: Table) -> None:
+    """Print ``table``: fitted to a terminal; piped or redirected, no value is cut."""
+    if console.is_terminal:
+        console.print(table)
+    else:
+        # Rich takes a pipe for 80 columns and would cut cells short with an
+        # ellipsis; grep and files want whole values. A table is as wide as its cells.
+        Console(file=console.file, highlight=False, width=100_000).print(table)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

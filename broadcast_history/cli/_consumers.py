@@ -11,7 +11,7 @@ from rich.table import Table
 
 from ..admin._schemas import ConsumerOut
 from ..log import ConsumerInfo
-from ._app import app, console, err_console, open_admin, run
+from ._app import app, console, err_console, open_admin, print_table, run
 from ._options import DEFAULT_LOG, JsonOption, LogOption
 
 consumer = typer.Typer(
@@ -76,7 +76,7 @@ def list_consumers(
             _text(info.updated_at),
             _text(info.holder) if info.holder else "[dim]free[/]",
         )
-    console.print(table)
+    print_table(table)
 
 
 @consumer.command("set")

@@ -29,6 +29,7 @@ from ._app import (
     open_admin,
     open_broadcast,
     parse_time,
+    print_table,
     run,
 )
 from ._options import DEFAULT_LOG, DEFAULT_URL, JsonOption, LogOption, UrlOption
@@ -63,7 +64,7 @@ def _show(
     else:
         for row in rows:
             table.add_row(*row)
-        console.print(table)
+        print_table(table)
     if more is not None:
         err_console.print(f"more: {more}")
 

@@ -1,5 +1,6 @@
 """Run the suite: every row for every configuration, ours and broadcaster's, and
-NATS JetStream as a peer on the rows it can run.
+NATS JetStream as a peer on the rows it can run. Repeats go in rounds: each job
+once, then each again, every run in a worker process of its own.
 
 ``python -m bench.run [--quick] [--configs a,b] [--rows x,y] [--repeats N]
 [--no-jetstream]``. Prints one table and writes ``build/bench/results.json`` and
@@ -164,8 +165,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{result['seconds']} s; results in {out}/results.json and results.md")
 
 
-def _job(args: argparse.Namespace, row: Row, impl: str, config: str, **extra: Any) -> Any:
-    """Run one job (a scenario, an implementation, a configuration); log a line."""
+def _job(
+    args: argparse.Namespace, row: Row, impl: str, config: str, round_: int, **extra: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run one repeat of a job (a scenario, an implementation, a configuration) in a
+    worker process of its own; log a line."""
     params = dict(row.quick if args.quick else row.full)
     if not args.quick:
         params.update(FULL_OVERRIDES.get((row.key, config), {}))
@@ -174,7 +178,7 @@ def _job(args: argparse.Namespace, row: Row, impl: str, config: str, **extra: An
         "config": config,
         "scenario": row.scenario,
         "params": params,
-        "repeats": args.repeats,
+        "repeats": 1,
         "metrics": args.metrics,
         # broadcaster loses events on some transports (e.g. Kafka, whose consumer
         # starts late): don't wait long for those.
@@ -186,10 +190,11 @@ def _job(args: argparse.Namespace, row: Row, impl: str, config: str, **extra: An
     began = time.perf_counter()
     outcome = _run_job(job)
     took = time.perf_counter() - began
-    if "runs" in outcome:
-        outcome["stats"] = report.summary(outcome["runs"])
     status = "ok" if "runs" in outcome else outcome["error"]
-    print(f"{row.key:20} {config:18} {impl:9} {took:6.1f} s  {status}", file=sys.stderr)
+    print(
+        f"{row.key:20} {config:18} {impl:9} {round_ + 1}/{args.repeats} {took:6.1f} s  {status}",
+        file=sys.stderr,
+    )
     return params, outcome
 
 
@@ -226,26 +231,52 @@ def _run_all(
     runnable = [c for c in configs if reasons[c] is None]
     builds = _build_logs(args, rows, {c.log for c in CONFIGS if c.name in runnable}, peer)
     results: dict[str, Any] = {row.key: {} for row in rows}
-    theirs_by_transport: dict[tuple[str, str], dict[str, Any]] = {}
     by_name = {c.name: c for c in CONFIGS}
     for row in rows:
+        # (impl, configuration, extra job fields) -> where its outcome goes.
+        jobs: dict[tuple[str, str], list[tuple[str, str]]] = {}
+        extra: dict[tuple[str, str], dict[str, Any]] = {}
         for name in runnable:
-            transport = by_name[name].transport
-            cell: dict[str, Any] = {}
+            results[row.key][name] = {}
             for impl in row.impls:
-                if impl == "theirs" and not by_name[name].broadcaster:
-                    continue  # broadcaster has no such transport
-                if impl == "theirs" and (row.key, transport) in theirs_by_transport:
-                    # broadcaster has no log: one measurement per transport serves all.
-                    cell[impl] = theirs_by_transport[(row.key, transport)]
-                    continue
-                cell["params"], cell[impl] = _job(args, row, impl, name, kafka=kafka)
                 if impl == "theirs":
-                    theirs_by_transport[(row.key, transport)] = cell[impl]
-            results[row.key][name] = cell
+                    if not by_name[name].broadcaster:
+                        continue  # broadcaster has no such transport
+                    # broadcaster has no log: one measurement per transport serves all.
+                    first = next(
+                        c for c in runnable if by_name[c].transport == by_name[name].transport
+                    )
+                    jobs.setdefault((impl, first), []).append((name, impl))
+                else:
+                    jobs.setdefault((impl, name), []).append((name, impl))
+                extra[(impl, name)] = {"kafka": kafka}
         if peer is not None and row.peer:
-            params, outcome = _job(args, row, report.PEER, report.PEER, nats=peer)
-            results[row.key][report.PEER] = {"params": params, "peer": outcome}
+            jobs[(report.PEER, report.PEER)] = [(report.PEER, "peer")]
+            extra[(report.PEER, report.PEER)] = {"nats": peer}
+            results[row.key][report.PEER] = {}
+        # Repeats go in rounds (every job once, then again): the host's speed drifts
+        # over minutes, and a ratio to a peer measured ten minutes later drifts with it.
+        outcomes: dict[tuple[str, str], dict[str, Any]] = {}
+        params: dict[tuple[str, str], dict[str, Any]] = {}
+        for round_ in range(args.repeats):
+            for key in jobs:
+                if "error" in outcomes.get(key, {}):
+                    continue  # a failed job is not run again
+                impl, config = key
+                params[key], outcome = _job(args, row, impl, config, round_, **extra[key])
+                if "runs" in outcome:
+                    runs = outcomes.get(key, {}).get("runs", []) + outcome["runs"]
+                    outcomes[key] = {"runs": runs}
+                else:
+                    outcomes[key] = outcome
+        for key, places in jobs.items():
+            outcome = outcomes[key]
+            if "runs" in outcome:
+                outcome["stats"] = report.summary(outcome["runs"])
+            for name, slot in places:
+                results[row.key][name][slot] = outcome
+                if key[1] == name:  # a shared broadcaster cell keeps its own sizes
+                    results[row.key][name]["params"] = params[key]
     return results, builds, reasons
 
 

@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("broadcaster", reason="the benchmarks compare with broadcaster 0.3.1")
 pytest.importorskip("nats", reason="the benchmarks compare with NATS JetStream (nats-py)")
 
-from bench import plain_api, scenarios, sqlite_layout
+from bench import channel_ratio, plain_api, scenarios, sqlite_layout
 from bench.jetstream import server_binary
 from bench.run import main
 from broadcast_history import Broadcast
@@ -74,3 +74,9 @@ def test_sqlite_layout_commits_and_replays_every_row(tmp_path: Path, without_row
     line = sqlite_layout.run(str(tmp_path / "l.db"), without_rowid, 2, 10, batches=4)
     # 4 batches of 51 over 2 channels: the first channel holds 102 events.
     assert "(102 rows)" in line
+
+
+async def test_channel_ratio_reports_both_logs() -> None:
+    lines = await channel_ratio.measure(rounds=1, events=400)
+    assert [line.split(":")[0] for line in lines] == ["file log", "memory log"]
+    assert all("median" in line for line in lines)

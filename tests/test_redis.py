@@ -412,6 +412,32 @@ async def test_stream_expiry_follows_the_last_publish(admin: aioredis.Redis) -> 
     assert 3_590_000 < await admin.pttl(prefix + default) <= 3_600_000
 
 
+async def test_stream_expiry_is_restarted_once_per_tenth_of_the_ttl(
+    admin: aioredis.Redis,
+) -> None:
+    """Not a PEXPIRE per channel per batch: one per stream per tenth of the ttl, and
+    again after a reconnection (a restarted Redis lost its expiries)."""
+    backend = _backends(admin)["stream"](ttl=2.0)
+    key = admin.test_prefix + (channel := unique())  # type: ignore[attr-defined]
+    await backend.connect()
+    try:
+        await backend.publish(channel, "a")
+        assert await admin.pttl(key) > 0
+        await admin.persist(key)  # stands for an expiry this process cannot see
+        await backend.publish(channel, "b")
+        assert await admin.pttl(key) == -1  # sent 0.2 s ago at most: not again
+        await asyncio.sleep(0.25)
+        await backend.publish(channel, "c")
+        assert 1_500 < await admin.pttl(key) <= 2_000
+        await admin.persist(key)
+        await backend.disconnect()
+        await backend.connect()
+        await backend.publish(channel, "d")
+        assert await admin.pttl(key) > 0
+    finally:
+        await backend.disconnect()
+
+
 async def test_an_expired_stream_is_read_again_once_published(admin: aioredis.Redis) -> None:
     backend = _backends(admin)["stream"](ttl=0.3, block=0.2)
     key = admin.test_prefix + (channel := unique())  # type: ignore[attr-defined]

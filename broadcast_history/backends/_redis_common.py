@@ -167,9 +167,6 @@ class PipelinedPublisher(InboxTransport):
     def _queue(self, pipe: Pipeline, channel: str, message: Any) -> object:
         return pipe.publish(channel, message)
 
-    def _after(self, pipe: Pipeline, messages: Sequence[tuple[str, Any]]) -> None:
-        """Queue what follows a batch's commands on its pipeline (here, nothing)."""
-
     async def publish_many(self, messages: Sequence[tuple[str, Any]]) -> None:
         """Send ``(channel, message)`` pairs in order, in one round trip (a few for
         a large batch).
@@ -186,7 +183,7 @@ class PipelinedPublisher(InboxTransport):
             messages = await self._scripted(client, self._script_source, messages)
             if not messages:
                 return
-        await pipelined(client, messages, self._queue, self._command, self._after)
+        await pipelined(client, messages, self._queue, self._command)
 
     async def _scripted(
         self, client: aioredis.Redis, source: str, messages: Sequence[tuple[str, Any]]

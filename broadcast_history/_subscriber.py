@@ -126,6 +126,21 @@ class Subscriber(Committable):
             if mode == _REPLAY:
                 await self._read_page()
             elif mode == _LIVE:
+                # The common case, without a coroutine of its own: the next event is
+                # first in the buffer (what _live_step would deliver first).
+                buffer = self._buffer
+                if buffer and not self._held and not self._overflowed:
+                    event = buffer[0]
+                    if (
+                        event.offset == self._next
+                        and event.epoch == self._epoch
+                        and event.message is not NOTICE
+                    ):
+                        buffer.popleft()
+                        self._live_bytes -= weight(event)
+                        self._next = event.offset + 1
+                        self._stats.delivered_live += 1
+                        return event
                 event_or_none = await self._live_step()
                 if event_or_none is not None:
                     return event_or_none

@@ -281,7 +281,7 @@ def _commit_threads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return threads
 
 
-async def test_lone_publishes_commit_on_the_loop_and_crowds_on_the_writer_thread(
+async def test_lone_and_moderate_batches_commit_on_the_loop_and_large_ones_on_the_writer(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     threads = _commit_threads(monkeypatch)
@@ -294,13 +294,20 @@ async def test_lone_publishes_commit_on_the_loop_and_crowds_on_the_writer_thread
         assert threads[0].startswith("broadcast-history-write")
         assert threads[1:] == [loop_thread]
         threads.clear()
+        # 64 publishers at once: one batch, on the loop too.
         events = await asyncio.gather(*(bc.publish("c", str(i)) for i in range(64)))
         assert sorted(e.offset for e in events) == list(range(3, 67))
+        assert threads == [loop_thread]
+        threads.clear()
+        # Past INLINE_MAX_EVENTS the commit would stall the loop: the writer thread.
+        crowd = sqlite_store.INLINE_MAX_EVENTS + 1
+        events = await asyncio.gather(*(bc.publish("c", str(i)) for i in range(crowd)))
+        assert sorted(e.offset for e in events) == list(range(67, 67 + crowd))
         assert threads and all(name.startswith("broadcast-history-write") for name in threads)
     threads.clear()
     # A commit that syncs the disk never runs on the event loop.
     async with Broadcast(log=EventLog(url, sqlite_synchronous="FULL")) as bc:
-        for offset in (67, 68):
+        for offset in (67 + crowd, 68 + crowd):
             assert (await bc.publish("c", "synced")).offset == offset
         assert len(threads) == 2 and all(t.startswith("broadcast-history-write") for t in threads)
 

@@ -312,6 +312,41 @@ async def test_lone_and_moderate_batches_commit_on_the_loop_and_large_ones_on_th
         assert len(threads) == 2 and all(t.startswith("broadcast-history-write") for t in threads)
 
 
+async def test_while_events_are_read_only_small_batches_commit_on_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Reader threads turning pages into events hold the GIL the loop's commit would
+    # keep waiting for: a batch of 64 then goes to the writer thread.
+    threads = _commit_threads(monkeypatch)
+    loop_thread = threading.current_thread().name
+    reading, release = threading.Event(), threading.Event()
+    to_events = sqlite_store.rows_to_events
+
+    def held(channel: str, rows: Any) -> Any:
+        reading.set()
+        release.wait(10)
+        return to_events(channel, rows)
+
+    monkeypatch.setattr(sqlite_store, "rows_to_events", held)
+    async with Broadcast(log=f"sqlite+aiosqlite:///{tmp_path / 'events.db'}") as bc:
+        await bc.publish("c", "first")
+        read = asyncio.ensure_future(bc.log.read("c"))
+        try:
+            assert await asyncio.to_thread(reading.wait, 10)
+            threads.clear()
+            await asyncio.gather(*(bc.publish("c", str(i)) for i in range(64)))
+            assert threads and all(t.startswith("broadcast-history-write") for t in threads)
+            threads.clear()
+            await bc.publish("c", "small")
+            assert threads == [loop_thread]
+        finally:
+            release.set()
+        assert [e.message for e in await read] == ["first"]
+        threads.clear()
+        await asyncio.gather(*(bc.publish("c", str(i)) for i in range(64)))
+        assert threads == [loop_thread]
+
+
 async def test_a_publish_waits_for_another_writer_without_blocking_the_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

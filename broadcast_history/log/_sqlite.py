@@ -16,8 +16,10 @@ commit (a WAL commit that does not sync writes a few pages to the OS). For a bat
 many publishers, the thread runs no sooner than the loop: the driver gives the GIL up
 around every SQLite step (a row inserted, a counter updated) and gets it back only
 when the loop sleeps or after the interpreter's switch interval, so the two threads
-take turns, and each turn costs a wake-up. Only large batches, whose commit would
-hold the loop for milliseconds, go to the thread. Whatever syncs the disk stays on
+take turns, and each turn costs a wake-up. Large batches, whose commit would hold
+the loop for milliseconds, go to the thread, and so does all but a small batch while
+reader threads turn pages into events (the loop would wait on them for the GIL at
+every step of its commit). Whatever syncs the disk stays on
 the writer thread: the store checkpoints the WAL there itself (neither connection
 does on its own), and the commit after a checkpoint, which starts the WAL over and
 syncs its header, goes there too.
@@ -54,6 +56,10 @@ _T = TypeVar("_T")
 #: payload size (characters of a text). 128 events over 100 channels commit in about
 #: 1.5 ms here, about as long as a loop may stall; larger batches go to the thread.
 INLINE_MAX_EVENTS = 128
+#: The same while reader threads turn pages into events: the loop's commit gives the
+#: GIL up at every SQLite step and waits to get it back from them, so it holds the
+#: loop far longer than it takes (catch-up of 100 subscribers got slower).
+INLINE_MAX_EVENTS_READING = 8
 INLINE_MAX_BYTES = 64 * 1024
 # SQLite's result codes for a lock held by another connection (the primary code is
 # the low byte of an extended one).
@@ -109,6 +115,8 @@ class SqliteStore(Store):
         self._wal_pages = 0
         self._checkpointing = False
         self._restart_pending = True
+        # Event reads under way on the reader threads.
+        self._reads = 0
 
     async def open(self) -> None:
         memory, sync = self._memory, self._synchronous
@@ -182,7 +190,7 @@ class SqliteStore(Store):
         if (
             inline is not None
             and not (checkpoint or self._checkpointing or self._restart_pending)
-            and _small(items)
+            and _small(items, INLINE_MAX_EVENTS_READING if self._reads else INLINE_MAX_EVENTS)
         ):
             stored = self._append_inline(inline, items)
             if stored is not None:
@@ -275,7 +283,11 @@ class SqliteStore(Store):
                 finally:
                     cursor.close()
 
-        return await self._run(self._read_threads, run)
+        self._reads += 1
+        try:
+            return await self._run(self._read_threads, run)
+        finally:
+            self._reads -= 1
 
 
 def _counters(cursor: Cursor, names: Sequence[str]) -> dict[str, list[int]]:
@@ -324,8 +336,8 @@ def _wal_pages(items: Sequence[Pending]) -> int:
     return 3 + channels + size // 1024
 
 
-def _small(items: Sequence[Pending]) -> bool:
-    if len(items) > INLINE_MAX_EVENTS:
+def _small(items: Sequence[Pending], max_events: int) -> bool:
+    if len(items) > max_events:
         return False
     return sum(len(item.message) for item in items) <= INLINE_MAX_BYTES
 

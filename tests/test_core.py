@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -342,6 +343,37 @@ async def test_while_events_are_read_only_small_batches_commit_on_the_loop(
         finally:
             release.set()
         assert [e.message for e in await read] == ["first"]
+        threads.clear()
+        await asyncio.gather(*(bc.publish("c", str(i)) for i in range(64)))
+        assert threads == [loop_thread]
+
+
+async def test_after_a_slow_commit_on_the_loop_only_small_batches_commit_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A commit on the loop that took long (another thread held the GIL, say) sends
+    # all but small batches to the writer thread for INLINE_BUSY_SECONDS.
+    threads = _commit_threads(monkeypatch)
+    loop_thread = threading.current_thread().name
+    spy = sqlite_store.commit
+    slow = [True]
+
+    def commit(conn: sqlite3.Connection, items: Any) -> Any:
+        if slow[0] and threading.current_thread().name == loop_thread:
+            slow[0] = False
+            time.sleep(2 * sqlite_store.INLINE_SLOW_SECONDS)
+        return spy(conn, items)
+
+    monkeypatch.setattr(sqlite_store, "commit", commit)
+    monkeypatch.setattr(sqlite_store, "INLINE_BUSY_SECONDS", 0.3)
+    async with Broadcast(log=f"sqlite+aiosqlite:///{tmp_path / 'events.db'}") as bc:
+        await bc.publish("c", "first")  # the writer thread (starts the WAL)
+        await bc.publish("c", "slow")
+        assert threads[-1] == loop_thread and not slow[0]
+        threads.clear()
+        await asyncio.gather(*(bc.publish("c", str(i)) for i in range(64)))
+        assert threads and all(t.startswith("broadcast-history-write") for t in threads)
+        await asyncio.sleep(0.4)
         threads.clear()
         await asyncio.gather(*(bc.publish("c", str(i)) for i in range(64)))
         assert threads == [loop_thread]

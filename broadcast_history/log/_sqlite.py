@@ -1,4 +1,5 @@
-"""The SQLite store: appends and event reads on the driver itself, in one hop to a thread.
+"""The SQLite store: appends and event reads on sqlite3 itself, in one hop to a thread
+or (a moderate batch) on the event loop.
 
 Through aiosqlite every statement is a round trip to the driver's thread, and a batch
 needs five (BEGIN, read counters, insert, update counters, COMMIT). Running the batch
@@ -9,20 +10,20 @@ time, so a page of large events is cut before the rest of it is read from disk.
 The async engine (aiosqlite) serves migrations and the shared queries.
 
 Batches of moderate size are the exception: with ``synchronous`` OFF or NORMAL they
-are committed on the event loop itself, on a connection that never waits for the
-write lock (if another connection holds it, the batch goes to the writer thread).
-For a lone event, the hop to the writer thread and back costs several times its
-commit (a WAL commit that does not sync writes a few pages to the OS). For a batch of
-many publishers, the thread runs no sooner than the loop: the driver gives the GIL up
-around every SQLite step (a row inserted, a counter updated) and gets it back only
-when the loop sleeps or after the interpreter's switch interval, so the two threads
-take turns, and each turn costs a wake-up. Large batches, whose commit would hold
-the loop for milliseconds, go to the thread, and so does all but a small batch while
-reader threads turn pages into events (the loop would wait on them for the GIL at
-every step of its commit). Whatever syncs the disk stays on
-the writer thread: the store checkpoints the WAL there itself (neither connection
-does on its own), and the commit after a checkpoint, which starts the WAL over and
-syncs its header, goes there too.
+are committed on the event loop itself, on a connection that never waits for the write
+lock (if another connection holds it, the batch goes to the writer thread). For a lone
+event, the hop to the writer thread and back costs several times its commit (a WAL
+commit that does not sync writes a few pages to the OS). For a batch of many
+publishers, handing it to the thread does not let the loop get on meanwhile: the
+driver gives the GIL up around every SQLite step (a row inserted, a counter updated)
+and gets it back only when the loop sleeps or after the interpreter's switch interval,
+so the two threads take turns, and each turn costs a wake-up. Large batches, whose
+commit would hold the loop for more than a millisecond or two, go to the thread, and
+so does all but a small batch while events are being read, or after a commit on the
+loop was slow (the loop would wait for the GIL at every step of its commit on threads
+running Python). Whatever syncs the disk stays on the writer thread: the store
+checkpoints the WAL there itself (neither connection does on its own), and the commit
+after a checkpoint, which starts the WAL over and syncs its header, goes there too.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -56,11 +58,16 @@ _T = TypeVar("_T")
 #: payload size (characters of a text). 128 events over 100 channels commit in about
 #: 1.5 ms here, about as long as a loop may stall; larger batches go to the thread.
 INLINE_MAX_EVENTS = 128
-#: The same while reader threads turn pages into events: the loop's commit gives the
-#: GIL up at every SQLite step and waits to get it back from them, so it holds the
-#: loop far longer than it takes (catch-up of 100 subscribers got slower).
-INLINE_MAX_EVENTS_READING = 8
 INLINE_MAX_BYTES = 64 * 1024
+#: The same while event reads are under way, or for a while after a commit on the
+#: loop was slow: the loop's commit gives the GIL up at every SQLite step and waits to
+#: get it back from whatever thread runs Python meanwhile (reader threads, or the
+#: application's), so it holds the loop far longer than it takes.
+INLINE_MAX_EVENTS_BUSY = 8
+#: A commit on the loop that took longer than this starts INLINE_BUSY_SECONDS of
+#: the smaller limit.
+INLINE_SLOW_SECONDS = 0.005
+INLINE_BUSY_SECONDS = 1.0
 # SQLite's result codes for a lock held by another connection (the primary code is
 # the low byte of an extended one).
 _SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
@@ -115,8 +122,10 @@ class SqliteStore(Store):
         self._wal_pages = 0
         self._checkpointing = False
         self._restart_pending = True
-        # Event reads under way on the reader threads.
+        # Event reads queued or under way on the reader threads; until when (monotonic)
+        # only small batches commit on the loop.
         self._reads = 0
+        self._busy_until = 0.0
 
     async def open(self) -> None:
         memory, sync = self._memory, self._synchronous
@@ -190,9 +199,12 @@ class SqliteStore(Store):
         if (
             inline is not None
             and not (checkpoint or self._checkpointing or self._restart_pending)
-            and _small(items, INLINE_MAX_EVENTS_READING if self._reads else INLINE_MAX_EVENTS)
+            and _small(items, self._inline_max_events())
         ):
+            began = time.perf_counter()
             stored = self._append_inline(inline, items)
+            if time.perf_counter() - began > INLINE_SLOW_SECONDS:
+                self._busy_until = time.monotonic() + INLINE_BUSY_SECONDS
             if stored is not None:
                 return stored
 
@@ -220,6 +232,11 @@ class SqliteStore(Store):
         # The commit after a checkpoint starts the WAL over: on this thread too.
         self._restart_pending = checkpoint
         return stored
+
+    def _inline_max_events(self) -> int:
+        if self._reads or time.monotonic() < self._busy_until:
+            return INLINE_MAX_EVENTS_BUSY
+        return INLINE_MAX_EVENTS
 
     def _append_inline(
         self, inline: PoolProxiedConnection, items: Sequence[Pending]

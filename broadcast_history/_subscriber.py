@@ -136,11 +136,7 @@ class Subscriber(Committable):
                         and event.epoch == self._epoch
                         and event.message is not NOTICE
                     ):
-                        buffer.popleft()
-                        self._live_bytes -= weight(event)
-                        self._next = event.offset + 1
-                        self._stats.delivered_live += 1
-                        return event
+                        return self._delivered(buffer.popleft())
                 event_or_none = await self._live_step()
                 if event_or_none is not None:
                     return event_or_none
@@ -286,12 +282,9 @@ class Subscriber(Committable):
         if held:
             event = held.pop(expected, None)
             if event is not None:
-                self._live_bytes -= weight(event)
-                self._next = expected + 1
                 if not held:
                     self._gap_deadline = None
-                self._stats.delivered_live += 1
-                return event
+                return self._delivered(event)
             if min(held) < expected:
                 # Delivered from the log meanwhile.
                 for offset in [o for o in held if o < expected]:
@@ -318,10 +311,7 @@ class Subscriber(Committable):
                 self._fall_back("notice")
                 return None
             if offset == expected and not held:
-                self._live_bytes -= weight(event)
-                self._next = expected + 1
-                self._stats.delivered_live += 1
-                return event
+                return self._delivered(event)
             held[offset] = event
             if len(held) > self._options.buffer_size:
                 self._drop_held()
@@ -351,6 +341,13 @@ class Subscriber(Committable):
             if info is not None and info.last_offset >= expected:
                 self._fall_back("idle")
         return None
+
+    def _delivered(self, event: Event) -> Event:
+        """Account for live ``event``, the next one, as delivered; returns it."""
+        self._live_bytes -= weight(event)
+        self._next = event.offset + 1
+        self._stats.delivered_live += 1
+        return event
 
     def _fall_back(self, reason: str) -> None:
         """Go back to reading the log (``reason`` is counted for the metrics)."""

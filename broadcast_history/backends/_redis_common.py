@@ -167,6 +167,13 @@ class PipelinedPublisher(InboxTransport):
     def _queue(self, pipe: Pipeline, channel: str, message: Any) -> object:
         return pipe.publish(channel, message)
 
+    def _connected(self) -> aioredis.Redis:
+        """The client, or NotConnected."""
+        client = self._client
+        if client is None:
+            raise NotConnected(f"the {self._name} transport is not connected")
+        return client
+
     async def publish_many(self, messages: Sequence[tuple[str, Any]]) -> None:
         """Send ``(channel, message)`` pairs in order, in one round trip (a few for
         a large batch).
@@ -176,9 +183,7 @@ class PipelinedPublisher(InboxTransport):
         """
         if not messages:
             return
-        client = self._client
-        if client is None:
-            raise NotConnected(f"the {self._name} transport is not connected")
+        client = self._connected()
         if len(messages) > 1 and self._script_source is not None and not self._scripts_refused:
             messages = await self._scripted(client, self._script_source, messages)
             if not messages:

@@ -166,9 +166,7 @@ class RedisStreamBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
         """
         if not messages:
             return
-        client = self._client
-        if client is None:
-            raise NotConnected("the redis-stream transport is not connected")
+        client = self._connected()
         ttl_ms = self._ttl_ms
         if ttl_ms is None:
             await shared.pipelined(client, messages, self._queue, self._command)

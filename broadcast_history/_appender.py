@@ -130,6 +130,9 @@ class Appender:
             logger.warning("a batch of %d was refused (%s): committing one by one", len(batch), exc)
             for entry in batch:
                 await self._commit([entry])
+                # A log that commits small batches without suspending (SQLite on the
+                # loop) would otherwise hold the loop for up to max_batch commits.
+                await asyncio.sleep(0)
             return
         except Exception as exc:
             # Nothing of this batch was committed, so nothing of it is sent.

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import subprocess
 import sys
@@ -202,6 +203,46 @@ async def test_batch_refused_by_the_database_is_retried_item_by_item(
     assert not any(isinstance(e, BaseException) for e in events), events
     assert_contiguous(sorted(events, key=lambda e: e.offset), 1, 10)
     assert_contiguous(await broadcast.log.read(good, limit=20), 1, 10)
+
+
+async def test_retrying_item_by_item_lets_other_tasks_run_between_commits(
+    sqlite_file_url: str,
+) -> None:
+    """SQLite commits a lone event on the loop without suspending; a long retry must
+    still give other tasks their turns between its commits."""
+    async with Broadcast(log=sqlite_file_url) as broadcast:
+        good = unique()
+        order: list[str] = []
+        append = broadcast.log.append
+
+        async def counted(items: list[Pending]) -> list[Any]:
+            order.append(f"commit {len(items)}")
+            return await append(items)
+
+        broadcast.log.append = counted  # type: ignore[method-assign]
+        # Queued together, so the first commit holds all 21.
+        poisoned = broadcast._appender.submit(Pending("bad\ud800", "x", None))
+        publishes = [
+            broadcast._appender.submit(Pending(good, f"good {i}", None)) for i in range(20)
+        ]
+        done = False
+
+        async def ticker() -> None:
+            while not done:
+                order.append("tick")
+                await asyncio.sleep(0)
+
+        ticking = asyncio.create_task(ticker())
+        results = await asyncio.gather(poisoned, *publishes, return_exceptions=True)
+        done = True
+        await ticking
+        assert isinstance(results[0], InvalidArgument)
+        assert order[0] == "commit 21", order
+        retries = [i for i, step in enumerate(order) if step == "commit 1"]
+        assert len(retries) == 21, order
+        # Another task ran between every two commits of the retry.
+        assert all("tick" in order[a:b] for a, b in itertools.pairwise(retries)), order
+        assert_contiguous(await broadcast.log.read(good, limit=30), 1, 20)
 
 
 # -- integers and other arguments --------------------------------------------------

@@ -24,8 +24,12 @@ class Bell:
         if waiter is not None and not waiter.done():
             waiter.set_result(value)
 
-    async def wait(self, timeout: float) -> bool:
-        """Wait until rung (``True``) or until ``timeout`` seconds pass (``False``)."""
+    def wait(self, timeout: float) -> asyncio.Future[bool]:
+        """Await this: ``True`` when rung, ``False`` once ``timeout`` seconds passed.
+
+        A future rather than a coroutine: a subscriber of a channel that gets one
+        event per commit waits once per event, and a frame per wait is measurable.
+        """
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[bool] = loop.create_future()
         self._waiter = waiter
@@ -34,10 +38,7 @@ class Bell:
             if self._timer is not None:
                 self._timer.cancel()
             self._timer = loop.call_at(deadline, self._expire)
-        try:
-            return await waiter
-        finally:
-            self._waiter = None
+        return waiter
 
     def close(self) -> None:
         """Stop the timer and wake the waiter (``True``: look at the state again)."""
@@ -48,7 +49,7 @@ class Bell:
 
     def _expire(self) -> None:
         self._timer = None
-        if self._waiter is None:
+        if self._waiter is None or self._waiter.done():
             return  # not waiting: the next wait arms a timer of its own
         loop = asyncio.get_running_loop()
         if loop.time() >= self._deadline:

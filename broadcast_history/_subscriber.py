@@ -129,7 +129,13 @@ class Subscriber(Committable):
                 # The common case, without a coroutine of its own: the next event is
                 # first in the buffer (what _live_step would deliver first).
                 buffer = self._buffer
-                if buffer and not self._held and not self._overflowed:
+                if not self._held and not self._overflowed:
+                    if not buffer:
+                        # Nothing buffered: wait for the bell here, not in a coroutine
+                        # of _live_step's (over many channels, one wait per event).
+                        if not await self._bell.wait(self._options.idle_check):
+                            await self._idle()
+                        continue
                     event = buffer[0]
                     if (
                         event.offset == self._next
@@ -329,18 +335,26 @@ class Subscriber(Committable):
                 return None
             await self._bell.wait(self._gap_deadline - now)
             return None
-        if not await self._bell.wait(self._options.idle_check) and self._mode == _LIVE:
-            idle = self._options.idle_check
-            try:
-                info = await self._check_head(expected, max_age=idle / 2)
-            except LogUnavailable as exc:
-                # Only a safety net failed: live delivery goes on, the next idle check
-                # tries again.
-                logger.warning("channel %r: idle check failed: %s", self.channel, exc)
-                return None
-            if info is not None and info.last_offset >= expected:
-                self._fall_back("idle")
+        if not await self._bell.wait(self._options.idle_check):
+            await self._idle()
         return None
+
+    async def _idle(self) -> None:
+        """Nothing arrived for ``idle_check`` seconds: make sure the log has nothing
+        newer either (an event whose live copy was lost)."""
+        if self._mode != _LIVE:
+            return
+        expected = self._next
+        idle = self._options.idle_check
+        try:
+            info = await self._check_head(expected, max_age=idle / 2)
+        except LogUnavailable as exc:
+            # Only a safety net failed: live delivery goes on, the next idle check
+            # tries again.
+            logger.warning("channel %r: idle check failed: %s", self.channel, exc)
+            return
+        if info is not None and info.last_offset >= expected:
+            self._fall_back("idle")
 
     def _delivered(self, event: Event) -> Event:
         """Account for live ``event``, the next one, as delivered; returns it."""

@@ -433,6 +433,51 @@ async def test_lone_publishes_keep_the_wal_bounded_and_its_syncs_off_the_loop(
     assert all(threads[i + 1].startswith(writer) for i in checkpoints if i + 1 < len(threads))
 
 
+async def test_commits_go_on_while_the_wal_is_copied_and_the_wal_still_starts_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copy of the WAL into the database file runs beside commits on the loop;
+    because some landed during it, the next batch finishes the copy on the writer
+    thread, and the commit after that starts the WAL over (there too)."""
+    monkeypatch.setattr(sqlite_store, "WAL_CHECKPOINT_PAGES", 200)
+    threads = _commit_threads(monkeypatch)
+    writer, loop_thread = "broadcast-history-write", threading.current_thread().name
+    path = tmp_path / "events.db"
+    async with Broadcast(log=f"sqlite+aiosqlite:///{path}") as bc:
+        store = bc.log._store
+        assert isinstance(store, sqlite_store.SqliteStore)
+        await bc.publish("c", "first")  # starts the WAL: on the writer thread
+        # Hold the writer thread, so the copy waits to begin.
+        release = threading.Event()
+        assert store._write_thread is not None
+        holding = asyncio.wrap_future(store._write_thread.submit(release.wait, 10))
+        published = 1
+        while not store._copying:
+            await bc.publish("c", "x" * 79)
+            published += 1
+            assert published < 500
+        before = len(threads)
+        for _ in range(20):  # the writer thread is held: these commit on the loop
+            await asyncio.wait_for(bc.publish("c", "x" * 79), 5)
+        assert threads[before:] == [loop_thread] * 20
+        release.set()
+        await holding
+        while store._copying:
+            await asyncio.sleep(0.01)
+        assert store._finish_pending  # commits landed during the copy
+        before = len(threads)
+        for _ in range(3):
+            await bc.publish("c", "x" * 79)
+        # Finishing the copy, then starting the WAL over: both on the writer thread.
+        assert [name.startswith(writer) for name in threads[before:]] == [True, True, False]
+        assert not store._finish_pending
+        wal_bytes = Path(f"{path}-wal").stat().st_size
+        for _ in range(30):  # ~100 pages, written from the WAL's beginning again
+            await bc.publish("c", "x" * 79)
+        assert Path(f"{path}-wal").stat().st_size == wal_bytes
+        assert (await bc.log.channel("c")).last_offset == published + 53  # type: ignore[union-attr]
+
+
 async def test_migrate_false_refuses_missing_schema(sqlite_file_url: str) -> None:
     with pytest.raises(SchemaOutOfDate, match="db upgrade"):
         async with Broadcast(log=sqlite_file_url, migrate=False):

@@ -201,7 +201,8 @@ def _configure_mysql(engine: Engine) -> None:
 #: WAL pages between automatic checkpoints (SQLite's default is 1,000). A commit over
 #: many channels dirties an index page per channel; checkpointing less often writes
 #: each hot page to the database file once for many commits. The WAL file grows to
-#: about this many pages (8 MiB of 2 KiB pages) before it starts over.
+#: about this many pages (8 MiB of 2 KiB pages), plus what commits add while it is
+#: copied (at most as many again), before it starts over.
 WAL_CHECKPOINT_PAGES = 4000
 
 

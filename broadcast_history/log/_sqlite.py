@@ -36,7 +36,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from sqlite3 import Cursor
 from typing import Any, TypeVar
@@ -128,9 +128,13 @@ class SqliteStore(Store):
         self._restart_pending = True
         # A copy of the WAL under way beside commits; one that commits overlapped, so
         # the next batch finishes it (see append).
-        self._copying = False
+        self._copying: Future[None] | None = None
         self._finish_pending = False
-        self._commits = 0  # commits by this store, to tell whether one overlapped a copy
+        # Commits by this store: one since a copy began means the copy left frames.
+        self._commits = 0
+        self._copy_commits = 0
+        # A read transaction held open while a copy runs (see _start_copy).
+        self._guard: PoolProxiedConnection | None = None
         # Event reads queued or under way on the reader threads; until when (monotonic)
         # only small batches commit on the loop.
         self._reads = 0
@@ -151,7 +155,7 @@ class SqliteStore(Store):
         self._read_threads = ThreadPoolExecutor(2, thread_name_prefix="broadcast-history-read")
         self.lock = asyncio.Lock() if memory else None
         self._wal_pages, self._checkpointing, self._restart_pending = 0, False, True
-        self._copying = self._finish_pending = False
+        self._copying, self._finish_pending = None, False
         if not memory and sync in ("OFF", "NORMAL"):
             # FULL and EXTRA sync the disk at every commit: never on the event loop.
             self._inline_engine = create_sync_engine(
@@ -161,12 +165,14 @@ class SqliteStore(Store):
             self._inline = await loop.run_in_executor(
                 self._write_thread, _open_inline, self._inline_engine
             )
+            self._guard = await loop.run_in_executor(self._write_thread, _open_guard, self._reader)
 
     async def close(self) -> None:
         # Detach first: a call made while closing finds no threads (NotConnected)
         # instead of queueing work on an executor about to shut down.
         engine, writer, reader = self._engine, self._writer, self._reader
-        inline, inline_engine = self._inline, self._inline_engine
+        inline, inline_engine, guard = self._inline, self._inline_engine, self._guard
+        self._guard, self._copying = None, None
         threads = (self._write_thread, self._read_threads)
         self._engine = self._writer = self._reader = self._inline_engine = None
         self._inline = None
@@ -178,8 +184,9 @@ class SqliteStore(Store):
         for pool in threads:
             if pool is not None:
                 pool.shutdown(wait=True)
-        if inline is not None:
-            inline.close()
+        for connection in (inline, guard):
+            if connection is not None:
+                connection.close()
         for sync in (writer, reader, inline_engine):
             if sync is not None:
                 sync.dispose()
@@ -205,11 +212,16 @@ class SqliteStore(Store):
         # goes to the writer thread and copies what they added right after committing,
         # with nothing committed meanwhile: only a fully copied WAL starts over from its
         # beginning (else it grows for ever).
+        self._poll_copy()
         finish = self._finish_pending
+        # A copy whose thread waits for the GIL behind a busy loop can take a while:
+        # once the WAL has grown by as much again, batches wait for it on the writer
+        # thread, so the WAL stays within about twice WAL_CHECKPOINT_PAGES.
+        overdue = self._copying is not None and self._wal_pages >= WAL_CHECKPOINT_PAGES
         inline = self._inline
         if (
             inline is not None
-            and not (finish or self._checkpointing or self._restart_pending)
+            and not (finish or overdue or self._checkpointing or self._restart_pending)
             and _small(items, self._inline_max_events())
         ):
             began = time.perf_counter()
@@ -229,8 +241,7 @@ class SqliteStore(Store):
                 driver: sqlite3.Connection = pooled.driver_connection  # type: ignore[assignment]
                 stored = commit(driver, items)
                 if finish:
-                    # PASSIVE: copies what no reader still needs, waits for nobody.
-                    driver.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    _checkpoint(driver)
                 return stored
             finally:
                 pooled.close()
@@ -247,6 +258,8 @@ class SqliteStore(Store):
             if finish:
                 self._checkpointing = False
         self._commits += 1
+        if finish:
+            self._wal_pages = 0  # what was added during the copy is copied now
         # The commit after a checkpoint starts the WAL over: on this thread too.
         self._restart_pending = finish
         self._start_copy()
@@ -255,44 +268,52 @@ class SqliteStore(Store):
     def _start_copy(self) -> None:
         """Once the WAL holds WAL_CHECKPOINT_PAGES, copy it to the database file on the
         writer thread while commits go on (the copy and its syncs took 9-23 ms here,
-        which the group commit used to wait out)."""
+        which the group commit used to wait out).
+
+        A commit that finds the WAL fully copied starts it over, and that syncs: not
+        on the loop. So a read transaction (the guard) is opened first and held until
+        the loop has seen the copy end (_poll_copy): while a reader uses the WAL,
+        SQLite does not start it over, and the copy still copies every frame the
+        guard can see.
+        """
+        write_thread, writer = self._write_thread, self._writer
         if (
             self._wal_pages < WAL_CHECKPOINT_PAGES
-            or self._copying
+            or self._copying is not None
             or self._finish_pending
-            or self._checkpointing
-            or self._write_thread is None
+            or write_thread is None
+            or writer is None
         ):
             return
-        self._wal_pages, self._copying = 0, True
-        writer = self._writer
-        assert writer is not None
+        guard = self._guard
+        if guard is not None and not _hold(guard):
+            return  # the file is busy: try again after the next commit
+        self._wal_pages, self._copy_commits = 0, self._commits
 
         def copy() -> None:
             pooled = writer.raw_connection()
             try:
-                driver: sqlite3.Connection = pooled.driver_connection  # type: ignore[assignment]
-                driver.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                _checkpoint(pooled.driver_connection)  # type: ignore[arg-type]
             finally:
                 pooled.close()
 
-        # What the checkpoint reports as the WAL's size is what it was when the copy
-        # began: frames committed meanwhile are seen only by counting the commits.
-        commits = self._commits
-        copying = asyncio.get_running_loop().run_in_executor(self._write_thread, copy)
-        copying.add_done_callback(lambda done: self._copied(done, commits))
+        self._copying = write_thread.submit(copy)
 
-    def _copied(self, copying: asyncio.Future[None], commits: int) -> None:
-        self._copying = False
-        if not copying.cancelled() and copying.exception() is not None:
-            logger.warning("checkpoint of the SQLite WAL failed: %s", copying.exception())
-        elif self._commits == commits:
-            # Nothing was committed since the copy began: the next commit starts the
-            # WAL over. (The store's own commits; another process's would leave it
-            # not fully copied, and the WAL then starts over after a later copy.)
-            self._restart_pending = True
+    def _poll_copy(self) -> None:
+        """If the copy ended, let the guard go and say what the next commits do."""
+        copying = self._copying
+        if copying is None or not copying.done():
             return
-        self._finish_pending = True
+        self._copying = None
+        if self._guard is not None:
+            _let_go(self._guard)
+        if self._commits == self._copy_commits:
+            # Nothing was committed since the copy began: the next commit starts the
+            # WAL over (on the writer thread). The store's own commits only: another
+            # process's would leave the WAL short, and a later copy catches up.
+            self._restart_pending = True
+        else:
+            self._finish_pending = True
 
     def _inline_max_events(self) -> int:
         if self._reads or time.monotonic() < self._busy_until:
@@ -403,6 +424,45 @@ def _open_inline(engine: Engine) -> PoolProxiedConnection:
     assert isinstance(driver, sqlite3.Connection)
     driver.execute("PRAGMA busy_timeout=0")
     return pooled
+
+
+def _open_guard(reader: Engine) -> PoolProxiedConnection:
+    """The connection whose read transaction holds the WAL while it is copied."""
+    pooled = reader.raw_connection()
+    driver = pooled.driver_connection
+    assert isinstance(driver, sqlite3.Connection)
+    driver.execute("PRAGMA busy_timeout=0")  # used on the loop: never wait there
+    return pooled
+
+
+def _hold(guard: PoolProxiedConnection) -> bool:
+    """Open a read transaction on ``guard``; ``False`` if the file was busy."""
+    driver: sqlite3.Connection = guard.driver_connection  # type: ignore[assignment]
+    try:
+        driver.execute("BEGIN")
+        # The first read takes the snapshot: it marks the WAL as in use.
+        driver.execute("SELECT 1 FROM broadcast_channels LIMIT 1").fetchall()
+    except sqlite3.OperationalError:
+        _let_go(guard)
+        return False
+    return True
+
+
+def _let_go(guard: PoolProxiedConnection) -> None:
+    driver: sqlite3.Connection = guard.driver_connection  # type: ignore[assignment]
+    if driver.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            driver.rollback()
+
+
+def _checkpoint(driver: sqlite3.Connection) -> None:
+    """Copy the WAL into the database file as far as readers allow (PASSIVE: waits
+    for nobody). A failure is logged, not raised: the events are stored, and the
+    next copy tries again."""
+    try:
+        driver.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+    except sqlite3.Error as exc:
+        logger.warning("checkpoint of the SQLite WAL failed: %s", exc)
 
 
 def _wal_pages(items: Sequence[Pending]) -> int:

@@ -434,6 +434,29 @@ async def test_lone_publishes_keep_the_wal_bounded_and_its_syncs_off_the_loop(
     assert len(copies) >= 20
 
 
+def _wal_commits(monkeypatch: pytest.MonkeyPatch, path: Path) -> list[tuple[str, bool, int]]:
+    """Each commit of the SQLite store at ``path`` as it happens: its thread, whether
+    it started the WAL over, and the WAL file's size after it."""
+    commits: list[tuple[str, bool, int]] = []
+    commit = sqlite_store.commit
+    wal = Path(f"{path}-wal")
+
+    def header() -> bytes:
+        # Checkpoint sequence number and first salt: both change when the WAL restarts.
+        with wal.open("rb") as file:
+            return file.read(20)[12:20]
+
+    def spy(conn: sqlite3.Connection, items: Any) -> Any:
+        before = header()
+        stored = commit(conn, items)
+        name = threading.current_thread().name
+        commits.append((name, header() != before, wal.stat().st_size))
+        return stored
+
+    monkeypatch.setattr(sqlite_store, "commit", spy)
+    return commits
+
+
 async def test_commits_go_on_while_the_wal_is_copied_and_the_wal_still_starts_over(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -443,21 +466,7 @@ async def test_commits_go_on_while_the_wal_is_copied_and_the_wal_still_starts_ov
     monkeypatch.setattr(sqlite_store, "WAL_CHECKPOINT_PAGES", 200)
     path = tmp_path / "events.db"
     writer, loop_thread = "broadcast-history-write", threading.current_thread().name
-    commits: list[tuple[str, bool]] = []  # (thread, whether it started the WAL over)
-    commit = sqlite_store.commit
-
-    def wal_header() -> bytes:
-        # Checkpoint sequence number and first salt: both change when the WAL restarts.
-        with open(f"{path}-wal", "rb") as wal:
-            return wal.read(20)[12:20]
-
-    def spy(conn: sqlite3.Connection, items: Any) -> Any:
-        before = wal_header()
-        stored = commit(conn, items)
-        commits.append((threading.current_thread().name, wal_header() != before))
-        return stored
-
-    monkeypatch.setattr(sqlite_store, "commit", spy)
+    commits = _wal_commits(monkeypatch, path)
     async with Broadcast(log=f"sqlite+aiosqlite:///{path}") as bc:
         store = bc.log._store
         assert isinstance(store, sqlite_store.SqliteStore)
@@ -475,7 +484,7 @@ async def test_commits_go_on_while_the_wal_is_copied_and_the_wal_still_starts_ov
         before = len(commits)
         for _ in range(20):  # the writer thread is held: these commit on the loop
             await asyncio.wait_for(bc.publish("c", "x" * 79), 5)
-        assert [name for name, _ in commits[before:]] == [loop_thread] * 20
+        assert [name for name, _, _ in commits[before:]] == [loop_thread] * 20
         release.set()
         await holding
         await asyncio.wrap_future(copying)
@@ -483,7 +492,9 @@ async def test_commits_go_on_while_the_wal_is_copied_and_the_wal_still_starts_ov
         for _ in range(3):
             await bc.publish("c", "x" * 79)
         # Finishing the copy, then starting the WAL over: both on the writer thread.
-        assert [(name.startswith(writer), restarted) for name, restarted in commits[before:]] == [
+        assert [
+            (name.startswith(writer), restarted) for name, restarted, _ in commits[before:]
+        ] == [
             (True, False),
             (True, True),
             (False, False),
@@ -493,7 +504,7 @@ async def test_commits_go_on_while_the_wal_is_copied_and_the_wal_still_starts_ov
             await bc.publish("c", "x" * 79)
         assert Path(f"{path}-wal").stat().st_size == wal_bytes
         assert (await bc.log.channel("c")).last_offset == published + 53  # type: ignore[union-attr]
-    restarts = [name for name, restarted in commits if restarted]
+    restarts = [name for name, restarted, _ in commits if restarted]
     assert restarts and all(name.startswith(writer) for name in restarts)
 
 
@@ -504,24 +515,7 @@ async def test_the_wal_starts_over_only_on_the_writer_thread_under_load(
     (they sync) all run on the writer thread, and the WAL stays small."""
     monkeypatch.setattr(sqlite_store, "WAL_CHECKPOINT_PAGES", 60)
     path = tmp_path / "events.db"
-    restarts: list[str] = []
-    largest = 0  # the WAL file's size, at most
-    commit = sqlite_store.commit
-
-    def wal_header() -> bytes:
-        with open(f"{path}-wal", "rb") as wal:
-            return wal.read(20)[12:20]
-
-    def spy(conn: sqlite3.Connection, items: Any) -> Any:
-        nonlocal largest
-        before = wal_header()
-        stored = commit(conn, items)
-        if wal_header() != before:
-            restarts.append(threading.current_thread().name)
-        largest = max(largest, Path(f"{path}-wal").stat().st_size)
-        return stored
-
-    monkeypatch.setattr(sqlite_store, "commit", spy)
+    commits = _wal_commits(monkeypatch, path)
     async with Broadcast(log=f"sqlite+aiosqlite:///{path}") as bc:
         await bc.publish("c0", "first")
 
@@ -531,11 +525,12 @@ async def test_the_wal_starts_over_only_on_the_writer_thread_under_load(
 
         await asyncio.gather(*(publisher(p) for p in range(64)))
         assert sum(info.last_offset for info in await bc.log.channels()) == 1 + 64 * 50
+    restarts = [name for name, restarted, _ in commits if restarted]
     assert len(restarts) >= 5
     assert all(name.startswith("broadcast-history-write") for name in restarts), restarts
     # 60 pages of 2 KiB, and what commits add while one is copied; 3,200 events
     # of a WAL that never started over would take ~8 MB.
-    assert largest < 2 * 1024 * 1024
+    assert max(size for _, _, size in commits) < 2 * 1024 * 1024
 
 
 async def test_migrate_false_refuses_missing_schema(sqlite_file_url: str) -> None:

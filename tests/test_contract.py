@@ -312,6 +312,10 @@ async def test_retention_by_age(broadcast: Broadcast) -> None:
     await asyncio.sleep(0.15)
     await broadcast.publish(channel, "new")
     removed = await broadcast.log.apply_retention(Retention(max_age=timedelta(milliseconds=150)))
-    assert removed == 3
+    # Retention runs over every channel: in a database the other tests share, old
+    # events of theirs may go too.
+    assert removed >= 3
+    info = await broadcast.log.channel(channel)
+    assert info is not None and (info.first_offset, info.count) == (4, 1)
     async with broadcast.subscribe(channel, history=10) as sub:
         assert [e.message for e in await take(sub, 1)] == ["new"]

@@ -291,9 +291,68 @@ async def test_a_pubsub_batch_is_one_script_call(
         await backend.disconnect()
 
 
+async def test_lone_messages_go_on_one_kept_connection(admin: aioredis.Redis) -> None:
+    """A batch of one is a PUBLISH on a connection kept for it, not a pipeline; a
+    connection the server killed is replaced and the message still goes once."""
+    backend = RedisBackend(REDIS_URL)
+    await backend.connect()
+    try:
+        channel = unique()
+        await backend.subscribe(channel)
+        for i in range(5):
+            await backend.publish(channel, f"m{i}")
+        assert [(await _next(backend)).message for _ in range(5)] == [f"m{i}" for i in range(5)]
+        killed = await _held_id(backend)
+        assert await admin.execute_command("CLIENT", "KILL", "ID", killed) == 1
+        await backend.publish(channel, "after the kill")
+        assert (await _next(backend)).message == "after the kill"
+        assert await _held_id(backend) != killed
+    finally:
+        await backend.disconnect()
+    assert backend._held is None
+
+
+async def _held_id(backend: RedisBackend) -> int:
+    """The server's id of the connection ``backend`` keeps for lone messages."""
+    held = backend._held
+    assert held is not None
+    await held.send_command("CLIENT", "ID")
+    return int(await held.read_response())
+
+
+async def test_a_cancelled_lone_publish_gives_its_connection_up(admin: aioredis.Redis) -> None:
+    """Cancelled while waiting for the reply (Redis paused), the kept connection may
+    hold that reply unread: it is closed, and the next message takes a fresh one."""
+    backend = RedisBackend(REDIS_URL)
+    await backend.connect()
+    try:
+        channel = unique()
+        await backend.subscribe(channel)
+        await backend.publish(channel, "first")
+        assert (await _next(backend)).message == "first"
+        held = backend._held
+        await admin.execute_command("CLIENT", "PAUSE", 500, "WRITE")
+        try:
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(backend.publish(channel, "cut off"), 0.1)
+            assert backend._held is None
+            assert held is not None and not held.is_connected
+        finally:
+            await admin.execute_command("CLIENT", "UNPAUSE")
+        await backend.publish(channel, "next")
+        seen: list[str] = []
+        while "next" not in seen:
+            seen.append((await _next(backend)).message)
+        # Whether the server still ran the cut-off PUBLISH is its business.
+        assert seen in (["next"], ["cut off", "next"])
+    finally:
+        await backend.disconnect()
+
+
 async def test_a_refused_channel_fails_the_batch_once(admin: aioredis.Redis) -> None:
     """A PUBLISH the server refuses (an ACL on its channel) raises TransportError, as a
-    pipeline would; the batch's other messages go once, and scripts stay on."""
+    pipeline would; the batch's other messages go once, and scripts stay on. A lone
+    refused message leaves its kept connection in use."""
     allowed = unique()
     async with _acl_user(admin, channels=[allowed], commands=["+@all"]) as user:
         backend = RedisBackend(_url(user))
@@ -306,6 +365,12 @@ async def test_a_refused_channel_fails_the_batch_once(admin: aioredis.Redis) -> 
             await backend.publish(allowed, "sentinel")  # nothing else was queued
             assert (await _next(backend)).message == "sentinel"
             assert not backend._scripts_refused
+            kept = await _held_id(backend)
+            with pytest.raises(TransportError, match="PUBLISH failed"):
+                await backend.publish(unique(), "alone")
+            await backend.publish(allowed, "after")
+            assert (await _next(backend)).message == "after"
+            assert await _held_id(backend) == kept
         finally:
             await backend.disconnect()
 

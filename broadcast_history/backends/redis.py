@@ -43,6 +43,7 @@ class RedisBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
     crosses_processes = True
     _name = "redis"
     _script_source = shared.PUBLISH_ALL
+    _plain_command = True
 
     def __init__(
         self,
@@ -90,6 +91,8 @@ class RedisBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
             await shared.cancel_and_wait(reader)
         await self._close_pubsub()
         client, self._client = self._client, None
+        if client is not None:
+            await self.release_held(client)
         if client is not None and self._given is None:
             await client.aclose()
         self._up = False

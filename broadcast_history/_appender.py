@@ -172,6 +172,9 @@ class Appender:
         assert self._has_outbox is not None
         outbox = self._outbox
         while await _filled(outbox, self._has_outbox, lambda: self._drained):
+            # Woken by a commit whose publishers are publishing again: let the next
+            # batch go to the log first, and encode and send this one while it commits.
+            await asyncio.sleep(0)
             events = list(outbox)
             outbox.clear()
             self._outbox_bytes = 0

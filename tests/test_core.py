@@ -32,6 +32,7 @@ from broadcast_history import (
 )
 from broadcast_history._wire import Objects
 from broadcast_history.backends.memory import MemoryBackend
+from broadcast_history.log import Pending
 from broadcast_history.log import _sqlite as sqlite_store
 from tests.conftest import MYSQL_URL, POSTGRES_URL, require_mysql, require_postgres
 from tests.support.helpers import assert_contiguous, take
@@ -274,9 +275,9 @@ def _commit_threads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     threads: list[str] = []
     commit = sqlite_store.commit
 
-    def spy(conn: sqlite3.Connection, items: Any) -> Any:
+    def spy(conn: sqlite3.Connection, items: Any, *rest: Any) -> Any:
         threads.append(threading.current_thread().name)
-        return commit(conn, items)
+        return commit(conn, items, *rest)
 
     monkeypatch.setattr(sqlite_store, "commit", spy)
     return threads
@@ -358,11 +359,11 @@ async def test_after_a_slow_commit_on_the_loop_only_small_batches_commit_there(
     spy = sqlite_store.commit
     slow = [True]
 
-    def commit(conn: sqlite3.Connection, items: Any) -> Any:
+    def commit(conn: sqlite3.Connection, items: Any, *rest: Any) -> Any:
         if slow[0] and threading.current_thread().name == loop_thread:
             slow[0] = False
             time.sleep(2 * sqlite_store.INLINE_SLOW_SECONDS)
-        return spy(conn, items)
+        return spy(conn, items, *rest)
 
     monkeypatch.setattr(sqlite_store, "commit", commit)
     monkeypatch.setattr(sqlite_store, "INLINE_BUSY_SECONDS", 0.3)
@@ -446,9 +447,9 @@ def _wal_commits(monkeypatch: pytest.MonkeyPatch, path: Path) -> list[tuple[str,
         with wal.open("rb") as file:
             return file.read(20)[12:20]
 
-    def spy(conn: sqlite3.Connection, items: Any) -> Any:
+    def spy(conn: sqlite3.Connection, items: Any, *rest: Any) -> Any:
         before = header()
-        stored = commit(conn, items)
+        stored = commit(conn, items, *rest)
         name = threading.current_thread().name
         commits.append((name, header() != before, wal.stat().st_size))
         return stored
@@ -531,6 +532,90 @@ async def test_the_wal_starts_over_only_on_the_writer_thread_under_load(
     # 60 pages of 2 KiB, and what commits add while one is copied; 3,200 events
     # of a WAL that never started over would take ~8 MB.
     assert max(size for _, _, size in commits) < 2 * 1024 * 1024
+
+
+def _counter_reads(log: EventLog) -> list[str]:
+    """The counter queries the store's commits on the loop run, as they run."""
+    store = log._store
+    assert isinstance(store, sqlite_store.SqliteStore) and store._inline is not None
+    driver = store._inline.driver_connection
+    assert isinstance(driver, sqlite3.Connection)
+    reads: list[str] = []
+    prefix = sqlite_store._COUNTERS.split(" IN ", 1)[0]
+    driver.set_trace_callback(lambda sql: reads.append(sql) if sql.startswith(prefix) else None)
+    return reads
+
+
+async def test_counters_are_read_again_only_after_another_connection_wrote(
+    sqlite_file_url: str,
+) -> None:
+    """A commit reuses the counters the last one on its connection left, unless the
+    file changed since (PRAGMA data_version): another log's publishes, a channel
+    deleted through the admin's connections. Offsets stay gap-free and epochs right."""
+    log, other = EventLog(sqlite_file_url), EventLog(sqlite_file_url)
+    await log.connect()
+    await other.connect()
+    try:
+        reads = _counter_reads(log)
+
+        async def one(message: str) -> Event:
+            (event,) = await log.append([Pending("c", message, None)])
+            return event
+
+        # The first commit runs on the writer thread, the next ones on the loop.
+        assert [(await one(f"m{i}")).offset for i in range(3)] == [1, 2, 3]
+        known = len(reads)
+        assert [(await one(f"n{i}")).offset for i in range(5)] == [4, 5, 6, 7, 8]
+        assert len(reads) == known  # kept
+        (theirs,) = await other.append([Pending("c", "theirs", None)])
+        assert theirs.offset == 9
+        mine = await one("mine")
+        assert mine.offset == 10 and len(reads) > known
+        known = len(reads)
+        assert await other.delete_channel("c")
+        fresh = await one("fresh")
+        assert fresh.offset == 1 and fresh.epoch != mine.epoch and len(reads) > known
+        known = len(reads)
+        assert (await one("kept")).offset == 2 and len(reads) == known
+        await log.delete_channel("c")  # through the store's async engine: another connection
+        again = await one("again")
+        assert again.offset == 1 and again.epoch != fresh.epoch and len(reads) > known
+    finally:
+        await other.disconnect()
+        await log.disconnect()
+
+
+async def test_a_failed_commit_does_not_keep_the_counters_it_advanced(
+    sqlite_file_url: str,
+) -> None:
+    """A batch that fails after counting its offsets leaves the kept counters unused:
+    the next commit reads them again and takes the next offset."""
+    log = EventLog(sqlite_file_url)
+    await log.connect()
+    try:
+        await log.append([Pending("c", "zero", None)])  # on the writer thread
+        (first,) = await log.append([Pending("c", "one", None)])  # on the loop: kept
+        reads = _counter_reads(log)
+        store = log._store
+        assert isinstance(store, sqlite_store.SqliteStore) and store._inline is not None
+        driver = store._inline.driver_connection
+        assert isinstance(driver, sqlite3.Connection)
+        # A trigger of this connection's own: no other connection writes to the file,
+        # so only the failure itself can tell the kept counters are stale.
+        driver.execute(
+            "CREATE TEMP TRIGGER refuse BEFORE INSERT ON main.broadcast_events "
+            "WHEN NEW.payload = CAST('bad' AS BLOB) BEGIN SELECT RAISE(ABORT, 'no'); END"
+        )
+        with pytest.raises(BroadcastError):
+            await log.append([Pending("c", "two", None), Pending("c", "bad", None)])
+        driver.execute("DROP TRIGGER temp.refuse")
+        (second,) = await log.append([Pending("c", "three", None)])
+        assert second.offset == first.offset + 1
+        assert reads  # read again
+        info = await log.channel("c")
+        assert info is not None and info.last_offset == 3
+    finally:
+        await log.disconnect()
 
 
 async def test_migrate_false_refuses_missing_schema(sqlite_file_url: str) -> None:

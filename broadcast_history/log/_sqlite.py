@@ -94,6 +94,8 @@ _COUNTERS = (
 # Channels per counter query: one query for a batch over many channels instead of one
 # per channel, under SQLite's oldest limit of 999 parameters.
 _COUNTERS_CHUNK = 500
+#: Most channels whose counters a store keeps between commits (see Counters).
+COUNTERS_KEPT = 10_000
 # Stored events of one channel by key; the IN list is filled in per call (compiling a
 # query per batch would cost the writer more than running it).
 _BY_KEYS = (
@@ -104,6 +106,39 @@ _BY_KEYS = (
     )
     + f" AND {events.c.key.compile(dialect=_DIALECT)} IN (%s)"
 )
+
+
+class Counters:
+    """The channel counters as this store's last commit on one connection left them.
+
+    Over 100 channels, reading a batch's ~64 counter rows took 0.08 ms of a 0.68 ms
+    commit. SQLite's ``PRAGMA data_version`` on a connection changes when another
+    connection commits to the file (another process, the store's other writing
+    connection, the admin's trims and deletes), never for the connection's own
+    commits: read after ``BEGIN IMMEDIATE``, with the write lock held, an unchanged
+    value means no counter moved since this connection's last commit. Not for
+    in-memory databases: their connections share one cache, whose commits the
+    pragma does not tell apart.
+    """
+
+    def __init__(self) -> None:
+        # (connection, its data_version, counters by channel), or None; one attribute,
+        # set at once, as the loop and the writer thread may each commit.
+        self.kept: tuple[sqlite3.Connection, int, dict[str, list[int]]] | None = None
+
+    def take(self, conn: sqlite3.Connection) -> tuple[int, dict[str, list[int]]]:
+        """``conn``'s data_version and the counters still current for it (often none);
+        forgotten until :meth:`keep`, as the commit advances them in place."""
+        (version,) = conn.execute("PRAGMA data_version").fetchone()
+        kept, self.kept = self.kept, None
+        current = kept is not None and kept[0] is conn and kept[1] == version
+        if kept is not None and current and len(kept[2]) < COUNTERS_KEPT:
+            return version, kept[2]
+        return version, {}
+
+    def keep(self, conn: sqlite3.Connection, version: int, state: dict[str, list[int]]) -> None:
+        """What a successful commit on ``conn`` left."""
+        self.kept = (conn, version, state)
 
 
 class SqliteStore(Store):
@@ -139,6 +174,7 @@ class SqliteStore(Store):
         # only small batches commit on the loop.
         self._reads = 0
         self._busy_until = 0.0
+        self._counters: Counters | None = None
 
     async def open(self) -> None:
         memory, sync = self._memory, self._synchronous
@@ -156,6 +192,7 @@ class SqliteStore(Store):
         self.lock = asyncio.Lock() if memory else None
         self._wal_pages, self._checkpointing, self._restart_pending = 0, False, True
         self._copying, self._finish_pending = None, False
+        self._counters = None if memory else Counters()
         if not memory and sync in ("OFF", "NORMAL"):
             # FULL and EXTRA sync the disk at every commit: never on the event loop.
             self._inline_engine = create_sync_engine(
@@ -233,13 +270,15 @@ class SqliteStore(Store):
                 self._start_copy()
                 return stored
 
+        counters = self._counters
+
         def run() -> list[Event]:
             # The driver's connection itself: SQLAlchemy's checkout, begin events and
             # commit cost about as much as storing a small batch.
             pooled = writer.raw_connection()
             try:
                 driver: sqlite3.Connection = pooled.driver_connection  # type: ignore[assignment]
-                stored = commit(driver, items)
+                stored = commit(driver, items, counters)
                 if finish:
                     _checkpoint(driver)
                 return stored
@@ -326,7 +365,7 @@ class SqliteStore(Store):
         """Commit ``items`` on the event loop; ``None`` if another connection writes."""
         driver: sqlite3.Connection = inline.driver_connection  # type: ignore[assignment]
         try:
-            return commit(driver, items)
+            return commit(driver, items, self._counters)
         except BaseException as exc:
             if driver.in_transaction:
                 # The rollback failed too: the connection would hold the write lock for
@@ -487,12 +526,24 @@ def _is_busy(exc: sqlite3.OperationalError) -> bool:
     return code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
 
 
-def commit(conn: sqlite3.Connection, items: Sequence[Pending]) -> list[Event]:
-    """Store ``items`` in a transaction of their own on ``conn`` and commit it."""
+def commit(
+    conn: sqlite3.Connection, items: Sequence[Pending], counters: Counters | None = None
+) -> list[Event]:
+    """Store ``items`` in a transaction of their own on ``conn`` and commit it.
+
+    ``counters``: what the last commit on ``conn`` left, kept up to date (see
+    :class:`Counters`).
+    """
     conn.execute("BEGIN IMMEDIATE")  # the write lock up front (see WRITE)
     try:
-        stored = append(conn, items)
-        conn.commit()
+        if counters is None:
+            stored = append(conn, items)
+            conn.commit()
+        else:
+            version, known = counters.take(conn)
+            stored = append(conn, items, known)
+            conn.commit()
+            counters.keep(conn, version, known)
     except BaseException:
         if conn.in_transaction:
             # The first error is the one to report; the pool rolls back again on
@@ -503,17 +554,25 @@ def commit(conn: sqlite3.Connection, items: Sequence[Pending]) -> list[Event]:
     return stored
 
 
-def append(conn: sqlite3.Connection, items: Sequence[Pending]) -> list[Event]:
+def append(
+    conn: sqlite3.Connection, items: Sequence[Pending], state: dict[str, list[int]] | None = None
+) -> list[Event]:
     """Store ``items`` in ``conn``'s write transaction.
 
     The transaction holds SQLite's write lock from its start (BEGIN IMMEDIATE), so the
     counters read here cannot change before the update: offsets are gap-free across
-    processes sharing the file.
+    processes sharing the file. ``state``: counters known to be current (by channel:
+    epoch, last offset, last timestamp); the others are read into it, and all of the
+    batch's are advanced in it.
     """
     cursor = conn.cursor()
+    if state is None:
+        state = {}
     names = sorted({item.channel for item in items})
-    state = _counters(cursor, names)
-    missing = [name for name in names if name not in state]
+    unknown = [name for name in names if name not in state]
+    if unknown:
+        state.update(_counters(cursor, unknown))
+    missing = [name for name in unknown if name not in state]
     if missing:
         cursor.executemany(
             _INSERT_CHANNELS, [(name, new_epoch(), 0, 0, 1, None) for name in missing]

@@ -314,8 +314,8 @@ async def test_lone_messages_go_on_one_kept_connection(admin: aioredis.Redis) ->
 
 async def _held_id(backend: RedisBackend) -> int:
     """The server's id of the connection ``backend`` keeps for lone messages."""
-    held = backend._held
-    assert held is not None
+    assert backend._held is not None
+    held, _ = backend._held
     await held.send_command("CLIENT", "ID")
     return int(await held.read_response())
 
@@ -330,13 +330,14 @@ async def test_a_cancelled_lone_publish_gives_its_connection_up(admin: aioredis.
         await backend.subscribe(channel)
         await backend.publish(channel, "first")
         assert (await _next(backend)).message == "first"
-        held = backend._held
+        assert backend._held is not None
+        held, _ = backend._held
         await admin.execute_command("CLIENT", "PAUSE", 500, "WRITE")
         try:
             with pytest.raises(asyncio.TimeoutError):
                 await asyncio.wait_for(backend.publish(channel, "cut off"), 0.1)
             assert backend._held is None
-            assert held is not None and not held.is_connected
+            assert not held.is_connected
         finally:
             await admin.execute_command("CLIENT", "UNPAUSE")
         await backend.publish(channel, "next")
@@ -347,6 +348,57 @@ async def test_a_cancelled_lone_publish_gives_its_connection_up(admin: aioredis.
         assert seen in (["next"], ["cut off", "next"])
     finally:
         await backend.disconnect()
+
+
+async def test_disconnect_during_a_lone_publish_ends_it_and_keeps_nothing(
+    admin: aioredis.Redis,
+) -> None:
+    """A disconnect while a lone publish waits for its reply (Redis paused) ends that
+    publish with TransportError instead of a retry on a connection nobody gives back;
+    the transport connects and publishes again afterwards."""
+    backend = RedisBackend(REDIS_URL)
+    await backend.connect()
+    channel = unique()
+    try:
+        await backend.publish(channel, "warm")
+        await admin.execute_command("CLIENT", "PAUSE", 600, "WRITE")
+        try:
+            stuck = asyncio.create_task(backend.publish(channel, "stuck"))
+            await asyncio.sleep(0.1)
+            await backend.disconnect()
+            with pytest.raises(TransportError):
+                await stuck
+            assert backend._held is None
+        finally:
+            await admin.execute_command("CLIENT", "UNPAUSE")
+        await backend.connect()
+        await backend.subscribe(channel)
+        await backend.publish(channel, "after")
+        assert (await _next(backend)).message == "after"
+    finally:
+        await backend.disconnect()
+    assert backend._held is None
+
+
+async def test_a_given_client_keeps_no_connection_of_its_pool() -> None:
+    """With the application's own client (``conn=``), whose pool may be small, lone
+    messages go as before and hold no connection of it."""
+    require_redis()
+    pool = aioredis.ConnectionPool.from_url(REDIS_URL, max_connections=2)
+    client = aioredis.Redis(connection_pool=pool)
+    backend = RedisBackend(conn=client)
+    await backend.connect()
+    try:
+        channel = unique()
+        await backend.subscribe(channel)
+        await backend.publish(channel, "one")
+        await backend.publish_many([(channel, "two"), (channel, "three")])
+        assert [(await _next(backend)).message for _ in range(3)] == ["one", "two", "three"]
+        assert backend._held is None
+        assert await client.ping()
+    finally:
+        await backend.disconnect()
+        await client.aclose()
 
 
 async def test_a_refused_channel_fails_the_batch_once(admin: aioredis.Redis) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
 from redis.asyncio.client import Pipeline
-from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.commands.core import AsyncScript
 
 from .._errors import NotConnected, TransportError
@@ -165,9 +165,12 @@ class PipelinedPublisher(InboxTransport):
     #: Set when the server refused scripts; a new connection tries them again.
     _scripts_refused = False
     #: Whether a lone message goes as ``_command channel message`` on a connection
-    #: kept for it (see :meth:`_publish_one`) instead of a pipeline.
+    #: kept for it (see :meth:`_publish_one`) instead of a pipeline; the transport
+    #: sets it when it connects.
     _plain_command = False
-    _held: AbstractConnection | None = None
+    # The kept connection and the pool it came from; the lock its sends take turns
+    # on, replaced at each release, so a send that outlived a disconnect can tell.
+    _held: tuple[AbstractConnection, ConnectionPool] | None = None
     _held_lock: asyncio.Lock | None = None
 
     def _queue(self, pipe: Pipeline, channel: str, message: Any) -> object:
@@ -207,25 +210,36 @@ class PipelinedPublisher(InboxTransport):
         ~160 us of loop CPU here against ~90 us for the command on a kept connection
         (redis-py's pipeline takes a connection from the pool and gives it back,
         resets itself and records the call each time), most of a lone publish's
-        transport work.
+        transport work. Concurrent calls take turns on the one connection.
 
         Raises:
-            TransportError: Redis refused the message or could not be reached twice.
+            TransportError: Redis refused the message or could not be reached twice,
+                or the transport disconnected meanwhile.
         """
         lock = self._held_lock
         if lock is None:
             lock = self._held_lock = asyncio.Lock()
         async with lock:
             for attempt in range(2):  # once more on a fresh connection, as pipelined
-                conn = self._held
-                if conn is None:
+                if self._held_lock is not lock:
+                    raise TransportError(f"redis {self._command} failed: disconnected")
+                held = self._held
+                if held is None:
                     pool = client.connection_pool
                     # Untyped in redis-py (a decorator that warns of deprecated arguments).
-                    conn = self._held = await pool.get_connection()  # type: ignore[no-untyped-call]
+                    conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+                    held = (conn, pool)
+                    if self._held_lock is not lock:  # disconnected while connecting
+                        await pool.release(conn)
+                        raise TransportError(f"redis {self._command} failed: disconnected")
+                    self._held = held
+                conn = held[0]
                 try:
-                    await conn.send_packed_command(
-                        conn.pack_command(self._command, channel, message)
-                    )
+                    packed = conn.pack_command(self._command, channel, message)
+                except rexc.RedisError as exc:  # a value redis-py cannot send
+                    raise TransportError(f"redis {self._command} failed: {describe(exc)}") from exc
+                try:
+                    await conn.send_packed_command(packed)
                     await conn.read_response()
                     return
                 except rexc.ResponseError as exc:
@@ -234,7 +248,7 @@ class PipelinedPublisher(InboxTransport):
                 except BaseException as exc:
                     # Failed or cancelled between the command and its reply: the
                     # connection may hold an unread reply, so it is not used again.
-                    await self._forget(client, conn, broken=True)
+                    await self._forget(held, broken=True)
                     if isinstance(exc, rexc.RedisError) and attempt == 0 and is_transient(exc):
                         continue
                     if isinstance(exc, rexc.RedisError):
@@ -243,27 +257,27 @@ class PipelinedPublisher(InboxTransport):
                         ) from exc
                     raise
 
-    async def release_held(self, client: aioredis.Redis) -> None:
-        """Give the connection kept for lone messages back to ``client``'s pool; the
-        transport calls this before it closes the client."""
-        conn = self._held
-        if conn is not None:
-            lock = self._held_lock
-            # A send still under way on it is ended (it fails as a lost connection).
-            await self._forget(client, conn, broken=lock is not None and lock.locked())
-        self._held_lock = None  # a later connect may run on another event loop
+    async def release_held(self) -> None:
+        """Give the connection kept for lone messages back to its pool; the transport
+        calls this before it closes its client. A send still under way on it is
+        ended (it fails as a lost connection) and not tried again."""
+        lock, self._held_lock = self._held_lock, None
+        held = self._held
+        if held is not None:
+            await self._forget(held, broken=lock is not None and lock.locked())
 
     async def _forget(
-        self, client: aioredis.Redis, conn: AbstractConnection, *, broken: bool
+        self, held: tuple[AbstractConnection, ConnectionPool], *, broken: bool
     ) -> None:
-        if self._held is not conn:
+        if self._held is not held:
             return  # given back already (by release_held)
         self._held = None
+        conn, pool = held
         try:
             if broken:
                 await conn.disconnect(nowait=True)
         finally:
-            await client.connection_pool.release(conn)
+            await pool.release(conn)
 
     async def _scripted(
         self, client: aioredis.Redis, source: str, messages: Sequence[tuple[str, Any]]

@@ -43,7 +43,6 @@ class RedisBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
     crosses_processes = True
     _name = "redis"
     _script_source = shared.PUBLISH_ALL
-    _plain_command = True
 
     def __init__(
         self,
@@ -82,6 +81,9 @@ class RedisBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
         await shared.ping(client, close=[] if self._given else [client])
         self._client, self._up = client, True
         self._scripts_refused = False
+        # A connection kept for lone messages holds a slot of the pool for good: not
+        # in a client the application gave (its pool may be small, and is its own).
+        self._plain_command = self._given is None and client.connection_pool.max_connections > 8
         self._inbox, self._lock, self._wanted = Inbox(), asyncio.Lock(), asyncio.Event()
         self._reader = asyncio.create_task(self._run(), name="bh-redis-pubsub")
 
@@ -91,14 +93,15 @@ class RedisBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
             await shared.cancel_and_wait(reader)
         await self._close_pubsub()
         client, self._client = self._client, None
-        if client is not None:
-            await self.release_held(client)
-        if client is not None and self._given is None:
-            await client.aclose()
-        self._up = False
-        self._channels.clear()
-        self._acks.release()
-        self._wake_readers()
+        try:
+            await self.release_held()
+            if client is not None and self._given is None:
+                await client.aclose()
+        finally:
+            self._up = False
+            self._channels.clear()
+            self._acks.release()
+            self._wake_readers()
 
     async def subscribe(self, channel: str) -> None:
         if self._lock is None or self._wanted is None:

@@ -116,9 +116,9 @@ class Counters:
     connection commits to the file (another process, the store's other writing
     connection, the admin's trims and deletes), never for the connection's own
     commits: read after ``BEGIN IMMEDIATE``, with the write lock held, an unchanged
-    value means no counter moved since this connection's last commit. Not for
-    in-memory databases: their connections share one cache, whose commits the
-    pragma does not tell apart.
+    value means no counter moved since this connection's last commit. The in-memory
+    log keeps none: left out to be safe, not for a measured reason (its connections
+    share one cache, and it is not the log that many channels run on).
     """
 
     def __init__(self) -> None:

@@ -534,12 +534,18 @@ async def test_the_wal_starts_over_only_on_the_writer_thread_under_load(
     assert max(size for _, _, size in commits) < 2 * 1024 * 1024
 
 
-def _counter_reads(log: EventLog) -> list[str]:
-    """The counter queries the store's commits on the loop run, as they run."""
+def _inline_driver(log: EventLog) -> sqlite3.Connection:
+    """The sqlite3 connection ``log``'s store commits on the event loop with."""
     store = log._store
     assert isinstance(store, sqlite_store.SqliteStore) and store._inline is not None
     driver = store._inline.driver_connection
     assert isinstance(driver, sqlite3.Connection)
+    return driver
+
+
+def _counter_reads(log: EventLog) -> list[str]:
+    """The counter queries the store's commits on the loop run, as they run."""
+    driver = _inline_driver(log)
     reads: list[str] = []
     prefix = sqlite_store._COUNTERS.split(" IN ", 1)[0]
     driver.set_trace_callback(lambda sql: reads.append(sql) if sql.startswith(prefix) else None)
@@ -596,10 +602,7 @@ async def test_a_failed_commit_does_not_keep_the_counters_it_advanced(
         await log.append([Pending("c", "zero", None)])  # on the writer thread
         (first,) = await log.append([Pending("c", "one", None)])  # on the loop: kept
         reads = _counter_reads(log)
-        store = log._store
-        assert isinstance(store, sqlite_store.SqliteStore) and store._inline is not None
-        driver = store._inline.driver_connection
-        assert isinstance(driver, sqlite3.Connection)
+        driver = _inline_driver(log)
         # A trigger of this connection's own: no other connection writes to the file,
         # so only the failure itself can tell the kept counters are stale.
         driver.execute(

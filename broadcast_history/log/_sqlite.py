@@ -131,10 +131,9 @@ class Counters:
         forgotten until :meth:`keep`, as the commit advances them in place."""
         (version,) = conn.execute("PRAGMA data_version").fetchone()
         kept, self.kept = self.kept, None
-        current = kept is not None and kept[0] is conn and kept[1] == version
-        if kept is not None and current and len(kept[2]) < COUNTERS_KEPT:
-            return version, kept[2]
-        return version, {}
+        if kept is None or kept[0] is not conn or kept[1] != version:
+            return version, {}
+        return version, kept[2] if len(kept[2]) < COUNTERS_KEPT else {}
 
     def keep(self, conn: sqlite3.Connection, version: int, state: dict[str, list[int]]) -> None:
         """What a successful commit on ``conn`` left."""
@@ -536,13 +535,10 @@ def commit(
     """
     conn.execute("BEGIN IMMEDIATE")  # the write lock up front (see WRITE)
     try:
-        if counters is None:
-            stored = append(conn, items)
-            conn.commit()
-        else:
-            version, known = counters.take(conn)
-            stored = append(conn, items, known)
-            conn.commit()
+        version, known = counters.take(conn) if counters is not None else (0, {})
+        stored = append(conn, items, known)
+        conn.commit()
+        if counters is not None:
             counters.keep(conn, version, known)
     except BaseException:
         if conn.in_transaction:

@@ -21,7 +21,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Protocol
 
-from ._errors import BroadcastError, ConsumerBusy, InvalidArgument
+from ._errors import BroadcastError, ConsumerBusy, InvalidArgument, Unsubscribed
 from ._event import Event
 
 if TYPE_CHECKING:
@@ -106,6 +106,9 @@ class Holding:
         self.stored = stored
         #: Set once released (or the broadcast disconnected): nothing more is stored.
         self.closed = False
+        #: Set when the broadcast starts disconnecting: it stores what was handled and
+        #: gives the lease back, so the subscription's own end stores nothing.
+        self.closing = False
         self._log = log
         self._gate = gate
         self._committed = stored
@@ -186,6 +189,11 @@ class Holding:
 
     async def commit(self, epoch: int | None, position: int) -> None:
         """Store ``position`` of ``epoch``, fenced by the lease."""
+        if self.closed:
+            raise Unsubscribed(
+                f"consumer {self.name!r} of {self.channel!r}: the subscription has ended and "
+                "gave its lease back; nothing more is stored"
+            )
         self.check()
         if epoch is None:
             return  # nothing delivered, and the channel does not exist yet: nothing to keep
@@ -209,7 +217,7 @@ class Holding:
         """The subscription ends normally: with ``auto_commit``, store what it delivered."""
         await self.stop_auto()
         subscriber = self._subscriber
-        if self.auto_commit is None or self.closed or subscriber is None:
+        if self.auto_commit is None or self.closed or self.closing or subscriber is None:
             return
         if self._lost is not None:
             logger.warning("%s: the last events were not committed", self._lost)

@@ -17,7 +17,7 @@ Every exception the library raises on purpose derives from :class:`BroadcastErro
     ├── ConsumerBusy                          another process holds the durable consumer
     ├── TransportError                        the live transport failed for good
     ├── NotConnected                          used before connect() or after disconnect()
-    └── Unsubscribed                          the broadcast was disconnected under a subscriber
+    └── Unsubscribed                          the subscription ended (disconnect, or left)
 """
 
 from __future__ import annotations
@@ -89,4 +89,5 @@ class NotConnected(BroadcastError):
 
 
 class Unsubscribed(BroadcastError):
-    """The subscription ended because the broadcast disconnected."""
+    """The subscription has ended: the broadcast disconnected under it (or, for a
+    consumer's ``commit``, its block was left and the lease given back)."""

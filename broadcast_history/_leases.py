@@ -106,6 +106,11 @@ class Leases:
     async def close(self) -> None:
         """Stop standbys; store what auto-committing holders handled, then give every
         lease back."""
+        # Before anything is awaited: a subscription that ends meanwhile (disconnect
+        # just closed them all) would store its position as this gives the lease back.
+        for group in self._held.values():
+            for holding in group.values():
+                holding.closing = True
         await self._standbys.close()
         renewers = list(self._renewers.values())
         self._renewers.clear()
@@ -231,4 +236,7 @@ class Leases:
                     holding.renewed(sent)
                 elif group.get(holding.holder) is holding:
                     group.pop(holding.holder, None)
-                    holding.lose("it ran out and another holder took it over")
+                    holding.lose(
+                        "it ran out, and meanwhile another holder took it over or its "
+                        "position was set"
+                    )

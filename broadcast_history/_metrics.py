@@ -66,6 +66,11 @@ class BroadcastCollector:
         self._retired_reconnects = 0
         #: Lag of each durable consumer, refreshed by :meth:`refresh_lags`.
         self.lags: dict[tuple[str, str], int] = {}
+        # The loops the registered broadcasts keep their lags fresh on (see
+        # keep_lags_fresh), with how many broadcasts each.
+        self.loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, int] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def add(self, broadcast: Broadcast) -> None:
         self._broadcasts.add(broadcast)
@@ -92,6 +97,31 @@ class BroadcastCollector:
                     lags[(info.channel, info.name)] = info.lag
         self.lags = lags
 
+    def refresh_for_scrape(self) -> None:
+        """Read ``consumer_lag`` as of this scrape, when it runs in a thread of its own.
+
+        prometheus-client's own HTTP server (and a WSGI app) scrapes in another thread
+        than the broadcasts' event loop: that loop reads the lags while this thread
+        waits, at most SCRAPE_WAIT seconds. A scrape on the loop's own thread cannot
+        wait for it, nor one with broadcasts on several loops: those get the lags of
+        the last refresh (every LAGS_EVERY seconds, or the admin app's at each scrape).
+        """
+        loops = [loop for loop, count in self.loops.items() if count > 0]
+        if len(loops) != 1 or not loops[0].is_running():
+            return
+        loop = loops[0]
+        try:
+            asyncio.get_running_loop()
+            return  # on a loop's thread (this one or another): waiting would block it
+        except RuntimeError:
+            pass
+        future = asyncio.run_coroutine_threadsafe(self.refresh_lags(), loop)
+        try:
+            future.result(timeout=SCRAPE_WAIT)
+        except Exception as exc:  # the log is down or slow: scrape the rest anyway
+            future.cancel()
+            logger.warning("consumer lag refresh for a scrape failed: %r", exc)
+
     def describe(self) -> Iterable[Metric]:
         return []  # the names are fixed, but no need to check them up front
 
@@ -102,6 +132,7 @@ class BroadcastCollector:
             HistogramMetricFamily,
         )
 
+        self.refresh_for_scrape()
         broadcasts = list(self._broadcasts)
         total = Stats()
         total.add(self._retired)
@@ -182,13 +213,27 @@ class BroadcastCollector:
         yield lag
 
 
-async def keep_lags_fresh(registry: CollectorRegistry, interval: float = 15.0) -> None:
+#: Seconds between refreshes of ``consumer_lag`` for scrapes that cannot wait for one.
+LAGS_EVERY = 15.0
+#: Longest wait, in seconds, of a scrape from another thread for the lags it reads.
+SCRAPE_WAIT = 5.0
+
+
+async def keep_lags_fresh(registry: CollectorRegistry, interval: float = LAGS_EVERY) -> None:
     """Refresh ``consumer_lag`` every ``interval`` seconds (runs until cancelled), for
-    scrapes that do not go through the admin app (which refreshes at each scrape)."""
+    scrapes that can read them neither at once (see
+    :meth:`BroadcastCollector.refresh_for_scrape`) nor through the admin app."""
     collector = collector_of(registry)
-    while collector is not None:
-        try:
-            await collector.refresh_lags()
-        except Exception:
-            logger.debug("consumer lag refresh failed", exc_info=True)
-        await asyncio.sleep(interval)
+    if collector is None:
+        return
+    loop = asyncio.get_running_loop()
+    collector.loops[loop] = collector.loops.get(loop, 0) + 1
+    try:
+        while True:
+            try:
+                await collector.refresh_lags()
+            except Exception:
+                logger.debug("consumer lag refresh failed", exc_info=True)
+            await asyncio.sleep(interval)
+    finally:
+        collector.loops[loop] -= 1

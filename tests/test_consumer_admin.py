@@ -134,3 +134,23 @@ def test_cli(kind: str, tmp_path: Path) -> None:
     assert json.loads(line)["lag"] == 6
     assert "deleted" in cli("consumer", "delete", "orders/eu", "mailer")
     assert "no consumer" in cli("consumer", "delete", "orders/eu", "mailer", code=1)
+
+
+async def test_a_position_set_after_the_lease_ran_out_is_not_overwritten(
+    broadcast: Broadcast,
+) -> None:
+    """A holder that stopped renewing (a paused process) may renew late while nobody
+    touched its consumer; once an operator set the position, it can neither renew
+    nor commit over it."""
+    log, admin = broadcast.log, HistoryAdmin.of(broadcast)
+    info = await log.channel("orders/eu")
+    assert info is not None
+    for name, holder in (("mailer", "paused-1"), ("audit", "paused-2")):
+        assert (await log.acquire_lease("orders/eu", name, holder, 0.2)).acquired
+        assert await log.commit_position("orders/eu", name, holder, info.epoch, 8, 0.2) == 8
+    await asyncio.sleep(0.4)  # both leases ran out
+    await admin.set_consumer("orders/eu", "mailer", 3)
+    assert await log.renew_leases(["paused-1", "paused-2"], 10.0) == {"paused-2"}
+    assert await log.commit_position("orders/eu", "mailer", "paused-1", info.epoch, 9, 10) is None
+    positions = {c.name: (c.position, c.holder) for c in await admin.consumers("orders/eu")}
+    assert positions == {"mailer": (3, None), "audit": (8, "paused-2")}

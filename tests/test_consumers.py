@@ -20,6 +20,7 @@ from broadcast_history import (
     LogUnavailable,
     StreamReset,
     Subscriber,
+    Unsubscribed,
 )
 from tests.conftest import MakeBroadcast
 from tests.support.helpers import take
@@ -266,6 +267,35 @@ async def test_auto_commit_stores_only_what_was_handled(broadcast: Broadcast) ->
         await broadcast.disconnect()
     await broadcast.connect()
     assert await positions(broadcast, "mail") == {"w": 4}
+
+
+async def test_a_worker_task_ends_cleanly_when_its_broadcast_disconnects(
+    broadcast: Broadcast,
+) -> None:
+    """The worker's loop ends when the broadcast disconnects; the disconnect stores
+    what was handled and gives the lease back, and the worker's own exit from the
+    subscription must not commit on that given-back lease (it raised ConsumerBusy)."""
+    for i in range(5):
+        await broadcast.publish("jobs", str(i))
+    held: list[Subscriber] = []
+
+    async def worker() -> None:
+        async with broadcast.subscribe("jobs", consumer="w", since=0, auto_commit=60) as sub:
+            held.append(sub)
+            async for _ in sub:
+                pass
+
+    task = asyncio.create_task(worker())
+    while not held or held[0].position < 5:
+        await asyncio.sleep(0.01)
+    await broadcast.disconnect()
+    await asyncio.wait_for(task, 10)  # raises nothing
+    with pytest.raises(Unsubscribed, match="gave its lease back"):
+        await held[0].commit()
+    await broadcast.connect()
+    assert await positions(broadcast, "jobs") == {"w": 5}
+    [info] = await broadcast.log.consumers("jobs")
+    assert info.holder is None
 
 
 async def test_a_thousand_consumers_on_a_hundred_channels(

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 prometheus_client = pytest.importorskip("prometheus_client", reason="the metrics extra")
-from prometheus_client import CollectorRegistry  # noqa: E402
+from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
 
 from broadcast_history import Broadcast, InvalidMessage, MessageTooLarge, _envelope  # noqa: E402
 from broadcast_history._wire import Objects  # noqa: E402
@@ -237,3 +237,20 @@ async def test_consumer_lag_at_scrape_time(sqlite_file_url: str) -> None:
             response = await client.get("/metrics", headers={"Authorization": "Bearer t"})
     line = 'broadcast_history_consumer_lag{channel="orders",consumer="mailer"} 3.0'
     assert line in response.text
+
+
+async def test_consumer_lag_read_for_a_scrape_from_another_thread(sqlite_file_url: str) -> None:
+    """prometheus-client's own HTTP server scrapes in a thread of its own: the lag
+    is read for that scrape, not up to 15 s later. A scrape on the loop's thread
+    cannot wait for the loop: it gets the last values, without blocking."""
+    registry = CollectorRegistry()
+    line = 'broadcast_history_consumer_lag{channel="orders",consumer="mailer"} 3.0'
+    async with Broadcast(log=sqlite_file_url, metrics=registry) as broadcast:
+        for i in range(5):
+            await broadcast.publish("orders", f"o{i}")
+        async with broadcast.subscribe("orders", consumer="mailer", since=0) as sub:
+            await take(sub, 2)
+            await sub.commit()
+        generate_latest(registry)  # on the loop's thread: the last values, at once
+        text = (await asyncio.to_thread(generate_latest, registry)).decode()
+        assert line in text

@@ -285,3 +285,78 @@ async def test_a_silent_subscription_connection_is_pinged_then_replaced(
     finally:
         await backend.disconnect()
         await proxy.stop()
+
+
+async def test_subscriptions_come_and_go_while_the_connection_is_killed(
+    tmp_path: Path, admin: aioredis.Redis
+) -> None:
+    """A subscribe or unsubscribe under way when the subscription connection dies
+    raises nothing (redis-py's own AttributeError once escaped), and a failed one
+    leaves no channel behind for the reconnections to subscribe again."""
+    backend = make_backend("pubsub")
+    log = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
+    outcomes: list[str] = []
+    async with Broadcast(backend=backend, log=log) as broadcast:
+        stop = asyncio.Event()
+
+        async def churn() -> None:
+            while not stop.is_set():
+                try:
+                    async with broadcast.subscribe(unique()):
+                        await asyncio.sleep(0.005)
+                    outcomes.append("ok")
+                except Exception as exc:  # any escape is the failure
+                    outcomes.append(repr(exc))
+
+        async def killer() -> int:
+            killed = 0
+            while not stop.is_set():
+                await asyncio.sleep(0.03)
+                killed += await kill_readers(admin, "pubsub")
+            return killed
+
+        churners = [asyncio.create_task(churn()) for _ in range(4)]
+        killing = asyncio.create_task(killer())
+        await asyncio.sleep(2.0)
+        stop.set()
+        await asyncio.gather(*churners)
+        assert await killing >= 10
+        assert [o for o in outcomes if o != "ok"] == []
+        assert len(outcomes) > 100
+        assert broadcast.subscriber_modes() == {"replay": 0, "live": 0}
+        assert isinstance(backend, RedisBackend)
+        assert backend._channels == set()
+
+
+async def test_a_stream_transport_with_nothing_to_read_comes_back_up(
+    tmp_path: Path,
+) -> None:
+    """Redis is cut off, and the last subscriber leaves meanwhile: ``connected``
+    turns true again once Redis answers, though nothing is read any more."""
+    host, port = HOST_PORT.split("/", 1)[0].split(":")
+    proxy = CuttableProxy(host, int(port))
+    proxy_port = await proxy.start()
+    db = HOST_PORT.split("/", 1)[1] if "/" in HOST_PORT else "0"
+    backend = make_backend("stream", f"127.0.0.1:{proxy_port}/{db}")
+    log = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
+    try:
+        async with Broadcast(backend=backend, log=log) as broadcast:
+            channel = unique()
+            async with broadcast.subscribe(channel) as sub:
+                await broadcast.publish(channel, "one")
+                await take(sub, 1)
+                proxy.cut()
+
+                async def down() -> bool:
+                    return not broadcast.transport_connected
+
+                await eventually(down)
+            proxy.is_cut = False
+
+            async def up() -> bool:
+                return broadcast.transport_connected
+
+            await eventually(up, timeout=10)
+            assert (await broadcast.publish(channel, "two")).offset == 2
+    finally:
+        await proxy.stop()

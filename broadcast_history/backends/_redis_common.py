@@ -348,8 +348,12 @@ class Confirmations:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(asyncio.shield(ack), self._timeout)
         finally:
-            if self._waiting.get(channel) is ack:
-                del self._waiting[channel]
+            self.forget(channel, ack)
+
+    def forget(self, channel: str, ack: asyncio.Future[None]) -> None:
+        """Stop waiting for ``ack`` (its subscribe failed, or was waited for)."""
+        if self._waiting.get(channel) is ack:
+            del self._waiting[channel]
 
     def confirm(self, channel: str) -> None:
         """The server confirmed ``channel``."""

@@ -107,13 +107,22 @@ class RedisBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
         if self._lock is None or self._wanted is None:
             raise NotConnected("the redis transport is not connected")
         ack = self._acks.expect(channel)
-        async with self._lock:
-            self._channels.add(channel)
-            # The reader starts only now: on redis-py 8 a PubSub read before the first
-            # SUBSCRIBE has no connection to read from and ends at once.
-            self._wanted.set()
-            await self._send(lambda pubsub: pubsub.subscribe(channel))
-        await self._acks.wait(channel, ack, up=self._up)
+        added = channel not in self._channels
+        try:
+            async with self._lock:
+                self._channels.add(channel)
+                # The reader starts only now: on redis-py 8 a PubSub read before the
+                # first SUBSCRIBE has no connection to read from and ends at once.
+                self._wanted.set()
+                await self._send(lambda pubsub: pubsub.subscribe(channel))
+            await self._acks.wait(channel, ack, up=self._up)
+        except BaseException:
+            # Failed or cancelled: no reconnection subscribes it again, and the reader
+            # drops its messages should the SUBSCRIBE have reached Redis.
+            self._acks.forget(channel, ack)
+            if added:
+                self._channels.discard(channel)
+            raise
 
     async def unsubscribe(self, channel: str) -> None:
         # A reconnection reads the set without yielding: no lock needed to change it.
@@ -126,12 +135,23 @@ class RedisBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
 
     async def _send(self, command: Any) -> None:
         """Run a (un)subscribe on the open subscription connection, if there is one."""
-        if self._pubsub is None:
+        pubsub = self._pubsub
+        if pubsub is None:
             return  # the reader subscribes every channel when it (re)connects
         try:
-            await command(self._pubsub)
-        except rexc.RedisError as exc:
-            if not shared.is_transient(exc):
+            await command(pubsub)
+        except Exception as exc:
+            # A connection that broke (the reader's read failed) or was closed (by
+            # disconnect(); the reader closes it only with the lock held) under the
+            # command makes redis-py fail in ways of its own, AttributeError among them:
+            # the reconnection subscribes the channel, as after a transient error.
+            connection = pubsub.connection
+            gone = (
+                self._pubsub is not pubsub
+                or connection is None
+                or not getattr(connection, "is_connected", True)
+            )
+            if not gone and not (isinstance(exc, rexc.RedisError) and shared.is_transient(exc)):
                 raise TransportError(f"redis SUBSCRIBE failed: {shared.describe(exc)}") from exc
             logger.info("redis subscription connection lost", exc_info=True)
 
@@ -167,7 +187,10 @@ class RedisBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
                 if self._up:
                     logger.warning("redis subscription connection lost: %s", shared.describe(exc))
                 self._up = False
-            await self._close_pubsub()
+            # With the lock: a (un)subscribe may be sending on it right now, and redis-py
+            # fails with AttributeError when its connection goes away under a command.
+            async with self._lock:
+                await self._close_pubsub()
             await backoff.sleep()
 
     async def _read(self, pubsub: PubSub) -> None:

@@ -108,11 +108,21 @@ class RedisClusterBackend(Health, InboxTransport, BroadcastBackend):
         if self._lock is None:
             raise NotConnected("the redis-cluster transport is not connected")
         ack = self._acks.expect(channel)
-        async with self._lock:
-            self._channels.add(channel)
-            if self._up:
-                await self._guard(self._place([channel]))
-        await self._acks.wait(channel, ack, up=self._up)
+        added = channel not in self._channels
+        try:
+            async with self._lock:
+                self._channels.add(channel)
+                if self._up:
+                    await self._guard(self._place([channel]))
+            await self._acks.wait(channel, ack, up=self._up)
+        except BaseException:
+            # Failed or cancelled: no resubscription places it again, and the readers
+            # drop its messages should the SSUBSCRIBE have reached a node.
+            self._acks.forget(channel, ack)
+            if added:
+                self._channels.discard(channel)
+                self._owner.pop(channel, None)
+            raise
 
     async def unsubscribe(self, channel: str) -> None:
         if self._lock is None:

@@ -201,12 +201,20 @@ class RedisStreamBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
         backoff = Backoff(self._max_delay)
         try:
             while True:
-                if not self._ids:
+                if not self._ids and self._up:
                     self._changed.clear()
                     await self._changed.wait()
                     continue
                 try:
-                    reply = await self._read(dict(self._ids))
+                    if not self._ids:
+                        # Nothing to read, but the connection was lost: ping until
+                        # Redis answers, or ``connected`` (and the transport_up metric)
+                        # stays false for good in a process that only publishes.
+                        assert self._reader is not None
+                        await self._reader.ping()
+                        reply = None
+                    else:
+                        reply = await self._read(dict(self._ids))
                 except Exception as exc:
                     if not shared.is_transient(exc):
                         raise
@@ -218,7 +226,8 @@ class RedisStreamBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
                     continue
                 self._back_up("redis stream connection")
                 backoff.reset()
-                self._deliver(reply)
+                if reply is not None:
+                    self._deliver(reply)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:

@@ -78,8 +78,9 @@ class ConsumerMethods:
         500 holders); returns the holders whose lease was extended.
 
         A holder missing from the answer lost its lease: another process took the
-        consumer over after it ran out (or it was given back). A lease that ran out
-        but that nobody took is renewed: no other holder processed anything meanwhile.
+        consumer over after it ran out, an operator set or deleted its position then,
+        or it was given back. A lease that ran out but that nobody took and nobody
+        set is renewed: no other holder processed anything meanwhile.
         """
         lease_us = _micros("lease", lease)
         if not holders:

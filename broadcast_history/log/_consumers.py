@@ -149,9 +149,15 @@ class _Statements(_Reads):
         setting = dialect.insert(consumers).values(
             **row, epoch=epoch, position=position, updated_at=now
         )
+        # The row forgets a holder whose lease ran out: renewing late is safe only while
+        # nobody changed the row meanwhile, and the operator just did.
         self.set_position = setting.on_conflict_do_update(
             index_elements=[_C.channel, _C.name],
-            set_={c: setting.excluded[c] for c in ("epoch", "position", "updated_at")},
+            set_={
+                **{c: setting.excluded[c] for c in ("epoch", "position", "updated_at")},
+                "holder": None,
+                "lease_expires": None,
+            },
             where=free,
         ).returning(_C.name)
 

@@ -101,10 +101,17 @@ _COMMIT = (
     )
 )
 
+# Forgets a holder whose lease ran out, as the other logs' statement does.
 _STORE = (
     update(consumers)
     .where(_KEY, _FREE)
-    .ordered_values((_C.epoch, _EPOCH), (_C.position, _POSITION), (_C.updated_at, NOW))
+    .ordered_values(
+        (_C.epoch, _EPOCH),
+        (_C.position, _POSITION),
+        (_C.updated_at, NOW),
+        (_C.holder, None),
+        (_C.lease_expires, None),
+    )
 )
 _STORE_NEW = insert(consumers).values(**_ROW, epoch=_EPOCH, position=_POSITION, updated_at=NOW)
 

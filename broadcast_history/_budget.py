@@ -6,8 +6,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ._errors import InvalidArgument
 from ._event import Event
+from ._validation import check_int, check_seconds
 
 # Memory of an Event and its bookkeeping, besides the message itself.
 _EVENT_OVERHEAD = 200
@@ -25,14 +25,11 @@ class SubscriberOptions:
     page_bytes: int = 4 * 1024 * 1024
 
     def __post_init__(self) -> None:
+        # Up to 2**63 - 1 like every other integer: a page size goes into SQL LIMIT.
         for name in ("buffer_size", "page_size", "buffer_bytes", "page_bytes"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidArgument(f"{name} must be a positive int")
-        for name in ("idle_check", "reorder_window"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise InvalidArgument(f"{name} must be a positive number of seconds")
+            check_int(name, getattr(self, name), minimum=1)
+        for name in ("idle_check", "reorder_window"):  # finite: NaN and inf are refused
+            check_seconds(name, getattr(self, name))
 
 
 def weight(event: Event) -> int:

@@ -98,7 +98,8 @@ async def test_http_routes(broadcast: Broadcast) -> None:
             busy = await http.delete(f"{route}/indexer")
             assert busy.status_code == 409 and "held" in busy.json()["detail"]
         assert (await http.put(f"{route}/mailer", json={"position": 11})).status_code == 409
-        assert (await http.put(f"{route}/mailer", json={"position": -1})).status_code == 422
+        for bad in (-1, True, "3", 3.0):
+            assert (await http.put(f"{route}/mailer", json={"position": bad})).status_code == 422
         assert (
             await http.put("/channels/none/consumers/x", json={"position": 0})
         ).status_code == 404

@@ -140,6 +140,7 @@ def test_demo_with_an_unreachable_log_fails_in_one_line(tmp_path: Path) -> None:
 def test_publish_validates(server: str) -> None:
     url = f"{server}/api/rooms/{room()}/messages"
     assert httpx.post(url, content=b"not json").status_code == 422
+    assert httpx.post(url, content=b"[" * 5000 + b"]" * 5000).status_code == 422  # too deep
     assert httpx.post(url, json={"text": ""}).status_code == 422
     assert httpx.post(url, json={"text": "x" * 2001}).status_code == 422
     assert (
@@ -357,3 +358,12 @@ def test_websocket_frames_are_refused_and_close_cleanly(
         thread.join(10)
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == []
+
+
+def test_a_stored_message_nested_too_deeply_is_shown_raw() -> None:
+    from broadcast_history import Event
+    from broadcast_history.demo._rooms import message_item
+
+    deep = "[" * 5000 + "]" * 5000  # published by another tool: the parser gives up
+    item = message_item(Event("room:x", deep, offset=1, epoch=7))
+    assert (item["id"], item["text"]) == ("7:1", deep)

@@ -73,6 +73,10 @@ async def admin(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         ([channel_line(), event_line(1, extra={"a": 1})], "line 2: nested values"),
         ([channel_line(last=1), event_line(1, message="x" * 2000)], "line 2: .*larger than 1000"),
         ([channel_line(last=1), event_line(1, message="\ud800")], "not valid Unicode"),
+        (  # a valid time whose UTC is past year 9999
+            [channel_line(last=1), event_line(1, timestamp="9999-12-31T23:59:59-23:59")],
+            "line 2: 'timestamp' must be an ISO 8601 time",
+        ),
         (
             [channel_line("a", last=1), event_line(1, "a"), channel_line("b")],
             "'b'.*1..3 are missing",

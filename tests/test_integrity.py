@@ -15,7 +15,7 @@ import itertools
 import logging
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from broadcast_history import (
     EventLog,
     InvalidArgument,
     InvalidMessage,
+    Retention,
 )
 from broadcast_history.backends.memory import MemoryBackend
 from broadcast_history.log import Pending
@@ -268,6 +269,35 @@ async def test_integers_beyond_64_bits_are_invalid_arguments(sqlite_file_url: st
             with pytest.raises(InvalidArgument):
                 async with broadcast.subscribe(channel, **options):
                     pass
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"page_size": 2**64},  # it goes into SQL LIMIT: OverflowError on the first replay
+        {"buffer_size": 2**64},
+        {"page_bytes": 2**64},
+        {"idle_check": float("nan")},
+        {"reorder_window": float("inf")},
+    ],
+)
+def test_options_beyond_their_range_are_refused_up_front(options: dict[str, Any]) -> None:
+    with pytest.raises(InvalidArgument):
+        Broadcast(**options)
+
+
+async def test_retention_of_any_age_or_size_runs(sqlite_file_url: str) -> None:
+    for bad in ({"max_events": 2**64}, {"interval": float("nan")}):
+        with pytest.raises(InvalidArgument):
+            Retention(**bad)
+    async with Broadcast(log=sqlite_file_url) as broadcast:
+        for i in range(3):
+            await broadcast.publish("c", str(i))
+        # Reaching back before year 1: nothing is that old (it raised OverflowError,
+        # so the broadcast's retention pass failed at every interval).
+        ages = timedelta(days=9000 * 366)
+        assert await broadcast.log.apply_retention(Retention(max_age=ages)) == 0
+        assert await broadcast.log.apply_retention(Retention(max_age=ages, max_events=1)) == 2
 
 
 async def test_trim_with_a_wrong_type_is_an_invalid_argument(sqlite_file_url: str) -> None:

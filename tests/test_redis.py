@@ -127,6 +127,45 @@ async def test_conn_constructor(decode: bool, sqlite_file_url: str) -> None:
     await conn.aclose()
 
 
+@pytest.mark.parametrize("kind", ["pubsub", "stream", "given-strict-client"])
+async def test_a_message_that_is_not_utf8_fails_alone(
+    admin: aioredis.Redis, kind: str, sqlite_file_url: str
+) -> None:
+    """Another program's bytes that are not UTF-8 are a message that is not an
+    envelope: ignored and counted, while every channel goes on live. (redis-py's
+    UnicodeDecodeError ended the transport's reader: every subscriber got
+    TransportError.) A client the application gave, decoding strictly, reconnects."""
+    prefix = admin.test_prefix  # type: ignore[attr-defined]
+    given = None
+    if kind == "given-strict-client":
+        given = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
+        backend: BroadcastBackend = RedisBackend(conn=given, max_reconnect_delay=0.1)
+    else:
+        backend = _backends(admin)[kind]()
+    raw = aioredis.Redis.from_url(REDIS_URL)  # sends bytes as they are
+    junk, other = unique(), unique()
+    try:
+        async with Broadcast(backend=backend, log=sqlite_file_url, idle_check=0.2) as broadcast:
+            async with broadcast.subscribe(junk) as sub, broadcast.subscribe(other) as sub2:
+                if kind == "stream":
+                    await raw.xadd(prefix + junk, {"m": b"\xff\xfe not text"})
+                else:
+                    await raw.publish(junk, b"\xff\xfe not text")
+                for i in range(3):
+                    await broadcast.publish(junk, f"j{i}")
+                    await broadcast.publish(other, f"o{i}")
+                assert_contiguous(await take(sub, 3), 1, 3)
+                assert_contiguous(await take(sub2, 3), 1, 3)
+                if kind != "given-strict-client":  # seen, not lost with the connection
+                    assert broadcast.foreign_messages["not_envelope"] == 1
+                await broadcast.publish(other, "after")
+                assert [e.message for e in await take(sub2, 1)] == ["after"]
+    finally:
+        await raw.aclose()
+        if given is not None:
+            await given.aclose()
+
+
 # -- lifecycle ---------------------------------------------------------------------
 
 

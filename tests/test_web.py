@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -275,6 +276,10 @@ async def test_post_publishes_by_content_type(broadcast: Broadcast, base: str) -
             assert response.status_code == 400, (path, headers)
         assert (await broadcast.log.channel("p")).last_offset == 5  # type: ignore[union-attr]
         assert await broadcast.log.channel("a\ufffdb") is None
+        # A key sent as UTF-8 is the same key as in Python (not its Latin-1 reading).
+        direct = await broadcast.publish("p", "direct", key="clé")
+        again = await http.post("/p", content=b"x", headers={"Idempotency-Key": "clé".encode()})
+        assert again.json()["offset"] == direct.offset
 
 
 async def test_publish_is_authorized_per_message(broadcast: Broadcast) -> None:
@@ -307,7 +312,7 @@ async def test_authorize_is_required_and_checked(broadcast: Broadcast) -> None:
         create_stream_app(broadcast)  # type: ignore[call-arg]
     with pytest.raises(InvalidArgument, match="allow_all"):
         create_stream_app(broadcast, authorize=None)  # type: ignore[arg-type]
-    for keepalive in (0, -1, True, "15"):
+    for keepalive in (0, -1, True, "15", 1e-9, float("nan"), float("inf")):
         with pytest.raises(InvalidArgument, match="keepalive"):
             create_stream_app(broadcast, authorize=allow_all, keepalive=keepalive)  # type: ignore[arg-type]
     assert broadcast_history.web.__all__ == [
@@ -407,6 +412,7 @@ async def test_ws_publish_ack_errors_and_pings(broadcast: Broadcast, base: str) 
         assert ack["offset"] == 2
         for bad in [
             "not json",
+            "[" * 5000 + "]" * 5000,  # deeper than the JSON parser goes
             {"type": "subscribe"},
             {"type": "publish", "data": 5},
             {"type": "publish", "data": "%%", "encoding": "base64"},
@@ -517,3 +523,20 @@ async def test_close_streams_ends_every_stream(broadcast: Broadcast) -> None:
                 await ws.recv()
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
     await wait_for_subscriptions(broadcast, 0)
+
+
+async def test_a_client_gone_mid_body_is_no_server_error(
+    base: str, broadcast: Broadcast, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A POST whose client leaves before sending the whole body publishes nothing and
+    logs no traceback (Starlette's ClientDisconnect escaped as an ASGI error)."""
+    host, port = base.removeprefix("http://").split(":")
+    _reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /gone HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly part")
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    writer.close()
+    await writer.wait_closed()
+    await asyncio.sleep(0.3)
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert await broadcast.log.channel("gone") is None

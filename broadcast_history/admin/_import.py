@@ -19,7 +19,7 @@ import json
 import tempfile
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import IO, Any
 
 from .._errors import InvalidArgument
@@ -98,7 +98,8 @@ def _time(line: dict[str, Any], name: str, number: int) -> int:
         moment = datetime.fromisoformat(value)
         if moment.tzinfo is None:
             raise ValueError(value)
-        return to_micros(moment)
+        # OverflowError for a time whose UTC is past year 9999 (9999-12-31T23:59-01:00).
+        return to_micros(moment.astimezone(timezone.utc))
     except (ValueError, OverflowError) as exc:
         raise InvalidExport(
             f"line {number}: {name!r} must be an ISO 8601 time with a timezone"

@@ -167,4 +167,5 @@ class ConsumerList(BaseModel):
 class PositionIn(BaseModel):
     """A consumer's new position: its next holder starts after this offset."""
 
-    position: int = Field(ge=0, le=MAX_OFFSET)
+    # Strict: true or "3" is not an offset (the Python API refuses them too).
+    position: int = Field(ge=0, le=MAX_OFFSET, strict=True)

@@ -35,6 +35,13 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, (rexc.ConnectionError, rexc.TimeoutError, OSError, asyncio.TimeoutError))
 
 
+#: How our own clients decode replies: as text, and bytes that are not UTF-8 (another
+#: program's message) as lone surrogates instead of a UnicodeDecodeError, which would
+#: end the read of every message behind it. Such a message is then not an envelope,
+#: ignored and counted. (Commands never carry lone surrogates: publish refuses them.)
+TEXT_REPLIES: dict[str, Any] = {"decode_responses": True, "encoding_errors": "surrogateescape"}
+
+
 def as_text(value: Any) -> Any:
     """Decode bytes from a client made without ``decode_responses`` (envelopes are text)."""
     if isinstance(value, bytes):

@@ -76,7 +76,7 @@ class RedisBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
         # passes each RESP3 push message through handlers that format it into a debug
         # string whether or not debug is on, a third of reading a message here.
         client = self._given or aioredis.Redis.from_url(
-            self._url, decode_responses=True, client_name=shared.CLIENT_NAME, protocol=2
+            self._url, **shared.TEXT_REPLIES, client_name=shared.CLIENT_NAME, protocol=2
         )
         await shared.ping(client, close=[] if self._given else [client])
         self._client, self._up = client, True
@@ -248,7 +248,13 @@ class RedisBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
         as_text = shared.as_text
         while True:
             # math.inf: block without a timeout (None would mean the socket timeout).
-            reply = await connection.read_response(timeout=math.inf, push_request=True)
+            try:
+                reply = await connection.read_response(timeout=math.inf, push_request=True)
+            except UnicodeDecodeError as exc:
+                # A client the application gave, decoding strictly, met a message that
+                # is not UTF-8 (another program's). redis-py dropped the connection:
+                # reconnect; the log fills in what passes meanwhile.
+                raise rexc.ConnectionError(f"a message was not UTF-8 ({exc})") from exc
             self._replies += 1
             if not isinstance(reply, list):
                 continue  # PONG while subscribed to nothing (RESP2: ["pong", ""] otherwise)

@@ -95,13 +95,13 @@ class RedisStreamBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
         if self._task is not None:
             return
         client = aioredis.Redis.from_url(
-            self._redis_url, decode_responses=True, client_name=shared.CLIENT_NAME
+            self._redis_url, **shared.TEXT_REPLIES, client_name=shared.CLIENT_NAME
         )
         # A dedicated connection: XREAD BLOCK holds it; a socket timeout longer than
         # the block catches a server that vanished without closing the socket.
         reader = aioredis.Redis.from_url(
             self._redis_url,
-            decode_responses=True,
+            **shared.TEXT_REPLIES,
             single_connection_client=True,
             client_name=f"{shared.CLIENT_NAME}:stream-reader",
             socket_timeout=self._block_ms / 1000 + 10,

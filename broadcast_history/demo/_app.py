@@ -116,6 +116,8 @@ def create_app(
             return _error(413, str(exc))
         except ValueError as exc:  # bad JSON, or an InvalidArgument (bad text)
             return _error(422, str(exc))
+        except RecursionError:
+            return _error(422, "the body is nested too deeply")
         return JSONResponse(message_item(event), status_code=201)
 
     async def room_history(request: Request) -> Response:

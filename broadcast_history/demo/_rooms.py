@@ -41,7 +41,7 @@ def message_item(event: Event) -> dict[str, Any]:
         text = text.decode(errors="replace")
     try:
         body = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
         body = None
     # Messages published by other tools (the admin CLI, a script) are shown raw.
     if isinstance(body, dict) and isinstance(body.get("text"), str):

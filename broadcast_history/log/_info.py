@@ -7,6 +7,7 @@ from datetime import datetime, timedelta
 from typing import NamedTuple
 
 from .._errors import InvalidArgument
+from .._validation import check_int, check_seconds
 
 
 class Pending(NamedTuple):
@@ -85,20 +86,13 @@ class Retention:
     interval: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.max_events is not None and (
-            isinstance(self.max_events, bool)
-            or not isinstance(self.max_events, int)
-            or self.max_events < 1
-        ):
-            raise InvalidArgument("max_events must be a positive int")
+        if self.max_events is not None:
+            check_int("max_events", self.max_events, minimum=1)
         if self.max_age is not None and (
             not isinstance(self.max_age, timedelta) or self.max_age <= timedelta(0)
         ):
             raise InvalidArgument("max_age must be a positive timedelta")
-        if isinstance(self.interval, bool) or not isinstance(self.interval, (int, float)):
-            raise InvalidArgument("interval must be a number of seconds")
-        if self.interval <= 0:
-            raise InvalidArgument("interval must be positive")
+        check_seconds("interval", self.interval)
 
 
 @dataclass(frozen=True, slots=True)

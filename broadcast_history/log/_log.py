@@ -192,7 +192,11 @@ class EventLog(ConsumerMethods):
             return 0
         cutoff = None
         if retention.max_age is not None:
-            cutoff = to_micros(from_micros(now_micros()) - retention.max_age)
+            try:
+                cutoff = to_micros(from_micros(now_micros()) - retention.max_age)
+            except OverflowError:  # an age reaching back before year 1: nothing is older
+                if retention.max_events is None:
+                    return 0
         store = self._store
         async with translated(), store.begin() as conn:
             infos = await _queries.channel_page(conn, None, None, None)

@@ -55,9 +55,18 @@ def _error(status: int, detail: str) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status)
 
 
+#: Shortest keepalive: a stream pinged far more often than this writes without pause.
+MIN_KEEPALIVE = 0.01
+
+
 def _check_keepalive(keepalive: Any) -> float:
-    if isinstance(keepalive, bool) or not isinstance(keepalive, (int, float)) or keepalive <= 0:
-        raise InvalidArgument(f"keepalive must be a positive number of seconds, got {keepalive!r}")
+    # Finite, and not so short that pinging a stream whose client left starves the loop.
+    if isinstance(keepalive, bool) or not isinstance(keepalive, (int, float)):
+        raise InvalidArgument(f"keepalive must be a number of seconds, got {keepalive!r}")
+    if not MIN_KEEPALIVE <= keepalive < float("inf"):
+        raise InvalidArgument(
+            f"keepalive must be at least {MIN_KEEPALIVE} s and finite, got {keepalive!r}"
+        )
     return float(keepalive)
 
 

@@ -82,7 +82,7 @@ def parse_publish(text: str) -> tuple[str | bytes, str | None]:
     """
     try:
         frame = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
         raise InvalidArgument("frames must be JSON objects") from None
     if not isinstance(frame, dict) or frame.get("type") != "publish":
         raise InvalidArgument('expected {"type": "publish", "data": ...}')

@@ -64,12 +64,15 @@ def _upgrade(connection: Connection) -> None:
         ).scalar()
         if locked != 1:
             raise LogUnavailable("another process has been migrating the event log for too long")
-        # Notes such as "name ignored for PRIMARY key" (MySQL names every primary key
-        # PRIMARY) would each cost a SHOW WARNINGS and be logged by the driver.
+        # "Name ... ignored for PRIMARY key" (MySQL names every primary key PRIMARY) is
+        # a note on MySQL but a warning on MariaDB, which the driver logs: kept none
+        # (max_error_count 0) while the schema is made, not only notes (sql_notes).
         connection.execute(text("SET SESSION sql_notes = 0"))
+        connection.execute(text("SET SESSION max_error_count = 0"))
         try:
             _upgrade_unlocked(connection)
         finally:
+            connection.execute(text("SET SESSION max_error_count = DEFAULT"))
             connection.execute(text("SET SESSION sql_notes = 1"))
             connection.execute(text(f"SELECT RELEASE_LOCK({_MYSQL_LOCK})"))
         return

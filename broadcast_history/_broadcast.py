@@ -118,6 +118,8 @@ class Broadcast:
         self._lags_task: asyncio.Task[None] | None = None
         self._listener_error: BaseException | None = None
         self._connected = False
+        # The closing under way (see disconnect), awaited by every caller.
+        self._closing: asyncio.Future[None] | None = None
         #: Transport messages ignored, by kind: ``"not_envelope"`` (another program
         #: publishing) or ``"other_log"`` (a process with another log).
         self.foreign_messages = self._wire.foreign
@@ -147,6 +149,8 @@ class Broadcast:
 
     async def connect(self) -> None:
         """Open the log (creating its schema) and the transport; safe to call twice."""
+        if self._closing is not None:
+            await asyncio.shield(self._closing)  # a disconnect still closing: let it end
         if self._connected:
             return
         await self.log.connect()
@@ -170,10 +174,27 @@ class Broadcast:
         self._connected = True
 
     async def disconnect(self) -> None:
-        """Finish pending publishes, end subscriptions, close everything; idempotent."""
-        if not self._connected:
-            return
-        self._connected = False
+        """Finish pending publishes, end subscriptions, close everything; idempotent.
+
+        Cancelling it (a shutdown timeout) does not stop the closing halfway, which
+        would leave tasks, threads and connections behind: it goes on, and a later
+        ``disconnect()`` or ``connect()`` waits for it.
+        """
+        closing = self._closing
+        if closing is None:
+            if not self._connected:
+                return
+            self._connected = False
+            closing = self._closing = asyncio.ensure_future(self._close())
+            closing.add_done_callback(self._closed)
+        await asyncio.shield(closing)
+
+    def _closed(self, closing: asyncio.Future[None]) -> None:
+        self._closing = None
+        if not closing.cancelled():
+            closing.exception()  # raised to the callers still waiting; not "never retrieved"
+
+    async def _close(self) -> None:
         await self._appender.stop()
         for task in (self._listener, self._retention_task, self._lags_task):
             if task is not None:

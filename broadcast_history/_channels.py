@@ -45,14 +45,16 @@ class Channels:
         if channel in self._on_transport:
             return
         assert self._lock is not None
-        async with self._lock:
-            if channel not in self._on_transport:
-                try:
+        try:
+            async with self._lock:
+                if channel not in self._on_transport:
                     await self._backend.subscribe(channel)
-                except Exception:
-                    self._forget(subscriber)
-                    raise
-                self._on_transport.add(channel)
+                    self._on_transport.add(channel)
+        except BaseException:
+            # Failed, or cancelled while waiting for the lock or the transport: not
+            # left registered (it was fed for ever, and kept its channel subscribed).
+            self._forget(subscriber)
+            raise
 
     async def detach(self, subscriber: Subscriber, *, connected: bool) -> None:
         """Close and remove ``subscriber``; the last one of a channel unsubscribes it."""

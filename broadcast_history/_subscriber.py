@@ -22,7 +22,7 @@ import logging
 from collections import deque
 from collections.abc import Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ._bell import Bell
 from ._budget import SubscriberOptions, weigh, weight
@@ -71,6 +71,12 @@ class Subscriber(Committable):
         self._page: deque[Event] = deque()
         self._overflowed = False
         self._gap_deadline: float | None = None
+        # Loop time since which nothing arrived live (None: something just did). Kept
+        # across get() calls: a caller polling with a timeout shorter than idle_check
+        # must not put the idle check off for ever.
+        self._quiet_since: float | None = None
+        # The idle check's read of the log head, while it runs (see _idle).
+        self._checking: asyncio.Future[ChannelInfo | None] | None = None
         self._bell = Bell()
         self._error: BaseException | None = None
         # A page being read ahead during replay: (its start offset, the read).
@@ -133,7 +139,8 @@ class Subscriber(Committable):
                     if not buffer:
                         # Nothing buffered: wait for the bell here, not in a coroutine
                         # of _live_step's (over many channels, one wait per event).
-                        if not await self._bell.wait(self._options.idle_check):
+                        quiet = self._quiet_left()
+                        if quiet <= 0 or not await self._bell.wait(quiet):
                             await self._idle()
                         continue
                     event = buffer[0]
@@ -156,6 +163,8 @@ class Subscriber(Committable):
     ) -> None:
         """Resolve the start position; called after live registration."""
         start = await resolve_start(self._log, self.channel, since, history, epoch)
+        if self._mode == _CLOSED:
+            return  # the broadcast disconnected meanwhile: it stays closed
         self._epoch = start.epoch
         self._next = start.offset
         self._mode = _REPLAY if start.offset <= start.head else _LIVE
@@ -166,6 +175,7 @@ class Subscriber(Committable):
         """Buffer live ``events``; ``size`` is their :func:`weigh`, if known."""
         buffer = self._buffer
         buffer.extend(events)
+        self._quiet_since = None
         self._live_bytes += weigh(events) if size is None else size
         options = self._options
         if len(buffer) > options.buffer_size or self._live_bytes > options.buffer_bytes:
@@ -190,6 +200,9 @@ class Subscriber(Committable):
         if self._reading is not None:
             _discard(self._reading[1])
             self._reading = None
+        if self._checking is not None:
+            _discard(self._checking)
+            self._checking = None
         self._page.clear()
         self._buffer.clear()
         self._held.clear()
@@ -335,25 +348,50 @@ class Subscriber(Committable):
                 return None
             await self._bell.wait(self._gap_deadline - now)
             return None
-        if not await self._bell.wait(self._options.idle_check):
+        quiet = self._quiet_left()
+        if quiet <= 0 or not await self._bell.wait(quiet):
             await self._idle()
         return None
+
+    def _quiet_left(self) -> float:
+        """Seconds until the idle check is due: ``idle_check`` after the last arrival
+        (or the last check), however many waits were cut short meanwhile."""
+        now = asyncio.get_running_loop().time()
+        since = self._quiet_since
+        if since is None:
+            since = self._quiet_since = now
+        return since + self._options.idle_check - now
 
     async def _idle(self) -> None:
         """Nothing arrived for ``idle_check`` seconds: make sure the log has nothing
         newer either (an event whose live copy was lost)."""
         if self._mode != _LIVE:
+            self._quiet_since = None
             return
-        expected = self._next
-        idle = self._options.idle_check
+        checking = self._checking
+        if checking is None:
+            # A future of its own: a get() cancelled while the log answers (a caller
+            # polling with a short timeout) leaves it running, and the next get()
+            # takes its answer instead of asking again, and being cut short again.
+            idle = self._options.idle_check
+            checking = self._checking = asyncio.ensure_future(
+                self._check_head(self._next, max_age=idle / 2)
+            )
         try:
-            info = await self._check_head(expected, max_age=idle / 2)
+            info = await asyncio.shield(checking)
+        except asyncio.CancelledError:
+            if checking.cancelled():  # not just this get(): the check itself
+                self._checking = None
+            raise
         except LogUnavailable as exc:
             # Only a safety net failed: live delivery goes on, the next idle check
             # tries again.
             logger.warning("channel %r: idle check failed: %s", self.channel, exc)
             return
-        if info is not None and info.last_offset >= expected:
+        finally:
+            if checking.done():  # answered: the next quiet period starts now
+                self._checking = self._quiet_since = None
+        if info is not None and info.last_offset >= self._next:
             self._fall_back("idle")
 
     def _delivered(self, event: Event) -> Event:
@@ -369,12 +407,13 @@ class Subscriber(Committable):
             return  # closed during the await that led here: stay closed
         self._stats.fallbacks[reason] += 1
         self._mode = _REPLAY
+        self._quiet_since = None
 
 
-def _discard(read: asyncio.Future[tuple[list[Event], bool]]) -> None:
-    """Drop a read-ahead that is no longer wanted, without cancelling it midway."""
+def _discard(read: asyncio.Future[Any]) -> None:
+    """Drop a read (ahead, or of the head) no longer wanted, without cancelling it midway."""
 
-    def consume(done: asyncio.Future[tuple[list[Event], bool]]) -> None:
+    def consume(done: asyncio.Future[Any]) -> None:
         if not done.cancelled():
             done.exception()
 

@@ -891,3 +891,54 @@ async def test_disconnect_lets_a_read_left_by_a_cancelled_caller_end(tmp_path: P
     caller.cancel()
     await log.disconnect()
     assert finished == [[]]
+
+
+async def test_subscriptions_entered_as_the_broadcast_disconnects_end_at_once(
+    tmp_path: Path,
+) -> None:
+    """disconnect() closes a subscription still being positioned; positioning must not
+    open it again (it then waited a whole idle_check, 20 s here, before it ended)."""
+    broadcast = Broadcast(log=f"sqlite+aiosqlite:///{tmp_path / 'events.db'}", idle_check=20)
+    await broadcast.connect()
+    await broadcast.publish("c", "x")
+
+    async def read(since: int | None) -> None:
+        async with broadcast.subscribe("c", since=since) as sub:
+            async for _ in sub:
+                pass
+
+    tasks = [asyncio.create_task(read(since)) for since in (0, None)]
+    await asyncio.sleep(0)
+    await broadcast.disconnect()
+    done, _ = await asyncio.wait(tasks, timeout=5)
+    assert len(done) == 2
+    for task in done:
+        assert task.exception() is None or isinstance(task.exception(), BroadcastError)
+
+
+async def test_a_cancelled_disconnect_still_closes_everything(tmp_path: Path) -> None:
+    """disconnect() cut short (a shutdown timeout) went no further and a second call
+    returned at once: tasks, SQLite threads and connections stayed behind. The
+    closing now goes on; a second disconnect() waits for it, and connect() works."""
+    threads = threading.active_count()
+    broadcast = Broadcast(log=f"sqlite+aiosqlite:///{tmp_path / 'events.db'}")
+    await broadcast.connect()
+    publishes = [asyncio.create_task(broadcast.publish("c", str(i))) for i in range(200)]
+    await asyncio.sleep(0)
+    first = asyncio.create_task(broadcast.disconnect())
+    for _ in range(3):  # under way: the appender is finishing the publishes
+        await asyncio.sleep(0)
+    assert not first.done()
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    await broadcast.disconnect()
+    await asyncio.wait(publishes, timeout=5)
+    for task in publishes:
+        assert task.done() and (
+            task.exception() is None or isinstance(task.exception(), BroadcastError)
+        )
+    assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
+    assert threading.active_count() == threads
+    async with broadcast:
+        assert (await broadcast.publish("c", "again")).offset >= 1

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from broadcast_history import Broadcast, NotConnected, TransportError
+from broadcast_history import Broadcast, InvalidArgument, NotConnected, TransportError
 from broadcast_history.backends import backend_from_url
 from broadcast_history.backends.kafka import KafkaBackend, _servers, topic_for
 from tests.conftest import unique
@@ -45,6 +45,10 @@ def test_topic_names_are_distinct() -> None:
 
 def test_topic_prefix() -> None:
     assert topic_for("orders", "app.").startswith("app.orders.")
+    KafkaBackend("kafka://h:1", topic_prefix="p" * 128)
+    for bad in ("bad prefix/", "p" * 129):  # Kafka refuses such topics (tansu does not)
+        with pytest.raises(InvalidArgument, match="topic_prefix"):
+            KafkaBackend("kafka://h:1", topic_prefix=bad)
 
 
 def test_bootstrap_servers_from_urls() -> None:
@@ -164,6 +168,38 @@ async def test_two_broadcasts_share_a_file_log(kafka_bootstrap: str, tmp_path: P
     ]
     assert {e.channel for e in events} == {channel}
     assert [e.timestamp for e in events[1:]] == [e.timestamp for e in published]
+
+
+async def test_events_over_the_producer_limit_travel_as_notices(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """aiokafka refuses a record over its 1 MiB max_request_size before sending: a
+    1 MiB text (the default max_message_size) failed its live send, and so did every
+    event queued after it in the batch, on any channel. Such an event now goes as a
+    notice, read from the log, and the rest of the batch goes whole."""
+    log = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
+    url = f"kafka://{kafka_bootstrap}"
+    big_channel, small_channel = unique("big"), unique("small")
+    big = "x" * (1024 * 1024 - 64)
+    async with (
+        Broadcast(url, log=log) as publisher,
+        Broadcast(url, log=log, idle_check=600) as subscriber,  # live only, in effect
+    ):
+        async with (
+            subscriber.subscribe(big_channel) as big_sub,
+            subscriber.subscribe(small_channel) as small_sub,
+        ):
+            # One batch: the big one first, then others behind it.
+            await asyncio.gather(
+                publisher.publish(big_channel, big),
+                *(publisher.publish(small_channel, f"s{i}") for i in range(5)),
+            )
+            assert [e.message for e in await take(small_sub, 5, timeout=20)] == [
+                f"s{i}" for i in range(5)
+            ]
+            [event] = await take(big_sub, 1, timeout=20)
+            assert event.message == big
+        assert publisher.stats.live_send_failures == 0
 
 
 async def test_existing_topic_with_several_partitions(

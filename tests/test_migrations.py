@@ -6,6 +6,7 @@ migrations match the metadata, and ship in the wheel, is tested in test_core.py.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from alembic import command
 from sqlalchemy import text
 
 from broadcast_history import Broadcast, EventLog, SchemaOutOfDate
-from broadcast_history.log import VERSION_TABLE, Pending, migration_engine
+from broadcast_history.log import VERSION_TABLE, Pending, head_revision, migration_engine
 from broadcast_history.log._migrate import alembic_config
 from tests.support.postgres_support import ensure_database
 
@@ -156,3 +157,49 @@ async def test_0005_indexes_every_64th_event_by_time(empty_url: str) -> None:
 
 
 _TIME_INDEX = "ix_broadcast_events_time"
+
+
+async def test_a_schema_newer_than_this_version_is_refused_clearly(
+    empty_url: str, tmp_path: Path
+) -> None:
+    """A newer version migrated the log (here: a revision this one does not ship):
+    connecting, with or without migrate, is SchemaOutOfDate saying to upgrade the
+    library (it was Alembic's CommandError, and `db check` advised `db upgrade`)."""
+    await _migrate_to(empty_url, "head")
+    await _stamp(empty_url, "0099")
+    try:
+        await _refused_as_newer(empty_url)
+    finally:  # the Postgres database is the next test's: give it a known revision back
+        await _stamp(empty_url, str(head_revision()))
+
+
+async def _stamp(url: str, revision: str) -> None:
+    engine = migration_engine(url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(
+                text(f"UPDATE {VERSION_TABLE} SET version_num = :r"), {"r": revision}
+            )
+    finally:
+        await engine.dispose()
+
+
+async def _refused_as_newer(empty_url: str) -> None:
+    from typer.testing import CliRunner
+
+    from broadcast_history.cli import app
+
+    for migrate in (True, False):
+        with pytest.raises(
+            SchemaOutOfDate, match=r"0099.*does not know.*upgrade broadcast_history"
+        ):
+            async with Broadcast(log=empty_url, migrate=migrate):
+                pass
+    for command_line in (["db", "check"], ["db", "upgrade"], ["channels"]):
+        # In a thread: the CLI runs its own event loop.
+        result = await asyncio.to_thread(
+            CliRunner().invoke, app, [*command_line, "--log", empty_url]
+        )
+        assert result.exit_code in (1, 3), (command_line, result.output)
+        assert "upgrade broadcast_history" in result.output + result.stderr
+        assert "Traceback" not in result.output + result.stderr

@@ -58,6 +58,11 @@ def test_urls() -> None:
             nats_servers(bad)
     with pytest.raises(InvalidArgument):
         NatsBackend("nats://h", subject_prefix="a.*")
+    # Longer, the longest channel's SUB would pass the server's 4 KiB control line,
+    # and the server closes the connection of a client that sends one.
+    NatsBackend("nats://h", subject_prefix="p" * 128)
+    with pytest.raises(InvalidArgument, match="128"):
+        NatsBackend("nats://h", subject_prefix="p" * 129)
     backend = backend_from_url("nats://127.0.0.1:4222")
     assert isinstance(backend, NatsBackend) and backend.crosses_processes
 

@@ -360,3 +360,29 @@ async def test_a_stream_transport_with_nothing_to_read_comes_back_up(
             assert (await broadcast.publish(channel, "two")).offset == 2
     finally:
         await proxy.stop()
+
+
+async def test_a_subscription_cancelled_while_it_is_entered_ends_and_leaves_nothing(
+    tmp_path: Path,
+) -> None:
+    """A task cancelled while entering ``subscribe`` on Redis, at any moment: it ends
+    (redis-py 8 and Python 3.11's wait_for each swallowed such a cancellation, and
+    the task hung in its subscription), and no subscriber is left registered (one
+    cancelled while another channel's SUBSCRIBE held the lock stayed, fed for ever)."""
+    require_redis()
+    log = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
+    async with Broadcast(backend=make_backend("pubsub"), log=log) as broadcast:
+
+        async def enter(channel: str) -> None:
+            async with broadcast.subscribe(channel) as sub:
+                async for _ in sub:
+                    pass
+
+        for delay in [0, 0.0001, 0.0003, 0.0005, 0.001, 0.002, 0.005] * 4:
+            tasks = [asyncio.create_task(enter(unique())) for _ in range(2)]
+            await asyncio.sleep(delay)
+            for task in tasks:
+                task.cancel()
+            done, _ = await asyncio.wait(tasks, timeout=3)
+            assert len(done) == 2, f"still entering 3 s after cancel (delay {delay})"
+            assert broadcast.subscriber_modes() == {"replay": 0, "live": 0}

@@ -6,6 +6,7 @@ The fake here is a transport only (fault injection); the log is a real database.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from typing import Any
 
@@ -111,6 +112,39 @@ async def test_dropped_last_message_still_arrives(log: str | None) -> None:
             await bc.publish(channel, "dropped")
             [event] = await take(sub, 1, timeout=5)
     assert (event.offset, event.message) == (2, "dropped")
+
+
+async def test_a_caller_polling_with_short_timeouts_still_gets_a_lost_event(
+    sqlite_file_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """get() under wait_for with a timeout below idle_check, again and again: the idle
+    check still runs idle_check after the last arrival (each get() restarted it, so an
+    event whose live copy was lost never arrived on a quiet channel), and a log slower
+    to answer than the timeout still answers it (each get() asked again, and was cut
+    short again)."""
+    deaf = UnreliableBackend()
+    deaf.drop_all = True  # this broadcast hears nothing live
+    async with (
+        Broadcast(backend=UnreliableBackend(), log=sqlite_file_url) as publisher,
+        Broadcast(backend=deaf, log=sqlite_file_url, idle_check=0.5) as subscriber,
+    ):
+        read_head = subscriber.log.channel
+
+        async def slow_head(name: str) -> Any:
+            await asyncio.sleep(0.3)  # longer than each get() waits
+            return await read_head(name)
+
+        monkeypatch.setattr(subscriber.log, "channel", slow_head)
+        channel = unique()
+        async with subscriber.subscribe(channel) as sub:
+            await publisher.publish(channel, "lost live")
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 5
+            event = None
+            while event is None and loop.time() < deadline:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    event = await asyncio.wait_for(sub.get(), 0.1)
+    assert event is not None and (event.offset, event.message) == (1, "lost live")
 
 
 async def test_transport_down_subscriber_reads_log(log: str | None) -> None:

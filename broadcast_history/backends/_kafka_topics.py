@@ -17,6 +17,8 @@ from .._errors import InvalidArgument
 
 _MAX_TOPIC = 249  # Kafka's limit on topic name length
 _ILLEGAL = re.compile(r"[^a-zA-Z0-9._-]")
+#: What a topic_prefix may be: legal topic characters, leaving room for the name.
+PREFIX = re.compile(r"[a-zA-Z0-9._-]{0,128}")
 # Transient trouble: the broker is away, restarting or slow. Worth another try.
 TRANSIENT = (OSError, asyncio.TimeoutError)
 

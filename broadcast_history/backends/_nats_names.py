@@ -11,6 +11,9 @@ _KEPT = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01234567
 _BYTE = [chr(b) if b in _KEPT else f"%{b:02X}" for b in range(256)]
 # What a subject_prefix may be: dot-separated tokens of characters kept as they are.
 PREFIX = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+#: Longest subject_prefix: with the longest channel (3,060 escaped bytes), a SUB line
+#: stays well under NATS's default 4 KiB ``max_control_line``.
+MAX_PREFIX = 128
 
 
 @functools.lru_cache(maxsize=4096)

@@ -42,6 +42,21 @@ def is_transient(exc: BaseException) -> bool:
 TEXT_REPLIES: dict[str, Any] = {"decode_responses": True, "encoding_errors": "surrogateescape"}
 
 
+def cancel_count() -> int:
+    """How many cancellations the running task was asked for (0 before Python 3.11)."""
+    cancelling = getattr(asyncio.current_task(), "cancelling", None)
+    return int(cancelling()) if cancelling is not None else 0
+
+
+def raise_if_cancelled_since(count: int) -> None:
+    """Raise the cancellation of the running task that something swallowed since it
+    counted ``count``: redis-py 8 inside a (un)subscribe command, and Python 3.11's
+    wait_for when the awaited future completes as the cancellation lands. The caller
+    would go on, still cancelling, and hang in a subscription nobody cancels again."""
+    if cancel_count() > count:
+        raise asyncio.CancelledError
+
+
 def as_text(value: Any) -> Any:
     """Decode bytes from a client made without ``decode_responses`` (envelopes are text)."""
     if isinstance(value, bytes):
@@ -350,12 +365,14 @@ class Confirmations:
 
     async def wait(self, channel: str, ack: asyncio.Future[None], *, up: bool) -> None:
         """Wait for ``ack`` (if the connection is ``up``), then forget it."""
+        asked = cancel_count()
         try:
             if up:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(asyncio.shield(ack), self._timeout)
         finally:
             self.forget(channel, ack)
+        raise_if_cancelled_since(asked)
 
     def forget(self, channel: str, ack: asyncio.Future[None]) -> None:
         """Stop waiting for ``ack`` (its subscribe failed, or was waited for)."""

@@ -17,15 +17,20 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from .._errors import NotConnected, TransportError
+from .._errors import InvalidArgument, NotConnected, TransportError
 from .._event import Event
 from ._backoff import Backoff
 from ._inbox import Inbox, InboxTransport
-from ._kafka_topics import TRANSIENT, create_topics, partitions, retriable, topic_for
+from ._kafka_topics import PREFIX, TRANSIENT, create_topics, partitions, retriable, topic_for
 from ._kafka_topics import bootstrap_servers as _servers
 from .base import BroadcastBackend, Health
 
 logger = logging.getLogger("broadcast_history")
+#: aiokafka's default max_request_size: the largest record the producer sends.
+_MAX_REQUEST = 1_048_576
+#: What a record holds besides the envelope: its key (the channel, at most 1,020
+#: bytes), varints and the batch header aiokafka counts in its size check.
+_RECORD_ROOM = 2048
 
 
 class KafkaBackend(Health, InboxTransport, BroadcastBackend):
@@ -68,6 +73,10 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
     ) -> None:
         super().__init__(urls if isinstance(urls, str) else ",".join(urls))
         self._servers = _servers(urls)
+        if not PREFIX.fullmatch(topic_prefix):
+            raise InvalidArgument(
+                f"topic_prefix {topic_prefix!r}: use at most 128 of [a-zA-Z0-9._-]"
+            )
         self._prefix = topic_prefix
         self._new_topic = {
             "num_partitions": num_partitions,
@@ -77,6 +86,10 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
         self._max_delay = max_reconnect_delay
         self._timeout = timeout
         self._options = dict(client_options or {})
+        # The producer refuses a larger record before sending anything, and a refused
+        # record would fail the live send of the whole batch: larger events travel as
+        # notices (their offsets) and subscribers read them from the log.
+        self.max_message_size: int | None = _MAX_REQUEST - _RECORD_ROOM
         self._channels: dict[str, str] = {}  # topic -> channel, for subscribed channels
         self._known: set[str] = set()  # topics known to exist
         self._next: dict[TopicPartition, int] = {}  # next offset to deliver per partition

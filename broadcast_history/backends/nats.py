@@ -25,7 +25,7 @@ from nats.aio.subscription import Subscription
 from .._errors import InvalidArgument, NotConnected, TransportError
 from .._event import Event
 from ._inbox import Inbox, InboxTransport
-from ._nats_names import PREFIX, nats_servers, subject_for
+from ._nats_names import MAX_PREFIX, PREFIX, nats_servers, subject_for
 from .base import BroadcastBackend
 
 logger = logging.getLogger("broadcast_history")
@@ -67,6 +67,10 @@ class NatsBackend(InboxTransport, BroadcastBackend):
         self._servers = nats_servers(url)
         if not PREFIX.fullmatch(subject_prefix):
             raise InvalidArgument(f"subject_prefix {subject_prefix!r}: use dotted [A-Za-z0-9_-]")
+        if len(subject_prefix) > MAX_PREFIX:
+            # The longest channel's subject must stay under the server's control line
+            # (4 KiB by default): a SUB the server refuses closes the connection.
+            raise InvalidArgument(f"subject_prefix is longer than {MAX_PREFIX} characters")
         if max_payload < 1024:
             raise InvalidArgument(f"max_payload must be at least 1024 bytes, not {max_payload}")
         self.max_message_size: int | None = max_payload

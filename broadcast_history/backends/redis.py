@@ -138,6 +138,7 @@ class RedisBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
         pubsub = self._pubsub
         if pubsub is None:
             return  # the reader subscribes every channel when it (re)connects
+        asked = shared.cancel_count()
         try:
             await command(pubsub)
         except Exception as exc:
@@ -154,6 +155,7 @@ class RedisBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
             if not gone and not (isinstance(exc, rexc.RedisError) and shared.is_transient(exc)):
                 raise TransportError(f"redis SUBSCRIBE failed: {shared.describe(exc)}") from exc
             logger.info("redis subscription connection lost", exc_info=True)
+        shared.raise_if_cancelled_since(asked)
 
     async def _close_pubsub(self) -> None:
         pubsub, self._pubsub = self._pubsub, None

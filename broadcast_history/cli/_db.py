@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from rich.markup import escape
 
-from ..log import EventLog, head_revision, schema_revision
+from ..log import EventLog, head_revision, known_revision, schema_revision
 from ._app import app, console, display_url, err_console, run
 from ._options import DEFAULT_LOG, LogOption
 
@@ -42,6 +42,12 @@ def current(log: LogOption = DEFAULT_LOG) -> None:
 def check(log: LogOption = DEFAULT_LOG) -> None:
     """Exit 0 if the schema is current; 1 (with a message) if it needs `db upgrade`."""
     at, head = run(_revisions(log))
+    if not known_revision(at):
+        err_console.print(
+            f"schema is at {at}, newer than this version knows ({head}): upgrade "
+            "broadcast_history (`db upgrade` cannot go back)"
+        )
+        raise typer.Exit(1)
     if at != head:
         err_console.print(
             f"schema is at {at or 'nothing'}, this version needs {head}: "

@@ -4,7 +4,8 @@
 pages, stats, trimming, retention, deletion and import, and durable consumers'
 positions and leases. The Alembic environment
 (``migrations/env.py``) uses :func:`migration_engine`, :data:`metadata` and
-:data:`VERSION_TABLE`; tools use :func:`schema_revision` and :func:`head_revision`.
+:data:`VERSION_TABLE`; tools use :func:`schema_revision`, :func:`head_revision` and
+:func:`known_revision`.
 """
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -12,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from ._engine import create_engine, normalize_url
 from ._info import ChannelInfo, ConsumerInfo, LeaseAttempt, LogTotals, Pending, Retention
 from ._log import EventLog
-from ._migrate import head_revision, schema_revision
+from ._migrate import head_revision, known_revision, schema_revision
 from ._schema import VERSION_TABLE, metadata
 
 
@@ -32,6 +33,7 @@ __all__ = [
     "Pending",
     "Retention",
     "head_revision",
+    "known_revision",
     "metadata",
     "migration_engine",
     "schema_revision",

@@ -52,6 +52,23 @@ def _current(connection: Connection) -> str | None:
     return context.get_current_revision()
 
 
+def known_revision(revision: str | None) -> bool:
+    """Whether ``revision`` is one of the shipped migrations (or no schema at all): a
+    database at another one was migrated by a newer version."""
+    if revision is None:
+        return True
+    scripts = ScriptDirectory.from_config(alembic_config())
+    return any(script.revision == revision for script in scripts.walk_revisions())
+
+
+def _newer(current: str | None) -> SchemaOutOfDate:
+    return SchemaOutOfDate(
+        f"event log schema is at {current}, which this version of broadcast_history does "
+        f"not know (its newest is {head_revision()}): a newer version migrated it; "
+        "upgrade broadcast_history here, `db upgrade` cannot go back"
+    )
+
+
 def _upgrade(connection: Connection) -> None:
     # Several hosts starting at once must not create the tables twice.
     if connection.dialect.name == "postgresql":
@@ -80,13 +97,18 @@ def _upgrade(connection: Connection) -> None:
 
 
 def _upgrade_unlocked(connection: Connection) -> None:
-    if _current(connection) == head_revision():
+    current = _current(connection)
+    if current == head_revision():
         return
+    if not known_revision(current):
+        raise _newer(current)
     command.upgrade(alembic_config(connection), "head")
 
 
 def _check(connection: Connection) -> None:
     current, head = _current(connection), head_revision()
+    if not known_revision(current):
+        raise _newer(current)
     if current != head:
         raise SchemaOutOfDate(
             f"event log schema is at {current or 'nothing'}, this version needs {head}: "

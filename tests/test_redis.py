@@ -649,3 +649,20 @@ async def test_a_permanent_failure_raises(admin: aioredis.Redis, kind: str, deni
             assert not backend.connected
         finally:
             await backend.disconnect()
+
+
+async def test_channels_come_and_go_without_growing_redis_py_tables(
+    sqlite_file_url: str,
+) -> None:
+    """The transport reads replies itself, so redis-py never saw an UNSUBSCRIBE
+    confirmed and kept every channel ever subscribed in its PubSub's tables."""
+    require_redis()
+    backend = RedisBackend(REDIS_URL)
+    async with Broadcast(backend=backend, log=sqlite_file_url) as broadcast:
+        async with broadcast.subscribe(unique()):  # held: one channel stays
+            for _ in range(200):
+                async with broadcast.subscribe(unique()):
+                    pass
+            pubsub = backend._pubsub
+            assert pubsub is not None
+            assert (len(pubsub.channels), len(pubsub.pending_unsubscribe_channels)) == (1, 0)

@@ -129,7 +129,7 @@ class RedisBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
         self._channels.discard(channel)
         if self._lock is not None:
             async with self._lock:
-                await self._send(lambda pubsub: pubsub.unsubscribe(channel))
+                await self._send(lambda pubsub: _unsubscribe(pubsub, channel))
 
     # -- internals -----------------------------------------------------------------
 
@@ -267,6 +267,15 @@ class RedisBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
                     inbox.put(Event(channel, as_text(reply[2])))
             elif kind in _SUBSCRIBE:
                 self._acks.confirm(as_text(reply[1]))
+
+
+async def _unsubscribe(pubsub: PubSub, channel: str) -> None:
+    await pubsub.unsubscribe(channel)
+    # The reader takes the replies off the connection itself, so redis-py never sees
+    # the confirmation that makes it forget a channel: forget it here, or its tables
+    # grow by every channel ever subscribed for as long as the connection lives.
+    pubsub.channels.pop(channel, None)
+    pubsub.pending_unsubscribe_channels.discard(channel)
 
 
 # A reply's kind, as bytes or, from a client with decode_responses, as text.

@@ -223,20 +223,27 @@ async def test_many_broadcasts_share_a_registry(registry: CollectorRegistry) -> 
     assert value(registry, "publishes_total") == 2  # a counter never goes back
 
 
+LAG_LINE = 'broadcast_history_consumer_lag{channel="orders",consumer="mailer"} 3.0'
+
+
+async def _lagging_by_3(broadcast: Broadcast) -> None:
+    """Consumer "mailer" of "orders" committed 2 of 5 events."""
+    for i in range(5):
+        await broadcast.publish("orders", f"o{i}")
+    async with broadcast.subscribe("orders", consumer="mailer", since=0) as sub:
+        await take(sub, 2)
+        await sub.commit()
+
+
 async def test_consumer_lag_at_scrape_time(sqlite_file_url: str) -> None:
     registry = CollectorRegistry()
     async with Broadcast(log=sqlite_file_url, metrics=registry) as broadcast:
-        for i in range(5):
-            await broadcast.publish("orders", f"o{i}")
-        async with broadcast.subscribe("orders", consumer="mailer", since=0) as sub:
-            await take(sub, 2)
-            await sub.commit()
+        await _lagging_by_3(broadcast)
         app = create_app(broadcast, token="t")
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://a") as client:
             response = await client.get("/metrics", headers={"Authorization": "Bearer t"})
-    line = 'broadcast_history_consumer_lag{channel="orders",consumer="mailer"} 3.0'
-    assert line in response.text
+    assert LAG_LINE in response.text
 
 
 async def test_consumer_lag_read_for_a_scrape_from_another_thread(sqlite_file_url: str) -> None:
@@ -244,13 +251,8 @@ async def test_consumer_lag_read_for_a_scrape_from_another_thread(sqlite_file_ur
     is read for that scrape, not up to 15 s later. A scrape on the loop's thread
     cannot wait for the loop: it gets the last values, without blocking."""
     registry = CollectorRegistry()
-    line = 'broadcast_history_consumer_lag{channel="orders",consumer="mailer"} 3.0'
     async with Broadcast(log=sqlite_file_url, metrics=registry) as broadcast:
-        for i in range(5):
-            await broadcast.publish("orders", f"o{i}")
-        async with broadcast.subscribe("orders", consumer="mailer", since=0) as sub:
-            await take(sub, 2)
-            await sub.commit()
+        await _lagging_by_3(broadcast)
         generate_latest(registry)  # on the loop's thread: the last values, at once
         text = (await asyncio.to_thread(generate_latest, registry)).decode()
-        assert line in text
+        assert LAG_LINE in text

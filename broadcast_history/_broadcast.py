@@ -150,7 +150,8 @@ class Broadcast:
     async def connect(self) -> None:
         """Open the log (creating its schema) and the transport; safe to call twice."""
         if self._closing is not None:
-            await asyncio.shield(self._closing)  # a disconnect still closing: let it end
+            # A disconnect still closing: let it end (its error was its callers').
+            await asyncio.wait({self._closing})
         if self._connected:
             return
         await self.log.connect()

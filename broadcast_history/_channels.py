@@ -29,6 +29,8 @@ class Channels:
     def open(self) -> None:
         """Ready for subscribers (in the running event loop)."""
         self._lock = asyncio.Lock()
+        # A subscribe that finished after close() may have marked its channel.
+        self._on_transport.clear()
 
     def close(self) -> None:
         """End every subscription and forget them (the transport is going away)."""

@@ -217,7 +217,13 @@ class Holding:
         """The subscription ends normally: with ``auto_commit``, store what it delivered."""
         await self.stop_auto()
         subscriber = self._subscriber
-        if self.auto_commit is None or self.closed or self.closing or subscriber is None:
+        if self.auto_commit is None or self.closed or subscriber is None:
+            return
+        if self.closing:
+            # The disconnect under way commits it (its own commit would race its
+            # release): a normal end hands it everything delivered.
+            if subscriber.epoch is not None:
+                self._handled = (subscriber.epoch, subscriber.position)
             return
         if self._lost is not None:
             logger.warning("%s: the last events were not committed", self._lost)

@@ -120,7 +120,7 @@ class Leases:
         holdings = [holding for group in self._held.values() for holding in group.values()]
         for holding in holdings:
             await holding.commit_handled()
-            await self._release(holding)
+            await self._release(holding, final=True)
         self._held.clear()
         self._gate = None
 
@@ -181,8 +181,10 @@ class Leases:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _release(self, holding: Holding) -> None:
+    async def _release(self, holding: Holding, *, final: bool = False) -> None:
         await holding.stop_auto()
+        if holding.closing and not final:
+            return  # the disconnect under way commits what it handled, then gives it back
         group = self._held.get(holding.lease)
         if group is not None:
             group.pop(holding.holder, None)

@@ -106,7 +106,10 @@ class BroadcastCollector:
         wait for it, nor one with broadcasts on several loops: those get the lags of
         the last refresh (every LAGS_EVERY seconds, or the admin app's at each scrape).
         """
-        loops = [loop for loop, count in self.loops.items() if count > 0]
+        try:
+            loops = [loop for loop, count in list(self.loops.items()) if count > 0]
+        except RuntimeError:  # a broadcast connected on its loop's thread meanwhile
+            return
         if len(loops) != 1 or not loops[0].is_running():
             return
         loop = loops[0]

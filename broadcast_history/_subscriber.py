@@ -75,8 +75,9 @@ class Subscriber(Committable):
         # across get() calls: a caller polling with a timeout shorter than idle_check
         # must not put the idle check off for ever.
         self._quiet_since: float | None = None
-        # The idle check's read of the log head, while it runs (see _idle).
-        self._checking: asyncio.Future[ChannelInfo | None] | None = None
+        # The idle check's read of the log head while it runs (see _idle), with the
+        # next offset and epoch it was asked for.
+        self._checking: tuple[asyncio.Future[ChannelInfo | None], int, int | None] | None = None
         self._bell = Bell()
         self._error: BaseException | None = None
         # A page being read ahead during replay: (its start offset, the read).
@@ -201,7 +202,7 @@ class Subscriber(Committable):
             _discard(self._reading[1])
             self._reading = None
         if self._checking is not None:
-            _discard(self._checking)
+            _discard(self._checking[0])
             self._checking = None
         self._page.clear()
         self._buffer.clear()
@@ -368,15 +369,20 @@ class Subscriber(Committable):
         if self._mode != _LIVE:
             self._quiet_since = None
             return
-        checking = self._checking
-        if checking is None:
+        asked = self._checking
+        if asked is not None and asked[1:] != (self._next, self._epoch):
+            # Events were delivered since it was asked: its answer (a reset, a trim
+            # seen against an older offset) is about a state that has gone.
+            _discard(asked[0])
+            asked = None
+        if asked is None:
             # A future of its own: a get() cancelled while the log answers (a caller
             # polling with a short timeout) leaves it running, and the next get()
             # takes its answer instead of asking again, and being cut short again.
             idle = self._options.idle_check
-            checking = self._checking = asyncio.ensure_future(
-                self._check_head(self._next, max_age=idle / 2)
-            )
+            future = asyncio.ensure_future(self._check_head(self._next, max_age=idle / 2))
+            asked = self._checking = (future, self._next, self._epoch)
+        checking = asked[0]
         try:
             info = await asyncio.shield(checking)
         except asyncio.CancelledError:

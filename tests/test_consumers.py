@@ -269,33 +269,39 @@ async def test_auto_commit_stores_only_what_was_handled(broadcast: Broadcast) ->
     assert await positions(broadcast, "mail") == {"w": 4}
 
 
-async def test_a_worker_task_ends_cleanly_when_its_broadcast_disconnects(
+async def test_worker_tasks_end_cleanly_when_their_broadcast_disconnects(
     broadcast: Broadcast,
 ) -> None:
-    """The worker's loop ends when the broadcast disconnects; the disconnect stores
-    what was handled and gives the lease back, and the worker's own exit from the
-    subscription must not commit on that given-back lease (it raised ConsumerBusy)."""
-    for i in range(5):
-        await broadcast.publish("jobs", str(i))
+    """The workers' loops end when the broadcast disconnects; the disconnect stores
+    what each handled and gives the leases back. A worker's own exit must neither
+    commit on a lease the disconnect just gave back (it raised ConsumerBusy) nor give
+    its lease back before the disconnect stored its position (only the first of
+    several consumers was stored)."""
+    channels = [f"jobs{i}" for i in range(4)]
+    for channel in channels:
+        for i in range(5):
+            await broadcast.publish(channel, str(i))
     held: list[Subscriber] = []
 
-    async def worker() -> None:
-        async with broadcast.subscribe("jobs", consumer="w", since=0, auto_commit=60) as sub:
+    async def worker(channel: str) -> None:
+        async with broadcast.subscribe(channel, consumer="w", since=0, auto_commit=60) as sub:
             held.append(sub)
             async for _ in sub:
                 pass
 
-    task = asyncio.create_task(worker())
-    while not held or held[0].position < 5:
+    tasks = [asyncio.create_task(worker(channel)) for channel in channels]
+    while len(held) < 4 or any(sub.position < 5 for sub in held):
         await asyncio.sleep(0.01)
     await broadcast.disconnect()
-    await asyncio.wait_for(task, 10)  # raises nothing
+    for task in tasks:
+        await asyncio.wait_for(task, 10)  # raises nothing
     with pytest.raises(Unsubscribed, match="gave its lease back"):
         await held[0].commit()
     await broadcast.connect()
-    assert await positions(broadcast, "jobs") == {"w": 5}
-    [info] = await broadcast.log.consumers("jobs")
-    assert info.holder is None
+    infos = await broadcast.log.consumers()
+    assert sorted((c.channel, c.position, c.holder) for c in infos) == [
+        (channel, 5, None) for channel in channels
+    ]
 
 
 async def test_a_thousand_consumers_on_a_hundred_channels(

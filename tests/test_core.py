@@ -942,3 +942,23 @@ async def test_a_cancelled_disconnect_still_closes_everything(tmp_path: Path) ->
     assert threading.active_count() == threads
     async with broadcast:
         assert (await broadcast.publish("c", "again")).offset >= 1
+
+
+async def test_connect_after_a_closing_that_failed(tmp_path: Path) -> None:
+    """A cancelled disconnect() goes on closing; if that fails, its error was for its
+    callers: a connect() waiting for it connects anyway."""
+
+    class FailingClose(MemoryBackend):
+        async def disconnect(self) -> None:
+            await asyncio.sleep(0.05)
+            raise ConnectionError("the transport would not close")
+
+    broadcast = Broadcast(backend=FailingClose(), log=f"sqlite+aiosqlite:///{tmp_path / 'e.db'}")
+    await broadcast.connect()
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(broadcast.disconnect(), 0.01)
+    await broadcast.connect()
+    assert broadcast.connected
+    assert (await broadcast.publish("c", "x")).offset == 1
+    with pytest.raises(ConnectionError):
+        await broadcast.disconnect()

@@ -651,13 +651,16 @@ async def test_a_permanent_failure_raises(admin: aioredis.Redis, kind: str, deni
             await backend.disconnect()
 
 
+@pytest.mark.parametrize("client", ["url", "given-bytes-client"])
 async def test_channels_come_and_go_without_growing_redis_py_tables(
-    sqlite_file_url: str,
+    sqlite_file_url: str, client: str
 ) -> None:
     """The transport reads replies itself, so redis-py never saw an UNSUBSCRIBE
-    confirmed and kept every channel ever subscribed in its PubSub's tables."""
+    confirmed and kept every channel ever subscribed in its PubSub's tables (keyed
+    by bytes in a client without decode_responses)."""
     require_redis()
-    backend = RedisBackend(REDIS_URL)
+    given = aioredis.Redis.from_url(REDIS_URL) if client != "url" else None
+    backend = RedisBackend(REDIS_URL) if given is None else RedisBackend(conn=given)
     async with Broadcast(backend=backend, log=sqlite_file_url) as broadcast:
         async with broadcast.subscribe(unique()):  # held: one channel stays
             for _ in range(200):
@@ -666,3 +669,5 @@ async def test_channels_come_and_go_without_growing_redis_py_tables(
             pubsub = backend._pubsub
             assert pubsub is not None
             assert (len(pubsub.channels), len(pubsub.pending_unsubscribe_channels)) == (1, 0)
+    if given is not None:
+        await given.aclose()

@@ -242,3 +242,28 @@ async def test_stalled_transport_bounds_memory_and_delays_nobody(
             assert broadcast.stats.live_send_failures >= 2
     finally:
         await asyncio.wait_for(broadcast.disconnect(), 5)
+
+
+async def test_an_idle_check_answered_late_says_nothing_of_what_came_since() -> None:
+    """The idle check's head query outlives a get() cut short; if events were
+    delivered before its answer came, the answer is about an older state (here: no
+    channel yet) and must not raise StreamReset ("deleted") on the next get()."""
+    async with Broadcast(idle_check=0.2) as broadcast:
+        read_head = broadcast.log.channel
+        answer = asyncio.Event()
+
+        async def late_head(name: str) -> Any:
+            info = await read_head(name)  # read now, answered later
+            await answer.wait()
+            return info
+
+        async with broadcast.subscribe("new") as sub:
+            broadcast.log.channel = late_head  # type: ignore[method-assign]
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(sub.get(), 0.3)  # the idle check starts
+            broadcast.log.channel = read_head  # type: ignore[method-assign]
+            await broadcast.publish("new", "first")
+            assert (await asyncio.wait_for(sub.get(), 5)).offset == 1
+            answer.set()  # the stale answer: no channel "new"
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(sub.get(), 0.6)  # nothing more, no reset

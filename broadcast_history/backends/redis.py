@@ -274,8 +274,9 @@ async def _unsubscribe(pubsub: PubSub, channel: str) -> None:
     # The reader takes the replies off the connection itself, so redis-py never sees
     # the confirmation that makes it forget a channel: forget it here, or its tables
     # grow by every channel ever subscribed for as long as the connection lives.
-    pubsub.channels.pop(channel, None)
-    pubsub.pending_unsubscribe_channels.discard(channel)
+    for key in (channel, channel.encode()):  # bytes, in a client without decode_responses
+        pubsub.channels.pop(key, None)
+        pubsub.pending_unsubscribe_channels.discard(key)
 
 
 # A reply's kind, as bytes or, from a client with decode_responses, as text.

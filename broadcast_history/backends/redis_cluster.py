@@ -25,7 +25,14 @@ from .._errors import NotConnected, TransportError
 from .._event import Event
 from ._backoff import Backoff
 from ._inbox import Inbox, InboxTransport
-from ._redis_common import CLIENT_NAME, Confirmations, cancel_and_wait, describe
+from ._redis_common import (
+    CLIENT_NAME,
+    Confirmations,
+    cancel_and_wait,
+    cancel_count,
+    describe,
+    raise_if_cancelled_since,
+)
 from ._redis_shards import Shard, ShardPublisher, cluster_options, is_cluster_transient
 from .base import BroadcastBackend, Health
 
@@ -146,6 +153,7 @@ class RedisClusterBackend(Health, InboxTransport, BroadcastBackend):
     async def _guard(self, operation: Any) -> None:
         """Run a subscription change; a lost node or moved slot triggers a resync."""
         assert self._trouble is not None
+        asked = cancel_count()
         try:
             await operation
         except Exception as exc:
@@ -153,6 +161,7 @@ class RedisClusterBackend(Health, InboxTransport, BroadcastBackend):
                 raise TransportError(f"redis-cluster SSUBSCRIBE failed: {describe(exc)}") from exc
             logger.info("redis-cluster subscription failed; resubscribing: %s", describe(exc))
             self._trouble.set()
+        raise_if_cancelled_since(asked)  # as redis-py may swallow one (see redis.py)
 
     async def _place(self, channels: Sequence[str]) -> None:
         """SSUBSCRIBE ``channels`` on the masters owning them, one command per slot."""

@@ -385,10 +385,6 @@ class Subscriber(Committable):
         checking = asked[0]
         try:
             info = await asyncio.shield(checking)
-        except asyncio.CancelledError:
-            if checking.cancelled():  # not just this get(): the check itself
-                self._checking = None
-            raise
         except LogUnavailable as exc:
             # Only a safety net failed: live delivery goes on, the next idle check
             # tries again.

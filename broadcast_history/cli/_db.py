@@ -42,16 +42,14 @@ def current(log: LogOption = DEFAULT_LOG) -> None:
 def check(log: LogOption = DEFAULT_LOG) -> None:
     """Exit 0 if the schema is current; 1 (with a message) if it needs `db upgrade`."""
     at, head = run(_revisions(log))
-    if not known_revision(at):
-        err_console.print(
-            f"schema is at {at}, newer than this version knows ({head}): upgrade "
-            "broadcast_history (`db upgrade` cannot go back)"
-        )
-        raise typer.Exit(1)
     if at != head:
-        err_console.print(
-            f"schema is at {at or 'nothing'}, this version needs {head}: "
-            "run `broadcast-history db upgrade`"
-        )
+        if known_revision(at):
+            advice = f"this version needs {head}: run `broadcast-history db upgrade`"
+        else:
+            advice = (
+                f"newer than this version knows ({head}): upgrade broadcast_history "
+                "(`db upgrade` cannot go back)"
+            )
+        err_console.print(f"schema is at {at or 'nothing'}, {advice}")
         raise typer.Exit(1)
     console.print(f"schema is current ({head})")

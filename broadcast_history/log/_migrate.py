@@ -107,13 +107,14 @@ def _upgrade_unlocked(connection: Connection) -> None:
 
 def _check(connection: Connection) -> None:
     current, head = _current(connection), head_revision()
+    if current == head:
+        return
     if not known_revision(current):
         raise _newer(current)
-    if current != head:
-        raise SchemaOutOfDate(
-            f"event log schema is at {current or 'nothing'}, this version needs {head}: "
-            "run `broadcast-history db upgrade` or connect with migrate=True"
-        )
+    raise SchemaOutOfDate(
+        f"event log schema is at {current or 'nothing'}, this version needs {head}: "
+        "run `broadcast-history db upgrade` or connect with migrate=True"
+    )
 
 
 async def upgrade(conn: AsyncConnection) -> None:

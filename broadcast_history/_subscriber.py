@@ -84,6 +84,9 @@ class Subscriber(Committable):
         self._reading: tuple[int, asyncio.Future[tuple[list[Event], bool]]] | None = None
         # The lease held for a durable consumer (subscribe(consumer=...)).
         self._consumer: Holding | None = None
+        # since=<a time after the head's>: events stamped before it are skipped until
+        # one is not (timestamps never decrease within a channel).
+        self._not_before: datetime | None = None
 
     # -- public --------------------------------------------------------------------
 
@@ -117,6 +120,8 @@ class Subscriber(Committable):
         return self
 
     async def __anext__(self) -> Event:
+        if self._not_before is not None:
+            return await self._skip_early(self._not_before)
         if self._consumer is not None:
             # What was delivered counts as handled; a holder without its lease stops.
             self._consumer.next_asked(self._epoch, self._next - 1)
@@ -157,6 +162,17 @@ class Subscriber(Committable):
             else:
                 raise StopAsyncIteration
 
+    async def _skip_early(self, not_before: datetime) -> Event:
+        self._not_before = None
+        try:
+            while True:
+                event = await self.__anext__()
+                if event.timestamp is None or event.timestamp >= not_before:
+                    return event
+        except BaseException:
+            self._not_before = not_before  # not reached yet: the next call goes on
+            raise
+
     # -- start ---------------------------------------------------------------------
 
     async def _start(
@@ -168,6 +184,8 @@ class Subscriber(Committable):
             return  # the broadcast disconnected meanwhile: it stays closed
         self._epoch = start.epoch
         self._next = start.offset
+        if isinstance(since, datetime) and start.offset > start.head:
+            self._not_before = since
         self._mode = _REPLAY if start.offset <= start.head else _LIVE
 
     # -- fed by the broadcast ------------------------------------------------------

@@ -11,6 +11,7 @@ import threading
 import time
 import zipfile
 from collections.abc import Sequence
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -962,3 +963,22 @@ async def test_connect_after_a_closing_that_failed(tmp_path: Path) -> None:
     assert (await broadcast.publish("c", "x")).offset == 1
     with pytest.raises(ConnectionError):
         await broadcast.disconnect()
+
+
+async def test_since_a_future_time_skips_events_stamped_before_it() -> None:
+    # since=datetime means "timestamp >= it", also for events that commit after the
+    # subscription was entered (a client whose clock runs ahead, a scheduled start).
+    async with Broadcast("memory://") as broadcast:
+        await broadcast.publish("c", "history")
+        since = datetime.now(timezone.utc) + timedelta(seconds=0.3)
+        async with broadcast.subscribe("c", since=since) as sub:
+            early = await broadcast.publish("c", "early")
+            assert early.timestamp is not None and early.timestamp < since
+            while datetime.now(timezone.utc) <= since:
+                await asyncio.sleep(0.05)
+            late = await broadcast.publish("c", "late")
+            got = await asyncio.wait_for(sub.get(), 5)
+            assert (got.message, got.offset) == ("late", late.offset)
+            assert sub.position == late.offset
+            await broadcast.publish("c", "after")
+            assert (await asyncio.wait_for(sub.get(), 5)).message == "after"

@@ -67,6 +67,12 @@ def is_memory_sqlite(url: URL) -> bool:
     return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
 
 
+def missing_file(url: URL) -> bool:
+    """Whether ``url`` is a SQLite file that does not exist (yet)."""
+    path = _sqlite_file(url)
+    return path is not None and not path.exists()
+
+
 def require_file(url: URL) -> None:
     """Raise :class:`LogUnavailable` if ``url`` is a SQLite file that does not exist.
 

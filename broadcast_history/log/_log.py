@@ -17,7 +17,14 @@ from .._validation import check_int, check_optional_int, check_time
 from . import _migrate, _queries
 from ._calls import Conflict, append_error, finish_on_cancel, translated
 from ._consumer_log import ConsumerMethods
-from ._engine import MEMORY_URL, cannot_open, is_memory_sqlite, normalize_url, require_file
+from ._engine import (
+    MEMORY_URL,
+    cannot_open,
+    is_memory_sqlite,
+    missing_file,
+    normalize_url,
+    require_file,
+)
 from ._info import ChannelInfo, LogTotals, Pending, Retention
 from ._rows import now_micros
 from ._store import Store
@@ -91,6 +98,9 @@ class EventLog(ConsumerMethods):
             return
         if self.must_exist:
             require_file(self.url)
+        elif not self.migrate and missing_file(self.url):
+            # Opening would create an empty file, which the check then refuses.
+            raise _migrate.out_of_date(None)
         store = self._store
         try:
             await store.open()

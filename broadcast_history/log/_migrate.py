@@ -105,16 +105,21 @@ def _upgrade_unlocked(connection: Connection) -> None:
     command.upgrade(alembic_config(connection), "head")
 
 
+def out_of_date(current: str | None) -> SchemaOutOfDate:
+    """The error for a schema at ``current`` (``None``: none) when migrating is off."""
+    return SchemaOutOfDate(
+        f"event log schema is at {current or 'nothing'}, this version needs "
+        f"{head_revision()}: run `broadcast-history db upgrade` or connect with migrate=True"
+    )
+
+
 def _check(connection: Connection) -> None:
-    current, head = _current(connection), head_revision()
-    if current == head:
+    current = _current(connection)
+    if current == head_revision():
         return
     if not known_revision(current):
         raise _newer(current)
-    raise SchemaOutOfDate(
-        f"event log schema is at {current or 'nothing'}, this version needs {head}: "
-        "run `broadcast-history db upgrade` or connect with migrate=True"
-    )
+    raise out_of_date(current)
 
 
 async def upgrade(conn: AsyncConnection) -> None:

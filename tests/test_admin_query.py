@@ -13,7 +13,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy.dialects import sqlite
 
-from broadcast_history import Broadcast, InvalidArgument, Retention
+from broadcast_history import (
+    Broadcast,
+    HistoryTruncated,
+    InvalidArgument,
+    Retention,
+    StreamReset,
+)
 from broadcast_history.admin import (
     ChannelNotFound,
     EventNotFound,
@@ -21,6 +27,7 @@ from broadcast_history.admin import (
     ImportConflict,
     InvalidExport,
 )
+from broadcast_history.admin import _jsonl
 from broadcast_history.log import _queries
 from tests.support.admin_support import LOG_KINDS, fresh_log_url
 
@@ -334,6 +341,33 @@ async def test_export_import_round_trip(broadcast: Broadcast, admin: HistoryAdmi
             await copy.import_jsonl(exported)
         with pytest.raises(ChannelNotFound):
             await copy.channel("other")
+
+
+async def test_export_fails_when_the_channel_changes_under_it(
+    broadcast: Broadcast, admin: HistoryAdmin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A channel deleted or trimmed to nothing mid-export ended the export without an
+    error, its file short of the last_offset its channel line promised."""
+    # Pages of a few events (bounded in bytes): short pages must not end the export.
+    monkeypatch.setattr(_jsonl, "_PAGE_BYTES", 40)
+    await asyncio.gather(*(broadcast.publish("c", f"message {i}") for i in range(50)))
+    lines = await collect(admin.export_jsonl(["c"]))
+    assert [json.loads(line)["offset"] for line in lines[1:]] == list(range(1, 51))
+
+    async def export_then(change: str) -> None:
+        count = 0
+        async for _ in admin.export_jsonl(["c"]):
+            count += 1
+            if count == 10:
+                if change == "delete":
+                    await broadcast.log.delete_channel("c")
+                    await asyncio.gather(*(broadcast.publish("c", "new") for _ in range(60)))
+                else:
+                    await broadcast.log.trim("c", before=10**6)
+
+    for change, error in (("delete", StreamReset), ("trim", HistoryTruncated)):
+        with pytest.raises(error, match="during the export"):
+            await export_then(change)
 
 
 async def test_export_one_channel(broadcast: Broadcast, admin: HistoryAdmin) -> None:

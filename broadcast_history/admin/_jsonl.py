@@ -27,6 +27,8 @@ from ..log import ChannelInfo, EventLog
 
 FORMAT = 1
 _PAGE = 1000
+# A page in memory stays small whatever the messages' sizes (at least one event).
+_PAGE_BYTES = 4 * 1024 * 1024
 
 
 def _iso(moment: datetime | None) -> str | None:
@@ -70,19 +72,27 @@ async def export_channel(log: EventLog, info: ChannelInfo) -> AsyncIterator[str]
             "trimmed_timestamp": _iso(info.trimmed_timestamp),
         }
     )
-    after, expected = info.first_offset - 1, None
-    while True:
-        page = await log.read(info.name, after=after, before=info.last_offset + 1, limit=_PAGE)
-        if not page:
-            return
-        if expected is not None and page[0].offset != expected:
-            # Trimmed between two pages: the file would have a hole; better say so.
-            raise HistoryTruncated(f"{info.name!r} was trimmed during the export: export again")
+    after = info.first_offset - 1
+    while after < info.last_offset:
+        page = await log.read(
+            info.name,
+            after=after,
+            before=info.last_offset + 1,
+            limit=_PAGE,
+            max_bytes=_PAGE_BYTES,
+        )
+        if not page or page[0].offset != after + 1:
+            # Trimmed or deleted since the channel line: the file would have a hole.
+            raise await _changed(log, info)
         for event in page:
             if event.epoch != info.epoch:
                 raise StreamReset(f"{info.name!r} was deleted during the export: export again")
             yield _dumps({"type": "event", **event_json(event)})
         after = page[-1].offset
-        expected = after + 1
-        if len(page) < _PAGE:
-            return
+
+
+async def _changed(log: EventLog, info: ChannelInfo) -> HistoryTruncated | StreamReset:
+    now = await log.channel(info.name)
+    if now is None or now.epoch != info.epoch:
+        return StreamReset(f"{info.name!r} was deleted during the export: export again")
+    return HistoryTruncated(f"{info.name!r} was trimmed during the export: export again")

@@ -26,8 +26,8 @@ from broadcast_history.admin import (
     HistoryAdmin,
     ImportConflict,
     InvalidExport,
+    _jsonl,
 )
-from broadcast_history.admin import _jsonl
 from broadcast_history.log import _queries
 from tests.support.admin_support import LOG_KINDS, fresh_log_url
 

@@ -147,8 +147,8 @@ class ConsumerOut(BaseModel):
     epoch: int | None = Field(description="The channel's epoch its position belongs to")
     position: int | None = Field(description="Offset of the last event it committed")
     lag: int | None = Field(
-        description="Events stored after its position (null: no position yet, or one of "
-        "an earlier epoch of the channel)"
+        description="Events published after its position, trimmed ones included "
+        "(null: no position yet, or one of an earlier epoch of the channel)"
     )
     updated_at: AwareDatetime | None = Field(description="When its position was stored")
     holder: str | None = Field(description="The process holding it (host:pid:id); null: free")

@@ -106,7 +106,8 @@ class ConsumerInfo:
             commit).
         position: Offset of the last event it committed (``None`` before its first
             commit).
-        lag: Events stored after its position; ``None`` without a position, or when
+        lag: Events published after its position (the channel's last offset minus
+            it, trimmed ones included); ``None`` without a position, or when
             the position belongs to an earlier epoch of the channel (resuming it
             raises :class:`StreamReset`).
         updated_at: When its position was last stored.

@@ -8,27 +8,29 @@ import json
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
 import pytest
 import uvicorn
 
-from broadcast_history import Broadcast
+from broadcast_history import Broadcast, StreamReset
 from broadcast_history.admin import HistoryAdmin, InvalidExport, create_app
 from broadcast_history.admin._import import split_lines
 from tests.support.admin_support import LOG_KINDS, fresh_log_url
 from tests.support.ports import free_port
 
 TOKEN = "t"
+EARLIER, LATER = "2023-12-31T00:00:00+00:00", "2024-01-02T00:00:00+00:00"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 CLI = [sys.executable, "-c", "from broadcast_history.cli import main; main()"]
 
 
-def channel_line(name: str = "c", first: int = 1, last: int = 3) -> str:
-    return json.dumps(
-        {"type": "channel", "name": name, "epoch": 7, "first_offset": first, "last_offset": last}
-    )
+def channel_line(name: str = "c", first: int = 1, last: int = 3, **fields: object) -> str:
+    line = {"type": "channel", "name": name, "epoch": 7, "first_offset": first}
+    line.update(last_offset=last, **fields)
+    return json.dumps(line)
 
 
 def event_line(offset: int, name: str = "c", **fields: object) -> str:
@@ -81,6 +83,14 @@ async def admin(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
             [channel_line("a", last=1), event_line(1, "a"), channel_line("b")],
             "'b'.*1..3 are missing",
         ),
+        (  # time positions before the kept events would raise HistoryTruncated wrongly
+            [channel_line(first=2, last=2, trimmed_timestamp=LATER), event_line(2)],
+            "'c' .*trimmed_timestamp is later than the events kept",
+        ),
+        (
+            [channel_line(last=1, trimmed_timestamp=EARLIER), event_line(1)],
+            "line 1: trimmed_timestamp given, but nothing was trimmed",
+        ),
     ],
 )
 async def test_incomplete_or_malformed_exports_store_nothing(
@@ -93,11 +103,16 @@ async def test_incomplete_or_malformed_exports_store_nothing(
 
 
 async def test_a_trimmed_channel_imports_from_its_first_offset(admin: HistoryAdmin) -> None:
-    lines = [channel_line(first=3, last=4), event_line(3), event_line(4)]
-    result = await admin.import_jsonl(lines)
+    lines = [channel_line(first=3, last=4, trimmed_timestamp=EARLIER), event_line(3)]
+    result = await admin.import_jsonl([*lines, event_line(4)])
     assert (result.channels, result.events) == (["c"], 2)
     stats = await admin.channel("c")
     assert (stats.first_offset, stats.last_offset, stats.count) == (3, 4, 2)
+    assert stats.trimmed_timestamp == datetime(2023, 12, 31, tzinfo=timezone.utc)
+    # An export without trimmed_timestamp (older versions wrote none): the trimmed
+    # events may be as late as the first kept one, so a time up to it is refused.
+    await admin.import_jsonl([channel_line("t", first=3, last=3), event_line(3, "t")])
+    assert (await admin.channel("t")).trimmed_timestamp == datetime(2024, 1, 1, tzinfo=timezone.utc)
     empty = [channel_line("d", first=6, last=5)]
     assert (await admin.import_jsonl(empty)).events == 0
 
@@ -203,3 +218,42 @@ async def test_a_stalled_upload_blocks_no_other_process(tmp_path: Path) -> None:
             assert b" 201 " in status, status
         assert (await broadcast.log.channel("c")).last_offset == 1000  # type: ignore[union-attr]
         assert (await broadcast.log.channel("elsewhere")) is not None
+
+
+async def test_restoring_an_older_backup_with_a_new_epoch(tmp_path: Path) -> None:
+    """A backup older than what clients saw, restored in its own epoch, reuses offsets
+    those clients already had: a client at 10 would skip the new 6..10. A new epoch
+    makes their positions raise StreamReset instead (Python, HTTP and CLI alike)."""
+    log = f"sqlite+aiosqlite:///{tmp_path / 'r.db'}"
+    async with Broadcast("memory://", log=log) as broadcast:
+        admin = HistoryAdmin.of(broadcast)
+        for i in range(5):
+            await broadcast.publish("c", f"m{i}")
+        backup = [line async for line in admin.export_jsonl(["c"])]
+        seen = [await broadcast.publish("c", f"later{i}") for i in range(5)]
+        old_epoch = seen[-1].epoch
+
+        await admin.delete("c")
+        assert (await admin.import_jsonl(backup, new_epoch=True)).events == 5
+        restored = (await admin.events("c")).events
+        assert [e.message for e in restored] == [f"m{i}" for i in range(5)]
+        assert {e.epoch for e in restored} == {(await admin.channel("c")).epoch} != {old_epoch}
+        with pytest.raises(StreamReset):
+            async with broadcast.subscribe("c", since=3, epoch=old_epoch):
+                pass
+        assert (await broadcast.publish("c", "next")).offset == 6
+
+        await admin.delete("c")
+        transport = httpx.ASGITransport(app=create_app(broadcast, token=TOKEN))
+        async with httpx.AsyncClient(transport=transport, base_url="http://a", headers=AUTH) as c:
+            response = await c.post("/import?new_epoch=true", content="".join(backup).encode())
+        assert response.status_code == 201, response.text
+        assert (await admin.channel("c")).epoch not in (old_epoch, restored[0].epoch)
+        await admin.delete("c")
+    (tmp_path / "backup.jsonl").write_text("".join(backup))
+    subprocess.run(
+        [*CLI, "import", str(tmp_path / "backup.jsonl"), "--log", log, "--new-epoch"], check=True
+    )
+    async with Broadcast("memory://", log=log) as broadcast:
+        info = await broadcast.log.channel("c")
+        assert info is not None and info.last_offset == 5 and info.epoch != old_epoch

@@ -305,10 +305,11 @@ def _add_routes(
         },
         responses={409: {"model": ErrorOut, "description": "A channel already exists"}},
     )
-    async def import_lines(request: Request) -> ImportOut:
-        """Store an export, all or nothing; 409 if one of its channels already exists."""
+    async def import_lines(request: Request, new_epoch: bool = False) -> ImportOut:
+        """Store an export, all or nothing; 409 if one of its channels already exists.
+        `new_epoch=true` gives each channel a new epoch (restoring an older backup)."""
         lines = split_lines(request.stream(), max_line_length(admin.max_message_size))
-        result = await admin.import_jsonl(lines)
+        result = await admin.import_jsonl(lines, new_epoch=new_epoch)
         return ImportOut(channels=result.channels, events=result.events)
 
     registry = _metrics_registry(broadcast)

@@ -25,7 +25,7 @@ from typing import IO, Any
 from .._errors import InvalidArgument
 from .._event import Event, from_micros, to_micros
 from .._validation import MAX_INT, check_channel, check_key
-from ..log import ChannelInfo, EventLog
+from ..log import ChannelInfo, EventLog, new_epoch
 from ._errors import ImportConflict, InvalidExport
 from ._jsonl import FORMAT
 from ._models import ImportResult
@@ -153,15 +153,21 @@ class _Channel:
     info: ChannelInfo
     line: int
     next_offset: int
+    # The epoch the file's lines carry (info.epoch, unless the import gives a new one).
+    file_epoch: int
     last_micros: int = 0
+    first_micros: int | None = None
     keys: set[str] = field(default_factory=set)
 
 
 class _Checker:
     """Phase one: checks each line and spools the events it describes."""
 
-    def __init__(self, log: EventLog, spool: IO[bytes], max_message_size: int) -> None:
+    def __init__(
+        self, log: EventLog, spool: IO[bytes], max_message_size: int, new_epochs: bool
+    ) -> None:
         self.log = log
+        self.new_epochs = new_epochs
         self.spool = spool
         self.max_message_size = max_message_size
         self.max_line = max_line_length(max_message_size)
@@ -196,6 +202,8 @@ class _Checker:
             raise InvalidExport(f"line {number}: first_offset is beyond last_offset + 1")
         last_micros = _optional_time(line, "last_timestamp", number)
         trimmed_micros = _optional_time(line, "trimmed_timestamp", number)
+        if first == 1 and trimmed_micros is not None:
+            raise InvalidExport(f"line {number}: trimmed_timestamp given, but nothing was trimmed")
         existing = await self.log.channel(name)
         if existing is not None:
             # Checked again under the write lock; this only fails early.
@@ -204,16 +212,17 @@ class _Checker:
                 f"offsets up to {existing.last_offset}); nothing was imported: delete it "
                 "first or import into another log"
             )
+        file_epoch = _int(line, "epoch", number, 1)
         info = ChannelInfo(
             name=name,
-            epoch=_int(line, "epoch", number, 1),
+            epoch=new_epoch() if self.new_epochs else file_epoch,
             last_offset=last,
             first_offset=first,
             last_timestamp=None if not last_micros else from_micros(last_micros),
             trimmed_timestamp=None if trimmed_micros is None else from_micros(trimmed_micros),
         )
         self.names.add(name)
-        self.current = _Channel(info, number, first)
+        self.current = _Channel(info, number, first, file_epoch)
 
     def event(self, line: dict[str, Any], number: int) -> None:
         current = self.current
@@ -233,7 +242,7 @@ class _Checker:
             raise InvalidExport(
                 f"line {number}: events {expected}..{offset - 1} of {info.name!r} are missing"
             )
-        if _int(line, "epoch", number, 1) != info.epoch:
+        if _int(line, "epoch", number, 1) != current.file_epoch:
             raise InvalidExport(f"line {number}: epoch differs from the channel's")
         micros = _time(line, "timestamp", number)
         if micros < current.last_micros:
@@ -250,6 +259,8 @@ class _Checker:
         message = _message(line, number, self.max_message_size)
         current.next_offset = offset + 1
         current.last_micros = micros
+        if current.first_micros is None:
+            current.first_micros = micros
         is_text = isinstance(message, str)
         stored = message if isinstance(message, str) else base64.b64encode(message).decode()
         record = [info.name, offset, info.epoch, micros, is_text, stored, key]
@@ -269,16 +280,28 @@ class _Checker:
                 "incomplete (cut short?)"
             )
         last_micros = 0 if info.last_timestamp is None else to_micros(info.last_timestamp)
-        if current.last_micros > last_micros:
-            info = ChannelInfo(
+        last_micros = max(last_micros, current.last_micros)
+        # since=<a time> raises HistoryTruncated up to the newest trimmed event's time:
+        # never after the oldest kept event's; unknown (an older export), assume it.
+        kept_from = last_micros if current.first_micros is None else current.first_micros
+        trimmed = info.trimmed_timestamp
+        if trimmed is not None and to_micros(trimmed) > kept_from:
+            raise InvalidExport(
+                f"channel {info.name!r} (line {current.line}): trimmed_timestamp is later "
+                "than the events kept"
+            )
+        if trimmed is None and info.first_offset > 1 and kept_from:
+            trimmed = from_micros(kept_from)
+        self.infos.append(
+            ChannelInfo(
                 info.name,
                 info.epoch,
                 info.last_offset,
                 info.first_offset,
-                from_micros(current.last_micros),
-                info.trimmed_timestamp,
+                from_micros(last_micros) if last_micros else info.last_timestamp,
+                trimmed,
             )
-        self.infos.append(info)
+        )
 
 
 async def _spooled(spool: IO[bytes]) -> AsyncIterator[list[Event]]:
@@ -300,10 +323,11 @@ async def import_lines(
     lines: Iterable[str | bytes] | AsyncIterable[str | bytes],
     *,
     max_message_size: int,
+    new_epochs: bool = False,
 ) -> ImportResult:
     """Check a whole export, then store it in one transaction: all of it or nothing."""
     with tempfile.TemporaryFile(prefix="broadcast-history-import-") as spool:
-        checker = _Checker(log, spool, max_message_size)
+        checker = _Checker(log, spool, max_message_size, new_epochs)
         number = 0
         if isinstance(lines, AsyncIterable):
             async for raw in lines:

@@ -292,7 +292,10 @@ class HistoryAdmin(ConsumerAdmin):
                 yield line
 
     async def import_jsonl(
-        self, lines: Iterable[str | bytes] | AsyncIterable[str | bytes]
+        self,
+        lines: Iterable[str | bytes] | AsyncIterable[str | bytes],
+        *,
+        new_epoch: bool = False,
     ) -> ImportResult:
         """Store an export made by :meth:`export_jsonl`, all or nothing.
 
@@ -304,13 +307,19 @@ class HistoryAdmin(ConsumerAdmin):
         Args:
             lines: The export's lines (``str`` or ``bytes``); for a raw byte stream,
                 split it with ``split_lines`` first.
+            new_epoch: Give each channel a new epoch instead of the exported one:
+                for restoring a backup older than what clients have seen, so their
+                positions raise ``StreamReset`` instead of matching offsets that
+                the next publishes reuse.
 
         Raises:
             ImportConflict: A channel of the export already exists in this log.
             InvalidExport: A malformed or incomplete export (the message gives the
                 line number or the channel and the missing offsets).
         """
-        return await _import.import_lines(self.log, lines, max_message_size=self.max_message_size)
+        return await _import.import_lines(
+            self.log, lines, max_message_size=self.max_message_size, new_epochs=new_epoch
+        )
 
 
 def _size(events: Sequence[Event]) -> int:

@@ -182,13 +182,21 @@ def _read_chunks(source: IO[bytes], advance: Callable[[int], object] | None) -> 
 def import_(
     source: Annotated[str, typer.Argument(help="JSON-lines file from `export` ('-': stdin).")],
     log: LogOption = DEFAULT_LOG,
+    new_epoch: Annotated[
+        bool,
+        typer.Option(
+            "--new-epoch",
+            help="Give each channel a new epoch (restoring a backup older than what "
+            "clients have seen: their positions then raise StreamReset).",
+        ),
+    ] = False,
 ) -> None:
     """Load an export into the log, all or nothing; fails if a channel already exists."""
 
     async def go(chunks: Iterator[bytes]) -> ImportResult:
         async with open_admin(log, must_exist=False) as admin:
             lines = split_lines(chunks, max_line_length(admin.max_message_size))
-            return await admin.import_jsonl(lines)
+            return await admin.import_jsonl(lines, new_epoch=new_epoch)
 
     if source == "-":
         result = run(go(_read_chunks(sys.stdin.buffer, None)))

@@ -5,7 +5,7 @@ pages, stats, trimming, retention, deletion and import, and durable consumers'
 positions and leases. The Alembic environment
 (``migrations/env.py``) uses :func:`migration_engine`, :data:`metadata` and
 :data:`VERSION_TABLE`; tools use :func:`schema_revision`, :func:`head_revision` and
-:func:`known_revision`.
+:func:`known_revision`; an import given a fresh epoch, :func:`new_epoch`.
 """
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -14,6 +14,7 @@ from ._engine import create_engine, normalize_url
 from ._info import ChannelInfo, ConsumerInfo, LeaseAttempt, LogTotals, Pending, Retention
 from ._log import EventLog
 from ._migrate import head_revision, known_revision, schema_revision
+from ._rows import new_epoch
 from ._schema import VERSION_TABLE, metadata
 
 
@@ -36,5 +37,6 @@ __all__ = [
     "known_revision",
     "metadata",
     "migration_engine",
+    "new_epoch",
     "schema_revision",
 ]

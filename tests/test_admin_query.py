@@ -93,7 +93,7 @@ async def test_channel_stats(broadcast: Broadcast, admin: HistoryAdmin) -> None:
 
 
 async def test_channels_prefix_and_cursor(broadcast: Broadcast, admin: HistoryAdmin) -> None:
-    names = [f"p:{i}" for i in range(5)] + ["q:0", "p%x", "p_y"]
+    names = [f"p:{i}" for i in range(5)] + ["q:0", "p%x", "p_y", "P:upper", "é:x", "É:y"]
     for name in names:
         await broadcast.publish(name, "x")
     seen: list[str] = []
@@ -109,6 +109,10 @@ async def test_channels_prefix_and_cursor(broadcast: Broadcast, admin: HistoryAd
     # LIKE wildcards in a prefix are literal.
     assert [c.name for c in (await admin.channels(prefix="p%")).channels] == ["p%x"]
     assert [c.name for c in (await admin.channels(prefix="p_")).channels] == ["p_y"]
+    # A prefix is exact, case included (SQLite's LIKE folds ASCII case).
+    assert [c.name for c in (await admin.channels(prefix="P:")).channels] == ["P:upper"]
+    assert [c.name for c in (await admin.channels(prefix="é")).channels] == ["é:x"]
+    assert len(await collect(admin.export_jsonl(prefix="P"))) == 2
     everything = await admin.channels(limit=100)
     assert len(everything.channels) == len(names) and everything.next_cursor is None
     with pytest.raises(InvalidArgument):

@@ -41,6 +41,9 @@ async def channel_page(
         query = query.limit(limit)
     if prefix:
         query = query.where(channels.c.name.startswith(prefix, autoescape=True))
+        if conn.dialect.name == "sqlite":
+            # SQLite's LIKE ignores ASCII case: 'tenantA/' would match 'TENANTA/secret'.
+            query = query.where(func.substr(channels.c.name, 1, len(prefix)) == prefix)
     if after is not None:
         query = query.where(channels.c.name > after)
     result = await conn.execute(query)

@@ -223,6 +223,8 @@ async def test_events_time_filters(broadcast: Broadcast, client: httpx.AsyncClie
         {"order": "sideways"},
         {"since": "2024-01-01T00:00:00"},  # no timezone
         {"until": "yesterday"},
+        {"until": "1714564860"},  # not Unix seconds: since=<digits> is an offset
+        {"until": "100"},
     ],
 )
 async def test_events_bad_parameters(
@@ -247,6 +249,9 @@ async def test_trim(broadcast: Broadcast, client: httpx.AsyncClient) -> None:
     assert response.json()["removed"] == 3
     assert (await client.post(path("tr", "/trim"), json={})).status_code == 400
     assert (await client.post(path("tr", "/trim"), json={"before": -2})).status_code == 422
+    for number in (99_999_999_999, "99999999999"):  # not Unix seconds (year 5138)
+        response = await client.post(path("tr", "/trim"), json={"before_time": number})
+        assert response.status_code == 422, response.text
     assert (await client.post(path("zz", "/trim"), json={"before": 1})).status_code == 404
     assert (await client.get(path("tr", "/events/1"))).status_code == 404
     stats = (await client.get("/stats")).json()
@@ -480,5 +485,17 @@ async def test_since_means_the_same_in_events_and_stream(
     first = page["events"][0]["timestamp"]
     page = (await client.get(path("c", "/events"), params={"since": first})).json()
     assert page["events"][0]["offset"] <= 4  # an ISO time: at or after
-    for query in ("?since=3&after=1", "?since=soon", f"?since={2**64}", f"?after={2**63}"):
+    # Paging keeps since as it was and puts next_cursor in after: both bound the page.
+    for query in ("?since=3&after=1", "?since=1&after=3"):
+        page = (await client.get(path("c", "/events") + query)).json()
+        assert [e["offset"] for e in page["events"]] == [4, 5], query
+    seen, after = [], None
+    while True:
+        params: dict[str, Any] = {"since": 1, "limit": 2, **({"after": after} if after else {})}
+        page = (await client.get(path("c", "/events"), params=params)).json()
+        seen += [e["offset"] for e in page["events"]]
+        if (after := page["next_cursor"]) is None:
+            break
+    assert seen == [2, 3, 4, 5]
+    for query in ("?since=soon", f"?since={2**64}", f"?after={2**63}"):
         assert (await client.get(path("c", "/events") + query)).status_code == 422, query

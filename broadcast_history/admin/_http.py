@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import AwareDatetime
 
 from .._broadcast import Broadcast
 from .._errors import (
@@ -48,6 +47,7 @@ from ._schemas import (
     EventList,
     EventOut,
     ImportOut,
+    IsoTime,
     StatsOut,
     TrimIn,
     TrimOut,
@@ -223,7 +223,9 @@ def _add_routes(
                 "(events at or after it), as in `/stream`",
             ),
         ] = None,
-        until: Annotated[AwareDatetime | None, Query(description="Before")] = None,
+        until: Annotated[
+            IsoTime | None, Query(description="An ISO 8601 time: events before it")
+        ] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
         order: Literal["asc", "desc"] = "asc",
     ) -> EventList:
@@ -233,9 +235,9 @@ def _add_routes(
         least one event): follow `next_cursor` for the rest."""
         start = None if since is None else _query_value(parse_since, since)
         if isinstance(start, int):
-            if after is not None:
-                raise HTTPException(422, "give after or an offset since, not both")
-            after, start = start, None
+            # Both bound the page from below: a page's next_cursor goes in `after`
+            # while `since` stays as it was.
+            after, start = start if after is None else max(after, start), None
         page = await admin.events(
             channel,
             after=after,

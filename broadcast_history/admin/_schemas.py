@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Literal
+from datetime import datetime
+from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, Field
+from pydantic import AwareDatetime, BaseModel, BeforeValidator, Field
 
+from .._errors import InvalidArgument
 from .._event import Event
+from .._parse import parse_time
 from ..log import ChannelInfo, ConsumerInfo
 from ._jsonl import event_json
 from ._models import EventPage, RetentionStats
@@ -19,6 +22,24 @@ MESSAGE_BODY = {
     "application/json": {"schema": {}},
     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
 }
+
+
+def _iso_time(value: Any) -> datetime:
+    # Pydantic alone takes numbers (and digit strings) as Unix seconds: `until=100`
+    # would mean 1970, and a since=100 is an offset. Times are ISO 8601 text only,
+    # read by the parser every other face uses.
+    if isinstance(value, datetime):
+        return value
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("must be an ISO 8601 time with a timezone")
+    try:
+        return parse_time(value, "time")
+    except InvalidArgument as exc:
+        raise ValueError(str(exc)) from None
+
+
+#: An aware time given as ISO 8601 text (query parameters and request bodies).
+IsoTime = Annotated[AwareDatetime, BeforeValidator(_iso_time)]
 
 
 class ChannelOut(BaseModel):
@@ -96,7 +117,7 @@ class TrimIn(BaseModel):
     """Trim bounds: remove offsets below `before` and/or events older than `before_time`."""
 
     before: int | None = Field(default=None, ge=0, le=MAX_OFFSET)
-    before_time: AwareDatetime | None = None
+    before_time: IsoTime | None = None
 
 
 class TrimOut(BaseModel):

@@ -151,3 +151,32 @@ def test_reload_and_restart_lose_nothing_and_resets_are_said(
         assert reset["id"] == expected
     finally:
         context.close()
+
+
+def test_websocket_backoff_grows_while_the_server_is_down(server: Server, browser: Any) -> None:
+    """A WebSocket that never opened reset the backoff after each failure: a client
+    retried every 0.25-0.5 s for as long as the server was down."""
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(f"{server.base}/stats")
+        page.evaluate(
+            """async (dead) => {
+                const { connect } = await import("/events/client.js");
+                window.delays = [];
+                connect(dead, {
+                    transport: "ws",
+                    storageKey: null,
+                    onStatus(status, detail) {
+                        if (status === "reconnecting") window.delays.push(parseInt(detail.match(/\\d+/)[0]));
+                    },
+                });
+            }""",
+            f"http://127.0.0.1:{free_port()}/events/nowhere",
+        )
+        page.wait_for_function("() => window.delays.length >= 3", timeout=WAIT_MS)
+        delays = page.evaluate("() => window.delays")
+        # Ceilings 0.5, 1 and 2 s, each delay drawn from its upper half.
+        assert 250 <= delays[0] <= 500 and 500 <= delays[1] <= 1000 and delays[2] >= 1000, delays
+    finally:
+        context.close()

@@ -211,7 +211,9 @@ export function connect(url, options = {}) {
       if (source !== ws) return;
       source = null;
       for (const pending of acks.splice(0)) pending.reject(new Error("the connection closed"));
-      if (Date.now() - openedAt > STEADY) attempts = 0;
+      // Only a connection that opened and held resets the backoff; one that never
+      // opened (the server is down) keeps growing it.
+      if (openedAt && Date.now() - openedAt > STEADY) attempts = 0;
       openedAt = 0;
       if (closed) return;
       if (e.code === 1008 || e.code === 4400) {

@@ -168,7 +168,8 @@ def test_websocket_backoff_grows_while_the_server_is_down(server: Server, browse
                     transport: "ws",
                     storageKey: null,
                     onStatus(status, detail) {
-                        if (status === "reconnecting") window.delays.push(parseInt(detail.match(/\\d+/)[0]));
+                        if (status !== "reconnecting") return;
+                        window.delays.push(parseInt(detail.match(/\\d+/)[0]));
                     },
                 });
             }""",

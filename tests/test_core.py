@@ -990,3 +990,24 @@ async def test_since_a_future_time_skips_events_stamped_before_it() -> None:
             assert sub.position == late.offset
             await broadcast.publish("c", "after")
             assert (await asyncio.wait_for(sub.get(), 5)).message == "after"
+
+
+async def test_opening_a_current_log_needs_no_write_lock(tmp_path: Path) -> None:
+    """Connecting took SQLite's write lock to check the schema: a process whose
+    writer was stopped mid-transaction (SIGSTOP, a debugger) kept every new worker
+    and CLI command waiting 30 s, then failing, though they only had to read."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
+    async with Broadcast(log=url) as bc:
+        await bc.publish("c", "stored")
+    holder = sqlite3.connect(tmp_path / "events.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+
+    async def read() -> None:
+        async with Broadcast(log=url) as bc, bc.subscribe("c", since=0) as sub:
+            assert (await sub.get()).message == "stored"
+
+    try:
+        await asyncio.wait_for(read(), 10)  # the busy timeout is 30 s
+    finally:
+        holder.rollback()
+        holder.close()

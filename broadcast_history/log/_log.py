@@ -104,12 +104,18 @@ class EventLog(ConsumerMethods):
         store = self._store
         try:
             await store.open()
-            async with store.begin(write=True) as conn:
-                if self.migrate:
-                    await _migrate.upgrade(conn)
-                else:
-                    await _migrate.check(conn)
-                log_id = await _queries.log_id(conn)
+            # Read first: a current schema needs no write lock, which a stopped
+            # writer of another process would hold (SQLite) for 30 s of waiting.
+            async with store.begin() as conn:
+                current = await _migrate.is_current(conn)
+                log_id = await _queries.log_id(conn) if current else None
+            if not current:
+                async with store.begin(write=True) as conn:
+                    if self.migrate:
+                        await _migrate.upgrade(conn)
+                    else:
+                        await _migrate.check(conn)
+                    log_id = await _queries.log_id(conn)
             if log_id is None:
                 raise LogUnavailable("the event log has no identity row: recreate its schema")
         except BaseException as exc:

@@ -127,6 +127,12 @@ async def upgrade(conn: AsyncConnection) -> None:
     await conn.run_sync(_upgrade)
 
 
+async def is_current(conn: AsyncConnection) -> bool:
+    """Whether the schema is at the newest revision (nothing to upgrade)."""
+    current: str | None = await conn.run_sync(_current)
+    return current == head_revision()
+
+
 async def check(conn: AsyncConnection) -> None:
     """Raise :class:`SchemaOutOfDate` unless the schema is at the newest revision."""
     await conn.run_sync(_check)

@@ -143,7 +143,8 @@ class Broadcast:
     @property
     def transport_connected(self) -> bool:
         """Whether the live transport is up; when down, subscribers read from the log."""
-        return self._connected and self._listener_error is None and self._backend.connected
+        up = getattr(self._backend, "connected", True)  # broadcaster's backends lack it
+        return self._connected and self._listener_error is None and bool(up)
 
     # -- lifecycle -----------------------------------------------------------------
 

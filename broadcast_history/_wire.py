@@ -106,7 +106,13 @@ class Wire:
             else:
                 for text in _envelope.encode(batch, log_id, limit, self._sender):
                     messages.append((channel, text))
-        await self.backend.publish_many(messages)
+        publish_many = getattr(self.backend, "publish_many", None)
+        if publish_many is not None:
+            await publish_many(messages)
+        else:
+            # broadcaster 0.3's own backend classes have publish() only.
+            for channel, message in messages:
+                await self.backend.publish(channel, message)
 
     async def receive(self, wanted: Container[str]) -> tuple[str, Sequence[Event]]:
         """The next events of this log on a ``wanted`` channel.

@@ -326,3 +326,24 @@ def test_help_without_the_admin_extra_names_it() -> None:
     assert result.returncode == 1
     assert "pip install 'broadcast-history[admin]'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["channels", "--log", "postgresql+asyncpg://localhost/app"],
+        ["serve", "--allow-no-token", "--log", "postgresql+asyncpg://localhost/app"],
+        ["demo", "--log", "postgresql+asyncpg://localhost/app"],
+    ],
+    ids=["channels", "serve", "demo"],
+)
+def test_a_missing_driver_is_one_error_line(args: list[str]) -> None:
+    """Without asyncpg installed: a traceback ending in ModuleNotFoundError, instead
+    of the line naming the extra to install."""
+    hide = "import sys; sys.modules['asyncpg'] = None; "
+    result = subprocess.run(
+        [sys.executable, "-c", hide + EXE[2], *args], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "broadcast-history[postgres]" in result.stderr

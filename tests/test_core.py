@@ -1011,3 +1011,56 @@ async def test_opening_a_current_log_needs_no_write_lock(tmp_path: Path) -> None
     finally:
         holder.rollback()
         holder.close()
+
+
+class _Bus:
+    """A transport written against broadcaster 0.3's own base class: publish() only,
+    no publish_many, connected or any other hook of ours. Instances made from one
+    ``_Bus.shared`` dict reach each other, like processes on one server."""
+
+    def __init__(self, shared: dict[str, list[asyncio.Queue[Any]]]) -> None:
+        self._shared, self._queue = shared, asyncio.Queue[Any]()
+
+    async def connect(self) -> None:
+        pass
+
+    async def disconnect(self) -> None:
+        pass
+
+    async def subscribe(self, channel: str) -> None:
+        self._shared.setdefault(channel, []).append(self._queue)
+
+    async def unsubscribe(self, channel: str) -> None:
+        self._shared[channel].remove(self._queue)
+
+    async def publish(self, channel: str, message: Any) -> None:
+        for queue in self._shared.get(channel, []):
+            queue.put_nowait(Event(channel=channel, message=message))
+
+    async def next_published(self) -> Event:
+        event: Event = await self._queue.get()
+        return event
+
+
+async def test_a_backend_with_broadcasters_methods_only_carries_events_live(
+    tmp_path: Path,
+) -> None:
+    """Such a backend (broadcaster's own classes are) failed every live send with
+    AttributeError on publish_many: other processes got each event only from their
+    idle check. transport_connected raised AttributeError too."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
+    shared: dict[str, list[asyncio.Queue[Any]]] = {}
+    first = Broadcast(backend=_Bus(shared), log=url, idle_check=60)  # type: ignore[arg-type]
+    second = Broadcast(backend=_Bus(shared), log=url, idle_check=60)  # type: ignore[arg-type]
+    async with first, second, second.subscribe("c") as sub:
+        assert first.transport_connected and second.transport_connected
+        await first.publish("c", "live")
+        assert (await asyncio.wait_for(sub.get(), 10)).message == "live"
+
+
+def test_a_missing_postgres_driver_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    # As if asyncpg were not installed: the store module imports it at the top.
+    monkeypatch.setitem(sys.modules, "asyncpg", None)
+    monkeypatch.delitem(sys.modules, "broadcast_history.log._postgres", raising=False)
+    with pytest.raises(ImportError, match=r"broadcast-history\[postgres\]"):
+        EventLog("postgresql+asyncpg://localhost/db")

@@ -72,6 +72,8 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(coro)
     except (BroadcastError, ValueError) as exc:
         fail(str(exc), exit_code(exc))
+    except ImportError as exc:  # a driver's extra is not installed; the message names it
+        fail(str(exc), 1)
 
 
 def parse_time(value: str | None, option: str) -> datetime | None:

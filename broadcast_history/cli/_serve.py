@@ -41,6 +41,8 @@ def serve(
         application = create_app(broadcast, token=token, allow_no_token=allow_no_token)
     except ValueError as exc:
         fail(str(exc), 2)
+    except ImportError as exc:  # the transport's or the log's driver is missing
+        fail(str(exc), 1)
     base = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
     err_console.print(f"admin API on {base} (docs: {base}/docs)", markup=False)
     err_console.print(f"operator console: {base}/ui/", markup=False)

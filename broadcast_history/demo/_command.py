@@ -53,9 +53,10 @@ def serve(
     # exit code 3, as in the other commands, not uvicorn's startup traceback.
     try:
         asyncio.run(_reachable(live, log_url))
-    except (BroadcastError, ValueError) as exc:
+    except (BroadcastError, ValueError, ImportError) as exc:
         typer.echo(f"Error: cannot start the demo: {exc}", err=True)
-        raise typer.Exit(2 if isinstance(exc, ValueError) else 3) from None
+        code = 2 if isinstance(exc, ValueError) else 1 if isinstance(exc, ImportError) else 3
+        raise typer.Exit(code) from None
     # A demo anyone can write to keeps a bounded history per room.
     retention = Retention(max_events=10_000, max_age=timedelta(days=7), interval=60.0)
     app = create_app(Broadcast(live, log=log_url, retention=retention))

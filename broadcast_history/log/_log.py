@@ -370,6 +370,13 @@ def _store_for(url: URL, synchronous: str) -> Store:
         from ._mysql import MySQLStore
 
         return MySQLStore(url)
-    from ._postgres import PostgresStore
-
+    try:
+        from ._postgres import PostgresStore
+    except ModuleNotFoundError as exc:
+        if exc.name != "asyncpg":
+            raise
+        raise ImportError(
+            "a postgresql+asyncpg:// event log needs 'asyncpg': "
+            "pip install 'broadcast-history[postgres]'"
+        ) from exc
     return PostgresStore(url)

@@ -499,3 +499,28 @@ async def test_since_means_the_same_in_events_and_stream(
     assert seen == [2, 3, 4, 5]
     for query in ("?since=soon", f"?since={2**64}", f"?after={2**63}"):
         assert (await client.get(path("c", "/events") + query)).status_code == 422, query
+
+
+async def test_refused_parameters_are_shaped_as_the_schema_says(
+    broadcast: Broadcast, client: httpx.AsyncClient
+) -> None:
+    """The library's own parsers answered 422 with a string detail, where the OpenAPI
+    schema (and FastAPI's own validation) has a list of problems; 503 was undeclared."""
+    await broadcast.publish("c", "x")
+    cases = [
+        (path("c", "/events") + "?since=soon", {}, ["query", "since"]),
+        (path("c", "/events") + "?until=100", {}, ["query", "until"]),
+        (path("c", "/stream") + "?since=soon", {}, ["query", "since"]),
+        (path("c", "/stream"), {"Last-Event-ID": "x:y"}, ["header", "last-event-id"]),
+    ]
+    for url, headers, loc in cases:
+        response = await client.get(url, headers=headers)
+        assert response.status_code == 422, url
+        [problem] = response.json()["detail"]
+        assert problem["loc"] == loc and problem["msg"], (url, problem)
+    schema = (await client.get("/openapi.json")).json()
+    events = schema["paths"]["/channels/{channel}/events"]["get"]["responses"]
+    assert events["422"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/HTTPValidationError"
+    )
+    assert "503" in events

@@ -16,6 +16,10 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 try:  # schemathesis >= 4.3x: stop the app (and disconnect its broadcast) after the test
     from schemathesis.python.asgi import shutdown_lifespans
@@ -65,8 +69,8 @@ def test_no_server_error(api_schema: Any) -> None:
         @given(case=operation.as_strategy())
         @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
         def check(case: Any) -> None:
-            case.call_and_validate(
-                headers={"Authorization": f"Bearer {TOKEN}"}, checks=[not_a_server_error]
-            )
+            # Every answer is one the schema declares, shaped as it says.
+            checks = [not_a_server_error, status_code_conformance, response_schema_conformance]
+            case.call_and_validate(headers={"Authorization": f"Bearer {TOKEN}"}, checks=checks)
 
         check()

@@ -51,6 +51,7 @@ from ._schemas import (
     StatsOut,
     TrimIn,
     TrimOut,
+    invalid_parameter,
 )
 
 logger = logging.getLogger("broadcast_history.admin")
@@ -62,6 +63,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorOut, "description": "Invalid parameter"},
     401: {"model": ErrorOut, "description": "Missing or wrong bearer token"},
     404: {"model": ErrorOut, "description": "Unknown channel or event"},
+    503: {"model": ErrorOut, "description": "The event log cannot be reached"},
 }
 _STATUS: list[tuple[type[BroadcastError], int]] = [
     (NotFound, 404),
@@ -164,12 +166,12 @@ def _streamed(media_type: str, description: str) -> dict[str, Any]:
     return {"response_class": StreamingResponse, "responses": {200: content}}
 
 
-def _query_value(parse: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Parse a query parameter; a bad one is a 422, like FastAPI's own validation."""
+def _query_value(parse: Callable[[str], T], name: str, value: str) -> T:
+    """Parse a query parameter; a bad one is a 422, as FastAPI's own validation."""
     try:
-        return parse(*args, **kwargs)
+        return parse(value)
     except InvalidArgument as exc:
-        raise HTTPException(422, str(exc)) from exc
+        raise invalid_parameter("query", name, value, exc) from exc
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -233,7 +235,7 @@ def _add_routes(
 
         A page holds at most `limit` events and about 8 MiB of messages (always at
         least one event): follow `next_cursor` for the rest."""
-        start = None if since is None else _query_value(parse_since, since)
+        start = None if since is None else _query_value(parse_since, "since", since)
         if isinstance(start, int):
             # Both bound the page from below: a page's next_cursor goes in `after`
             # while `since` stays as it was.

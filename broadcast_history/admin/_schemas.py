@@ -6,6 +6,7 @@ from dataclasses import asdict
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
+from fastapi.exceptions import RequestValidationError
 from pydantic import AwareDatetime, BaseModel, BeforeValidator, Field
 
 from .._errors import InvalidArgument
@@ -40,6 +41,13 @@ def _iso_time(value: Any) -> datetime:
 
 #: An aware time given as ISO 8601 text (query parameters and request bodies).
 IsoTime = Annotated[AwareDatetime, BeforeValidator(_iso_time)]
+
+
+def invalid_parameter(where: str, name: str, value: Any, error: Exception) -> Exception:
+    """A parameter the library's own parser refused, as FastAPI's validation errors
+    are shaped (a 422 whose ``detail`` is a list): what the OpenAPI schema says."""
+    problem = {"type": "value_error", "loc": (where, name), "msg": str(error), "input": value}
+    return RequestValidationError([problem])
 
 
 class ChannelOut(BaseModel):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from .._broadcast import Broadcast
@@ -22,7 +22,7 @@ from ..web._sse import EventStream, json_frame
 from ..web._streams import OpenStreams
 from ._jsonl import event_json
 from ._paths import channel_from_path
-from ._schemas import MAX_OFFSET, MESSAGE_BODY, ErrorOut, PublishedOut
+from ._schemas import MAX_OFFSET, MESSAGE_BODY, ErrorOut, PublishedOut, invalid_parameter
 
 # Module level: FastAPI resolves the (string) annotations of endpoints in this namespace.
 Channel = Annotated[str, Depends(channel_from_path)]
@@ -72,7 +72,9 @@ def add_streaming_routes(
         event (`{"reason", "epoch", "head"}`), then the stream goes on from the head."""
         try:
             position = parse_position(last_event_id=last_event_id, since=since, history=history)
-        except InvalidArgument as exc:  # a 422, like FastAPI's own validation
-            raise HTTPException(422, str(exc)) from exc
+        except InvalidArgument as exc:  # a 422, as FastAPI's own validation
+            if last_event_id:
+                raise invalid_parameter("header", "last-event-id", last_event_id, exc) from exc
+            raise invalid_parameter("query", "since", since, exc) from exc
         feed = Feed(broadcast, channel, position)
         return EventStream(feed, keepalive=heartbeat, streams=streams, encode=_stream_frame)

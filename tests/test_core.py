@@ -1064,3 +1064,36 @@ def test_a_missing_postgres_driver_names_the_extra(monkeypatch: pytest.MonkeyPat
     monkeypatch.delitem(sys.modules, "broadcast_history.log._postgres", raising=False)
     with pytest.raises(ImportError, match=r"broadcast-history\[postgres\]"):
         EventLog("postgresql+asyncpg://localhost/db")
+
+
+async def test_retention_removes_a_backlog_in_slices(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backlog (retention turned on late, or a long stop) went in one transaction:
+    deleting a million rows held SQLite's write lock for seconds, and every publish
+    waited. Each transaction now removes at most RETENTION_SLICE events."""
+    from broadcast_history import Retention
+    from broadcast_history.log import _log as log_module
+
+    monkeypatch.setattr(log_module, "RETENTION_SLICE", 10)
+    async with Broadcast(log=f"sqlite+aiosqlite:///{tmp_path / 'events.db'}") as bc:
+        stored = [await bc.publish("c", str(i)) for i in range(95)]
+        await bc.publish("d", "kept")
+        writes = 0
+        begin = bc.log._store.begin
+
+        def counting(*, write: bool = False) -> Any:
+            nonlocal writes
+            writes += write
+            return begin(write=write)
+
+        monkeypatch.setattr(bc.log._store, "begin", counting)
+        assert await bc.log.apply_retention(Retention(max_events=3)) == 92
+        assert writes == 10  # 9 slices of 10, and the last 2
+        info = await bc.log.channel("c")
+        assert info is not None and (info.first_offset, info.last_offset) == (93, 95)
+        assert info.trimmed_timestamp == stored[91].timestamp
+        # By age too: everything older than a microsecond, a slice at a time.
+        assert await bc.log.apply_retention(Retention(max_age=timedelta(microseconds=1))) == 4
+        info = await bc.log.channel("c")
+        assert info is not None and info.count == 0

@@ -33,10 +33,10 @@ _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 # Longest disconnect() waits for calls still running (a stalled database must not
 # hold it for ever).
 _CALLS_WAIT = 5.0
-
-
 #: Offsets asked for in one query by EventLog.read_at.
 _OFFSETS_PER_QUERY = 500
+#: Events retention removes in one transaction, at most.
+RETENTION_SLICE = 10_000
 
 
 class EventLog(ConsumerMethods):
@@ -219,9 +219,14 @@ class EventLog(ConsumerMethods):
         removed = 0
         for info in infos:
             bounds = _queries.retention_bounds(info, retention.max_events, cutoff)
-            if bounds is not None:
+            while bounds is not None:
+                # A transaction per slice: publishers wait for one slice, not for a
+                # backlog of a million rows (seconds of SQLite's write lock).
                 async with translated(), store.begin(write=True) as conn:
-                    removed += await _queries.trim(conn, info.name, *bounds)
+                    count = await _queries.trim(conn, info.name, *bounds, RETENTION_SLICE)
+                removed += count
+                if count < RETENTION_SLICE:
+                    break
         return removed
 
     @finish_on_cancel

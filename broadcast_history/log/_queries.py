@@ -157,9 +157,14 @@ async def offset_at(conn: AsyncConnection, channel: str, micros: int) -> int | N
 
 
 async def trim(
-    conn: AsyncConnection, channel: str, before: int | None, before_us: int | None
+    conn: AsyncConnection,
+    channel: str,
+    before: int | None,
+    before_us: int | None,
+    limit: int | None = None,
 ) -> int:
-    """Remove events below offset ``before`` and/or older than ``before_us``."""
+    """Remove events below offset ``before`` and/or older than ``before_us``; the
+    oldest ``limit`` of them at most."""
     # The channel row is locked first (Postgres, MySQL; SQLite's write transaction
     # already excludes other writers): two trims cannot both compute from the same
     # first offset, and an append waits rather than race the new bounds.
@@ -178,6 +183,8 @@ async def trim(
     if before_us is not None:
         first_kept = await offset_at(conn, channel, before_us)
         new_first = max(new_first, last + 1 if first_kept is None else first_kept)
+    if limit is not None:
+        new_first = min(new_first, first + limit)
     if new_first <= first:
         return 0
     newest_removed = await conn.execute(

@@ -247,3 +247,51 @@ async def test_kept_connections_are_reused_bounded_replaced_and_returned() -> No
         await kept.close()
         assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
         await engine.dispose()
+
+
+async def test_a_driver_state_error_of_a_dying_connection_is_transient(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """asyncpg raises InternalClientError for a LISTEN or UNLISTEN on a connection
+    whose backend was just terminated. Raised while listening again after a loss,
+    it ended the transport for good (every subscriber got TransportError); raised by
+    UNLISTEN, it escaped from leaving a subscription. Injected: the window is a
+    statement wide."""
+    import asyncpg
+
+    url = await ensure_database("bh_test_faults_listen")
+    channel, other = unique(), unique()
+    failing = {"add_listener": 0, "remove_listener": 0}
+
+    def flaky(name: str) -> object:
+        real = getattr(asyncpg.Connection, name)
+
+        async def call(self: asyncpg.Connection, *args: object) -> object:
+            if failing[name]:
+                failing[name] -= 1
+                raise asyncpg.InternalClientError("cannot switch to state 12")
+            return await real(self, *args)
+
+        return call
+
+    for name in failing:
+        monkeypatch.setattr(asyncpg.Connection, name, flaky(name))
+    async with (
+        Broadcast(url, log=_log(url)) as sender,
+        Broadcast(url, log=_log(url), idle_check=60) as receiver,
+        receiver.subscribe(channel) as subscriber,
+    ):
+        failing["add_listener"] = 1  # the re-listen after the loss fails once
+        await terminate(url, [_listen_pid(receiver)])
+        await _until(lambda: failing["add_listener"] == 0 and receiver.transport_connected)
+        event = await sender.publish(channel, "after")
+        assert await take(subscriber, 1) == [event]
+
+        failing["remove_listener"] = 1
+        async with receiver.subscribe(other):
+            pass  # leaving does not raise the driver's error
+        # The connection whose UNLISTEN failed was closed and opened again, with
+        # every channel listened to again.
+        await _until(lambda: receiver.transport_connected)
+        event = await sender.publish(channel, "still live")
+        assert await take(subscriber, 1) == [event]

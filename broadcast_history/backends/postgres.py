@@ -20,11 +20,14 @@ from .base import BroadcastBackend
 logger = logging.getLogger("broadcast_history")
 
 # Errors after which trying again may succeed: the server went away or is starting.
+# asyncpg raises InternalClientError ("cannot switch to state ...") for a statement
+# on a connection whose backend was terminated meanwhile, as often as 1 in 6 times.
 _TRANSIENT = (
     OSError,
     asyncio.TimeoutError,
     asyncpg.ConnectionDoesNotExistError,
     asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
     asyncpg.CannotConnectNowError,
     asyncpg.TooManyConnectionsError,
     asyncpg.AdminShutdownError,
@@ -76,6 +79,8 @@ class PostgresBackend(InboxTransport, BroadcastBackend):
         self._listen_lock: asyncio.Lock | None = None
         self._publish_lock: asyncio.Lock | None = None
         self._supervisor: asyncio.Task[None] | None = None
+        # Set when the listening connection is lost: wakes the supervisor.
+        self._lost: asyncio.Event | None = None
 
     @property
     def connected(self) -> bool:
@@ -167,7 +172,12 @@ class PostgresBackend(InboxTransport, BroadcastBackend):
                 await operation(conn)
             except _TRANSIENT:
                 # Lost mid-call: the supervisor notices and re-listens from _names.
+                # Closed here too, should the call have failed on a live connection:
+                # its LISTENs would no longer match _names.
                 logger.info("postgres listening connection lost", exc_info=True)
+                conn.terminate()
+                if self._lost is not None:
+                    self._lost.set()
             except asyncpg.PostgresError as exc:
                 raise TransportError(f"postgres LISTEN failed: {exc!r}") from exc
 
@@ -188,7 +198,7 @@ class PostgresBackend(InboxTransport, BroadcastBackend):
 
     async def _watch(self, conn: asyncpg.Connection) -> None:
         """Return once ``conn`` is closed or stops answering."""
-        lost = asyncio.Event()
+        lost = self._lost = asyncio.Event()
         conn.add_termination_listener(lambda _conn: lost.set())
         while not conn.is_closed():
             with contextlib.suppress(asyncio.TimeoutError):

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._budget import weigh, weight
+from ._cancel import wait_for
 from ._errors import InvalidArgument, LogUnavailable, NotConnected
 from ._event import Event
 from ._stats import Stats
@@ -179,7 +180,7 @@ class Appender:
             outbox.clear()
             self._outbox_bytes = 0
             try:
-                await asyncio.wait_for(self._wire.send(events), SEND_TIMEOUT)
+                await wait_for(self._wire.send(events), SEND_TIMEOUT)
                 self._dropping = False
             except asyncio.CancelledError:
                 raise

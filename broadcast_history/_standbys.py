@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 
+from ._cancel import wait_for
 from ._errors import LogError, Unsubscribed
 from .log import EventLog
 
@@ -97,7 +98,7 @@ class Standbys:
                 self._pokes.pop(lease, None)
                 return
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(poke.wait(), lease / 3)
+                await wait_for(poke.wait(), lease / 3)
             poke.clear()
             # One claim per consumer: a statement may not take the same row twice.
             claims: dict[tuple[str, str], _Waiting] = {}

@@ -14,6 +14,7 @@ from redis.asyncio.client import Pipeline
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.commands.core import AsyncScript
 
+from .._cancel import cancel_count, raise_if_cancelled_since
 from .._errors import NotConnected, TransportError
 from ._inbox import InboxTransport
 
@@ -40,21 +41,6 @@ def is_transient(exc: BaseException) -> bool:
 #: end the read of every message behind it. Such a message is then not an envelope,
 #: ignored and counted. (Commands never carry lone surrogates: publish refuses them.)
 TEXT_REPLIES: dict[str, Any] = {"decode_responses": True, "encoding_errors": "surrogateescape"}
-
-
-def cancel_count() -> int:
-    """How many cancellations the running task was asked for (0 before Python 3.11)."""
-    cancelling = getattr(asyncio.current_task(), "cancelling", None)
-    return int(cancelling()) if cancelling is not None else 0
-
-
-def raise_if_cancelled_since(count: int) -> None:
-    """Raise the cancellation of the running task that something swallowed since it
-    counted ``count``: redis-py 8 inside a (un)subscribe command, and Python 3.11's
-    wait_for when the awaited future completes as the cancellation lands. The caller
-    would go on, still cancelling, and hang in a subscription nobody cancels again."""
-    if cancel_count() > count:
-        raise asyncio.CancelledError
 
 
 def as_text(value: Any) -> Any:

@@ -17,6 +17,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
+from .._cancel import wait_for
 from .._errors import InvalidArgument, NotConnected, TransportError
 from .._event import Event
 from ._backoff import Backoff
@@ -122,7 +123,7 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
         self._admin = AIOKafkaAdminClient(**options)
         try:
             for client in (self._producer, self._consumer, self._lookup, self._admin):
-                await asyncio.wait_for(client.start(), self._timeout * 2)
+                await wait_for(client.start(), self._timeout * 2)
         except (KafkaError, *TRANSIENT) as exc:
             await self._close_clients()
             raise TransportError(f"cannot connect to Kafka at {self._servers}: {exc!r}") from exc
@@ -165,7 +166,7 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
             logger.debug("kafka broker unreachable; live send of %d skipped", len(messages))
             return
         try:
-            await asyncio.wait_for(self._send(producer, messages), self._timeout)
+            await wait_for(self._send(producer, messages), self._timeout)
         except (KafkaError, *TRANSIENT) as exc:
             self._known.clear()  # the topics may be gone with the broker
             if retriable(exc):
@@ -195,7 +196,7 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
         for closer in closers:
             # A broker that is away must not hold up shutdown.
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(closer, 5)
+                await wait_for(closer, 5)
 
     async def _ensure_topics(self, topics: Iterable[str]) -> None:
         """Create the topics not known to exist (an existing one is fine)."""
@@ -213,7 +214,7 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
             raise NotConnected("the kafka transport is not connected")
         async with self._lock:
             try:
-                await asyncio.wait_for(self._assign(), self._timeout)
+                await wait_for(self._assign(), self._timeout)
             except (KafkaError, *TRANSIENT) as exc:
                 if not retriable(exc):
                     raise TransportError(f"Kafka subscription failed: {exc!r}") from exc
@@ -304,7 +305,7 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
         while True:
             await backoff.sleep()
             try:
-                await asyncio.wait_for(self._recover(), self._timeout)
+                await wait_for(self._recover(), self._timeout)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

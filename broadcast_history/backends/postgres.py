@@ -11,6 +11,7 @@ from typing import Any
 
 import asyncpg
 
+from .._cancel import wait_for
 from .._errors import NotConnected, TransportError
 from .._event import Event
 from ._backoff import Backoff
@@ -202,7 +203,7 @@ class PostgresBackend(InboxTransport, BroadcastBackend):
         conn.add_termination_listener(lambda _conn: lost.set())
         while not conn.is_closed():
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(lost.wait(), self._ping_interval)
+                await wait_for(lost.wait(), self._ping_interval)
                 break
             try:
                 assert self._listen_lock is not None

@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 from redis import exceptions as rexc
 from redis.asyncio.client import PubSub
 
+from .._cancel import cancel_count, raise_if_cancelled_since
 from .._errors import InvalidArgument, NotConnected, TransportError
 from .._event import Event
 from . import _redis_common as shared
@@ -138,7 +139,7 @@ class RedisBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
         pubsub = self._pubsub
         if pubsub is None:
             return  # the reader subscribes every channel when it (re)connects
-        asked = shared.cancel_count()
+        asked = cancel_count()
         try:
             await command(pubsub)
         except Exception as exc:
@@ -155,7 +156,7 @@ class RedisBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
             if not gone and not (isinstance(exc, rexc.RedisError) and shared.is_transient(exc)):
                 raise TransportError(f"redis SUBSCRIBE failed: {shared.describe(exc)}") from exc
             logger.info("redis subscription connection lost", exc_info=True)
-        shared.raise_if_cancelled_since(asked)
+        raise_if_cancelled_since(asked)
 
     async def _close_pubsub(self) -> None:
         pubsub, self._pubsub = self._pubsub, None

@@ -21,6 +21,7 @@ from typing import Any
 from redis import exceptions as rexc
 from redis.asyncio.cluster import RedisCluster
 
+from .._cancel import cancel_count, raise_if_cancelled_since
 from .._errors import NotConnected, TransportError
 from .._event import Event
 from ._backoff import Backoff
@@ -29,9 +30,7 @@ from ._redis_common import (
     CLIENT_NAME,
     Confirmations,
     cancel_and_wait,
-    cancel_count,
     describe,
-    raise_if_cancelled_since,
 )
 from ._redis_shards import Shard, ShardPublisher, cluster_options, is_cluster_transient
 from .base import BroadcastBackend, Health

@@ -1,0 +1,38 @@
+"""Cancellations that libraries swallow, raised again.
+
+Python 3.11's ``asyncio.wait_for`` returns the result when the awaited future
+completes in the same loop step as the task's cancellation lands, and the
+cancellation is lost; redis-py 8 swallows one inside a (un)subscribe command. A
+background loop that goes on then never ends, and ``disconnect()`` or
+``asyncio.run()``'s clean-up waits for it for ever. ``Task.cancelling()`` (3.11+)
+still counts the request, which is what these helpers read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def cancel_count() -> int:
+    """How many cancellations the running task was asked for (0 before Python 3.11)."""
+    cancelling = getattr(asyncio.current_task(), "cancelling", None)
+    return int(cancelling()) if cancelling is not None else 0
+
+
+def raise_if_cancelled_since(count: int) -> None:
+    """Raise the cancellation of the running task that something swallowed since it
+    counted ``count``."""
+    if cancel_count() > count:
+        raise asyncio.CancelledError
+
+
+async def wait_for(awaitable: Awaitable[T], timeout: float | None) -> T:
+    """``asyncio.wait_for`` that never loses a cancellation of the calling task."""
+    count = cancel_count()
+    result = await asyncio.wait_for(awaitable, timeout)
+    raise_if_cancelled_since(count)
+    return result

@@ -67,12 +67,23 @@ async def _connect(args: argparse.Namespace, records: Records) -> Broadcast:
             await asyncio.sleep(_RETRY)
 
 
+def _await_go(path: Path) -> float:
+    """Block until the runner writes ``path``; the Unix time it holds."""
+    while not path.exists():
+        time.sleep(0.05)
+    return float(path.read_text())
+
+
 async def publisher(args: argparse.Namespace) -> None:
     path = Path(args.records)
     incarnation = sum(1 for r in read_records(path) if r["k"] == "start")
     records = Records(path)
     records.write("start", inc=incarnation, pid=os.getpid())
     broadcast = await _connect(args, records)
+    # Publishing begins when every process of the run is up (the go file holds when
+    # it ends): startup takes seconds here, and the fault is timed from the go.
+    records.write("ready")
+    args.until = await asyncio.to_thread(_await_go, Path(args.go))
     channels = args.channels.split(",")
     loop = asyncio.get_running_loop()
     slots = asyncio.Semaphore(args.inflight)
@@ -87,7 +98,9 @@ async def publisher(args: argparse.Namespace) -> None:
                 except BroadcastError as exc:
                     records.write("err", ch=channel, id=key, error=repr(exc))
                     if time.time() > args.until + args.grace:
-                        return  # given up: stored once or not at all
+                        # Stored once or not at all; still failing is a finding.
+                        records.write("gave_up", ch=channel, id=key)
+                        return
                     await asyncio.sleep(_RETRY)
                     continue
                 records.write("ok", ch=channel, id=key, off=event.offset, ep=event.epoch)
@@ -176,7 +189,7 @@ def main() -> None:
     parser.add_argument("--channels", help="publisher: comma-separated channels")
     parser.add_argument("--rate", type=float, default=10.0, help="publishes per second")
     parser.add_argument("--inflight", type=int, default=4, help="publishes awaited at once")
-    parser.add_argument("--until", type=float, help="publisher: Unix time to stop at")
+    parser.add_argument("--go", help="publisher: file that holds the Unix time to stop at")
     parser.add_argument("--grace", type=float, default=30.0, help="retry this long after")
     parser.add_argument("--channel", help="subscriber: the channel")
     parser.add_argument("--start", choices=["replay", "live"], default="replay")

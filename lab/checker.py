@@ -10,6 +10,8 @@ publish that made it.
 * Each publish that returned: its message is stored exactly once, at the offset and
   epoch it returned.
 * Each publish that only raised: its message is stored at most once.
+* The run had traffic: publishes were acknowledged, and made while the fault was on;
+  a publisher that gave up retrying is a finding.
 * Each subscriber, across its restarts and re-subscriptions: every event from its
   start position on, once each, in offset order, with the log's epoch and message;
   each resumption starts from the last event it recorded; it reached the head.
@@ -121,6 +123,11 @@ def check_publishers(
                 acked[record["id"]] = (record["off"], record["ep"])
             elif kind == "err" and "id" in record:
                 result.publish_errors += 1
+            elif kind == "gave_up":
+                result.add(
+                    f"gave up: publish of {record['id']!r} still failed long after the run "
+                    "(publishing never recovered)"
+                )
     result.acked = len(acked)
     for message, places in where.items():
         if message not in tried:
@@ -189,15 +196,39 @@ def check_subscriber(
         result.add(f"{name}: stopped at {last}, the head is {head}")
 
 
+def check_traffic(
+    publishers: dict[str, list[dict[str, Any]]],
+    fault_window: tuple[float, float] | None,
+    result: Result,
+) -> None:
+    """A run that published nothing, or nothing while its fault was on, checked
+    nothing: it must not pass."""
+    if result.acked == 0:
+        result.add("nothing was published: the run checked nothing")
+    if fault_window is not None:
+        began, ended = fault_window
+        tried = sum(
+            1
+            for records in publishers.values()
+            for record in records
+            if record["k"] == "try" and began <= record["t"] <= ended
+        )
+        if tried == 0:
+            result.add("no publish was made while the fault was on: it tested nothing")
+
+
 def check_run(
     logs: dict[str, ChannelLog],
     publishers: dict[str, list[dict[str, Any]]],
     subscribers: dict[str, tuple[str, list[dict[str, Any]]]],
+    fault_window: tuple[float, float] | None = None,
 ) -> Result:
-    """Every check above on one run; ``subscribers`` maps a name to (channel, records)."""
+    """Every check above on one run; ``subscribers`` maps a name to (channel, records);
+    ``fault_window`` is when the fault ran (Unix times), ``None`` without a fault."""
     result = Result()
     where = check_log(logs, result)
     check_publishers(publishers, where, logs, result)
+    check_traffic(publishers, fault_window, result)
     for name, (channel, records) in sorted(subscribers.items()):
         check_subscriber(name, records, logs.get(channel), result)
     return result

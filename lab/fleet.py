@@ -23,6 +23,8 @@ class Fleet:
         self._roles: dict[str, str] = {}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.killed: dict[str, int] = {}  # name -> kill -9 count
+        # Processes that had exited by themselves when a fault came to kill them.
+        self.exited_before_kill: list[str] = []
         self._env = {**os.environ, "PYTHONPATH": str(REPO)}
 
     def records(self, name: str) -> Path:
@@ -47,9 +49,12 @@ class Fleet:
 
     def kill9(self, name: str) -> None:
         proc = self.procs[name]
-        if proc.poll() is None:
+        code = proc.poll()
+        if code is None:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
+        else:  # the restart would hide it: a finding of its own
+            self.exited_before_kill.append(f"{name}: exited by itself with status {code}")
         self.killed[name] = self.killed.get(name, 0) + 1
 
     def restart(self, name: str) -> None:

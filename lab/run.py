@@ -1,8 +1,9 @@
 """One run: a fault on a transport, with fresh channels and fresh processes.
 
-Timeline: subscribers and publishers start together, publishers publish for
-``duration`` seconds; once the subscribers are in and a warm-up has passed, the fault
-runs in cycles and stops before a quiet end; publishers finish their retries and exit;
+Timeline: subscribers and publishers start together; once every subscriber is in and
+every publisher connected, publishers are told to go and publish for ``duration``
+seconds; after a warm-up the fault runs in cycles and stops before a quiet end (the
+checker makes sure publishing overlapped it); publishers finish their retries and exit;
 subscribers are given time to reach each channel's head, then are stopped (SIGTERM);
 the checker reads it all.
 """
@@ -58,6 +59,7 @@ class Run:
         self.timeline: list[str] = []
         self.started = time.time()
         self.result = Result()  # process-level findings (crashes, hangs)
+        self.fault_window: tuple[float, float] | None = None  # Unix times
         self._reported: set[str] = set()
 
     def note(self, text: str) -> None:
@@ -78,7 +80,7 @@ class Run:
             name: (channel, read_records(self.fleet.records(name)))
             for name, channel in self.subscribed.items()
         }
-        result = check_run(logs, publishers, subscribers)
+        result = check_run(logs, publishers, subscribers, self.fault_window)
         result.anomalies[:0] = self.result.anomalies  # process-level findings first
         (self.dir / "timeline.txt").write_text("\n".join(self.timeline) + "\n")
         return Row(
@@ -103,8 +105,7 @@ class Run:
                 self.fleet.add(
                     host, name, "subscriber", *common, "--channel", channel, "--start", start
                 )
-        self.started = time.time()
-        until = self.started + duration
+        go = self.dir / "go"
         for host in hosts:
             transport, log = self.lab.urls(self.transport, host.gateway)
             for j in range(2):
@@ -112,17 +113,28 @@ class Run:
                 self.fleet.add(
                     host, name, "publisher", "--transport", transport, "--log", log,
                     "--channels", ",".join(self.channels[j:] + self.channels[:j]),
-                    "--rate", str(self.args.rate), "--until", str(until),
+                    "--rate", str(self.args.rate), "--go", str(go),
                     "--grace", str(PUBLISH_GRACE),
                 )  # fmt: skip
         self._await_subscriptions()
         self.note("subscribers subscribed")
-        # The processes take a few seconds to start (imports, connections): the
-        # fault begins once they run.
-        time.sleep(max(0.0, self.started + min(4.0, duration / 3) - time.time()))
+        # Startup takes seconds (imports, connections): publishing starts once every
+        # publisher is connected, and the fault is timed from there.
+        self._await_records("publisher", "ready")
+        self.started = time.time()
+        until = self.started + duration
+        written = go.with_suffix(".tmp")  # renamed: a publisher never reads it half-written
+        written.write_text(repr(until))
+        written.replace(go)
+        self.note("publishers go")
+        time.sleep(min(4.0, duration / 3))
+        began = time.time()
         self.note(f"fault {self.fault.name} begins")
         self.fault.inject(self, self.settings, until - min(2.0, duration / 6))
+        self.fault_window = (began, time.time())
         self.note(f"fault {self.fault.name} ends")
+        for finding in self.fleet.exited_before_kill:
+            self.result.add(finding)
         self._await_publishers(until + PUBLISH_GRACE + 30)
         self._await_catch_up()
         self._stop_subscribers()
@@ -130,17 +142,21 @@ class Run:
 
     def _await_subscriptions(self) -> None:
         """Wait until every subscriber has entered its subscription."""
+        self._await_records("subscriber", "start")
+
+    def _await_records(self, role: str, kind: str) -> None:
+        """Wait until every process of ``role`` has written a ``kind`` record."""
         deadline = time.time() + 60
-        waiting = set(self.subscribed)
+        waiting = set(self.fleet.names(role))
         while waiting and time.time() < deadline:
             waiting = {
                 n for n in waiting
-                if not any(r["k"] == "start" for r in read_records(self.fleet.records(n)))
+                if not any(r["k"] == kind for r in read_records(self.fleet.records(n)))
             }  # fmt: skip
-            self._check_alive("subscriber")
+            self._check_alive(role)
             time.sleep(0.1)
         for name in sorted(waiting):
-            self.result.add(f"{name}: not subscribed after 60 s")
+            self.result.add(f"{name}: no {kind!r} record after 60 s")
 
     def _check_alive(self, role: str) -> None:
         for name in self.fleet.names(role):

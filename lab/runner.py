@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem or missing:
         print(f"scripts/lab cannot run: {problem or '; '.join(missing)}", file=sys.stderr)
         return 2
-    duration = args.duration or (10.0 if args.short else 30.0)
+    duration = args.duration or (7.0 if args.short else 30.0)
     settings = Settings(partition=args.partition, stall=args.stall, delay=args.delay / 1000)
 
     def terminate(_signum: int, _frame: FrameType | None) -> None:

@@ -97,6 +97,24 @@ def test_checker_finds_gaps_repeats_and_bad_resumptions() -> None:
     assert any("event 2 is 'c'" in a for a in wrong)
 
 
+def test_checker_fails_a_run_that_tested_nothing() -> None:
+    """A run with no acknowledged publish, or none made while its fault was on (the
+    processes started late, the fault came after publishing), passed with 0
+    anomalies; so did a publisher that gave up retrying."""
+    empty = check_run({}, {"p": _pub()}, {"s": ("c", _sub(("start", 0)))})
+    assert any("nothing was published" in a for a in empty.anomalies)
+    log = _log("a")
+    pub = [{**record, "t": 100.0} for record in _pub(("try", "a", None), ("ok", "a", 1))]
+    sub = _sub(("start", 0), (1, "a"))
+    assert check_run({"c": log}, {"p": pub}, {"s": ("c", sub)}, (99.0, 101.0)).anomalies == []
+    late = check_run({"c": log}, {"p": pub}, {"s": ("c", sub)}, (105.0, 110.0))
+    assert any("no publish was made while the fault was on" in a for a in late.anomalies)
+    gave_up = [*pub, {"k": "try", "ch": "c", "id": "b", "t": 100.0}]
+    gave_up.append({"k": "gave_up", "ch": "c", "id": "b", "t": 140.0})
+    found = check_run({"c": log}, {"p": gave_up}, {"s": ("c", sub)}).anomalies
+    assert any("gave up: publish of 'b'" in a for a in found)
+
+
 # -- proxy -------------------------------------------------------------------------
 
 

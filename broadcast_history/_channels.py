@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING
 
 from .backends import BroadcastBackend
 
 if TYPE_CHECKING:
     from ._subscriber import Subscriber
+
+logger = logging.getLogger("broadcast_history")
 
 
 class Channels:
@@ -25,6 +28,8 @@ class Channels:
         self._backend = backend
         self._on_transport: set[str] = set()
         self._lock: asyncio.Lock | None = None
+        # Unsubscribes of channels whose subscribe was cut short (see attach).
+        self._undoing: set[asyncio.Task[None]] = set()
 
     def open(self) -> None:
         """Ready for subscribers (in the running event loop)."""
@@ -39,6 +44,8 @@ class Channels:
                 subscriber._close()
         self.subscribers.clear()
         self._on_transport.clear()
+        for task in self._undoing:  # the transport is going away with its subscriptions
+            task.cancel()
 
     async def attach(self, subscriber: Subscriber) -> None:
         """Add ``subscriber``, subscribing its channel on the transport if needed."""
@@ -47,15 +54,20 @@ class Channels:
         if channel in self._on_transport:
             return
         assert self._lock is not None
+        subscribing = False
         try:
             async with self._lock:
                 if channel not in self._on_transport:
+                    subscribing = True
                     await self._backend.subscribe(channel)
                     self._on_transport.add(channel)
         except BaseException:
             # Failed, or cancelled while waiting for the lock or the transport: not
             # left registered (it was fed for ever, and kept its channel subscribed).
-            self._forget(subscriber)
+            if self._forget(subscriber) and subscribing:
+                # The transport may have subscribed it before the cut: undone in a
+                # task of its own, as this one is being cancelled.
+                self._undo(channel)
             raise
 
     async def detach(self, subscriber: Subscriber, *, connected: bool) -> None:
@@ -69,6 +81,20 @@ class Channels:
                 self._on_transport.discard(channel)
                 if connected:
                     await self._backend.unsubscribe(channel)
+
+    def _undo(self, channel: str) -> None:
+        async def unsubscribe() -> None:
+            assert self._lock is not None
+            async with self._lock:
+                if channel not in self.subscribers and channel not in self._on_transport:
+                    try:
+                        await self._backend.unsubscribe(channel)
+                    except Exception:  # a clean-up: the transport may be down
+                        logger.debug("unsubscribe of %r failed", channel, exc_info=True)
+
+        task = asyncio.ensure_future(unsubscribe())
+        self._undoing.add(task)
+        task.add_done_callback(self._undoing.discard)
 
     def modes(self) -> dict[str, int]:
         """How many subscriptions are open, by mode: ``"live"`` or ``"replay"``."""

@@ -191,3 +191,34 @@ async def test_giving_up_reaches_the_receiver(own_server: NatsServer) -> None:
             await asyncio.wait_for(pending, 10)
     finally:
         await backend.disconnect()
+
+
+async def test_subscribes_cut_short_keep_live_delivery_and_leave_nothing(
+    nats_url: str, tmp_path: Path
+) -> None:
+    """A subscribe cancelled during its round trip left a cancelled future where
+    nats-py puts the PONG: the next PONG ended nats-py's reader, while the client
+    still said connected, and every event came only from the idle check. And the
+    channel stayed subscribed on the server."""
+    log = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
+    backend = NatsBackend(nats_url)
+    async with (
+        Broadcast(backend=NatsBackend(nats_url), log=log) as publisher,
+        Broadcast(backend=backend, log=log, idle_check=600) as subscriber,
+    ):
+        channel = unique()
+
+        async def enter(name: str) -> None:
+            async with subscriber.subscribe(name):
+                pass
+
+        for i in range(200):  # cut at every point of the round trip
+            try:
+                await asyncio.wait_for(enter(f"{channel}-{i}"), 0.00005 + (i % 40) * 0.00005)
+            except asyncio.TimeoutError:
+                pass
+        async with subscriber.subscribe(channel) as sub:
+            sent = await publisher.publish(channel, "live")
+            assert await take(sub, 1, timeout=5) == [sent]
+        await asyncio.sleep(0.2)  # the undoing unsubscribes run
+        assert backend._subs == {} and subscriber.transport_connected

@@ -671,3 +671,27 @@ async def test_channels_come_and_go_without_growing_redis_py_tables(
             assert (len(pubsub.channels), len(pubsub.pending_unsubscribe_channels)) == (1, 0)
     if given is not None:
         await given.aclose()
+
+
+async def test_subscribes_cut_short_leave_no_channel_on_the_server(
+    admin: aioredis.Redis, sqlite_file_url: str
+) -> None:
+    """A subscribe cancelled while the transport ran SUBSCRIBE left the channel
+    subscribed on the server, with nobody to read it (33 of 139 in a probe)."""
+    prefix = admin.test_prefix  # type: ignore[attr-defined]
+    async with Broadcast(REDIS_URL, log=sqlite_file_url) as broadcast:
+
+        async def enter(name: str) -> None:
+            async with broadcast.subscribe(name):
+                pass
+
+        for i in range(150):
+            try:
+                await asyncio.wait_for(enter(f"{prefix}{i}"), 0.0001 + (i % 30) * 0.0001)
+            except asyncio.TimeoutError:
+                pass
+        await asyncio.sleep(0.3)  # the undoing unsubscribes run
+        assert await admin.pubsub_channels(f"{prefix}*") == []
+        async with broadcast.subscribe(f"{prefix}x") as sub:
+            sent = await broadcast.publish(f"{prefix}x", "live")
+            assert await take(sub, 1) == [sent]

@@ -32,6 +32,8 @@ logger = logging.getLogger("broadcast_history")
 
 # NATS's default max_payload: larger envelopes travel as offset-only notices.
 DEFAULT_MAX_PAYLOAD = 1024 * 1024
+# A subscribe's round trip is never cut short (see subscribe): this long, at most.
+_FLUSH_LIMIT = 3600
 
 
 class NatsBackend(InboxTransport, BroadcastBackend):
@@ -81,6 +83,7 @@ class NatsBackend(InboxTransport, BroadcastBackend):
         self._nc: Client | None = None
         self._subs: dict[str, Subscription] = {}  # subject -> its subscription
         self._names: dict[str, str] = {}  # subject -> channel
+        self._flushes: set[asyncio.Future[None]] = set()  # round trips of subscribe
         self._inbox: Inbox | None = None
         self._oversize_warned = False
 
@@ -131,6 +134,8 @@ class NatsBackend(InboxTransport, BroadcastBackend):
         if nc is not None:
             with contextlib.suppress(Exception):
                 await nc.close()  # sends what is still buffered first
+        for flush in list(self._flushes):  # no PONG comes any more
+            flush.cancel()
         self._subs.clear()
         self._names.clear()
         self._wake_readers()
@@ -149,8 +154,15 @@ class NatsBackend(InboxTransport, BroadcastBackend):
         if nc.is_connected:
             # A round trip, so the server has the SUB before a publish that follows;
             # if the connection is failing, nats-py sends it again on reconnect.
-            with contextlib.suppress(nerr.Error, asyncio.TimeoutError):
-                await nc.flush(timeout=5)
+            # nats-py resolves a PONG's future without checking it: a flush cancelled
+            # or timed out before its PONG makes the next PONG raise in its reader,
+            # which ends live delivery while the client still says it is connected.
+            # So the flush is never cut short: it runs on, and subscribe waits 5 s.
+            flush = asyncio.ensure_future(nc.flush(timeout=_FLUSH_LIMIT))
+            self._flushes.add(flush)
+            flush.add_done_callback(_flushed)
+            flush.add_done_callback(self._flushes.discard)
+            await asyncio.wait([flush], timeout=5)
 
     async def unsubscribe(self, channel: str) -> None:
         subject = subject_for(channel, self._prefix)
@@ -219,6 +231,13 @@ class NatsBackend(InboxTransport, BroadcastBackend):
         if nc is self._nc and self._inbox is not None:
             # Not our disconnect(): nats-py gave up. Every subscriber hears of it.
             self._inbox.fail(TransportError("the nats connection was closed for good"))
+
+
+def _flushed(flush: asyncio.Future[None]) -> None:
+    """Consume a subscribe's round trip: a failure there is the connection's, which
+    nats-py reports (and recovers) on its own."""
+    if not flush.cancelled():
+        flush.exception()
 
 
 __all__ = ["NatsBackend", "nats_servers", "subject_for"]

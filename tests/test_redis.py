@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -686,10 +687,8 @@ async def test_subscribes_cut_short_leave_no_channel_on_the_server(
                 pass
 
         for i in range(150):
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(enter(f"{prefix}{i}"), 0.0001 + (i % 30) * 0.0001)
-            except asyncio.TimeoutError:
-                pass
         await asyncio.sleep(0.3)  # the undoing unsubscribes run
         assert await admin.pubsub_channels(f"{prefix}*") == []
         async with broadcast.subscribe(f"{prefix}x") as sub:

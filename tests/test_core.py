@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import textwrap
 import threading
 import time
 import zipfile
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -1120,3 +1121,40 @@ async def test_a_cancellation_landing_as_a_wait_completes_is_not_lost() -> None:
     assert await outcome(_cancel.wait_for) == "cancelled"
     if sys.version_info[:2] == (3, 11):
         assert await outcome(asyncio.wait_for) == "done"  # what it guards against
+
+
+async def test_retention_slices_leave_a_channel_started_again_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bounds worked out once per pass, applied slice after slice: a channel deleted
+    and started again between two slices lost its new events, those max_events
+    keeps too."""
+    from broadcast_history import Retention
+    from broadcast_history.log import _log as log_module
+
+    monkeypatch.setattr(log_module, "RETENTION_SLICE", 10)
+    async with Broadcast(log=f"sqlite+aiosqlite:///{tmp_path / 'events.db'}") as bc:
+        for i in range(95):
+            await bc.publish("c", str(i))
+        store = bc.log._store
+        begin, writes = store.begin, 0
+
+        @contextlib.asynccontextmanager
+        async def hooked(*, write: bool = False) -> AsyncIterator[Any]:
+            nonlocal writes
+            writes += write
+            if write and writes == 3:  # between the second slice and the third
+                monkeypatch.setattr(store, "begin", begin)
+                await bc.log.delete_channel("c")
+                for i in range(5):
+                    await bc.publish("c", f"new {i}")
+                monkeypatch.setattr(store, "begin", hooked)
+            async with begin(write=write) as conn:
+                yield conn
+
+        monkeypatch.setattr(store, "begin", hooked)
+        assert await bc.log.apply_retention(Retention(max_events=3)) == 20
+        monkeypatch.setattr(store, "begin", begin)
+        info = await bc.log.channel("c")
+        assert info is not None and (info.first_offset, info.last_offset) == (1, 5)
+        assert await bc.log.apply_retention(Retention(max_events=3)) == 2  # the next pass

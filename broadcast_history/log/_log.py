@@ -201,9 +201,13 @@ class EventLog(ConsumerMethods):
         async with translated(), self._store.begin(write=True) as conn:
             return await _queries.trim(conn, channel, before, before_us)
 
-    @finish_on_cancel
     async def apply_retention(self, retention: Retention) -> int:
-        """Apply ``retention`` to every channel; returns the number of events removed."""
+        """Apply ``retention`` to every channel; returns the number of events removed.
+
+        A transaction per channel and per slice of ``RETENTION_SLICE`` events:
+        publishers wait for one slice, not for a backlog of a million rows (seconds
+        of SQLite's write lock), and a cancelled pass stops after its slice.
+        """
         if retention.max_events is None and retention.max_age is None:
             return 0
         cutoff = None
@@ -213,21 +217,38 @@ class EventLog(ConsumerMethods):
             except OverflowError:  # an age reaching back before year 1: nothing is older
                 if retention.max_events is None:
                     return 0
-        store = self._store
-        async with translated(), store.begin() as conn:
-            infos = await _queries.channel_page(conn, None, None, None)
         removed = 0
-        for info in infos:
-            bounds = _queries.retention_bounds(info, retention.max_events, cutoff)
-            while bounds is not None:
-                # A transaction per slice: publishers wait for one slice, not for a
-                # backlog of a million rows (seconds of SQLite's write lock).
-                async with translated(), store.begin(write=True) as conn:
-                    count = await _queries.trim(conn, info.name, *bounds, RETENTION_SLICE)
+        for info in await self._all_channels():
+            if not _queries.retention_due(info, retention.max_events, cutoff):
+                continue
+            while True:
+                count = await self._retention_slice(info, retention.max_events, cutoff)
                 removed += count
                 if count < RETENTION_SLICE:
                     break
         return removed
+
+    @finish_on_cancel
+    async def _all_channels(self) -> list[ChannelInfo]:
+        async with translated(), self._store.begin() as conn:
+            return await _queries.channel_page(conn, None, None, None)
+
+    @finish_on_cancel
+    async def _retention_slice(
+        self, info: ChannelInfo, max_events: int | None, cutoff_us: int | None
+    ) -> int:
+        # Bounds from the locked row and the incarnation seen: a channel deleted and
+        # started again between two slices is left to the next pass.
+        async with translated(), self._store.begin(write=True) as conn:
+            return await _queries.trim(
+                conn,
+                info.name,
+                None,
+                cutoff_us,
+                RETENTION_SLICE,
+                keep=max_events,
+                epoch=info.epoch,
+            )
 
     @finish_on_cancel
     async def delete_channel(self, channel: str) -> bool:

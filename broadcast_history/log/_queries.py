@@ -162,22 +162,29 @@ async def trim(
     before: int | None,
     before_us: int | None,
     limit: int | None = None,
+    *,
+    keep: int | None = None,
+    epoch: int | None = None,
 ) -> int:
-    """Remove events below offset ``before`` and/or older than ``before_us``; the
-    oldest ``limit`` of them at most."""
+    """Remove events below offset ``before``, older than ``before_us`` and/or all but
+    the newest ``keep``; the oldest ``limit`` of them at most. With ``epoch``, only
+    from that incarnation of the channel (another one was not seen by the caller)."""
     # The channel row is locked first (Postgres, MySQL; SQLite's write transaction
     # already excludes other writers): two trims cannot both compute from the same
     # first offset, and an append waits rather than race the new bounds.
     result = await conn.execute(
-        select(channels.c.first_offset, channels.c.last_offset)
+        select(channels.c.first_offset, channels.c.last_offset, channels.c.epoch)
         .where(channels.c.name == channel)
         .with_for_update()
     )
     row = result.first()
-    if row is None:
+    if row is None or (epoch is not None and row.epoch != epoch):
         return 0
-    first, last = row
+    first, last = row.first_offset, row.last_offset
     new_first = first
+    if keep is not None:
+        # From the locked row: the head may have moved since the caller looked.
+        before = last - keep + 1 if before is None else max(before, last - keep + 1)
     if before is not None:
         new_first = max(new_first, min(before, last + 1))
     if before_us is not None:
@@ -204,19 +211,11 @@ async def trim(
     return int(deleted.rowcount)
 
 
-def retention_bounds(
-    info: ChannelInfo, max_events: int | None, cutoff_us: int | None
-) -> tuple[int | None, int | None] | None:
-    """What retention removes from ``info``'s channel: ``(before, before_us)``, or
-    ``None`` when nothing can be due."""
-    before = None
-    if max_events is not None:
-        before = info.last_offset - max_events + 1
-        if before <= info.first_offset:
-            before = None
-    if before is None and (cutoff_us is None or info.count == 0):
-        return None
-    return before, cutoff_us
+def retention_due(info: ChannelInfo, max_events: int | None, cutoff_us: int | None) -> bool:
+    """Whether retention may remove something from ``info``'s channel."""
+    if max_events is not None and info.last_offset - max_events + 1 > info.first_offset:
+        return True
+    return cutoff_us is not None and info.count > 0
 
 
 async def delete_channel(conn: AsyncConnection, channel: str) -> bool:

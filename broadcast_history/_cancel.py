@@ -5,7 +5,8 @@ completes in the same loop step as the task's cancellation lands, and the
 cancellation is lost; redis-py 8 swallows one inside a (un)subscribe command. A
 background loop that goes on then never ends, and ``disconnect()`` or
 ``asyncio.run()``'s clean-up waits for it for ever. ``Task.cancelling()`` (3.11+)
-still counts the request, which is what these helpers read.
+still counts the request, which is what these helpers read. Python 3.10 has no such
+count: there the helpers cannot tell, and do nothing.
 """
 
 from __future__ import annotations
@@ -31,8 +32,16 @@ def raise_if_cancelled_since(count: int) -> None:
 
 
 async def wait_for(awaitable: Awaitable[T], timeout: float | None) -> T:
-    """``asyncio.wait_for`` that never loses a cancellation of the calling task."""
+    """``asyncio.wait_for`` that never loses a cancellation of the calling task
+    (whether the awaited call returned or failed as it landed)."""
     count = cancel_count()
-    result = await asyncio.wait_for(awaitable, timeout)
+    try:
+        result = await asyncio.wait_for(awaitable, timeout)
+    except asyncio.CancelledError:
+        raise
+    except BaseException as exc:
+        if cancel_count() > count:
+            raise asyncio.CancelledError from exc
+        raise
     raise_if_cancelled_since(count)
     return result

@@ -83,7 +83,8 @@ class NatsBackend(InboxTransport, BroadcastBackend):
         self._nc: Client | None = None
         self._subs: dict[str, Subscription] = {}  # subject -> its subscription
         self._names: dict[str, str] = {}  # subject -> channel
-        self._flushes: set[asyncio.Future[None]] = set()  # round trips of subscribe
+        # Round trips of subscribe, with nats-py's list of awaited PONGs they are in.
+        self._flushes: dict[asyncio.Future[None], object] = {}
         self._inbox: Inbox | None = None
         self._oversize_warned = False
 
@@ -159,9 +160,9 @@ class NatsBackend(InboxTransport, BroadcastBackend):
             # which ends live delivery while the client still says it is connected.
             # So the flush is never cut short: it runs on, and subscribe waits 5 s.
             flush = asyncio.ensure_future(nc.flush(timeout=_FLUSH_LIMIT))
-            self._flushes.add(flush)
+            self._flushes[flush] = getattr(nc, "_pongs", None)
             flush.add_done_callback(_flushed)
-            flush.add_done_callback(self._flushes.discard)
+            flush.add_done_callback(lambda done: self._flushes.pop(done, None))
             await asyncio.wait([flush], timeout=5)
 
     async def unsubscribe(self, channel: str) -> None:
@@ -226,6 +227,13 @@ class NatsBackend(InboxTransport, BroadcastBackend):
     async def _on_reconnected(self) -> None:
         self.reconnects += 1
         logger.info("nats connection re-established")
+        # nats-py started a new list of awaited PONGs: a round trip from before would
+        # wait out its limit (an hour). Ended here (nats-py sent the SUBs again); one
+        # in the new list must not be, its cancelled future would end the reader.
+        current = getattr(self._nc, "_pongs", None)
+        for flush, pongs in list(self._flushes.items()):
+            if pongs is not current:
+                flush.cancel()
 
     async def _on_closed(self, nc: Client) -> None:
         if nc is self._nc and self._inbox is not None:

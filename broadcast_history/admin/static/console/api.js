@@ -27,11 +27,8 @@ async function readDetail(response) {
 }
 
 export function channelPath(channel, suffix = "") {
-  // %2F keeps a "/" inside a name apart from the route's own slashes; a name of
-  // dots only ("." or "..") would be resolved as a path step by the browser.
-  let name = encodeURIComponent(channel);
-  if (/^\.+$/.test(name)) name = name.replaceAll(".", "%2E");
-  return `/channels/${name}${suffix}`;
+  // %2F keeps a "/" inside a name apart from the route's own slashes.
+  return `/channels/${encodeURIComponent(channel)}${suffix}`;
 }
 
 export class Api {

@@ -358,4 +358,3 @@ def test_sse_reader_splits_lines_and_chunks_anywhere(page: Any, server: Server) 
         {"retry": 500},
         {"type": "message", "data": "{}", "id": "7:1"},  # the last id carries over
     ]
-

@@ -15,7 +15,13 @@ import textwrap
 
 import pytest
 
-from broadcast_history import Broadcast, Event, EventLog, InvalidArgument, LogUnavailable
+from broadcast_history import (
+    Broadcast,
+    Event,
+    EventLog,
+    LogUnavailable,
+    MessageTooLarge,
+)
 from broadcast_history.backends.memory import MemoryBackend
 from broadcast_history.log import head_revision, schema_revision
 from tests.conftest import unique
@@ -79,7 +85,7 @@ async def test_event_too_large_for_the_server_fails_alone(mysql_url: str) -> Non
             broadcast.publish(channel, "after"),
             return_exceptions=True,
         )
-        assert isinstance(results[1], InvalidArgument)
+        assert isinstance(results[1], MessageTooLarge), results[1]
         stored = await broadcast.log.read(channel, after=0)
     assert [event.message for event in stored] == ["before", "after"]
     assert_contiguous(stored, 1, 2)

@@ -34,7 +34,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .._errors import LogUnavailable, NotConnected
+from .._errors import LogUnavailable, MessageTooLarge, NotConnected
 from .._event import Event
 from ._ahead import ReadAhead
 from ._batch import assemble, plan
@@ -282,6 +282,12 @@ def _chunks(rows: list[dict[str, Any]], limit: int) -> Iterator[list[dict[str, A
     for row in rows:
         row_size = len(row["payload"]) + 4 * len(row["channel"] + (row.get("key") or ""))
         row_size += _ROW_OVERHEAD
+        if row_size > 2 * limit:  # over the packet itself (limit is half of it)
+            raise MessageTooLarge(
+                f"a message of {len(row['payload'])} bytes is over the MySQL server's "
+                f"max_allowed_packet ({2 * limit} bytes): raise it on the server, or "
+                "lower max_message_size"
+            )
         if chunk and size + row_size > limit:
             yield chunk
             chunk, size = [], 0

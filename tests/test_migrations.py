@@ -203,3 +203,27 @@ async def _refused_as_newer(empty_url: str) -> None:
         assert result.exit_code in (1, 3), (command_line, result.output)
         assert "upgrade broadcast_history" in result.output + result.stderr
         assert "Traceback" not in result.output + result.stderr
+
+
+async def test_a_newer_schema_is_refused_without_waiting_for_the_lock(tmp_path: Path) -> None:
+    """With migrate on, a schema newer than the code went to the upgrade path and
+    waited for the write (or migration) lock first: 30 s behind a stalled SQLite
+    writer (300 s on MySQL) before failing, though no upgrade could help."""
+    import sqlite3
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
+    await _migrate_to(url, "head")
+    await _stamp(url, "0099")
+    holder = sqlite3.connect(tmp_path / "events.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+
+        async def connect() -> None:
+            async with Broadcast(log=url):
+                pass
+
+        with pytest.raises(SchemaOutOfDate, match="0099"):
+            await asyncio.wait_for(connect(), 10)
+    finally:
+        holder.rollback()
+        holder.close()

@@ -128,9 +128,18 @@ async def upgrade(conn: AsyncConnection) -> None:
 
 
 async def is_current(conn: AsyncConnection) -> bool:
-    """Whether the schema is at the newest revision (nothing to upgrade)."""
+    """Whether the schema is at the newest revision (nothing to upgrade).
+
+    Raises:
+        SchemaOutOfDate: A newer version migrated it: no upgrade can help, so there
+            is no migration lock to wait for either.
+    """
     current: str | None = await conn.run_sync(_current)
-    return current == head_revision()
+    if current == head_revision():
+        return True
+    if not known_revision(current):
+        raise _newer(current)
+    return False
 
 
 async def check(conn: AsyncConnection) -> None:

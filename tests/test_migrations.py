@@ -205,25 +205,65 @@ async def _refused_as_newer(empty_url: str) -> None:
         assert "Traceback" not in result.output + result.stderr
 
 
-async def test_a_newer_schema_is_refused_without_waiting_for_the_lock(tmp_path: Path) -> None:
-    """With migrate on, a schema newer than the code went to the upgrade path and
-    waited for the write (or migration) lock first: 30 s behind a stalled SQLite
-    writer (300 s on MySQL) before failing, though no upgrade could help."""
+@pytest.mark.parametrize(
+    ("revision", "migrate"), [("0099", True), ("0099", False), ("0004", False)]
+)
+async def test_a_schema_only_refused_is_refused_without_waiting_for_the_lock(
+    tmp_path: Path, revision: str, migrate: bool
+) -> None:
+    """A schema newer than the code (or one migrate=False only checks) went to the
+    write path and waited for the lock first: 30 s behind a stalled SQLite writer
+    (300 s on MySQL), then LogUnavailable, though nothing was to be written."""
     import sqlite3
 
     url = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
-    await _migrate_to(url, "head")
-    await _stamp(url, "0099")
+    await _migrate_to(url, revision if revision != "0099" else "head")
+    if revision == "0099":
+        await _stamp(url, revision)
     holder = sqlite3.connect(tmp_path / "events.db", isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")
     try:
 
         async def connect() -> None:
-            async with Broadcast(log=url):
+            async with Broadcast(log=url, migrate=migrate):
                 pass
 
-        with pytest.raises(SchemaOutOfDate, match="0099"):
+        with pytest.raises(SchemaOutOfDate, match=revision):
             await asyncio.wait_for(connect(), 10)
     finally:
         holder.rollback()
         holder.close()
+
+
+async def test_a_stalled_migrator_on_postgres_is_waited_for_a_bounded_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another process holding the migration lock (stalled) kept every start with
+    migrate on waiting for ever; it is now LogUnavailable after PG_LOCK_WAIT, as on
+    MySQL."""
+    import asyncpg
+
+    from broadcast_history import LogUnavailable
+    from broadcast_history.log import _migrate
+
+    url = await ensure_database("bh_test_migrations_lock")
+    engine = migration_engine(url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text(f"DROP TABLE IF EXISTS {VERSION_TABLE}"))
+    finally:
+        await engine.dispose()
+    monkeypatch.setattr(_migrate, "PG_LOCK_WAIT", 0.5)
+    stalled = await asyncpg.connect(url)
+    try:
+        await stalled.execute("BEGIN")
+        await stalled.execute("SELECT pg_advisory_xact_lock($1)", _migrate._PG_LOCK_ID)
+
+        async def connect() -> None:
+            async with Broadcast(log=url):
+                pass
+
+        with pytest.raises(LogUnavailable, match="migrating the event log for too long"):
+            await asyncio.wait_for(connect(), 20)
+    finally:
+        await stalled.close()

@@ -106,15 +106,15 @@ class EventLog(ConsumerMethods):
             await store.open()
             # Read first: a current schema needs no write lock, which a stopped
             # writer of another process would hold (SQLite) for 30 s of waiting.
+            # So is a schema that only needs checking (refused at once, newer or older).
             async with store.begin() as conn:
                 current = await _migrate.is_current(conn)
+                if not current and not self.migrate:
+                    await _migrate.check(conn)  # raises SchemaOutOfDate
                 log_id = await _queries.log_id(conn) if current else None
             if not current:
                 async with store.begin(write=True) as conn:
-                    if self.migrate:
-                        await _migrate.upgrade(conn)
-                    else:
-                        await _migrate.check(conn)
+                    await _migrate.upgrade(conn)
                     log_id = await _queries.log_id(conn)
             if log_id is None:
                 raise LogUnavailable("the event log has no identity row: recreate its schema")

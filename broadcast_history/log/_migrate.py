@@ -10,7 +10,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import text
 from sqlalchemy.engine import URL, Connection
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .._errors import LogUnavailable, SchemaOutOfDate
@@ -23,6 +23,9 @@ _PG_LOCK_ID = 0x6268_6C6F_67
 # MySQL's named locks are server-wide: one name per database (at most 64 characters).
 _MYSQL_LOCK = "CONCAT('broadcast_history:', MD5(DATABASE()))"
 _MYSQL_LOCK_WAIT = 300
+#: Seconds a start waits for another process's migration of a Postgres log.
+PG_LOCK_WAIT = 300.0
+_LOCK_NOT_AVAILABLE = "55P03"  # Postgres: lock_timeout ran out
 
 
 def migrations_dir() -> Path:
@@ -72,7 +75,17 @@ def _newer(current: str | None) -> SchemaOutOfDate:
 def _upgrade(connection: Connection) -> None:
     # Several hosts starting at once must not create the tables twice.
     if connection.dialect.name == "postgresql":
-        connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _PG_LOCK_ID})
+        # Bounded, as on MySQL: a stalled migrator must not keep every start waiting.
+        connection.execute(text(f"SET LOCAL lock_timeout = '{int(PG_LOCK_WAIT * 1000)}ms'"))
+        try:
+            connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _PG_LOCK_ID})
+        except DBAPIError as exc:
+            if getattr(exc.orig, "sqlstate", None) == _LOCK_NOT_AVAILABLE:
+                raise LogUnavailable(
+                    "another process has been migrating the event log for too long"
+                ) from exc
+            raise
+        connection.execute(text("SET LOCAL lock_timeout = DEFAULT"))
     elif connection.dialect.name == "mysql":
         # MySQL's DDL commits as it goes, so the lock is the session's, not the
         # transaction's: released explicitly.

@@ -54,13 +54,17 @@ async def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     url = await ensure_database("bh_test_migrations")
     if VERSION_TABLE in await _tables(url):
         await _migrate_to(url, "base", down=True)
+    await _drop_version_table(url)
+    return url
+
+
+async def _drop_version_table(url: str) -> None:
     engine = migration_engine(url)
     try:
         async with engine.begin() as conn:
             await conn.execute(text(f"DROP TABLE IF EXISTS {VERSION_TABLE}"))
     finally:
         await engine.dispose()
-    return url
 
 
 async def test_upgrade_from_0001_keeps_history_and_adds_consumers(empty_url: str) -> None:
@@ -247,12 +251,7 @@ async def test_a_stalled_migrator_on_postgres_is_waited_for_a_bounded_time(
     from broadcast_history.log import _migrate
 
     url = await ensure_database("bh_test_migrations_lock")
-    engine = migration_engine(url)
-    try:
-        async with engine.begin() as conn:
-            await conn.execute(text(f"DROP TABLE IF EXISTS {VERSION_TABLE}"))
-    finally:
-        await engine.dispose()
+    await _drop_version_table(url)  # no schema yet: a start must migrate
     monkeypatch.setattr(_migrate, "PG_LOCK_WAIT", 0.5)
     stalled = await asyncpg.connect(url)
     try:

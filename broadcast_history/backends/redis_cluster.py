@@ -26,12 +26,7 @@ from .._errors import NotConnected, TransportError
 from .._event import Event
 from ._backoff import Backoff
 from ._inbox import Inbox, InboxTransport
-from ._redis_common import (
-    CLIENT_NAME,
-    Confirmations,
-    cancel_and_wait,
-    describe,
-)
+from ._redis_common import CLIENT_NAME, Confirmations, cancel_and_wait, describe
 from ._redis_shards import Shard, ShardPublisher, cluster_options, is_cluster_transient
 from .base import BroadcastBackend, Health
 

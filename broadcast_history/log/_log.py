@@ -105,12 +105,14 @@ class EventLog(ConsumerMethods):
         try:
             await store.open()
             # Read first: a current schema needs no write lock, which a stopped
-            # writer of another process would hold (SQLite) for 30 s of waiting.
-            # So is a schema that only needs checking (refused at once, newer or older).
+            # writer of another process would hold (SQLite) for 30 s of waiting;
+            # nor does one that is only checked (refused at once, newer or older).
             async with store.begin() as conn:
-                current = await _migrate.is_current(conn)
-                if not current and not self.migrate:
-                    await _migrate.check(conn)  # raises SchemaOutOfDate
+                if self.migrate:
+                    current = await _migrate.is_current(conn)
+                else:
+                    await _migrate.check(conn)  # SchemaOutOfDate unless current
+                    current = True
                 log_id = await _queries.log_id(conn) if current else None
             if not current:
                 async with store.begin(write=True) as conn:

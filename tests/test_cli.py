@@ -16,9 +16,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+import sqlalchemy
+from alembic import command
 from typer.testing import CliRunner
 
 from broadcast_history.cli import app
+from broadcast_history.log._migrate import alembic_config
 from tests.support.admin_support import LOG_KINDS, fresh_log_url
 
 runner = CliRunner()
@@ -158,6 +161,24 @@ def test_db_commands(tmp_path: Path) -> None:
     assert "schema at 0005" in cli("db", "upgrade", "--log", url).stdout
     assert "current: 0005" in cli("db", "current", "--log", url).stdout
     cli("db", "check", "--log", url)
+
+
+def test_commands_create_a_schema_but_never_upgrade_one(tmp_path: Path) -> None:
+    # An older app may still run on an older schema: only `db upgrade` moves it.
+    old = tmp_path / "old.db"
+    engine = sqlalchemy.create_engine(f"sqlite:///{old}")
+    with engine.begin() as conn:
+        command.upgrade(alembic_config(conn), "0001")
+    engine.dispose()
+    url = f"sqlite+aiosqlite:///{old}"
+    for args in (["channels"], ["events", "c"], ["publish", "c", "x"], ["trim", "c", "--before", "1"]):
+        assert "db upgrade" in cli(*args, "--log", url, code=3).stderr
+    assert "current: 0001" in cli("db", "current", "--log", url).stdout
+    # An empty database gets the tables, as the app would make them.
+    (tmp_path / "empty.db").touch()
+    empty = f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}"
+    assert cli("channels", "--json", "--log", empty).stdout.strip() == ""
+    cli("db", "check", "--log", empty)
 
 
 def test_db_check_after_publish(log: str) -> None:

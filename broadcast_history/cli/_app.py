@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any, NoReturn, TypeVar
@@ -22,9 +22,10 @@ from sqlalchemy.engine import make_url
 
 from .. import _parse as times
 from .._broadcast import Broadcast
-from .._errors import BroadcastError, InvalidArgument, LogError
+from .._errors import BroadcastError, InvalidArgument, LogError, SchemaOutOfDate
 from ..admin import HistoryAdmin, ImportConflict, NotFound
-from ..log import EventLog
+from ..log import EventLog, schema_revision
+from ..log._engine import missing_file, normalize_url
 
 T = TypeVar("T")
 
@@ -92,11 +93,33 @@ def display_url(url: str) -> str:
         return url
 
 
+async def _creating_only(log: str, connect: Callable[[bool], Awaitable[T]]) -> T:
+    """``connect(migrate)``, migrating only a database with no schema yet.
+
+    An operator's command creates the tables in an empty database, as the app would,
+    but never upgrades an existing schema: app processes of the older version may
+    still be running on it, and ``db upgrade`` is the deliberate step for that.
+    """
+    try:
+        return await connect(False)
+    except SchemaOutOfDate:
+        # Refused for a file that is not there yet (import creates it) or a database
+        # with no schema: both get one. Any other revision is left as it is.
+        if not missing_file(normalize_url(log)) and await schema_revision(log) is not None:
+            raise
+    return await connect(True)
+
+
 @asynccontextmanager
 async def open_admin(log: str, *, must_exist: bool = True) -> AsyncIterator[HistoryAdmin]:
     """A connected log wrapped in :class:`HistoryAdmin` (no live transport)."""
-    event_log = EventLog(log, must_exist=must_exist)
-    await event_log.connect()
+
+    async def connect(migrate: bool) -> EventLog:
+        event_log = EventLog(log, migrate=migrate, must_exist=must_exist)
+        await event_log.connect()
+        return event_log
+
+    event_log = await _creating_only(log, connect)
     try:
         yield HistoryAdmin(event_log)
     finally:
@@ -106,8 +129,17 @@ async def open_admin(log: str, *, must_exist: bool = True) -> AsyncIterator[Hist
 @asynccontextmanager
 async def open_broadcast(url: str, log: str, **options: Any) -> AsyncIterator[Broadcast]:
     """A connected broadcast over the live transport ``url`` and the log."""
-    async with Broadcast(url, log=log, **options) as broadcast:
+
+    async def connect(migrate: bool) -> Broadcast:
+        broadcast = Broadcast(url, log=log, migrate=migrate, **options)
+        await broadcast.connect()
+        return broadcast
+
+    broadcast = await _creating_only(log, connect)
+    try:
         yield broadcast
+    finally:
+        await broadcast.disconnect()
 
 
 def flush() -> None:

@@ -171,7 +171,12 @@ def test_commands_create_a_schema_but_never_upgrade_one(tmp_path: Path) -> None:
         command.upgrade(alembic_config(conn), "0001")
     engine.dispose()
     url = f"sqlite+aiosqlite:///{old}"
-    for args in (["channels"], ["events", "c"], ["publish", "c", "x"], ["trim", "c", "--before", "1"]):
+    for args in (
+        ["channels"],
+        ["events", "c"],
+        ["publish", "c", "x"],
+        ["trim", "c", "--before", "1"],
+    ):
         assert "db upgrade" in cli(*args, "--log", url, code=3).stderr
     assert "current: 0001" in cli("db", "current", "--log", url).stdout
     # An empty database gets the tables, as the app would make them.

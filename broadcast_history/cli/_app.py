@@ -22,10 +22,15 @@ from sqlalchemy.engine import make_url
 
 from .. import _parse as times
 from .._broadcast import Broadcast
-from .._errors import BroadcastError, InvalidArgument, LogError, SchemaOutOfDate
+from .._errors import (
+    BroadcastError,
+    InvalidArgument,
+    LogError,
+    LogUnavailable,
+    SchemaOutOfDate,
+)
 from ..admin import HistoryAdmin, ImportConflict, NotFound
 from ..log import EventLog, schema_revision
-from ..log._engine import missing_file, normalize_url
 
 T = TypeVar("T")
 
@@ -103,9 +108,12 @@ async def _creating_only(log: str, connect: Callable[[bool], Awaitable[T]]) -> T
     try:
         return await connect(False)
     except SchemaOutOfDate:
-        # Refused for a file that is not there yet (import creates it) or a database
-        # with no schema: both get one. Any other revision is left as it is.
-        if not missing_file(normalize_url(log)) and await schema_revision(log) is not None:
+        try:
+            revision = await schema_revision(log)
+        except LogUnavailable:
+            # No file there yet: only `import` gets here (the others require one).
+            revision = None
+        if revision is not None:
             raise
     return await connect(True)
 

@@ -115,6 +115,36 @@ def test_checker_fails_a_run_that_tested_nothing() -> None:
     assert any("gave up: publish of 'b'" in a for a in found)
 
 
+# -- fleet -------------------------------------------------------------------------
+
+
+class _Prefix:
+    """A host whose "namespace" runs ``code`` instead of the lab app."""
+
+    def __init__(self, code: str) -> None:
+        self.code = code
+
+    def exec_prefix(self) -> list[str]:
+        return [sys.executable, "-c", self.code]
+
+
+def test_fleet_reports_a_process_that_died_before_its_kill(tmp_path: Path) -> None:
+    """A restart after ``kill -9`` would hide a process that had already crashed."""
+    from lab.fleet import Fleet
+
+    fleet = Fleet(tmp_path)
+    fleet.add(_Prefix("import sys; sys.exit(3)"), "h1-p1", "publisher")  # type: ignore[arg-type]
+    fleet.add(_Prefix("import time; time.sleep(60)"), "h1-p2", "publisher")  # type: ignore[arg-type]
+    try:
+        fleet.procs["h1-p1"].wait(timeout=30)
+        fleet.kill9("h1-p1")
+        fleet.kill9("h1-p2")
+        assert fleet.exited_before_kill == ["h1-p1: exited by itself with status 3"]
+        assert fleet.killed == {"h1-p1": 1, "h1-p2": 1}
+    finally:
+        fleet.stop_all()
+
+
 # -- proxy -------------------------------------------------------------------------
 
 

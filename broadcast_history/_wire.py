@@ -168,8 +168,10 @@ class Wire:
         else:
             logger.error(
                 "ignoring events on %r from another event log (%s; this one is %s): "
-                "processes sharing a transport must share one log; logged once per "
-                "channel and log",
+                "processes sharing a transport must share one log (give each the same "
+                "log= URL; a custom backend that reaches other processes should say "
+                "crosses_processes = True, so that a missing log= is refused); logged "
+                "once per channel and log",
                 channel,
                 origin,
                 self.log.log_id,

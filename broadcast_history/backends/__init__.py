@@ -46,7 +46,8 @@ def backend_from_url(url: str) -> BroadcastBackend:
     entry = _SCHEMES.get(scheme)
     if entry is None:
         known = ", ".join(f"{s}://" for s in _SCHEMES)
-        raise InvalidArgument(f"Unsupported broadcast URL scheme {scheme!r}; use one of {known}")
+        # Worded as broadcaster's, which code and tests may match.
+        raise InvalidArgument(f"Unsupported backend: URL scheme {scheme!r}; use one of {known}")
     try:
         module = importlib.import_module(f"{__name__}.{entry.module}")
     except ModuleNotFoundError as exc:

@@ -276,7 +276,8 @@ class Broadcast:
                 one subscription at a time holds it across processes (its lease).
             auto_commit: Commit every this many seconds, and at a normal end.
             wait: Wait while another process holds ``consumer``, or raise.
-            lease: Seconds a hold on ``consumer`` lasts unless renewed.
+            lease: Seconds a hold on ``consumer`` lasts unless renewed (0.1 s to a
+                week).
 
         Raises:
             OffsetOutOfRange: ``since`` is negative or beyond the head.

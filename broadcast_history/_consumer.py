@@ -179,6 +179,11 @@ class Holding:
             raise InvalidArgument("this subscription is not positioned yet")
         epoch, position = subscriber.epoch, subscriber.position
         if event is not None:
+            if not isinstance(event, Event):
+                raise InvalidArgument(
+                    f"commit() takes an Event this subscription delivered, got "
+                    f"{type(event).__name__}"
+                )
             if event.channel != self.channel or event.epoch != epoch or event.offset > position:
                 raise InvalidArgument(
                     f"event {event.offset} of {event.channel!r} (epoch {event.epoch}) was not "

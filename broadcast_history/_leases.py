@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 from ._consumer import DEFAULT_LEASE, Bound, Holding
 from ._errors import BroadcastError, ConsumerBusy, InvalidArgument
 from ._standbys import Standbys
-from ._validation import check_consumer, check_seconds
+from ._validation import check_consumer, check_lease, check_seconds
 from .log import EventLog, LeaseAttempt
 
 logger = logging.getLogger("broadcast_history")
@@ -45,7 +45,7 @@ def check_consumer_options(
             raise InvalidArgument("auto_commit, wait and lease need consumer=")
         return
     check_consumer(consumer)
-    check_seconds("lease", lease)
+    check_lease(lease)
     if auto_commit is not None:
         check_seconds("auto_commit", auto_commit)
     if not isinstance(wait, bool):
@@ -130,8 +130,7 @@ class Leases:
         self, channel: str, name: str, lease: float, wait: bool, auto_commit: float | None
     ) -> Holding:
         holder = f"{self._host}:{os.getpid()}:{secrets.token_hex(6)}"
-        sent = asyncio.get_running_loop().time()
-        attempt = await self._try(channel, name, holder, lease)
+        sent, attempt = await self._try(channel, name, holder, lease)
         found = attempt.epoch, attempt.position
         if not attempt.acquired:
             if not wait:
@@ -161,11 +160,17 @@ class Leases:
             )
         return holding
 
-    async def _try(self, channel: str, name: str, holder: str, lease: float) -> LeaseAttempt:
+    async def _try(
+        self, channel: str, name: str, holder: str, lease: float
+    ) -> tuple[float, LeaseAttempt]:
+        """(loop time the statement was sent, its outcome)."""
         async with self.gate:
+            # The lease runs from the statement, not from the wait for the gate: a
+            # burst of subscribes queues here longer than a short lease.
+            sent = asyncio.get_running_loop().time()
             task = asyncio.ensure_future(self.log.acquire_lease(channel, name, holder, lease))
             try:
-                return await asyncio.shield(task)
+                return sent, await asyncio.shield(task)
             except asyncio.CancelledError:
                 # The statement still runs to its end and may take the lease: give it
                 # back then, rather than leave a standby waiting for it to run out.

@@ -70,6 +70,21 @@ def check_seconds(name: str, value: Any) -> float:
     return float(value)
 
 
+#: Lease durations of durable consumers, in seconds: a shorter one cannot be renewed
+#: in time (every third of it, one database round trip), a longer one overflows what
+#: the databases compute with (and would keep a dead holder's consumer for weeks).
+LEASE_RANGE = (0.1, 7 * 86_400.0)
+
+
+def check_lease(value: Any) -> float:
+    """Return ``value`` if it is a lease duration within :data:`LEASE_RANGE`."""
+    seconds = check_seconds("lease", value)
+    low, high = LEASE_RANGE
+    if not low <= seconds <= high:
+        raise InvalidArgument(f"lease must be from {low} s to {high:.0f} s (a week), got {value}")
+    return seconds
+
+
 def check_message(message: Any, max_size: int) -> str | bytes:
     """Return ``message`` as ``str`` or ``bytes`` if it fits ``max_size`` bytes."""
     if isinstance(message, str):

@@ -22,6 +22,7 @@ from broadcast_history import (
     Subscriber,
     Unsubscribed,
 )
+from broadcast_history._leases import IN_FLIGHT
 from tests.conftest import MakeBroadcast
 from tests.support.helpers import take
 
@@ -73,10 +74,45 @@ async def test_commit_checks_its_arguments(broadcast: Broadcast) -> None:
         event = await broadcast.publish("c", "not yet delivered")
         with pytest.raises(InvalidArgument, match="not delivered"):
             await sub.commit(event)
-    for bad in ({"consumer": ""}, {"consumer": "w", "lease": 0}, {"auto_commit": 1.0}):
+    async with broadcast.subscribe("c", consumer="w", since=0) as sub:
+        await sub.get()
+        with pytest.raises(InvalidArgument, match="takes an Event"):
+            await sub.commit("1")  # type: ignore[arg-type]
+    leases = (0, 1e-9, 0.05, 7 * 86_400 + 1, 1e15)
+    bad_options = [{"consumer": ""}, {"auto_commit": 1.0}]
+    bad_options += [{"consumer": "w", "lease": lease} for lease in leases]
+    for bad in bad_options:
         with pytest.raises(InvalidArgument):
             async with broadcast.subscribe("c", **bad):  # type: ignore[arg-type]
                 pass
+    # The log's own lease methods check the same range: no driver overflow.
+    for lease in (1e-9, 1e15):
+        with pytest.raises(InvalidArgument, match="lease must be"):
+            await broadcast.log.acquire_lease("c", "w", "h", lease)
+        with pytest.raises(InvalidArgument, match="lease must be"):
+            await broadcast.log.renew_leases(["h"], lease)
+    async with broadcast.subscribe("c", consumer="week", lease=7 * 86_400, since=0) as sub:
+        assert (await sub.get()).offset == 1
+
+
+async def test_a_lease_runs_from_its_statement_not_from_a_queue(broadcast: Broadcast) -> None:
+    """A burst of subscribes waits for the few lease writes a broadcast runs at once;
+    a lease shorter than that wait was handed out as already run out."""
+    gate = broadcast._leases.gate
+    for _ in range(IN_FLIGHT):
+        await gate.acquire()
+
+    async def open_later() -> None:
+        await asyncio.sleep(1.5)  # longer than the lease below
+        for _ in range(IN_FLIGHT):
+            gate.release()
+
+    opener = asyncio.create_task(open_later())
+    async with broadcast.subscribe("burst", consumer="w", lease=1.0) as sub:
+        await opener
+        await broadcast.publish("burst", "m")
+        assert (await asyncio.wait_for(sub.get(), 5)).message == "m"
+        await sub.commit()
 
 
 async def test_commits_racing_from_two_tasks(broadcast: Broadcast) -> None:

@@ -11,15 +11,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from .._errors import InvalidArgument
-from .._validation import check_channel, check_consumer, check_int, check_seconds
+from .._validation import check_channel, check_consumer, check_int, check_lease
 from . import _consumers
 from ._calls import finish_on_cancel, translated
 from ._info import ConsumerInfo, LeaseAttempt
 from ._store import Store
 
 
-def _micros(name: str, seconds: float) -> int:
-    return max(1, round(check_seconds(name, seconds) * 1_000_000))
+def _micros(lease: float) -> int:
+    return round(check_lease(lease) * 1_000_000)
 
 
 def _holder(holder: Any) -> str:
@@ -46,7 +46,7 @@ class ConsumerMethods:
         """
         check_channel(channel)
         check_consumer(name)
-        lease_us = _micros("lease", lease)
+        lease_us = _micros(lease)
         async with translated(), self._store.autocommit() as conn:
             return await _consumers.acquire(conn, channel, name, _holder(holder), lease_us)
 
@@ -61,7 +61,7 @@ class ConsumerMethods:
             For each holder that got its lease: the stored (epoch, position), both
             ``None`` when no position is stored.
         """
-        lease_us = _micros("lease", lease)
+        lease_us = _micros(lease)
         keys = {(channel, name) for channel, name, _ in claims}
         if len(keys) != len(claims):
             raise InvalidArgument("one claim per consumer")
@@ -82,7 +82,7 @@ class ConsumerMethods:
         or it was given back. A lease that ran out but that nobody took and nobody
         set is renewed: no other holder processed anything meanwhile.
         """
-        lease_us = _micros("lease", lease)
+        lease_us = _micros(lease)
         if not holders:
             return set()
         async with translated(), self._store.autocommit() as conn:
@@ -111,7 +111,7 @@ class ConsumerMethods:
         """
         check_int("epoch", epoch)
         check_int("position", position)
-        lease_us = _micros("lease", lease)
+        lease_us = _micros(lease)
         async with translated(), self._store.autocommit() as conn:
             return await _consumers.commit(conn, channel, name, holder, epoch, position, lease_us)
 

@@ -28,6 +28,7 @@ SEND_TIMEOUT = 10.0
 #: transport cannot fill memory.
 MAX_OUTBOX = 100_000
 MAX_OUTBOX_BYTES = 64 * 1024 * 1024
+_FAILURES_LOGGED_EVERY = 100
 
 
 class Appender:
@@ -50,6 +51,10 @@ class Appender:
         self._outbox: deque[Event] = deque()
         self._outbox_bytes = 0
         self._dropping = False  # warned that the transport is behind, until it catches up
+        #: Live sends that failed in a row (0: the last one worked, or none was made).
+        self.failing_sends = 0
+        # The transport's reconnection count when that run of failures began.
+        self._failed_at = 0
         self._has_pending: asyncio.Event | None = None
         self._has_outbox: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -58,6 +63,7 @@ class Appender:
 
     def start(self) -> None:
         self._closing = self._drained = False
+        self.failing_sends = 0
         self._has_pending = asyncio.Event()
         self._has_outbox = asyncio.Event()
         self._tasks = [
@@ -181,18 +187,38 @@ class Appender:
             self._outbox_bytes = 0
             try:
                 await wait_for(self._wire.send(events), SEND_TIMEOUT)
-                self._dropping = False
             except asyncio.CancelledError:
                 raise
             except asyncio.TimeoutError:
-                self._stats.live_send_failures += 1
-                logger.warning(
-                    "live send of %d events took over %g s: abandoned", len(events), SEND_TIMEOUT
-                )
-            except Exception:
+                self._failed(f"live send of {len(events)} events took over {SEND_TIMEOUT:g} s")
+            except Exception as exc:
                 # The events are durable; subscribers find them in the log.
-                self._stats.live_send_failures += 1
-                logger.warning("live send of %d events failed", len(events), exc_info=True)
+                self._failed(f"live send of {len(events)} events failed", exc)
+            else:
+                self._dropping = False
+                if self.failing_sends:
+                    logger.info("live sends work again, after %d failed", self.failing_sends)
+                    self.failing_sends = 0
+
+    @property
+    def sends_failing(self) -> bool:
+        """Whether the last live send failed and the transport has not reconnected
+        since (a reconnection says it works again before the next send can)."""
+        reconnects = getattr(self._wire.backend, "reconnects", 0)
+        return self.failing_sends > 0 and reconnects == self._failed_at
+
+    def _failed(self, what: str, exc: Exception | None = None) -> None:
+        """Count a failed live send; log the first of a run with its traceback, then
+        one line every :data:`_FAILURES_LOGGED_EVERY` (an outage is not a log flood)."""
+        self._stats.live_send_failures += 1
+        self.failing_sends += 1
+        if self.failing_sends == 1:
+            self._failed_at = getattr(self._wire.backend, "reconnects", 0)
+            logger.warning("%s (abandoned; subscribers read them from the log)", what, exc_info=exc)
+        elif self.failing_sends % _FAILURES_LOGGED_EVERY == 0:
+            logger.warning(
+                "live sends still failing (%d in a row): %s: %r", self.failing_sends, what, exc
+            )
 
 
 def _settle(future: asyncio.Future[Event], error: BaseException) -> None:

@@ -142,9 +142,14 @@ class Broadcast:
 
     @property
     def transport_connected(self) -> bool:
-        """Whether the live transport is up; when down, subscribers read from the log."""
+        """Whether the live transport is up; when down, subscribers read from the log.
+
+        False too while live sends fail (until one works, or the transport reconnects):
+        a process that only publishes has no subscription to tell it of an outage.
+        """
         up = getattr(self._backend, "connected", True)  # broadcaster's backends lack it
-        return self._connected and self._listener_error is None and bool(up)
+        sending = not self._appender.sends_failing
+        return self._connected and self._listener_error is None and bool(up) and sending
 
     # -- lifecycle -----------------------------------------------------------------
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 from typing import Any
 
@@ -36,6 +37,7 @@ class UnreliableBackend(BroadcastBackend):
         self.held: Event | None = None
         self.sent = 0
         self.stalled: asyncio.Event | None = None  # set: publish hangs (a stuck socket)
+        self.publish_error: BaseException | None = None  # set: publish raises it
 
     async def connect(self) -> None:
         pass
@@ -54,6 +56,8 @@ class UnreliableBackend(BroadcastBackend):
         if self.stalled is not None:
             self.stalled.set()
             await asyncio.Event().wait()
+        if self.publish_error is not None:
+            raise self.publish_error
         self.sent += 1
         if self.drop_all or self.rng.random() < self.drop:
             return
@@ -242,6 +246,33 @@ async def test_stalled_transport_bounds_memory_and_delays_nobody(
             assert broadcast.stats.live_send_failures >= 2
     finally:
         await asyncio.wait_for(broadcast.disconnect(), 5)
+
+
+async def test_failing_sends_say_the_transport_is_down_and_log_once(
+    log: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A process that only publishes has no subscription to notice an outage: its
+    failing sends do, without a traceback per batch."""
+    caplog.set_level(logging.INFO, logger="broadcast_history")
+    backend = UnreliableBackend()
+    backend.publish_error = ConnectionError("refused")
+    async with Broadcast(backend=backend, log=log) as bc:
+        assert bc.transport_connected
+        for i in range(20):
+            await bc.publish("c", str(i))
+            await asyncio.sleep(0.01)  # each one its own send
+        assert bc.stats.live_send_failures >= 10
+        assert not bc.transport_connected
+        tracebacks = [r for r in caplog.records if r.exc_info and "live send" in r.message]
+        assert len(tracebacks) == 1
+        backend.publish_error = None
+        await bc.publish("c", "back")
+        for _ in range(100):
+            if bc.transport_connected:
+                break
+            await asyncio.sleep(0.01)
+        assert bc.transport_connected
+        assert any("live sends work again" in r.message for r in caplog.records)
 
 
 async def test_an_idle_check_answered_late_says_nothing_of_what_came_since() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack
@@ -247,6 +248,52 @@ async def test_master_killed_mid_stream(
             event = await publisher.publish(channel, "after")
             (last,) = await take(sub, 1, timeout=5)
             assert (last.offset, last.message) == (event.offset, "after")
+
+
+async def test_a_frozen_master_delays_no_other_masters_channels(tmp_path: Path) -> None:
+    """A master that stops answering (SIGSTOP: a frozen process, a partition) held up
+    every later live send, for every master's channels, 10 s per batch. It is set
+    aside now, and publishing to it resumes once it answers again."""
+    log = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
+    # Nobody declares the frozen master failed while the test runs.
+    with RedisClusterNodes(node_timeout_ms=60_000) as cluster:
+        nodes, _ = cluster_options(cluster.url)
+        admin = RedisCluster(startup_nodes=nodes, decode_responses=True)
+        await admin.initialize()
+        try:
+            channels = on_every_master(admin, 1)
+            victim = cluster.ports[0]
+            owners = {c: admin.get_node_from_key(c).port for c in channels}  # type: ignore[union-attr]
+        finally:
+            await admin.aclose()
+        frozen = next(c for c in channels if owners[c] == victim)
+        healthy = [c for c in channels if c != frozen]
+        # Subscribers hear only live sends (and the gaps they reveal), not idle checks.
+        async with (
+            Broadcast(cluster.url, log=log) as publisher,
+            Broadcast(cluster.url, log=log, idle_check=600) as subscriber,
+            AsyncExitStack() as stack,
+        ):
+            subs = {c: await stack.enter_async_context(subscriber.subscribe(c)) for c in channels}
+            process = cluster.processes[victim]
+            process.send_signal(signal.SIGSTOP)
+            try:
+                for i in range(10):
+                    for channel in channels:
+                        await publisher.publish(channel, f"m{i}")
+                    await asyncio.sleep(0.1)
+                for channel in healthy:
+                    received = await take(subs[channel], 10, timeout=6)
+                    assert [e.message for e in received] == [f"m{i}" for i in range(10)]
+            finally:
+                process.send_signal(signal.SIGCONT)
+            # Asked again, it answers: its channel is live again (the gap it reveals
+            # brings the ten events it missed from the log).
+            stalled = publisher.backend._publisher._stalled  # type: ignore[attr-defined]
+            await wait_until(lambda: not stalled, 10, "asked again")
+            last = await publisher.publish(frozen, "after")
+            received = await take(subs[frozen], last.offset, timeout=5)
+            assert_contiguous(received, 1, last.offset)
 
 
 async def test_a_permanent_failure_reaches_the_receiver(

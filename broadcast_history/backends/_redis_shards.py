@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
+import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
 from urllib.parse import unquote
@@ -11,13 +13,16 @@ from urllib.parse import unquote
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
 from redis.asyncio.client import PubSub
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import ClusterNode, NodesManager, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from .._cancel import wait_for
 from .._errors import TransportError
 from ._hosts import parse_hosts
 from ._redis_common import CLIENT_NAME, as_text, cancel_and_wait, describe, is_transient
+
+logger = logging.getLogger("broadcast_history")
 
 SCHEMES = ("redis-cluster", "rediss-cluster")
 
@@ -109,6 +114,16 @@ class Shard:
             await self._client.aclose()
 
 
+#: Longest one master may take to take a batch's SPUBLISH pipeline: past it the master
+#: counts as stalled (a frozen process, a partition dropping packets) and the other
+#: masters' sends stop waiting for it.
+NODE_TIMEOUT = 2.0
+#: How often a stalled master is asked again, and the slot map refreshed (its replica
+#: may have been promoted).
+STALL_RECHECK = 1.0
+_DEFERS_FAILED = "last_failed_node_name" in inspect.signature(NodesManager.initialize).parameters
+
+
 class ShardPublisher:
     """Sends ``SPUBLISH`` batches: one pipeline per owning master, all masters at once.
 
@@ -117,18 +132,27 @@ class ShardPublisher:
     path, so the grouping is done here with the cluster client's slot map, and each
     master gets a plain client. A group that fails (its master died, or its slot
     moved) is sent once more after the slot map is refreshed.
+
+    A master that does not answer within :data:`NODE_TIMEOUT` is set aside: its
+    channels' events are not sent live (their subscribers read them from the log)
+    until it answers a ping again or the slot map no longer names it, so a frozen
+    master delays no other master's channels.
     """
 
     def __init__(self, cluster: RedisCluster, options: dict[str, Any]) -> None:
         self._cluster = cluster
         self._options = options
         self._clients: dict[str, aioredis.Redis] = {}
+        self._stalled: set[str] = set()
+        self._recheck: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
 
     async def send(self, messages: Sequence[tuple[str, Any]]) -> None:
         """Publish every ``(channel, message)``; order is kept within each master.
 
         Raises:
-            TransportError: A group failed twice, or for a reason retrying cannot fix.
+            TransportError: A group failed twice, or for a reason retrying cannot fix,
+                or its master stalled just now (later batches skip it).
         """
         pending = list(messages)
         for attempt in range(2):
@@ -137,15 +161,24 @@ class ShardPublisher:
                 for channel, message in pending:
                     node = self._cluster.get_node_from_key(channel)
                     assert node is not None  # a primary is always returned
-                    groups.setdefault(node.name, (node, []))[1].append((channel, message))
+                    if node.name not in self._stalled:
+                        groups.setdefault(node.name, (node, []))[1].append((channel, message))
                 outcomes = await asyncio.gather(
                     *(self._pipeline(node, items) for node, items in groups.values()),
                     return_exceptions=True,
                 )
                 failures: list[BaseException] = []
                 pending = []
-                for (_, items), outcome in zip(groups.values(), outcomes, strict=True):
-                    if isinstance(outcome, BaseException):
+                for (node, items), outcome in zip(groups.values(), outcomes, strict=True):
+                    if isinstance(outcome, asyncio.TimeoutError):
+                        self._stall(node)
+                        failures.append(
+                            TransportError(
+                                f"redis node {node.name} took over {NODE_TIMEOUT:g} s to take a "
+                                "SPUBLISH: its channels are not sent live until it answers"
+                            )
+                        )
+                    elif isinstance(outcome, BaseException):
                         failures.append(outcome)
                         pending += items  # only the failed groups are sent again
                 if not failures:
@@ -157,6 +190,11 @@ class ShardPublisher:
                 await self._refresh(exc)
 
     async def close(self) -> None:
+        recheck, self._recheck = self._recheck, None
+        if recheck is not None:
+            await cancel_and_wait(recheck)
+        for task in list(self._background):
+            await cancel_and_wait(task)
         clients, self._clients = list(self._clients.values()), {}
         for client in clients:
             with contextlib.suppress(Exception):
@@ -168,13 +206,74 @@ class ShardPublisher:
             client = self._clients[node.name] = aioredis.Redis(
                 host=node.host, port=int(node.port), **self._options
             )
-        async with client.pipeline(transaction=False) as pipe:
-            for channel, message in items:
-                pipe.spublish(channel, message)
-            await pipe.execute()
+
+        async def execute() -> None:
+            async with client.pipeline(transaction=False) as pipe:
+                for channel, message in items:
+                    pipe.spublish(channel, message)
+                await pipe.execute()
+
+        await wait_for(execute(), NODE_TIMEOUT)
 
     async def _refresh(self, cause: BaseException) -> None:
         try:
-            await self._cluster.nodes_manager.initialize()
-        except (rexc.RedisError, rexc.RedisClusterException, OSError) as exc:
+            await wait_for(self._cluster.nodes_manager.initialize(), 2 * NODE_TIMEOUT)
+        except (rexc.RedisError, rexc.RedisClusterException, OSError, asyncio.TimeoutError) as exc:
             raise TransportError(f"redis-cluster SPUBLISH failed: {describe(cause)}") from exc
+
+    # -- stalled masters -----------------------------------------------------------
+
+    def _stall(self, node: ClusterNode) -> None:
+        """Set ``node`` aside; its client, cut off mid-command, is closed."""
+        logger.warning(
+            "redis node %s took over %g s to take a SPUBLISH: its channels are not sent "
+            "live until it answers again or its replica takes over (subscribers read them "
+            "from the log)",
+            node.name,
+            NODE_TIMEOUT,
+        )
+        self._stalled.add(node.name)
+        client = self._clients.pop(node.name, None)
+        if client is not None:
+            self._in_background(client.aclose())
+        if self._recheck is None or self._recheck.done():
+            self._recheck = asyncio.create_task(self._recheck_stalled(), name="bh-redis-stalled")
+
+    async def _recheck_stalled(self) -> None:
+        while self._stalled:
+            await asyncio.sleep(STALL_RECHECK)
+            stalled = sorted(self._stalled)
+            manager = self._cluster.nodes_manager
+            # The stalled master last: asked first, it would hold the refresh up
+            # (where redis-py can be told; older versions ask in their own order).
+            hint: dict[str, Any] = {"last_failed_node_name": stalled[0]} if _DEFERS_FAILED else {}
+            with contextlib.suppress(Exception):
+                await wait_for(manager.initialize(**hint), 2 * NODE_TIMEOUT)
+            masters = {node.name for node in self._cluster.get_primaries()}
+            for name in stalled:
+                if name not in masters:
+                    logger.info("redis node %s is no longer a master: publishing goes on", name)
+                    self._stalled.discard(name)
+                elif await self._answers(name):
+                    logger.info("redis node %s answers again: publishing to it goes on", name)
+                    self._stalled.discard(name)
+
+    async def _answers(self, name: str) -> bool:
+        host, _, port = name.rpartition(":")
+        client = aioredis.Redis(host=host, port=int(port), **self._options)
+        try:
+            await wait_for(client.ping(), NODE_TIMEOUT)
+            return True
+        except Exception:
+            return False
+        finally:
+            self._in_background(client.aclose())
+
+    def _in_background(self, closing: Coroutine[Any, Any, Any]) -> None:
+        async def quietly() -> None:
+            with contextlib.suppress(Exception):
+                await closing
+
+        task = asyncio.create_task(quietly())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)

@@ -57,8 +57,9 @@ def free_cluster_port() -> int:
 class RedisClusterNodes:
     """Three Redis Cluster masters; each can be killed and started again on its port."""
 
-    def __init__(self, masters: int = 3) -> None:
+    def __init__(self, masters: int = 3, *, node_timeout_ms: int = 1000) -> None:
         self.server, self.cli = _binaries()
+        self.node_timeout_ms = node_timeout_ms
         self._tmp = tempfile.TemporaryDirectory(prefix="bh-redis-cluster-")
         self.dir = Path(self._tmp.name)
         self.ports: list[int] = []
@@ -82,7 +83,7 @@ class RedisClusterNodes:
             "bind": "127.0.0.1",
             "cluster-enabled": "yes",
             "cluster-config-file": "nodes.conf",
-            "cluster-node-timeout": "1000",
+            "cluster-node-timeout": str(self.node_timeout_ms),
             "save": "",
             "appendonly": "no",
             "dir": str(node_dir),

@@ -23,6 +23,8 @@ logger = logging.getLogger("broadcast_history")
 #: every later event's live delivery) for ever. Subscribers read what it lost from
 #: the log.
 SEND_TIMEOUT = 10.0
+#: Longest ``disconnect`` waits for the last live sends.
+STOP_SEND_WAIT = 2.0
 #: Most events, and message bytes, waiting for a live send; past either the oldest
 #: are not sent live (their subscribers find them in the log), so a stalled
 #: transport cannot fill memory.
@@ -84,9 +86,9 @@ class Appender:
         await asyncio.gather(commit_task, return_exceptions=True)
         self._drained = True
         self._has_outbox.set()
-        # Each send is bounded by SEND_TIMEOUT; what is still unsent after one more
-        # such wait is in the log already.
-        await asyncio.wait({send_task}, timeout=SEND_TIMEOUT)
+        # What is still unsent after a short wait is in the log already: a stalled
+        # transport must not make a shutdown wait a whole SEND_TIMEOUT.
+        await asyncio.wait({send_task}, timeout=STOP_SEND_WAIT)
         send_task.cancel()
         await asyncio.gather(send_task, return_exceptions=True)
         while self._pending:

@@ -275,6 +275,18 @@ async def test_failing_sends_say_the_transport_is_down_and_log_once(
         assert any("live sends work again" in r.message for r in caplog.records)
 
 
+async def test_disconnect_waits_briefly_for_a_stalled_send(log: str | None) -> None:
+    """A transport that stopped answering (a frozen Redis) held disconnect for a whole
+    live-send timeout (10 s); what was not sent is in the log."""
+    backend = UnreliableBackend()
+    backend.stalled = asyncio.Event()
+    broadcast = Broadcast(backend=backend, log=log)
+    await broadcast.connect()
+    await broadcast.publish("c", "m")
+    await asyncio.wait_for(backend.stalled.wait(), 5)
+    await asyncio.wait_for(broadcast.disconnect(), 7)  # SEND_TIMEOUT is 10 s
+
+
 async def test_an_idle_check_answered_late_says_nothing_of_what_came_since() -> None:
     """The idle check's head query outlives a get() cut short; if events were
     delivered before its answer came, the answer is about an older state (here: no

@@ -249,6 +249,12 @@ async def test_post_publishes_by_content_type(broadcast: Broadcast, base: str) -
             ),
         ]
         assert [a.status_code for a in answers] == [201] * 4
+        # Charsets whose codec fails with a bare UnicodeError (not a decode error).
+        for charset in ("undefined", "bogus", "hex"):
+            refused = await http.post(
+                "/p", content=b"x", headers={"content-type": f"text/plain; charset={charset}"}
+            )
+            assert refused.status_code == 400, (charset, refused.text)
         body = answers[0].json()
         assert set(body) == {"id", "channel", "offset", "epoch", "timestamp"}
         assert (body["id"], body["channel"]) == (f"{body['epoch']}:1", "p")
@@ -523,6 +529,35 @@ async def test_close_streams_ends_every_stream(broadcast: Broadcast) -> None:
                 await ws.recv()
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
     await wait_for_subscriptions(broadcast, 0)
+
+
+async def test_a_websocket_client_gone_mid_send_is_no_server_error(
+    base: str, broadcast: Broadcast, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A WebSocket client that stopped reading, then vanished (reset): the send under
+    way failed with Starlette's WebSocketDisconnected, which escaped as an ASGI error."""
+    host, port = base.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(
+        b"GET /stuck/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    assert b" 101 " in await reader.readuntil(b"\r\n\r\n")
+    for _ in range(80):  # the client reads nothing: the server's sends back up
+        await broadcast.publish("stuck", "x" * 100_000)
+    await asyncio.sleep(0.3)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    writer.transport.abort()  # a reset, as from a killed process
+    for _ in range(50):
+        if not any(broadcast.subscriber_modes().values()):
+            break
+        await asyncio.sleep(0.05)
+    assert not any(broadcast.subscriber_modes().values())
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 async def test_a_client_gone_mid_body_is_no_server_error(

@@ -77,7 +77,7 @@ def body_message(body: bytes, content_type: str) -> str | bytes:
             charset = value.strip().strip('"')
     try:
         return body.decode(charset)
-    except (LookupError, UnicodeDecodeError) as exc:
+    except (LookupError, ValueError) as exc:  # unknown charset; bad text (UnicodeError)
         raise InvalidMessage(f"the body is not valid {charset} text: {exc}") from None
 
 

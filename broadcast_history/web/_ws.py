@@ -29,6 +29,7 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
 
+import starlette.websockets
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .._errors import BroadcastError, InvalidArgument, InvalidMessage
@@ -47,6 +48,13 @@ Publisher = Callable[[WebSocket, "str | bytes", "str | None"], Awaitable[Event]]
 FORBIDDEN = 1008
 BAD_REQUEST = 4400
 TRY_LATER = 1013
+
+# What a send or receive raises once the client has gone: Starlette 1.x raises
+# WebSocketDisconnected (a RuntimeError) for a send after the connection closed.
+_DISCONNECTED: type[BaseException] | None = getattr(
+    starlette.websockets, "WebSocketDisconnected", None
+)
+_CLIENT_GONE = (OSError, WebSocketDisconnect, *([_DISCONNECTED] if _DISCONNECTED else []))
 
 
 def message_json(event: Event) -> dict[str, Any]:
@@ -137,7 +145,7 @@ class WebSocketSession:
             if task.cancelled():
                 continue
             error = task.exception()
-            if isinstance(error, (OSError, WebSocketDisconnect)):
+            if isinstance(error, _CLIENT_GONE):
                 gone = True
             elif error is not None:
                 logger.warning("WebSocket stream of %r ended: %r", self.feed.channel, error)

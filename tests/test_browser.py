@@ -161,3 +161,36 @@ def test_dropped_page_catches_up_in_order_without_duplicates(
         )
     finally:
         context.close()
+
+
+def test_a_refused_message_stays_in_the_box_and_bad_rooms_are_said(
+    demo_url: str, browser: Any
+) -> None:
+    """The text box was cleared before the server answered: a refused or unsent
+    message was lost, and its notice stayed up after later messages went through."""
+    room = f"refused-{uuid.uuid4().hex[:6]}"
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(f"{demo_url}/#{room}")
+        wait_state(page, "live")
+        # Over the server's limit for names (the page's own limit taken off).
+        page.evaluate("() => document.querySelector('#author').removeAttribute('maxlength')")
+        page.fill("#author", "x" * 50)
+        say(page, "keep me")
+        page.wait_for_function("() => !document.querySelector('#notice').hidden", timeout=WAIT_MS)
+        assert page.input_value("#text") == "keep me"
+        page.fill("#author", "alice")
+        page.press("#text", "Enter")
+        wait_count(page, 1)
+        assert page.input_value("#text") == ""
+        assert page.is_hidden("#notice")
+        assert [text for _, text, _ in messages(page)] == ["keep me"]
+
+        page.goto(f"{demo_url}/#not.a/room")
+        page.wait_for_function("() => !document.querySelector('#notice').hidden", timeout=WAIT_MS)
+        assert "not a room name" in page.text_content("#notice")
+        wait_state(page, "live")
+        assert page.evaluate("() => chat.room") == "lobby"
+    finally:
+        context.close()

@@ -130,11 +130,26 @@ def test_demo_with_an_unreachable_log_fails_in_one_line(tmp_path: Path) -> None:
 
     # A SQLite file in a directory that does not exist cannot be opened.
     log = f"sqlite+aiosqlite:///{tmp_path / 'missing' / 'demo.db'}"
-    result = CliRunner().invoke(app, ["demo", "--log", log, "--port", "0"])
+    result = CliRunner().invoke(app, ["demo", "--log", log, "--port", "8099"])
     assert result.exit_code == 3, result.output
     assert "cannot start the demo: cannot open the event log" in result.stderr
     assert "Traceback" not in result.output + result.stderr
     assert "chat demo:" not in result.output  # nothing was served
+
+
+def test_demo_refuses_bad_ports_and_data_dirs_in_one_line(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from broadcast_history.cli import app
+
+    for port in ("0", "-1", "99999"):  # was a bogus URL, then an OverflowError traceback
+        result = CliRunner().invoke(app, ["demo", "--port", port])
+        assert result.exit_code == 2, result.output
+    (tmp_path / "file").touch()
+    result = CliRunner().invoke(app, ["demo", "--data-dir", str(tmp_path / "file" / "d")])
+    assert result.exit_code == 2, result.output
+    assert "cannot create the data directory" in result.stderr
+    assert "Traceback" not in result.output + result.stderr
 
 
 def test_publish_validates(server: str) -> None:

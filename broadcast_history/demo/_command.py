@@ -48,7 +48,11 @@ def serve(
     from ._app import create_app
     from ._limits import MAX_BODY
 
-    log_url = log or default_log_url(data_dir)
+    try:
+        log_url = log or default_log_url(data_dir)
+    except OSError as exc:
+        typer.echo(f"Error: cannot create the data directory {data_dir}: {exc}", err=True)
+        raise typer.Exit(2) from None
     # Connected once before serving: an unreachable log or transport is one line and
     # exit code 3, as in the other commands, not uvicorn's startup traceback.
     try:
@@ -77,7 +81,7 @@ def serve(
 
 def demo(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8000,
     data_dir: Annotated[
         Path, typer.Option(help="Directory of the default SQLite log.")
     ] = DEFAULT_DATA_DIR,

@@ -188,13 +188,34 @@ async function send(event) {
   localStorage.setItem("bh-author", author);
   if (!text.trim()) return;
   $("text").value = "";
-  const response = await fetch(`/api/rooms/${encodeURIComponent(chat.room)}/messages`, {
-    method: "POST",
-    headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ author, text }),
-  });
-  if (!response.ok) notice((await response.json()).detail);
+  let failure = null;
+  try {
+    const response = await fetch(`/api/rooms/${encodeURIComponent(chat.room)}/messages`, {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ author, text }),
+    });
+    if (!response.ok) failure = await detail(response);
+  } catch {
+    failure = "the server cannot be reached: not sent";
+  }
+  if (failure) {
+    // Not sent: give the text back unless something new was typed meanwhile.
+    if (!$("text").value) $("text").value = text;
+    notice(failure);
+    return;
+  }
+  notice("");
   loadRooms();
+}
+
+async function detail(response) {
+  try {
+    const body = await response.json();
+    return typeof body.detail === "string" ? body.detail : `refused (${response.status})`;
+  } catch {
+    return `refused (${response.status})`;
+  }
 }
 
 async function loadOlder() {
@@ -242,11 +263,26 @@ async function showInfo() {
   return info;
 }
 
+// The server's rule for room names (broadcast_history/demo/_rooms.py).
+const ROOM_NAME = /^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$/;
+
+function roomFromHash() {
+  let room;
+  try {
+    room = decodeURIComponent(location.hash.slice(1));
+  } catch {
+    room = location.hash.slice(1);
+  }
+  if (!room || ROOM_NAME.test(room)) return room;
+  setTimeout(() => notice(`"${room}" is not a room name (letters, digits, - and _): back to the lobby`));
+  return null;
+}
+
 function openRoom() {
   const params = new URLSearchParams(location.search);
   chat.transport = params.get("transport") === "ws" ? "ws" : "sse";
   $("transport").value = chat.transport;
-  chat.room = decodeURIComponent(location.hash.slice(1)) || "lobby";
+  chat.room = roomFromHash() || "lobby";
   $("room-title").textContent = `# ${chat.room}`;
   disconnect();
   clearRoom();

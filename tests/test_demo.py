@@ -154,7 +154,11 @@ def test_demo_refuses_bad_ports_and_data_dirs_in_one_line(tmp_path: Path) -> Non
 
 def test_publish_validates(server: str) -> None:
     url = f"{server}/api/rooms/{room()}/messages"
-    assert httpx.post(url, content=b"not json").status_code == 422
+    refused = httpx.post(url, content=b"not json")
+    assert (refused.status_code, refused.json()["detail"]) == (
+        422,
+        "send a JSON object {author, text}",
+    )
     assert httpx.post(url, content=b"[" * 5000 + b"]" * 5000).status_code == 422  # too deep
     assert httpx.post(url, json={"text": ""}).status_code == 422
     assert httpx.post(url, json={"text": "x" * 2001}).status_code == 422
@@ -163,6 +167,8 @@ def test_publish_validates(server: str) -> None:
     )
     event = post(server, room(), "hello", author="bea")
     assert (event["offset"], event["author"], event["text"]) == (1, "bea", "hello")
+    assert httpx.post(url, json={"text": "x", "author": "   "}).json()["author"] == "anonymous"
+    assert httpx.post(url, json={"text": "x", "author": 0}).status_code == 422
     assert event["id"] == f"{event['epoch']}:1"
 
 

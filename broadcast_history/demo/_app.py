@@ -47,14 +47,15 @@ def _int_param(request: Request, name: str, default: int | None) -> int | None:
 def _parse_message(body: Any) -> tuple[str, str]:
     if not isinstance(body, dict):
         raise InvalidArgument("send a JSON object {author, text}")
-    text, author = body.get("text"), body.get("author") or "anonymous"
+    text, author = body.get("text"), body.get("author")
     if not isinstance(text, str) or not text.strip():
         raise InvalidArgument("text must be a non-empty string")
-    if not isinstance(author, str):
+    if author is not None and not isinstance(author, str):
         raise InvalidArgument("author must be a string")
+    author = (author or "").strip() or "anonymous"
     if len(text) > MAX_TEXT or len(author) > MAX_AUTHOR:
         raise InvalidArgument(f"text is limited to {MAX_TEXT}, author to {MAX_AUTHOR} characters")
-    return author.strip(), text
+    return author, text
 
 
 async def _rooms_only(connection: HTTPConnection, channel: str, action: Action) -> bool:
@@ -110,7 +111,12 @@ def create_app(
         if not posts.allow(request.client.host if request.client else "?"):
             return _error(429, "too many messages: slow down")
         try:
-            author, text = _parse_message(json.loads(await read_body(request, MAX_BODY)))
+            body = await read_body(request, MAX_BODY)
+            try:
+                fields = json.loads(body)
+            except ValueError:
+                return _error(422, "send a JSON object {author, text}")
+            author, text = _parse_message(fields)
             event = await broadcast.publish(channel, encode_message(author, text))
         except MessageTooLarge as exc:
             return _error(413, str(exc))
@@ -126,7 +132,7 @@ def create_app(
             return _error(404, "no such room name")
         try:
             before = _int_param(request, "before", None)
-            limit = min(_int_param(request, "limit", 20) or 20, 200)
+            limit = min(max(_int_param(request, "limit", 20) or 1, 1), 200)
         except InvalidArgument as exc:
             return _error(422, str(exc))
         page = await broadcast.log.read(channel, before=before, limit=limit, order="desc")

@@ -24,7 +24,10 @@ logger = logging.getLogger("broadcast_history")
 #: the log.
 SEND_TIMEOUT = 10.0
 #: Longest ``disconnect`` waits for the last live sends.
-STOP_SEND_WAIT = 2.0
+STOP_SEND_WAIT = 5.0
+#: How long a failed live send counts as "the transport is down" when nothing is
+#: sent after it (a process that publishes rarely).
+FAILURE_MEMORY = 30.0
 #: Most events, and message bytes, waiting for a live send; past either the oldest
 #: are not sent live (their subscribers find them in the log), so a stalled
 #: transport cannot fill memory.
@@ -55,8 +58,10 @@ class Appender:
         self._dropping = False  # warned that the transport is behind, until it catches up
         #: Live sends that failed in a row (0: the last one worked, or none was made).
         self.failing_sends = 0
-        # The transport's reconnection count when that run of failures began.
+        # The transport's reconnection count when that run of failures began, and
+        # the loop time of the last failure.
         self._failed_at = 0
+        self._failed_last = 0.0
         self._has_pending: asyncio.Event | None = None
         self._has_outbox: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -204,22 +209,31 @@ class Appender:
 
     @property
     def sends_failing(self) -> bool:
-        """Whether the last live send failed and the transport has not reconnected
-        since (a reconnection says it works again before the next send can)."""
-        reconnects = getattr(self._wire.backend, "reconnects", 0)
-        return self.failing_sends > 0 and reconnects == self._failed_at
+        """Whether live sends are failing now: the last one failed, less than
+        :data:`FAILURE_MEMORY` ago, and the transport has not reconnected since (a
+        reconnection says it works again before the next send can)."""
+        if not self.failing_sends or self._reconnects() != self._failed_at:
+            return False
+        return asyncio.get_running_loop().time() - self._failed_last < FAILURE_MEMORY
+
+    def _reconnects(self) -> int:
+        return int(getattr(self._wire.backend, "reconnects", 0))
 
     def _failed(self, what: str, exc: Exception | None = None) -> None:
         """Count a failed live send; log the first of a run with its traceback, then
         one line every :data:`_FAILURES_LOGGED_EVERY` (an outage is not a log flood)."""
         self._stats.live_send_failures += 1
+        if self.failing_sends and self._reconnects() != self._failed_at:
+            self.failing_sends = 0  # it reconnected meanwhile: this is another outage
         self.failing_sends += 1
+        self._failed_last = asyncio.get_running_loop().time()
         if self.failing_sends == 1:
-            self._failed_at = getattr(self._wire.backend, "reconnects", 0)
+            self._failed_at = self._reconnects()
             logger.warning("%s (abandoned; subscribers read them from the log)", what, exc_info=exc)
         elif self.failing_sends % _FAILURES_LOGGED_EVERY == 0:
+            reason = "" if exc is None else f": {exc!r}"
             logger.warning(
-                "live sends still failing (%d in a row): %s: %r", self.failing_sends, what, exc
+                "live sends still failing (%d in a row): %s%s", self.failing_sends, what, reason
             )
 
 

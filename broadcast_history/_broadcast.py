@@ -144,8 +144,9 @@ class Broadcast:
     def transport_connected(self) -> bool:
         """Whether the live transport is up; when down, subscribers read from the log.
 
-        False too while live sends fail (until one works, or the transport reconnects):
-        a process that only publishes has no subscription to tell it of an outage.
+        False too while live sends fail (until one works, the transport reconnects, or
+        30 s pass with no send): a process that only publishes has no subscription to
+        tell it of an outage.
         """
         up = getattr(self._backend, "connected", True)  # broadcaster's backends lack it
         sending = not self._appender.sends_failing

@@ -137,7 +137,8 @@ async def test_one_holder_at_a_time(make_broadcast: MakeBroadcast) -> None:
     first, second = await make_broadcast(), await make_broadcast()  # two "processes"
     for i in range(10):
         await first.publish("jobs", str(i))
-    async with first.subscribe("jobs", consumer="w", since=0, lease=1.0) as holder:
+    # Leases of 2 s: renewed every 0.67 s, which a loaded machine keeps up with.
+    async with first.subscribe("jobs", consumer="w", since=0, lease=2.0) as holder:
         await take(holder, 4)
         await holder.commit()
         with pytest.raises(ConsumerBusy, match="held by"):
@@ -148,11 +149,11 @@ async def test_one_holder_at_a_time(make_broadcast: MakeBroadcast) -> None:
                 pass
 
         async def standby(broadcast: Broadcast) -> list[int]:
-            async with broadcast.subscribe("jobs", consumer="w", lease=1.0) as sub:
+            async with broadcast.subscribe("jobs", consumer="w", lease=2.0) as sub:
                 return [e.offset for e in await take(sub, 6)]
 
         waiting = [asyncio.create_task(standby(b)) for b in (first, second)]
-        await asyncio.sleep(1.5)  # more than a lease: renewals keep it held
+        await asyncio.sleep(2.5)  # more than a lease: renewals keep it held
         assert not any(task.done() for task in waiting)
         await take(holder, 1)  # offset 5, handled but not committed
     # One standby takes over and starts after the last commit; the other waits.

@@ -285,6 +285,8 @@ async def test_a_frozen_master_delays_no_other_masters_channels(tmp_path: Path) 
                 for channel in healthy:
                     received = await take(subs[channel], 10, timeout=6)
                     assert [e.message for e in received] == [f"m{i}" for i in range(10)]
+                # Its channels' events are not sent: that is said, not hidden.
+                assert not publisher.transport_connected
             finally:
                 process.send_signal(signal.SIGCONT)
             # Asked again, it answers: its channel is live again (the gap it reveals
@@ -293,6 +295,7 @@ async def test_a_frozen_master_delays_no_other_masters_channels(tmp_path: Path) 
             await wait_until(lambda: not stalled, 10, "asked again")
             last = await publisher.publish(frozen, "after")
             received = await take(subs[frozen], last.offset, timeout=5)
+            await wait_until(lambda: publisher.transport_connected, 5, "sending again")
             assert_contiguous(received, 1, last.offset)
 
 

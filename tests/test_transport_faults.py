@@ -249,12 +249,15 @@ async def test_stalled_transport_bounds_memory_and_delays_nobody(
 
 
 async def test_failing_sends_say_the_transport_is_down_and_log_once(
-    log: str | None, caplog: pytest.LogCaptureFixture
+    log: str | None, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A process that only publishes has no subscription to notice an outage: its
     failing sends do, without a traceback per batch."""
+    from broadcast_history import _appender
+
     caplog.set_level(logging.INFO, logger="broadcast_history")
     backend = UnreliableBackend()
+    backend.reconnects = 0
     backend.publish_error = ConnectionError("refused")
     async with Broadcast(backend=backend, log=log) as bc:
         assert bc.transport_connected
@@ -265,14 +268,32 @@ async def test_failing_sends_say_the_transport_is_down_and_log_once(
         assert not bc.transport_connected
         tracebacks = [r for r in caplog.records if r.exc_info and "live send" in r.message]
         assert len(tracebacks) == 1
-        backend.publish_error = None
-        await bc.publish("c", "back")
+        # A reconnection says it works again; failing after it is another outage.
+        backend.reconnects += 1
+        assert bc.transport_connected
+        await bc.publish("c", "again")
         for _ in range(100):
-            if bc.transport_connected:
+            if not bc.transport_connected:
                 break
             await asyncio.sleep(0.01)
+        assert not bc.transport_connected
+        tracebacks = [r for r in caplog.records if r.exc_info and "live send" in r.message]
+        assert len(tracebacks) == 2
+        # A process that publishes no more is not reported down for ever.
+        monkeypatch.setattr(_appender, "FAILURE_MEMORY", 0.2)
+        await asyncio.sleep(0.3)
         assert bc.transport_connected
-        assert any("live sends work again" in r.message for r in caplog.records)
+        backend.publish_error = None
+        await bc.publish("c", "back")
+
+        def works_again() -> bool:
+            return any("live sends work again" in r.message for r in caplog.records)
+
+        for _ in range(100):
+            if works_again():
+                break
+            await asyncio.sleep(0.01)
+        assert works_again() and bc.transport_connected
 
 
 async def test_disconnect_waits_briefly_for_a_stalled_send(log: str | None) -> None:
@@ -284,7 +305,7 @@ async def test_disconnect_waits_briefly_for_a_stalled_send(log: str | None) -> N
     await broadcast.connect()
     await broadcast.publish("c", "m")
     await asyncio.wait_for(backend.stalled.wait(), 5)
-    await asyncio.wait_for(broadcast.disconnect(), 7)  # SEND_TIMEOUT is 10 s
+    await asyncio.wait_for(broadcast.disconnect(), 8.5)  # SEND_TIMEOUT is 10 s
 
 
 async def test_an_idle_check_answered_late_says_nothing_of_what_came_since() -> None:

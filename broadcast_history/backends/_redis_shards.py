@@ -121,6 +121,9 @@ NODE_TIMEOUT = 2.0
 #: How often a stalled master is asked again, and the slot map refreshed (its replica
 #: may have been promoted).
 STALL_RECHECK = 1.0
+# A batch's pipeline may take longer in proportion to its bytes (a catch-up batch of
+# megabytes): a rate far below what a healthy master takes on loopback or a LAN.
+_BYTES_PER_SECOND = 10_000_000
 _DEFERS_FAILED = "last_failed_node_name" in inspect.signature(NodesManager.initialize).parameters
 
 
@@ -133,10 +136,11 @@ class ShardPublisher:
     master gets a plain client. A group that fails (its master died, or its slot
     moved) is sent once more after the slot map is refreshed.
 
-    A master that does not answer within :data:`NODE_TIMEOUT` is set aside: its
-    channels' events are not sent live (their subscribers read them from the log)
-    until it answers a ping again or the slot map no longer names it, so a frozen
-    master delays no other master's channels.
+    A master that does not take a batch within :data:`NODE_TIMEOUT` (more for a
+    large batch) is set aside: its channels' events are not sent live (their
+    subscribers read them from the log; ``send`` raises once the others are sent, so
+    the broadcast counts the failure) until it answers a ping again or the slot map
+    no longer names it. A frozen master delays no other master's channels.
     """
 
     def __init__(self, cluster: RedisCluster, options: dict[str, Any]) -> None:
@@ -151,61 +155,69 @@ class ShardPublisher:
         """Publish every ``(channel, message)``; order is kept within each master.
 
         Raises:
-            TransportError: A group failed twice, or for a reason retrying cannot fix,
-                or its master stalled just now (later batches skip it).
+            TransportError: A group failed twice, or for a reason retrying cannot fix;
+                or events were left unsent because their master is set aside (the
+                others were sent).
         """
         pending = list(messages)
+        unsent = 0  # events of masters set aside
         for attempt in range(2):
-            try:
-                groups: dict[str, tuple[ClusterNode, list[tuple[str, Any]]]] = {}
-                for channel, message in pending:
-                    node = self._cluster.get_node_from_key(channel)
-                    assert node is not None  # a primary is always returned
-                    if node.name not in self._stalled:
-                        groups.setdefault(node.name, (node, []))[1].append((channel, message))
-                outcomes = await asyncio.gather(
-                    *(self._pipeline(node, items) for node, items in groups.values()),
-                    return_exceptions=True,
-                )
-                failures: list[BaseException] = []
-                pending = []
-                for (node, items), outcome in zip(groups.values(), outcomes, strict=True):
-                    if isinstance(outcome, asyncio.TimeoutError):
-                        self._stall(node)
-                        failures.append(
-                            TransportError(
-                                f"redis node {node.name} took over {NODE_TIMEOUT:g} s to take a "
-                                "SPUBLISH: its channels are not sent live until it answers"
-                            )
-                        )
-                    elif isinstance(outcome, BaseException):
-                        failures.append(outcome)
-                        pending += items  # only the failed groups are sent again
-                if not failures:
-                    return
-                raise failures[0]
-            except (rexc.RedisError, rexc.RedisClusterException, OSError) as exc:
-                if attempt or not is_cluster_transient(exc):
-                    raise TransportError(f"redis-cluster SPUBLISH failed: {describe(exc)}") from exc
-                await self._refresh(exc)
+            groups: dict[str, tuple[ClusterNode, list[tuple[str, Any]]]] = {}
+            for channel, message in pending:
+                node = self._cluster.get_node_from_key(channel)
+                assert node is not None  # a primary is always returned
+                if node.name in self._stalled:
+                    unsent += 1
+                else:
+                    groups.setdefault(node.name, (node, []))[1].append((channel, message))
+            outcomes = await asyncio.gather(
+                *(self._pipeline(node, items) for node, items in groups.values()),
+                return_exceptions=True,
+            )
+            failures: list[BaseException] = []
+            pending = []
+            for (node, items), outcome in zip(groups.values(), outcomes, strict=True):
+                if isinstance(outcome, asyncio.TimeoutError):
+                    self._stall(node)
+                    unsent += len(items)
+                elif isinstance(outcome, BaseException):
+                    failures.append(outcome)
+                    pending += items  # only the failed groups are sent again
+            if not failures:
+                break
+            error = failures[0]
+            if not isinstance(error, (rexc.RedisError, rexc.RedisClusterException, OSError)):
+                raise error
+            if attempt or not is_cluster_transient(error):
+                raise TransportError(f"redis-cluster SPUBLISH failed: {describe(error)}") from error
+            await self._refresh(error)
+        if unsent:
+            raise TransportError(
+                f"{unsent} events not sent live: their master is set aside until it answers "
+                f"({', '.join(sorted(self._stalled))})"
+            )
 
     async def close(self) -> None:
         recheck, self._recheck = self._recheck, None
         if recheck is not None:
             await cancel_and_wait(recheck)
-        for task in list(self._background):
-            await cancel_and_wait(task)
         clients, self._clients = list(self._clients.values()), {}
         for client in clients:
             with contextlib.suppress(Exception):
                 await client.aclose()
+        if self._background:
+            # Clients closed in the background (set-aside masters' and pings'): a
+            # short wait, since closing a frozen master's socket does not need it.
+            await asyncio.wait(set(self._background), timeout=1.0)
 
     async def _pipeline(self, node: ClusterNode, items: list[tuple[str, Any]]) -> None:
         client = self._clients.get(node.name)
+        limit = NODE_TIMEOUT + sum(len(message) for _, message in items) / _BYTES_PER_SECOND
         if client is None:
             client = self._clients[node.name] = aioredis.Redis(
                 host=node.host, port=int(node.port), **self._options
             )
+            limit += self._options["socket_connect_timeout"]  # connecting comes first
 
         async def execute() -> None:
             async with client.pipeline(transaction=False) as pipe:
@@ -213,7 +225,7 @@ class ShardPublisher:
                     pipe.spublish(channel, message)
                 await pipe.execute()
 
-        await wait_for(execute(), NODE_TIMEOUT)
+        await wait_for(execute(), limit)
 
     async def _refresh(self, cause: BaseException) -> None:
         try:
@@ -242,29 +254,38 @@ class ShardPublisher:
     async def _recheck_stalled(self) -> None:
         while self._stalled:
             await asyncio.sleep(STALL_RECHECK)
-            stalled = sorted(self._stalled)
-            manager = self._cluster.nodes_manager
-            # The stalled master last: asked first, it would hold the refresh up
-            # (where redis-py can be told; older versions ask in their own order).
-            hint: dict[str, Any] = {"last_failed_node_name": stalled[0]} if _DEFERS_FAILED else {}
-            with contextlib.suppress(Exception):
-                await wait_for(manager.initialize(**hint), 2 * NODE_TIMEOUT)
-            masters = {node.name for node in self._cluster.get_primaries()}
-            for name in stalled:
-                if name not in masters:
-                    logger.info("redis node %s is no longer a master: publishing goes on", name)
-                    self._stalled.discard(name)
-                elif await self._answers(name):
-                    logger.info("redis node %s answers again: publishing to it goes on", name)
-                    self._stalled.discard(name)
+            try:
+                await self._recheck_once()
+            except Exception:  # never leave a master set aside for good
+                logger.warning("checking stalled redis nodes failed", exc_info=True)
 
-    async def _answers(self, name: str) -> bool:
-        host, _, port = name.rpartition(":")
-        client = aioredis.Redis(host=host, port=int(port), **self._options)
+    async def _recheck_once(self) -> None:
+        stalled = sorted(self._stalled)
+        manager = self._cluster.nodes_manager
+        # The stalled master last: asked first, it would hold the refresh up
+        # (where redis-py can be told; older versions ask in their own order).
+        hint: dict[str, Any] = {"last_failed_node_name": stalled[0]} if _DEFERS_FAILED else {}
+        with contextlib.suppress(Exception):
+            await wait_for(manager.initialize(**hint), 2 * NODE_TIMEOUT)
+        masters = {node.name: node for node in self._cluster.get_primaries()}
+        for name in stalled:
+            node = masters.get(name)
+            if node is None:
+                logger.info("redis node %s is no longer a master: publishing goes on", name)
+                self._stalled.discard(name)
+            elif await self._answers(node):
+                logger.info("redis node %s answers again: publishing to it goes on", name)
+                self._stalled.discard(name)
+
+    async def _answers(self, node: ClusterNode) -> bool:
+        """Whether ``node`` answers a ping in time (an error reply is an answer)."""
+        client = aioredis.Redis(host=node.host, port=int(node.port), **self._options)
         try:
             await wait_for(client.ping(), NODE_TIMEOUT)
             return True
-        except Exception:
+        except rexc.ResponseError:
+            return True
+        except (rexc.RedisError, OSError, asyncio.TimeoutError):
             return False
         finally:
             self._in_background(client.aclose())

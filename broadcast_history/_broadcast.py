@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from ._appender import Appender
 from ._budget import SubscriberOptions, weigh
@@ -51,7 +51,8 @@ class Broadcast:
         retention: How much history to keep per channel (default: everything).
         max_message_size: Largest message accepted by ``publish``, in bytes.
         migrate: Create or upgrade the log schema on connect; ``False`` only checks
-            it and raises :class:`SchemaOutOfDate` if it is not current.
+            it and raises :class:`SchemaOutOfDate` if it is not current;
+            ``"create"`` creates it in an empty database but never upgrades one.
         buffer_size: Live events a subscriber may have waiting before it falls back
             to reading the log at its own pace.
         page_size: Events read from the log per query during replay.
@@ -81,7 +82,7 @@ class Broadcast:
         log: str | EventLog | None = None,
         retention: Retention | None = None,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
-        migrate: bool = True,
+        migrate: bool | Literal["create"] = True,
         buffer_size: int = 10_000,
         page_size: int = 1000,
         idle_check: float = 1.0,

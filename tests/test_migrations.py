@@ -15,8 +15,15 @@ import pytest
 from alembic import command
 from sqlalchemy import text
 
-from broadcast_history import Broadcast, EventLog, SchemaOutOfDate
-from broadcast_history.log import VERSION_TABLE, Pending, head_revision, migration_engine
+from broadcast_history import Broadcast, EventLog, InvalidArgument, SchemaOutOfDate
+from broadcast_history.log import (
+    VERSION_TABLE,
+    Pending,
+    _migrate,
+    head_revision,
+    migration_engine,
+    schema_revision,
+)
 from broadcast_history.log._migrate import alembic_config
 from tests.support.postgres_support import ensure_database
 
@@ -266,3 +273,31 @@ async def test_a_stalled_migrator_on_postgres_is_waited_for_a_bounded_time(
             await asyncio.wait_for(connect(), 20)
     finally:
         await stalled.close()
+
+
+async def test_create_only_makes_a_schema_but_never_upgrades_one(empty_url: str) -> None:
+    """``migrate="create"`` (the command line's tools): an older schema is refused as
+    it is, under the migration lock too; an empty database gets the newest one."""
+    await _migrate_to(empty_url, "0001")
+    with pytest.raises(SchemaOutOfDate, match=r"0001.*db upgrade"):
+        await EventLog(empty_url, migrate="create").connect()
+    # The read phase said "nothing there"; another process made an older one since.
+    log = EventLog(empty_url, migrate="create")
+    engine = migration_engine(empty_url)
+    try:
+        async with engine.begin() as conn:
+            with pytest.raises(SchemaOutOfDate, match="0001"):
+                await _migrate.upgrade(conn, create_only=True)
+    finally:
+        await engine.dispose()
+    assert await schema_revision(empty_url) == "0001"
+
+    await _migrate_to(empty_url, "base", down=True)
+    await _drop_version_table(empty_url)
+    await log.connect()
+    try:
+        assert await schema_revision(empty_url) == head_revision()
+    finally:
+        await log.disconnect()
+    with pytest.raises(InvalidArgument):
+        EventLog(empty_url, migrate="yes")  # type: ignore[arg-type]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any, NoReturn, TypeVar
@@ -22,15 +22,9 @@ from sqlalchemy.engine import make_url
 
 from .. import _parse as times
 from .._broadcast import Broadcast
-from .._errors import (
-    BroadcastError,
-    InvalidArgument,
-    LogError,
-    LogUnavailable,
-    SchemaOutOfDate,
-)
+from .._errors import BroadcastError, InvalidArgument, LogError
 from ..admin import HistoryAdmin, ImportConflict, NotFound
-from ..log import EventLog, schema_revision
+from ..log import EventLog
 
 T = TypeVar("T")
 
@@ -98,36 +92,16 @@ def display_url(url: str) -> str:
         return url
 
 
-async def _creating_only(log: str, connect: Callable[[bool], Awaitable[T]]) -> T:
-    """``connect(migrate)``, migrating only a database with no schema yet.
-
-    An operator's command creates the tables in an empty database, as the app would,
-    but never upgrades an existing schema: app processes of the older version may
-    still be running on it, and ``db upgrade`` is the deliberate step for that.
-    """
-    try:
-        return await connect(False)
-    except SchemaOutOfDate:
-        try:
-            revision = await schema_revision(log)
-        except LogUnavailable:
-            # No file there yet: only `import` gets here (the others require one).
-            revision = None
-        if revision is not None:
-            raise
-    return await connect(True)
-
-
 @asynccontextmanager
 async def open_admin(log: str, *, must_exist: bool = True) -> AsyncIterator[HistoryAdmin]:
-    """A connected log wrapped in :class:`HistoryAdmin` (no live transport)."""
+    """A connected log wrapped in :class:`HistoryAdmin` (no live transport).
 
-    async def connect(migrate: bool) -> EventLog:
-        event_log = EventLog(log, migrate=migrate, must_exist=must_exist)
-        await event_log.connect()
-        return event_log
-
-    event_log = await _creating_only(log, connect)
+    It creates the tables in an empty database, as the app would, but never upgrades
+    an existing schema: processes of the older version may still be running on it,
+    and ``db upgrade`` is the deliberate step for that.
+    """
+    event_log = EventLog(log, migrate="create", must_exist=must_exist)
+    await event_log.connect()
     try:
         yield HistoryAdmin(event_log)
     finally:
@@ -136,18 +110,10 @@ async def open_admin(log: str, *, must_exist: bool = True) -> AsyncIterator[Hist
 
 @asynccontextmanager
 async def open_broadcast(url: str, log: str, **options: Any) -> AsyncIterator[Broadcast]:
-    """A connected broadcast over the live transport ``url`` and the log."""
-
-    async def connect(migrate: bool) -> Broadcast:
-        broadcast = Broadcast(url, log=log, migrate=migrate, **options)
-        await broadcast.connect()
-        return broadcast
-
-    broadcast = await _creating_only(log, connect)
-    try:
+    """A connected broadcast over the live transport ``url`` and the log (whose schema
+    is created if missing, never upgraded, as in :func:`open_admin`)."""
+    async with Broadcast(url, log=EventLog(log, migrate="create"), **options) as broadcast:
         yield broadcast
-    finally:
-        await broadcast.disconnect()
 
 
 def flush() -> None:

@@ -53,7 +53,9 @@ class EventLog(ConsumerMethods):
             ``postgresql+asyncpg://host/db``, ``mysql+asyncmy://user@host/db``).
             ``None``: a private in-memory SQLite.
         migrate: Create or upgrade the schema on connect (``True``), only verify it is
-            current (``False``, raising :class:`SchemaOutOfDate` otherwise).
+            current (``False``, raising :class:`SchemaOutOfDate` otherwise), or create
+            it in a database that has none but never upgrade one (``"create"``, what
+            the command line's tools do: older processes may run on that schema).
         sqlite_synchronous: SQLite ``PRAGMA synchronous`` for file databases. ``NORMAL``
             (default) survives a crash of the process; ``FULL`` also a power loss.
         must_exist: Raise :class:`LogUnavailable` instead of creating a SQLite file
@@ -64,7 +66,7 @@ class EventLog(ConsumerMethods):
         self,
         url: str | URL | None = None,
         *,
-        migrate: bool = True,
+        migrate: bool | Literal["create"] = True,
         sqlite_synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "NORMAL",
         must_exist: bool = False,
     ) -> None:
@@ -74,6 +76,8 @@ class EventLog(ConsumerMethods):
                 f"sqlite_synchronous must be one of {', '.join(_SYNCHRONOUS)}, "
                 f"got {sqlite_synchronous!r}"
             )
+        if migrate not in (True, False, "create"):
+            raise InvalidArgument(f"migrate must be True, False or 'create', got {migrate!r}")
         self.url = normalize_url(MEMORY_URL if url is None else url)
         self.migrate = migrate
         self.must_exist = must_exist
@@ -109,14 +113,15 @@ class EventLog(ConsumerMethods):
             # nor does one that is only checked (refused at once, newer or older).
             async with store.begin() as conn:
                 if self.migrate:
-                    current = await _migrate.is_current(conn)
+                    create_only = self.migrate == "create"
+                    current = await _migrate.is_current(conn, create_only=create_only)
                 else:
                     await _migrate.check(conn)  # SchemaOutOfDate unless current
                     current = True
                 log_id = await _queries.log_id(conn) if current else None
             if not current:
                 async with store.begin(write=True) as conn:
-                    await _migrate.upgrade(conn)
+                    await _migrate.upgrade(conn, create_only=self.migrate == "create")
                     log_id = await _queries.log_id(conn)
             if log_id is None:
                 raise LogUnavailable("the event log has no identity row: recreate its schema")

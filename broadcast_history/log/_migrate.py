@@ -72,7 +72,7 @@ def _newer(current: str | None) -> SchemaOutOfDate:
     )
 
 
-def _upgrade(connection: Connection) -> None:
+def _upgrade(connection: Connection, create_only: bool = False) -> None:
     # Several hosts starting at once must not create the tables twice.
     if connection.dialect.name == "postgresql":
         # Bounded, as on MySQL: a stalled migrator must not keep every start waiting.
@@ -100,21 +100,24 @@ def _upgrade(connection: Connection) -> None:
         connection.execute(text("SET SESSION sql_notes = 0"))
         connection.execute(text("SET SESSION max_error_count = 0"))
         try:
-            _upgrade_unlocked(connection)
+            _upgrade_unlocked(connection, create_only)
         finally:
             connection.execute(text("SET SESSION max_error_count = DEFAULT"))
             connection.execute(text("SET SESSION sql_notes = 1"))
             connection.execute(text(f"SELECT RELEASE_LOCK({_MYSQL_LOCK})"))
         return
-    _upgrade_unlocked(connection)
+    _upgrade_unlocked(connection, create_only)
 
 
-def _upgrade_unlocked(connection: Connection) -> None:
+def _upgrade_unlocked(connection: Connection, create_only: bool) -> None:
+    # Read again under the lock: another process may have migrated meanwhile.
     current = _current(connection)
     if current == head_revision():
         return
     if not known_revision(current):
         raise _newer(current)
+    if create_only and current is not None:
+        raise out_of_date(current)
     command.upgrade(alembic_config(connection), "head")
 
 
@@ -135,23 +138,28 @@ def _check(connection: Connection) -> None:
     raise out_of_date(current)
 
 
-async def upgrade(conn: AsyncConnection) -> None:
-    """Create or upgrade the schema to the newest revision (inside ``conn``'s transaction)."""
-    await conn.run_sync(_upgrade)
+async def upgrade(conn: AsyncConnection, *, create_only: bool = False) -> None:
+    """Create or upgrade the schema to the newest revision (inside ``conn``'s
+    transaction); ``create_only``: raise :class:`SchemaOutOfDate` for an existing
+    older schema instead of upgrading it."""
+    await conn.run_sync(_upgrade, create_only)
 
 
-async def is_current(conn: AsyncConnection) -> bool:
+async def is_current(conn: AsyncConnection, *, create_only: bool = False) -> bool:
     """Whether the schema is at the newest revision (nothing to upgrade).
 
     Raises:
         SchemaOutOfDate: A newer version migrated it: no upgrade can help, so there
-            is no migration lock to wait for either.
+            is no migration lock to wait for either. With ``create_only``, also an
+            older one (only a database with no schema is to be upgraded).
     """
     current: str | None = await conn.run_sync(_current)
     if current == head_revision():
         return True
     if not known_revision(current):
         raise _newer(current)
+    if create_only and current is not None:
+        raise out_of_date(current)
     return False
 
 

@@ -31,7 +31,7 @@ from ._paths import channel_from_path
 from ._publish import event_info, publish_request
 from ._sse import EventStream
 from ._streams import OpenStreams
-from ._ws import BAD_REQUEST, FORBIDDEN, TRY_LATER, WebSocketSession
+from ._ws import BAD_REQUEST, CLIENT_GONE, FORBIDDEN, TRY_LATER, WebSocketSession
 
 STATIC = Path(__file__).parent / "static"
 
@@ -189,7 +189,7 @@ def create_stream_app(
                 max_frame=max_frame,
             )
             await session.run()
-        except (OSError, WebSocketDisconnect):
+        except CLIENT_GONE:
             pass  # gone during the handshake
         finally:
             await feed.__aexit__(None, None, None)

@@ -49,12 +49,12 @@ FORBIDDEN = 1008
 BAD_REQUEST = 4400
 TRY_LATER = 1013
 
-# What a send or receive raises once the client has gone: Starlette 1.x raises
+#: What a send or receive raises once the client has gone: Starlette 1.x raises
 # WebSocketDisconnected (a RuntimeError) for a send after the connection closed.
 _DISCONNECTED: type[BaseException] | None = getattr(
     starlette.websockets, "WebSocketDisconnected", None
 )
-_CLIENT_GONE = (OSError, WebSocketDisconnect, *([_DISCONNECTED] if _DISCONNECTED else []))
+CLIENT_GONE = (OSError, WebSocketDisconnect, *([_DISCONNECTED] if _DISCONNECTED else []))
 
 
 def message_json(event: Event) -> dict[str, Any]:
@@ -145,7 +145,7 @@ class WebSocketSession:
             if task.cancelled():
                 continue
             error = task.exception()
-            if isinstance(error, _CLIENT_GONE):
+            if isinstance(error, CLIENT_GONE):
                 gone = True
             elif error is not None:
                 logger.warning("WebSocket stream of %r ended: %r", self.feed.channel, error)

@@ -54,7 +54,11 @@ TRY_LATER = 1013
 _DISCONNECTED: type[BaseException] | None = getattr(
     starlette.websockets, "WebSocketDisconnected", None
 )
-CLIENT_GONE = (OSError, WebSocketDisconnect, *([_DISCONNECTED] if _DISCONNECTED else []))
+CLIENT_GONE: tuple[type[BaseException], ...] = (
+    OSError,
+    WebSocketDisconnect,
+    *([_DISCONNECTED] if _DISCONNECTED else []),
+)
 
 
 def message_json(event: Event) -> dict[str, Any]:

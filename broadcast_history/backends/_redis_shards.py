@@ -214,10 +214,11 @@ class ShardPublisher:
         client = self._clients.get(node.name)
         limit = NODE_TIMEOUT + sum(len(message) for _, message in items) / _BYTES_PER_SECOND
         if client is None:
+            # Connecting counts too: on a frozen master it succeeds (the kernel
+            # accepts) and the wait is for the reply, which must not take longer.
             client = self._clients[node.name] = aioredis.Redis(
                 host=node.host, port=int(node.port), **self._options
             )
-            limit += self._options["socket_connect_timeout"]  # connecting comes first
 
         async def execute() -> None:
             async with client.pipeline(transaction=False) as pipe:

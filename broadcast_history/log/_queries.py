@@ -215,7 +215,12 @@ def retention_due(info: ChannelInfo, max_events: int | None, cutoff_us: int | No
     """Whether retention may remove something from ``info``'s channel."""
     if max_events is not None and info.last_offset - max_events + 1 > info.first_offset:
         return True
-    return cutoff_us is not None and info.count > 0
+    if cutoff_us is None or info.count == 0:
+        return False
+    # Timestamps never decrease within a channel: when the oldest stored event is not
+    # older than the cutoff, none is (and no write transaction is needed to find out).
+    oldest = info.first_timestamp
+    return oldest is None or to_micros(oldest) < cutoff_us
 
 
 async def delete_channel(conn: AsyncConnection, channel: str) -> bool:

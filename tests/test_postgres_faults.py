@@ -7,6 +7,7 @@ touches nothing but the test's own connections.
 from __future__ import annotations
 
 import asyncio
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -16,6 +17,7 @@ from broadcast_history.backends.postgres import PostgresBackend
 from tests.conftest import unique
 from tests.support.helpers import assert_contiguous, take
 from tests.support.postgres_support import database_url, ensure_database, terminate
+from tests.support.proxy import CuttableProxy
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 
@@ -295,3 +297,29 @@ async def test_a_driver_state_error_of_a_dying_connection_is_transient(
         await _until(lambda: receiver.transport_connected)
         event = await sender.publish(channel, "still live")
         assert await take(subscriber, 1) == [event]
+
+
+async def test_a_log_gone_silent_fails_publishes_instead_of_holding_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Postgres frozen (a paused VM, a partition dropping packets): every publish waited
+    as long as it lasted, with nothing said, and disconnect() with them."""
+    from broadcast_history.log import _postgres
+
+    monkeypatch.setattr(_postgres, "APPEND_TIMEOUT", 1.0)
+    parts = urlsplit(await ensure_database("bh_test_faults_silent"))
+    proxy = CuttableProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    port = await proxy.start()
+    log = _log(urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{port}")))
+    try:
+        broadcast = Broadcast("memory://", log=log)
+        await broadcast.connect()
+        try:
+            await broadcast.publish(unique(), "before")
+            proxy.stall()
+            with pytest.raises(LogUnavailable, match="did not answer within 1 s"):
+                await asyncio.wait_for(broadcast.publish(unique(), "frozen"), 10)
+        finally:
+            await asyncio.wait_for(broadcast.disconnect(), 15)
+    finally:
+        await proxy.stop()

@@ -17,6 +17,7 @@ from typing import TypeVar
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from .._cancel import wait_for
 from .._errors import NotConnected
 
 T = TypeVar("T")
@@ -31,8 +32,13 @@ class KeptConnections:
         self._idle: list[tuple[AsyncConnection, asyncpg.Connection]] = []
         self._closed = False
 
-    async def run(self, operation: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-        """Run ``operation`` on a connection's asyncpg driver.
+    async def run(
+        self,
+        operation: Callable[[asyncpg.Connection], Awaitable[T]],
+        timeout: float | None = None,
+    ) -> T:
+        """Run ``operation`` on a connection's asyncpg driver (cut off after
+        ``timeout`` seconds with ``TimeoutError``, its connection discarded).
 
         A connection that failed is discarded: asyncpg's errors bypass SQLAlchemy's
         disconnect handling, and a connection the server terminated mid-statement
@@ -44,7 +50,7 @@ class KeptConnections:
         for attempt in (1, 2):
             conn, driver = await self._take()
             try:
-                result = await operation(driver)
+                result = await wait_for(operation(driver), timeout)
             except asyncpg.UniqueViolationError:
                 await self._give(conn, driver)  # refused by the server: the connection is fine
                 raise

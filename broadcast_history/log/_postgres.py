@@ -11,6 +11,7 @@ writer of the same channel waits on the row lock, then increments the committed 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from itertools import accumulate
@@ -163,6 +164,13 @@ WHERE e.key IS NOT NULL  -- lets the planner use the partial key index
 """
 
 
+#: Longest an append may wait for Postgres: a server gone silent (a paused VM, a
+#: partition dropping packets) must not hold every publisher, and ``disconnect``, for
+#: as long as it lasts. Past it the batch fails with ``LogUnavailable``, stored or not
+#: (publish again with the same key); its connection is discarded.
+APPEND_TIMEOUT = 30.0
+
+
 async def append(kept: KeptConnections, items: Sequence[Pending]) -> list[Event]:
     """Store ``items`` atomically; their events in input order.
 
@@ -180,11 +188,16 @@ async def append(kept: KeptConnections, items: Sequence[Pending]) -> list[Event]
     # key lookup needs no transaction either: the unique index catches a key stored
     # after it.
     try:
-        return await kept.run(lambda driver: _append(driver, items))
+        return await kept.run(lambda driver: _append(driver, items), APPEND_TIMEOUT)
     except asyncpg.UniqueViolationError as exc:
         raise Conflict(f"append conflicted: {exc!r}") from exc
     except NotConnected:
         raise  # closed meanwhile: nothing was sent
+    except asyncio.TimeoutError as exc:
+        raise LogUnavailable(
+            f"the event log did not answer within {APPEND_TIMEOUT:g} s: the publish may "
+            "or may not be stored"
+        ) from exc
     except Exception as exc:
         raise append_error(exc, ambiguous=not is_data_error(exc)) from exc
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -179,6 +180,25 @@ async def test_server_restart_mid_stream(own_server: NatsServer, tmp_path: Path)
         assert_contiguous(received, 1, len(published))
         assert [e.message for e in received] == [e.message for e in published]
         assert receiving._nc is not None and receiving._nc.stats["reconnects"] >= 1
+
+
+async def test_a_frozen_server_is_noticed_by_its_pings(own_server: NatsServer) -> None:
+    """A server that stops answering (SIGSTOP: a paused VM) kept ``connected`` true for
+    minutes (nats-py pings every 2 minutes by default); then it comes back."""
+    backend = NatsBackend(own_server.url, ping_interval=0.3)
+    await backend.connect()
+    process = own_server.process
+    assert process is not None
+    try:
+        assert backend.connected
+        process.send_signal(signal.SIGSTOP)
+        try:
+            await wait_until(lambda: not backend.connected, 10)
+        finally:
+            process.send_signal(signal.SIGCONT)
+        await wait_until(lambda: backend.connected, 15)
+    finally:
+        await backend.disconnect()
 
 
 async def test_giving_up_reaches_the_receiver(own_server: NatsServer) -> None:

@@ -50,6 +50,9 @@ class NatsBackend(InboxTransport, BroadcastBackend):
         max_payload: Largest message sent, in bytes; larger envelopes become notices.
             Keep it at or under the server's ``max_payload`` (1 MiB by default).
         reconnect_time_wait: Seconds between reconnection attempts to one server.
+        ping_interval: Seconds between pings of the server; two unanswered ones count
+            as a lost connection (nats-py's default, 2 minutes, would leave a frozen
+            server unnoticed for four).
         **connect_options: More ``nats.connect`` arguments (TLS, credentials...).
     """
 
@@ -63,6 +66,7 @@ class NatsBackend(InboxTransport, BroadcastBackend):
         subject_prefix: str = "bh",
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         reconnect_time_wait: float = 0.5,
+        ping_interval: float = 10.0,
         **connect_options: Any,
     ) -> None:
         super().__init__(url)
@@ -79,7 +83,11 @@ class NatsBackend(InboxTransport, BroadcastBackend):
         self._max_payload = max_payload
         self._prefix = subject_prefix
         self._attempts = connect_options.pop("max_reconnect_attempts", -1)
-        self._options = {"reconnect_time_wait": reconnect_time_wait, **connect_options}
+        self._options = {
+            "reconnect_time_wait": reconnect_time_wait,
+            "ping_interval": ping_interval,
+            **connect_options,
+        }
         self._nc: Client | None = None
         self._subs: dict[str, Subscription] = {}  # subject -> its subscription
         self._names: dict[str, str] = {}  # subject -> channel

@@ -657,6 +657,16 @@ async def test_sqlite_file_that_cannot_be_opened_is_typed(tmp_path: Path) -> Non
     assert str(tmp_path / "missing" / "events.db") in str(failed.value)  # which file
 
 
+def test_an_error_without_a_message_is_still_named() -> None:
+    """A connect timing out on a frozen server said "cannot open the event log: "."""
+    from sqlalchemy.engine import make_url
+
+    from broadcast_history.log._engine import cannot_open
+
+    error = cannot_open(make_url("postgresql+asyncpg://db/app"), TimeoutError())
+    assert str(error) == "cannot open the event log: TimeoutError"
+
+
 async def test_failed_append_raises_and_sends_nothing(sqlite_file_url: str) -> None:
     async with Broadcast(log=sqlite_file_url, idle_check=0.05) as bc:
         async with bc.subscribe("c") as sub:

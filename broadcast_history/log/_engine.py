@@ -91,7 +91,9 @@ def cannot_open(url: URL, exc: BaseException) -> LogUnavailable:
     """The error for a log that failed to open; a SQLite file's says which file."""
     path = _sqlite_file(url)
     where = "" if path is None else f" at {path}"
-    return LogUnavailable(f"cannot open the event log{where}: {exc}")
+    # Some errors say nothing by themselves (a TimeoutError has no message).
+    detail = str(exc) or type(exc).__name__
+    return LogUnavailable(f"cannot open the event log{where}: {detail}")
 
 
 def _sqlite_file(url: URL) -> Path | None:

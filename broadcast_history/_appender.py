@@ -214,7 +214,9 @@ class Appender:
         reconnection says it works again before the next send can)."""
         if not self.failing_sends or self._reconnects() != self._failed_at:
             return False
-        return asyncio.get_running_loop().time() - self._failed_last < FAILURE_MEMORY
+        # time.monotonic, not the loop's clock: metrics scrapes read this from
+        # another thread.
+        return time.monotonic() - self._failed_last < FAILURE_MEMORY
 
     def _reconnects(self) -> int:
         return int(getattr(self._wire.backend, "reconnects", 0))
@@ -226,7 +228,7 @@ class Appender:
         if self.failing_sends and self._reconnects() != self._failed_at:
             self.failing_sends = 0  # it reconnected meanwhile: this is another outage
         self.failing_sends += 1
-        self._failed_last = asyncio.get_running_loop().time()
+        self._failed_last = time.monotonic()
         if self.failing_sends == 1:
             self._failed_at = self._reconnects()
             logger.warning("%s (abandoned; subscribers read them from the log)", what, exc_info=exc)

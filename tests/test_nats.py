@@ -185,6 +185,7 @@ async def test_server_restart_mid_stream(own_server: NatsServer, tmp_path: Path)
 async def test_a_frozen_server_is_noticed_by_its_pings(own_server: NatsServer) -> None:
     """A server that stops answering (SIGSTOP: a paused VM) kept ``connected`` true for
     minutes (nats-py pings every 2 minutes by default); then it comes back."""
+    assert NatsBackend(own_server.url)._options["ping_interval"] == 10.0  # not 120
     backend = NatsBackend(own_server.url, ping_interval=0.3)
     await backend.connect()
     process = own_server.process

@@ -266,6 +266,8 @@ async def test_failing_sends_say_the_transport_is_down_and_log_once(
             await asyncio.sleep(0.01)  # each one its own send
         assert bc.stats.live_send_failures >= 10
         assert not bc.transport_connected
+        # Metrics scrapes read it from another thread (no running loop there).
+        assert not await asyncio.to_thread(lambda: bc.transport_connected)
         tracebacks = [r for r in caplog.records if r.exc_info and "live send" in r.message]
         assert len(tracebacks) == 1
         # A reconnection says it works again; failing after it is another outage.

@@ -209,6 +209,8 @@ class ShardPublisher:
             # Clients closed in the background (set-aside masters' and pings'): a
             # short wait, since closing a frozen master's socket does not need it.
             await asyncio.wait(set(self._background), timeout=1.0)
+            for task in list(self._background):
+                await cancel_and_wait(task)
 
     async def _pipeline(self, node: ClusterNode, items: list[tuple[str, Any]]) -> None:
         client = self._clients.get(node.name)
@@ -239,11 +241,10 @@ class ShardPublisher:
     def _stall(self, node: ClusterNode) -> None:
         """Set ``node`` aside; its client, cut off mid-command, is closed."""
         logger.warning(
-            "redis node %s took over %g s to take a SPUBLISH: its channels are not sent "
+            "redis node %s did not take a SPUBLISH in time: its channels are not sent "
             "live until it answers again or its replica takes over (subscribers read them "
             "from the log)",
             node.name,
-            NODE_TIMEOUT,
         )
         self._stalled.add(node.name)
         client = self._clients.pop(node.name, None)

@@ -50,9 +50,10 @@ class NatsBackend(InboxTransport, BroadcastBackend):
         max_payload: Largest message sent, in bytes; larger envelopes become notices.
             Keep it at or under the server's ``max_payload`` (1 MiB by default).
         reconnect_time_wait: Seconds between reconnection attempts to one server.
-        ping_interval: Seconds between pings of the server; two unanswered ones count
-            as a lost connection (nats-py's default, 2 minutes, would leave a frozen
-            server unnoticed for four).
+        ping_interval: Seconds between pings of the server; nats-py counts the
+            connection lost at the third ping with two still unanswered, so a frozen
+            server is noticed within three intervals (nats-py's own default, 2
+            minutes, would take six).
         **connect_options: More ``nats.connect`` arguments (TLS, credentials...).
     """
 

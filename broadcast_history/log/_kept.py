@@ -17,7 +17,6 @@ from typing import TypeVar
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .._cancel import wait_for
 from .._errors import NotConnected
 
 T = TypeVar("T")
@@ -32,13 +31,8 @@ class KeptConnections:
         self._idle: list[tuple[AsyncConnection, asyncpg.Connection]] = []
         self._closed = False
 
-    async def run(
-        self,
-        operation: Callable[[asyncpg.Connection], Awaitable[T]],
-        timeout: float | None = None,
-    ) -> T:
-        """Run ``operation`` on a connection's asyncpg driver (cut off after
-        ``timeout`` seconds with ``TimeoutError``, its connection discarded).
+    async def run(self, operation: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """Run ``operation`` on a connection's asyncpg driver.
 
         A connection that failed is discarded: asyncpg's errors bypass SQLAlchemy's
         disconnect handling, and a connection the server terminated mid-statement
@@ -50,7 +44,7 @@ class KeptConnections:
         for attempt in (1, 2):
             conn, driver = await self._take()
             try:
-                result = await wait_for(operation(driver), timeout)
+                result = await operation(driver)
             except asyncpg.UniqueViolationError:
                 await self._give(conn, driver)  # refused by the server: the connection is fine
                 raise

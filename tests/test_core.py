@@ -1081,6 +1081,19 @@ def test_a_missing_postgres_driver_names_the_extra(monkeypatch: pytest.MonkeyPat
         EventLog("postgresql+asyncpg://localhost/db")
 
 
+def count_writes(broadcast: Broadcast, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A one-item list counting the write transactions ``broadcast``'s log opens."""
+    writes = [0]
+    begin = broadcast.log._store.begin
+
+    def counting(*, write: bool = False) -> Any:
+        writes[0] += write
+        return begin(write=write)
+
+    monkeypatch.setattr(broadcast.log._store, "begin", counting)
+    return writes
+
+
 async def test_retention_removes_a_backlog_in_slices(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1094,17 +1107,9 @@ async def test_retention_removes_a_backlog_in_slices(
     async with Broadcast(log=f"sqlite+aiosqlite:///{tmp_path / 'events.db'}") as bc:
         stored = [await bc.publish("c", str(i)) for i in range(95)]
         await bc.publish("d", "kept")
-        writes = 0
-        begin = bc.log._store.begin
-
-        def counting(*, write: bool = False) -> Any:
-            nonlocal writes
-            writes += write
-            return begin(write=write)
-
-        monkeypatch.setattr(bc.log._store, "begin", counting)
+        writes = count_writes(bc, monkeypatch)
         assert await bc.log.apply_retention(Retention(max_events=3)) == 92
-        assert writes == 10  # 9 slices of 10, and the last 2
+        assert writes == [10]  # 9 slices of 10, and the last 2
         info = await bc.log.channel("c")
         assert info is not None and (info.first_offset, info.last_offset) == (93, 95)
         assert info.trimmed_timestamp == stored[91].timestamp
@@ -1158,20 +1163,12 @@ async def test_retention_by_age_writes_only_where_events_are_old(
     async with Broadcast(log=f"sqlite+aiosqlite:///{tmp_path / 'events.db'}") as bc:
         for i in range(20):
             await bc.publish(f"c{i}", "m")
-        writes = 0
-        begin = bc.log._store.begin
-
-        def counting(*, write: bool = False) -> Any:
-            nonlocal writes
-            writes += write
-            return begin(write=write)
-
-        monkeypatch.setattr(bc.log._store, "begin", counting)
+        writes = count_writes(bc, monkeypatch)
         assert await bc.log.apply_retention(Retention(max_age=timedelta(hours=1))) == 0
-        assert writes == 0
+        assert writes == [0]
         await asyncio.sleep(0.01)
         assert await bc.log.apply_retention(Retention(max_age=timedelta(milliseconds=5))) == 20
-        assert writes == 20
+        assert writes == [20]
 
 
 async def test_retention_slices_leave_a_channel_started_again_meanwhile(

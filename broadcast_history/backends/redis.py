@@ -23,6 +23,11 @@ from .base import BroadcastBackend, Health
 logger = logging.getLogger("broadcast_history")
 
 
+class _MissingTarget(InvalidArgument, AssertionError):
+    """``RedisBackend()`` with neither url nor conn: also an ``AssertionError``, as
+    broadcaster's assert raised."""
+
+
 class RedisBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
     """Redis PUB/SUB (URL ``redis://host:port/db``, or ``rediss://`` for TLS).
 
@@ -53,8 +58,11 @@ class RedisBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
         max_reconnect_delay: float = 5.0,
         ping_interval: float = 10.0,
     ) -> None:
-        if (url is None) == (conn is None):
-            raise InvalidArgument("give RedisBackend a url or a conn, exactly one")
+        if url is None and conn is None:
+            # broadcaster asserted this, in these words: code written for it may match.
+            raise _MissingTarget("conn must be provided if url is not")
+        if url is not None and conn is not None:
+            raise InvalidArgument("give RedisBackend a url or a conn, not both")
         super().__init__(url or "")
         self._given = conn
         self._max_delay = max_reconnect_delay

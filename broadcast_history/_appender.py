@@ -59,7 +59,7 @@ class Appender:
         #: Live sends that failed in a row (0: the last one worked, or none was made).
         self.failing_sends = 0
         # The transport's reconnection count when that run of failures began, and
-        # the loop time of the last failure.
+        # the time (time.monotonic) of the last failure.
         self._failed_at = 0
         self._failed_last = 0.0
         self._has_pending: asyncio.Event | None = None

@@ -132,7 +132,7 @@ def create_app(
             return _error(404, "no such room name")
         try:
             before = _int_param(request, "before", None)
-            limit = min(max(_int_param(request, "limit", 20) or 1, 1), 200)
+            limit = min(_int_param(request, "limit", 20) or 1, 200)
         except InvalidArgument as exc:
             return _error(422, str(exc))
         page = await broadcast.log.read(channel, before=before, limit=limit, order="desc")

@@ -106,6 +106,7 @@ class EventLog(ConsumerMethods):
             # Opening would create an empty file, which the check then refuses.
             raise _migrate.out_of_date(None)
         store = self._store
+        create_only = self.migrate == "create"
         try:
             await store.open()
             # Read first: a current schema needs no write lock, which a stopped
@@ -113,7 +114,6 @@ class EventLog(ConsumerMethods):
             # nor does one that is only checked (refused at once, newer or older).
             async with store.begin() as conn:
                 if self.migrate:
-                    create_only = self.migrate == "create"
                     current = await _migrate.is_current(conn, create_only=create_only)
                 else:
                     await _migrate.check(conn)  # SchemaOutOfDate unless current
@@ -121,7 +121,7 @@ class EventLog(ConsumerMethods):
                 log_id = await _queries.log_id(conn) if current else None
             if not current:
                 async with store.begin(write=True) as conn:
-                    await _migrate.upgrade(conn, create_only=self.migrate == "create")
+                    await _migrate.upgrade(conn, create_only=create_only)
                     log_id = await _queries.log_id(conn)
             if log_id is None:
                 raise LogUnavailable("the event log has no identity row: recreate its schema")

@@ -111,14 +111,21 @@ def _upgrade(connection: Connection, create_only: bool = False) -> None:
 
 def _upgrade_unlocked(connection: Connection, create_only: bool) -> None:
     # Read again under the lock: another process may have migrated meanwhile.
-    current = _current(connection)
+    if not _is_head(_current(connection), create_only=create_only):
+        command.upgrade(alembic_config(connection), "head")
+
+
+def _is_head(current: str | None, *, create_only: bool) -> bool:
+    """Whether ``current`` is the newest revision. Raises :class:`SchemaOutOfDate` for
+    one no upgrade here may move: newer than this version knows, or, with
+    ``create_only``, any existing older one."""
     if current == head_revision():
-        return
+        return True
     if not known_revision(current):
         raise _newer(current)
     if create_only and current is not None:
         raise out_of_date(current)
-    command.upgrade(alembic_config(connection), "head")
+    return False
 
 
 def out_of_date(current: str | None) -> SchemaOutOfDate:
@@ -131,11 +138,8 @@ def out_of_date(current: str | None) -> SchemaOutOfDate:
 
 def _check(connection: Connection) -> None:
     current = _current(connection)
-    if current == head_revision():
-        return
-    if not known_revision(current):
-        raise _newer(current)
-    raise out_of_date(current)
+    if not _is_head(current, create_only=True):
+        raise out_of_date(current)  # no schema at all
 
 
 async def upgrade(conn: AsyncConnection, *, create_only: bool = False) -> None:
@@ -154,13 +158,7 @@ async def is_current(conn: AsyncConnection, *, create_only: bool = False) -> boo
             older one (only a database with no schema is to be upgraded).
     """
     current: str | None = await conn.run_sync(_current)
-    if current == head_revision():
-        return True
-    if not known_revision(current):
-        raise _newer(current)
-    if create_only and current is not None:
-        raise out_of_date(current)
-    return False
+    return _is_head(current, create_only=create_only)
 
 
 async def check(conn: AsyncConnection) -> None:

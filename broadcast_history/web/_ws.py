@@ -49,11 +49,12 @@ FORBIDDEN = 1008
 BAD_REQUEST = 4400
 TRY_LATER = 1013
 
-#: What a send or receive raises once the client has gone: Starlette 1.x raises
-# WebSocketDisconnected (a RuntimeError) for a send after the connection closed.
+# Starlette 1.x raises WebSocketDisconnected (a RuntimeError) for a send after the
+# connection closed; earlier versions have no such class.
 _DISCONNECTED: type[BaseException] | None = getattr(
     starlette.websockets, "WebSocketDisconnected", None
 )
+#: What a send or receive raises once the client has gone.
 CLIENT_GONE: tuple[type[BaseException], ...] = (
     OSError,
     WebSocketDisconnect,

@@ -195,6 +195,36 @@ async def test_connection_refused_by_the_driver_is_retried_once_on_a_fresh_one()
         await engine.dispose()
 
 
+async def test_pooled_connections_terminated_while_idle_do_not_fail_the_next_call() -> None:
+    """A server restart or an idle timeout ends the pool's idle connections; the next
+    lease, consumer or admin statement could take one before asyncpg read its end,
+    and failed with LogUnavailable (about half of such calls did here)."""
+    from broadcast_history import EventLog
+    from broadcast_history.log import Pending
+
+    url = await ensure_database("bh_test_faults_idle")
+    log = EventLog(_log(url))
+    channel = unique()
+    await log.connect()
+    try:
+        calls = {
+            "acquire_lease": lambda: log.acquire_lease(channel, "c", "h", 5),
+            "renew_leases": lambda: log.renew_leases(["h"], 5),
+            "consumers": lambda: log.consumers(channel),
+            "set_consumer": lambda: log.set_consumer(channel, "d", 0),
+            "channels": lambda: log.channels(),
+            "channel": lambda: log.channel(channel),
+        }
+        await log.append([Pending(channel, "m", None)])
+        for _ in range(6):
+            for call in calls.values():
+                await call()  # a connection in the pool, idle
+                assert await terminate(url) >= 1
+                await call()
+    finally:
+        await log.disconnect()
+
+
 async def test_kept_connections_are_reused_bounded_replaced_and_returned() -> None:
     import asyncpg
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import sqlite3
+import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -36,12 +37,21 @@ def finish_on_cancel(
     and for an in-memory SQLite database (one connection) that would lose the data.
     Subscribers are cancelled routinely (a client goes away), so the call finishes in
     the background and only the caller stops waiting. An object with a ``_running``
-    set gets each call's task in it while it runs.
+    set gets each call's task in it while it runs. A call that failed without
+    sending anything (see :func:`never_sent`) runs once more.
     """
+
+    async def call(self: _S, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            return await method(self, *args, **kwargs)
+        except LogUnavailable as exc:
+            if not never_sent(exc):
+                raise
+        return await method(self, *args, **kwargs)
 
     @functools.wraps(method)
     async def wrapper(self: _S, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        task = asyncio.ensure_future(method(self, *args, **kwargs))
+        task = asyncio.ensure_future(call(self, *args, **kwargs))
         running: set[asyncio.Future[Any]] | None = getattr(self, "_running", None)
         if running is not None:  # for disconnect(), which lets them end first
             running.add(task)
@@ -53,6 +63,29 @@ def finish_on_cancel(
             raise
 
     return wrapper
+
+
+def never_sent(exc: BaseException) -> bool:
+    """Whether ``exc`` comes from asyncpg refusing a statement before sending it.
+
+    A pooled connection the server terminated while it sat idle (a restart,
+    ``idle_session_timeout``, a pooler) can be checked out before asyncpg has read
+    the socket's end; its first statement then fails with ``InternalClientError``
+    without reaching the server. The pool counts that as a disconnect and drops its
+    connections (see ``discard_broken_connections``), so the call can run again on
+    a fresh one: nothing of the first attempt happened.
+    """
+    asyncpg = sys.modules.get("asyncpg")  # never imported: not an asyncpg error
+    if asyncpg is None:
+        return False
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, asyncpg.InternalClientError):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or getattr(current, "orig", None)
+    return False
 
 
 def _ignore_outcome(task: asyncio.Future[Any]) -> None:

@@ -28,9 +28,10 @@ _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
 
-def finish_on_cancel(
-    method: Callable[Concatenate[_S, _P], Coroutine[Any, Any, _T]],
-) -> Callable[Concatenate[_S, _P], Coroutine[Any, Any, _T]]:
+_Method = Callable[Concatenate[_S, _P], Coroutine[Any, Any, _T]]
+
+
+def finish_on_cancel(method: _Method[_S, _P, _T]) -> _Method[_S, _P, _T]:
     """Let a database call run to its end even if its caller is cancelled.
 
     Cancelling an aiosqlite or asyncpg call midway can leave the connection unusable,
@@ -40,12 +41,28 @@ def finish_on_cancel(
     set gets each call's task in it while it runs. A call that failed without
     sending anything (see :func:`never_sent`) runs once more.
     """
+    return _call(method, never_sent)
 
+
+def finish_repeatable(method: _Method[_S, _P, _T]) -> _Method[_S, _P, _T]:
+    """:func:`finish_on_cancel` for a call that may run twice (a read; a write whose
+    second run changes and answers nothing else): one that lost its connection
+    (see :func:`connection_lost`) runs once more.
+
+    A pooled connection the server ended (a restart, an idle timeout, a pooler)
+    fails the call that takes it before the driver has noticed, however briefly.
+    """
+    return _call(method, connection_lost)
+
+
+def _call(
+    method: _Method[_S, _P, _T], again: Callable[[BaseException], bool]
+) -> _Method[_S, _P, _T]:
     async def call(self: _S, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
         try:
             return await method(self, *args, **kwargs)
         except LogUnavailable as exc:
-            if not never_sent(exc):
+            if not again(exc):
                 raise
         return await method(self, *args, **kwargs)
 
@@ -68,20 +85,39 @@ def finish_on_cancel(
 def never_sent(exc: BaseException) -> bool:
     """Whether ``exc`` comes from asyncpg refusing a statement before sending it.
 
-    A pooled connection the server terminated while it sat idle (a restart,
-    ``idle_session_timeout``, a pooler) can be checked out before asyncpg has read
-    the socket's end; its first statement then fails with ``InternalClientError``
-    without reaching the server. The pool counts that as a disconnect and drops its
-    connections (see ``discard_broken_connections``), so the call can run again on
-    a fresh one: nothing of the first attempt happened.
+    A pooled connection the server terminated while it sat idle can be checked out
+    before asyncpg has read the socket's end; its first statement then fails with
+    ``InternalClientError`` without reaching the server. The pool counts that as a
+    disconnect and drops its connections (see ``discard_broken_connections``), so
+    the call can run again on a fresh one: nothing of the first attempt happened.
     """
     asyncpg = sys.modules.get("asyncpg")  # never imported: not an asyncpg error
-    if asyncpg is None:
-        return False
+    return asyncpg is not None and _in_chain(
+        exc, lambda e: isinstance(e, asyncpg.InternalClientError)
+    )
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` says the connection died (before or during the statement)."""
+    asyncpg = sys.modules.get("asyncpg")
+    dead: tuple[type[BaseException], ...] = (ConnectionError,)
+    if asyncpg is not None:
+        dead += (asyncpg.InternalClientError, asyncpg.ConnectionDoesNotExistError)
+
+    def lost(current: BaseException) -> bool:
+        if isinstance(current, DBAPIError) and current.connection_invalidated:
+            return True
+        return isinstance(current, dead)
+
+    return _in_chain(exc, lost)
+
+
+def _in_chain(exc: BaseException, test: Callable[[BaseException], bool]) -> bool:
+    """Whether ``exc`` or an error it wraps (a cause, a DBAPI error's ``orig``) passes."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
-        if isinstance(current, asyncpg.InternalClientError):
+        if test(current):
             return True
         seen.add(id(current))
         current = current.__cause__ or getattr(current, "orig", None)

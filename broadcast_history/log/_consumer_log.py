@@ -13,7 +13,7 @@ from typing import Any
 from .._errors import InvalidArgument
 from .._validation import check_channel, check_consumer, check_int, check_lease
 from . import _consumers
-from ._calls import finish_on_cancel, translated
+from ._calls import finish_on_cancel, finish_repeatable, translated
 from ._info import ConsumerInfo, LeaseAttempt
 from ._store import Store
 
@@ -72,7 +72,7 @@ class ConsumerMethods:
         async with translated(), self._store.autocommit() as conn:
             return await _consumers.acquire_many(conn, claims, lease_us)
 
-    @finish_on_cancel
+    @finish_repeatable
     async def renew_leases(self, holders: Sequence[str], lease: float) -> set[str]:
         """Extend the leases of ``holders`` by ``lease`` seconds, in one statement (per
         500 holders); returns the holders whose lease was extended.
@@ -88,14 +88,14 @@ class ConsumerMethods:
         async with translated(), self._store.autocommit() as conn:
             return await _consumers.renew(conn, [_holder(h) for h in holders], lease_us)
 
-    @finish_on_cancel
+    @finish_repeatable
     async def release_lease(self, channel: str, name: str, holder: str) -> None:
         """Give up ``holder``'s lease of the consumer (nothing if it is not held by
         ``holder``); a consumer that never committed is forgotten with it."""
         async with translated(), self._store.autocommit() as conn:
             await _consumers.release(conn, channel, name, holder)
 
-    @finish_on_cancel
+    @finish_repeatable
     async def commit_position(
         self, channel: str, name: str, holder: str, epoch: int, position: int, lease: float
     ) -> int | None:
@@ -115,7 +115,7 @@ class ConsumerMethods:
         async with translated(), self._store.autocommit() as conn:
             return await _consumers.commit(conn, channel, name, holder, epoch, position, lease_us)
 
-    @finish_on_cancel
+    @finish_repeatable
     async def consumers(self, channel: str | None = None) -> list[ConsumerInfo]:
         """The durable consumers (of ``channel``, or of every channel), ordered by
         channel and name, with their lag and live holder."""

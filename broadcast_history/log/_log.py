@@ -15,7 +15,7 @@ from .._errors import ImportConflict, InvalidArgument, LogUnavailable, NotConnec
 from .._event import Event, from_micros, to_micros
 from .._validation import check_int, check_optional_int, check_time
 from . import _migrate, _queries
-from ._calls import Conflict, append_error, finish_on_cancel, translated
+from ._calls import Conflict, append_error, finish_on_cancel, finish_repeatable, translated
 from ._consumer_log import ConsumerMethods
 from ._engine import (
     MEMORY_URL,
@@ -269,13 +269,13 @@ class EventLog(ConsumerMethods):
 
     # -- reading -------------------------------------------------------------------
 
-    @finish_on_cancel
+    @finish_repeatable
     async def channel(self, name: str) -> ChannelInfo | None:
         """State of channel ``name``, or ``None`` if it has no history."""
         async with translated(), self._store.begin() as conn:
             return await _queries.channel(conn, name)
 
-    @finish_on_cancel
+    @finish_repeatable
     async def channels(
         self, *, prefix: str | None = None, after: str | None = None, limit: int = 100
     ) -> list[ChannelInfo]:
@@ -290,13 +290,13 @@ class EventLog(ConsumerMethods):
         async with translated(), self._store.begin() as conn:
             return await _queries.channel_page(conn, prefix, after, limit)
 
-    @finish_on_cancel
+    @finish_repeatable
     async def totals(self) -> LogTotals:
         """How much the whole log holds: channels, events, trimmed events, times."""
         async with translated(), self._store.begin() as conn:
             return await _queries.totals(conn)
 
-    @finish_on_cancel
+    @finish_repeatable
     async def read(
         self,
         channel: str,
@@ -344,7 +344,7 @@ class EventLog(ConsumerMethods):
         async with translated():
             return await self._store.read(channel, query, max_bytes, descending=order == "desc")
 
-    @finish_on_cancel
+    @finish_repeatable
     async def read_from(
         self,
         channel: str,
@@ -364,7 +364,7 @@ class EventLog(ConsumerMethods):
         async with translated():
             return await self._store.read_page(channel, start, limit, max_bytes, ahead)
 
-    @finish_on_cancel
+    @finish_repeatable
     async def read_at(self, channel: str, offsets: Sequence[int]) -> list[Event]:
         """The events of ``channel`` stored at ``offsets``, in offset order (one query
         per 500 distinct offsets: drivers cap the parameters of a statement)."""
@@ -382,7 +382,7 @@ class EventLog(ConsumerMethods):
         page = await self.read(channel, after=offset - 1 if offset else None, limit=1)
         return page[0] if page and page[0].offset == offset else None
 
-    @finish_on_cancel
+    @finish_repeatable
     async def offset_at(self, channel: str, moment: datetime) -> int | None:
         """Offset of the first stored event at or after ``moment``, if any."""
         micros = _micros(moment, "moment")

@@ -347,3 +347,39 @@ async def test_lease_connections_killed() -> None:
         assert failures <= 2
         assert (kept, stored) == ({"h"}, 1)
         assert not (await log.acquire_lease(channel, "w", "other", 5)).acquired
+
+
+async def test_a_log_gone_silent_fails_publishes_instead_of_holding_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """MySQL frozen (a paused VM, a partition dropping packets): every publish waited
+    as long as it lasted, and disconnect() with them."""
+    from sqlalchemy.engine import make_url
+
+    from broadcast_history.log import _calls
+    from tests.support.proxy import CuttableProxy
+
+    monkeypatch.setattr(_calls, "APPEND_TIMEOUT", 1.0)
+    url = make_url(await ensure_database("silent"))
+    proxy = CuttableProxy(url.host or "127.0.0.1", url.port or 3306)
+    port = await proxy.start()
+    log = url.set(host="127.0.0.1", port=port).render_as_string(hide_password=False)
+    channel = unique()
+    try:
+        broadcast = Broadcast("memory://", log=log)
+        await broadcast.connect()
+        try:
+            await broadcast.publish(channel, "before")
+            proxy.stall()
+            with pytest.raises(LogUnavailable, match="did not answer within 1 s"):
+                await asyncio.wait_for(broadcast.publish(channel, "frozen"), 10)
+            # A batch larger than the socket's buffers: closing its connection must
+            # not wait for them to drain either.
+            await broadcast.publish(channel, "on a new connection")
+            proxy.stall()
+            with pytest.raises(LogUnavailable, match=r"did not answer within 1\.03 s"):
+                await asyncio.wait_for(broadcast.publish(channel, "x" * 300_000), 10)
+        finally:
+            await asyncio.wait_for(broadcast.disconnect(), 15)
+    finally:
+        await proxy.stop()

@@ -339,9 +339,9 @@ async def test_a_log_gone_silent_fails_publishes_instead_of_holding_them(
 ) -> None:
     """Postgres frozen (a paused VM, a partition dropping packets): every publish waited
     as long as it lasted, with nothing said, and disconnect() with them."""
-    from broadcast_history.log import _postgres
+    from broadcast_history.log import _calls
 
-    monkeypatch.setattr(_postgres, "APPEND_TIMEOUT", 1.0)
+    monkeypatch.setattr(_calls, "APPEND_TIMEOUT", 1.0)
     parts = urlsplit(await ensure_database("bh_test_faults_silent"))
     proxy = CuttableProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
     port = await proxy.start()

@@ -10,13 +10,15 @@ import asyncio
 import functools
 import sqlite3
 import sys
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 
+from .._cancel import wait_for
 from .._errors import InvalidArgument, LogUnavailable
+from ._info import Pending
 
 # MySQL errors that refuse values without a SQLSTATE of class 22: a packet over the
 # server's max_allowed_packet (an event too large for it; the server disconnects),
@@ -171,6 +173,28 @@ def append_error(exc: BaseException, *, ambiguous: bool | None = None) -> Except
             f"event log failure, the publish may or may not be stored: {detail!r}"
         )
     return LogUnavailable(f"event log failure: {exc!r}")
+
+
+#: Longest an append may wait for the database (plus a second per 10 MB of
+#: messages): a server gone silent (a paused VM, a partition dropping packets) must
+#: not hold every publisher, and ``disconnect``, for as long as it lasts. Past it the
+#: batch fails with ``LogUnavailable``, stored or not (a frozen server may still run
+#: the statement it received when it resumes; publish again with the same key); its
+#: connection is discarded.
+APPEND_TIMEOUT = 30.0
+_BYTES_PER_SECOND = 10_000_000
+
+
+async def bounded_append(append: Awaitable[_T], items: Sequence[Pending]) -> _T:
+    """``append`` of ``items``, cancelled past :data:`APPEND_TIMEOUT` (see there)."""
+    limit = APPEND_TIMEOUT + sum(len(item.message) for item in items) / _BYTES_PER_SECOND
+    try:
+        return await wait_for(append, limit)
+    except asyncio.TimeoutError as exc:
+        raise LogUnavailable(
+            f"the event log did not answer within {limit:.3g} s: the publish may or may "
+            "not be stored"
+        ) from exc
 
 
 def is_data_error(exc: BaseException) -> bool:

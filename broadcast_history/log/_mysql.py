@@ -38,6 +38,7 @@ from .._errors import LogUnavailable, MessageTooLarge, NotConnected
 from .._event import Event
 from ._ahead import ReadAhead
 from ._batch import assemble, plan
+from ._calls import bounded_append
 from ._engine import create_engine
 from ._info import Pending
 from ._queries import page_query
@@ -106,6 +107,9 @@ class MySQLStore(Store):
             yield conn
 
     async def append(self, items: Sequence[Pending]) -> list[Event]:
+        return await bounded_append(self._append(items), items)
+
+    async def _append(self, items: Sequence[Pending]) -> list[Event]:
         engine = self.engine
         for attempt in range(_ATTEMPTS):
             try:

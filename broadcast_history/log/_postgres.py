@@ -11,7 +11,6 @@ writer of the same channel waits on the row lock, then increments the committed 
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from itertools import accumulate
@@ -23,12 +22,11 @@ from sqlalchemy.engine import URL, ExceptionContext
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .._cancel import wait_for
 from .._errors import LogUnavailable, NotConnected
 from .._event import Event
 from ._ahead import ReadAhead
 from ._batch import assemble, plan
-from ._calls import Conflict, append_error, is_data_error
+from ._calls import Conflict, append_error, bounded_append, is_data_error
 from ._engine import create_engine
 from ._info import Pending
 from ._kept import KeptConnections
@@ -165,16 +163,6 @@ WHERE e.key IS NOT NULL  -- lets the planner use the partial key index
 """
 
 
-#: Longest an append may wait for Postgres (plus a second per 10 MB of messages): a
-#: server gone silent (a paused VM, a partition dropping packets) must not hold every
-#: publisher, and ``disconnect``, for as long as it lasts. Past it the batch fails
-#: with ``LogUnavailable``, stored or not (a frozen server may still run the statement
-#: it received when it resumes; publish again with the same key); its connection is
-#: discarded.
-APPEND_TIMEOUT = 30.0
-_BYTES_PER_SECOND = 10_000_000
-
-
 async def append(kept: KeptConnections, items: Sequence[Pending]) -> list[Event]:
     """Store ``items`` atomically; their events in input order.
 
@@ -192,18 +180,12 @@ async def append(kept: KeptConnections, items: Sequence[Pending]) -> list[Event]
     # key lookup needs no transaction either: the unique index catches a key stored
     # after it.
     # Taking a connection counts too: a new one to a frozen server waits as long.
-    limit = APPEND_TIMEOUT + sum(len(item.message) for item in items) / _BYTES_PER_SECOND
     try:
-        return await wait_for(kept.run(lambda driver: _append(driver, items)), limit)
+        return await bounded_append(kept.run(lambda driver: _append(driver, items)), items)
     except asyncpg.UniqueViolationError as exc:
         raise Conflict(f"append conflicted: {exc!r}") from exc
-    except NotConnected:
-        raise  # closed meanwhile: nothing was sent
-    except asyncio.TimeoutError as exc:
-        raise LogUnavailable(
-            f"the event log did not answer within {limit:.3g} s: the publish may or may "
-            "not be stored"
-        ) from exc
+    except (NotConnected, LogUnavailable):
+        raise  # closed meanwhile (nothing was sent), or no answer in time
     except Exception as exc:
         raise append_error(exc, ambiguous=not is_data_error(exc)) from exc
 

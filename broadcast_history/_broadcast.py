@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from ._appender import Appender
 from ._budget import SubscriberOptions, weigh
@@ -53,6 +53,7 @@ class Broadcast:
         migrate: Create or upgrade the log schema on connect; ``False`` only checks
             it and raises :class:`SchemaOutOfDate` if it is not current;
             ``"create"`` creates it in an empty database but never upgrades one.
+            For a ``log`` given as an :class:`EventLog`, pass it to that instead.
         buffer_size: Live events a subscriber may have waiting before it falls back
             to reading the log at its own pace.
         page_size: Events read from the log per query during replay.
@@ -71,7 +72,8 @@ class Broadcast:
     Raises:
         InvalidArgument: The transport reaches other processes and no ``log`` was
             given: each process would keep a private log of its own; or an option is
-            out of range (``max_message_size`` below 1, ``buffer_size`` below 1...).
+            out of range (``max_message_size`` below 1, ``buffer_size`` below 1...),
+            or ``migrate`` differs from that of the :class:`EventLog` given.
     """
 
     def __init__(
@@ -98,17 +100,23 @@ class Broadcast:
             raise InvalidArgument("give url or backend, not both")
         if log is None:
             require_shared_log(backend, url)
+        if isinstance(log, EventLog) and migrate is not True and migrate != log.migrate:
+            raise InvalidArgument(
+                "migrate= applies to a log given by URL: pass it to the EventLog "
+                f"instead (EventLog(url, migrate={migrate!r}))"
+            )
         self._backend = backend
-        self.log = log if isinstance(log, EventLog) else EventLog(log, migrate=migrate)
-        self.retention = retention
-        self.max_message_size = check_int("max_message_size", max_message_size, minimum=1)
+        #: The event log every publish is stored in.
+        self.log: EventLog = log if isinstance(log, EventLog) else EventLog(log, migrate=migrate)
+        self.retention: Retention | None = retention
+        self.max_message_size: int = check_int("max_message_size", max_message_size, minimum=1)
         self._options = SubscriberOptions(
             buffer_size, page_size, idle_check, reorder_window, buffer_bytes, page_bytes
         )
         self._wire = Wire(backend, self.log)
         self._wire.deliver_locally(self._dispatch)
         #: What this broadcast counted so far (published, delivered, fallbacks...).
-        self.stats = Stats()
+        self.stats: Stats = Stats()
         self._appender = Appender(self.log, self._wire, self.stats, max_batch=max_batch)
         self._channels = Channels(backend)
         self._subscribers = self._channels.subscribers
@@ -123,7 +131,7 @@ class Broadcast:
         self._closing: asyncio.Future[None] | None = None
         #: Transport messages ignored, by kind: ``"not_envelope"`` (another program
         #: publishing) or ``"other_log"`` (a process with another log).
-        self.foreign_messages = self._wire.foreign
+        self.foreign_messages: dict[str, int] = self._wire.foreign
         #: The Prometheus registry this broadcast's metrics are in (``None``: none).
         self.metrics_registry: CollectorRegistry | None = None
         if metrics:
@@ -231,7 +239,7 @@ class Broadcast:
 
     # -- publish -------------------------------------------------------------------
 
-    async def publish(self, channel: str, message: Any, *, key: str | None = None) -> Event:
+    async def publish(self, channel: str, message: str | bytes, *, key: str | None = None) -> Event:
         """Store ``message`` in the log, send it live, and return the stored event.
 
         Returns only once the event is committed. With ``key``, a second publish of

@@ -640,6 +640,17 @@ async def test_migrate_false_refuses_missing_schema(sqlite_file_url: str) -> Non
         assert (await bc.publish("c", "m")).offset == 1
 
 
+def test_migrate_goes_with_the_log_it_applies_to(sqlite_file_url: str) -> None:
+    """An EventLog given to Broadcast keeps its own migrate: a different one given to
+    Broadcast was ignored silently (an empty file got a schema despite False)."""
+    with pytest.raises(InvalidArgument, match=r"EventLog\(url, migrate=False\)"):
+        Broadcast(log=EventLog(sqlite_file_url), migrate=False)
+    with pytest.raises(InvalidArgument, match="migrate="):
+        Broadcast(log=EventLog(sqlite_file_url, migrate=False), migrate="create")
+    assert Broadcast(log=EventLog(sqlite_file_url, migrate=False)).log.migrate is False
+    assert Broadcast(log=EventLog(sqlite_file_url, migrate=False), migrate=False)
+
+
 async def test_unreachable_log_is_typed() -> None:
     with pytest.raises(LogUnavailable):
         async with Broadcast(log="postgresql+asyncpg://nobody@127.0.0.1:1/none"):

@@ -44,13 +44,14 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name == "create_app":
-        try:
-            from ._http import create_app
-        except ImportError as exc:  # pragma: no cover - depends on the install
-            raise ImportError(
-                f"the admin HTTP API needs FastAPI: pip install 'broadcast-history[admin]' ({exc})"
-            ) from exc
-        return create_app
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+if not TYPE_CHECKING:  # type checkers see the imports above: a misspelled name is an error
+
+    def __getattr__(name: str) -> Any:
+        if name == "create_app":
+            try:
+                from ._http import create_app
+            except ImportError as exc:  # pragma: no cover - depends on the install
+                extra = "pip install 'broadcast-history[admin]'"
+                raise ImportError(f"the admin HTTP API needs FastAPI: {extra} ({exc})") from exc
+            return create_app
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Literal
 
 from .._event import Event
 from ..log import ChannelInfo, LogTotals
@@ -39,7 +40,7 @@ class EventPage:
 
     channel: str
     events: list[Event]
-    order: str
+    order: Literal["asc", "desc"]
     next_cursor: int | None
 
 
@@ -57,7 +58,7 @@ class RetentionStats(LogTotals):
     max_age: timedelta | None = None
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class ImportResult:
     """What an import stored.
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from dataclasses import asdict
 from datetime import datetime
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 from .._errors import InvalidArgument
 from .._event import Event
@@ -30,6 +30,8 @@ from ._models import ChannelPage, EventPage, ImportResult, RetentionStats
 
 if TYPE_CHECKING:
     from .._broadcast import Broadcast
+
+_Admin = TypeVar("_Admin", bound="HistoryAdmin")
 
 #: Largest page any query returns.
 MAX_LIMIT = 10_000
@@ -84,7 +86,7 @@ class HistoryAdmin(ConsumerAdmin):
         self.max_message_size = max_message_size
 
     @classmethod
-    def of(cls, broadcast: Broadcast) -> HistoryAdmin:
+    def of(cls: type[_Admin], broadcast: Broadcast) -> _Admin:
         """The admin view of ``broadcast``'s log and settings."""
         return cls(
             broadcast.log,
@@ -306,7 +308,8 @@ class HistoryAdmin(ConsumerAdmin):
 
         Args:
             lines: The export's lines (``str`` or ``bytes``); for a raw byte stream,
-                split it with ``split_lines`` first.
+                split it into lines first (a file opened in binary mode yields
+                its lines).
             new_epoch: Give each channel a new epoch instead of the exported one:
                 for restoring a backup older than what clients have seen, so their
                 positions raise ``StreamReset`` instead of matching offsets that

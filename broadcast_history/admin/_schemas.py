@@ -111,7 +111,7 @@ class EventList(BaseModel):
     def of(cls, page: EventPage) -> EventList:
         return cls(
             channel=page.channel,
-            order="desc" if page.order == "desc" else "asc",
+            order=page.order,
             events=[EventOut.of(event) for event in page.events],
             next_cursor=page.next_cursor,
         )

@@ -19,7 +19,11 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._app import app
+    from ._options import DEFAULT_LOG
 
 # What the command line imports that the core install lacks: all in the admin extra.
 _ADMIN_MODULES = {"typer", "rich", "click", "fastapi", "starlette", "uvicorn", "pydantic"}
@@ -51,14 +55,16 @@ def main() -> None:
     app(prog_name="broadcast-history")
 
 
-def __getattr__(name: str) -> Any:
-    if name == "app":
-        return _load()
-    if name == "DEFAULT_LOG":
-        from ._options import DEFAULT_LOG
+if not TYPE_CHECKING:  # type checkers see the imports above: a misspelled name is an error
 
-        return DEFAULT_LOG
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    def __getattr__(name: str) -> Any:
+        if name == "app":
+            return _load()
+        if name == "DEFAULT_LOG":
+            from ._options import DEFAULT_LOG
+
+            return DEFAULT_LOG
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["DEFAULT_LOG", "app", "main"]

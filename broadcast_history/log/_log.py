@@ -78,8 +78,9 @@ class EventLog(ConsumerMethods):
             )
         if migrate not in (True, False, "create"):
             raise InvalidArgument(f"migrate must be True, False or 'create', got {migrate!r}")
-        self.url = normalize_url(MEMORY_URL if url is None else url)
-        self.migrate = migrate
+        #: The database, with its async driver.
+        self.url: URL = normalize_url(MEMORY_URL if url is None else url)
+        self.migrate: bool | Literal["create"] = migrate
         self.must_exist = must_exist
         self._store = _store_for(self.url, str(level))
         self._log_id: str | None = None

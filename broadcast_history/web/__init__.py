@@ -25,12 +25,14 @@ if TYPE_CHECKING:
 __all__ = ["Action", "Authorize", "Feed", "Position", "Reset", "allow_all", "create_stream_app"]
 
 
-def __getattr__(name: str) -> Any:
-    if name != "create_stream_app":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    try:  # Starlette (the web extra) is needed from here on only
-        from ._app import create_stream_app as app
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        message = "the streaming app needs Starlette: pip install 'broadcast-history[web]'"
-        raise ImportError(f"{message} ({exc})") from exc
-    return app
+if not TYPE_CHECKING:  # type checkers see the imports above: a misspelled name is an error
+
+    def __getattr__(name: str) -> Any:
+        if name != "create_stream_app":
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        try:  # Starlette (the web extra) is needed from here on only
+            from ._app import create_stream_app as app
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            message = "the streaming app needs Starlette: pip install 'broadcast-history[web]'"
+            raise ImportError(f"{message} ({exc})") from exc
+        return app

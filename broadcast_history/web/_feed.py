@@ -77,8 +77,8 @@ class Feed:
     Args:
         broadcast: A connected broadcast.
         channel: The channel.
-        position: Where to start (:func:`broadcast_history._parse.parse_position`);
-            the default is live only.
+        position: Where to start (a :class:`Position`: ``since``, ``history`` or
+            ``epoch`` as ``Broadcast.subscribe`` takes them); the default is live only.
 
     Raises:
         InvalidArgument: Bad channel name (on entering).

@@ -82,3 +82,28 @@ async def test_broker_restart_mid_stream(
         events = await take(sub, len(published), timeout=30)
     assert_contiguous(events, 1, len(published))
     assert [e.message for e in events] == [e.message for e in published]
+
+
+@pytest.mark.parametrize("wait", [0.2, 1.0])
+async def test_disconnect_after_the_broker_died_closes_everything(
+    broker: TansuBroker, tmp_path: Path, wait: float
+) -> None:
+    """aiokafka's consumer, stopped after the broker died, raises the cancellation of
+    its own fetch task: disconnect() raised CancelledError nobody asked for, and the
+    producer and the other clients were left open."""
+    backend = fast_backend(broker)
+    channel = unique("faults")
+    broadcast = Broadcast(backend=backend, log=f"sqlite+aiosqlite:///{tmp_path / 'e.db'}")
+    await broadcast.connect()
+    try:
+        async with broadcast.subscribe(channel) as sub:
+            event = await broadcast.publish(channel, "before")
+            assert await take(sub, 1) == [event]
+            await asyncio.to_thread(broker.stop)
+            await asyncio.sleep(wait)
+            closing = asyncio.ensure_future(broadcast.disconnect())
+            await asyncio.wait_for(asyncio.shield(closing), 20)
+        assert backend._producer is None and backend._consumer is None
+    finally:
+        await asyncio.wait_for(broadcast.disconnect(), 20)
+        await asyncio.to_thread(broker.start)

@@ -8,7 +8,6 @@ because history comes from the event log, never from Kafka.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -17,7 +16,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from .._cancel import wait_for
+from .._cancel import cancel_count, cancelled_since, wait_for
 from .._errors import InvalidArgument, NotConnected, TransportError
 from .._event import Event
 from ._backoff import Backoff
@@ -193,10 +192,21 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
         if self._admin is not None:
             closers.append(self._admin.close())
         self._producer = self._consumer = self._lookup = self._admin = None
+        count = cancel_count()
+        cancelled = False
         for closer in closers:
             # A broker that is away must not hold up shutdown.
-            with contextlib.suppress(Exception):
+            try:
                 await wait_for(closer, 5)
+            except asyncio.CancelledError:
+                # The consumer, stopped after the broker died, raises the cancellation
+                # of its own fetch task: not ours, unless ours was asked for. Either
+                # way the other clients are still closed.
+                cancelled = cancelled or cancelled_since(count)
+            except Exception:
+                logger.debug("closing a kafka client failed", exc_info=True)
+        if cancelled:
+            raise asyncio.CancelledError
 
     async def _ensure_topics(self, topics: Iterable[str]) -> None:
         """Create the topics not known to exist (an existing one is fine)."""

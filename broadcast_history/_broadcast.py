@@ -98,8 +98,6 @@ class Broadcast:
             backend = backend_from_url(url or "memory://")
         elif url is not None:
             raise InvalidArgument("give url or backend, not both")
-        if log is None:
-            require_shared_log(backend, url)
         if isinstance(log, EventLog) and migrate is not True and migrate != log.migrate:
             raise InvalidArgument(
                 "migrate= applies to a log given by URL: pass it to the EventLog "
@@ -108,6 +106,8 @@ class Broadcast:
         self._backend = backend
         #: The event log every publish is stored in.
         self.log: EventLog = log if isinstance(log, EventLog) else EventLog(log, migrate=migrate)
+        if self.log.private:
+            require_shared_log(backend, url)
         self.retention: Retention | None = retention
         self.max_message_size: int = check_int("max_message_size", max_message_size, minimum=1)
         self._options = SubscriberOptions(

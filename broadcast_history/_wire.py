@@ -27,9 +27,9 @@ _MAX_REPORTED = 10_000
 _NEEDS_SHARED_LOG = (
     "{url} reaches other processes, so they must share one event log: pass "
     "log='postgresql+asyncpg://...' (shared by every host) or "
-    "log='sqlite+aiosqlite:///events.db' (processes on one host). Without log=, each "
-    "process would keep a private in-memory log with its own offsets and epochs, and "
-    "subscribers would miss the other processes' messages."
+    "log='sqlite+aiosqlite:///events.db' (processes on one host). With no log= (or an "
+    "in-memory one), each process would keep a private log with its own offsets and "
+    "epochs, and subscribers would miss the other processes' messages."
 )
 
 

@@ -90,6 +90,12 @@ class EventLog(ConsumerMethods):
     # -- lifecycle -----------------------------------------------------------------
 
     @property
+    def private(self) -> bool:
+        """Whether this is an in-memory SQLite database, which only this EventLog
+        (in this process) reaches."""
+        return is_memory_sqlite(self.url)
+
+    @property
     def log_id(self) -> str:
         """This log's identity: random, made with its schema, the same for every
         process using the database (only while connected)."""

@@ -22,7 +22,7 @@ import logging
 from collections import deque
 from collections.abc import Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._bell import Bell
 from ._budget import SubscriberOptions, weigh, weight
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("broadcast_history")
 _REPLAY, _LIVE, _CLOSED = "replay", "live", "closed"
+_T = TypeVar("_T")
 
 
 class Subscriber(Committable):
@@ -87,6 +88,8 @@ class Subscriber(Committable):
         # since=<a time after the head's>: events stamped before it are skipped until
         # one is not (timestamps never decrease within a channel).
         self._not_before: datetime | None = None
+        # Done when the subscription closes: wakes a get() waiting on the log.
+        self._ended: asyncio.Future[None] | None = None
 
     # -- public --------------------------------------------------------------------
 
@@ -216,6 +219,8 @@ class Subscriber(Committable):
 
     def _close(self) -> None:
         self._mode = _CLOSED
+        if self._ended is not None and not self._ended.done():
+            self._ended.set_result(None)
         if self._reading is not None:
             _discard(self._reading[1])
             self._reading = None
@@ -234,15 +239,17 @@ class Subscriber(Committable):
         start = self._next
         reading, self._reading = self._reading, None
         if reading is not None and reading[0] == start:
-            page, ended = await reading[1]
+            read = reading[1]
         else:
             if reading is not None:
                 _discard(reading[1])
             # Whatever overflowed before this read is committed, so the read covers it.
             self._overflowed = False
-            page, ended = await self._read(start)
-        if self._mode == _CLOSED:
+            read = self._read(start)
+        answered = await self._unless_closed(read, keep=False)
+        if answered is None or self._mode == _CLOSED:
             return  # unsubscribed while the page was read: nothing more to deliver
+        page, ended = answered
         if page and page[0].offset == start and page[-1].offset - start == len(page) - 1:
             epoch = page[0].epoch
             if self._epoch is None:
@@ -264,7 +271,7 @@ class Subscriber(Committable):
                 self._live_bytes -= weight(self._held.pop(offset))
         if page or self._held:
             # A hole the log cannot fill, or events held live that the log lacks.
-            await self._check_head(start)
+            await self._unless_closed(asyncio.ensure_future(self._check_head(start)), keep=False)
             if self._mode == _CLOSED:
                 return
         if not page:
@@ -402,7 +409,7 @@ class Subscriber(Committable):
             asked = self._checking = (future, self._next, self._epoch)
         checking = asked[0]
         try:
-            info = await asyncio.shield(checking)
+            info = await self._unless_closed(checking, keep=True)
         except LogUnavailable as exc:
             # Only a safety net failed: live delivery goes on, the next idle check
             # tries again.
@@ -413,6 +420,32 @@ class Subscriber(Committable):
                 self._checking = self._quiet_since = None
         if info is not None and info.last_offset >= self._next:
             self._fall_back("idle")
+
+    async def _unless_closed(self, read: asyncio.Future[_T], *, keep: bool) -> _T | None:
+        """``read``'s result, or ``None`` as soon as the subscription closes: a log gone
+        silent must not hold ``get()`` past ``disconnect()``.
+
+        Args:
+            keep: A cancelled caller leaves ``read`` running (for the next call)
+                instead of cancelling it.
+        """
+        if not read.done():
+            ended = self._ended
+            if ended is None:
+                ended = self._ended = asyncio.get_running_loop().create_future()
+            if self._mode == _CLOSED:
+                ended.set_result(None)
+            try:
+                await asyncio.wait((read, ended), return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                if not keep:
+                    read.cancel()
+                _discard(read)
+                raise
+            if not read.done():
+                _discard(read)  # its answer, when it comes, is for nobody
+                return None
+        return read.result()
 
     def _delivered(self, event: Event) -> Event:
         """Account for live ``event``, the next one, as delivered; returns it."""

@@ -11,7 +11,14 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from broadcast_history import Broadcast, Event, LogUnavailable, NotConnected, TransportError
+from broadcast_history import (
+    Broadcast,
+    Event,
+    LogUnavailable,
+    NotConnected,
+    TransportError,
+    Unsubscribed,
+)
 from broadcast_history.backends.memory import MemoryBackend
 from broadcast_history.backends.postgres import PostgresBackend
 from tests.conftest import unique
@@ -265,21 +272,33 @@ async def test_kept_connections_are_reused_bounded_replaced_and_returned() -> No
             await other.exec_driver_sql(f"SELECT pg_terminate_backend({victim})")
         await asyncio.sleep(0.2)  # asyncpg reads the socket's end
         assert await kept.run(lambda driver: driver.fetchval("SELECT 1")) == 1
-        # Closed while a call runs: that connection is closed when the call ends,
-        # not kept, and nothing is taken after the close.
-        release.clear()
-        running = [asyncio.ensure_future(kept.run(held))]
-        await asyncio.sleep(0.1)
+        # Closed while a call runs (the log gave up waiting for it): that connection
+        # is closed at once, not kept, and nothing is taken after the close.
+        drivers: list[asyncpg.Connection] = []
+
+        async def stuck(driver: asyncpg.Connection) -> int:
+            drivers.append(driver)
+            return int(await driver.fetchval("SELECT pg_backend_pid() FROM pg_sleep(1)"))
+
+        running = [asyncio.ensure_future(kept.run(stuck))]
+        await asyncio.sleep(0.2)
+        in_flight = drivers[0].get_server_pid()
         await kept.close()
-        release.set()
-        in_flight = await running[0]
+        with pytest.raises(asyncpg.ConnectionDoesNotExistError):
+            await asyncio.wait_for(running[0], 5)
         with pytest.raises(NotConnected):
             await kept.run(pid)
-        async with engine.connect() as other:
-            alive = await other.exec_driver_sql(
-                f"SELECT count(*) FROM pg_stat_activity WHERE pid = {in_flight}"
-            )
-            assert alive.scalar() == 0
+        # The server notices once the statement ends and it has the answer to send.
+        for _ in range(50):
+            async with engine.connect() as other:  # a transaction sees one snapshot
+                alive = await other.exec_driver_sql(
+                    f"SELECT count(*) FROM pg_stat_activity WHERE pid = {in_flight}"
+                )
+            if alive.scalar() == 0:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the connection of the call still running was kept")
     finally:
         await kept.close()
         assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
@@ -354,6 +373,52 @@ async def test_a_log_gone_silent_fails_publishes_instead_of_holding_them(
             proxy.stall()
             with pytest.raises(LogUnavailable, match="did not answer within 1 s"):
                 await asyncio.wait_for(broadcast.publish(unique(), "frozen"), 10)
+        finally:
+            await asyncio.wait_for(broadcast.disconnect(), 15)
+    finally:
+        await proxy.stop()
+
+
+@pytest.mark.parametrize("where", ["idle check", "replay"])
+async def test_disconnect_ends_subscribers_waiting_for_a_silent_log(
+    where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A subscriber waiting on the log (its idle check, or a replay page) while the
+    log went silent stayed in get() after disconnect() returned, for as long as the
+    silence lasted, instead of raising Unsubscribed; with a page read ahead,
+    disconnect() itself waited for the server (to cancel the read, then to close
+    the pool's connections)."""
+    from broadcast_history.log import _log as event_log
+    from broadcast_history.log import _postgres
+
+    monkeypatch.setattr(event_log, "_CALLS_WAIT", 1.0)  # shorter waits: the same path
+    monkeypatch.setattr(_postgres, "CLOSE_WAIT", 0.5)
+    parts = urlsplit(await ensure_database("bh_test_faults_silent"))
+    proxy = CuttableProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    port = await proxy.start()
+    log = _log(urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{port}")))
+    channel = unique()
+    try:
+        broadcast = Broadcast("memory://", log=log, idle_check=0.2, page_size=10)
+        await broadcast.connect()
+        try:
+            for i in range(100):
+                await broadcast.publish(channel, f"m{i}")
+            async with broadcast.subscribe(channel, since=0 if where == "replay" else None) as sub:
+                if where == "replay":
+                    await sub.get()  # the next pages are asked for, not yet answered
+                proxy.stall()
+
+                async def drain() -> None:
+                    while True:
+                        await sub.get()
+
+                getting = asyncio.ensure_future(drain())
+                await asyncio.sleep(0.5)  # in the idle check's or a page's read
+                assert not getting.done()
+                await asyncio.wait_for(broadcast.disconnect(), 15)
+                with pytest.raises(Unsubscribed):
+                    await asyncio.wait_for(getting, 2)
         finally:
             await asyncio.wait_for(broadcast.disconnect(), 15)
     finally:

@@ -70,7 +70,9 @@ class ReadAhead(Generic[_R]):
 
     async def close(self) -> None:
         """Read nothing ahead from now on; let the reads still running end (a second
-        at most, then cancel them), so no connection is in use when the store closes."""
+        at most, then cancel them, and wait a second more), so no connection is in use
+        when the store closes. A read that a silent server holds even then is left to
+        the store, which ends its connection."""
         self._closed = True
         for key in list(self._ahead):
             self._let_go(key)
@@ -79,7 +81,8 @@ class ReadAhead(Generic[_R]):
             _, late = await asyncio.wait(running, timeout=self.FRESH)
             for read in late:
                 read.cancel()
-            await asyncio.gather(*late, return_exceptions=True)
+            if late:
+                await asyncio.wait(late, timeout=self.FRESH)
 
     async def _taken(self, key: _Key) -> list[_R] | None:
         if key not in self._ahead:

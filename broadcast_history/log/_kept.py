@@ -29,6 +29,8 @@ class KeptConnections:
         self._engine = engine
         self._keep = keep
         self._idle: list[tuple[AsyncConnection, asyncpg.Connection]] = []
+        # Drivers of the calls running now (see close).
+        self._busy: set[asyncpg.Connection] = set()
         self._closed = False
 
     async def run(self, operation: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
@@ -43,6 +45,7 @@ class KeptConnections:
         """
         for attempt in (1, 2):
             conn, driver = await self._take()
+            self._busy.add(driver)
             try:
                 result = await operation(driver)
             except asyncpg.UniqueViolationError:
@@ -56,13 +59,22 @@ class KeptConnections:
             except BaseException:
                 await _discard(conn)
                 raise
+            finally:
+                self._busy.discard(driver)
             await self._give(conn, driver)
             return result
         raise AssertionError("unreachable")
 
     async def close(self) -> None:
-        """Close the idle connections; one still in use is closed when it finishes."""
+        """Close the idle connections; end those still in use.
+
+        The store closes once the log's calls ended or were given up on (a server gone
+        silent holds them): their sockets are closed, so those calls fail at once
+        instead of waiting for the server, or for their cancellation to reach it.
+        """
         self._closed = True
+        for driver in list(self._busy):
+            driver.terminate()
         idle, self._idle = self._idle, []
         while idle:
             conn, driver = idle.pop()

@@ -11,6 +11,8 @@ writer of the same channel waits on the row lock, then increments the committed 
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from itertools import accumulate
@@ -22,6 +24,7 @@ from sqlalchemy.engine import URL, ExceptionContext
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from .._cancel import wait_for
 from .._errors import LogUnavailable, NotConnected
 from .._event import Event
 from ._ahead import ReadAhead
@@ -34,6 +37,9 @@ from ._queries import page_query
 from ._rows import EVENT_COLUMNS, compiled, keyed_events, new_epoch, prepared, rows_to_events
 from ._schema import channels, events
 from ._store import Store, discarding_broken
+
+#: Longest closing the pool may wait for the server to see its connections close.
+CLOSE_WAIT = 2.0
 
 #: Idle connections kept for appends and replay pages. A broadcast runs one append
 #: and up to four replay reads at a time (and up to ReadAhead.SLOTS pages read
@@ -48,11 +54,13 @@ class PostgresStore(Store):
         super().__init__()
         self._url = url
         self._kept: KeptConnections | None = None
+        self._drivers: weakref.WeakSet[asyncpg.Connection] = weakref.WeakSet()
         self.ahead = ReadAhead(self._page_records)
 
     async def open(self) -> None:
         engine = create_engine(self._url)
         discard_broken_connections(engine)
+        self._drivers = opened_drivers(engine)
         self._engine = engine
         self._kept = KeptConnections(engine, keep=KEEP)
         self.ahead = ReadAhead(self._page_records)
@@ -64,7 +72,13 @@ class PostgresStore(Store):
         if kept is not None:
             await kept.close()
         if engine is not None:
-            await engine.dispose()
+            # Closing a connection waits for the server's goodbye, which a server gone
+            # silent never sends: past CLOSE_WAIT the sockets left open are closed.
+            try:
+                await wait_for(engine.dispose(), CLOSE_WAIT)
+            except asyncio.TimeoutError:
+                for driver in list(self._drivers):
+                    driver.terminate()
 
     @property
     def kept(self) -> KeptConnections:
@@ -237,6 +251,17 @@ async def _find_keys(
         _FIND_KEYS, [channel for channel, _ in pairs], [key for _, key in pairs]
     )
     return keyed_events(result)
+
+
+def opened_drivers(engine: AsyncEngine) -> weakref.WeakSet[asyncpg.Connection]:
+    """The asyncpg connections ``engine`` opens from now on, while they live."""
+    drivers: weakref.WeakSet[asyncpg.Connection] = weakref.WeakSet()
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        drivers.add(dbapi_connection.driver_connection)
+
+    return drivers
 
 
 def discard_broken_connections(engine: AsyncEngine) -> None:

@@ -165,6 +165,19 @@ class Subscriber(Committable):
             else:
                 raise StopAsyncIteration
 
+    def take_read(self, limit: int) -> list[Event]:
+        """Up to ``limit`` of the next events, those already read from the log and in
+        hand: what ``limit`` calls of :meth:`get` would return without waiting, taken
+        at once (a stream writes them in one chunk). Empty when there are none, or
+        when each must go through :meth:`get` (a consumer, a time to skip to)."""
+        page = self._page
+        if not page or self._consumer is not None or self._not_before is not None:
+            return []
+        taken = [page.popleft() for _ in range(min(limit, len(page)))]
+        self._next = taken[-1].offset + 1
+        self._stats.delivered_log += len(taken)
+        return taken
+
     async def _skip_early(self, not_before: datetime) -> Event:
         self._not_before = None
         try:

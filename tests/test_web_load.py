@@ -12,6 +12,8 @@ import asyncio
 import json
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -31,9 +33,11 @@ PAGE_BYTES = 256 * 1024
 
 
 class Server:
-    def __init__(self, base: str, process: subprocess.Popen[bytes]) -> None:
+    def __init__(self, base: str, process: subprocess.Popen[bytes], log: str, errors: Path):
         self.base = base
         self.process = process
+        self.log = log
+        self.errors = errors  # the server's stderr
 
     def stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = httpx.get(f"{self.base}/stats", timeout=10).json()
@@ -58,10 +62,13 @@ class Server:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     port = free_port()
-    log = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('load') / 'load.db'}"
+    directory = tmp_path_factory.mktemp("load")
+    log = f"sqlite+aiosqlite:///{directory / 'load.db'}"
     command = [sys.executable, "-m", "tests.support.web_server", "--port", str(port)]
     command += ["--log", log, "--buffer-bytes", str(BUFFER_BYTES), "--page-bytes", str(PAGE_BYTES)]
-    process = subprocess.Popen(command, cwd=Path(__file__).parents[1])
+    errors = directory / "stderr.txt"
+    with errors.open("wb") as stderr:
+        process = subprocess.Popen(command, cwd=Path(__file__).parents[1], stderr=stderr)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 20
@@ -72,10 +79,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             except httpx.TransportError:
                 assert process.poll() is None and time.monotonic() < deadline
                 time.sleep(0.05)
-        yield Server(base, process)
+        yield Server(base, process, log, errors)
     finally:
         process.terminate()
         process.wait(10)
+        sys.stderr.write(errors.read_text(errors="replace"))
 
 
 async def read_messages(client: SSEClient, count: int) -> list[str]:
@@ -196,6 +204,34 @@ async def test_killed_clients_end_their_subscriptions(server: Server) -> None:
         if client.poll() is None:
             client.kill()
             client.wait()
+
+
+async def test_a_client_leaving_mid_replay_is_noticed_at_once(server: Server) -> None:
+    """A stream replaying pages already in memory wrote frame after frame without
+    letting the loop run: the server noticed the client had gone only at the end of
+    the page, and asyncio logged "socket.send() raised exception." for each frame
+    written meanwhile (hundreds per disconnect)."""
+    from broadcast_history import Broadcast
+
+    channel = f"replay-leave-{time.monotonic_ns()}"
+    async with Broadcast(log=server.log) as publisher:
+        for start in range(0, 3000, 500):
+            await asyncio.gather(
+                *(publisher.publish(channel, f"m{i}" * 20) for i in range(start, start + 500))
+            )
+    before = server.errors.read_text(errors="replace").count("socket.send() raised")
+    host, port = server.base.removeprefix("http://").split(":")
+    for _ in range(3):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(f"GET /events/{channel}?since=0 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await reader.readexactly(2000)  # replay under way
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # a reset: writes to it fail at once
+        await asyncio.sleep(0.3)
+    assert (await server.settle(0))["subscriptions"] == 0
+    after = server.errors.read_text(errors="replace").count("socket.send() raised")
+    assert after - before == 0
 
 
 def test_the_fan_out_benchmark_runs(tmp_path: Path) -> None:

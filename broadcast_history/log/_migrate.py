@@ -130,9 +130,10 @@ def _is_head(current: str | None, *, create_only: bool) -> bool:
 
 def out_of_date(current: str | None) -> SchemaOutOfDate:
     """The error for a schema at ``current`` (``None``: none) when migrating is off."""
+    where = "has no schema yet" if current is None else f"schema is at {current}"
     return SchemaOutOfDate(
-        f"event log schema is at {current or 'nothing'}, this version needs "
-        f"{head_revision()}: run `broadcast-history db upgrade` or connect with migrate=True"
+        f"the event log {where}, this version needs {head_revision()}: run "
+        "`broadcast-history db upgrade` or connect with migrate=True"
     )
 
 

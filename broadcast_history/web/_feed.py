@@ -127,6 +127,13 @@ class Feed:
             await self._reopen(exc)
             return self._resets.popleft()
 
+    def take_read(self, limit: int) -> list[Event]:
+        """Up to ``limit`` next events already read from the log, taken without waiting
+        (none if a :class:`Reset` comes first); iteration goes on after them."""
+        if self._resets or self._subscriber is None:
+            return []
+        return self._subscriber.take_read(limit)
+
     # -- subscriptions -----------------------------------------------------------------
 
     async def _enter(self, since: Any, history: int | None, epoch: int | None) -> None:

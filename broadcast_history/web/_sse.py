@@ -44,6 +44,8 @@ Frame = Callable[[Event], bytes]
 
 RETRY = b"retry: 1000\n\n"
 PING = b": ping\n\n"
+#: Most replayed events written in one chunk.
+FRAMES_PER_WRITE = 64
 HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-store"),
@@ -178,9 +180,20 @@ class EventStream(Response):
 
     async def _pump(self, write: Callable[[bytes], Any]) -> None:
         encode = self.encode
+        feed = self.feed
         await write(RETRY)
-        async for item in self.feed:
-            await write(encode(item) if isinstance(item, Event) else reset_frame(item))
+        async for item in feed:
+            frame = encode(item) if isinstance(item, Event) else reset_frame(item)
+            more = feed.take_read(FRAMES_PER_WRITE - 1)
+            if not more:
+                await write(frame)
+                continue
+            # Replayed events are in hand, so writing them never waits: in chunks, with
+            # a turn of the loop after each, a client gone meanwhile is noticed after a
+            # chunk. Frame by frame, it was noticed at the page's end, and asyncio
+            # logged a warning for every frame written to the closed socket.
+            await write(b"".join([frame, *map(encode, more)]))
+            await asyncio.sleep(0)
 
     async def _watch(
         self, receive: Receive, write: Callable[[bytes], Any], stop: asyncio.Future[None]

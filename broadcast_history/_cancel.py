@@ -24,15 +24,6 @@ def cancel_count() -> int:
     return int(cancelling()) if cancelling is not None else 0
 
 
-def cancelled_since(count: int) -> bool:
-    """Whether the running task was asked to cancel since it counted ``count``
-    (always ``True`` on Python 3.10, which does not count: a cancellation is then
-    taken to be the task's own)."""
-    if not hasattr(asyncio.Task, "cancelling"):
-        return True
-    return cancel_count() > count
-
-
 def raise_if_cancelled_since(count: int) -> None:
     """Raise the cancellation of the running task that something swallowed since it
     counted ``count``."""

@@ -360,7 +360,8 @@ class Subscriber(Committable):
                 if self._epoch is not None:
                     # Possibly a late envelope of an old epoch: let the log decide.
                     self._live_bytes -= weight(event)
-                    await self._check_head(expected)
+                    checked = asyncio.ensure_future(self._check_head(expected))
+                    await self._unless_closed(checked, keep=False)
                     continue
                 self._epoch = event.epoch
             if event.message is NOTICE:
@@ -446,7 +447,7 @@ class Subscriber(Committable):
             ended = self._ended
             if ended is None:
                 ended = self._ended = asyncio.get_running_loop().create_future()
-            if self._mode == _CLOSED:
+            if self._mode == _CLOSED and not ended.done():
                 ended.set_result(None)
             try:
                 await asyncio.wait((read, ended), return_when=asyncio.FIRST_COMPLETED)

@@ -101,9 +101,12 @@ async def test_disconnect_after_the_broker_died_closes_everything(
             assert await take(sub, 1) == [event]
             await asyncio.to_thread(broker.stop)
             await asyncio.sleep(wait)
+            clients = [backend._producer, backend._consumer, backend._lookup]
             closing = asyncio.ensure_future(broadcast.disconnect())
             await asyncio.wait_for(asyncio.shield(closing), 20)
-        assert backend._producer is None and backend._consumer is None
+        # Each client closed to its end (its metadata task stopped), the producer too.
+        kafka = [getattr(c, "client", None) or getattr(c, "_client", None) for c in clients]
+        assert [k is not None and k._sync_task is None for k in kafka] == [True] * 3
     finally:
         await asyncio.wait_for(broadcast.disconnect(), 20)
         await asyncio.to_thread(broker.start)

@@ -383,3 +383,20 @@ async def test_a_log_gone_silent_fails_publishes_instead_of_holding_them(
             await asyncio.wait_for(broadcast.disconnect(), 15)
     finally:
         await proxy.stop()
+
+
+def test_a_connection_asyncmy_lost_is_told_from_a_refusal() -> None:
+    """Replay pages call asyncmy directly: its lost-connection errors carry no cause a
+    retry could recognize, so a page read that lost its connection was not read again."""
+    errors = pytest.importorskip("asyncmy.errors")
+    from broadcast_history.log._calls import connection_lost
+
+    def failure(cause: BaseException) -> LogUnavailable:
+        error = LogUnavailable(f"event log failure: {cause!r}")
+        error.__cause__ = cause
+        return error
+
+    for code in (2006, 2013, 2055):
+        assert connection_lost(failure(errors.OperationalError(code, "lost")))
+    assert not connection_lost(failure(errors.OperationalError(1205, "Lock wait timeout")))
+    assert not connection_lost(failure(errors.ProgrammingError(1064, "syntax")))

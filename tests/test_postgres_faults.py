@@ -237,9 +237,12 @@ async def test_pooled_connections_terminated_while_idle_do_not_fail_the_next_cal
         await log.disconnect()
 
 
-async def test_kept_connections_are_reused_bounded_replaced_and_returned() -> None:
+async def test_kept_connections_are_reused_bounded_replaced_and_returned(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     import asyncpg
 
+    from broadcast_history.log import _kept
     from broadcast_history.log._engine import create_engine, normalize_url
     from broadcast_history.log._kept import KeptConnections
     from broadcast_history.log._postgres import discard_broken_connections
@@ -283,6 +286,7 @@ async def test_kept_connections_are_reused_bounded_replaced_and_returned() -> No
         running = [asyncio.ensure_future(kept.run(stuck))]
         await asyncio.sleep(0.2)
         in_flight = drivers[0].get_server_pid()
+        monkeypatch.setattr(_kept, "BUSY_WAIT", 0.1)  # it gives up on the call at once
         await kept.close()
         with pytest.raises(asyncpg.ConnectionDoesNotExistError):
             await asyncio.wait_for(running[0], 5)
@@ -388,10 +392,11 @@ async def test_disconnect_ends_subscribers_waiting_for_a_silent_log(
     silence lasted, instead of raising Unsubscribed; with a page read ahead,
     disconnect() itself waited for the server (to cancel the read, then to close
     the pool's connections)."""
+    from broadcast_history.log import _kept, _postgres
     from broadcast_history.log import _log as event_log
-    from broadcast_history.log import _postgres
 
     monkeypatch.setattr(event_log, "_CALLS_WAIT", 1.0)  # shorter waits: the same path
+    monkeypatch.setattr(_kept, "BUSY_WAIT", 0.5)
     monkeypatch.setattr(_postgres, "CLOSE_WAIT", 0.5)
     parts = urlsplit(await ensure_database("bh_test_faults_silent"))
     proxy = CuttableProxy(parts.hostname or "127.0.0.1", parts.port or 5432)

@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from .._cancel import cancel_count, cancelled_since, wait_for
+from .._cancel import wait_for
 from .._errors import InvalidArgument, NotConnected, TransportError
 from .._event import Event
 from ._backoff import Backoff
@@ -185,28 +185,28 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
 
     async def _close_clients(self) -> None:
         closers = [
-            client.stop()
-            for client in (self._consumer, self._lookup, self._producer)
-            if client is not None
+            _stop_consumer(consumer)
+            for consumer in (self._consumer, self._lookup)
+            if consumer is not None
         ]
+        if self._producer is not None:
+            closers.append(self._producer.stop())
         if self._admin is not None:
             closers.append(self._admin.close())
         self._producer = self._consumer = self._lookup = self._admin = None
-        count = cancel_count()
-        cancelled = False
-        for closer in closers:
-            # A broker that is away must not hold up shutdown.
-            try:
-                await wait_for(closer, 5)
-            except asyncio.CancelledError:
-                # The consumer, stopped after the broker died, raises the cancellation
-                # of its own fetch task: not ours, unless ours was asked for. Either
-                # way the other clients are still closed.
-                cancelled = cancelled or cancelled_since(count)
-            except Exception:
-                logger.debug("closing a kafka client failed", exc_info=True)
-        if cancelled:
-            raise asyncio.CancelledError
+        # Each closer a task of its own: aiokafka's consumer, stopped after the broker
+        # died, raises the cancellation of its own fetch task, which asyncio.wait does
+        # not pass on (it raises only if this task is cancelled). A broker that is away
+        # must not hold up shutdown: 5 s each at most.
+        tasks = [asyncio.ensure_future(closer) for closer in closers]
+        for task in tasks:
+            task.add_done_callback(_closed)
+        try:
+            for task in tasks:
+                await asyncio.wait({task}, timeout=5)
+        finally:
+            for task in tasks:
+                task.cancel()
 
     async def _ensure_topics(self, topics: Iterable[str]) -> None:
         """Create the topics not known to exist (an existing one is fine)."""
@@ -354,3 +354,21 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
 
 
 __all__ = ["KafkaBackend", "topic_for"]
+
+
+def _closed(task: asyncio.Future[Any]) -> None:
+    """A client's close ended: its failure is only worth a debug line."""
+    if not task.cancelled() and task.exception() is not None:
+        logger.debug("closing a kafka client failed: %r", task.exception())
+
+
+async def _stop_consumer(consumer: AIOKafkaConsumer) -> None:
+    try:
+        await consumer.stop()
+    except BaseException:
+        # Stopped after the broker died, aiokafka's consumer raises its fetch task's
+        # cancellation before it closes its client (connections, metadata task).
+        client = getattr(consumer, "_client", None)
+        if client is not None:
+            await client.close()
+        raise

@@ -24,6 +24,8 @@ from ._info import Pending
 # server's max_allowed_packet (an event too large for it; the server disconnects),
 # a string the column's character set cannot hold.
 _MYSQL_DATA_ERRORS = frozenset({1153, 1366})
+# MySQL client errors of a connection lost (CR_SERVER_GONE_ERROR, CR_SERVER_LOST...).
+_MYSQL_LOST = frozenset({2006, 2013, 2055})
 
 _S = TypeVar("_S")
 _P = ParamSpec("_P")
@@ -94,9 +96,17 @@ def never_sent(exc: BaseException) -> bool:
     the call can run again on a fresh one: nothing of the first attempt happened.
     """
     asyncpg = sys.modules.get("asyncpg")  # never imported: not an asyncpg error
-    return asyncpg is not None and _in_chain(
-        exc, lambda e: isinstance(e, asyncpg.InternalClientError)
-    )
+    if asyncpg is None:
+        return False
+
+    def refused(error: BaseException) -> bool:
+        # Raised as an operation starts (its state switch, or no connection), before
+        # anything is written; asyncpg raises the same class later on for other faults.
+        return isinstance(error, asyncpg.InternalClientError) and (
+            str(error).startswith("cannot switch to state") or str(error) == "not connected"
+        )
+
+    return _in_chain(exc, refused)
 
 
 def connection_lost(exc: BaseException) -> bool:
@@ -109,6 +119,10 @@ def connection_lost(exc: BaseException) -> bool:
     def lost(current: BaseException) -> bool:
         if isinstance(current, DBAPIError) and current.connection_invalidated:
             return True
+        if type(current).__module__.startswith("asyncmy") and current.args:
+            # asyncmy's own errors (replay pages call it directly): gone away, lost
+            # during a query, lost reading the handshake.
+            return current.args[0] in _MYSQL_LOST
         return isinstance(current, dead)
 
     return _in_chain(exc, lost)

@@ -11,6 +11,8 @@ to the pool), and one that failed is discarded, as the pool would not know to.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -20,6 +22,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from .._errors import NotConnected
 
 T = TypeVar("T")
+
+#: Longest close() waits for calls still running before it ends their connections.
+BUSY_WAIT = 2.0
 
 
 class KeptConnections:
@@ -31,6 +36,7 @@ class KeptConnections:
         self._idle: list[tuple[AsyncConnection, asyncpg.Connection]] = []
         # Drivers of the calls running now (see close).
         self._busy: set[asyncpg.Connection] = set()
+        self._none_busy = asyncio.Event()
         self._closed = False
 
     async def run(self, operation: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
@@ -46,6 +52,7 @@ class KeptConnections:
         for attempt in (1, 2):
             conn, driver = await self._take()
             self._busy.add(driver)
+            self._none_busy.clear()
             try:
                 result = await operation(driver)
             except asyncpg.UniqueViolationError:
@@ -61,6 +68,8 @@ class KeptConnections:
                 raise
             finally:
                 self._busy.discard(driver)
+                if not self._busy:
+                    self._none_busy.set()
             await self._give(conn, driver)
             return result
         raise AssertionError("unreachable")
@@ -69,10 +78,16 @@ class KeptConnections:
         """Close the idle connections; end those still in use.
 
         The store closes once the log's calls ended or were given up on (a server gone
-        silent holds them): their sockets are closed, so those calls fail at once
-        instead of waiting for the server, or for their cancellation to reach it.
+        silent holds them): past :data:`BUSY_WAIT`, their sockets are closed, so those
+        calls fail at once instead of waiting for the server, or for their
+        cancellation to reach it.
         """
         self._closed = True
+        # A call the log does not wait for (an append of an EventLog used directly)
+        # may be about to end: a moment for it first.
+        if self._busy:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._none_busy.wait(), BUSY_WAIT)
         for driver in list(self._busy):
             driver.terminate()
         idle, self._idle = self._idle, []

@@ -192,7 +192,12 @@ class EventStream(Response):
             # a turn of the loop after each, a client gone meanwhile is noticed after a
             # chunk. Frame by frame, it was noticed at the page's end, and asyncio
             # logged a warning for every frame written to the closed socket.
-            await write(b"".join([frame, *map(encode, more)]))
+            frames = [frame]
+            try:
+                for event in more:
+                    frames.append(encode(event))
+            finally:  # an event the encoder fails on: those before it still go out
+                await write(b"".join(frames))
             await asyncio.sleep(0)
 
     async def _watch(

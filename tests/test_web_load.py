@@ -206,14 +206,17 @@ async def test_killed_clients_end_their_subscriptions(server: Server) -> None:
             client.wait()
 
 
-async def test_a_client_leaving_mid_replay_is_noticed_at_once(server: Server) -> None:
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+async def test_a_client_leaving_mid_replay_is_noticed_at_once(
+    server: Server, transport: str
+) -> None:
     """A stream replaying pages already in memory wrote frame after frame without
     letting the loop run: the server noticed the client had gone only at the end of
     the page, and asyncio logged "socket.send() raised exception." for each frame
     written meanwhile (hundreds per disconnect)."""
     from broadcast_history import Broadcast
 
-    channel = f"replay-leave-{time.monotonic_ns()}"
+    channel = f"replay-leave-{transport}-{time.monotonic_ns()}"
     async with Broadcast(log=server.log) as publisher:
         for start in range(0, 3000, 500):
             await asyncio.gather(
@@ -223,7 +226,15 @@ async def test_a_client_leaving_mid_replay_is_noticed_at_once(server: Server) ->
     host, port = server.base.removeprefix("http://").split(":")
     for _ in range(3):
         reader, writer = await asyncio.open_connection(host, int(port))
-        writer.write(f"GET /events/{channel}?since=0 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        if transport == "sse":
+            request = f"GET /events/{channel}?since=0 HTTP/1.1\r\nHost: x\r\n\r\n"
+        else:
+            request = (
+                f"GET /events/{channel}/ws?since=0 HTTP/1.1\r\nHost: x\r\n"
+                "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+            )
+        writer.write(request.encode())
         await reader.readexactly(2000)  # replay under way
         sock = writer.get_extra_info("socket")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

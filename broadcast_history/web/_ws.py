@@ -36,7 +36,7 @@ from .._errors import BroadcastError, InvalidArgument, InvalidMessage
 from .._event import Event
 from ._feed import Feed, Reset
 from ._publish import event_info
-from ._streams import OpenStreams, first_of
+from ._streams import FRAMES_PER_TURN, OpenStreams, first_of
 
 logger = logging.getLogger("broadcast_history.web")
 
@@ -162,8 +162,17 @@ class WebSocketSession:
                 await self.websocket.close(1001)
 
     async def _pump(self) -> None:
-        async for item in self.feed:
+        feed = self.feed
+        async for item in feed:
             await self._write(message_json(item) if isinstance(item, Event) else reset_json(item))
+            # Replayed events in hand are sent without waiting: a loop turn every few
+            # lets a client gone meanwhile be noticed before asyncio warns about each
+            # frame written to its closed socket (it does from the sixth on).
+            more = feed.take_read(FRAMES_PER_TURN - 1)
+            if more:
+                for event in more:
+                    await self._write(message_json(event))
+                await asyncio.sleep(0)
 
     async def _talk(self, stop: asyncio.Future[None]) -> bool:
         """Answer client frames and ping; ``False`` when the client left, ``True`` on

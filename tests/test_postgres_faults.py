@@ -192,11 +192,22 @@ async def test_connection_refused_by_the_driver_is_retried_once_on_a_fresh_one()
     async def broken(driver: asyncpg.Connection) -> int:
         raise asyncpg.InternalClientError("cannot switch to state 12")
 
+    after: list[int] = []
+
+    async def failed_after_running(driver: asyncpg.Connection) -> int:
+        # The same class, raised once a statement ran: repeating it could store a
+        # batch twice.
+        after.append(driver.get_server_pid())
+        raise asyncpg.InternalClientError("unexpected state")
+
     try:
         assert await kept.run(flaky) == 1
         assert pids[0] != pids[1]  # the refused connection was not reused
         with pytest.raises(asyncpg.InternalClientError):
             await kept.run(broken)
+        with pytest.raises(asyncpg.InternalClientError, match="unexpected"):
+            await kept.run(failed_after_running)
+        assert len(after) == 1
     finally:
         await kept.close()
         await engine.dispose()

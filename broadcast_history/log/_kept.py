@@ -20,6 +20,7 @@ import asyncpg
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .._errors import NotConnected
+from ._calls import never_sent
 
 T = TypeVar("T")
 
@@ -58,9 +59,11 @@ class KeptConnections:
             except asyncpg.UniqueViolationError:
                 await self._give(conn, driver)  # refused by the server: the connection is fine
                 raise
-            except asyncpg.InternalClientError:
+            except asyncpg.InternalClientError as exc:
                 await _discard(conn)
-                if attempt == 2:
+                # asyncpg raises this class after a statement ran too: only a refusal
+                # before sending is safe to repeat (an append would be stored twice).
+                if attempt == 2 or not never_sent(exc):
                     raise
                 continue
             except BaseException:
@@ -83,13 +86,20 @@ class KeptConnections:
         cancellation to reach it.
         """
         self._closed = True
-        # A call the log does not wait for (an append of an EventLog used directly)
-        # may be about to end: a moment for it first.
-        if self._busy:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._none_busy.wait(), BUSY_WAIT)
-        for driver in list(self._busy):
-            driver.terminate()
+        try:
+            # A call the log does not wait for (an append of an EventLog used
+            # directly) may be about to end: a moment for it first.
+            if self._busy:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._none_busy.wait(), BUSY_WAIT)
+        except BaseException:  # cancelled meanwhile: close the idle ones' sockets too
+            for _, driver in self._idle:
+                driver.terminate()
+            self._idle = []
+            raise
+        finally:
+            for driver in list(self._busy):
+                driver.terminate()
         idle, self._idle = self._idle, []
         while idle:
             conn, driver = idle.pop()

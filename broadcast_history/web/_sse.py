@@ -196,8 +196,10 @@ class EventStream(Response):
             try:
                 for event in more:
                     frames.append(encode(event))
-            finally:  # an event the encoder fails on: those before it still go out
+            except Exception:  # the encoder failed: the events before it still go out
                 await write(b"".join(frames))
+                raise
+            await write(b"".join(frames))
             await asyncio.sleep(0)
 
     async def _watch(

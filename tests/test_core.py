@@ -974,7 +974,8 @@ async def test_a_cancelled_disconnect_still_closes_everything(tmp_path: Path) ->
         if threading.active_count() <= threads:
             break
         await asyncio.sleep(0.01)
-    assert threading.active_count() == threads, threading.enumerate()
+    # At most: a thread another test left may end meanwhile.
+    assert threading.active_count() <= threads, threading.enumerate()
     async with broadcast:
         assert (await broadcast.publish("c", "again")).offset >= 1
 

@@ -119,25 +119,37 @@ def connection_lost(exc: BaseException) -> bool:
     def lost(current: BaseException) -> bool:
         if isinstance(current, DBAPIError) and current.connection_invalidated:
             return True
-        if type(current).__module__.startswith("asyncmy") and current.args:
+        code = _mysql_code(current)
+        if code is not None:
             # asyncmy's own errors (replay pages call it directly): gone away, lost
             # during a query, lost reading the handshake.
-            return current.args[0] in _MYSQL_LOST
+            return code in _MYSQL_LOST
         return isinstance(current, dead)
 
     return _in_chain(exc, lost)
 
 
 def _in_chain(exc: BaseException, test: Callable[[BaseException], bool]) -> bool:
-    """Whether ``exc`` or an error it wraps (a cause, a DBAPI error's ``orig``) passes."""
+    """Whether ``exc`` or an error it wraps (its causes, a DBAPI error's ``orig``:
+    drivers' errors come wrapped several times) passes ``test``."""
     seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
         if test(current):
             return True
         seen.add(id(current))
-        current = current.__cause__ or getattr(current, "orig", None)
+        pending += [current.__cause__, getattr(current, "orig", None)]
     return False
+
+
+def _mysql_code(exc: BaseException) -> int | None:
+    """The error number of one of asyncmy's errors (``None`` for other errors)."""
+    if type(exc).__module__.startswith("asyncmy") and exc.args and isinstance(exc.args[0], int):
+        return exc.args[0]
+    return None
 
 
 def _ignore_outcome(task: asyncio.Future[Any]) -> None:
@@ -214,31 +226,17 @@ async def bounded_append(append: Awaitable[_T], items: Sequence[Pending]) -> _T:
 def is_data_error(exc: BaseException) -> bool:
     """Whether ``exc`` says the database refused the values (nothing was stored).
 
-    Such errors come wrapped several times (SQLAlchemy, the driver's adapter, the
-    driver), so the whole chain is searched: an encoding failure, SQLSTATE class 22
+    Searched through the wrapped errors: an encoding failure, SQLSTATE class 22
     ("data exception") from Postgres or MySQL, or one of MySQL's errors that refuse
     a value under another SQLSTATE.
     """
-    seen: set[int] = set()
-    pending: list[BaseException | None] = [exc]
-    while pending:
-        current = pending.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
+
+    def refused(current: BaseException) -> bool:
         if isinstance(current, (UnicodeError, sqlite3.DataError)):
             return True
         state = getattr(current, "sqlstate", None)
         if isinstance(state, str) and state.startswith("22"):
             return True
-        if _is_mysql_data_error(current):
-            return True
-        pending += [current.__cause__, getattr(current, "orig", None)]
-    return False
+        return _mysql_code(current) in _MYSQL_DATA_ERRORS
 
-
-def _is_mysql_data_error(exc: BaseException) -> bool:
-    args = exc.args
-    return (
-        type(exc).__module__.startswith("asyncmy") and bool(args) and args[0] in _MYSQL_DATA_ERRORS
-    )
+    return _in_chain(exc, refused)

@@ -14,10 +14,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .._broadcast import Broadcast
 
-#: WebSocket messages of replayed events sent between two turns of the event loop
-#: (see ``_ws``); asyncio warns from the sixth write to a closed socket on.
-FRAMES_PER_TURN = 4
-
 
 class OpenStreams:
     """A registry of running streams; :meth:`close_all` ends them all."""

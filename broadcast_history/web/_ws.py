@@ -36,7 +36,7 @@ from .._errors import BroadcastError, InvalidArgument, InvalidMessage
 from .._event import Event
 from ._feed import Feed, Reset
 from ._publish import event_info
-from ._streams import FRAMES_PER_TURN, OpenStreams, first_of
+from ._streams import OpenStreams, first_of
 
 logger = logging.getLogger("broadcast_history.web")
 
@@ -54,6 +54,10 @@ TRY_LATER = 1013
 _DISCONNECTED: type[BaseException] | None = getattr(
     starlette.websockets, "WebSocketDisconnected", None
 )
+#: Messages of replayed events sent between two turns of the event loop (see
+#: WebSocketSession._pump); asyncio warns from the sixth write to a closed socket on.
+FRAMES_PER_TURN = 4
+
 #: What a send or receive raises once the client has gone.
 CLIENT_GONE: tuple[type[BaseException], ...] = (
     OSError,

@@ -18,10 +18,17 @@ import pytest
 
 from broadcast_history import Broadcast, BroadcastBackend, EventLog
 from broadcast_history.log import migration_engine
+from tests.support import workers
 
-POSTGRES_URL = os.environ.get("BH_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+# Under pytest-xdist each worker has databases of its own (test_gw0...); the variables
+# are set to them too, for the processes tests start.
+POSTGRES_URL = os.environ["BH_TEST_POSTGRES"] = workers.per_worker_url(
+    os.environ.get("BH_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+)
 REDIS_URL = os.environ.get("BH_TEST_REDIS", "redis://127.0.0.1:6379/0")
-MYSQL_URL = os.environ.get("BH_TEST_MYSQL", "mysql+asyncmy://root@127.0.0.1:3306/test")
+MYSQL_URL = os.environ["BH_TEST_MYSQL"] = workers.per_worker_url(
+    os.environ.get("BH_TEST_MYSQL", "mysql+asyncmy://root@127.0.0.1:3306/test")
+)
 NATS_URL = os.environ.get("BH_TEST_NATS", "nats://127.0.0.1:4222")
 
 
@@ -67,6 +74,27 @@ def require_redis() -> None:
 def require_nats() -> None:
     """Skip (or fail under CI=true) unless the server of ``BH_TEST_NATS`` listens."""
     require_service("NATS", *_host_port(NATS_URL, 4222))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if workers.WORKER:
+        workers.create_databases(POSTGRES_URL, MYSQL_URL)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)  # outermost: a wait for the lock is no timeout
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[object]:
+    """Under pytest-xdist, run ``alone`` tests while no other worker is in a test."""
+    if not workers.WORKER:
+        return (yield)
+    lock: workers.TestLock | None = item.config.stash.get(_LOCK, None)
+    if lock is None:
+        run: str = item.config.workerinput["testrunuid"]  # type: ignore[attr-defined]
+        lock = item.config.stash[_LOCK] = workers.TestLock(run)
+    with lock.hold(alone=item.get_closest_marker("alone") is not None):
+        return (yield)
+
+
+_LOCK = pytest.StashKey["workers.TestLock"]()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

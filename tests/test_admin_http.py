@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import json
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -359,8 +359,13 @@ async def sse_messages(response: httpx.Response) -> AsyncIterator[dict[str, str]
 
 
 async def read_messages(
-    base: str, url: str, count: int, headers: dict[str, str] | None = None
+    base: str,
+    url: str,
+    count: int,
+    headers: dict[str, str] | None = None,
+    after_first: Callable[[], Awaitable[object]] | None = None,
 ) -> list[dict[str, str]]:
+    """The first ``count`` messages; ``after_first`` is awaited once the first came."""
     found: list[dict[str, str]] = []
     async with (
         httpx.AsyncClient(base_url=base, headers=AUTH, timeout=20) as http,
@@ -372,6 +377,8 @@ async def read_messages(
             found.append(message)
             if len(found) == count:
                 break
+            if len(found) == 1 and after_first is not None:
+                await after_first()
     return found
 
 
@@ -417,10 +424,17 @@ async def test_stream_resets_say_why_then_go_on_live(broadcast: Broadcast) -> No
     assert trimmed is not None
     async with serving(broadcast) as base:
         stale = {"Last-Event-ID": f"{old.epoch}:1"}
-        reader = asyncio.create_task(read_messages(base, path("gone", "/stream"), 2, stale))
-        await asyncio.sleep(0.3)
-        await broadcast.publish("gone", "after the reset")
-        reset, after = await asyncio.wait_for(reader, 20)
+        # Published once the reset came: sooner, the reset would name a later head.
+        reset, after = await asyncio.wait_for(
+            read_messages(
+                base,
+                path("gone", "/stream"),
+                2,
+                stale,
+                after_first=lambda: broadcast.publish("gone", "after the reset"),
+            ),
+            20,
+        )
         assert (reset["event"], reset["id"]) == ("reset", f"{new.epoch}:1")
         assert json.loads(reset["data"]) == {"reason": "StreamReset", "epoch": new.epoch, "head": 1}
         assert (after["id"], json.loads(after["data"])["message"]) == (

@@ -79,6 +79,7 @@ async def publish_steadily(broadcast: Broadcast, channel: str, count: int) -> No
             await asyncio.sleep(0.005)
 
 
+@pytest.mark.alone  # kills every worker's connections of a kind on the shared Redis
 @pytest.mark.parametrize("kind", ["pubsub", "stream"])
 async def test_connection_killed_mid_stream(
     tmp_path: Path, admin: aioredis.Redis, kind: str
@@ -119,6 +120,7 @@ async def test_connection_killed_mid_stream(
             assert (last.offset, last.message) == (total + 1, "after")
 
 
+@pytest.mark.alone  # kills every worker's connections of a kind on the shared Redis
 async def test_publishing_connections_killed_under_multi_channel_batches(
     tmp_path: Path, admin: aioredis.Redis
 ) -> None:
@@ -239,6 +241,7 @@ async def test_a_silent_subscription_connection_is_pinged_then_replaced(
         await proxy.stop()
 
 
+@pytest.mark.alone  # kills every worker's connections of a kind on the shared Redis
 async def test_subscriptions_come_and_go_while_the_connection_is_killed(
     tmp_path: Path, admin: aioredis.Redis
 ) -> None:

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("broadcast_history")
 _REPLAY, _LIVE, _CLOSED = "replay", "live", "closed"
+_NEVER = 10.0**9  # a bell's wait for a ring only
 _T = TypeVar("_T")
 
 
@@ -423,7 +424,12 @@ class Subscriber(Committable):
             asked = self._checking = (future, self._next, self._epoch)
         checking = asked[0]
         try:
-            info = await self._unless_closed(checking, keep=True)
+            # Live events that arrive meanwhile are delivered first: a log gone silent
+            # to this host (a partition, a paused server) must not hold them up. The
+            # check goes on; its answer is taken by the next idle check if it is
+            # still about the same offset.
+            woken = None if checking.done() else self._bell.wait(_NEVER)
+            info = await self._unless_closed(checking, keep=True, woken=woken)
         except LogUnavailable as exc:
             # Only a safety net failed: live delivery goes on, the next idle check
             # tries again.
@@ -435,13 +441,16 @@ class Subscriber(Committable):
         if info is not None and info.last_offset >= self._next:
             self._fall_back("idle")
 
-    async def _unless_closed(self, read: asyncio.Future[_T], *, keep: bool) -> _T | None:
+    async def _unless_closed(
+        self, read: asyncio.Future[_T], *, keep: bool, woken: asyncio.Future[bool] | None = None
+    ) -> _T | None:
         """``read``'s result, or ``None`` as soon as the subscription closes: a log gone
         silent must not hold ``get()`` past ``disconnect()``.
 
         Args:
             keep: A cancelled caller leaves ``read`` running (for the next call)
-                instead of cancelling it.
+                instead of cancelling it; so does ``woken``.
+            woken: Also return ``None`` once this is done (the bell rang).
         """
         if not read.done():
             ended = self._ended
@@ -449,15 +458,16 @@ class Subscriber(Committable):
                 ended = self._ended = asyncio.get_running_loop().create_future()
             if self._mode == _CLOSED and not ended.done():
                 ended.set_result(None)
+            waits = (read, ended) if woken is None else (read, ended, woken)
             try:
-                await asyncio.wait((read, ended), return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             except asyncio.CancelledError:
                 if not keep:
                     read.cancel()
                 _discard(read)
                 raise
             if not read.done():
-                _discard(read)  # its answer, when it comes, is for nobody
+                _discard(read)  # its answer, when it comes, may be for nobody
                 return None
         return read.result()
 

@@ -7,6 +7,7 @@ under ``CI=true`` where an absent service fails the test.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -77,6 +78,11 @@ def require_nats() -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        # Started in the background by a shell, which ignores SIGINT there; every
+        # process a test starts would inherit that, and the tests that stop one with
+        # Ctrl-C (tail, serve, the console's server) would wait for it in vain.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if workers.WORKER:
         workers.create_databases(POSTGRES_URL, MYSQL_URL)
 

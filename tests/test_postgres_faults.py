@@ -7,6 +7,7 @@ touches nothing but the test's own connections.
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime, timezone
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -438,4 +439,76 @@ async def test_disconnect_ends_subscribers_waiting_for_a_silent_log(
         finally:
             await asyncio.wait_for(broadcast.disconnect(), 15)
     finally:
+        await proxy.stop()
+
+
+async def test_a_log_gone_silent_to_one_host_holds_up_no_live_event() -> None:
+    """A subscriber whose idle check was waiting on a log gone silent to its host (a
+    partition between it and Postgres; Redis and the publishers fine) delivered none
+    of the live events that arrived meanwhile, for as long as the silence lasted.
+    (The live transport is NOTIFY on a connection of its own, which stays fine.)"""
+    url = await ensure_database("bh_test_faults_silent")
+    parts = urlsplit(url)
+    proxy = CuttableProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    port = await proxy.start()
+    silent = _log(urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{port}")))
+    here = Broadcast(url, log=silent, idle_check=0.2)
+    there = Broadcast(url, log=_log(url))
+    channel = unique()
+    try:
+        await here.connect()
+        await there.connect()
+        async with here.subscribe(channel) as sub:
+            await there.publish(channel, "before")
+            assert (await asyncio.wait_for(sub.get(), 10)).message == "before"
+            proxy.stall()
+            waiting = asyncio.ensure_future(sub.get())
+            await asyncio.sleep(0.6)  # idle checks began, on connections gone silent
+            for i in range(3):
+                await there.publish(channel, f"live {i}")
+            got = [await asyncio.wait_for(waiting, 5)]
+            got += [await asyncio.wait_for(sub.get(), 5) for _ in range(2)]
+            assert [e.message for e in got] == ["live 0", "live 1", "live 2"]
+    finally:
+        await asyncio.wait_for(there.disconnect(), 15)
+        await asyncio.wait_for(here.disconnect(), 15)
+        await proxy.stop()
+
+
+async def test_a_replay_page_the_log_does_not_answer_fails_in_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A replay page asked of a log gone silent held its subscriber (and a turn at
+    reading pages) until TCP gave up, 15 minutes on Linux defaults: past the read
+    bound it fails with LogUnavailable, as do lookups of a channel's head or of a
+    time, and the next reads take fresh connections."""
+    from broadcast_history.log import _calls
+
+    monkeypatch.setattr(_calls, "READ_TIMEOUT", 1.0)
+    url = await ensure_database("bh_test_faults_silent")
+    parts = urlsplit(url)
+    proxy = CuttableProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    port = await proxy.start()
+    log = _log(urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{port}")))
+    channel = unique()
+    broadcast = Broadcast("memory://", log=log, page_size=10)
+    try:
+        await broadcast.connect()
+        for i in range(30):
+            await broadcast.publish(channel, f"m{i}")
+        async with broadcast.subscribe(channel, since=0) as sub:
+            await sub.get()  # the connections the next pages are read on are open
+            proxy.stall(new_too=True)  # the server froze
+            with pytest.raises(LogUnavailable, match="did not answer a read within 1 s"):
+                await asyncio.wait_for(take(sub, 29), 10)
+            now = datetime.now(timezone.utc)
+            for lookup in (broadcast.log.channel, lambda c: broadcast.log.offset_at(c, now)):
+                with pytest.raises(LogUnavailable, match="did not answer a read within 1 s"):
+                    await asyncio.wait_for(lookup(channel), 10)
+            proxy.resume()  # the connections it had are lost for good
+        async with broadcast.subscribe(channel, since=0) as again:
+            got = await asyncio.wait_for(take(again, 30), 10)
+            assert [e.message for e in got] == [f"m{i}" for i in range(30)]
+    finally:
+        await asyncio.wait_for(broadcast.disconnect(), 15)
         await proxy.stop()

@@ -223,6 +223,25 @@ async def bounded_append(append: Awaitable[_T], items: Sequence[Pending]) -> _T:
         ) from exc
 
 
+#: Longest a Postgres read (a replay page, a page of events, a channel's head, an
+#: offset by time) may wait for the database. A server gone silent to this host (a
+#: paused VM, a partition dropping packets) would hold the subscriber reading it, and
+#: the broadcast's turn at reading pages, until TCP gives up (15 minutes on Linux
+#: defaults); past it the read fails with ``LogUnavailable`` and its connection is
+#: discarded. (MySQL reads are not bounded yet: cancelling asyncmy midway leaves
+#: connections that SQLAlchemy's pool then waits on.)
+READ_TIMEOUT = 30.0
+
+
+async def bounded_read(read: Awaitable[_T]) -> _T:
+    """``read`` (taking its connection included), cancelled past :data:`READ_TIMEOUT`."""
+    timeout = READ_TIMEOUT
+    try:
+        return await wait_for(read, timeout)
+    except asyncio.TimeoutError as exc:
+        raise LogUnavailable(f"the event log did not answer a read within {timeout:.3g} s") from exc
+
+
 def is_data_error(exc: BaseException) -> bool:
     """Whether ``exc`` says the database refused the values (nothing was stored).
 

@@ -279,6 +279,9 @@ class EventLog(ConsumerMethods):
     @finish_repeatable
     async def channel(self, name: str) -> ChannelInfo | None:
         """State of channel ``name``, or ``None`` if it has no history."""
+        return await self._store.bounded(self._channel(name))
+
+    async def _channel(self, name: str) -> ChannelInfo | None:
         async with translated(), self._store.begin() as conn:
             return await _queries.channel(conn, name)
 
@@ -393,6 +396,9 @@ class EventLog(ConsumerMethods):
     async def offset_at(self, channel: str, moment: datetime) -> int | None:
         """Offset of the first stored event at or after ``moment``, if any."""
         micros = _micros(moment, "moment")
+        return await self._store.bounded(self._offset_at(channel, micros))
+
+    async def _offset_at(self, channel: str, micros: int) -> int | None:
         async with translated(), self._store.begin() as conn:
             return await _queries.offset_at(conn, channel, micros)
 

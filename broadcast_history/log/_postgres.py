@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
 from itertools import accumulate
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 from sqlalchemy import Select, bindparam, event, func, select
@@ -29,7 +29,7 @@ from .._errors import LogUnavailable, NotConnected
 from .._event import Event
 from ._ahead import ReadAhead
 from ._batch import assemble, plan
-from ._calls import Conflict, append_error, bounded_append, is_data_error
+from ._calls import Conflict, append_error, bounded_append, bounded_read, is_data_error
 from ._engine import create_engine
 from ._info import Pending
 from ._kept import KeptConnections
@@ -37,6 +37,8 @@ from ._queries import page_query
 from ._rows import EVENT_COLUMNS, compiled, keyed_events, new_epoch, prepared, rows_to_events
 from ._schema import channels, events
 from ._store import Store, discarding_broken
+
+_T = TypeVar("_T")
 
 #: Longest closing the pool may wait for the server to see its connections close.
 CLOSE_WAIT = 2.0
@@ -93,6 +95,9 @@ class PostgresStore(Store):
             async with discarding_broken(conn):
                 yield conn
 
+    async def bounded(self, read: Awaitable[_T]) -> _T:
+        return await bounded_read(read)
+
     async def append(self, items: Sequence[Pending]) -> list[Event]:
         return await append(self.kept, items)
 
@@ -126,7 +131,9 @@ class PostgresStore(Store):
         # One autocommit SELECT on asyncpg itself: one round trip (no BEGIN and COMMIT
         # around it) and plain records, no SQLAlchemy row per event.
         try:
-            return await self.kept.run(lambda driver: driver.fetch(sql, *params))
+            return await bounded_read(self.kept.run(lambda driver: driver.fetch(sql, *params)))
+        except LogUnavailable:
+            raise
         except Exception as exc:
             raise LogUnavailable(f"event log failure: {exc!r}") from exc
 

@@ -8,9 +8,9 @@ else runs the shared queries of ``_queries`` in a connection from :meth:`begin`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -19,6 +19,8 @@ from .._errors import BroadcastError, NotConnected
 from .._event import Event
 from ._engine import WRITE
 from ._info import Pending
+
+_T = TypeVar("_T")
 
 
 class Store:
@@ -70,6 +72,11 @@ class Store:
         """
         async with self.begin(write=True) as conn:
             yield conn
+
+    async def bounded(self, read: Awaitable[_T]) -> _T:
+        """``read``, failing past ``READ_TIMEOUT`` where the store bounds its reads
+        (Postgres); elsewhere awaited as it is."""
+        return await read
 
     async def append(self, items: Sequence[Pending]) -> list[Event]:
         """Store ``items`` in one transaction (see ``EventLog.append``)."""

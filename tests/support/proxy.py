@@ -15,6 +15,9 @@ class CuttableProxy:
         # Links open when stall() ran: they stay open and carry nothing, a network
         # gone silent (no reset); later connections pass.
         self.stalled: set[asyncio.StreamWriter] = set()
+        # Whether new connections go silent too (a frozen server: the kernel still
+        # accepts them).
+        self.silent = False
         self.server: asyncio.Server | None = None
 
     async def start(self) -> int:
@@ -27,8 +30,13 @@ class CuttableProxy:
             self.server.close()
             await self.server.wait_closed()
 
-    def stall(self) -> None:
+    def stall(self, *, new_too: bool = False) -> None:
         self.stalled |= self.links
+        self.silent = new_too
+
+    def resume(self) -> None:
+        """New connections pass again; those stalled stay silent (lost for good)."""
+        self.silent = False
 
     def cut(self) -> None:
         self.is_cut = True
@@ -42,6 +50,8 @@ class CuttableProxy:
             return
         up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
         self.links |= {writer, up_writer}
+        if self.silent:
+            self.stalled |= {writer, up_writer}
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             with contextlib.suppress(OSError):

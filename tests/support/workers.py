@@ -58,19 +58,13 @@ async def _create_postgres(url: str) -> None:
 
 
 async def _create_mysql(url: str) -> None:
-    import asyncmy
+    # Imported here: that module imports the conftest, which imports this one.
+    from tests.support.mysql_support import _server_connection
 
-    parsed = make_url(url)
-    conn = await asyncmy.connect(
-        host=parsed.host or "127.0.0.1",
-        port=parsed.port or 3306,
-        user=parsed.username or "root",
-        password=parsed.password or "",
-    )
+    conn = await _server_connection()
     try:
         async with conn.cursor() as cursor:
-            await cursor.execute("SET SESSION sql_notes = 0")
-            await cursor.execute(f"CREATE DATABASE IF NOT EXISTS `{parsed.database}`")
+            await cursor.execute(f"CREATE DATABASE IF NOT EXISTS `{make_url(url).database}`")
     finally:
         conn.close()
 

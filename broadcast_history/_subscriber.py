@@ -409,6 +409,8 @@ class Subscriber(Committable):
         if self._mode != _LIVE:
             self._quiet_since = None
             return
+        if self._buffer or self._overflowed:
+            return  # it arrived as the quiet period ended: delivered first, no check
         asked = self._checking
         if asked is not None and asked[1:] != (self._next, self._epoch):
             # Events were delivered since it was asked: its answer (a reset, a trim

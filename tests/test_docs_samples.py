@@ -23,7 +23,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -36,7 +35,6 @@ from tests.conftest import (
     require_mysql,
     require_postgres,
     require_redis,
-    service_available,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +47,7 @@ _REQUIRES = re.compile(r"^#\s*requires:\s*(?P<names>.+)$", re.MULTILINE)
 SERVICES = {"redis", "postgres", "kafka", "mysql", "nats", "redis-cluster"}
 # The addresses samples write for services the session starts on free ports.
 SAMPLE_NATS = "nats://127.0.0.1:4222"
+SAMPLE_KAFKA = re.compile(r"kafka://(?:localhost|127\.0\.0\.1):9092")
 SAMPLE_REDIS_CLUSTER = "redis-cluster://127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003"
 # The addresses samples write, and the test services they stand for.
 _DEFAULT_URLS = {
@@ -104,18 +103,6 @@ def test_samples_were_found() -> None:
         assert not unknown, f"{sample.id}: unknown requirement {sorted(unknown)}"
 
 
-@pytest.fixture(scope="module")
-def kafka_on_9092() -> Iterator[None]:
-    """The samples name Kafka's usual port: use a broker there, or start tansu on it."""
-    if service_available("127.0.0.1", 9092):
-        yield
-        return
-    from tests.support.kafka_broker import TansuBroker
-
-    with TansuBroker(port=9092):
-        yield
-
-
 @pytest.mark.parametrize("sample", SAMPLES, ids=[s.id for s in SAMPLES])
 def test_doc_sample_runs(
     sample: Sample,
@@ -129,9 +116,12 @@ def test_doc_sample_runs(
         require_postgres()
     if "mysql" in sample.requires:
         require_mysql()
-    if "kafka" in sample.requires:
-        request.getfixturevalue("kafka_on_9092")
     source = localize(sample.source)
+    if "kafka" in sample.requires:
+        # The session's broker, on a free port: Kafka's usual one may be taken, and
+        # two test workers must not share a broker one of them stops.
+        bootstrap = request.getfixturevalue("kafka_bootstrap")
+        source = SAMPLE_KAFKA.sub(f"kafka://{bootstrap}", source)
     if "nats" in sample.requires:
         pytest.importorskip("nats", reason="nats-py is not installed (the nats extra)")
         source = source.replace(SAMPLE_NATS, request.getfixturevalue("nats_url"))

@@ -166,6 +166,7 @@ async def test_notice_and_live_send_failures(
     assert publisher.stats.live_send_failures == 1
 
 
+@pytest.mark.alone  # kills every worker's connections of a kind on the shared Redis
 async def test_foreign_messages_and_reconnects_on_redis(
     registry: CollectorRegistry, sqlite_file_url: str
 ) -> None:

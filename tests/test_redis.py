@@ -363,6 +363,7 @@ async def _held_id(backend: RedisBackend) -> int:
     return int(await held.read_response())
 
 
+@pytest.mark.alone  # CLIENT PAUSE holds every worker's writes on the shared Redis
 async def test_a_cancelled_lone_publish_gives_its_connection_up(admin: aioredis.Redis) -> None:
     """Cancelled while waiting for the reply (Redis paused), the kept connection may
     hold that reply unread: it is closed, and the next message takes a fresh one."""
@@ -393,6 +394,7 @@ async def test_a_cancelled_lone_publish_gives_its_connection_up(admin: aioredis.
         await backend.disconnect()
 
 
+@pytest.mark.alone  # CLIENT PAUSE holds every worker's writes on the shared Redis
 async def test_disconnect_during_a_lone_publish_ends_it_and_keeps_nothing(
     admin: aioredis.Redis,
 ) -> None:

@@ -126,3 +126,35 @@ async def test_events_of_a_new_epoch_say_the_channel_was_reset(log: EventLog) ->
     subscriber._feed(new)
     with pytest.raises(StreamReset):
         await _take(subscriber, 1)
+
+
+async def test_an_event_arriving_as_the_quiet_period_ends_goes_before_the_idle_check(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A live event fed in the loop turn the idle timer fired waited for the idle
+    check's answer (as long as the log took: here 5 s) although it was in hand."""
+    from broadcast_history import Broadcast
+
+    async with Broadcast("memory://", idle_check=0.2) as broadcast:
+        async with broadcast.subscribe("c") as sub:
+            first = await broadcast.publish("c", "first")
+            assert (await sub.get()).offset == 1
+            info = await broadcast.log.channel("c")
+
+            async def silent(name: str) -> object:  # the log gone silent to this host
+                await asyncio.sleep(5)
+                return info
+
+            monkeypatch.setattr(broadcast._heads, "_log", type("L", (), {"channel": silent}))
+            bell, fed = sub._bell, []
+            expire = bell._expire
+
+            def expire_then_feed() -> None:
+                expire()  # the quiet period ends: the timer rings False...
+                if not fed:  # ...and an event arrives in the same loop turn
+                    fed.append(Event("c", "live", offset=2, epoch=first.epoch))
+                    sub._feed(fed)
+
+            monkeypatch.setattr(bell, "_expire", expire_then_feed)
+            event = await asyncio.wait_for(sub.get(), 2)
+            assert (event.offset, event.message) == (2, "live")

@@ -20,6 +20,7 @@ import contextlib
 import fcntl
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -44,7 +45,11 @@ async def _create_postgres(url: str) -> None:
 
     parsed = make_url(url)
     conn = await asyncpg.connect(
-        host=parsed.host, port=parsed.port, user=parsed.username, database="postgres"
+        host=parsed.host,
+        port=parsed.port,
+        user=parsed.username,
+        password=parsed.password,
+        database="postgres",
     )
     try:
         exists = await conn.fetchval(
@@ -73,8 +78,12 @@ def create_databases(postgres_url: str, mysql_url: str) -> None:
     """Create this worker's test databases where the servers answer; a server that
     does not is left to the tests, which skip (or fail under CI=true) on it."""
     for create, url in ((_create_postgres, postgres_url), (_create_mysql, mysql_url)):
-        with contextlib.suppress(Exception):
+        try:
             asyncio.run(asyncio.wait_for(create(url), 10))
+        except (OSError, asyncio.TimeoutError, ImportError):
+            pass  # not there: its tests say so
+        except Exception as exc:  # there, but it refused: say why its tests will fail
+            warnings.warn(f"could not create {make_url(url)!r}: {exc!r}", stacklevel=1)
 
 
 class TestLock:

@@ -7,6 +7,7 @@ touches nothing but the test's own connections.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import datetime, timezone
 from urllib.parse import urlsplit, urlunsplit
 
@@ -509,6 +510,89 @@ async def test_a_replay_page_the_log_does_not_answer_fails_in_time(
         async with broadcast.subscribe(channel, since=0) as again:
             got = await asyncio.wait_for(take(again, 30), 10)
             assert [e.message for e in got] == [f"m{i}" for i in range(30)]
+    finally:
+        await asyncio.wait_for(broadcast.disconnect(), 15)
+        await proxy.stop()
+
+
+async def test_after_a_read_gets_no_answer_the_next_reads_take_fresh_connections(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Connections kept idle over a path that went silent (a NAT or a firewall that
+    dropped them) each failed a read after the bound, one after another, although new
+    connections worked: after the first one, the others are discarded too."""
+    from broadcast_history.log import _calls
+
+    monkeypatch.setattr(_calls, "READ_TIMEOUT", 1.0)
+    url = await ensure_database("bh_test_faults_silent")
+    parts = urlsplit(url)
+    proxy = CuttableProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    port = await proxy.start()
+    log = _log(urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{port}")))
+    channels = [unique() for _ in range(4)]
+    broadcast = Broadcast("memory://", log=log, page_size=10)
+    try:
+        await broadcast.connect()
+        for channel in channels:
+            for i in range(30):
+                await broadcast.publish(channel, f"m{i}")
+        # Replays at once leave several connections kept idle.
+        async with contextlib.AsyncExitStack() as stack:
+            subs = [
+                await stack.enter_async_context(broadcast.subscribe(c, since=0)) for c in channels
+            ]
+            await asyncio.gather(*(take(sub, 30) for sub in subs))
+        kept = broadcast.log._store.kept  # type: ignore[attr-defined]
+        assert len(kept._idle) >= 2
+        proxy.stall()  # the connections open now go silent; new ones pass
+        async with broadcast.subscribe(channels[0], since=0) as sub:
+            with pytest.raises(LogUnavailable, match="did not answer a read within 1 s"):
+                await asyncio.wait_for(take(sub, 30), 10)
+        for channel in channels:
+            async with broadcast.subscribe(channel, since=0) as again:
+                got = await asyncio.wait_for(take(again, 30), 10)
+                assert [e.message for e in got] == [f"m{i}" for i in range(30)]
+    finally:
+        await asyncio.wait_for(broadcast.disconnect(), 15)
+        await proxy.stop()
+
+
+async def test_a_page_read_ahead_that_got_no_answer_is_not_asked_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A lone subscriber's page read ahead that timed out was read again when the
+    subscriber came for it: its get() waited for two bounds instead of one."""
+    from broadcast_history.log import _calls
+
+    monkeypatch.setattr(_calls, "READ_TIMEOUT", 1.0)
+    url = await ensure_database("bh_test_faults_silent")
+    parts = urlsplit(url)
+    proxy = CuttableProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    port = await proxy.start()
+    log = _log(urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{port}")))
+    channel = unique()
+    broadcast = Broadcast("memory://", log=log, page_size=10)
+    try:
+        await broadcast.connect()
+        for i in range(100):
+            await broadcast.publish(channel, f"m{i}")
+        ahead = broadcast.log._store.ahead  # type: ignore[attr-defined]
+        fetch, unanswered = ahead._fetch, []
+
+        async def counting(*args: object) -> object:
+            try:
+                return await fetch(*args)
+            except LogUnavailable as exc:
+                unanswered.append(exc)
+                raise
+
+        monkeypatch.setattr(ahead, "_fetch", counting)
+        async with broadcast.subscribe(channel, since=0) as sub:
+            await sub.get()
+            proxy.stall(new_too=True)  # the server froze
+            with pytest.raises(LogUnavailable, match="did not answer a read within 1 s"):
+                await asyncio.wait_for(take(sub, 99), 10)
+        assert len(unanswered) == 1
     finally:
         await asyncio.wait_for(broadcast.disconnect(), 15)
         await proxy.stop()

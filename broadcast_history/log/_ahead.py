@@ -7,6 +7,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
+from ._calls import timed_out
+
 _R = TypeVar("_R")
 
 #: A page read for someone: who, channel, first offset, most rows, most payload bytes.
@@ -94,7 +96,9 @@ class ReadAhead(Generic[_R]):
         try:
             # Shielded: a caller cancelled here leaves the read to end by itself.
             rows = await asyncio.shield(read)
-        except Exception:
+        except Exception as exc:
+            if timed_out(exc):
+                raise  # read again, it would wait as long once more
             return None  # read it again, and fail (or not) as that read does
         return rows if len(rows) == key[3] else None
 

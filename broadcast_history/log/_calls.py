@@ -233,6 +233,11 @@ async def bounded_append(append: Awaitable[_T], items: Sequence[Pending]) -> _T:
 READ_TIMEOUT = 30.0
 
 
+def timed_out(exc: BaseException) -> bool:
+    """Whether ``exc`` is the failure of a read that got no answer in time."""
+    return isinstance(exc, LogUnavailable) and isinstance(exc.__cause__, asyncio.TimeoutError)
+
+
 async def bounded_read(read: Awaitable[_T]) -> _T:
     """``read`` (taking its connection included), cancelled past :data:`READ_TIMEOUT`."""
     timeout = READ_TIMEOUT

@@ -111,6 +111,13 @@ class KeptConnections:
                     left.terminate()
                 raise
 
+    async def drop_idle(self) -> None:
+        """Discard the idle connections: after one went silent, the others (opened
+        over the same network path) likely did too, and each would fail a read once."""
+        idle, self._idle = self._idle, []
+        for conn, _ in idle:
+            await _discard(conn)  # ends the socket at once, without a goodbye
+
     async def _take(self) -> tuple[AsyncConnection, asyncpg.Connection]:
         if self._closed:
             raise NotConnected("the event log is not connected")

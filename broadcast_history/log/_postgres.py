@@ -132,7 +132,9 @@ class PostgresStore(Store):
         # around it) and plain records, no SQLAlchemy row per event.
         try:
             return await bounded_read(self.kept.run(lambda driver: driver.fetch(sql, *params)))
-        except LogUnavailable:
+        except LogUnavailable:  # no answer in time
+            if self._kept is not None:
+                await self._kept.drop_idle()
             raise
         except Exception as exc:
             raise LogUnavailable(f"event log failure: {exc!r}") from exc

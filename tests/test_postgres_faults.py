@@ -43,6 +43,16 @@ def _listen_pid(broadcast: Broadcast) -> int:
     return int(conn.get_server_pid())
 
 
+async def _through_a_proxy() -> tuple[str, CuttableProxy, str]:
+    """The silent-log tests' database: its URL, a started proxy to it, and the log URL
+    through that proxy."""
+    url = await ensure_database("bh_test_faults_silent")
+    parts = urlsplit(url)
+    proxy = CuttableProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    port = await proxy.start()
+    return url, proxy, _log(urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{port}")))
+
+
 async def _until(condition: object, timeout: float = 10.0) -> None:
     async def poll() -> None:
         while not condition():  # type: ignore[operator]
@@ -378,10 +388,7 @@ async def test_a_log_gone_silent_fails_publishes_instead_of_holding_them(
     from broadcast_history.log import _calls
 
     monkeypatch.setattr(_calls, "APPEND_TIMEOUT", 1.0)
-    parts = urlsplit(await ensure_database("bh_test_faults_silent"))
-    proxy = CuttableProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
-    port = await proxy.start()
-    log = _log(urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{port}")))
+    _, proxy, log = await _through_a_proxy()
     try:
         broadcast = Broadcast("memory://", log=log)
         await broadcast.connect()
@@ -411,10 +418,7 @@ async def test_disconnect_ends_subscribers_waiting_for_a_silent_log(
     monkeypatch.setattr(event_log, "_CALLS_WAIT", 1.0)  # shorter waits: the same path
     monkeypatch.setattr(_kept, "BUSY_WAIT", 0.5)
     monkeypatch.setattr(_postgres, "CLOSE_WAIT", 0.5)
-    parts = urlsplit(await ensure_database("bh_test_faults_silent"))
-    proxy = CuttableProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
-    port = await proxy.start()
-    log = _log(urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{port}")))
+    _, proxy, log = await _through_a_proxy()
     channel = unique()
     try:
         broadcast = Broadcast("memory://", log=log, idle_check=0.2, page_size=10)
@@ -448,11 +452,7 @@ async def test_a_log_gone_silent_to_one_host_holds_up_no_live_event() -> None:
     partition between it and Postgres; Redis and the publishers fine) delivered none
     of the live events that arrived meanwhile, for as long as the silence lasted.
     (The live transport is NOTIFY on a connection of its own, which stays fine.)"""
-    url = await ensure_database("bh_test_faults_silent")
-    parts = urlsplit(url)
-    proxy = CuttableProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
-    port = await proxy.start()
-    silent = _log(urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{port}")))
+    url, proxy, silent = await _through_a_proxy()
     here = Broadcast(url, log=silent, idle_check=0.2)
     there = Broadcast(url, log=_log(url))
     channel = unique()
@@ -486,11 +486,7 @@ async def test_a_replay_page_the_log_does_not_answer_fails_in_time(
     from broadcast_history.log import _calls
 
     monkeypatch.setattr(_calls, "READ_TIMEOUT", 1.0)
-    url = await ensure_database("bh_test_faults_silent")
-    parts = urlsplit(url)
-    proxy = CuttableProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
-    port = await proxy.start()
-    log = _log(urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{port}")))
+    _, proxy, log = await _through_a_proxy()
     channel = unique()
     broadcast = Broadcast("memory://", log=log, page_size=10)
     try:
@@ -524,11 +520,7 @@ async def test_after_a_read_gets_no_answer_the_next_reads_take_fresh_connections
     from broadcast_history.log import _calls
 
     monkeypatch.setattr(_calls, "READ_TIMEOUT", 1.0)
-    url = await ensure_database("bh_test_faults_silent")
-    parts = urlsplit(url)
-    proxy = CuttableProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
-    port = await proxy.start()
-    log = _log(urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{port}")))
+    _, proxy, log = await _through_a_proxy()
     channels = [unique() for _ in range(4)]
     broadcast = Broadcast("memory://", log=log, page_size=10)
     try:
@@ -565,11 +557,7 @@ async def test_a_page_read_ahead_that_got_no_answer_is_not_asked_again(
     from broadcast_history.log import _calls
 
     monkeypatch.setattr(_calls, "READ_TIMEOUT", 1.0)
-    url = await ensure_database("bh_test_faults_silent")
-    parts = urlsplit(url)
-    proxy = CuttableProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
-    port = await proxy.start()
-    log = _log(urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{port}")))
+    _, proxy, log = await _through_a_proxy()
     channel = unique()
     broadcast = Broadcast("memory://", log=log, page_size=10)
     try:

@@ -121,7 +121,8 @@ def test_doc_sample_runs(
         # The session's broker, on a free port: Kafka's usual one may be taken, and
         # two test workers must not share a broker one of them stops.
         bootstrap = request.getfixturevalue("kafka_bootstrap")
-        source = SAMPLE_KAFKA.sub(f"kafka://{bootstrap}", source)
+        source, found = SAMPLE_KAFKA.subn(f"kafka://{bootstrap}", source)
+        assert found, f"{sample.id}: no {SAMPLE_KAFKA.pattern} to point at the test broker"
     if "nats" in sample.requires:
         pytest.importorskip("nats", reason="nats-py is not installed (the nats extra)")
         source = source.replace(SAMPLE_NATS, request.getfixturevalue("nats_url"))

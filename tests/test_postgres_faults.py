@@ -16,6 +16,7 @@ import pytest
 from broadcast_history import (
     Broadcast,
     Event,
+    EventLog,
     LogUnavailable,
     NotConnected,
     TransportError,
@@ -584,3 +585,23 @@ async def test_a_page_read_ahead_that_got_no_answer_is_not_asked_again(
     finally:
         await asyncio.wait_for(broadcast.disconnect(), 15)
         await proxy.stop()
+
+
+async def test_a_drivers_own_timeout_is_an_ordinary_read_failure() -> None:
+    """A statement timeout of asyncpg's own (``command_timeout`` in the URL) was taken
+    for the log going silent: the read failed as "did not answer within 30 s", and
+    every healthy kept connection was discarded."""
+    url = await ensure_database("bh_test_faults_silent")
+    log = EventLog(_log(url) + "?command_timeout=0.2")
+    await log.connect()
+    try:
+        store = log._store  # type: ignore[attr-defined]
+        await asyncio.gather(*(store._records("SELECT pg_sleep(0.05)", ()) for _ in range(3)))
+        assert len(store.kept._idle) == 3
+        with pytest.raises(LogUnavailable) as raised:
+            await store._records("SELECT pg_sleep(1)", ())
+        assert "did not answer" not in str(raised.value)
+        assert "TimeoutError" in str(raised.value)
+        assert len(store.kept._idle) == 2  # only the connection that failed is gone
+    finally:
+        await log.disconnect()

@@ -241,9 +241,13 @@ def timed_out(exc: BaseException) -> bool:
 async def bounded_read(read: Awaitable[_T]) -> _T:
     """``read`` (taking its connection included), cancelled past :data:`READ_TIMEOUT`."""
     timeout = READ_TIMEOUT
+    loop = asyncio.get_running_loop()
+    began = loop.time()
     try:
         return await wait_for(read, timeout)
     except asyncio.TimeoutError as exc:
+        if loop.time() - began < timeout:
+            raise  # the read's own (a driver's command_timeout): an ordinary failure
         raise LogUnavailable(f"the event log did not answer a read within {timeout:.3g} s") from exc
 
 

@@ -111,12 +111,16 @@ class KeptConnections:
                     left.terminate()
                 raise
 
-    async def drop_idle(self) -> None:
-        """Discard the idle connections: after one went silent, the others (opened
-        over the same network path) likely did too, and each would fail a read once."""
+    def drop_idle(self) -> None:
+        """Close the idle connections' sockets: after one went silent, the others
+        (opened over the same network path) likely did too, and each would fail a
+        read once. No goodbye (a silent server would not answer it); their pool
+        entries are invalidated in the background."""
         idle, self._idle = self._idle, []
-        for conn, _ in idle:
-            await _discard(conn)  # ends the socket at once, without a goodbye
+        for conn, driver in idle:
+            driver.terminate()
+            task = asyncio.ensure_future(_discard(conn))  # quick: the socket is closed
+            task.add_done_callback(_ignore_failure)
 
     async def _take(self) -> tuple[AsyncConnection, asyncpg.Connection]:
         if self._closed:
@@ -143,6 +147,11 @@ class KeptConnections:
             await conn.close()
         else:
             self._idle.append((conn, driver))
+
+
+def _ignore_failure(task: asyncio.Future[None]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 async def _discard(conn: AsyncConnection) -> None:

@@ -29,7 +29,14 @@ from .._errors import LogUnavailable, NotConnected
 from .._event import Event
 from ._ahead import ReadAhead
 from ._batch import assemble, plan
-from ._calls import Conflict, append_error, bounded_append, bounded_read, is_data_error
+from ._calls import (
+    Conflict,
+    append_error,
+    bounded_append,
+    bounded_read,
+    is_data_error,
+    timed_out,
+)
 from ._engine import create_engine
 from ._info import Pending
 from ._kept import KeptConnections
@@ -132,9 +139,9 @@ class PostgresStore(Store):
         # around it) and plain records, no SQLAlchemy row per event.
         try:
             return await bounded_read(self.kept.run(lambda driver: driver.fetch(sql, *params)))
-        except LogUnavailable:  # no answer in time
-            if self._kept is not None:
-                await self._kept.drop_idle()
+        except LogUnavailable as exc:
+            if timed_out(exc) and self._kept is not None:
+                self._kept.drop_idle()
             raise
         except Exception as exc:
             raise LogUnavailable(f"event log failure: {exc!r}") from exc

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from urllib.parse import urlsplit, urlunsplit
 
@@ -52,6 +53,31 @@ async def _through_a_proxy() -> tuple[str, CuttableProxy, str]:
     proxy = CuttableProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
     port = await proxy.start()
     return url, proxy, _log(urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{port}")))
+
+
+@pytest.fixture
+async def bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> AsyncIterator[tuple[CuttableProxy, Broadcast]]:
+    """A connected broadcast whose log is behind a proxy, its reads bounded at 1 s."""
+    from broadcast_history.log import _calls
+
+    monkeypatch.setattr(_calls, "READ_TIMEOUT", 1.0)
+    _, proxy, log = await _through_a_proxy()
+    broadcast = Broadcast("memory://", log=log, page_size=10)
+    try:
+        await broadcast.connect()
+        yield proxy, broadcast
+    finally:
+        await asyncio.wait_for(broadcast.disconnect(), 15)
+        await proxy.stop()
+
+
+async def _replays_whole(broadcast: Broadcast, channel: str, count: int) -> None:
+    """A new subscription replays the ``count`` messages ``m0``... of ``channel``."""
+    async with broadcast.subscribe(channel, since=0) as again:
+        got = await asyncio.wait_for(take(again, count), 10)
+        assert [e.message for e in got] == [f"m{i}" for i in range(count)]
 
 
 async def _until(condition: object, timeout: float = 10.0) -> None:
@@ -478,113 +504,80 @@ async def test_a_log_gone_silent_to_one_host_holds_up_no_live_event() -> None:
 
 
 async def test_a_replay_page_the_log_does_not_answer_fails_in_time(
-    monkeypatch: pytest.MonkeyPatch,
+    bounded: tuple[CuttableProxy, Broadcast],
 ) -> None:
     """A replay page asked of a log gone silent held its subscriber (and a turn at
     reading pages) until TCP gave up, 15 minutes on Linux defaults: past the read
     bound it fails with LogUnavailable, as do lookups of a channel's head or of a
     time, and the next reads take fresh connections."""
-    from broadcast_history.log import _calls
-
-    monkeypatch.setattr(_calls, "READ_TIMEOUT", 1.0)
-    _, proxy, log = await _through_a_proxy()
+    proxy, broadcast = bounded
     channel = unique()
-    broadcast = Broadcast("memory://", log=log, page_size=10)
-    try:
-        await broadcast.connect()
-        for i in range(30):
-            await broadcast.publish(channel, f"m{i}")
-        async with broadcast.subscribe(channel, since=0) as sub:
-            await sub.get()  # the connections the next pages are read on are open
-            proxy.stall(new_too=True)  # the server froze
+    for i in range(30):
+        await broadcast.publish(channel, f"m{i}")
+    async with broadcast.subscribe(channel, since=0) as sub:
+        await sub.get()  # the connections the next pages are read on are open
+        proxy.stall(new_too=True)  # the server froze
+        with pytest.raises(LogUnavailable, match="did not answer a read within 1 s"):
+            await asyncio.wait_for(take(sub, 29), 10)
+        now = datetime.now(timezone.utc)
+        for lookup in (broadcast.log.channel, lambda c: broadcast.log.offset_at(c, now)):
             with pytest.raises(LogUnavailable, match="did not answer a read within 1 s"):
-                await asyncio.wait_for(take(sub, 29), 10)
-            now = datetime.now(timezone.utc)
-            for lookup in (broadcast.log.channel, lambda c: broadcast.log.offset_at(c, now)):
-                with pytest.raises(LogUnavailable, match="did not answer a read within 1 s"):
-                    await asyncio.wait_for(lookup(channel), 10)
-            proxy.resume()  # the connections it had are lost for good
-        async with broadcast.subscribe(channel, since=0) as again:
-            got = await asyncio.wait_for(take(again, 30), 10)
-            assert [e.message for e in got] == [f"m{i}" for i in range(30)]
-    finally:
-        await asyncio.wait_for(broadcast.disconnect(), 15)
-        await proxy.stop()
+                await asyncio.wait_for(lookup(channel), 10)
+        proxy.resume()  # the connections it had are lost for good
+    await _replays_whole(broadcast, channel, 30)
 
 
 async def test_after_a_read_gets_no_answer_the_next_reads_take_fresh_connections(
-    monkeypatch: pytest.MonkeyPatch,
+    bounded: tuple[CuttableProxy, Broadcast],
 ) -> None:
     """Connections kept idle over a path that went silent (a NAT or a firewall that
     dropped them) each failed a read after the bound, one after another, although new
     connections worked: after the first one, the others are discarded too."""
-    from broadcast_history.log import _calls
-
-    monkeypatch.setattr(_calls, "READ_TIMEOUT", 1.0)
-    _, proxy, log = await _through_a_proxy()
+    proxy, broadcast = bounded
     channels = [unique() for _ in range(4)]
-    broadcast = Broadcast("memory://", log=log, page_size=10)
-    try:
-        await broadcast.connect()
-        for channel in channels:
-            for i in range(30):
-                await broadcast.publish(channel, f"m{i}")
-        # Replays at once leave several connections kept idle.
-        async with contextlib.AsyncExitStack() as stack:
-            subs = [
-                await stack.enter_async_context(broadcast.subscribe(c, since=0)) for c in channels
-            ]
-            await asyncio.gather(*(take(sub, 30) for sub in subs))
-        kept = broadcast.log._store.kept  # type: ignore[attr-defined]
-        assert len(kept._idle) >= 2
-        proxy.stall()  # the connections open now go silent; new ones pass
-        async with broadcast.subscribe(channels[0], since=0) as sub:
-            with pytest.raises(LogUnavailable, match="did not answer a read within 1 s"):
-                await asyncio.wait_for(take(sub, 30), 10)
-        for channel in channels:
-            async with broadcast.subscribe(channel, since=0) as again:
-                got = await asyncio.wait_for(take(again, 30), 10)
-                assert [e.message for e in got] == [f"m{i}" for i in range(30)]
-    finally:
-        await asyncio.wait_for(broadcast.disconnect(), 15)
-        await proxy.stop()
+    for channel in channels:
+        for i in range(30):
+            await broadcast.publish(channel, f"m{i}")
+    # Replays at once leave several connections kept idle.
+    async with contextlib.AsyncExitStack() as stack:
+        subs = [await stack.enter_async_context(broadcast.subscribe(c, since=0)) for c in channels]
+        await asyncio.gather(*(take(sub, 30) for sub in subs))
+    kept = broadcast.log._store.kept  # type: ignore[attr-defined]
+    assert len(kept._idle) >= 2
+    proxy.stall()  # the connections open now go silent; new ones pass
+    async with broadcast.subscribe(channels[0], since=0) as sub:
+        with pytest.raises(LogUnavailable, match="did not answer a read within 1 s"):
+            await asyncio.wait_for(take(sub, 30), 10)
+    for channel in channels:
+        await _replays_whole(broadcast, channel, 30)
 
 
 async def test_a_page_read_ahead_that_got_no_answer_is_not_asked_again(
-    monkeypatch: pytest.MonkeyPatch,
+    bounded: tuple[CuttableProxy, Broadcast], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A lone subscriber's page read ahead that timed out was read again when the
     subscriber came for it: its get() waited for two bounds instead of one."""
-    from broadcast_history.log import _calls
-
-    monkeypatch.setattr(_calls, "READ_TIMEOUT", 1.0)
-    _, proxy, log = await _through_a_proxy()
+    proxy, broadcast = bounded
     channel = unique()
-    broadcast = Broadcast("memory://", log=log, page_size=10)
-    try:
-        await broadcast.connect()
-        for i in range(100):
-            await broadcast.publish(channel, f"m{i}")
-        ahead = broadcast.log._store.ahead  # type: ignore[attr-defined]
-        fetch, unanswered = ahead._fetch, []
+    for i in range(100):
+        await broadcast.publish(channel, f"m{i}")
+    ahead = broadcast.log._store.ahead  # type: ignore[attr-defined]
+    fetch, unanswered = ahead._fetch, []
 
-        async def counting(*args: object) -> object:
-            try:
-                return await fetch(*args)
-            except LogUnavailable as exc:
-                unanswered.append(exc)
-                raise
+    async def counting(*args: object) -> object:
+        try:
+            return await fetch(*args)
+        except LogUnavailable as exc:
+            unanswered.append(exc)
+            raise
 
-        monkeypatch.setattr(ahead, "_fetch", counting)
-        async with broadcast.subscribe(channel, since=0) as sub:
-            await sub.get()
-            proxy.stall(new_too=True)  # the server froze
-            with pytest.raises(LogUnavailable, match="did not answer a read within 1 s"):
-                await asyncio.wait_for(take(sub, 99), 10)
-        assert len(unanswered) == 1
-    finally:
-        await asyncio.wait_for(broadcast.disconnect(), 15)
-        await proxy.stop()
+    monkeypatch.setattr(ahead, "_fetch", counting)
+    async with broadcast.subscribe(channel, since=0) as sub:
+        await sub.get()
+        proxy.stall(new_too=True)  # the server froze
+        with pytest.raises(LogUnavailable, match="did not answer a read within 1 s"):
+            await asyncio.wait_for(take(sub, 99), 10)
+    assert len(unanswered) == 1
 
 
 async def test_a_drivers_own_timeout_is_an_ordinary_read_failure() -> None:

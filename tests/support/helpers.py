@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from broadcast_history import Event, Subscriber
 
@@ -14,6 +15,22 @@ async def take(subscriber: Subscriber, count: int, timeout: float = 20.0) -> lis
         return [await subscriber.get() for _ in range(count)]
 
     return await asyncio.wait_for(collect(), timeout)
+
+
+async def settled(read: Callable[[], object], expected: object, timeout: float = 10.0) -> object:
+    """``read()`` once it returns ``expected``, or its last value after ``timeout``.
+
+    For counters that another task updates: a broadcast hands its own events to its
+    subscribers at commit, so one taken tells nothing of the transport's messages
+    before it (their echo is dropped later, when the transport's reader gets there).
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    value = read()
+    while value != expected and loop.time() < deadline:
+        await asyncio.sleep(0.01)
+        value = read()
+    return value
 
 
 def assert_contiguous(events: list[Event], first: int, last: int) -> None:

@@ -9,9 +9,12 @@ databases of their own (see ``tests/support/mysql_support.py``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 import textwrap
+from collections.abc import AsyncIterator
+from datetime import datetime, timezone
 
 import pytest
 
@@ -27,6 +30,7 @@ from broadcast_history.log import head_revision, schema_revision
 from tests.conftest import unique
 from tests.support.helpers import assert_contiguous, take
 from tests.support.mysql_support import ensure_database, kill_connections
+from tests.support.proxy import CuttableProxy
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 
@@ -357,7 +361,6 @@ async def test_a_log_gone_silent_fails_publishes_instead_of_holding_them(
     from sqlalchemy.engine import make_url
 
     from broadcast_history.log import _calls
-    from tests.support.proxy import CuttableProxy
 
     monkeypatch.setattr(_calls, "APPEND_TIMEOUT", 1.0)
     url = make_url(await ensure_database("silent"))
@@ -383,6 +386,89 @@ async def test_a_log_gone_silent_fails_publishes_instead_of_holding_them(
             await asyncio.wait_for(broadcast.disconnect(), 15)
     finally:
         await proxy.stop()
+
+
+@pytest.fixture
+async def silent_log(
+    monkeypatch: pytest.MonkeyPatch,
+) -> AsyncIterator[tuple[CuttableProxy, Broadcast]]:
+    """A connected broadcast whose MySQL log is behind a proxy, its reads bounded at 1 s."""
+    from sqlalchemy.engine import make_url
+
+    from broadcast_history.log import _calls
+
+    monkeypatch.setattr(_calls, "READ_TIMEOUT", 1.0)
+    url = make_url(await ensure_database("silent"))
+    proxy = CuttableProxy(url.host or "127.0.0.1", url.port or 3306)
+    port = await proxy.start()
+    log = url.set(host="127.0.0.1", port=port).render_as_string(hide_password=False)
+    broadcast = Broadcast("memory://", log=log, page_size=10)
+    try:
+        await broadcast.connect()
+        yield proxy, broadcast
+    finally:
+        await asyncio.wait_for(broadcast.disconnect(), 15)
+        await proxy.stop()
+
+
+async def _replays_whole(broadcast: Broadcast, channel: str, count: int) -> None:
+    async def replay() -> list[str]:
+        async with broadcast.subscribe(channel, since=0) as again:
+            return [e.message for e in await take(again, count)]  # type: ignore[misc]
+
+    assert await asyncio.wait_for(replay(), 10) == [f"m{i}" for i in range(count)]
+
+
+async def test_a_read_the_log_does_not_answer_fails_in_time(
+    silent_log: tuple[CuttableProxy, Broadcast],
+) -> None:
+    """A replay page, a channel's head or an offset by time asked of a MySQL server
+    gone silent held its caller until TCP gave up (15 minutes on Linux defaults), and
+    disconnect() behind it: past the read bound they raise LogUnavailable."""
+    proxy, broadcast = silent_log
+    channel = unique()
+    for i in range(30):
+        await broadcast.publish(channel, f"m{i}")
+    async with broadcast.subscribe(channel, since=0) as sub:
+        await sub.get()
+        proxy.stall(new_too=True)  # the server froze
+        with pytest.raises(LogUnavailable, match="did not answer a read within 1 s"):
+            await asyncio.wait_for(take(sub, 29), 10)
+        now = datetime.now(timezone.utc)
+        lookups = (
+            broadcast.log.channel,
+            lambda c: broadcast.log.offset_at(c, now),
+            lambda c: broadcast.log.read(c, limit=5),
+        )
+        for lookup in lookups:
+            with pytest.raises(LogUnavailable, match="did not answer a read within 1 s"):
+                await asyncio.wait_for(lookup(channel), 10)
+        proxy.resume()  # the connections it had are lost for good
+    await _replays_whole(broadcast, channel, 30)
+
+
+async def test_after_a_read_gets_no_answer_the_next_take_fresh_connections(
+    silent_log: tuple[CuttableProxy, Broadcast],
+) -> None:
+    """The pools' idle connections, gone silent together (a NAT or a firewall that
+    dropped them), each failed a read after the bound, one after another, although
+    new connections worked; a replay's connection also kept waiting on a ROLLBACK
+    after its read gave up. After the first read without an answer, every idle
+    connection is let go."""
+    proxy, broadcast = silent_log
+    channels = [unique() for _ in range(4)]
+    for channel in channels:
+        for i in range(30):
+            await broadcast.publish(channel, f"m{i}")
+    async with contextlib.AsyncExitStack() as stack:
+        subs = [await stack.enter_async_context(broadcast.subscribe(c, since=0)) for c in channels]
+        await asyncio.gather(*(take(sub, 30) for sub in subs))
+    proxy.stall()  # the connections open now go silent; new ones pass
+    with pytest.raises(LogUnavailable, match="did not answer a read within 1 s"):
+        await _replays_whole(broadcast, channels[0], 30)
+    for channel in channels:
+        await _replays_whole(broadcast, channel, 30)
+        assert (await broadcast.log.channel(channel)).last_offset == 30
 
 
 def test_a_connection_asyncmy_lost_is_told_from_a_refusal() -> None:

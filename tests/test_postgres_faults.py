@@ -552,6 +552,25 @@ async def test_after_a_read_gets_no_answer_the_next_reads_take_fresh_connections
         await _replays_whole(broadcast, channel, 30)
 
 
+async def test_after_a_lookup_gets_no_answer_the_pools_other_connections_are_replaced(
+    bounded: tuple[CuttableProxy, Broadcast],
+) -> None:
+    """Lookups (a channel's head, an offset by time) run on the pool's connections:
+    those gone silent together each failed a lookup after the bound, one after
+    another, although new connections worked."""
+    proxy, broadcast = bounded
+    channel = unique()
+    await broadcast.publish(channel, "m0")
+    # Lookups at once leave several connections in the pool.
+    await asyncio.gather(*(broadcast.log.channel(channel) for _ in range(6)))
+    assert broadcast.log._store.engine.pool.checkedin() >= 3  # type: ignore[attr-defined]
+    proxy.stall()  # the connections open now go silent; new ones pass
+    with pytest.raises(LogUnavailable, match="did not answer a read within 1 s"):
+        await asyncio.wait_for(broadcast.log.channel(channel), 10)
+    for _ in range(6):
+        assert (await asyncio.wait_for(broadcast.log.channel(channel), 0.9)).last_offset == 1
+
+
 async def test_a_page_read_ahead_that_got_no_answer_is_not_asked_again(
     bounded: tuple[CuttableProxy, Broadcast], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -223,13 +223,12 @@ async def bounded_append(append: Awaitable[_T], items: Sequence[Pending]) -> _T:
         ) from exc
 
 
-#: Longest a Postgres read (a replay page, a page of events, a channel's head, an
-#: offset by time) may wait for the database. A server gone silent to this host (a
-#: paused VM, a partition dropping packets) would hold the subscriber reading it, and
-#: the broadcast's turn at reading pages, until TCP gives up (15 minutes on Linux
-#: defaults); past it the read fails with ``LogUnavailable`` and its connection is
-#: discarded. (MySQL reads are not bounded yet: cancelling asyncmy midway leaves
-#: connections that SQLAlchemy's pool then waits on.)
+#: Longest a Postgres or MySQL read (a replay page, a page of events, a channel's
+#: head, an offset by time) may wait for the database. A server gone silent to this
+#: host (a paused VM, a partition dropping packets) would hold the subscriber reading
+#: it, and the broadcast's turn at reading pages, until TCP gives up (15 minutes on
+#: Linux defaults); past it the read fails with ``LogUnavailable`` and its connection
+#: is discarded.
 READ_TIMEOUT = 30.0
 
 

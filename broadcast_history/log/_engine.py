@@ -123,8 +123,8 @@ def create_engine(
         url: A normalized URL (see :func:`normalize_url`).
         memory: ``url`` is an in-memory SQLite database: keep a single connection.
         sqlite_synchronous: ``PRAGMA synchronous`` for file databases.
-        autocommit: MySQL only: a smaller pool of connections in autocommit mode, set
-            once per connection (for lease statements, each atomic by itself).
+        autocommit: MySQL only: connections in autocommit mode, set once per
+            connection (for lease statements, each atomic by itself, and replay pages).
     """
     if url.get_backend_name() == "mysql":
         # READ COMMITTED as on Postgres: each statement sees what was committed before
@@ -137,7 +137,7 @@ def create_engine(
         # roll back): skip_autocommit_rollback saves that round trip.
         engine = create_async_engine(
             url,
-            pool_size=2 if autocommit else 10,
+            pool_size=10,
             max_overflow=10,
             isolation_level="AUTOCOMMIT" if autocommit else "READ COMMITTED",
             skip_autocommit_rollback=autocommit,
@@ -184,6 +184,61 @@ def create_sync_engine(
 
 # asyncmy's server_status bit saying a transaction is open (from the last OK packet).
 _MYSQL_IN_TRANSACTION = 1
+
+
+class FreshConnections:
+    """Pooled connections opened before a read went unanswered are not handed out.
+
+    A server gone silent to this host (a partition, a NAT or a firewall dropping the
+    connections) silences every connection opened over that path, not only the one
+    a read waited on: each would fail a read after the bound in turn, although new
+    connections work. After :meth:`renew`, checking out an older one discards it and
+    opens a fresh one in its place (the pool's own reconnection).
+
+    A connection discarded that way, or because a call on it was cancelled (a read
+    past its bound), has its socket closed at once: the pool's graceful close would
+    wait for the server's goodbye (asyncpg up to 2 s), which a silent server never
+    sends.
+    """
+
+    def __init__(self) -> None:
+        self._since = float("-inf")
+
+    def watch(self, engine: AsyncEngine) -> None:
+        """Apply to ``engine``'s pool."""
+        sync = engine.sync_engine
+        event.listen(sync, "connect", self._on_connect)
+        event.listen(sync, "checkout", self._on_checkout)
+        event.listen(sync, "invalidate", self._on_invalidate)
+
+    def renew(self) -> None:
+        """Let no connection opened until now be checked out again."""
+        self._since = time.monotonic()
+
+    def _on_connect(self, _dbapi_connection: Any, record: Any) -> None:
+        record.info["bh_opened"] = time.monotonic()
+
+    def _on_checkout(self, _dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        if record.info.get("bh_opened", float("-inf")) <= self._since:
+            raise _Stale("opened before a read on it went unanswered")
+
+    def _on_invalidate(self, dbapi_connection: Any, _record: Any, exc: Any) -> None:
+        if dbapi_connection is not None and isinstance(exc, (_Stale, asyncio.CancelledError)):
+            close_socket(dbapi_connection.driver_connection)
+
+
+class _Stale(DisconnectionError):
+    """A pooled connection opened before the log last went silent."""
+
+
+def close_socket(driver: Any) -> None:
+    """Close a driver connection's socket without a goodbye: asyncpg's
+    ``terminate()``, asyncmy's (synchronous) ``close()``."""
+    terminate = getattr(driver, "terminate", None)
+    if terminate is not None:
+        terminate()
+    else:
+        driver.close()
 
 
 def _configure_mysql(engine: Engine) -> None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -38,8 +38,8 @@ from .._errors import LogUnavailable, MessageTooLarge, NotConnected
 from .._event import Event
 from ._ahead import ReadAhead
 from ._batch import assemble, plan
-from ._calls import bounded_append
-from ._engine import create_engine
+from ._calls import bounded_append, bounded_read, timed_out
+from ._engine import FreshConnections, create_engine
 from ._info import Pending
 from ._queries import page_query
 from ._rows import (
@@ -81,12 +81,16 @@ class MySQLStore(Store):
         self.ahead = ReadAhead(self._page_rows)
         # The server's max_allowed_packet, read with the first append.
         self._packet: int | None = None
-        # Connections in autocommit mode, for lease statements (see autocommit).
+        # Connections in autocommit mode, for lease statements (see autocommit) and
+        # replay pages (see _page_rows).
         self._autocommit: AsyncEngine | None = None
+        self._fresh = FreshConnections()
 
     async def open(self) -> None:
         self._engine = create_engine(self._url)
         self._autocommit = create_engine(self._url, autocommit=True)
+        for engine in (self._engine, self._autocommit):
+            self._fresh.watch(engine)
         self.ahead = ReadAhead(self._page_rows)
 
     async def close(self) -> None:
@@ -105,6 +109,17 @@ class MySQLStore(Store):
             raise NotConnected("the event log is not connected")
         async with self._autocommit.connect() as conn, discarding_broken(conn):
             yield conn
+
+    async def bounded(self, read: Awaitable[_T]) -> _T:
+        # Safe to give up on midway: asyncmy closes a connection whose read was
+        # cancelled, and a read's transaction ends with its COMMIT, so no ROLLBACK
+        # goes to the silent server when the connection returns to the pool.
+        try:
+            return await bounded_read(read)
+        except LogUnavailable as exc:
+            if timed_out(exc):
+                self._fresh.renew()
+            raise
 
     async def append(self, items: Sequence[Pending]) -> list[Event]:
         return await bounded_append(self._append(items), items)
@@ -149,6 +164,9 @@ class MySQLStore(Store):
     ) -> list[Event]:
         if max_bytes is not None:
             query = byte_bounded(channel, query, max_bytes, descending=descending)
+        return await self.bounded(self._read(channel, query))
+
+    async def _read(self, channel: str, query: Select[Any]) -> list[Event]:
         async with self.begin() as conn:
             return rows_to_events(channel, await conn.execute(query))
 
@@ -172,7 +190,15 @@ class MySQLStore(Store):
         else:
             values["max_bytes"] = max_bytes
             sql, params = prepared("mysql_bounded_page", _bounded_page, dialect, values)
-        async with self.engine.connect() as conn:
+        return await self.bounded(self._driver_rows(sql, params))
+
+    async def _driver_rows(self, sql: str, params: Any) -> list[Any]:
+        # In autocommit: outside a transaction, the connection goes back to the pool
+        # without a ROLLBACK, one round trip less per page. (A ROLLBACK sent there to
+        # a server gone silent would also hold that connection after the read gave up.)
+        if self._autocommit is None:
+            raise NotConnected("the event log is not connected")
+        async with self._autocommit.connect() as conn:
             raw = await conn.get_raw_connection()
             # The statement on asyncmy itself (kept prepared by its statement cache):
             # plain tuples, no SQLAlchemy row per event.

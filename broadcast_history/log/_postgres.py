@@ -37,7 +37,7 @@ from ._calls import (
     is_data_error,
     timed_out,
 )
-from ._engine import create_engine
+from ._engine import FreshConnections, create_engine
 from ._info import Pending
 from ._kept import KeptConnections
 from ._queries import page_query
@@ -64,11 +64,13 @@ class PostgresStore(Store):
         self._url = url
         self._kept: KeptConnections | None = None
         self._drivers: weakref.WeakSet[asyncpg.Connection] = weakref.WeakSet()
+        self._fresh = FreshConnections()
         self.ahead = ReadAhead(self._page_records)
 
     async def open(self) -> None:
         engine = create_engine(self._url)
         discard_broken_connections(engine)
+        self._fresh.watch(engine)
         self._drivers = opened_drivers(engine)
         self._engine = engine
         self._kept = KeptConnections(engine, keep=KEEP)
@@ -103,7 +105,20 @@ class PostgresStore(Store):
                 yield conn
 
     async def bounded(self, read: Awaitable[_T]) -> _T:
-        return await bounded_read(read)
+        try:
+            return await bounded_read(read)
+        except LogUnavailable as exc:
+            if timed_out(exc):
+                self._gave_up()
+            raise
+
+    def _gave_up(self) -> None:
+        """A read got no answer: the other connections opened over the same path
+        likely went silent too, and each would fail a read after the bound in turn.
+        The kept ones are closed, the pooled ones replaced when next checked out."""
+        self._fresh.renew()
+        if self._kept is not None:
+            self._kept.drop_idle()
 
     async def append(self, items: Sequence[Pending]) -> list[Event]:
         return await append(self.kept, items)
@@ -138,10 +153,8 @@ class PostgresStore(Store):
         # One autocommit SELECT on asyncpg itself: one round trip (no BEGIN and COMMIT
         # around it) and plain records, no SQLAlchemy row per event.
         try:
-            return await bounded_read(self.kept.run(lambda driver: driver.fetch(sql, *params)))
-        except LogUnavailable as exc:
-            if timed_out(exc) and self._kept is not None:
-                self._kept.drop_idle()
+            return await self.bounded(self.kept.run(lambda driver: driver.fetch(sql, *params)))
+        except LogUnavailable:
             raise
         except Exception as exc:
             raise LogUnavailable(f"event log failure: {exc!r}") from exc

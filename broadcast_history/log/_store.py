@@ -75,7 +75,7 @@ class Store:
 
     async def bounded(self, read: Awaitable[_T]) -> _T:
         """``read``, failing past ``READ_TIMEOUT`` where the store bounds its reads
-        (Postgres); elsewhere awaited as it is."""
+        (Postgres, MySQL); elsewhere awaited as it is."""
         return await read
 
     async def append(self, items: Sequence[Pending]) -> list[Event]:

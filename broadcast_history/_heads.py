@@ -7,6 +7,8 @@ import asyncio
 from collections.abc import Callable, Collection, Mapping
 
 from ._budget import page_was_cut
+from ._cancel import wait_for
+from ._errors import LogUnavailable
 from ._event import Event
 from ._pagecache import PageCache
 from .log import ChannelInfo, EventLog
@@ -141,7 +143,7 @@ class HeadProbe:
         reader: object = None,
     ) -> list[Event]:
         reads = self._gate()
-        await reads.acquire()
+        await self._turn(reads)
         if began is not None:
             began()
         # Nobody joins the read from here on. Pages are read ahead only for a lone
@@ -167,6 +169,24 @@ class HeadProbe:
 
         read.add_done_callback(done)
         return await asyncio.shield(read)
+
+    async def _turn(self, reads: asyncio.Semaphore) -> None:
+        """Wait for a turn at reading, no longer than the log's read bound.
+
+        When the log goes silent, the reads ahead each take the bound to fail: a
+        read waiting behind them would fail a bound after them, and the subscribers
+        past the first few turns in waves, one bound apart.
+        """
+        timeout = self._log.read_timeout
+        if timeout is None:
+            await reads.acquire()
+            return
+        try:
+            await wait_for(reads.acquire(), timeout)
+        except asyncio.TimeoutError as exc:
+            raise LogUnavailable(
+                f"the event log did not answer the reads ahead of this one within {timeout:.3g} s"
+            ) from exc
 
     async def _still_stored(self, channel: str, *events: Event) -> bool:
         """Whether the log holds ``events`` at their offsets: same epoch, same commit

@@ -20,6 +20,7 @@ from broadcast_history import (
     EventLog,
     LogUnavailable,
     NotConnected,
+    Subscriber,
     TransportError,
     Unsubscribed,
 )
@@ -569,6 +570,40 @@ async def test_after_a_lookup_gets_no_answer_the_pools_other_connections_are_rep
         await asyncio.wait_for(broadcast.log.channel(channel), 10)
     for _ in range(6):
         assert (await asyncio.wait_for(broadcast.log.channel(channel), 0.9)).last_offset == 1
+
+
+async def test_reads_waiting_for_their_turn_fail_together_when_the_log_goes_silent(
+    bounded: tuple[CuttableProxy, Broadcast], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replays of more channels than a broadcast reads at once, when the log froze:
+    the reads waiting for a turn each waited for the ones ahead to fail after the
+    bound, then for their own, failing in waves (with 4 turns, the hundredth
+    subscriber's get() raised after 12 minutes). A read now fails once it has waited
+    for the bound, for its turn or for its answer."""
+    from broadcast_history._heads import HeadProbe
+
+    monkeypatch.setattr(HeadProbe, "READS_AT_ONCE", 1)
+    proxy, broadcast = bounded
+    channels = [unique() for _ in range(6)]
+    for channel in channels:
+        for i in range(30):
+            await broadcast.publish(channel, f"m{i}")
+    async with contextlib.AsyncExitStack() as stack:
+        subs = [await stack.enter_async_context(broadcast.subscribe(c, since=0)) for c in channels]
+        await asyncio.gather(*(sub.get() for sub in subs))
+        proxy.stall(new_too=True)  # the server froze
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+
+        async def fails(sub: Subscriber) -> float:
+            with pytest.raises(LogUnavailable, match="did not answer"):
+                await take(sub, 29, timeout=20)
+            return loop.time() - began
+
+        waited = await asyncio.gather(*(fails(sub) for sub in subs))
+        assert max(waited) < 3.5, waited  # 6 waves of 1 s before
+    proxy.resume()
+    await _replays_whole(broadcast, channels[0], 30)
 
 
 async def test_a_page_read_ahead_that_got_no_answer_is_not_asked_again(

@@ -96,6 +96,12 @@ class EventLog(ConsumerMethods):
         return is_memory_sqlite(self.url)
 
     @property
+    def read_timeout(self) -> float | None:
+        """Longest a read waits for the database before it raises ``LogUnavailable``
+        (Postgres and MySQL: 30 s); ``None`` where reads are not bounded (SQLite)."""
+        return self._store.read_timeout
+
+    @property
     def log_id(self) -> str:
         """This log's identity: random, made with its schema, the same for every
         process using the database (only while connected)."""

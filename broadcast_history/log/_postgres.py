@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from .._cancel import wait_for
 from .._errors import LogUnavailable, NotConnected
 from .._event import Event
+from . import _calls
 from ._ahead import ReadAhead
 from ._batch import assemble, plan
 from ._calls import (
@@ -103,6 +104,10 @@ class PostgresStore(Store):
             await conn.execution_options(isolation_level="AUTOCOMMIT")
             async with discarding_broken(conn):
                 yield conn
+
+    @property
+    def read_timeout(self) -> float:
+        return _calls.READ_TIMEOUT  # read each time: tests shorten it
 
     async def bounded(self, read: Awaitable[_T]) -> _T:
         try:

@@ -73,6 +73,11 @@ class Store:
         async with self.begin(write=True) as conn:
             yield conn
 
+    @property
+    def read_timeout(self) -> float | None:
+        """Longest a read waits for the database (``None``: not bounded)."""
+        return None
+
     async def bounded(self, read: Awaitable[_T]) -> _T:
         """``read``, failing past ``READ_TIMEOUT`` where the store bounds its reads
         (Postgres, MySQL); elsewhere awaited as it is."""

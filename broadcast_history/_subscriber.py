@@ -135,6 +135,8 @@ class Subscriber(Committable):
                 event = page.popleft()
                 self._next = event.offset + 1
                 self._stats.delivered_log += 1
+                if self._consumer is not None:
+                    self._consumer.check()  # see _still_holding (inline: the hot path)
                 return event
             if self._error is not None:
                 raise self._error
@@ -159,10 +161,10 @@ class Subscriber(Committable):
                         and event.epoch == self._epoch
                         and event.message is not NOTICE
                     ):
-                        return self._delivered(buffer.popleft())
+                        return self._still_holding(self._delivered(buffer.popleft()))
                 event_or_none = await self._live_step()
                 if event_or_none is not None:
-                    return event_or_none
+                    return self._still_holding(event_or_none)
             else:
                 raise StopAsyncIteration
 
@@ -472,6 +474,15 @@ class Subscriber(Committable):
                 _discard(read)  # its answer, when it comes, may be for nobody
                 return None
         return read.result()
+
+    def _still_holding(self, event: Event) -> Event:
+        """``event``, unless this durable consumer lost its lease while it waited for
+        it (a pause, or a silent log, past the lease): another holder may have taken
+        over and be handling the same event. Not delivered then; the next holder
+        starts after the last commit."""
+        if self._consumer is not None:
+            self._consumer.check()
+        return event
 
     def _delivered(self, event: Event) -> Event:
         """Account for live ``event``, the next one, as delivered; returns it."""

@@ -135,6 +135,11 @@ def test_cli(kind: str, tmp_path: Path) -> None:
     assert json.loads(line)["lag"] == 6
     assert "deleted" in cli("consumer", "delete", "orders/eu", "mailer")
     assert "no consumer" in cli("consumer", "delete", "orders/eu", "mailer", code=1)
+    # Names are printed as they are, never read as Rich markup (a name of "[red]x[/]"
+    # came out as '\x\').
+    said = cli("consumer", "set", "orders/eu", "[red]x[/]", "1")
+    assert "consumer '[red]x[/]' of 'orders/eu'" in said
+    assert "deleted consumer '[red]x[/]'" in cli("consumer", "delete", "orders/eu", "[red]x[/]")
 
 
 async def test_a_position_set_after_the_lease_ran_out_is_not_overwritten(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 
 import pytest
 
@@ -23,7 +24,7 @@ from broadcast_history import (
     Unsubscribed,
 )
 from broadcast_history._leases import IN_FLIGHT
-from tests.conftest import MakeBroadcast
+from tests.conftest import MakeBroadcast, unique
 from tests.support.helpers import take
 
 SHARED_LOGS = pytest.mark.parametrize(
@@ -211,6 +212,80 @@ async def test_a_holder_that_lost_its_lease_is_fenced(
             assert [e.offset for e in await take(standby, 3)] == [3, 4, 5]
             await standby.commit()
     assert await positions(other, "jobs") == {"w": 5}
+
+
+async def test_a_get_waiting_as_the_lease_runs_out_hands_out_nothing(
+    log_url: str, transport: object
+) -> None:
+    """A holder paused while its get() waited (SIGSTOP, a debugger, a long GC pause):
+    the standby took over and handled the next event, and the paused holder's get()
+    then returned that event too, two workers handling it."""
+    del transport  # the broadcasts here each have their own memory transport
+    lease = 0.6
+    channel = unique()
+    handled = threading.Event()
+
+    def standby() -> None:  # another process, as far as the paused one can tell
+        async def run() -> None:
+            async with (
+                Broadcast("memory://", log=log_url) as other,
+                other.subscribe(channel, consumer="w", lease=lease) as sub,
+            ):
+                await other.publish(channel, "second")
+                assert (await take(sub, 1))[0].message == "second"
+                await sub.commit()
+                handled.set()
+
+        asyncio.run(run())
+
+    async with Broadcast("memory://", log=log_url, idle_check=0.1) as paused:
+        await paused.publish(channel, "first")
+        async with paused.subscribe(channel, consumer="w", since=0, lease=lease) as sub:
+            await sub.get()
+            await sub.commit()
+            getting = asyncio.ensure_future(sub.get())
+            await asyncio.sleep(0.1)
+            thread = threading.Thread(target=standby)
+            thread.start()
+            try:
+                assert handled.wait(20)  # this loop stands still meanwhile: paused
+                with pytest.raises(ConsumerBusy, match="lost its lease"):
+                    await asyncio.wait_for(getting, 10)
+            finally:
+                await asyncio.to_thread(thread.join)
+
+
+async def test_a_consumer_taken_and_given_back_in_a_loop(make_broadcast: MakeBroadcast) -> None:
+    """Broadcasts taking and giving back a consumer that never committed (its row is
+    deleted with each give-back): a try that found it held but its holder gone by the
+    next statement raised ConsumerBusy naming a holder "None", and MySQL's deadlocks
+    between the take and the delete came out of subscribe() as LogUnavailable."""
+    first, second = await make_broadcast(), await make_broadcast()
+    busy: list[str] = []
+    taken = 0
+    stop = False
+
+    async def attempt(broadcast: Broadcast) -> None:
+        nonlocal taken
+        try:
+            async with broadcast.subscribe("jobs", consumer="w", wait=False):
+                taken += 1
+        except ConsumerBusy as exc:
+            busy.append(str(exc))
+
+    async def churn() -> None:
+        while not stop:
+            await attempt(first)
+
+    churning = [asyncio.create_task(churn()) for _ in range(2)]
+    try:
+        for _ in range(300):
+            await attempt(second)
+    finally:
+        stop = True
+        await asyncio.gather(*churning)
+    assert taken and busy
+    assert not [text for text in busy if "held by None" in text]
 
 
 async def test_commit_is_fenced_in_the_statement(broadcast: Broadcast) -> None:

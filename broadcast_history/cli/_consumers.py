@@ -40,7 +40,7 @@ def _lag(info: ConsumerInfo) -> str:
 
 def _describe(info: ConsumerInfo) -> str:
     return (
-        f"consumer {escape(info.name)!r} of {escape(info.channel)!r}: position "
+        f"consumer {escape(repr(info.name))} of {escape(repr(info.channel))}: position "
         f"{_text(info.position)} (epoch {_text(info.epoch)}), lag {_text(info.lag)}"
     )
 
@@ -104,4 +104,4 @@ def delete(channel: Channel, name: Name, log: LogOption = DEFAULT_LOG) -> None:
             await admin.delete_consumer(channel, name)
 
     run(go())
-    console.print(f"deleted consumer {escape(name)!r} of {escape(channel)!r}")
+    console.print(f"deleted consumer {escape(repr(name))} of {escape(repr(channel))}")

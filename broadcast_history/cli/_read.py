@@ -263,7 +263,7 @@ def tail(
             open_broadcast(url, log, idle_check=0.2) as broadcast,
             Feed(broadcast, channel, position) as feed,
         ):
-            err_console.print(f"tailing {escape(channel)!r} (Ctrl-C to stop)")
+            err_console.print(f"tailing {escape(repr(channel))} (Ctrl-C to stop)")
             seen = 0
             async for item in feed:
                 if isinstance(item, Reset):

@@ -50,7 +50,7 @@ def publish(
         else:
             when = stored.timestamp.isoformat() if stored.timestamp else ""
             console.print(
-                f"published {escape(channel)!r} #{stored.offset} (epoch {stored.epoch}, {when})"
+                f"published {escape(repr(channel))} #{stored.offset} (epoch {stored.epoch}, {when})"
             )
 
     run(go())
@@ -75,7 +75,7 @@ def trim(
             removed = await admin.trim(channel, before=before, before_time=moment)
             stats = await admin.channel(channel)
         console.print(
-            f"removed {removed} events of {escape(channel)!r}; "
+            f"removed {removed} events of {escape(repr(channel))}; "
             f"stored now: {stats.first_offset}..{stats.last_offset} ({stats.count})"
         )
 
@@ -103,7 +103,7 @@ def delete(
     async def go() -> None:
         async with open_admin(log) as admin:
             await admin.delete(channel)
-        console.print(f"deleted {escape(channel)!r}")
+        console.print(f"deleted {escape(repr(channel))}")
 
     run(go())
 

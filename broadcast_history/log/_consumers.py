@@ -186,6 +186,21 @@ async def acquire(
     conn: AsyncConnection, channel: str, name: str, holder: str, lease_us: int
 ) -> LeaseAttempt:
     """Take the lease of (channel, name) for ``holder`` if nobody holds it."""
+    for _ in range(_TRIES):
+        attempt = await _acquire_once(conn, channel, name, holder, lease_us)
+        if attempt.acquired or attempt.holder is not None:
+            return attempt
+        # Held when tried, given back before its holder could be read: try again.
+    return attempt
+
+
+# Tries of a lease whose holder keeps giving it back between the two statements.
+_TRIES = 5
+
+
+async def _acquire_once(
+    conn: AsyncConnection, channel: str, name: str, holder: str, lease_us: int
+) -> LeaseAttempt:
     if conn.dialect.name == _MYSQL:
         return await _mysql.acquire(conn, channel, name, holder, lease_us)
     sql, params = _statements(conn)
@@ -194,7 +209,7 @@ async def acquire(
     if row is not None:
         return LeaseAttempt(True, row[0], row[1])
     busy = (await conn.execute(sql.busy, params)).first()
-    if busy is None:  # released and deleted meanwhile: the caller tries again
+    if busy is None:  # released and deleted meanwhile: tried again
         return LeaseAttempt(False)
     return LeaseAttempt(False, holder=busy[0], expires_in=max(0, busy[1] or 0) / 1e6)
 

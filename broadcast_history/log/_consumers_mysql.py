@@ -38,7 +38,7 @@ from sqlalchemy import (
     tuple_,
     update,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ._info import LeaseAttempt
@@ -50,6 +50,10 @@ _C = consumers.c
 _CHUNK = 500
 # MySQL's "duplicate entry" error.
 _DUPLICATE = 1062
+# InnoDB's "deadlock found" (a lease taken as another is given back and its row
+# deleted): the statement was rolled back, and in autocommit it is all there was.
+_DEADLOCK = 1213
+_ATTEMPTS = 5
 
 _KEY = and_(_C.channel == bindparam("b_channel"), _C.name == bindparam("b_name"))
 _MINE = and_(_KEY, _C.holder == bindparam("b_holder"))
@@ -117,20 +121,32 @@ _STORE_NEW = insert(consumers).values(**_ROW, epoch=_EPOCH, position=_POSITION, 
 
 
 async def _decide(
-    conn: AsyncConnection, params: dict[str, Any], update_: Any, insert_: Any
+    conn: AsyncConnection, params: dict[str, Any], update_: Any, insert_: Any, *, alone: bool
 ) -> bool:
     """Run ``update_`` (conditional on a free row); if it matched nothing, create the
     row with ``insert_``; if another process created it first, ``update_`` decides
-    again. Whether one of them applied."""
-    if (await conn.execute(update_, params)).rowcount:
+    again. Whether one of them applied. ``alone``: each statement commits by itself
+    (autocommit), so one a deadlock rolled back runs again."""
+    if (await _write(conn, update_, params, alone)).rowcount:
         return True
     try:
-        await conn.execute(insert_, params)
+        await _write(conn, insert_, params, alone)
         return True
     except IntegrityError as exc:
         if _errno(exc) != _DUPLICATE:
             raise
-    return bool((await conn.execute(update_, params)).rowcount)
+    return bool((await _write(conn, update_, params, alone)).rowcount)
+
+
+async def _write(conn: AsyncConnection, statement: Any, params: Any, alone: bool = True) -> Any:
+    """``conn.execute``, run again after a deadlock if the statement is ``alone``."""
+    for attempt in range(_ATTEMPTS):
+        try:
+            return await conn.execute(statement, params)
+        except DBAPIError as exc:
+            if not alone or _errno(exc) != _DEADLOCK or attempt == _ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 async def _take(
@@ -138,7 +154,7 @@ async def _take(
 ) -> tuple[int | None, int | None] | None:
     """The lease of ``params``' consumer for its holder if nobody holds it: the stored
     (epoch, position), or ``None`` if it is held."""
-    if not await _decide(conn, params, _TAKE, _CREATE):
+    if not await _decide(conn, params, _TAKE, _CREATE, alone=True):
         return None
     # The row is the holder's now: nobody else writes its position meanwhile.
     row = (await conn.execute(_TAKEN, params)).first()
@@ -156,7 +172,7 @@ async def acquire(
     if taken is not None:
         return LeaseAttempt(True, *taken)
     busy = (await conn.execute(_BUSY, params)).first()
-    if busy is None:  # released and deleted meanwhile: the caller tries again
+    if busy is None:  # released and deleted meanwhile: tried again (_consumers.acquire)
         return LeaseAttempt(False)
     return LeaseAttempt(False, holder=busy[0], expires_in=max(0, busy[1] or 0) / 1e6)
 
@@ -188,7 +204,7 @@ async def renew(conn: AsyncConnection, holders: Sequence[str], lease_us: int) ->
     kept: set[str] = set()
     for start in range(0, len(holders), _CHUNK):
         chunk = list(holders[start : start + _CHUNK])
-        await conn.execute(_RENEW, {"b_holders": chunk, "b_lease": lease_us})
+        await _write(conn, _RENEW, {"b_holders": chunk, "b_lease": lease_us})
         kept.update(row[0] for row in await conn.execute(_RENEWED, {"b_holders": chunk}))
     return kept
 
@@ -197,7 +213,7 @@ async def release(conn: AsyncConnection, channel: str, name: str, holder: str) -
     """``_consumers.release`` on MySQL."""
     params = {"b_channel": channel, "b_name": name, "b_holder": holder}
     for statement in _RELEASE:
-        await conn.execute(statement, params)
+        await _write(conn, statement, params)
 
 
 async def commit(
@@ -211,7 +227,7 @@ async def commit(
 ) -> int | None:
     """``_consumers.commit`` on MySQL: one statement."""
     params = {"b_channel": channel, "b_name": name, "b_holder": holder, "b_lease": lease_us}
-    result = await conn.execute(_COMMIT, {**params, "b_epoch": epoch, "b_position": position})
+    result = await _write(conn, _COMMIT, {**params, "b_epoch": epoch, "b_position": position})
     if not result.rowcount:
         return None
     return int(result.lastrowid)
@@ -223,9 +239,9 @@ async def store_position(
     """Store (epoch, position) for a consumer nobody holds, creating its row if
     needed (``conn`` in a transaction); ``False`` if a live holder has it."""
     params = {"b_channel": channel, "b_name": name, "b_epoch": epoch, "b_position": position}
-    return await _decide(conn, params, _STORE, _STORE_NEW)
+    return await _decide(conn, params, _STORE, _STORE_NEW, alone=False)
 
 
-def _errno(exc: IntegrityError) -> object:
+def _errno(exc: DBAPIError) -> object:
     args = getattr(exc.orig, "args", ())
     return args[0] if args else None

@@ -21,6 +21,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Protocol
 
+from ._cancel import wait_for
 from ._errors import BroadcastError, ConsumerBusy, InvalidArgument, Unsubscribed
 from ._event import Event
 
@@ -207,9 +208,16 @@ class Holding:
             return
         async with self._gate:
             sent = asyncio.get_running_loop().time()
-            stored = await self._log.commit_position(
+            statement = self._log.commit_position(
                 self.channel, self.name, self.holder, epoch, position, self.lease
             )
+            try:
+                # No answer within the lease: it may have run out meanwhile, and a
+                # standby taken over (the statement goes on, fenced by the lease).
+                stored = await wait_for(statement, max(self._valid_until - sent, 0.0))
+            except asyncio.TimeoutError:
+                self.lose("the log did not answer a commit before the lease could run out")
+                raise ConsumerBusy(str(self._lost)) from None
         if stored is None:
             self.lose("another holder took it over, or it ran out")
             raise ConsumerBusy(str(self._lost))

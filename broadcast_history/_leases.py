@@ -24,6 +24,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import datetime
 from typing import Any, TypeVar
 
+from ._cancel import wait_for
 from ._consumer import DEFAULT_LEASE, Bound, Holding
 from ._errors import BroadcastError, ConsumerBusy, InvalidArgument
 from ._standbys import Standbys
@@ -34,6 +35,8 @@ logger = logging.getLogger("broadcast_history")
 S = TypeVar("S", bound=Bound)
 #: Lease writes (acquire, commit, release) one broadcast runs at once.
 IN_FLIGHT = 8
+#: Least time a subscription's end waits for its lease to be given back.
+RELEASE_WAIT = 1.0
 
 
 def check_consumer_options(
@@ -198,13 +201,16 @@ class Leases:
         holding.closed = True
         try:
             async with self.gate:
-                await self.log.release_lease(holding.channel, holding.name, holding.holder)
-        except BroadcastError as exc:
+                # Past a lease the lease has run out anyway: the subscription's end
+                # does not wait longer for a log that does not answer.
+                released = self.log.release_lease(holding.channel, holding.name, holding.holder)
+                await wait_for(released, max(holding.lease, RELEASE_WAIT))
+        except (BroadcastError, asyncio.TimeoutError) as exc:
             logger.warning(
                 "consumer %r of %r: giving its lease back failed (it runs out by itself): %s",
                 holding.name,
                 holding.channel,
-                exc,
+                exc or "no answer",
             )
         self._standbys.poke()
 

@@ -16,6 +16,7 @@ import pytest
 
 from broadcast_history import (
     Broadcast,
+    ConsumerBusy,
     Event,
     EventLog,
     LogUnavailable,
@@ -604,6 +605,32 @@ async def test_reads_waiting_for_their_turn_fail_together_when_the_log_goes_sile
         assert max(waited) < 3.5, waited  # 6 waves of 1 s before
     proxy.resume()
     await _replays_whole(broadcast, channels[0], 30)
+
+
+async def test_a_consumer_cut_off_from_the_log_stops_within_its_lease() -> None:
+    """A durable consumer's commit, and the end of its subscription (which gives the
+    lease back), waited for a log gone silent as long as the silence lasted: the
+    commit now raises ConsumerBusy once the lease may have run out, and the end
+    waits no longer than the lease."""
+    _, proxy, log = await _through_a_proxy()
+    broadcast = Broadcast("memory://", log=log)
+    channel = unique()
+    loop = asyncio.get_running_loop()
+    try:
+        await broadcast.connect()
+        await broadcast.publish(channel, "job")
+        async with broadcast.subscribe(channel, consumer="w", since=0, lease=1.0) as sub:
+            await sub.get()
+            proxy.stall(new_too=True)  # the server froze
+            began = loop.time()
+            with pytest.raises(ConsumerBusy, match="did not answer a commit"):
+                await asyncio.wait_for(sub.commit(), 10)
+            assert loop.time() - began < 3
+            began = loop.time()
+        assert loop.time() - began < 4
+    finally:
+        await asyncio.wait_for(broadcast.disconnect(), 15)
+        await proxy.stop()
 
 
 async def test_a_page_read_ahead_that_got_no_answer_is_not_asked_again(

@@ -237,8 +237,10 @@ def timed_out(exc: BaseException) -> bool:
     return isinstance(exc, LogUnavailable) and isinstance(exc.__cause__, asyncio.TimeoutError)
 
 
-async def bounded_read(read: Awaitable[_T]) -> _T:
-    """``read`` (taking its connection included), cancelled past :data:`READ_TIMEOUT`."""
+async def bounded_read(read: Awaitable[_T], what: str = "a read") -> _T:
+    """``read`` (taking its connection included), cancelled past :data:`READ_TIMEOUT`.
+
+    ``what`` names it in the error (lease statements are bounded the same way)."""
     timeout = READ_TIMEOUT
     loop = asyncio.get_running_loop()
     began = loop.time()
@@ -247,7 +249,7 @@ async def bounded_read(read: Awaitable[_T]) -> _T:
     except asyncio.TimeoutError as exc:
         if loop.time() - began < timeout:
             raise  # the read's own (a driver's command_timeout): an ordinary failure
-        raise LogUnavailable(f"the event log did not answer a read within {timeout:.3g} s") from exc
+        raise LogUnavailable(f"the event log did not answer {what} within {timeout:.3g} s") from exc
 
 
 def is_data_error(exc: BaseException) -> bool:

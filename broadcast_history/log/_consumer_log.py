@@ -7,8 +7,10 @@ one process at a time the holder of a consumer, and the positions it commits.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .._errors import InvalidArgument
 from .._validation import check_channel, check_consumer, check_int, check_lease
@@ -16,6 +18,8 @@ from . import _consumers
 from ._calls import finish_on_cancel, finish_repeatable, translated
 from ._info import ConsumerInfo, LeaseAttempt
 from ._store import Store
+
+_T = TypeVar("_T")
 
 
 def _micros(lease: float) -> int:
@@ -33,6 +37,16 @@ class ConsumerMethods:
 
     _store: Store
 
+    async def _lease_statement(self, run: Callable[[AsyncConnection], Awaitable[_T]]) -> _T:
+        """``run`` on an autocommit connection, bounded as reads are: a log gone
+        silent must not hold a holder's commit, nor the end of its subscription."""
+
+        async def statement() -> _T:
+            async with translated(), self._store.autocommit() as conn:
+                return await run(conn)
+
+        return await self._store.bounded(statement(), "a lease statement")
+
     @finish_on_cancel
     async def acquire_lease(
         self, channel: str, name: str, holder: str, lease: float
@@ -47,8 +61,10 @@ class ConsumerMethods:
         check_channel(channel)
         check_consumer(name)
         lease_us = _micros(lease)
-        async with translated(), self._store.autocommit() as conn:
-            return await _consumers.acquire(conn, channel, name, _holder(holder), lease_us)
+        holder = _holder(holder)
+        return await self._lease_statement(
+            lambda conn: _consumers.acquire(conn, channel, name, holder, lease_us)
+        )
 
     @finish_on_cancel
     async def acquire_leases(
@@ -69,8 +85,9 @@ class ConsumerMethods:
             check_channel(channel)
             check_consumer(name)
             _holder(holder)
-        async with translated(), self._store.autocommit() as conn:
-            return await _consumers.acquire_many(conn, claims, lease_us)
+        return await self._lease_statement(
+            lambda conn: _consumers.acquire_many(conn, claims, lease_us)
+        )
 
     @finish_repeatable
     async def renew_leases(self, holders: Sequence[str], lease: float) -> set[str]:
@@ -85,15 +102,14 @@ class ConsumerMethods:
         lease_us = _micros(lease)
         if not holders:
             return set()
-        async with translated(), self._store.autocommit() as conn:
-            return await _consumers.renew(conn, [_holder(h) for h in holders], lease_us)
+        checked = [_holder(h) for h in holders]
+        return await self._lease_statement(lambda conn: _consumers.renew(conn, checked, lease_us))
 
     @finish_repeatable
     async def release_lease(self, channel: str, name: str, holder: str) -> None:
         """Give up ``holder``'s lease of the consumer (nothing if it is not held by
         ``holder``); a consumer that never committed is forgotten with it."""
-        async with translated(), self._store.autocommit() as conn:
-            await _consumers.release(conn, channel, name, holder)
+        await self._lease_statement(lambda conn: _consumers.release(conn, channel, name, holder))
 
     @finish_repeatable
     async def commit_position(
@@ -112,8 +128,9 @@ class ConsumerMethods:
         check_int("epoch", epoch)
         check_int("position", position)
         lease_us = _micros(lease)
-        async with translated(), self._store.autocommit() as conn:
-            return await _consumers.commit(conn, channel, name, holder, epoch, position, lease_us)
+        return await self._lease_statement(
+            lambda conn: _consumers.commit(conn, channel, name, holder, epoch, position, lease_us)
+        )
 
     @finish_repeatable
     async def consumers(self, channel: str | None = None) -> list[ConsumerInfo]:

@@ -115,12 +115,12 @@ class MySQLStore(Store):
     def read_timeout(self) -> float:
         return _calls.READ_TIMEOUT  # read each time: tests shorten it
 
-    async def bounded(self, read: Awaitable[_T]) -> _T:
+    async def bounded(self, read: Awaitable[_T], what: str = "a read") -> _T:
         # Safe to give up on midway: asyncmy closes a connection whose read was
         # cancelled, and a read's transaction ends with its COMMIT, so no ROLLBACK
         # goes to the silent server when the connection returns to the pool.
         try:
-            return await bounded_read(read)
+            return await bounded_read(read, what)
         except LogUnavailable as exc:
             if timed_out(exc):
                 self._fresh.renew()

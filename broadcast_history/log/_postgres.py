@@ -109,9 +109,9 @@ class PostgresStore(Store):
     def read_timeout(self) -> float:
         return _calls.READ_TIMEOUT  # read each time: tests shorten it
 
-    async def bounded(self, read: Awaitable[_T]) -> _T:
+    async def bounded(self, read: Awaitable[_T], what: str = "a read") -> _T:
         try:
-            return await bounded_read(read)
+            return await bounded_read(read, what)
         except LogUnavailable as exc:
             if timed_out(exc):
                 self._gave_up()

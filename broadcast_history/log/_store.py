@@ -78,9 +78,9 @@ class Store:
         """Longest a read waits for the database (``None``: not bounded)."""
         return None
 
-    async def bounded(self, read: Awaitable[_T]) -> _T:
+    async def bounded(self, read: Awaitable[_T], what: str = "a read") -> _T:
         """``read``, failing past ``READ_TIMEOUT`` where the store bounds its reads
-        (Postgres, MySQL); elsewhere awaited as it is."""
+        (Postgres, MySQL); elsewhere awaited as it is. ``what`` names it in the error."""
         return await read
 
     async def append(self, items: Sequence[Pending]) -> list[Event]:

@@ -168,15 +168,24 @@ class Subscriber(Committable):
             else:
                 raise StopAsyncIteration
 
-    def take_read(self, limit: int) -> list[Event]:
+    def take_read(self, limit: int, max_bytes: int | None = None) -> list[Event]:
         """Up to ``limit`` of the next events, those already read from the log and in
         hand: what ``limit`` calls of :meth:`get` would return without waiting, taken
         at once (a stream writes them in one chunk). Empty when there are none, or
-        when each must go through :meth:`get` (a consumer, a time to skip to)."""
+        when each must go through :meth:`get` (a consumer, a time to skip to). With
+        ``max_bytes``, events are taken while their messages come to less."""
         page = self._page
         if not page or self._consumer is not None or self._not_before is not None:
             return []
-        taken = [page.popleft() for _ in range(min(limit, len(page)))]
+        if max_bytes is None:
+            taken = [page.popleft() for _ in range(min(limit, len(page)))]
+        else:
+            taken, size = [], 0
+            while page and len(taken) < limit and size + weight(page[0]) <= max_bytes:
+                size += weight(page[0])
+                taken.append(page.popleft())
+            if not taken:
+                return taken
         self._next = taken[-1].offset + 1
         self._stats.delivered_log += len(taken)
         return taken

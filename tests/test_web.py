@@ -224,6 +224,53 @@ async def test_sse_refusals(broadcast: Broadcast) -> None:
         assert (await http.post("/public/x", content=b"x")).status_code == 405
 
 
+async def test_sse_replay_goes_out_in_chunks_of_bounded_size(broadcast: Broadcast) -> None:
+    """Replayed events in hand went out up to 64 frames in one chunk, whatever their
+    size: a client reading slowly held that chunk built, and its copy in the
+    transport, besides the pages (three times its budget with 1 MiB messages)."""
+    for _ in range(6):
+        await broadcast.publish("big", "x" * 100_000)
+    for i in range(40):
+        await broadcast.publish("big", f"small {i}")
+    app = create_stream_app(broadcast, authorize=allow_all)
+    chunks: list[bytes] = []
+    done = asyncio.Event()
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+            if b"small 39\n" in chunks[-1]:
+                done.set()
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.Event().wait()  # the client stays
+        raise AssertionError("unreachable")
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/big",
+        "raw_path": b"/big",
+        "root_path": "",
+        "query_string": b"since=0",
+        "headers": [],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    serving = asyncio.ensure_future(app(scope, receive, send))
+    try:
+        await asyncio.wait_for(done.wait(), 10)
+    finally:
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+    frames = [chunk.count(b"\nevent: ") for chunk in chunks]
+    assert sum(frames) == 46
+    assert all(len(c) <= 64 * 1024 for c, n in zip(chunks, frames, strict=True) if n > 1)
+
+
 async def test_sse_keepalive_pings_idle_streams(broadcast: Broadcast, base: str) -> None:
     async with (
         httpx.AsyncClient(timeout=10) as http,

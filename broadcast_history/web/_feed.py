@@ -127,12 +127,13 @@ class Feed:
             await self._reopen(exc)
             return self._resets.popleft()
 
-    def take_read(self, limit: int) -> list[Event]:
-        """Up to ``limit`` next events already read from the log, taken without waiting
-        (none if a :class:`Reset` comes first); iteration goes on after them."""
+    def take_read(self, limit: int, max_bytes: int | None = None) -> list[Event]:
+        """Up to ``limit`` next events already read from the log (messages of at most
+        ``max_bytes`` together, if given), taken without waiting (none if a
+        :class:`Reset` comes first); iteration goes on after them."""
         if self._resets or self._subscriber is None:
             return []
-        return self._subscriber.take_read(limit)
+        return self._subscriber.take_read(limit, max_bytes)
 
     # -- subscriptions -----------------------------------------------------------------
 

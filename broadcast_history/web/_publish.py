@@ -81,7 +81,7 @@ def body_message(body: bytes, content_type: str) -> str | bytes:
     except LookupError:
         known = False
     if not known:
-        raise InvalidMessage(f"unsupported charset {charset!r}: send UTF-8 (or another web charset)")
+        raise InvalidMessage(f"unsupported charset {charset!r}: send UTF-8 or another web charset")
     try:
         return body.decode(charset)
     except ValueError as exc:  # bad text (UnicodeError)

@@ -44,8 +44,11 @@ Frame = Callable[[Event], bytes]
 
 RETRY = b"retry: 1000\n\n"
 PING = b": ping\n\n"
-#: Most replayed events written in one chunk.
+#: Most replayed events written in one chunk, and most bytes of their messages: a
+#: chunk is built whole and copied into the transport, so a client reading slowly
+#: holds a chunk (twice) besides the page it comes from.
 FRAMES_PER_WRITE = 64
+WRITE_BYTES = 64 * 1024
 HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-store"),
@@ -184,7 +187,7 @@ class EventStream(Response):
         await write(RETRY)
         async for item in feed:
             frame = encode(item) if isinstance(item, Event) else reset_frame(item)
-            more = feed.take_read(FRAMES_PER_WRITE - 1)
+            more = feed.take_read(FRAMES_PER_WRITE - 1, WRITE_BYTES - len(frame))
             if not more:
                 await write(frame)
                 continue

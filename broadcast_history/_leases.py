@@ -141,7 +141,9 @@ class Leases:
                     f"consumer {name!r} of {channel!r} is held by {attempt.holder} (its lease "
                     f"runs out in {attempt.expires_in:.1f} s unless renewed)"
                 )
-            sent, found = await self._standbys.wait(channel, name, holder, lease)
+            sent, found = await self._standbys.wait(
+                channel, name, holder, lease, attempt.expires_in
+            )
         stored = None if found[0] is None or found[1] is None else (found[0], found[1])
         holding = Holding(
             self.log,

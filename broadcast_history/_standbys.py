@@ -5,7 +5,9 @@ which wanted consumers are held (it locks nothing), then one statement trying th
 free ones (``EventLog.acquire_leases``). A thousand standbys cost what one does. A
 subscription of the same broadcast that lets a consumer go pokes them to ask at
 once; one in another process is noticed at the next period, and a dead holder's
-lease when it runs out: a standby takes over within a lease and a third of one.
+lease when it runs out: a standby takes over within a lease and a third of one. A
+holder's lease that runs out before the next period (the holder's lease is shorter
+than the standby's) is asked for when it does.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from ._errors import LogError, Unsubscribed
 from .log import EventLog
 
 logger = logging.getLogger("broadcast_history")
+# After a holder's lease runs out by the database's clock, before asking for it.
+_AFTER = 0.02
 #: What a standby gets with the lease: when the winning statement was sent (loop
 #: time) and the stored (epoch, position), both ``None`` if none is stored.
 Taken = tuple[float, tuple[int | None, int | None]]
@@ -44,8 +48,11 @@ class Standbys:
         self._pollers: dict[float, asyncio.Task[None]] = {}
         self._pokes: dict[float, asyncio.Event] = {}
 
-    async def wait(self, channel: str, name: str, holder: str, lease: float) -> Taken:
-        """Wait until ``holder`` has the lease of consumer ``name`` of ``channel``.
+    async def wait(
+        self, channel: str, name: str, holder: str, lease: float, expires_in: float | None = None
+    ) -> Taken:
+        """Wait until ``holder`` has the lease of consumer ``name`` of ``channel``
+        (whose holder's lease runs out in ``expires_in`` seconds unless renewed).
 
         Raises:
             Unsubscribed: The broadcast disconnected meanwhile.
@@ -58,6 +65,8 @@ class Standbys:
             self._pollers[lease] = asyncio.create_task(
                 self._poll(lease), name="broadcast-history-standbys"
             )
+        if expires_in is not None:
+            self._ask_when(lease, expires_in)
         try:
             return await taken
         except asyncio.CancelledError:
@@ -66,6 +75,13 @@ class Standbys:
                 # Taken as the caller gave up: give it back, so others need not wait.
                 await asyncio.shield(self.log.release_lease(channel, name, holder))
             raise
+
+    def _ask_when(self, lease: float, expires_in: float) -> None:
+        """Ask again as a held lease runs out, if before the next period."""
+        poke = self._pokes.get(lease)
+        if poke is not None and expires_in < lease / 3:
+            # A moment after, so that the lease has surely run out for the database.
+            asyncio.get_running_loop().call_later(expires_in + _AFTER, poke.set)
 
     def poke(self) -> None:
         """A consumer was let go here: ask now rather than at the next period."""
@@ -109,13 +125,15 @@ class Standbys:
                 continue
             sent = loop.time()
             try:
-                taken = await self.log.acquire_leases(
+                taken, next_expiry = await self.log.acquire_leases(
                     [(w.channel, w.name, w.holder) for w in claims.values()], lease
                 )
             except LogError as exc:
                 # A standby's job is to wait: try again next period.
                 logger.warning("standbys could not ask for their leases: %s", exc)
                 continue
+            if next_expiry is not None:
+                self._ask_when(lease, next_expiry)
             for waiting in claims.values():
                 stored = taken.get(waiting.holder)
                 if stored is not None:

@@ -288,6 +288,27 @@ async def test_a_consumer_taken_and_given_back_in_a_loop(make_broadcast: MakeBro
     assert not [text for text in busy if "held by None" in text]
 
 
+async def test_a_standby_with_a_longer_lease_takes_over_when_the_holders_runs_out(
+    make_broadcast: MakeBroadcast, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A standby asked once per third of its own lease: with 30 s against the
+    holder's 0.5 s, it took over up to 10 s after the holder's lease ran out."""
+    dying, other = await make_broadcast(), await make_broadcast()
+    await dying.publish("jobs", "0")
+    async with dying.subscribe("jobs", consumer="w", since=0, lease=0.5) as sub:
+        await sub.get()
+
+        async def unreachable(*_args: object) -> set[str]:
+            raise LogUnavailable("injected")  # as if the holder died
+
+        monkeypatch.setattr(dying.log, "renew_leases", unreachable)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        async with other.subscribe("jobs", consumer="w", since=0, lease=30) as standby:
+            assert loop.time() - began < 3
+            assert (await take(standby, 1))[0].message == "0"
+
+
 async def test_commit_is_fenced_in_the_statement(broadcast: Broadcast) -> None:
     """The log refuses a commit of a holder whose lease ran out, even if the holder
     believes it still holds it (its own clock is not consulted)."""

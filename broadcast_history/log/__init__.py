@@ -11,7 +11,15 @@ positions and leases. The Alembic environment
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ._engine import create_engine, normalize_url
-from ._info import ChannelInfo, ConsumerInfo, LeaseAttempt, LogTotals, Pending, Retention
+from ._info import (
+    ChannelInfo,
+    ConsumerInfo,
+    LeaseAttempt,
+    LeaseClaims,
+    LogTotals,
+    Pending,
+    Retention,
+)
 from ._log import EventLog
 from ._migrate import head_revision, known_revision, schema_revision
 from ._rows import new_epoch
@@ -30,6 +38,7 @@ __all__ = [
     "ConsumerInfo",
     "EventLog",
     "LeaseAttempt",
+    "LeaseClaims",
     "LogTotals",
     "Pending",
     "Retention",

@@ -16,7 +16,7 @@ from .._errors import InvalidArgument
 from .._validation import check_channel, check_consumer, check_int, check_lease
 from . import _consumers
 from ._calls import finish_on_cancel, finish_repeatable, translated
-from ._info import ConsumerInfo, LeaseAttempt
+from ._info import ConsumerInfo, LeaseAttempt, LeaseClaims
 from ._store import Store
 
 _T = TypeVar("_T")
@@ -69,13 +69,14 @@ class ConsumerMethods:
     @finish_on_cancel
     async def acquire_leases(
         self, claims: Sequence[tuple[str, str, str]], lease: float
-    ) -> dict[str, tuple[int | None, int | None]]:
+    ) -> LeaseClaims:
         """:meth:`acquire_lease` for many consumers at once, for processes waiting
         for them: ``claims`` are (channel, name, holder), one per consumer.
 
         Returns:
-            For each holder that got its lease: the stored (epoch, position), both
-            ``None`` when no position is stored.
+            For each holder that got its lease, the stored (epoch, position), both
+            ``None`` when no position is stored; and when the soonest lease of the
+            others runs out unless renewed (see :class:`LeaseClaims`).
         """
         lease_us = _micros(lease)
         keys = {(channel, name) for channel, name, _ in claims}

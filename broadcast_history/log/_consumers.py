@@ -42,7 +42,7 @@ from .._errors import ConsumerBusy
 from .._event import from_micros
 from .._validation import check_served
 from . import _consumers_mysql as _mysql
-from ._info import ConsumerInfo, LeaseAttempt
+from ._info import ConsumerInfo, LeaseAttempt, LeaseClaims
 from ._rows import MYSQL_NOW_US, now_micros
 from ._schema import channels, consumers
 
@@ -101,7 +101,7 @@ class _Statements(_Reads):
             where=free,
         ).returning(_C.epoch, _C.position)
         self.busy = select(_C.holder, _C.lease_expires - now).where(key)
-        self.held = select(_C.channel, _C.name).where(
+        self.held = select(_C.channel, _C.name, _C.lease_expires - now).where(
             tuple_(_C.channel, _C.name).in_(bindparam("b_keys", expanding=True)),
             _C.holder.is_not(None),
             _C.lease_expires > now,
@@ -216,9 +216,10 @@ async def _acquire_once(
 
 async def acquire_many(
     conn: AsyncConnection, claims: Sequence[tuple[str, str, str]], lease_us: int
-) -> dict[str, tuple[int | None, int | None]]:
+) -> LeaseClaims:
     """Take the free leases among ``claims`` (channel, name, holder; one per
-    consumer); returns the stored (epoch, position) by holder, for those taken.
+    consumer): the stored (epoch, position) by holder, for those taken, and when the
+    soonest of the others' leases runs out.
 
     Which consumers are held is read first, without locking them; only the others
     are tried, so waiting for busy consumers costs one read.
@@ -227,11 +228,14 @@ async def acquire_many(
         return await _mysql.acquire_many(conn, claims, lease_us)
     sql, params = _statements(conn)
     taken: dict[str, tuple[int | None, int | None]] = {}
+    expiries: list[int] = []
     for start in range(0, len(claims), _CHUNK):
         chunk = claims[start : start + _CHUNK]
         keys = [(channel, name) for channel, name, _ in chunk]
         held = await conn.execute(sql.held, {**params, "b_keys": keys})
-        busy = {(channel, name) for channel, name in held}
+        found = held.all()
+        busy = {(channel, name) for channel, name, _ in found}
+        expiries += [left for _, _, left in found]
         free = [claim for claim in chunk if (claim[0], claim[1]) not in busy]
         if not free:
             continue
@@ -248,7 +252,7 @@ async def acquire_many(
         ).returning(_C.holder, _C.epoch, _C.position)
         for holder, epoch, position in await conn.execute(statement, params):
             taken[holder] = (epoch, position)
-    return taken
+    return LeaseClaims.of(taken, expiries)
 
 
 async def renew(conn: AsyncConnection, holders: Sequence[str], lease_us: int) -> set[str]:

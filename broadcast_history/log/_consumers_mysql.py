@@ -41,7 +41,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ._info import LeaseAttempt
+from ._info import LeaseAttempt, LeaseClaims
 from ._rows import MYSQL_NOW_US as NOW  # the server's clock, as for event timestamps
 from ._schema import consumers
 
@@ -75,7 +75,7 @@ _TAKE = (
 _CREATE = insert(consumers).values(**_ROW, holder=bindparam("b_holder"), lease_expires=NOW + _LEASE)
 _TAKEN = select(_C.epoch, _C.position).where(_MINE)
 _BUSY = select(_C.holder, _C.lease_expires - NOW).where(_KEY)
-_HELD = select(_C.channel, _C.name).where(
+_HELD = select(_C.channel, _C.name, _C.lease_expires - NOW).where(
     tuple_(_C.channel, _C.name).in_(bindparam("b_keys", expanding=True)),
     _C.holder.is_not(None),
     _C.lease_expires > NOW,
@@ -179,15 +179,17 @@ async def acquire(
 
 async def acquire_many(
     conn: AsyncConnection, claims: Sequence[tuple[str, str, str]], lease_us: int
-) -> dict[str, tuple[int | None, int | None]]:
+) -> LeaseClaims:
     """``_consumers.acquire_many`` on MySQL: the held consumers are read at once;
     each free one is then taken as ``acquire`` does."""
     taken: dict[str, tuple[int | None, int | None]] = {}
+    expiries: list[int] = []
     for start in range(0, len(claims), _CHUNK):
         chunk = claims[start : start + _CHUNK]
         keys = [(channel, name) for channel, name, _ in chunk]
-        held = await conn.execute(_HELD, {"b_keys": keys})
-        busy = {(channel, name) for channel, name in held}
+        rows = (await conn.execute(_HELD, {"b_keys": keys})).all()
+        busy = {(channel, name) for channel, name, _ in rows}
+        expiries += [int(left) for _, _, left in rows]
         for channel, name, holder in chunk:
             if (channel, name) in busy:
                 continue
@@ -195,7 +197,7 @@ async def acquire_many(
             stored = await _take(conn, {**params, "b_lease": lease_us})
             if stored is not None:
                 taken[holder] = stored
-    return taken
+    return LeaseClaims.of(taken, expiries)
 
 
 async def renew(conn: AsyncConnection, holders: Sequence[str], lease_us: int) -> set[str]:

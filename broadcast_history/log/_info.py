@@ -124,6 +124,27 @@ class ConsumerInfo:
     holder: str | None
 
 
+class LeaseClaims(NamedTuple):
+    """The outcome of ``EventLog.acquire_leases``.
+
+    Attributes:
+        taken: For each holder that got its lease: the stored (epoch, position), both
+            ``None`` when none is stored.
+        next_expiry: Seconds until the soonest lease of the consumers found held runs
+            out unless renewed (``None``: none was held).
+    """
+
+    taken: dict[str, tuple[int | None, int | None]]
+    next_expiry: float | None
+
+    @classmethod
+    def of(
+        cls, taken: dict[str, tuple[int | None, int | None]], expiries: list[int]
+    ) -> LeaseClaims:
+        """``taken``, and the soonest of the held leases' ``expiries`` (microseconds)."""
+        return cls(taken, max(0, min(expiries)) / 1e6 if expiries else None)
+
+
 class LeaseAttempt(NamedTuple):
     """The outcome of ``EventLog.acquire_lease``.
 

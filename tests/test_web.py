@@ -535,6 +535,25 @@ async def test_ws_refusals_close_with_codes(broadcast: Broadcast) -> None:
             assert "not enabled" in json.loads(await ws.recv())["detail"]
 
 
+async def test_ws_an_authorize_that_fails_on_a_publish_frame_closes_with_1011(
+    broadcast: Broadcast,
+) -> None:
+    """The connection was dropped without a close frame (the client saw 1006)."""
+
+    async def broken_for_publish(connection: Any, channel: str, action: str) -> bool:
+        if action == "publish":
+            raise RuntimeError("authorization service down")
+        return True
+
+    app = create_stream_app(broadcast, authorize=broken_for_publish, publish=True)
+    async with serving(app) as base:
+        async with ws_connect(base.replace("http", "ws") + "/c/ws") as ws:
+            await ws.send(json.dumps({"type": "publish", "data": "x"}))
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
+
+
 # -- lifetimes ---------------------------------------------------------------------------
 
 

@@ -159,6 +159,10 @@ class WebSocketSession:
             elif error is not None:
                 logger.warning("WebSocket stream of %r ended: %r", self.feed.channel, error)
                 if not isinstance(error, BroadcastError):
+                    # A failure of ours (authorize raising on a publish frame): say
+                    # so with 1011 "internal error" rather than drop the connection.
+                    with suppress(OSError, RuntimeError, WebSocketDisconnect):
+                        await self.websocket.close(1011)
                     raise error
         if not gone:
             # 1001 "going away": the feed ended or the server stops; clients come back.

@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import pytest
 
-from broadcast_history import Broadcast
+from broadcast_history import Broadcast, EventLog
 from tests.support.browser_support import WAIT_MS, chromium, require_chromium
 from tests.support.ports import free_port
 
@@ -179,5 +179,48 @@ def test_websocket_backoff_grows_while_the_server_is_down(server: Server, browse
         delays = page.evaluate("() => window.delays")
         # Ceilings 0.5, 1 and 2 s, each delay drawn from its upper half.
         assert 250 <= delays[0] <= 500 and 500 <= delays[1] <= 1000 and delays[2] >= 1000, delays
+    finally:
+        context.close()
+
+
+async def stored_messages(log: str, channel: str) -> list[str | bytes]:
+    events = EventLog(log)
+    await events.connect()
+    try:
+        return [event.message for event in await events.read(channel)]
+    finally:
+        await events.disconnect()
+
+
+def test_websocket_publish_sends_the_bytes_of_any_binary_value(
+    server: Server, browser: Any
+) -> None:
+    """A Uint16Array went out value by value (258 became the byte 2) and a Blob as
+    no bytes at all."""
+    channel = f"bytes-{uuid.uuid4().hex[:8]}"
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(f"{server.base}/stats")
+        page.evaluate(
+            """async (url) => {
+                const { connect } = await import("/events/client.js");
+                const stream = await new Promise((resolve) => {
+                    const client = connect(url, {
+                        transport: "ws",
+                        storageKey: null,
+                        onMessage() {},
+                        onStatus(status) { if (status === "open") resolve(client); },
+                    });
+                });
+                await stream.publish(new Uint16Array([258]));
+                await stream.publish(new Uint8Array([7, 8, 9]).subarray(1));
+                await stream.publish(new Blob([new Uint8Array([1, 2, 3])]));
+                stream.close();
+            }""",
+            f"{server.base}/events/{channel}",
+        )
+        stored = in_thread(stored_messages(server.log, channel))
+        assert stored == [b"\x02\x01", b"\x08\x09", b"\x01\x02\x03"]
     finally:
         context.close()

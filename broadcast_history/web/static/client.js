@@ -23,6 +23,14 @@ function decodeBase64(text) {
   return bytes;
 }
 
+// The bytes of an ArrayBuffer or of any view of one (a Uint16Array too, byte for
+// byte: new Uint8Array(view) would convert its values one by one).
+function asBytes(data) {
+  if (data instanceof Uint8Array) return data;
+  if (ArrayBuffer.isView(data)) return new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+  return new Uint8Array(data);
+}
+
 function encodeBase64(bytes) {
   let raw = "";
   for (let i = 0; i < bytes.length; i += 0x8000) {
@@ -252,12 +260,14 @@ export function connect(url, options = {}) {
     },
     /** Publish `data` (a string or bytes) on the channel; resolves with its id. */
     publish(data, { key } = {}) {
-      if (transport !== "ws" || !(source instanceof WebSocket) || source.readyState !== WebSocket.OPEN) {
+      const open = transport === "ws" && source instanceof WebSocket && source.readyState === WebSocket.OPEN;
+      // A Blob's bytes are read asynchronously: fetch sends them as they are.
+      if (!open || (typeof Blob !== "undefined" && data instanceof Blob)) {
         return publishHttp(data, key);
       }
       const frame = { type: "publish", data, ...(key ? { key } : {}) };
       if (typeof data !== "string") {
-        frame.data = encodeBase64(data instanceof Uint8Array ? data : new Uint8Array(data));
+        frame.data = encodeBase64(asBytes(data));
         frame.encoding = "base64";
       }
       return new Promise((resolve, reject) => {

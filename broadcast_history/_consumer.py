@@ -121,6 +121,7 @@ class Holding:
         self._valid_until = valid_until
         self._lost: str | None = None
         self._subscriber: Bound | None = None
+        self._start: tuple[int | None, int] = (None, 0)
         self._auto: asyncio.Task[None] | None = None
 
     @property
@@ -131,6 +132,8 @@ class Holding:
     def bind(self, subscriber: Bound) -> None:
         """Serve ``subscriber`` (positioned already): its commits go through this lease."""
         self._subscriber = subscriber
+        # What it delivers comes after this: an earlier event was not delivered by it.
+        self._start = (subscriber.epoch, subscriber.position)
         subscriber._consumer = self
         if self.auto_commit is not None:
             self._auto = asyncio.create_task(
@@ -185,7 +188,12 @@ class Holding:
                     f"commit() takes an Event this subscription delivered, got "
                     f"{type(event).__name__}"
                 )
-            if event.channel != self.channel or event.epoch != epoch or event.offset > position:
+            after = self._start[1] if self._start[0] == event.epoch else 0
+            if (
+                event.channel != self.channel
+                or event.epoch != epoch
+                or not after < event.offset <= position
+            ):
                 raise InvalidArgument(
                     f"event {event.offset} of {event.channel!r} (epoch {event.epoch}) was not "
                     "delivered by this subscription"

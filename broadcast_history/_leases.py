@@ -35,6 +35,8 @@ logger = logging.getLogger("broadcast_history")
 S = TypeVar("S", bound=Bound)
 #: Lease writes (acquire, commit, release) one broadcast runs at once.
 IN_FLIGHT = 8
+#: Shortest auto_commit period, in seconds.
+AUTO_COMMIT_MIN = 0.01
 #: Least time a subscription's end waits for its lease to be given back.
 RELEASE_WAIT = 1.0
 
@@ -49,8 +51,11 @@ def check_consumer_options(
         return
     check_consumer(consumer)
     check_lease(lease)
-    if auto_commit is not None:
-        check_seconds("auto_commit", auto_commit)
+    if auto_commit is not None and check_seconds("auto_commit", auto_commit) < AUTO_COMMIT_MIN:
+        # A shorter period would keep its task spinning for nothing.
+        raise InvalidArgument(
+            f"auto_commit must be at least {AUTO_COMMIT_MIN} s, got {auto_commit}"
+        )
     if not isinstance(wait, bool):
         raise InvalidArgument(f"wait must be a bool, got {type(wait).__name__}")
 

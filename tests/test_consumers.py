@@ -79,9 +79,18 @@ async def test_commit_checks_its_arguments(broadcast: Broadcast) -> None:
         await sub.get()
         with pytest.raises(InvalidArgument, match="takes an Event"):
             await sub.commit("1")  # type: ignore[arg-type]
+    # An event from before the subscription's start was not delivered by it either
+    # (committing it made the next holder redo what since= skipped on purpose).
+    await broadcast.publish("c", "m2")
+    async with broadcast.subscribe("c", consumer="later", since=2) as sub:
+        first = (await broadcast.log.read("c", limit=1))[0]
+        with pytest.raises(InvalidArgument, match="not delivered"):
+            await sub.commit(first)
     leases = (0, 1e-9, 0.05, 7 * 86_400 + 1, 1e15)
     bad_options = [{"consumer": ""}, {"auto_commit": 1.0}]
     bad_options += [{"consumer": "w", "lease": lease} for lease in leases]
+    # A period so short that its task would spin.
+    bad_options += [{"consumer": "w", "auto_commit": period} for period in (1e-9, 0.001)]
     for bad in bad_options:
         with pytest.raises(InvalidArgument):
             async with broadcast.subscribe("c", **bad):  # type: ignore[arg-type]

@@ -289,7 +289,7 @@ class Broadcast:
             consumer: A durable consumer's name: its position is kept in the log
                 (``sub.commit()``; a stored one wins over ``since``/``history``), and
                 one subscription at a time holds it across processes (its lease).
-            auto_commit: Commit every this many seconds, and at a normal end.
+            auto_commit: Commit every this many seconds (at least 0.01), and at a normal end.
             wait: Wait while another process holds ``consumer``, or raise.
             lease: Seconds a hold on ``consumer`` lasts unless renewed (0.1 s to a
                 week).

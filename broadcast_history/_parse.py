@@ -32,7 +32,13 @@ class Position:
 def parse_int(text: str, what: str) -> int:
     """A non-negative decimal integer of at most 2**63 - 1."""
     text = text.strip()
-    if not text.isascii() or not text.isdigit() or len(text) > 19 or int(text) > MAX_INT:
+    # Leading zeros do not count towards the 19 digits: "0001" is 1.
+    if (
+        not text.isascii()
+        or not text.isdigit()
+        or len(text.lstrip("0")) > 19
+        or int(text) > MAX_INT
+    ):
         raise InvalidArgument(f"{what} must be an integer from 0 to {MAX_INT}, got {text!r}")
     return int(text)
 

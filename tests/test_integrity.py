@@ -349,3 +349,15 @@ def test_sqlite_synchronous_must_be_a_known_level() -> None:
 def test_url_and_backend_together_are_an_invalid_argument() -> None:
     with pytest.raises(InvalidArgument):
         Broadcast("memory://", backend=MemoryBackend())
+
+
+def test_positions_in_text_may_have_leading_zeros() -> None:
+    """A 20-digit position was refused though its value was 1."""
+    from broadcast_history._parse import parse_int
+
+    assert parse_int("00000000000000000001", "since") == 1
+    assert parse_int(" 0 ", "since") == 0
+    assert parse_int("0" * 40 + str(MAX), "since") == MAX
+    for bad in (str(MAX + 1), "1" * 25, "-1", "1.0", "\u0661"):
+        with pytest.raises(InvalidArgument):
+            parse_int(bad, "since")

@@ -95,6 +95,14 @@ class BroadcastCollector:
             for info in await broadcast.log.consumers():
                 if info.lag is not None:
                     lags[(info.channel, info.name)] = info.lag
+                elif info.position is not None:
+                    # A position from an earlier epoch (the channel was deleted, or
+                    # reset): the worker stops at StreamReset each time it starts, and
+                    # every event of the channel now is still to do. Reported, so the
+                    # lag alert can fire; nothing if the channel is gone.
+                    head = await broadcast.log.channel(info.channel)
+                    if head is not None:
+                        lags[(info.channel, info.name)] = head.last_offset
         self.lags = lags
 
     def refresh_for_scrape(self) -> None:

@@ -251,6 +251,23 @@ async def test_consumer_lag_at_scrape_time(sqlite_file_url: str) -> None:
     assert LAG_LINE in response.text
 
 
+async def test_a_consumer_stuck_on_a_reset_channel_keeps_its_lag(sqlite_file_url: str) -> None:
+    """A consumer whose position belongs to an earlier epoch of its channel (deleted,
+    then published to again) raises StreamReset each time its worker starts: its
+    series went missing, so the lag alert could not fire."""
+    registry = CollectorRegistry()
+    async with Broadcast(log=sqlite_file_url, metrics=registry) as broadcast:
+        await _lagging_by_3(broadcast)
+        await broadcast.log.delete_channel("orders")
+        for i in range(4):
+            await broadcast.publish("orders", f"again {i}")
+        text = (await asyncio.to_thread(generate_latest, registry)).decode()
+        assert 'broadcast_history_consumer_lag{channel="orders",consumer="mailer"} 4.0' in text
+        await broadcast.log.delete_channel("orders")
+        text = (await asyncio.to_thread(generate_latest, registry)).decode()
+        assert "consumer_lag{" not in text  # nothing to do: the channel is gone
+
+
 async def test_consumer_lag_read_for_a_scrape_from_another_thread(sqlite_file_url: str) -> None:
     """prometheus-client's own HTTP server scrapes in a thread of its own: the lag
     is read for that scrape, not up to 15 s later. A scrape on the loop's thread

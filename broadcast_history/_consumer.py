@@ -21,9 +21,9 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Protocol
 
-from ._cancel import wait_for
 from ._errors import BroadcastError, ConsumerBusy, InvalidArgument, Unsubscribed
 from ._event import Event
+from ._gate import Gate
 
 if TYPE_CHECKING:
     from .log import EventLog
@@ -65,7 +65,9 @@ class Committable:
 
         Raises:
             ConsumerBusy: This subscription lost the consumer's lease (another process
-                may hold it now); nothing was stored.
+                may hold it now); nothing was stored, unless the log did not answer
+                before the lease could run out (the commit may land later, fenced by
+                the lease).
             InvalidArgument: The subscription is not a durable consumer (no
                 ``consumer=``), or ``event`` was not delivered by it.
             LogUnavailable: The log could not be reached; nothing was stored.
@@ -87,7 +89,7 @@ class Holding:
     def __init__(
         self,
         log: EventLog,
-        gate: asyncio.Semaphore,
+        gate: Gate,
         channel: str,
         name: str,
         holder: str,
@@ -214,18 +216,21 @@ class Holding:
         done = self._committed
         if done is not None and done[0] == epoch and done[1] >= position:
             return
-        async with self._gate:
-            sent = asyncio.get_running_loop().time()
-            statement = self._log.commit_position(
-                self.channel, self.name, self.holder, epoch, position, self.lease
+        try:
+            # An answer proves the lease for a lease from the statement (fenced by
+            # it, and extending it): no longer is waited for.
+            sent, stored = await self._gate.run(
+                lambda: self._log.commit_position(
+                    self.channel, self.name, self.holder, epoch, position, self.lease
+                ),
+                quiet=self.lease,
+                answer=self.lease,
             )
-            try:
-                # No answer within the lease: it may have run out meanwhile, and a
-                # standby taken over (the statement goes on, fenced by the lease).
-                stored = await wait_for(statement, max(self._valid_until - sent, 0.0))
-            except asyncio.TimeoutError:
-                self.lose("the log did not answer a commit before the lease could run out")
-                raise ConsumerBusy(str(self._lost)) from None
+        except asyncio.TimeoutError:
+            # A standby may have taken over meanwhile. The statement goes on: it may
+            # still store the position, fenced by the lease.
+            self.lose("the log did not answer a commit before the lease could run out")
+            raise ConsumerBusy(str(self._lost)) from None
         if stored is None:
             self.lose("another holder took it over, or it ran out")
             raise ConsumerBusy(str(self._lost))

@@ -35,6 +35,8 @@ class HeadProbe:
         self._subscribers = subscribers
         self._lookups: dict[str, tuple[float, asyncio.Future[ChannelInfo | None]]] = {}
         self._reads: asyncio.Semaphore | None = None
+        # Loop time the last page read succeeded (see _turn).
+        self._finished = float("-inf")
         # Checks of kept pages asked for, by channel, and the task answering them.
         self._checks: dict[str, list[tuple[tuple[Event, ...], asyncio.Future[bool]]]] = {}
         self._checking: asyncio.Future[None] | None = None
@@ -164,6 +166,8 @@ class HeadProbe:
             # The turn ends when the read does: a cancelled caller's read still runs
             # to its end (see finish_on_cancel) and still counts against the limit.
             reads.release()
+            if not read.cancelled() and read.exception() is None:
+                self._finished = asyncio.get_running_loop().time()
             if not read.cancelled():
                 read.exception()
 
@@ -171,22 +175,32 @@ class HeadProbe:
         return await asyncio.shield(read)
 
     async def _turn(self, reads: asyncio.Semaphore) -> None:
-        """Wait for a turn at reading, no longer than the log's read bound.
+        """Wait for a turn at reading; fail if the reads ahead made no progress for
+        the log's read bound.
 
         When the log goes silent, the reads ahead each take the bound to fail: a
         read waiting behind them would fail a bound after them, and the subscribers
-        past the first few turns in waves, one bound apart.
+        past the first few turns in waves, one bound apart. A log that is busy but
+        answers finishes reads meanwhile, and its queue is waited for however long.
         """
         timeout = self._log.read_timeout
-        if timeout is None:
+        if timeout is None or not reads.locked():
             await reads.acquire()
             return
-        try:
-            await wait_for(reads.acquire(), timeout)
-        except asyncio.TimeoutError as exc:
-            raise LogUnavailable(
-                f"the event log did not answer the reads ahead of this one within {timeout:.3g} s"
-            ) from exc
+        loop = asyncio.get_running_loop()
+        asked = loop.time()
+        while True:
+            quiet_since = max(asked, self._finished)
+            try:
+                await wait_for(reads.acquire(), quiet_since + timeout - loop.time())
+                return
+            except asyncio.TimeoutError as exc:
+                if self._finished > quiet_since:
+                    continue  # a read ended meanwhile: the log answers, wait on
+                raise LogUnavailable(
+                    f"the event log did not answer the reads ahead of this one within "
+                    f"{timeout:.3g} s"
+                ) from exc
 
     async def _still_stored(self, channel: str, *events: Event) -> bool:
         """Whether the log holds ``events`` at their offsets: same epoch, same commit

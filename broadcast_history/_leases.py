@@ -24,9 +24,9 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import datetime
 from typing import Any, TypeVar
 
-from ._cancel import wait_for
 from ._consumer import DEFAULT_LEASE, Bound, Holding
 from ._errors import BroadcastError, ConsumerBusy, InvalidArgument
+from ._gate import Gate
 from ._standbys import Standbys
 from ._validation import check_consumer, check_lease, check_seconds
 from .log import EventLog, LeaseAttempt
@@ -72,13 +72,13 @@ class Leases:
         self._standbys = Standbys(log)
         self._background: set[asyncio.Task[Any]] = set()
         # Made in the running loop on first use (see IN_FLIGHT).
-        self._gate: asyncio.Semaphore | None = None
+        self._gate: Gate | None = None
 
     @property
-    def gate(self) -> asyncio.Semaphore:
+    def gate(self) -> Gate:
         """What acquisitions, commits and releases queue on (renewals do not)."""
         if self._gate is None:
-            self._gate = asyncio.Semaphore(IN_FLIGHT)
+            self._gate = Gate(IN_FLIGHT)
         return self._gate
 
     @asynccontextmanager
@@ -126,11 +126,14 @@ class Leases:
             task.cancel()
         await asyncio.gather(*renewers, return_exceptions=True)
         holdings = [holding for group in self._held.values() for holding in group.values()]
-        for holding in holdings:
-            await holding.commit_handled()
-            await self._release(holding, final=True)
+        # At once: each waits for a log that may not answer (at most a lease).
+        await asyncio.gather(*(self._close_one(holding) for holding in holdings))
         self._held.clear()
         self._gate = None
+
+    async def _close_one(self, holding: Holding) -> None:
+        await holding.commit_handled()
+        await self._release(holding, final=True)
 
     # -- taking and giving back ----------------------------------------------------
 
@@ -207,17 +210,20 @@ class Leases:
             return
         holding.closed = True
         try:
-            async with self.gate:
-                # Past a lease the lease has run out anyway: the subscription's end
-                # does not wait longer for a log that does not answer.
-                released = self.log.release_lease(holding.channel, holding.name, holding.holder)
-                await wait_for(released, max(holding.lease, RELEASE_WAIT))
+            # Past a lease the lease has run out anyway: the subscription's end does
+            # not wait longer for a log that does not answer.
+            limit = max(holding.lease, RELEASE_WAIT)
+            await self.gate.run(
+                lambda: self.log.release_lease(holding.channel, holding.name, holding.holder),
+                quiet=limit,
+                answer=limit,
+            )
         except (BroadcastError, asyncio.TimeoutError) as exc:
             logger.warning(
                 "consumer %r of %r: giving its lease back failed (it runs out by itself): %s",
                 holding.name,
                 holding.channel,
-                exc or "no answer",
+                str(exc) or "no answer",
             )
         self._standbys.poke()
 

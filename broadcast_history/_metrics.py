@@ -92,6 +92,7 @@ class BroadcastCollector:
             if not broadcast.connected or broadcast.log.log_id in seen:
                 continue  # several broadcasts of one process may share a log
             seen.add(broadcast.log.log_id)
+            heads: dict[str, int | None] = {}
             for info in await broadcast.log.consumers():
                 if info.lag is not None:
                     lags[(info.channel, info.name)] = info.lag
@@ -100,9 +101,12 @@ class BroadcastCollector:
                     # reset): the worker stops at StreamReset each time it starts, and
                     # every event of the channel now is still to do. Reported, so the
                     # lag alert can fire; nothing if the channel is gone.
-                    head = await broadcast.log.channel(info.channel)
-                    if head is not None:
-                        lags[(info.channel, info.name)] = head.last_offset
+                    if info.channel not in heads:
+                        head = await broadcast.log.channel(info.channel)
+                        heads[info.channel] = None if head is None else head.last_offset
+                    last = heads[info.channel]
+                    if last is not None:
+                        lags[(info.channel, info.name)] = last
         self.lags = lags
 
     def refresh_for_scrape(self) -> None:

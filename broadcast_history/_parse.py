@@ -32,15 +32,12 @@ class Position:
 def parse_int(text: str, what: str) -> int:
     """A non-negative decimal integer of at most 2**63 - 1."""
     text = text.strip()
-    # Leading zeros do not count towards the 19 digits: "0001" is 1.
-    if (
-        not text.isascii()
-        or not text.isdigit()
-        or len(text.lstrip("0")) > 19
-        or int(text) > MAX_INT
-    ):
-        raise InvalidArgument(f"{what} must be an integer from 0 to {MAX_INT}, got {text!r}")
-    return int(text)
+    # Leading zeros do not count towards the 19 digits ("0001" is 1), and are gone
+    # before int() sees the text: it refuses more than 4,300 digits (ValueError).
+    digits = text.lstrip("0") or "0"
+    if not text.isascii() or not text.isdigit() or len(digits) > 19 or int(digits) > MAX_INT:
+        raise InvalidArgument(f"{what} must be an integer from 0 to {MAX_INT}, got {text[:40]!r}")
+    return int(digits)
 
 
 def parse_time(text: str, what: str) -> datetime:

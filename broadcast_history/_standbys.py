@@ -23,6 +23,8 @@ from .log import EventLog
 logger = logging.getLogger("broadcast_history")
 # After a holder's lease runs out by the database's clock, before asking for it.
 _AFTER = 0.02
+#: Soonest a standby asks again because a holder's lease runs out, in seconds.
+EARLIEST = 0.5
 #: What a standby gets with the lease: when the winning statement was sent (loop
 #: time) and the stored (epoch, position), both ``None`` if none is stored.
 Taken = tuple[float, tuple[int | None, int | None]]
@@ -47,6 +49,8 @@ class Standbys:
         self._waiting: dict[float, dict[str, _Waiting]] = {}
         self._pollers: dict[float, asyncio.Task[None]] = {}
         self._pokes: dict[float, asyncio.Event] = {}
+        # Per period: the timer that asks early, as a holder's lease runs out.
+        self._timers: dict[float, asyncio.TimerHandle] = {}
 
     async def wait(
         self, channel: str, name: str, holder: str, lease: float, expires_in: float | None = None
@@ -77,11 +81,21 @@ class Standbys:
             raise
 
     def _ask_when(self, lease: float, expires_in: float) -> None:
-        """Ask again as a held lease runs out, if before the next period."""
+        """Ask again as a held lease runs out, if before the next period (one timer
+        per period, the earliest; not sooner than EARLIEST after now: a live holder
+        with a very short lease must not set the pace of the standbys' reads)."""
         poke = self._pokes.get(lease)
-        if poke is not None and expires_in < lease / 3:
-            # A moment after, so that the lease has surely run out for the database.
-            asyncio.get_running_loop().call_later(expires_in + _AFTER, poke.set)
+        if poke is None:
+            return
+        loop = asyncio.get_running_loop()
+        # A moment after, so that the lease has surely run out for the database.
+        when = loop.time() + max(expires_in + _AFTER, EARLIEST)
+        timer = self._timers.get(lease)
+        if when >= loop.time() + lease / 3 or (timer is not None and timer.when() <= when):
+            return
+        if timer is not None:
+            timer.cancel()
+        self._timers[lease] = loop.call_at(when, poke.set)
 
     def poke(self) -> None:
         """A consumer was let go here: ask now rather than at the next period."""
@@ -93,6 +107,9 @@ class Standbys:
         pollers = list(self._pollers.values())
         self._pollers.clear()
         self._pokes.clear()
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
         for task in pollers:
             task.cancel()
         await asyncio.gather(*pollers, return_exceptions=True)
@@ -112,10 +129,16 @@ class Standbys:
                 self._waiting.pop(lease, None)
                 self._pollers.pop(lease, None)
                 self._pokes.pop(lease, None)
+                timer = self._timers.pop(lease, None)
+                if timer is not None:
+                    timer.cancel()
                 return
             with contextlib.suppress(asyncio.TimeoutError):
                 await wait_for(poke.wait(), lease / 3)
             poke.clear()
+            timer = self._timers.pop(lease, None)  # fired, or made moot by this read
+            if timer is not None:
+                timer.cancel()
             # One claim per consumer: a statement may not take the same row twice.
             claims: dict[tuple[str, str], _Waiting] = {}
             for waiting in group.values():

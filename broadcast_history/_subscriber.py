@@ -136,7 +136,10 @@ class Subscriber(Committable):
                 self._next = event.offset + 1
                 self._stats.delivered_log += 1
                 if self._consumer is not None:
-                    self._consumer.check()  # see _still_holding (inline: the hot path)
+                    # A durable consumer that lost its lease while it waited for this
+                    # event (a pause, a silent log) hands out nothing: another holder
+                    # may be handling it. The next holder starts after the last commit.
+                    self._consumer.check()
                 return event
             if self._error is not None:
                 raise self._error
@@ -161,10 +164,15 @@ class Subscriber(Committable):
                         and event.epoch == self._epoch
                         and event.message is not NOTICE
                     ):
-                        return self._still_holding(self._delivered(buffer.popleft()))
+                        event = self._delivered(buffer.popleft())
+                        if self._consumer is not None:
+                            self._consumer.check()  # see _page's
+                        return event
                 event_or_none = await self._live_step()
                 if event_or_none is not None:
-                    return self._still_holding(event_or_none)
+                    if self._consumer is not None:
+                        self._consumer.check()
+                    return event_or_none
             else:
                 raise StopAsyncIteration
 
@@ -483,15 +491,6 @@ class Subscriber(Committable):
                 _discard(read)  # its answer, when it comes, may be for nobody
                 return None
         return read.result()
-
-    def _still_holding(self, event: Event) -> Event:
-        """``event``, unless this durable consumer lost its lease while it waited for
-        it (a pause, or a silent log, past the lease): another holder may have taken
-        over and be handling the same event. Not delivered then; the next holder
-        starts after the last commit."""
-        if self._consumer is not None:
-            self._consumer.check()
-        return event
 
     def _delivered(self, event: Event) -> Event:
         """Account for live ``event``, the next one, as delivered; returns it."""

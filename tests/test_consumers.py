@@ -108,14 +108,14 @@ async def test_commit_checks_its_arguments(broadcast: Broadcast) -> None:
 async def test_a_lease_runs_from_its_statement_not_from_a_queue(broadcast: Broadcast) -> None:
     """A burst of subscribes waits for the few lease writes a broadcast runs at once;
     a lease shorter than that wait was handed out as already run out."""
-    gate = broadcast._leases.gate
+    slots = broadcast._leases.gate._slots
     for _ in range(IN_FLIGHT):
-        await gate.acquire()
+        await slots.acquire()
 
     async def open_later() -> None:
         await asyncio.sleep(1.5)  # longer than the lease below
         for _ in range(IN_FLIGHT):
-            gate.release()
+            slots.release()
 
     opener = asyncio.create_task(open_later())
     async with broadcast.subscribe("burst", consumer="w", lease=1.0) as sub:

@@ -358,6 +358,7 @@ def test_positions_in_text_may_have_leading_zeros() -> None:
     assert parse_int("00000000000000000001", "since") == 1
     assert parse_int(" 0 ", "since") == 0
     assert parse_int("0" * 40 + str(MAX), "since") == MAX
+    assert parse_int("0" * 5000 + "1", "since") == 1  # past int()'s 4,300 digits
     for bad in (str(MAX + 1), "1" * 25, "-1", "1.0", "\u0661"):
         with pytest.raises(InvalidArgument):
             parse_int(bad, "since")

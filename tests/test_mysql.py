@@ -487,3 +487,30 @@ def test_a_connection_asyncmy_lost_is_told_from_a_refusal() -> None:
         assert connection_lost(failure(errors.OperationalError(code, "lost")))
     assert not connection_lost(failure(errors.OperationalError(1205, "Lock wait timeout")))
     assert not connection_lost(failure(errors.ProgrammingError(1064, "syntax")))
+
+
+async def test_a_lease_statement_a_deadlock_rolled_back_runs_again() -> None:
+    """InnoDB rolls back a statement it picked as a deadlock's victim: in autocommit
+    (lease statements) that statement is all there was, and runs again; inside a
+    transaction (setting a position) the whole transaction is gone, so not."""
+    from sqlalchemy.exc import OperationalError
+
+    from broadcast_history.log import _consumers_mysql
+
+    class Deadlocking:
+        def __init__(self, failures: int) -> None:
+            self.failures, self.calls = failures, 0
+
+        async def execute(self, statement: object, params: object) -> str:
+            self.calls += 1
+            if self.calls <= self.failures:
+                raise OperationalError("UPDATE ...", {}, Exception(1213, "Deadlock found"))
+            return "done"
+
+    conn = Deadlocking(2)
+    assert await _consumers_mysql._write(conn, "UPDATE", {}) == "done"  # type: ignore[arg-type]
+    assert conn.calls == 3
+    with pytest.raises(OperationalError):
+        await _consumers_mysql._write(Deadlocking(1), "UPDATE", {}, alone=False)  # type: ignore[arg-type]
+    with pytest.raises(OperationalError):  # not forever
+        await _consumers_mysql._write(Deadlocking(99), "UPDATE", {})  # type: ignore[arg-type]

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from broadcast_history import Event, EventLog, StreamReset
+from broadcast_history import Event, EventLog, LogUnavailable, StreamReset
 from broadcast_history._budget import SubscriberOptions
 from broadcast_history._event import NOTICE
 from broadcast_history._heads import HeadProbe
@@ -158,3 +158,48 @@ async def test_an_event_arriving_as_the_quiet_period_ends_goes_before_the_idle_c
             monkeypatch.setattr(bell, "_expire", expire_then_feed)
             event = await asyncio.wait_for(sub.get(), 2)
             assert (event.offset, event.message) == (2, "live")
+
+
+class _SlowLog:
+    """A log whose page reads take ``delay`` seconds each."""
+
+    read_timeout = 0.5
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+
+    async def read_from(self, *_args: object, **_kwargs: object) -> list[Event]:
+        await asyncio.sleep(self.delay)
+        return []
+
+
+@pytest.mark.parametrize("answers", [True, False])
+async def test_reads_wait_for_a_turn_while_the_reads_ahead_get_answers(
+    answers: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read that waited for its turn longer than the read bound failed although the
+    reads ahead were all answered (a busy log, many subscribers replaying): only a
+    queue where no read ends for the bound fails, all of it at once."""
+    monkeypatch.setattr(HeadProbe, "READS_AT_ONCE", 2)
+    # Busy: 16 reads of 0.15 s, two at a time, 1.2 s of queue. Silent: the two
+    # reads ahead take 3 s (a store bounds them; this fake does not).
+    probe = HeadProbe(_SlowLog(0.15 if answers else 3.0), {})  # type: ignore[arg-type]
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+
+    async def read(channel: str) -> tuple[str, float]:
+        try:
+            await probe.read_page(channel, 1, 10, 1 << 20, None)
+            return "read", loop.time() - began
+        except LogUnavailable:
+            return "failed", loop.time() - began
+
+    outcomes = await asyncio.wait_for(
+        asyncio.gather(*(read(f"c{i}") for i in range(16 if answers else 4))), 10
+    )
+    if answers:
+        assert [outcome for outcome, _ in outcomes] == ["read"] * 16
+        assert max(took for _, took in outcomes) > 1.0
+    else:
+        failed = [took for outcome, took in outcomes if outcome == "failed"]
+        assert len(failed) == 2 and max(failed) < 2.0, outcomes

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -36,11 +36,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .._errors import LogUnavailable, MessageTooLarge, NotConnected
 from .._event import Event
-from . import _calls
 from ._ahead import ReadAhead
 from ._batch import assemble, plan
-from ._calls import bounded_append, bounded_read, timed_out
-from ._engine import FreshConnections, create_engine
+from ._calls import bounded_append
+from ._engine import create_engine
 from ._info import Pending
 from ._queries import page_query
 from ._rows import (
@@ -53,7 +52,7 @@ from ._rows import (
     rows_to_events,
 )
 from ._schema import channels, events
-from ._store import Store, discarding_broken
+from ._store import ServerStore, discarding_broken
 
 _T = TypeVar("_T")
 # InnoDB's "deadlock found": the transaction was rolled back whole, so retrying is safe.
@@ -68,8 +67,13 @@ _HEADS = select(
 )
 
 
-class MySQLStore(Store):
-    """A MySQL (8.0+) or MariaDB (10.5+) database shared by every process and host."""
+class MySQLStore(ServerStore):
+    """A MySQL (8.0+) or MariaDB (10.5+) database shared by every process and host.
+
+    Its reads may be given up on midway (see ``bounded``): asyncmy closes a connection
+    whose read was cancelled, and a read's transaction ends with its COMMIT, so no
+    ROLLBACK goes to a silent server when the connection returns to the pool.
+    """
 
     def __init__(self, url: URL) -> None:
         super().__init__()
@@ -85,13 +89,12 @@ class MySQLStore(Store):
         # Connections in autocommit mode, for lease statements (see autocommit) and
         # replay pages (see _page_rows).
         self._autocommit: AsyncEngine | None = None
-        self._fresh = FreshConnections()
 
     async def open(self) -> None:
         self._engine = create_engine(self._url)
         self._autocommit = create_engine(self._url, autocommit=True)
         for engine in (self._engine, self._autocommit):
-            self._fresh.watch(engine)
+            self.fresh.watch(engine)
         self.ahead = ReadAhead(self._page_rows)
 
     async def close(self) -> None:
@@ -110,21 +113,6 @@ class MySQLStore(Store):
             raise NotConnected("the event log is not connected")
         async with self._autocommit.connect() as conn, discarding_broken(conn):
             yield conn
-
-    @property
-    def read_timeout(self) -> float:
-        return _calls.READ_TIMEOUT  # read each time: tests shorten it
-
-    async def bounded(self, read: Awaitable[_T], what: str = "a read") -> _T:
-        # Safe to give up on midway: asyncmy closes a connection whose read was
-        # cancelled, and a read's transaction ends with its COMMIT, so no ROLLBACK
-        # goes to the silent server when the connection returns to the pool.
-        try:
-            return await bounded_read(read, what)
-        except LogUnavailable as exc:
-            if timed_out(exc):
-                self._fresh.renew()
-            raise
 
     async def append(self, items: Sequence[Pending]) -> list[Event]:
         return await bounded_append(self._append(items), items)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from itertools import accumulate
 from typing import Any, TypeVar
@@ -27,24 +27,21 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from .._cancel import wait_for
 from .._errors import LogUnavailable, NotConnected
 from .._event import Event
-from . import _calls
 from ._ahead import ReadAhead
 from ._batch import assemble, plan
 from ._calls import (
     Conflict,
     append_error,
     bounded_append,
-    bounded_read,
     is_data_error,
-    timed_out,
 )
-from ._engine import FreshConnections, create_engine
+from ._engine import create_engine
 from ._info import Pending
 from ._kept import KeptConnections
 from ._queries import page_query
 from ._rows import EVENT_COLUMNS, compiled, keyed_events, new_epoch, prepared, rows_to_events
 from ._schema import channels, events
-from ._store import Store, discarding_broken
+from ._store import ServerStore, discarding_broken
 
 _T = TypeVar("_T")
 
@@ -57,7 +54,7 @@ CLOSE_WAIT = 2.0
 KEEP = 4
 
 
-class PostgresStore(Store):
+class PostgresStore(ServerStore):
     """A Postgres database shared by every process and host."""
 
     def __init__(self, url: URL) -> None:
@@ -65,13 +62,12 @@ class PostgresStore(Store):
         self._url = url
         self._kept: KeptConnections | None = None
         self._drivers: weakref.WeakSet[asyncpg.Connection] = weakref.WeakSet()
-        self._fresh = FreshConnections()
         self.ahead = ReadAhead(self._page_records)
 
     async def open(self) -> None:
         engine = create_engine(self._url)
         discard_broken_connections(engine)
-        self._fresh.watch(engine)
+        self.fresh.watch(engine)
         self._drivers = opened_drivers(engine)
         self._engine = engine
         self._kept = KeptConnections(engine, keep=KEEP)
@@ -105,23 +101,9 @@ class PostgresStore(Store):
             async with discarding_broken(conn):
                 yield conn
 
-    @property
-    def read_timeout(self) -> float:
-        return _calls.READ_TIMEOUT  # read each time: tests shorten it
-
-    async def bounded(self, read: Awaitable[_T], what: str = "a read") -> _T:
-        try:
-            return await bounded_read(read, what)
-        except LogUnavailable as exc:
-            if timed_out(exc):
-                self._gave_up()
-            raise
-
-    def _gave_up(self) -> None:
-        """A read got no answer: the other connections opened over the same path
-        likely went silent too, and each would fail a read after the bound in turn.
-        The kept ones are closed, the pooled ones replaced when next checked out."""
-        self._fresh.renew()
+    def gave_up(self, since: float) -> None:
+        # The kept idle ones too (the pooled ones are replaced when taken out).
+        super().gave_up(since)
         if self._kept is not None:
             self._kept.drop_idle()
 

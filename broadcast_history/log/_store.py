@@ -8,6 +8,7 @@ else runs the shared queries of ``_queries`` in a connection from :meth:`begin`.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -15,9 +16,10 @@ from typing import Any, TypeVar
 from sqlalchemy import Select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .._errors import BroadcastError, NotConnected
+from .._errors import BroadcastError, LogUnavailable, NotConnected
 from .._event import Event
-from ._engine import WRITE
+from . import _calls
+from ._engine import WRITE, FreshConnections
 from ._info import Pending
 
 _T = TypeVar("_T")
@@ -100,6 +102,36 @@ class Store:
         after ``max_bytes`` of payload if given (the hot path of replay). ``ahead``:
         see :meth:`EventLog.read_from <broadcast_history.EventLog.read_from>`."""
         raise NotImplementedError
+
+
+class ServerStore(Store):
+    """A database server reached over the network (Postgres, MySQL): its reads are
+    bounded, and a read without an answer retires the connections opened before it
+    (see :class:`FreshConnections`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: Applied to each engine the store creates (``fresh.watch(engine)``).
+        self.fresh = FreshConnections()
+
+    @property
+    def read_timeout(self) -> float:
+        return _calls.READ_TIMEOUT  # read each time: tests shorten it
+
+    async def bounded(self, read: Awaitable[_T], what: str = "a read") -> _T:
+        began = time.monotonic()
+        try:
+            return await _calls.bounded_read(read, what)
+        except LogUnavailable as exc:
+            if _calls.timed_out(exc):
+                self.gave_up(began)
+            raise
+
+    def gave_up(self, since: float) -> None:
+        """A read begun at ``since`` got no answer: the other connections opened over
+        the same path likely went silent too, and each would fail a read after the
+        bound in turn."""
+        self.fresh.renew(since)
 
 
 @asynccontextmanager

@@ -78,7 +78,7 @@ def body_message(body: bytes, content_type: str) -> str | bytes:
             charset = value.strip().strip('"')
     try:
         known = codecs.lookup(charset).name in _CHARSETS
-    except LookupError:
+    except (LookupError, ValueError):  # unknown, or not a name at all (a NUL in it)
         known = False
     if not known:
         raise InvalidMessage(f"unsupported charset {charset!r}: send UTF-8 or another web charset")

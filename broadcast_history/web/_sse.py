@@ -44,9 +44,9 @@ Frame = Callable[[Event], bytes]
 
 RETRY = b"retry: 1000\n\n"
 PING = b": ping\n\n"
-#: Most replayed events written in one chunk, and most bytes of their messages: a
-#: chunk is built whole and copied into the transport, so a client reading slowly
-#: holds a chunk (twice) besides the page it comes from.
+#: Most replayed events written in one chunk, and about the most bytes of their
+#: messages (as held in memory): a chunk is built whole and copied into the
+#: transport, so a client reading slowly holds a chunk (twice) besides its page.
 FRAMES_PER_WRITE = 64
 WRITE_BYTES = 64 * 1024
 HEADERS = [
@@ -190,6 +190,8 @@ class EventStream(Response):
             more = feed.take_read(FRAMES_PER_WRITE - 1, WRITE_BYTES - len(frame))
             if not more:
                 await write(frame)
+                if not feed.live:  # large events in hand: a turn after each (see below)
+                    await asyncio.sleep(0)
                 continue
             # Replayed events are in hand, so writing them never waits: in chunks, with
             # a turn of the loop after each, a client gone meanwhile is noticed after a

@@ -1,0 +1,80 @@
+"""The lease writes one broadcast runs at once (acquisitions, commits, releases).
+
+SQLite runs one write at a time: a burst of 1,000 commits must not delay a renewal
+(which does not queue here) past its lease, so at most a few lease writes are in
+flight. A write given up on (no answer within its bound) keeps running, as every
+call of the log does, and keeps its slot until it ends: writes without an answer
+never pile up past the gate. Waiting for a slot fails only when no write has ended
+for a while: a busy log that answers is waited for, however long its queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any, TypeVar
+
+from ._cancel import wait_for
+
+T = TypeVar("T")
+
+
+class Gate:
+    """At most ``size`` lease writes at once."""
+
+    def __init__(self, size: int) -> None:
+        self._slots = asyncio.Semaphore(size)
+        self._ended = float("-inf")  # loop time the last write ended
+
+    async def run(
+        self, call: Callable[[], Awaitable[T]], *, quiet: float, answer: float
+    ) -> tuple[float, T]:
+        """``call()`` in a slot: (loop time it was made, its result).
+
+        Raises:
+            asyncio.TimeoutError: No write ended for ``quiet`` seconds while this one
+                waited for a slot, or ``call`` gave no answer within ``answer``.
+        """
+        await self._slot(quiet)
+        made = asyncio.get_running_loop().time()
+        try:
+            task = asyncio.ensure_future(call())
+        except BaseException:
+            self._end(None)
+            raise
+        task.add_done_callback(self._end)
+        return made, await wait_for(asyncio.shield(task), answer)
+
+    async def __aenter__(self) -> None:
+        await self._slots.acquire()
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._end(None)
+
+    async def _slot(self, quiet: float) -> None:
+        slots = self._slots
+        if not slots.locked():
+            await slots.acquire()
+            return
+        loop = asyncio.get_running_loop()
+        asked = loop.time()
+        while True:
+            since = max(asked, self._ended)
+            try:
+                await wait_for(slots.acquire(), max(since + quiet - loop.time(), 0.001))
+                return
+            except asyncio.TimeoutError:
+                if self._ended <= since:
+                    raise  # nothing ended meanwhile: the log does not answer
+
+    def _end(self, done: asyncio.Future[Any] | None) -> None:
+        self._slots.release()
+        self._ended = asyncio.get_running_loop().time()
+        if done is not None and not done.cancelled():
+            done.exception()  # retrieved: a write given up on may fail unheard

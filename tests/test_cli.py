@@ -95,7 +95,7 @@ def test_channels_and_stats(log: str) -> None:
         cli("publish", name, "x", "--log", log)
     result = cli("channels", "--prefix", "a/", "--limit", "2", "--json", "--log", log)
     assert [c["name"] for c in json_lines(result.stdout)] == ["a/1", "a/2"]
-    assert 'more: --after "a/2" --prefix a/ --limit 2' in result.stderr
+    assert "more: --after a/2 --prefix a/ --limit 2" in result.stderr
     result = cli("channels", "--prefix", "a/", "--after", "a/2", "--json", "--log", log)
     assert [c["name"] for c in json_lines(result.stdout)] == ["a/3"]
     table = cli("channels", "--log", log).stdout
@@ -106,6 +106,14 @@ def test_channels_and_stats(log: str) -> None:
     stats = json_lines(cli("stats", "--json", "--log", log).stdout)[0]
     assert (stats["channels"], stats["events"], stats["trimmed"]) == (4, 4, 0)
     assert "channels: 4" in cli("stats", "--log", log).stdout
+    # The next page's option is quoted for the shell (JSON's "\u00e9" named another
+    # channel, and the shell expanded a "$HOME").
+    for name in ("c/\u00e9", "c/\u00e9$HOME"):
+        cli("publish", name, "x", "--log", log)
+    result = cli("channels", "--prefix", "c/", "--limit", "1", "--log", log)
+    assert "more: --after 'c/\u00e9' --prefix c/ --limit 1" in result.stderr
+    result = cli("channels", "--prefix", "c/\u00e9", "--limit", "1", "--log", log)
+    assert "more: --after 'c/\u00e9' --prefix 'c/\u00e9' --limit 1" in result.stderr
 
 
 def test_trim_and_delete(log: str) -> None:
@@ -136,6 +144,12 @@ def test_export_import(log: str, tmp_path: Path) -> None:
     assert len(cli("export", "e/2", "--log", log).stdout.splitlines()) == 2
     cli("export", "nope", "-o", str(tmp_path / "x.jsonl"), "--log", log, code=1)
     assert not (tmp_path / "x.jsonl").exists()
+    # A failed export removes only a file it created (a path of /dev/null's was
+    # deleted, a device node when run as root).
+    mine = tmp_path / "mine.txt"
+    mine.write_text("mine")
+    cli("export", "nope", "-o", str(mine), "--log", log, code=1)
+    assert mine.exists()
 
     result = cli("import", str(dump), "--log", log, code=1)
     assert "already exists" in result.stderr

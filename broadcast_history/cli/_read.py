@@ -115,7 +115,7 @@ def channels(
             None
             if cursor is None
             else _next_page(
-                f"--after {json.dumps(cursor)}", ("--prefix", prefix), ("--limit", limit)
+                f"--after {shlex.quote(cursor)}", ("--prefix", prefix), ("--limit", limit)
             ),
         )
 

@@ -145,13 +145,17 @@ def export_(
     if output == "-":
         run(go(sys.stdout, None))
         return
-    # Files are opened here, outside the event loop; a half-written file is removed.
+    # Files are opened here, outside the event loop; a half-written file is removed,
+    # if this export created it (never a path that was there before: a device such
+    # as /dev/null, a file of the user's).
     target = Path(output)
+    created = not target.exists()
     try:
         with target.open("w", encoding="utf-8") as out, _progress() as progress:
             written = run(go(out, progress))
     except BaseException:
-        target.unlink(missing_ok=True)
+        if created and target.is_file():
+            target.unlink(missing_ok=True)
         raise
     err_console.print(f"exported {written} events to {escape(output)}")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import subprocess
 import sys
@@ -219,6 +220,48 @@ async def test_batch_refused_by_the_database_is_retried_item_by_item(
     assert not any(isinstance(e, BaseException) for e in events), events
     assert_contiguous(sorted(events, key=lambda e: e.offset), 1, 10)
     assert_contiguous(await broadcast.log.read(good, limit=20), 1, 10)
+
+
+async def test_a_channel_at_the_largest_offset_fails_alone(
+    make_broadcast: MakeBroadcast,
+) -> None:
+    """A channel imported at the last offset a 64-bit integer holds: on SQLite its
+    next publish raised a bare OverflowError, and so did every publish committed in
+    the same batch; importing one past it made the channel unexportable."""
+    from broadcast_history.admin import HistoryAdmin, InvalidExport
+
+    broadcast = await make_broadcast()
+    full, good = unique(), unique()
+
+    def export(last: int) -> list[str]:
+        return [
+            json.dumps(
+                {"type": "channel", "format": 1, "name": full, "epoch": 7,
+                 "first_offset": last, "last_offset": last,
+                 "last_timestamp": "2024-01-01T00:00:00.000001+00:00",
+                 "trimmed_timestamp": "2024-01-01T00:00:00+00:00"}
+            ),
+            json.dumps(
+                {"type": "event", "channel": full, "offset": last, "epoch": 7,
+                 "timestamp": "2024-01-01T00:00:00.000001+00:00", "key": None,
+                 "encoding": "text", "message": "m"}
+            ),
+        ]  # fmt: skip
+
+    admin = HistoryAdmin.of(broadcast)
+    with pytest.raises(InvalidExport, match="last_offset must be below"):
+        await admin.import_jsonl(export(MAX))
+    await admin.import_jsonl(export(MAX - 1))
+    assert (await broadcast.publish(full, "the last one")).offset == MAX
+    outcomes = await asyncio.gather(
+        *(broadcast.publish(good, f"good {i}") for i in range(5)),
+        broadcast.publish(full, "one too many"),
+        *(broadcast.publish(good, f"good {i}") for i in range(5, 10)),
+        return_exceptions=True,
+    )
+    assert isinstance(outcomes[5], InvalidArgument), outcomes[5]
+    events = outcomes[:5] + outcomes[6:]
+    assert not any(isinstance(e, BaseException) for e in events), events
 
 
 async def test_retrying_item_by_item_lets_other_tasks_run_between_commits(

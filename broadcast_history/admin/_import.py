@@ -198,6 +198,10 @@ class _Checker:
             raise InvalidExport(f"line {number}: channel {name!r} appears twice")
         first = _int(line, "first_offset", number, 1)
         last = _int(line, "last_offset", number)
+        if last >= MAX_INT:
+            # The next offset, and the first one once all is trimmed, must fit too: a
+            # channel at the largest one could neither be published to nor exported.
+            raise InvalidExport(f"line {number}: last_offset must be below {MAX_INT}")
         if first > last + 1:
             raise InvalidExport(f"line {number}: first_offset is beyond last_offset + 1")
         last_micros = _optional_time(line, "last_timestamp", number)

@@ -255,13 +255,15 @@ async def bounded_read(read: Awaitable[_T], what: str = "a read") -> _T:
 def is_data_error(exc: BaseException) -> bool:
     """Whether ``exc`` says the database refused the values (nothing was stored).
 
-    Searched through the wrapped errors: an encoding failure, SQLSTATE class 22
+    Searched through the wrapped errors: an encoding or integer-size failure, SQLSTATE class 22
     ("data exception") from Postgres or MySQL, or one of MySQL's errors that refuse
     a value under another SQLSTATE.
     """
 
     def refused(current: BaseException) -> bool:
-        if isinstance(current, (UnicodeError, sqlite3.DataError)):
+        # OverflowError: sqlite3 refusing an int past 64 bits (an offset past the
+        # largest), before sending anything.
+        if isinstance(current, (UnicodeError, sqlite3.DataError, OverflowError)):
             return True
         state = getattr(current, "sqlstate", None)
         if isinstance(state, str) and state.startswith("22"):

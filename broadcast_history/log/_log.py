@@ -182,7 +182,8 @@ class EventLog(ConsumerMethods):
                     raise LogUnavailable(f"append kept conflicting: {exc!r}") from exc
             except (InvalidArgument, LogUnavailable):
                 raise  # already translated by the store
-            except (SQLAlchemyError, sqlite3.Error, UnicodeError, OSError) as exc:
+            except (SQLAlchemyError, sqlite3.Error, UnicodeError, OverflowError, OSError) as exc:
+                # OverflowError: sqlite3 refused an offset past 64 bits (a full channel).
                 raise append_error(exc) from exc
         raise AssertionError("unreachable")
 

@@ -10,12 +10,13 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import uvicorn
 
-from broadcast_history import Broadcast, StreamReset
+from broadcast_history import Broadcast, Event, EventLog, StreamReset
 from broadcast_history.admin import HistoryAdmin, InvalidExport, create_app
 from broadcast_history.admin._import import split_lines
 from tests.support.admin_support import LOG_KINDS, fresh_log_url
@@ -257,3 +258,42 @@ async def test_restoring_an_older_backup_with_a_new_epoch(tmp_path: Path) -> Non
     async with Broadcast("memory://", log=log) as broadcast:
         info = await broadcast.log.channel("c")
         assert info is not None and info.last_offset == 5 and info.epoch != old_epoch
+
+
+async def test_an_import_is_stored_in_pages_bounded_in_bytes(tmp_path: Path) -> None:
+    """The checked events were read back from the spool 1,000 at a time, whatever
+    their size: 400 events of 1 MiB took 900 MB to import."""
+    from broadcast_history.admin import _import
+
+    big = "x" * (1 << 20)
+    lines = [
+        json.dumps(
+            {"type": "channel", "format": 1, "name": "big", "epoch": 7, "first_offset": 1,
+             "last_offset": 12, "last_timestamp": "2024-01-01T00:00:00.000012+00:00"}
+        )
+    ] + [
+        json.dumps(
+            {"type": "event", "channel": "big", "offset": i, "epoch": 7,
+             "timestamp": f"2024-01-01T00:00:00.{i:06d}+00:00", "key": None,
+             "encoding": "text", "message": big}
+        )
+        for i in range(1, 13)
+    ]  # fmt: skip
+    pages: list[int] = []
+    spooled = _import._spooled
+
+    async def counted(spool: Any) -> AsyncIterator[list[Event]]:
+        async for page in spooled(spool):
+            pages.append(sum(len(e.message) for e in page))
+            yield page
+
+    log = EventLog(f"sqlite+aiosqlite:///{tmp_path / 'big.db'}")
+    await log.connect()
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(_import, "_spooled", counted)
+            result = await _import.import_lines(log, lines, max_message_size=2 << 20)
+        assert result.events == 12
+    finally:
+        await log.disconnect()
+    assert len(pages) == 3 and max(pages) <= _import._PAGE_BYTES

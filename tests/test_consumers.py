@@ -288,7 +288,7 @@ async def test_a_consumer_taken_and_given_back_in_a_loop(make_broadcast: MakeBro
 
     churning = [asyncio.create_task(churn()) for _ in range(2)]
     try:
-        for _ in range(300):
+        for _ in range(120):
             await attempt(second)
     finally:
         stop = True

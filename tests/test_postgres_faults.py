@@ -607,11 +607,19 @@ async def test_reads_waiting_for_their_turn_fail_together_when_the_log_goes_sile
     await _replays_whole(broadcast, channels[0], 30)
 
 
-async def test_a_consumer_cut_off_from_the_log_stops_within_its_lease() -> None:
+async def test_a_consumer_cut_off_from_the_log_stops_within_its_lease(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A durable consumer's commit, and the end of its subscription (which gives the
     lease back), waited for a log gone silent as long as the silence lasted: the
     commit now raises ConsumerBusy once the lease may have run out, and the end
     waits no longer than the lease."""
+    from broadcast_history.log import _kept, _postgres
+    from broadcast_history.log import _log as event_log
+
+    monkeypatch.setattr(event_log, "_CALLS_WAIT", 1.0)  # shorter waits: the same path
+    monkeypatch.setattr(_kept, "BUSY_WAIT", 0.5)
+    monkeypatch.setattr(_postgres, "CLOSE_WAIT", 0.5)
     _, proxy, log = await _through_a_proxy()
     broadcast = Broadcast("memory://", log=log)
     channel = unique()

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import uvicorn
 
-from broadcast_history import Broadcast, Event, EventLog, StreamReset
+from broadcast_history import Broadcast, Event, EventLog, LogUnavailable, StreamReset
 from broadcast_history.admin import HistoryAdmin, InvalidExport, create_app
 from broadcast_history.admin._import import split_lines
 from tests.support.admin_support import LOG_KINDS, fresh_log_url
@@ -297,3 +297,44 @@ async def test_an_import_is_stored_in_pages_bounded_in_bytes(tmp_path: Path) -> 
     finally:
         await log.disconnect()
     assert len(pages) == 3 and max(pages) <= _import._PAGE_BYTES
+
+
+@pytest.mark.parametrize("kind", LOG_KINDS)
+async def test_a_publish_racing_an_import_of_its_new_channel(kind: str, tmp_path: Path) -> None:
+    """On Postgres, an import wrote its events before its channel rows, and a publish
+    creating the same channel meanwhile deadlocked with it (each waited on a row the
+    other had written): the publish, and the publishes batched with it, failed with
+    LogUnavailable. Now the channel row comes first: the publish waits for the
+    import, then goes after it."""
+
+    async with Broadcast("memory://", log=await fresh_log_url(kind, tmp_path)) as broadcast:
+        await _race(broadcast, f"race-{datetime.now().timestamp()}")
+
+
+async def _race(broadcast: Broadcast, name: str) -> None:
+    from broadcast_history import ChannelInfo
+
+    when = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    info = ChannelInfo(name, 7, 2, 1, when)
+    first_page = asyncio.Event()
+    go_on = asyncio.Event()
+
+    async def pages() -> AsyncIterator[list[Event]]:
+        yield [Event(name, "m1", 1, when, 7)]
+        first_page.set()
+        await go_on.wait()
+        yield [Event(name, "m2", 2, when, 7)]
+
+    importing = asyncio.ensure_future(broadcast.log.restore([info], pages()))
+    await asyncio.wait_for(first_page.wait(), 10)
+    publishing = asyncio.ensure_future(broadcast.publish(name, "live"))
+    await asyncio.sleep(0.3)  # the publish is at the database
+    go_on.set()
+    outcome = await asyncio.wait_for(
+        asyncio.gather(importing, publishing, return_exceptions=True), 20
+    )
+    assert not any(isinstance(o, LogUnavailable) for o in outcome), outcome
+    if isinstance(outcome[0], BaseException):  # SQLite: the publish went first
+        assert type(outcome[0]).__name__ == "ImportConflict", outcome
+    else:
+        assert outcome[0] == 2 and outcome[1].offset == 3

@@ -275,6 +275,11 @@ async def restore(
                 f"up to {row[2]}); nothing was imported: delete it first or import into "
                 "another log"
             )
+    # The channel rows first: a publish creating one of them meanwhile then waits on
+    # its row (and goes after the import), or the import fails on it (ImportConflict).
+    # Events first, each waited on a row the other had written: a deadlock on Postgres.
+    if infos:
+        await conn.execute(channels.insert(), [channel_row(info) for info in infos])
     stored = 0
     async for page in pages:
         if page:
@@ -291,6 +296,4 @@ async def restore(
             ]
             await conn.execute(events.insert(), rows)
             stored += len(page)
-    if infos:
-        await conn.execute(channels.insert(), [channel_row(info) for info in infos])
     return stored

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -182,7 +183,9 @@ async def test_http_import_errors_are_400(tmp_path: Path, body: str, status: int
 @contextlib.asynccontextmanager
 async def _serving(app: object) -> AsyncIterator[int]:
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))  # type: ignore[arg-type]
+    # log_config=None: uvicorn's loggers propagate, so caplog sees an ASGI error.
+    config = uvicorn.Config(app, port=port, log_level="warning", log_config=None)  # type: ignore[arg-type]
+    server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     while not server.started:
         await asyncio.sleep(0.02)
@@ -338,3 +341,27 @@ async def _race(broadcast: Broadcast, name: str) -> None:
         assert type(outcome[0]).__name__ == "ImportConflict", outcome
     else:
         assert outcome[0] == 2 and outcome[1].offset == 3
+
+
+async def test_a_client_gone_mid_upload_stores_nothing_and_logs_no_traceback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Starlette's ClientDisconnect escaped the import route: a traceback in the
+    server's log for a client that went away."""
+    lines = [channel_line(last=100)] + [event_line(i) for i in range(1, 101)]
+    body = ("\n".join(lines) + "\n").encode()
+    async with Broadcast("memory://", log=f"sqlite+aiosqlite:///{tmp_path / 'gone.db'}") as bc:
+        async with _serving(create_app(bc, token=TOKEN)) as port:
+            _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            head = (
+                f"POST /import HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {TOKEN}\r\n"
+                f"Content-Length: {len(body)}\r\nContent-Type: application/x-ndjson\r\n\r\n"
+            )
+            writer.write(head.encode() + body[: len(body) // 2])
+            await writer.drain()
+            await asyncio.sleep(0.2)
+            writer.close()
+            await writer.wait_closed()
+            await asyncio.sleep(0.5)
+        assert await bc.log.channel("c") is None
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.requests import ClientDisconnect
 
 from .._broadcast import Broadcast
 from .._errors import (
@@ -313,7 +314,14 @@ def _add_routes(
         """Store an export, all or nothing; 409 if one of its channels already exists.
         `new_epoch=true` gives each channel a new epoch (restoring an older backup)."""
         lines = split_lines(request.stream(), max_line_length(admin.max_message_size))
-        result = await admin.import_jsonl(lines, new_epoch=new_epoch)
+        try:
+            result = await admin.import_jsonl(lines, new_epoch=new_epoch)
+        except ClientDisconnect:
+            # Nothing was stored; nobody reads the answer: a 400 rather than a
+            # traceback in the server's log.
+            raise InvalidArgument(
+                "the client went away before sending the whole export; nothing was imported"
+            ) from None
         return ImportOut(channels=result.channels, events=result.events)
 
     registry = _metrics_registry(broadcast)

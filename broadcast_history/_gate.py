@@ -20,6 +20,30 @@ from ._cancel import wait_for
 T = TypeVar("T")
 
 
+async def acquire_while_moving(
+    slots: asyncio.Semaphore, quiet: float, last_end: Callable[[], float]
+) -> None:
+    """Acquire ``slots``, waiting as long as the holders make progress.
+
+    Raises:
+        asyncio.TimeoutError: ``last_end()`` (the loop time a holder last finished)
+            did not move for ``quiet`` seconds of waiting.
+    """
+    if not slots.locked():
+        await slots.acquire()
+        return
+    loop = asyncio.get_running_loop()
+    asked = loop.time()
+    while True:
+        since = max(asked, last_end())
+        try:
+            await wait_for(slots.acquire(), max(since + quiet - loop.time(), 0.001))
+            return
+        except asyncio.TimeoutError:
+            if last_end() <= since:
+                raise  # nothing ended meanwhile: the log does not answer
+
+
 class Gate:
     """At most ``size`` lease writes at once."""
 
@@ -58,20 +82,7 @@ class Gate:
         self._end(None)
 
     async def _slot(self, quiet: float) -> None:
-        slots = self._slots
-        if not slots.locked():
-            await slots.acquire()
-            return
-        loop = asyncio.get_running_loop()
-        asked = loop.time()
-        while True:
-            since = max(asked, self._ended)
-            try:
-                await wait_for(slots.acquire(), max(since + quiet - loop.time(), 0.001))
-                return
-            except asyncio.TimeoutError:
-                if self._ended <= since:
-                    raise  # nothing ended meanwhile: the log does not answer
+        await acquire_while_moving(self._slots, quiet, lambda: self._ended)
 
     def _end(self, done: asyncio.Future[Any] | None) -> None:
         self._slots.release()

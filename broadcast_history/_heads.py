@@ -7,9 +7,9 @@ import asyncio
 from collections.abc import Callable, Collection, Mapping
 
 from ._budget import page_was_cut
-from ._cancel import wait_for
 from ._errors import LogUnavailable
 from ._event import Event
+from ._gate import acquire_while_moving
 from ._pagecache import PageCache
 from .log import ChannelInfo, EventLog
 
@@ -184,23 +184,15 @@ class HeadProbe:
         answers finishes reads meanwhile, and its queue is waited for however long.
         """
         timeout = self._log.read_timeout
-        if timeout is None or not reads.locked():
+        if timeout is None:
             await reads.acquire()
             return
-        loop = asyncio.get_running_loop()
-        asked = loop.time()
-        while True:
-            quiet_since = max(asked, self._finished)
-            try:
-                await wait_for(reads.acquire(), quiet_since + timeout - loop.time())
-                return
-            except asyncio.TimeoutError as exc:
-                if self._finished > quiet_since:
-                    continue  # a read ended meanwhile: the log answers, wait on
-                raise LogUnavailable(
-                    f"the event log did not answer the reads ahead of this one within "
-                    f"{timeout:.3g} s"
-                ) from exc
+        try:
+            await acquire_while_moving(reads, timeout, lambda: self._finished)
+        except asyncio.TimeoutError as exc:
+            raise LogUnavailable(
+                f"the event log did not answer the reads ahead of this one within {timeout:.3g} s"
+            ) from exc
 
     async def _still_stored(self, channel: str, *events: Event) -> bool:
         """Whether the log holds ``events`` at their offsets: same epoch, same commit

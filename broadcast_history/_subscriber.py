@@ -189,8 +189,10 @@ class Subscriber(Committable):
             taken = [page.popleft() for _ in range(min(limit, len(page)))]
         else:
             taken, size = [], 0
-            while page and len(taken) < limit and size + weight(page[0]) <= max_bytes:
+            while page and len(taken) < limit:
                 size += weight(page[0])
+                if size > max_bytes:
+                    break
                 taken.append(page.popleft())
             if not taken:
                 return taken

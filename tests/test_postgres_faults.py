@@ -75,6 +75,17 @@ async def bounded(
         await proxy.stop()
 
 
+def _shorter_close_waits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Closing a log gone silent waits less for its calls and connections: the same
+    path, sooner."""
+    from broadcast_history.log import _kept, _postgres
+    from broadcast_history.log import _log as event_log
+
+    monkeypatch.setattr(event_log, "_CALLS_WAIT", 1.0)
+    monkeypatch.setattr(_kept, "BUSY_WAIT", 0.5)
+    monkeypatch.setattr(_postgres, "CLOSE_WAIT", 0.5)
+
+
 async def _replays_whole(broadcast: Broadcast, channel: str, count: int) -> None:
     """A new subscription replays the ``count`` messages ``m0``... of ``channel``."""
     async with broadcast.subscribe(channel, since=0) as again:
@@ -441,12 +452,7 @@ async def test_disconnect_ends_subscribers_waiting_for_a_silent_log(
     silence lasted, instead of raising Unsubscribed; with a page read ahead,
     disconnect() itself waited for the server (to cancel the read, then to close
     the pool's connections)."""
-    from broadcast_history.log import _kept, _postgres
-    from broadcast_history.log import _log as event_log
-
-    monkeypatch.setattr(event_log, "_CALLS_WAIT", 1.0)  # shorter waits: the same path
-    monkeypatch.setattr(_kept, "BUSY_WAIT", 0.5)
-    monkeypatch.setattr(_postgres, "CLOSE_WAIT", 0.5)
+    _shorter_close_waits(monkeypatch)
     _, proxy, log = await _through_a_proxy()
     channel = unique()
     try:
@@ -614,12 +620,7 @@ async def test_a_consumer_cut_off_from_the_log_stops_within_its_lease(
     lease back), waited for a log gone silent as long as the silence lasted: the
     commit now raises ConsumerBusy once the lease may have run out, and the end
     waits no longer than the lease."""
-    from broadcast_history.log import _kept, _postgres
-    from broadcast_history.log import _log as event_log
-
-    monkeypatch.setattr(event_log, "_CALLS_WAIT", 1.0)  # shorter waits: the same path
-    monkeypatch.setattr(_kept, "BUSY_WAIT", 0.5)
-    monkeypatch.setattr(_postgres, "CLOSE_WAIT", 0.5)
+    _shorter_close_waits(monkeypatch)
     _, proxy, log = await _through_a_proxy()
     broadcast = Broadcast("memory://", log=log)
     channel = unique()

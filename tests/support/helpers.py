@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 from broadcast_history import Event, Subscriber
 
@@ -44,3 +45,18 @@ def _describe(offsets: list[int], first: int, last: int) -> str:
     missing = sorted(expected - set(offsets))[:10]
     duplicates = sorted({o for o in offsets if offsets.count(o) > 1})[:10]
     return f"expected {first}..{last}; missing {missing}, duplicates {duplicates}"
+
+
+@contextlib.contextmanager
+def patient_reads(seconds: float = 5.0) -> Iterator[None]:
+    """Log reads bounded at ``seconds`` in the block: fault tests shorten the bound to
+    see a silent log fail fast, and a healthy read on a fresh connection can take longer
+    than that on a loaded machine. A read on a connection gone silent still fails."""
+    from broadcast_history.log import _calls
+
+    before = _calls.READ_TIMEOUT
+    _calls.READ_TIMEOUT = seconds
+    try:
+        yield
+    finally:
+        _calls.READ_TIMEOUT = before

@@ -8,6 +8,8 @@ import json
 import logging
 import subprocess
 import sys
+import tempfile
+import tracemalloc
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,8 +20,14 @@ import pytest
 import uvicorn
 
 from broadcast_history import Broadcast, Event, EventLog, LogUnavailable, StreamReset
-from broadcast_history.admin import HistoryAdmin, InvalidExport, create_app
-from broadcast_history.admin._import import split_lines
+from broadcast_history.admin import (
+    HistoryAdmin,
+    ImportConflict,
+    InvalidExport,
+    _import,
+    create_app,
+)
+from broadcast_history.admin._import import _Checker, split_lines
 from tests.support.admin_support import LOG_KINDS, fresh_log_url
 from tests.support.ports import free_port
 
@@ -93,6 +101,21 @@ async def admin(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
             [channel_line(last=1, trimmed_timestamp=EARLIER), event_line(1)],
             "line 1: trimmed_timestamp given, but nothing was trimmed",
         ),
+        # true == 1 in Python, but it is not the format's number
+        ([channel_line(last=0, format=True)], "line 1: unsupported export format True"),
+        # epochs stay exact in JSON and JavaScript: the log never makes one this large
+        (
+            [channel_line(last=0, epoch=2**53)],
+            "line 1: 'epoch' must be an int from 1 to 9007199254740991",
+        ),
+        (  # a time before 1970 was refused as "goes backwards"
+            [channel_line(last=1), event_line(1, timestamp="1969-12-31T23:59:59+00:00")],
+            "line 2: 'timestamp' must be a time from 1970-01-01T00:00:00Z on",
+        ),
+        (
+            [channel_line(last=0, last_timestamp="1960-01-01T00:00:00+00:00")],
+            "line 1: 'last_timestamp' must be a time from 1970",
+        ),
     ],
 )
 async def test_incomplete_or_malformed_exports_store_nothing(
@@ -117,6 +140,68 @@ async def test_a_trimmed_channel_imports_from_its_first_offset(admin: HistoryAdm
     assert (await admin.channel("t")).trimmed_timestamp == datetime(2024, 1, 1, tzinfo=timezone.utc)
     empty = [channel_line("d", first=6, last=5)]
     assert (await admin.import_jsonl(empty)).events == 0
+
+
+async def test_repeated_keys_are_found_exactly_with_little_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with Broadcast("memory://") as broadcast:
+        admin = HistoryAdmin.of(broadcast)
+        count, key = 20_000, "k" * 250
+        lines = [channel_line(last=count)]
+        lines += [event_line(n, key=f"{key}{n:05}") for n in range(1, count + 1)]
+        with tempfile.TemporaryFile() as spool:
+            tracemalloc.start()
+            try:
+                checker = _Checker(broadcast.log, spool, 1000, False)
+                for number, line in enumerate(lines, 1):
+                    await checker.line(line, number)
+                held, _ = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+        # Measured 8.2 MB with a set of the keys (~300 bytes each), 2.9 with digests.
+        assert held < 4_500_000
+        # Two keys with one digest: the spooled events tell them apart.
+        monkeypatch.setattr(_import, "_key_digest", lambda key: 1)
+        two = [channel_line(last=2), event_line(1, key="a"), event_line(2, key="b")]
+        assert (await admin.import_jsonl(two)).events == 2
+        again = [
+            channel_line("d", last=3),
+            *(event_line(n, "d", key=k) for n, k in enumerate("aba", 1)),
+        ]
+        with pytest.raises(InvalidExport, match="line 4: key 'a' of 'd' repeated"):
+            await admin.import_jsonl(again)
+
+
+async def test_channels_are_looked_up_in_batches(
+    admin: HistoryAdmin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One lookup per channel line made 100,000 one-event channels take 250 s on SQLite.
+    lookups: list[int] = []
+    refuse_existing = EventLog.refuse_existing
+
+    async def counted(log: EventLog, names: list[str]) -> None:
+        lookups.append(len(names))
+        await refuse_existing(log, names)
+
+    monkeypatch.setattr(EventLog, "refuse_existing", counted)
+    monkeypatch.setattr(EventLog, "channel", None)  # no lookup of one channel
+    lines = []
+    for n in range(1200):
+        lines += [channel_line(f"c{n}", last=1), event_line(1, f"c{n}")]
+    assert (await admin.import_jsonl(lines)).events == 1200
+    assert lookups == [500, 500, 200]
+    # An existing channel is still found before the end of the input.
+    read: list[int] = []
+
+    def conflicting() -> Iterator[str]:
+        for n in range(1200):
+            read.append(n)
+            yield channel_line(f"d{n}" if n != 3 else "c3", last=0)
+
+    with pytest.raises(ImportConflict, match="channel 'c3' already exists"):
+        await admin.import_jsonl(conflicting())
+    assert len(read) == 500
 
 
 async def test_split_lines_is_bounded_and_linear() -> None:

@@ -5,7 +5,8 @@ pages, stats, trimming, retention, deletion and import, and durable consumers'
 positions and leases. The Alembic environment
 (``migrations/env.py``) uses :func:`migration_engine`, :data:`metadata` and
 :data:`VERSION_TABLE`; tools use :func:`schema_revision`, :func:`head_revision` and
-:func:`known_revision`; an import given a fresh epoch, :func:`new_epoch`.
+:func:`known_revision`; an import given a fresh epoch, :func:`new_epoch` (below
+:data:`EPOCH_LIMIT`).
 """
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -22,7 +23,7 @@ from ._info import (
 )
 from ._log import EventLog
 from ._migrate import head_revision, known_revision, schema_revision
-from ._rows import new_epoch
+from ._rows import EPOCH_LIMIT, new_epoch
 from ._schema import VERSION_TABLE, metadata
 
 
@@ -33,6 +34,7 @@ def migration_engine(url: str) -> AsyncEngine:
 
 
 __all__ = [
+    "EPOCH_LIMIT",
     "VERSION_TABLE",
     "ChannelInfo",
     "ConsumerInfo",

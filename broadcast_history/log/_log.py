@@ -208,6 +208,20 @@ class EventLog(ConsumerMethods):
                 f"a channel of the import was created meanwhile: {exc.orig}"
             ) from exc
 
+    @finish_repeatable
+    async def refuse_existing(self, names: Sequence[str]) -> None:
+        """Check that none of the channels ``names`` exists yet, as :meth:`restore` does
+        under its write lock: an import fails early, before reading all its input.
+
+        Raises:
+            ImportConflict: One of them exists (the message names it).
+        """
+        await self._store.bounded(self._refuse_existing(names))
+
+    async def _refuse_existing(self, names: Sequence[str]) -> None:
+        async with translated(), self._store.begin() as conn:
+            await _queries.refuse_existing(conn, names)
+
     @finish_on_cancel
     async def trim(
         self, channel: str, *, before: int | None = None, before_time: datetime | None = None

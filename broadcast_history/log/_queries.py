@@ -257,16 +257,13 @@ async def totals(conn: AsyncConnection) -> LogTotals:
     )
 
 
-async def restore(
-    conn: AsyncConnection, infos: Sequence[ChannelInfo], pages: AsyncIterable[Sequence[Event]]
-) -> int:
-    """Insert ``infos`` and the events of ``pages``; refuses channels that exist."""
-    names = [info.name for info in infos]
+async def refuse_existing(conn: AsyncConnection, names: Sequence[str]) -> None:
+    """Raise ImportConflict if one of the channels ``names`` exists."""
     for start in range(0, len(names), _CHUNK):
         found = await conn.execute(
-            select(channels.c.name, channels.c.epoch, channels.c.last_offset).where(
-                channels.c.name.in_(names[start : start + _CHUNK])
-            )
+            select(channels.c.name, channels.c.epoch, channels.c.last_offset)
+            .where(channels.c.name.in_(names[start : start + _CHUNK]))
+            .limit(1)
         )
         row = found.first()
         if row is not None:
@@ -275,6 +272,13 @@ async def restore(
                 f"up to {row[2]}); nothing was imported: delete it first or import into "
                 "another log"
             )
+
+
+async def restore(
+    conn: AsyncConnection, infos: Sequence[ChannelInfo], pages: AsyncIterable[Sequence[Event]]
+) -> int:
+    """Insert ``infos`` and the events of ``pages``; refuses channels that exist."""
+    await refuse_existing(conn, [info.name for info in infos])
     # The channel rows first: a publish creating one of them meanwhile then waits on
     # its row (and goes after the import), or the import fails on it (ImportConflict).
     # Events first, each waited on a row the other had written: a deadlock on Postgres.

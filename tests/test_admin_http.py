@@ -249,6 +249,9 @@ async def test_trim(broadcast: Broadcast, client: httpx.AsyncClient) -> None:
     assert response.json()["removed"] == 3
     assert (await client.post(path("tr", "/trim"), json={})).status_code == 400
     assert (await client.post(path("tr", "/trim"), json={"before": -2})).status_code == 422
+    for bad in ("5", True, 5.0):  # not offsets (the Python API refuses them too)
+        response = await client.post(path("tr", "/trim"), json={"before": bad})
+        assert response.status_code == 422, bad
     for number in (99_999_999_999, "99999999999"):  # not Unix seconds (year 5138)
         response = await client.post(path("tr", "/trim"), json={"before_time": number})
         assert response.status_code == 422, response.text

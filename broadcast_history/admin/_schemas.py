@@ -120,7 +120,8 @@ class EventList(BaseModel):
 class TrimIn(BaseModel):
     """Trim bounds: remove offsets below `before` and/or events older than `before_time`."""
 
-    before: int | None = Field(default=None, ge=0, le=MAX_OFFSET)
+    # Strict, as PositionIn: "5", true or 5.0 is not an offset.
+    before: int | None = Field(default=None, ge=0, le=MAX_OFFSET, strict=True)
     before_time: IsoTime | None = None
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +184,46 @@ async def test_a_schema_newer_than_this_version_is_refused_clearly(
         await _refused_as_newer(empty_url)
     finally:  # the Postgres database is the next test's: give it a known revision back
         await _stamp(empty_url, str(head_revision()))
+
+
+def test_the_head_constant_is_alembics_head() -> None:
+    """Starts read the revision without Alembic: its HEAD must be the shipped one."""
+    from alembic.script import ScriptDirectory
+
+    assert head_revision() == ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+def test_a_start_on_a_current_log_imports_no_alembic(tmp_path: Path) -> None:
+    """Alembic and what it brings (Mako, Pygments) took a third of the package's
+    import time in every process start and CLI command; a log at the newest
+    revision needs none of it."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'l.db'}"
+    program = f"""
+import asyncio, sys
+from broadcast_history import Broadcast
+
+async def start(migrate):
+    async with Broadcast(log={url!r}, migrate=migrate) as broadcast:
+        await broadcast.publish("c", "m")
+
+asyncio.run(start(True))
+assert "alembic" in sys.modules  # made the schema
+"""
+    subprocess.run([sys.executable, "-c", program], check=True)
+    program = f"""
+import asyncio, sys
+from broadcast_history import Broadcast
+from broadcast_history.cli import main
+
+async def start(migrate):
+    async with Broadcast(log={url!r}, migrate=migrate) as broadcast:
+        await broadcast.publish("c", "m")
+
+asyncio.run(start(True))
+asyncio.run(start(False))
+assert "alembic" not in sys.modules, "imported"
+"""
+    subprocess.run([sys.executable, "-c", program], check=True)
 
 
 async def _stamp(url: str, revision: str) -> None:

@@ -50,10 +50,11 @@ class Broadcast:
             private in-memory SQLite database.
         retention: How much history to keep per channel (default: everything).
         max_message_size: Largest message accepted by ``publish``, in bytes.
-        migrate: Create or upgrade the log schema on connect; ``False`` only checks
-            it and raises :class:`SchemaOutOfDate` if it is not current;
-            ``"create"`` creates it in an empty database but never upgrades one.
-            For a ``log`` given as an :class:`EventLog`, pass it to that instead.
+        migrate: Create or upgrade the log schema on connect (the default for a
+            ``log`` given by URL); ``False`` only checks it and raises
+            :class:`SchemaOutOfDate` if it is not current; ``"create"`` creates it
+            in an empty database but never upgrades one. For a ``log`` given as an
+            :class:`EventLog`, pass it to that instead.
         buffer_size: Live events a subscriber may have waiting before it falls back
             to reading the log at its own pace.
         page_size: Events read from the log per query during replay.
@@ -84,7 +85,7 @@ class Broadcast:
         log: str | EventLog | None = None,
         retention: Retention | None = None,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
-        migrate: bool | Literal["create"] = True,
+        migrate: bool | Literal["create"] | None = None,
         buffer_size: int = 10_000,
         page_size: int = 1000,
         idle_check: float = 1.0,
@@ -98,14 +99,20 @@ class Broadcast:
             backend = backend_from_url(url or "memory://")
         elif url is not None:
             raise InvalidArgument("give url or backend, not both")
-        if isinstance(log, EventLog) and migrate is not True and migrate != log.migrate:
+        # None: not given (True for a URL; an EventLog keeps its own). Any value given
+        # with an EventLog must be its own: an explicit True was once ignored.
+        if isinstance(log, EventLog) and migrate is not None and migrate != log.migrate:
             raise InvalidArgument(
                 "migrate= applies to a log given by URL: pass it to the EventLog "
                 f"instead (EventLog(url, migrate={migrate!r}))"
             )
         self._backend = backend
         #: The event log every publish is stored in.
-        self.log: EventLog = log if isinstance(log, EventLog) else EventLog(log, migrate=migrate)
+        self.log: EventLog = (
+            log
+            if isinstance(log, EventLog)
+            else EventLog(log, migrate=True if migrate is None else migrate)
+        )
         if self.log.private:
             require_shared_log(backend, url)
         self.retention: Retention | None = retention

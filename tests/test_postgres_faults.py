@@ -132,6 +132,38 @@ async def test_listen_connection_terminated_mid_stream() -> None:
         assert await take(subscriber, 1) == [last]
 
 
+async def test_a_silent_transport_never_holds_a_subscribe_or_a_leave() -> None:
+    """LISTEN and UNLISTEN ran without a bound, holding the listening connection's
+    lock, and the liveness ping waited for that lock: with the server's network gone
+    silent, a subscribe or the end of the last subscription hung for as long as the
+    silence lasted, and the loss was never noticed (found by a black-box probe)."""
+    url, proxy, via_proxy = await _through_a_proxy()
+    backend = PostgresBackend(via_proxy, ping_interval=0.5, max_reconnect_delay=0.2)
+    a, b = unique(), unique()
+    try:
+        async with (
+            Broadcast(url, log=_log(url)) as sender,
+            Broadcast(backend=backend, log=_log(url), idle_check=60) as receiver,
+            receiver.subscribe(a) as sub_a,
+        ):
+            await receiver.publish(a, "opens the publishing connection")
+            await take(sub_a, 1)
+            for round_ in range(2):
+                proxy.stall()  # the connections open now go silent; new ones pass
+                reconnects = backend.reconnects
+                async with asyncio.timeout(5):
+                    async with receiver.subscribe(b):  # LISTEN, then UNLISTEN
+                        pass
+                    # Sent on the silent publishing connection: stored, and not held.
+                    await receiver.publish(a, f"stored {round_}")
+                await _until(lambda: backend.reconnects > reconnects and backend.connected)
+                await take(sub_a, 1)  # from the log (the gap the next one shows)
+                event = await sender.publish(a, f"live {round_}")
+                assert await take(sub_a, 1, timeout=5) == [event]  # re-listened
+    finally:
+        await proxy.stop()
+
+
 async def test_transport_down_subscribers_read_log_then_recover() -> None:
     url = await ensure_database("bh_test_faults_down")
     channel = unique()

@@ -57,7 +57,9 @@ class PostgresBackend(InboxTransport, BroadcastBackend):
         url: A libpq-style URL; ``postgresql+asyncpg://`` is accepted too.
         max_reconnect_delay: Longest pause, in seconds, between reconnection attempts.
         ping_interval: Seconds between liveness checks of the listening connection,
-            which catch a peer that vanished without closing the socket.
+            which catch a peer that vanished without closing the socket; also the
+            longest any statement (LISTEN, UNLISTEN, NOTIFY) waits for its answer
+            before its connection is counted lost.
     """
 
     # NOTIFY refuses payloads of 8000 bytes or more (default server build).
@@ -138,9 +140,12 @@ class PostgresBackend(InboxTransport, BroadcastBackend):
                         "SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS t(c, p)",
                         idents,
                         payloads,
+                        timeout=self._ping_interval,
                     )
                     return
                 except _TRANSIENT as exc:
+                    if self._publish_conn is not None:
+                        self._publish_conn.terminate()  # lost, or silent past the bound
                     self._publish_conn = None
                     if attempt:
                         raise TransportError(f"postgres NOTIFY failed: {exc!r}") from exc
@@ -170,9 +175,11 @@ class PostgresBackend(InboxTransport, BroadcastBackend):
             if conn is None or conn.is_closed():
                 return  # the supervisor re-listens every channel when it reconnects
             try:
-                await operation(conn)
+                # Bounded: the lock is held, and the liveness ping waits for it.
+                await wait_for(operation(conn), self._ping_interval)
             except _TRANSIENT:
-                # Lost mid-call: the supervisor notices and re-listens from _names.
+                # Lost mid-call, or silent past the bound: the supervisor notices and
+                # re-listens from _names.
                 # Closed here too, should the call have failed on a live connection:
                 # its LISTENs would no longer match _names.
                 logger.info("postgres listening connection lost", exc_info=True)
@@ -223,7 +230,9 @@ class PostgresBackend(InboxTransport, BroadcastBackend):
                     conn = await self._open()
                     try:
                         for ident in list(self._names):
-                            await conn.add_listener(ident, self._notified)
+                            await wait_for(
+                                conn.add_listener(ident, self._notified), self._ping_interval
+                            )
                     except BaseException:
                         conn.terminate()
                         raise

@@ -88,6 +88,8 @@ async def sse(
                 name, _, value = line.partition(": ")
                 fields[name] = fields[name] + "\n" + value if name in fields else value
                 continue
+            if not fields:
+                continue  # the end of a comment (a keepalive ping on a slow machine)
             frames.append(fields)
             fields = {}
             if len(frames) == 1 and then is not None:

@@ -41,6 +41,52 @@ async def mysql_url() -> str:
     return await ensure_database("mysql")
 
 
+async def test_a_publish_refused_before_its_commit_says_it_was_not_stored(
+    mysql_url: str,
+) -> None:
+    """An append whose statement failed (here a lock wait interrupted: 1317; a lock
+    wait timeout, 1205, is alike) never reached COMMIT, yet was reported as "may or
+    may not be stored", which sends a careful caller looking for it."""
+    from sqlalchemy.engine import make_url
+
+    from tests.support.mysql_support import _server_connection
+
+    channel = unique()
+    database = make_url(mysql_url).database
+    async with Broadcast("memory://", log=mysql_url) as broadcast:
+        await broadcast.publish(channel, "first")
+        holder = await _server_connection()
+        try:
+            async with holder.cursor() as cursor:
+                await cursor.execute(f"USE `{database}`")
+                await cursor.execute("BEGIN")
+                await cursor.execute(
+                    "SELECT * FROM broadcast_channels WHERE name = %s FOR UPDATE", (channel,)
+                )
+                blocked = asyncio.create_task(broadcast.publish(channel, "blocked"))
+                for _ in range(500):  # the append waits for the channel's row
+                    await asyncio.sleep(0.01)
+                    await cursor.execute(
+                        "SELECT id FROM information_schema.processlist WHERE db = %s"
+                        " AND id <> CONNECTION_ID() AND info LIKE %s",
+                        (database, "%broadcast_channels%"),
+                    )
+                    waiting = await cursor.fetchall()
+                    if waiting:
+                        break
+                (thread,) = waiting[0]
+                await cursor.execute(f"KILL QUERY {int(thread)}")
+                with pytest.raises(LogUnavailable) as failed:
+                    await asyncio.wait_for(blocked, 10)
+                await cursor.execute("ROLLBACK")
+        finally:
+            holder.close()
+        assert "1317" in str(failed.value)
+        assert "may or may not" not in str(failed.value)
+        after = await broadcast.publish(channel, "after")
+        assert after.offset == 2  # the refused one took no offset
+
+
 def test_urls_select_asyncmy() -> None:
     pytest.importorskip("asyncmy")
     for scheme in ("mysql", "mysql+asyncmy", "mariadb", "mariadb+asyncmy"):

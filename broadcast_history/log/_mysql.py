@@ -14,8 +14,10 @@ A concurrent writer of the same channel waits on the row lock at step 2 and then
 bumps the committed value, so offsets are gap-free and in commit order. Rows are
 locked in name order everywhere, so appends touching several channels never
 deadlock each other; a deadlock with another kind of writer (a trim) rolls the
-whole transaction back and is retried here. A failure of COMMIT itself is ambiguous
-and is not retried (``EventLog.append`` says the batch may or may not be stored).
+whole transaction back and is retried here. A statement that failed otherwise (a
+lock wait timed out or interrupted) never reached COMMIT: the batch is not stored and
+the error says so. A failure of COMMIT itself is ambiguous and is not retried
+(``EventLog.append`` says the batch may or may not be stored).
 Timestamps come from the database clock (UTC), one clock for every host, and never
 go below the channel's last one.
 """
@@ -31,14 +33,14 @@ from typing import Any, TypeVar
 from sqlalchemy import Dialect, Select, bindparam, func, literal_column, select, tuple_
 from sqlalchemy.dialects.mysql import insert
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .._errors import LogUnavailable, MessageTooLarge, NotConnected
 from .._event import Event
 from ._ahead import ReadAhead
 from ._batch import assemble, plan
-from ._calls import bounded_append
+from ._calls import append_error, bounded_append
 from ._engine import create_engine
 from ._info import Pending
 from ._queries import page_query
@@ -137,12 +139,22 @@ class MySQLStore(ServerStore):
                     found = await conn.exec_driver_sql("SELECT @@max_allowed_packet")
                     self._packet = int(found.scalar() or _MIN_PACKET)
                 stored = await _append(conn, items, self._packet // 2)
-                # A failure of the COMMIT is ambiguous (the server may have committed
-                # before the connection died): EventLog does not retry it.
-                await transaction.commit()
             except IntegrityError:
                 await transaction.rollback()  # a key stored meanwhile: EventLog retries
                 raise
+            except DBAPIError as exc:
+                await conn.invalidate()  # the server rolls back what it did not commit
+                if _errno(exc) == _DEADLOCK:
+                    raise  # retried by _append
+                # Before COMMIT: nothing was stored, whatever happened to the connection.
+                raise append_error(exc, ambiguous=False) from exc
+            except BaseException:
+                await conn.invalidate()
+                raise
+            try:
+                # A failure of the COMMIT is ambiguous (the server may have committed
+                # before the connection died): EventLog does not retry it.
+                await transaction.commit()
             except BaseException:
                 # The connection may be dead (killed, or dropped by the server after
                 # a packet too large): discard it rather than send it a ROLLBACK,
@@ -334,7 +346,7 @@ async def _find_keys(
     return keyed_events(result)
 
 
-def _errno(exc: OperationalError) -> object:
+def _errno(exc: DBAPIError) -> object:
     args = getattr(exc.orig, "args", ())
     return args[0] if args else None
 

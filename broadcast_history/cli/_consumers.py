@@ -9,7 +9,6 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..admin._schemas import ConsumerOut
 from ..log import ConsumerInfo
 from ._app import app, console, err_console, open_admin, print_table, run
 from ._options import DEFAULT_LOG, JsonOption, LogOption
@@ -59,6 +58,8 @@ def list_consumers(
 
     found = run(go())
     if as_json:
+        from ..admin._schemas import ConsumerOut  # see _read._stats_json
+
         for info in found:
             typer.echo(ConsumerOut.of(info).model_dump_json())
         return

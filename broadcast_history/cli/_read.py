@@ -17,7 +17,6 @@ from .._errors import InvalidArgument
 from .._event import Event
 from .._parse import parse_position
 from ..admin import event_json
-from ..admin._schemas import ChannelOut
 from ..log import ChannelInfo
 from ..web import Feed, Reset
 from ._app import (
@@ -40,7 +39,10 @@ def _time(moment: datetime | None) -> str:
 
 
 def _stats_json(stats: ChannelInfo) -> dict[str, Any]:
-    # The shape of the HTTP API's channel objects.
+    # The shape of the HTTP API's channel objects. Imported here: the HTTP models
+    # bring pydantic and FastAPI, a quarter of every other command's start.
+    from ..admin._schemas import ChannelOut
+
     return ChannelOut.of(stats).model_dump(mode="json")
 
 

@@ -18,6 +18,7 @@ from ._errors import BroadcastError, InvalidArgument, NotConnected, TransportErr
 from ._event import Event
 from ._heads import HeadProbe
 from ._leases import Leases, check_consumer_options
+from ._serial import Serial
 from ._stats import Stats, failure_reason
 from ._subscriber import Subscriber
 from ._validation import (
@@ -115,7 +116,14 @@ class Broadcast:
         )
         if self.log.private:
             require_shared_log(backend, url)
+        if retention is not None and not isinstance(retention, Retention):
+            # A dict or a number from a config file: retention would be off silently.
+            raise InvalidArgument(
+                f"retention must be a Retention(max_events=..., max_age=...), got {retention!r}"
+            )
         self.retention: Retention | None = retention
+        # 0 or less took nothing from the queue: publish() and disconnect() hung.
+        check_int("max_batch", max_batch, minimum=1)
         self.max_message_size: int = check_int("max_message_size", max_message_size, minimum=1)
         self._options = SubscriberOptions(
             buffer_size, page_size, idle_check, reorder_window, buffer_bytes, page_bytes
@@ -134,6 +142,7 @@ class Broadcast:
         self._lags_task: asyncio.Task[None] | None = None
         self._listener_error: BaseException | None = None
         self._connected = False
+        self._serial = Serial()
         # The closing under way (see disconnect), awaited by every caller.
         self._closing: asyncio.Future[None] | None = None
         #: Transport messages ignored, by kind: ``"not_envelope"`` (another program
@@ -175,8 +184,11 @@ class Broadcast:
         if self._closing is not None:
             # A disconnect still closing: let it end (its error was its callers').
             await asyncio.wait({self._closing})
-        if self._connected:
-            return
+        async with self._serial():  # a second connect() meanwhile waits for this one
+            if not self._connected:
+                await self._open()
+
+    async def _open(self) -> None:
         await self.log.connect()
         try:
             await self._backend.connect()

@@ -105,6 +105,45 @@ def test_a_message_size_limit_that_admits_nothing_is_refused(size: object) -> No
         Broadcast(max_message_size=size)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"max_batch": 0}, "max_batch"),  # publish() and disconnect() hung
+        ({"max_batch": -5}, "max_batch"),
+        ({"retention": {"max_events": 1}}, "retention must be a Retention"),  # off silently
+        ({"retention": 100}, "retention must be a Retention"),
+    ],
+)
+def test_options_that_could_not_work_are_refused(options: dict[str, object], match: str) -> None:
+    with pytest.raises(InvalidArgument, match=match):
+        Broadcast(**options)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("log", ["memory", "file"])
+async def test_connects_at_once_open_one_broadcast(log: str, sqlite_file_url: str) -> None:
+    """Two connect() calls in flight: on the in-memory log the second failed with a
+    bare RuntimeError; on a file both started the background tasks, and one set
+    outlived disconnect()."""
+
+    def ours() -> list[str]:
+        return sorted(
+            name
+            for task in asyncio.all_tasks()
+            if (name := task.get_name()).startswith("broadcast-history-")
+        )
+
+    broadcast = Broadcast(log=None if log == "memory" else sqlite_file_url)
+    await asyncio.gather(broadcast.connect(), broadcast.connect(), broadcast.log.connect())
+    try:
+        tasks = ours()
+        assert len(tasks) == len(set(tasks)), tasks
+        assert (await broadcast.publish("c", "m")).offset == 1
+    finally:
+        await broadcast.disconnect()
+    await asyncio.sleep(0.05)
+    assert ours() == []
+
+
 async def test_validation_rejects_and_writes_nothing() -> None:
     async with Broadcast(max_message_size=10) as bc:
         for channel in ("", "x" * 256, "bad\nname", "tab\there", "\x7f", 5):

@@ -13,6 +13,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from .._errors import ImportConflict, InvalidArgument, LogUnavailable, NotConnected
 from .._event import Event, from_micros, to_micros
+from .._serial import Serial
 from .._validation import check_int, check_optional_int, check_time
 from . import _migrate, _queries
 from ._calls import Conflict, append_error, finish_on_cancel, finish_repeatable, translated
@@ -86,6 +87,7 @@ class EventLog(ConsumerMethods):
         self._log_id: str | None = None
         # Calls running, their callers possibly gone (see finish_on_cancel).
         self._running: set[asyncio.Future[Any]] = set()
+        self._serial = Serial()
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -110,9 +112,13 @@ class EventLog(ConsumerMethods):
         return self._log_id
 
     async def connect(self) -> None:
-        """Open the database and create, upgrade or check the schema."""
-        if self._log_id is not None:
-            return
+        """Open the database and create, upgrade or check the schema; safe to call
+        twice, at once too."""
+        async with self._serial():
+            if self._log_id is None:
+                await self._open()
+
+    async def _open(self) -> None:
         if self.must_exist:
             require_file(self.url)
         elif not self.migrate and missing_file(self.url):

@@ -96,8 +96,9 @@ class Subscriber(Committable):
 
     @property
     def live(self) -> bool:
-        """Whether the subscriber has caught up with the log and is reading live."""
-        return self._mode == _LIVE and not self._page and not self._held
+        """Whether the subscriber has caught up with the log and is reading live, as
+        of its last ``get()``: ``False`` again as soon as its buffer overflows."""
+        return self._mode == _LIVE and not self._page and not self._held and not self._overflowed
 
     @property
     def position(self) -> int:

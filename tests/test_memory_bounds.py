@@ -76,9 +76,12 @@ async def test_live_buffer_overflows_by_bytes_and_catches_up(make_broadcast: Mak
     broadcast = await make_broadcast(buffer_bytes=64 * 1024)
     channel = unique()
     async with broadcast.subscribe(channel) as subscriber:
+        assert subscriber.live
         published = [await broadcast.publish(channel, b"x" * 10_000) for _ in range(30)]
         assert subscriber._live_bytes <= 64 * 1024 + 11_000
+        assert not subscriber.live  # said so at once, not at the next get()
         got = await take(subscriber, 30)
+        assert subscriber.live
     assert got == published
 
 

@@ -143,6 +143,7 @@ class Broadcast:
         self._listener_error: BaseException | None = None
         self._connected = False
         self._serial = Serial()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the one connect() ran in
         # The closing under way (see disconnect), awaited by every caller.
         self._closing: asyncio.Future[None] | None = None
         #: Transport messages ignored, by kind: ``"not_envelope"`` (another program
@@ -196,6 +197,7 @@ class Broadcast:
             await self.log.disconnect()
             raise
         self._channels.open()
+        self._loop = asyncio.get_running_loop()
         self._listener_error = None
         self._listener = asyncio.create_task(self._listen(), name="broadcast-history-listen")
         self._appender.start()
@@ -275,13 +277,23 @@ class Broadcast:
             check_channel(channel)
             payload = check_message(message, self.max_message_size)
             check_key(key)
-            if not self._connected:
-                raise NotConnected("call connect() (or use `async with broadcast`) first")
+            self._check_connected()
             future = self._appender.submit(Pending(channel, payload, key))
         except BroadcastError as exc:
             self.stats.failures[failure_reason(exc)] += 1
             raise
         return await future
+
+    def _check_connected(self) -> None:
+        if not self._connected:
+            raise NotConnected("call connect() (or use `async with broadcast`) first")
+        if asyncio.get_running_loop() is not self._loop:
+            # Its tasks and futures live in that loop: a publish from another one was
+            # stored, and its caller never woken.
+            raise NotConnected(
+                "this broadcast was connected in another event loop: await it there "
+                "(from another thread, with asyncio.run_coroutine_threadsafe)"
+            )
 
     # -- subscribe -----------------------------------------------------------------
 
@@ -322,8 +334,7 @@ class Broadcast:
         check_channel(channel)
         check_position(since, history, epoch)
         check_consumer_options(consumer, auto_commit, wait, lease)
-        if not self._connected:
-            raise NotConnected("call connect() (or use `async with broadcast`) first")
+        self._check_connected()
         if consumer is not None:
             start, hold = (since, history, epoch), (auto_commit, wait, lease)
             async with self._leases.subscription(

@@ -144,6 +144,21 @@ async def test_connects_at_once_open_one_broadcast(log: str, sqlite_file_url: st
     assert ours() == []
 
 
+async def test_awaiting_it_from_another_event_loop_is_refused() -> None:
+    """A publish awaited from another thread's loop was stored and never returned."""
+    async with Broadcast() as broadcast:
+
+        async def elsewhere() -> None:
+            with pytest.raises(NotConnected, match="another event loop"):
+                await broadcast.publish("c", "m")
+            with pytest.raises(NotConnected, match="another event loop"):
+                async with broadcast.subscribe("c"):
+                    pass
+
+        await asyncio.wait_for(asyncio.to_thread(asyncio.run, elsewhere()), 10)
+        assert await broadcast.log.channel("c") is None
+
+
 async def test_validation_rejects_and_writes_nothing() -> None:
     async with Broadcast(max_message_size=10) as bc:
         for channel in ("", "x" * 256, "bad\nname", "tab\there", "\x7f", 5):

@@ -164,6 +164,31 @@ async def test_a_silent_transport_never_holds_a_subscribe_or_a_leave() -> None:
         await proxy.stop()
 
 
+async def test_a_message_the_transport_database_cannot_hold_fails_alone() -> None:
+    """NOTIFY through a LATIN1 database (the log in another, UTF8): "日本" has no
+    LATIN1 form, and the batch's whole NOTIFY statement failed, so the events of
+    other channels sent with it were not sent live either."""
+    url = await ensure_database("bh_test_faults_latin1", options=_LATIN1)
+    log = _log(await ensure_database("bh_test_faults_down"))
+    a, b = unique(), unique()
+    async with (
+        Broadcast(url, log=log) as sender,
+        Broadcast(url, log=log, idle_check=60) as receiver,
+        receiver.subscribe(a) as sub_a,
+        receiver.subscribe(b) as sub_b,
+    ):
+        for _ in range(3):  # published together: one batch, one NOTIFY
+            sent = await asyncio.gather(sender.publish(a, "日本"), sender.publish(b, "plain"))
+            assert await take(sub_b, 1, timeout=5) == [sent[1]]  # live
+            # The other arrives when the next event of its channel shows the gap.
+            after = await sender.publish(a, "after")
+            assert await take(sub_a, 2, timeout=5) == [sent[0], after]
+        assert sender.stats.live_send_failures >= 1
+
+
+_LATIN1 = "ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+
+
 async def test_transport_down_subscribers_read_log_then_recover() -> None:
     url = await ensure_database("bh_test_faults_down")
     channel = unique()

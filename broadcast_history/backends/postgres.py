@@ -149,8 +149,31 @@ class PostgresBackend(InboxTransport, BroadcastBackend):
                     self._publish_conn = None
                     if attempt:
                         raise TransportError(f"postgres NOTIFY failed: {exc!r}") from exc
+                except asyncpg.DataError:
+                    # A payload the database cannot hold (a character its encoding,
+                    # LATIN1 say, lacks) failed the whole statement: the others go
+                    # one by one, so only it is left to the log.
+                    await self._notify_each(self._publish_conn, idents, payloads)
+                    return
                 except asyncpg.PostgresError as exc:
                     raise TransportError(f"postgres NOTIFY failed: {exc!r}") from exc
+
+    async def _notify_each(
+        self, conn: asyncpg.Connection, idents: Sequence[str], payloads: Sequence[str]
+    ) -> None:
+        refused: list[asyncpg.DataError] = []
+        for ident, payload in zip(idents, payloads, strict=True):
+            try:
+                await conn.execute(
+                    "SELECT pg_notify($1, $2)", ident, payload, timeout=self._ping_interval
+                )
+            except asyncpg.DataError as exc:
+                refused.append(exc)
+        if refused:
+            raise TransportError(
+                f"postgres NOTIFY refused {len(refused)} of {len(payloads)} messages "
+                f"(subscribers read them from the log): {refused[0]!r}"
+            ) from refused[0]
 
     # -- internals -----------------------------------------------------------------
 

@@ -27,9 +27,9 @@ def private_name(name: str) -> str:
     return name if base == "test" else f"{base}_{name}"
 
 
-async def ensure_database(name: str) -> str:
-    """Create database ``name`` (see :func:`private_name`) if it is missing; returns
-    its ``postgresql://`` URL."""
+async def ensure_database(name: str, *, options: str = "") -> str:
+    """Create database ``name`` (see :func:`private_name`) if it is missing, with
+    ``CREATE DATABASE`` ``options`` if given; returns its ``postgresql://`` URL."""
     require_postgres()
     name = private_name(name)
     admin = await asyncpg.connect(database_url("postgres"))
@@ -38,7 +38,7 @@ async def ensure_database(name: str) -> str:
         if not exists:
             # A concurrent run may create it meanwhile.
             with contextlib.suppress(asyncpg.DuplicateDatabaseError):
-                await admin.execute(f'CREATE DATABASE "{name}"')
+                await admin.execute(f'CREATE DATABASE "{name}" {options}')
     finally:
         await admin.close()
     return database_url(name)

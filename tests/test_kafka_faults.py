@@ -117,3 +117,37 @@ async def test_disconnect_after_the_broker_died_closes_everything(
     finally:
         await asyncio.wait_for(broadcast.disconnect(), 20)
         await asyncio.to_thread(broker.start)
+
+
+async def test_subscribes_while_the_broker_is_away_return_at_once(
+    broker: TansuBroker, tmp_path: Path
+) -> None:
+    """Each subscribe and unsubscribe tried the broker for the whole timeout under one
+    lock: with the broker known to be away, the k-th of many subscribers entered after
+    k timeouts (100 reconnecting clients: minutes with nothing, though the log had
+    their events). Now they are assigned when the broker comes back."""
+    log = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
+    channels = [unique("away") for _ in range(4)]
+    async with (
+        Broadcast(backend=fast_backend(broker), log=log) as publisher,
+        Broadcast(backend=fast_backend(broker), log=log, idle_check=600) as subscriber,
+    ):
+        await asyncio.to_thread(broker.stop)
+        try:
+            await wait_until(lambda: not subscriber.transport_connected, 10)
+            stored = [await publisher.publish(c, "stored") for c in channels]
+
+            async def enter(channel: str) -> Event:
+                async with subscriber.subscribe(channel, since=0) as sub:
+                    (event,) = await take(sub, 1)
+                return event
+
+            # Bounded below the 4 timeouts of 2 s they took one after another.
+            got = await asyncio.wait_for(asyncio.gather(*map(enter, channels)), 6)
+            assert got == stored
+        finally:
+            await asyncio.to_thread(broker.start)
+        async with subscriber.subscribe(channels[0]) as sub:
+            await wait_until(lambda: subscriber.transport_connected, 20)
+            event = await publisher.publish(channels[0], "live")
+            assert await take(sub, 1, timeout=10) == [event]

@@ -222,7 +222,14 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
         """
         if self._lock is None:
             raise NotConnected("the kafka transport is not connected")
+        if not self._up:
+            # Known to be away: _watch assigns every channel when it comes back.
+            # Trying here waited the whole timeout under the lock, so many
+            # subscribers entered one timeout after another.
+            return
         async with self._lock:
+            if not self._up:  # found away while this one waited for the lock
+                return
             try:
                 await wait_for(self._assign(), self._timeout)
             except (KafkaError, *TRANSIENT) as exc:

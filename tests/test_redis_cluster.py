@@ -299,6 +299,50 @@ async def test_a_frozen_master_delays_no_other_masters_channels(tmp_path: Path) 
             assert_contiguous(received, 1, last.offset)
 
 
+async def test_a_lost_master_stops_no_other_masters_subscriptions(tmp_path: Path) -> None:
+    """When a subscriber's shard connection to one master failed (frozen, then
+    killed), every shard was closed and all channels placed again in one pass, which
+    the lost master failed: no channel of any master was live until it came back
+    (found by a black-box probe). Now only its own shard is opened again."""
+    log = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
+    with RedisClusterNodes(node_timeout_ms=60_000) as cluster:
+        nodes, _ = cluster_options(cluster.url)
+        admin = RedisCluster(startup_nodes=nodes, decode_responses=True)
+        await admin.initialize()
+        try:
+            channels = on_every_master(admin, 2)
+            victim = cluster.ports[0]
+            owners = {c: admin.get_node_from_key(c).port for c in channels}  # type: ignore[union-attr]
+        finally:
+            await admin.aclose()
+        healthy = [c for c in channels if owners[c] != victim]
+        receiving = RedisClusterBackend(cluster.url, ping_interval=0.3, max_reconnect_delay=0.2)
+        async with (
+            Broadcast(cluster.url, log=log) as publisher,
+            Broadcast(backend=receiving, log=log, idle_check=600) as subscriber,
+            AsyncExitStack() as stack,
+        ):
+            subs = {c: await stack.enter_async_context(subscriber.subscribe(c)) for c in channels}
+            process = cluster.processes[victim]
+            process.send_signal(signal.SIGSTOP)
+            try:
+                await wait_until(lambda: not subscriber.transport_connected, 10, "noticed")
+                for round_ in range(3):
+                    await asyncio.sleep(1.0)  # resubscription attempts meanwhile
+                    for channel in healthy:
+                        event = await publisher.publish(channel, f"r{round_}")
+                        (got,) = await take(subs[channel], 1, timeout=5)
+                        assert got == event
+                cluster.kill_node(victim)  # and now gone: refused at once
+                for channel in healthy:
+                    event = await publisher.publish(channel, "after the kill")
+                    (got,) = await take(subs[channel], 1, timeout=5)
+                    assert got == event
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signal.SIGCONT)
+
+
 async def test_a_permanent_failure_reaches_the_receiver(
     redis_cluster_url: str, admin: RedisCluster
 ) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
 from urllib.parse import unquote
@@ -79,7 +80,14 @@ class Shard:
         settings = {**options, "retry": Retry(NoBackoff(), 0)}
         self._client = aioredis.Redis(host=host, port=port, **settings)
         self.pubsub: PubSub = self._client.pubsub()
+        #: Our SUNSUBSCRIBEs on this connection not yet confirmed, by channel.
+        self.leaving: Counter[str] = Counter()
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def ended(self) -> bool:
+        """Whether its reading task stopped: the connection failed or a slot moved."""
+        return self._task is not None and self._task.done()
 
     def start(self, read: Callable[[Shard], Coroutine[Any, Any, None]]) -> None:
         """Start the reading task (once), after the first ``SSUBSCRIBE``."""

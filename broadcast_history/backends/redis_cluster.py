@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,9 +37,10 @@ class RedisClusterBackend(Health, InboxTransport, BroadcastBackend):
 
     Any reachable node of the URL serves to discover the others. Messages reach the
     processes subscribed at the moment they are published. When a node's connection
-    drops or a slot moves to another node, every shard subscription is opened again
-    on the current owners (with backoff); meanwhile ``connected`` is false and
-    subscribers read what they miss from the log.
+    drops or a slot moves to another node, that node's channels are subscribed again
+    on their current owners (with backoff), the other nodes' subscriptions staying
+    live; meanwhile ``connected`` is false and subscribers read what they miss from
+    the log.
 
     Args:
         url: ``redis-cluster://[user:password@]host:port[,host:port]``, or
@@ -65,7 +65,6 @@ class RedisClusterBackend(Health, InboxTransport, BroadcastBackend):
         self._channels: set[str] = set()
         self._shards: dict[str, Shard] = {}  # node name -> its subscription connection
         self._owner: dict[str, str] = {}  # channel -> node name it is subscribed on
-        self._leaving: Counter[str] = Counter()  # our SUNSUBSCRIBEs not yet confirmed
         self._acks = Confirmations()
         self._inbox: Inbox | None = None
         self._lock: asyncio.Lock | None = None
@@ -132,7 +131,7 @@ class RedisClusterBackend(Health, InboxTransport, BroadcastBackend):
             self._channels.discard(channel)
             shard = self._shards.get(self._owner.pop(channel, ""))
             if shard is not None:
-                self._leaving[channel] += 1
+                shard.leaving[channel] += 1
                 await self._guard(shard.pubsub.sunsubscribe(channel))
 
     async def publish_many(self, messages: Sequence[tuple[str, Any]]) -> None:
@@ -158,14 +157,22 @@ class RedisClusterBackend(Health, InboxTransport, BroadcastBackend):
         raise_if_cancelled_since(asked)  # as redis-py may swallow one (see redis.py)
 
     async def _place(self, channels: Sequence[str]) -> None:
-        """SSUBSCRIBE ``channels`` on the masters owning them, one command per slot."""
+        """SSUBSCRIBE ``channels`` on the masters owning them, one command per slot.
+
+        A master that fails is left out (its shard closed, its channels unplaced) and
+        the others are still placed; the first failure is raised at the end.
+        """
         assert self._cluster is not None and self._inbox is not None
         by_slot: dict[tuple[str, int], list[str]] = {}
         for channel in channels:
             node = self._cluster.get_node_from_key(channel)
             assert node is not None  # a primary is always returned
             by_slot.setdefault((node.name, self._cluster.keyslot(channel)), []).append(channel)
+        failure: Exception | None = None
+        failed: set[str] = set()
         for (name, _slot), group in by_slot.items():
+            if name in failed:
+                continue
             shard = self._shards.get(name)
             if shard is None:
                 node = self._cluster.get_node(node_name=name)
@@ -173,19 +180,59 @@ class RedisClusterBackend(Health, InboxTransport, BroadcastBackend):
                 shard = self._shards[name] = Shard(node.host, int(node.port), self._options)
             for channel in group:
                 self._owner[channel] = name
-            await shard.pubsub.ssubscribe(*group)
+            try:
+                await shard.pubsub.ssubscribe(*group)
+            except Exception as exc:
+                failure = failure or exc
+                failed.add(name)
+                await self._close_shard(name)
+                continue
             # Read only once subscribed: a PubSub read before that has no connection.
             shard.start(self._read)
+        if failure is not None:
+            raise failure
+
+    async def _replace(self) -> None:
+        """Subscribe again what the ended shards held, and what moved.
+
+        The shards of masters still reading stay as they are (a lost master used to
+        take every channel's live delivery with it until it came back).
+        """
+        assert self._cluster is not None
+        masters = {node.name for node in self._cluster.get_primaries()}
+        for name in [n for n, shard in self._shards.items() if shard.ended or n not in masters]:
+            await self._close_shard(name)
+        unplaced = []
+        for channel in sorted(self._channels):
+            owner = self._owner.get(channel)
+            node = self._cluster.get_node_from_key(channel)
+            assert node is not None
+            if owner in self._shards and node.name == owner:
+                continue  # subscribed where its slot lives
+            shard = self._shards.get(owner or "")
+            if shard is not None:  # its slot moved from a master still reading
+                shard.leaving[channel] += 1
+                await shard.pubsub.sunsubscribe(channel)
+            self._owner.pop(channel, None)
+            unplaced.append(channel)
+        await self._place(unplaced)
+
+    async def _close_shard(self, name: str) -> None:
+        shard = self._shards.pop(name, None)
+        if shard is not None:
+            for channel in [c for c, owner in self._owner.items() if owner == name]:
+                del self._owner[channel]
+            await shard.close()
 
     async def _close_shards(self) -> None:
         shards, self._shards = list(self._shards.values()), {}
         self._owner.clear()
-        self._leaving.clear()
         for shard in shards:
             await shard.close()
 
     async def _supervise(self) -> None:
-        """Whenever a shard fails or a slot moves: refresh the slot map, resubscribe all."""
+        """Whenever a shard fails or a slot moves: refresh the slot map, resubscribe
+        what it held."""
         await self._until_broken(
             "the redis-cluster subscription", self._recover, self._acks.release
         )
@@ -202,10 +249,9 @@ class RedisClusterBackend(Health, InboxTransport, BroadcastBackend):
             await backoff.sleep()
             async with self._lock:
                 self._trouble.clear()
-                await self._close_shards()
                 try:
                     await self._cluster.nodes_manager.initialize()
-                    await self._place(sorted(self._channels))
+                    await self._replace()
                 except Exception as exc:
                     if not is_cluster_transient(exc):
                         raise
@@ -227,8 +273,8 @@ class RedisClusterBackend(Health, InboxTransport, BroadcastBackend):
                 elif kind == "ssubscribe":
                     self._acks.confirm(channel)
                 elif kind == "sunsubscribe":
-                    if self._leaving[channel] > 0:
-                        self._leaving[channel] -= 1
+                    if shard.leaving[channel] > 0:
+                        shard.leaving[channel] -= 1
                     elif channel in self._channels:
                         # The server dropped it: its slot moved to another node.
                         logger.info("redis-cluster slot of %r moved; resubscribing", channel)

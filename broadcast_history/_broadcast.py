@@ -182,10 +182,11 @@ class Broadcast:
 
     async def connect(self) -> None:
         """Open the log (creating its schema) and the transport; safe to call twice."""
-        if self._closing is not None:
-            # A disconnect still closing: let it end (its error was its callers').
-            await asyncio.wait({self._closing})
         async with self._serial():  # a second connect() meanwhile waits for this one
+            # A disconnect still closing (perhaps begun while this call waited for
+            # the lock): let it end first (its error was its callers').
+            while self._closing is not None:
+                await asyncio.wait({self._closing})
             if not self._connected:
                 await self._open()
 

@@ -144,6 +144,26 @@ async def test_connects_at_once_open_one_broadcast(log: str, sqlite_file_url: st
     assert ours() == []
 
 
+async def test_a_connect_waiting_while_another_task_disconnects_opens_after(
+    sqlite_file_url: str,
+) -> None:
+    """A connect() waiting for another task's connect, which then disconnected at once,
+    opened while the closing went on: the closing then shut the log and listener it
+    had opened, and the broadcast said connected but could not publish."""
+    broadcast = Broadcast(log=sqlite_file_url)
+
+    async def in_and_out() -> None:
+        async with broadcast:
+            pass
+
+    await asyncio.gather(in_and_out(), broadcast.connect())
+    try:
+        assert broadcast.connected
+        assert (await broadcast.publish("c", "m")).offset == 1
+    finally:
+        await broadcast.disconnect()
+
+
 async def test_awaiting_it_from_another_event_loop_is_refused() -> None:
     """A publish awaited from another thread's loop was stored and never returned."""
     async with Broadcast() as broadcast:

@@ -238,7 +238,8 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
                 logger.warning("kafka subscription deferred: %r", exc)
                 self._up = False
 
-    async def _assign(self) -> None:
+    async def _assign(self) -> list[str]:
+        """Assign the partitions of the subscribed topics; returns those topics."""
         assert self._consumer is not None and self._assigned is not None
         consumer = self._consumer
         topics = sorted(self._channels)
@@ -271,6 +272,7 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
             self._assigned.set()
         else:
             self._assigned.clear()
+        return topics
 
     async def _fetch(self) -> None:
         """Move records from the consumer to the inbox, tracking positions."""
@@ -330,7 +332,6 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
                     logger.warning("kafka broker unreachable; retrying: %r", exc)
                 self._up = False
                 continue
-            self._back_up("kafka broker connection")
             backoff.reset()
 
     async def _recover(self) -> None:
@@ -339,10 +340,16 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
         async with self._lock:
             if missing or not self._up or wanted != self._consumer.assignment():
                 self._known -= missing
-                await self._assign()
+                # Subscribes while the broker was away returned without the lock
+                # (see _sync_assignment): until up is set, one may add a channel
+                # after _assign read them.
+                while sorted(self._channels) != await self._assign():
+                    pass
             # Also after a restart too quick to notice: a broker that lost its data
             # (or a topic deleted and re-created) leaves positions past the end.
             await self._rewind_recreated()
+            # Under the lock: a subscribe that waited for it assigns its channel.
+            self._back_up("kafka broker connection")
 
     async def _rewind_recreated(self) -> None:
         """Move positions past a topic's end (a re-created topic) to its start."""

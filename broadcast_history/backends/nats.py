@@ -80,7 +80,6 @@ class NatsBackend(InboxTransport, BroadcastBackend):
             raise InvalidArgument(f"subject_prefix is longer than {MAX_PREFIX} characters")
         if max_payload < 1024:
             raise InvalidArgument(f"max_payload must be at least 1024 bytes, not {max_payload}")
-        self.max_message_size: int | None = max_payload
         self._max_payload = max_payload
         self._prefix = subject_prefix
         self._attempts = connect_options.pop("max_reconnect_attempts", -1)
@@ -139,10 +138,18 @@ class NatsBackend(InboxTransport, BroadcastBackend):
                 self._max_payload,
                 nc.max_payload,
             )
-        # The wire packs events up to this: envelopes over the server's limit were
-        # dropped whole, the small events in them included.
-        self.max_message_size = min(nc.max_payload, self._max_payload)
         self._nc = nc
+
+    @property
+    def max_message_size(self) -> int:  # type: ignore[override]  # an attribute in the base
+        """The largest envelope sent: ``max_payload``, or the server's if lower.
+
+        Read at each send (the wire packs events up to it): envelopes over the
+        server's limit were dropped whole, the small events in them included, and
+        nats-py updates the limit when it reconnects to another server.
+        """
+        nc = self._nc
+        return self._max_payload if nc is None else min(nc.max_payload, self._max_payload)
 
     async def disconnect(self) -> None:
         nc, self._nc = self._nc, None

@@ -169,6 +169,12 @@ class PostgresBackend(InboxTransport, BroadcastBackend):
                 )
             except asyncpg.DataError as exc:
                 refused.append(exc)
+            except _TRANSIENT as exc:
+                conn.terminate()  # lost, or silent past the bound
+                self._publish_conn = None
+                raise TransportError(f"postgres NOTIFY failed: {exc!r}") from exc
+            except asyncpg.PostgresError as exc:
+                raise TransportError(f"postgres NOTIFY failed: {exc!r}") from exc
         if refused:
             raise TransportError(
                 f"postgres NOTIFY refused {len(refused)} of {len(payloads)} messages "

@@ -157,11 +157,13 @@ class EventLog(ConsumerMethods):
         """Close every connection; safe to call twice."""
         if self._log_id is not None:
             self._log_id = None
-            if self._running:
-                # A read left running by a cancelled subscriber holds a connection:
-                # let it end rather than close the pool under it.
-                await asyncio.wait(list(self._running), timeout=_CALLS_WAIT)
-            await self._store.close()
+            # Under the lock connect() takes: one called meanwhile opens after this.
+            async with self._serial():
+                if self._running:
+                    # A read left running by a cancelled subscriber holds a connection:
+                    # let it end rather than close the pool under it.
+                    await asyncio.wait(list(self._running), timeout=_CALLS_WAIT)
+                await self._store.close()
 
     # -- writing -------------------------------------------------------------------
 

@@ -127,8 +127,10 @@ class MySQLStore(ServerStore):
             except OperationalError as exc:
                 # Deadlocks are found while waiting for a lock, never at COMMIT: the
                 # transaction was rolled back whole and nothing was stored.
-                if _errno(exc) != _DEADLOCK or attempt == _ATTEMPTS - 1:
+                if _errno(exc) != _DEADLOCK:
                     raise
+                if attempt == _ATTEMPTS - 1:
+                    raise append_error(exc, ambiguous=False) from exc
         raise AssertionError("unreachable")
 
     async def _append_once(self, engine: AsyncEngine, items: Sequence[Pending]) -> list[Event]:

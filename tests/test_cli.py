@@ -149,7 +149,13 @@ def test_export_import(log: str, tmp_path: Path) -> None:
     mine = tmp_path / "mine.txt"
     mine.write_text("mine")
     cli("export", "nope", "-o", str(mine), "--log", log, code=1)
-    assert mine.exists()
+    assert mine.read_text() == "mine"  # not emptied either (a backup a typo lost)
+    cli("export", "-o", str(mine), "--log", log)
+    assert mine.read_text() == dump.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    missing = cli("export", "-o", str(tmp_path / "no" / "x.jsonl"), "--log", log, code=2)
+    assert "cannot write" in missing.stderr and missing.exception is not None
+    assert isinstance(missing.exception, SystemExit)  # one error line, no traceback
 
     result = cli("import", str(dump), "--log", log, code=1)
     assert "already exists" in result.stderr
@@ -164,6 +170,23 @@ def test_export_import(log: str, tmp_path: Path) -> None:
     bad.write_text('{"type": "event"}\n')
     assert "line 1" in cli("import", str(bad), "--log", other, code=2).stderr
     cli("import", str(tmp_path / "none.jsonl"), "--log", other, code=2)
+    # A pipe, as `import <(zcat backup.jsonl.gz)` gives: "no such file" before.
+    piped = f"sqlite+aiosqlite:///{tmp_path / 'piped.db'}"
+    read_end, write_end = os.pipe()
+
+    def feed() -> None:
+        with os.fdopen(write_end, "w") as pipe:
+            pipe.write(dump.read_text())
+
+    writer = threading.Thread(target=feed)
+    writer.start()
+    try:
+        cli("import", f"/dev/fd/{read_end}", "--log", piped)
+    finally:
+        writer.join()
+        os.close(read_end)
+    assert cli("export", "--log", piped).stdout == dump.read_text()
+    assert "is a directory" in cli("import", str(tmp_path), "--log", piped, code=2).stderr
 
 
 def test_db_commands(tmp_path: Path) -> None:
@@ -399,3 +422,15 @@ def test_commands_load_no_web_framework_and_no_migration_tool() -> None:
         "assert not loaded, loaded\n"
     )
     subprocess.run([sys.executable, "-c", program], check=True)
+
+
+def test_logs_that_cannot_be_what_was_meant_are_refused(tmp_path: Path) -> None:
+    """An in-memory log ends with the command (a publish said stored, then gone); a
+    SQLite URL with two slashes named the file as a host (exit 3, with a message about
+    a URL the user never wrote)."""
+    for log in ("sqlite+aiosqlite://", "sqlite+aiosqlite:///:memory:"):
+        refused = cli("publish", "c", "m", "--log", log, code=2)
+        assert "in-memory SQLite log ends with this command" in refused.stderr
+        cli("channels", "--log", log, code=2)
+    refused = cli("publish", "c", "m", "--log", "sqlite+aiosqlite://events.db", code=2)
+    assert "three slashes" in refused.stderr

@@ -388,3 +388,16 @@ def test_a_stored_message_nested_too_deeply_is_shown_raw() -> None:
     deep = "[" * 5000 + "]" * 5000  # published by another tool: the parser gives up
     item = message_item(Event("room:x", deep, offset=1, epoch=7))
     assert (item["id"], item["text"]) == ("7:1", deep)
+
+
+def test_the_console_banner_hides_passwords() -> None:
+    """The demo printed its URLs as given, passwords included (its /api/info hid them)."""
+    from broadcast_history.demo._command import shown_url
+
+    assert shown_url("postgresql+asyncpg://app:s3cret@db/app") == (
+        "postgresql+asyncpg://app:***@db/app"
+    )
+    assert shown_url("redis://:pw@cache:6379/0") == "redis://:***@cache:6379/0"
+    assert shown_url("kafka://user:p@a@b:9092,c:9092") == "kafka://user:***@b:9092,c:9092"
+    for plain in ("memory://", "sqlite+aiosqlite:///.data/demo.db", "nats://n1,n2"):
+        assert shown_url(plain) == plain

@@ -100,7 +100,7 @@ async def open_admin(log: str, *, must_exist: bool = True) -> AsyncIterator[Hist
     an existing schema: processes of the older version may still be running on it,
     and ``db upgrade`` is the deliberate step for that.
     """
-    event_log = EventLog(log, migrate="create", must_exist=must_exist)
+    event_log = _lasting(EventLog(log, migrate="create", must_exist=must_exist))
     await event_log.connect()
     try:
         yield HistoryAdmin(event_log)
@@ -112,8 +112,20 @@ async def open_admin(log: str, *, must_exist: bool = True) -> AsyncIterator[Hist
 async def open_broadcast(url: str, log: str, **options: Any) -> AsyncIterator[Broadcast]:
     """A connected broadcast over the live transport ``url`` and the log (whose schema
     is created if missing, never upgraded, as in :func:`open_admin`)."""
-    async with Broadcast(url, log=EventLog(log, migrate="create"), **options) as broadcast:
+    event_log = _lasting(EventLog(log, migrate="create"))
+    async with Broadcast(url, log=event_log, **options) as broadcast:
         yield broadcast
+
+
+def _lasting(log: EventLog) -> EventLog:
+    """``log``, unless it is in memory: it would end with the command (a publish
+    reported stored, then gone; reads of an empty log)."""
+    if log.private:
+        raise InvalidArgument(
+            "an in-memory SQLite log ends with this command: give a file "
+            "(sqlite+aiosqlite:///events.db) or a database server's URL"
+        )
+    return log
 
 
 def flush() -> None:

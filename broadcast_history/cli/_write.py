@@ -5,8 +5,12 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import os
+import stat
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import IO, Annotated
@@ -145,19 +149,44 @@ def export_(
     if output == "-":
         run(go(sys.stdout, None))
         return
-    # Files are opened here, outside the event loop; a half-written file is removed,
-    # if this export created it (never a path that was there before: a device such
-    # as /dev/null, a file of the user's).
     target = Path(output)
-    created = not target.exists()
-    try:
-        with target.open("w", encoding="utf-8") as out, _progress() as progress:
+    if target.exists() and not target.is_file():  # a device (/dev/null), a FIFO
+        with _opened(target.open, output) as out, _progress() as progress:
             written = run(go(out, progress))
-    except BaseException:
-        if created and target.is_file():
-            target.unlink(missing_ok=True)
-        raise
+    else:
+        # Written beside it and renamed at the end: an export that fails (a channel
+        # or --log mistyped in a backup job) leaves the file there before untouched;
+        # opening it for writing first emptied it.
+        made = partial(
+            tempfile.NamedTemporaryFile,
+            dir=target.parent,
+            prefix=f".{target.name}.",
+            suffix=".part",
+            delete=False,
+        )
+        with _opened(made, output) as out:
+            try:
+                with _progress() as progress:
+                    written = run(go(out, progress))
+                out.close()
+                if target.exists():
+                    os.chmod(out.name, stat.S_IMODE(target.stat().st_mode))
+                os.replace(out.name, target)
+            except BaseException:
+                Path(out.name).unlink(missing_ok=True)
+                raise
     err_console.print(f"exported {written} events to {escape(output)}")
+
+
+@contextmanager
+def _opened(opener: Callable[..., IO[str]], output: str) -> Iterator[IO[str]]:
+    """``opener("w", encoding="utf-8")``, failing as a one-line error (exit code 2)."""
+    try:
+        out = opener(mode="w", encoding="utf-8")
+    except OSError as exc:
+        fail(f"cannot write {output}: {exc.strerror or exc}", 2)
+    with out:
+        yield out
 
 
 async def _write(
@@ -206,14 +235,19 @@ def import_(
         result = run(go(_read_chunks(sys.stdin.buffer, None)))
     else:
         path = Path(source)
-        if not path.is_file():
+        # Pipes and devices too: `import <(zcat backup.jsonl.gz)` reads /dev/fd/63.
+        if not path.exists():
             fail(f"no such file: {source}", 2)
+        if path.is_dir():
+            fail(f"{source} is a directory", 2)
         columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn())
-        with (
-            path.open("rb") as file,
-            Progress(*columns, console=err_console, transient=True) as progress,
-        ):
-            task = progress.add_task("importing", total=path.stat().st_size)
+        try:
+            file = path.open("rb")
+        except OSError as exc:
+            fail(f"cannot read {source}: {exc.strerror or exc}", 2)
+        with file, Progress(*columns, console=err_console, transient=True) as progress:
+            size = path.stat().st_size if path.is_file() else None
+            task = progress.add_task("importing", total=size)
             result = run(go(_read_chunks(file, lambda n: progress.advance(task, n))))
     events, channels = result.events, len(result.channels)
     err_console.print(

@@ -66,7 +66,9 @@ def serve(
     app = create_app(Broadcast(live, log=log_url, retention=retention))
     shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::") else host  # noqa: S104
     print(f"broadcast_history chat demo: http://{shown}:{port}/", flush=True)
-    print(f"  live transport: {live}\n  event log:      {log_url}", flush=True)
+    print(
+        f"  live transport: {shown_url(live)}\n  event log:      {shown_url(log_url)}", flush=True
+    )
     print("  open it in two windows, press 'Drop connection' in one, chat in the other.")
 
     serve_until_stopped(
@@ -95,3 +97,14 @@ def demo(
 ) -> None:
     """Serve the realtime chat demo (rooms, SSE and WebSocket, catch-up on reconnect)."""
     serve(host=host, port=port, live=live, log=log, data_dir=data_dir)
+
+
+def shown_url(url: str) -> str:
+    """``url`` with its password hidden, for the console (any scheme, several hosts)."""
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, path = rest.partition("/")
+    if "@" in netloc:
+        userinfo, _, hosts = netloc.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        netloc = f"{user}{':***' if colon else ''}@{hosts}"
+    return f"{scheme}{sep}{netloc}{slash}{path}"

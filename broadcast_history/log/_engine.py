@@ -56,6 +56,15 @@ def normalize_url(url: str | URL) -> URL:
             f"Unsupported log database {parsed.drivername!r}: "
             "use sqlite+aiosqlite://, postgresql+asyncpg:// or mysql+asyncmy://"
         )
+    if driver == "sqlite+aiosqlite" and (parsed.host or parsed.port):
+        # sqlite+aiosqlite://events.db: the file name read as a host, the database
+        # left empty (in memory), which SQLAlchemy refused at connect, in words about
+        # the URL the store made of it.
+        raise InvalidArgument(
+            f"a SQLite URL names no host: {url!s} reads {parsed.host!r} as one; for a "
+            "file use three slashes (sqlite+aiosqlite:///events.db) or four for an "
+            "absolute path (sqlite+aiosqlite:////var/lib/app/events.db)"
+        )
     if driver == "mysql+asyncmy":
         # The client's character set is what str parameters are sent in.
         parsed = parsed.update_query_dict({"charset": "utf8mb4"})

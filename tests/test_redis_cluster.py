@@ -250,6 +250,19 @@ async def test_master_killed_mid_stream(
             assert (last.offset, last.message) == (event.offset, "after")
 
 
+async def _owned(cluster: RedisClusterNodes, per_master: int) -> tuple[list[str], dict[str, int]]:
+    """``per_master`` channels on every master of ``cluster``, and their masters' ports."""
+    nodes, _ = cluster_options(cluster.url)
+    admin = RedisCluster(startup_nodes=nodes, decode_responses=True)
+    await admin.initialize()
+    try:
+        channels = on_every_master(admin, per_master)
+        owners = {c: admin.get_node_from_key(c).port for c in channels}  # type: ignore[union-attr]
+    finally:
+        await admin.aclose()
+    return channels, owners
+
+
 async def test_a_frozen_master_delays_no_other_masters_channels(tmp_path: Path) -> None:
     """A master that stops answering (SIGSTOP: a frozen process, a partition) held up
     every later live send, for every master's channels, 10 s per batch. It is set
@@ -257,15 +270,8 @@ async def test_a_frozen_master_delays_no_other_masters_channels(tmp_path: Path) 
     log = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
     # Nobody declares the frozen master failed while the test runs.
     with RedisClusterNodes(node_timeout_ms=60_000) as cluster:
-        nodes, _ = cluster_options(cluster.url)
-        admin = RedisCluster(startup_nodes=nodes, decode_responses=True)
-        await admin.initialize()
-        try:
-            channels = on_every_master(admin, 1)
-            victim = cluster.ports[0]
-            owners = {c: admin.get_node_from_key(c).port for c in channels}  # type: ignore[union-attr]
-        finally:
-            await admin.aclose()
+        channels, owners = await _owned(cluster, 1)
+        victim = cluster.ports[0]
         frozen = next(c for c in channels if owners[c] == victim)
         healthy = [c for c in channels if c != frozen]
         # Subscribers hear only live sends (and the gaps they reveal), not idle checks.
@@ -306,15 +312,8 @@ async def test_a_lost_master_stops_no_other_masters_subscriptions(tmp_path: Path
     (found by a black-box probe). Now only its own shard is opened again."""
     log = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
     with RedisClusterNodes(node_timeout_ms=60_000) as cluster:
-        nodes, _ = cluster_options(cluster.url)
-        admin = RedisCluster(startup_nodes=nodes, decode_responses=True)
-        await admin.initialize()
-        try:
-            channels = on_every_master(admin, 2)
-            victim = cluster.ports[0]
-            owners = {c: admin.get_node_from_key(c).port for c in channels}  # type: ignore[union-attr]
-        finally:
-            await admin.aclose()
+        channels, owners = await _owned(cluster, 2)
+        victim = cluster.ports[0]
         healthy = [c for c in channels if owners[c] != victim]
         receiving = RedisClusterBackend(cluster.url, ping_interval=0.3, max_reconnect_delay=0.2)
         async with (

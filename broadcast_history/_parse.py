@@ -70,8 +70,15 @@ def parse_since(text: str, what: str = "since") -> int | datetime:
 def parse_event_id(text: str, what: str = "Last-Event-ID") -> tuple[int | None, int]:
     """``"<epoch>:<offset>"`` (or a bare offset) as ``(epoch, offset)``."""
     epoch_text, sep, offset_text = text.strip().rpartition(":")
-    offset = parse_int(offset_text, what)
-    return (parse_int(epoch_text, f"{what} epoch") if sep else None), offset
+    try:
+        offset = parse_int(offset_text, what)
+        return (parse_int(epoch_text, f"{what} epoch") if sep else None), offset
+    except InvalidArgument as exc:
+        # Said as a whole: "must be an integer" misled for an id of two parts.
+        raise InvalidArgument(
+            f"{what} must be <epoch>:<offset> or an offset (integers from 0 to {MAX_INT}), "
+            f"got {text[:60]!r}"
+        ) from exc
 
 
 def format_event_id(epoch: int, offset: int) -> str:

@@ -194,7 +194,8 @@ def test_db_commands(tmp_path: Path) -> None:
     cli("db", "check", "--log", url, code=3)  # no file yet
     (tmp_path / "db.sqlite").touch()
     assert "(no schema)" in cli("db", "current", "--log", url).stdout
-    assert "db upgrade" in cli("db", "check", "--log", url, code=1).stderr
+    checked = cli("db", "check", "--log", url, code=1).stderr
+    assert "has no schema yet" in checked and "db upgrade" in checked  # was "at nothing"
     assert "schema at 0005" in cli("db", "upgrade", "--log", url).stdout
     assert "current: 0005" in cli("db", "current", "--log", url).stdout
     cli("db", "check", "--log", url)
@@ -254,6 +255,8 @@ def test_tail_history_in_process(tmp_path: Path) -> None:
     result = cli("tail", "c", "--since", "1", "--count", "1", "--log", log)
     assert "#2 m1" in result.stdout
     cli("tail", "c", "--since", "1", "--history", "1", "--log", log, code=2)
+    refused = cli("tail", "c", "--last-event-id", "garbage", "--log", log, code=2)
+    assert "must be <epoch>:<offset> or an offset" in refused.stderr  # not "an integer"
     cli("tail", "c", "--last-event-id", "x:1", "--log", log, code=2)
     epoch = json_lines(cli("event", "c", "1", "--log", log).stdout)[0]["epoch"]
     result = cli("tail", "c", "--last-event-id", f"{epoch}:2", "--count", "1", "--log", log)

@@ -50,6 +50,7 @@ def check(log: LogOption = DEFAULT_LOG) -> None:
                 f"newer than this version knows ({head}): upgrade broadcast_history "
                 "(`db upgrade` cannot go back)"
             )
-        err_console.print(f"schema is at {at or 'nothing'}, {advice}")
+        where = "has no schema yet" if at is None else f"schema is at {at}"
+        err_console.print(f"{where}, {advice}")
         raise typer.Exit(1)
     console.print(f"schema is current ({head})")

@@ -152,6 +152,15 @@ def test_export_import(log: str, tmp_path: Path) -> None:
     assert mine.read_text() == "mine"  # not emptied either (a backup a typo lost)
     cli("export", "-o", str(mine), "--log", log)
     assert mine.read_text() == dump.read_text()
+    # Through a link, to the file it points to; a new file gets the usual mode (the
+    # temporary file it was written as is private).
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(mine)
+    cli("export", "-o", str(link), "--log", log)
+    assert link.is_symlink() and mine.read_text() == dump.read_text()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (dump.stat().st_mode & 0o777) == 0o666 & ~umask
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
     missing = cli("export", "-o", str(tmp_path / "no" / "x.jsonl"), "--log", log, code=2)
     assert "cannot write" in missing.stderr and missing.exception is not None

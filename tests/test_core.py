@@ -164,6 +164,33 @@ async def test_a_connect_waiting_while_another_task_disconnects_opens_after(
         await broadcast.disconnect()
 
 
+async def test_a_disconnect_between_two_waiting_connects_leaves_the_log_usable(
+    sqlite_file_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disconnect() arriving as the first of two waiting connects finished cleared
+    the log's id at once, then waited: the second connect reopened the open store
+    and the disconnect closed it, leaving a log that said connected but was not."""
+    log = EventLog(sqlite_file_url)
+    await log.connect()
+    opened = EventLog._open
+    later: list[asyncio.Task[None]] = []
+
+    async def open_then_disconnect(self: EventLog) -> None:
+        await opened(self)
+        if not later:  # runs right after this connect lets go of the lock
+            later.append(asyncio.create_task(self.disconnect()))
+
+    monkeypatch.setattr(EventLog, "_open", open_then_disconnect)
+    await asyncio.gather(log.disconnect(), log.connect(), log.connect())
+    await asyncio.gather(*later)
+    await log.connect()
+    try:
+        (event,) = await log.append([Pending("c", "m", None)])
+        assert event.offset == 1
+    finally:
+        await log.disconnect()
+
+
 async def test_awaiting_it_from_another_event_loop_is_refused() -> None:
     """A publish awaited from another thread's loop was stored and never returned."""
     async with Broadcast() as broadcast:

@@ -399,5 +399,12 @@ def test_the_console_banner_hides_passwords() -> None:
     )
     assert shown_url("redis://:pw@cache:6379/0") == "redis://:***@cache:6379/0"
     assert shown_url("kafka://user:p@a@b:9092,c:9092") == "kafka://user:***@b:9092,c:9092"
+    assert (
+        shown_url("postgresql+asyncpg://app:pa/ss@db/app") == "postgresql+asyncpg://app:***@db/app"
+    )
+    assert shown_url("nats://s3cr3tToken@localhost:4222") == "nats://***@localhost:4222"
+    assert shown_url("postgresql://db/app?user=u&password=p") == (
+        "postgresql://db/app?user=u&password=***"
+    )
     for plain in ("memory://", "sqlite+aiosqlite:///.data/demo.db", "nats://n1,n2"):
         assert shown_url(plain) == plain

@@ -101,6 +101,7 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
         self._lookup: AIOKafkaConsumer | None = None
         self._inbox: Inbox | None = None
         self._lock: asyncio.Lock | None = None
+        self._recovering = False  # _recover holds the lock (see _sync_assignment)
         self._assigned: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -222,7 +223,7 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
         """
         if self._lock is None:
             raise NotConnected("the kafka transport is not connected")
-        if not self._up:
+        if not self._up and not self._recovering:
             # Known to be away: _watch assigns every channel when it comes back.
             # Trying here waited the whole timeout under the lock, so many
             # subscribers entered one timeout after another.
@@ -338,18 +339,25 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
         assert self._lock is not None and self._consumer is not None and self._admin is not None
         wanted, missing = await partitions(self._admin, sorted(self._channels))
         async with self._lock:
-            if missing or not self._up or wanted != self._consumer.assignment():
-                self._known -= missing
-                # Subscribes while the broker was away returned without the lock
-                # (see _sync_assignment): until up is set, one may add a channel
-                # after _assign read them.
-                while sorted(self._channels) != await self._assign():
-                    pass
-            # Also after a restart too quick to notice: a broker that lost its data
-            # (or a topic deleted and re-created) leaves positions past the end.
-            await self._rewind_recreated()
-            # Under the lock: a subscribe that waited for it assigns its channel.
-            self._back_up("kafka broker connection")
+            # Subscribes now wait for this (see _sync_assignment): one that returned
+            # at once could add a channel after _assign read them, and go unassigned
+            # while the transport said it was up.
+            self._recovering = True
+            try:
+                await self._restore(wanted, missing)
+            finally:
+                self._recovering = False
+
+    async def _restore(self, wanted: set[TopicPartition], missing: set[str]) -> None:
+        assert self._consumer is not None
+        if missing or not self._up or wanted != self._consumer.assignment():
+            self._known -= missing
+            await self._assign()
+        # Also after a restart too quick to notice: a broker that lost its data
+        # (or a topic deleted and re-created) leaves positions past the end.
+        await self._rewind_recreated()
+        # Under the lock: a subscribe that waited for it assigns its channel.
+        self._back_up("kafka broker connection")
 
     async def _rewind_recreated(self) -> None:
         """Move positions past a topic's end (a re-created topic) to its start."""

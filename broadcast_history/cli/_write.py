@@ -149,7 +149,8 @@ def export_(
     if output == "-":
         run(go(sys.stdout, None))
         return
-    target = Path(output)
+    # Through a symbolic link: the file it points to is the one written.
+    target = Path(output).resolve()
     if target.exists() and not target.is_file():  # a device (/dev/null), a FIFO
         with _opened(target.open, output) as out, _progress() as progress:
             written = run(go(out, progress))
@@ -169,13 +170,22 @@ def export_(
                 with _progress() as progress:
                     written = run(go(out, progress))
                 out.close()
-                if target.exists():
-                    os.chmod(out.name, stat.S_IMODE(target.stat().st_mode))
+                # The temporary file is private (0600): give it the mode the file had,
+                # or the one a new file gets.
+                os.chmod(out.name, _mode_of(target))
                 os.replace(out.name, target)
             except BaseException:
                 Path(out.name).unlink(missing_ok=True)
                 raise
     err_console.print(f"exported {written} events to {escape(output)}")
+
+
+def _mode_of(target: Path) -> int:
+    if target.exists():
+        return stat.S_IMODE(target.stat().st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 @contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated
@@ -100,11 +101,15 @@ def demo(
 
 
 def shown_url(url: str) -> str:
-    """``url`` with its password hidden, for the console (any scheme, several hosts)."""
+    """``url`` with its secrets hidden, for the console (any scheme, several hosts): the
+    password, a user name alone (NATS reads it as a token) and password or token
+    query values."""
     scheme, sep, rest = url.partition("://")
-    netloc, slash, path = rest.partition("/")
-    if "@" in netloc:
-        userinfo, _, hosts = netloc.rpartition("@")
+    userinfo, at, rest = rest.rpartition("@")  # a password may hold "/" or "@"
+    if at:
         user, colon, _ = userinfo.partition(":")
-        netloc = f"{user}{':***' if colon else ''}@{hosts}"
-    return f"{scheme}{sep}{netloc}{slash}{path}"
+        userinfo = f"{user}:***" if colon else "***"
+    where, question, query = rest.partition("?")
+    if question:
+        query = re.sub(r"(?i)((?:password|token|secret)[^=&]*=)[^&]*", r"\1***", query)
+    return f"{scheme}{sep}{userinfo}{at}{where}{question}{query}"

@@ -155,15 +155,17 @@ class EventLog(ConsumerMethods):
 
     async def disconnect(self) -> None:
         """Close every connection; safe to call twice."""
-        if self._log_id is not None:
+        # Under the lock connect() takes, decided there: a connect called meanwhile
+        # opens after this, and this never closes what a waiting connect reopened.
+        async with self._serial():
+            if self._log_id is None:
+                return
             self._log_id = None
-            # Under the lock connect() takes: one called meanwhile opens after this.
-            async with self._serial():
-                if self._running:
-                    # A read left running by a cancelled subscriber holds a connection:
-                    # let it end rather than close the pool under it.
-                    await asyncio.wait(list(self._running), timeout=_CALLS_WAIT)
-                await self._store.close()
+            if self._running:
+                # A read left running by a cancelled subscriber holds a connection:
+                # let it end rather than close the pool under it.
+                await asyncio.wait(list(self._running), timeout=_CALLS_WAIT)
+            await self._store.close()
 
     # -- writing -------------------------------------------------------------------
 

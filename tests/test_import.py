@@ -281,19 +281,25 @@ async def _serving(app: object) -> AsyncIterator[int]:
         await task
 
 
+async def _half_upload(port: int, body: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to the import route that sent half of ``body``, then stalls."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = (
+        f"POST /import HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {TOKEN}\r\n"
+        f"Content-Length: {len(body)}\r\nContent-Type: application/x-ndjson\r\n\r\n"
+    )
+    writer.write(head.encode() + body[: len(body) // 2])
+    await writer.drain()
+    return reader, writer
+
+
 async def test_a_stalled_upload_blocks_no_other_process(tmp_path: Path) -> None:
     log = f"sqlite+aiosqlite:///{tmp_path / 'shared.db'}"
     lines = [channel_line(last=1000)] + [event_line(i) for i in range(1, 1001)]
     body = ("\n".join(lines) + "\n").encode()
     async with Broadcast("memory://", log=log) as broadcast:
         async with _serving(create_app(broadcast, token=TOKEN)) as port:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            head = (
-                f"POST /import HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {TOKEN}\r\n"
-                f"Content-Length: {len(body)}\r\nContent-Type: application/x-ndjson\r\n\r\n"
-            )
-            writer.write(head.encode() + body[: len(body) // 2])
-            await writer.drain()
+            reader, writer = await _half_upload(port, body)
             await asyncio.sleep(0.5)  # the server has the first half; the client stalls
             # Another process publishes to the same SQLite file meanwhile.
             other = await asyncio.create_subprocess_exec(
@@ -437,13 +443,7 @@ async def test_a_client_gone_mid_upload_stores_nothing_and_logs_no_traceback(
     body = ("\n".join(lines) + "\n").encode()
     async with Broadcast("memory://", log=f"sqlite+aiosqlite:///{tmp_path / 'gone.db'}") as bc:
         async with _serving(create_app(bc, token=TOKEN)) as port:
-            _reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            head = (
-                f"POST /import HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {TOKEN}\r\n"
-                f"Content-Length: {len(body)}\r\nContent-Type: application/x-ndjson\r\n\r\n"
-            )
-            writer.write(head.encode() + body[: len(body) // 2])
-            await writer.drain()
+            _reader, writer = await _half_upload(port, body)
             await asyncio.sleep(0.2)
             writer.close()
             await writer.wait_closed()

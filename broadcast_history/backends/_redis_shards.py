@@ -70,9 +70,9 @@ class Shard:
     """A connection to one master holding our ``SSUBSCRIBE``s, and the task reading it.
 
     redis-py's own reconnect is off (no retries): a lost connection must reach the
-    transport, which then resubscribes every channel where its slot now lives. Left to
-    itself redis-py would resubscribe all of this node's channels in one command, which
-    the server refuses when they span several slots.
+    transport, which then subscribes this shard's channels again where their slots
+    now live. Left to itself redis-py would resubscribe all of this node's channels in
+    one command, which the server refuses when they span several slots.
     """
 
     def __init__(self, host: str, port: int, options: dict[str, Any]) -> None:

@@ -239,8 +239,7 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
                 logger.warning("kafka subscription deferred: %r", exc)
                 self._up = False
 
-    async def _assign(self) -> list[str]:
-        """Assign the partitions of the subscribed topics; returns those topics."""
+    async def _assign(self) -> None:
         assert self._consumer is not None and self._assigned is not None
         consumer = self._consumer
         topics = sorted(self._channels)
@@ -273,7 +272,6 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
             self._assigned.set()
         else:
             self._assigned.clear()
-        return topics
 
     async def _fetch(self) -> None:
         """Move records from the consumer to the inbox, tracking positions."""

@@ -101,6 +101,14 @@ class Appender:
             if not future.done():
                 future.set_exception(NotConnected("the broadcast disconnected"))
 
+    def forget(self) -> None:
+        """Drop the state of an event loop that ended (its tasks and futures with it)."""
+        self._tasks = []
+        self._pending.clear()
+        self._outbox.clear()
+        self._outbox_bytes = 0
+        self._has_pending = self._has_outbox = None
+
     def submit(self, item: Pending) -> asyncio.Future[Event]:
         """Queue ``item``; the future resolves once its batch committed."""
         if self._closing or self._has_pending is None:

@@ -18,7 +18,7 @@ from ._errors import BroadcastError, InvalidArgument, NotConnected, TransportErr
 from ._event import Event
 from ._heads import HeadProbe
 from ._leases import Leases, check_consumer_options
-from ._serial import Serial
+from ._serial import FORGET_WAIT, Serial
 from ._stats import Stats, failure_reason
 from ._subscriber import Subscriber
 from ._validation import (
@@ -96,6 +96,8 @@ class Broadcast:
         page_bytes: int = 4 * 1024 * 1024,
         metrics: bool | CollectorRegistry = False,
     ) -> None:
+        # Kept to build the transport anew after its event loop ended (see _forget).
+        self._url = (url or "memory://") if backend is None else None
         if backend is None:
             backend = backend_from_url(url or "memory://")
         elif url is not None:
@@ -187,6 +189,8 @@ class Broadcast:
             # the lock): let it end first (its error was its callers').
             while self._closing is not None:
                 await asyncio.wait({self._closing})
+            if self._loop_ended():
+                await self._forget()
             if not self._connected:
                 await self._open()
 
@@ -220,6 +224,11 @@ class Broadcast:
         ``disconnect()`` or ``connect()`` waits for it.
         """
         closing = self._closing
+        if closing is None and self._loop_ended():
+            async with self._serial():
+                if self._loop_ended():
+                    await self._forget()
+            return
         if closing is None:
             if not self._connected:
                 return
@@ -246,6 +255,36 @@ class Broadcast:
             await self._backend.disconnect()
         finally:
             await self.log.disconnect()
+
+    def _loop_ended(self) -> bool:
+        """Whether this broadcast is connected in an event loop that has since ended."""
+        return self._connected and self._loop is not None and self._loop.is_closed()
+
+    async def _forget(self) -> None:
+        """Drop what a loop that ended without ``disconnect()`` left connected.
+
+        Its tasks ended with it (``asyncio.run`` cancels them); nothing of it can be
+        awaited any more. Connections are closed where they allow it from this loop.
+        """
+        logger.warning(
+            "this broadcast was connected in an event loop that ended without "
+            "disconnect(): its subscriptions and connections are dropped"
+        )
+        self._connected = False
+        self._appender.forget()
+        self._listener = self._retention_task = self._lags_task = None
+        self._channels.forget()
+        self._leases.forget()
+        try:
+            await asyncio.wait_for(self._backend.disconnect(), FORGET_WAIT)
+        except Exception as exc:  # bound to the loop that ended: left to the collector
+            logger.debug("closing the transport after its loop ended failed: %r", exc)
+        if self._url is not None:
+            # Its clients, tasks and locks may still belong to the loop that ended
+            # (a disconnect that failed halfway): a new one starts clean.
+            backend = backend_from_url(self._url)
+            self._backend = self._wire.backend = self._channels.backend = backend
+        await self.log.disconnect()  # which drops a store of the loop that ended
 
     async def __aenter__(self) -> Self:
         await self.connect()
@@ -288,6 +327,11 @@ class Broadcast:
     def _check_connected(self) -> None:
         if not self._connected:
             raise NotConnected("call connect() (or use `async with broadcast`) first")
+        if self._loop_ended():
+            raise NotConnected(
+                "the event loop this broadcast was connected in has ended: "
+                "call connect() again in this one"
+            )
         if asyncio.get_running_loop() is not self._loop:
             # Its tasks and futures live in that loop: a publish from another one was
             # stored, and its caller never woken.

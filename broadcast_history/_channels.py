@@ -25,7 +25,8 @@ class Channels:
     def __init__(self, backend: BroadcastBackend) -> None:
         #: Subscribers by channel (only channels that have some).
         self.subscribers: dict[str, set[Subscriber]] = {}
-        self._backend = backend
+        #: The live transport (replaced when the event loop it ran in ended).
+        self.backend = backend
         self._on_transport: set[str] = set()
         self._lock: asyncio.Lock | None = None
         # Unsubscribes of channels whose subscribe was cut short (see attach).
@@ -47,6 +48,14 @@ class Channels:
         for task in self._undoing:  # the transport is going away with its subscriptions
             task.cancel()
 
+    def forget(self) -> None:
+        """Drop every subscription of an event loop that ended, touching none of them
+        (waking one would schedule work on that closed loop)."""
+        self.subscribers.clear()
+        self._on_transport.clear()
+        self._undoing.clear()
+        self._lock = None
+
     async def attach(self, subscriber: Subscriber) -> None:
         """Add ``subscriber``, subscribing its channel on the transport if needed."""
         channel = subscriber.channel
@@ -59,7 +68,7 @@ class Channels:
             async with self._lock:
                 if channel not in self._on_transport:
                     subscribing = True
-                    await self._backend.subscribe(channel)
+                    await self.backend.subscribe(channel)
                     self._on_transport.add(channel)
         except BaseException:
             # Failed, or cancelled while waiting for the lock or the transport: not
@@ -80,7 +89,7 @@ class Channels:
             if channel not in self.subscribers and channel in self._on_transport:
                 self._on_transport.discard(channel)
                 if connected:
-                    await self._backend.unsubscribe(channel)
+                    await self.backend.unsubscribe(channel)
 
     def _undo(self, channel: str) -> None:
         async def unsubscribe() -> None:
@@ -88,7 +97,7 @@ class Channels:
             async with self._lock:
                 if channel not in self.subscribers and channel not in self._on_transport:
                     try:
-                        await self._backend.unsubscribe(channel)
+                        await self.backend.unsubscribe(channel)
                     except Exception:  # a clean-up: the transport may be down
                         logger.debug("unsubscribe of %r failed", channel, exc_info=True)
 

@@ -131,6 +131,15 @@ class Leases:
         self._held.clear()
         self._gate = None
 
+    def forget(self) -> None:
+        """Drop the leases of an event loop that ended, neither renewed nor given
+        back: they run out in the log, as a dead process's do."""
+        self._standbys.forget()
+        self._held.clear()
+        self._renewers.clear()
+        self._background.clear()
+        self._gate = None
+
     async def _close_one(self, holding: Holding) -> None:
         await holding.commit_handled()
         await self._release(holding, final=True)

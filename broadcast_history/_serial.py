@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
+#: Seconds to close, from a new event loop, what one that ended without
+#: ``disconnect()`` left open.
+FORGET_WAIT = 5.0
+
 
 class Serial:
     """An :class:`asyncio.Lock` made anew for each event loop.

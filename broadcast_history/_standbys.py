@@ -102,6 +102,11 @@ class Standbys:
         for poke in self._pokes.values():
             poke.set()
 
+    def forget(self) -> None:
+        """Drop the standbys of an event loop that ended (their tasks ended with it)."""
+        for table in (self._waiting, self._pollers, self._pokes, self._timers):
+            table.clear()
+
     async def close(self) -> None:
         """Stop waiting: every standby gets :class:`Unsubscribed`."""
         pollers = list(self._pollers.values())

@@ -37,7 +37,17 @@ from broadcast_history._wire import Objects
 from broadcast_history.backends.memory import MemoryBackend
 from broadcast_history.log import Pending
 from broadcast_history.log import _sqlite as sqlite_store
-from tests.conftest import MYSQL_URL, POSTGRES_URL, require_mysql, require_postgres
+from tests.conftest import (
+    MYSQL_URL,
+    POSTGRES_URL,
+    REDIS_URL,
+    require_mysql,
+    require_postgres,
+    require_redis,
+    reset_mysql_log,
+    reset_postgres_log,
+    unique,
+)
 from tests.support.helpers import assert_contiguous, take
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -204,6 +214,73 @@ async def test_awaiting_it_from_another_event_loop_is_refused() -> None:
 
         await asyncio.wait_for(asyncio.to_thread(asyncio.run, elsewhere()), 10)
         assert await broadcast.log.channel("c") is None
+
+
+@pytest.mark.parametrize("where", ["memory+sqlite", "redis+postgres", "postgres+mysql"])
+def test_a_loop_that_ended_without_disconnect_is_let_go(where: str, tmp_path: Path) -> None:
+    """A test suite's loop per test: a broadcast connected in one that ended without
+    disconnect() raised a bare RuntimeError from disconnect() ("Event loop is
+    closed"), and connect() in the next loop did nothing, every publish then refused
+    as "connected in another event loop" with no way to reconnect."""
+    if where == "memory+sqlite":
+        url, log_url = "memory://", f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
+    elif where == "redis+postgres":
+        require_redis()
+        require_postgres()
+        url, log_url = REDIS_URL, POSTGRES_URL
+        asyncio.run(reset_postgres_log())
+    else:
+        require_postgres()
+        require_mysql()
+        url, log_url = POSTGRES_URL.replace("+asyncpg", ""), MYSQL_URL
+        asyncio.run(reset_mysql_log())
+    channel = unique()
+    broadcast = Broadcast(url, log=log_url)
+    handled: list[int] = []
+    left: list[asyncio.Task[None]] = []
+
+    async def left_connected() -> None:
+        before = len(handled)
+        await broadcast.connect()
+        await broadcast.publish(channel, "m")
+
+        async def consume() -> None:
+            async with broadcast.subscribe(channel, consumer="c", since=0) as sub:
+                async for event in sub:
+                    await sub.commit()
+                    handled.append(event.offset)
+
+        left.append(asyncio.create_task(consume()))  # still subscribed when the loop ends
+        while len(handled) == before:
+            await asyncio.sleep(0.01)
+
+    async def used_again(offset: int, *, disconnect_first: bool) -> None:
+        with pytest.raises(NotConnected, match=r"loop .* has ended: call connect"):
+            await broadcast.publish(channel, "refused")
+        if disconnect_first:
+            await broadcast.disconnect()
+            assert not broadcast.connected
+        await broadcast.connect()
+        try:
+            # Live delivery works in this loop: the transport was made anew.
+            async with broadcast.subscribe(channel) as live:
+                event = await broadcast.publish(channel, "m")
+                assert event.offset == offset
+                assert [e.offset for e in await take(live, 1)] == [offset]
+            # The position committed in the ended loop is there; its lease, this
+            # broadcast's own, is taken at once.
+            async with broadcast.subscribe(channel, consumer="c", wait=False) as sub:
+                assert [e.offset for e in await take(sub, 1)] == [offset]
+                await sub.commit()
+        finally:
+            await broadcast.disconnect()
+
+    asyncio.run(left_connected())
+    asyncio.run(used_again(2, disconnect_first=True))
+    # Left connected again, then connect() with no disconnect() first.
+    asyncio.run(left_connected())
+    asyncio.run(used_again(4, disconnect_first=False))
+    assert handled == [1, 3]
 
 
 async def test_validation_rejects_and_writes_nothing() -> None:

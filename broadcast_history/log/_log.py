@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 from collections.abc import AsyncIterable, Sequence
 from datetime import datetime
@@ -13,7 +14,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from .._errors import ImportConflict, InvalidArgument, LogUnavailable, NotConnected
 from .._event import Event, from_micros, to_micros
-from .._serial import Serial
+from .._serial import FORGET_WAIT, Serial
 from .._validation import check_int, check_optional_int, check_time
 from . import _migrate, _queries
 from ._calls import Conflict, append_error, finish_on_cancel, finish_repeatable, translated
@@ -29,6 +30,8 @@ from ._engine import (
 from ._info import ChannelInfo, LogTotals, Pending, Retention
 from ._rows import now_micros
 from ._store import Store
+
+logger = logging.getLogger("broadcast_history")
 
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 # Longest disconnect() waits for calls still running (a stalled database must not
@@ -88,6 +91,8 @@ class EventLog(ConsumerMethods):
         # Calls running, their callers possibly gone (see finish_on_cancel).
         self._running: set[asyncio.Future[Any]] = set()
         self._serial = Serial()
+        # The event loop it was opened in (see _forget_ended_loop).
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -115,8 +120,26 @@ class EventLog(ConsumerMethods):
         """Open the database and create, upgrade or check the schema; safe to call
         twice, at once too."""
         async with self._serial():
+            await self._forget_ended_loop()
             if self._log_id is None:
                 await self._open()
+
+    async def _forget_ended_loop(self) -> bool:
+        """Close what an event loop that ended without ``disconnect()`` left open.
+
+        Its calls ended with it; connections that cannot be closed from this loop
+        (a server's, bound to the old one) are left to the collector.
+        """
+        loop = self._loop
+        if self._log_id is None or loop is None or not loop.is_closed():
+            return False
+        self._log_id = None
+        self._running.clear()
+        try:
+            await asyncio.wait_for(self._store.drop(), FORGET_WAIT)
+        except Exception as exc:
+            logger.debug("closing the log after its event loop ended failed: %r", exc)
+        return True
 
     async def _open(self) -> None:
         if self.must_exist:
@@ -152,13 +175,14 @@ class EventLog(ConsumerMethods):
                 raise cannot_open(self.url, exc) from exc
             raise
         self._log_id = log_id
+        self._loop = asyncio.get_running_loop()
 
     async def disconnect(self) -> None:
         """Close every connection; safe to call twice."""
         # Under the lock connect() takes, decided there: a connect called meanwhile
         # opens after this, and this never closes what a waiting connect reopened.
         async with self._serial():
-            if self._log_id is None:
+            if await self._forget_ended_loop() or self._log_id is None:
                 return
             self._log_id = None
             if self._running:

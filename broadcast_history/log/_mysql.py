@@ -107,6 +107,14 @@ class MySQLStore(ServerStore):
             if engine is not None:
                 await engine.dispose()
 
+    async def drop(self) -> None:
+        engines = (self._engine, self._autocommit)
+        self._engine = self._autocommit = None
+        self.ahead = ReadAhead(self._page_rows)
+        for engine in engines:
+            if engine is not None:  # sockets of the loop that ended: see the Postgres store
+                await engine.dispose(close=False)
+
     @asynccontextmanager
     async def autocommit(self) -> AsyncIterator[AsyncConnection]:
         # A pool of its own: switching a pooled connection to autocommit and back

@@ -88,6 +88,14 @@ class PostgresStore(ServerStore):
                 for driver in list(self._drivers):
                     driver.terminate()
 
+    async def drop(self) -> None:
+        engine, self._engine, self._kept = self._engine, None, None
+        self.ahead = ReadAhead(self._page_records)
+        if engine is not None:
+            # Their sockets belong to the loop that ended, where nothing runs any
+            # more: dereferenced, not closed (each one's closing would fail noisily).
+            await engine.dispose(close=False)
+
     @property
     def kept(self) -> KeptConnections:
         if self._kept is None:

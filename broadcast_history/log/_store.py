@@ -47,6 +47,10 @@ class Store:
         """Close every connection and thread."""
         raise NotImplementedError
 
+    async def drop(self) -> None:
+        """Let go of connections opened in an event loop that has ended."""
+        await self.close()
+
     @asynccontextmanager
     async def begin(self, *, write: bool = False) -> AsyncIterator[AsyncConnection]:
         """A connection in a transaction; ``write`` takes SQLite's write lock up front."""

@@ -340,6 +340,27 @@ def test_tail_and_publish_in_two_processes(log: str) -> None:
             tail.wait()
 
 
+def test_tail_interrupted_before_its_count_says_so(tmp_path: Path) -> None:
+    """Ctrl-C before --count events were printed exited 0: a script took the
+    events it got for all it asked for."""
+    env = {**os.environ, "BROADCAST_HISTORY_LOG": f"sqlite+aiosqlite:///{tmp_path / 'e.db'}"}
+    tail = subprocess.Popen(
+        [*EXE, "tail", "room", "--count", "2"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_for("tailing", tail)
+        tail.send_signal(signal.SIGINT)
+        assert tail.wait(timeout=20) == 130
+    finally:
+        if tail.poll() is None:
+            tail.kill()
+            tail.wait()
+
+
 def test_serve(tmp_path: Path) -> None:
     log = f"sqlite+aiosqlite:///{tmp_path / 's.db'}"
     cli("serve", "--log", log, code=2)  # no token

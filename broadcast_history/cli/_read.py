@@ -284,10 +284,12 @@ def tail(
                 if count is not None and seen >= count:
                     return
 
+    # Ctrl-C is how tail is meant to end; with --count, before the count was reached
+    # it is an interruption (130, as a shell reports one): a script got fewer events.
+    interrupted = 0 if count is None else 130
     try:
         run(go())
     except KeyboardInterrupt:
-        # Ctrl-C is how tail is meant to end.
-        raise typer.Exit(0) from None
+        raise typer.Exit(interrupted) from None
     except asyncio.CancelledError:  # pragma: no cover - interrupted during shutdown
-        raise typer.Exit(0) from None
+        raise typer.Exit(interrupted) from None

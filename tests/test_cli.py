@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -132,6 +133,30 @@ def test_trim_and_delete(log: str) -> None:
     cli("delete", "t", "-y", "--log", log, code=1)
     again = json_lines(cli("publish", "t", "y", "--json", "--log", log).stdout)[0]
     assert again["offset"] == 1 and again["epoch"] != epoch
+
+
+def test_export_to_a_file_syncs_it_before_and_after_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The export was renamed into place unsynced: a power loss soon after could
+    leave a backup reported written as an empty file."""
+    log = f"sqlite+aiosqlite:///{tmp_path / 'e.db'}"
+    cli("publish", "room", "m", "--log", log)
+    steps: list[str] = []
+    fsync, replace = os.fsync, os.replace
+
+    def synced(fd: int) -> None:
+        steps.append("fsync " + ("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"))
+        fsync(fd)
+
+    def renamed(source: str, target: str) -> None:
+        steps.append("replace")
+        replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", synced)
+    monkeypatch.setattr(os, "replace", renamed)
+    cli("export", "-o", str(tmp_path / "backup.jsonl"), "--log", log)
+    assert steps[-3:] == ["fsync file", "replace", "fsync dir"]
 
 
 def test_export_import(log: str, tmp_path: Path) -> None:

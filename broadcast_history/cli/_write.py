@@ -169,15 +169,33 @@ def export_(
             try:
                 with _progress() as progress:
                     written = run(go(out, progress))
+                # On disk before it takes the name: a crash or power loss after the
+                # rename must not leave a backup that was reported written empty.
+                out.flush()
+                os.fsync(out.fileno())
                 out.close()
                 # The temporary file is private (0600): give it the mode the file had,
                 # or the one a new file gets.
                 os.chmod(out.name, _mode_of(target))
                 os.replace(out.name, target)
+                _sync_directory(target.parent)  # the rename itself
             except BaseException:
                 Path(out.name).unlink(missing_ok=True)
                 raise
     err_console.print(f"exported {written} events to {escape(output)}")
+
+
+def _sync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # a platform whose directories cannot be opened (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # a file system that does not sync directories
+        pass
+    finally:
+        os.close(fd)
 
 
 def _mode_of(target: Path) -> int:

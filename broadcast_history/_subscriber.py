@@ -376,7 +376,9 @@ class Subscriber(Committable):
         while buffer:
             event = buffer.popleft()
             offset = event.offset
-            if offset < expected:
+            # The epoch first: a reset channel's new events have low offsets, and
+            # taken for duplicates they kept the idle check away while they came.
+            if offset < expected and event.epoch == self._epoch:
                 self._live_bytes -= weight(event)
                 continue
             if event.epoch != self._epoch:

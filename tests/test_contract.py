@@ -208,6 +208,32 @@ async def test_live_subscriber_learns_of_reset(broadcast: Broadcast) -> None:
             await take(sub, 2)
 
 
+async def test_reset_is_noticed_while_the_new_epoch_is_below_the_old_position(
+    broadcast: Broadcast,
+) -> None:
+    """The new incarnation's events, offsets below the subscriber's position, were
+    dropped as duplicates, and each one put off the idle check: while they came, the
+    subscriber heard nothing until their offsets passed its position."""
+    channel = unique()
+    await asyncio.gather(*(broadcast.publish(channel, str(i)) for i in range(100)))
+    async with broadcast.subscribe(channel, since=0) as sub:
+        await take(sub, 100)
+        await broadcast.log.delete_channel(channel)
+
+        async def steadily() -> None:
+            while True:
+                await broadcast.publish(channel, "new")
+                await asyncio.sleep(0.05)
+
+        publishing = asyncio.create_task(steadily())
+        try:
+            with pytest.raises(StreamReset):
+                await take(sub, 1, timeout=3)  # the offsets pass 100 after 5 s
+        finally:
+            publishing.cancel()
+            await asyncio.gather(publishing, return_exceptions=True)
+
+
 async def test_idempotent_keys(broadcast: Broadcast) -> None:
     channel = unique()
     first = await broadcast.publish(channel, "once", key="k1")

@@ -283,6 +283,35 @@ def test_a_loop_that_ended_without_disconnect_is_let_go(where: str, tmp_path: Pa
     assert handled == [1, 3]
 
 
+async def test_a_batch_outlasts_writers_racing_on_its_keys(
+    sqlite_file_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Processes publishing the same keys: each conflict is one key another writer
+    stored between this one's read and insert. Three attempts were soon used up, and
+    the whole batch, publishes without a key too, failed as LogUnavailable."""
+    from broadcast_history.log._calls import Conflict
+
+    log = EventLog(sqlite_file_url)
+    await log.connect()
+    try:
+        store = log._store
+        append, lost = store.append, 0
+
+        async def raced(items: Sequence[Pending]) -> list[Event]:
+            nonlocal lost
+            if lost < 5:  # another writer won one more of the keys this time
+                lost += 1
+                raise Conflict("duplicate key")
+            return await append(items)
+
+        monkeypatch.setattr(store, "append", raced)
+        items = [Pending("c", f"m{i}", f"k{i}") for i in range(6)] + [Pending("c", "m", None)]
+        events = await log.append(items)
+        assert [e.offset for e in events] == list(range(1, 8)) and lost == 5
+    finally:
+        await log.disconnect()
+
+
 async def test_validation_rejects_and_writes_nothing() -> None:
     async with Broadcast(max_message_size=10) as bc:
         for channel in ("", "x" * 256, "bad\nname", "tab\there", "\x7f", 5):

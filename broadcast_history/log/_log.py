@@ -205,14 +205,16 @@ class EventLog(ConsumerMethods):
                 if the connection died while committing).
         """
         store = self._store
-        for attempt in range(3):
+        # A conflict is another writer storing one of the keys (or creating the
+        # channel) between our read and our insert: the transaction rolled back, and
+        # the next attempt finds its row. Each key can conflict once, so writers
+        # racing on many keys get one attempt more per key (three were soon used up).
+        attempts = 3 + len({(item.channel, item.key) for item in items if item.key is not None})
+        for attempt in range(attempts):
             try:
                 return await store.append(items)
             except (IntegrityError, Conflict) as exc:
-                # Another process stored the same idempotency key (or created the
-                # channel) between our read and our insert; the transaction rolled
-                # back, so retrying is safe and finds its row.
-                if attempt == 2:
+                if attempt == attempts - 1:
                     raise LogUnavailable(f"append kept conflicting: {exc!r}") from exc
             except (InvalidArgument, LogUnavailable):
                 raise  # already translated by the store

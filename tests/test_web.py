@@ -601,6 +601,48 @@ async def test_close_streams_ends_every_stream(broadcast: Broadcast) -> None:
     await wait_for_subscriptions(broadcast, 0)
 
 
+async def _stuck_client(base: str, request: bytes) -> asyncio.StreamWriter:
+    """A connection that sent ``request`` and reads nothing more: the server's writes
+    to it back up once a few hundred kB are on their way."""
+    host, port = base.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+    _reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(request)
+    return writer
+
+
+async def test_close_streams_ends_streams_whose_clients_stopped_reading(
+    broadcast: Broadcast,
+) -> None:
+    """A stream blocked writing to a client that reads nothing never saw the stop:
+    its last write (the end of the body, the 1001 close) waited for the client, so
+    the subscription stayed and the server never exited."""
+    app = create_stream_app(broadcast, authorize=allow_all, keepalive=0.2)
+    async with serving(app) as base:
+        clients = [
+            await _stuck_client(base, b"GET /stop HTTP/1.1\r\nHost: x\r\n\r\n"),
+            await _stuck_client(
+                base,
+                b"GET /stop/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                b"Sec-WebSocket-Version: 13\r\n\r\n",
+            ),
+        ]
+        try:
+            await wait_for_subscriptions(broadcast, 2)
+            for _ in range(80):
+                await broadcast.publish("stop", "x" * 100_000)
+            await asyncio.sleep(0.5)  # past a keepalive: the pings wait behind the writes
+            app.state.close_streams()
+            await wait_for_subscriptions(broadcast, 0)
+        finally:
+            for writer in clients:
+                writer.transport.abort()
+
+
 async def test_a_websocket_client_gone_mid_send_is_no_server_error(
     base: str, broadcast: Broadcast, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -33,7 +33,7 @@ from starlette.responses import Response
 from .._errors import BroadcastError, LogUnavailable, NotConnected
 from .._event import Event
 from ._feed import Feed, Reset
-from ._streams import OpenStreams, first_of
+from ._streams import OpenStreams, first_of, last_write, unless_stopped
 
 logger = logging.getLogger("broadcast_history.web")
 
@@ -145,7 +145,7 @@ class EventStream(Response):
                 await send(start)
                 finished = await self._stream(receive, send, stop)
             if finished:
-                await send({"type": "http.response.body", "body": b""})
+                await last_write(send({"type": "http.response.body", "body": b""}))
         except OSError:  # the client went away while a frame was being written
             pass
         finally:
@@ -217,7 +217,8 @@ class EventStream(Response):
             while True:
                 wait = self._last_write + self.keepalive - loop.time()
                 if wait <= 0:
-                    await write(PING)
+                    if not await unless_stopped(stop, write(PING)):
+                        return True
                     continue
                 await asyncio.wait(
                     (receiving, stop), timeout=wait, return_when=asyncio.FIRST_COMPLETED

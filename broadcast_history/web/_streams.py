@@ -7,7 +7,8 @@ shuts down: without this, Ctrl-C would wait for every browser to go away.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -63,6 +64,36 @@ class OpenStreams:
 def _finish(stop: asyncio.Future[None]) -> None:
     if not stop.done():
         stop.set_result(None)
+
+
+#: Seconds a stream's last write (the end of the body, a WebSocket close) may wait
+#: for a client that reads nothing; past that the stream ends without it.
+LAST_WRITE_WAIT = 1.0
+
+
+async def unless_stopped(stop: asyncio.Future[None], write: Awaitable[None]) -> bool:
+    """Await ``write`` unless ``stop`` comes first (it is then cancelled); whether it
+    was written. A write to a client that stopped reading waits as long as the client
+    does: a server that stops must not."""
+    task = asyncio.ensure_future(write)
+    try:
+        await asyncio.wait((task, stop), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        elif not task.cancelled():
+            task.exception()  # retrieved, should this wait have been cancelled as it failed
+    if task.cancelled():
+        return False
+    task.result()  # the write's error: the client went away
+    return True
+
+
+async def last_write(write: Awaitable[None]) -> None:
+    """Await ``write`` for at most :data:`LAST_WRITE_WAIT` seconds."""
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(write, LAST_WRITE_WAIT)
 
 
 async def first_of(*coroutines: Any) -> tuple[asyncio.Future[Any], ...]:

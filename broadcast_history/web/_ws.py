@@ -36,7 +36,7 @@ from .._errors import BroadcastError, InvalidArgument, InvalidMessage
 from .._event import Event
 from ._feed import Feed, Reset
 from ._publish import event_info
-from ._streams import OpenStreams, first_of
+from ._streams import OpenStreams, first_of, last_write, unless_stopped
 
 logger = logging.getLogger("broadcast_history.web")
 
@@ -162,12 +162,12 @@ class WebSocketSession:
                     # A failure of ours (authorize raising on a publish frame): say
                     # so with 1011 "internal error" rather than drop the connection.
                     with suppress(OSError, RuntimeError, WebSocketDisconnect):
-                        await self.websocket.close(1011)
+                        await last_write(self.websocket.close(1011))
                     raise error
         if not gone:
             # 1001 "going away": the feed ended or the server stops; clients come back.
             with suppress(OSError, RuntimeError, WebSocketDisconnect):
-                await self.websocket.close(1001)
+                await last_write(self.websocket.close(1001))
 
     async def _pump(self) -> None:
         feed = self.feed
@@ -192,7 +192,8 @@ class WebSocketSession:
             while True:
                 wait = self._last_write + self.keepalive - loop.time()
                 if wait <= 0:
-                    await self._write({"type": "ping"})
+                    if not await unless_stopped(stop, self._write({"type": "ping"})):
+                        return True
                     continue
                 await asyncio.wait(
                     (receiving, stop), timeout=wait, return_when=asyncio.FIRST_COMPLETED
@@ -204,7 +205,8 @@ class WebSocketSession:
                 message = receiving.result()
                 if message["type"] == "websocket.disconnect":
                     return False
-                await self._answer(message)
+                if not await unless_stopped(stop, self._answer(message)):
+                    return True
                 receiving = asyncio.ensure_future(receive())
         finally:
             receiving.cancel()

@@ -317,6 +317,8 @@ async def test_publish_text_json_bytes_and_keys(
     assert raw.json()["offset"] == 3
     big = await client.post(url, content=b"x" * (broadcast.max_message_size + 1))
     assert big.status_code == 413
+    compressed = await client.post(url, content=b"\x1f\x8b", headers={"content-encoding": "gzip"})
+    assert compressed.status_code == 415 and "uncompressed" in compressed.json()["detail"]
     assert (await client.post(path("x" * 256, "/events"), content=b"x")).status_code == 400
     bad = await client.post(url, content=b"\xff", headers={"content-type": "text/plain"})
     assert bad.status_code == 400

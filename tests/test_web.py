@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 import logging
 import socket
@@ -321,6 +322,15 @@ async def test_post_publishes_by_content_type(broadcast: Broadcast, base: str) -
 
         too_big = b"x" * (broadcast.max_message_size + 1)
         assert (await http.post("/p", content=too_big)).status_code == 413
+        # A compressed body was stored as its compressed bytes (or refused as bad text).
+        for coding in ("gzip", "br", "identity, gzip"):
+            gzipped = gzip.compress(b"text")
+            compressed = await http.post(
+                "/p", content=gzipped, headers={"content-encoding": coding}
+            )
+            assert compressed.status_code == 415, (coding, compressed.text)
+        plain = await http.post("/p", content=b"x", headers={"content-encoding": "identity"})
+        assert plain.status_code == 201
         for path, content, headers in [
             ("/a%01b", b"x", {}),
             ("/a%FFb", b"x", {}),  # servers decode it to U+FFFD: refused, not renamed
@@ -331,7 +341,7 @@ async def test_post_publishes_by_content_type(broadcast: Broadcast, base: str) -
         ]:
             response = await http.post(path, content=content, headers=headers)
             assert response.status_code == 400, (path, headers)
-        assert (await broadcast.log.channel("p")).last_offset == 5  # type: ignore[union-attr]
+        assert (await broadcast.log.channel("p")).last_offset == 6  # type: ignore[union-attr]
         assert await broadcast.log.channel("a\ufffdb") is None
         # A key sent as UTF-8 is the same key as in Python (not its Latin-1 reading).
         direct = await broadcast.publish("p", "direct", key="clé")

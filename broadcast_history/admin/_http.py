@@ -28,6 +28,7 @@ from .._errors import (
 )
 from .._parse import parse_since
 from .._validation import check_channel
+from ..web._publish import UnsupportedEncoding
 from ..web._streams import OpenStreams
 from ._console import add_console
 from ._consumer_routes import add_consumer_routes
@@ -69,6 +70,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 _STATUS: list[tuple[type[BroadcastError], int]] = [
     (NotFound, 404),
     (MessageTooLarge, 413),
+    (UnsupportedEncoding, 415),
     (InvalidArgument, 400),
     (ImportConflict, 409),
     (ConsumerBusy, 409),

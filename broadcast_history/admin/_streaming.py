@@ -44,7 +44,10 @@ def add_streaming_routes(
         tags=["events"],
         status_code=201,
         openapi_extra={"requestBody": {"required": True, "content": MESSAGE_BODY}},
-        responses={413: {"model": ErrorOut, "description": "Over the message size limit"}},
+        responses={
+            413: {"model": ErrorOut, "description": "Over the message size limit"},
+            415: {"model": ErrorOut, "description": "A compressed body (Content-Encoding)"},
+        },
     )
     async def publish_event(
         channel: Channel,

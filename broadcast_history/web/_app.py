@@ -28,7 +28,7 @@ from .._parse import Position, parse_position
 from ._auth import Authorize, Forbidden, check_authorize, require
 from ._feed import Feed
 from ._paths import channel_from_path
-from ._publish import event_info, publish_request
+from ._publish import UnsupportedEncoding, event_info, publish_request
 from ._sse import EventStream
 from ._streams import OpenStreams
 from ._ws import BAD_REQUEST, CLIENT_GONE, FORBIDDEN, TRY_LATER, WebSocketSession
@@ -147,6 +147,8 @@ def create_stream_app(
             return _error(403, str(exc))
         except MessageTooLarge as exc:
             return _error(413, str(exc))
+        except UnsupportedEncoding as exc:
+            return _error(415, str(exc))
         except InvalidArgument as exc:
             return _error(400, str(exc))
         except (LogUnavailable, NotConnected) as exc:

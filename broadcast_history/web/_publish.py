@@ -29,13 +29,24 @@ def event_info(event: Event) -> dict[str, Any]:
     }
 
 
+class UnsupportedEncoding(InvalidArgument):
+    """The body is compressed (``Content-Encoding``): HTTP 415."""
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused as soon as it passes ``limit`` bytes.
 
     Raises:
         MessageTooLarge: The body (or its declared ``Content-Length``) is over ``limit``.
+        UnsupportedEncoding: It has a ``Content-Encoding`` (it would be stored as
+            the compressed bytes).
         InvalidArgument: The client went away before sending all of it.
     """
+    encoding = request.headers.get("content-encoding", "")
+    if any(coding.strip().lower() not in ("", "identity") for coding in encoding.split(",")):
+        raise UnsupportedEncoding(
+            f"Content-Encoding {encoding!r} is not supported: send the body uncompressed"
+        )
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise MessageTooLarge(f"the body is larger than {limit} bytes")

@@ -12,6 +12,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -340,11 +342,12 @@ def _wait_for(stream_line: str, proc: subprocess.Popen[str], timeout: float = 20
     raise AssertionError(f"{stream_line!r} never printed (exit code {proc.poll()})")
 
 
-def test_tail_and_publish_in_two_processes(log: str) -> None:
+@contextmanager
+def _tailing(log: str, *options: str) -> Iterator[subprocess.Popen[str]]:
+    """``broadcast-history tail room OPTIONS`` on ``log``, once it says it is tailing."""
     env = {**os.environ, "BROADCAST_HISTORY_LOG": log}
-    subprocess.run([*EXE, "publish", "room", "before"], env=env, check=True, capture_output=True)
     tail = subprocess.Popen(
-        [*EXE, "tail", "room", "--since", "0", "--json"],
+        [*EXE, "tail", "room", *options],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -352,6 +355,17 @@ def test_tail_and_publish_in_two_processes(log: str) -> None:
     )
     try:
         _wait_for("tailing", tail)
+        yield tail
+    finally:
+        if tail.poll() is None:
+            tail.kill()
+            tail.wait()
+
+
+def test_tail_and_publish_in_two_processes(log: str) -> None:
+    env = {**os.environ, "BROADCAST_HISTORY_LOG": log}
+    subprocess.run([*EXE, "publish", "room", "before"], env=env, check=True, capture_output=True)
+    with _tailing(log, "--since", "0", "--json") as tail:
         for message in ("one", "two"):
             subprocess.run([*EXE, "publish", "room", message], env=env, check=True)
         assert tail.stdout is not None
@@ -359,31 +373,14 @@ def test_tail_and_publish_in_two_processes(log: str) -> None:
         assert seen == ["before", "one", "two"]
         tail.send_signal(signal.SIGINT)  # Ctrl-C
         assert tail.wait(timeout=20) == 0
-    finally:
-        if tail.poll() is None:
-            tail.kill()
-            tail.wait()
 
 
 def test_tail_interrupted_before_its_count_says_so(tmp_path: Path) -> None:
     """Ctrl-C before --count events were printed exited 0: a script took the
     events it got for all it asked for."""
-    env = {**os.environ, "BROADCAST_HISTORY_LOG": f"sqlite+aiosqlite:///{tmp_path / 'e.db'}"}
-    tail = subprocess.Popen(
-        [*EXE, "tail", "room", "--count", "2"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        _wait_for("tailing", tail)
+    with _tailing(f"sqlite+aiosqlite:///{tmp_path / 'e.db'}", "--count", "2") as tail:
         tail.send_signal(signal.SIGINT)
         assert tail.wait(timeout=20) == 130
-    finally:
-        if tail.poll() is None:
-            tail.kill()
-            tail.wait()
 
 
 def test_serve(tmp_path: Path) -> None:

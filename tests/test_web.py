@@ -611,17 +611,27 @@ async def test_close_streams_ends_every_stream(broadcast: Broadcast) -> None:
     await wait_for_subscriptions(broadcast, 0)
 
 
-async def _stuck_client(base: str, request: bytes) -> asyncio.StreamWriter:
-    """A connection that sent ``request`` and reads nothing more: the server's writes
+def _upgrade(path: str) -> bytes:
+    """A WebSocket handshake request for ``path``."""
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+
+
+async def _stuck_client(
+    base: str, request: bytes
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection that sent ``request`` and reads little more: the server's writes
     to it back up once a few hundred kB are on their way."""
     host, port = base.removeprefix("http://").split(":")
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.setblocking(False)
     await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
-    _reader, writer = await asyncio.open_connection(sock=sock)
+    reader, writer = await asyncio.open_connection(sock=sock)
     writer.write(request)
-    return writer
+    return reader, writer
 
 
 async def test_close_streams_ends_streams_whose_clients_stopped_reading(
@@ -634,12 +644,7 @@ async def test_close_streams_ends_streams_whose_clients_stopped_reading(
     async with serving(app) as base:
         clients = [
             await _stuck_client(base, b"GET /stop HTTP/1.1\r\nHost: x\r\n\r\n"),
-            await _stuck_client(
-                base,
-                b"GET /stop/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-                b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                b"Sec-WebSocket-Version: 13\r\n\r\n",
-            ),
+            await _stuck_client(base, _upgrade("/stop/ws")),
         ]
         try:
             await wait_for_subscriptions(broadcast, 2)
@@ -649,7 +654,7 @@ async def test_close_streams_ends_streams_whose_clients_stopped_reading(
             app.state.close_streams()
             await wait_for_subscriptions(broadcast, 0)
         finally:
-            for writer in clients:
+            for _, writer in clients:
                 writer.transport.abort()
 
 
@@ -658,20 +663,12 @@ async def test_a_websocket_client_gone_mid_send_is_no_server_error(
 ) -> None:
     """A WebSocket client that stopped reading, then vanished (reset): the send under
     way failed with Starlette's WebSocketDisconnected, which escaped as an ASGI error."""
-    host, port = base.removeprefix("http://").split(":")
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
-    reader, writer = await asyncio.open_connection(sock=sock)
-    writer.write(
-        b"GET /stuck/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
+    reader, writer = await _stuck_client(base, _upgrade("/stuck/ws"))
     assert b" 101 " in await reader.readuntil(b"\r\n\r\n")
     for _ in range(80):  # the client reads nothing: the server's sends back up
         await broadcast.publish("stuck", "x" * 100_000)
     await asyncio.sleep(0.3)
+    sock = writer.get_extra_info("socket")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     writer.transport.abort()  # a reset, as from a killed process
     for _ in range(50):

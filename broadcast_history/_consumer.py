@@ -21,7 +21,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Protocol
 
-from ._errors import BroadcastError, ConsumerBusy, InvalidArgument, Unsubscribed
+from ._errors import BroadcastError, ConsumerBusy, InvalidArgument, LogUnavailable, Unsubscribed
 from ._event import Event
 from ._gate import Gate
 
@@ -70,7 +70,9 @@ class Committable:
                 the lease).
             InvalidArgument: The subscription is not a durable consumer (no
                 ``consumer=``), or ``event`` was not delivered by it.
-            LogUnavailable: The log could not be reached; nothing was stored.
+            LogUnavailable: The log could not be reached, and nothing was stored; or
+                it did not answer within the lease while the lease stayed renewed (the
+                commit may land later; committing again is safe).
         """
         holding = self._consumer
         if holding is None:
@@ -227,8 +229,16 @@ class Holding:
                 answer=self.lease,
             )
         except asyncio.TimeoutError:
-            # A standby may have taken over meanwhile. The statement goes on: it may
-            # still store the position, fenced by the lease.
+            # The statement goes on: it may still store the position, fenced by the
+            # lease. A slow answer alone proves nothing lost: renewals, which do not
+            # queue behind commits, may have kept the lease meanwhile.
+            if not self.overdue():
+                raise LogUnavailable(
+                    f"consumer {self.name!r} of {self.channel!r}: the log did not answer "
+                    f"a commit within {self.lease:g} s (it may still be stored); the lease "
+                    "is still held"
+                ) from None
+            # A standby may have taken over meanwhile.
             self.lose("the log did not answer a commit before the lease could run out")
             raise ConsumerBusy(str(self._lost)) from None
         if stored is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+from typing import Any
 
 import pytest
 
@@ -336,6 +337,35 @@ async def test_commit_is_fenced_in_the_statement(broadcast: Broadcast) -> None:
     assert await log.commit_position("c", "w", "old", event.epoch, 1, 0.2) is None
     assert await log.renew_leases(["old", "new"], 5) == {"new"}
     assert not (await log.acquire_lease("c", "w", "old", 5)).acquired
+
+
+async def test_a_slow_commit_under_a_renewed_lease_loses_nothing(
+    broadcast: Broadcast, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit answered after the lease's length took the lease for lost, and failed
+    the subscription with ConsumerBusy, while renewals had kept it all along (300
+    consumers on one SQLite log: commits took over a second)."""
+    log = broadcast.log
+    commit_position = log.commit_position
+    slow = True
+
+    async def late(*args: Any) -> Any:
+        if slow:
+            await asyncio.sleep(0.8)
+        return await commit_position(*args)
+
+    monkeypatch.setattr(log, "commit_position", late)
+    await broadcast.publish("c", "one")
+    async with broadcast.subscribe("c", consumer="w", since=0, lease=0.5) as sub:
+        await take(sub, 1)
+        with pytest.raises(LogUnavailable, match="still held"):
+            await sub.commit()
+        slow = False
+        await broadcast.publish("c", "two")
+        assert [e.offset for e in await take(sub, 1)] == [2]  # not failed
+        await sub.commit()
+    [info] = await log.consumers("c")
+    assert info.position == 2
 
 
 async def test_reset_channel_raises_stream_reset(broadcast: Broadcast) -> None:

@@ -240,8 +240,11 @@ class Leases:
 
     async def _renew(self, lease: float) -> None:
         loop = asyncio.get_running_loop()
+        sent = loop.time()
         while True:
-            await asyncio.sleep(lease / 3)
+            # A third of the lease from one renewal's start to the next, not after
+            # it ended: a renewal of many leases can take a good part of that third.
+            await asyncio.sleep(max(0.0, sent + lease / 3 - loop.time()))
             group = self._held.get(lease)
             if not group:
                 # Nothing left to renew: stop (a new lease of this duration starts a task).

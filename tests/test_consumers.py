@@ -368,6 +368,27 @@ async def test_a_slow_commit_under_a_renewed_lease_loses_nothing(
     assert info.position == 2
 
 
+async def test_renewals_keep_their_pace_when_each_takes_long(
+    broadcast: Broadcast, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next renewal was a third of the lease after the last one ended: renewals
+    of hundreds of leases, each taking a good part of that third, left each lease
+    unrenewed for a moment before its next renewal answered."""
+    log = broadcast.log
+    renew_leases = log.renew_leases
+
+    async def slow(*args: Any) -> Any:
+        await asyncio.sleep(0.6)
+        return await renew_leases(*args)
+
+    monkeypatch.setattr(log, "renew_leases", slow)
+    async with broadcast.subscribe("c", consumer="w", lease=1.5) as sub:
+        for _ in range(70):  # 3.5 s, several renewals; each get checks the lease
+            await broadcast.publish("c", "m")
+            await take(sub, 1)
+            await asyncio.sleep(0.05)
+
+
 async def test_reset_channel_raises_stream_reset(broadcast: Broadcast) -> None:
     for i in range(3):
         await broadcast.publish("room", str(i))

@@ -202,6 +202,8 @@ class Broadcast:
             await self.log.disconnect()
             raise
         self._channels.open()
+        # Its semaphore and cached lookups belong to one event loop: anew for each.
+        self._heads = HeadProbe(self.log, self._subscribers)
         self._loop = asyncio.get_running_loop()
         self._listener_error = None
         self._listener = asyncio.create_task(self._listen(), name="broadcast-history-listen")

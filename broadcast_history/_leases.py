@@ -245,6 +245,7 @@ class Leases:
             # A third of the lease from one renewal's start to the next, not after
             # it ended: a renewal of many leases can take a good part of that third.
             await asyncio.sleep(max(0.0, sent + lease / 3 - loop.time()))
+            sent = loop.time()  # here, so a period that renews nothing paces the next
             group = self._held.get(lease)
             if not group:
                 # Nothing left to renew: stop (a new lease of this duration starts a task).
@@ -256,7 +257,6 @@ class Leases:
             holdings = [holding for holding in group.values() if not holding.lost]
             if not holdings:
                 continue
-            sent = loop.time()
             try:
                 kept: set[str] | None = await self.log.renew_leases(
                     [holding.holder for holding in holdings], lease

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -387,6 +388,24 @@ async def test_renewals_keep_their_pace_when_each_takes_long(
             await broadcast.publish("c", "m")
             await take(sub, 1)
             await asyncio.sleep(0.05)
+
+
+async def test_lost_leases_leave_the_renewer_idle(
+    broadcast: Broadcast, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once every lease of a duration was lost, the renewer slept 0 s a turn (its
+    pace counted from a renewal that no longer came): a core spun until the
+    subscription ended."""
+
+    async def down(*args: Any) -> Any:
+        raise LogUnavailable("the log is down")
+
+    monkeypatch.setattr(broadcast.log, "renew_leases", down)
+    async with broadcast.subscribe("c", consumer="w", lease=0.3):
+        await asyncio.sleep(0.5)  # lost by now
+        started = time.process_time()
+        await asyncio.sleep(1.5)
+        assert time.process_time() - started < 0.5
 
 
 async def test_reset_channel_raises_stream_reset(broadcast: Broadcast) -> None:

@@ -312,6 +312,27 @@ async def test_a_batch_outlasts_writers_racing_on_its_keys(
         await log.disconnect()
 
 
+def test_replays_in_a_second_event_loop(tmp_path: Path) -> None:
+    """The head lookups' semaphore stayed bound to the loop of the first connect():
+    subscribers replaying at once in the next loop failed with RuntimeError."""
+    broadcast = Broadcast(log=f"sqlite+aiosqlite:///{tmp_path / 'events.db'}", page_size=10)
+    channels = [f"c{i}" for i in range(8)]
+
+    async def replay_at_once() -> None:
+        async with broadcast:
+            for channel in channels:
+                await asyncio.gather(*(broadcast.publish(channel, "m") for _ in range(25)))
+
+            async def replay(channel: str) -> None:
+                async with broadcast.subscribe(channel, since=0) as sub:
+                    await take(sub, 25)
+
+            await asyncio.gather(*(replay(channel) for channel in channels))
+
+    asyncio.run(replay_at_once())
+    asyncio.run(replay_at_once())
+
+
 async def test_validation_rejects_and_writes_nothing() -> None:
     async with Broadcast(max_message_size=10) as bc:
         for channel in ("", "x" * 256, "bad\nname", "tab\there", "\x7f", 5):

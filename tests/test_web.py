@@ -658,6 +658,28 @@ async def test_close_streams_ends_streams_whose_clients_stopped_reading(
                 writer.transport.abort()
 
 
+async def test_a_websocket_publish_in_flight_at_stop_is_acknowledged(
+    broadcast: Broadcast, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close_streams() cancelled the answer to a publish frame under way: the message
+    was stored and never acknowledged, and a client without a key sent it again."""
+    app = create_stream_app(broadcast, authorize=allow_all, publish=True)
+    append = broadcast.log.append
+
+    async def slow(items: Any) -> Any:
+        await asyncio.sleep(0.5)
+        return await append(items)
+
+    monkeypatch.setattr(broadcast.log, "append", slow)
+    async with serving(app) as base, ws_connect(base.replace("http", "ws") + "/c/ws") as ws:
+        await wait_for_subscriptions(broadcast, 1)
+        await ws.send(json.dumps({"type": "publish", "data": "m"}))
+        await asyncio.sleep(0.1)  # the publish is under way
+        app.state.close_streams()
+        frames = [json.loads(frame) async for frame in ws]
+        assert "ack" in [frame["type"] for frame in frames]
+
+
 async def test_a_websocket_client_gone_mid_send_is_no_server_error(
     base: str, broadcast: Broadcast, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -258,6 +258,8 @@ def tail(
     except InvalidArgument as exc:
         fail(str(exc), 2)
 
+    seen = 0
+
     async def go() -> None:
         # A short idle check: over memory:// the log is the only way in from
         # another process, so it is polled often enough to feel live.
@@ -266,7 +268,7 @@ def tail(
             Feed(broadcast, channel, position) as feed,
         ):
             err_console.print(f"tailing {escape(repr(channel))} (Ctrl-C to stop)")
-            seen = 0
+            nonlocal seen
             async for item in feed:
                 if isinstance(item, Reset):
                     _reset(item, as_json)
@@ -286,10 +288,7 @@ def tail(
 
     # Ctrl-C is how tail is meant to end; with --count, before the count was reached
     # it is an interruption (130, as a shell reports one): a script got fewer events.
-    interrupted = 0 if count is None else 130
     try:
         run(go())
-    except KeyboardInterrupt:
-        raise typer.Exit(interrupted) from None
-    except asyncio.CancelledError:  # pragma: no cover - interrupted during shutdown
-        raise typer.Exit(interrupted) from None
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        raise typer.Exit(130 if count is not None and seen < count else 0) from None

@@ -37,6 +37,8 @@ _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 # Longest disconnect() waits for calls still running (a stalled database must not
 # hold it for ever).
 _CALLS_WAIT = 5.0
+#: Most attempts an append makes beyond three for its keys' conflicts.
+MAX_KEY_RETRIES = 32
 #: Offsets asked for in one query by EventLog.read_at.
 _OFFSETS_PER_QUERY = 500
 #: Events retention removes in one transaction, at most.
@@ -208,8 +210,10 @@ class EventLog(ConsumerMethods):
         # A conflict is another writer storing one of the keys (or creating the
         # channel) between our read and our insert: the transaction rolled back, and
         # the next attempt finds its row. Each key can conflict once, so writers
-        # racing on many keys get one attempt more per key (three were soon used up).
-        attempts = 3 + len({(item.channel, item.key) for item in items if item.key is not None})
+        # racing on many keys get one attempt more per key (three were soon used up),
+        # up to a bound: a conflict that is no key race is not retried a thousand times.
+        keys = len({(item.channel, item.key) for item in items if item.key is not None})
+        attempts = 3 + min(keys, MAX_KEY_RETRIES)
         for attempt in range(attempts):
             try:
                 return await store.append(items)

@@ -93,7 +93,9 @@ class PostgresStore(ServerStore):
         self.ahead = ReadAhead(self._page_records)
         if engine is not None:
             # Their sockets belong to the loop that ended, where nothing runs any
-            # more: dereferenced, not closed (each one's closing would fail noisily).
+            # more: the pool's are dereferenced, not closed. (Connections that loop
+            # held checked out are still closed by SQLAlchemy when collected, which
+            # fails and logs it: noise, nothing is lost.)
             await engine.dispose(close=False)
 
     @property

@@ -205,13 +205,15 @@ class WebSocketSession:
                 message = receiving.result()
                 if message["type"] == "websocket.disconnect":
                     return False
-                if not await unless_stopped(stop, self._answer(message)):
+                if not await unless_stopped(stop, self._write(await self._answer(message))):
                     return True
                 receiving = asyncio.ensure_future(receive())
         finally:
             receiving.cancel()
 
-    async def _answer(self, message: Mapping[str, Any]) -> None:
+    async def _answer(self, message: Mapping[str, Any]) -> dict[str, Any]:
+        """The answer to a client frame, its publish done: a stopping server still
+        lets it finish (cancelled, it would be stored and never acknowledged)."""
         text = message.get("text")
         try:
             if self.publisher is None:
@@ -223,6 +225,5 @@ class WebSocketSession:
             data, key = parse_publish(text)
             event = await self.publisher(self.websocket, data, key)
         except BroadcastError as exc:  # refused, invalid, or the log is down
-            await self._write({"type": "error", "detail": str(exc)})
-        else:
-            await self._write({"type": "ack", **event_info(event)})
+            return {"type": "error", "detail": str(exc)}
+        return {"type": "ack", **event_info(event)}

@@ -49,8 +49,11 @@ class Channels:
             task.cancel()
 
     def forget(self) -> None:
-        """Drop every subscription of an event loop that ended, touching none of them
-        (waking one would schedule work on that closed loop)."""
+        """End every subscription of an event loop that ended, waking none of them
+        (that would schedule work on the closed loop)."""
+        for subscribers in self.subscribers.values():
+            for subscriber in subscribers:
+                subscriber._abandon()
         self.subscribers.clear()
         self._on_transport.clear()
         self._undoing.clear()

@@ -253,6 +253,16 @@ class Subscriber(Committable):
             self._error = error
         self._bell.ring()
 
+    def _abandon(self) -> None:
+        """Closed, as :meth:`_close`, but for an event loop that has ended: nothing of
+        that loop (futures, tasks, the bell) is touched."""
+        self._mode = _CLOSED
+        self._reading = self._checking = None
+        self._page.clear()
+        self._buffer.clear()
+        self._held.clear()
+        self._live_bytes = 0
+
     def _close(self) -> None:
         self._mode = _CLOSED
         if self._ended is not None and not self._ended.done():

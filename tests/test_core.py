@@ -312,6 +312,34 @@ async def test_a_batch_outlasts_writers_racing_on_its_keys(
         await log.disconnect()
 
 
+def test_a_subscriber_of_a_loop_that_ended_is_ended(tmp_path: Path) -> None:
+    """Left behind by a loop that ended without disconnect(), a subscriber went on
+    reading the log, uncounted, in the next loop."""
+    broadcast = Broadcast(log=f"sqlite+aiosqlite:///{tmp_path / 'events.db'}")
+    kept: list[Any] = []
+
+    async def subscribe() -> None:
+        await broadcast.connect()
+        await broadcast.publish("c", "m")
+        subscription = broadcast.subscribe("c", since=0)
+        kept.extend([subscription, await subscription.__aenter__()])  # never left
+        await kept[1].get()
+
+    async def publish() -> None:
+        await broadcast.connect()
+        try:
+            await broadcast.publish("c", "m")
+            with pytest.raises(Unsubscribed):
+                await asyncio.wait_for(kept[1].get(), 5)
+        finally:
+            await broadcast.disconnect()
+
+    loop = asyncio.new_event_loop()  # closed as is: no clean-up of its generators
+    loop.run_until_complete(subscribe())
+    loop.close()
+    asyncio.run(publish())
+
+
 def test_replays_in_a_second_event_loop(tmp_path: Path) -> None:
     """The head lookups' semaphore stayed bound to the loop of the first connect():
     subscribers replaying at once in the next loop failed with RuntimeError."""

@@ -59,7 +59,15 @@ def test_crossing_transport_without_log_is_refused(url: str) -> None:
 
 @pytest.mark.parametrize(
     "log",
-    ["sqlite+aiosqlite:///:memory:", "sqlite+aiosqlite://", "sqlite://", "sqlite:///:memory:"],
+    [
+        "sqlite+aiosqlite:///:memory:",
+        "sqlite+aiosqlite://",
+        "sqlite://",
+        "sqlite:///:memory:",
+        # As URIs: each worker kept a log of its own (found by a probe).
+        "sqlite+aiosqlite:///file:probe?mode=memory&cache=shared&uri=true",
+        "sqlite+aiosqlite:///file::memory:?cache=shared&uri=true",
+    ],
 )
 def test_crossing_transport_with_an_in_memory_log_is_refused(log: str) -> None:
     """Named explicitly, the private log was accepted: with several workers, offsets

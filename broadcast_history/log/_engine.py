@@ -76,6 +76,14 @@ def is_memory_sqlite(url: URL) -> bool:
     return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
 
 
+def is_memory_uri(url: URL) -> bool:
+    """Whether ``url`` names an in-memory SQLite database as a URI (``file::memory:``,
+    ``file:name?mode=memory``): shared within one process at most."""
+    if url.get_backend_name() != "sqlite" or not (url.database or "").startswith("file:"):
+        return False
+    return url.database == "file::memory:" or url.query.get("mode") == "memory"
+
+
 def missing_file(url: URL) -> bool:
     """Whether ``url`` is a SQLite file that does not exist (yet)."""
     path = _sqlite_file(url)

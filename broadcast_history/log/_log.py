@@ -23,6 +23,7 @@ from ._engine import (
     MEMORY_URL,
     cannot_open,
     is_memory_sqlite,
+    is_memory_uri,
     missing_file,
     normalize_url,
     require_file,
@@ -102,7 +103,7 @@ class EventLog(ConsumerMethods):
     def private(self) -> bool:
         """Whether this is an in-memory SQLite database, which only this EventLog
         (in this process) reaches."""
-        return is_memory_sqlite(self.url)
+        return is_memory_sqlite(self.url) or is_memory_uri(self.url)
 
     @property
     def read_timeout(self) -> float | None:

@@ -110,6 +110,9 @@ class Broadcast:
                 f"instead (EventLog(url, migrate={migrate!r}))"
             )
         self._backend = backend
+        # The transport in use, for the metrics collector, which must not hold the
+        # broadcast (the transport is made anew after an event loop ends).
+        self._transport: list[BroadcastBackend] = [backend]
         #: The event log every publish is stored in.
         self.log: EventLog = (
             log
@@ -285,7 +288,10 @@ class Broadcast:
             # Its clients, tasks and locks may still belong to the loop that ended
             # (a disconnect that failed halfway): a new one starts clean.
             backend = backend_from_url(self._url)
+            # transport_reconnects_total is a counter: the old transport's count stays.
+            self.stats.replaced_reconnects += int(getattr(self._backend, "reconnects", 0))
             self._backend = self._wire.backend = self._channels.backend = backend
+            self._transport[0] = backend
         await self.log.disconnect()  # which drops a store of the loop that ended
 
     async def __aenter__(self) -> Self:

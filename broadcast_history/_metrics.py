@@ -75,14 +75,18 @@ class BroadcastCollector:
     def add(self, broadcast: Broadcast) -> None:
         self._broadcasts.add(broadcast)
         weakref.finalize(
-            broadcast, self._retire, broadcast.stats, broadcast.foreign_messages, broadcast.backend
+            broadcast,
+            self._retire,
+            broadcast.stats,
+            broadcast.foreign_messages,
+            broadcast._transport,
         )
 
-    def _retire(self, stats: Stats, foreign: dict[str, int], backend: Any) -> None:
+    def _retire(self, stats: Stats, foreign: dict[str, int], transport: list[Any]) -> None:
         self._retired.add(stats)
         for kind, count in foreign.items():
             self._retired_foreign[kind] = self._retired_foreign.get(kind, 0) + count
-        self._retired_reconnects += int(getattr(backend, "reconnects", 0))
+        self._retired_reconnects += int(getattr(transport[0], "reconnects", 0))
 
     async def refresh_lags(self) -> None:
         """Read the lag of every durable consumer of the registered broadcasts' logs."""
@@ -152,13 +156,14 @@ class BroadcastCollector:
         total = Stats()
         total.add(self._retired)
         foreign = dict(self._retired_foreign)
-        reconnects = self._retired_reconnects
+        reconnects = self._retired_reconnects + self._retired.replaced_reconnects
         modes = {"replay": 0, "live": 0}
         up = 1
         for broadcast in broadcasts:
             total.add(broadcast.stats)
             for kind, count in broadcast.foreign_messages.items():
                 foreign[kind] = foreign.get(kind, 0) + count
+            reconnects += broadcast.stats.replaced_reconnects
             reconnects += int(getattr(broadcast.backend, "reconnects", 0))
             if broadcast.connected and not broadcast.transport_connected:
                 up = 0

@@ -57,6 +57,7 @@ class Stats:
         "fallbacks",
         "live_send_failures",
         "publishes",
+        "replaced_reconnects",
     )
 
     def __init__(self) -> None:
@@ -68,6 +69,8 @@ class Stats:
         self.fallbacks = dict.fromkeys(FALLBACK_REASONS, 0)
         self.delivered_live = 0
         self.delivered_log = 0
+        # Reconnects counted by transports the broadcast has since made anew.
+        self.replaced_reconnects = 0
 
     def add(self, other: Stats) -> None:
         """Add ``other``'s counts to these (a broadcast that is gone, for its totals)."""
@@ -81,6 +84,7 @@ class Stats:
             self.fallbacks[reason] += count
         self.delivered_live += other.delivered_live
         self.delivered_log += other.delivered_log
+        self.replaced_reconnects += other.replaced_reconnects
 
 
 def failure_reason(error: BaseException) -> str:

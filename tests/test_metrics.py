@@ -8,7 +8,9 @@ reconnect metrics, from a Redis connection killed on the server.
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -226,6 +228,37 @@ async def test_many_broadcasts_share_a_registry(registry: CollectorRegistry) -> 
         assert value(registry, "publishes_total") == 2
     del one, two
     assert value(registry, "publishes_total") == 2  # a counter never goes back
+
+
+def test_reconnects_stay_counted_when_the_transport_is_made_anew(
+    registry: CollectorRegistry, tmp_path: Path
+) -> None:
+    """A broadcast left connected by an event loop that ended makes its transport anew
+    at the next connect(): transport_reconnects_total went back to the new one's 0."""
+
+    async def left_connected(broadcast: Broadcast) -> None:
+        await broadcast.connect()
+        broadcast.backend.reconnects = 3  # type: ignore[attr-defined]
+        await asyncio.sleep(0.1)  # lets the broadcast's own tasks start
+
+    async def used_again(broadcast: Broadcast) -> None:
+        async with broadcast:
+            assert value(registry, "transport_reconnects_total") == 3
+
+    broadcast = Broadcast(
+        "memory://", log=f"sqlite+aiosqlite:///{tmp_path / 'events.db'}", metrics=registry
+    )
+    loop = asyncio.new_event_loop()  # closed without disconnect()
+    loop.run_until_complete(left_connected(broadcast))
+    loop.close()
+    assert value(registry, "transport_reconnects_total") == 3
+    asyncio.run(used_again(broadcast))
+    first = broadcast.backend
+    asyncio.run(used_again(broadcast))
+    assert broadcast.backend is first  # disconnected cleanly: kept
+    del broadcast, first
+    gc.collect()
+    assert value(registry, "transport_reconnects_total") == 3  # a counter never goes back
 
 
 LAG_LINE = 'broadcast_history_consumer_lag{channel="orders",consumer="mailer"} 3.0'

@@ -312,8 +312,20 @@ async def test_publish_text_json_bytes_and_keys(
         for _ in range(2)
     ]
     assert keyed[0].json() == keyed[1].json()
-    stored = [e.message for e in await broadcast.log.read("pub/1", after=0)]
-    assert stored == ["héllo", '{"a":1}', b"\x00\xff", b"once"]
+    # A key of 255 characters is one however many bytes its UTF-8 takes (the header's
+    # length was checked in bytes: 400 here).
+    wide = await client.post(url, content=b"w", headers={"Idempotency-Key": ("é" * 255).encode()})
+    assert wide.status_code == 201
+    too_long = await client.post(url, content=b"w", headers={"Idempotency-Key": "k" * 256})
+    assert too_long.status_code == 400 and "key" in too_long.json()["detail"]
+    stored = [(e.message, e.key) for e in await broadcast.log.read("pub/1", after=0)]
+    assert stored == [
+        ("héllo", None),
+        ('{"a":1}', None),
+        (b"\x00\xff", None),
+        (b"once", "k-1"),
+        (b"w", "é" * 255),
+    ]
     assert raw.json()["offset"] == 3
     big = await client.post(url, content=b"x" * (broadcast.max_message_size + 1))
     assert big.status_code == 413

@@ -52,7 +52,11 @@ def add_streaming_routes(
     async def publish_event(
         channel: Channel,
         request: Request,
-        idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+        # Read (and its length checked, in characters) by publish_request: the header
+        # arrives as Latin-1, a byte a character, where keys are UTF-8.
+        idempotency_key: Annotated[
+            str | None, Header(description="`key=` of publish: 1-255 characters")
+        ] = None,
     ) -> PublishedOut:
         """Publish the body: `text/*` and `application/json` as text, anything else as
         bytes; `Idempotency-Key` returns the event first stored with that key."""

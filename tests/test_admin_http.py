@@ -279,9 +279,10 @@ async def test_export_and_import(broadcast: Broadcast, client: httpx.AsyncClient
     one = await client.get(path("ex/1", "/export"))
     assert one.headers["content-type"].startswith("application/x-ndjson")
     lines = one.text.splitlines()
-    assert [json.loads(line)["type"] for line in lines] == ["channel", "event", "event"]
+    assert [json.loads(line)["type"] for line in lines] == ["channel", "event", "event", "end"]
+    assert json.loads(lines[-1]) == {"type": "end", "format": 2, "channels": 1, "events": 2}
     everything = (await client.get("/export", params={"prefix": "ex/"})).text
-    assert len(everything.splitlines()) == 5
+    assert len(everything.splitlines()) == 6
     assert (await client.get(path("missing", "/export"))).status_code == 404
 
     conflict = await client.post("/import", content=everything)

@@ -112,7 +112,7 @@ async def test_channels_prefix_and_cursor(broadcast: Broadcast, admin: HistoryAd
     # A prefix is exact, case included (SQLite's LIKE folds ASCII case).
     assert [c.name for c in (await admin.channels(prefix="P:")).channels] == ["P:upper"]
     assert [c.name for c in (await admin.channels(prefix="é")).channels] == ["é:x"]
-    assert len(await collect(admin.export_jsonl(prefix="P"))) == 2
+    assert len(await collect(admin.export_jsonl(prefix="P"))) == 3  # and the end line
     everything = await admin.channels(limit=100)
     assert len(everything.channels) == len(names) and everything.next_cursor is None
     with pytest.raises(InvalidArgument):
@@ -356,7 +356,7 @@ async def test_export_fails_when_the_channel_changes_under_it(
     monkeypatch.setattr(_jsonl, "_PAGE_BYTES", 40)
     await asyncio.gather(*(broadcast.publish("c", f"message {i}") for i in range(50)))
     lines = await collect(admin.export_jsonl(["c"]))
-    assert [json.loads(line)["offset"] for line in lines[1:]] == list(range(1, 51))
+    assert [json.loads(line)["offset"] for line in lines[1:-1]] == list(range(1, 51))
 
     async def export_then(change: str) -> None:
         count = 0
@@ -378,10 +378,10 @@ async def test_export_one_channel(broadcast: Broadcast, admin: HistoryAdmin) -> 
     await broadcast.publish("x1", "a")
     await broadcast.publish("x2", "b")
     lines = await collect(admin.export_jsonl(["x2"]))
-    assert [json.loads(line)["type"] for line in lines] == ["channel", "event"]
+    assert [json.loads(line)["type"] for line in lines] == ["channel", "event", "end"]
     with pytest.raises(ChannelNotFound):
         await collect(admin.export_jsonl(["missing"]))
-    assert len(await collect(admin.export_jsonl(prefix="x"))) == 4
+    assert len(await collect(admin.export_jsonl(prefix="x"))) == 5
 
 
 @pytest.mark.parametrize(

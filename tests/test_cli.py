@@ -168,7 +168,7 @@ def test_export_import(log: str, tmp_path: Path) -> None:
     dump = tmp_path / "dump.jsonl"
     assert "exported 3 events" in cli("export", "-o", str(dump), "--log", log).stderr
     assert cli("export", "--log", log).stdout == dump.read_text()
-    assert len(cli("export", "e/2", "--log", log).stdout.splitlines()) == 2
+    assert len(cli("export", "e/2", "--log", log).stdout.splitlines()) == 3  # with the end line
     cli("export", "nope", "-o", str(tmp_path / "x.jsonl"), "--log", log, code=1)
     assert not (tmp_path / "x.jsonl").exists()
     # A failed export removes only a file it created (a path of /dev/null's was

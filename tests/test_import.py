@@ -20,6 +20,7 @@ import pytest
 import uvicorn
 
 from broadcast_history import Broadcast, Event, EventLog, LogUnavailable, StreamReset
+from broadcast_history.log import Pending
 from broadcast_history.admin import (
     HistoryAdmin,
     ImportConflict,
@@ -56,6 +57,10 @@ def event_line(offset: int, name: str = "c", **fields: object) -> str:
     }
     line.update(fields)
     return json.dumps(line)
+
+
+def end_line(channels: int, events: int) -> str:
+    return json.dumps({"type": "end", "format": 2, "channels": channels, "events": events})
 
 
 @pytest.fixture(params=LOG_KINDS)
@@ -116,6 +121,25 @@ async def admin(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
             [channel_line(last=0, last_timestamp="1960-01-01T00:00:00+00:00")],
             "line 1: 'last_timestamp' must be a time from 1970",
         ),
+        (  # every next publish would have been stamped 2099
+            [channel_line(last=1, last_timestamp="2099-01-01T00:00:00+00:00"), event_line(1)],
+            "'c' .*last_timestamp is later than its last event's",
+        ),
+        # Format 2 ends with a line counting what it holds: a cut between channels
+        # (head -n, a full disk, a broken stream) read as a whole export.
+        (
+            [channel_line(last=1, format=2), event_line(1)],
+            "no end line after line 2: the export was cut short",
+        ),
+        (
+            [channel_line(last=1, format=2), event_line(1), end_line(channels=2, events=2)],
+            "line 3: the end line counts 2 channels, 1 were read",
+        ),
+        (
+            [channel_line(last=1, format=2), event_line(1), end_line(channels=1, events=0)],
+            "line 3: the end line counts 0 events, 1 were read",
+        ),
+        ([channel_line(last=0, format=3)], "line 1: unsupported export format 3"),
     ],
 )
 async def test_incomplete_or_malformed_exports_store_nothing(
@@ -125,6 +149,24 @@ async def test_incomplete_or_malformed_exports_store_nothing(
     with pytest.raises(InvalidExport, match=match):
         await admin.import_jsonl(lines)
     assert (await admin.channels()).channels == []
+
+
+async def test_an_export_cut_between_channels_or_joined_to_another(admin: HistoryAdmin) -> None:
+    """A cut after a channel's last event imported the channels before it, exit 0."""
+    await admin.log.append([Pending(channel, "m", None) for channel in ("a", "b", "c")])
+    whole = [line async for line in admin.export_jsonl()]
+    assert len(whole) == 7 and json.loads(whole[-1])["type"] == "end"
+    two, one = [[line async for line in admin.export_jsonl(part)] for part in (["a", "b"], ["c"])]
+    for channel in ("a", "b", "c"):
+        await admin.delete(channel)
+    with pytest.raises(InvalidExport, match="no end line after line 4"):
+        await admin.import_jsonl(whole[:4])  # head -n 4: channels a and b whole
+    assert (await admin.channels()).channels == []
+    # Exports joined with cat: each end line counts its own part.
+    nothing = [line async for line in admin.export_jsonl([])]
+    assert nothing == ['{"type":"end","format":2,"channels":0,"events":0}\n']
+    result = await admin.import_jsonl([*two, *one])
+    assert (result.channels, result.events) == (["a", "b", "c"], 3)
 
 
 async def test_a_trimmed_channel_imports_from_its_first_offset(admin: HistoryAdmin) -> None:

@@ -7,8 +7,11 @@ be complete and consistent does the second phase open the log's write transactio
 which then reads from the local spool at disk speed.
 
 An export must be complete: each channel's events run gap-free from its
-``first_offset`` to its ``last_offset``. A file cut short (``head -n``), a missing
-line, a repeated offset or key are refused with the line number, never stored.
+``first_offset`` to its ``last_offset``, and the file ends with the end line that
+counts them (format 2; files of format 1, written before it, have none). A file cut
+short (``head -n``), a missing line, a repeated offset or key are refused with the
+line number, never stored. Exports joined with ``cat`` import as one: each end line
+counts what came after the one before it.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ from .._validation import MAX_INT, check_channel, check_key
 from ..log import EPOCH_LIMIT, ChannelInfo, EventLog, new_epoch
 from ._errors import InvalidExport
 from ._jsonl import FORMAT
+
+#: Export formats read: 1 had no end line.
+_FORMATS = (1, FORMAT)
 from ._models import ImportResult
 
 _PAGE = 1000
@@ -90,6 +96,14 @@ def _int(
     if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
         raise InvalidExport(f"line {number}: {name!r} must be an int from {minimum} to {maximum}")
     return value
+
+
+def _format(line: dict[str, Any], number: int) -> int:
+    # Without one: format 1 (hand-written lines, the oldest exports).
+    fmt = line.get("format", 1)
+    if isinstance(fmt, bool) or fmt not in _FORMATS:
+        raise InvalidExport(f"line {number}: unsupported export format {line['format']!r}")
+    return int(fmt)
 
 
 def _epoch(line: dict[str, Any], number: int) -> int:
@@ -202,22 +216,31 @@ class _Checker:
         # Names not yet looked up in the log (one lookup per name took 2.5 ms on SQLite).
         self.unchecked: list[str] = []
         self.events = 0
+        # Since the last end line: channels and events read, and whether one of them
+        # was of a format that must be followed by an end line.
+        self.part_channels = self.part_events = 0
+        self.part_needs_end = False
+        self.last_line = 0
 
     async def line(self, raw: str | bytes, number: int) -> None:
         line = _parse(raw, number, self.max_line)
         kind = line.get("type")
+        self.last_line = number
         if kind == "channel":
             await self.channel(line, number)
         elif kind == "event":
             self.event(line, number)
+            self.part_events += 1
+        elif kind == "end":
+            self.end(line, number)
         else:
-            raise InvalidExport(f"line {number}: 'type' must be 'channel' or 'event'")
+            raise InvalidExport(f"line {number}: 'type' must be 'channel', 'event' or 'end'")
 
     async def channel(self, line: dict[str, Any], number: int) -> None:
         self.finish()
-        fmt = line.get("format", FORMAT)
-        if isinstance(fmt, bool) or fmt != FORMAT:
-            raise InvalidExport(f"line {number}: unsupported export format {line['format']!r}")
+        fmt = _format(line, number)
+        self.part_channels += 1
+        self.part_needs_end = self.part_needs_end or fmt > 1
         try:
             name = check_channel(line.get("name"))
         except InvalidArgument as exc:
@@ -311,6 +334,29 @@ class _Checker:
         finally:
             self.spool.seek(end)
 
+    def end(self, line: dict[str, Any], number: int) -> None:
+        """An end line: it counts the channels and events since the one before."""
+        self.finish()
+        _format(line, number)
+        for name, read in (("channels", self.part_channels), ("events", self.part_events)):
+            if _int(line, name, number) != read:
+                raise InvalidExport(
+                    f"line {number}: the end line counts {line[name]} {name}, "
+                    f"{read} were read: the export is incomplete"
+                )
+        self.part_channels = self.part_events = 0
+        self.part_needs_end = False
+
+    def complete(self) -> None:
+        """At the end of the input: what needs an end line has had it."""
+        self.finish()
+        if self.part_needs_end:
+            raise InvalidExport(
+                f"no end line after line {self.last_line}: the export was cut short "
+                f"({self.part_channels} channels, {self.part_events} events since the "
+                "last end line or the start)"
+            )
+
     def finish(self) -> None:
         """End the current channel: its events must have reached its last offset."""
         current, self.current = self.current, None
@@ -324,6 +370,13 @@ class _Checker:
                 "incomplete (cut short?)"
             )
         last_micros = 0 if info.last_timestamp is None else to_micros(info.last_timestamp)
+        if current.first_micros is not None and last_micros > current.last_micros:
+            # The log stamps a channel with its newest event's time, and never stamps
+            # an event before it: a later one would pin every next publish to it.
+            raise InvalidExport(
+                f"channel {info.name!r} (line {current.line}): last_timestamp is later "
+                "than its last event's"
+            )
         last_micros = max(last_micros, current.last_micros)
         # since=<a time> raises HistoryTruncated up to the newest trimmed event's time:
         # never after the oldest kept event's; unknown (an older export), assume it.
@@ -387,7 +440,7 @@ async def import_lines(
                 number += 1
                 if raw.strip():
                     await checker.line(raw, number)
-        checker.finish()
+        checker.complete()
         await checker.refuse_existing()
         stored = await log.restore(checker.infos, _spooled(spool))
     return ImportResult(channels=[info.name for info in checker.infos], events=stored)

@@ -9,8 +9,13 @@ An export is, per channel, one channel line then its events in offset order::
      "key": null, "encoding": "text", "message": "hello"}
     {"type": "event", ..., "encoding": "base64", "message": "AAEC"}
 
+and last an end line counting them, without which a file cut at a channel's boundary
+(``head -n``, a disk that filled, a stream that broke) would read as whole::
+
+    {"type": "end", "format": 2, "channels": 1, "events": 2}
+
 Timestamps are ISO 8601 with microseconds, which is exactly what the log stores.
-``_import`` reads the format back.
+``_import`` reads the format back (format 1, from before the end line, too).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from .._errors import HistoryTruncated, StreamReset
 from .._event import Event
 from ..log import ChannelInfo, EventLog
 
-FORMAT = 1
+FORMAT = 2
 _PAGE = 1000
 # A page in memory stays small whatever the messages' sizes (at least one event).
 _PAGE_BYTES = 4 * 1024 * 1024
@@ -56,6 +61,11 @@ def event_json(event: Event) -> dict[str, Any]:
 def _dumps(value: dict[str, Any]) -> str:
     # ensure_ascii keeps each line plain ASCII: safe whatever the reader's encoding.
     return json.dumps(value, separators=(",", ":")) + "\n"
+
+
+def end_line(channels: int, events: int) -> str:
+    """The line that ends an export of ``channels`` channels and ``events`` events."""
+    return _dumps({"type": "end", "format": FORMAT, "channels": channels, "events": events})
 
 
 async def export_channel(log: EventLog, info: ChannelInfo) -> AsyncIterator[str]:

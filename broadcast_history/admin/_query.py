@@ -273,7 +273,8 @@ class HistoryAdmin(ConsumerAdmin):
         """Lines (each ending in ``\\n``) of a JSON-lines export.
 
         Per channel: one ``{"type": "channel", ...}`` line, then its stored events in
-        offset order as ``{"type": "event", ...}`` lines (``bytes`` payloads in base64).
+        offset order as ``{"type": "event", ...}`` lines (``bytes`` payloads in base64);
+        last, a ``{"type": "end", ...}`` line with their counts.
 
         Args:
             channels: These channels (``ChannelNotFound`` if one is missing); default
@@ -286,12 +287,17 @@ class HistoryAdmin(ConsumerAdmin):
             names: AsyncIterable[str] = _aiter(channels)
         else:
             names = _names(self.all_channels(prefix=prefix))
+        exported = events = 0
         async for name in names:
             info = await self.log.channel(name)
             if info is None:
                 continue  # deleted since it was listed
             async for line in _jsonl.export_channel(self.log, info):
                 yield line
+                events += 1
+            exported += 1
+            events -= 1  # its channel line
+        yield _jsonl.end_line(exported, events)
 
     async def import_jsonl(
         self,

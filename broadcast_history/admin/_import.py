@@ -32,10 +32,10 @@ from .._validation import MAX_INT, check_channel, check_key
 from ..log import EPOCH_LIMIT, ChannelInfo, EventLog, new_epoch
 from ._errors import InvalidExport
 from ._jsonl import FORMAT
+from ._models import ImportResult
 
 #: Export formats read: 1 had no end line.
 _FORMATS = (1, FORMAT)
-from ._models import ImportResult
 
 _PAGE = 1000
 # Channel lines read between two looks for the channels in the log.

@@ -1396,6 +1396,27 @@ async def test_retention_removes_a_backlog_in_slices(
         assert info is not None and info.count == 0
 
 
+@pytest.mark.parametrize("kind", ["log:postgres", "log:mysql"])
+async def test_retention_by_age_on_the_clock_that_stamped_the_events(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a server log, events are stamped by the database's clock, but max_age was
+    counted from this host's: a host whose clock ran 2 h ahead removed the shared
+    log's recent history (found by a probe)."""
+    from broadcast_history import Retention
+    from tests.support.admin_support import fresh_log_url
+
+    url = await fresh_log_url(kind, tmp_path)
+    async with Broadcast(log=url) as bc:
+        for i in range(5):
+            await bc.publish("c", str(i))
+        ahead = time.time_ns() + 2 * 3600 * 10**9 - time.monotonic_ns()
+        monkeypatch.setattr(time, "time_ns", lambda: ahead + time.monotonic_ns())
+        assert await bc.log.apply_retention(Retention(max_age=timedelta(hours=1))) == 0
+        info = await bc.log.channel("c")
+        assert info is not None and info.count == 5
+
+
 async def test_a_cancellation_landing_as_a_wait_completes_is_not_lost() -> None:
     """Python 3.11's wait_for returns the result when the awaited future completes
     in the same loop step as the task's cancellation: the live-send loop then went

@@ -288,8 +288,11 @@ class EventLog(ConsumerMethods):
             return 0
         cutoff = None
         if retention.max_age is not None:
+            # On the clock that stamped the events: a host whose own clock runs ahead
+            # must not remove a shared log's recent history.
+            now = await self._clock()
             try:
-                cutoff = to_micros(from_micros(now_micros()) - retention.max_age)
+                cutoff = to_micros(from_micros(now) - retention.max_age)
             except OverflowError:  # an age reaching back before year 1: nothing is older
                 if retention.max_events is None:
                     return 0
@@ -303,6 +306,13 @@ class EventLog(ConsumerMethods):
                 if count < RETENTION_SLICE:
                     break
         return removed
+
+    @finish_on_cancel
+    async def _clock(self) -> int:
+        if self._store.engine.dialect.name == "sqlite":
+            return now_micros()  # no server: this host's clock stamps its events
+        async with translated(), self._store.begin() as conn:
+            return await _queries.clock(conn)
 
     @finish_on_cancel
     async def _all_channels(self) -> list[ChannelInfo]:

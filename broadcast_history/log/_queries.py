@@ -8,13 +8,31 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, Sequence
 
-from sqlalchemy import ScalarSelect, Select, bindparam, delete, func, select, update
+from sqlalchemy import (
+    BigInteger,
+    ScalarSelect,
+    Select,
+    bindparam,
+    cast,
+    delete,
+    func,
+    select,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .._errors import ImportConflict
 from .._event import Event, from_micros, to_micros
 from ._info import ChannelInfo, LogTotals
-from ._rows import CHANNEL_COLUMNS, EVENT_COLUMNS, channel_info, channel_row, event_row
+from ._rows import (
+    CHANNEL_COLUMNS,
+    EVENT_COLUMNS,
+    MYSQL_NOW_US,
+    channel_info,
+    channel_row,
+    event_row,
+    now_micros,
+)
 from ._schema import channels, events, log_identity, time_marked
 
 _CHUNK = 500
@@ -25,6 +43,21 @@ async def log_id(conn: AsyncConnection) -> str | None:
     found = await conn.execute(select(log_identity.c.id).limit(1))
     value = found.scalar()
     return None if value is None else str(value)
+
+
+async def clock(conn: AsyncConnection) -> int:
+    """The clock events are stamped with, in microseconds since the Unix epoch: the
+    database server's on Postgres and MySQL (one clock for every host), this host's
+    on SQLite."""
+    dialect = conn.dialect.name
+    if dialect == "postgresql":
+        seconds = func.extract("epoch", func.clock_timestamp())
+        query = select(cast(func.round(seconds * 1_000_000), BigInteger))
+    elif dialect in ("mysql", "mariadb"):
+        query = select(MYSQL_NOW_US)
+    else:
+        return now_micros()
+    return int((await conn.execute(query)).scalar_one())
 
 
 async def channel(conn: AsyncConnection, name: str) -> ChannelInfo | None:

@@ -10,6 +10,7 @@ import asyncio
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -315,6 +316,64 @@ async def test_a_stalled_migrator_on_postgres_is_waited_for_a_bounded_time(
             await asyncio.wait_for(connect(), 20)
     finally:
         await stalled.close()
+
+
+async def _postgres_at(name: str, revision: str) -> str:
+    url = await ensure_database(name)
+    if VERSION_TABLE in await _tables(url):
+        await _migrate_to(url, "base", down=True)
+    await _drop_version_table(url)
+    await _migrate_to(url, revision)
+    return url
+
+
+async def test_an_index_swap_waits_little_for_a_long_transaction_on_postgres(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """DROP INDEX waited for a transaction reading the events table (a report, a
+    pg_dump), and every read and append waited behind it: the whole app stalled for
+    as long as that transaction lasted (found by a probe). The swap now tries for
+    SWAP_TRY_MS at a time and lets statements through in between; past PG_LOCK_WAIT
+    the migration gives up, changing nothing."""
+    import asyncpg
+
+    from broadcast_history import LogUnavailable
+
+    url = await _postgres_at("bh_test_migrations_swap", "0004")
+    blocker, reader = await asyncpg.connect(url), await asyncpg.connect(url)
+    try:
+        await blocker.execute("BEGIN")
+        await blocker.execute("SELECT 1 FROM broadcast_events LIMIT 1")
+        upgrade = asyncio.ensure_future(_migrate_to(url, "head"))
+        longest = 0.0
+        began = time.monotonic()
+        while time.monotonic() - began < 4:  # the blocking transaction lasts 4 s
+            start = time.monotonic()
+            try:
+                await reader.fetchval("SELECT count(*) FROM broadcast_events", timeout=3)
+            except asyncio.TimeoutError:
+                longest = 3.0  # waiting until the blocking transaction ends
+                break
+            longest = max(longest, time.monotonic() - start)
+            await asyncio.sleep(0.05)
+        assert not upgrade.done()  # still waiting for the table
+        await blocker.execute("ROLLBACK")
+        await asyncio.wait_for(upgrade, 30)
+        assert longest < 2.0, f"a read waited {longest:.2f} s or more behind the migration"
+        assert await schema_revision(url) == head_revision()
+
+        # A table never free for PG_LOCK_WAIT: the migration gives up, nothing changed.
+        await _migrate_to(url, "0004", down=True)
+        monkeypatch.setattr(_migrate, "PG_LOCK_WAIT", 1.0)
+        await blocker.execute("BEGIN")
+        await blocker.execute("SELECT 1 FROM broadcast_events LIMIT 1")
+        with pytest.raises(LogUnavailable, match="could not have the events table"):
+            await _migrate_to(url, "head")
+        await blocker.execute("ROLLBACK")
+        assert await schema_revision(url) == "0004"
+    finally:
+        await blocker.close()
+        await reader.close()
 
 
 async def test_create_only_makes_a_schema_but_never_upgrades_one(empty_url: str) -> None:

@@ -8,6 +8,7 @@ a log already at :data:`HEAD` reads its version table with SQLAlchemy alone.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,6 +36,10 @@ _MYSQL_LOCK_WAIT = 300
 #: Seconds a start waits for another process's migration of a Postgres log.
 PG_LOCK_WAIT = 300.0
 _LOCK_NOT_AVAILABLE = "55P03"  # Postgres: lock_timeout ran out
+#: Milliseconds one try at swapping a rebuilt Postgres index in waits for the table,
+#: and seconds it then lets others have it before the next.
+SWAP_TRY_MS = 500
+SWAP_PAUSE = 0.5
 
 
 def migrations_dir() -> Path:
@@ -88,6 +93,36 @@ def _newer(current: str | None) -> SchemaOutOfDate:
         f"not know (its newest is {head_revision()}): a newer version migrated it; "
         "upgrade broadcast_history here, `db upgrade` cannot go back"
     )
+
+
+def swap_in_index(connection: Connection, index: str) -> None:
+    """Replace Postgres index ``index`` with ``{index}_new`` (built by the caller).
+
+    DROP INDEX needs the table to itself: it waits for every transaction using it
+    (a long report, a pg_dump) and every later statement on the table waits behind it,
+    publishes and replays alike. Each try waits at most SWAP_TRY_MS, then lets them
+    pass for SWAP_PAUSE, for up to PG_LOCK_WAIT in all.
+    """
+    deadline = time.monotonic() + PG_LOCK_WAIT
+    while True:
+        try:
+            with connection.begin_nested():
+                connection.execute(text(f"SET LOCAL lock_timeout = '{SWAP_TRY_MS}ms'"))
+                connection.execute(text(f"DROP INDEX {index}"))
+            break
+        except DBAPIError as exc:
+            if getattr(exc.orig, "sqlstate", None) != _LOCK_NOT_AVAILABLE:
+                raise
+            if time.monotonic() > deadline:
+                raise LogUnavailable(
+                    f"the migration could not have the events table to itself for "
+                    f"{PG_LOCK_WAIT:.0f} s (long transactions on it): nothing was changed"
+                ) from exc
+            # On the server: a sleep here would hold the event loop of the migrator.
+            connection.execute(text("SELECT pg_sleep(:pause)"), {"pause": SWAP_PAUSE})
+    # SET LOCAL outlives the savepoint that succeeded: the rest runs unbounded again.
+    connection.execute(text("SET LOCAL lock_timeout = DEFAULT"))
+    connection.execute(text(f"ALTER INDEX {index}_new RENAME TO {index}"))
 
 
 def _upgrade(connection: Connection, create_only: bool = False) -> None:

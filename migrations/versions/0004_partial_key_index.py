@@ -17,6 +17,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from broadcast_history.log._migrate import swap_in_index
+
 revision = "0004"
 down_revision = "0003"
 branch_labels = None
@@ -39,8 +41,7 @@ def _rebuild(*, partial: bool) -> None:
         op.create_index(
             f"{_INDEX}_new", _TABLE, ["channel", "key"], unique=True, postgresql_where=where
         )
-        op.drop_index(_INDEX, table_name=_TABLE)
-        op.execute(f"ALTER INDEX {_INDEX}_new RENAME TO {_INDEX}")
+        swap_in_index(op.get_bind(), _INDEX)  # tries that wait little for the table
         return
     # SQLite cannot rename an index; its writers wait either way and WAL readers do not.
     op.drop_index(_INDEX, table_name=_TABLE)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from broadcast_history.log._migrate import swap_in_index
+
 revision = "0005"
 down_revision = "0004"
 branch_labels = None
@@ -37,8 +39,7 @@ def _rebuild(*, sparse: bool) -> None:
     if dialect == "postgresql":
         # Build first, then swap (DROP INDEX blocks reads until the commit).
         op.create_index(f"{_INDEX}_new", _TABLE, _COLUMNS, postgresql_where=where)
-        op.drop_index(_INDEX, table_name=_TABLE)
-        op.execute(f"ALTER INDEX {_INDEX}_new RENAME TO {_INDEX}")
+        swap_in_index(op.get_bind(), _INDEX)  # tries that wait little for the table
     elif dialect == "sqlite":
         op.drop_index(_INDEX, table_name=_TABLE)
         op.create_index(_INDEX, _TABLE, _COLUMNS, sqlite_where=where)

@@ -6,6 +6,7 @@ import asyncio
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -98,6 +99,38 @@ async def test_starts_at_latest_offset(backend: KafkaBackend) -> None:
     await backend.subscribe(channel)
     await backend.publish(channel, "after")
     assert await received(backend, 1) == [(channel, "after")]
+
+
+async def test_slow_topic_creation_holds_up_no_channel_in_use(
+    kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch touching many new channels waited for their topics to be created
+    before sending anything: a slow creation timed the whole batch out, channels in
+    use too, and every topic was forgotten, so the next batch created them all again
+    (found by a probe: 800 new channels, tansu)."""
+    from broadcast_history.backends import kafka as kafka_module
+
+    backend = KafkaBackend(f"kafka://{kafka_bootstrap}", timeout=1.0)
+    await backend.connect()
+    try:
+        hot, cold, other = unique("hot"), unique("cold"), unique("other")
+        await backend.subscribe(other)
+        await backend.subscribe(hot)
+        await backend.publish(hot, "h1")
+        assert await received(backend, 1) == [(hot, "h1")]
+        create = kafka_module.create_topics
+
+        async def slow(admin: Any, topics: Any, known: set[str], **settings: Any) -> None:
+            await asyncio.sleep(3)  # longer than the send's timeout
+            await create(admin, topics, known, **settings)
+
+        monkeypatch.setattr(kafka_module, "create_topics", slow)
+        with pytest.raises(TransportError):
+            await backend.publish_many([(hot, "h2"), (cold, "c1")])
+        assert await received(backend, 1) == [(hot, "h2")]  # sent all the same
+        assert backend.topic(other) in backend._known  # not in the batch: kept
+    finally:
+        await backend.disconnect()
 
 
 async def test_unsubscribe_one_among_many(backend: KafkaBackend) -> None:

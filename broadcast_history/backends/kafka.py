@@ -165,21 +165,42 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
             # logged once: a send would only wait, and a warning per publish is noise.
             logger.debug("kafka broker unreachable; live send of %d skipped", len(messages))
             return
+        topics = [self.topic(channel) for channel, _ in messages]
         try:
-            await wait_for(self._send(producer, messages), self._timeout)
+            await wait_for(self._send(producer, messages, topics), self._timeout)
         except (KafkaError, *TRANSIENT) as exc:
-            self._known.clear()  # the topics may be gone with the broker
+            # These topics may be gone (with a broker that lost its data): created
+            # again by the next send. Forgetting every topic made the next batch
+            # create them all again, and time out again as the set grew.
+            self._known.difference_update(topics)
             if retriable(exc):
                 self._up = False
             raise TransportError(f"Kafka send failed: {exc!r}") from exc
 
-    async def _send(self, producer: AIOKafkaProducer, messages: Sequence[tuple[str, str]]) -> None:
-        await self._ensure_topics({self.topic(channel) for channel, _ in messages})
-        # Enqueue everything first, then wait: aiokafka batches what is queued.
+    async def _send(
+        self,
+        producer: AIOKafkaProducer,
+        messages: Sequence[tuple[str, str]],
+        topics: Sequence[str],
+    ) -> None:
+        # Enqueue everything first, then wait: aiokafka batches what is queued. Topics
+        # known to exist go first: creating new ones (one request for all of them,
+        # which a broker may take seconds over) must not hold up or, timing out,
+        # drop the sends of channels in use; what is enqueued goes out regardless.
+        known = self._known
+        new = [index for index, topic in enumerate(topics) if topic not in known]
         sent = [
-            await producer.send(self.topic(channel), str(text).encode(), key=channel.encode())
-            for channel, text in messages
+            await producer.send(topic, str(text).encode(), key=channel.encode())
+            for (channel, text), topic in zip(messages, topics, strict=True)
+            if topic in known
         ]
+        if new:
+            await self._ensure_topics({topics[index] for index in new})
+            for index in new:
+                channel, text = messages[index]
+                sent.append(
+                    await producer.send(topics[index], str(text).encode(), key=channel.encode())
+                )
         await asyncio.gather(*sent)
 
     # -- internals -----------------------------------------------------------------

@@ -392,7 +392,7 @@ def test_a_stored_message_nested_too_deeply_is_shown_raw() -> None:
 
 def test_the_console_banner_hides_passwords() -> None:
     """The demo printed its URLs as given, passwords included (its /api/info hid them)."""
-    from broadcast_history.demo._command import shown_url
+    from broadcast_history._redact import redacted as shown_url
 
     assert shown_url("postgresql+asyncpg://app:s3cret@db/app") == (
         "postgresql+asyncpg://app:***@db/app"
@@ -408,3 +408,29 @@ def test_the_console_banner_hides_passwords() -> None:
     )
     for plain in ("memory://", "sqlite+aiosqlite:///.data/demo.db", "nats://n1,n2"):
         assert shown_url(plain) == plain
+
+
+async def test_the_info_page_hides_a_password_given_in_the_query(tmp_path: Path) -> None:
+    """/api/info (public) hid a password in the URL's user part, not in its query."""
+    log = f"sqlite+aiosqlite:///{tmp_path / 'demo.db'}?password=QUERYSECRET"
+    app = create_app(Broadcast("memory://", log=log))
+    transport = httpx.ASGITransport(app=app)  # no lifespan: nothing connects
+    async with httpx.AsyncClient(transport=transport, base_url="http://demo") as client:
+        info = (await client.get("/api/info")).json()
+    assert "QUERYSECRET" not in info["log"] and info["log"].endswith("?password=***")
+
+
+def test_bad_urls_are_refused_without_their_passwords() -> None:
+    """Errors quoted a URL they could not read whole, password and all."""
+    from broadcast_history import InvalidArgument
+    from broadcast_history.log import EventLog
+
+    for url in ("redis-cluster://:CLUSTERPW@127.0.0.1:notaport", "nats://u:NATSPW@h:99999"):
+        with pytest.raises(InvalidArgument) as raised:
+            Broadcast(url)  # the transport's URL is read first
+        assert "PW" not in str(raised.value) and ":***@" in str(raised.value), raised.value
+    with pytest.raises(InvalidArgument) as raised:
+        EventLog("postgresql+asyncpg://u:PGPASS@127.0.0.1:abc/x")
+    assert "PGPASS" not in str(raised.value) and "u:***@" in str(raised.value)
+    with pytest.raises(InvalidArgument, match="port 99999 of the log URL"):
+        EventLog("postgresql+asyncpg://u:PGPASS@127.0.0.1:99999/x")  # OverflowError later

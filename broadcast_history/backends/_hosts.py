@@ -6,6 +6,7 @@ from typing import NamedTuple
 from urllib.parse import urlsplit
 
 from .._errors import InvalidArgument
+from .._redact import redacted
 
 
 class Hosts(NamedTuple):
@@ -23,7 +24,7 @@ def parse_hosts(url: str, schemes: tuple[str, ...], default_port: int) -> Hosts:
     """
     scheme, sep, rest = url.partition("://")
     if not sep or scheme not in schemes:
-        raise InvalidArgument(f"not a {schemes[0]}:// URL: {url!r}")
+        raise InvalidArgument(f"not a {schemes[0]}:// URL: {redacted(url)!r}")
     netloc = rest.split("/", 1)[0].split("?", 1)[0]
     userinfo, _, hosts = netloc.rpartition("@")
     servers: list[tuple[str, int]] = []
@@ -32,10 +33,12 @@ def parse_hosts(url: str, schemes: tuple[str, ...], default_port: int) -> Hosts:
             parts = urlsplit("//" + item)
             host, port = parts.hostname, parts.port or default_port
         except ValueError as exc:
-            raise InvalidArgument(f"bad server {item!r} in {url!r}: {exc}") from exc
+            raise InvalidArgument(f"bad server {item!r} in {redacted(url)!r}: {exc}") from exc
         if not host:
-            raise InvalidArgument(f"bad server {item!r} in {url!r}")
+            raise InvalidArgument(f"bad server {item!r} in {redacted(url)!r}")
         servers.append((host, port))
     if not servers:
-        raise InvalidArgument(f"no server in {url!r}: use {schemes[0]}://host:port[,host:port]")
+        raise InvalidArgument(
+            f"no server in {redacted(url)!r}: use {schemes[0]}://host:port[,host:port]"
+        )
     return Hosts(userinfo, servers)

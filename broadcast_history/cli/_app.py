@@ -18,11 +18,11 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from sqlalchemy.engine import make_url
 
 from .. import _parse as times
 from .._broadcast import Broadcast
 from .._errors import BroadcastError, InvalidArgument, LogError
+from .._redact import redacted
 from ..admin import HistoryAdmin, ImportConflict, NotFound
 from ..log import EventLog
 
@@ -86,10 +86,7 @@ def parse_time(value: str | None, option: str) -> datetime | None:
 
 def display_url(url: str) -> str:
     """``url`` with any password hidden, for messages."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # only for display: show it as given
-        return url
+    return redacted(url)
 
 
 @asynccontextmanager

@@ -23,6 +23,7 @@ from starlette.staticfiles import StaticFiles
 from .._broadcast import Broadcast
 from .._errors import InvalidArgument, MessageTooLarge
 from .._parse import parse_int
+from .._redact import redacted
 from ..web import Action, create_stream_app
 from ..web._publish import read_body
 from ._limits import MAX_BODY, RateLimits
@@ -90,7 +91,8 @@ def create_app(
         return JSONResponse(
             {
                 "transport": type(broadcast.backend).__name__,
-                "log": broadcast.log.url.render_as_string(hide_password=True),
+                # A public page: no password, in the user part or the query.
+                "log": redacted(broadcast.log.url.render_as_string(hide_password=False)),
                 "prefix": ROOM_PREFIX,
             }
         )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated
@@ -12,6 +11,7 @@ import typer
 
 from .._broadcast import Broadcast
 from .._errors import BroadcastError
+from .._redact import redacted
 
 DEFAULT_DATA_DIR = Path(".data")
 
@@ -67,9 +67,7 @@ def serve(
     app = create_app(Broadcast(live, log=log_url, retention=retention))
     shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::") else host  # noqa: S104
     print(f"broadcast_history chat demo: http://{shown}:{port}/", flush=True)
-    print(
-        f"  live transport: {shown_url(live)}\n  event log:      {shown_url(log_url)}", flush=True
-    )
+    print(f"  live transport: {redacted(live)}\n  event log:      {redacted(log_url)}", flush=True)
     print("  open it in two windows, press 'Drop connection' in one, chat in the other.")
 
     serve_until_stopped(
@@ -98,18 +96,3 @@ def demo(
 ) -> None:
     """Serve the realtime chat demo (rooms, SSE and WebSocket, catch-up on reconnect)."""
     serve(host=host, port=port, live=live, log=log, data_dir=data_dir)
-
-
-def shown_url(url: str) -> str:
-    """``url`` with its secrets hidden, for the console (any scheme, several hosts): the
-    password, a user name alone (NATS reads it as a token) and password or token
-    query values."""
-    scheme, sep, rest = url.partition("://")
-    userinfo, at, rest = rest.rpartition("@")  # a password may hold "/" or "@"
-    if at:
-        user, colon, _ = userinfo.partition(":")
-        userinfo = f"{user}:***" if colon else "***"
-    where, question, query = rest.partition("?")
-    if question:
-        query = re.sub(r"(?i)((?:password|token|secret)[^=&]*=)[^&]*", r"\1***", query)
-    return f"{scheme}{sep}{userinfo}{at}{where}{question}{query}"

@@ -23,6 +23,7 @@ except ImportError:  # pragma: no cover
     from sqlalchemy.util.concurrency import await_only as _await
 
 from .._errors import InvalidArgument, LogUnavailable
+from .._redact import redacted
 
 #: Default log: an in-memory SQLite database private to one EventLog.
 MEMORY_URL = "sqlite+aiosqlite://"
@@ -49,7 +50,7 @@ def normalize_url(url: str | URL) -> URL:
     try:
         parsed = make_url(url)
     except Exception as exc:  # SQLAlchemy raises ArgumentError, sometimes ValueError
-        raise InvalidArgument(f"Not a database URL: {url!r}") from exc
+        raise InvalidArgument(f"Not a database URL: {redacted(str(url))!r}") from exc
     driver = _DRIVERS.get(parsed.drivername)
     if driver is None:
         raise InvalidArgument(
@@ -65,6 +66,9 @@ def normalize_url(url: str | URL) -> URL:
             "file use three slashes (sqlite+aiosqlite:///events.db) or four for an "
             "absolute path (sqlite+aiosqlite:////var/lib/app/events.db)"
         )
+    if parsed.port is not None and not 0 < parsed.port < 65536:
+        # The drivers raised OverflowError at connect.
+        raise InvalidArgument(f"port {parsed.port} of the log URL is not in 1-65535")
     if driver == "mysql+asyncmy":
         # The client's character set is what str parameters are sent in.
         parsed = parsed.update_query_dict({"charset": "utf8mb4"})

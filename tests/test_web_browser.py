@@ -153,6 +153,40 @@ def test_reload_and_restart_lose_nothing_and_resets_are_said(
         context.close()
 
 
+def test_the_stored_position_is_the_channels_whatever_the_query(
+    server: Server, browser: Any
+) -> None:
+    """The default storage key was the whole URL: with a token in the query (as the
+    docs show), a page given a new token started over and handed its handler every
+    event again, and each token left a key of its own in localStorage (found by a
+    probe)."""
+    channel = f"key-{uuid.uuid4().hex[:6]}"
+    text = {"content-type": "text/plain"}
+    for i in range(1, 4):
+        httpx.post(f"{server.base}/events/{channel}", content=f"m{i}", headers=text)
+    received = """async ([channel, token]) => {
+        const { connect } = await import("/events/client.js");
+        const got = [];
+        const stream = connect(`/events/${channel}?since=0&token=${token}`, {
+            onMessage(data) { got.push(data); },
+        });
+        await new Promise((resolve) => setTimeout(resolve, 1500));
+        stream.close();
+        return got;
+    }"""
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(f"{server.base}/stats")
+        assert page.evaluate(received, [channel, "tok-A"]) == ["m1", "m2", "m3"]
+        httpx.post(f"{server.base}/events/{channel}", content="m4", headers=text)
+        assert page.evaluate(received, [channel, "tok-B"]) == ["m4"]
+        keys = page.evaluate("() => Object.keys(localStorage)")
+        assert keys == [f"broadcast_history:{server.base}/events/{channel}"]
+    finally:
+        context.close()
+
+
 def test_websocket_backoff_grows_while_the_server_is_down(server: Server, browser: Any) -> None:
     """A WebSocket that never opened reset the backoff after each failure: a client
     retried every 0.25-0.5 s for as long as the server was down."""

@@ -101,7 +101,12 @@ export function connect(url, options = {}) {
   // An id in the URL is where the caller wants to start: it wins over the stored one.
   const given = base.searchParams.get("last_event_id");
   base.searchParams.delete("last_event_id");
-  const key = options.storageKey === undefined ? `broadcast_history:${base}` : options.storageKey;
+  // One stored position per channel: the query may hold a token, and a new token
+  // must resume where the last one was, not start over (nor leave a key per token).
+  const key =
+    options.storageKey === undefined
+      ? `broadcast_history:${base.origin}${base.pathname}`
+      : options.storageKey;
   const store = storage(key);
   let last = given || store.load(); // the id of the last event handled
   let closed = false;

@@ -58,8 +58,32 @@ async def test_refuses_to_build_without_token(broadcast: Broadcast) -> None:
     with pytest.raises(InvalidArgument):
         create_app(broadcast, token="")
     app = create_app(broadcast, allow_no_token=True)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://a") as c:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost:8000") as c:
         assert (await c.get("/channels")).status_code == 200
+
+
+async def test_without_a_token_the_rest_of_the_web_is_refused(broadcast: Broadcast) -> None:
+    """Served without a token, the app took writes from any web page open in the
+    operator's browser (a form posting text/plain), and answered any Host, which a
+    DNS-rebinding page uses to read it too (found by a security probe)."""
+    app = create_app(broadcast, allow_no_token=True)
+    transport = httpx.ASGITransport(app=app)
+    publish = path("local/1", "/events")
+    for base in ("http://localhost:8000", "http://127.0.0.1", "http://[::1]:9"):
+        async with httpx.AsyncClient(transport=transport, base_url=base) as c:
+            assert (await c.get("/channels")).status_code == 200
+            assert (await c.post(publish, content="cli")).status_code == 201  # no Origin
+            console = {"Origin": base}  # the console, served by the app itself
+            assert (await c.post(publish, content="ui", headers=console)).status_code == 201
+            page = {"Origin": "http://localhost:3000"}
+            refused = await c.post(publish, content="x", headers=page)
+            assert refused.status_code == 403 and "no writes from" in refused.json()["detail"]
+            assert (await c.delete(path("local/1"), headers=page)).status_code == 403
+    async with httpx.AsyncClient(transport=transport, base_url="http://evil.example:8000") as c:
+        rebound = await c.get("/channels")
+        assert rebound.status_code == 403 and "only requests to localhost" in rebound.text
+    assert [e.message for e in await broadcast.log.read("local/1", after=0)] == [b"cli", b"ui"] * 3
 
 
 @pytest.mark.parametrize(

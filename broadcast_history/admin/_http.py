@@ -34,6 +34,7 @@ from ._console import add_console
 from ._consumer_routes import add_consumer_routes
 from ._errors import ImportConflict, NotFound
 from ._import import max_line_length, split_lines
+from ._local import local_only
 from ._paths import EncodedSlashes, channel_from_path
 from ._query import HistoryAdmin
 from ._streaming import add_streaming_routes
@@ -122,9 +123,11 @@ def create_app(
     streams = OpenStreams()
 
     async def authorize(
+        request: Request,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)],
     ) -> None:
         if expected is None:
+            local_only(request)  # no token: at least not the rest of the web
             return
         given = credentials.credentials.encode() if credentials is not None else b""
         # Constant time: how much of a guess matched must not show in the timing.

@@ -43,4 +43,8 @@ def channel_from_path(connection: HTTPConnection) -> str:
     """
     if undecodable_path(connection.scope):
         raise InvalidArgument(NOT_UTF8)
+    if "\n" in connection.scope.get("path", ""):
+        # A route's pattern ends in `$`, which matches before a final line feed:
+        # /chat%0A was channel "chat". (No `{channel}` can hold one.)
+        raise InvalidArgument("a channel name in a URL path cannot hold a line feed")
     return check_channel(connection.path_params["channel"])

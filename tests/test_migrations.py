@@ -376,6 +376,25 @@ async def test_an_index_swap_waits_little_for_a_long_transaction_on_postgres(
         await reader.close()
 
 
+def test_the_migrations_write_a_sql_script_for_postgres(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`alembic upgrade --sql` (a script for a DBA to run): the index swap's tries need
+    a live connection, and writing the script failed on it (found re-reading the change)."""
+    import io
+
+    from alembic.config import Config
+
+    from broadcast_history.log._migrate import migrations_dir
+
+    monkeypatch.setenv("BROADCAST_HISTORY_LOG", "postgresql+asyncpg://u@db/app")
+    script = io.StringIO()
+    config = Config(output_buffer=script)
+    config.set_main_option("script_location", str(migrations_dir()))
+    command.upgrade(config, "0003:head", sql=True)
+    for index in ("ux_broadcast_events_key", "ix_broadcast_events_time"):
+        assert f"DROP INDEX {index};" in script.getvalue()
+        assert f"ALTER INDEX {index}_new RENAME TO {index};" in script.getvalue()
+
+
 async def test_create_only_makes_a_schema_but_never_upgrades_one(empty_url: str) -> None:
     """``migrate="create"`` (the command line's tools): an older schema is refused as
     it is, under the migration lock too; an empty database gets the newest one."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import URL, Connection
@@ -95,14 +95,20 @@ def _newer(current: str | None) -> SchemaOutOfDate:
     )
 
 
-def swap_in_index(connection: Connection, index: str) -> None:
-    """Replace Postgres index ``index`` with ``{index}_new`` (built by the caller).
+def swap_in_index(op: Any, index: str, table: str) -> None:
+    """Replace Postgres index ``index`` of ``table`` with ``{index}_new`` (built by the
+    caller); ``op`` is the migration's ``alembic.op``.
 
     DROP INDEX needs the table to itself: it waits for every transaction using it
     (a long report, a pg_dump) and every later statement on the table waits behind it,
     publishes and replays alike. Each try waits at most SWAP_TRY_MS, then lets them
     pass for SWAP_PAUSE, for up to PG_LOCK_WAIT in all.
     """
+    if op.get_context().as_sql:  # writing a SQL script (alembic --sql): no tries to make
+        op.drop_index(index, table_name=table)
+        op.execute(f"ALTER INDEX {index}_new RENAME TO {index}")
+        return
+    connection: Connection = op.get_bind()
     deadline = time.monotonic() + PG_LOCK_WAIT
     while True:
         try:

@@ -41,7 +41,7 @@ def _rebuild(*, partial: bool) -> None:
         op.create_index(
             f"{_INDEX}_new", _TABLE, ["channel", "key"], unique=True, postgresql_where=where
         )
-        swap_in_index(op.get_bind(), _INDEX)  # tries that wait little for the table
+        swap_in_index(op, _INDEX, _TABLE)  # tries that wait little for the table
         return
     # SQLite cannot rename an index; its writers wait either way and WAL readers do not.
     op.drop_index(_INDEX, table_name=_TABLE)

@@ -39,7 +39,7 @@ def _rebuild(*, sparse: bool) -> None:
     if dialect == "postgresql":
         # Build first, then swap (DROP INDEX blocks reads until the commit).
         op.create_index(f"{_INDEX}_new", _TABLE, _COLUMNS, postgresql_where=where)
-        swap_in_index(op.get_bind(), _INDEX)  # tries that wait little for the table
+        swap_in_index(op, _INDEX, _TABLE)  # tries that wait little for the table
     elif dialect == "sqlite":
         op.drop_index(_INDEX, table_name=_TABLE)
         op.create_index(_INDEX, _TABLE, _COLUMNS, sqlite_where=where)

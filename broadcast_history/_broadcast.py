@@ -288,10 +288,13 @@ class Broadcast:
             # Its clients, tasks and locks may still belong to the loop that ended
             # (a disconnect that failed halfway): a new one starts clean.
             backend = backend_from_url(self._url)
-            # transport_reconnects_total is a counter: the old transport's count stays.
-            self.stats.replaced_reconnects += int(getattr(self._backend, "reconnects", 0))
+            old = self._backend
             self._backend = self._wire.backend = self._channels.backend = backend
             self._transport[0] = backend
+            # transport_reconnects_total is a counter: the old transport's count stays.
+            # Added after the swap: a scrape between the two may miss it once, never
+            # count it twice (a counter that fell back would read as a reset).
+            self.stats.replaced_reconnects += int(getattr(old, "reconnects", 0))
         await self.log.disconnect()  # which drops a store of the loop that ended
 
     async def __aenter__(self) -> Self:

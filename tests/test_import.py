@@ -121,10 +121,6 @@ async def admin(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
             [channel_line(last=0, last_timestamp="1960-01-01T00:00:00+00:00")],
             "line 1: 'last_timestamp' must be a time from 1970",
         ),
-        (  # every next publish would have been stamped 2099
-            [channel_line(last=1, last_timestamp="2099-01-01T00:00:00+00:00"), event_line(1)],
-            "'c' .*last_timestamp is later than its last event's",
-        ),
         # Format 2 ends with a line counting what it holds: a cut between channels
         # (head -n, a full disk, a broken stream) read as a whole export.
         (
@@ -168,6 +164,26 @@ async def test_an_export_cut_between_channels_or_joined_to_another(admin: Histor
     assert nothing == ['{"type":"end","format":2,"channels":0,"events":0}\n']
     result = await admin.import_jsonl([*two, *one])
     assert (result.channels, result.events) == (["a", "b", "c"], 3)
+    # An older export (format 1, no end line) joined before a newer one.
+    for channel in ("a", "b", "c"):
+        await admin.delete(channel)
+    older = [line.replace('"format":2', '"format":1') for line in two[:-1]]
+    result = await admin.import_jsonl([*older, *one])
+    assert (result.channels, result.events) == (["a", "b", "c"], 3)
+
+
+async def test_a_last_timestamp_after_the_last_event_is_brought_back_to_it(
+    admin: HistoryAdmin,
+) -> None:
+    """It was stored as given: every next publish was stamped 2099 (found by a probe)."""
+    late = channel_line(last=1, last_timestamp="2099-01-01T00:00:00+00:00")
+    await admin.import_jsonl([late, event_line(1)])
+    stats = await admin.channel("c")
+    assert stats.last_timestamp == datetime(2024, 1, 1, tzinfo=timezone.utc)
+    # With none of its events left (all trimmed), it is the only time known: kept.
+    gone = channel_line("g", first=2, last=1, last_timestamp="2099-01-01T00:00:00+00:00")
+    await admin.import_jsonl([gone])
+    assert (await admin.channel("g")).last_timestamp == datetime(2099, 1, 1, tzinfo=timezone.utc)
 
 
 async def test_a_trimmed_channel_imports_from_its_first_offset(admin: HistoryAdmin) -> None:

@@ -239,8 +239,12 @@ class _Checker:
     async def channel(self, line: dict[str, Any], number: int) -> None:
         self.finish()
         fmt = _format(line, number)
+        if fmt > 1 and not self.part_needs_end:
+            # The first channel of an export with an end line (after an older export
+            # joined with cat): its end line counts from here.
+            self.part_channels = self.part_events = 0
+            self.part_needs_end = True
         self.part_channels += 1
-        self.part_needs_end = self.part_needs_end or fmt > 1
         try:
             name = check_channel(line.get("name"))
         except InvalidArgument as exc:
@@ -370,13 +374,11 @@ class _Checker:
                 "incomplete (cut short?)"
             )
         last_micros = 0 if info.last_timestamp is None else to_micros(info.last_timestamp)
-        if current.first_micros is not None and last_micros > current.last_micros:
-            # The log stamps a channel with its newest event's time, and never stamps
-            # an event before it: a later one would pin every next publish to it.
-            raise InvalidExport(
-                f"channel {info.name!r} (line {current.line}): last_timestamp is later "
-                "than its last event's"
-            )
+        if current.first_micros is not None:
+            # The log stamps a channel with its newest event's time and never an event
+            # before it: a later one (a hand-edited file, or stored by an earlier
+            # version's import) would pin every next publish's timestamp to it.
+            last_micros = current.last_micros
         last_micros = max(last_micros, current.last_micros)
         # since=<a time> raises HistoryTruncated up to the newest trimmed event's time:
         # never after the oldest kept event's; unknown (an older export), assume it.

@@ -187,20 +187,21 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
         # known to exist go first: creating new ones (one request for all of them,
         # which a broker may take seconds over) must not hold up or, timing out,
         # drop the sends of channels in use; what is enqueued goes out regardless.
-        known = self._known
-        new = [index for index, topic in enumerate(topics) if topic not in known]
+        # Split once, before any wait: subscribes and recoveries change the known set
+        # meanwhile, and a topic it gained or lost would be sent twice or not at all.
+        known = [topic in self._known for topic in topics]
         sent = [
             await producer.send(topic, str(text).encode(), key=channel.encode())
-            for (channel, text), topic in zip(messages, topics, strict=True)
-            if topic in known
+            for (channel, text), topic, exists in zip(messages, topics, known, strict=True)
+            if exists
         ]
+        new = [index for index, exists in enumerate(known) if not exists]
         if new:
             await self._ensure_topics({topics[index] for index in new})
             for index in new:
                 channel, text = messages[index]
-                sent.append(
-                    await producer.send(topics[index], str(text).encode(), key=channel.encode())
-                )
+                payload = str(text).encode()
+                sent.append(await producer.send(topics[index], payload, key=channel.encode()))
         await asyncio.gather(*sent)
 
     # -- internals -----------------------------------------------------------------

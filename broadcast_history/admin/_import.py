@@ -373,13 +373,13 @@ class _Checker:
                 f"{current.next_offset}..{info.last_offset} are missing; the export is "
                 "incomplete (cut short?)"
             )
-        last_micros = 0 if info.last_timestamp is None else to_micros(info.last_timestamp)
         if current.first_micros is not None:
             # The log stamps a channel with its newest event's time and never an event
             # before it: a later one (a hand-edited file, or stored by an earlier
             # version's import) would pin every next publish's timestamp to it.
             last_micros = current.last_micros
-        last_micros = max(last_micros, current.last_micros)
+        else:  # every event trimmed: the line's time is the only one known
+            last_micros = 0 if info.last_timestamp is None else to_micros(info.last_timestamp)
         # since=<a time> raises HistoryTruncated up to the newest trimmed event's time:
         # never after the oldest kept event's; unknown (an older export), assume it.
         kept_from = last_micros if current.first_micros is None else current.first_micros

@@ -22,7 +22,6 @@ from rich.table import Table
 from .. import _parse as times
 from .._broadcast import Broadcast
 from .._errors import BroadcastError, InvalidArgument, LogError
-from .._redact import redacted
 from ..admin import HistoryAdmin, ImportConflict, NotFound
 from ..log import EventLog
 
@@ -82,11 +81,6 @@ def parse_time(value: str | None, option: str) -> datetime | None:
         return None if value is None else times.parse_time(value, option)
     except InvalidArgument as exc:
         fail(str(exc), 2)
-
-
-def display_url(url: str) -> str:
-    """``url`` with any password hidden, for messages."""
-    return redacted(url)
 
 
 @asynccontextmanager

@@ -5,8 +5,9 @@ from __future__ import annotations
 import typer
 from rich.markup import escape
 
+from .._redact import redacted
 from ..log import EventLog, head_revision, known_revision, schema_revision
-from ._app import app, console, display_url, err_console, run
+from ._app import app, console, err_console, run
 from ._options import DEFAULT_LOG, LogOption
 
 db = typer.Typer(help="Manage the event log's database schema (Alembic).", no_args_is_help=True)
@@ -28,7 +29,7 @@ def upgrade(log: LogOption = DEFAULT_LOG) -> None:
         await event_log.disconnect()
 
     run(go())
-    console.print(f"{escape(display_url(log))}: schema at {head_revision()}")
+    console.print(f"{escape(redacted(log))}: schema at {head_revision()}")
 
 
 @db.command()

@@ -29,7 +29,6 @@ from ._engine import (
     require_file,
 )
 from ._info import ChannelInfo, LogTotals, Pending, Retention
-from ._rows import now_micros
 from ._store import Store
 
 logger = logging.getLogger("broadcast_history")
@@ -309,8 +308,6 @@ class EventLog(ConsumerMethods):
 
     @finish_on_cancel
     async def _clock(self) -> int:
-        if self._store.engine.dialect.name == "sqlite":
-            return now_micros()  # no server: this host's clock stamps its events
         async with translated(), self._store.begin() as conn:
             return await _queries.clock(conn)
 

@@ -100,9 +100,10 @@ def swap_in_index(op: Any, index: str, table: str) -> None:
     caller); ``op`` is the migration's ``alembic.op``.
 
     DROP INDEX needs the table to itself: it waits for every transaction using it
-    (a long report, a pg_dump) and every later statement on the table waits behind it,
-    publishes and replays alike. Each try waits at most SWAP_TRY_MS, then lets them
-    pass for SWAP_PAUSE, for up to PG_LOCK_WAIT in all.
+    (a long report, a pg_dump) and every later statement on the table waits behind it.
+    Each try waits at most SWAP_TRY_MS, then lets reads pass for SWAP_PAUSE, for up to
+    PG_LOCK_WAIT in all. (Appends wait throughout: the caller's CREATE INDEX holds a
+    SHARE lock until the migration commits.)
     """
     if op.get_context().as_sql:  # writing a SQL script (alembic --sql): no tries to make
         op.drop_index(index, table_name=table)

@@ -107,7 +107,8 @@ async def test_slow_topic_creation_holds_up_no_channel_in_use(
     """A batch touching many new channels waited for their topics to be created
     before sending anything: a slow creation timed the whole batch out, channels in
     use too, and every topic was forgotten, so the next batch created them all again
-    (found by a probe: 800 new channels, tansu)."""
+    (found by a probe: 800 new channels, tansu). The timeout was then taken for a
+    broker outage, which paused every channel's live sends."""
     from broadcast_history.backends import kafka as kafka_module
 
     backend = KafkaBackend(f"kafka://{kafka_bootstrap}", timeout=1.0)
@@ -129,6 +130,11 @@ async def test_slow_topic_creation_holds_up_no_channel_in_use(
             await backend.publish_many([(hot, "h2"), (cold, "c1")])
         assert await received(backend, 1) == [(hot, "h2")]  # sent all the same
         assert backend.topic(other) in backend._known  # not in the batch: kept
+        # Nor is it taken for an outage: that skipped the live sends of every
+        # channel until the watch's next ping.
+        monkeypatch.setattr(kafka_module, "create_topics", create)
+        await backend.publish(hot, "h3")
+        assert await received(backend, 1) == [(hot, "h3")]
     finally:
         await backend.disconnect()
 

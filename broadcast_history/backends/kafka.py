@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -166,14 +167,18 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
             logger.debug("kafka broker unreachable; live send of %d skipped", len(messages))
             return
         topics = [self.topic(channel) for channel, _ in messages]
+        stage = _Stage()
         try:
-            await wait_for(self._send(producer, messages, topics), self._timeout)
+            await wait_for(self._send(producer, messages, topics, stage), self._timeout)
         except (KafkaError, *TRANSIENT) as exc:
             # These topics may be gone (with a broker that lost its data): created
             # again by the next send. Forgetting every topic made the next batch
             # create them all again, and time out again as the set grew.
             self._known.difference_update(topics)
-            if retriable(exc):
+            # A slow or failed topic creation is not an outage: taken for one, it
+            # paused the live sends of every channel until the watch's next ping.
+            # If the broker is away, that ping finds it.
+            if retriable(exc) and not stage.creating:
                 self._up = False
             raise TransportError(f"Kafka send failed: {exc!r}") from exc
 
@@ -182,6 +187,7 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
         producer: AIOKafkaProducer,
         messages: Sequence[tuple[str, str]],
         topics: Sequence[str],
+        stage: _Stage,
     ) -> None:
         # Enqueue everything first, then wait: aiokafka batches what is queued. Topics
         # known to exist go first: creating new ones (one request for all of them,
@@ -197,7 +203,9 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
         ]
         new = [index for index, exists in enumerate(known) if not exists]
         if new:
+            stage.creating = True
             await self._ensure_topics({topics[index] for index in new})
+            stage.creating = False
             for index in new:
                 channel, text = messages[index]
                 payload = str(text).encode()
@@ -396,6 +404,13 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
 
 
 __all__ = ["KafkaBackend", "topic_for"]
+
+
+@dataclass
+class _Stage:
+    """How far one send got: read when it failed or timed out."""
+
+    creating: bool = False
 
 
 def _closed(task: asyncio.Future[Any]) -> None:

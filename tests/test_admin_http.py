@@ -343,6 +343,13 @@ async def test_publish_text_json_bytes_and_keys(
     assert wide.status_code == 201
     too_long = await client.post(url, content=b"w", headers={"Idempotency-Key": "k" * 256})
     assert too_long.status_code == 400 and "key" in too_long.json()["detail"]
+    # Refused for its header before its body is read (a 413 when the body came first).
+    bad_key_big_body = await client.post(
+        url,
+        content=b"x" * (broadcast.max_message_size + 1),
+        headers={"Idempotency-Key": "k" * 256},
+    )
+    assert bad_key_big_body.status_code == 400
     stored = [(e.message, e.key) for e in await broadcast.log.read("pub/1", after=0)]
     assert stored == [
         ("héllo", None),

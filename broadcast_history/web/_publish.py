@@ -16,6 +16,7 @@ from starlette.requests import ClientDisconnect, Request
 from .._broadcast import Broadcast
 from .._errors import InvalidArgument, InvalidMessage, MessageTooLarge
 from .._event import Event
+from .._validation import check_key
 
 
 def event_info(event: Event) -> dict[str, Any]:
@@ -123,7 +124,9 @@ async def publish_request(broadcast: Broadcast, channel: str, request: Request) 
         InvalidArgument: Bad channel name, key or text (HTTP 400).
         LogUnavailable: The log could not store it (HTTP 503).
     """
+    # The key is checked before the body is read: a request refused for its header
+    # should not first take a body of up to max_message_size.
+    key = check_key(header_text(request.headers.get("idempotency-key")))
     body = await read_body(request, broadcast.max_message_size)
     message = body_message(body, request.headers.get("content-type", ""))
-    key = header_text(request.headers.get("idempotency-key"))
     return await broadcast.publish(channel, message, key=key)

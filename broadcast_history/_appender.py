@@ -26,7 +26,8 @@ SEND_TIMEOUT = 10.0
 #: Longest ``disconnect`` waits for the last live sends.
 STOP_SEND_WAIT = 5.0
 #: How long a failed live send counts as "the transport is down" when nothing is
-#: sent after it (a process that publishes rarely).
+#: sent after it (a process that publishes rarely), and how long after a run of
+#: failures one more still belongs to it (sends failing on and off).
 FAILURE_MEMORY = 30.0
 #: Most events, and message bytes, waiting for a live send; past either the oldest
 #: are not sent live (their subscribers find them in the log), so a stalled
@@ -56,12 +57,16 @@ class Appender:
         self._outbox: deque[Event] = deque()
         self._outbox_bytes = 0
         self._dropping = False  # warned that the transport is behind, until it catches up
-        #: Live sends that failed in a row (0: the last one worked, or none was made).
+        #: Live sends that failed in the current run of failures (0: none).
         self.failing_sends = 0
         # The transport's reconnection count when that run of failures began, and
         # the time (time.monotonic) of the last failure.
         self._failed_at = 0
         self._failed_last = 0.0
+        # A send worked since the run began (said once in the log); and one failed
+        # again after that: sends fail on and off (a cluster with one shard down).
+        self._recovered = False
+        self._flapping = False
         self._has_pending: asyncio.Event | None = None
         self._has_outbox: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -70,7 +75,7 @@ class Appender:
 
     def start(self) -> None:
         self._closing = self._drained = False
-        self.failing_sends = 0
+        self._end_run()
         self._has_pending = asyncio.Event()
         self._has_outbox = asyncio.Event()
         self._tasks = [
@@ -211,39 +216,63 @@ class Appender:
                 self._failed(f"live send of {len(events)} events failed", exc)
             else:
                 self._dropping = False
-                if self.failing_sends:
+                if self.failing_sends and not self._recovered:
                     logger.info("live sends work again, after %d failed", self.failing_sends)
-                    self.failing_sends = 0
+                    self._recovered = True
 
     @property
     def sends_failing(self) -> bool:
-        """Whether live sends are failing now: the last one failed, less than
-        :data:`FAILURE_MEMORY` ago, and the transport has not reconnected since (a
-        reconnection says it works again before the next send can)."""
+        """Whether live sends are failing now: one failed less than
+        :data:`FAILURE_MEMORY` ago, the transport has not reconnected since (a
+        reconnection says it works again before the next send can), and either none
+        has worked since the failures began or they fail on and off.
+
+        On and off (a cluster with one shard down) counts as failing until
+        FAILURE_MEMORY passes with no failure: it said up and down by turns, batch
+        after batch, and a scrape read either.
+        """
         if not self.failing_sends or self._reconnects() != self._failed_at:
             return False
         # time.monotonic, not the loop's clock: metrics scrapes read this from
         # another thread.
-        return time.monotonic() - self._failed_last < FAILURE_MEMORY
+        if time.monotonic() - self._failed_last >= FAILURE_MEMORY:
+            return False
+        return self._flapping or not self._recovered
 
     def _reconnects(self) -> int:
         return int(getattr(self._wire.backend, "reconnects", 0))
 
+    def _end_run(self) -> None:
+        self.failing_sends = 0
+        self._recovered = self._flapping = False
+
     def _failed(self, what: str, exc: Exception | None = None) -> None:
         """Count a failed live send; log the first of a run with its traceback, then
-        one line every :data:`_FAILURES_LOGGED_EVERY` (an outage is not a log flood)."""
+        one line every :data:`_FAILURES_LOGGED_EVERY` (an outage is not a log flood).
+
+        A run ends when the transport reconnects, or when sends worked for
+        :data:`FAILURE_MEMORY` after it: sends failing on and off stay one run, so
+        they log neither a traceback nor a recovery per batch.
+        """
         self._stats.live_send_failures += 1
-        if self.failing_sends and self._reconnects() != self._failed_at:
-            self.failing_sends = 0  # it reconnected meanwhile: this is another outage
+        now = time.monotonic()
+        if self.failing_sends and (
+            self._reconnects() != self._failed_at
+            or (self._recovered and now - self._failed_last >= FAILURE_MEMORY)
+        ):
+            self._end_run()  # this is another outage
         self.failing_sends += 1
-        self._failed_last = time.monotonic()
+        self._failed_last = now
+        if self._recovered:
+            self._flapping = True
         if self.failing_sends == 1:
             self._failed_at = self._reconnects()
             logger.warning("%s (abandoned; subscribers read them from the log)", what, exc_info=exc)
         elif self.failing_sends % _FAILURES_LOGGED_EVERY == 0:
             reason = "" if exc is None else f": {exc!r}"
+            how = "on and off" if self._flapping else "in a row"
             logger.warning(
-                "live sends still failing (%d in a row): %s%s", self.failing_sends, what, reason
+                "live sends still failing (%d %s): %s%s", self.failing_sends, how, what, reason
             )
 
 

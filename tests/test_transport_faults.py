@@ -298,6 +298,56 @@ async def test_failing_sends_say_the_transport_is_down_and_log_once(
         assert works_again() and bc.transport_connected
 
 
+async def test_sends_failing_on_and_off_say_down_steadily_and_log_little(
+    log: str | None, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sends that fail every other batch (a Redis cluster with one master down: its
+    channels fail, the others' work) logged a traceback and a recovery per batch,
+    and transport_connected said up and down by turns."""
+    from broadcast_history import _appender
+
+    caplog.set_level(logging.INFO, logger="broadcast_history")
+    backend = UnreliableBackend()
+    backend.reconnects = 0
+    publish = backend.publish
+    calls = 0
+
+    async def every_other(channel: str, message: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls % 2:
+            raise ConnectionError("shard down")
+        await publish(channel, message)
+
+    backend.publish = every_other  # type: ignore[method-assign]
+    async with Broadcast(backend=backend, log=log) as bc:
+        seen = set()
+        for i in range(40):
+            await bc.publish("c", str(i))
+            await asyncio.sleep(0.01)  # each one its own send
+            if i >= 4:
+                seen.add(bc.transport_connected)
+        assert bc.stats.live_send_failures >= 15
+        assert seen == {False}
+        live = [r for r in caplog.records if "live send" in r.message]
+        assert len(live) <= 3, [r.message for r in live]
+        # Working for FAILURE_MEMORY ends it.
+        monkeypatch.setattr(_appender, "FAILURE_MEMORY", 0.2)
+        backend.publish = publish  # type: ignore[method-assign]
+        await bc.publish("c", "fine")
+        await asyncio.sleep(0.3)
+        assert bc.transport_connected
+        # A failure after that is another outage, told with its traceback.
+        backend.publish_error = ConnectionError("down again")
+        await bc.publish("c", "lost")
+        for _ in range(100):
+            if not bc.transport_connected:
+                break
+            await asyncio.sleep(0.01)
+        tracebacks = [r for r in caplog.records if r.exc_info and "live send" in r.message]
+        assert len(tracebacks) == 2 and not bc.transport_connected
+
+
 async def test_disconnect_waits_briefly_for_a_stalled_send(log: str | None) -> None:
     """A transport that stopped answering (a frozen Redis) held disconnect for a whole
     live-send timeout (10 s); what was not sent is in the log."""

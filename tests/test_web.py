@@ -549,6 +549,45 @@ async def test_ws_refusals_close_with_codes(broadcast: Broadcast) -> None:
             assert "not enabled" in json.loads(await ws.recv())["detail"]
 
 
+async def test_a_log_outage_tells_clients_nothing_of_the_database(
+    broadcast: Broadcast, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The error's text (the database's host, user, the driver's complaint) went to
+    the public in the 503 body, the WebSocket close reason and the publish frame's
+    error; it goes to the server's log."""
+    from broadcast_history import LogUnavailable
+    from broadcast_history.web import _unavailable
+
+    secret = "event log failure: password authentication failed for user app at 10.9.8.7"
+
+    async def down(*args: Any, **kwargs: Any) -> Any:
+        raise LogUnavailable(secret)
+
+    monkeypatch.setattr(_unavailable, "_last_logged", -_unavailable.LOG_EVERY)
+    caplog.set_level(logging.WARNING, logger="broadcast_history")
+    app = create_stream_app(broadcast, authorize=allow_all, publish=True)
+    async with serving(app) as base, httpx.AsyncClient(timeout=10) as http:
+        async with ws_connect(base.replace("http", "ws") + "/c/ws") as ws:
+            monkeypatch.setattr(broadcast, "publish", down)
+            await ws.send(json.dumps({"type": "publish", "data": "x"}))
+            frame = json.loads(await ws.recv())
+        assert frame["type"] == "error" and "10.9.8.7" not in frame["detail"]
+        posted = await http.post(base + "/c", content=b"x")
+        monkeypatch.setattr(broadcast.log, "channel", down)
+        streamed = await http.get(base + "/c")
+        async with ws_connect(base.replace("http", "ws") + "/c/ws") as ws:
+            said = await ws.recv()
+            with pytest.raises(ConnectionClosed) as closed:
+                await ws.recv()
+    for response in (posted, streamed):
+        assert response.status_code == 503
+        assert "unavailable" in response.json()["detail"] and "10.9.8.7" not in response.text
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1013
+    assert "10.9.8.7" not in str(said) + closed.value.rcvd.reason
+    logged = [r.getMessage() for r in caplog.records if "10.9.8.7" in r.getMessage()]
+    assert len(logged) == 1  # once: an outage is not a log flood
+
+
 async def test_ws_an_authorize_that_fails_on_a_publish_frame_closes_with_1011(
     broadcast: Broadcast,
 ) -> None:

@@ -31,6 +31,7 @@ from ._paths import channel_from_path
 from ._publish import UnsupportedEncoding, event_info, publish_request
 from ._sse import EventStream
 from ._streams import OpenStreams
+from ._unavailable import unavailable
 from ._ws import BAD_REQUEST, CLIENT_GONE, FORBIDDEN, TRY_LATER, WebSocketSession
 
 STATIC = Path(__file__).parent / "static"
@@ -152,7 +153,7 @@ def create_stream_app(
         except InvalidArgument as exc:
             return _error(400, str(exc))
         except (LogUnavailable, NotConnected) as exc:
-            return _error(503, str(exc))
+            return _error(503, unavailable(exc))
         return JSONResponse(event_info(event), status_code=201)
 
     async def subscribe_ws(websocket: WebSocket) -> None:
@@ -178,7 +179,7 @@ def create_stream_app(
             # open receives whatever is published next.
             await feed.__aenter__()
         except (LogUnavailable, NotConnected) as exc:
-            await _close(websocket, TRY_LATER, str(exc))
+            await _close(websocket, TRY_LATER, unavailable(exc))
             return
         try:
             await websocket.accept()

@@ -34,6 +34,7 @@ from .._errors import BroadcastError, LogUnavailable, NotConnected
 from .._event import Event
 from ._feed import Feed, Reset
 from ._streams import OpenStreams, first_of, last_write, unless_stopped
+from ._unavailable import unavailable
 
 logger = logging.getLogger("broadcast_history.web")
 
@@ -138,7 +139,7 @@ class EventStream(Response):
         try:
             await self.feed.__aenter__()
         except (LogUnavailable, NotConnected) as exc:
-            await error_response(send, 503, str(exc))
+            await error_response(send, 503, unavailable(exc))
             return
         try:
             with self.streams.open() as stop:

@@ -32,11 +32,12 @@ from typing import Any
 import starlette.websockets
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from .._errors import BroadcastError, InvalidArgument, InvalidMessage
+from .._errors import BroadcastError, InvalidArgument, InvalidMessage, LogUnavailable, NotConnected
 from .._event import Event
 from ._feed import Feed, Reset
 from ._publish import event_info
 from ._streams import OpenStreams, first_of, last_write, unless_stopped
+from ._unavailable import unavailable
 
 logger = logging.getLogger("broadcast_history.web")
 
@@ -224,6 +225,8 @@ class WebSocketSession:
                 raise InvalidArgument(f"frames are limited to {self.max_frame} characters")
             data, key = parse_publish(text)
             event = await self.publisher(self.websocket, data, key)
-        except BroadcastError as exc:  # refused, invalid, or the log is down
+        except (LogUnavailable, NotConnected) as exc:
+            return {"type": "error", "detail": unavailable(exc)}
+        except BroadcastError as exc:  # refused or invalid
             return {"type": "error", "detail": str(exc)}
         return {"type": "ack", **event_info(event)}

@@ -172,6 +172,17 @@ def test_publish_validates(server: str) -> None:
     assert event["id"] == f"{event['epoch']}:1"
 
 
+def test_the_page_is_served_with_a_strict_policy(server: str) -> None:
+    """The page shows what anyone wrote; no inline script, nothing from elsewhere,
+    no framing, as the console (it had no policy at all)."""
+    for path in ("/", "/static/chat.js", "/static/chat.css"):
+        response = httpx.get(server + path)
+        assert response.status_code == 200, path
+        policy = response.headers["content-security-policy"]
+        assert "default-src 'self'" in policy and "frame-ancestors 'none'" in policy
+        assert response.headers["x-content-type-options"] == "nosniff"
+
+
 def test_rooms_and_history_pages(server: str) -> None:
     name = room()
     for i in range(1, 6):

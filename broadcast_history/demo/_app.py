@@ -18,13 +18,13 @@ from starlette.applications import Starlette
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
-from starlette.staticfiles import StaticFiles
 
 from .._broadcast import Broadcast
 from .._errors import InvalidArgument, MessageTooLarge
 from .._parse import parse_int
 from .._redact import redacted
 from ..web import Action, create_stream_app
+from ..web._pages import HEADERS, PageFiles
 from ..web._publish import read_body
 from ._limits import MAX_BODY, RateLimits
 from ._rooms import ROOM_PREFIX, encode_message, is_room_channel, message_item, room_channel
@@ -85,7 +85,7 @@ def create_app(
     streams = create_stream_app(broadcast, authorize=_rooms_only, keepalive=heartbeat)
 
     async def index(request: Request) -> Response:
-        return FileResponse(STATIC / "index.html")
+        return FileResponse(STATIC / "index.html", headers=HEADERS)
 
     async def info(request: Request) -> Response:
         return JSONResponse(
@@ -154,7 +154,7 @@ def create_app(
             Route("/api/rooms/{room}/messages", post_message, methods=["POST"]),
             Route("/api/rooms/{room}/history", room_history),
             Mount("/api/stream", streams),
-            Mount("/static", StaticFiles(directory=STATIC), name="static"),
+            Mount("/static", PageFiles(directory=STATIC), name="static"),
         ],
         lifespan=lifespan,
     )

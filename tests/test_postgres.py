@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -365,3 +366,47 @@ async def test_delete_and_trim_racing_appends_leave_consistent_channels(pg_url: 
     assert [dict(row) for row in bad] == []
     for row in rows:
         assert row["n"] == row["last_offset"] - row["first_offset"] + 1
+
+
+def test_a_transport_given_as_an_instance_survives_a_loop_ended_without_disconnect(
+    tmp_path: Path,
+) -> None:
+    """The transport's disconnect, called from the next loop, failed on the ended
+    loop's task before letting go of its connections: the next live sends went to
+    the ended loop's connection and failed, and its server sessions stayed open."""
+    import asyncpg
+
+    url = asyncio.run(ensure_database("bh_test_pg_loops"))
+    log = f"sqlite+aiosqlite:///{tmp_path / 'loops.db'}"
+    broadcast = Broadcast(backend=PostgresBackend(url), log=log)
+
+    async def sessions() -> int:
+        admin = await asyncpg.connect(database_url("postgres"))
+        try:
+            name = url.rsplit("/", 1)[1]
+            query = "SELECT count(*) FROM pg_stat_activity WHERE datname = $1"
+            return int(await admin.fetchval(query, name))
+        finally:
+            await admin.close()
+
+    async def left_connected() -> None:
+        await broadcast.connect()
+        await broadcast.publish("c", "one")  # opens the publishing connection
+
+    async def used_again() -> None:
+        await broadcast.connect()
+        try:
+            for i in range(3):
+                await broadcast.publish("c", f"n{i}")
+                await asyncio.sleep(0.05)
+            assert broadcast.stats.live_send_failures == 0
+        finally:
+            await broadcast.disconnect()
+        for _ in range(100):  # the server ends the sessions as it sees the sockets shut
+            if await sessions() == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert await sessions() == 0
+
+    asyncio.run(left_connected())
+    asyncio.run(used_again())

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import socket
 from collections.abc import Sequence
 from typing import Any
 
@@ -100,18 +101,21 @@ class PostgresBackend(InboxTransport, BroadcastBackend):
         self._supervisor = asyncio.create_task(self._supervise(), name="bh-postgres-listen")
 
     async def disconnect(self) -> None:
+        # Everything let go of first: after an event loop ended without disconnect()
+        # (the broadcast then calls this from the next one), its task and
+        # connections cannot be awaited, and a connection kept failed the next sends.
         supervisor, self._supervisor = self._supervisor, None
-        if supervisor is not None:
-            supervisor.cancel()
-            await asyncio.gather(supervisor, return_exceptions=True)
-        for conn in (self._listen_conn, self._publish_conn):
-            if conn is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(conn.close(), 2)
-                conn.terminate()
+        conns = [conn for conn in (self._listen_conn, self._publish_conn) if conn is not None]
         self._listen_conn = self._publish_conn = None
         self._names.clear()
-        self._wake_readers()
+        try:
+            if supervisor is not None and not supervisor.get_loop().is_closed():
+                supervisor.cancel()
+                await asyncio.gather(supervisor, return_exceptions=True)
+            for conn in conns:
+                await _close(conn)
+        finally:
+            self._wake_readers()
 
     async def subscribe(self, channel: str) -> None:
         ident = channel_identifier(channel)
@@ -277,3 +281,18 @@ class PostgresBackend(InboxTransport, BroadcastBackend):
                     logger.info("postgres listening connection re-established")
                     return
             await backoff.sleep()
+
+
+async def _close(conn: asyncpg.Connection) -> None:
+    """Close ``conn``: politely (2 s at most), else at once.
+
+    A connection of an event loop that ended can do neither; its socket is shut
+    down, so the server ends its session now rather than when the process exits.
+    """
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(conn.close(), 2)
+    try:
+        conn.terminate()
+    except RuntimeError:  # its loop is closed
+        with contextlib.suppress(Exception):
+            conn._transport.get_extra_info("socket").shutdown(socket.SHUT_RDWR)

@@ -399,7 +399,7 @@ async def sse_messages(response: httpx.Response) -> AsyncIterator[dict[str, str]
     fields: dict[str, str] = {}
     async for line in response.aiter_lines():
         if not line:
-            if "data" in fields:  # not the stream's opening `retry:`
+            if fields.get("event") in ("message", "reset"):  # not the opening `start`
                 yield fields
             fields = {}
         elif not line.startswith(":"):

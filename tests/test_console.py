@@ -300,6 +300,30 @@ def test_live_tail_resumes_across_a_server_restart(
     expect(tail.last).to_contain_text("after the reset")
 
 
+def test_a_live_tail_that_showed_nothing_misses_nothing_across_a_restart(
+    page: Any, server: Server, seeded: dict[str, Any]
+) -> None:
+    """Started with none of the history on a quiet channel, the tail had no id to
+    resume from: after a restart it asked for live again and never showed what was
+    published meanwhile (found by a probe)."""
+    publish(seeded["log"], "quiet", "before")
+    try:
+        log_in(page, server)
+        open_channel(page, "quiet")
+        page.fill("#tail-history", "0")
+        page.click("#tail-toggle")
+        expect(page.locator("#tail-state")).to_have_text("live")
+        server.stop()
+        expect(page.locator("#tail-state")).to_have_text("reconnecting")
+        publish(seeded["log"], "quiet", "while away")
+        server.start()
+        tail = page.locator("#tail li")
+        expect(tail).to_have_count(1)
+        expect(tail.first).to_contain_text("while away")
+    finally:
+        httpx.delete(f"{server.base}/channels/quiet", headers=AUTH)
+
+
 def test_trim_and_delete_ask_first(page: Any, server: Server) -> None:
     log_in(page, server)
     open_channel(page, "scratch")

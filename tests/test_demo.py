@@ -99,7 +99,7 @@ def read_sse(
                 key, _, value = line.partition(": ")
                 fields[key] = value
                 continue
-            if "data" in fields:
+            if fields.get("event") not in (None, "start"):  # the opening says where it starts
                 frames.append((fields["id"], fields["event"], fields["data"]))
                 if len(frames) == count:
                     break
@@ -202,8 +202,11 @@ def test_sse_starts_with_recent_history_then_live(server: str) -> None:
     url = stream_url(server, name) + "?history=50"
     with httpx.stream("GET", url, timeout=10) as response:
         lines = response.iter_lines()
-        assert [next(lines) for _ in range(4)] == [
+        assert [next(lines) for _ in range(7)] == [
             "retry: 1000",
+            f"id: {epoch}:0",  # where the stream starts
+            "event: start",
+            f'data: {{"epoch":{epoch},"offset":0}}',
             "",
             f"id: {epoch}:1",
             "event: message",
@@ -262,6 +265,7 @@ def test_websocket_catch_up_then_live(server: str) -> None:
                 if item["type"] != "ping":
                     return item
 
+        assert receive() == {"type": "start", "id": f"{epoch}:1", "epoch": epoch, "offset": 1}
         got = [receive() for _ in range(2)]
         assert [(m["type"], m["offset"], text_of(m["data"])) for m in got] == [
             ("message", 2, "m2"),
@@ -280,7 +284,8 @@ def test_close_streams_ends_open_streams(tmp_path: Path) -> None:
     with serve_in_thread(app) as base:
         with httpx.stream("GET", stream_url(base, room()), timeout=10) as response:
             lines = response.iter_lines()
-            assert next(lines) == "retry: 1000"
+            assert [next(lines) for _ in range(3)] == ["retry: 1000", "id: 0", "event: start"]
+            next(lines)  # its data
             app.state.close_streams()  # what Ctrl-C does before the server stops
             assert list(lines) == [""]
 
@@ -310,7 +315,7 @@ def test_two_demo_processes_share_rooms_over_redis_and_postgres(tmp_path: Path) 
         texts: list[str] = []
         with httpx.stream("GET", url, headers={"Last-Event-ID": f"{epoch}:0"}, timeout=15) as r:
             for line in r.iter_lines():
-                if line.startswith("data: "):
+                if line.startswith("data: ") and "text" in line:  # not the opening start
                     texts.append(text_of(line[6:]))
                     if len(texts) == 2:
                         break

@@ -23,6 +23,7 @@ import httpx
 import pytest
 import uvicorn
 from starlette.requests import Request
+from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
@@ -100,6 +101,10 @@ async def sse(
     return frames
 
 
+def dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
 def ids(frames: Frames) -> list[str]:
     return [f.get("id", "") for f in frames]
 
@@ -119,7 +124,8 @@ async def test_sse_frames_and_every_start_position(broadcast: Broadcast, base: s
     e = events[0].epoch
     url = f"{base}/c"
     frames = await sse(url, 4, {"Last-Event-ID": f"{e}:1"})
-    assert frames[0] == {"retry": "1000"}
+    start = {"epoch": e, "offset": 1}
+    assert frames[0] == {"retry": "1000", "id": f"{e}:1", "event": "start", "data": dumps(start)}
     assert frames[1:] == [
         {"id": f"{e}:2", "event": "message", "data": "two\nlines\nthree"},
         {"id": f"{e}:3", "event": "binary", "data": "AGJpbg=="},
@@ -134,7 +140,7 @@ async def test_sse_frames_and_every_start_position(broadcast: Broadcast, base: s
         ("?history=2", {}),
     ]
     for query, headers in positions:
-        assert ids(await sse(url + query, 3, headers))[1:] == [f"{e}:3", f"{e}:4"], query
+        assert ids(await sse(url + query, 3, headers)) == [f"{e}:2", f"{e}:3", f"{e}:4"], query
 
     async def publish_five() -> None:
         await broadcast.publish("c", "five")
@@ -143,6 +149,30 @@ async def test_sse_frames_and_every_start_position(broadcast: Broadcast, base: s
         frames = await sse(url + query, 2, then=publish_five)
         assert frames[1]["data"] == "five"
         assert frames[1]["id"] == f"{e}:{5 if query == '' else 6}"
+
+
+async def test_a_client_that_saw_no_event_resumes_from_where_its_stream_started(
+    broadcast: Broadcast, base: str
+) -> None:
+    """A stream started live on a quiet channel, the server restarted, an event was
+    published meanwhile: the client had no id to resume from, so it asked for live
+    again and never got that event (found by a probe, in the console's tail). The
+    stream now opens with its start position's id."""
+    await seed(broadcast)
+    for query in ("", "?history=0"):
+        (opening,) = await sse(f"{base}/c{query}", 1)
+        missed = await broadcast.publish("c", "while away")
+        (_, event) = await sse(f"{base}/c", 2, {"Last-Event-ID": opening["id"]})
+        assert (event["id"], event["data"]) == (f"{missed.epoch}:{missed.offset}", "while away")
+    # A channel with no history yet starts at "0": from its first event.
+    (opening,) = await sse(f"{base}/quiet", 1)
+    assert (opening["id"], json.loads(opening["data"])) == ("0", {"epoch": None, "offset": 0})
+    first = await broadcast.publish("quiet", "first")
+    (_, event) = await sse(f"{base}/quiet", 2, {"Last-Event-ID": opening["id"]})
+    assert event["id"] == f"{first.epoch}:1"
+    # A start that is reset says where it goes on in the reset, and opens without one.
+    frames = await sse(f"{base}/c?since=99", 2)
+    assert frames[0] == {"retry": "1000"} and frames[1]["event"] == "reset"
 
 
 async def test_sse_positions_that_cannot_be_served_reset_then_go_on(
@@ -271,7 +301,7 @@ async def test_sse_replay_goes_out_in_chunks_of_bounded_size(broadcast: Broadcas
         serving.cancel()
         await asyncio.gather(serving, return_exceptions=True)
     frames = [chunk.count(b"\nevent: ") for chunk in chunks]
-    assert sum(frames) == 46
+    assert sum(frames) == 47  # the start, then 46 events
     assert all(len(c) <= 64 * 1024 for c, n in zip(chunks, frames, strict=True) if n > 1)
 
 
@@ -281,7 +311,8 @@ async def test_sse_keepalive_pings_idle_streams(broadcast: Broadcast, base: str)
         http.stream("GET", f"{base}/idle") as response,
     ):
         lines = response.aiter_lines()
-        assert [await anext(lines) for _ in range(4)] == ["retry: 1000", "", ": ping", ""]
+        opening = ["retry: 1000", "id: 0", "event: start", 'data: {"epoch":null,"offset":0}', ""]
+        assert [await anext(lines) for _ in range(7)] == [*opening, ": ping", ""]
 
 
 # -- publishing over HTTP ----------------------------------------------------------------
@@ -361,7 +392,7 @@ async def test_publish_is_authorized_per_message(broadcast: Broadcast) -> None:
     async with serving(app) as base, httpx.AsyncClient(base_url=base) as http:
         assert (await http.post("/c", content=b"x")).status_code == 403
         ws_url = base.replace("http", "ws") + "/c/ws"
-        async with ws_connect(ws_url) as ws:
+        async with ws_stream(ws_url) as ws:
             await ws.send(json.dumps({"type": "publish", "data": "x"}))
             assert json.loads(await ws.recv()) == {
                 "type": "error",
@@ -397,6 +428,15 @@ async def test_authorize_is_required_and_checked(broadcast: Broadcast) -> None:
 # -- WebSocket ---------------------------------------------------------------------------
 
 
+@contextlib.asynccontextmanager
+async def ws_stream(url: str) -> AsyncIterator[ClientConnection]:
+    """A WebSocket stream, past the frame that says where it starts."""
+    async with ws_connect(url) as ws:
+        start = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert start["type"] == "start", start
+        yield ws
+
+
 async def ws_frames(url: str, count: int) -> list[dict[str, Any]]:
     frames: list[dict[str, Any]] = []
     async with ws_connect(url) as ws:
@@ -411,7 +451,8 @@ async def test_ws_frames_and_every_start_position(broadcast: Broadcast, base: st
     events = await seed(broadcast)
     e = events[0].epoch
     url = base.replace("http", "ws") + "/c/ws"
-    frames = await ws_frames(url + f"?last_event_id={e}:1", 3)
+    frames = await ws_frames(url + f"?last_event_id={e}:1", 4)
+    assert frames.pop(0) == {"type": "start", "id": f"{e}:1", "epoch": e, "offset": 1}
     assert frames[0] == {
         "type": "message",
         "id": f"{e}:2",
@@ -425,9 +466,10 @@ async def test_ws_frames_and_every_start_position(broadcast: Broadcast, base: st
     assert (frames[1]["data"], frames[1]["encoding"]) == ("AGJpbg==", "base64")
     stamp = quote(events[2].timestamp.isoformat())  # type: ignore[union-attr]
     for query in ("?last_event_id=2", "?since=2", f"?since={stamp}", "?history=2"):
-        assert [f["id"] for f in await ws_frames(url + query, 2)] == [f"{e}:3", f"{e}:4"], query
+        got = [f["id"] for f in await ws_frames(url + query, 3)]
+        assert got == [f"{e}:2", f"{e}:3", f"{e}:4"], query
 
-    async with ws_connect(url) as ws:  # live only: subscribed before the handshake ends
+    async with ws_stream(url) as ws:  # live only: subscribed before the handshake ends
         await broadcast.publish("c", "five")
         frame = json.loads(await ws.recv())
         assert (frame["type"], frame["offset"], frame["data"]) == ("message", 5, "five")
@@ -464,7 +506,7 @@ async def test_ws_resets_then_live(broadcast: Broadcast, base: str) -> None:
 
 async def test_ws_publish_ack_errors_and_pings(broadcast: Broadcast, base: str) -> None:
     url = base.replace("http", "ws") + "/w/ws"
-    async with ws_connect(url) as ws:
+    async with ws_stream(url) as ws:
 
         async def answer(frame: Any) -> dict[str, Any]:
             await ws.send(frame if isinstance(frame, str) else json.dumps(frame))
@@ -508,7 +550,7 @@ async def test_ws_publish_takes_any_message_under_the_size_limit_however_escaped
     log = f"sqlite+aiosqlite:///{tmp_path / 'ws.db'}"
     async with Broadcast("memory://", log=log, max_message_size=10_000) as b:
         app = create_stream_app(b, authorize=allow_all, publish=True)
-        async with serving(app) as url, ws_connect(url.replace("http", "ws") + "/e/ws") as ws:
+        async with serving(app) as url, ws_stream(url.replace("http", "ws") + "/e/ws") as ws:
             answers = []
             for data in ["\u00e9" * 5_000, "\x01" * 10_000, "\u00e9" * 5_000 + "x"]:
                 await ws.send(json.dumps({"type": "publish", "data": data}))  # ensure_ascii
@@ -544,7 +586,7 @@ async def test_ws_refusals_close_with_codes(broadcast: Broadcast) -> None:
                     await ws.recv()
             assert error["type"] == "error"
             assert closed.value.rcvd is not None and closed.value.rcvd.code == code, path
-        async with ws_connect(url + "/public/x/ws") as ws:
+        async with ws_stream(url + "/public/x/ws") as ws:
             await ws.send(json.dumps({"type": "publish", "data": "x"}))
             assert "not enabled" in json.loads(await ws.recv())["detail"]
 
@@ -567,7 +609,7 @@ async def test_a_log_outage_tells_clients_nothing_of_the_database(
     caplog.set_level(logging.WARNING, logger="broadcast_history")
     app = create_stream_app(broadcast, authorize=allow_all, publish=True)
     async with serving(app) as base, httpx.AsyncClient(timeout=10) as http:
-        async with ws_connect(base.replace("http", "ws") + "/c/ws") as ws:
+        async with ws_stream(base.replace("http", "ws") + "/c/ws") as ws:
             monkeypatch.setattr(broadcast, "publish", down)
             await ws.send(json.dumps({"type": "publish", "data": "x"}))
             frame = json.loads(await ws.recv())
@@ -600,7 +642,7 @@ async def test_ws_an_authorize_that_fails_on_a_publish_frame_closes_with_1011(
 
     app = create_stream_app(broadcast, authorize=broken_for_publish, publish=True)
     async with serving(app) as base:
-        async with ws_connect(base.replace("http", "ws") + "/c/ws") as ws:
+        async with ws_stream(base.replace("http", "ws") + "/c/ws") as ws:
             await ws.send(json.dumps({"type": "publish", "data": "x"}))
             with pytest.raises(ConnectionClosed) as closed:
                 await asyncio.wait_for(ws.recv(), 10)
@@ -639,10 +681,11 @@ async def test_close_streams_ends_every_stream(broadcast: Broadcast) -> None:
     async with serving(app) as base, httpx.AsyncClient(timeout=10) as http:
         async with (
             http.stream("GET", f"{base}/c") as response,
-            ws_connect(base.replace("http", "ws") + "/c/ws") as ws,
+            ws_stream(base.replace("http", "ws") + "/c/ws") as ws,
         ):
             lines = response.aiter_lines()
-            assert await anext(lines) == "retry: 1000"
+            opening = [await anext(lines) for _ in range(4)]
+            assert opening[:3] == ["retry: 1000", "id: 0", "event: start"]
             await wait_for_subscriptions(broadcast, 2)
             app.state.close_streams()
             assert [line async for line in lines] == [""]  # the body ends
@@ -712,7 +755,7 @@ async def test_a_websocket_publish_in_flight_at_stop_is_acknowledged(
         return await append(items)
 
     monkeypatch.setattr(broadcast.log, "append", slow)
-    async with serving(app) as base, ws_connect(base.replace("http", "ws") + "/c/ws") as ws:
+    async with serving(app) as base, ws_stream(base.replace("http", "ws") + "/c/ws") as ws:
         await wait_for_subscriptions(broadcast, 1)
         await ws.send(json.dumps({"type": "publish", "data": "m"}))
         await asyncio.sleep(0.1)  # the publish is under way

@@ -32,6 +32,7 @@ from tests.support.ports import free_port
 
 sync_api = require_chromium()
 ROOT = Path(__file__).parents[1]
+TEXT = {"content-type": "text/plain"}
 
 
 class Server:
@@ -183,6 +184,45 @@ def test_the_stored_position_is_the_channels_whatever_the_query(
         assert page.evaluate(received, [channel, "tok-B"]) == ["m4"]
         keys = page.evaluate("() => Object.keys(localStorage)")
         assert keys == [f"broadcast_history:{server.base}/events/{channel}"]
+    finally:
+        context.close()
+
+
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+def test_a_page_that_saw_no_event_misses_none_across_a_restart(
+    server: Server, browser: Any, transport: str
+) -> None:
+    """A page streaming live had no id to resume from until its first event: after
+    a restart it asked for live again, and what was published meanwhile never came
+    (found by a probe, in the console's tail). Streams now open with their start."""
+    channel = f"quiet-{transport}-{uuid.uuid4().hex[:6]}"
+    httpx.post(f"{server.base}/events/{channel}", content="before", headers=TEXT)
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(f"{server.base}/stats")
+        page.evaluate(
+            """([channel, transport]) => import("/events/client.js").then(({ connect }) => {
+                window.got = [];
+                window.opened = 0;
+                connect(`/events/${channel}`, {
+                    transport,
+                    storageKey: null,
+                    onMessage(data) { window.got.push(data); },
+                    onStatus(status) { if (status === "open") window.opened += 1; },
+                });
+            })""",
+            [channel, transport],
+        )
+        page.wait_for_function("() => window.opened === 1", timeout=WAIT_MS)
+        page.wait_for_timeout(300)  # the opening frame is in
+        server.kill()
+        in_thread(publish_elsewhere(server.log, channel, ["while away"]))
+        server.start()
+        page.wait_for_function("() => window.got.length >= 1", timeout=WAIT_MS)
+        httpx.post(f"{server.base}/events/{channel}", content="after", headers=TEXT)
+        page.wait_for_function("() => window.got.length >= 2", timeout=WAIT_MS)
+        assert page.evaluate("() => window.got") == ["while away", "after"]
     finally:
         context.close()
 

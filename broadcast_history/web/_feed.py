@@ -99,6 +99,23 @@ class Feed:
         """Whether the feed has caught up with the log."""
         return self._subscriber is not None and self._subscriber.live
 
+    def start(self) -> dict[str, Any] | None:
+        """Where the entered feed starts: ``{"id", "epoch", "offset"}``, the first
+        event to come being ``offset + 1``; ``None`` when a :class:`Reset` comes
+        first (it says where the feed goes on).
+
+        Streams send it first: a client that has seen no event yet (started live on
+        a quiet channel) resumes from it after a reconnect, instead of from the
+        head at that time, which skipped what was published meanwhile. A channel
+        with no history has id ``"0"``: from its first event, whatever its epoch.
+        """
+        subscriber = self._subscriber
+        if subscriber is None or self._resets:
+            return None
+        epoch, offset = subscriber.epoch, subscriber.position
+        start_id = "0" if epoch is None else format_event_id(epoch, offset)
+        return {"id": start_id, "epoch": epoch, "offset": offset}
+
     async def __aenter__(self) -> Self:
         position = self.position
         try:

@@ -8,8 +8,10 @@ Each event is one frame::
 
 A reset is ``id: <epoch>:<head>`` (so a reconnecting ``EventSource`` resumes after
 it), ``event: reset`` and ``{"reason", "epoch", "head"}`` as JSON data. The stream
-opens with ``retry: 1000`` and gets a ``: ping`` comment after ``keepalive`` seconds
-without a frame.
+opens with ``retry: 1000`` and, in the same frame, where it starts: ``id:`` of that
+position, ``event: start`` and ``{"epoch", "offset"}`` as JSON data (so a client that
+has seen no event yet resumes from there, not from the head when it comes back). It
+gets a ``: ping`` comment after ``keepalive`` seconds without a frame.
 
 Framing and response are written here rather than taken from sse-starlette: its
 response costs about 14 µs per frame sent (an anyio cancel scope around every send)
@@ -80,6 +82,15 @@ def json_frame(event: Event, value: Any) -> bytes:
     """A ``message`` frame of ``event`` whose data is ``value`` as JSON (one line)."""
     data = json.dumps(value, separators=(",", ":"))
     return frame(f"{event.epoch}:{event.offset}", "message", data)
+
+
+def opening_frame(feed: Feed) -> bytes:
+    """``retry:``, with the feed's start (unless a reset comes first to say it)."""
+    start = feed.start()
+    if start is None:
+        return RETRY
+    data = json.dumps({"epoch": start["epoch"], "offset": start["offset"]}, separators=(",", ":"))
+    return b"retry: 1000\n" + frame(start["id"], "start", data)
 
 
 def reset_frame(reset: Reset) -> bytes:
@@ -185,7 +196,7 @@ class EventStream(Response):
     async def _pump(self, write: Callable[[bytes], Any]) -> None:
         encode = self.encode
         feed = self.feed
-        await write(RETRY)
+        await write(opening_frame(feed))
         async for item in feed:
             frame = encode(item) if isinstance(item, Event) else reset_frame(item)
             more = feed.take_read(FRAMES_PER_WRITE - 1, WRITE_BYTES - len(frame))

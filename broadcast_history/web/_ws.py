@@ -172,6 +172,9 @@ class WebSocketSession:
 
     async def _pump(self) -> None:
         feed = self.feed
+        start = feed.start()
+        if start is not None:
+            await self._write({"type": "start", **start})
         async for item in feed:
             await self._write(message_json(item) if isinstance(item, Event) else reset_json(item))
             # Replayed events in hand are sent without waiting: a loop turn every few

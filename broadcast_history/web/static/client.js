@@ -145,6 +145,15 @@ export function connect(url, options = {}) {
     store.save(last);
   }
 
+  // Where a stream starts, sent before any event. A client that has seen none yet
+  // (started live on a quiet channel) resumes from there: from the head at the next
+  // connection, it would skip what was published meanwhile.
+  function handleStart(id) {
+    if (last || !id) return;
+    last = id;
+    store.save(last);
+  }
+
   function handleReset(reset) {
     last = reset.id;
     store.save(last);
@@ -177,6 +186,7 @@ export function connect(url, options = {}) {
       handleEvent(decodeBase64(e.data), { ...fromId(e.lastEventId), type: "binary" }),
     );
     es.addEventListener("reset", (e) => handleReset({ ...JSON.parse(e.data), id: e.lastEventId }));
+    es.addEventListener("start", (e) => handleStart(e.lastEventId));
     es.onopen = () => {
       attempts = 0;
       onStatus("open");
@@ -210,6 +220,8 @@ export function connect(url, options = {}) {
         const data = frame.encoding === "base64" ? decodeBase64(frame.data) : frame.data;
         const { type, data: _, encoding, ...event } = frame;
         handleEvent(data, { ...event, type: encoding === "base64" ? "binary" : "message" });
+      } else if (frame.type === "start") {
+        handleStart(frame.id);
       } else if (frame.type === "reset") {
         const { type, ...reset } = frame;
         handleReset(reset);

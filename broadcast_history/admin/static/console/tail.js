@@ -86,6 +86,12 @@ export class Tail {
           delay = base;
           if (item.type === "message") this.receive(item);
           else if (item.type === "reset") this.resetTo(item);
+          else if (item.type === "start" && !this.lastId) {
+            // Where the stream starts: with no event shown yet, the next connection
+            // resumes from here (from the head then, it would skip what came between).
+            this.lastId = item.id;
+            this.setState("live");
+          }
           else this.setState("live");
         }
       } catch (error) {

@@ -7,8 +7,9 @@ integer is checked against the 64-bit range in one place.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 
 from ._errors import InvalidArgument
 from ._validation import MAX_INT
@@ -40,18 +41,44 @@ def parse_int(text: str, what: str) -> int:
     return int(digits)
 
 
+# The ISO 8601 times taken: a calendar date (extended or basic), then optionally a time
+# after T or a space, then a zone. Python's fromisoformat (3.11) takes any character
+# between date and time, so "2026-11-28Z" read as a naive date, and
+# "2026-11-28+02:00" as 02:00 without a zone; a date with a zone is its midnight here.
+_ISO_TIME = re.compile(
+    r"(\d{4})-?(\d{2})-?(\d{2})"
+    r"(?:[Tt ](\d{2})(?::?(\d{2})(?::?(\d{2})(?:[.,](\d{1,9}))?)?)?)?"
+    r"(?:([Zz])|([+-])(\d{2})(?::?(\d{2}))?)?",
+    re.ASCII,
+)
+
+
 def parse_time(text: str, what: str) -> datetime:
     """An ISO 8601 time with a timezone (``Z`` accepted); naive times are refused."""
     text = text.strip()
-    if text[-1:] in ("Z", "z"):  # Python 3.10's fromisoformat does not know "Z"
-        text = text[:-1] + "+00:00"
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise InvalidArgument(f"{what} must be an ISO 8601 time, got {text!r}") from None
-    if moment.tzinfo is None or moment.utcoffset() is None:
+    match = _ISO_TIME.fullmatch(text)
+    if match is None:
+        raise InvalidArgument(f"{what} must be an ISO 8601 time, got {text[:60]!r}")
+    year, month, day, hour, minute, second, fraction, utc, sign, zh, zm = match.groups()
+    if utc is None and sign is None:
         raise InvalidArgument(f"{what}: naive times are refused; give a timezone (e.g. Z)")
-    return moment
+    try:
+        zone = timezone.utc
+        if sign is not None:
+            shift = timedelta(hours=int(zh), minutes=int(zm or 0))
+            zone = timezone(-shift if sign == "-" else shift)
+        return datetime(
+            int(year),
+            int(month),
+            int(day),
+            int(hour or 0),
+            int(minute or 0),
+            int(second or 0),
+            int((fraction or "").ljust(6, "0")[:6]),
+            tzinfo=zone,
+        )
+    except ValueError:  # a day, hour or zone out of range
+        raise InvalidArgument(f"{what} must be an ISO 8601 time, got {text[:60]!r}") from None
 
 
 def parse_since(text: str, what: str = "since") -> int | datetime:

@@ -382,3 +382,79 @@ def test_sse_reader_splits_lines_and_chunks_anywhere(page: Any, server: Server) 
         {"retry": 500},
         {"type": "message", "data": "{}", "id": "7:1"},  # the last id carries over
     ]
+
+
+def test_late_answers_are_not_shown_under_another_channel_or_prefix(
+    page: Any, server: Server
+) -> None:
+    """Found by a probe: after a switch, the previous channel's events and its count
+    in the Delete dialog stayed under the new name until (or unless) its answers came;
+    a late consumers answer showed one channel's consumers under another; a late
+    channel list showed another prefix's channels than the one typed."""
+    log_in(page, server)
+    page.uncheck("#auto-refresh")
+    expect(page.locator('#channels tr[data-channel="orders"]')).to_be_visible()
+    held: list[Any] = []
+    page.route(re.compile(r".*/consumers\?channel=orders.*"), lambda route: held.append(route))
+    page.evaluate("location.hash = '#/channel/orders'")
+    expect(page.locator("#events tbody tr").first).to_be_visible()
+    expect(page.locator("#delete-dialog .count")).not_to_have_text("—")
+    for _ in range(100):
+        if held:
+            break
+        page.wait_for_timeout(50)
+    page.evaluate("location.hash = '#/channel/no-such-channel'")  # its answers are 404s
+    expect(page.locator("#channel-name")).to_have_text("no-such-channel")
+    expect(page.locator("#events tbody tr")).to_have_count(0)
+    expect(page.locator("#delete-dialog .count")).to_have_text("—")
+    expect(page.locator("#consumers")).to_contain_text("No durable consumer")
+    held[0].continue_()
+    page.wait_for_timeout(500)
+    expect(page.locator("#consumers")).to_contain_text("No durable consumer")
+
+    held.clear()
+    page.route("**/channels?*", lambda route: held.append(route))
+    page.click("#refresh")  # every channel: held
+    page.unroute("**/channels?*")
+    page.fill("#prefix", "chat")
+    expect(page.locator("#channels tbody tr")).to_have_count(1)
+    for route in held:
+        route.continue_()
+    page.wait_for_timeout(500)
+    expect(page.locator("#channels tbody tr")).to_have_count(1)
+
+
+def test_names_times_and_long_messages_are_shown_as_they_are(page: Any, server: Server) -> None:
+    """Names that differ only in spaces or characters that do not show looked the same
+    (a Delete dialog included); a zone of hours only got a Z added; a long message
+    was cut in the middle of an emoji and counted in UTF-16 units (found by a probe)."""
+    page.goto(f"{server.base}/ui/")
+    got = page.evaluate(
+        """async () => {
+            const ui = await import("./ui.js");
+            const text = "x".repeat(499) + "😀" + "y".repeat(10);
+            const long = ui.message({ encoding: "text", message: text });
+            const names = ["space", "space ", "space  ", "a\\u202eb", "a\\u00a0b", "ü/😀"];
+            const times = ["2026-11-28T10:00+02", "2026-11-28T10:00+0230", "2026-11-28T10:00"];
+            return {
+                names: names.map(ui.shownName),
+                times: [...times, "2026-11-28"].map(ui.isoTime),
+                long: long.querySelector(".content").textContent,
+            };
+        }"""
+    )
+    assert got["names"] == [
+        "space",
+        '"space "',
+        '"space  "',
+        '"a\\u{202e}b"',
+        '"a\\u{00a0}b"',
+        "ü/😀",
+    ]
+    assert got["times"] == [
+        "2026-11-28T10:00+02",
+        "2026-11-28T10:00+0230",
+        "2026-11-28T10:00Z",
+        "2026-11-28T00:00:00Z",
+    ]
+    assert got["long"] == "x" * 499 + "😀… (510 chars)"

@@ -381,6 +381,29 @@ async def test_trim_with_a_wrong_type_is_an_invalid_argument(sqlite_file_url: st
         )
 
 
+def test_times_are_read_as_written() -> None:
+    """Python's fromisoformat takes any character between date and time: a date with
+    a zone ("2026-11-28Z", as typed in the console or the API) was refused as naive,
+    and "2026-11-28+02:00" read as 02:00 with no zone (found by a probe)."""
+    from broadcast_history._parse import parse_time
+
+    utc, plus2 = timezone.utc, timezone(timedelta(hours=2))
+    assert parse_time("2026-11-28Z", "since") == datetime(2026, 11, 28, tzinfo=utc)
+    assert parse_time("2026-11-28+02:00", "since") == datetime(2026, 11, 28, tzinfo=plus2)
+    assert parse_time("2026-11-28T10:00+02", "since") == datetime(2026, 11, 28, 10, tzinfo=plus2)
+    assert parse_time("20261128T103000.5Z", "since") == datetime(
+        2026, 11, 28, 10, 30, 0, 500000, tzinfo=utc
+    )
+    stamp = datetime(2026, 11, 28, 10, 0, 0, 123456, tzinfo=utc)
+    assert parse_time(stamp.isoformat(), "since") == stamp
+    for naive in ("2026-11-28", "2026-11-28T10:00"):
+        with pytest.raises(InvalidArgument, match="naive"):
+            parse_time(naive, "since")
+    for bad in ("2026-11-28X10:00Z", "2026-11-28T25:00Z", "2026-W48Z", "2026-11-28T10:00+24:00"):
+        with pytest.raises(InvalidArgument, match="ISO 8601"):
+            parse_time(bad, "since")
+
+
 async def test_read_since_an_offset_means_after_it(sqlite_file_url: str) -> None:
     async with Broadcast(log=sqlite_file_url) as broadcast:
         for i in range(5):

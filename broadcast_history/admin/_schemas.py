@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import AwareDatetime, BaseModel, BeforeValidator, Field
 
 from .._event import Event
+from .._parse import parse_time
 from ..log import ChannelInfo, ConsumerInfo
 from ._jsonl import event_json
 from ._models import EventPage, RetentionStats
@@ -25,14 +26,14 @@ MESSAGE_BODY = {
 
 def _iso_time(value: Any) -> Any:
     # Pydantic takes numbers (and digit strings) as Unix seconds: `until=100` would
-    # mean 1970, where since=100 is an offset. Those are refused; the rest is ISO
-    # 8601 text, which pydantic reads.
+    # mean 1970, where since=100 is an offset. Those are refused; the rest is read as
+    # `since` is (pydantic's own parser refused "2026-11-28Z" and "+02" zones there).
     if isinstance(value, datetime):
         return value
     text = value.strip() if isinstance(value, str) else ""
     if not text or text.lstrip("+-").replace(".", "", 1).isdigit():
         raise ValueError("must be an ISO 8601 time with a timezone, not a number")
-    return text
+    return parse_time(text, "time")
 
 
 #: An aware time given as ISO 8601 text (query parameters and request bodies).

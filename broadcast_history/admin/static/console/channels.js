@@ -1,7 +1,7 @@
 // The channels table. The live rate is worked out here, from how far each channel's
 // head moved since the previous refresh: the API reports positions, not rates.
 
-import { $, el, number, time } from "./ui.js";
+import { $, el, number, shownName, time } from "./ui.js";
 
 const PAGE = 500;
 
@@ -10,11 +10,15 @@ export class Channels {
     this.api = api;
     this.previous = new Map(); // name -> {epoch, head, at}
     this.selected = null;
+    this.asked = 0; // requests made: only the latest one's answer is shown
   }
 
   async refresh() {
     const prefix = $("prefix").value;
+    const asked = ++this.asked;
     const page = await this.api.json("GET", "/channels", { query: { prefix, limit: PAGE } });
+    // A slower answer to an earlier refresh (another prefix) must not replace it.
+    if (asked !== this.asked) return;
     const at = performance.now();
     const rows = page.channels.map((channel) => this.row(channel, this.rate(channel, at)));
     $("channels").tBodies[0].replaceChildren(...rows);
@@ -33,7 +37,7 @@ export class Channels {
   }
 
   row(channel, rate) {
-    const link = el("a", { href: `#/channel/${encodeURIComponent(channel.name)}` }, channel.name);
+    const link = el("a", { href: `#/channel/${encodeURIComponent(channel.name)}` }, shownName(channel.name));
     const rateText = rate === null ? "—" : `${rate > 0 && rate < 10 ? rate.toFixed(1) : Math.round(rate)}/s`;
     return el(
       "tr",

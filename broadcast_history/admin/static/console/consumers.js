@@ -4,12 +4,15 @@
 import { ApiError } from "./api.js";
 import { $, el, number, time } from "./ui.js";
 
-export async function showConsumers(api, channel) {
+// `current()` is the channel open when the answer comes: another one's is dropped.
+export async function showConsumers(api, channel, current) {
   const box = $("consumers");
   let body;
   try {
     body = await api.json("GET", "/consumers", { query: { channel } });
+    if (current() !== channel) return;
   } catch (error) {
+    if (current() !== channel) return;
     if (error instanceof ApiError && error.status === 404) {
       box.replaceChildren(el("p", { className: "muted unavailable" }, "Durable consumers are not available on this server."));
       return;

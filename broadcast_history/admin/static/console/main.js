@@ -6,7 +6,7 @@ import { Channels } from "./channels.js";
 import { showConsumers } from "./consumers.js";
 import { EventBrowser } from "./events.js";
 import { Tail } from "./tail.js";
-import { $, confirmDialog, el, isoTime, notice, number, resolveError, showError, time } from "./ui.js";
+import { $, confirmDialog, el, isoTime, notice, number, resolveError, shownName, showError, time } from "./ui.js";
 
 const TOKEN_KEY = "broadcast_history.token";
 const REFRESH_MS = 2000;
@@ -107,7 +107,7 @@ async function refresh() {
   const jobs = [tracked("channels", channels.refresh()), tracked("stats", refreshTotals())];
   if (state.channel) {
     jobs.push(tracked("channel", refreshChannel()));
-    jobs.push(tracked("consumers", showConsumers(api, state.channel)));
+    jobs.push(tracked("consumers", showConsumers(api, state.channel, () => state.channel)));
   }
   await Promise.all(jobs);
 }
@@ -133,20 +133,26 @@ $("prefix").addEventListener("input", () => {
 
 function openChannel(name) {
   if (name !== state.channel) {
+    // Nothing of the previous channel may stay on screen under this one's name (its
+    // events, with their copy buttons; its count in the Delete dialog) while this
+    // one's answers are awaited, or when they fail.
     tail.stop();
     tail.clear();
     $("consumers").replaceChildren();
     $("channel-stats").replaceChildren();
+    $("events").tBodies[0].replaceChildren();
+    $("page-info").textContent = "";
+    $("delete-dialog").querySelector(".count").textContent = "—";
   }
   state.channel = name;
   channels.selected = name;
   for (const row of $("channels").tBodies[0].rows) row.classList.toggle("selected", row.dataset.channel === name);
-  $("channel-name").textContent = name;
-  for (const node of document.querySelectorAll("dialog .channel")) node.textContent = name;
+  $("channel-name").textContent = shownName(name);
+  for (const node of document.querySelectorAll("dialog .channel")) node.textContent = shownName(name);
   $("channel-section").hidden = false;
   refreshChannel().catch(report("channel"));
   browser.open(name).catch(report("events"));
-  showConsumers(api, name).catch(report("consumers"));
+  showConsumers(api, name, () => state.channel).catch(report("consumers"));
 }
 
 function closeChannel() {
@@ -191,7 +197,7 @@ $("trim").addEventListener("click", () => {
     if (form.get("before_time")) body.before_time = isoTime(form.get("before_time"));
     const result = await api.json("POST", channelPath(name, "/trim"), { body });
     await Promise.all([refresh(), browser.load("newest").catch(report("events"))]);
-    notice(`Trimmed ${name}: ${number(result.removed)} events removed; its oldest offset is now ${number(result.first_offset)}.`);
+    notice(`Trimmed ${shownName(name)}: ${number(result.removed)} events removed; its oldest offset is now ${number(result.first_offset)}.`);
   });
 });
 
@@ -202,7 +208,7 @@ $("delete").addEventListener("click", () => {
     channels.previous.delete(name);
     location.hash = "";
     closeChannel();
-    notice(`Deleted ${name}.`);
+    notice(`Deleted ${shownName(name)}.`);
     await refresh();
   });
 });

@@ -25,12 +25,27 @@ export function time(iso, { ms = false } = {}) {
 }
 
 // What an operator types in a time field, as the API wants it: a time without a zone
-// is UTC, as everywhere on this page.
+// is UTC, as everywhere on this page. A zone is Z, +hh, +hhmm or +hh:mm after the time.
 export function isoTime(text) {
   const value = text.trim();
   if (!value) return undefined;
   if (/^\d{4}-\d{2}-\d{2}$/.test(value)) return `${value}T00:00:00Z`;
-  return /(Z|[+-]\d{2}:?\d{2})$/i.test(value) ? value : `${value}Z`;
+  return /(Z|[T ].*[+-]\d{2}(:?\d{2})?)$/i.test(value) ? value : `${value}Z`;
+}
+
+// Characters that do not show, or show as something else: controls, zero-width ones,
+// the marks that turn text right to left, spaces other than the plain one.
+const UNSEEN =
+  /[\u0000-\u001f\u007f-\u00a0\u00ad\u1680\u180e\u2000-\u200f\u2028-\u202f\u205f-\u206f\u3000\ufeff]/gu;
+
+// A channel name as the page shows it. Names that differ only in spaces at their ends,
+// runs of spaces or characters that do not show looked the same (in a Delete dialog
+// too): such a name is shown in quotes, those characters as \u{…}.
+export function shownName(name) {
+  UNSEEN.lastIndex = 0;
+  if (!/^\s|\s$|\s\s/u.test(name) && !UNSEEN.test(name)) return name;
+  const escaped = name.replace(UNSEEN, (c) => `\\u{${c.codePointAt(0).toString(16).padStart(4, "0")}}`);
+  return `"${escaped}"`;
 }
 
 const MAX_SHOWN = 500;
@@ -40,7 +55,9 @@ const MAX_SHOWN = 500;
 export function message(event) {
   const badge = el("span", { className: `badge ${event.encoding}` }, event.encoding);
   const long = event.message.length > MAX_SHOWN;
-  const short = long ? `${event.message.slice(0, MAX_SHOWN)}… (${number(event.message.length)} chars)` : event.message;
+  // Cut and counted by characters, not UTF-16 units: an emoji is never cut in two.
+  const chars = long ? Array.from(event.message) : null;
+  const short = long ? `${chars.slice(0, MAX_SHOWN).join("")}… (${number(chars.length)} chars)` : event.message;
   const text = el("span", { className: "content" }, short);
   if (long) {
     text.classList.add("long");

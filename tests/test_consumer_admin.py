@@ -36,6 +36,23 @@ async def broadcast(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
         yield b
 
 
+async def test_positions_set_at_once_for_a_new_consumer_all_store(broadcast: Broadcast) -> None:
+    """On MySQL, concurrent sets creating the same consumer deadlocked each other
+    (InnoDB's gap locks: an UPDATE that matched nothing, then an INSERT, in one
+    transaction): most failed as LogUnavailable, a 503 over HTTP (found by a probe)."""
+    for i in range(10):
+        await broadcast.publish("racing", str(i))
+    admin = HistoryAdmin.of(broadcast)
+    for name in ("a", "b", "c"):
+        results = await asyncio.gather(
+            *(admin.set_consumer("racing", name, position) for position in range(8)),
+            return_exceptions=True,
+        )
+        assert [type(r).__name__ for r in results] == ["ConsumerInfo"] * 8
+        (info,) = [c for c in await admin.consumers("racing") if c.name == name]
+        assert info.position in range(8)
+
+
 async def test_history_admin(broadcast: Broadcast) -> None:
     admin = HistoryAdmin.of(broadcast)
     assert await admin.consumers() == []

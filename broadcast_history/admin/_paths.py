@@ -12,7 +12,7 @@ from fastapi import Path, Request
 from fastapi.responses import JSONResponse
 
 from .._validation import check_channel, check_consumer
-from ..web._paths import NOT_UTF8, undecodable_path
+from ..web._paths import undecodable_path
 
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Any]
@@ -41,9 +41,9 @@ class EncodedSlashes:
         if scope["type"] == "http":
             refusal = None
             if _CONTROL.search(scope.get("path", "")):
-                refusal = "the path holds a control character: not a valid channel name"
+                refusal = "the path holds a control character: not a valid channel or consumer name"
             elif undecodable_path(scope):
-                refusal = NOT_UTF8
+                refusal = "the path is not valid UTF-8: not a valid channel or consumer name"
             if refusal is not None:
                 await JSONResponse({"detail": refusal}, status_code=400)(scope, receive, send)
                 return

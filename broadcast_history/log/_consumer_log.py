@@ -10,14 +10,19 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .._errors import InvalidArgument
 from .._validation import check_channel, check_consumer, check_int, check_lease
 from . import _consumers
 from ._calls import finish_on_cancel, finish_repeatable, translated
+from ._consumers_mysql import deadlocked
 from ._info import ConsumerInfo, LeaseAttempt, LeaseClaims
 from ._store import Store
+
+#: Tries of a consumer's position set that deadlocked with another (MySQL).
+_SET_ATTEMPTS = 5
 
 _T = TypeVar("_T")
 
@@ -156,8 +161,17 @@ class ConsumerMethods:
         check_channel(channel)
         check_consumer(name)
         check_int("position", position)
-        async with translated(), self._store.begin(write=True) as conn:
-            return await _consumers.set_position(conn, channel, name, position)
+        async with translated():
+            for attempt in range(_SET_ATTEMPTS):
+                try:
+                    async with self._store.begin(write=True) as conn:
+                        return await _consumers.set_position(conn, channel, name, position)
+                except DBAPIError as exc:
+                    # MySQL: sets creating the same consumer at once deadlock (gap
+                    # locks); the loser's transaction was rolled back whole.
+                    if not deadlocked(exc) or attempt == _SET_ATTEMPTS - 1:
+                        raise
+        raise AssertionError("unreachable")
 
     @finish_on_cancel
     async def delete_consumer(self, channel: str, name: str) -> bool:

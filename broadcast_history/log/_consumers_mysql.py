@@ -244,6 +244,11 @@ async def store_position(
     return await _decide(conn, params, _STORE, _STORE_NEW, alone=False)
 
 
+def deadlocked(exc: DBAPIError) -> bool:
+    """Whether ``exc`` is InnoDB's "deadlock found" (its transaction was rolled back)."""
+    return _errno(exc) == _DEADLOCK
+
+
 def _errno(exc: DBAPIError) -> object:
     args = getattr(exc.orig, "args", ())
     return args[0] if args else None

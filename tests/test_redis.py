@@ -700,3 +700,33 @@ async def test_subscribes_cut_short_leave_no_channel_on_the_server(
         async with broadcast.subscribe(f"{prefix}x") as sub:
             sent = await broadcast.publish(f"{prefix}x", "live")
             assert await take(sub, 1) == [sent]
+
+
+async def test_a_stream_key_taken_by_something_else_stops_only_its_channel(
+    admin: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One XREAD reads every subscribed stream: a key of the prefix that turned into a
+    string (another app's) failed it with WRONGTYPE, and the reader stopped for good,
+    every channel's subscribers getting TransportError (found by a transport probe)."""
+    prefix = admin.test_prefix  # type: ignore[attr-defined]
+    backend = RedisStreamBackend(STREAM_URL, prefix=prefix)
+    await backend.connect()
+    try:
+        await backend.subscribe("good")
+        await backend.subscribe("bad")
+        await backend.publish("bad", "b1")
+        assert (await _next(backend)).message == "b1"
+        await admin.delete(prefix + "bad")
+        await admin.set(prefix + "bad", "not a stream")
+        await backend.publish("good", "g1")
+        assert (await _next(backend)).message == "g1"
+        await backend.publish("good", "g2")
+        assert (await _next(backend)).message == "g2"
+        assert backend.connected
+        assert any("is a string, not a stream" in r.getMessage() for r in caplog.records)
+        with pytest.raises(TransportError, match="WRONGTYPE"):  # subscribing again says so
+            await backend.subscribe("bad")
+        await backend.publish("good", "g3")
+        assert (await _next(backend)).message == "g3"
+    finally:
+        await backend.disconnect()

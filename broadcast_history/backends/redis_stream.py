@@ -26,6 +26,8 @@ logger = logging.getLogger("broadcast_history")
 
 #: Size of the table of expiries sent past which it drops the stale ones.
 _PRUNE_AT = 4096
+# What TYPE says of a key XREAD can read: a stream, or no key yet.
+_STREAMLIKE = frozenset({"stream", "none"})
 
 
 class RedisStreamBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
@@ -215,6 +217,13 @@ class RedisStreamBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
                         reply = None
                     else:
                         reply = await self._read(dict(self._ids))
+                except rexc.ResponseError as exc:
+                    # A key of the prefix that is no stream (another app's): one XREAD
+                    # reads every channel, so it failed them all, for good. Only its
+                    # channels are read from the log instead.
+                    if not str(exc).startswith("WRONGTYPE") or not await self._set_aside():
+                        raise
+                    continue
                 except Exception as exc:
                     if not shared.is_transient(exc):
                         raise
@@ -233,6 +242,34 @@ class RedisStreamBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
         except BaseException as exc:
             self._up = False
             self._inbox.broke("the redis stream reader", exc)  # reaches every subscriber
+
+    async def _set_aside(self) -> bool:
+        """Stop reading the subscribed keys that hold something else than a stream;
+        whether there were any. A new ``subscribe`` to such a channel raises."""
+        assert self._reader is not None
+        keys = list(self._ids)
+        try:
+            async with self._reader.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.type(key)
+                kinds = [shared.as_text(kind) for kind in await pipe.execute()]
+        except rexc.RedisError as exc:
+            if not shared.is_transient(exc):
+                raise
+            return True  # the next XREAD finds the connection lost, or the key again
+        foreign = [key for key, kind in zip(keys, kinds, strict=True) if kind not in _STREAMLIKE]
+        for key in foreign:
+            del self._ids[key]
+            logger.error(
+                "redis key %r is a %s, not a stream: live delivery of channel %r stops "
+                "(its subscribers read it from the log); another application writes "
+                "under prefix %r?",
+                key,
+                kinds[keys.index(key)],
+                key[len(self.prefix) :],
+                self.prefix,
+            )
+        return bool(foreign)
 
     async def _read(self, streams: dict[str, str]) -> Any:
         assert self._reader is not None

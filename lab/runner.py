@@ -123,6 +123,19 @@ async def _migrate(dsn: str) -> None:
     await log.disconnect()
 
 
+def _hold_off_signals() -> None:
+    """From now on, SIGINT and SIGTERM only say (once) that the lab is finishing."""
+
+    def later(_signum: int, _frame: FrameType | None) -> None:
+        if not told:
+            told.append(True)
+            print("lab: still cleaning up; one moment", file=sys.stderr, flush=True)
+
+    told: list[bool] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, later)
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="scripts/lab", description=__doc__.split("\n\n")[0])
     parser.add_argument("--short", action="store_true", help="the CI run (well under 3 minutes)")
@@ -195,12 +208,15 @@ def main(argv: list[str] | None = None) -> int:
     duration = args.duration or (7.0 if args.short else 30.0)
     settings = Settings(partition=args.partition, stall=args.stall, delay=args.delay / 1000)
 
-    def terminate(_signum: int, _frame: FrameType | None) -> None:
+    def interrupt(_signum: int, _frame: FrameType | None) -> None:
+        # The first one stops the lab; later ones must not cut its cleanup short
+        # (a run's own cleanup, on the way out, included).
+        _hold_off_signals()
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, terminate)
-    # Even when started in the background, where the shell made it ignore SIGINT.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # SIGINT even when started in the background, where the shell made it ignore it.
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
     started = time.monotonic()
     rows: list[report.Row] = []
     lab = Lab(transports, args.hosts, args.keep)
@@ -226,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
         failure = f"the lab failed: {exc!r}"
         traceback.print_exc()
     finally:
+        # A second Ctrl-C while cleaning up interrupted lab.close(): namespaces, veths
+        # and the directory (a Postgres data directory among them) were left behind;
+        # one just after it ended the process by the signal, not with status 130.
+        _hold_off_signals()
         lab.close()
     elapsed = time.monotonic() - started
     header = (

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -231,3 +233,42 @@ def test_short_lab_run_finds_no_anomaly(tmp_path: Path) -> None:
     for transport in ("| redis |", "| redis-stream |", "| postgres |"):
         assert transport in table
     assert "**0** |" in table
+
+
+@pytest.mark.timeout(120)
+def test_a_second_ctrl_c_does_not_cut_the_cleanup_short(tmp_path: Path) -> None:
+    """A second Ctrl-C during cleanup interrupted it: the namespace, its veth, the
+    lab's state entry and its directory (a Postgres data directory) were left behind,
+    and the exit status was 1 (found by a probe)."""
+    reason = _lab_unavailable()
+    if reason is not None:
+        if CI:
+            pytest.fail(f"{reason} (CI=true)")
+        pytest.skip(reason)
+    command = [sys.executable, "-m", "lab", "--faults", "none", "--transports", "redis"]
+    command += ["--duration", "30", "--hosts", "1", "-v", "--out", str(tmp_path)]
+    lab = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    lines: list[str] = []
+    try:
+        assert lab.stdout is not None
+        for line in lab.stdout:
+            lines.append(line)
+            if "publishers go" in line:
+                break
+        directory = next(line for line in lines if "files in" in line)
+        directory = directory.split("files in ", 1)[1].split(";", 1)[0].strip()
+        lab.send_signal(signal.SIGINT)
+        time.sleep(0.1)  # while it cleans up (about 0.3 s here)
+        lab.send_signal(signal.SIGINT)
+        output, _ = lab.communicate(timeout=60)
+    finally:
+        if lab.poll() is None:
+            lab.kill()
+            lab.communicate(timeout=20)
+    assert lab.returncode == 130, "".join(lines) + output
+    assert "Traceback" not in output and "still cleaning up" in output, output
+    assert not Path(directory).exists()
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+    assert "bhlab" not in namespaces.stdout

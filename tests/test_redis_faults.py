@@ -317,6 +317,36 @@ async def test_a_stream_transport_with_nothing_to_read_comes_back_up(
         await proxy.stop()
 
 
+async def test_a_stream_transport_that_only_publishes_tells_of_an_outage() -> None:
+    """With no subscription, the reader waited for one and never looked at Redis:
+    ``connected`` stayed true through an outage, and ``reconnects`` at 0 after it
+    (found by a transport probe)."""
+    host, port = HOST_PORT.split("/", 1)[0].split(":")
+    proxy = CuttableProxy(host, int(port))
+    proxy_port = await proxy.start()
+    db = HOST_PORT.split("/", 1)[1] if "/" in HOST_PORT else "0"
+    backend = make_backend("stream", f"127.0.0.1:{proxy_port}/{db}")
+    await backend.connect()
+    try:
+        assert backend.connected
+        proxy.cut()
+
+        async def down() -> bool:
+            return not backend.connected
+
+        await eventually(down, timeout=10)
+        proxy.is_cut = False
+
+        async def up() -> bool:
+            return bool(backend.connected)
+
+        await eventually(up, timeout=10)
+        assert backend.reconnects == 1
+    finally:
+        await backend.disconnect()
+        await proxy.stop()
+
+
 async def test_a_subscription_cancelled_while_it_is_entered_ends_and_leaves_nothing(
     tmp_path: Path,
 ) -> None:

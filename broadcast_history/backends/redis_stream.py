@@ -204,14 +204,17 @@ class RedisStreamBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
         try:
             while True:
                 if not self._ids and self._up:
+                    # Nothing to read: a ping every `block` seconds (what a read of
+                    # the streams costs), so ``connected`` and ``reconnects`` tell of
+                    # an outage in a process that only publishes too.
                     self._changed.clear()
-                    await self._changed.wait()
-                    continue
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._changed.wait(), self._block_ms / 1000)
+                        continue
                 try:
                     if not self._ids:
-                        # Nothing to read, but the connection was lost: ping until
-                        # Redis answers, or ``connected`` (and the transport_up metric)
-                        # stays false for good in a process that only publishes.
+                        # Nothing to read: ping (until Redis answers, when it was lost:
+                        # or ``connected`` would stay false for good).
                         assert self._reader is not None
                         await self._reader.ping()
                         reply = None

@@ -67,6 +67,8 @@ class Appender:
         # again after that: sends fail on and off (a cluster with one shard down).
         self._recovered = False
         self._flapping = False
+        # Sends that worked and failed since that first success.
+        self._worked_after = self._failed_after = 0
         self._has_pending: asyncio.Event | None = None
         self._has_outbox: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -216,9 +218,8 @@ class Appender:
                 self._failed(f"live send of {len(events)} events failed", exc)
             else:
                 self._dropping = False
-                if self.failing_sends and not self._recovered:
-                    logger.info("live sends work again, after %d failed", self.failing_sends)
-                    self._recovered = True
+                if self.failing_sends:
+                    self._worked()
 
     @property
     def sends_failing(self) -> bool:
@@ -227,9 +228,10 @@ class Appender:
         reconnection says it works again before the next send can), and either none
         has worked since the failures began or they fail on and off.
 
-        On and off (a cluster with one shard down) counts as failing until
-        FAILURE_MEMORY passes with no failure: it said up and down by turns, batch
-        after batch, and a scrape read either.
+        On and off (a cluster with one shard down) counts as failing while at least
+        half the sends since the first that worked fail, until FAILURE_MEMORY passes
+        with no failure: it said up and down by turns, batch after batch, and a
+        scrape read either.
         """
         if not self.failing_sends or self._reconnects() != self._failed_at:
             return False
@@ -237,7 +239,11 @@ class Appender:
         # another thread.
         if time.monotonic() - self._failed_last >= FAILURE_MEMORY:
             return False
-        return self._flapping or not self._recovered
+        if not self._recovered:
+            return True
+        # On and off: down while at least half the sends since then fail (a timeout
+        # now and then among thousands of sends is no outage).
+        return self._flapping and 2 * self._failed_after >= self._worked_after
 
     def _reconnects(self) -> int:
         return int(getattr(self._wire.backend, "reconnects", 0))
@@ -245,6 +251,19 @@ class Appender:
     def _end_run(self) -> None:
         self.failing_sends = 0
         self._recovered = self._flapping = False
+        self._worked_after = self._failed_after = 0
+
+    def _worked(self) -> None:
+        """A send worked during a run of failures: say so once; say so again when
+        sends that failed on and off have worked for FAILURE_MEMORY, ending the run."""
+        if not self._recovered:
+            logger.info("live sends work again, after %d failed", self.failing_sends)
+            self._recovered = True
+            return
+        self._worked_after += 1
+        if self._flapping and time.monotonic() - self._failed_last >= FAILURE_MEMORY:
+            logger.info("live sends work again, after %d failed on and off", self.failing_sends)
+            self._end_run()
 
     def _failed(self, what: str, exc: Exception | None = None) -> None:
         """Count a failed live send; log the first of a run with its traceback, then
@@ -265,6 +284,7 @@ class Appender:
         self._failed_last = now
         if self._recovered:
             self._flapping = True
+            self._failed_after += 1
         if self.failing_sends == 1:
             self._failed_at = self._reconnects()
             logger.warning("%s (abandoned; subscribers read them from the log)", what, exc_info=exc)

@@ -41,44 +41,58 @@ def parse_int(text: str, what: str) -> int:
     return int(digits)
 
 
-# The ISO 8601 times taken: a calendar date (extended or basic), then optionally a time
-# after T or a space, then a zone. Python's fromisoformat (3.11) takes any character
-# between date and time, so "2026-11-28Z" read as a naive date, and
-# "2026-11-28+02:00" as 02:00 without a zone; a date with a zone is its midnight here.
-_ISO_TIME = re.compile(
-    r"(\d{4})-?(\d{2})-?(\d{2})"
-    r"(?:[Tt ](\d{2})(?::?(\d{2})(?::?(\d{2})(?:[.,](\d{1,9}))?)?)?)?"
-    r"(?:([Zz])|([+-])(\d{2})(?::?(\d{2}))?)?",
-    re.ASCII,
+# The ISO 8601 times taken: a calendar date, then optionally a time after T or a
+# space, then a zone (Z, or an offset of hours, minutes and seconds, as isoformat()
+# writes it; a space may come before it); all extended (2026-11-28T10:00:00) or all
+# basic (20261128T100000). Python's fromisoformat (3.11) takes any character between
+# date and time, so "2026-11-28Z" read as a naive date and "2026-11-28+02:00" as
+# 02:00 with no zone; a date with a zone is its midnight here.
+_ZONE = (
+    r"\s?(?:(?P<utc>[Zz])|(?P<sign>[+-])(?P<zh>\d{2})"
+    r"(?::?(?P<zm>\d{2})(?::?(?P<zs>\d{2})(?:\.\d+)?)?)?)?"
 )
+_FRACTION = r"(?:[.,](?P<fraction>\d+))?"
+_ISO_TIMES = [
+    re.compile(pattern + _ZONE, re.ASCII)
+    for pattern in (
+        r"(?P<y>\d{4})-(?P<mo>\d{2})-(?P<d>\d{2})"
+        r"(?:[Tt ](?P<h>\d{2})(?::(?P<mi>\d{2})(?::(?P<s>\d{2})" + _FRACTION + ")?)?)?",
+        r"(?P<y>\d{4})(?P<mo>\d{2})(?P<d>\d{2})"
+        r"(?:[Tt ](?P<h>\d{2})(?:(?P<mi>\d{2})(?:(?P<s>\d{2})" + _FRACTION + ")?)?)?",
+    )
+]
 
 
 def parse_time(text: str, what: str) -> datetime:
     """An ISO 8601 time with a timezone (``Z`` accepted); naive times are refused."""
     text = text.strip()
-    match = _ISO_TIME.fullmatch(text)
+    match = next(filter(None, (form.fullmatch(text) for form in _ISO_TIMES)), None)
+    refused = InvalidArgument(f"{what} must be an ISO 8601 time, got {text[:60]!r}")
     if match is None:
-        raise InvalidArgument(f"{what} must be an ISO 8601 time, got {text[:60]!r}")
-    year, month, day, hour, minute, second, fraction, utc, sign, zh, zm = match.groups()
-    if utc is None and sign is None:
+        raise refused
+    part = match.groupdict()
+    if part["utc"] is None and part["sign"] is None:
         raise InvalidArgument(f"{what}: naive times are refused; give a timezone (e.g. Z)")
     try:
         zone = timezone.utc
-        if sign is not None:
-            shift = timedelta(hours=int(zh), minutes=int(zm or 0))
-            zone = timezone(-shift if sign == "-" else shift)
+        if part["sign"] is not None:
+            minutes, seconds = int(part["zm"] or 0), int(part["zs"] or 0)
+            if minutes > 59 or seconds > 59:
+                raise refused
+            shift = timedelta(hours=int(part["zh"]), minutes=minutes, seconds=seconds)
+            zone = timezone(-shift if part["sign"] == "-" else shift)
         return datetime(
-            int(year),
-            int(month),
-            int(day),
-            int(hour or 0),
-            int(minute or 0),
-            int(second or 0),
-            int((fraction or "").ljust(6, "0")[:6]),
+            int(part["y"]),
+            int(part["mo"]),
+            int(part["d"]),
+            int(part["h"] or 0),
+            int(part["mi"] or 0),
+            int(part["s"] or 0),
+            int((part["fraction"] or "").ljust(6, "0")[:6]),
             tzinfo=zone,
         )
     except ValueError:  # a day, hour or zone out of range
-        raise InvalidArgument(f"{what} must be an ISO 8601 time, got {text[:60]!r}") from None
+        raise refused from None
 
 
 def parse_since(text: str, what: str = "since") -> int | datetime:

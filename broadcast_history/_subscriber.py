@@ -106,6 +106,12 @@ class Subscriber(Committable):
         return self._next - 1
 
     @property
+    def not_before(self) -> datetime | None:
+        """The ``since`` time events are still skipped until: set when it was later
+        than the newest event at the start, ``None`` once an event reached it."""
+        return self._not_before
+
+    @property
     def epoch(self) -> int | None:
         """Epoch of the channel being read (``None`` until the channel exists)."""
         return self._epoch

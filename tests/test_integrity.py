@@ -396,10 +396,24 @@ def test_times_are_read_as_written() -> None:
     )
     stamp = datetime(2026, 11, 28, 10, 0, 0, 123456, tzinfo=utc)
     assert parse_time(stamp.isoformat(), "since") == stamp
+    # isoformat() writes an offset of seconds (old zones, LMT): read back as written.
+    odd = datetime(1900, 1, 1, tzinfo=timezone(timedelta(minutes=19, seconds=32)))
+    assert parse_time(odd.isoformat(), "since") == odd
+    assert parse_time("2026-11-28 10:00:00 +02:00", "since") == datetime(
+        2026, 11, 28, 10, tzinfo=plus2
+    )
     for naive in ("2026-11-28", "2026-11-28T10:00"):
         with pytest.raises(InvalidArgument, match="naive"):
             parse_time(naive, "since")
-    for bad in ("2026-11-28X10:00Z", "2026-11-28T25:00Z", "2026-W48Z", "2026-11-28T10:00+24:00"):
+    for bad in (
+        "2026-11-28X10:00Z",
+        "2026-11-28T25:00Z",
+        "2026-W48Z",
+        "2026-11-28T10:00+24:00",
+        "2026-11-28T10:00+02:99",
+        "2026-1128T10:00Z",  # extended and basic forms mixed
+        "2026-11-28T1000:00Z",
+    ):
         with pytest.raises(InvalidArgument, match="ISO 8601"):
             parse_time(bad, "since")
 

@@ -331,12 +331,15 @@ async def test_sends_failing_on_and_off_say_down_steadily_and_log_little(
         assert seen == {False}
         live = [r for r in caplog.records if "live send" in r.message]
         assert len(live) <= 3, [r.message for r in live]
-        # Working for FAILURE_MEMORY ends it.
+        # Working for FAILURE_MEMORY ends it, and says so.
         monkeypatch.setattr(_appender, "FAILURE_MEMORY", 0.2)
         backend.publish = publish  # type: ignore[method-assign]
         await bc.publish("c", "fine")
         await asyncio.sleep(0.3)
         assert bc.transport_connected
+        await bc.publish("c", "fine again")
+        await asyncio.sleep(0.05)
+        assert any("failed on and off" in r.getMessage() for r in caplog.records)
         # A failure after that is another outage, told with its traceback.
         backend.publish_error = ConnectionError("down again")
         await bc.publish("c", "lost")
@@ -346,6 +349,29 @@ async def test_sends_failing_on_and_off_say_down_steadily_and_log_little(
             await asyncio.sleep(0.01)
         tracebacks = [r for r in caplog.records if r.exc_info and "live send" in r.message]
         assert len(tracebacks) == 2 and not bc.transport_connected
+
+
+async def test_a_send_failing_now_and_then_is_no_outage(log: str | None) -> None:
+    """After a run of failures ended with a send that worked, one failure now and
+    then among many sends kept transport_connected false for good (found by a
+    review): only sends failing at least half the time count as down."""
+    backend = UnreliableBackend()
+    backend.reconnects = 0
+    async with Broadcast(backend=backend, log=log) as bc:
+        backend.publish_error = ConnectionError("refused")
+        await bc.publish("c", "lost")
+        await asyncio.sleep(0.05)
+        assert not bc.transport_connected
+        backend.publish_error = None
+        for round_ in range(3):
+            for i in range(10):
+                await bc.publish("c", f"{round_}.{i}")
+                await asyncio.sleep(0.005)
+            backend.publish_error = TimeoutError("one slow batch")
+            await bc.publish("c", f"{round_} lost")
+            await asyncio.sleep(0.02)
+            backend.publish_error = None
+            assert bc.transport_connected, round_
 
 
 async def test_disconnect_waits_briefly_for_a_stalled_send(log: str | None) -> None:

@@ -15,6 +15,7 @@ import json
 import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -173,6 +174,11 @@ async def test_a_client_that_saw_no_event_resumes_from_where_its_stream_started(
     # A start that is reset says where it goes on in the reset, and opens without one.
     frames = await sse(f"{base}/c?since=99", 2)
     assert frames[0] == {"retry": "1000"} and frames[1]["event"] == "reset"
+    # So does a time later than the newest event: resuming after the head would
+    # deliver what is stamped before that time (found by a review).
+    later = quote((datetime.now(timezone.utc) + timedelta(minutes=1)).isoformat())
+    (opening,) = await sse(f"{base}/c?since={later}", 1)
+    assert opening == {"retry": "1000"}
 
 
 async def test_sse_positions_that_cannot_be_served_reset_then_go_on(

@@ -102,7 +102,8 @@ class Feed:
     def start(self) -> dict[str, Any] | None:
         """Where the entered feed starts: ``{"id", "epoch", "offset"}``, the first
         event to come being ``offset + 1``; ``None`` when a :class:`Reset` comes
-        first (it says where the feed goes on).
+        first (it says where the feed goes on), or while the start is a time no
+        event has reached yet.
 
         Streams send it first: a client that has seen no event yet (started live on
         a quiet channel) resumes from it after a reconnect, instead of from the
@@ -110,7 +111,9 @@ class Feed:
         with no history has id ``"0"``: from its first event, whatever its epoch.
         """
         subscriber = self._subscriber
-        if subscriber is None or self._resets:
+        # A start at a time later than the newest event is no offset yet: resuming
+        # after the head would deliver the events stamped before that time.
+        if subscriber is None or self._resets or subscriber.not_before is not None:
             return None
         epoch, offset = subscriber.epoch, subscriber.position
         start_id = "0" if epoch is None else format_event_id(epoch, offset)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 
-logger = logging.getLogger("broadcast_history")
+logger = logging.getLogger("broadcast_history.web")
 
 #: What clients read.
 DETAIL = "the service is temporarily unavailable; try again later"

@@ -2,6 +2,9 @@
 
 Server to client::
 
+    {"type": "start", "id": "<epoch>:<offset>", "epoch", "offset"}    first: where it
+                                     starts (none when a reset comes first, or while a
+                                     `since` time is later than every event)
     {"type": "message", "id": "<epoch>:<offset>", "channel", "offset", "epoch",
      "timestamp", "data", "encoding": "text" | "base64"}
     {"type": "reset", "id": "<epoch>:<head>", "channel", "reason", "epoch", "head", "detail"}

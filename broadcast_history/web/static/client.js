@@ -6,9 +6,9 @@
 //     onReset(reset) { ... },           // {reason, epoch, head, id}: reload your state
 //   });
 //
-// The id of the last event handled ("<epoch>:<offset>") is kept in localStorage, so a
-// reloaded page, or one whose server restarted, resumes right after it: nothing is
-// lost and nothing comes twice. When the server cannot serve that position (the
+// The id of the last event handled ("<epoch>:<offset>"; before the first, of where the
+// stream started) is kept in localStorage, so a reloaded page, or one whose server
+// restarted, resumes right after it: nothing is lost and nothing comes twice. When the server cannot serve that position (the
 // channel was deleted, trimmed, or the id is from elsewhere) it says so with a reset
 // and goes on from its head.
 

@@ -63,11 +63,10 @@ class Appender:
         # the time (time.monotonic) of the last failure.
         self._failed_at = 0
         self._failed_last = 0.0
-        # A send worked since the run began (said once in the log); and one failed
-        # again after that: sends fail on and off (a cluster with one shard down).
+        # A send worked since the run began (said once in the log); sends that worked
+        # and failed since: any failure there means sends fail on and off (a cluster
+        # with one shard down).
         self._recovered = False
-        self._flapping = False
-        # Sends that worked and failed since that first success.
         self._worked_after = self._failed_after = 0
         self._has_pending: asyncio.Event | None = None
         self._has_outbox: asyncio.Event | None = None
@@ -243,14 +242,14 @@ class Appender:
             return True
         # On and off: down while at least half the sends since then fail (a timeout
         # now and then among thousands of sends is no outage).
-        return self._flapping and 2 * self._failed_after >= self._worked_after
+        return self._failed_after > 0 and 2 * self._failed_after >= self._worked_after
 
     def _reconnects(self) -> int:
         return int(getattr(self._wire.backend, "reconnects", 0))
 
     def _end_run(self) -> None:
         self.failing_sends = 0
-        self._recovered = self._flapping = False
+        self._recovered = False
         self._worked_after = self._failed_after = 0
 
     def _worked(self) -> None:
@@ -261,7 +260,7 @@ class Appender:
             self._recovered = True
             return
         self._worked_after += 1
-        if self._flapping and time.monotonic() - self._failed_last >= FAILURE_MEMORY:
+        if self._failed_after and time.monotonic() - self._failed_last >= FAILURE_MEMORY:
             logger.info("live sends work again, after %d failed on and off", self.failing_sends)
             self._end_run()
 
@@ -283,14 +282,13 @@ class Appender:
         self.failing_sends += 1
         self._failed_last = now
         if self._recovered:
-            self._flapping = True
             self._failed_after += 1
         if self.failing_sends == 1:
             self._failed_at = self._reconnects()
             logger.warning("%s (abandoned; subscribers read them from the log)", what, exc_info=exc)
         elif self.failing_sends % _FAILURES_LOGGED_EVERY == 0:
             reason = "" if exc is None else f": {exc!r}"
-            how = "on and off" if self._flapping else "in a row"
+            how = "on and off" if self._failed_after else "in a row"
             logger.warning(
                 "live sends still failing (%d %s): %s%s", self.failing_sends, how, what, reason
             )

@@ -243,8 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
     finally:
         # A second Ctrl-C while cleaning up interrupted lab.close(): namespaces, veths
-        # and the directory (a Postgres data directory among them) were left behind;
-        # one just after it ended the process by the signal, not with status 130.
+        # and the directory (a Postgres data directory among them) were left behind.
         _hold_off_signals()
         lab.close()
     elapsed = time.monotonic() - started

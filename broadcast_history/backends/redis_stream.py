@@ -260,15 +260,17 @@ class RedisStreamBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
             if not shared.is_transient(exc):
                 raise
             return True  # the next XREAD finds the connection lost, or the key again
-        foreign = [key for key, kind in zip(keys, kinds, strict=True) if kind not in _STREAMLIKE]
-        for key in foreign:
+        foreign = [
+            (key, kind) for key, kind in zip(keys, kinds, strict=True) if kind not in _STREAMLIKE
+        ]
+        for key, kind in foreign:
             del self._ids[key]
             logger.error(
                 "redis key %r is a %s, not a stream: live delivery of channel %r stops "
                 "(its subscribers read it from the log); another application writes "
                 "under prefix %r?",
                 key,
-                kinds[keys.index(key)],
+                kind,
                 key[len(self.prefix) :],
                 self.prefix,
             )

@@ -8,9 +8,9 @@
 //
 // The id of the last event handled ("<epoch>:<offset>"; before the first, of where the
 // stream started) is kept in localStorage, so a reloaded page, or one whose server
-// restarted, resumes right after it: nothing is lost and nothing comes twice. When the server cannot serve that position (the
-// channel was deleted, trimmed, or the id is from elsewhere) it says so with a reset
-// and goes on from its head.
+// restarted, resumes right after it: nothing is lost and nothing comes twice. When
+// the server cannot serve that position (the channel was deleted, trimmed, or the id
+// is from elsewhere) it says so with a reset and goes on from its head.
 
 const FIRST_DELAY = 500; // ms before the first WebSocket reconnect
 const MAX_DELAY = 15000; // backoff cap

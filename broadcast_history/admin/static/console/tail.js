@@ -1,8 +1,9 @@
 // The live tail: GET /channels/{channel}/stream read with fetch() (see sse.js). When
 // the connection drops it reconnects with `Last-Event-ID: <epoch>:<offset>` of the
-// last event shown (before the first, of where the stream started), so the server replays what was missed from the log: nothing lost,
-// nothing twice. A position the server cannot serve (the channel was deleted or
-// trimmed meanwhile) comes as one `reset` event, shown as a row; the tail goes on.
+// last event shown (before the first, of where the stream started), so the server
+// replays what was missed from the log: nothing lost, nothing twice. A position the
+// server cannot serve (the channel was deleted or trimmed meanwhile) comes as one
+// `reset` event, shown as a row; the tail goes on.
 
 import { ApiError, channelPath } from "./api.js";
 import { $, el, message, time } from "./ui.js";

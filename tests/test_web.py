@@ -31,6 +31,7 @@ from websockets.exceptions import ConnectionClosed
 import broadcast_history.web
 from broadcast_history import Broadcast, Event, InvalidArgument
 from broadcast_history.web import allow_all, create_stream_app
+from broadcast_history.web._serving import StreamServer
 
 Frames = list[dict[str, str]]
 
@@ -768,6 +769,62 @@ async def test_a_websocket_publish_in_flight_at_stop_is_acknowledged(
         app.state.close_streams()
         frames = [json.loads(frame) async for frame in ws]
         assert "ack" in [frame["type"] for frame in frames]
+
+
+async def test_a_websocket_publish_in_flight_at_shutdown_is_acknowledged(
+    broadcast: Broadcast, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """uvicorn's shutdown closed every WebSocket with 1012 at once: a publish frame
+    under way was stored and never acknowledged (the stop signal reached the session
+    only once its publish was done, after the socket was gone)."""
+    app = create_stream_app(broadcast, authorize=allow_all, publish=True)
+    append = broadcast.log.append
+
+    async def slow(items: Any) -> Any:
+        await asyncio.sleep(0.5)
+        return await append(items)
+
+    monkeypatch.setattr(broadcast.log, "append", slow)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=3)
+    server = StreamServer(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        while not server.started:
+            await asyncio.sleep(0.01)
+        url = f"ws://127.0.0.1:{sock.getsockname()[1]}/c/ws"
+        async with ws_stream(url) as ws:
+            await wait_for_subscriptions(broadcast, 1)
+            await ws.send(json.dumps({"type": "publish", "data": "m"}))
+            await asyncio.sleep(0.1)  # the publish is under way
+            server.should_exit = True  # what SIGTERM does
+            frames = [json.loads(frame) async for frame in ws]
+            assert "ack" in [frame["type"] for frame in frames]
+            assert ws.close_code == 1001
+        await asyncio.wait_for(task, 10)
+    finally:
+        server.should_exit = server.force_exit = True
+        await asyncio.wait_for(task, 10)
+        sock.close()
+    assert [event.message for event in await broadcast.log.read("c")] == ["m"]
+
+
+async def test_a_stream_opened_after_close_streams_ends_at_once(broadcast: Broadcast) -> None:
+    """The server is stopping: a client that connects meanwhile is let go at once
+    (it would hold the shutdown up until its timeout)."""
+    app = create_stream_app(broadcast, authorize=allow_all)
+    async with serving(app) as base, httpx.AsyncClient(timeout=10) as http:
+        app.state.close_streams()
+        async with http.stream("GET", f"{base}/c") as response:
+            lines = [line async for line in response.aiter_lines()]
+        assert lines[:3] == ["retry: 1000", "id: 0", "event: start"]
+        async with ws_stream(base.replace("http", "ws") + "/c/ws") as ws:
+            with pytest.raises(ConnectionClosed) as closed:
+                await ws.recv()
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+        assert await app.state.finish_streams(1)
+    await wait_for_subscriptions(broadcast, 0)
 
 
 async def test_a_websocket_client_gone_mid_send_is_no_server_error(

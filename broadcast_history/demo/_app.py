@@ -79,7 +79,8 @@ def create_app(
 
     The returned app has ``app.state.close_streams``: a function, safe to call from a
     signal handler or another thread, that ends every open stream so that the server
-    can stop at once.
+    can stop at once; and ``app.state.finish_streams(timeout)``, which ends them and
+    waits for them to be over.
     """
     posts = RateLimits(rate=message_rate[0], burst=message_rate[1])
     streams = create_stream_app(broadcast, authorize=_rooms_only, keepalive=heartbeat)
@@ -159,4 +160,5 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.close_streams = streams.state.close_streams
+    app.state.finish_streams = streams.state.finish_streams
     return app

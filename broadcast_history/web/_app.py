@@ -102,7 +102,9 @@ def create_stream_app(
         ``GET /client.js``: the browser client, an ES module.
 
     ``app.state.close_streams()`` ends every open stream (for a server that is
-    stopping; safe from a signal handler or another thread).
+    stopping; safe from a signal handler or another thread); ``await
+    app.state.finish_streams(timeout)`` ends them and waits for them to be over (for
+    a server's shutdown, before it closes the connections).
 
     Args:
         broadcast: The broadcast to stream.
@@ -215,5 +217,6 @@ def create_stream_app(
         routes.append(Route("/{channel:path}", publish_http, methods=["POST"]))
     app = Starlette(routes=routes, lifespan=streams.lifespan(broadcast))
     app.state.close_streams = streams.close_all
+    app.state.finish_streams = streams.finish
     app.state.streams = streams
     return app

@@ -155,9 +155,8 @@ class EventStream(Response):
         try:
             with self.streams.open() as stop:
                 await send(start)
-                finished = await self._stream(receive, send, stop)
-            if finished:
-                await last_write(send({"type": "http.response.body", "body": b""}))
+                if await self._stream(receive, send, stop):
+                    await last_write(send({"type": "http.response.body", "body": b""}))
         except OSError:  # the client went away while a frame was being written
             pass
         finally:

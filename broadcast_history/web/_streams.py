@@ -21,26 +21,60 @@ class OpenStreams:
 
     def __init__(self) -> None:
         self._stops: set[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = set()
+        # Futures of finish() calls, done when no stream of their loop is left.
+        self._idle: set[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = set()
+        self._closing = False
 
     def __len__(self) -> int:
         return len(self._stops)
 
     @contextmanager
     def open(self) -> Iterator[asyncio.Future[None]]:
-        """Register a stream; the future it yields is done when it must end."""
+        """Register a stream; the future it yields is done when it must end (at once
+        for a stream opened after :meth:`close_all`: the server is stopping)."""
         loop = asyncio.get_running_loop()
         entry = (loop, loop.create_future())
+        if self._closing:
+            entry[1].set_result(None)
         self._stops.add(entry)
         try:
             yield entry[1]
         finally:
             self._stops.discard(entry)
+            if not any(other is loop for other, _ in self._stops):
+                for waiter in [w for w in self._idle if w[0] is loop]:
+                    self._idle.discard(waiter)
+                    _finish(waiter[1])
 
     def close_all(self) -> None:
-        """End every open stream; safe to call from a signal handler or another thread."""
+        """End every open stream, and any opened later; safe to call from a signal
+        handler or another thread."""
+        self._closing = True
         for loop, stop in list(self._stops):
             if not loop.is_closed():
                 loop.call_soon_threadsafe(_finish, stop)
+
+    async def finish(self, timeout: float) -> bool:
+        """End every stream, as :meth:`close_all`, and wait up to ``timeout`` seconds
+        for those of this event loop to be over: a WebSocket publish under way
+        answered, the last frames written. Whether they all were.
+
+        For a server's shutdown, before it closes its connections: uvicorn closes a
+        WebSocket with 1012 at once, and an answer still on its way is lost.
+        """
+        self.close_all()
+        loop = asyncio.get_running_loop()
+        if not any(other is loop for other, _ in self._stops):
+            return True
+        waiter = (loop, loop.create_future())
+        self._idle.add(waiter)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter[1]), timeout)
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            self._idle.discard(waiter)
+        return True
 
     def lifespan(self, broadcast: Broadcast) -> Any:
         """An ASGI app's lifespan: connect ``broadcast`` if nobody did (and disconnect
@@ -88,6 +122,26 @@ async def unless_stopped(stop: asyncio.Future[None], write: Awaitable[None]) -> 
         return False
     task.result()  # the write's error: the client went away
     return True
+
+
+async def answered(stop: asyncio.Future[None], write: Awaitable[None]) -> bool:
+    """Await ``write``, an answer to a client (a publish's ack), until ``stop`` comes
+    and then :data:`LAST_WRITE_WAIT` seconds more; whether it was written. Cancelled
+    at once, an ack whose event is stored would be lost, and a client retrying
+    without a key would store it twice."""
+    task = asyncio.ensure_future(write)
+    try:
+        await asyncio.wait((task, stop), return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            await asyncio.wait((task,), timeout=LAST_WRITE_WAIT)
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        return False
+    task.result()  # the write's error: the client went away
+    return not stop.done()
 
 
 async def last_write(write: Awaitable[None]) -> None:

@@ -39,7 +39,7 @@ from .._errors import BroadcastError, InvalidArgument, InvalidMessage, LogUnavai
 from .._event import Event
 from ._feed import Feed, Reset
 from ._publish import event_info
-from ._streams import OpenStreams, first_of, last_write, unless_stopped
+from ._streams import OpenStreams, answered, first_of, last_write, unless_stopped
 from ._unavailable import unavailable
 
 logger = logging.getLogger("broadcast_history.web")
@@ -152,6 +152,10 @@ class WebSocketSession:
         self._last_write = asyncio.get_running_loop().time()
         with self.streams.open() as stop:
             pump, talk = await first_of(self._pump(), self._talk(stop))
+            await self._end(pump, talk)
+
+    async def _end(self, pump: asyncio.Future[None], talk: asyncio.Future[bool]) -> None:
+        """Close the socket as the ended tasks say (nothing if the client left)."""
         gone = not talk.cancelled() and talk.exception() is None
         gone = gone and not talk.result()
         for task in (pump, talk):
@@ -212,7 +216,7 @@ class WebSocketSession:
                 message = receiving.result()
                 if message["type"] == "websocket.disconnect":
                     return False
-                if not await unless_stopped(stop, self._write(await self._answer(message))):
+                if not await answered(stop, self._write(await self._answer(message))):
                     return True
                 receiving = asyncio.ensure_future(receive())
         finally:

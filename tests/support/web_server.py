@@ -21,7 +21,6 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from types import FrameType
 
 import uvicorn
 from starlette.applications import Starlette
@@ -31,6 +30,7 @@ from starlette.routing import Mount, Route
 
 from broadcast_history import Broadcast
 from broadcast_history.web import allow_all, create_stream_app
+from broadcast_history.web._serving import StreamServer
 
 PAGE = Path(__file__).with_name("web_page.html")
 
@@ -79,6 +79,7 @@ def make_app(broadcast: Broadcast) -> Starlette:
         lifespan=lifespan,
     )
     app.state.close_streams = streams.state.close_streams
+    app.state.finish_streams = streams.state.finish_streams
     return app
 
 
@@ -98,16 +99,10 @@ def main() -> None:
     )
     app = make_app(broadcast)
 
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            # Event streams never end by themselves: end them, or shutdown waits.
-            app.state.close_streams()
-            super().handle_exit(sig, frame)
-
     config = uvicorn.Config(
         app, host="127.0.0.1", port=args.port, log_level="warning", timeout_graceful_shutdown=1
     )
-    Server(config).run()
+    StreamServer(config).run()
 
 
 if __name__ == "__main__":

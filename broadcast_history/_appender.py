@@ -35,6 +35,9 @@ FAILURE_MEMORY = 30.0
 MAX_OUTBOX = 100_000
 MAX_OUTBOX_BYTES = 64 * 1024 * 1024
 _FAILURES_LOGGED_EVERY = 100
+#: Sends failing on and off are "failing" while at least half of this many last
+#: sends failed.
+_RECENT_SENDS = 8
 
 
 class Appender:
@@ -63,11 +66,12 @@ class Appender:
         # the time (time.monotonic) of the last failure.
         self._failed_at = 0
         self._failed_last = 0.0
-        # A send worked since the run began (said once in the log); sends that worked
-        # and failed since: any failure there means sends fail on and off (a cluster
-        # with one shard down).
+        # A send worked since the run began (said once in the log); sends that failed
+        # since (any means sends fail on and off: a cluster with one shard down), and
+        # the last sends' outcomes since (True: failed).
         self._recovered = False
-        self._worked_after = self._failed_after = 0
+        self._failed_after = 0
+        self._recent: deque[bool] = deque(maxlen=_RECENT_SENDS)
         self._has_pending: asyncio.Event | None = None
         self._has_outbox: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -228,9 +232,10 @@ class Appender:
         has worked since the failures began or they fail on and off.
 
         On and off (a cluster with one shard down) counts as failing while at least
-        half the sends since the first that worked fail, until FAILURE_MEMORY passes
-        with no failure: it said up and down by turns, batch after batch, and a
-        scrape read either.
+        half of the last sends since the first that worked failed, until
+        FAILURE_MEMORY passes with no failure: it said up and down by turns, batch
+        after batch, and a scrape read either. The last few, not all since: an
+        outage that begins after many sends worked is told within a few sends.
         """
         if not self.failing_sends or self._reconnects() != self._failed_at:
             return False
@@ -240,9 +245,10 @@ class Appender:
             return False
         if not self._recovered:
             return True
-        # On and off: down while at least half the sends since then fail (a timeout
-        # now and then among thousands of sends is no outage).
-        return self._failed_after > 0 and 2 * self._failed_after >= self._worked_after
+        # On and off: down while at least half of the last sends failed (a timeout
+        # now and then is no outage).
+        failed = sum(self._recent)
+        return failed > 0 and 2 * failed >= len(self._recent)
 
     def _reconnects(self) -> int:
         return int(getattr(self._wire.backend, "reconnects", 0))
@@ -250,7 +256,8 @@ class Appender:
     def _end_run(self) -> None:
         self.failing_sends = 0
         self._recovered = False
-        self._worked_after = self._failed_after = 0
+        self._failed_after = 0
+        self._recent.clear()
 
     def _worked(self) -> None:
         """A send worked during a run of failures: say so once; say so again when
@@ -259,7 +266,7 @@ class Appender:
             logger.info("live sends work again, after %d failed", self.failing_sends)
             self._recovered = True
             return
-        self._worked_after += 1
+        self._recent.append(False)
         if self._failed_after and time.monotonic() - self._failed_last >= FAILURE_MEMORY:
             logger.info("live sends work again, after %d failed on and off", self.failing_sends)
             self._end_run()
@@ -283,6 +290,7 @@ class Appender:
         self._failed_last = now
         if self._recovered:
             self._failed_after += 1
+            self._recent.append(True)
         if self.failing_sends == 1:
             self._failed_at = self._reconnects()
             logger.warning("%s (abandoned; subscribers read them from the log)", what, exc_info=exc)

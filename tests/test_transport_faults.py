@@ -374,6 +374,29 @@ async def test_a_send_failing_now_and_then_is_no_outage(log: str | None) -> None
             assert bc.transport_connected, round_
 
 
+async def test_an_outage_soon_after_a_blip_is_told_within_a_few_sends(log: str | None) -> None:
+    """A blip, many sends that worked, then every send failing: transport_connected
+    stayed true until failures made up half of all the sends since the blip (found
+    by a probe: 99 failures in a row after 200 that worked)."""
+    backend = UnreliableBackend()
+    backend.reconnects = 0
+    async with Broadcast(backend=backend, log=log) as bc:
+        backend.publish_error = ConnectionError("blip")
+        for i in range(3):
+            await bc.publish("c", f"blip {i}")
+            await asyncio.sleep(0.005)
+        backend.publish_error = None
+        for i in range(200):
+            await bc.publish("c", str(i))
+        await asyncio.sleep(0.02)
+        assert bc.transport_connected
+        backend.publish_error = ConnectionError("down")
+        for i in range(8):
+            await bc.publish("c", f"lost {i}")
+            await asyncio.sleep(0.005)  # each one its own send
+        assert not bc.transport_connected
+
+
 async def test_disconnect_waits_briefly_for_a_stalled_send(log: str | None) -> None:
     """A transport that stopped answering (a frozen Redis) held disconnect for a whole
     live-send timeout (10 s); what was not sent is in the log."""

@@ -15,6 +15,7 @@ import sys
 import textwrap
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
+from typing import Any
 
 import pytest
 
@@ -139,6 +140,31 @@ async def test_event_too_large_for_the_server_fails_alone(mysql_url: str) -> Non
         stored = await broadcast.log.read(channel, after=0)
     assert [event.message for event in stored] == ["before", "after"]
     assert_contiguous(stored, 1, 2)
+
+
+async def test_a_connection_lost_while_migrating_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The connection killed while the schema was being made: the clean-up after it
+    (session settings, the migration lock) failed on the dead connection, and its
+    error ("Can't reconnect until invalid transaction is rolled back") hid the cause
+    (found by a probe)."""
+    from sqlalchemy import text
+
+    from broadcast_history.log import _migrate
+
+    url = await ensure_database("migrate_killed", empty=True)
+
+    def killed(connection: Any, create_only: bool) -> None:
+        connection.execute(text("KILL CONNECTION_ID()"))
+
+    monkeypatch.setattr(_migrate, "_upgrade_unlocked", killed)
+    log = EventLog(url)
+    with pytest.raises(LogUnavailable) as failed:
+        await log.connect()
+    await log.disconnect()
+    assert "invalid transaction" not in str(failed.value)
+    assert "killed" in str(failed.value).lower() or "gone away" in str(failed.value)
 
 
 async def test_hosts_migrating_at_once_create_one_schema(

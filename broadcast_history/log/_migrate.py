@@ -8,6 +8,7 @@ a log already at :data:`HEAD` reads its version table with SQLAlchemy alone.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -161,12 +162,22 @@ def _upgrade(connection: Connection, create_only: bool = False) -> None:
         connection.execute(text("SET SESSION max_error_count = 0"))
         try:
             _upgrade_unlocked(connection, create_only)
-        finally:
-            connection.execute(text("SET SESSION max_error_count = DEFAULT"))
-            connection.execute(text("SET SESSION sql_notes = 1"))
-            connection.execute(text(f"SELECT RELEASE_LOCK({_MYSQL_LOCK})"))
+        except BaseException:
+            # The connection may be gone, with its lock and settings: the clean-up's
+            # own failure must not hide why.
+            with contextlib.suppress(SQLAlchemyError):
+                _end_mysql_migration(connection)
+            raise
+        _end_mysql_migration(connection)
         return
     _upgrade_unlocked(connection, create_only)
+
+
+def _end_mysql_migration(connection: Connection) -> None:
+    """Restore the session's settings and release the migration lock."""
+    connection.execute(text("SET SESSION max_error_count = DEFAULT"))
+    connection.execute(text("SET SESSION sql_notes = 1"))
+    connection.execute(text(f"SELECT RELEASE_LOCK({_MYSQL_LOCK})"))
 
 
 def _upgrade_unlocked(connection: Connection, create_only: bool) -> None:

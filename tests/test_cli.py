@@ -225,6 +225,30 @@ def test_export_import(log: str, tmp_path: Path) -> None:
     assert "is a directory" in cli("import", str(tmp_path), "--log", piped, code=2).stderr
 
 
+def test_export_and_import_edges(tmp_path: Path) -> None:
+    """Found by a probe: a channel named twice was exported twice (a file the import
+    refuses); a full disk ended the export with a traceback; an import of a whole
+    log named every channel on one line of megabytes; an empty input imported."""
+    log = f"sqlite+aiosqlite:///{tmp_path / 'edges.db'}"
+    for i in range(12):
+        cli("publish", f"c{i:02}", "m", "--log", log)
+    twice = tmp_path / "twice.jsonl"
+    assert "exported 1 events" in cli("export", "c00", "c00", "-o", str(twice), "--log", log).stderr
+    copy = f"sqlite+aiosqlite:///{tmp_path / 'copy.db'}"
+    cli("import", str(twice), "--log", copy)
+    full = cli("export", "-o", "/dev/full", "--log", log, code=1)
+    assert "cannot write /dev/full: No space left on device" in full.stderr
+    assert isinstance(full.exception, SystemExit)  # one error line, no traceback
+    whole = tmp_path / "whole.jsonl"
+    cli("export", "-o", str(whole), "--log", log)
+    report = cli("import", str(whole), "--log", f"sqlite+aiosqlite:///{tmp_path / 'w.db'}")
+    assert report.stderr.strip().endswith("'c09' and 2 more"), report.stderr
+    empty = tmp_path / "empty.jsonl"
+    empty.touch()
+    refused = cli("import", str(empty), "--log", copy, code=2)
+    assert "the input is empty" in refused.stderr
+
+
 def test_db_commands(tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}"
     cli("db", "check", "--log", url, code=3)  # no file yet
@@ -297,6 +321,21 @@ def test_tail_history_in_process(tmp_path: Path) -> None:
     epoch = json_lines(cli("event", "c", "1", "--log", log).stdout)[0]["epoch"]
     result = cli("tail", "c", "--last-event-id", f"{epoch}:2", "--count", "1", "--log", log)
     assert "#3 m2" in result.stdout
+
+
+def test_messages_reach_the_terminal_without_their_control_characters(tmp_path: Path) -> None:
+    """A published message's escape sequences went to the operator's terminal as they
+    were (erase a line, set the title, write the clipboard; found by a probe)."""
+    log = f"sqlite+aiosqlite:///{tmp_path / 'esc.db'}"
+    hostile = "ok\x1b[2K\x1b[1A\x1b]52;c;cHduZWQ=\x07\x00\x9b2J\u202eevil"
+    cli("publish", "c", hostile, "--log", log)
+    unsafe = ("\x1b", "\x00", "\x07", "\x9b", "\u202e")
+    for args in (["tail", "c", "--since", "0", "--count", "1"], ["events", "c"]):
+        shown = cli(*args, "--log", log).stdout
+        assert "ok␛[2K" in shown and not any(c in shown for c in unsafe), (args, shown)
+        as_json = cli(*args, "--json", "--log", log).stdout
+        assert not any(c in as_json for c in unsafe), (args, as_json)
+        assert json_lines(as_json)[0]["message"] == hostile
 
 
 async def _publish_soon(log: str, message: str) -> None:

@@ -353,6 +353,10 @@ class _Checker:
 
     def complete(self) -> None:
         """At the end of the input: what needs an end line has had it."""
+        if not self.last_line:
+            # Every export has its end line, even of an empty log: nothing at all is a
+            # backup missing (``import <(zcat gone.gz)``), not one of nothing.
+            raise InvalidExport("the input is empty: an export has at least its end line")
         self.finish()
         if self.part_needs_end:
             raise InvalidExport(

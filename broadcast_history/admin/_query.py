@@ -282,6 +282,8 @@ class HistoryAdmin(ConsumerAdmin):
             prefix: With ``channels=None``: only channels starting with it.
         """
         if channels is not None:
+            # A name given twice is exported once: twice, the import refuses the file.
+            channels = list(dict.fromkeys(channels))
             for name in channels:
                 await self.channel(name)
             names: AsyncIterable[str] = _aiter(channels)

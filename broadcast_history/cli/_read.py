@@ -82,16 +82,32 @@ def _next_page(cursor: str, *kept: tuple[str, object]) -> str:
     return escape(" ".join(options))
 
 
+# Messages are anyone's text: their control characters must not reach the terminal,
+# where escape sequences move the cursor, erase lines (an earlier reset, say), set the
+# title or write the clipboard. C0 controls show as their Unicode pictures (ESC as ␛),
+# DEL and C1 controls and the bidirectional overrides (which reorder what follows) as
+# escapes.
+_VISIBLE = {code: 0x2400 + code for code in range(0x20)}
+_VISIBLE[ord("\n")] = ord("⏎")
+_VISIBLE.update(
+    {code: f"\\x{code:02x}" for code in range(0x7F, 0xA0)}
+    | {code: f"\\u{code:04x}" for code in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))}
+)
+# In JSON, C0 controls are escaped already; these are not.
+_JSON_UNSAFE = {code: f"\\u{code:04x}" for code in (*range(0x7F, 0xA0), *range(0x202A, 0x202F))}
+_JSON_UNSAFE.update({code: f"\\u{code:04x}" for code in range(0x2066, 0x206A)})
+
+
 def _preview(event: Event, width: int = 60) -> str:
     message: str | bytes = event.message
     if isinstance(message, bytes):
         return f"<{len(message)} bytes: {message[:16].hex(' ')}{'…' if len(message) > 16 else ''}>"
-    text = message.replace("\n", "⏎")
+    text = message[: width * 4].translate(_VISIBLE)
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _json_line(value: dict[str, Any]) -> None:
-    typer.echo(json.dumps(value, ensure_ascii=False))
+    typer.echo(json.dumps(value, ensure_ascii=False).translate(_JSON_UNSAFE))
 
 
 @app.command()

@@ -134,6 +134,8 @@ def export_(
     log: LogOption = DEFAULT_LOG,
 ) -> None:
     """Write channels and their events as JSON lines (re-importable with `import`)."""
+    if names:
+        names = list(dict.fromkeys(names))  # twice, a channel would make the file refused
 
     async def go(out: IO[str], progress: Progress | None) -> int:
         async with open_admin(log) as admin:
@@ -147,12 +149,13 @@ def export_(
             return await _write(admin.export_jsonl(names or None, prefix=prefix), out, advance)
 
     if output == "-":
-        run(go(sys.stdout, None))
+        with _written(output):
+            run(go(sys.stdout, None))
         return
     # Through a symbolic link: the file it points to is the one written.
     target = Path(output).resolve()
     if target.exists() and not target.is_file():  # a device (/dev/null), a FIFO
-        with _opened(target.open, output) as out, _progress() as progress:
+        with _written(output), _opened(target.open, output) as out, _progress() as progress:
             written = run(go(out, progress))
     else:
         # Written beside it and renamed at the end: an export that fails (a channel
@@ -165,7 +168,7 @@ def export_(
             suffix=".part",
             delete=False,
         )
-        with _opened(made, output) as out:
+        with _written(output), _opened(made, output) as out:
             try:
                 with _progress() as progress:
                     written = run(go(out, progress))
@@ -204,6 +207,22 @@ def _mode_of(target: Path) -> int:
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask
+
+
+#: Channels an import names in its report.
+_NAMED = 10
+
+
+@contextmanager
+def _written(output: str) -> Iterator[None]:
+    """A write that failed (a full disk) as a one-line error, exit code 1; a reader
+    that went away (``export | head``) ends the command as before."""
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        fail(f"cannot write {output}: {exc.strerror or exc}", 1)
 
 
 @contextmanager
@@ -278,8 +297,11 @@ def import_(
             task = progress.add_task("importing", total=size)
             result = run(go(_read_chunks(file, lambda n: progress.advance(task, n))))
     events, channels = result.events, len(result.channels)
+    # The first few names: an import of a whole log made one line of megabytes.
+    named = ", ".join(repr(name) for name in result.channels[:_NAMED])
+    if channels > _NAMED:
+        named += f" and {channels - _NAMED} more"
     err_console.print(
         f"imported {events} event{'' if events == 1 else 's'} in {channels} "
-        f"channel{'' if channels == 1 else 's'}: "
-        + escape(", ".join(repr(name) for name in result.channels))
+        f"channel{'' if channels == 1 else 's'}" + (f": {escape(named)}" if channels else "")
     )

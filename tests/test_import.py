@@ -136,6 +136,10 @@ async def admin(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
             "line 3: the end line counts 0 events, 1 were read",
         ),
         ([channel_line(last=0, format=3)], "line 1: unsupported export format 3"),
+        # Nothing at all is a backup missing (import <(zcat gone.gz)): it "imported 0
+        # events", exit 0 (found by a probe). Every export has its end line.
+        ([], "the input is empty"),
+        (["", "  ", "\n"], "the input is empty"),
     ],
 )
 async def test_incomplete_or_malformed_exports_store_nothing(
@@ -199,6 +203,52 @@ async def test_a_trimmed_channel_imports_from_its_first_offset(admin: HistoryAdm
     assert (await admin.channel("t")).trimmed_timestamp == datetime(2024, 1, 1, tzinfo=timezone.utc)
     empty = [channel_line("d", first=6, last=5)]
     assert (await admin.import_jsonl(empty)).events == 0
+
+
+@pytest.mark.parametrize("kind", ["log:postgres", "log:mysql"])
+async def test_an_import_cancelled_mid_page_finishes_the_page_then_stores_nothing(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C during an import into Postgres could leave the CLI waiting for ever,
+    its transaction open and the imported channels' rows locked (found by a probe,
+    about one Ctrl-C in three): asyncpg's executemany, cancelled midway, may never
+    finish. A page's statement now runs to its end, then the import is cancelled."""
+    from sqlalchemy.ext.asyncio import AsyncConnection
+
+    url = await fresh_log_url(kind, tmp_path)
+    real = AsyncConnection.execute
+    started = asyncio.Event()
+    outcomes: list[str] = []
+
+    async def slow(self: AsyncConnection, statement: Any, *args: Any, **kwargs: Any) -> Any:
+        table = getattr(statement, "table", None)
+        if not getattr(statement, "is_insert", False) or not table.name.endswith("events"):
+            return await real(self, statement, *args, **kwargs)
+        started.set()
+        try:
+            await asyncio.sleep(0.3)
+            result = await real(self, statement, *args, **kwargs)
+        except asyncio.CancelledError:
+            outcomes.append("cancelled")
+            raise
+        outcomes.append("done")
+        return result
+
+    monkeypatch.setattr(AsyncConnection, "execute", slow)
+    lines = [channel_line("c", last=3), *(event_line(i, "c") for i in (1, 2, 3))]
+    async with Broadcast("memory://", log=url) as broadcast:
+        admin = HistoryAdmin.of(broadcast)
+        task = asyncio.ensure_future(admin.import_jsonl(lines))
+        await asyncio.wait_for(started.wait(), 10)
+        await asyncio.sleep(0.1)  # the page's statement is under way
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 10)
+        assert outcomes == ["done"]
+        assert await broadcast.log.channels() == []
+        # Rolled back: the channel's row is not held.
+        event = await asyncio.wait_for(broadcast.publish("c", "after"), 5)
+        assert event.offset == 1
 
 
 async def test_repeated_keys_are_found_exactly_with_little_memory(
@@ -313,6 +363,7 @@ def test_cli_refuses_a_truncated_export(tmp_path: Path) -> None:
         ("\n".join([channel_line(last=2), event_line(1, key="k"), event_line(2, key="k")]), 400),
         ("\n".join([channel_line(), "[" * 50_000]), 400),
         ("x" * (7 * 1024 * 1024), 400),  # one line over the limit for 1 MiB messages
+        ("", 400),  # nothing: a backup missing, not one of nothing
     ],
 )
 async def test_http_import_errors_are_400(tmp_path: Path, body: str, status: int) -> None:

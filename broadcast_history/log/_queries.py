@@ -6,7 +6,9 @@ module holds the rest, each function running inside a connection the store opene
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, Sequence
+import asyncio
+from collections.abc import AsyncIterable, Awaitable, Sequence
+from typing import TypeVar
 
 from sqlalchemy import (
     BigInteger,
@@ -316,7 +318,7 @@ async def restore(
     # its row (and goes after the import), or the import fails on it (ImportConflict).
     # Events first, each waited on a row the other had written: a deadlock on Postgres.
     if infos:
-        await conn.execute(channels.insert(), [channel_row(info) for info in infos])
+        await _to_its_end(conn.execute(channels.insert(), [channel_row(info) for info in infos]))
     stored = 0
     async for page in pages:
         if page:
@@ -331,6 +333,26 @@ async def restore(
                 )
                 for e in page
             ]
-            await conn.execute(events.insert(), rows)
+            await _to_its_end(conn.execute(events.insert(), rows))
             stored += len(page)
     return stored
+
+
+_T = TypeVar("_T")
+
+
+async def _to_its_end(statement: Awaitable[_T]) -> _T:
+    """Await ``statement``; if the caller is cancelled meanwhile (Ctrl-C during an
+    import), let it finish first, then raise the cancellation (the transaction then
+    rolls back). asyncpg's executemany, cancelled midway, could leave the process
+    waiting for its answer for ever, holding the transaction and its row locks open.
+    A statement here is one page of rows: it ends soon."""
+    task = asyncio.ensure_future(statement)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if not task.done():
+            await asyncio.wait((task,))
+        if not task.cancelled():
+            task.exception()  # retrieved: the cancellation is what the caller gets
+        raise

@@ -30,6 +30,7 @@ from ._consumer import Committable, Holding
 from ._errors import HistoryTruncated, LogUnavailable, StreamReset, Unsubscribed
 from ._event import NOTICE, Event
 from ._heads import HeadProbe
+from ._sparse import Sparse
 from ._start import resolve_start
 from ._stats import Stats
 from .log import ChannelInfo, EventLog
@@ -38,6 +39,9 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 logger = logging.getLogger("broadcast_history")
+# Every idle subscriber checks the head: during an outage each would log a failure
+# every idle_check (thousands of lines a second with thousands of clients).
+_idle_check_failures = Sparse(logger, 10.0)
 _REPLAY, _LIVE, _CLOSED = "replay", "live", "closed"
 _NEVER = 10.0**9  # a bell's wait for a ring only
 _T = TypeVar("_T")
@@ -475,7 +479,7 @@ class Subscriber(Committable):
         except LogUnavailable as exc:
             # Only a safety net failed: live delivery goes on, the next idle check
             # tries again.
-            logger.warning("channel %r: idle check failed: %s", self.channel, exc)
+            _idle_check_failures.warning("channel %r: idle check failed: %s", self.channel, exc)
             return
         finally:
             if checking.done():  # answered: the next quiet period starts now

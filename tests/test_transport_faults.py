@@ -218,6 +218,37 @@ async def test_idle_checks_are_shared_between_subscribers(log: str | None) -> No
         await asyncio.wait_for(asyncio.gather(*tasks), 5)
 
 
+async def test_idle_checks_failing_in_an_outage_log_now_and_then(
+    log: str | None, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each idle subscriber logged its failed idle check every idle_check: 300
+    subscribers wrote ~3,000 lines in a 10 s log outage (found by a probe)."""
+    from broadcast_history import LogUnavailable, _subscriber
+
+    monkeypatch.setattr(_subscriber._idle_check_failures, "_last", -1000.0)
+    caplog.set_level(logging.WARNING, logger="broadcast_history")
+    async with Broadcast(backend=UnreliableBackend(), log=log, idle_check=0.1) as bc:
+
+        async def down(name: str) -> object:
+            raise LogUnavailable("the log is away")
+
+        async def idle_subscriber(channel: str) -> None:
+            async with bc.subscribe(channel) as sub:
+                await sub.get()
+
+        tasks = [asyncio.create_task(idle_subscriber(unique())) for _ in range(50)]
+        try:
+            await asyncio.sleep(0.2)
+            bc.log.channel = down  # type: ignore[method-assign,assignment]
+            await asyncio.sleep(1.0)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    failed = [r for r in caplog.records if "idle check failed" in r.getMessage()]
+    assert len(failed) == 1, len(failed)
+
+
 async def test_stalled_transport_bounds_memory_and_delays_nobody(
     log: str | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:

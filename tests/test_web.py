@@ -612,7 +612,7 @@ async def test_a_log_outage_tells_clients_nothing_of_the_database(
     async def down(*args: Any, **kwargs: Any) -> Any:
         raise LogUnavailable(secret)
 
-    monkeypatch.setattr(_unavailable, "_last_logged", -_unavailable.LOG_EVERY)
+    monkeypatch.setattr(_unavailable._refusals, "_last", -_unavailable.LOG_EVERY)
     caplog.set_level(logging.WARNING, logger="broadcast_history")
     app = create_stream_app(broadcast, authorize=allow_all, publish=True)
     async with serving(app) as base, httpx.AsyncClient(timeout=10) as http:

@@ -8,22 +8,17 @@ every :data:`LOG_EVERY` seconds, an outage is not a log flood).
 from __future__ import annotations
 
 import logging
-import time
 
-logger = logging.getLogger("broadcast_history.web")
+from .._sparse import Sparse
 
 #: What clients read.
 DETAIL = "the service is temporarily unavailable; try again later"
 #: Seconds between two log lines of the detail.
 LOG_EVERY = 10.0
-_last_logged = -LOG_EVERY
+_refusals = Sparse(logging.getLogger("broadcast_history.web"), LOG_EVERY)
 
 
 def unavailable(exc: Exception) -> str:
     """Log ``exc`` (now and then) and return what a client may read of it."""
-    global _last_logged
-    now = time.monotonic()
-    if now - _last_logged >= LOG_EVERY:
-        _last_logged = now
-        logger.warning("refused a client, the event log or transport is down: %s", exc)
+    _refusals.warning("refused a client, the event log or transport is down: %s", exc)
     return DETAIL

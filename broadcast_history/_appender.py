@@ -36,8 +36,9 @@ MAX_OUTBOX = 100_000
 MAX_OUTBOX_BYTES = 64 * 1024 * 1024
 _FAILURES_LOGGED_EVERY = 100
 #: Sends failing on and off are "failing" while at least half of this many last
-#: sends failed.
+#: sends failed, or the last failed and none worked for _NONE_WORKED seconds.
 _RECENT_SENDS = 8
+_NONE_WORKED = 5.0
 
 
 class Appender:
@@ -72,6 +73,7 @@ class Appender:
         self._recovered = False
         self._failed_after = 0
         self._recent: deque[bool] = deque(maxlen=_RECENT_SENDS)
+        self._worked_last = 0.0  # time.monotonic of the last send that worked
         self._has_pending: asyncio.Event | None = None
         self._has_outbox: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -232,10 +234,11 @@ class Appender:
         has worked since the failures began or they fail on and off.
 
         On and off (a cluster with one shard down) counts as failing while at least
-        half of the last sends since the first that worked failed, until
-        FAILURE_MEMORY passes with no failure: it said up and down by turns, batch
-        after batch, and a scrape read either. The last few, not all since: an
-        outage that begins after many sends worked is told within a few sends.
+        half of the last sends since the first that worked failed (or the last one
+        did and none worked for a few seconds), until FAILURE_MEMORY passes with no
+        failure: it said up and down by turns, batch after batch, and a scrape read
+        either. The last few, not all since: an outage that begins after many sends
+        worked is told within a few sends, or seconds.
         """
         if not self.failing_sends or self._reconnects() != self._failed_at:
             return False
@@ -248,7 +251,12 @@ class Appender:
         # On and off: down while at least half of the last sends failed (a timeout
         # now and then is no outage).
         failed = sum(self._recent)
-        return failed > 0 and 2 * failed >= len(self._recent)
+        if failed and 2 * failed >= len(self._recent):
+            return True
+        # A transport that stalls fails a send per SEND_TIMEOUT: counting them would
+        # take minutes to tell an outage that began soon after a blip.
+        last_failed = bool(self._recent) and self._recent[-1]
+        return last_failed and time.monotonic() - self._worked_last >= _NONE_WORKED
 
     def _reconnects(self) -> int:
         return int(getattr(self._wire.backend, "reconnects", 0))
@@ -262,6 +270,7 @@ class Appender:
     def _worked(self) -> None:
         """A send worked during a run of failures: say so once; say so again when
         sends that failed on and off have worked for FAILURE_MEMORY, ending the run."""
+        self._worked_last = time.monotonic()
         if not self._recovered:
             logger.info("live sends work again, after %d failed", self.failing_sends)
             self._recovered = True

@@ -15,6 +15,7 @@ import weakref
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from ._cancel import wait_for
 from ._stats import Histogram, Stats
 
 if TYPE_CHECKING:
@@ -251,7 +252,8 @@ async def keep_lags_fresh(registry: CollectorRegistry, interval: float = LAGS_EV
     try:
         while True:
             try:
-                await collector.refresh_lags()
+                # Bounded: a log gone silent must not stop the refreshes after it.
+                await wait_for(collector.refresh_lags(), interval)
             except Exception:
                 logger.debug("consumer lag refresh failed", exc_info=True)
             await asyncio.sleep(interval)

@@ -284,6 +284,36 @@ async def test_consumer_lag_at_scrape_time(sqlite_file_url: str) -> None:
     assert LAG_LINE in response.text
 
 
+async def test_a_scrape_does_not_wait_for_a_silent_log(
+    sqlite_file_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The admin app's /metrics waited for the consumer lags as long as the log did
+    not answer (90 s in a probe's stall): past Prometheus' scrape timeout every metric
+    of the target was gone, log_unavailable included."""
+    from broadcast_history import _metrics
+
+    monkeypatch.setattr(_metrics, "SCRAPE_WAIT", 0.3)
+    registry = CollectorRegistry()
+    async with Broadcast(log=sqlite_file_url, metrics=registry) as broadcast:
+        await _lagging_by_3(broadcast)
+        app = create_app(broadcast, token="t")
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://a") as client:
+            response = await client.get("/metrics", headers={"Authorization": "Bearer t"})
+            assert LAG_LINE in response.text
+
+            async def silent(*args: Any) -> Any:
+                await asyncio.sleep(3600)
+
+            monkeypatch.setattr(broadcast.log, "consumers", silent)
+            response = await asyncio.wait_for(
+                client.get("/metrics", headers={"Authorization": "Bearer t"}), 5
+            )
+    assert response.status_code == 200
+    assert LAG_LINE in response.text  # the last lags read
+    assert "broadcast_history_publishes_total" in response.text
+
+
 async def test_a_consumer_stuck_on_a_reset_channel_keeps_its_lag(sqlite_file_url: str) -> None:
     """A consumer whose position belongs to an earlier epoch of its channel (deleted,
     then published to again) raises StreamReset each time its worker starts: its

@@ -428,6 +428,36 @@ async def test_an_outage_soon_after_a_blip_is_told_within_a_few_sends(log: str |
         assert not bc.transport_connected
 
 
+async def test_a_stall_soon_after_a_blip_is_told_at_its_first_failure(
+    log: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stalled transport fails one send per SEND_TIMEOUT (10 s): after a blip, the
+    last 8 sends needed 4 of those to say down (25 s in a probe, against 10 s for
+    the same stall without the blip). None working for a while says it at once."""
+    from broadcast_history import _appender
+
+    monkeypatch.setattr(_appender, "_NONE_WORKED", 0.2)
+    backend = UnreliableBackend()
+    backend.reconnects = 0
+    async with Broadcast(backend=backend, log=log) as bc:
+        backend.publish_error = ConnectionError("blip")
+        await bc.publish("c", "blip")
+        await asyncio.sleep(0.02)
+        backend.publish_error = None
+        for i in range(10):
+            await bc.publish("c", str(i))
+            await asyncio.sleep(0.005)
+        assert bc.transport_connected
+        await asyncio.sleep(0.3)  # nothing sent: the stalled send is waiting
+        backend.publish_error = TimeoutError("stalled")
+        await bc.publish("c", "lost")
+        for _ in range(100):
+            if not bc.transport_connected:
+                break
+            await asyncio.sleep(0.01)
+        assert not bc.transport_connected
+
+
 async def test_disconnect_waits_briefly_for_a_stalled_send(log: str | None) -> None:
     """A transport that stopped answering (a frozen Redis) held disconnect for a whole
     live-send timeout (10 s); what was not sent is in the log."""

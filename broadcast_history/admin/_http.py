@@ -7,6 +7,7 @@ schemathesis can test the app against it.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.requests import ClientDisconnect
 
 from .._broadcast import Broadcast
+from .._cancel import wait_for
 from .._errors import (
     BroadcastError,
     ConsumerBusy,
@@ -27,6 +29,7 @@ from .._errors import (
     PositionError,
 )
 from .._parse import parse_since
+from .._sparse import Sparse
 from .._validation import check_channel
 from ..web._publish import UnsupportedEncoding
 from ..web._streams import OpenStreams
@@ -58,6 +61,8 @@ from ._schemas import (
 )
 
 logger = logging.getLogger("broadcast_history.admin")
+# A scrape every few seconds while the log is down: one line a minute says it.
+_lag_failures = Sparse(logger, 60.0)
 
 T = TypeVar("T")
 #: Most message bytes one page of ``/events`` carries (besides its first event).
@@ -344,16 +349,18 @@ def _add_routes(
             raise HTTPException(501, "metrics need prometheus-client: the `metrics` extra")
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        from .._metrics import collector_of
+        from .. import _metrics
 
-        collector = collector_of(registry)
+        collector = _metrics.collector_of(registry)
         if collector is not None:
             try:
-                await collector.refresh_lags()  # consumer_lag as of this scrape
-            except BroadcastError:
+                # consumer_lag as of this scrape, if the log answers in time: a log
+                # that went silent would hold the scrape past Prometheus' timeout.
+                await wait_for(collector.refresh_lags(), _metrics.SCRAPE_WAIT)
+            except (BroadcastError, asyncio.TimeoutError) as exc:
                 # The log is down: scrape the other metrics anyway (with the last
                 # lags); an unreachable log is what an operator most needs to see.
-                logger.warning("consumer lag refresh failed", exc_info=True)
+                _lag_failures.warning("consumer lag refresh for a scrape failed: %r", exc)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/stats", tags=["channels"])

@@ -35,9 +35,12 @@ FAILURE_MEMORY = 30.0
 MAX_OUTBOX = 100_000
 MAX_OUTBOX_BYTES = 64 * 1024 * 1024
 _FAILURES_LOGGED_EVERY = 100
-#: Sends failing on and off are "failing" while at least half of this many last
-#: sends failed, or the last failed and none worked for _NONE_WORKED seconds.
+#: Sends failing on and off become "failing" when at least half of the last
+#: _RECENT_SENDS failed (or the last failed and none worked for _NONE_WORKED seconds),
+#: and stay so while more than an eighth of the last _RECENT_SENDS_UP fail: a third
+#: of the sends failing (one cluster master of three down) said up and down by turns.
 _RECENT_SENDS = 8
+_RECENT_SENDS_UP = 32
 _NONE_WORKED = 5.0
 
 
@@ -72,7 +75,10 @@ class Appender:
         # the last sends' outcomes since (True: failed).
         self._recovered = False
         self._failed_after = 0
-        self._recent: deque[bool] = deque(maxlen=_RECENT_SENDS)
+        self._recent: deque[bool] = deque(maxlen=_RECENT_SENDS_UP)
+        # What the last sends say (see _judge), and whether the last one failed;
+        # plain attributes, read by metrics scrapes from another thread.
+        self._on_off_down = self._last_failed = False
         self._worked_last = 0.0  # time.monotonic of the last send that worked
         self._has_pending: asyncio.Event | None = None
         self._has_outbox: asyncio.Event | None = None
@@ -234,11 +240,12 @@ class Appender:
         has worked since the failures began or they fail on and off.
 
         On and off (a cluster with one shard down) counts as failing while at least
-        half of the last sends since the first that worked failed (or the last one
-        did and none worked for a few seconds), until FAILURE_MEMORY passes with no
-        failure: it said up and down by turns, batch after batch, and a scrape read
-        either. The last few, not all since: an outage that begins after many sends
-        worked is told within a few sends, or seconds.
+        half of the last 8 sends since the first that worked failed (or the last one
+        did and none worked for a few seconds), and goes on failing while more than
+        an eighth of the last 32 fail, until FAILURE_MEMORY passes with no failure:
+        it said up and down by turns, batch after batch, and a scrape read either.
+        The last few, not all since: an outage that begins after many sends worked
+        is told within a few sends, or seconds.
         """
         if not self.failing_sends or self._reconnects() != self._failed_at:
             return False
@@ -248,15 +255,23 @@ class Appender:
             return False
         if not self._recovered:
             return True
-        # On and off: down while at least half of the last sends failed (a timeout
-        # now and then is no outage).
-        failed = sum(self._recent)
-        if failed and 2 * failed >= len(self._recent):
+        if self._on_off_down:
             return True
         # A transport that stalls fails a send per SEND_TIMEOUT: counting them would
         # take minutes to tell an outage that began soon after a blip.
-        last_failed = bool(self._recent) and self._recent[-1]
-        return last_failed and time.monotonic() - self._worked_last >= _NONE_WORKED
+        return self._last_failed and time.monotonic() - self._worked_last >= _NONE_WORKED
+
+    def _judge(self, failed: bool) -> None:
+        """Count a send's outcome in a run that has had a send work."""
+        self._recent.append(failed)
+        self._last_failed = failed
+        recent = list(self._recent)
+        if self._on_off_down:
+            # Up again once few fail: a timeout now and then is no outage.
+            self._on_off_down = 8 * sum(recent) > len(recent)
+        else:
+            last = recent[-_RECENT_SENDS:]
+            self._on_off_down = 2 * sum(last) >= len(last) > 0 and any(last)
 
     def _reconnects(self) -> int:
         return int(getattr(self._wire.backend, "reconnects", 0))
@@ -266,6 +281,7 @@ class Appender:
         self._recovered = False
         self._failed_after = 0
         self._recent.clear()
+        self._on_off_down = self._last_failed = False
 
     def _worked(self) -> None:
         """A send worked during a run of failures: say so once; say so again when
@@ -275,7 +291,7 @@ class Appender:
             logger.info("live sends work again, after %d failed", self.failing_sends)
             self._recovered = True
             return
-        self._recent.append(False)
+        self._judge(False)
         if self._failed_after and time.monotonic() - self._failed_last >= FAILURE_MEMORY:
             logger.info("live sends work again, after %d failed on and off", self.failing_sends)
             self._end_run()
@@ -299,7 +315,7 @@ class Appender:
         self._failed_last = now
         if self._recovered:
             self._failed_after += 1
-            self._recent.append(True)
+            self._judge(True)
         if self.failing_sends == 1:
             self._failed_at = self._reconnects()
             logger.warning("%s (abandoned; subscribers read them from the log)", what, exc_info=exc)

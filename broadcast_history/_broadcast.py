@@ -176,8 +176,8 @@ class Broadcast:
         """Whether the live transport is up; when down, subscribers read from the log.
 
         False too while live sends fail (until one works, the transport reconnects, or
-        30 s pass with no send; sends failing on and off, while at least half of the
-        last 8 fail or none worked for 5 s, until 30 s pass with none failing): a
+        30 s pass with no send; sends failing on and off, from when half of the last
+        8 fail while an eighth of the last 32 do, until 30 s pass with none failing): a
         process that only publishes has no subscription to tell it of an outage.
         """
         up = getattr(self._backend, "connected", True)  # broadcaster's backends lack it

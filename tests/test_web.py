@@ -749,19 +749,26 @@ async def test_close_streams_ends_streams_whose_clients_stopped_reading(
                 writer.transport.abort()
 
 
+def _slow_appends(
+    broadcast: Broadcast, monkeypatch: pytest.MonkeyPatch, seconds: float = 0.5
+) -> None:
+    """Every append of ``broadcast``'s log takes ``seconds`` more."""
+    append = broadcast.log.append
+
+    async def slow(items: Any) -> Any:
+        await asyncio.sleep(seconds)
+        return await append(items)
+
+    monkeypatch.setattr(broadcast.log, "append", slow)
+
+
 async def test_a_websocket_publish_in_flight_at_stop_is_acknowledged(
     broadcast: Broadcast, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """close_streams() cancelled the answer to a publish frame under way: the message
     was stored and never acknowledged, and a client without a key sent it again."""
     app = create_stream_app(broadcast, authorize=allow_all, publish=True)
-    append = broadcast.log.append
-
-    async def slow(items: Any) -> Any:
-        await asyncio.sleep(0.5)
-        return await append(items)
-
-    monkeypatch.setattr(broadcast.log, "append", slow)
+    _slow_appends(broadcast, monkeypatch)
     async with serving(app) as base, ws_stream(base.replace("http", "ws") + "/c/ws") as ws:
         await wait_for_subscriptions(broadcast, 1)
         await ws.send(json.dumps({"type": "publish", "data": "m"}))
@@ -778,13 +785,7 @@ async def test_a_websocket_publish_in_flight_at_shutdown_is_acknowledged(
     under way was stored and never acknowledged (the stop signal reached the session
     only once its publish was done, after the socket was gone)."""
     app = create_stream_app(broadcast, authorize=allow_all, publish=True)
-    append = broadcast.log.append
-
-    async def slow(items: Any) -> Any:
-        await asyncio.sleep(0.5)
-        return await append(items)
-
-    monkeypatch.setattr(broadcast.log, "append", slow)
+    _slow_appends(broadcast, monkeypatch)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=3)
@@ -810,21 +811,62 @@ async def test_a_websocket_publish_in_flight_at_shutdown_is_acknowledged(
     assert [event.message for event in await broadcast.log.read("c")] == ["m"]
 
 
-async def test_a_stream_opened_after_close_streams_ends_at_once(broadcast: Broadcast) -> None:
-    """The server is stopping: a client that connects meanwhile is let go at once
-    (it would hold the shutdown up until its timeout)."""
+async def test_an_app_serves_streams_again_after_close_streams(broadcast: Broadcast) -> None:
+    """close_streams() ends the open streams, not the app: served again (another
+    TestClient, another server in the same process), its streams stay open (a review
+    caught a version where every later stream ended at once)."""
     app = create_stream_app(broadcast, authorize=allow_all)
-    async with serving(app) as base, httpx.AsyncClient(timeout=10) as http:
+    async with serving(app) as base:
         app.state.close_streams()
-        async with http.stream("GET", f"{base}/c") as response:
-            lines = [line async for line in response.aiter_lines()]
-        assert lines[:3] == ["retry: 1000", "id: 0", "event: start"]
-        async with ws_stream(base.replace("http", "ws") + "/c/ws") as ws:
-            with pytest.raises(ConnectionClosed) as closed:
-                await ws.recv()
-            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
         assert await app.state.finish_streams(1)
-    await wait_for_subscriptions(broadcast, 0)
+        async with ws_stream(base.replace("http", "ws") + "/c/ws") as ws:
+            await wait_for_subscriptions(broadcast, 1)
+            await broadcast.publish("c", "still open")
+            frame = json.loads(await asyncio.wait_for(ws.recv(), 5))
+            assert frame["data"] == "still open"
+
+
+async def test_stream_server_keeps_one_budget_and_a_second_ctrl_c(
+    broadcast: Broadcast, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review fixes: the streams' wait and uvicorn's share timeout_graceful_shutdown
+    (a stop took twice the setting), force_exit (a second Ctrl-C) ends the wait, and
+    an app given as an import string or without finish_streams still stops."""
+    app = create_stream_app(broadcast, authorize=allow_all, publish=True)
+    _slow_appends(broadcast, monkeypatch, seconds=4)
+
+    async def stop_during_a_publish(server: StreamServer, force: bool) -> float:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        try:
+            while not server.started:
+                await asyncio.sleep(0.01)
+            url = f"ws://127.0.0.1:{sock.getsockname()[1]}/c/ws"
+            async with ws_stream(url) as ws:
+                await ws.send(json.dumps({"type": "publish", "data": "m"}))
+                await asyncio.sleep(0.2)  # the publish is under way
+                began = asyncio.get_running_loop().time()
+                server.should_exit = True
+                if force:
+                    await asyncio.sleep(0.3)
+                    server.force_exit = True
+                await asyncio.wait_for(task, 10)
+                return asyncio.get_running_loop().time() - began
+        finally:
+            server.should_exit = server.force_exit = True
+            await asyncio.wait_for(task, 10)
+            sock.close()
+
+    def server(target: Any) -> StreamServer:
+        config = uvicorn.Config(
+            target, log_level="critical", lifespan="off", timeout_graceful_shutdown=1
+        )
+        return StreamServer(config)
+
+    assert await stop_during_a_publish(server(app), force=False) < 1.9
+    assert await stop_during_a_publish(server(app), force=True) < 0.9
+    server("tests.support.nowhere:app").handle_exit(0, None)  # no AttributeError
 
 
 async def test_a_websocket_client_gone_mid_send_is_no_server_error(

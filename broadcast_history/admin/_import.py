@@ -356,7 +356,10 @@ class _Checker:
         if not self.last_line:
             # Every export has its end line, even of an empty log: nothing at all is a
             # backup missing (``import <(zcat gone.gz)``), not one of nothing.
-            raise InvalidExport("the input is empty: an export has at least its end line")
+            raise InvalidExport(
+                "the input is empty: an export has at least its end line (one of format 1, "
+                "which had none, of an empty log holds nothing to import)"
+            )
         self.finish()
         if self.part_needs_end:
             raise InvalidExport(

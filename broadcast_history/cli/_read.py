@@ -165,9 +165,14 @@ def events(
         _show(
             as_json,
             (event_json(e) for e in page.events),
-            Table("Offset", "Time", "Key", "Message", title=escape(channel)),
+            Table("Offset", "Time", "Key", "Message", title=escape(channel.translate(_VISIBLE))),
             (
-                [str(e.offset), _time(e.timestamp), escape(e.key or ""), escape(_preview(e))]
+                [
+                    str(e.offset),
+                    _time(e.timestamp),
+                    escape((e.key or "").translate(_VISIBLE)),
+                    escape(_preview(e)),
+                ]
                 for e in page.events
             ),
             None

@@ -7,6 +7,7 @@ module holds the rest, each function running inside a connection the store opene
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterable, Awaitable, Sequence
 from typing import TypeVar
 
@@ -351,8 +352,11 @@ async def _to_its_end(statement: Awaitable[_T]) -> _T:
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
-        if not task.done():
-            await asyncio.wait((task,))
+        while not task.done():
+            # Cancelled again (a timeout around the import, asyncio.run's clean-up):
+            # the transaction must not roll back under the statement still running.
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait((task,))
         if not task.cancelled():
             task.exception()  # retrieved: the cancellation is what the caller gets
         raise

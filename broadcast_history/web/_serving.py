@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import math
 import socket
 from types import FrameType
 from typing import Any
@@ -16,8 +18,8 @@ FINISH_WAIT = 5.0
 
 class StreamServer(uvicorn.Server):
     """A uvicorn server for an app with ``app.state.close_streams`` and
-    ``finish_streams``: event streams end at the signal, and shutdown lets them finish
-    before it closes the connections.
+    ``finish_streams`` (given as an object, not an import string): event streams end
+    at the signal, and shutdown lets them finish before it closes the connections.
 
     Event streams never end by themselves: without the first, shutdown would wait for
     them, then cancel them and log each one as an error. Without the second, uvicorn
@@ -25,19 +27,35 @@ class StreamServer(uvicorn.Server):
     is lost (the event is stored all the same).
     """
 
-    @property
-    def _state(self) -> Any:
-        """The app's state: its ``close_streams`` and ``finish_streams``."""
-        app: Any = self.config.app
-        return app.state
+    def _streams(self, name: str) -> Any:
+        """The app's ``close_streams`` or ``finish_streams`` (``None``: it has none)."""
+        return getattr(getattr(self.config.app, "state", None), name, None)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self._state.close_streams()
+        close = self._streams("close_streams")
+        if close is not None:
+            close()
         super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        finish = self._streams("finish_streams")
         timeout = self.config.timeout_graceful_shutdown
-        await self._state.finish_streams(FINISH_WAIT if timeout is None else timeout)
+        if finish is not None:
+            # No new connection while the streams finish: it would be served by a
+            # process that is stopping (uvicorn's shutdown closes them again: no harm).
+            for server in getattr(self, "servers", ()):
+                server.close()
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            finishing = asyncio.ensure_future(finish(FINISH_WAIT if timeout is None else timeout))
+            while not finishing.done() and not self.force_exit:  # a second Ctrl-C
+                await asyncio.wait((finishing,), timeout=0.1)
+            finishing.cancel()
+            await asyncio.gather(finishing, return_exceptions=True)
+            if timeout is not None:
+                # One budget for both waits, as the setting says.
+                left = timeout - (loop.time() - started)
+                self.config.timeout_graceful_shutdown = max(0, math.ceil(left))
         await super().shutdown(sockets)
 
 

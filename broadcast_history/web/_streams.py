@@ -23,7 +23,8 @@ class OpenStreams:
         self._stops: set[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = set()
         # Futures of finish() calls, done when no stream of their loop is left.
         self._idle: set[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = set()
-        self._closing = False
+        # finish() is waiting: a stream opened meanwhile ends at once.
+        self._finishing = 0
 
     def __len__(self) -> int:
         return len(self._stops)
@@ -31,25 +32,24 @@ class OpenStreams:
     @contextmanager
     def open(self) -> Iterator[asyncio.Future[None]]:
         """Register a stream; the future it yields is done when it must end (at once
-        for a stream opened after :meth:`close_all`: the server is stopping)."""
+        for a stream opened while :meth:`finish` waits: the server is stopping)."""
         loop = asyncio.get_running_loop()
         entry = (loop, loop.create_future())
-        if self._closing:
-            entry[1].set_result(None)
         self._stops.add(entry)
+        if self._finishing:
+            entry[1].set_result(None)
         try:
             yield entry[1]
         finally:
             self._stops.discard(entry)
-            if not any(other is loop for other, _ in self._stops):
-                for waiter in [w for w in self._idle if w[0] is loop]:
+            # Copies: streams of other loops' threads come and go meanwhile.
+            if not any(other is loop for other, _ in list(self._stops)):
+                for waiter in [w for w in list(self._idle) if w[0] is loop]:
                     self._idle.discard(waiter)
                     _finish(waiter[1])
 
     def close_all(self) -> None:
-        """End every open stream, and any opened later; safe to call from a signal
-        handler or another thread."""
-        self._closing = True
+        """End every open stream; safe to call from a signal handler or another thread."""
         for loop, stop in list(self._stops):
             if not loop.is_closed():
                 loop.call_soon_threadsafe(_finish, stop)
@@ -62,19 +62,23 @@ class OpenStreams:
         For a server's shutdown, before it closes its connections: uvicorn closes a
         WebSocket with 1012 at once, and an answer still on its way is lost.
         """
-        self.close_all()
         loop = asyncio.get_running_loop()
-        if not any(other is loop for other, _ in self._stops):
-            return True
-        waiter = (loop, loop.create_future())
-        self._idle.add(waiter)
+        self._finishing += 1
         try:
-            await asyncio.wait_for(asyncio.shield(waiter[1]), timeout)
-        except asyncio.TimeoutError:
-            return False
+            self.close_all()
+            if not any(other is loop for other, _ in list(self._stops)):
+                return True
+            waiter = (loop, loop.create_future())
+            self._idle.add(waiter)
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter[1]), timeout)
+            except asyncio.TimeoutError:
+                return False
+            finally:
+                self._idle.discard(waiter)
+            return True
         finally:
-            self._idle.discard(waiter)
-        return True
+            self._finishing -= 1
 
     def lifespan(self, broadcast: Broadcast) -> Any:
         """An ASGI app's lifespan: connect ``broadcast`` if nobody did (and disconnect
@@ -126,9 +130,9 @@ async def unless_stopped(stop: asyncio.Future[None], write: Awaitable[None]) -> 
 
 async def answered(stop: asyncio.Future[None], write: Awaitable[None]) -> bool:
     """Await ``write``, an answer to a client (a publish's ack), until ``stop`` comes
-    and then :data:`LAST_WRITE_WAIT` seconds more; whether it was written. Cancelled
-    at once, an ack whose event is stored would be lost, and a client retrying
-    without a key would store it twice."""
+    and then :data:`LAST_WRITE_WAIT` seconds more; ``False`` once ``stop`` came
+    (written or not). Cancelled at once, an ack whose event is stored would be lost,
+    and a client retrying without a key would store it twice."""
     task = asyncio.ensure_future(write)
     try:
         await asyncio.wait((task, stop), return_when=asyncio.FIRST_COMPLETED)
@@ -138,6 +142,8 @@ async def answered(stop: asyncio.Future[None], write: Awaitable[None]) -> bool:
         if not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        elif not task.cancelled():
+            task.exception()  # retrieved, should this wait have been cancelled as it failed
     if task.cancelled():
         return False
     task.result()  # the write's error: the client went away

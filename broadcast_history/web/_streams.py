@@ -113,19 +113,7 @@ async def unless_stopped(stop: asyncio.Future[None], write: Awaitable[None]) -> 
     """Await ``write`` unless ``stop`` comes first (it is then cancelled); whether it
     was written. A write to a client that stopped reading waits as long as the client
     does: a server that stops must not."""
-    task = asyncio.ensure_future(write)
-    try:
-        await asyncio.wait((task, stop), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        elif not task.cancelled():
-            task.exception()  # retrieved, should this wait have been cancelled as it failed
-    if task.cancelled():
-        return False
-    task.result()  # the write's error: the client went away
-    return True
+    return await _written(stop, write, 0.0)
 
 
 async def answered(stop: asyncio.Future[None], write: Awaitable[None]) -> bool:
@@ -133,11 +121,17 @@ async def answered(stop: asyncio.Future[None], write: Awaitable[None]) -> bool:
     and then :data:`LAST_WRITE_WAIT` seconds more; ``False`` once ``stop`` came
     (written or not). Cancelled at once, an ack whose event is stored would be lost,
     and a client retrying without a key would store it twice."""
+    return await _written(stop, write, LAST_WRITE_WAIT) and not stop.done()
+
+
+async def _written(stop: asyncio.Future[None], write: Awaitable[None], grace: float) -> bool:
+    """Await ``write`` until ``stop`` comes and ``grace`` seconds more (then cancel
+    it); whether it was written. Its error (the client went away) is raised."""
     task = asyncio.ensure_future(write)
     try:
         await asyncio.wait((task, stop), return_when=asyncio.FIRST_COMPLETED)
-        if not task.done():
-            await asyncio.wait((task,), timeout=LAST_WRITE_WAIT)
+        if not task.done() and grace > 0:
+            await asyncio.wait((task,), timeout=grace)
     finally:
         if not task.done():
             task.cancel()
@@ -146,8 +140,8 @@ async def answered(stop: asyncio.Future[None], write: Awaitable[None]) -> bool:
             task.exception()  # retrieved, should this wait have been cancelled as it failed
     if task.cancelled():
         return False
-    task.result()  # the write's error: the client went away
-    return not stop.done()
+    task.result()
+    return True
 
 
 async def last_write(write: Awaitable[None]) -> None:

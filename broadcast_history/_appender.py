@@ -70,11 +70,10 @@ class Appender:
         # the time (time.monotonic) of the last failure.
         self._failed_at = 0
         self._failed_last = 0.0
-        # A send worked since the run began (said once in the log); sends that failed
-        # since (any means sends fail on and off: a cluster with one shard down), and
-        # the last sends' outcomes since (True: failed).
-        self._recovered = False
-        self._failed_after = 0
+        # A send worked since the run began (said once in the log); one failed again
+        # after that (sends fail on and off: a cluster with one shard down); and the
+        # last sends' outcomes since (True: failed).
+        self._recovered = self._flapping = False
         self._recent: deque[bool] = deque(maxlen=_RECENT_SENDS_UP)
         # What the last sends say (see _judge), and whether the last one failed;
         # plain attributes, read by metrics scrapes from another thread.
@@ -271,15 +270,14 @@ class Appender:
             self._on_off_down = 8 * sum(recent) > len(recent)
         else:
             last = recent[-_RECENT_SENDS:]
-            self._on_off_down = 2 * sum(last) >= len(last) > 0 and any(last)
+            self._on_off_down = 2 * sum(last) >= len(last)
 
     def _reconnects(self) -> int:
         return int(getattr(self._wire.backend, "reconnects", 0))
 
     def _end_run(self) -> None:
         self.failing_sends = 0
-        self._recovered = False
-        self._failed_after = 0
+        self._recovered = self._flapping = False
         self._recent.clear()
         self._on_off_down = self._last_failed = False
 
@@ -292,7 +290,7 @@ class Appender:
             self._recovered = True
             return
         self._judge(False)
-        if self._failed_after and time.monotonic() - self._failed_last >= FAILURE_MEMORY:
+        if self._flapping and time.monotonic() - self._failed_last >= FAILURE_MEMORY:
             logger.info("live sends work again, after %d failed on and off", self.failing_sends)
             self._end_run()
 
@@ -314,14 +312,14 @@ class Appender:
         self.failing_sends += 1
         self._failed_last = now
         if self._recovered:
-            self._failed_after += 1
+            self._flapping = True
             self._judge(True)
         if self.failing_sends == 1:
             self._failed_at = self._reconnects()
             logger.warning("%s (abandoned; subscribers read them from the log)", what, exc_info=exc)
         elif self.failing_sends % _FAILURES_LOGGED_EVERY == 0:
             reason = "" if exc is None else f": {exc!r}"
-            how = "on and off" if self._failed_after else "in a row"
+            how = "on and off" if self._flapping else "in a row"
             logger.warning(
                 "live sends still failing (%d %s): %s%s", self.failing_sends, how, what, reason
             )

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import random
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -329,6 +330,22 @@ async def test_failing_sends_say_the_transport_is_down_and_log_once(
         assert works_again() and bc.transport_connected
 
 
+def _fail_sends(backend: UnreliableBackend, fails: Callable[[int], bool]) -> None:
+    """``backend``'s sends fail where ``fails(n)`` for the n-th (from 1): a Redis
+    cluster with a master down, whose channels fail while the others' work."""
+    publish = backend.publish
+    calls = 0
+
+    async def some_failing(channel: str, message: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if fails(calls):
+            raise ConnectionError("shard down")
+        await publish(channel, message)
+
+    backend.publish = some_failing  # type: ignore[method-assign]
+
+
 async def test_sends_failing_on_and_off_say_down_steadily_and_log_little(
     log: str | None, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -341,16 +358,7 @@ async def test_sends_failing_on_and_off_say_down_steadily_and_log_little(
     backend = UnreliableBackend()
     backend.reconnects = 0
     publish = backend.publish
-    calls = 0
-
-    async def every_other(channel: str, message: Any) -> None:
-        nonlocal calls
-        calls += 1
-        if calls % 2:
-            raise ConnectionError("shard down")
-        await publish(channel, message)
-
-    backend.publish = every_other  # type: ignore[method-assign]
+    _fail_sends(backend, lambda call: call % 2 == 1)  # every other
     async with Broadcast(backend=backend, log=log) as bc:
         seen = set()
         for i in range(40):
@@ -388,17 +396,7 @@ async def test_a_third_of_sends_failing_says_down_steadily(log: str | None) -> N
     in 3,000 sends (found by a review); it stays down."""
     backend = UnreliableBackend()
     backend.reconnects = 0
-    publish = backend.publish
-    calls = 0
-
-    async def every_third(channel: str, message: Any) -> None:
-        nonlocal calls
-        calls += 1
-        if calls % 3 == 0:
-            raise ConnectionError("shard down")
-        await publish(channel, message)
-
-    backend.publish = every_third  # type: ignore[method-assign]
+    _fail_sends(backend, lambda call: call % 3 == 0)  # every third
     async with Broadcast(backend=backend, log=log) as bc:
         said = []
         for i in range(150):

@@ -46,15 +46,22 @@ async def broadcast(tmp_path: Path) -> AsyncIterator[Broadcast]:
 @contextlib.asynccontextmanager
 async def serving(app: Any) -> AsyncIterator[str]:
     """``app`` under uvicorn on a free port, in this event loop; yields its base URL."""
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    async with running(server) as (port, _):
+        yield f"http://127.0.0.1:{port}"
+
+
+@contextlib.asynccontextmanager
+async def running(server: uvicorn.Server) -> AsyncIterator[tuple[int, asyncio.Task[None]]]:
+    """``server`` on a free port, in this event loop; yields the port and the server's
+    task (done once it stopped); stops it at the end if it still runs."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
     task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        await asyncio.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{port}"
+        while not server.started:
+            await asyncio.sleep(0.01)
+        yield sock.getsockname()[1], task
     finally:
         server.should_exit = server.force_exit = True
         await asyncio.wait_for(task, 10)
@@ -786,16 +793,10 @@ async def test_a_websocket_publish_in_flight_at_shutdown_is_acknowledged(
     only once its publish was done, after the socket was gone)."""
     app = create_stream_app(broadcast, authorize=allow_all, publish=True)
     _slow_appends(broadcast, monkeypatch)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
     config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=3)
     server = StreamServer(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        while not server.started:
-            await asyncio.sleep(0.01)
-        url = f"ws://127.0.0.1:{sock.getsockname()[1]}/c/ws"
-        async with ws_stream(url) as ws:
+    async with running(server) as (port, task):
+        async with ws_stream(f"ws://127.0.0.1:{port}/c/ws") as ws:
             await wait_for_subscriptions(broadcast, 1)
             await ws.send(json.dumps({"type": "publish", "data": "m"}))
             await asyncio.sleep(0.1)  # the publish is under way
@@ -804,10 +805,6 @@ async def test_a_websocket_publish_in_flight_at_shutdown_is_acknowledged(
             assert "ack" in [frame["type"] for frame in frames]
             assert ws.close_code == 1001
         await asyncio.wait_for(task, 10)
-    finally:
-        server.should_exit = server.force_exit = True
-        await asyncio.wait_for(task, 10)
-        sock.close()
     assert [event.message for event in await broadcast.log.read("c")] == ["m"]
 
 
@@ -836,14 +833,8 @@ async def test_stream_server_keeps_one_budget_and_a_second_ctrl_c(
     _slow_appends(broadcast, monkeypatch, seconds=4)
 
     async def stop_during_a_publish(server: StreamServer, force: bool) -> float:
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        task = asyncio.create_task(server.serve(sockets=[sock]))
-        try:
-            while not server.started:
-                await asyncio.sleep(0.01)
-            url = f"ws://127.0.0.1:{sock.getsockname()[1]}/c/ws"
-            async with ws_stream(url) as ws:
+        async with running(server) as (port, task):
+            async with ws_stream(f"ws://127.0.0.1:{port}/c/ws") as ws:
                 await ws.send(json.dumps({"type": "publish", "data": "m"}))
                 await asyncio.sleep(0.2)  # the publish is under way
                 began = asyncio.get_running_loop().time()
@@ -853,10 +844,6 @@ async def test_stream_server_keeps_one_budget_and_a_second_ctrl_c(
                     server.force_exit = True
                 await asyncio.wait_for(task, 10)
                 return asyncio.get_running_loop().time() - began
-        finally:
-            server.should_exit = server.force_exit = True
-            await asyncio.wait_for(task, 10)
-            sock.close()
 
     def server(target: Any) -> StreamServer:
         config = uvicorn.Config(

@@ -87,15 +87,13 @@ def _next_page(cursor: str, *kept: tuple[str, object]) -> str:
 # title or write the clipboard. C0 controls show as their Unicode pictures (ESC as ␛),
 # DEL and C1 controls and the bidirectional overrides (which reorder what follows) as
 # escapes.
-_VISIBLE = {code: 0x2400 + code for code in range(0x20)}
+_C1 = range(0x7F, 0xA0)  # with DEL
+_BIDI = (*range(0x202A, 0x202F), *range(0x2066, 0x206A))
+_VISIBLE: dict[int, int | str] = {code: 0x2400 + code for code in range(0x20)}
 _VISIBLE[ord("\n")] = ord("⏎")
-_VISIBLE.update(
-    {code: f"\\x{code:02x}" for code in range(0x7F, 0xA0)}
-    | {code: f"\\u{code:04x}" for code in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))}
-)
+_VISIBLE |= {code: f"\\x{code:02x}" for code in _C1} | {code: f"\\u{code:04x}" for code in _BIDI}
 # In JSON, C0 controls are escaped already; these are not.
-_JSON_UNSAFE = {code: f"\\u{code:04x}" for code in (*range(0x7F, 0xA0), *range(0x202A, 0x202F))}
-_JSON_UNSAFE.update({code: f"\\u{code:04x}" for code in range(0x2066, 0x206A)})
+_JSON_UNSAFE = {code: f"\\u{code:04x}" for code in (*_C1, *_BIDI)}
 
 
 def _preview(event: Event, width: int = 60) -> str:

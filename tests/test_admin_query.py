@@ -374,6 +374,51 @@ async def test_export_fails_when_the_channel_changes_under_it(
             await export_then(change)
 
 
+async def test_export_takes_channels_as_listed_or_as_they_are_now(
+    broadcast: Broadcast, admin: HistoryAdmin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An export of every channel read each one's state again before its events (two
+    queries per channel, each compiled anew: 20,000 one-event channels took 46 s on
+    SQLite, 66 s on Postgres; now 6 s and 5 s). It takes the listing's state, and
+    the channel as it is now only if it changed since."""
+    for name in ("a", "b", "c", "d", "e"):
+        await asyncio.gather(*(broadcast.publish(name, f"{name}{i}") for i in range(3)))
+    lookups: list[str] = []
+    real_channel = broadcast.log.channel
+
+    async def channel(name: str) -> object:
+        lookups.append(name)
+        return await real_channel(name)
+
+    monkeypatch.setattr(broadcast.log, "channel", channel)
+    exported: list[dict[str, object]] = []
+    async for line in admin.export_jsonl():
+        exported.append(json.loads(line))
+        if len(exported) == 1:  # the listing is read: change the channels after "a"
+            await broadcast.log.trim("b", before=3)
+            await broadcast.log.delete_channel("c")
+            await broadcast.log.delete_channel("d")
+            await broadcast.publish("d", "new d")
+            await broadcast.publish("e", "e3")  # after the listing: not in this export
+    heads = [line for line in exported if line["type"] == "channel"]
+    assert [(h["name"], h["first_offset"], h["last_offset"]) for h in heads] == [
+        ("a", 1, 3),
+        ("b", 3, 3),
+        ("d", 1, 1),
+        ("e", 1, 3),
+    ]
+    events = [(e["channel"], e["message"]) for e in exported if e["type"] == "event"]
+    assert events == [("a", f"a{i}") for i in range(3)] + [("b", "b2"), ("d", "new d")] + [
+        ("e", f"e{i}") for i in range(3)
+    ]
+    assert exported[-1] == {"type": "end", "format": 2, "channels": 4, "events": 8}
+    assert lookups == ["b", "c", "d"]  # only those that changed
+
+    async with Broadcast("memory://") as target:
+        result = await HistoryAdmin.of(target).import_jsonl(json.dumps(e) for e in exported)
+        assert result.channels == ["a", "b", "d", "e"] and result.events == 8
+
+
 async def test_export_one_channel(broadcast: Broadcast, admin: HistoryAdmin) -> None:
     await broadcast.publish("x1", "a")
     await broadcast.publish("x2", "b")

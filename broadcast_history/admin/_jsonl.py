@@ -69,7 +69,19 @@ def end_line(channels: int, events: int) -> str:
 
 
 async def export_channel(log: EventLog, info: ChannelInfo) -> AsyncIterator[str]:
-    """The export lines of one channel, read page by page."""
+    """The export lines of one channel, read page by page, as ``info`` (a listing)
+    describes it; as it is now if it changed since (nothing if it was deleted)."""
+    first = await _page(log, info, info.first_offset - 1)
+    if first is None:
+        # Trimmed, deleted or deleted and used again since it was listed: a listing
+        # of many channels is old by the time it reaches the last ones.
+        now = await log.channel(info.name)
+        if now is None:
+            return
+        info = now
+        first = await _page(log, info, info.first_offset - 1)
+        if first is None:
+            raise await _changed(log, info)
     yield _dumps(
         {
             "type": "channel",
@@ -82,23 +94,33 @@ async def export_channel(log: EventLog, info: ChannelInfo) -> AsyncIterator[str]
             "trimmed_timestamp": _iso(info.trimmed_timestamp),
         }
     )
-    after = info.first_offset - 1
-    while after < info.last_offset:
-        page = await log.read(
-            info.name,
-            after=after,
-            before=info.last_offset + 1,
-            limit=_PAGE,
-            max_bytes=_PAGE_BYTES,
-        )
-        if not page or page[0].offset != after + 1:
-            # Trimmed or deleted since the channel line: the file would have a hole.
-            raise await _changed(log, info)
+    page: list[Event] | None = first
+    while page:
         for event in page:
-            if event.epoch != info.epoch:
-                raise StreamReset(f"{info.name!r} was deleted during the export: export again")
             yield _dumps({"type": "event", **event_json(event)})
         after = page[-1].offset
+        if after >= info.last_offset:
+            return
+        page = await _page(log, info, after)
+        if page is None:
+            # Trimmed or deleted since the channel line: the file would have a hole.
+            raise await _changed(log, info)
+
+
+async def _page(log: EventLog, info: ChannelInfo, after: int) -> list[Event] | None:
+    """The events of ``info``'s channel after ``after`` up to its last offset (a page
+    of them), or ``None`` if the log no longer has them as ``info`` says."""
+    if after >= info.last_offset:
+        return []  # every event trimmed: the channel line alone
+    # The replay's query (compiled once), not read()'s: a log of many small channels
+    # reads one page per channel, and compiling each cost more than running it.
+    page = await log.read_from(
+        info.name, after + 1, min(_PAGE, info.last_offset - after), _PAGE_BYTES
+    )
+    # One statement reads one epoch: its first and last events tell for all.
+    if not page or page[0].offset != after + 1 or page[-1].epoch != info.epoch:
+        return None
+    return page
 
 
 async def _changed(log: EventLog, info: ChannelInfo) -> HistoryTruncated | StreamReset:

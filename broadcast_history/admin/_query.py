@@ -283,22 +283,18 @@ class HistoryAdmin(ConsumerAdmin):
         """
         if channels is not None:
             # A name given twice is exported once: twice, the import refuses the file.
-            channels = list(dict.fromkeys(channels))
-            for name in channels:
-                await self.channel(name)
-            names: AsyncIterable[str] = _aiter(channels)
+            listed = _aiter([await self.channel(name) for name in dict.fromkeys(channels)])
         else:
-            names = _names(self.all_channels(prefix=prefix))
+            listed = self.all_channels(prefix=prefix)
         exported = events = 0
-        async for name in names:
-            info = await self.log.channel(name)
-            if info is None:
-                continue  # deleted since it was listed
+        async for info in listed:
+            lines = 0
             async for line in _jsonl.export_channel(self.log, info):
                 yield line
-                events += 1
-            exported += 1
-            events -= 1  # its channel line
+                lines += 1
+            if lines:  # none: deleted since it was listed
+                exported += 1
+                events += lines - 1  # all but its channel line
         yield _jsonl.end_line(exported, events)
 
     async def import_jsonl(
@@ -339,11 +335,6 @@ def _size(events: Sequence[Event]) -> int:
     )
 
 
-async def _aiter(items: Iterable[str]) -> AsyncIterator[str]:
+async def _aiter(items: Iterable[ChannelInfo]) -> AsyncIterator[ChannelInfo]:
     for item in items:
         yield item
-
-
-async def _names(stats: AsyncIterator[ChannelInfo]) -> AsyncIterator[str]:
-    async for item in stats:
-        yield item.name

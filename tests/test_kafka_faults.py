@@ -20,6 +20,8 @@ from broadcast_history.backends.kafka import KafkaBackend
 from tests.conftest import unique
 from tests.support.helpers import assert_contiguous, take
 from tests.support.kafka_broker import TansuBroker
+from tests.support.ports import free_port
+from tests.support.proxy import CuttableProxy
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +153,85 @@ async def test_subscribes_while_the_broker_is_away_return_at_once(
             await wait_until(lambda: subscriber.transport_connected, 20)
             event = await publisher.publish(channels[0], "live")
             assert await take(sub, 1, timeout=10) == [event]
+
+
+async def test_connections_gone_silent_are_replaced(tmp_path: Path) -> None:
+    """Connections that go silent without a reset (a NAT or firewall that forgot them,
+    a frozen host) kept the transport down for good: its ping, cancelled at
+    ``timeout``, left its request waiting in the dead connection, which only aiokafka's
+    own request timeout closes, and a cancelled request never times out."""
+    proxy = CuttableProxy("127.0.0.1", free_port())
+    port = await proxy.start()
+    log = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
+    channel = unique("silent")
+
+    def backend() -> KafkaBackend:
+        return KafkaBackend(
+            f"kafka://127.0.0.1:{port}",
+            ping_interval=0.2,
+            max_reconnect_delay=0.5,
+            timeout=1,
+            client_options={"request_timeout_ms": 3000},
+        )
+
+    publisher = Broadcast(backend=backend(), log=log)
+    subscriber = Broadcast(backend=backend(), log=log, idle_check=600)
+    with TansuBroker(proxy.port, advertised=port):
+        try:
+            async with publisher, subscriber, subscriber.subscribe(channel) as sub:
+                first = await publisher.publish(channel, "before")
+                assert await take(sub, 1) == [first]
+                proxy.stall()  # every connection open now carries nothing, for good
+                await wait_until(lambda: not subscriber.transport_connected, 10)
+                await wait_until(
+                    lambda: publisher.transport_connected and subscriber.transport_connected,
+                    30,
+                )
+                # Live again: with the idle check off, only the transport brings
+                # events in. The publisher's own connections go silent as well: its
+                # sends fail until aiokafka's request timeout replaces them too, and
+                # the first live event that arrives brings those before from the log.
+                published: list[Event] = []
+
+                async def publish() -> None:
+                    while True:
+                        published.append(await publisher.publish(channel, "after"))
+                        await asyncio.sleep(0.3)
+
+                task = asyncio.create_task(publish())
+                try:
+                    arrived = await asyncio.wait_for(sub.get(), 15)
+                finally:
+                    task.cancel()
+                assert arrived == published[0]
+        finally:
+            await proxy.stop()
+
+
+async def test_sends_while_the_broker_is_away_count_as_failed(
+    broker: TansuBroker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Known away, the transport skipped sends quietly: each counted as one that worked,
+    so the first of an outage logged "live sends work again" at once, and
+    live_send_failures stayed at 1 whatever the outage's length."""
+    publisher = Broadcast(
+        backend=fast_backend(broker), log=f"sqlite+aiosqlite:///{tmp_path / 'e.db'}"
+    )
+    channel = unique("away")
+    async with publisher:
+        await publisher.publish(channel, "before")
+        await asyncio.to_thread(broker.stop)
+        try:
+            await wait_until(lambda: not publisher.transport_connected, 10)
+            # The send under way when the broker died fails once it times out.
+            await publisher.publish(channel, "away")
+            await wait_until(lambda: publisher.stats.live_send_failures > 0, 10)
+            caplog.clear()
+            failed = publisher.stats.live_send_failures
+            for i in range(5):
+                await publisher.publish(channel, f"away {i}")
+                await asyncio.sleep(0.1)  # a live send each (a batch counts once)
+            await wait_until(lambda: publisher.stats.live_send_failures >= failed + 5, 10)
+            assert "work again" not in caplog.text
+        finally:
+            await asyncio.to_thread(broker.start)

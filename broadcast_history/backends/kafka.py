@@ -15,7 +15,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, KafkaTimeoutError
 
 from .._cancel import wait_for
 from .._errors import InvalidArgument, NotConnected, TransportError
@@ -32,6 +32,9 @@ _MAX_REQUEST = 1_048_576
 #: What a record holds besides the envelope: its key (the channel, at most 1,020
 #: bytes), varints and the batch header aiokafka counts in its size check.
 _RECORD_ROOM = 2048
+# Seconds: the least aiokafka request timeout the transport sets (twice its timeout
+# otherwise): a topic's creation on a busy cluster may take seconds.
+_MIN_REQUEST_TIMEOUT = 10.0
 
 
 class KafkaBackend(Health, InboxTransport, BroadcastBackend):
@@ -52,7 +55,9 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
         ping_interval: Seconds between liveness checks of the broker.
         max_reconnect_delay: Longest pause, in seconds, between checks of a broker
             that is away.
-        timeout: Seconds a publish or a subscribe waits for the broker.
+        timeout: Seconds a publish or a subscribe waits for the broker. aiokafka's
+            request timeout is twice that, at least 10 s: a connection gone silent is
+            replaced after it.
         client_options: Extra keyword arguments for the aiokafka clients
             (``security_protocol``, ``ssl_context``, ``sasl_*``...).
     """
@@ -100,9 +105,11 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
         self._consumer: AIOKafkaConsumer | None = None
         self._admin: AIOKafkaAdminClient | None = None
         self._lookup: AIOKafkaConsumer | None = None
+        self._lookup_options: dict[str, Any] = {}
         self._inbox: Inbox | None = None
         self._lock: asyncio.Lock | None = None
         self._recovering = False  # _recover holds the lock (see _sync_assignment)
+        self._assigned_topics: set[str] = set()  # the topics _assign last took up
         self._assigned: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -113,7 +120,13 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
     async def connect(self) -> None:
         if self._tasks:
             return
-        options = {"bootstrap_servers": self._servers, **self._options}
+        options = {
+            "bootstrap_servers": self._servers,
+            # A request unanswered this long closes its connection, and only that ends
+            # a connection gone silent: aiokafka's 40 s kept the transport down as long.
+            "request_timeout_ms": int(max(2 * self._timeout, _MIN_REQUEST_TIMEOUT) * 1000),
+            **self._options,
+        }
         self._producer = AIOKafkaProducer(**options)
         self._consumer = AIOKafkaConsumer(
             group_id=None, enable_auto_commit=False, auto_offset_reset="latest", **options
@@ -121,6 +134,7 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
         # Offsets are looked up on a connection of their own: on the fetching one they
         # would queue behind the broker's long-poll of the current fetch.
         self._lookup = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, **options)
+        self._lookup_options = options
         self._admin = AIOKafkaAdminClient(**options)
         try:
             for client in (self._producer, self._consumer, self._lookup, self._admin):
@@ -162,10 +176,10 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
         if producer is None:
             raise NotConnected("the kafka transport is not connected")
         if not self._up:
-            # Subscribers read the log while the broker is away, and the outage was
-            # logged once: a send would only wait, and a warning per publish is noise.
-            logger.debug("kafka broker unreachable; live send of %d skipped", len(messages))
-            return
+            # Known away: a send would only wait. Failed at once, it counts as any
+            # send not made (skipped quietly, it counted as one that worked: "live
+            # sends work again" was logged in the middle of an outage).
+            raise TransportError("the kafka broker is unreachable: live send not made")
         topics = [self.topic(channel) for channel, _ in messages]
         stage = _Stage()
         try:
@@ -258,21 +272,31 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
             # Trying here waited the whole timeout under the lock, so many
             # subscribers entered one timeout after another.
             return
-        async with self._lock:
+        try:
+            # Bounded: a recovery holds the lock until its requests end, and a
+            # silent connection's end is aiokafka's request timeout.
+            await wait_for(self._lock.acquire(), self._timeout)
+        except TimeoutError:
+            # That recovery assigns this channel too before the transport is up.
+            logger.debug("kafka subscription deferred to the recovery under way")
+            return
+        try:
             if not self._up:  # found away while this one waited for the lock
                 return
-            try:
-                await wait_for(self._assign(), self._timeout)
-            except (KafkaError, *TRANSIENT) as exc:
-                if not retriable(exc):
-                    raise TransportError(f"Kafka subscription failed: {exc!r}") from exc
-                logger.warning("kafka subscription deferred: %r", exc)
-                self._up = False
+            await wait_for(self._assign(), self._timeout)
+        except (KafkaError, *TRANSIENT) as exc:
+            if not retriable(exc):
+                raise TransportError(f"Kafka subscription failed: {exc!r}") from exc
+            logger.warning("kafka subscription deferred: %r", exc)
+            self._up = False
+        finally:
+            self._lock.release()
 
     async def _assign(self) -> None:
         assert self._consumer is not None and self._assigned is not None
         consumer = self._consumer
         topics = sorted(self._channels)
+        self._assigned_topics = set(topics)
         while True:
             await self._ensure_topics(topics)
             assert self._admin is not None
@@ -282,9 +306,8 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
             # Gone again, or a new topic's metadata still spreading in the cluster.
             self._known -= missing
             await asyncio.sleep(0.1)
-        assert self._lookup is not None
         fresh = [tp for tp in wanted if tp not in self._next]
-        ends = await self._lookup.end_offsets(fresh) if fresh else {}
+        ends = await self._offsets(fresh) if fresh else {}
         if wanted != consumer.assignment():
             # aiokafka forgets every position on assign(): keep the ones we know.
             kept = {tp: offset for tp, offset in self._next.items() if tp in wanted}
@@ -352,16 +375,28 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
         backoff = Backoff(self._max_delay, first=self._ping_interval)
         while True:
             await backoff.sleep()
+            ping = asyncio.ensure_future(self._recover())
             try:
-                await wait_for(self._recover(), self._timeout)
+                await asyncio.wait({ping}, timeout=self._timeout)
+                if not ping.done():
+                    self._went_away(TimeoutError(f"no answer in {self._timeout} s"))
+                    # Not cancelled: only aiokafka's request timeout closes a
+                    # connection gone silent (a NAT or firewall that forgot it, a
+                    # frozen host), and a cancelled request never times out: the
+                    # dead connection stayed, and every later ping waited in it.
+                await ping
             except asyncio.CancelledError:
+                ping.cancel()
                 raise
             except Exception as exc:
-                if self._up:
-                    logger.warning("kafka broker unreachable; retrying: %r", exc)
-                self._up = False
+                self._went_away(exc)
                 continue
             backoff.reset()
+
+    def _went_away(self, exc: BaseException) -> None:
+        if self._up:
+            logger.warning("kafka broker unreachable; retrying: %r", exc)
+        self._up = False
 
     async def _recover(self) -> None:
         assert self._lock is not None and self._consumer is not None and self._admin is not None
@@ -384,23 +419,58 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
         # Also after a restart too quick to notice: a broker that lost its data
         # (or a topic deleted and re-created) leaves positions past the end.
         await self._rewind_recreated()
+        while self._assigned_topics != set(self._channels):
+            await self._assign()  # subscribes that gave up waiting for the lock
         # Under the lock: a subscribe that waited for it assigns its channel.
         self._back_up("kafka broker connection")
 
     async def _rewind_recreated(self) -> None:
         """Move positions past a topic's end (a re-created topic) to its start."""
-        assert self._consumer is not None and self._lookup is not None
+        assert self._consumer is not None
         consumer = self._consumer
         assigned = [tp for tp in consumer.assignment() if tp in self._next]
         if not assigned:
             return
-        ends = await self._lookup.end_offsets(assigned)
+        ends = await self._offsets(assigned)
         stale = [tp for tp in assigned if self._next[tp] > ends[tp]]
         if stale:
-            starts = await self._lookup.beginning_offsets(stale)
+            starts = await self._offsets(stale, ends=False)
             for tp in stale:
                 consumer.seek(tp, starts[tp])
                 self._next[tp] = starts[tp]
+
+    async def _offsets(
+        self, partitions: list[TopicPartition], *, ends: bool = True
+    ) -> dict[TopicPartition, int]:
+        """The end (or start) offsets of ``partitions``, from the lookup client."""
+        lookup = self._lookup
+        assert lookup is not None
+        try:
+            lookup_offsets = lookup.end_offsets if ends else lookup.beginning_offsets
+            offsets: dict[TopicPartition, int] = await lookup_offsets(partitions)
+            return offsets
+        except KafkaTimeoutError:
+            # aiokafka times an offset lookup out before its request, so the request
+            # never times out and its connection is never closed: gone silent, the
+            # connection failed every later lookup. A new client connects afresh.
+            await self._renew_lookup(lookup)
+            raise
+
+    async def _renew_lookup(self, old: AIOKafkaConsumer) -> None:
+        new = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, **self._lookup_options)
+        closing = asyncio.ensure_future(_stop_consumer(old))
+        closing.add_done_callback(_closed)
+        try:
+            await wait_for(new.start(), self._timeout * 2)
+        except BaseException:
+            await _stop_consumer(new)
+            raise
+        finally:
+            await asyncio.wait({closing}, timeout=5)
+        if self._lookup is old:
+            self._lookup = new
+        else:  # disconnected meanwhile
+            await _stop_consumer(new)
 
 
 __all__ = ["KafkaBackend", "topic_for"]

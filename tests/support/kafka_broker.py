@@ -42,9 +42,11 @@ def broker_binary() -> str:
 class TansuBroker:
     """One tansu broker process on a fixed local port, restartable on that port."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, *, advertised: int | None = None) -> None:
         self.binary = broker_binary()
         self.port = port or free_port()
+        # The port clients are told to use: a proxy's, in front of this one.
+        self.advertised = advertised or self.port
         self.process: subprocess.Popen[bytes] | None = None
         # A file, not a pipe: a broker that logs a lot must never block on a full pipe.
         self._log = tempfile.TemporaryFile()  # noqa: SIM115  (closed in __exit__)
@@ -59,6 +61,7 @@ class TansuBroker:
         if self.process is not None:
             return
         listener = f"tcp://{self.bootstrap}"
+        advertised = f"tcp://127.0.0.1:{self.advertised}"
         self.process = subprocess.Popen(
             [
                 self.binary,
@@ -66,7 +69,7 @@ class TansuBroker:
                 "--listener-url",
                 listener,
                 "--advertised-listener-url",
-                listener,
+                advertised,
                 "--storage-engine",
                 "memory://tansu/",
                 "--silent",

@@ -254,15 +254,58 @@ class HeadProbe:
                 answer.cancel()  # only those left unanswered (cancelled): nobody will
 
     async def channel(self, name: str, max_age: float = 0.0) -> ChannelInfo | None:
-        """The state of channel ``name``, at most ``max_age`` seconds old."""
+        """The state of channel ``name``, at most ``max_age`` seconds old.
+
+        An idle check (``max_age`` above 0) that has to go to the log also asks for
+        every other channel of this broadcast's subscribers last looked up over
+        ``max_age / 2`` ago, in the same query: their own checks, due within the next
+        moments, then reuse it. Each channel asking alone cost a transaction per quiet
+        channel per ``idle_check`` (234 a second, and new connections past the pool,
+        for 200 quiet channels on Postgres).
+        """
         now = asyncio.get_running_loop().time()
         entry = self._lookups.get(name)
         if entry is None or (entry[1].done() and now - entry[0] > max_age):
-            future = asyncio.ensure_future(self._log.channel(name))
-            self._lookups[name] = entry = (now, future)
+            names = [name]
+            if max_age > 0:
+                names += [
+                    other
+                    for other, (asked, lookup) in self._lookups.items()
+                    if lookup.done()
+                    and now - asked > max_age / 2
+                    and other != name
+                    and self._subscribers.get(other)
+                ]
+            futures = self._look_up(names)
+            for other, future in futures.items():
+                self._lookups[other] = (now, future)
+            entry = self._lookups[name]
             if len(self._lookups) > 4096:
                 # Forget finished lookups of channels nobody checks any more.
                 for key in [k for k, (_, f) in self._lookups.items() if f.done()]:
                     del self._lookups[key]
         # Shielded: one caller being cancelled must not cancel the others' answer.
         return await asyncio.shield(entry[1])
+
+    def _look_up(self, names: list[str]) -> dict[str, asyncio.Future[ChannelInfo | None]]:
+        """One lookup of ``names`` (a query per 500), a future per name."""
+        if len(names) == 1:
+            return {names[0]: asyncio.ensure_future(self._log.channel(names[0]))}
+        found = asyncio.ensure_future(self._log.channels_named(names))
+        loop = asyncio.get_running_loop()
+        futures = {name: loop.create_future() for name in names}
+
+        def answer(found: asyncio.Future[dict[str, ChannelInfo]]) -> None:
+            for name, future in futures.items():
+                if future.done():
+                    continue
+                if found.cancelled():
+                    future.cancel()
+                elif (exc := found.exception()) is not None:
+                    future.set_exception(exc)
+                    future.exception()  # a channel nobody asked for now: not an error
+                else:
+                    future.set_result(found.result().get(name))
+
+        found.add_done_callback(answer)
+        return futures

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import AsyncIterable, Sequence
+from collections.abc import AsyncIterable, Collection, Sequence
 from datetime import datetime
 from typing import Any, Literal
 
@@ -39,7 +39,8 @@ _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 _CALLS_WAIT = 5.0
 #: Most attempts an append makes beyond three for its keys' conflicts.
 MAX_KEY_RETRIES = 32
-#: Offsets asked for in one query by EventLog.read_at.
+#: Offsets asked for in one query by EventLog.read_at (names by channels_named):
+#: drivers cap the parameters of a statement.
 _OFFSETS_PER_QUERY = 500
 #: Events retention removes in one transaction, at most.
 RETENTION_SLICE = 10_000
@@ -353,6 +354,22 @@ class EventLog(ConsumerMethods):
     async def _channel(self, name: str) -> ChannelInfo | None:
         async with translated(), self._store.begin() as conn:
             return await _queries.channel(conn, name)
+
+    @finish_repeatable
+    async def channels_named(self, names: Collection[str]) -> dict[str, ChannelInfo]:
+        """State of the channels of ``names`` that have history, by name (one query
+        per 500 names)."""
+        wanted = sorted(set(names))
+        found: dict[str, ChannelInfo] = {}
+        for at in range(0, len(wanted), _OFFSETS_PER_QUERY):
+            found.update(
+                await self._store.bounded(self._named(wanted[at : at + _OFFSETS_PER_QUERY]))
+            )
+        return found
+
+    async def _named(self, names: list[str]) -> dict[str, ChannelInfo]:
+        async with translated(), self._store.begin() as conn:
+            return {info.name: info for info in await _queries.channels_named(conn, names)}
 
     @finish_repeatable
     async def channels(

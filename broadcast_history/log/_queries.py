@@ -69,6 +69,11 @@ async def channel(conn: AsyncConnection, name: str) -> ChannelInfo | None:
     return None if row is None else channel_info(row)
 
 
+async def channels_named(conn: AsyncConnection, names: list[str]) -> list[ChannelInfo]:
+    result = await conn.execute(select(*CHANNEL_COLUMNS).where(channels.c.name.in_(names)))
+    return [channel_info(row) for row in result]
+
+
 async def channel_page(
     conn: AsyncConnection, prefix: str | None, after: str | None, limit: int | None
 ) -> list[ChannelInfo]:

@@ -227,19 +227,24 @@ def test_a_page_that_saw_no_event_misses_none_across_a_restart(
         context.close()
 
 
-def test_websocket_backoff_grows_while_the_server_is_down(server: Server, browser: Any) -> None:
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+def test_backoff_grows_while_the_server_is_down(
+    server: Server, browser: Any, transport: str
+) -> None:
     """A WebSocket that never opened reset the backoff after each failure: a client
-    retried every 0.25-0.5 s for as long as the server was down."""
+    retried every 0.25-0.5 s for as long as the server was down. Server-Sent Events
+    were left to EventSource, which tries again every second, for ever (a browser
+    probe counted 58 attempts of two streams in 30 s)."""
     context = browser.new_context()
     try:
         page = context.new_page()
         page.goto(f"{server.base}/stats")
         page.evaluate(
-            """async (dead) => {
+            """async ([dead, transport]) => {
                 const { connect } = await import("/events/client.js");
                 window.delays = [];
                 connect(dead, {
-                    transport: "ws",
+                    transport,
                     storageKey: null,
                     onStatus(status, detail) {
                         if (status !== "reconnecting") return;
@@ -247,7 +252,7 @@ def test_websocket_backoff_grows_while_the_server_is_down(server: Server, browse
                     },
                 });
             }""",
-            f"http://127.0.0.1:{free_port()}/events/nowhere",
+            [f"http://127.0.0.1:{free_port()}/events/nowhere", transport],
         )
         page.wait_for_function("() => window.delays.length >= 3", timeout=WAIT_MS)
         delays = page.evaluate("() => window.delays")
@@ -296,5 +301,31 @@ def test_websocket_publish_sends_the_bytes_of_any_binary_value(
         )
         stored = in_thread(stored_messages(server.log, channel))
         assert stored == [b"\x02\x01", b"\x08\x09", b"\x01\x02\x03"]
+    finally:
+        context.close()
+
+
+def test_a_refused_publish_says_why(server: Server, browser: Any) -> None:
+    """A refusal in plain text (an HTTPException of authorize) reached the page as
+    "HTTP 401": the body was read as JSON only."""
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(f"{server.base}/stats")
+        message = page.evaluate(
+            """async () => {
+                const { connect } = await import("/events/client.js");
+                const stream = connect("/denied", { storageKey: null });
+                try {
+                    await stream.publish("hello");
+                    return "published";
+                } catch (error) {
+                    return error.message;
+                } finally {
+                    stream.close();
+                }
+            }"""
+        )
+        assert message == "log in again"
     finally:
         context.close()

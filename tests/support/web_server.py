@@ -25,7 +25,7 @@ from pathlib import Path
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 
 from broadcast_history import Broadcast
@@ -69,13 +69,22 @@ def make_app(broadcast: Broadcast) -> Starlette:
             }
         )
 
+    async def denied(request: Request) -> Response:
+        # As an app's authorize raising HTTPException(401, "log in again") answers.
+        return PlainTextResponse("log in again", status_code=401)
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with broadcast:
             yield
 
     app = Starlette(
-        routes=[Route("/", page), Route("/stats", stats), Mount("/events", streams)],
+        routes=[
+            Route("/", page),
+            Route("/stats", stats),
+            Route("/denied", denied, methods=["GET", "POST"]),
+            Mount("/events", streams),
+        ],
         lifespan=lifespan,
     )
     app.state.close_streams = streams.state.close_streams

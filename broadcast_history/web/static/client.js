@@ -188,20 +188,27 @@ export function connect(url, options = {}) {
     es.addEventListener("reset", (e) => handleReset({ ...JSON.parse(e.data), id: e.lastEventId }));
     es.addEventListener("start", (e) => handleStart(e.lastEventId));
     es.onopen = () => {
-      attempts = 0;
+      openedAt = Date.now();
       onStatus("open");
     };
     es.onerror = () => {
       if (source !== es) return;
-      if (es.readyState === EventSource.CLOSED) {
-        // Refused (an HTTP error): EventSource gives up; try again from the last id.
-        es.close();
-        retryLater();
-      } else {
-        // EventSource reconnects by itself, sending Last-Event-ID.
-        onStatus("reconnecting");
-      }
+      // Closed and opened again from the last id with the backoff, refused (an HTTP
+      // error: EventSource gives up) or cut alike: left to itself, EventSource tries
+      // again every second (the server's retry:) for as long as the server is away,
+      // a thousand pages a thousand times a second.
+      es.close();
+      source = null;
+      settle();
+      retryLater();
     };
+  }
+
+  // Only a connection that opened and held resets the backoff; one that never
+  // opened (the server is down) keeps growing it.
+  function settle() {
+    if (openedAt && Date.now() - openedAt > STEADY) attempts = 0;
+    openedAt = 0;
   }
 
   function openWs() {
@@ -236,10 +243,7 @@ export function connect(url, options = {}) {
       if (source !== ws) return;
       source = null;
       for (const pending of acks.splice(0)) pending.reject(new Error("the connection closed"));
-      // Only a connection that opened and held resets the backoff; one that never
-      // opened (the server is down) keeps growing it.
-      if (openedAt && Date.now() - openedAt > STEADY) attempts = 0;
-      openedAt = 0;
+      settle();
       if (closed) return;
       if (e.code === 1008 || e.code === 4400) {
         // Refused (authorization) or a bad request: trying again will not help.
@@ -265,9 +269,16 @@ export function connect(url, options = {}) {
     };
     if (key) headers["Idempotency-Key"] = key;
     const response = await fetch(base, { method: "POST", headers, body: data });
-    const body = await response.json().catch(() => ({}));
-    if (!response.ok) throw new Error(body.detail || `HTTP ${response.status}`);
-    return body;
+    const text = await response.text();
+    let body = {};
+    try {
+      body = JSON.parse(text);
+    } catch {
+      // Not JSON: an error the app raised as text (an HTTPException of authorize).
+    }
+    if (response.ok) return body;
+    const plain = (response.headers.get("content-type") || "").startsWith("text/plain");
+    throw new Error(body.detail || (plain && text.trim()) || `HTTP ${response.status}`);
   }
 
   open();

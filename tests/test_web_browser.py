@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ import pytest
 from broadcast_history import Broadcast, EventLog
 from tests.support.browser_support import WAIT_MS, chromium, require_chromium
 from tests.support.ports import free_port
+from tests.support.proxy import CuttableProxy
 
 sync_api = require_chromium()
 ROOT = Path(__file__).parents[1]
@@ -327,5 +329,106 @@ def test_a_refused_publish_says_why(server: Server, browser: Any) -> None:
             }"""
         )
         assert message == "log in again"
+    finally:
+        context.close()
+
+
+class RelayThread:
+    """A :class:`CuttableProxy` to the server, run by a loop of its own in a thread
+    (Playwright's sync API holds this one's)."""
+
+    def __init__(self, port: int) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.proxy = CuttableProxy("127.0.0.1", port)
+        self.port = self._run(self.proxy.start())
+
+    def _run(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(10)
+
+    def stall(self) -> None:
+        self.loop.call_soon_threadsafe(self.proxy.stall)
+
+    def close(self) -> None:
+        self._run(self.proxy.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+def test_a_connection_gone_silent_is_dropped_and_resumed(
+    server: Server, browser: Any, transport: str
+) -> None:
+    """A connection that went silent without closing (a NAT that forgot it, a network
+    switched) was never noticed: the page waited for ever, status "open", and got
+    nothing more (a browser probe waited 60 s). It now watches the server's pings
+    (every second here) and, after two intervals and 3 s of silence, connects again
+    from its last id."""
+    relay = RelayThread(server.port)
+    channel = f"silent-{transport}-{uuid.uuid4().hex[:8]}"
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(f"http://127.0.0.1:{relay.port}/stats")
+        page.evaluate(
+            """([channel, transport]) => import("/events/client.js").then(({ connect }) => {
+                window.got = [];
+                window.opened = 0;
+                connect(`/events/${channel}`, {
+                    transport,
+                    storageKey: null,
+                    onMessage(data) { window.got.push(data); },
+                    onStatus(status) { if (status === "open") window.opened += 1; },
+                });
+            })""",
+            [channel, transport],
+        )
+        page.wait_for_function("() => window.opened === 1", timeout=WAIT_MS)
+        httpx.post(f"{server.base}/events/{channel}", content="before", headers=TEXT)
+        page.wait_for_function("() => window.got.length === 1", timeout=WAIT_MS)
+        relay.stall()  # every connection open now carries nothing, for good
+        httpx.post(f"{server.base}/events/{channel}", content="during", headers=TEXT)
+        page.wait_for_function("() => window.got.length >= 2", timeout=WAIT_MS)
+        assert page.evaluate("() => [window.got, window.opened]") == [["before", "during"], 2]
+    finally:
+        context.close()
+        relay.close()
+
+
+def test_publish_refuses_other_values_and_close_ends_waiting_publishes(
+    server: Server, browser: Any
+) -> None:
+    """A number was stored as zero bytes over WebSocket (its text over POST), an
+    object as "[object Object]"; a WebSocket publish waiting for its ack when the page
+    closed the stream was left pending for ever (found by a browser probe)."""
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(f"{server.base}/stats")
+        outcomes = page.evaluate(
+            """async (channel) => {
+                const { connect } = await import("/events/client.js");
+                const opened = new Promise((resolve) => {
+                    window.stream = connect(`/events/${channel}`, {
+                        transport: "ws",
+                        storageKey: null,
+                        onStatus(status) { if (status === "open") resolve(); },
+                    });
+                });
+                await opened;
+                const outcome = (promise) =>
+                    promise.then(() => "published", (error) => `${error.name}: ${error.message}`);
+                const refused = await Promise.all([5, { a: 1 }, null].map(
+                    (value) => outcome(window.stream.publish(value))));
+                const waiting = outcome(window.stream.publish("last"));
+                window.stream.close();
+                return [...refused, await waiting];
+            }""",
+            f"values-{uuid.uuid4().hex[:8]}",
+        )
+        refused = "TypeError: publish takes a string, bytes or a Blob"
+        assert outcomes == [refused] * 3 + ["Error: the stream was closed"]
     finally:
         context.close()

@@ -52,6 +52,11 @@ def request_position(connection: HTTPConnection) -> Position:
     )
 
 
+def _pings(connection: HTTPConnection) -> bool:
+    """Whether the client asked for pings it can watch (``?pings=1``, as ``client.js``)."""
+    return connection.query_params.get("pings") == "1"
+
+
 def _error(status: int, detail: str) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status)
 
@@ -139,7 +144,12 @@ def create_stream_app(
             await require(authorize, request, channel, "subscribe")
         except Forbidden as exc:
             return _error(403, str(exc))
-        return EventStream(Feed(broadcast, channel, position), keepalive=keepalive, streams=streams)
+        return EventStream(
+            Feed(broadcast, channel, position),
+            keepalive=keepalive,
+            streams=streams,
+            pings=_pings(request),
+        )
 
     async def publish_http(request: Request) -> Response:
         try:
@@ -192,6 +202,7 @@ def create_stream_app(
                 streams=streams,
                 publisher=publisher if publish else None,
                 max_frame=max_frame,
+                pings=_pings(websocket),
             )
             await session.run()
         except CLIENT_GONE:

@@ -11,7 +11,10 @@ it), ``event: reset`` and ``{"reason", "epoch", "head"}`` as JSON data. The stre
 opens with ``retry: 1000`` and, in the same frame, where it starts: ``id:`` of that
 position, ``event: start`` and ``{"epoch", "offset"}`` as JSON data (so a client that
 has seen no event yet resumes from there, not from the head when it comes back). It
-gets a ``: ping`` comment after ``keepalive`` seconds without a frame.
+gets a ``: ping`` comment after ``keepalive`` seconds without a frame; with
+``?pings=1``, an ``event: ping`` frame with ``{"keepalive"}`` instead, and one in the
+opening chunk, which a script can see (``EventSource`` hides comments) and so tell a
+connection gone silent from a quiet channel.
 
 Framing and response are written here rather than taken from sse-starlette: its
 response costs about 14 µs per frame sent (an anyio cancel scope around every send)
@@ -93,6 +96,11 @@ def opening_frame(feed: Feed) -> bytes:
     return b"retry: 1000\n" + frame(start["id"], "start", data)
 
 
+def ping_event(keepalive: float) -> bytes:
+    """A ping as an event a script sees, saying how often pings come."""
+    return b"event: ping\ndata: " + json.dumps({"keepalive": keepalive}).encode() + b"\n\n"
+
+
 def reset_frame(reset: Reset) -> bytes:
     """The ``event: reset`` frame, whose id is the position the stream goes on from."""
     return frame(reset.id, "reset", json.dumps(reset.json(), separators=(",", ":")))
@@ -121,6 +129,7 @@ class EventStream(Response):
         keepalive: Seconds without a frame after which a ``: ping`` comment is sent.
         streams: The app's open streams, which a stopping server ends.
         encode: Frame of an event (default :func:`event_frame`).
+        pings: Ping with ``event: ping`` frames a script sees, one at once.
     """
 
     def __init__(
@@ -130,9 +139,12 @@ class EventStream(Response):
         keepalive: float,
         streams: OpenStreams,
         encode: Frame = event_frame,
+        pings: bool = False,
     ) -> None:
         self.feed = feed
         self.keepalive = keepalive
+        self.pings = pings
+        self._ping = ping_event(keepalive) if pings else PING
         self.streams = streams
         self.encode = encode
         self._last_write = 0.0
@@ -195,7 +207,7 @@ class EventStream(Response):
     async def _pump(self, write: Callable[[bytes], Any]) -> None:
         encode = self.encode
         feed = self.feed
-        await write(opening_frame(feed))
+        await write(opening_frame(feed) + (self._ping if self.pings else b""))
         async for item in feed:
             frame = encode(item) if isinstance(item, Event) else reset_frame(item)
             more = feed.take_read(FRAMES_PER_WRITE - 1, WRITE_BYTES - len(frame))
@@ -228,7 +240,7 @@ class EventStream(Response):
             while True:
                 wait = self._last_write + self.keepalive - loop.time()
                 if wait <= 0:
-                    if not await unless_stopped(stop, write(PING)):
+                    if not await unless_stopped(stop, write(self._ping)):
                         return True
                     continue
                 await asyncio.wait(

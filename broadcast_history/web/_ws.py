@@ -9,6 +9,8 @@ Server to client::
      "timestamp", "data", "encoding": "text" | "base64"}
     {"type": "reset", "id": "<epoch>:<head>", "channel", "reason", "epoch", "head", "detail"}
     {"type": "ping"}                                   after `keepalive` s without a frame
+                                     (with `?pings=1`: {"type": "ping", "keepalive": s},
+                                     and one first of all)
     {"type": "ack", "id": "<epoch>:<offset>", ...}     a publish was stored
     {"type": "error", "detail": "..."}                 a client frame was refused
 
@@ -131,6 +133,8 @@ class WebSocketSession:
         streams: The app's open streams, which a stopping server ends.
         publisher: Publishes a client's message; ``None``: publishing is disabled.
         max_frame: Largest client frame accepted, in characters.
+        pings: Say ``keepalive`` in each ping, and ping at once: a client that
+            watches for silence (``client.js``) knows how long to wait.
     """
 
     websocket: WebSocket
@@ -139,6 +143,7 @@ class WebSocketSession:
     streams: OpenStreams
     publisher: Publisher | None
     max_frame: int
+    pings: bool = False
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
     _last_write: float = field(default=0.0, init=False)
 
@@ -177,8 +182,13 @@ class WebSocketSession:
             with suppress(OSError, RuntimeError, WebSocketDisconnect):
                 await last_write(self.websocket.close(1001))
 
+    def _ping(self) -> dict[str, Any]:
+        return {"type": "ping", "keepalive": self.keepalive} if self.pings else {"type": "ping"}
+
     async def _pump(self) -> None:
         feed = self.feed
+        if self.pings:
+            await self._write(self._ping())
         start = feed.start()
         if start is not None:
             await self._write({"type": "start", **start})
@@ -203,7 +213,7 @@ class WebSocketSession:
             while True:
                 wait = self._last_write + self.keepalive - loop.time()
                 if wait <= 0:
-                    if not await unless_stopped(stop, self._write({"type": "ping"})):
+                    if not await unless_stopped(stop, self._write(self._ping())):
                         return True
                     continue
                 await asyncio.wait(

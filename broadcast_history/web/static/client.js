@@ -15,6 +15,7 @@
 const FIRST_DELAY = 500; // ms before the first WebSocket reconnect
 const MAX_DELAY = 15000; // backoff cap
 const STEADY = 5000; // a connection open this long resets the backoff
+const SILENCE_MARGIN = 3000; // ms past two ping intervals before a silent connection is dropped
 
 function decodeBase64(text) {
   const raw = atob(text);
@@ -115,6 +116,8 @@ export function connect(url, options = {}) {
   let attempts = 0;
   let openedAt = 0;
   const acks = []; // resolvers of WebSocket publishes, in order
+  let pingEvery = 0; // ms between the server's pings when idle (it says, with ?pings=1)
+  let quiet = null; // timer: the connection said nothing, not even a ping, for too long
   let refusal = ""; // the detail of an error frame that no publish waits for
 
   function report(error) {
@@ -126,7 +129,35 @@ export function connect(url, options = {}) {
   function startUrl() {
     const target = new URL(base);
     if (last) target.searchParams.set("last_event_id", last);
+    // Pings the page can see: a connection gone silent without closing (a NAT or a
+    // proxy that dropped it, a network switched) is then noticed, where a socket
+    // that only receives would wait for ever.
+    target.searchParams.set("pings", "1");
     return target;
+  }
+
+  // Something came on the connection (with `keepalive`: a ping saying how often they
+  // come): silence is measured from now.
+  function heard(keepalive) {
+    if (keepalive) pingEvery = keepalive * 1000;
+    hush();
+    if (pingEvery) quiet = setTimeout(silent, 2 * pingEvery + SILENCE_MARGIN);
+  }
+
+  function hush() {
+    if (quiet !== null) clearTimeout(quiet);
+    quiet = null;
+  }
+
+  function silent() {
+    quiet = null;
+    const current = source;
+    if (closed || !current) return;
+    source = null; // its own close or error event is then ignored
+    current.close();
+    for (const pending of acks.splice(0)) pending.reject(new Error("the connection went silent"));
+    settle();
+    retryLater();
   }
 
   function handleEvent(data, event) {
@@ -181,18 +212,21 @@ export function connect(url, options = {}) {
       const [epoch, offset] = parseId(id);
       return { id, epoch, offset };
     };
-    es.addEventListener("message", (e) => handleEvent(e.data, { ...fromId(e.lastEventId), type: "message" }));
-    es.addEventListener("binary", (e) =>
-      handleEvent(decodeBase64(e.data), { ...fromId(e.lastEventId), type: "binary" }),
-    );
-    es.addEventListener("reset", (e) => handleReset({ ...JSON.parse(e.data), id: e.lastEventId }));
-    es.addEventListener("start", (e) => handleStart(e.lastEventId));
+    // Each listener says the connection is alive first (heard), whatever follows.
+    const on = (type, handle) => es.addEventListener(type, (e) => (heard(), handle(e)));
+    on("message", (e) => handleEvent(e.data, { ...fromId(e.lastEventId), type: "message" }));
+    on("binary", (e) => handleEvent(decodeBase64(e.data), { ...fromId(e.lastEventId), type: "binary" }));
+    on("reset", (e) => handleReset({ ...JSON.parse(e.data), id: e.lastEventId }));
+    on("start", (e) => handleStart(e.lastEventId));
+    es.addEventListener("ping", (e) => heard(JSON.parse(e.data).keepalive));
     es.onopen = () => {
       openedAt = Date.now();
+      heard();
       onStatus("open");
     };
     es.onerror = () => {
       if (source !== es) return;
+      hush();
       // Closed and opened again from the last id with the backoff, refused (an HTTP
       // error: EventSource gives up) or cut alike: left to itself, EventSource tries
       // again every second (the server's retry:) for as long as the server is away,
@@ -219,10 +253,13 @@ export function connect(url, options = {}) {
     source = ws;
     ws.onopen = () => {
       openedAt = Date.now();
+      heard();
       onStatus("open");
     };
     ws.onmessage = (e) => {
+      if (source !== ws) return; // dropped as silent: a new one is on its way
       const frame = JSON.parse(e.data);
+      heard(frame.type === "ping" ? frame.keepalive : undefined);
       if (frame.type === "message") {
         const data = frame.encoding === "base64" ? decodeBase64(frame.data) : frame.data;
         const { type, data: _, encoding, ...event } = frame;
@@ -242,6 +279,7 @@ export function connect(url, options = {}) {
     ws.onclose = (e) => {
       if (source !== ws) return;
       source = null;
+      hush();
       for (const pending of acks.splice(0)) pending.reject(new Error("the connection closed"));
       settle();
       if (closed) return;
@@ -261,6 +299,7 @@ export function connect(url, options = {}) {
     onStatus("connecting");
     if (transport === "ws") openWs();
     else openSse();
+    heard(); // a connection that never opens is dropped as a silent one is
   }
 
   async function publishHttp(data, key) {
@@ -288,9 +327,16 @@ export function connect(url, options = {}) {
     },
     /** Publish `data` (a string or bytes) on the channel; resolves with its id. */
     publish(data, { key } = {}) {
+      const binary = data instanceof ArrayBuffer || ArrayBuffer.isView(data);
+      const blob = typeof Blob !== "undefined" && data instanceof Blob;
+      if (typeof data !== "string" && !binary && !blob) {
+        // Stored as something else: a number as zero bytes over WebSocket, as its
+        // text over POST; an object as "[object Object]".
+        return Promise.reject(new TypeError("publish takes a string, bytes or a Blob"));
+      }
       const open = transport === "ws" && source instanceof WebSocket && source.readyState === WebSocket.OPEN;
       // A Blob's bytes are read asynchronously: fetch sends them as they are.
-      if (!open || (typeof Blob !== "undefined" && data instanceof Blob)) {
+      if (!open || blob) {
         return publishHttp(data, key);
       }
       const frame = { type: "publish", data, ...(key ? { key } : {}) };
@@ -306,10 +352,12 @@ export function connect(url, options = {}) {
     /** Stop for good (the last id stays stored). */
     close() {
       closed = true;
+      hush();
       if (timer !== null) clearTimeout(timer);
       const current = source;
-      source = null;
+      source = null; // its close event is then ignored: the acks end here
       if (current) current.close();
+      for (const pending of acks.splice(0)) pending.reject(new Error("the stream was closed"));
       onStatus("closed");
     },
   };

@@ -103,6 +103,11 @@ async def publisher(args: argparse.Namespace) -> None:
                         return
                     await asyncio.sleep(_RETRY)
                     continue
+                except Exception as exc:
+                    # None of the library's errors: a defect, whatever was stored. The
+                    # task's exception alone went unseen (nobody awaits a finished task).
+                    records.write("raised", ch=channel, id=key, error=repr(exc))
+                    return
                 records.write("ok", ch=channel, id=key, off=event.offset, ep=event.epoch)
                 return
         finally:

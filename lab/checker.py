@@ -123,6 +123,11 @@ def check_publishers(
                 acked[record["id"]] = (record["off"], record["ep"])
             elif kind == "err" and "id" in record:
                 result.publish_errors += 1
+            elif kind == "raised":
+                result.add(
+                    f"raised: publish of {record['id']!r} raised {record['error']}, "
+                    "none of the library's errors"
+                )
             elif kind == "gave_up":
                 result.add(
                     f"gave up: publish of {record['id']!r} still failed long after the run "

@@ -66,7 +66,13 @@ class Network:
     def create(self) -> None:
         sweep_stale()
         STATE.mkdir(parents=True, exist_ok=True)
+        taken = _namespaces()
         for n in range(1, 250):
+            if any(ns.startswith(f"{PREFIX}{n}-h") for ns in taken):
+                # Namespaces of that name that no lab records: someone else's. Taken
+                # anyway, the lab failed to add its own, then removed theirs (and
+                # killed what ran inside) as if they were its.
+                continue
             try:
                 (STATE / str(n)).mkdir()  # atomic: one lab per instance number
             except FileExistsError:

@@ -157,19 +157,29 @@ def _plan(args: argparse.Namespace) -> list[tuple[str, str]]:
     transports = (args.transports or DEFAULT_TRANSPORTS).split(",")
     for transport in transports:
         if transport not in TRANSPORTS:
-            raise SystemExit(f"scripts/lab: unknown transport {transport!r}; use {TRANSPORTS}")
+            raise _UsageError(f"unknown transport {transport!r}; use {','.join(TRANSPORTS)}")
     faults = args.faults.split(",") if args.faults else list(FAULTS)
     for fault in faults:
         if fault not in FAULTS:
-            raise SystemExit(f"scripts/lab: unknown fault {fault!r}; use {','.join(FAULTS)}")
+            raise _UsageError(f"unknown fault {fault!r}; use {','.join(FAULTS)}")
     if args.short and not (args.faults or args.transports):
         return SHORT_PLAN
-    return [
+    plan = [
         (fault, transport)
         for transport in transports
         for fault in faults
         if FAULTS[fault].applies(transport)
     ]
+    if not plan:
+        # "0 runs, 0 anomalies" passed: a lab that tested nothing must not.
+        raise _UsageError(
+            f"none of the faults {','.join(faults)} applies to {','.join(transports)}"
+        )
+    return plan
+
+
+class _UsageError(Exception):
+    """The command line asks for nothing the lab can run (exit status 2)."""
 
 
 def _unavailable(transports: set[str]) -> str | None:
@@ -198,7 +208,11 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    plan = _plan(args)
+    try:
+        plan = _plan(args)
+    except _UsageError as exc:
+        print(f"scripts/lab: {exc}", file=sys.stderr)
+        return 2
     transports = sorted({transport for _, transport in plan})
     problem = _unavailable(set(transports))
     missing = missing_tools(transports)

@@ -99,6 +99,18 @@ def test_checker_finds_gaps_repeats_and_bad_resumptions() -> None:
     assert any("event 2 is 'c'" in a for a in wrong)
 
 
+def test_checker_finds_a_publish_that_raised_an_undocumented_error() -> None:
+    """A publish raising an exception outside the library's errors passed as "never
+    acked": the app let the task fail unseen (found by a lab probe)."""
+    log = _log("a")
+    pub = _pub(("try", "a", None), ("ok", "a", 1), ("try", "b", None))
+    pub.append({"k": "raised", "ch": "c", "id": "b", "error": "RuntimeError('boom')"})
+    found = _anomalies(log, pub, _sub(("start", 0), (1, "a")))
+    assert found == [
+        "raised: publish of 'b' raised RuntimeError('boom'), none of the library's errors"
+    ]
+
+
 def test_checker_fails_a_run_that_tested_nothing() -> None:
     """A run with no acknowledged publish, or none made while its fault was on (the
     processes started late, the fault came after publishing), passed with 0
@@ -272,3 +284,50 @@ def test_a_second_ctrl_c_does_not_cut_the_cleanup_short(tmp_path: Path) -> None:
     assert not Path(directory).exists()
     namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
     assert "bhlab" not in namespaces.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["--faults", "redis-restart", "--transports", "postgres"], "none of the faults"),
+        (["--transports", "kafka"], "unknown transport 'kafka'"),
+        (["--faults", "bogus"], "unknown fault 'bogus'"),
+    ],
+)
+def test_a_plan_of_nothing_or_unknown_names_is_refused(
+    argv: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A plan with no run passed ("0 runs, 0 anomalies", exit 0) and unknown names
+    exited 1, the status of an anomaly found (found by a lab probe)."""
+    from lab import runner
+
+    if os.geteuid() != 0:
+        pytest.skip("the lab's command line checks root first")
+    assert runner.main(argv) == 2
+    assert said in capsys.readouterr().err
+
+
+def test_the_lab_leaves_namespaces_it_did_not_make_alone(tmp_path: Path) -> None:
+    """A namespace named as a lab host but made by someone else: the lab took its
+    instance number, failed to add its own, and removed theirs (found by a lab
+    probe)."""
+    from lab import netns
+
+    reason = _lab_unavailable()
+    if reason is not None:
+        if CI:
+            pytest.fail(f"{reason} (CI=true)")
+        pytest.skip(reason)
+    taken = set(netns._namespaces())
+    n = next(i for i in range(1, 250) if not any(ns.startswith(f"bhlab{i}-h") for ns in taken))
+    foreign = f"bhlab{n}-h1"
+    subprocess.run(["ip", "netns", "add", foreign], check=True)
+    network = netns.Network(1, tmp_path)
+    try:
+        network.create()
+        assert network.instance != n
+    finally:
+        network.destroy()
+        still_there = foreign in netns._namespaces()
+        subprocess.run(["ip", "netns", "del", foreign], check=False)
+    assert still_there

@@ -101,6 +101,23 @@ async def delete_and_publish(log: str, channel: str, message: str) -> None:
         await broadcast.publish(channel, message)
 
 
+def stream_into_page(page: Any, channel: str, transport: str) -> None:
+    """Stream ``channel`` into ``window.got``, counting openings in ``window.opened``."""
+    page.evaluate(
+        """([channel, transport]) => import("/events/client.js").then(({ connect }) => {
+            window.got = [];
+            window.opened = 0;
+            connect(`/events/${channel}`, {
+                transport,
+                storageKey: null,
+                onMessage(data) { window.got.push(data); },
+                onStatus(status) { if (status === "open") window.opened += 1; },
+            });
+        })""",
+        [channel, transport],
+    )
+
+
 def wait_shown(page: Any, count: int) -> list[str]:
     page.wait_for_function(f"() => window.shown && window.shown.length >= {count}", timeout=WAIT_MS)
     shown: list[str] = page.evaluate("() => window.shown")
@@ -203,19 +220,7 @@ def test_a_page_that_saw_no_event_misses_none_across_a_restart(
     try:
         page = context.new_page()
         page.goto(f"{server.base}/stats")
-        page.evaluate(
-            """([channel, transport]) => import("/events/client.js").then(({ connect }) => {
-                window.got = [];
-                window.opened = 0;
-                connect(`/events/${channel}`, {
-                    transport,
-                    storageKey: null,
-                    onMessage(data) { window.got.push(data); },
-                    onStatus(status) { if (status === "open") window.opened += 1; },
-                });
-            })""",
-            [channel, transport],
-        )
+        stream_into_page(page, channel, transport)
         page.wait_for_function("() => window.opened === 1", timeout=WAIT_MS)
         page.wait_for_timeout(300)  # the opening frame is in
         server.kill()
@@ -372,19 +377,7 @@ def test_a_connection_gone_silent_is_dropped_and_resumed(
     try:
         page = context.new_page()
         page.goto(f"http://127.0.0.1:{relay.port}/stats")
-        page.evaluate(
-            """([channel, transport]) => import("/events/client.js").then(({ connect }) => {
-                window.got = [];
-                window.opened = 0;
-                connect(`/events/${channel}`, {
-                    transport,
-                    storageKey: null,
-                    onMessage(data) { window.got.push(data); },
-                    onStatus(status) { if (status === "open") window.opened += 1; },
-                });
-            })""",
-            [channel, transport],
-        )
+        stream_into_page(page, channel, transport)
         page.wait_for_function("() => window.opened === 1", timeout=WAIT_MS)
         httpx.post(f"{server.base}/events/{channel}", content="before", headers=TEXT)
         page.wait_for_function("() => window.got.length === 1", timeout=WAIT_MS)

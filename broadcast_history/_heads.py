@@ -34,6 +34,8 @@ class HeadProbe:
         # that has more than one (see read_page).
         self._subscribers = subscribers
         self._lookups: dict[str, tuple[float, asyncio.Future[ChannelInfo | None]]] = {}
+        # Loop time of each channel's last idle check (see channel).
+        self._idle: dict[str, float] = {}
         self._reads: asyncio.Semaphore | None = None
         # Loop time the last page read succeeded (see _turn).
         self._finished = float("-inf")
@@ -264,16 +266,21 @@ class HeadProbe:
         for 200 quiet channels on Postgres).
         """
         now = asyncio.get_running_loop().time()
+        if max_age > 0:
+            self._idle[name] = now
         entry = self._lookups.get(name)
         if entry is None or (entry[1].done() and now - entry[0] > max_age):
             names = [name]
             if max_age > 0:
+                # Channels whose idle checks go on: one that became busy stops
+                # asking, and is left out once its last check is four ages old.
                 names += [
                     other
                     for other, (asked, lookup) in self._lookups.items()
                     if lookup.done()
                     and now - asked > max_age / 2
                     and other != name
+                    and now - self._idle.get(other, float("-inf")) < 4 * max_age
                     and self._subscribers.get(other)
                 ]
             futures = self._look_up(names)
@@ -284,28 +291,44 @@ class HeadProbe:
                 # Forget finished lookups of channels nobody checks any more.
                 for key in [k for k, (_, f) in self._lookups.items() if f.done()]:
                     del self._lookups[key]
+                    self._idle.pop(key, None)
         # Shielded: one caller being cancelled must not cancel the others' answer.
         return await asyncio.shield(entry[1])
 
     def _look_up(self, names: list[str]) -> dict[str, asyncio.Future[ChannelInfo | None]]:
-        """One lookup of ``names`` (a query per 500), a future per name."""
+        """A lookup of ``names``, a future per name: a query per :data:`NAMES_AT_ONCE`,
+        one after the other, the first name's first (it is the caller's)."""
         if len(names) == 1:
             return {names[0]: asyncio.ensure_future(self._log.channel(names[0]))}
-        found = asyncio.ensure_future(self._log.channels_named(names))
         loop = asyncio.get_running_loop()
         futures = {name: loop.create_future() for name in names}
-
-        def answer(found: asyncio.Future[dict[str, ChannelInfo]]) -> None:
-            for name, future in futures.items():
-                if future.done():
-                    continue
-                if found.cancelled():
-                    future.cancel()
-                elif (exc := found.exception()) is not None:
-                    future.set_exception(exc)
-                    future.exception()  # a channel nobody asked for now: not an error
-                else:
-                    future.set_result(found.result().get(name))
-
-        found.add_done_callback(answer)
+        asyncio.ensure_future(self._answer(names, futures)).add_done_callback(_quiet)
         return futures
+
+    async def _answer(
+        self, names: list[str], futures: dict[str, asyncio.Future[ChannelInfo | None]]
+    ) -> None:
+        try:
+            for at in range(0, len(names), NAMES_AT_ONCE):
+                part = names[at : at + NAMES_AT_ONCE]
+                try:
+                    found = await self._log.channels_named(part)
+                except Exception as exc:
+                    for name in names[at:]:
+                        futures[name].set_exception(exc)
+                        futures[name].exception()  # nobody may ask for it: no warning
+                    return
+                for name in part:
+                    futures[name].set_result(found.get(name))
+        finally:
+            for future in futures.values():
+                future.cancel()  # only those left unanswered (cancelled)
+
+
+def _quiet(task: asyncio.Future[None]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+#: Channel names one idle-check query asks for (drivers cap a statement's parameters).
+NAMES_AT_ONCE = 500

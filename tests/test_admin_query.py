@@ -419,6 +419,23 @@ async def test_export_takes_channels_as_listed_or_as_they_are_now(
         assert result.channels == ["a", "b", "d", "e"] and result.events == 8
 
 
+async def test_export_leaves_out_a_trimmed_channel_deleted_after_the_listing(
+    broadcast: Broadcast, admin: HistoryAdmin
+) -> None:
+    """A channel whose events were all trimmed has nothing to read, so its deletion
+    after the listing went unseen and the export brought it back (found by a review)."""
+    for name in ("a", "b"):
+        for i in range(3):
+            await broadcast.publish(name, f"{name}{i}")
+    await broadcast.log.trim("b", before=4)
+    exported = []
+    async for line in admin.export_jsonl():
+        exported.append(json.loads(line))
+        if len(exported) == 1:
+            await broadcast.log.delete_channel("b")
+    assert [line.get("name") for line in exported if line["type"] == "channel"] == ["a"]
+
+
 async def test_export_one_channel(broadcast: Broadcast, admin: HistoryAdmin) -> None:
     await broadcast.publish("x1", "a")
     await broadcast.publish("x2", "b")

@@ -268,3 +268,52 @@ async def test_consumer_failure_reaches_next_published(backend: KafkaBackend) ->
         await asyncio.wait_for(backend.next_published(), 10)
     with pytest.raises(TransportError):  # and it stays failed
         await asyncio.wait_for(backend.next_published(), 1)
+
+
+async def test_a_subscribe_cancelled_as_it_gets_the_lock_leaves_it_free() -> None:
+    """Cancelled in the step its wait for the lock succeeded, a subscribe kept the
+    lock (wait_for returned it held, then raised the cancellation): every later
+    recovery waited for it for ever (found by a review; no broker needed)."""
+    backend = KafkaBackend("kafka://127.0.0.1:1", timeout=5)
+    backend._lock = asyncio.Lock()
+    backend._up = True
+
+    async def assign() -> None:
+        pass
+
+    backend._assign = assign  # type: ignore[method-assign]
+    await backend._lock.acquire()  # a recovery holds it
+    subscribe = asyncio.create_task(backend._sync_assignment())
+    await asyncio.sleep(0.01)
+    backend._lock.release()  # the recovery ends in the step the subscribe is cancelled
+    subscribe.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await subscribe
+    await asyncio.sleep(0)
+    assert not backend._lock.locked()
+
+
+async def test_a_recovery_ends_while_channels_keep_changing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A recovery assigned again for as long as the subscribed channels changed: with
+    subscribes coming faster than one assignment, it never ended, the transport stayed
+    down and the lock held (found by a review; no broker needed)."""
+    backend = KafkaBackend("kafka://127.0.0.1:1", timeout=5)
+    backend._consumer = object()  # type: ignore[assignment]
+    backend._up = False
+    passes = 0
+
+    async def assign() -> None:
+        nonlocal passes
+        passes += 1
+        backend._assigned_topics = set(backend._channels)
+        backend._channels[f"t{passes}"] = f"c{passes}"  # a subscribe came meanwhile
+
+    async def rewind() -> None:
+        pass
+
+    backend._assign = assign  # type: ignore[method-assign]
+    backend._rewind_recreated = rewind  # type: ignore[method-assign]
+    await asyncio.wait_for(backend._restore(set(), set()), 5)
+    assert backend.connected and passes <= 4

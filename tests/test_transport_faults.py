@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from broadcast_history import Broadcast, BroadcastBackend, Event, TransportError
+from broadcast_history._heads import HeadProbe
 from tests.conftest import unique
 from tests.support.helpers import assert_contiguous, take
 
@@ -261,6 +262,39 @@ async def test_idle_checks_of_quiet_channels_go_to_the_log_together(log: str | N
         backend.drop_all = True  # the events arrive through the idle checks alone
         sent = [await bc.publish(channel, "wake") for channel in channels]
         assert await asyncio.wait_for(asyncio.gather(*tasks), 5) == sent
+
+
+async def test_channels_that_stopped_idle_checks_are_not_taken_along(
+    log: str | None,
+) -> None:
+    """Every subscribed channel that once had an idle check was taken along by every
+    later one: a quiet channel among 3,000 busy ones asked for 3,000 names at each of
+    its checks (found by a review). Only channels whose idle checks go on are."""
+    async with Broadcast(backend=UnreliableBackend(), log=log) as bc:
+        channels = [f"busy{i}" for i in range(300)] + ["quiet"]
+        probe = HeadProbe(bc.log, {channel: {object()} for channel in channels})
+        names = 0
+        one, many = bc.log.channel, bc.log.channels_named
+
+        async def channel(name: str) -> object:
+            nonlocal names
+            names += 1
+            return await one(name)
+
+        async def channels_named(wanted: list[str]) -> object:
+            nonlocal names
+            names += len(wanted)
+            return await many(wanted)
+
+        bc.log.channel = channel  # type: ignore[method-assign,assignment]
+        bc.log.channels_named = channels_named  # type: ignore[method-assign,assignment]
+        # Each had a quiet moment once; from then on only "quiet" checks.
+        await asyncio.gather(*(probe.channel(c, 0.05) for c in channels))
+        names = 0
+        for _ in range(10):
+            await asyncio.sleep(0.1)
+            await probe.channel("quiet", 0.05)
+        assert names < 700, names  # taken along at most twice (10 checks: 3,010 before)
 
 
 async def test_idle_checks_failing_in_an_outage_log_now_and_then(

@@ -71,7 +71,9 @@ def end_line(channels: int, events: int) -> str:
 async def export_channel(log: EventLog, info: ChannelInfo) -> AsyncIterator[str]:
     """The export lines of one channel, read page by page, as ``info`` (a listing)
     describes it; as it is now if it changed since (nothing if it was deleted)."""
-    first = await _page(log, info, info.first_offset - 1)
+    first = None
+    if info.first_offset <= info.last_offset:  # else every event was trimmed: look
+        first = await _page(log, info, info.first_offset - 1)
     if first is None:
         # Trimmed, deleted or deleted and used again since it was listed: a listing
         # of many channels is old by the time it reaches the last ones.

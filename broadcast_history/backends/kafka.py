@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,8 @@ _RECORD_ROOM = 2048
 # Seconds: the least aiokafka request timeout the transport sets (twice its timeout
 # otherwise): a topic's creation on a busy cluster may take seconds.
 _MIN_REQUEST_TIMEOUT = 10.0
+#: Passes a recovery makes at most to assign channels subscribed while it ran.
+_REASSIGNS = 3
 
 
 class KafkaBackend(Health, InboxTransport, BroadcastBackend):
@@ -91,6 +94,7 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
         self._ping_interval = ping_interval
         self._max_delay = max_reconnect_delay
         self._timeout = timeout
+        self._request_timeout = max(2 * timeout, _MIN_REQUEST_TIMEOUT)
         self._options = dict(client_options or {})
         # The producer refuses a larger record before sending anything, and a refused
         # record would fail the live send of the whole batch: larger events travel as
@@ -124,7 +128,7 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
             "bootstrap_servers": self._servers,
             # A request unanswered this long closes its connection, and only that ends
             # a connection gone silent: aiokafka's 40 s kept the transport down as long.
-            "request_timeout_ms": int(max(2 * self._timeout, _MIN_REQUEST_TIMEOUT) * 1000),
+            "request_timeout_ms": int(self._request_timeout * 1000),
             **self._options,
         }
         self._producer = AIOKafkaProducer(**options)
@@ -272,11 +276,9 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
             # Trying here waited the whole timeout under the lock, so many
             # subscribers entered one timeout after another.
             return
-        try:
-            # Bounded: a recovery holds the lock until its requests end, and a
-            # silent connection's end is aiokafka's request timeout.
-            await wait_for(self._lock.acquire(), self._timeout)
-        except TimeoutError:
+        # Bounded: a recovery holds the lock until its requests end, and a silent
+        # connection's end is aiokafka's request timeout.
+        if not await _acquire(self._lock, self._timeout):
             # That recovery assigns this channel too before the transport is up.
             logger.debug("kafka subscription deferred to the recovery under way")
             return
@@ -384,6 +386,11 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
                     # connection gone silent (a NAT or firewall that forgot it, a
                     # frozen host), and a cancelled request never times out: the
                     # dead connection stayed, and every later ping waited in it.
+                    # Bounded all the same, well past the requests' own timeouts.
+                    await asyncio.wait({ping}, timeout=4 * self._request_timeout)
+                    if not ping.done():
+                        ping.cancel()
+                        continue
                 await ping
             except asyncio.CancelledError:
                 ping.cancel()
@@ -419,8 +426,13 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
         # Also after a restart too quick to notice: a broker that lost its data
         # (or a topic deleted and re-created) leaves positions past the end.
         await self._rewind_recreated()
-        while self._assigned_topics != set(self._channels):
-            await self._assign()  # subscribes that gave up waiting for the lock
+        # Subscribes that gave up waiting for the lock; a few passes at most (channels
+        # changing faster than a pass would hold the recovery for ever): the next
+        # ping assigns what is left, a ping interval later.
+        for _ in range(_REASSIGNS):
+            if self._assigned_topics == set(self._channels):
+                break
+            await self._assign()
         # Under the lock: a subscribe that waited for it assigns its channel.
         self._back_up("kafka broker connection")
 
@@ -457,20 +469,25 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
             raise
 
     async def _renew_lookup(self, old: AIOKafkaConsumer) -> None:
+        """Replace the look-up client ``old``; it stays in use until a new one starts
+        (stopped first, it stayed in use, reconnecting, and was never closed)."""
         new = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, **self._lookup_options)
-        closing = asyncio.ensure_future(_stop_consumer(old))
-        closing.add_done_callback(_closed)
         try:
             await wait_for(new.start(), self._timeout * 2)
-        except BaseException:
-            await _stop_consumer(new)
+        except BaseException as exc:
+            with suppress(Exception):
+                await _stop_consumer(new)
+            if isinstance(exc, Exception):
+                logger.debug("a new kafka look-up client did not start: %r", exc)
+                return  # the next look-up that times out tries again
             raise
-        finally:
-            await asyncio.wait({closing}, timeout=5)
-        if self._lookup is old:
-            self._lookup = new
-        else:  # disconnected meanwhile
+        if self._lookup is not old:  # disconnected (or replaced) meanwhile
             await _stop_consumer(new)
+            return
+        self._lookup = new
+        closing = asyncio.ensure_future(_stop_consumer(old))
+        closing.add_done_callback(_closed)
+        await asyncio.wait({closing}, timeout=5)
 
 
 __all__ = ["KafkaBackend", "topic_for"]
@@ -481,6 +498,33 @@ class _Stage:
     """How far one send got: read when it failed or timed out."""
 
     creating: bool = False
+
+
+async def _acquire(lock: asyncio.Lock, timeout: float) -> bool:
+    """Take ``lock`` within ``timeout`` seconds; whether it was taken. A caller
+    cancelled as the lock was granted leaves it free (``wait_for`` returned it held,
+    and then raised the cancellation: nobody would release it)."""
+    taking: asyncio.Future[Any] = asyncio.ensure_future(lock.acquire())
+    try:
+        await asyncio.wait({taking}, timeout=timeout)
+    except asyncio.CancelledError:
+        _give_back(lock, taking)
+        raise
+    if taking.done() and not taking.cancelled() and taking.exception() is None:
+        return True
+    _give_back(lock, taking)
+    return False
+
+
+def _give_back(lock: asyncio.Lock, taking: asyncio.Future[Any]) -> None:
+    """Cancel the attempt ``taking``; if it got ``lock`` all the same, release it."""
+
+    def release(taken: asyncio.Future[Any]) -> None:
+        if not taken.cancelled() and taken.exception() is None:
+            lock.release()
+
+    taking.cancel()
+    taking.add_done_callback(release)
 
 
 def _closed(task: asyncio.Future[Any]) -> None:

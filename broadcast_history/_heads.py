@@ -36,6 +36,9 @@ class HeadProbe:
         self._lookups: dict[str, tuple[float, asyncio.Future[ChannelInfo | None]]] = {}
         # Loop time of each channel's last idle check (see channel).
         self._idle: dict[str, float] = {}
+        # Idle lookups for the next round, and the task running the rounds.
+        self._queued: dict[str, asyncio.Future[ChannelInfo | None]] = {}
+        self._looking: asyncio.Future[None] | None = None
         self._reads: asyncio.Semaphore | None = None
         # Loop time the last page read succeeded (see _turn).
         self._finished = float("-inf")
@@ -261,9 +264,10 @@ class HeadProbe:
         An idle check (``max_age`` above 0) that has to go to the log also asks for
         every other channel of this broadcast's subscribers last looked up over
         ``max_age / 2`` ago, in the same query: their own checks, due within the next
-        moments, then reuse it. Each channel asking alone cost a transaction per quiet
-        channel per ``idle_check`` (234 a second, and new connections past the pool,
-        for 200 quiet channels on Postgres).
+        moments, then reuse it. The checks that fall due while a query runs go to the
+        log together when it ends. Each channel asking alone cost a transaction per
+        quiet channel per ``idle_check`` (234 a second, and new connections past the
+        pool, for 200 quiet channels on Postgres).
         """
         now = asyncio.get_running_loop().time()
         if max_age > 0:
@@ -283,7 +287,9 @@ class HeadProbe:
                     and now - self._idle.get(other, float("-inf")) < 4 * max_age
                     and self._subscribers.get(other)
                 ]
-            futures = self._look_up(names)
+                futures = self._enqueue(names)
+            else:
+                futures = {name: asyncio.ensure_future(self._log.channel(name))}
             for other, future in futures.items():
                 self._lookups[other] = (now, future)
             entry = self._lookups[name]
@@ -295,15 +301,40 @@ class HeadProbe:
         # Shielded: one caller being cancelled must not cancel the others' answer.
         return await asyncio.shield(entry[1])
 
-    def _look_up(self, names: list[str]) -> dict[str, asyncio.Future[ChannelInfo | None]]:
-        """A lookup of ``names``, a future per name: a query per :data:`NAMES_AT_ONCE`,
-        one after the other, the first name's first (it is the caller's)."""
-        if len(names) == 1:
-            return {names[0]: asyncio.ensure_future(self._log.channel(names[0]))}
+    def _enqueue(self, names: list[str]) -> dict[str, asyncio.Future[ChannelInfo | None]]:
+        """Lookups of ``names`` for the next round of :meth:`_look_all`."""
         loop = asyncio.get_running_loop()
-        futures = {name: loop.create_future() for name in names}
-        asyncio.ensure_future(self._answer(names, futures)).add_done_callback(_quiet)
+        futures = {}
+        for name in names:
+            future = self._queued.get(name)
+            if future is None:
+                future = self._queued[name] = loop.create_future()
+            futures[name] = future
+        if self._looking is None:
+            self._looking = asyncio.ensure_future(self._look_all())
+            self._looking.add_done_callback(_quiet)
         return futures
+
+    async def _look_all(self) -> None:
+        """Rounds of queued lookups, one at a time, until none is left; each round is
+        a query per :data:`NAMES_AT_ONCE` names, begun after every one of them asked."""
+        try:
+            while self._queued:
+                queued, self._queued = self._queued, {}
+                if len(queued) > 1:
+                    await self._answer(list(queued), queued)
+                    continue
+                [(name, future)] = queued.items()
+                try:
+                    future.set_result(await self._log.channel(name))
+                except Exception as exc:
+                    future.set_exception(exc)
+                    future.exception()  # its callers get it; nobody else should warn
+        finally:
+            self._looking = None
+            for future in self._queued.values():
+                future.cancel()  # stopped (the broadcast closes): nobody will answer
+            self._queued.clear()
 
     async def _answer(
         self, names: list[str], futures: dict[str, asyncio.Future[ChannelInfo | None]]

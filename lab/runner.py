@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from types import FrameType
@@ -139,11 +140,20 @@ def _hold_off_signals() -> None:
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="scripts/lab", description=__doc__.split("\n\n")[0])
     parser.add_argument("--short", action="store_true", help="the CI run (well under 3 minutes)")
-    parser.add_argument("--duration", type=float, help="seconds of publishing per run")
+    parser.add_argument(
+        "--duration",
+        type=_positive(float),
+        help="seconds of publishing per run (default 30; 7 with --short)",
+    )
     parser.add_argument("--transports", default=None, help=f"default {DEFAULT_TRANSPORTS}")
     parser.add_argument("--faults", default=None, help=f"any of {','.join(FAULTS)}")
-    parser.add_argument("--rate", type=float, default=20.0, help="publishes/s per publisher")
-    parser.add_argument("--hosts", type=int, default=3)
+    parser.add_argument(
+        "--rate", type=_positive(float), default=20.0, help="publishes/s per publisher"
+    )
+    # Each host takes a /30 of the instance's /24: 64 at most.
+    parser.add_argument(
+        "--hosts", type=_within(1, 64), default=3, help="hosts (network namespaces), 1 to 64"
+    )
     parser.add_argument("--partition", type=float, default=5.0, help="seconds a link is cut")
     parser.add_argument("--stall", type=float, default=5.0, help="seconds a proxy stalls")
     parser.add_argument("--delay", type=float, default=50.0, help="ms the delay fault adds")
@@ -151,6 +161,26 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default=str(REPO / "build" / "lab"), help="results directory")
     parser.add_argument("-v", "--verbose", action="store_true", help="print each fault step")
     return parser.parse_args(argv)
+
+
+def _positive(kind: type[float]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
+        return value
+
+    return parse
+
+
+def _within(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be {low} to {high}, not {text}")
+        return value
+
+    return parse
 
 
 def _plan(args: argparse.Namespace) -> list[tuple[str, str]]:

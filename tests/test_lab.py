@@ -331,3 +331,14 @@ def test_the_lab_leaves_namespaces_it_did_not_make_alone(tmp_path: Path) -> None
         still_there = foreign in netns._namespaces()
         subprocess.run(["ip", "netns", "del", foreign], check=False)
     assert still_there
+
+
+@pytest.mark.parametrize("argv", [["--hosts", "0"], ["--hosts", "65"], ["--rate", "0"]])
+def test_impossible_sizes_are_refused_up_front(argv: list[str]) -> None:
+    """--hosts 0 divided by zero mid-run, over 64 made invalid addresses, --rate 0
+    divided by zero in every app (found by a lab probe): refused as usage errors."""
+    from lab import runner
+
+    with pytest.raises(SystemExit) as exit_:
+        runner._parse(argv)
+    assert exit_.value.code == 2

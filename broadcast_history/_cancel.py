@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -45,3 +45,34 @@ async def wait_for(awaitable: Awaitable[T], timeout: float | None) -> T:
         raise
     raise_if_cancelled_since(count)
     return result
+
+
+async def acquire(resource: asyncio.Lock | asyncio.Semaphore, timeout: float) -> bool:
+    """Take ``resource`` within ``timeout`` seconds; whether it was taken.
+
+    Not ``wait_for(resource.acquire(), ...)``: a caller cancelled in the step the
+    resource was granted got it back held, then the cancellation (see
+    :func:`wait_for`), and nobody released it. Here the attempt is a task of its
+    own, and one the caller no longer waits for gives back what it got.
+    """
+    taking: asyncio.Future[Any] = asyncio.ensure_future(resource.acquire())
+    try:
+        await asyncio.wait({taking}, timeout=timeout)
+    except asyncio.CancelledError:
+        _give_back(resource, taking)
+        raise
+    if taking.done() and not taking.cancelled() and taking.exception() is None:
+        return True
+    _give_back(resource, taking)
+    return False
+
+
+def _give_back(resource: asyncio.Lock | asyncio.Semaphore, taking: asyncio.Future[Any]) -> None:
+    """Cancel the attempt ``taking``; if it got ``resource`` all the same, release it."""
+
+    def release(taken: asyncio.Future[Any]) -> None:
+        if not taken.cancelled() and taken.exception() is None:
+            resource.release()
+
+    taking.cancel()
+    taking.add_done_callback(release)

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, TypeVar
 
-from ._cancel import wait_for
+from ._cancel import acquire, wait_for
 
 T = TypeVar("T")
 
@@ -36,12 +36,10 @@ async def acquire_while_moving(
     asked = loop.time()
     while True:
         since = max(asked, last_end())
-        try:
-            await wait_for(slots.acquire(), max(since + quiet - loop.time(), 0.001))
+        if await acquire(slots, max(since + quiet - loop.time(), 0.001)):
             return
-        except asyncio.TimeoutError:
-            if last_end() <= since:
-                raise  # nothing ended meanwhile: the log does not answer
+        if last_end() <= since:
+            raise asyncio.TimeoutError  # nothing ended meanwhile: the log does not answer
 
 
 class Gate:

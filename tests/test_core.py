@@ -1504,3 +1504,21 @@ async def test_retention_slices_leave_a_channel_started_again_meanwhile(
         info = await bc.log.channel("c")
         assert info is not None and (info.first_offset, info.last_offset) == (1, 5)
         assert await bc.log.apply_retention(Retention(max_events=3)) == 2  # the next pass
+
+
+async def test_a_read_cancelled_as_it_gets_its_turn_gives_the_turn_back() -> None:
+    """A caller of acquire_while_moving cancelled in the step its slot was granted kept
+    the slot (wait_for returned it held, then raised the cancellation): subscribers
+    leaving at that moment would use up the broadcast's turns at reading, for good."""
+    from broadcast_history._gate import acquire_while_moving
+
+    slots = asyncio.Semaphore(1)
+    await slots.acquire()  # a read holds the only turn
+    waiting = asyncio.create_task(acquire_while_moving(slots, 5, lambda: 0.0))
+    await asyncio.sleep(0.01)
+    slots.release()  # the read ends in the step its waiter is cancelled
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await asyncio.sleep(0)
+    assert not slots.locked()

@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError, KafkaTimeoutError
 
-from .._cancel import wait_for
+from .._cancel import acquire, wait_for
 from .._errors import InvalidArgument, NotConnected, TransportError
 from .._event import Event
 from ._backoff import Backoff
@@ -278,7 +278,7 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
             return
         # Bounded: a recovery holds the lock until its requests end, and a silent
         # connection's end is aiokafka's request timeout.
-        if not await _acquire(self._lock, self._timeout):
+        if not await acquire(self._lock, self._timeout):
             # That recovery assigns this channel too before the transport is up.
             logger.debug("kafka subscription deferred to the recovery under way")
             return
@@ -498,33 +498,6 @@ class _Stage:
     """How far one send got: read when it failed or timed out."""
 
     creating: bool = False
-
-
-async def _acquire(lock: asyncio.Lock, timeout: float) -> bool:
-    """Take ``lock`` within ``timeout`` seconds; whether it was taken. A caller
-    cancelled as the lock was granted leaves it free (``wait_for`` returned it held,
-    and then raised the cancellation: nobody would release it)."""
-    taking: asyncio.Future[Any] = asyncio.ensure_future(lock.acquire())
-    try:
-        await asyncio.wait({taking}, timeout=timeout)
-    except asyncio.CancelledError:
-        _give_back(lock, taking)
-        raise
-    if taking.done() and not taking.cancelled() and taking.exception() is None:
-        return True
-    _give_back(lock, taking)
-    return False
-
-
-def _give_back(lock: asyncio.Lock, taking: asyncio.Future[Any]) -> None:
-    """Cancel the attempt ``taking``; if it got ``lock`` all the same, release it."""
-
-    def release(taken: asyncio.Future[Any]) -> None:
-        if not taken.cancelled() and taken.exception() is None:
-            lock.release()
-
-    taking.cancel()
-    taking.add_done_callback(release)
 
 
 def _closed(task: asyncio.Future[Any]) -> None:

@@ -338,6 +338,46 @@ def test_a_refused_publish_says_why(server: Server, browser: Any) -> None:
         context.close()
 
 
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("/denied", "log in again"),  # an HTTPException(401) of authorize: plain text
+        ("/closed/chat", "not allowed to subscribe on this channel"),  # 403, JSON
+        ("/events/chat?since=soon", None),  # 422: a position the server cannot read
+    ],
+)
+def test_a_refused_stream_closes_and_says_why(
+    server: Server, browser: Any, url: str, reason: str | None
+) -> None:
+    """An EventSource refused (a 401 or 403 of authorize) failed like a server that is
+    away: the page was asked again and again with the backoff, for ever, and never
+    learnt why."""
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(f"{server.base}/stats")
+        page.evaluate(
+            """async (url) => {
+                const { connect } = await import("/events/client.js");
+                window.statuses = [];
+                connect(url, {
+                    storageKey: null,
+                    onStatus(status, detail) { window.statuses.push([status, detail]); },
+                });
+            }""",
+            url,
+        )
+        page.wait_for_function(
+            "() => window.statuses.some(([s]) => s !== 'connecting')", timeout=WAIT_MS
+        )
+        page.wait_for_timeout(1500)  # past the first retry's delay, had there been one
+        statuses = page.evaluate("() => window.statuses")
+        assert [status for status, _ in statuses] == ["connecting", "closed"], statuses
+        assert statuses[1][1] == reason or (reason is None and "since" in statuses[1][1])
+    finally:
+        context.close()
+
+
 class RelayThread:
     """A :class:`CuttableProxy` to the server, run by a loop of its own in a thread
     (Playwright's sync API holds this one's)."""

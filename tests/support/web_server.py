@@ -54,6 +54,11 @@ def open_files() -> list[str]:
 def make_app(broadcast: Broadcast) -> Starlette:
     streams = create_stream_app(broadcast, authorize=allow_all, publish=True, keepalive=1.0)
 
+    async def nobody(connection: object, channel: str, action: str) -> bool:
+        return False
+
+    closed = create_stream_app(broadcast, authorize=nobody)
+
     async def page(request: Request) -> Response:
         return FileResponse(PAGE)
 
@@ -84,6 +89,7 @@ def make_app(broadcast: Broadcast) -> Starlette:
             Route("/stats", stats),
             Route("/denied", denied, methods=["GET", "POST"]),
             Mount("/events", streams),
+            Mount("/closed", closed),
         ],
         lifespan=lifespan,
     )

@@ -16,6 +16,7 @@ const FIRST_DELAY = 500; // ms before the first WebSocket reconnect
 const MAX_DELAY = 15000; // backoff cap
 const STEADY = 5000; // a connection open this long resets the backoff
 const SILENCE_MARGIN = 3000; // ms past two ping intervals before a silent connection is dropped
+const FINAL_STATUSES = [400, 401, 403, 422]; // refusals that asking again will not change
 
 function decodeBase64(text) {
   const raw = atob(text);
@@ -30,6 +31,20 @@ function asBytes(data) {
   if (data instanceof Uint8Array) return data;
   if (ArrayBuffer.isView(data)) return new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
   return new Uint8Array(data);
+}
+
+// Why the server refused: the `detail` of a JSON answer, or the text of a plain
+// one (an HTTPException of authorize); "" when it says neither.
+async function answerDetail(response) {
+  const text = await response.text();
+  try {
+    const detail = JSON.parse(text).detail;
+    if (detail) return String(detail);
+  } catch {
+    // Not JSON.
+  }
+  const plain = (response.headers.get("content-type") || "").startsWith("text/plain");
+  return plain ? text.trim() : "";
 }
 
 function encodeBase64(bytes) {
@@ -89,7 +104,8 @@ function storage(key) {
  *   one per URL); `null` keeps it in memory only.
  * @param {"sse"|"ws"} [options.transport] Server-Sent Events (default) or WebSocket.
  * @param {(status: string, detail?: string) => void} [options.onStatus] "connecting",
- *   "open", "reconnecting" or "closed".
+ *   "open", "reconnecting" or "closed" (with the server's reason when it refused the
+ *   stream: it is not asked again).
  * @returns {{close(): void, publish(data, options?): Promise<object>, readonly lastEventId: string|null}}
  */
 export function connect(url, options = {}) {
@@ -227,15 +243,47 @@ export function connect(url, options = {}) {
     es.onerror = () => {
       if (source !== es) return;
       hush();
-      // Closed and opened again from the last id with the backoff, refused (an HTTP
-      // error: EventSource gives up) or cut alike: left to itself, EventSource tries
-      // again every second (the server's retry:) for as long as the server is away,
-      // a thousand pages a thousand times a second.
+      // Closed and opened again from the last id with the backoff: left to itself,
+      // EventSource tries again every second (the server's retry:) for as long as the
+      // server is away, a thousand pages a thousand times a second.
       es.close();
       source = null;
+      const opened = openedAt !== 0;
       settle();
-      retryLater();
+      if (opened) retryLater();
+      else refusedOrRetry(es.url);
     };
+  }
+
+  // An EventSource that never opened does not say why: an HTTP error and a server
+  // that is away look alike. The same request by fetch tells them apart, so a
+  // refusal (authorize's 403 or 401, a bad channel's 400) closes the
+  // stream with the server's reason, as a WebSocket's 1008 and 4400 do, instead of
+  // being asked again for ever. A 422 is a start position the server cannot parse.
+  async function refusedOrRetry(target) {
+    const asking = new AbortController();
+    let reason = null;
+    try {
+      const response = await fetch(target, {
+        headers: { Accept: "text/event-stream" },
+        cache: "no-store",
+        signal: asking.signal,
+      });
+      if (FINAL_STATUSES.includes(response.status)) {
+        reason = (await answerDetail(response)) || `HTTP ${response.status}`;
+      }
+    } catch {
+      // Unreachable too: tried again with the backoff.
+    } finally {
+      asking.abort(); // a stream that opened this time is not read
+    }
+    if (closed || source !== null || timer !== null) return;
+    if (reason === null) {
+      retryLater();
+      return;
+    }
+    closed = true;
+    onStatus("closed", reason);
   }
 
   // Only a connection that opened and held resets the backoff; one that never
@@ -308,16 +356,8 @@ export function connect(url, options = {}) {
     };
     if (key) headers["Idempotency-Key"] = key;
     const response = await fetch(base, { method: "POST", headers, body: data });
-    const text = await response.text();
-    let body = {};
-    try {
-      body = JSON.parse(text);
-    } catch {
-      // Not JSON: an error the app raised as text (an HTTPException of authorize).
-    }
-    if (response.ok) return body;
-    const plain = (response.headers.get("content-type") || "").startsWith("text/plain");
-    throw new Error(body.detail || (plain && text.trim()) || `HTTP ${response.status}`);
+    if (response.ok) return response.json();
+    throw new Error((await answerDetail(response)) || `HTTP ${response.status}`);
   }
 
   open();

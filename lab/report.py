@@ -57,14 +57,25 @@ def anomalies(rows: list[Row], limit: int = 20) -> str:
     return "\n".join(out)
 
 
-def write(rows: list[Row], directory: Path, header: str) -> None:
-    """Save ``results.md`` and ``results.json`` in ``directory``."""
+def write(rows: list[Row], directory: Path, header: str, incomplete: str | None = None) -> None:
+    """Save ``results.md`` and ``results.json`` in ``directory``.
+
+    ``incomplete`` says why runs of the plan are missing (the lab failed or was
+    interrupted): the files say it too, so a partial table is not taken for a run
+    of the whole plan, nor an old one left in place for this run's.
+    """
     directory.mkdir(parents=True, exist_ok=True)
-    text = f"{header}\n\n{table(rows)}\n"
+    text = f"{header}\n\n"
+    if incomplete is not None:
+        text += f"**Incomplete: {incomplete}.**\n\n"
+    text += f"{table(rows)}\n"
     details = anomalies(rows, limit=200)
     if details:
         text += f"\n```\n{details}\n```\n"
     (directory / "results.md").write_text(text)
     (directory / "results.json").write_text(
-        json.dumps({"header": header, "runs": [asdict(row) for row in rows]}, indent=1)
+        json.dumps(
+            {"header": header, "incomplete": incomplete, "runs": [asdict(row) for row in rows]},
+            indent=1,
+        )
     )

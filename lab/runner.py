@@ -265,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[report.Row] = []
     lab = Lab(transports, args.hosts, args.keep)
     failure: str | None = None
+    interrupted = False
     try:
         lab.open()
         print(f"lab: {args.hosts} hosts, files in {lab.dir}; {len(plan)} runs of {duration:g} s")
@@ -280,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     except KeyboardInterrupt:
         print("lab: interrupted; cleaning up", file=sys.stderr)
-        return 130
+        interrupted = True
     except Exception as exc:
         # The lab itself broke (a server that would not start...): report what ran.
         failure = f"the lab failed: {exc!r}"
@@ -297,14 +298,22 @@ def main(argv: list[str] | None = None) -> int:
         f"{platform.node()}: {os.cpu_count()} CPUs, Linux {platform.release()}, "
         f"Python {platform.python_version()}"
     )
-    report.write(rows, Path(args.out), header)
+    not_done = len(plan) - len(rows)
+    incomplete = None
+    if interrupted:
+        incomplete = f"interrupted; {not_done} of {len(plan)} runs not done"
+    elif failure is not None:
+        incomplete = f"{failure}; {not_done} of {len(plan)} runs not done"
+    report.write(rows, Path(args.out), header, incomplete)
+    if interrupted:
+        return 130
     print(f"\n{header}\n\n{report.table(rows)}")
     details = report.anomalies(rows)
     if details:
         print(f"\n{details}")
     found = sum(len(row.result.anomalies) for row in rows)
     print(f"\n{found} anomalies; results in {args.out}/results.md")
-    if failure is not None:
-        print(f"{failure}; {len(plan) - len(rows)} runs not done", file=sys.stderr)
+    if incomplete is not None:
+        print(incomplete, file=sys.stderr)
         return 2
     return 1 if found else 0

@@ -284,6 +284,12 @@ def test_a_second_ctrl_c_does_not_cut_the_cleanup_short(tmp_path: Path) -> None:
     assert not Path(directory).exists()
     namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
     assert "bhlab" not in namespaces.stdout
+    # The results say the plan was cut short (no file was written: an older one in
+    # the same place passed for this run's).
+    assert (
+        "**Incomplete: interrupted; 1 of 1 runs not done.**"
+        in (tmp_path / "results.md").read_text()
+    )
 
 
 @pytest.mark.parametrize(

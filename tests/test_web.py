@@ -23,6 +23,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 import uvicorn
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
@@ -437,6 +438,71 @@ async def test_authorize_is_required_and_checked(broadcast: Broadcast) -> None:
         "allow_all",
         "create_stream_app",
     ]
+
+
+async def test_recheck_ends_streams_authorize_no_longer_allows(broadcast: Broadcast) -> None:
+    """authorize was asked once, when a stream opened: a user revoked (or whose token
+    expired) went on receiving for as long as the connection lasted."""
+    revoked: dict[str, str] = {}  # token -> how it is refused
+    calls: list[str] = []
+
+    async def by_token(connection: Any, channel: str, action: str) -> bool:
+        token = connection.query_params["token"]
+        calls.append(token)
+        if revoked.get(token) == "expired":
+            raise HTTPException(401, "token expired")
+        if revoked.get(token) == "failing":
+            raise RuntimeError("the session store is down")
+        return token not in revoked
+
+    app = create_stream_app(broadcast, authorize=by_token, recheck=0.1, keepalive=5)
+    async with serving(app) as base:
+        http_streams = [
+            asyncio.create_task(sse(f"{base}/c?token={token}", 10)) for token in ("a", "b", "c")
+        ]
+        ws_url = base.replace("http", "ws") + "/c/ws?token="
+        async with ws_stream(ws_url + "d") as ws_d, ws_stream(ws_url + "e") as ws_e:
+            await wait_for_subscriptions(broadcast, 5)
+            await broadcast.publish("c", "before")
+            revoked.update(a="revoked", b="expired", d="revoked")
+            done, _ = await asyncio.wait(http_streams[:2], timeout=5)
+            assert len(done) == 2
+            for task, detail in zip(
+                http_streams, ("not allowed to subscribe on this channel", "token expired")
+            ):
+                frames = task.result()  # the stream ended: fewer frames than asked
+                assert frames[1]["data"] == "before"
+                assert frames[-1] == {"event": "refused", "data": dumps({"detail": detail})}
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    assert json.loads(await asyncio.wait_for(ws_d.recv(), 5))["type"] != "reset"
+            assert closed.value.rcvd is not None
+            assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (
+                1008,
+                "not allowed to subscribe on this channel",
+            )
+            # authorize failing: the stream is not kept on trust (1011, as on a publish).
+            async with ws_stream(ws_url + "f") as ws_f:
+                revoked["f"] = "failing"
+                with pytest.raises(ConnectionClosed) as closed:
+                    while True:
+                        await asyncio.wait_for(ws_f.recv(), 5)
+                assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
+            await broadcast.publish("c", "after")
+            # The others go on, asked again and again.
+            assert not http_streams[2].done()
+            while (frame := json.loads(await asyncio.wait_for(ws_e.recv(), 5)))[
+                "type"
+            ] != "message" or frame["data"] != "after":
+                pass
+            count = calls.count("c")
+            await asyncio.sleep(0.35)
+            assert calls.count("c") >= count + 2
+        http_streams[2].cancel()
+        await asyncio.gather(http_streams[2], return_exceptions=True)
+    for value in (0, -1, True, "60", float("inf")):
+        with pytest.raises(InvalidArgument, match="recheck"):
+            create_stream_app(broadcast, authorize=allow_all, recheck=value)  # type: ignore[arg-type]
 
 
 # -- WebSocket ---------------------------------------------------------------------------

@@ -378,6 +378,45 @@ def test_a_refused_stream_closes_and_says_why(
         context.close()
 
 
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+def test_a_stream_revoked_while_open_closes_and_says_why(
+    server: Server, browser: Any, transport: str
+) -> None:
+    """With the app's recheck, authorize refusing an open stream ends it; the page
+    closes with the reason rather than reconnecting."""
+    token = uuid.uuid4().hex
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(f"{server.base}/stats")
+        page.evaluate(
+            """async ([url, transport]) => {
+                const { connect } = await import("/events/client.js");
+                window.statuses = [];
+                connect(url, {
+                    transport,
+                    storageKey: null,
+                    onStatus(status, detail) { window.statuses.push([status, detail]); },
+                });
+            }""",
+            [f"/revocable/chat?token={token}", transport],
+        )
+        page.wait_for_function("() => window.statuses.some(([s]) => s === 'open')", timeout=WAIT_MS)
+        httpx.post(f"{server.base}/revoke", params={"token": token})
+        page.wait_for_function(
+            "() => window.statuses.some(([s]) => s === 'closed')", timeout=WAIT_MS
+        )
+        page.wait_for_timeout(1000)  # past a first reconnect's delay, had there been one
+        statuses = page.evaluate("() => window.statuses")
+        assert statuses == [
+            ["connecting", None],
+            ["open", None],
+            ["closed", "not allowed to subscribe on this channel"],
+        ]
+    finally:
+        context.close()
+
+
 class RelayThread:
     """A :class:`CuttableProxy` to the server, run by a loop of its own in a thread
     (Playwright's sync API holds this one's)."""

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
@@ -30,7 +31,7 @@ from ._feed import Feed
 from ._paths import channel_from_path
 from ._publish import UnsupportedEncoding, event_info, publish_request
 from ._sse import EventStream
-from ._streams import OpenStreams
+from ._streams import OpenStreams, Recheck
 from ._unavailable import unavailable
 from ._ws import BAD_REQUEST, CLIENT_GONE, FORBIDDEN, TRY_LATER, WebSocketSession
 
@@ -76,6 +77,29 @@ def _check_keepalive(keepalive: Any) -> float:
     return float(keepalive)
 
 
+def _check_recheck(recheck: Any) -> float | None:
+    if recheck is None:
+        return None
+    if isinstance(recheck, bool) or not isinstance(recheck, (int, float)):
+        raise InvalidArgument(f"recheck must be a number of seconds or None, got {recheck!r}")
+    if not 0 < recheck < float("inf"):
+        raise InvalidArgument(f"recheck must be positive and finite, got {recheck!r}")
+    return float(recheck)
+
+
+def _rechecking(authorize: Authorize, connection: HTTPConnection, channel: str) -> Recheck:
+    """Ask ``authorize`` again about an open stream, its refusals as :class:`Forbidden`
+    (an ``HTTPException`` of it too: a token that expired meanwhile)."""
+
+    async def recheck() -> None:
+        try:
+            await require(authorize, connection, channel, "subscribe")
+        except HTTPException as exc:
+            raise Forbidden(str(exc.detail)) from None
+
+    return recheck
+
+
 async def _close(websocket: WebSocket, code: int, detail: str) -> None:
     """Accept, say why in an error frame, and close with ``code``."""
     with suppress(OSError, RuntimeError, WebSocketDisconnect):
@@ -91,6 +115,7 @@ def create_stream_app(
     authorize: Authorize,
     publish: bool = False,
     keepalive: float = 15.0,
+    recheck: float | None = None,
 ) -> Starlette:
     """An ASGI app streaming ``broadcast``'s channels to browsers and other languages.
 
@@ -119,12 +144,18 @@ def create_stream_app(
             :func:`allow_all` lets everyone in.
         publish: Accept ``POST /{channel}`` and WebSocket ``publish`` frames.
         keepalive: Seconds without traffic after which an idle stream is pinged.
+        recheck: Ask ``authorize`` again every ``recheck`` seconds whether each open
+            stream may go on, and end the ones it refuses (SSE: an ``event: refused``
+            frame; WebSocket: close code 1008), so a revoked user or an expired token
+            stops receiving. ``None`` (default): asked once, at the start.
 
     Raises:
-        InvalidArgument: ``authorize`` is not callable, or ``keepalive`` is not positive.
+        InvalidArgument: ``authorize`` is not callable, or ``keepalive`` or
+            ``recheck`` is not positive.
     """
     authorize = check_authorize(authorize)
     keepalive = _check_keepalive(keepalive)
+    recheck_every = _check_recheck(recheck)
     streams = OpenStreams()
     # A publish frame carries its message as JSON text: bytes as base64 (4/3 larger),
     # text escaped by the client's encoder, up to 6 times longer (``\u00e9`` for
@@ -149,6 +180,8 @@ def create_stream_app(
             keepalive=keepalive,
             streams=streams,
             pings=_pings(request),
+            recheck=None if recheck_every is None else _rechecking(authorize, request, channel),
+            recheck_every=recheck_every or 0.0,
         )
 
     async def publish_http(request: Request) -> Response:
@@ -203,6 +236,10 @@ def create_stream_app(
                 publisher=publisher if publish else None,
                 max_frame=max_frame,
                 pings=_pings(websocket),
+                recheck=None
+                if recheck_every is None
+                else _rechecking(authorize, websocket, channel),
+                recheck_every=recheck_every or 0.0,
             )
             await session.run()
         except CLIENT_GONE:

@@ -14,7 +14,8 @@ has seen no event yet resumes from there, not from the head when it comes back).
 gets a ``: ping`` comment after ``keepalive`` seconds without a frame; with
 ``?pings=1``, an ``event: ping`` frame with ``{"keepalive"}`` instead, and one in the
 opening chunk, which a script can see (``EventSource`` hides comments) and so tell a
-connection gone silent from a quiet channel.
+connection gone silent from a quiet channel. With the app's ``recheck``, a stream
+``authorize`` no longer allows ends with ``event: refused`` and ``{"detail"}``.
 
 Framing and response are written here rather than taken from sse-starlette: its
 response costs about 14 µs per frame sent (an anyio cancel scope around every send)
@@ -38,7 +39,7 @@ from starlette.responses import Response
 from .._errors import BroadcastError, LogUnavailable, NotConnected
 from .._event import Event
 from ._feed import Feed, Reset
-from ._streams import OpenStreams, first_of, last_write, unless_stopped
+from ._streams import OpenStreams, Recheck, first_of, last_write, refused, unless_stopped
 from ._unavailable import unavailable
 
 logger = logging.getLogger("broadcast_history.web")
@@ -101,6 +102,13 @@ def ping_event(keepalive: float) -> bytes:
     return b"event: ping\ndata: " + json.dumps({"keepalive": keepalive}).encode() + b"\n\n"
 
 
+def refused_frame(detail: str) -> bytes:
+    """``event: refused``: ``authorize`` asked again said no; the stream ends (no id,
+    so a client's position stays that of the last event it had)."""
+    data = json.dumps({"detail": detail}, separators=(",", ":"))
+    return b"event: refused\ndata: " + data.encode() + b"\n\n"
+
+
 def reset_frame(reset: Reset) -> bytes:
     """The ``event: reset`` frame, whose id is the position the stream goes on from."""
     return frame(reset.id, "reset", json.dumps(reset.json(), separators=(",", ":")))
@@ -130,6 +138,8 @@ class EventStream(Response):
         streams: The app's open streams, which a stopping server ends.
         encode: Frame of an event (default :func:`event_frame`).
         pings: Ping with ``event: ping`` frames a script sees, one at once.
+        recheck: Asked every ``recheck_every`` seconds whether the stream may go on;
+            once it refuses, an ``event: refused`` frame says why and the stream ends.
     """
 
     def __init__(
@@ -140,8 +150,12 @@ class EventStream(Response):
         streams: OpenStreams,
         encode: Frame = event_frame,
         pings: bool = False,
+        recheck: Recheck | None = None,
+        recheck_every: float = 60.0,
     ) -> None:
         self.feed = feed
+        self.recheck = recheck
+        self.recheck_every = recheck_every
         self.keepalive = keepalive
         self.pings = pings
         self._ping = ping_event(keepalive) if pings else PING
@@ -188,7 +202,18 @@ class EventStream(Response):
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             self._last_write = loop.time()
 
-        pump, watch = await first_of(self._pump(write), self._watch(receive, write, stop))
+        tasks = [self._pump(write), self._watch(receive, write, stop)]
+        if self.recheck is not None:
+            tasks.append(self._refuse(self.recheck, write, stop))
+        pump, watch, *revoked = await first_of(*tasks)
+        if revoked and revoked[0].done() and not revoked[0].cancelled():
+            error = revoked[0].exception()
+            if error is None:
+                return True  # refused, and said so
+            if isinstance(error, OSError):
+                return False
+            logger.warning("stream of %r ended: authorize failed: %r", self.feed.channel, error)
+            raise error
         if pump.done() and not pump.cancelled():
             error = pump.exception()
             if isinstance(error, OSError):
@@ -229,6 +254,13 @@ class EventStream(Response):
                 raise
             await write(b"".join(frames))
             await asyncio.sleep(0)
+
+    async def _refuse(
+        self, recheck: Recheck, write: Callable[[bytes], Any], stop: asyncio.Future[None]
+    ) -> None:
+        """Wait for ``authorize`` to refuse the stream, then say why."""
+        detail = await refused(recheck, self.recheck_every)
+        await unless_stopped(stop, write(refused_frame(detail)))
 
     async def _watch(
         self, receive: Receive, write: Callable[[bytes], Any], stop: asyncio.Future[None]

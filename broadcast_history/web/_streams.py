@@ -8,12 +8,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any
 
+from ._auth import Forbidden
+
 if TYPE_CHECKING:
     from .._broadcast import Broadcast
+
+#: Asks ``authorize`` again whether an open stream may go on (raises Forbidden if not).
+Recheck = Callable[[], Awaitable[None]]
+
+
+async def refused(recheck: Recheck, every: float) -> str:
+    """Ask ``recheck`` every ``every`` seconds; the reason of its first refusal.
+
+    Any other error it raises (``authorize`` failing) ends the wait too: a stream
+    whose right to go on cannot be checked is ended, not kept on trust.
+    """
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await recheck()
+        except Forbidden as exc:
+            return str(exc)
 
 
 class OpenStreams:

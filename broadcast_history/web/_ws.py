@@ -29,7 +29,7 @@ import base64
 import binascii
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,7 +41,15 @@ from .._errors import BroadcastError, InvalidArgument, InvalidMessage, LogUnavai
 from .._event import Event
 from ._feed import Feed, Reset
 from ._publish import event_info
-from ._streams import OpenStreams, answered, first_of, last_write, unless_stopped
+from ._streams import (
+    OpenStreams,
+    Recheck,
+    answered,
+    first_of,
+    last_write,
+    refused,
+    unless_stopped,
+)
 from ._unavailable import unavailable
 
 logger = logging.getLogger("broadcast_history.web")
@@ -135,6 +143,8 @@ class WebSocketSession:
         max_frame: Largest client frame accepted, in characters.
         pings: Say ``keepalive`` in each ping, and ping at once: a client that
             watches for silence (``client.js``) knows how long to wait.
+        recheck: Asked every ``recheck_every`` seconds whether the stream may go on;
+            once it refuses, the socket is closed with 1008 and the reason.
     """
 
     websocket: WebSocket
@@ -144,6 +154,8 @@ class WebSocketSession:
     publisher: Publisher | None
     max_frame: int
     pings: bool = False
+    recheck: Recheck | None = None
+    recheck_every: float = 60.0
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
     _last_write: float = field(default=0.0, init=False)
 
@@ -156,8 +168,30 @@ class WebSocketSession:
         """Until the client leaves, the feed ends or the server stops."""
         self._last_write = asyncio.get_running_loop().time()
         with self.streams.open() as stop:
-            pump, talk = await first_of(self._pump(), self._talk(stop))
-            await self._end(pump, talk)
+            tasks: list[Coroutine[Any, Any, Any]] = [self._pump(), self._talk(stop)]
+            if self.recheck is not None:
+                tasks.append(refused(self.recheck, self.recheck_every))
+            pump, talk, *revoked = await first_of(*tasks)
+            if revoked and revoked[0].done() and not revoked[0].cancelled():
+                await self._refuse(revoked[0])
+            else:
+                await self._end(pump, talk)
+
+    async def _refuse(self, revoked: asyncio.Future[str]) -> None:
+        """Close the socket as ``authorize``, asked again, said: 1008 with its reason
+        (1011 when it failed)."""
+        error = revoked.exception()
+        code = FORBIDDEN if error is None else 1011
+        reason = (
+            "" if error is not None else revoked.result().encode()[:120].decode(errors="ignore")
+        )
+        with suppress(OSError, RuntimeError, WebSocketDisconnect):
+            await last_write(self.websocket.close(code, reason))
+        if error is not None:
+            logger.warning(
+                "WebSocket stream of %r ended: authorize failed: %r", self.feed.channel, error
+            )
+            raise error
 
     async def _end(self, pump: asyncio.Future[None], talk: asyncio.Future[bool]) -> None:
         """Close the socket as the ended tasks say (nothing if the client left)."""

@@ -58,6 +58,17 @@ def make_app(broadcast: Broadcast) -> Starlette:
         return False
 
     closed = create_stream_app(broadcast, authorize=nobody)
+    revoked: set[str] = set()
+
+    async def unless_revoked(connection: Request, channel: str, action: str) -> bool:
+        return connection.query_params.get("token") not in revoked
+
+    # Streams asked again every 0.2 s; POST /revoke?token=... revokes a token.
+    revocable = create_stream_app(broadcast, authorize=unless_revoked, recheck=0.2)
+
+    async def revoke(request: Request) -> Response:
+        revoked.add(request.query_params["token"])
+        return PlainTextResponse("revoked")
 
     async def page(request: Request) -> Response:
         return FileResponse(PAGE)
@@ -90,6 +101,8 @@ def make_app(broadcast: Broadcast) -> Starlette:
             Route("/denied", denied, methods=["GET", "POST"]),
             Mount("/events", streams),
             Mount("/closed", closed),
+            Route("/revoke", revoke, methods=["POST"]),
+            Mount("/revocable", revocable),
         ],
         lifespan=lifespan,
     )

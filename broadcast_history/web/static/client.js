@@ -235,6 +235,16 @@ export function connect(url, options = {}) {
     on("reset", (e) => handleReset({ ...JSON.parse(e.data), id: e.lastEventId }));
     on("start", (e) => handleStart(e.lastEventId));
     es.addEventListener("ping", (e) => heard(JSON.parse(e.data).keepalive));
+    // authorize, asked again while the stream was open, said no (the app's recheck):
+    // as a refusal at the start, the stream is not asked again.
+    es.addEventListener("refused", (e) => {
+      if (source !== es) return;
+      hush();
+      es.close();
+      source = null;
+      closed = true;
+      onStatus("closed", JSON.parse(e.data).detail);
+    });
     es.onopen = () => {
       openedAt = Date.now();
       heard();

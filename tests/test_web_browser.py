@@ -338,6 +338,22 @@ def test_a_refused_publish_says_why(server: Server, browser: Any) -> None:
         context.close()
 
 
+def record_statuses(page: Any, url: str, transport: str) -> None:
+    """Stream ``url`` with the page's statuses and their details in ``window.statuses``."""
+    page.evaluate(
+        """async ([url, transport]) => {
+            const { connect } = await import("/events/client.js");
+            window.statuses = [];
+            connect(url, {
+                transport,
+                storageKey: null,
+                onStatus(status, detail) { window.statuses.push([status, detail]); },
+            });
+        }""",
+        [url, transport],
+    )
+
+
 @pytest.mark.parametrize(
     ("url", "reason"),
     [
@@ -356,17 +372,7 @@ def test_a_refused_stream_closes_and_says_why(
     try:
         page = context.new_page()
         page.goto(f"{server.base}/stats")
-        page.evaluate(
-            """async (url) => {
-                const { connect } = await import("/events/client.js");
-                window.statuses = [];
-                connect(url, {
-                    storageKey: null,
-                    onStatus(status, detail) { window.statuses.push([status, detail]); },
-                });
-            }""",
-            url,
-        )
+        record_statuses(page, url, "sse")
         page.wait_for_function(
             "() => window.statuses.some(([s]) => s !== 'connecting')", timeout=WAIT_MS
         )
@@ -389,18 +395,7 @@ def test_a_stream_revoked_while_open_closes_and_says_why(
     try:
         page = context.new_page()
         page.goto(f"{server.base}/stats")
-        page.evaluate(
-            """async ([url, transport]) => {
-                const { connect } = await import("/events/client.js");
-                window.statuses = [];
-                connect(url, {
-                    transport,
-                    storageKey: null,
-                    onStatus(status, detail) { window.statuses.push([status, detail]); },
-                });
-            }""",
-            [f"/revocable/chat?token={token}", transport],
-        )
+        record_statuses(page, f"/revocable/chat?token={token}", transport)
         page.wait_for_function("() => window.statuses.some(([s]) => s === 'open')", timeout=WAIT_MS)
         httpx.post(f"{server.base}/revoke", params={"token": token})
         page.wait_for_function(

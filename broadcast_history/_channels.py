@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
 
 from .backends import BroadcastBackend
 
@@ -29,8 +30,10 @@ class Channels:
         self.backend = backend
         self._on_transport: set[str] = set()
         self._lock: asyncio.Lock | None = None
-        # Unsubscribes of channels whose subscribe was cut short (see attach).
+        # Unsubscribes of channels whose subscribe was cut short (see attach), and of
+        # channels whose last subscriber left (see detach), in tasks of their own.
         self._undoing: set[asyncio.Task[None]] = set()
+        self._leaving: set[asyncio.Task[None]] = set()
 
     def open(self) -> None:
         """Ready for subscribers (in the running event loop)."""
@@ -57,6 +60,7 @@ class Channels:
         self.subscribers.clear()
         self._on_transport.clear()
         self._undoing.clear()
+        self._leaving.clear()
         self._lock = None
 
     async def attach(self, subscriber: Subscriber) -> None:
@@ -88,11 +92,21 @@ class Channels:
         channel = subscriber.channel
         if not self._forget(subscriber) or self._lock is None:
             return
-        async with self._lock:
-            if channel not in self.subscribers and channel in self._on_transport:
-                self._on_transport.discard(channel)
-                if connected:
-                    await self.backend.unsubscribe(channel)
+        lock = self._lock
+
+        async def unsubscribe() -> None:
+            async with lock:
+                if channel not in self.subscribers and channel in self._on_transport:
+                    self._on_transport.discard(channel)
+                    if connected:
+                        await self.backend.unsubscribe(channel)
+
+        # In a task of its own: the lock may be held by another channel's subscribe
+        # for a round trip, and a caller cancelled again while it waits (anyio's
+        # cancel scopes deliver one at each await) left the channel subscribed on
+        # the transport for good, its messages read and dropped.
+        # Not cancelled by close(): it finds the channel off the transport then.
+        await asyncio.shield(self._in_background(unsubscribe(), self._leaving))
 
     def _undo(self, channel: str) -> None:
         async def unsubscribe() -> None:
@@ -104,9 +118,18 @@ class Channels:
                     except Exception:  # a clean-up: the transport may be down
                         logger.debug("unsubscribe of %r failed", channel, exc_info=True)
 
-        task = asyncio.ensure_future(unsubscribe())
-        self._undoing.add(task)
-        task.add_done_callback(self._undoing.discard)
+        self._in_background(unsubscribe(), self._undoing)
+
+    @staticmethod
+    def _in_background(
+        unsubscribe: Coroutine[Any, Any, None], tasks: set[asyncio.Task[None]]
+    ) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(unsubscribe)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        # Its error is the caller's, when one still waits for it; retrieved anyway.
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())
+        return task
 
     def modes(self) -> dict[str, int]:
         """How many subscriptions are open, by mode: ``"live"`` or ``"replay"``."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from types import TracebackType
 from typing import Any, TypeVar
 
 from ._cancel import acquire, wait_for
@@ -49,6 +48,31 @@ class Gate:
         self._slots = asyncio.Semaphore(size)
         self._ended = float("-inf")  # loop time the last write ended
 
+    async def start(
+        self, call: Callable[[], Awaitable[T]], *, quiet: float | None = None
+    ) -> tuple[float, asyncio.Future[T]]:
+        """Take a slot and start ``call()`` in it: (loop time it was made, its task).
+
+        The slot is freed when the call ends, not when its caller stops waiting for
+        it (a caller cancelled while its write still runs would let the next one in).
+
+        Raises:
+            asyncio.TimeoutError: No write ended for ``quiet`` seconds while this one
+                waited for a slot (``None``: waits as long as it takes).
+        """
+        if quiet is None:
+            await self._slots.acquire()
+        else:
+            await self._slot(quiet)
+        made = asyncio.get_running_loop().time()
+        try:
+            task = asyncio.ensure_future(call())
+        except BaseException:
+            self._end(None)
+            raise
+        task.add_done_callback(self._end)
+        return made, task
+
     async def run(
         self, call: Callable[[], Awaitable[T]], *, quiet: float, answer: float
     ) -> tuple[float, T]:
@@ -58,26 +82,8 @@ class Gate:
             asyncio.TimeoutError: No write ended for ``quiet`` seconds while this one
                 waited for a slot, or ``call`` gave no answer within ``answer``.
         """
-        await self._slot(quiet)
-        made = asyncio.get_running_loop().time()
-        try:
-            task = asyncio.ensure_future(call())
-        except BaseException:
-            self._end(None)
-            raise
-        task.add_done_callback(self._end)
+        made, task = await self.start(call, quiet=quiet)
         return made, await wait_for(asyncio.shield(task), answer)
-
-    async def __aenter__(self) -> None:
-        await self._slots.acquire()
-
-    async def __aexit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._end(None)
 
     async def _slot(self, quiet: float) -> None:
         await acquire_while_moving(self._slots, quiet, lambda: self._ended)

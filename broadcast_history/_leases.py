@@ -128,6 +128,9 @@ class Leases:
         holdings = [holding for group in self._held.values() for holding in group.values()]
         # At once: each waits for a log that may not answer (at most a lease).
         await asyncio.gather(*(self._close_one(holding) for holding in holdings))
+        # Leases being given back by subscriptions that ended just before: done
+        # before the log goes away under them.
+        await asyncio.gather(*list(self._background), return_exceptions=True)
         self._held.clear()
         self._gate = None
 
@@ -186,18 +189,19 @@ class Leases:
         self, channel: str, name: str, holder: str, lease: float
     ) -> tuple[float, LeaseAttempt]:
         """(loop time the statement was sent, its outcome)."""
-        async with self.gate:
-            # The lease runs from the statement, not from the wait for the gate: a
-            # burst of subscribes queues here longer than a short lease.
-            sent = asyncio.get_running_loop().time()
-            task = asyncio.ensure_future(self.log.acquire_lease(channel, name, holder, lease))
-            try:
-                return sent, await asyncio.shield(task)
-            except asyncio.CancelledError:
-                # The statement still runs to its end and may take the lease: give it
-                # back then, rather than leave a standby waiting for it to run out.
-                task.add_done_callback(lambda done: self._give_back(done, channel, name, holder))
-                raise
+        # The lease runs from the statement (``sent``), not from the wait for the
+        # gate: a burst of subscribes queues here longer than a short lease.
+        sent, task = await self.gate.start(
+            lambda: self.log.acquire_lease(channel, name, holder, lease)
+        )
+        try:
+            return sent, await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # The statement still runs to its end (in its slot) and may take the
+            # lease: give it back then, rather than leave a standby waiting for it
+            # to run out.
+            task.add_done_callback(lambda done: self._give_back(done, channel, name, holder))
+            raise
 
     def _give_back(
         self, done: asyncio.Future[LeaseAttempt], channel: str, name: str, holder: str
@@ -209,15 +213,29 @@ class Leases:
         task.add_done_callback(self._background.discard)
 
     async def _release(self, holding: Holding, *, final: bool = False) -> None:
-        await holding.stop_auto()
         if holding.closing and not final:
-            return  # the disconnect under way commits what it handled, then gives it back
+            # The disconnect under way commits what it handled, then gives it back.
+            await holding.stop_auto()
+            return
+        # Not renewed from here on, before anything is awaited: a second cancellation
+        # of the caller (anyio's cancel scopes deliver one at each await) left it
+        # renewed for as long as the process ran, and its standbys waiting as long.
         group = self._held.get(holding.lease)
         if group is not None:
             group.pop(holding.holder, None)
         if holding.closed:
+            await holding.stop_auto()
             return
         holding.closed = True
+        # Given back by a task of its own, which a caller cancelled again does not
+        # cut short (that caller stops waiting for it, nothing more).
+        task = asyncio.ensure_future(self._give_lease_back(holding))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        await asyncio.shield(task)
+
+    async def _give_lease_back(self, holding: Holding) -> None:
+        await holding.stop_auto()
         try:
             # Past a lease the lease has run out anyway: the subscription's end does
             # not wait longer for a log that does not answer.

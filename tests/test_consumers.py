@@ -196,6 +196,74 @@ async def test_a_standby_that_gives_up_leaves_no_lease(make_broadcast: MakeBroad
         assert sub.position == 1
 
 
+async def test_a_holder_cancelled_again_as_it_leaves_gives_its_lease_back(
+    make_broadcast: MakeBroadcast,
+) -> None:
+    """One cancel of an anyio cancel scope (Starlette, FastAPI) is delivered again at
+    each await of the clean-up: a holder with auto_commit, cut short while it
+    stopped its auto-commits, kept its lease renewed for as long as the process ran,
+    and the standby waited as long (found by an audit)."""
+    import anyio
+
+    broadcast = await make_broadcast()
+    await broadcast.publish("jobs", "j")
+
+    async def worker() -> None:
+        async with broadcast.subscribe(
+            "jobs", consumer="w", since=0, lease=0.6, auto_commit=0.05
+        ) as sub:
+            async for _ in sub:
+                pass
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(worker)
+        await anyio.sleep(0.2)
+        group.cancel_scope.cancel()
+    assert not any(broadcast._leases._held.values())
+
+    async def standby() -> int | None:
+        async with broadcast.subscribe("jobs", consumer="w", lease=0.6) as sub:
+            return sub.position
+
+    assert await asyncio.wait_for(standby(), 3) == 1  # auto-committed before the cut
+
+
+async def test_lease_writes_given_up_on_keep_their_slots(
+    broadcast: Broadcast, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A subscribe(consumer=) cancelled while its acquisition ran gave its slot back at
+    once, though the statement went on: callers giving up on a slow log piled lease
+    writes past IN_FLIGHT (38 at once in the audit's run), renewals behind them."""
+    running = peak = 0
+    acquire_lease = broadcast.log.acquire_lease
+
+    async def slow(*args: Any, **kwargs: Any) -> Any:  # a slow log (fault injection)
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        try:
+            await asyncio.sleep(0.3)
+            return await acquire_lease(*args, **kwargs)
+        finally:
+            running -= 1
+
+    monkeypatch.setattr(broadcast.log, "acquire_lease", slow)
+
+    async def client(index: int) -> None:
+        async with broadcast.subscribe(f"c{index}", consumer="c", since=0):
+            pass
+
+    for index in range(3 * IN_FLIGHT):
+        task = asyncio.create_task(client(index))
+        await asyncio.sleep(0.02)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    while running or broadcast._leases._background:  # the leases taken, given back
+        await asyncio.sleep(0.05)
+    assert 0 < peak <= IN_FLIGHT
+    assert await broadcast.log.consumers() == []  # each taken lease given back
+
+
 async def test_a_holder_that_lost_its_lease_is_fenced(
     make_broadcast: MakeBroadcast, monkeypatch: pytest.MonkeyPatch
 ) -> None:

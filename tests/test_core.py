@@ -1522,3 +1522,49 @@ async def test_a_read_cancelled_as_it_gets_its_turn_gives_the_turn_back() -> Non
         await waiting
     await asyncio.sleep(0)
     assert not slots.locked()
+
+
+async def test_a_subscription_cancelled_again_as_it_leaves_still_unsubscribes(
+    sqlite_file_url: str,
+) -> None:
+    """anyio's cancel scopes (Starlette, FastAPI) deliver the cancellation again at
+    each await of a cancelled task's clean-up. A subscription leaving while another
+    channel's subscribe held the lock for its round trip was cancelled again as it
+    waited to unsubscribe: its channel stayed subscribed on the transport for good,
+    its messages read and dropped (found by an audit, on Redis)."""
+    import anyio
+
+    class SlowSubscribe(MemoryBackend):
+        """A subscribe takes a round trip, as on a server (fault injection)."""
+
+        async def subscribe(self, channel: str) -> None:
+            await asyncio.sleep(0.05)
+            await super().subscribe(channel)
+
+    backend = SlowSubscribe()
+    async with Broadcast(backend=backend, log=sqlite_file_url) as bc:
+        for round_ in range(5):
+            channel = f"leaving-{round_}"
+
+            async def worker(channel: str = channel) -> None:
+                async with bc.subscribe(channel) as sub:
+                    async for _ in sub:
+                        pass
+
+            async def other(round_: int = round_) -> None:
+                async with bc.subscribe(f"other-{round_}"):
+                    pass
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(worker)
+                await anyio.sleep(0.1)  # subscribed
+                arriving = asyncio.create_task(other())
+                await asyncio.sleep(0)  # holds the lock for its round trip
+                group.cancel_scope.cancel()
+            await arriving
+        for _ in range(100):
+            if not backend._channels:
+                break
+            await asyncio.sleep(0.01)
+        assert backend._channels == set()
+        assert bc._channels._on_transport == set()

@@ -258,7 +258,11 @@ async def test_lease_writes_given_up_on_keep_their_slots(
         await asyncio.sleep(0.02)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-    while running or broadcast._leases._background:  # the leases taken, given back
+    gate = broadcast._leases.gate
+    deadline = time.monotonic() + 30
+    # Every statement ended (its slot free again) and each lease taken given back.
+    while running or broadcast._leases._background or gate._slots._value < IN_FLIGHT:
+        assert time.monotonic() < deadline
         await asyncio.sleep(0.05)
     assert 0 < peak <= IN_FLIGHT
     assert await broadcast.log.consumers() == []  # each taken lease given back

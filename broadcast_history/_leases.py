@@ -19,7 +19,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import datetime
 from typing import Any, TypeVar
@@ -33,6 +33,7 @@ from .log import EventLog, LeaseAttempt
 
 logger = logging.getLogger("broadcast_history")
 S = TypeVar("S", bound=Bound)
+T = TypeVar("T")
 #: Lease writes (acquire, commit, release) one broadcast runs at once.
 IN_FLIGHT = 8
 #: Shortest auto_commit period, in seconds.
@@ -208,9 +209,7 @@ class Leases:
     ) -> None:
         if done.cancelled() or done.exception() is not None or not done.result().acquired:
             return
-        task = asyncio.ensure_future(self.log.release_lease(channel, name, holder))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._in_background(self.log.release_lease(channel, name, holder))
 
     async def _release(self, holding: Holding, *, final: bool = False) -> None:
         if holding.closing and not final:
@@ -229,10 +228,14 @@ class Leases:
         holding.closed = True
         # Given back by a task of its own, which a caller cancelled again does not
         # cut short (that caller stops waiting for it, nothing more).
-        task = asyncio.ensure_future(self._give_lease_back(holding))
+        await asyncio.shield(self._in_background(self._give_lease_back(holding)))
+
+    def _in_background(self, work: Awaitable[T]) -> asyncio.Future[T]:
+        """``work`` as a task kept until it ends (``close()`` waits for them)."""
+        task = asyncio.ensure_future(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-        await asyncio.shield(task)
+        return task
 
     async def _give_lease_back(self, holding: Holding) -> None:
         await holding.stop_auto()

@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     rows: list[report.Row] = []
     lab = Lab(transports, args.hosts, args.keep)
-    failure: str | None = None
+    failure: str | None = None  # why runs of the plan are missing
     interrupted = False
     try:
         lab.open()
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     except KeyboardInterrupt:
         print("lab: interrupted; cleaning up", file=sys.stderr)
-        interrupted = True
+        interrupted, failure = True, "interrupted"
     except Exception as exc:
         # The lab itself broke (a server that would not start...): report what ran.
         failure = f"the lab failed: {exc!r}"
@@ -299,11 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Python {platform.python_version()}"
     )
     not_done = len(plan) - len(rows)
-    incomplete = None
-    if interrupted:
-        incomplete = f"interrupted; {not_done} of {len(plan)} runs not done"
-    elif failure is not None:
-        incomplete = f"{failure}; {not_done} of {len(plan)} runs not done"
+    incomplete = None if failure is None else f"{failure}; {not_done} of {len(plan)} runs not done"
     report.write(rows, Path(args.out), header, incomplete)
     if interrupted:
         return 130

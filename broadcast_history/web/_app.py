@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from contextlib import suppress
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,9 @@ from ._feed import Feed
 from ._paths import channel_from_path
 from ._publish import UnsupportedEncoding, event_info, publish_request
 from ._sse import EventStream
-from ._streams import OpenStreams, Recheck
+from ._streams import OpenStreams, Refusal, refused
 from ._unavailable import unavailable
-from ._ws import BAD_REQUEST, CLIENT_GONE, FORBIDDEN, TRY_LATER, WebSocketSession
+from ._ws import BAD_REQUEST, CLIENT_GONE, FORBIDDEN, TRY_LATER, WebSocketSession, close_reason
 
 STATIC = Path(__file__).parent / "static"
 
@@ -87,8 +88,10 @@ def _check_recheck(recheck: Any) -> float | None:
     return float(recheck)
 
 
-def _rechecking(authorize: Authorize, connection: HTTPConnection, channel: str) -> Recheck:
-    """Ask ``authorize`` again about an open stream, its refusals as :class:`Forbidden`
+def _refusal(
+    authorize: Authorize, connection: HTTPConnection, channel: str, every: float
+) -> Refusal:
+    """Ask ``authorize`` about an open stream every ``every`` seconds, until it refuses
     (an ``HTTPException`` of it too: a token that expired meanwhile)."""
 
     async def recheck() -> None:
@@ -97,7 +100,7 @@ def _rechecking(authorize: Authorize, connection: HTTPConnection, channel: str) 
         except HTTPException as exc:
             raise Forbidden(str(exc.detail)) from None
 
-    return recheck
+    return partial(refused, recheck, every)
 
 
 async def _close(websocket: WebSocket, code: int, detail: str) -> None:
@@ -105,8 +108,7 @@ async def _close(websocket: WebSocket, code: int, detail: str) -> None:
     with suppress(OSError, RuntimeError, WebSocketDisconnect):
         await websocket.accept()
         await websocket.send_json({"type": "error", "detail": detail})
-        # A close reason is at most 123 bytes.
-        await websocket.close(code, detail.encode()[:120].decode(errors="ignore"))
+        await websocket.close(code, close_reason(detail))
 
 
 def create_stream_app(
@@ -156,6 +158,12 @@ def create_stream_app(
     authorize = check_authorize(authorize)
     keepalive = _check_keepalive(keepalive)
     recheck_every = _check_recheck(recheck)
+
+    def refusal(connection: HTTPConnection, channel: str) -> Refusal | None:
+        if recheck_every is None:
+            return None
+        return _refusal(authorize, connection, channel, recheck_every)
+
     streams = OpenStreams()
     # A publish frame carries its message as JSON text: bytes as base64 (4/3 larger),
     # text escaped by the client's encoder, up to 6 times longer (``\u00e9`` for
@@ -180,8 +188,7 @@ def create_stream_app(
             keepalive=keepalive,
             streams=streams,
             pings=_pings(request),
-            recheck=None if recheck_every is None else _rechecking(authorize, request, channel),
-            recheck_every=recheck_every or 0.0,
+            refusal=refusal(request, channel),
         )
 
     async def publish_http(request: Request) -> Response:
@@ -236,10 +243,7 @@ def create_stream_app(
                 publisher=publisher if publish else None,
                 max_frame=max_frame,
                 pings=_pings(websocket),
-                recheck=None
-                if recheck_every is None
-                else _rechecking(authorize, websocket, channel),
-                recheck_every=recheck_every or 0.0,
+                refusal=refusal(websocket, channel),
             )
             await session.run()
         except CLIENT_GONE:

@@ -39,7 +39,7 @@ from starlette.responses import Response
 from .._errors import BroadcastError, LogUnavailable, NotConnected
 from .._event import Event
 from ._feed import Feed, Reset
-from ._streams import OpenStreams, Recheck, first_of, last_write, refused, unless_stopped
+from ._streams import OpenStreams, Refusal, first_of, last_write, unless_stopped
 from ._unavailable import unavailable
 
 logger = logging.getLogger("broadcast_history.web")
@@ -138,8 +138,8 @@ class EventStream(Response):
         streams: The app's open streams, which a stopping server ends.
         encode: Frame of an event (default :func:`event_frame`).
         pings: Ping with ``event: ping`` frames a script sees, one at once.
-        recheck: Asked every ``recheck_every`` seconds whether the stream may go on;
-            once it refuses, an ``event: refused`` frame says why and the stream ends.
+        refusal: Returns once ``authorize``, asked again, refuses the stream: an
+            ``event: refused`` frame says why and the stream ends.
     """
 
     def __init__(
@@ -150,12 +150,10 @@ class EventStream(Response):
         streams: OpenStreams,
         encode: Frame = event_frame,
         pings: bool = False,
-        recheck: Recheck | None = None,
-        recheck_every: float = 60.0,
+        refusal: Refusal | None = None,
     ) -> None:
         self.feed = feed
-        self.recheck = recheck
-        self.recheck_every = recheck_every
+        self.refusal = refusal
         self.keepalive = keepalive
         self.pings = pings
         self._ping = ping_event(keepalive) if pings else PING
@@ -203,8 +201,8 @@ class EventStream(Response):
             self._last_write = loop.time()
 
         tasks = [self._pump(write), self._watch(receive, write, stop)]
-        if self.recheck is not None:
-            tasks.append(self._refuse(self.recheck, write, stop))
+        if self.refusal is not None:
+            tasks.append(self._refuse(self.refusal, write, stop))
         pump, watch, *revoked = await first_of(*tasks)
         if revoked and revoked[0].done() and not revoked[0].cancelled():
             error = revoked[0].exception()
@@ -256,10 +254,10 @@ class EventStream(Response):
             await asyncio.sleep(0)
 
     async def _refuse(
-        self, recheck: Recheck, write: Callable[[bytes], Any], stop: asyncio.Future[None]
+        self, refusal: Refusal, write: Callable[[bytes], Any], stop: asyncio.Future[None]
     ) -> None:
         """Wait for ``authorize`` to refuse the stream, then say why."""
-        detail = await refused(recheck, self.recheck_every)
+        detail = await refusal()
         await unless_stopped(stop, write(refused_frame(detail)))
 
     async def _watch(

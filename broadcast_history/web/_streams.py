@@ -17,11 +17,12 @@ from ._auth import Forbidden
 if TYPE_CHECKING:
     from .._broadcast import Broadcast
 
-#: Asks ``authorize`` again whether an open stream may go on (raises Forbidden if not).
-Recheck = Callable[[], Awaitable[None]]
+#: Waits until ``authorize``, asked again now and then, refuses an open stream; its
+#: reason (see :func:`refused`).
+Refusal = Callable[[], Awaitable[str]]
 
 
-async def refused(recheck: Recheck, every: float) -> str:
+async def refused(recheck: Callable[[], Awaitable[None]], every: float) -> str:
     """Ask ``recheck`` every ``every`` seconds; the reason of its first refusal.
 
     Any other error it raises (``authorize`` failing) ends the wait too: a stream

@@ -29,7 +29,7 @@ import base64
 import binascii
 import json
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,15 +41,7 @@ from .._errors import BroadcastError, InvalidArgument, InvalidMessage, LogUnavai
 from .._event import Event
 from ._feed import Feed, Reset
 from ._publish import event_info
-from ._streams import (
-    OpenStreams,
-    Recheck,
-    answered,
-    first_of,
-    last_write,
-    refused,
-    unless_stopped,
-)
+from ._streams import OpenStreams, Refusal, answered, first_of, last_write, unless_stopped
 from ._unavailable import unavailable
 
 logger = logging.getLogger("broadcast_history.web")
@@ -78,6 +70,11 @@ CLIENT_GONE: tuple[type[BaseException], ...] = (
     WebSocketDisconnect,
     *([_DISCONNECTED] if _DISCONNECTED else []),
 )
+
+
+def close_reason(detail: str) -> str:
+    """``detail`` cut to fit a close frame's reason (at most 123 bytes)."""
+    return detail.encode()[:120].decode(errors="ignore")
 
 
 def message_json(event: Event) -> dict[str, Any]:
@@ -143,8 +140,8 @@ class WebSocketSession:
         max_frame: Largest client frame accepted, in characters.
         pings: Say ``keepalive`` in each ping, and ping at once: a client that
             watches for silence (``client.js``) knows how long to wait.
-        recheck: Asked every ``recheck_every`` seconds whether the stream may go on;
-            once it refuses, the socket is closed with 1008 and the reason.
+        refusal: Returns once ``authorize``, asked again, refuses the stream: the
+            socket is closed with 1008 and the reason.
     """
 
     websocket: WebSocket
@@ -154,8 +151,7 @@ class WebSocketSession:
     publisher: Publisher | None
     max_frame: int
     pings: bool = False
-    recheck: Recheck | None = None
-    recheck_every: float = 60.0
+    refusal: Refusal | None = None
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
     _last_write: float = field(default=0.0, init=False)
 
@@ -168,9 +164,9 @@ class WebSocketSession:
         """Until the client leaves, the feed ends or the server stops."""
         self._last_write = asyncio.get_running_loop().time()
         with self.streams.open() as stop:
-            tasks: list[Coroutine[Any, Any, Any]] = [self._pump(), self._talk(stop)]
-            if self.recheck is not None:
-                tasks.append(refused(self.recheck, self.recheck_every))
+            tasks: list[Awaitable[Any]] = [self._pump(), self._talk(stop)]
+            if self.refusal is not None:
+                tasks.append(self.refusal())
             pump, talk, *revoked = await first_of(*tasks)
             if revoked and revoked[0].done() and not revoked[0].cancelled():
                 await self._refuse(revoked[0])
@@ -182,9 +178,7 @@ class WebSocketSession:
         (1011 when it failed)."""
         error = revoked.exception()
         code = FORBIDDEN if error is None else 1011
-        reason = (
-            "" if error is not None else revoked.result().encode()[:120].decode(errors="ignore")
-        )
+        reason = "" if error is not None else close_reason(revoked.result())
         with suppress(OSError, RuntimeError, WebSocketDisconnect):
             await last_write(self.websocket.close(code, reason))
         if error is not None:

@@ -505,7 +505,101 @@ async def test_recheck_ends_streams_authorize_no_longer_allows(broadcast: Broadc
             create_stream_app(broadcast, authorize=allow_all, recheck=value)  # type: ignore[arg-type]
 
 
+async def test_a_publish_under_way_when_authorize_refuses_is_answered_first(
+    broadcast: Broadcast,
+) -> None:
+    """A WebSocket refused by the recheck while a publish of its client was under way
+    had that publish cancelled: stored or not, never acknowledged (a client retrying
+    without a key stores it twice)."""
+    publishing = asyncio.Event()
+    refused = False
+
+    async def slow_publish(connection: Any, channel: str, action: str) -> bool:
+        nonlocal refused
+        if action == "publish":
+            publishing.set()
+            refused = True
+            await asyncio.sleep(0.5)  # a few recheck ticks while the publish is under way
+        return action == "publish" or not refused
+
+    app = create_stream_app(broadcast, authorize=slow_publish, publish=True, recheck=0.05)
+    async with serving(app) as base:
+        async with ws_stream(base.replace("http", "ws") + "/c/ws") as ws:
+            await ws.send(json.dumps({"type": "publish", "data": "under way"}))
+            await asyncio.wait_for(publishing.wait(), 5)
+            ack = json.loads(await asyncio.wait_for(ws.recv(), 5))
+            assert ack["type"] == "ack" and ack["offset"] == 1
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 5)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+    assert [e.message for e in await broadcast.log.read("c", after=0)] == ["under way"]
+
+
+async def test_recheck_that_cannot_tell_ends_streams_without_refusing_them(
+    broadcast: Broadcast,
+) -> None:
+    """authorize's HTTPException 503 (its session store away) on a recheck refused the
+    stream for good, as a 403 does: client.js gave up on the user."""
+    down = False
+
+    async def store(connection: Any, channel: str, action: str) -> bool:
+        if down:
+            raise HTTPException(503, "session store unavailable")
+        return True
+
+    app = create_stream_app(broadcast, authorize=store, recheck=0.05, keepalive=5)
+    async with serving(app) as base:
+        streaming = asyncio.create_task(sse(f"{base}/c", 10))
+        async with ws_stream(base.replace("http", "ws") + "/c/ws") as ws:
+            await wait_for_subscriptions(broadcast, 2)
+            down = True
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    await asyncio.wait_for(ws.recv(), 5)
+            assert closed.value.rcvd is not None
+            assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (
+                1013,
+                "session store unavailable",
+            )
+        frames = await asyncio.wait_for(streaming, 5)  # the body ended
+        assert all(frame.get("event") != "refused" for frame in frames)
+
+
 # -- WebSocket ---------------------------------------------------------------------------
+
+
+async def test_a_send_uvicorn_refuses_once_the_client_left_is_no_error(
+    broadcast: Broadcast, caplog: pytest.LogCaptureFixture
+) -> None:
+    """uvicorn answers a send to a client that has just left with "RuntimeError:
+    Unexpected ASGI message 'websocket.send', after sending 'websocket.close'": the
+    stream took it for a failure of its own, closed with 1011 and raised it, and
+    uvicorn logged an ERROR with its traceback for a client that merely went away."""
+    app = create_stream_app(broadcast, authorize=allow_all)
+
+    async def client_leaves_after_the_start(scope: Any, receive: Any, send: Any) -> None:
+        sent = 0
+
+        async def send_until_gone(message: dict[str, Any]) -> None:
+            nonlocal sent
+            if message["type"] == "websocket.send":
+                sent += 1
+                if sent > 1:  # what uvicorn's websockets implementation raises
+                    raise RuntimeError(
+                        "Unexpected ASGI message 'websocket.send', after sending "
+                        "'websocket.close' or response already completed."
+                    )
+            await send(message)
+
+        await app(scope, receive, send_until_gone)
+
+    await broadcast.publish("c", "one")
+    async with serving(client_leaves_after_the_start) as base:
+        with caplog.at_level("WARNING"):
+            async with ws_connect(base.replace("http", "ws") + "/c/ws?history=1") as ws:
+                assert json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "start"
+                await asyncio.sleep(0.3)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
 @contextlib.asynccontextmanager

@@ -384,6 +384,38 @@ def test_a_refused_stream_closes_and_says_why(
         context.close()
 
 
+def test_a_failed_stream_whose_probe_gets_no_answer_is_tried_again(
+    server: Server, browser: Any
+) -> None:
+    """An EventSource that failed before it opened (a proxy's 502) is asked again by
+    fetch to learn why; a server that took that request and never answered left the
+    page waiting for ever, neither closed nor reconnecting."""
+    context = browser.new_context()
+    requests: list[str] = []
+
+    def flaky(route: Any) -> None:
+        requests.append(route.request.resource_type)
+        if len(requests) == 1:
+            route.fulfill(status=502, body="bad gateway")  # the stream fails...
+        elif len(requests) > 2:
+            route.continue_()
+        # ...and the request asking why is never answered (left pending)
+
+    try:
+        page = context.new_page()
+        page.goto(f"{server.base}/stats")
+        page.route("**/events/chat*", flaky)
+        record_statuses(page, "/events/chat", "sse")
+        page.wait_for_function(
+            "() => window.statuses.some(([s]) => s === 'open')", timeout=WAIT_MS + 5000
+        )
+        statuses = [status for status, _ in page.evaluate("() => window.statuses")]
+        assert "closed" not in statuses
+        assert requests[:3] == ["eventsource", "fetch", "eventsource"], requests
+    finally:
+        context.close()
+
+
 @pytest.mark.parametrize("transport", ["sse", "ws"])
 def test_a_stream_revoked_while_open_closes_and_says_why(
     server: Server, browser: Any, transport: str

@@ -78,6 +78,10 @@ def _check_keepalive(keepalive: Any) -> float:
     return float(keepalive)
 
 
+#: The statuses of an ``HTTPException`` of ``authorize`` that refuse a stream.
+REFUSALS = (401, 403)
+
+
 def _check_recheck(recheck: Any) -> float | None:
     if recheck is None:
         return None
@@ -92,13 +96,17 @@ def _refusal(
     authorize: Authorize, connection: HTTPConnection, channel: str, every: float
 ) -> Refusal:
     """Ask ``authorize`` about an open stream every ``every`` seconds, until it refuses
-    (an ``HTTPException`` of it too: a token that expired meanwhile)."""
+    (its ``HTTPException`` 401 or 403 too: a token that expired meanwhile). Another
+    status (503: it could not tell) ends the stream without refusing it: the client
+    comes back, and is asked at the door."""
 
     async def recheck() -> None:
         try:
             await require(authorize, connection, channel, "subscribe")
         except HTTPException as exc:
-            raise Forbidden(str(exc.detail)) from None
+            if exc.status_code in REFUSALS:
+                raise Forbidden(str(exc.detail)) from None
+            raise
 
     return partial(refused, recheck, every)
 
@@ -149,7 +157,11 @@ def create_stream_app(
         recheck: Ask ``authorize`` again every ``recheck`` seconds whether each open
             stream may go on, and end the ones it refuses (SSE: an ``event: refused``
             frame; WebSocket: close code 1008), so a revoked user or an expired token
-            stops receiving. ``None`` (default): asked once, at the start.
+            stops receiving. A publish under way on the WebSocket is answered first.
+            Its ``HTTPException`` 401 or 403 refuses too; another status (503: it
+            could not tell) ends the stream without refusing it (a WebSocket closes
+            with 1013), and the client comes back. ``None`` (default): asked once, at
+            the start.
 
     Raises:
         InvalidArgument: ``authorize`` is not callable, or ``keepalive`` or

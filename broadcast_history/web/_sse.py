@@ -27,13 +27,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import re
-from collections.abc import Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from .._errors import BroadcastError, LogUnavailable, NotConnected
@@ -200,18 +202,12 @@ class EventStream(Response):
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             self._last_write = loop.time()
 
-        tasks = [self._pump(write), self._watch(receive, write, stop)]
+        tasks: list[Awaitable[Any]] = [self._pump(write), self._watch(receive, write, stop)]
         if self.refusal is not None:
-            tasks.append(self._refuse(self.refusal, write, stop))
+            tasks.append(self.refusal())
         pump, watch, *revoked = await first_of(*tasks)
         if revoked and revoked[0].done() and not revoked[0].cancelled():
-            error = revoked[0].exception()
-            if error is None:
-                return True  # refused, and said so
-            if isinstance(error, OSError):
-                return False
-            logger.warning("stream of %r ended: authorize failed: %r", self.feed.channel, error)
-            raise error
+            return await self._refused(revoked[0], write)
         if pump.done() and not pump.cancelled():
             error = pump.exception()
             if isinstance(error, OSError):
@@ -253,12 +249,23 @@ class EventStream(Response):
             await write(b"".join(frames))
             await asyncio.sleep(0)
 
-    async def _refuse(
-        self, refusal: Refusal, write: Callable[[bytes], Any], stop: asyncio.Future[None]
-    ) -> None:
-        """Wait for ``authorize`` to refuse the stream, then say why."""
-        detail = await refusal()
-        await unless_stopped(stop, write(refused_frame(detail)))
+    async def _refused(self, revoked: asyncio.Future[str], write: Callable[[bytes], Any]) -> bool:
+        """End a stream ``authorize``, asked again, no longer allows: an ``event:
+        refused`` frame says why, after the last event written (the feed stopped).
+        Its ``HTTPException`` of another status than 401 or 403 (503: it could not
+        tell) ends the stream without a refusal: the client comes back. Whether to
+        end the body."""
+        error = revoked.exception()
+        if error is None:
+            with contextlib.suppress(OSError):
+                await last_write(write(refused_frame(revoked.result())))
+            return True
+        if isinstance(error, OSError):
+            return False
+        logger.warning("stream of %r ended: authorize failed: %r", self.feed.channel, error)
+        if isinstance(error, HTTPException):
+            return True
+        raise error
 
     async def _watch(
         self, receive: Receive, write: Callable[[bytes], Any], stop: asyncio.Future[None]

@@ -66,13 +66,13 @@ class OpenStreams:
             if not any(other is loop for other, _ in list(self._stops)):
                 for waiter in [w for w in list(self._idle) if w[0] is loop]:
                     self._idle.discard(waiter)
-                    _finish(waiter[1])
+                    set_done(waiter[1])
 
     def close_all(self) -> None:
         """End every open stream; safe to call from a signal handler or another thread."""
         for loop, stop in list(self._stops):
             if not loop.is_closed():
-                loop.call_soon_threadsafe(_finish, stop)
+                loop.call_soon_threadsafe(set_done, stop)
 
     async def finish(self, timeout: float) -> bool:
         """End every stream, as :meth:`close_all`, and wait up to ``timeout`` seconds
@@ -119,7 +119,8 @@ class OpenStreams:
         return lifespan
 
 
-def _finish(stop: asyncio.Future[None]) -> None:
+def set_done(stop: asyncio.Future[None]) -> None:
+    """Make ``stop`` done (if it is not yet)."""
     if not stop.done():
         stop.set_result(None)
 

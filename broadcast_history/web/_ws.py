@@ -35,13 +35,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import starlette.websockets
+from starlette.exceptions import HTTPException
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .._errors import BroadcastError, InvalidArgument, InvalidMessage, LogUnavailable, NotConnected
 from .._event import Event
 from ._feed import Feed, Reset
 from ._publish import event_info
-from ._streams import OpenStreams, Refusal, answered, first_of, last_write, unless_stopped
+from ._streams import OpenStreams, Refusal, answered, last_write, set_done, unless_stopped
 from ._unavailable import unavailable
 
 logger = logging.getLogger("broadcast_history.web")
@@ -157,35 +158,73 @@ class WebSocketSession:
 
     async def _write(self, value: dict[str, Any]) -> None:
         async with self._lock:
-            await self.websocket.send({"type": "websocket.send", "text": _dumps(value)})
+            try:
+                await self.websocket.send({"type": "websocket.send", "text": _dumps(value)})
+            except RuntimeError as exc:
+                # uvicorn's websockets implementation, once the client went away:
+                # "Unexpected ASGI message 'websocket.send', after sending
+                # 'websocket.close'". The client left; nothing failed here.
+                raise WebSocketDisconnect(1006) from exc
         self._last_write = asyncio.get_running_loop().time()
 
     async def run(self) -> None:
-        """Until the client leaves, the feed ends or the server stops."""
+        """Until the client leaves, the feed ends, ``authorize`` refuses or the server
+        stops."""
         self._last_write = asyncio.get_running_loop().time()
         with self.streams.open() as stop:
-            tasks: list[Awaitable[Any]] = [self._pump(), self._talk(stop)]
-            if self.refusal is not None:
-                tasks.append(self.refusal())
-            pump, talk, *revoked = await first_of(*tasks)
-            if revoked and revoked[0].done() and not revoked[0].cancelled():
-                await self._refuse(revoked[0])
+            pump, talk, revoked = await self._run(stop)
+            if revoked is not None and revoked.done() and not revoked.cancelled():
+                await self._refuse(revoked)
             else:
                 await self._end(pump, talk)
 
+    async def _run(
+        self, stop: asyncio.Future[None]
+    ) -> tuple[asyncio.Future[None], asyncio.Future[bool], asyncio.Future[str] | None]:
+        """Run the feed, the client's frames and the refusal until one ends.
+
+        The client's side is never cancelled by the others: it is told to end, as by a
+        stopping server, and a publish under way is answered first. Cancelled, its
+        event would be stored and never acknowledged, and a client retrying without a
+        key would store it twice.
+        """
+        ending = asyncio.get_running_loop().create_future()
+        stop.add_done_callback(lambda _: set_done(ending))
+        talk = asyncio.ensure_future(self._talk(ending))
+        pump = asyncio.ensure_future(self._pump())
+        revoked = None if self.refusal is None else asyncio.ensure_future(self.refusal())
+        others: list[asyncio.Future[Any]] = [pump] if revoked is None else [pump, revoked]
+        try:
+            await asyncio.wait([talk, *others], return_when=asyncio.FIRST_COMPLETED)
+            if not talk.done():
+                for task in others:
+                    task.cancel()  # not one frame more (for a refusal: at once)
+                set_done(ending)
+                await asyncio.wait([talk])
+        finally:
+            for each in (talk, *others):
+                each.cancel()
+            await asyncio.gather(talk, *others, return_exceptions=True)
+        return pump, talk, revoked
+
     async def _refuse(self, revoked: asyncio.Future[str]) -> None:
-        """Close the socket as ``authorize``, asked again, said: 1008 with its reason
-        (1011 when it failed)."""
+        """Close the socket as ``authorize``, asked again, said: 1008 with its reason;
+        1013 "try again later" for its ``HTTPException`` of another status (503: it
+        could not tell), 1011 when it failed."""
         error = revoked.exception()
-        code = FORBIDDEN if error is None else 1011
-        reason = "" if error is not None else close_reason(revoked.result())
+        if isinstance(error, HTTPException):
+            code, reason = TRY_LATER, close_reason(str(error.detail))
+        else:
+            code = FORBIDDEN if error is None else 1011
+            reason = "" if error is not None else close_reason(revoked.result())
         with suppress(OSError, RuntimeError, WebSocketDisconnect):
             await last_write(self.websocket.close(code, reason))
         if error is not None:
             logger.warning(
                 "WebSocket stream of %r ended: authorize failed: %r", self.feed.channel, error
             )
-            raise error
+            if not isinstance(error, HTTPException):
+                raise error
 
     async def _end(self, pump: asyncio.Future[None], talk: asyncio.Future[bool]) -> None:
         """Close the socket as the ended tasks say (nothing if the client left)."""

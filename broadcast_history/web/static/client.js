@@ -17,6 +17,7 @@ const MAX_DELAY = 15000; // backoff cap
 const STEADY = 5000; // a connection open this long resets the backoff
 const SILENCE_MARGIN = 3000; // ms past two ping intervals before a silent connection is dropped
 const FINAL_STATUSES = [400, 401, 403, 422]; // refusals that asking again will not change
+const PROBE_TIMEOUT = 5000; // ms the request asking why a stream did not open may take
 
 function decodeBase64(text) {
   const raw = atob(text);
@@ -243,7 +244,13 @@ export function connect(url, options = {}) {
       es.close();
       source = null;
       closed = true;
-      onStatus("closed", JSON.parse(e.data).detail);
+      let detail = "";
+      try {
+        detail = String(JSON.parse(e.data).detail || "");
+      } catch {
+        // Not this server's frame: closed all the same.
+      }
+      onStatus("closed", detail || "refused");
     });
     es.onopen = () => {
       openedAt = Date.now();
@@ -272,6 +279,9 @@ export function connect(url, options = {}) {
   // being asked again for ever. A 422 is a start position the server cannot parse.
   async function refusedOrRetry(target) {
     const asking = new AbortController();
+    // A server that takes the request and never answers (overloaded, a proxy
+    // waiting on it) must not leave the stream waiting for ever: tried again.
+    const giveUp = setTimeout(() => asking.abort(), PROBE_TIMEOUT);
     let reason = null;
     try {
       const response = await fetch(target, {
@@ -285,6 +295,7 @@ export function connect(url, options = {}) {
     } catch {
       // Unreachable too: tried again with the backoff.
     } finally {
+      clearTimeout(giveUp);
       asking.abort(); // a stream that opened this time is not read
     }
     if (closed || source !== null || timer !== null) return;

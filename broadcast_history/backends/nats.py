@@ -24,6 +24,7 @@ from nats.aio.subscription import Subscription
 
 from .._errors import InvalidArgument, NotConnected, TransportError
 from .._event import Event
+from .._sparse import Sparse
 from ._inbox import Inbox, InboxTransport
 from ._nats_names import MAX_PREFIX, PREFIX, nats_servers, subject_for
 from .base import BroadcastBackend
@@ -34,6 +35,11 @@ logger = logging.getLogger("broadcast_history")
 DEFAULT_MAX_PAYLOAD = 1024 * 1024
 # A subscribe's round trip is never cut short (see subscribe): this long, at most.
 _FLUSH_LIMIT = 3600
+# Seconds a socket may take to close (its unsent data written first) before it is
+# dropped: a frozen server reads nothing, and nats-py would wait for it for ever.
+CLOSE_WAIT = 5.0
+# Seconds between the refusals of the server logged (permissions violations).
+_LOG_EVERY = 30.0
 
 
 class NatsBackend(InboxTransport, BroadcastBackend):
@@ -95,6 +101,11 @@ class NatsBackend(InboxTransport, BroadcastBackend):
         self._flushes: dict[asyncio.Future[None], object] = {}
         self._inbox: Inbox | None = None
         self._oversize_warned = False
+        self._watchdog: asyncio.Task[None] | None = None
+        # The errors nats-py reported while connect() tried (distinct, the first few):
+        # why it found "no servers" (bad credentials, a TLS refusal...).
+        self._connect_errors: dict[str, None] | None = None
+        self._violations = Sparse(logger, _LOG_EVERY)
 
     @property
     def connected(self) -> bool:
@@ -120,12 +131,17 @@ class NatsBackend(InboxTransport, BroadcastBackend):
             "max_reconnect_attempts": 1,
             **self._options,
         }
+        self._connect_errors = {}
         try:
             await nc.connect(self._servers, **options)
         except (nerr.Error, OSError, asyncio.TimeoutError) as exc:
-            with contextlib.suppress(Exception):
-                await nc.close()
-            raise TransportError(f"cannot connect to nats: {exc!r}") from exc
+            await _close(nc)
+            # nats-py ends with NoServersError; the server's refusal (bad credentials)
+            # came to error_cb before it.
+            seen = f" (after {', '.join(self._connect_errors)})" if self._connect_errors else ""
+            raise TransportError(f"cannot connect to nats: {exc!r}{seen}") from exc
+        finally:
+            self._connect_errors = None
         # Once connected, reconnect for as long as it takes (nats-py reads this option
         # at each attempt); subscribers meanwhile read from the log.
         nc.options["max_reconnect_attempts"] = self._attempts
@@ -139,6 +155,7 @@ class NatsBackend(InboxTransport, BroadcastBackend):
                 nc.max_payload,
             )
         self._nc = nc
+        self._watchdog = asyncio.ensure_future(_unstick(nc))
 
     @property
     def max_message_size(self) -> int:  # type: ignore[override]  # an attribute in the base
@@ -153,9 +170,11 @@ class NatsBackend(InboxTransport, BroadcastBackend):
 
     async def disconnect(self) -> None:
         nc, self._nc = self._nc, None
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None:
+            watchdog.cancel()
         if nc is not None:
-            with contextlib.suppress(Exception):
-                await nc.close()  # sends what is still buffered first
+            await _close(nc)
         for flush in list(self._flushes):  # no PONG comes any more
             flush.cancel()
         self._subs.clear()
@@ -182,7 +201,7 @@ class NatsBackend(InboxTransport, BroadcastBackend):
             # So the flush is never cut short: it runs on, and subscribe waits 5 s.
             flush = asyncio.ensure_future(nc.flush(timeout=_FLUSH_LIMIT))
             self._flushes[flush] = getattr(nc, "_pongs", None)
-            flush.add_done_callback(_flushed)
+            flush.add_done_callback(_consumed)
             flush.add_done_callback(lambda done: self._flushes.pop(done, None))
             await asyncio.wait([flush], timeout=5)
 
@@ -206,6 +225,7 @@ class NatsBackend(InboxTransport, BroadcastBackend):
                     self._warn_oversize(len(data), limit)
                     continue
                 await nc.publish(subject_for(channel, self._prefix), data)
+                _cancelled_meanwhile()
         except nerr.Error as exc:
             raise TransportError(f"nats PUB failed: {exc!r}") from exc
 
@@ -237,6 +257,14 @@ class NatsBackend(InboxTransport, BroadcastBackend):
         self._inbox.put(Event(channel, data))
 
     async def _on_error(self, exc: Exception) -> None:
+        if self._connect_errors is not None and len(self._connect_errors) < 3:
+            self._connect_errors[repr(exc)] = None
+        if "permissions violation" in str(exc).lower():
+            # The connection stays up, but what was refused (a publish, a subscribe
+            # of a subject the user may not use) never travels: subscribers read it
+            # from the log at their idle check. An operator must hear of it.
+            self._violations.warning("nats refused this client: %s", exc)
+            return
         # Reconnection attempts report each refusal here; the state change itself is
         # logged by the disconnected/reconnected callbacks.
         logger.debug("nats: %r", exc)
@@ -262,11 +290,69 @@ class NatsBackend(InboxTransport, BroadcastBackend):
             self._inbox.fail(TransportError("the nats connection was closed for good"))
 
 
-def _flushed(flush: asyncio.Future[None]) -> None:
-    """Consume a subscribe's round trip: a failure there is the connection's, which
-    nats-py reports (and recovers) on its own."""
-    if not flush.cancelled():
-        flush.exception()
+def _cancelled_meanwhile() -> None:
+    """Raise the cancellation nats-py swallowed: a publish waiting for its flusher
+    (the buffer past its pending limit, the server reading nothing) returns normally
+    when cancelled, and the send would go on with the next message, never ending."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)  # Python 3.11+
+    if cancelling is not None and cancelling():
+        raise asyncio.CancelledError
+
+
+def _sockets(nc: Client) -> list[asyncio.WriteTransport]:
+    """The asyncio transports under ``nc``'s current socket (TLS's and the bare one)."""
+    transport = getattr(nc, "_transport", None)
+    writers = (getattr(transport, name, None) for name in ("_io_writer", "_bare_io_writer"))
+    return [writer.transport for writer in writers if writer is not None]
+
+
+async def _close(nc: Client) -> None:
+    """Close ``nc``, its buffered publishes sent first if the server reads them within
+    :data:`CLOSE_WAIT`; dropped otherwise (subscribers read them from the log)."""
+    closing = asyncio.ensure_future(nc.close())
+    try:
+        await asyncio.wait({closing}, timeout=CLOSE_WAIT)
+        if not closing.done():
+            logger.warning(
+                "nats: the server read nothing for %s s; its connection is dropped with "
+                "what was not sent (subscribers read it from the log)",
+                CLOSE_WAIT,
+            )
+            for socket in _sockets(nc):
+                socket.abort()
+            await asyncio.wait({closing}, timeout=CLOSE_WAIT)
+    finally:
+        if not closing.done():
+            closing.cancel()
+        closing.add_done_callback(_consumed)
+
+
+async def _unstick(nc: Client) -> None:
+    """Drop a socket that nats-py closes and that does not close.
+
+    Reconnecting, nats-py closes the old socket and waits until it is closed before
+    it tries any server. A socket holding unsent data for a server that reads nothing
+    (frozen, or cut off without a reset) closes only once that data is written: never.
+    The client then stayed disconnected for good, though other servers were up.
+    """
+    stuck = 0.0
+    while not nc.is_closed:
+        await asyncio.sleep(CLOSE_WAIT / 5)
+        sockets = [s for s in _sockets(nc) if s.is_closing() and s.get_write_buffer_size()]
+        stuck = stuck + CLOSE_WAIT / 5 if sockets and nc.is_reconnecting else 0.0
+        if stuck >= CLOSE_WAIT:
+            logger.warning("nats: the old connection did not close in %s s; dropped", CLOSE_WAIT)
+            for socket in sockets:
+                socket.abort()
+            stuck = 0.0
+
+
+def _consumed(task: asyncio.Future[None]) -> None:
+    """Retrieve a background task's error: a subscribe's round trip or a close fails
+    with the connection, which nats-py reports (and recovers) on its own."""
+    if not task.cancelled():
+        task.exception()
 
 
 __all__ = ["NatsBackend", "nats_servers", "subject_for"]

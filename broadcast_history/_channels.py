@@ -127,8 +127,9 @@ class Channels:
         task = asyncio.ensure_future(unsubscribe)
         tasks.add(task)
         task.add_done_callback(tasks.discard)
-        # Its error is the caller's, when one still waits for it; retrieved anyway.
-        task.add_done_callback(lambda done: done.cancelled() or done.exception())
+        # Its error is the caller's, when one still waits for it; retrieved anyway,
+        # and logged for the caller that was cancelled meanwhile.
+        task.add_done_callback(_retrieved)
         return task
 
     def modes(self) -> dict[str, int]:
@@ -149,3 +150,8 @@ class Channels:
             return False
         del self.subscribers[subscriber.channel]
         return True
+
+
+def _retrieved(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.debug("unsubscribe in the background failed", exc_info=task.exception())

@@ -369,3 +369,29 @@ async def test_refusals_of_the_server_are_said(caplog: pytest.LogCaptureFixture)
             assert backend.connected
         finally:
             await backend.disconnect()
+
+
+async def test_a_connection_the_server_closed_for_good_is_replaced(
+    own_server: NatsServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An error of the server closes a nats-py client for good (here a publish buffered
+    during an outage, larger than the max_payload of the server that came back), and
+    nats-py never reconnects after one: live delivery ended for good, every
+    subscriber failed with TransportError, though the server was up."""
+    log = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
+    channel = unique()
+    closed = NatsBackend(own_server.url, reconnect_time_wait=0.1)
+    async with Broadcast(backend=closed, log=log, idle_check=600) as subscriber:
+        first = closed._nc
+        async with subscriber.subscribe(channel) as sub:
+            own_server.stop()
+            await wait_until(lambda: not closed.connected, 5)
+            await closed.publish_many([("elsewhere", "y" * 4000)])  # buffered by nats-py
+            own_server.config = "max_payload: 2048"
+            own_server.start()
+            await wait_until(lambda: closed._nc is not first and closed.connected, 20)
+            assert "closed the connection for good" in caplog.text
+            assert caplog.text.count("nats-py is reconnecting") == 1  # the outage only
+            async with Broadcast(backend=NatsBackend(own_server.url), log=log) as publisher:
+                sent = await publisher.publish(channel, "live again")
+                assert await take(sub, 1, timeout=5) == [sent]

@@ -25,6 +25,7 @@ from nats.aio.subscription import Subscription
 from .._errors import InvalidArgument, NotConnected, TransportError
 from .._event import Event
 from .._sparse import Sparse
+from ._backoff import Backoff
 from ._inbox import Inbox, InboxTransport
 from ._nats_names import MAX_PREFIX, PREFIX, nats_servers, subject_for
 from .base import BroadcastBackend
@@ -38,6 +39,9 @@ _FLUSH_LIMIT = 3600
 # Seconds a socket may take to close (its unsent data written first) before it is
 # dropped: a frozen server reads nothing, and nats-py would wait for it for ever.
 CLOSE_WAIT = 5.0
+# Pauses between attempts at a new client, after nats-py closed one for good.
+_RENEW_FIRST = 0.5
+_RENEW_LONGEST = 30.0
 # Seconds between the refusals of the server logged (permissions violations).
 _LOG_EVERY = 30.0
 
@@ -102,6 +106,8 @@ class NatsBackend(InboxTransport, BroadcastBackend):
         self._inbox: Inbox | None = None
         self._oversize_warned = False
         self._watchdog: asyncio.Task[None] | None = None
+        # A new client on its way: nats-py closed the last one for good.
+        self._renewing: asyncio.Task[None] | None = None
         # The errors nats-py reported while connect() tried (distinct, the first few):
         # why it found "no servers" (bad credentials, a TLS refusal...).
         self._connect_errors: dict[str, None] | None = None
@@ -115,6 +121,24 @@ class NatsBackend(InboxTransport, BroadcastBackend):
         if self._nc is not None:
             return
         self._inbox = Inbox()
+        nc = await self._open()
+        if nc.max_payload < self._max_payload:
+            logger.warning(
+                "nats server max_payload is %d bytes, under max_payload=%d: events are "
+                "packed into envelopes of at most %d bytes, and larger events are not "
+                "sent live (subscribers read them from the log)",
+                nc.max_payload,
+                self._max_payload,
+                nc.max_payload,
+            )
+        self._use(nc)
+
+    async def _open(self) -> Client:
+        """A new connected client.
+
+        Raises:
+            TransportError: No server of the URL could be reached, or each refused.
+        """
         nc = Client()
 
         async def closed() -> None:
@@ -140,20 +164,17 @@ class NatsBackend(InboxTransport, BroadcastBackend):
             # came to error_cb before it.
             seen = f" (after {', '.join(self._connect_errors)})" if self._connect_errors else ""
             raise TransportError(f"cannot connect to nats: {exc!r}{seen}") from exc
+        except BaseException:  # cancelled: its tasks must not outlive it
+            await _close(nc)
+            raise
         finally:
             self._connect_errors = None
         # Once connected, reconnect for as long as it takes (nats-py reads this option
         # at each attempt); subscribers meanwhile read from the log.
         nc.options["max_reconnect_attempts"] = self._attempts
-        if nc.max_payload < self._max_payload:
-            logger.warning(
-                "nats server max_payload is %d bytes, under max_payload=%d: events are "
-                "packed into envelopes of at most %d bytes, and larger events are not "
-                "sent live (subscribers read them from the log)",
-                nc.max_payload,
-                self._max_payload,
-                nc.max_payload,
-            )
+        return nc
+
+    def _use(self, nc: Client) -> None:
         self._nc = nc
         self._watchdog = asyncio.ensure_future(_unstick(nc))
 
@@ -171,8 +192,10 @@ class NatsBackend(InboxTransport, BroadcastBackend):
     async def disconnect(self) -> None:
         nc, self._nc = self._nc, None
         watchdog, self._watchdog = self._watchdog, None
-        if watchdog is not None:
-            watchdog.cancel()
+        renewing, self._renewing = self._renewing, None
+        for task in (watchdog, renewing):
+            if task is not None:
+                task.cancel()
         if nc is not None:
             await _close(nc)
         for flush in list(self._flushes):  # no PONG comes any more
@@ -187,6 +210,8 @@ class NatsBackend(InboxTransport, BroadcastBackend):
         if subject in self._subs:
             return
         self._names[subject] = channel
+        if self._renewing is not None:
+            return  # the new client subscribes every name
         try:
             self._subs[subject] = await nc.subscribe(subject, cb=self._received)
         except nerr.Error as exc:
@@ -270,7 +295,8 @@ class NatsBackend(InboxTransport, BroadcastBackend):
         logger.debug("nats: %r", exc)
 
     async def _on_disconnected(self) -> None:
-        if self._nc is not None:
+        # nats-py says "disconnected" before "closed" when it closes for good.
+        if self._nc is not None and not self._nc.is_closed:
             logger.warning("nats connection lost; nats-py is reconnecting")
 
     async def _on_reconnected(self) -> None:
@@ -285,9 +311,63 @@ class NatsBackend(InboxTransport, BroadcastBackend):
                 flush.cancel()
 
     async def _on_closed(self, nc: Client) -> None:
-        if nc is self._nc and self._inbox is not None:
-            # Not our disconnect(): nats-py gave up. Every subscriber hears of it.
+        if nc is not self._nc or self._inbox is None:
+            return  # our disconnect(), or a client replaced already
+        if self._attempts >= 0:
+            # nats-py gave up, as max_reconnect_attempts asked: every subscriber
+            # hears of it.
             self._inbox.fail(TransportError("the nats connection was closed for good"))
+            return
+        # An error of the server closed it (a payload over a server's smaller limit,
+        # a subscription past max_subscriptions, credentials refused after a restart),
+        # and nats-py never reconnects after one: a new client takes over.
+        logger.warning(
+            "nats closed the connection for good after %r; connecting a new one", nc.last_error
+        )
+        self._renewing = asyncio.ensure_future(self._renew(nc))
+
+    async def _renew(self, old: Client) -> None:
+        """Connect a new client in place of ``old`` (closed), with a backoff, and
+        subscribe every channel again."""
+        for flush in list(self._flushes):  # no PONG comes any more
+            flush.cancel()
+        self._subs.clear()  # the old client's
+        backoff = Backoff(longest=_RENEW_LONGEST, first=_RENEW_FIRST)
+        try:
+            while self._nc is old:
+                await backoff.sleep()
+                try:
+                    nc = await self._open()
+                except TransportError as exc:
+                    logger.warning("nats: no new connection yet: %s", exc)
+                    continue
+                try:
+                    await self._subscribe_all(nc)
+                except nerr.Error as exc:
+                    logger.warning("nats: subscribing again failed: %r", exc)
+                    await _close(nc)
+                    continue
+                except BaseException:  # cancelled: disconnect()
+                    await _close(nc)
+                    raise
+                self._renewing = None
+                self._use(nc)
+                self.reconnects += 1
+                logger.info("nats connection re-established (a new client)")
+                return
+        finally:
+            if self._renewing is asyncio.current_task():
+                self._renewing = None
+
+    async def _subscribe_all(self, nc: Client) -> None:
+        """Subscribe ``nc`` to every channel named, those named meanwhile too."""
+        while missing := [s for s in self._names if s not in self._subs]:
+            for subject in missing:
+                sub = await nc.subscribe(subject, cb=self._received)
+                if subject in self._names:
+                    self._subs[subject] = sub
+                else:  # unsubscribed meanwhile
+                    await sub.unsubscribe()
 
 
 def _cancelled_meanwhile() -> None:

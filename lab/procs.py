@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -12,6 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
+
+# Linux starts ephemeral ports at 32768 (net.ipv4.ip_local_port_range).
+_EPHEMERAL = 32768
+_LOWEST = 20000
 
 
 def _die_with_parent() -> None:
@@ -67,11 +72,19 @@ def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: floa
 
 
 def free_port() -> int:
-    """A TCP port free on every address right now (the kernel's pick)."""
-    with socket.socket() as probe:
-        probe.bind(("", 0))
-        port: int = probe.getsockname()[1]
-        return port
+    """A TCP port free on every address right now, below the kernel's range of
+    ephemeral ports: a server restarted on it (a fault, a restart test) must not find
+    it taken by a client's outgoing connection, whose local port comes from that range
+    (bind(0) picks from it too)."""
+    for _ in range(100):
+        port = random.randrange(_LOWEST, _EPHEMERAL)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {_LOWEST}..{_EPHEMERAL - 1}")
 
 
 def wait_port(host: str, port: int, timeout: float, proc: subprocess.Popen[bytes]) -> None:

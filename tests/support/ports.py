@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import socket
 
+# Below the kernel's ephemeral ports, as the lab's: see there.
+from lab.procs import free_port
 
-def free_port() -> int:
-    """A loopback port nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+__all__ = ["accepts", "free_port"]
 
 
 def accepts(port: int) -> bool:

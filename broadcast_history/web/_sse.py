@@ -253,17 +253,19 @@ class EventStream(Response):
         """End a stream ``authorize``, asked again, no longer allows: an ``event:
         refused`` frame says why, after the last event written (the feed stopped).
         Its ``HTTPException`` of another status than 401 or 403 (503: it could not
-        tell) ends the stream without a refusal: the client comes back. Whether to
-        end the body."""
+        tell), or an ``OSError``, ends the stream without a refusal: the client comes
+        back. Whether to end the body."""
         error = revoked.exception()
         if error is None:
             with contextlib.suppress(OSError):
                 await last_write(write(refused_frame(revoked.result())))
             return True
-        if isinstance(error, OSError):
-            return False
         logger.warning("stream of %r ended: authorize failed: %r", self.feed.channel, error)
-        if isinstance(error, HTTPException):
+        # Nothing was written by the refusal: an OSError is authorize's own (its
+        # session store refusing connections), not the client leaving; like its
+        # HTTPException, it ends the body and the client comes back. Anything else is
+        # a bug, raised for the server to report.
+        if isinstance(error, (HTTPException, OSError)):
             return True
         raise error
 

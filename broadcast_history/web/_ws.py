@@ -157,9 +157,10 @@ class WebSocketSession:
     _last_write: float = field(default=0.0, init=False)
 
     async def _write(self, value: dict[str, Any]) -> None:
+        message = {"type": "websocket.send", "text": _dumps(value)}
         async with self._lock:
             try:
-                await self.websocket.send({"type": "websocket.send", "text": _dumps(value)})
+                await self.websocket.send(message)
             except RuntimeError as exc:
                 # uvicorn's websockets implementation, once the client went away:
                 # "Unexpected ASGI message 'websocket.send', after sending

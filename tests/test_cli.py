@@ -23,6 +23,7 @@ import sqlalchemy
 from alembic import command
 from typer.testing import CliRunner
 
+from broadcast_history import Broadcast
 from broadcast_history.cli import app
 from broadcast_history.log._migrate import alembic_config
 from tests.support.admin_support import LOG_KINDS, fresh_log_url
@@ -91,6 +92,23 @@ def test_publish_and_events(log: str) -> None:
     one = json_lines(cli("event", "room/1", "3", "--log", log).stdout)[0]
     assert one["message"] == "from stdin"
     cli("event", "room/1", "9", "--log", log, code=1)
+
+
+def test_a_page_of_big_events_is_bounded_in_bytes(tmp_path: Path) -> None:
+    """``events --limit 10000`` on a channel of 1 MB messages loaded them all (about
+    10 GB at the default largest message), where the HTTP API stops a page at 8 MiB."""
+    log = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
+
+    async def fill() -> None:
+        async with Broadcast(log=log) as broadcast:
+            for _ in range(12):
+                await broadcast.publish("big", "x" * 1_000_000)
+
+    asyncio.run(fill())
+    result = cli("events", "big", "--json", "--limit", "12", "--log", log)
+    offsets = [e["offset"] for e in json_lines(result.stdout)]
+    assert offsets == list(range(1, 9))  # up to 8 MiB of messages
+    assert "more: --after 8 --limit 12" in result.stderr
 
 
 def test_channels_and_stats(log: str) -> None:

@@ -39,7 +39,7 @@ from ._errors import ImportConflict, NotFound
 from ._import import max_line_length, split_lines
 from ._local import local_only
 from ._paths import EncodedSlashes, channel_from_path
-from ._query import HistoryAdmin
+from ._query import MAX_PAGE_BYTES, HistoryAdmin
 from ._streaming import add_streaming_routes
 
 if TYPE_CHECKING:
@@ -65,8 +65,6 @@ logger = logging.getLogger("broadcast_history.admin")
 _lag_failures = Sparse(logger, 60.0)
 
 T = TypeVar("T")
-#: Most message bytes one page of ``/events`` carries (besides its first event).
-MAX_PAGE_BYTES = 8 * 1024 * 1024
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorOut, "description": "Invalid parameter"},
     401: {"model": ErrorOut, "description": "Missing or wrong bearer token"},

@@ -35,6 +35,9 @@ _Admin = TypeVar("_Admin", bound="HistoryAdmin")
 
 #: Largest page any query returns.
 MAX_LIMIT = 10_000
+#: Most message bytes one page of events carries (besides its first event), over HTTP
+#: and in the CLI: 10,000 events of 1 MB each would be 10 GB in memory.
+MAX_PAGE_BYTES = 8 * 1024 * 1024
 
 
 def _check_limit(limit: int) -> None:

@@ -17,6 +17,7 @@ from .._errors import InvalidArgument
 from .._event import Event
 from .._parse import parse_position
 from ..admin import event_json
+from ..admin._query import MAX_PAGE_BYTES
 from ..log import ChannelInfo
 from ..web import Feed, Reset
 from ._app import (
@@ -157,7 +158,14 @@ def events(
         async with open_admin(log) as admin:
             way: Literal["asc", "desc"] = "desc" if desc else "asc"
             page = await admin.events(
-                channel, after=after, before=before, since=start, until=end, limit=limit, order=way
+                channel,
+                after=after,
+                before=before,
+                since=start,
+                until=end,
+                limit=limit,
+                order=way,
+                max_bytes=MAX_PAGE_BYTES,
             )
         cursor = page.next_cursor
         _show(

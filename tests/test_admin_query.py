@@ -28,7 +28,7 @@ from broadcast_history.admin import (
     InvalidExport,
     _jsonl,
 )
-from broadcast_history.log import _queries
+from broadcast_history.log import _log, _queries
 from tests.support.admin_support import LOG_KINDS, fresh_log_url
 
 ODD = "a/b c é"
@@ -311,6 +311,31 @@ async def test_delete_then_new_epoch(broadcast: Broadcast, admin: HistoryAdmin) 
         await admin.delete(ODD)
     after = await broadcast.publish(ODD, "y")
     assert after.offset == 1 and after.epoch != before.epoch
+
+
+@pytest.mark.parametrize("operation", ["trim", "delete"])
+async def test_a_big_trim_or_delete_lets_publishes_in_between(
+    operation: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A manual trim or delete ran as one transaction: of a million events, it held
+    SQLite's write lock for seconds and every publish waited (at about ten million,
+    past the 30 s busy timeout: they failed). It runs a slice at a time, as retention
+    does, and publishes commit between slices."""
+    monkeypatch.setattr(_log, "RETENTION_SLICE", 10)
+    log = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
+    async with Broadcast("memory://", log=log) as broadcast:
+        await asyncio.gather(*(broadcast.publish("big", str(i)) for i in range(3000)))
+        if operation == "trim":
+            removing = asyncio.create_task(broadcast.log.trim("big", before=2001))
+        else:
+            removing = asyncio.create_task(broadcast.log.delete_channel("big"))
+        while (info := await broadcast.log.channel("big")) is not None and info.first_offset == 1:
+            assert not removing.done(), "removed in one transaction"
+            await asyncio.sleep(0)
+        await broadcast.publish("other", "between two slices")
+        assert not removing.done()
+        removed = await removing
+    assert removed == (2000 if operation == "trim" else True)
 
 
 async def test_export_import_round_trip(broadcast: Broadcast, admin: HistoryAdmin) -> None:

@@ -263,7 +263,6 @@ class EventLog(ConsumerMethods):
         async with translated(), self._store.begin() as conn:
             await _queries.refuse_existing(conn, names)
 
-    @finish_on_cancel
     async def trim(
         self, channel: str, *, before: int | None = None, before_time: datetime | None = None
     ) -> int:
@@ -274,8 +273,39 @@ class EventLog(ConsumerMethods):
         """
         before = check_optional_int("before", before)
         before_us = None if before_time is None else _micros(before_time, "before_time")
+        return await self._in_slices(channel, before, before_us, None)
+
+    async def _in_slices(
+        self, channel: str, before: int | None, before_us: int | None, keep: int | None
+    ) -> int:
+        """Trim ``channel`` a transaction per ``RETENTION_SLICE`` events, as retention
+        does: in one, a million-event trim held SQLite's write lock for seconds, and
+        every publish waited (past its 30 s busy timeout at about ten million)."""
+        info = await self._store.bounded(self._channel(channel))
+        if info is None:
+            return 0
+        removed = 0
+        while True:
+            count = await self._trim_slice(channel, before, before_us, keep, info.epoch)
+            removed += count
+            if count < RETENTION_SLICE:
+                return removed
+
+    @finish_on_cancel
+    async def _trim_slice(
+        self,
+        channel: str,
+        before: int | None,
+        before_us: int | None,
+        keep: int | None,
+        epoch: int,
+    ) -> int:
+        # Only from the incarnation seen first: one deleted and started again between
+        # two slices is not this trim's.
         async with translated(), self._store.begin(write=True) as conn:
-            return await _queries.trim(conn, channel, before, before_us)
+            return await _queries.trim(
+                conn, channel, before, before_us, RETENTION_SLICE, keep=keep, epoch=epoch
+            )
 
     async def apply_retention(self, retention: Retention) -> int:
         """Apply ``retention`` to every channel; returns the number of events removed.
@@ -334,13 +364,19 @@ class EventLog(ConsumerMethods):
                 epoch=info.epoch,
             )
 
-    @finish_on_cancel
     async def delete_channel(self, channel: str) -> bool:
         """Delete a channel and its history; its next use starts a new epoch.
 
         Returns:
             Whether the channel existed.
         """
+        # Its events first, in slices (see _in_slices); then what was appended
+        # meanwhile and the channel row, in one short transaction.
+        await self._in_slices(channel, None, None, 0)
+        return await self._delete_channel(channel)
+
+    @finish_on_cancel
+    async def _delete_channel(self, channel: str) -> bool:
         async with translated(), self._store.begin(write=True) as conn:
             return await _queries.delete_channel(conn, channel)
 

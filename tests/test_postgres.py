@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
+import json
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import pytest
+from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 
 from broadcast_history import Broadcast, Event, EventLog, NotConnected, TransportError, _envelope
 from broadcast_history._event import NOTICE
 from broadcast_history.backends import backend_from_url
 from broadcast_history.backends.memory import MemoryBackend
 from broadcast_history.backends.postgres import PostgresBackend, channel_identifier
+from broadcast_history.log._postgres import _bounded_page
 from tests.conftest import unique
 from tests.support.helpers import assert_contiguous, take
 from tests.support.postgres_support import database_url, ensure_database
@@ -410,3 +415,35 @@ def test_a_transport_given_as_an_instance_survives_a_loop_ended_without_disconne
 
     asyncio.run(left_connected())
     asyncio.run(used_again())
+
+
+async def test_a_page_read_sorts_only_the_page_whatever_the_plan() -> None:
+    """With the running sum that bounds a page in bytes in the SELECT of its LIMIT, a
+    plan that does not read the index in order (statistics gone stale after a bulk
+    load) sorted every event of the channel, spilling to disk, before the LIMIT: 0.3
+    to 1.1 s a page of a million-event channel, against 2 to 30 ms. The page is now
+    taken first, so that sort keeps only the page (a top-N heapsort)."""
+    url = await ensure_database("bh_test_pages")
+    async with Broadcast("memory://", log=url.replace("postgresql:", "postgresql+asyncpg:")) as b:
+        channel = unique()
+        await asyncio.gather(*(b.publish(channel, "x" * 100) for _ in range(3000)))
+    compiled = _bounded_page().compile(dialect=asyncpg_dialect())
+    values = {"channel": channel, "after": 0, "limit": 100, "max_bytes": 8 << 20}
+    assert compiled.positiontup is not None
+    args = [values[name] for name in compiled.positiontup]
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("SET enable_indexscan = off; SET enable_indexonlyscan = off")
+        explained = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {compiled}", *args)
+        [plan] = json.loads(explained)
+    finally:
+        await conn.close()
+
+    def nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        yield node
+        for child in node.get("Plans", []):
+            yield from nodes(child)
+
+    sorts = [n for n in nodes(plan["Plan"]) if n["Node Type"] == "Sort"]
+    assert sorts, plan  # the plan the test forces: no index read in order
+    assert {n["Sort Method"] for n in sorts} == {"top-N heapsort"}, sorts

@@ -322,10 +322,15 @@ def byte_bounded(query: Select[Any], max_bytes: int, *, descending: bool = False
     sees the page was cut) and a single large event still comes through. Postgres
     reads payload sizes from TOAST headers, so cut rows are never fetched.
     """
-    size = func.octet_length(events.c.payload)
-    order = events.c.offset.desc() if descending else events.c.offset.asc()
+    # The page (its ORDER BY and LIMIT) first, the running sum over it: in one SELECT,
+    # a plan that does not read the index in order (stale statistics after a bulk
+    # load) summed and sorted every event of the channel before the LIMIT (a
+    # million-event channel: 0.3-1.1 s a page, spilled to disk, against 2-30 ms).
+    page = query.subquery()
+    size = func.octet_length(page.c.payload)
+    order = page.c.offset.desc() if descending else page.c.offset.asc()
     start = (func.sum(size).over(order_by=order) - size).label("bh_start")
-    inner = query.add_columns(start).subquery()
+    inner = select(page, start).subquery()
     offset = inner.c.offset
     return (
         select(*(inner.c[column.name] for column in EVENT_COLUMNS))

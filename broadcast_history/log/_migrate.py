@@ -162,6 +162,12 @@ def _upgrade(connection: Connection, create_only: bool = False) -> None:
         connection.execute(text("SET SESSION max_error_count = 0"))
         try:
             _upgrade_unlocked(connection, create_only)
+            # Committed before the lock is let go: the last version update comes after
+            # the last DDL (which commits by itself), and the next process to take the
+            # lock would read the revision before it and migrate again. (The caller's
+            # own commit then finds nothing to do; MySQL's DDL commits as it goes
+            # anyway.)
+            connection.exec_driver_sql("COMMIT")
         except BaseException:
             # The connection may be gone, with its lock and settings: the clean-up's
             # own failure must not hide why.

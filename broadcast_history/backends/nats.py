@@ -359,7 +359,6 @@ class NatsBackend(InboxTransport, BroadcastBackend):
                 except BaseException:  # cancelled: disconnect()
                     await _close(nc)
                     raise
-                self._renewing = None
                 self._use(nc)
                 self.reconnects += 1
                 logger.info("nats connection re-established (a new client)")

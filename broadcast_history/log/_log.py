@@ -276,17 +276,25 @@ class EventLog(ConsumerMethods):
         return await self._in_slices(channel, before, before_us, None)
 
     async def _in_slices(
-        self, channel: str, before: int | None, before_us: int | None, keep: int | None
+        self,
+        channel: str,
+        before: int | None,
+        before_us: int | None,
+        keep: int | None,
+        epoch: int | None = None,
     ) -> int:
-        """Trim ``channel`` a transaction per ``RETENTION_SLICE`` events, as retention
-        does: in one, a million-event trim held SQLite's write lock for seconds, and
-        every publish waited (past its 30 s busy timeout at about ten million)."""
-        info = await self._store.bounded(self._channel(channel))
-        if info is None:
-            return 0
+        """Trim ``channel`` (its incarnation ``epoch``, by default the current one) a
+        transaction per ``RETENTION_SLICE`` events: in one, a million-event trim held
+        SQLite's write lock for seconds, and every publish waited (past its 30 s busy
+        timeout at about ten million). A cancelled trim stops after its slice."""
+        if epoch is None:
+            info = await self._store.bounded(self._channel(channel))
+            if info is None:
+                return 0
+            epoch = info.epoch
         removed = 0
         while True:
-            count = await self._trim_slice(channel, before, before_us, keep, info.epoch)
+            count = await self._trim_slice(channel, before, before_us, keep, epoch)
             removed += count
             if count < RETENTION_SLICE:
                 return removed
@@ -300,8 +308,8 @@ class EventLog(ConsumerMethods):
         keep: int | None,
         epoch: int,
     ) -> int:
-        # Only from the incarnation seen first: one deleted and started again between
-        # two slices is not this trim's.
+        # Bounds from the locked row, and only from the incarnation seen first: one
+        # deleted and started again between two slices is not this trim's.
         async with translated(), self._store.begin(write=True) as conn:
             return await _queries.trim(
                 conn, channel, before, before_us, RETENTION_SLICE, keep=keep, epoch=epoch
@@ -328,13 +336,10 @@ class EventLog(ConsumerMethods):
                     return 0
         removed = 0
         for info in await self._all_channels():
-            if not _queries.retention_due(info, retention.max_events, cutoff):
-                continue
-            while True:
-                count = await self._retention_slice(info, retention.max_events, cutoff)
-                removed += count
-                if count < RETENTION_SLICE:
-                    break
+            if _queries.retention_due(info, retention.max_events, cutoff):
+                removed += await self._in_slices(
+                    info.name, None, cutoff, retention.max_events, info.epoch
+                )
         return removed
 
     @finish_on_cancel
@@ -346,23 +351,6 @@ class EventLog(ConsumerMethods):
     async def _all_channels(self) -> list[ChannelInfo]:
         async with translated(), self._store.begin() as conn:
             return await _queries.channel_page(conn, None, None, None)
-
-    @finish_on_cancel
-    async def _retention_slice(
-        self, info: ChannelInfo, max_events: int | None, cutoff_us: int | None
-    ) -> int:
-        # Bounds from the locked row and the incarnation seen: a channel deleted and
-        # started again between two slices is left to the next pass.
-        async with translated(), self._store.begin(write=True) as conn:
-            return await _queries.trim(
-                conn,
-                info.name,
-                None,
-                cutoff_us,
-                RETENTION_SLICE,
-                keep=max_events,
-                epoch=info.epoch,
-            )
 
     async def delete_channel(self, channel: str) -> bool:
         """Delete a channel and its history; its next use starts a new epoch.

@@ -7,6 +7,7 @@ one event, so large messages neither exhaust memory nor stall delivery.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import subprocess
@@ -127,3 +128,49 @@ async def test_admin_pages_hold_at_most_8_mib(kind: str, tmp_path: Path) -> None
                     break
                 query = f"?limit=200&after={page['next_cursor']}"
     assert offsets == list(range(1, 21))
+
+
+async def test_admin_pages_are_read_and_encoded_a_few_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each request for a page of events read its page and encoded it as JSON (about
+    five times its messages' size) at once: 64 requests for pages of 8 MiB took
+    167 MiB more. At most PAGES_AT_ONCE are read and encoded together; the others wait."""
+    from broadcast_history.admin import _http
+    from broadcast_history.admin._query import HistoryAdmin
+
+    events = HistoryAdmin.events
+    running = most = 0
+
+    async def counted(self: HistoryAdmin, *args: object, **kwargs: object) -> object:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        try:
+            await asyncio.sleep(0.02)  # a read that takes a while, as a big page does
+            return await events(self, *args, **kwargs)  # type: ignore[arg-type]
+        finally:
+            running -= 1
+
+    monkeypatch.setattr(HistoryAdmin, "events", counted)
+    async with Broadcast("memory://", log=f"sqlite+aiosqlite:///{tmp_path}/l.db") as broadcast:
+        for i in range(3):
+            await broadcast.publish("big", bytes([i]) * 1000)
+        app = create_app(broadcast, token="t")
+        transport = httpx.ASGITransport(app=app)
+        headers = {"Authorization": "Bearer t"}
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://a", headers=headers
+        ) as c:
+            answers = await asyncio.gather(
+                *(c.get("/channels/big/events?limit=2") for _ in range(3 * _http.PAGES_AT_ONCE))
+            )
+    assert most == _http.PAGES_AT_ONCE
+    for answer in answers:
+        assert answer.status_code == 200
+        assert answer.headers["content-type"] == "application/json"
+        assert answer.json()["next_cursor"] == 2
+        assert [base64.b64decode(e["message"]) for e in answer.json()["events"]] == [
+            bytes([0]) * 1000,
+            bytes([1]) * 1000,
+        ]

@@ -31,9 +31,11 @@ from ._rows import (
     CHANNEL_COLUMNS,
     EVENT_COLUMNS,
     MYSQL_NOW_US,
+    SQLITE_INSERT_EVENTS,
     channel_info,
     channel_row,
     event_row,
+    event_tuple,
     now_micros,
 )
 from ._schema import channels, events, log_identity, time_marked
@@ -328,20 +330,25 @@ async def restore(
     stored = 0
     async for page in pages:
         if page:
-            rows = [
-                event_row(
-                    e.channel,
-                    e.offset,
-                    e.epoch,
-                    0 if e.timestamp is None else to_micros(e.timestamp),
-                    e.message,
-                    e.key,
-                )
-                for e in page
-            ]
-            await _to_its_end(conn.execute(events.insert(), rows))
+            await _to_its_end(_insert_events(conn, page))
             stored += len(page)
     return stored
+
+
+async def _insert_events(conn: AsyncConnection, page: Sequence[Event]) -> None:
+    if conn.dialect.name == "sqlite":
+        # SQLite's write lock holds every publisher back while an import stores: the
+        # driver's cursor takes these values as they are, where SQLAlchemy's handling
+        # of each row's parameters took 0.9 s of 1.4 for 200,000 events.
+        rows = [event_tuple(*_row_values(e)) for e in page]
+        await conn.exec_driver_sql(SQLITE_INSERT_EVENTS, rows)
+    else:
+        await conn.execute(events.insert(), [event_row(*_row_values(e)) for e in page])
+
+
+def _row_values(e: Event) -> tuple[str, int, int, int, str | bytes, str | None]:
+    micros = 0 if e.timestamp is None else to_micros(e.timestamp)
+    return e.channel, e.offset, e.epoch, micros, e.message, e.key
 
 
 _T = TypeVar("_T")

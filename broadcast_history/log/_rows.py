@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import BigInteger, Dialect, literal_column, select
+from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
@@ -109,6 +110,20 @@ def channel_row(info: ChannelInfo) -> dict[str, Any]:
             None if info.trimmed_timestamp is None else to_micros(info.trimmed_timestamp)
         ),
     }
+
+
+#: SQLite's insert of an events row, for the driver's cursor: values as
+#: :func:`event_tuple` gives them, with no SQLAlchemy parameter handling per row.
+SQLITE_INSERT_EVENTS = str(events.insert().compile(dialect=sqlite_dialect(paramstyle="qmark")))
+
+
+def event_tuple(
+    channel: str, offset: int, epoch: int, micros: int, message: str | bytes, key: str | None
+) -> tuple[Any, ...]:
+    """The events row of one event, as :data:`SQLITE_INSERT_EVENTS` takes it."""
+    if isinstance(message, str):
+        return (channel, offset, epoch, micros, True, message.encode(), key)
+    return (channel, offset, epoch, micros, False, message, key)
 
 
 def event_row(

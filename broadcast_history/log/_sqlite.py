@@ -52,7 +52,15 @@ from .._event import Event, from_micros, stored_event
 from ._engine import WAL_CHECKPOINT_PAGES, create_engine, create_sync_engine, shared_memory_url
 from ._info import Pending
 from ._queries import page_query
-from ._rows import EVENT_COLUMNS, compiled, new_epoch, now_micros, prepared, rows_to_events
+from ._rows import (
+    EVENT_COLUMNS,
+    SQLITE_INSERT_EVENTS,
+    compiled,
+    new_epoch,
+    now_micros,
+    prepared,
+    rows_to_events,
+)
 from ._schema import channels, events
 from ._store import Store
 
@@ -78,7 +86,6 @@ _SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
 # The append's statements, compiled once to SQLite's SQL: the writer runs them on the
 # driver's cursor, with tuples, without SQLAlchemy's per-statement work.
 _DIALECT = sqlite_dialect(paramstyle="qmark")
-_INSERT_EVENTS = str(events.insert().compile(dialect=_DIALECT))
 _INSERT_CHANNELS = str(
     insert(channels).on_conflict_do_nothing(index_elements=["name"]).compile(dialect=_DIALECT)
 )
@@ -602,7 +609,7 @@ def append(
             seen[(channel, key)] = event
         results.append(event)
     if rows:
-        cursor.executemany(_INSERT_EVENTS, rows)
+        cursor.executemany(SQLITE_INSERT_EVENTS, rows)
         touched = {row[0] for row in rows}
         cursor.executemany(_UPDATE_COUNTER, [(state[n][1], state[n][2], n) for n in touched])
     cursor.close()

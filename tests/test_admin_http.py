@@ -375,6 +375,40 @@ async def test_publish_text_json_bytes_and_keys(
     assert unauthorized.status_code == 401
 
 
+async def test_an_export_that_fails_midway_ends_broken_and_says_why(
+    broadcast: Broadcast, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A channel trimmed while its export was sent over HTTP broke the response with
+    a traceback in the server's log ("Caught handled exception, but response already
+    started"). The client still gets a broken transfer, the body's last line says
+    why (and the import refuses the file with it), and the log has one warning."""
+    from broadcast_history.admin import HistoryAdmin, InvalidExport
+
+    channel = "ex/big"
+    for _ in range(20):
+        await asyncio.gather(*(broadcast.publish(channel, "x" * 1000) for _ in range(500)))
+    lines: list[str] = []
+    async with serving(broadcast) as base, httpx.AsyncClient(base_url=base, headers=AUTH) as c:
+        with pytest.raises(httpx.RemoteProtocolError):
+            async with c.stream("GET", path(channel, "/export")) as response:
+                assert response.status_code == 200
+                async for line in response.aiter_lines():
+                    lines.append(line)
+                    if len(lines) == 10:
+                        await HistoryAdmin.of(broadcast).trim(channel, before=9_000)
+    last = json.loads(lines[-1])
+    assert last == {
+        "type": "error",
+        "detail": f"{channel!r} was trimmed during the export: export again",
+    }
+    assert 10 <= len(lines) < 9_000
+    with pytest.raises(InvalidExport, match=f"line {len(lines)}: the export stopped here"):
+        await HistoryAdmin.of(broadcast).import_jsonl([*lines[:-1], lines[-1]])
+    warnings = [r.getMessage() for r in caplog.records if r.name == "broadcast_history.admin"]
+    assert warnings == [f"an export over HTTP stopped midway: {last['detail']}"]
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+
+
 # -- event stream -------------------------------------------------------------------------
 
 

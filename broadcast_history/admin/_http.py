@@ -37,6 +37,7 @@ from ..web._streams import OpenStreams
 from ._console import add_console
 from ._consumer_routes import add_consumer_routes
 from ._errors import ImportConflict, NotFound
+from ._exporting import ExportResponse
 from ._import import max_line_length, split_lines
 from ._local import local_only
 from ._paths import EncodedSlashes, channel_from_path
@@ -293,7 +294,7 @@ def _add_routes(
     async def export_channel(channel: Channel) -> StreamingResponse:
         """One channel as JSON lines (the format `POST /import` reads)."""
         await admin.channel(channel)  # 404 now, before the response starts
-        return StreamingResponse(admin.export_jsonl([channel]), media_type="application/x-ndjson")
+        return ExportResponse(admin.export_jsonl([channel]))
 
     @app.get("/channels/{channel:path}", tags=["channels"])
     async def get_channel(channel: Channel) -> ChannelOut:
@@ -317,9 +318,7 @@ def _add_routes(
         """Every channel (or those under `prefix`) as JSON lines."""
         if prefix:
             check_channel(prefix)  # a 400 now, not a broken stream later
-        return StreamingResponse(
-            admin.export_jsonl(prefix=prefix), media_type="application/x-ndjson"
-        )
+        return ExportResponse(admin.export_jsonl(prefix=prefix))
 
     @app.post(
         "/import",

@@ -234,6 +234,10 @@ class _Checker:
             self.part_events += 1
         elif kind == "end":
             self.end(line, number)
+        elif kind == "error":
+            raise InvalidExport(
+                f"line {number}: the export stopped here, incomplete: {line.get('detail')}"
+            )
         else:
             raise InvalidExport(f"line {number}: 'type' must be 'channel', 'event' or 'end'")
 

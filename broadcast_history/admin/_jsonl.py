@@ -14,6 +14,10 @@ and last an end line counting them, without which a file cut at a channel's boun
 
     {"type": "end", "format": 2, "channels": 1, "events": 2}
 
+An HTTP export that stops midway ends with an error line instead, and no end line::
+
+    {"type": "error", "detail": "'chat' was trimmed during the export: export again"}
+
 Timestamps are ISO 8601 with microseconds, which is exactly what the log stores.
 ``_import`` reads the format back (format 1, from before the end line, too).
 """
@@ -66,6 +70,12 @@ def _dumps(value: dict[str, Any]) -> str:
 def end_line(channels: int, events: int) -> str:
     """The line that ends an export of ``channels`` channels and ``events`` events."""
     return _dumps({"type": "end", "format": FORMAT, "channels": channels, "events": events})
+
+
+def error_line(detail: str) -> str:
+    """The last line of an export that stopped midway (sent over HTTP, where the
+    status went out with the first line): why, for whoever reads the file."""
+    return _dumps({"type": "error", "detail": detail})
 
 
 async def export_channel(log: EventLog, info: ChannelInfo) -> AsyncIterator[str]:

@@ -1,0 +1,39 @@
+"""An export sent over HTTP, and what its client sees when it fails midway."""
+
+from __future__ import annotations
+
+import logging
+
+from starlette.responses import StreamingResponse
+from starlette.types import Send
+
+from .._errors import BroadcastError
+from ._jsonl import error_line
+
+logger = logging.getLogger("broadcast_history.admin")
+
+
+class ExportResponse(StreamingResponse):
+    """JSON lines of an export.
+
+    The status (200) goes out with the first line. If the export fails later (a
+    channel trimmed or deleted meanwhile, the log unreachable), the body ends with an
+    error line saying why and without its last chunk: the client sees a broken
+    transfer (``curl`` exits 18), never a complete file, the file itself says what
+    happened, and the server logs one warning, not a traceback.
+    """
+
+    media_type = "application/x-ndjson"
+
+    async def stream_response(self, send: Send) -> None:
+        try:
+            await super().stream_response(send)
+        except BroadcastError as exc:
+            logger.warning("an export over HTTP stopped midway: %s", exc)
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": error_line(str(exc)).encode(),
+                    "more_body": True,
+                }
+            )

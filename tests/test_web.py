@@ -535,6 +535,37 @@ async def test_a_publish_under_way_when_authorize_refuses_is_answered_first(
     assert [e.message for e in await broadcast.log.read("c", after=0)] == ["under way"]
 
 
+async def test_a_publish_that_fails_as_authorize_refuses_is_logged(
+    broadcast: Broadcast, caplog: pytest.LogCaptureFixture
+) -> None:
+    """authorize raising on a publish frame while the recheck refused the stream: the
+    socket closed with 1008 and the publish's failure was told nowhere."""
+    publishing = asyncio.Event()
+    refused = False
+
+    async def failing_publish(connection: Any, channel: str, action: str) -> bool:
+        nonlocal refused
+        if action == "publish":
+            publishing.set()
+            refused = True
+            await asyncio.sleep(0.5)  # the recheck refuses meanwhile
+            raise LookupError("session store: no such session")
+        return not refused
+
+    app = create_stream_app(broadcast, authorize=failing_publish, publish=True, recheck=0.05)
+    async with serving(app) as base:
+        async with ws_stream(base.replace("http", "ws") + "/c/ws") as ws:
+            await ws.send(json.dumps({"type": "publish", "data": "never stored"}))
+            await asyncio.wait_for(publishing.wait(), 5)
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    await asyncio.wait_for(ws.recv(), 5)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+    told = [r.getMessage() for r in caplog.records if "LookupError" in r.getMessage()]
+    assert len(told) == 1 and "refused the stream" in told[0]
+    assert await broadcast.log.read("c", after=0) == []
+
+
 async def test_recheck_that_cannot_tell_ends_streams_without_refusing_them(
     broadcast: Broadcast,
 ) -> None:

@@ -175,6 +175,17 @@ class WebSocketSession:
         with self.streams.open() as stop:
             pump, talk, revoked = await self._run(stop)
             if revoked is not None and revoked.done() and not revoked.cancelled():
+                failed = None if talk.cancelled() else talk.exception()
+                if failed is not None and not isinstance(failed, CLIENT_GONE):
+                    # A frame of the client failed as the refusal came (authorize,
+                    # asked for a publish, raised): the refusal closes the socket,
+                    # but that failure is ours to tell.
+                    logger.warning(
+                        "WebSocket stream of %r: a client's frame failed as authorize "
+                        "refused the stream: %r",
+                        self.feed.channel,
+                        failed,
+                    )
                 await self._refuse(revoked)
             else:
                 await self._end(pump, talk)

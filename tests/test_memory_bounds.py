@@ -55,6 +55,49 @@ async def main(log, count, size):
 asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
 """
 
+IMPORTED = """
+import asyncio, json, resource, sys
+from broadcast_history import Broadcast
+from broadcast_history.admin import HistoryAdmin
+
+def lines(count, size):
+    yield json.dumps({"type": "channel", "name": "big", "epoch": 7, "first_offset": 1,
+                      "last_offset": count})
+    for i in range(1, count + 1):
+        yield json.dumps({"type": "event", "channel": "big", "offset": i, "epoch": 7,
+                          "timestamp": "2024-01-01T00:00:00+00:00", "key": None,
+                          "encoding": "text", "message": chr(97 + i % 26) * size})
+    yield json.dumps({"type": "end", "format": 2, "channels": 1, "events": count})
+
+async def main(log, count, size):
+    async with Broadcast("memory://", log=log) as broadcast:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result = await HistoryAdmin.of(broadcast).import_jsonl(lines(count, size))
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"before": before, "peak": peak, "events": result.events}))
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
+"""
+
+
+def test_an_import_of_200_mb_stays_bounded(tmp_path: Path) -> None:
+    """The import's spool is read back a page (4 MiB) at a time: one unpickler for
+    the whole spool kept every message it had read, 197 MiB more for 191 MiB."""
+    count, size = 400, 512 * 1024
+    log = f"sqlite+aiosqlite:///{tmp_path / 'e.db'}"
+    result = subprocess.run(
+        [sys.executable, "-c", IMPORTED, log, str(count), str(size)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    assert figures["events"] == count
+    grown = figures["peak"] - figures["before"]
+    assert grown < 60, f"RSS grew by {grown:.0f} MiB while 200 MiB were imported"
+
 
 def test_stalled_subscriber_over_200_mb_stays_bounded(tmp_path: Path) -> None:
     count, size = 400, 512 * 1024  # 200 MiB published while the subscriber stalls
@@ -174,3 +217,36 @@ async def test_admin_pages_are_read_and_encoded_a_few_at_a_time(
             bytes([0]) * 1000,
             bytes([1]) * 1000,
         ]
+
+
+def test_admin_pages_are_limited_in_each_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The limit was one semaphore for the app, bound to the first event loop that
+    waited on it: served again in another loop (a second TestClient session), the
+    app failed every request that had to wait ("bound to a different event loop")."""
+    from broadcast_history.admin._query import HistoryAdmin
+
+    events = HistoryAdmin.events
+
+    async def slow(self: HistoryAdmin, *args: object, **kwargs: object) -> object:
+        await asyncio.sleep(0.02)  # so that requests wait for each other
+        return await events(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(HistoryAdmin, "events", slow)
+    broadcast = Broadcast("memory://", log=f"sqlite+aiosqlite:///{tmp_path}/l.db")
+    app = create_app(broadcast, token="t")
+
+    async def session() -> list[int]:
+        async with broadcast:
+            await broadcast.publish("c", "m")
+            transport = httpx.ASGITransport(app=app)
+            headers = {"Authorization": "Bearer t"}
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://a", headers=headers
+            ) as c:
+                answers = await asyncio.gather(*(c.get("/channels/c/events") for _ in range(8)))
+        return [answer.status_code for answer in answers]
+
+    assert asyncio.run(session()) == [200] * 8
+    assert asyncio.run(session()) == [200] * 8

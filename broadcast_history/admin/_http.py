@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
@@ -230,8 +231,10 @@ def _add_routes(
         """One stored event."""
         return EventOut.of(await admin.event(channel, offset))
 
-    # Created here, bound to the loop that first waits on it (the app's).
-    pages = asyncio.Semaphore(PAGES_AT_ONCE)
+    # One per event loop: a semaphore is bound to the loop that first waits on it,
+    # and an app can be served again in another (a second TestClient session).
+    page_slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore]
+    page_slots = weakref.WeakKeyDictionary()
 
     @app.get("/channels/{channel:path}/events", tags=["events"], response_model=EventList)
     async def list_events(
@@ -261,6 +264,10 @@ def _add_routes(
             # Both bound the page from below: a page's next_cursor goes in `after`
             # while `since` stays as it was.
             after, start = start if after is None else max(after, start), None
+        loop = asyncio.get_running_loop()
+        pages = page_slots.get(loop) or page_slots.setdefault(
+            loop, asyncio.Semaphore(PAGES_AT_ONCE)
+        )
         async with pages:
             # Encoded here, under the limit, rather than by FastAPI once this returns.
             page = await admin.events(

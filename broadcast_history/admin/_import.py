@@ -425,11 +425,13 @@ class _Primitives(pickle.Unpickler):
 def _records(spool: IO[bytes]) -> Iterator[tuple[Any, ...]]:
     """The records of the spool from where it is to its end."""
     # Pickles, not JSON lines (and base64): read 3 times faster, while the import
-    # holds the log's write lock.
-    load = _Primitives(spool).load
+    # holds the log's write lock. An unpickler per record: each was pickled on its
+    # own, and one unpickler's memo, kept from record to record, answered a record's
+    # second "y" with the first object of the record before (a wrong key or message,
+    # stored without a word) and held every message read until the end.
     while True:
         try:
-            yield load()
+            yield _Primitives(spool).load()
         except EOFError:
             return
 

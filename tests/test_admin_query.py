@@ -9,6 +9,7 @@ import sqlite3
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy.dialects import sqlite
@@ -322,6 +323,15 @@ async def test_a_big_trim_or_delete_lets_publishes_in_between(
     past the 30 s busy timeout: they failed). It runs a slice at a time, as retention
     does, and publishes commit between slices."""
     monkeypatch.setattr(_log, "RETENTION_SLICE", 10)
+    slices = 0
+    trim_slice = _log.EventLog._trim_slice
+
+    async def counted(*args: Any, **kwargs: Any) -> int:
+        nonlocal slices
+        slices += 1
+        return await trim_slice(*args, **kwargs)
+
+    monkeypatch.setattr(_log.EventLog, "_trim_slice", counted)
     log = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
     async with Broadcast("memory://", log=log) as broadcast:
         await asyncio.gather(*(broadcast.publish("big", str(i)) for i in range(3000)))
@@ -332,8 +342,13 @@ async def test_a_big_trim_or_delete_lets_publishes_in_between(
         while (info := await broadcast.log.channel("big")) is not None and info.first_offset == 1:
             assert not removing.done(), "removed in one transaction"
             await asyncio.sleep(0)
-        await broadcast.publish("other", "between two slices")
+        # Over 64 KiB: committed by the writer thread, which polls for the lock
+        # (SQLite's busy handler sleeps 1, 2, 5, 10 ms... between tries), where the
+        # removal took it back at once: the publish waited for several slices.
+        slices_before = slices
+        await broadcast.publish("other", "between two slices" * 4000)
         assert not removing.done()
+        assert slices - slices_before <= 1, "the publish waited for more than one slice"
         removed = await removing
     assert removed == (2000 if operation == "trim" else True)
 

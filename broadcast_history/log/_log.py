@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import time
 from collections.abc import AsyncIterable, Collection, Sequence
 from datetime import datetime
 from typing import Any, Literal
@@ -294,8 +295,11 @@ class EventLog(ConsumerMethods):
             epoch = info.epoch
         removed = 0
         while True:
+            began = time.monotonic()
             count = await self._trim_slice(channel, before, before_us, keep, epoch)
             removed += count
+            if count:
+                await self._store.let_writers_in(time.monotonic() - began)
             if count < RETENTION_SLICE:
                 return removed
 

@@ -99,6 +99,11 @@ class Store:
         """The events ``query`` selects, cut after ``max_bytes`` of payload if given."""
         raise NotImplementedError
 
+    async def let_writers_in(self, held: float) -> None:
+        """Between two transactions of a long removal (a trim, a delete, a retention
+        pass), the last of which wrote for ``held`` seconds. Nothing to do here: a
+        database server locks rows, and publishes to other channels go on meanwhile."""
+
     async def read_page(
         self, channel: str, start: int, limit: int, max_bytes: int | None, ahead: object = None
     ) -> list[Event]:

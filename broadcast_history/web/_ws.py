@@ -65,7 +65,12 @@ _DISCONNECTED: type[BaseException] | None = getattr(
 #: WebSocketSession._pump); asyncio warns from the sixth write to a closed socket on.
 FRAMES_PER_TURN = 4
 
+
 #: What a send or receive raises once the client has gone.
+class _FrameFailed(Exception):
+    """A client's frame failed on our side (its cause): not the client leaving."""
+
+
 CLIENT_GONE: tuple[type[BaseException], ...] = (
     OSError,
     WebSocketDisconnect,
@@ -176,15 +181,15 @@ class WebSocketSession:
             pump, talk, revoked = await self._run(stop)
             if revoked is not None and revoked.done() and not revoked.cancelled():
                 failed = None if talk.cancelled() else talk.exception()
-                if failed is not None and not isinstance(failed, CLIENT_GONE):
-                    # A frame of the client failed as the refusal came (authorize,
-                    # asked for a publish, raised): the refusal closes the socket,
-                    # but that failure is ours to tell.
+                if isinstance(failed, _FrameFailed):
+                    # A frame of the client failed as the recheck ended the stream:
+                    # the recheck closes the socket, but that failure is ours to tell.
                     logger.warning(
-                        "WebSocket stream of %r: a client's frame failed as authorize "
-                        "refused the stream: %r",
+                        "WebSocket stream of %r: a client's frame failed as the stream "
+                        "ended on authorize's recheck: %r",
                         self.feed.channel,
-                        failed,
+                        failed.__cause__,
+                        exc_info=failed.__cause__,
                     )
                 await self._refuse(revoked)
             else:
@@ -246,9 +251,12 @@ class WebSocketSession:
             if task.cancelled():
                 continue
             error = task.exception()
-            if isinstance(error, CLIENT_GONE):
+            if isinstance(error, _FrameFailed) and error.__cause__ is not None:
+                error = error.__cause__
+            elif isinstance(error, CLIENT_GONE):
                 gone = True
-            elif error is not None:
+                continue
+            if error is not None:
                 logger.warning("WebSocket stream of %r ended: %r", self.feed.channel, error)
                 if not isinstance(error, BroadcastError):
                     # A failure of ours (authorize raising on a publish frame): say
@@ -323,7 +331,15 @@ class WebSocketSession:
             if len(text) > self.max_frame:
                 raise InvalidArgument(f"frames are limited to {self.max_frame} characters")
             data, key = parse_publish(text)
-            event = await self.publisher(self.websocket, data, key)
+            try:
+                event = await self.publisher(self.websocket, data, key)
+            except BroadcastError:
+                raise
+            except Exception as exc:
+                # authorize (asked for the publish) failed: ours to tell, whatever its
+                # type; a TimeoutError or ConnectionRefusedError is an OSError, which
+                # from the socket means that the client left.
+                raise _FrameFailed() from exc
         except (LogUnavailable, NotConnected) as exc:
             return {"type": "error", "detail": unavailable(exc)}
         except BroadcastError as exc:  # refused or invalid

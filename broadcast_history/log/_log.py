@@ -298,10 +298,11 @@ class EventLog(ConsumerMethods):
             began = time.monotonic()
             count = await self._trim_slice(channel, before, before_us, keep, epoch)
             removed += count
-            if count:
-                await self._store.let_writers_in(time.monotonic() - began)
             if count < RETENTION_SLICE:
                 return removed
+            # Only between two slices: after a channel's last one, a retention pass
+            # over 5,000 small channels paid a pause each (1.3 ms, 6.5 s a pass).
+            await self._store.let_writers_in(time.monotonic() - began)
 
     @finish_on_cancel
     async def _trim_slice(

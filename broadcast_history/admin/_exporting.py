@@ -18,9 +18,9 @@ class ExportResponse(StreamingResponse):
 
     The status (200) goes out with the first line. If the export fails later (a
     channel trimmed or deleted meanwhile, the log unreachable), the body ends with an
-    error line saying why and without its last chunk: the client sees a broken
-    transfer (``curl`` exits 18), never a complete file, the file itself says what
-    happened, and the server logs one warning, not a traceback.
+    error line saying why and without its last chunk: under uvicorn the client sees
+    a broken transfer (``curl`` exits 18), the file itself says what happened (and no
+    import takes it), and the server logs a warning, not a traceback.
     """
 
     media_type = "application/x-ndjson"

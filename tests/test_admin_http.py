@@ -326,6 +326,26 @@ async def test_export_and_import(broadcast: Broadcast, client: httpx.AsyncClient
     assert bad.status_code == 400 and "line 1" in bad.json()["detail"]
 
 
+async def test_an_export_the_log_cannot_start_is_a_503(
+    broadcast: Broadcast, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An export whose first read failed answered 200 with a body of one error line:
+    the status went out before anything was read. The first line is read first."""
+    from broadcast_history import LogUnavailable
+
+    await broadcast.publish("ex/1", "one")
+
+    async def down(*args: Any, **kwargs: Any) -> Any:
+        raise LogUnavailable("the event log did not answer a read within 5 s")
+
+    monkeypatch.setattr(broadcast.log, "channels", down)
+    monkeypatch.setattr(broadcast.log, "channel", down)
+    for url in ("/export", path("ex/1", "/export")):
+        answer = await client.get(url)
+        assert answer.status_code == 503, (url, answer.text)
+        assert "did not answer" in answer.json()["detail"]
+
+
 async def test_publish_text_json_bytes_and_keys(
     broadcast: Broadcast, client: httpx.AsyncClient
 ) -> None:

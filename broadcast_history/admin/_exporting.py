@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from starlette.responses import StreamingResponse
 from starlette.types import Send
@@ -25,6 +26,18 @@ class ExportResponse(StreamingResponse):
 
     media_type = "application/x-ndjson"
 
+    @classmethod
+    async def of(cls, lines: AsyncGenerator[str, None]) -> ExportResponse:
+        """The export of ``lines``, its first line read before the status goes out:
+        a channel missing (404) or a log that cannot be reached (503) is an answer of
+        its own, not a 200 whose body stops at once."""
+        try:
+            first = await anext(lines)
+        except BaseException:
+            await lines.aclose()
+            raise
+        return cls(_then(first, lines))
+
     async def stream_response(self, send: Send) -> None:
         try:
             await super().stream_response(send)
@@ -37,3 +50,9 @@ class ExportResponse(StreamingResponse):
                     "more_body": True,
                 }
             )
+
+
+async def _then(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:
+    yield first
+    async for line in rest:
+        yield line

@@ -300,8 +300,7 @@ def _add_routes(
     )
     async def export_channel(channel: Channel) -> StreamingResponse:
         """One channel as JSON lines (the format `POST /import` reads)."""
-        await admin.channel(channel)  # 404 now, before the response starts
-        return ExportResponse(admin.export_jsonl([channel]))
+        return await ExportResponse.of(admin.export_jsonl([channel]))
 
     @app.get("/channels/{channel:path}", tags=["channels"])
     async def get_channel(channel: Channel) -> ChannelOut:
@@ -325,7 +324,7 @@ def _add_routes(
         """Every channel (or those under `prefix`) as JSON lines."""
         if prefix:
             check_channel(prefix)  # a 400 now, not a broken stream later
-        return ExportResponse(admin.export_jsonl(prefix=prefix))
+        return await ExportResponse.of(admin.export_jsonl(prefix=prefix))
 
     @app.post(
         "/import",

@@ -8,7 +8,7 @@ totals), through the same engine and tables.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Sequence
 from dataclasses import asdict
 from datetime import datetime
 from typing import TYPE_CHECKING, Literal, TypeVar
@@ -272,7 +272,7 @@ class HistoryAdmin(ConsumerAdmin):
 
     async def export_jsonl(
         self, channels: Sequence[str] | None = None, *, prefix: str | None = None
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         """Lines (each ending in ``\\n``) of a JSON-lines export.
 
         Per channel: one ``{"type": "channel", ...}`` line, then its stored events in

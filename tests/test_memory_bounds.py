@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -80,20 +81,25 @@ asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
 """
 
 
-def test_an_import_of_200_mb_stays_bounded(tmp_path: Path) -> None:
-    """The import's spool is read back a page (4 MiB) at a time: one unpickler for
-    the whole spool kept every message it had read, 197 MiB more for 191 MiB."""
-    count, size = 400, 512 * 1024
-    log = f"sqlite+aiosqlite:///{tmp_path / 'e.db'}"
+def _measured(script: str, log: str, count: int, size: int) -> dict[str, Any]:
+    """What ``script`` printed, run in a process of its own (an RSS of its own)."""
     result = subprocess.run(
-        [sys.executable, "-c", IMPORTED, log, str(count), str(size)],
+        [sys.executable, "-c", script, log, str(count), str(size)],
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    figures = json.loads(result.stdout)
+    figures: dict[str, Any] = json.loads(result.stdout)
+    return figures
+
+
+def test_an_import_of_200_mb_stays_bounded(tmp_path: Path) -> None:
+    """The import's spool is read back a page (4 MiB) at a time: one unpickler for
+    the whole spool kept every message it had read, 197 MiB more for 191 MiB."""
+    count, size = 400, 512 * 1024
+    figures = _measured(IMPORTED, f"sqlite+aiosqlite:///{tmp_path / 'e.db'}", count, size)
     assert figures["events"] == count
     grown = figures["peak"] - figures["before"]
     assert grown < 60, f"RSS grew by {grown:.0f} MiB while 200 MiB were imported"
@@ -101,16 +107,7 @@ def test_an_import_of_200_mb_stays_bounded(tmp_path: Path) -> None:
 
 def test_stalled_subscriber_over_200_mb_stays_bounded(tmp_path: Path) -> None:
     count, size = 400, 512 * 1024  # 200 MiB published while the subscriber stalls
-    log = f"sqlite+aiosqlite:///{tmp_path / 'e.db'}"
-    result = subprocess.run(
-        [sys.executable, "-c", STALLED, log, str(count), str(size)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    figures = json.loads(result.stdout)
+    figures = _measured(STALLED, f"sqlite+aiosqlite:///{tmp_path / 'e.db'}", count, size)
     assert figures["offsets"] == list(range(2, count + 2))
     grown = figures["peak"] - figures["before"]
     assert grown < 60, f"RSS grew by {grown:.0f} MiB while 200 MiB went by"

@@ -535,6 +535,38 @@ async def test_a_publish_under_way_when_authorize_refuses_is_answered_first(
     assert [e.message for e in await broadcast.log.read("c", after=0)] == ["under way"]
 
 
+async def test_a_publish_that_hangs_when_authorize_refuses_is_given_up(
+    broadcast: Broadcast, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A publish under way is answered before a refused socket closes; authorize
+    hanging on that publish kept the socket open for as long as it hung."""
+    from broadcast_history.web import _ws
+
+    monkeypatch.setattr(_ws, "ANSWER_WAIT", 0.3)
+    publishing = asyncio.Event()
+    refused = False
+
+    async def hanging_publish(connection: Any, channel: str, action: str) -> bool:
+        nonlocal refused
+        if action == "publish":
+            publishing.set()
+            refused = True
+            await asyncio.Event().wait()  # its session store never answers
+        return not refused
+
+    app = create_stream_app(broadcast, authorize=hanging_publish, publish=True, recheck=0.05)
+    async with serving(app) as base:
+        async with ws_stream(base.replace("http", "ws") + "/c/ws") as ws:
+            await ws.send(json.dumps({"type": "publish", "data": "never stored"}))
+            await asyncio.wait_for(publishing.wait(), 5)
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    await asyncio.wait_for(ws.recv(), 5)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+    assert [r for r in caplog.records if "still unanswered" in r.getMessage()]
+    assert await broadcast.log.read("c", after=0) == []
+
+
 @pytest.mark.parametrize("failure", [LookupError, TimeoutError])
 async def test_a_publish_that_fails_as_authorize_refuses_is_logged(
     broadcast: Broadcast, caplog: pytest.LogCaptureFixture, failure: type[Exception]

@@ -64,6 +64,10 @@ _DISCONNECTED: type[BaseException] | None = getattr(
 #: Messages of replayed events sent between two turns of the event loop (see
 #: WebSocketSession._pump); asyncio warns from the sixth write to a closed socket on.
 FRAMES_PER_TURN = 4
+#: Longest wait, once a stream ends, for the answer to a client's frame under way. A
+#: publish has its own bounds (the log's, 30 s and more for a big message); an
+#: ``authorize`` that hangs has none, and held the socket (and a stopping server).
+ANSWER_WAIT = 60.0
 
 
 #: What a send or receive raises once the client has gone.
@@ -217,7 +221,14 @@ class WebSocketSession:
                 for task in others:
                     task.cancel()  # not one frame more (for a refusal: at once)
                 set_done(ending)
-                await asyncio.wait([talk])
+                await asyncio.wait([talk], timeout=ANSWER_WAIT)
+                if not talk.done():
+                    logger.warning(
+                        "WebSocket stream of %r: a client's frame was still unanswered "
+                        "%.3g s after the stream ended; given up",
+                        self.feed.channel,
+                        ANSWER_WAIT,
+                    )
         finally:
             for each in (talk, *others):
                 each.cancel()

@@ -505,34 +505,44 @@ async def test_recheck_ends_streams_authorize_no_longer_allows(broadcast: Broadc
             create_stream_app(broadcast, authorize=allow_all, recheck=value)  # type: ignore[arg-type]
 
 
+async def refused_during_publish(
+    broadcast: Broadcast, on_publish: Callable[[], Awaitable[object]], data: str
+) -> tuple[list[dict[str, Any]], int]:
+    """A WebSocket client publishes ``data``; authorize, asked for that publish, runs
+    ``on_publish`` while the recheck (every 50 ms) refuses the stream. Returns the
+    frames the client got and the code its socket closed with."""
+    refused = False
+
+    async def authorize(connection: Any, channel: str, action: str) -> bool:
+        nonlocal refused
+        if action == "publish":
+            refused = True
+            await on_publish()
+            return True
+        return not refused
+
+    app = create_stream_app(broadcast, authorize=authorize, publish=True, recheck=0.05)
+    frames: list[dict[str, Any]] = []
+    async with serving(app) as base:
+        async with ws_stream(base.replace("http", "ws") + "/c/ws") as ws:
+            await ws.send(json.dumps({"type": "publish", "data": data}))
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    frames.append(json.loads(await asyncio.wait_for(ws.recv(), 5)))
+    assert closed.value.rcvd is not None
+    return frames, closed.value.rcvd.code
+
+
 async def test_a_publish_under_way_when_authorize_refuses_is_answered_first(
     broadcast: Broadcast,
 ) -> None:
     """A WebSocket refused by the recheck while a publish of its client was under way
     had that publish cancelled: stored or not, never acknowledged (a client retrying
     without a key stores it twice)."""
-    publishing = asyncio.Event()
-    refused = False
-
-    async def slow_publish(connection: Any, channel: str, action: str) -> bool:
-        nonlocal refused
-        if action == "publish":
-            publishing.set()
-            refused = True
-            await asyncio.sleep(0.5)  # a few recheck ticks while the publish is under way
-        return action == "publish" or not refused
-
-    app = create_stream_app(broadcast, authorize=slow_publish, publish=True, recheck=0.05)
-    async with serving(app) as base:
-        async with ws_stream(base.replace("http", "ws") + "/c/ws") as ws:
-            await ws.send(json.dumps({"type": "publish", "data": "under way"}))
-            await asyncio.wait_for(publishing.wait(), 5)
-            ack = json.loads(await asyncio.wait_for(ws.recv(), 5))
-            assert ack["type"] == "ack" and ack["offset"] == 1
-            with pytest.raises(ConnectionClosed) as closed:
-                await asyncio.wait_for(ws.recv(), 5)
-            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
-    assert [e.message for e in await broadcast.log.read("c", after=0)] == ["under way"]
+    # A few recheck ticks while the publish is under way.
+    frames, code = await refused_during_publish(broadcast, lambda: asyncio.sleep(0.5), "m")
+    assert [(f["type"], f.get("offset")) for f in frames] == [("ack", 1)] and code == 1008
+    assert [e.message for e in await broadcast.log.read("c", after=0)] == ["m"]
 
 
 async def test_a_publish_that_hangs_when_authorize_refuses_is_given_up(
@@ -543,26 +553,9 @@ async def test_a_publish_that_hangs_when_authorize_refuses_is_given_up(
     from broadcast_history.web import _ws
 
     monkeypatch.setattr(_ws, "ANSWER_WAIT", 0.3)
-    publishing = asyncio.Event()
-    refused = False
-
-    async def hanging_publish(connection: Any, channel: str, action: str) -> bool:
-        nonlocal refused
-        if action == "publish":
-            publishing.set()
-            refused = True
-            await asyncio.Event().wait()  # its session store never answers
-        return not refused
-
-    app = create_stream_app(broadcast, authorize=hanging_publish, publish=True, recheck=0.05)
-    async with serving(app) as base:
-        async with ws_stream(base.replace("http", "ws") + "/c/ws") as ws:
-            await ws.send(json.dumps({"type": "publish", "data": "never stored"}))
-            await asyncio.wait_for(publishing.wait(), 5)
-            with pytest.raises(ConnectionClosed) as closed:
-                while True:
-                    await asyncio.wait_for(ws.recv(), 5)
-            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+    # Its session store never answers.
+    frames, code = await refused_during_publish(broadcast, asyncio.Event().wait, "m")
+    assert frames == [] and code == 1008
     assert [r for r in caplog.records if "still unanswered" in r.getMessage()]
     assert await broadcast.log.read("c", after=0) == []
 
@@ -574,27 +567,13 @@ async def test_a_publish_that_fails_as_authorize_refuses_is_logged(
     """authorize raising on a publish frame while the recheck refused the stream: the
     socket closed with 1008 and the publish's failure was told nowhere (a TimeoutError,
     an OSError, was taken for the client leaving even after that was fixed)."""
-    publishing = asyncio.Event()
-    refused = False
 
-    async def failing_publish(connection: Any, channel: str, action: str) -> bool:
-        nonlocal refused
-        if action == "publish":
-            publishing.set()
-            refused = True
-            await asyncio.sleep(0.5)  # the recheck refuses meanwhile
-            raise failure("session store: no such session")
-        return not refused
+    async def failing() -> None:
+        await asyncio.sleep(0.5)  # the recheck refuses meanwhile
+        raise failure("session store: no such session")
 
-    app = create_stream_app(broadcast, authorize=failing_publish, publish=True, recheck=0.05)
-    async with serving(app) as base:
-        async with ws_stream(base.replace("http", "ws") + "/c/ws") as ws:
-            await ws.send(json.dumps({"type": "publish", "data": "never stored"}))
-            await asyncio.wait_for(publishing.wait(), 5)
-            with pytest.raises(ConnectionClosed) as closed:
-                while True:
-                    await asyncio.wait_for(ws.recv(), 5)
-            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+    frames, code = await refused_during_publish(broadcast, failing, "m")
+    assert frames == [] and code == 1008
     told = [r.getMessage() for r in caplog.records if failure.__name__ in r.getMessage()]
     assert len(told) == 1 and "ended on authorize's recheck" in told[0]
     assert await broadcast.log.read("c", after=0) == []

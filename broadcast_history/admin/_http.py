@@ -265,9 +265,9 @@ def _add_routes(
             # while `since` stays as it was.
             after, start = start if after is None else max(after, start), None
         loop = asyncio.get_running_loop()
-        pages = page_slots.get(loop) or page_slots.setdefault(
-            loop, asyncio.Semaphore(PAGES_AT_ONCE)
-        )
+        pages = page_slots.get(loop)
+        if pages is None:
+            pages = page_slots[loop] = asyncio.Semaphore(PAGES_AT_ONCE)
         async with pages:
             # Encoded here, under the limit, rather than by FastAPI once this returns.
             page = await admin.events(
@@ -281,7 +281,6 @@ def _add_routes(
                 max_bytes=MAX_PAGE_BYTES,
             )
             body = _EVENT_LIST.dump_json(EventList.of(page))
-            del page
         return Response(body, media_type="application/json")
 
     add_streaming_routes(app, broadcast, heartbeat, streams)

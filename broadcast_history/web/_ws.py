@@ -70,11 +70,11 @@ FRAMES_PER_TURN = 4
 ANSWER_WAIT = 60.0
 
 
-#: What a send or receive raises once the client has gone.
 class _FrameFailed(Exception):
     """A client's frame failed on our side (its cause): not the client leaving."""
 
 
+#: What a send or receive raises once the client has gone.
 CLIENT_GONE: tuple[type[BaseException], ...] = (
     OSError,
     WebSocketDisconnect,

@@ -213,9 +213,9 @@ class FreshConnections:
     A server gone silent to this host (a partition, a NAT or a firewall dropping the
     connections) silences every connection opened over that path, not only the one
     a read waited on: each would fail a read after the bound in turn, although new
-    connections work. After :meth:`renew`, checking out one that has not come back
-    from a statement since that read began discards it and opens a fresh one in its
-    place (the pool's own reconnection); those that did answer meanwhile are kept.
+    connections work. After :meth:`renew`, checking out one whose last answered use
+    began before that read did discards it and opens a fresh one in its place (the
+    pool's own reconnection); those taken and given back since are kept.
 
     A connection discarded that way, or because a call on it was cancelled (a read
     past its bound), has its socket closed at once: the pool's graceful close would
@@ -229,23 +229,32 @@ class FreshConnections:
     def watch(self, engine: AsyncEngine) -> None:
         """Apply to ``engine``'s pool."""
         sync = engine.sync_engine
-        event.listen(sync, "connect", self._seen)
-        event.listen(sync, "checkin", self._seen)
+        event.listen(sync, "connect", self._on_connect)
+        event.listen(sync, "checkin", self._on_checkin)
         event.listen(sync, "checkout", self._on_checkout)
         event.listen(sync, "invalidate", self._on_invalidate)
 
     def renew(self, since: float) -> None:
         """A read begun at ``since`` (``time.monotonic()``) got no answer: connections
-        not back from a statement since then are not checked out again."""
+        whose last use began before then are not checked out again."""
         self._since = max(self._since, since)
 
-    def _seen(self, _dbapi_connection: Any, record: Any) -> None:
+    def _on_connect(self, _dbapi_connection: Any, record: Any) -> None:
+        record.info["bh_seen"] = time.monotonic()
+
+    def _on_checkin(self, _dbapi_connection: Any, record: Any) -> None:
+        # Seen alive when this use began, not when it came back: an answer proves the
+        # path worked when its request went out. One sent before the path went silent
+        # can still arrive after a read that then waits in vain began (it was on its
+        # way), and stamped on its return, that connection passed for fresh.
         if record is not None:
-            record.info["bh_seen"] = time.monotonic()
+            info = record.info
+            info["bh_seen"] = info.pop("bh_out", time.monotonic())
 
     def _on_checkout(self, _dbapi_connection: Any, record: Any, _proxy: Any) -> None:
         if record.info.get("bh_seen", float("-inf")) <= self._since:
             raise _Stale("silent since a read on its path went unanswered")
+        record.info["bh_out"] = time.monotonic()
 
     def _on_invalidate(self, dbapi_connection: Any, _record: Any, exc: Any) -> None:
         if dbapi_connection is not None and isinstance(exc, (_Stale, asyncio.CancelledError)):

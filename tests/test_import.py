@@ -315,6 +315,36 @@ def test_the_spool_is_read_back_as_plain_values_only() -> None:
             list(_records(spool))
 
 
+async def test_an_import_from_a_list_lets_other_tasks_run_while_it_checks(
+    admin: HistoryAdmin,
+) -> None:
+    """Checking an event line awaits nothing: lines from a list (or an open file) held
+    the event loop for the whole check, seconds per million lines, with every other
+    task of the app waiting."""
+    turns = 0
+    seen: list[int] = []  # the other task's turns, as each line is read
+
+    async def other_task() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    def lines() -> Iterator[str]:
+        yield channel_line(last=20_000)
+        for offset in range(1, 20_001):
+            seen.append(turns)
+            yield event_line(offset)
+
+    task = asyncio.create_task(other_task())
+    try:
+        result = await admin.import_jsonl(lines())
+    finally:
+        task.cancel()
+    assert result.events == 20_000
+    assert len(set(seen)) >= 10  # turns came while the lines were being checked
+
+
 async def test_channels_are_looked_up_in_batches(
     admin: HistoryAdmin, monkeypatch: pytest.MonkeyPatch
 ) -> None:

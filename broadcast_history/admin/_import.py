@@ -16,6 +16,7 @@ counts what came after the one before it.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -41,6 +42,10 @@ _FORMATS = (1, FORMAT)
 _PAGE = 1000
 # Channel lines read between two looks for the channels in the log.
 _CHECK_EVERY = 500
+# Lines checked between two turns given to the event loop: checking an event line
+# awaits nothing, and lines from a list or an open file (or an async iterable that
+# never waits) held the loop for the whole check, seconds per million lines.
+_LINES_PER_TURN = 1024
 _PAGE_BYTES = 4 * 1024 * 1024
 # JSON escaping can make a message 6 times longer (``\u0001`` for one byte); keys,
 # names and the other fields fit in the rest.
@@ -483,11 +488,15 @@ async def import_lines(
         if isinstance(lines, AsyncIterable):
             async for raw in lines:
                 number += 1
+                if not number % _LINES_PER_TURN:
+                    await asyncio.sleep(0)
                 if raw.strip():
                     await checker.line(raw, number)
         else:
             for raw in lines:
                 number += 1
+                if not number % _LINES_PER_TURN:
+                    await asyncio.sleep(0)
                 if raw.strip():
                     await checker.line(raw, number)
         checker.complete()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sqlite3
 import subprocess
 import sys
@@ -777,6 +778,40 @@ async def test_commits_go_on_while_the_wal_is_copied_and_the_wal_still_starts_ov
         assert (await bc.log.channel("c")).last_offset == published + 53  # type: ignore[union-attr]
     restarts = [name for name, restarted, _ in commits if restarted]
     assert restarts and all(name.startswith(writer) for name in restarts)
+
+
+@pytest.mark.parametrize("big_write", ["import", "delete"])
+async def test_the_wal_shrinks_back_after_a_big_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, big_write: str
+) -> None:
+    """An import or a delete of many events writes a WAL as large as itself, and
+    starting over reuses the file from its beginning without shrinking it: after a
+    1M-event import the WAL kept its 262 MB until the app stopped."""
+    from broadcast_history.admin import HistoryAdmin
+    from broadcast_history.log import _engine
+
+    monkeypatch.setattr(_engine, "WAL_SIZE_LIMIT", 512 * 1024)
+    monkeypatch.setattr(sqlite_store, "WAL_CHECKPOINT_PAGES", 200)
+    path = tmp_path / "events.db"
+    async with Broadcast(log=f"sqlite+aiosqlite:///{path}") as bc:
+        admin = HistoryAdmin.of(bc)
+        if big_write == "import":
+            header = {"type": "channel", "name": "big", "epoch": 7, "first_offset": 1}
+            lines = [json.dumps({**header, "last_offset": 3000})]
+            for offset in range(1, 3001):
+                event = {"type": "event", "channel": "big", "offset": offset, "epoch": 7}
+                event.update(timestamp="2024-01-01T00:00:00+00:00", key=None)
+                lines.append(json.dumps({**event, "encoding": "text", "message": "x" * 1000}))
+            lines.append(json.dumps({"type": "end", "format": 2, "channels": 1, "events": 3000}))
+            await admin.import_jsonl(lines)
+        else:
+            await asyncio.gather(*(bc.publish("big", "x" * 1000) for _ in range(3000)))
+            await admin.delete("big")
+        wal = Path(f"{path}-wal")
+        assert wal.stat().st_size > 3 * 1024 * 1024
+        for i in range(600):  # copied, then written again from the WAL's beginning
+            await bc.publish("after", "x" * 79)
+        assert wal.stat().st_size <= 512 * 1024
 
 
 async def test_the_wal_starts_over_only_on_the_writer_thread_under_load(

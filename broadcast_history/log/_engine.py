@@ -303,6 +303,15 @@ def _configure_mysql(engine: Engine) -> None:
 WAL_CHECKPOINT_PAGES = 4000
 
 
+#: Bytes the WAL file is cut back to when it starts over (SQLite keeps it whole by
+#: default). One transaction writes all it changes to the WAL, so an import or a
+#: delete of a million events grows it by hundreds of MB; starting over reuses the
+#: file from its beginning, and it kept that size until the last connection closed.
+#: Above what commits alone reach (about twice ``WAL_CHECKPOINT_PAGES``, 16 MiB), so
+#: the WAL is cut only after such a transaction.
+WAL_SIZE_LIMIT = 32 * 1024 * 1024
+
+
 #: Page size of a new SQLite file (SQLite's default is 4,096). A commit writes every
 #: page it dirtied to the WAL, and over many channels that is one leaf per channel
 #: per index, however few rows each got: half-size pages halve those bytes. Reads
@@ -358,6 +367,7 @@ def _configure_sqlite(
             cursor.execute(f"PRAGMA synchronous={synchronous}")
             pages = WAL_CHECKPOINT_PAGES if checkpoints else 0
             cursor.execute(f"PRAGMA wal_autocheckpoint={pages}")
+            cursor.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.close()
 

@@ -576,20 +576,26 @@ async def test_a_connection_whose_answer_was_on_its_way_when_the_log_went_silent
 ) -> None:
     """An answer sent before the path went silent can arrive after a read that then
     waits in vain began: its connection came back after that read began and passed
-    for fresh, and the next read on it waited for the whole bound (the cause of this
-    file's flaky fresh-connections test). What counts is when a use began."""
+    for fresh, and the next read on it waited for the whole bound (the likely cause
+    of this file's flaky fresh-connections test). What counts is when a use began."""
     async with Broadcast("memory://", log=mysql_url) as broadcast:
-        store = broadcast.log._store  # type: ignore[attr-defined]
-        conn = await store.engine.connect()
+        engine = broadcast.log._store.engine  # type: ignore[attr-defined]
+
+        conn = await engine.connect()
+        count = engine.pool.checkedin() + 1  # every idle one and this one
+
+        async def every_idle_one() -> list[object]:
+            """The drivers of ``count`` connections taken at once."""
+            async with contextlib.AsyncExitStack() as stack:
+                conns = [await stack.enter_async_context(engine.connect()) for _ in range(count)]
+                return [(await conn.get_raw_connection()).driver_connection for conn in conns]
+
         before = (await conn.get_raw_connection()).driver_connection
-        store.gave_up(time.monotonic())  # a read on another connection got no answer
-        await conn.close()  # this one's answer came after that read began
-        async with store.engine.connect() as again:
-            assert (await again.get_raw_connection()).driver_connection is not before
-        async with store.engine.connect() as fresh:  # the new one is kept
-            renewed = (await fresh.get_raw_connection()).driver_connection
-        async with store.engine.connect() as kept:
-            assert (await kept.get_raw_connection()).driver_connection is renewed
+        broadcast.log._store.gave_up(time.monotonic())  # type: ignore[attr-defined]
+        await conn.close()  # its answer came after that read (on another one) began
+        renewed = await every_idle_one()
+        assert before not in renewed
+        assert await every_idle_one() == renewed  # those are kept
 
 
 def test_a_connection_asyncmy_lost_is_told_from_a_refusal() -> None:

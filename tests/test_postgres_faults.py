@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -617,6 +619,29 @@ async def test_after_a_read_gets_no_answer_the_next_reads_take_fresh_connections
     with patient_reads():
         for channel in channels:
             await _replays_whole(broadcast, channel, 30)
+
+
+async def test_a_kept_connection_whose_answer_was_on_its_way_is_not_kept() -> None:
+    """Appends and replay pages run on kept connections. One in use when a read on
+    another went unanswered came back once its answer (sent before the path went
+    silent) arrived, and was kept: the next read on it waited for the whole bound."""
+    url = await ensure_database("bh_test_faults_kept")
+    async with Broadcast("memory://", log=_log(url)) as broadcast:
+        store = broadcast.log._store  # type: ignore[attr-defined]
+        used: list[object] = []
+        in_use = asyncio.Event()
+
+        async def answered_late(driver: Any) -> object:
+            used.append(driver)
+            in_use.set()
+            await asyncio.sleep(0.2)  # its answer on its way
+            return await driver.fetchval("SELECT 1")
+
+        call = asyncio.ensure_future(store.kept.run(answered_late))
+        await in_use.wait()
+        store.gave_up(time.monotonic())  # a read on another connection got no answer
+        assert await call == 1
+        assert await store.kept.run(lambda driver: asyncio.sleep(0, driver)) is not used[0]
 
 
 async def test_after_a_lookup_gets_no_answer_the_pools_other_connections_are_replaced(

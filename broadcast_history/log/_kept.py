@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -39,6 +40,8 @@ class KeptConnections:
         self._busy: set[asyncpg.Connection] = set()
         self._none_busy = asyncio.Event()
         self._closed = False
+        # A call taken out before then is not kept (see drop_idle).
+        self._since = float("-inf")
 
     async def run(self, operation: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         """Run ``operation`` on a connection's asyncpg driver.
@@ -52,12 +55,13 @@ class KeptConnections:
         """
         for attempt in (1, 2):
             conn, driver = await self._take()
+            taken = time.monotonic()
             self._busy.add(driver)
             self._none_busy.clear()
             try:
                 result = await operation(driver)
             except asyncpg.UniqueViolationError:
-                await self._give(conn, driver)  # refused by the server: the connection is fine
+                await self._give(conn, driver, taken)  # refused by the server: it is fine
                 raise
             except asyncpg.InternalClientError as exc:
                 await _discard(conn)
@@ -73,7 +77,7 @@ class KeptConnections:
                 self._busy.discard(driver)
                 if not self._busy:
                     self._none_busy.set()
-            await self._give(conn, driver)
+            await self._give(conn, driver, taken)
             return result
         raise AssertionError("unreachable")
 
@@ -111,11 +115,15 @@ class KeptConnections:
                     left.terminate()
                 raise
 
-    def drop_idle(self) -> None:
-        """Close the idle connections' sockets: after one went silent, the others
-        (opened over the same network path) likely did too, and each would fail a
-        read once. No goodbye (a silent server would not answer it); their pool
-        entries are invalidated in the background."""
+    def drop_idle(self, since: float) -> None:
+        """Close the idle connections' sockets: a read begun at ``since``
+        (``time.monotonic()``) got no answer, and the others opened over the same
+        network path likely went silent too; each would fail a read once. No goodbye
+        (a silent server would not answer it); their pool entries are invalidated in
+        the background. Those in use since before ``since`` are not kept either when
+        their call ends: an answer sent before the path went silent can arrive after
+        that read began."""
+        self._since = max(self._since, since)
         idle, self._idle = self._idle, []
         for conn, driver in idle:
             driver.terminate()
@@ -140,8 +148,11 @@ class KeptConnections:
         assert isinstance(driver, asyncpg.Connection)
         return conn, driver
 
-    async def _give(self, conn: AsyncConnection, driver: asyncpg.Connection) -> None:
-        if self._closed:
+    async def _give(self, conn: AsyncConnection, driver: asyncpg.Connection, taken: float) -> None:
+        if taken <= self._since:
+            driver.terminate()  # likely silent now (see drop_idle)
+            await _discard(conn)
+        elif self._closed:
             await _discard(conn)  # its pool may be disposed already: close it for good
         elif len(self._idle) >= self._keep:
             await conn.close()

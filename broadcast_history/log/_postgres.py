@@ -115,7 +115,7 @@ class PostgresStore(ServerStore):
         # The kept idle ones too (the pooled ones are replaced when taken out).
         super().gave_up(since)
         if self._kept is not None:
-            self._kept.drop_idle()
+            self._kept.drop_idle(since)
 
     async def append(self, items: Sequence[Pending]) -> list[Event]:
         return await append(self.kept, items)

@@ -608,6 +608,38 @@ async def _race(broadcast: Broadcast, name: str) -> None:
         assert outcome[0] == 2 and outcome[1].offset == 3
 
 
+async def test_publishes_go_on_while_an_import_into_sqlite_stores_its_pages(
+    tmp_path: Path,
+) -> None:
+    """An import held SQLite's write lock, the whole file's, while it stored every
+    page: publishes to any channel waited for all of it (about 5 s per million
+    events, and a publish fails past 30 s). Its pages now go to a table of the
+    import's own first, and the lock is held only to copy them over at once."""
+    from broadcast_history import ChannelInfo
+
+    when = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    async with Broadcast("memory://", log=f"sqlite+aiosqlite:///{tmp_path / 'e.db'}") as bc:
+        published: list[int] = []
+
+        async def pages() -> AsyncIterator[list[Event]]:
+            yield [Event("imported", f"m{i}", i, when, 7) for i in range(1, 1001)]
+            # The next page waits for a publish to another channel, which took the
+            # lock the import held: each waited on the other until the publish's
+            # 30 s ran out.
+            published.append((await asyncio.wait_for(bc.publish("live", "x"), 5)).offset)
+            yield [Event("imported", f"m{i}", i, when, 7) for i in range(1001, 2001)]
+
+        info = ChannelInfo("imported", 7, 2000, 1, when)
+        assert await asyncio.wait_for(bc.log.restore([info], pages()), 20) == 2000
+        assert published == [1]
+        stored = await bc.log.read("imported", after=1998)
+        assert [(e.offset, e.message, e.epoch, e.timestamp) for e in stored] == [
+            (1999, "m1999", 7, when),
+            (2000, "m2000", 7, when),
+        ]
+        assert (await bc.publish("imported", "next")).offset == 2001
+
+
 async def test_a_client_gone_mid_upload_stores_nothing_and_logs_no_traceback(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -242,8 +242,8 @@ class EventLog(ConsumerMethods):
             ImportConflict: One of the channels exists already (nothing is stored).
         """
         try:
-            async with translated(), self._store.begin(write=True) as conn:
-                return await _queries.restore(conn, infos, pages)
+            async with translated():
+                return await self._store.restore(infos, pages)
         except IntegrityError as exc:
             # A publisher created one of the channels while the import ran.
             raise ImportConflict(

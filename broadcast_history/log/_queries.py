@@ -321,27 +321,41 @@ async def restore(
     conn: AsyncConnection, infos: Sequence[ChannelInfo], pages: AsyncIterable[Sequence[Event]]
 ) -> int:
     """Insert ``infos`` and the events of ``pages``; refuses channels that exist."""
-    await refuse_existing(conn, [info.name for info in infos])
     # The channel rows first: a publish creating one of them meanwhile then waits on
     # its row (and goes after the import), or the import fails on it (ImportConflict).
     # Events first, each waited on a row the other had written: a deadlock on Postgres.
+    await restore_channels(conn, infos)
+    return await insert_pages(conn, pages)
+
+
+async def restore_channels(conn: AsyncConnection, infos: Sequence[ChannelInfo]) -> None:
+    """Insert the channel rows ``infos``; refuses channels that exist."""
+    await refuse_existing(conn, [info.name for info in infos])
     if infos:
-        await _to_its_end(conn.execute(channels.insert(), [channel_row(info) for info in infos]))
+        await to_its_end(conn.execute(channels.insert(), [channel_row(info) for info in infos]))
+
+
+async def insert_pages(
+    conn: AsyncConnection,
+    pages: AsyncIterable[Sequence[Event]],
+    sqlite_insert: str = SQLITE_INSERT_EVENTS,
+) -> int:
+    """Insert the events of ``pages`` (on SQLite, with ``sqlite_insert``, which takes
+    the rows of :func:`event_tuple`); returns how many."""
     stored = 0
     async for page in pages:
         if page:
-            await _to_its_end(_insert_events(conn, page))
+            await to_its_end(_insert_events(conn, page, sqlite_insert))
             stored += len(page)
     return stored
 
 
-async def _insert_events(conn: AsyncConnection, page: Sequence[Event]) -> None:
+async def _insert_events(conn: AsyncConnection, page: Sequence[Event], sqlite_insert: str) -> None:
     if conn.dialect.name == "sqlite":
-        # SQLite's write lock holds every publisher back while an import stores: the
-        # driver's cursor takes these values as they are, where SQLAlchemy's handling
-        # of each row's parameters took 0.9 s of 1.4 for 200,000 events.
+        # The driver's cursor takes these values as they are, where SQLAlchemy's
+        # handling of each row's parameters took 0.9 s of 1.4 for 200,000 events.
         rows = [event_tuple(*_row_values(e)) for e in page]
-        await conn.exec_driver_sql(SQLITE_INSERT_EVENTS, rows)
+        await conn.exec_driver_sql(sqlite_insert, rows)
     else:
         await conn.execute(events.insert(), [event_row(*_row_values(e)) for e in page])
 
@@ -354,7 +368,7 @@ def _row_values(e: Event) -> tuple[str, int, int, int, str | bytes, str | None]:
 _T = TypeVar("_T")
 
 
-async def _to_its_end(statement: Awaitable[_T]) -> _T:
+async def to_its_end(statement: Awaitable[_T]) -> _T:
     """Await ``statement``; if the caller is cancelled meanwhile (Ctrl-C during an
     import), let it finish first, then raise the cancellation (the transaction then
     rolls back). asyncpg's executemany, cancelled midway, could leave the process

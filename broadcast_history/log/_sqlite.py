@@ -35,7 +35,7 @@ import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterable, Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from sqlite3 import Cursor
@@ -49,8 +49,15 @@ from sqlalchemy.pool import PoolProxiedConnection
 
 from .._errors import NotConnected
 from .._event import Event, from_micros, stored_event
-from ._engine import WAL_CHECKPOINT_PAGES, create_engine, create_sync_engine, shared_memory_url
-from ._info import Pending
+from . import _queries
+from ._engine import (
+    WAL_CHECKPOINT_PAGES,
+    WRITE,
+    create_engine,
+    create_sync_engine,
+    shared_memory_url,
+)
+from ._info import ChannelInfo, Pending
 from ._queries import page_query
 from ._rows import (
     EVENT_COLUMNS,
@@ -66,6 +73,11 @@ from ._store import Store
 
 _T = TypeVar("_T")
 logger = logging.getLogger("broadcast_history")
+# An import's events, before they are copied into the events table (see restore).
+_COLUMNS = ", ".join(f'"{column.name}"' for column in events.c)
+_STAGE_CREATE = f"CREATE TEMP TABLE bh_import AS SELECT {_COLUMNS} FROM main.{events.name} WHERE 0"
+_STAGE_INSERT = f"INSERT INTO temp.bh_import ({_COLUMNS}) VALUES ({', '.join('?' * len(events.c))})"
+_STAGE_COPY = f"INSERT INTO main.{events.name} ({_COLUMNS}) SELECT {_COLUMNS} FROM temp.bh_import"
 #: Longest pause between two transactions of a long removal (see let_writers_in).
 LET_IN_MAX = 0.05
 #: Largest batch committed on the event loop (see the module's docstring): events and
@@ -246,6 +258,38 @@ class SqliteStore(Store):
             return await loop.run_in_executor(threads, call)
         async with self.lock:
             return await loop.run_in_executor(threads, call)
+
+    async def restore(
+        self, infos: Sequence[ChannelInfo], pages: AsyncIterable[Sequence[Event]]
+    ) -> int:
+        """Store an import's events in a temporary table of its connection first, then
+        copy them over in one write transaction.
+
+        The write lock is the whole file's: held while every page was stored, it kept
+        every publisher waiting (5 s per million events, and a publish gives up after
+        30 s). Filling the temporary table takes no lock on the file; the copy is one
+        statement that SQLite runs by itself (2.2 s per million of 100 bytes, against
+        6.8 s to insert them page by page).
+        """
+        if self.lock is not None:  # in memory: one connection, used in turns anyway
+            return await super().restore(infos, pages)
+        async with self.engine.connect() as conn:
+            try:
+                async with conn.begin():
+                    await conn.exec_driver_sql(_STAGE_CREATE)
+                # Deferred, and writing the temporary database only: no lock on the
+                # file, nor a snapshot of it that would keep its WAL from starting over.
+                async with conn.begin():
+                    stored = await _queries.insert_pages(conn, pages, _STAGE_INSERT)
+                await conn.execution_options(**WRITE)
+                async with conn.begin():
+                    await _queries.restore_channels(conn, infos)
+                    await _queries.to_its_end(conn.exec_driver_sql(_STAGE_COPY))
+            finally:
+                # Its temporary table (and the file under it) go with the connection,
+                # whatever happened: no DROP that a cancellation could cut short.
+                await conn.invalidate()
+        return stored
 
     async def append(self, items: Sequence[Pending]) -> list[Event]:
         writer = self._writer

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -18,9 +18,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .._errors import BroadcastError, LogUnavailable, NotConnected
 from .._event import Event
-from . import _calls
+from . import _calls, _queries
 from ._engine import WRITE, FreshConnections
-from ._info import Pending
+from ._info import ChannelInfo, Pending
 
 _T = TypeVar("_T")
 
@@ -66,6 +66,14 @@ class Store:
         finally:
             if self.lock is not None:
                 self.lock.release()
+
+    async def restore(
+        self, infos: Sequence[ChannelInfo], pages: AsyncIterable[Sequence[Event]]
+    ) -> int:
+        """Store exported channels and their events in one write transaction (see
+        :meth:`EventLog.restore <broadcast_history.EventLog.restore>`)."""
+        async with self.begin(write=True) as conn:
+            return await _queries.restore(conn, infos, pages)
 
     @asynccontextmanager
     async def autocommit(self) -> AsyncIterator[AsyncConnection]:

@@ -29,6 +29,7 @@ from broadcast_history.admin import (
 )
 from broadcast_history.admin._import import _Checker, split_lines
 from broadcast_history.log import Pending
+from tests.conftest import unique
 from tests.support.admin_support import LOG_KINDS, fresh_log_url
 from tests.support.ports import free_port
 
@@ -638,6 +639,38 @@ async def test_publishes_go_on_while_an_import_into_sqlite_stores_its_pages(
             (2000, "m2000", 7, when),
         ]
         assert (await bc.publish("imported", "next")).offset == 2001
+
+
+@pytest.mark.parametrize("synchronous", ["NORMAL", "FULL"])
+async def test_an_import_into_a_shared_in_memory_sqlite_log_keeps_it(synchronous: str) -> None:
+    """Staged imports close their connection at the end, to drop their temporary
+    table: into an in-memory database named by a URI, whose only connection that
+    was right after connect() (with FULL, no writer connection is open yet), closing
+    it threw the database away, the import reported as stored with it."""
+    url = f"sqlite+aiosqlite:///file:imp{unique()}?mode=memory&cache=shared&uri=true"
+    lines = [channel_line(last=2), event_line(1), event_line(2), end_line(1, 2)]
+    log = EventLog(url, sqlite_synchronous=synchronous)
+    async with Broadcast("memory://", log=log) as bc:
+        assert (await HistoryAdmin.of(bc).import_jsonl(lines)).events == 2
+        assert [e.message for e in await bc.log.read("c")] == ["m1", "m2"]
+
+
+async def test_an_import_that_cannot_be_staged_says_where_and_stores_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite's temporary directory full or not writable: the import fails naming it
+    (the driver says only "database or disk is full", which points at the log)."""
+    from broadcast_history.log import _sqlite
+
+    # A statement SQLite refuses, as it refuses a write to a full temporary directory.
+    monkeypatch.setattr(_sqlite, "_STAGE_INSERT", "INSERT INTO temp.nowhere VALUES (?)")
+    lines = [channel_line(last=2), event_line(1), event_line(2), end_line(1, 2)]
+    async with Broadcast("memory://", log=f"sqlite+aiosqlite:///{tmp_path / 'e.db'}") as bc:
+        with pytest.raises(LogUnavailable, match=r"temporary directory .*nothing was imported"):
+            await HistoryAdmin.of(bc).import_jsonl(lines)
+        assert await bc.log.channels() == []
+        monkeypatch.undo()  # room again
+        assert (await HistoryAdmin.of(bc).import_jsonl(lines)).events == 2
 
 
 async def test_a_client_gone_mid_upload_stores_nothing_and_logs_no_traceback(

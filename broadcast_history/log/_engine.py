@@ -14,7 +14,7 @@ from sqlalchemy import Engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.pool import SingletonThreadPool, StaticPool
 
 try:  # SQLAlchemy 2.1 names it await_ (await_only is its deprecated alias); 2.0 has
     # only await_only.
@@ -170,7 +170,11 @@ def create_engine(
         return engine
     if url.get_backend_name() != "sqlite":
         return create_async_engine(url, pool_size=10, max_overflow=10)
-    kwargs: dict[str, Any] = {"poolclass": StaticPool} if memory else {}
+    # One connection kept for an in-memory database: it lives as long as a connection
+    # to it is open. (SQLAlchemy chose that pool for a URI's mode=memory by itself,
+    # and warns that it will stop.)
+    one = memory or is_memory_uri(url)
+    kwargs: dict[str, Any] = {"poolclass": StaticPool} if one else {}
     engine = create_async_engine(url, connect_args={"timeout": 30}, **kwargs)
     _configure_sqlite(engine.sync_engine, memory, sqlite_synchronous)
     return engine
@@ -196,6 +200,10 @@ def create_sync_engine(
     """
     sync_url = url.set(drivername="sqlite")
     kwargs: dict[str, Any] = {"poolclass": StaticPool} if single else {"pool_size": 4}
+    if not single and is_memory_uri(url):
+        # A connection per reader thread, kept (SQLAlchemy's own choice for a URI's
+        # mode=memory, which it warns it will stop making).
+        kwargs["poolclass"] = SingletonThreadPool
     engine = sqlalchemy.create_engine(
         sync_url, connect_args={"timeout": 30, "check_same_thread": False}, **kwargs
     )
@@ -368,6 +376,9 @@ def _configure_sqlite(
             pages = WAL_CHECKPOINT_PAGES if checkpoints else 0
             cursor.execute(f"PRAGMA wal_autocheckpoint={pages}")
             cursor.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
+            # Temporary tables on disk, as most builds have it: an import is staged in
+            # one (see SqliteStore.restore), and must not be held in memory.
+            cursor.execute("PRAGMA temp_store=FILE")
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.close()
 

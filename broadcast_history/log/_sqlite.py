@@ -45,9 +45,10 @@ from sqlalchemy import Engine, Select, bindparam, select, update
 from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.dialects.sqlite import insert
 from sqlalchemy.engine import URL
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import PoolProxiedConnection
 
-from .._errors import NotConnected
+from .._errors import LogUnavailable, NotConnected
 from .._event import Event, from_micros, stored_event
 from . import _queries
 from ._engine import (
@@ -55,6 +56,7 @@ from ._engine import (
     WRITE,
     create_engine,
     create_sync_engine,
+    is_memory_uri,
     shared_memory_url,
 )
 from ._info import ChannelInfo, Pending
@@ -271,7 +273,9 @@ class SqliteStore(Store):
         statement that SQLite runs by itself (2.2 s per million of 100 bytes, against
         6.8 s to insert them page by page).
         """
-        if self.lock is not None:  # in memory: one connection, used in turns anyway
+        if self.lock is not None or is_memory_uri(self._url):
+            # In memory there is no file to lock, and this connection may be the only
+            # one to the database: closing it (below) would throw the database away.
             return await super().restore(infos, pages)
         async with self.engine.connect() as conn:
             try:
@@ -279,8 +283,15 @@ class SqliteStore(Store):
                     await conn.exec_driver_sql(_STAGE_CREATE)
                 # Deferred, and writing the temporary database only: no lock on the
                 # file, nor a snapshot of it that would keep its WAL from starting over.
-                async with conn.begin():
-                    stored = await _queries.insert_pages(conn, pages, _STAGE_INSERT)
+                try:
+                    async with conn.begin():
+                        stored = await _queries.insert_pages(conn, pages, _STAGE_INSERT)
+                except OperationalError as exc:
+                    raise LogUnavailable(
+                        "the import's events could not be stored in SQLite's temporary "
+                        "directory ($SQLITE_TMPDIR, else $TMPDIR, else /var/tmp): "
+                        f"{exc.orig}; nothing was imported"
+                    ) from exc
                 await conn.execution_options(**WRITE)
                 async with conn.begin():
                     await _queries.restore_channels(conn, infos)

@@ -24,6 +24,7 @@ from tests.support.helpers import assert_contiguous, take
 
 pytest.importorskip("redis", reason="redis-py is not installed (the redis extra)")
 from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
 
 from broadcast_history.backends import backend_from_url
 from broadcast_history.backends._redis_shards import cluster_options
@@ -340,6 +341,25 @@ async def test_a_lost_master_stops_no_other_masters_subscriptions(tmp_path: Path
             finally:
                 with contextlib.suppress(ProcessLookupError):
                     process.send_signal(signal.SIGCONT)
+
+
+async def test_a_process_starts_while_the_first_master_is_down(tmp_path: Path) -> None:
+    """connect() asked the master of slot 0 for redis-py's command table, which this
+    transport never uses: while that one master was down, no process could start,
+    although the others served their channels (found by a black-box probe)."""
+    log = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
+    # Nobody declares the killed master failed while the test runs.
+    with RedisClusterNodes(node_timeout_ms=60_000) as cluster:
+        channels, owners = await _owned(cluster, 1)
+        # One channel a master: the lowest slot's is on the master of slot 0.
+        first = owners[min(channels, key=lambda c: key_slot(c.encode()))]
+        healthy = next(c for c in channels if owners[c] != first)
+        cluster.kill_node(first)
+        async with Broadcast(cluster.url, log=log) as broadcast:
+            async with broadcast.subscribe(healthy) as sub:
+                event = await broadcast.publish(healthy, "live")
+                assert await asyncio.wait_for(sub.get(), 5) == event
+            assert broadcast.stats.delivered_live == 1
 
 
 async def test_a_permanent_failure_reaches_the_receiver(

@@ -78,9 +78,12 @@ class RedisClusterBackend(Health, InboxTransport, BroadcastBackend):
             return
         cluster = RedisCluster(startup_nodes=self._startup, **self._options)
         try:
-            await cluster.initialize()
+            # The slot map only. RedisCluster.initialize() also asks the master of slot
+            # 0 for its command table, which this transport never uses: while that one
+            # master was down, no process could start, though the others served theirs.
+            await cluster.nodes_manager.initialize()
         except (rexc.RedisError, rexc.RedisClusterException, OSError) as exc:
-            await cluster.aclose()
+            await _close(cluster)
             raise TransportError(f"cannot connect to the redis cluster: {describe(exc)}") from exc
         self._cluster, self._up = cluster, True
         self._publisher = ShardPublisher(cluster, self._options)
@@ -98,7 +101,7 @@ class RedisClusterBackend(Health, InboxTransport, BroadcastBackend):
             await publisher.close()
         cluster, self._cluster = self._cluster, None
         if cluster is not None:
-            await cluster.aclose()
+            await _close(cluster)
         self._up, self._lock = False, None  # subscribe now raises NotConnected
         self._channels.clear()
         self._acks.release()
@@ -287,6 +290,13 @@ class RedisClusterBackend(Health, InboxTransport, BroadcastBackend):
             elif self._up:
                 logger.warning("redis-cluster shard %s lost: %r", shard.name, exc)
         self._trouble.set()
+
+
+async def _close(cluster: RedisCluster) -> None:
+    """Close the connections of ``cluster``'s slot map (its own ``aclose()`` does only
+    once ``initialize()`` ran, which this transport does not call)."""
+    await cluster.nodes_manager.aclose()
+    await cluster.nodes_manager.aclose("startup_nodes")
 
 
 __all__ = ["CLIENT_NAME", "RedisClusterBackend"]

@@ -362,6 +362,36 @@ async def test_a_process_starts_while_the_first_master_is_down(tmp_path: Path) -
             assert broadcast.stats.delivered_live == 1
 
 
+async def test_a_subscribe_on_a_frozen_master_holds_up_no_other_subscribe(
+    tmp_path: Path,
+) -> None:
+    """A subscribe places its channel on its master while holding the transport's
+    lock: on a frozen master it waited for redis-py's 10 s socket timeout, and every
+    subscribe to any other master's channel waited behind it, 19-29 s in a probe."""
+    log = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
+    with RedisClusterNodes(node_timeout_ms=60_000) as cluster:
+        channels, owners = await _owned(cluster, 1)
+        victim = cluster.ports[0]
+        frozen = next(c for c in channels if owners[c] == victim)
+        healthy = next(c for c in channels if owners[c] != victim)
+        async with Broadcast(cluster.url, log=log) as broadcast, AsyncExitStack() as stack:
+            process = cluster.processes[victim]
+            process.send_signal(signal.SIGSTOP)
+            try:
+                stuck = asyncio.ensure_future(
+                    stack.enter_async_context(broadcast.subscribe(frozen))
+                )
+                await asyncio.sleep(0.3)  # its SSUBSCRIBE is under way
+                sub = await asyncio.wait_for(
+                    stack.enter_async_context(broadcast.subscribe(healthy)), 4
+                )
+                event = await broadcast.publish(healthy, "m")
+                assert await asyncio.wait_for(sub.get(), 5) == event
+                await asyncio.wait_for(stuck, 15)  # bounded too
+            finally:
+                process.send_signal(signal.SIGCONT)
+
+
 async def test_a_permanent_failure_reaches_the_receiver(
     redis_cluster_url: str, admin: RedisCluster
 ) -> None:

@@ -20,13 +20,19 @@ from typing import Any
 from redis import exceptions as rexc
 from redis.asyncio.cluster import RedisCluster
 
-from .._cancel import cancel_count, raise_if_cancelled_since
+from .._cancel import cancel_count, raise_if_cancelled_since, wait_for
 from .._errors import NotConnected, TransportError
 from .._event import Event
 from ._backoff import Backoff
 from ._inbox import Inbox, InboxTransport
 from ._redis_common import CLIENT_NAME, Confirmations, cancel_and_wait, describe
-from ._redis_shards import Shard, ShardPublisher, cluster_options, is_cluster_transient
+from ._redis_shards import (
+    NODE_TIMEOUT,
+    Shard,
+    ShardPublisher,
+    cluster_options,
+    is_cluster_transient,
+)
 from .base import BroadcastBackend, Health
 
 logger = logging.getLogger("broadcast_history")
@@ -115,9 +121,11 @@ class RedisClusterBackend(Health, InboxTransport, BroadcastBackend):
         try:
             async with self._lock:
                 self._channels.add(channel)
-                if self._up:
-                    await self._guard(self._place([channel]))
-            await self._acks.wait(channel, ack, up=self._up)
+                placed = self._up and await self._guard(self._place([channel]))
+            # Not placed (its master failed): no confirmation will come, and the
+            # resubscription places it. Waiting for one held every other subscribe of
+            # the broadcast, which come one at a time, behind this one.
+            await self._acks.wait(channel, ack, up=placed)
         except BaseException:
             # Failed or cancelled: no resubscription places it again, and the readers
             # drop its messages should the SSUBSCRIBE have reached a node.
@@ -146,10 +154,12 @@ class RedisClusterBackend(Health, InboxTransport, BroadcastBackend):
 
     # -- internals -----------------------------------------------------------------
 
-    async def _guard(self, operation: Any) -> None:
-        """Run a subscription change; a lost node or moved slot triggers a resync."""
+    async def _guard(self, operation: Any) -> bool:
+        """Run a subscription change; a lost node or moved slot triggers a resync
+        (and ``False`` is returned)."""
         assert self._trouble is not None
         asked = cancel_count()
+        done = True
         try:
             await operation
         except Exception as exc:
@@ -157,7 +167,9 @@ class RedisClusterBackend(Health, InboxTransport, BroadcastBackend):
                 raise TransportError(f"redis-cluster SSUBSCRIBE failed: {describe(exc)}") from exc
             logger.info("redis-cluster subscription failed; resubscribing: %s", describe(exc))
             self._trouble.set()
+            done = False
         raise_if_cancelled_since(asked)  # as redis-py may swallow one (see redis.py)
+        return done
 
     async def _place(self, channels: Sequence[str]) -> None:
         """SSUBSCRIBE ``channels`` on the masters owning them, one command per slot.
@@ -184,7 +196,10 @@ class RedisClusterBackend(Health, InboxTransport, BroadcastBackend):
             for channel in group:
                 self._owner[channel] = name
             try:
-                await shard.pubsub.ssubscribe(*group)
+                # Bounded as a publish to it is: this runs under the transport's lock,
+                # and a frozen master held every other subscribe for redis-py's socket
+                # timeout (10 s; 19-29 s in a probe, confirmations included).
+                await wait_for(shard.pubsub.ssubscribe(*group), NODE_TIMEOUT)
             except Exception as exc:
                 failure = failure or exc
                 failed.add(name)

@@ -88,9 +88,13 @@ class RedisClusterBackend(Health, InboxTransport, BroadcastBackend):
             # 0 for its command table, which this transport never uses: while that one
             # master was down, no process could start, though the others served theirs.
             await cluster.nodes_manager.initialize()
-        except (rexc.RedisError, rexc.RedisClusterException, OSError) as exc:
+        except BaseException as exc:  # cancelled too: nothing left open
             await _close(cluster)
-            raise TransportError(f"cannot connect to the redis cluster: {describe(exc)}") from exc
+            if isinstance(exc, (rexc.RedisError, rexc.RedisClusterException, OSError)):
+                raise TransportError(
+                    f"cannot connect to the redis cluster: {describe(exc)}"
+                ) from exc
+            raise
         self._cluster, self._up = cluster, True
         self._publisher = ShardPublisher(cluster, self._options)
         self._inbox, self._lock, self._trouble = Inbox(), asyncio.Lock(), asyncio.Event()
@@ -268,7 +272,10 @@ class RedisClusterBackend(Health, InboxTransport, BroadcastBackend):
             async with self._lock:
                 self._trouble.clear()
                 try:
-                    await self._cluster.nodes_manager.initialize()
+                    # Bounded, as the publisher's refresh is: it runs under the lock
+                    # that subscribes wait for, and a frozen startup node held it for
+                    # redis-py's 10 s socket timeout.
+                    await wait_for(self._cluster.nodes_manager.initialize(), 2 * NODE_TIMEOUT)
                     await self._replace()
                 except Exception as exc:
                     if not is_cluster_transient(exc):
@@ -310,8 +317,10 @@ class RedisClusterBackend(Health, InboxTransport, BroadcastBackend):
 async def _close(cluster: RedisCluster) -> None:
     """Close the connections of ``cluster``'s slot map (its own ``aclose()`` does only
     once ``initialize()`` ran, which this transport does not call)."""
-    await cluster.nodes_manager.aclose()
-    await cluster.nodes_manager.aclose("startup_nodes")
+    try:
+        await cluster.nodes_manager.aclose()
+    finally:
+        await cluster.nodes_manager.aclose("startup_nodes")
 
 
 __all__ = ["CLIENT_NAME", "RedisClusterBackend"]

@@ -288,9 +288,9 @@ class SqliteStore(Store):
                         stored = await _queries.insert_pages(conn, pages, _STAGE_INSERT)
                 except OperationalError as exc:
                     raise LogUnavailable(
-                        "the import's events could not be stored in SQLite's temporary "
-                        "directory ($SQLITE_TMPDIR, else $TMPDIR, else /var/tmp): "
-                        f"{exc.orig}; nothing was imported"
+                        "staging the import's events failed (is SQLite's temporary "
+                        "directory full or not writable? $SQLITE_TMPDIR, else $TMPDIR, "
+                        f"else /var/tmp, /usr/tmp, /tmp): {exc.orig}; nothing was imported"
                     ) from exc
                 await conn.execution_options(**WRITE)
                 async with conn.begin():

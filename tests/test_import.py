@@ -642,12 +642,16 @@ async def test_publishes_go_on_while_an_import_into_sqlite_stores_its_pages(
 
 
 @pytest.mark.parametrize("synchronous", ["NORMAL", "FULL"])
-async def test_an_import_into_a_shared_in_memory_sqlite_log_keeps_it(synchronous: str) -> None:
+@pytest.mark.parametrize("query", ["mode=memory&cache=shared", "vfs=memdb"])
+async def test_an_import_into_a_shared_in_memory_sqlite_log_keeps_it(
+    synchronous: str, query: str
+) -> None:
     """Staged imports close their connection at the end, to drop their temporary
     table: into an in-memory database named by a URI, whose only connection that
     was right after connect() (with FULL, no writer connection is open yet), closing
     it threw the database away, the import reported as stored with it."""
-    url = f"sqlite+aiosqlite:///file:imp{unique()}?mode=memory&cache=shared&uri=true"
+    name = f"imp{unique()}" if query.startswith("mode") else f"/imp{unique()}"
+    url = f"sqlite+aiosqlite:///file:{name}?{query}&uri=true"
     lines = [channel_line(last=2), event_line(1), event_line(2), end_line(1, 2)]
     log = EventLog(url, sqlite_synchronous=synchronous)
     async with Broadcast("memory://", log=log) as bc:

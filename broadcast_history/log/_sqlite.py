@@ -56,7 +56,6 @@ from ._engine import (
     WRITE,
     create_engine,
     create_sync_engine,
-    is_memory_uri,
     shared_memory_url,
 )
 from ._info import ChannelInfo, Pending
@@ -273,9 +272,10 @@ class SqliteStore(Store):
         statement that SQLite runs by itself (2.2 s per million of 100 bytes, against
         6.8 s to insert them page by page).
         """
-        if self.lock is not None or is_memory_uri(self._url):
-            # In memory there is no file to lock, and this connection may be the only
-            # one to the database: closing it (below) would throw the database away.
+        if self.lock is not None or (self._url.database or "").startswith("file:"):
+            # Staged for a plain path only. In memory (a private database, or a URI's
+            # mode=memory or vfs=memdb) there is no file to lock, and this connection
+            # may be the database's only one: closing it (below) would throw it away.
             return await super().restore(infos, pages)
         async with self.engine.connect() as conn:
             try:

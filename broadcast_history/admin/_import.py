@@ -229,8 +229,14 @@ class _Checker:
         self.part_channels = self.part_events = 0
         self.part_needs_end = False
         self.last_line = 0
+        # Checked since the event loop's last turn (see _PER_TURN).
+        self.unyielded = 0
 
     async def line(self, raw: str | bytes, number: int) -> None:
+        self.unyielded += len(raw) + _PER_LINE
+        if self.unyielded >= _PER_TURN:
+            self.unyielded = 0
+            await asyncio.sleep(0)
         line = _parse(raw, number, self.max_line)
         kind = line.get("type")
         self.last_line = number
@@ -486,23 +492,15 @@ async def import_lines(
     """Check a whole export, then store it in one transaction: all of it or nothing."""
     with tempfile.TemporaryFile(prefix="broadcast-history-import-") as spool:
         checker = _Checker(log, spool, max_message_size, new_epochs)
-        number = checked = 0
+        number = 0
         if isinstance(lines, AsyncIterable):
             async for raw in lines:
                 number += 1
-                checked += len(raw) + _PER_LINE
-                if checked >= _PER_TURN:
-                    checked = 0
-                    await asyncio.sleep(0)
                 if raw.strip():
                     await checker.line(raw, number)
         else:
             for raw in lines:
                 number += 1
-                checked += len(raw) + _PER_LINE
-                if checked >= _PER_TURN:
-                    checked = 0
-                    await asyncio.sleep(0)
                 if raw.strip():
                     await checker.line(raw, number)
         checker.complete()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import signal
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -49,6 +50,49 @@ async def test_unreachable_cluster_fails_at_connect() -> None:
     with pytest.raises(TransportError):
         await backend.connect()
     assert not backend.connected
+
+
+async def test_a_cancelled_connect_leaves_no_connection_open(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A connect() cancelled while a second startup node held up its reply (a
+    timeout around ``connect``, a server shutting down) left open the connection to
+    the first, which had answered: nothing closed it for as long as the process ran
+    (found by a review)."""
+    accepted: list[asyncio.StreamReader] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(reader)  # it reads what it is sent and never answers
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    node = RedisClusterNodes(masters=1)
+    try:
+        (port,) = node.ports
+        node.start_node(port)
+        # Part of the slots only: redis-py asks the next startup node for the rest.
+        node.command(port, "CLUSTER", "ADDSLOTSRANGE", "0", "99")
+        # It asks them in a random order: the real node first, then the silent one.
+        monkeypatch.setattr(random, "shuffle", lambda nodes: None)
+        silent_port = server.sockets[0].getsockname()[1]
+        url = f"redis-cluster://127.0.0.1:{port},127.0.0.1:{silent_port}"
+        backend = RedisClusterBackend(url)
+        connecting = asyncio.ensure_future(backend.connect())
+        await wait_until(lambda: bool(accepted), 5, "asked the silent node")
+        assert f"name={CLIENT_NAME}" in node.command(port, "CLIENT", "LIST")
+        await asyncio.sleep(0.2)  # its CLUSTER SLOTS is on the way
+        connecting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await connecting
+        await wait_until(
+            lambda: f"name={CLIENT_NAME}" not in node.command(port, "CLIENT", "LIST"), 5, "closed"
+        )
+        (reader,) = accepted
+        while await asyncio.wait_for(reader.read(4096), 5):  # closed: its stream ends
+            pass
+        assert not backend.connected
+    finally:
+        server.close()
+        node.stop()
 
 
 async def test_connect_disconnect_twice_and_wake_a_pending_receive(

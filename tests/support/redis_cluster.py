@@ -96,7 +96,7 @@ class RedisClusterNodes:
             args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         deadline = time.monotonic() + _READY_TIMEOUT
-        while self._cli(port, "PING") != "PONG":
+        while self.command(port, "PING") != "PONG":
             if time.monotonic() > deadline or self.processes[port].poll() is not None:
                 raise RuntimeError(f"redis-server on {port} did not start")
             time.sleep(0.05)
@@ -125,7 +125,7 @@ class RedisClusterNodes:
     def wait_ok(self, timeout: float = _READY_TIMEOUT) -> None:
         """Wait until every node reports ``cluster_state:ok``."""
         deadline = time.monotonic() + timeout
-        while not all("cluster_state:ok" in self._cli(p, "CLUSTER", "INFO") for p in self.ports):
+        while not all("cluster_state:ok" in self.command(p, "CLUSTER", "INFO") for p in self.ports):
             if time.monotonic() > deadline:
                 raise RuntimeError("the Redis Cluster did not reach cluster_state:ok")
             time.sleep(0.1)
@@ -135,7 +135,8 @@ class RedisClusterNodes:
             self.kill_node(port)
         self._tmp.cleanup()
 
-    def _cli(self, port: int, *command: str) -> str:
+    def command(self, port: int, *command: str) -> str:
+        """``redis-cli -p port command...``'s output."""
         done = subprocess.run(
             [self.cli, "-p", str(port), *command],
             capture_output=True,

@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 from ._errors import HistoryTruncated, StreamReset
 from ._validation import check_served
-from .log import EventLog
+from .log import ChannelInfo, EventLog
 
 
 class Start(NamedTuple):
@@ -21,6 +21,7 @@ class Start(NamedTuple):
 async def resolve_start(
     log: EventLog,
     channel: str,
+    info: ChannelInfo | None,
     since: int | datetime | None,
     history: int | None,
     epoch: int | None,
@@ -32,7 +33,6 @@ async def resolve_start(
         OffsetOutOfRange: ``since`` is negative or beyond the head.
         HistoryTruncated: Events after ``since`` were removed.
     """
-    info = await log.channel(channel)
     head = info.last_offset if info is not None else 0
     first = info.first_offset if info is not None else 1
     if epoch is not None and (info is None or info.epoch != epoch):

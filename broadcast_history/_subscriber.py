@@ -228,7 +228,8 @@ class Subscriber(Committable):
         self, since: int | datetime | None, history: int | None, epoch: int | None
     ) -> None:
         """Resolve the start position; called after live registration."""
-        start = await resolve_start(self._log, self.channel, since, history, epoch)
+        info = await self._heads.channel(self.channel)
+        start = await resolve_start(self._log, self.channel, info, since, history, epoch)
         if self._mode == _CLOSED:
             return  # the broadcast disconnected meanwhile: it stays closed
         self._epoch = start.epoch

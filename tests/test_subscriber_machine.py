@@ -9,6 +9,7 @@ deliver offsets 1..N once each, in order, or raise the typed error.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Callable
 
@@ -203,3 +204,70 @@ async def test_reads_wait_for_a_turn_while_the_reads_ahead_get_answers(
     else:
         failed = [took for outcome, took in outcomes if outcome == "failed"]
         assert len(failed) == 2 and max(failed) < 2.0, outcomes
+
+
+async def test_subscriptions_opened_together_share_their_start_lookups(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each subscription looked its channel's head up in a query of its own: 2,000
+    clients reconnecting at once to channels of their own cost 2,000 queries, ~1 ms
+    each on SQLite. Lookups asked together go to the log together now."""
+    from broadcast_history import Broadcast
+
+    async with Broadcast("memory://") as broadcast:
+        log, queries = broadcast.log, []
+        one, named = log.channel, log.channels_named
+
+        async def channel(name: str) -> object:
+            queries.append(1)
+            return await one(name)
+
+        async def channels_named(names: list[str]) -> object:
+            queries.append(len(names))
+            return await named(names)
+
+        monkeypatch.setattr(log, "channel", channel)
+        monkeypatch.setattr(log, "channels_named", channels_named)
+        await broadcast.publish("c7", "earlier")
+        async with contextlib.AsyncExitStack() as stack:
+            subs = await asyncio.gather(
+                *(stack.enter_async_context(broadcast.subscribe(f"c{i}")) for i in range(1000))
+            )
+            assert sum(queries) == 1000 and len(queries) <= 3  # 500 names a query
+            event = await broadcast.publish("c7", "live")
+            assert await asyncio.wait_for(subs[7].get(), 5) == event  # started at the head
+
+
+async def test_a_start_lookup_does_not_share_one_begun_before_it_was_asked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Subscribing ``since`` an event just published must see that event, even while
+    an idle check of the channel, begun before it was stored, waits for its answer:
+    sharing that lookup would raise OffsetOutOfRange for an offset that exists."""
+    from broadcast_history import Broadcast
+
+    async with Broadcast("memory://") as broadcast:
+        await broadcast.publish("c", "first")
+        log, release = broadcast.log, asyncio.Event()
+        real = log.channel
+
+        async def held_once(name: str) -> object:
+            info = await real(name)  # read now, answered when released
+            if not release.is_set():
+                await release.wait()
+            return info
+
+        monkeypatch.setattr(log, "channel", held_once)
+        stale = asyncio.ensure_future(broadcast._heads.channel("c", 5.0))  # an idle check
+        await asyncio.sleep(0.05)
+        second = await broadcast.publish("c", "second")
+        async with contextlib.AsyncExitStack() as stack:
+            opening = asyncio.ensure_future(
+                stack.enter_async_context(broadcast.subscribe("c", since=second.offset))
+            )
+            await asyncio.sleep(0.05)
+            release.set()
+            assert (await stale).last_offset == 1
+            sub = await asyncio.wait_for(opening, 5)
+            third = await broadcast.publish("c", "third")
+            assert await asyncio.wait_for(sub.get(), 5) == third

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 from .backends import BroadcastBackend
@@ -19,8 +20,9 @@ class Channels:
     """The subscribers of one broadcast, by channel.
 
     A channel is subscribed on the live transport while it has a subscriber here, once
-    however many it has; the lock orders the first subscriber's ``subscribe`` and the
-    last one's ``unsubscribe`` of a channel.
+    however many it has; a lock orders the first subscriber's ``subscribe`` and the
+    last one's ``unsubscribe`` of a channel: the channel's own when the transport takes
+    several channels' calls at once (``concurrent_subscribes``), else one for all.
     """
 
     def __init__(self, backend: BroadcastBackend) -> None:
@@ -30,6 +32,8 @@ class Channels:
         self.backend = backend
         self._on_transport: set[str] = set()
         self._lock: asyncio.Lock | None = None
+        # Per-channel locks, with how many hold or wait for each (see _turn).
+        self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
         # Unsubscribes of channels whose subscribe was cut short (see attach), and of
         # channels whose last subscriber left (see detach), in tasks of their own.
         self._undoing: set[asyncio.Task[None]] = set()
@@ -38,6 +42,7 @@ class Channels:
     def open(self) -> None:
         """Ready for subscribers (in the running event loop)."""
         self._lock = asyncio.Lock()
+        self._locks.clear()
         # A subscribe that finished after close() may have marked its channel.
         self._on_transport.clear()
 
@@ -62,6 +67,7 @@ class Channels:
         self._undoing.clear()
         self._leaving.clear()
         self._lock = None
+        self._locks.clear()
 
     async def attach(self, subscriber: Subscriber) -> None:
         """Add ``subscriber``, subscribing its channel on the transport if needed."""
@@ -72,7 +78,7 @@ class Channels:
         assert self._lock is not None
         subscribing = False
         try:
-            async with self._lock:
+            async with self._turn(channel, self._lock):
                 if channel not in self._on_transport:
                     subscribing = True
                     await self.backend.subscribe(channel)
@@ -95,14 +101,14 @@ class Channels:
         lock = self._lock
 
         async def unsubscribe() -> None:
-            async with lock:
+            async with self._turn(channel, lock):
                 if channel not in self.subscribers and channel in self._on_transport:
                     self._on_transport.discard(channel)
                     if connected:
                         await self.backend.unsubscribe(channel)
 
-        # In a task of its own: the lock may be held by another channel's subscribe
-        # for a round trip, and a caller cancelled again while it waits (anyio's
+        # In a task of its own: the lock may be held by another subscribe for a
+        # round trip, and a caller cancelled again while it waits (anyio's
         # cancel scopes deliver one at each await) left the channel subscribed on
         # the transport for good, its messages read and dropped.
         # Not cancelled by close(): it finds the channel off the transport then.
@@ -111,7 +117,7 @@ class Channels:
     def _undo(self, channel: str) -> None:
         async def unsubscribe() -> None:
             assert self._lock is not None
-            async with self._lock:
+            async with self._turn(channel, self._lock):
                 if channel not in self.subscribers and channel not in self._on_transport:
                     try:
                         await self.backend.unsubscribe(channel)
@@ -119,6 +125,28 @@ class Channels:
                         logger.debug("unsubscribe of %r failed", channel, exc_info=True)
 
         self._in_background(unsubscribe(), self._undoing)
+
+    @asynccontextmanager
+    async def _turn(self, channel: str, lock: asyncio.Lock) -> AsyncIterator[None]:
+        """Hold ``channel``'s turn at the transport: ``lock`` (every channel's), or
+        the channel's own lock if the transport takes several channels at once."""
+        # getattr: broadcaster's backends, which lack it, pass too.
+        if not getattr(self.backend, "concurrent_subscribes", False):
+            async with lock:
+                yield
+            return
+        entry = self._locks.get(channel)
+        if entry is None:
+            entry = self._locks[channel] = (asyncio.Lock(), [0])
+        own, users = entry
+        users[0] += 1
+        try:
+            async with own:
+                yield
+        finally:
+            users[0] -= 1
+            if not users[0] and self._locks.get(channel) is entry:
+                del self._locks[channel]  # nobody holds or waits for it: kept no longer
 
     @staticmethod
     def _in_background(

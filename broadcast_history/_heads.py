@@ -11,6 +11,7 @@ from ._errors import LogUnavailable
 from ._event import Event
 from ._gate import acquire_while_moving
 from ._pagecache import PageCache
+from ._starts import NAMES_AT_ONCE, StartLookups
 from .log import ChannelInfo, EventLog
 
 
@@ -21,8 +22,8 @@ class HeadProbe:
     sharing, 10,000 idle subscribers would cost 10,000 queries a second. An idle
     check shares a lookup still running, or one that started at most ``max_age``
     seconds ago, which only delays the check by that much. Lookups that must see
-    everything committed before they were asked (a subscription's start) share only
-    lookups not yet begun: the ones queued for the next query.
+    everything stored before they were asked (``max_age`` 0) go to
+    :class:`StartLookups` instead.
     """
 
     #: Replay pages read (and turned into events) at once, per broadcast. A Postgres
@@ -36,6 +37,7 @@ class HeadProbe:
         # that has more than one (see read_page).
         self._subscribers = subscribers
         self._lookups: dict[str, tuple[float, asyncio.Future[ChannelInfo | None]]] = {}
+        self._starts = StartLookups(log)
         # Loop time of each channel's last idle check (see channel).
         self._idle: dict[str, float] = {}
         # Idle lookups for the next round, and the task running the rounds.
@@ -264,10 +266,6 @@ class HeadProbe:
         """The state of channel ``name``, at most ``max_age`` seconds old; with
         ``max_age`` 0, read by a query begun after this call.
 
-        Lookups go to the log in rounds, one query at a time for the names asked
-        while the previous one ran: 2,000 subscriptions opened at once (clients
-        reconnecting after a restart) cost 4 queries, not 2,000.
-
         An idle check (``max_age`` above 0) that has to go to the log also asks for
         every other channel of this broadcast's subscribers last looked up over
         ``max_age / 2`` ago, in the same query: their own checks, due within the next
@@ -276,24 +274,23 @@ class HeadProbe:
         quiet channel per ``idle_check`` (234 a second, and new connections past the
         pool, for 200 quiet channels on Postgres).
         """
+        if max_age <= 0:
+            return await self._starts.lookup(name)
         now = asyncio.get_running_loop().time()
-        if max_age > 0:
-            self._idle[name] = now
+        self._idle[name] = now
         entry = self._lookups.get(name)
-        if max_age <= 0 or entry is None or (entry[1].done() and now - entry[0] > max_age):
-            names = [name]
-            if max_age > 0:
-                # Channels whose idle checks go on: one that became busy stops
-                # asking, and is left out once its last check is four ages old.
-                names += [
-                    other
-                    for other, (asked, lookup) in self._lookups.items()
-                    if lookup.done()
-                    and now - asked > max_age / 2
-                    and other != name
-                    and now - self._idle.get(other, float("-inf")) < 4 * max_age
-                    and self._subscribers.get(other)
-                ]
+        if entry is None or (entry[1].done() and now - entry[0] > max_age):
+            # Channels whose idle checks go on: one that became busy stops asking,
+            # and is left out once its last check is four ages old.
+            names = [name] + [
+                other
+                for other, (asked, lookup) in self._lookups.items()
+                if lookup.done()
+                and now - asked > max_age / 2
+                and other != name
+                and now - self._idle.get(other, float("-inf")) < 4 * max_age
+                and self._subscribers.get(other)
+            ]
             futures = self._enqueue(names)
             for other, future in futures.items():
                 self._lookups[other] = (now, future)
@@ -335,6 +332,8 @@ class HeadProbe:
                 except Exception as exc:
                     future.set_exception(exc)
                     future.exception()  # its callers get it; nobody else should warn
+                finally:
+                    future.cancel()  # cut short (the loop ends): nobody will answer
         finally:
             self._looking = None
             for future in self._queued.values():
@@ -364,7 +363,3 @@ class HeadProbe:
 def _quiet(task: asyncio.Future[None]) -> None:
     if not task.cancelled():
         task.exception()
-
-
-#: Channel names one idle-check query asks for (drivers cap a statement's parameters).
-NAMES_AT_ONCE = 500

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ._bell import Bell
 from ._budget import SubscriberOptions, weigh, weight
 from ._consumer import Committable, Holding
-from ._errors import HistoryTruncated, LogUnavailable, StreamReset, Unsubscribed
+from ._errors import HistoryTruncated, LogUnavailable, NotConnected, StreamReset, Unsubscribed
 from ._event import NOTICE, Event
 from ._heads import HeadProbe
 from ._sparse import Sparse
@@ -228,8 +228,13 @@ class Subscriber(Committable):
         self, since: int | datetime | None, history: int | None, epoch: int | None
     ) -> None:
         """Resolve the start position; called after live registration."""
-        info = await self._heads.channel(self.channel)
-        start = await resolve_start(self._log, self.channel, info, since, history, epoch)
+        try:
+            info = await self._heads.channel(self.channel)
+            start = await resolve_start(self._log, self.channel, info, since, history, epoch)
+        except (LogUnavailable, NotConnected):
+            if self._mode == _CLOSED:
+                return  # the broadcast disconnected meanwhile (its log too): it stays closed
+            raise
         if self._mode == _CLOSED:
             return  # the broadcast disconnected meanwhile: it stays closed
         self._epoch = start.epoch

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from contextlib import AsyncExitStack
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -289,6 +290,44 @@ async def test_many_subscribers_across_broadcasts(make_broadcast: MakeBroadcast)
             await publisher.publish(channel, f"m{i}")
         events = await take(sub, 100, timeout=4.0)  # faster than the idle check
     assert_contiguous(events, 2, 101)
+
+
+async def test_subscriptions_opened_and_closed_together_stay_live(
+    make_broadcast: MakeBroadcast, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Subscriptions to many channels opened at once, while the last ones of the same
+    channels close: every channel left with a subscriber still gets its events live.
+    A transport that takes several channels' subscribes at once gets them at once
+    (one at a time, clients reconnecting to channels of their own waited in line)."""
+    listener = await make_broadcast(idle_check=600)  # live sends only, no log polling
+    crosses = listener.backend.crosses_processes
+    publisher = await make_broadcast() if crosses else listener
+    backend, subscribe = listener.backend, listener.backend.subscribe
+    in_flight, most = 0, 0
+
+    async def counted(channel: str) -> None:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            await asyncio.sleep(0.01)
+            await subscribe(channel)
+        finally:
+            in_flight -= 1
+
+    monkeypatch.setattr(backend, "subscribe", counted)
+    channels = [unique() for _ in range(12)]
+    async with AsyncExitStack() as first, AsyncExitStack() as second:
+        await asyncio.gather(*(first.enter_async_context(listener.subscribe(c)) for c in channels))
+        opening = asyncio.gather(
+            *(second.enter_async_context(listener.subscribe(c)) for c in channels)
+        )
+        await first.aclose()  # the channels' unsubscribes meet the new subscribes
+        subs = await opening
+        for channel, sub in zip(channels, subs, strict=True):
+            event = await publisher.publish(channel, "live")
+            assert await asyncio.wait_for(sub.get(), 10) == event
+    assert (most > 1) == backend.concurrent_subscribes, most
 
 
 async def test_slow_subscriber_bounded_and_complete(

@@ -698,6 +698,33 @@ async def test_reads_waiting_for_their_turn_fail_together_when_the_log_goes_sile
         await _replays_whole(broadcast, channels[0], 30)
 
 
+async def test_subscribes_fail_within_the_read_bound_when_the_log_goes_silent(
+    bounded: tuple[CuttableProxy, Broadcast], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A subscription's start lookup waited for the round of lookups ahead to fail
+    after the bound, then for its own: 1.6-1.7 s each with a 1 s bound (found by a
+    review). The bound counts from the subscribe now, waiting included."""
+    from broadcast_history._starts import StartLookups
+
+    monkeypatch.setattr(StartLookups, "ROUNDS_AT_ONCE", 1)
+    proxy, broadcast = bounded
+    loop = asyncio.get_running_loop()
+    async with contextlib.AsyncExitStack() as stack:
+        proxy.stall(new_too=True)  # the server froze
+        ahead = asyncio.ensure_future(stack.enter_async_context(broadcast.subscribe(unique())))
+        waited = []
+        for _ in range(3):
+            await asyncio.sleep(0.4)  # the lookup ahead has been out a while
+            began = loop.time()
+            with pytest.raises(LogUnavailable):
+                await stack.enter_async_context(broadcast.subscribe(unique()))
+            waited.append(loop.time() - began)
+        with pytest.raises(LogUnavailable):
+            await ahead
+        assert max(waited) < 1.3, waited
+    proxy.resume()
+
+
 async def test_a_consumer_cut_off_from_the_log_stops_within_its_lease(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

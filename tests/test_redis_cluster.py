@@ -436,6 +436,38 @@ async def test_a_subscribe_on_a_frozen_master_holds_up_no_other_subscribe(
                 process.send_signal(signal.SIGCONT)
 
 
+async def test_a_subscribe_waiting_for_a_frozen_masters_answer_holds_up_no_other(
+    tmp_path: Path,
+) -> None:
+    """A subscribe on the connection to a master that froze, before its freeze is
+    noticed, waits 5 s for a confirmation; every subscribe to any other channel
+    waited behind it, since a broadcast's subscribes went one at a time."""
+    log = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
+    with RedisClusterNodes(node_timeout_ms=60_000) as cluster:
+        channels, owners = await _owned(cluster, 2)
+        victim = cluster.ports[0]
+        first, second = [c for c in channels if owners[c] == victim]
+        healthy = next(c for c in channels if owners[c] != victim)
+        async with Broadcast(cluster.url, log=log) as broadcast, AsyncExitStack() as stack:
+            await stack.enter_async_context(broadcast.subscribe(first))  # its connection
+            process = cluster.processes[victim]
+            process.send_signal(signal.SIGSTOP)
+            try:
+                stuck = asyncio.ensure_future(
+                    stack.enter_async_context(broadcast.subscribe(second))
+                )
+                await asyncio.sleep(0.3)  # its SSUBSCRIBE is sent; no answer comes
+                sub = await asyncio.wait_for(
+                    stack.enter_async_context(broadcast.subscribe(healthy)), 2
+                )
+                assert not stuck.done()
+                event = await broadcast.publish(healthy, "m")
+                assert await asyncio.wait_for(sub.get(), 5) == event
+                await asyncio.wait_for(stuck, 15)  # bounded too
+            finally:
+                process.send_signal(signal.SIGCONT)
+
+
 async def test_a_permanent_failure_reaches_the_receiver(
     redis_cluster_url: str, admin: RedisCluster
 ) -> None:

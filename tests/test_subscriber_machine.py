@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import traceback
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
 
@@ -271,3 +273,91 @@ async def test_a_start_lookup_does_not_share_one_begun_before_it_was_asked(
             sub = await asyncio.wait_for(opening, 5)
             third = await broadcast.publish("c", "third")
             assert await asyncio.wait_for(sub.get(), 5) == third
+
+
+async def test_a_lone_subscribe_does_not_wait_behind_a_round_of_idle_checks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A subscription's start lookup went into the idle checks' rounds: behind one
+    that took long (many channels, a remote log) a lone subscribe waited for it
+    (found by a review). Starts have rounds of their own."""
+    from broadcast_history import Broadcast
+
+    async with Broadcast("memory://", idle_check=0.2) as broadcast:
+        async with contextlib.AsyncExitStack() as stack:
+            subs = await asyncio.gather(
+                *(stack.enter_async_context(broadcast.subscribe(f"idle{i}")) for i in range(20))
+            )
+            named, idle_rounds = broadcast.log.channels_named, []
+
+            async def slow(names: list[str]) -> object:  # a big round on a remote log
+                idle_rounds.append(len(names))
+                await asyncio.sleep(2)
+                return await named(names)
+
+            monkeypatch.setattr(broadcast.log, "channels_named", slow)
+            waiting = [asyncio.ensure_future(sub.get()) for sub in subs]
+            while not idle_rounds:
+                await asyncio.sleep(0.05)
+            await asyncio.wait_for(stack.enter_async_context(broadcast.subscribe("new")), 1)
+            for task in waiting:
+                task.cancel()
+
+
+async def test_start_lookups_failing_together_raise_errors_of_their_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Subscribes that shared a failed round of lookups all raised the one error
+    object, whose traceback grew at each raise: 605 frames after 300 (found by a
+    review). Each raises an error of its own, caused by the round's."""
+    from broadcast_history import Broadcast
+
+    async with Broadcast("memory://") as broadcast:
+
+        async def failing(*_args: object) -> object:
+            await asyncio.sleep(0.01)
+            raise LogUnavailable("event log failure: boom")
+
+        monkeypatch.setattr(broadcast.log, "channel", failing)
+        monkeypatch.setattr(broadcast.log, "channels_named", failing)
+        errors: list[BaseException] = []
+
+        async def one(i: int) -> None:
+            try:
+                async with broadcast.subscribe(f"c{i}"):
+                    pass
+            except LogUnavailable as exc:
+                errors.append(exc)
+
+        await asyncio.gather(*(one(i) for i in range(100)))
+    assert len(errors) == 100 and len({id(e) for e in errors}) == 100
+    assert all("boom" in str(e) for e in errors)
+    assert max(len(traceback.extract_tb(e.__traceback__)) for e in errors) < 20
+
+
+async def test_subscribes_under_way_as_the_broadcast_disconnects_end_quietly(
+    tmp_path: Path,
+) -> None:
+    """Subscribes whose start lookups were queued when the broadcast disconnected
+    raised NotConnected, which subscribe does not document (found by a review):
+    they end as any subscription the disconnect closes."""
+    from broadcast_history import Broadcast, Unsubscribed
+
+    broadcast = Broadcast("memory://", log=f"sqlite+aiosqlite:///{tmp_path / 'e.db'}")
+    await broadcast.connect()
+    outcomes: list[str] = []
+
+    async def one(i: int) -> None:
+        try:
+            async with broadcast.subscribe(f"c{i}", since=0) as sub:
+                with pytest.raises(Unsubscribed):
+                    await asyncio.wait_for(sub.get(), 5)
+                outcomes.append("ended")
+        except Exception as exc:
+            outcomes.append(type(exc).__name__)
+
+    tasks = [asyncio.ensure_future(one(i)) for i in range(1000)]
+    await asyncio.sleep(0)
+    await broadcast.disconnect()
+    await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    assert set(outcomes) == {"ended"}, {o: outcomes.count(o) for o in set(outcomes)}

@@ -46,6 +46,11 @@ class BroadcastBackend:
     private: bool = False
     #: How many times the transport re-established a lost connection (for metrics).
     reconnects: int = 0
+    #: Whether ``subscribe`` and ``unsubscribe`` of different channels may run at once
+    #: (one channel's calls still come one at a time, in order). Off, a broadcast's
+    #: calls come one at a time over all channels: with a round trip each, clients
+    #: reconnecting at once to channels of their own waited for each other in line.
+    concurrent_subscribes: bool = False
 
     def __init__(self, url: str) -> None:
         self._url = url

@@ -22,6 +22,7 @@ class MemoryBackend(BroadcastBackend):
 
     carries_objects = True
     private = True
+    concurrent_subscribes = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

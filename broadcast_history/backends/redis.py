@@ -47,6 +47,9 @@ class RedisBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
     """
 
     crosses_processes = True
+    # Only the SUBSCRIBE is sent under the transport's lock; confirmations are
+    # awaited together.
+    concurrent_subscribes = True
     _name = "redis"
     _script_source = shared.PUBLISH_ALL
 

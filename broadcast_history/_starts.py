@@ -35,6 +35,7 @@ class StartLookups:
         self._queued: dict[str, asyncio.Future[ChannelInfo | None]] = {}
         self._sending: asyncio.Future[None] | None = None
         self._rounds: asyncio.Semaphore | None = None
+        self._out: set[asyncio.Future[None]] = set()  # rounds running (kept referenced)
 
     async def lookup(self, name: str) -> ChannelInfo | None:
         """Channel ``name``'s state, read by a query begun after this call.
@@ -80,6 +81,8 @@ class StartLookups:
                 await rounds.acquire()
                 queued, self._queued = self._queued, {}
                 out = asyncio.ensure_future(self._round(queued))
+                self._out.add(out)
+                out.add_done_callback(self._out.discard)
                 out.add_done_callback(lambda _: rounds.release())
         finally:
             self._sending = None

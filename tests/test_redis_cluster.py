@@ -468,6 +468,36 @@ async def test_a_subscribe_waiting_for_a_frozen_masters_answer_holds_up_no_other
                 process.send_signal(signal.SIGCONT)
 
 
+async def test_a_subscribe_cancelled_while_its_master_is_frozen_leaves_nothing_subscribed(
+    tmp_path: Path,
+) -> None:
+    """A subscribe cancelled while waiting for a frozen master's confirmation forgot
+    where its SSUBSCRIBE went, so its undo sent no SUNSUBSCRIBE: the node kept the
+    channel subscribed for good, its messages read and dropped (found by a review)."""
+    log = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
+    with RedisClusterNodes(node_timeout_ms=60_000) as cluster:
+        channels, owners = await _owned(cluster, 2)
+        victim = cluster.ports[0]
+        first, second = [c for c in channels if owners[c] == victim]
+
+        def subscribed(channel: str) -> int:
+            return int(cluster.command(victim, "PUBSUB", "SHARDNUMSUB", channel).split()[-1])
+
+        async with Broadcast(cluster.url, log=log) as broadcast, broadcast.subscribe(first):
+            process = cluster.processes[victim]
+            process.send_signal(signal.SIGSTOP)
+            try:
+                leaving = asyncio.ensure_future(broadcast.subscribe(second).__aenter__())
+                await asyncio.sleep(0.5)  # its SSUBSCRIBE is sent; no answer comes
+                leaving.cancel()  # the client went away
+                with pytest.raises(asyncio.CancelledError):
+                    await leaving
+            finally:
+                process.send_signal(signal.SIGCONT)
+            await wait_until(lambda: subscribed(second) == 0, 5, "unsubscribed")
+            assert subscribed(first) == 1
+
+
 async def test_a_permanent_failure_reaches_the_receiver(
     redis_cluster_url: str, admin: RedisCluster
 ) -> None:

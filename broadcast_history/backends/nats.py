@@ -218,11 +218,16 @@ class NatsBackend(InboxTransport, BroadcastBackend):
         self._names[subject] = channel
         if self._renewing is not None:
             return  # the new client subscribes every name
+        asked = cancel_count()
         try:
             self._subs[subject] = await nc.subscribe(subject, cb=self._received)
         except nerr.Error as exc:
             self._names.pop(subject, None)
             raise TransportError(f"nats SUB failed: {exc!r}") from exc
+        # nats-py swallows a cancellation while its flusher's queue is full (past
+        # 1,024 SUBs at once): the subscription opened for a caller that had left.
+        # Raised again once it is recorded, so the broadcast's undo unsubscribes it.
+        raise_if_cancelled_since(asked)
         if nc.is_connected:
             # A round trip, so the server has the SUB before a publish that follows;
             # if the connection is failing, nats-py sends it again on reconnect.
@@ -373,11 +378,13 @@ class NatsBackend(InboxTransport, BroadcastBackend):
         """Subscribe ``nc`` to every channel named, those named meanwhile too."""
         while missing := [s for s in self._names if s not in self._subs]:
             for subject in missing:
+                asked = cancel_count()
                 sub = await nc.subscribe(subject, cb=self._received)
                 if subject in self._names:
                     self._subs[subject] = sub
                 else:  # unsubscribed meanwhile
                     await sub.unsubscribe()
+                raise_if_cancelled_since(asked)  # see subscribe
 
 
 def _sockets(nc: Client) -> list[asyncio.WriteTransport]:

@@ -135,11 +135,12 @@ class RedisClusterBackend(Health, InboxTransport, BroadcastBackend):
             await self._acks.wait(channel, ack, up=placed)
         except BaseException:
             # Failed or cancelled: no resubscription places it again, and the readers
-            # drop its messages should the SSUBSCRIBE have reached a node.
+            # drop its messages should the SSUBSCRIBE have reached a node. Its owner
+            # is kept: the broadcast's undo then sends the SUNSUBSCRIBE there (without
+            # it, the node kept the channel subscribed for good).
             self._acks.forget(channel, ack)
             if added:
                 self._channels.discard(channel)
-                self._owner.pop(channel, None)
             raise
 
     async def unsubscribe(self, channel: str) -> None:

@@ -10,8 +10,8 @@ from ._budget import page_was_cut
 from ._errors import LogUnavailable
 from ._event import Event
 from ._gate import acquire_while_moving
+from ._lookups import NAMES_AT_ONCE, StartLookups
 from ._pagecache import PageCache
-from ._starts import NAMES_AT_ONCE, StartLookups
 from .log import ChannelInfo, EventLog
 
 
@@ -37,7 +37,7 @@ class HeadProbe:
         # that has more than one (see read_page).
         self._subscribers = subscribers
         self._lookups: dict[str, tuple[float, asyncio.Future[ChannelInfo | None]]] = {}
-        self._starts = StartLookups(log)
+        self._fresh = StartLookups(log)
         # Loop time of each channel's last idle check (see channel).
         self._idle: dict[str, float] = {}
         # Idle lookups for the next round, and the task running the rounds.
@@ -275,7 +275,7 @@ class HeadProbe:
         pool, for 200 quiet channels on Postgres).
         """
         if max_age <= 0:
-            return await self._starts.lookup(name)
+            return await self._fresh.lookup(name)
         now = asyncio.get_running_loop().time()
         self._idle[name] = now
         entry = self._lookups.get(name)

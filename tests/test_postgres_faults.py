@@ -704,7 +704,7 @@ async def test_subscribes_fail_within_the_read_bound_when_the_log_goes_silent(
     """A subscription's start lookup waited for the round of lookups ahead to fail
     after the bound, then for its own: 1.6-1.7 s each with a 1 s bound (found by a
     review). The bound counts from the subscribe now, waiting included."""
-    from broadcast_history._starts import StartLookups
+    from broadcast_history._lookups import StartLookups
 
     monkeypatch.setattr(StartLookups, "ROUNDS_AT_ONCE", 1)
     proxy, broadcast = bounded

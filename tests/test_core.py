@@ -811,7 +811,10 @@ async def test_the_wal_shrinks_back_after_a_big_write(
         assert wal.stat().st_size > 3 * 1024 * 1024
         for i in range(600):  # copied, then written again from the WAL's beginning
             await bc.publish("after", "x" * 79)
-        assert wal.stat().st_size <= 512 * 1024
+        # Cut back to the limit when it started over; past it again by at most what
+        # was committed since (a checkpoint's 200 pages, and under load the commits
+        # that come bigger before one runs: 589 KiB seen in a full run).
+        assert wal.stat().st_size <= 1024 * 1024
 
 
 async def test_the_wal_starts_over_only_on_the_writer_thread_under_load(

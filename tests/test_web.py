@@ -1055,6 +1055,40 @@ async def test_an_app_serves_streams_again_after_close_streams(broadcast: Broadc
             assert frame["data"] == "still open"
 
 
+async def test_a_stream_still_subscribing_when_the_server_stops_ends_too(
+    broadcast: Broadcast, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request still subscribing when the server's streams had finished (clients
+    reconnecting as it stopped) streamed on until uvicorn's graceful timeout cut it,
+    logged as an error: hundreds in a black-box probe. It ends with the others."""
+    app = create_stream_app(broadcast, authorize=allow_all)
+    lookup = broadcast.log.channel
+
+    async def slow(name: str) -> object:  # the subscribe is under way a while
+        await asyncio.sleep(1)
+        return await lookup(name)
+
+    monkeypatch.setattr(broadcast.log, "channel", slow)
+    config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=4)
+    server = StreamServer(config)
+    async with running(server) as (port, task):
+        async with httpx.AsyncClient(timeout=10) as http:
+            opening = asyncio.ensure_future(
+                http.send(http.build_request("GET", f"http://127.0.0.1:{port}/c"), stream=True)
+            )
+            await asyncio.sleep(0.3)  # its subscribe waits for the log
+            began = asyncio.get_running_loop().time()
+            server.should_exit = True  # what SIGTERM does
+            response = await opening
+            async for _ in response.aiter_lines():
+                pass  # the stream ends: the client reconnects elsewhere
+            await response.aclose()
+            await asyncio.wait_for(task, 10)
+            took = asyncio.get_running_loop().time() - began
+    assert took < 2.5, took  # not cut at the 4 s timeout
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
 async def test_stream_server_keeps_one_budget_and_a_second_ctrl_c(
     broadcast: Broadcast, monkeypatch: pytest.MonkeyPatch
 ) -> None:

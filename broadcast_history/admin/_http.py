@@ -162,6 +162,7 @@ def create_app(
     app.add_middleware(EncodedSlashes)
     # What a stopping server calls to end the event streams (they never end alone).
     app.state.close_streams = streams.close_all
+    app.state.stopping_streams = streams.stopping
     app.state.finish_streams = streams.finish
     return app
 

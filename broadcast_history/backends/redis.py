@@ -166,7 +166,10 @@ class RedisBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
             )
             if not gone and not (isinstance(exc, rexc.RedisError) and shared.is_transient(exc)):
                 raise TransportError(f"redis SUBSCRIBE failed: {shared.describe(exc)}") from exc
-            logger.info("redis subscription connection lost", exc_info=True)
+            # Debug only: the reader reports the loss, once. Logged here, every
+            # subscribe under way logged it with a traceback: ~300 of them, 13,000
+            # lines, for one Redis crash in a probe's reconnect storm.
+            logger.debug("redis (un)subscribe met a lost connection", exc_info=True)
         raise_if_cancelled_since(asked)
 
     async def _close_pubsub(self) -> None:

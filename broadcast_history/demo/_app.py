@@ -161,4 +161,5 @@ def create_app(
     )
     app.state.close_streams = streams.state.close_streams
     app.state.finish_streams = streams.state.finish_streams
+    app.state.stopping_streams = streams.state.stopping_streams
     return app

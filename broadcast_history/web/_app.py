@@ -144,7 +144,9 @@ def create_stream_app(
     ``app.state.close_streams()`` ends every open stream (for a server that is
     stopping; safe from a signal handler or another thread); ``await
     app.state.finish_streams(timeout)`` ends them and waits for them to be over (for
-    a server's shutdown, before it closes the connections).
+    a server's shutdown, before it closes the connections); ``with
+    app.state.stopping_streams():`` around a server's whole shutdown also ends the
+    streams opened meanwhile (``StreamServer`` does both).
 
     Args:
         broadcast: The broadcast to stream.
@@ -281,6 +283,7 @@ def create_stream_app(
         routes.append(Route("/{channel:path}", publish_http, methods=["POST"]))
     app = Starlette(routes=routes, lifespan=streams.lifespan(broadcast))
     app.state.close_streams = streams.close_all
+    app.state.stopping_streams = streams.stopping
     app.state.finish_streams = streams.finish
     app.state.streams = streams
     return app

@@ -38,6 +38,13 @@ class StreamServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        stopping = self._streams("stopping_streams")
+        # The whole shutdown: a stream whose request was still under way (subscribing)
+        # when the others finished ends too, instead of being cancelled at the end.
+        with stopping() if stopping is not None else contextlib.nullcontext():
+            await self._shutdown(sockets)
+
+    async def _shutdown(self, sockets: list[socket.socket] | None) -> None:
         finish = self._streams("finish_streams")
         timeout = self.config.timeout_graceful_shutdown
         if finish is not None:

@@ -68,6 +68,19 @@ class OpenStreams:
                     self._idle.discard(waiter)
                     set_done(waiter[1])
 
+    @contextmanager
+    def stopping(self) -> Iterator[None]:
+        """A server's whole shutdown: streams open now end, and so does every stream
+        opened before it is over (a request that was still subscribing when the
+        streams finished streamed on until the server cancelled it, with an error
+        logged: hundreds in a probe stopping a server while clients reconnected)."""
+        self._finishing += 1
+        try:
+            self.close_all()
+            yield
+        finally:
+            self._finishing -= 1
+
     def close_all(self) -> None:
         """End every open stream; safe to call from a signal handler or another thread."""
         for loop, stop in list(self._stops):

@@ -1055,13 +1055,28 @@ async def test_an_app_serves_streams_again_after_close_streams(broadcast: Broadc
             assert frame["data"] == "still open"
 
 
+@pytest.mark.parametrize("kind", ["sse", "ws", "admin", "demo"])
 async def test_a_stream_still_subscribing_when_the_server_stops_ends_too(
-    broadcast: Broadcast, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    kind: str,
+    broadcast: Broadcast,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A request still subscribing when the server's streams had finished (clients
     reconnecting as it stopped) streamed on until uvicorn's graceful timeout cut it,
-    logged as an error: hundreds in a black-box probe. It ends with the others."""
-    app = create_stream_app(broadcast, authorize=allow_all)
+    logged as an error: hundreds in a black-box probe. It ends with the others, on
+    the stream app (SSE, WebSocket), the admin app and the demo's mounted streams."""
+    if kind == "admin":
+        from broadcast_history.admin import create_app as admin_app
+
+        app, path = admin_app(broadcast, allow_no_token=True), "/channels/c/stream"
+    elif kind == "demo":
+        from broadcast_history.demo import create_app as demo_app
+
+        app, path = demo_app(broadcast), "/api/stream/chat.x"
+    else:
+        app = create_stream_app(broadcast, authorize=allow_all)
+        path = "/c/ws" if kind == "ws" else "/c"
     lookup = broadcast.log.channel
 
     async def slow(name: str) -> object:  # the subscribe is under way a while
@@ -1072,19 +1087,29 @@ async def test_a_stream_still_subscribing_when_the_server_stops_ends_too(
     config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=4)
     server = StreamServer(config)
     async with running(server) as (port, task):
-        async with httpx.AsyncClient(timeout=10) as http:
-            opening = asyncio.ensure_future(
-                http.send(http.build_request("GET", f"http://127.0.0.1:{port}/c"), stream=True)
-            )
-            await asyncio.sleep(0.3)  # its subscribe waits for the log
-            began = asyncio.get_running_loop().time()
-            server.should_exit = True  # what SIGTERM does
-            response = await opening
-            async for _ in response.aiter_lines():
-                pass  # the stream ends: the client reconnects elsewhere
-            await response.aclose()
-            await asyncio.wait_for(task, 10)
-            took = asyncio.get_running_loop().time() - began
+
+        async def client() -> None:  # until its stream ends: it reconnects elsewhere
+            if kind == "ws":
+                with contextlib.suppress(Exception):  # refused as the server stops
+                    async with ws_connect(f"ws://127.0.0.1:{port}{path}") as ws:
+                        async for _ in ws:
+                            pass
+                return
+            async with (
+                httpx.AsyncClient(timeout=10) as http,
+                http.stream("GET", f"http://127.0.0.1:{port}{path}") as response,
+            ):
+                assert response.status_code == 200
+                async for _ in response.aiter_lines():
+                    pass
+
+        opening = asyncio.ensure_future(client())
+        await asyncio.sleep(0.3)  # its subscribe waits for the log
+        began = asyncio.get_running_loop().time()
+        server.should_exit = True  # what SIGTERM does
+        await asyncio.wait_for(opening, 10)
+        await asyncio.wait_for(task, 10)
+        took = asyncio.get_running_loop().time() - began
     assert took < 2.5, took  # not cut at the 4 s timeout
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 

@@ -79,8 +79,9 @@ def create_app(
 
     The returned app has ``app.state.close_streams``: a function, safe to call from a
     signal handler or another thread, that ends every open stream so that the server
-    can stop at once; and ``app.state.finish_streams(timeout)``, which ends them and
-    waits for them to be over.
+    can stop at once; ``app.state.finish_streams(timeout)``, which ends them and
+    waits for them to be over; and ``app.state.stopping_streams()``, a context for a
+    server's whole shutdown, in which streams opened meanwhile end too.
     """
     posts = RateLimits(rate=message_rate[0], burst=message_rate[1])
     streams = create_stream_app(broadcast, authorize=_rooms_only, keepalive=heartbeat)

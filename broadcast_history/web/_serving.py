@@ -17,18 +17,23 @@ FINISH_WAIT = 5.0
 
 
 class StreamServer(uvicorn.Server):
-    """A uvicorn server for an app with ``app.state.close_streams`` and
-    ``finish_streams`` (given as an object, not an import string): event streams end
-    at the signal, and shutdown lets them finish before it closes the connections.
+    """A uvicorn server for an app with ``app.state.close_streams``,
+    ``finish_streams`` and ``stopping_streams`` (given as an object, not an import
+    string): event streams end at the signal, shutdown lets them finish before it
+    closes the connections, and streams opened during the shutdown end too.
 
     Event streams never end by themselves: without the first, shutdown would wait for
     them, then cancel them and log each one as an error. Without the second, uvicorn
     closes every WebSocket with 1012 at once, and the answer to a publish under way
-    is lost (the event is stored all the same).
+    is lost (the event is stored all the same). Without the third, so are the
+    streams whose request was still subscribing when the others had finished.
+    One app, one server at a time: streams of another server of the same app end
+    while this one stops.
     """
 
     def _streams(self, name: str) -> Any:
-        """The app's ``close_streams`` or ``finish_streams`` (``None``: it has none)."""
+        """The app's ``close_streams``, ``finish_streams`` or ``stopping_streams``
+        (``None``: it has none)."""
         return getattr(getattr(self.config.app, "state", None), name, None)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:

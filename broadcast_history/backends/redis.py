@@ -204,6 +204,9 @@ class RedisBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
                 if self._up:
                     logger.warning("redis subscription connection lost: %s", shared.describe(exc))
                 self._up = False
+                # Their SUBSCRIBE went with the connection: the reconnection sends it
+                # again. Waiting on, they held their subscribes for the whole 5 s.
+                self._acks.release()
             # With the lock: a (un)subscribe may be sending on it right now, and redis-py
             # fails with AttributeError when its connection goes away under a command.
             async with self._lock:

@@ -444,6 +444,26 @@ async def test_a_subscribe_on_a_frozen_master_holds_up_no_other_subscribe(
                 process.send_signal(signal.SIGCONT)
 
 
+async def test_a_subscribe_whose_masters_connection_is_lost_returns_at_once(
+    tmp_path: Path,
+) -> None:
+    """A subscribe whose SSUBSCRIBE went out on a master's connection that was then
+    lost waited the whole 5 s for a confirmation that could not come."""
+    log = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
+    with RedisClusterNodes(node_timeout_ms=60_000) as cluster:
+        channels, owners = await _owned(cluster, 2)
+        victim = cluster.ports[0]
+        first, second = [c for c in channels if owners[c] == victim]
+        async with Broadcast(cluster.url, log=log) as broadcast, AsyncExitStack() as stack:
+            await stack.enter_async_context(broadcast.subscribe(first))  # its connection
+            cluster.processes[victim].send_signal(signal.SIGSTOP)
+            waiting = asyncio.ensure_future(stack.enter_async_context(broadcast.subscribe(second)))
+            await asyncio.sleep(0.3)  # its SSUBSCRIBE is out; no answer comes
+            assert not waiting.done()
+            cluster.kill_node(victim)  # and the connection is lost
+            await asyncio.wait_for(waiting, 1.5)
+
+
 async def test_a_subscribe_cancelled_while_its_master_is_frozen_leaves_nothing_subscribed(
     tmp_path: Path,
 ) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -371,9 +371,11 @@ class Confirmations:
         if ack is not None and not ack.done():
             ack.set_result(None)
 
-    def release(self) -> None:
-        """Let every waiting subscribe return (the connection is gone)."""
-        for ack in self._waiting.values():
-            if not ack.done():
+    def release(self, channels: Iterable[str] | None = None) -> None:
+        """Let every waiting subscribe return, or those of ``channels`` (their
+        connection is gone)."""
+        names = list(self._waiting) if channels is None else list(channels)
+        for channel in names:
+            ack = self._waiting.pop(channel, None)
+            if ack is not None and not ack.done():
                 ack.set_result(None)
-        self._waiting.clear()

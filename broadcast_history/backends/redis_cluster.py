@@ -315,6 +315,9 @@ class RedisClusterBackend(Health, InboxTransport, BroadcastBackend):
                 self._fatal = exc
             elif self._up:
                 logger.warning("redis-cluster shard %s lost: %r", shard.name, exc)
+        # Their SSUBSCRIBE went with this connection: the resubscription sends it
+        # again. Waiting on, they held their subscribes for the whole 5 s.
+        self._acks.release(c for c, owner in self._owner.items() if owner == shard.name)
         self._trouble.set()
 
 

@@ -10,7 +10,7 @@ from ._budget import page_was_cut
 from ._errors import LogUnavailable
 from ._event import Event
 from ._gate import acquire_while_moving
-from ._lookups import NAMES_AT_ONCE, StartLookups
+from ._lookups import StartLookups, look_up
 from ._pagecache import PageCache
 from .log import ChannelInfo, EventLog
 
@@ -318,46 +318,17 @@ class HeadProbe:
         return futures
 
     async def _look_all(self) -> None:
-        """Rounds of queued lookups, one at a time, until none is left; each round is
-        a query per :data:`NAMES_AT_ONCE` names, begun after every one of them asked."""
+        """Rounds of queued lookups, one at a time, until none is left; each round
+        goes to the log as :func:`look_up` sends it, after every one of them asked."""
         try:
             while self._queued:
                 queued, self._queued = self._queued, {}
-                if len(queued) > 1:
-                    await self._answer(list(queued), queued)
-                    continue
-                [(name, future)] = queued.items()
-                try:
-                    future.set_result(await self._log.channel(name))
-                except Exception as exc:
-                    future.set_exception(exc)
-                    future.exception()  # its callers get it; nobody else should warn
-                finally:
-                    future.cancel()  # cut short (the loop ends): nobody will answer
+                await look_up(self._log, queued)
         finally:
             self._looking = None
             for future in self._queued.values():
                 future.cancel()  # stopped (the broadcast closes): nobody will answer
             self._queued.clear()
-
-    async def _answer(
-        self, names: list[str], futures: dict[str, asyncio.Future[ChannelInfo | None]]
-    ) -> None:
-        try:
-            for at in range(0, len(names), NAMES_AT_ONCE):
-                part = names[at : at + NAMES_AT_ONCE]
-                try:
-                    found = await self._log.channels_named(part)
-                except Exception as exc:
-                    for name in names[at:]:
-                        futures[name].set_exception(exc)
-                        futures[name].exception()  # nobody may ask for it: no warning
-                    return
-                for name in part:
-                    futures[name].set_result(found.get(name))
-        finally:
-            for future in futures.values():
-                future.cancel()  # only those left unanswered (cancelled)
 
 
 def _quiet(task: asyncio.Future[None]) -> None:

@@ -80,7 +80,7 @@ class StartLookups:
             while self._queued:
                 await rounds.acquire()
                 queued, self._queued = self._queued, {}
-                out = asyncio.ensure_future(self._round(queued))
+                out = asyncio.ensure_future(look_up(self._log, queued))
                 self._out.add(out)
                 out.add_done_callback(self._out.discard)
                 out.add_done_callback(lambda _: rounds.release())
@@ -90,24 +90,27 @@ class StartLookups:
             _abandon(self._queued.values())
             self._queued = {}
 
-    async def _round(self, queued: dict[str, asyncio.Future[ChannelInfo | None]]) -> None:
-        names = list(queued)
-        try:
-            for at in range(0, len(names), NAMES_AT_ONCE):
-                part = names[at : at + NAMES_AT_ONCE]
-                try:
-                    if len(part) == 1:
-                        found = {part[0]: await self._log.channel(part[0])}
-                    else:
-                        found = dict(await self._log.channels_named(part))
-                except Exception as exc:
-                    for name in names[at:]:
-                        _settle(queued[name], exc)
-                    return
-                for name in part:
-                    _settle(queued[name], found.get(name))
-        finally:
-            _abandon(queued.values())  # cut short (the loop ends): failed, typed
+
+async def look_up(log: EventLog, queued: dict[str, asyncio.Future[ChannelInfo | None]]) -> None:
+    """Answer ``queued``'s lookups: a query per :data:`NAMES_AT_ONCE` names (one name
+    alone, a lookup of its own); a failed query fails its names and those after."""
+    names = list(queued)
+    try:
+        for at in range(0, len(names), NAMES_AT_ONCE):
+            part = names[at : at + NAMES_AT_ONCE]
+            try:
+                if len(part) == 1:
+                    found = {part[0]: await log.channel(part[0])}
+                else:
+                    found = dict(await log.channels_named(part))
+            except Exception as exc:
+                for name in names[at:]:
+                    _settle(queued[name], exc)
+                return
+            for name in part:
+                _settle(queued[name], found.get(name))
+    finally:
+        _abandon(queued.values())  # cut short (the loop ends): failed, typed
 
 
 def _abandon(futures: Any) -> None:

@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import event as sa_event
 from sqlalchemy.dialects import sqlite
+from sqlalchemy.engine import Engine
 
 from broadcast_history import (
     Broadcast,
@@ -281,6 +283,34 @@ async def test_the_log_reads_events_at_offsets(broadcast: Broadcast) -> None:
     # More offsets than one statement takes: asked in several queries.
     assert await broadcast.log.read_at(ODD, range(1, 2000)) == events
     assert await broadcast.log.read_at("none", [1]) == []
+
+
+async def test_lookups_over_any_number_of_names_take_a_few_statement_shapes(
+    broadcast: Broadcast,
+) -> None:
+    # An IN list of each length is a statement text of its own, which drivers prepare
+    # and keep per connection (and Postgres's server with them): lists of 1 to 200
+    # names or offsets are padded to one of 8 lengths.
+    texts: set[str] = set()
+
+    def ran(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if " IN (" in statement.upper():
+            texts.add(statement)
+
+    names = [f"shape-{n}" for n in range(200)]
+    for name in (names[0], names[0], names[1]):
+        await broadcast.publish(name, "m")
+    # On every engine: SQLite's readers have engines of their own.
+    sa_event.listen(Engine, "before_cursor_execute", ran)
+    try:
+        for size in range(1, len(names) + 1):
+            found = await broadcast.log.channels_named(names[:size])
+            assert sorted(found) == names[: min(size, 2)]
+            got = await broadcast.log.read_at(names[0], range(1, size + 1))
+            assert [e.offset for e in got] == [1, 2][:size]
+    finally:
+        sa_event.remove(Engine, "before_cursor_execute", ran)
+    assert 0 < len(texts) <= 2 * 8 + 2, sorted(texts)
 
 
 async def test_retention_stats_and_trim_by_time(broadcast: Broadcast, admin: HistoryAdmin) -> None:

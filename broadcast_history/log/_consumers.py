@@ -45,6 +45,7 @@ from . import _consumers_mysql as _mysql
 from ._info import ConsumerInfo, LeaseAttempt, LeaseClaims
 from ._rows import MYSQL_NOW_US, now_micros
 from ._schema import channels, consumers
+from ._shapes import padded
 
 _C = consumers.c
 # Holders renewed per statement: well under every database's limit on parameters.
@@ -231,7 +232,7 @@ async def acquire_many(
     expiries: list[int] = []
     for start in range(0, len(claims), _CHUNK):
         chunk = claims[start : start + _CHUNK]
-        keys = [(channel, name) for channel, name, _ in chunk]
+        keys = padded([(channel, name) for channel, name, _ in chunk])
         held = await conn.execute(sql.held, {**params, "b_keys": keys})
         found = held.all()
         busy = {(channel, name) for channel, name, _ in found}
@@ -262,7 +263,7 @@ async def renew(conn: AsyncConnection, holders: Sequence[str], lease_us: int) ->
     sql, params = _statements(conn)
     kept: set[str] = set()
     for start in range(0, len(holders), _CHUNK):
-        chunk = list(holders[start : start + _CHUNK])
+        chunk = padded(holders[start : start + _CHUNK])
         result = await conn.execute(sql.renew, {**params, "b_holders": chunk, "b_lease": lease_us})
         kept.update(row[0] for row in result)
     return kept

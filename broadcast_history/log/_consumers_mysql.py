@@ -44,6 +44,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ._info import LeaseAttempt, LeaseClaims
 from ._rows import MYSQL_NOW_US as NOW  # the server's clock, as for event timestamps
 from ._schema import consumers
+from ._shapes import padded
 
 _C = consumers.c
 # Holders per statement, as on the other databases.
@@ -186,7 +187,7 @@ async def acquire_many(
     expiries: list[int] = []
     for start in range(0, len(claims), _CHUNK):
         chunk = claims[start : start + _CHUNK]
-        keys = [(channel, name) for channel, name, _ in chunk]
+        keys = padded([(channel, name) for channel, name, _ in chunk])
         rows = (await conn.execute(_HELD, {"b_keys": keys})).all()
         busy = {(channel, name) for channel, name, _ in rows}
         expiries += [int(left) for _, _, left in rows]
@@ -205,7 +206,7 @@ async def renew(conn: AsyncConnection, holders: Sequence[str], lease_us: int) ->
     UPDATE are the ones it renewed (only a holder's own acquisition names it)."""
     kept: set[str] = set()
     for start in range(0, len(holders), _CHUNK):
-        chunk = list(holders[start : start + _CHUNK])
+        chunk = padded(holders[start : start + _CHUNK])
         await _write(conn, _RENEW, {"b_holders": chunk, "b_lease": lease_us})
         kept.update(row[0] for row in await conn.execute(_RENEWED, {"b_holders": chunk}))
     return kept

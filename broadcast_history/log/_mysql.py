@@ -28,7 +28,7 @@ import functools
 import importlib.util
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy import Dialect, Select, bindparam, func, literal_column, select, tuple_
 from sqlalchemy.dialects.mysql import insert
@@ -54,9 +54,9 @@ from ._rows import (
     rows_to_events,
 )
 from ._schema import channels, events
+from ._shapes import padded
 from ._store import ServerStore, discarding_broken
 
-_T = TypeVar("_T")
 # InnoDB's "deadlock found": the transaction was rolled back whole, so retrying is safe.
 _DEADLOCK = 1213
 _ATTEMPTS = 5
@@ -247,17 +247,17 @@ async def _append(
         names = sorted(batch.counts)
         # Padded with the last name (adding 0 events: no change): statements take a
         # few shapes, each compiled once and kept prepared by the driver.
-        padded = _padded(names)
-        counts = [batch.counts[name] for name in names] + [0] * (len(padded) - len(names))
+        shaped = padded(names)
+        counts = [batch.counts[name] for name in names] + [0] * (len(shaped) - len(names))
         params: list[Any] = []
-        for name, count in zip(padded, counts, strict=True):
+        for name, count in zip(shaped, counts, strict=True):
             params += [name.encode(), new_epoch(), count]
-        sql, returning = _allocation(conn.dialect, len(padded))
+        sql, returning = _allocation(conn.dialect, len(shaped))
         result: Any = await conn.exec_driver_sql(sql, tuple(params))
         if returning:
             rows: Any = [(name.decode(), *head) for name, *head in result]
         else:  # MySQL has no RETURNING: read the counters (locked: ours) back
-            rows = await conn.execute(_HEADS.where(channels.c.name.in_(padded)))
+            rows = await conn.execute(_HEADS.where(channels.c.name.in_(shaped)))
         heads = {name: (epoch, last, micros) for name, epoch, last, micros in rows}
         stored = []
         for index, behind in zip(batch.fresh, batch.later, strict=True):
@@ -310,12 +310,6 @@ def _allocation(dialect: Dialect, size: int) -> tuple[str, bool]:
     return compiled.string, returning
 
 
-def _padded(values: list[_T]) -> list[_T]:
-    """``values`` (not empty) with the last one repeated up to a power of two."""
-    size = 1 << (len(values) - 1).bit_length()
-    return values + [values[-1]] * (size - len(values))
-
-
 def _chunks(rows: list[dict[str, Any]], limit: int) -> Iterator[list[dict[str, Any]]]:
     """``rows`` in runs of less than ``limit`` bytes each (a row alone may be more).
 
@@ -350,7 +344,7 @@ async def _find_keys(
         return {}
     result = await conn.execute(
         select(events.c.channel, *EVENT_COLUMNS).where(
-            tuple_(events.c.channel, events.c.key).in_(_padded(pairs))
+            tuple_(events.c.channel, events.c.key).in_(padded(pairs))
         )
     )
     return keyed_events(result)

@@ -39,6 +39,7 @@ from ._rows import (
     now_micros,
 )
 from ._schema import channels, events, log_identity, time_marked
+from ._shapes import padded
 
 _CHUNK = 500
 
@@ -72,7 +73,7 @@ async def channel(conn: AsyncConnection, name: str) -> ChannelInfo | None:
 
 
 async def channels_named(conn: AsyncConnection, names: list[str]) -> list[ChannelInfo]:
-    result = await conn.execute(select(*CHANNEL_COLUMNS).where(channels.c.name.in_(names)))
+    result = await conn.execute(select(*CHANNEL_COLUMNS).where(channels.c.name.in_(padded(names))))
     return [channel_info(row) for row in result]
 
 
@@ -142,7 +143,7 @@ def at_offsets_query(
     """The stored events of ``channel`` at ``offsets``, in offset order."""
     return (
         select(*EVENT_COLUMNS)
-        .where(events.c.channel == channel, events.c.offset.in_(offsets))
+        .where(events.c.channel == channel, events.c.offset.in_(padded(offsets)))
         .order_by(events.c.offset)
     )
 
@@ -305,7 +306,7 @@ async def refuse_existing(conn: AsyncConnection, names: Sequence[str]) -> None:
     for start in range(0, len(names), _CHUNK):
         found = await conn.execute(
             select(channels.c.name, channels.c.epoch, channels.c.last_offset)
-            .where(channels.c.name.in_(names[start : start + _CHUNK]))
+            .where(channels.c.name.in_(padded(names[start : start + _CHUNK])))
             .limit(1)
         )
         row = found.first()

@@ -70,6 +70,7 @@ from ._rows import (
     rows_to_events,
 )
 from ._schema import channels, events
+from ._shapes import padded
 from ._store import Store
 
 _T = TypeVar("_T")
@@ -511,7 +512,7 @@ class SqliteStore(Store):
 def _counters(cursor: Cursor, names: Sequence[str]) -> dict[str, list[int]]:
     state: dict[str, list[int]] = {}
     for at in range(0, len(names), _COUNTERS_CHUNK):
-        chunk = names[at : at + _COUNTERS_CHUNK]
+        chunk = padded(names[at : at + _COUNTERS_CHUNK])
         sql = _COUNTERS % ", ".join("?" * len(chunk))
         for name, epoch, last_offset, last_timestamp in cursor.execute(sql, chunk):
             state[name] = [epoch, last_offset, last_timestamp]
@@ -527,7 +528,7 @@ def _find_keys(cursor: Cursor, items: Sequence[Pending]) -> dict[tuple[str, str]
     for channel, keys in by_channel.items():
         wanted = sorted(keys)
         for at in range(0, len(wanted), _COUNTERS_CHUNK):
-            chunk = wanted[at : at + _COUNTERS_CHUNK]
+            chunk = padded(wanted[at : at + _COUNTERS_CHUNK])
             sql = _BY_KEYS % ", ".join("?" * len(chunk))
             for event in rows_to_events(channel, cursor.execute(sql, [channel, *chunk])):
                 if event.key is not None:  # it is: selected by key

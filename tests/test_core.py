@@ -1510,6 +1510,41 @@ async def test_retention_by_age_writes_only_where_events_are_old(
         assert writes == [20]
 
 
+async def test_retention_reads_only_the_channels_it_may_trim_a_page_at_a_time(
+    log_url: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass read every channel row, with its first event's timestamp, into one list,
+    every second: channel rows outlive their events, so with per-session channels
+    each pass grew, in time and memory, with every channel ever used."""
+    from broadcast_history import Retention
+    from broadcast_history.log import _log, _queries
+
+    async with Broadcast(log=log_url) as bc:
+        sessions = [f"session-{i:04}" for i in range(2 * _log._RETENTION_PAGE + 200)]
+        for _ in range(2):
+            await asyncio.gather(*(bc.publish(name, "m") for name in sessions))
+        await bc.publish("kept", "k")
+        # Over three pages, every channel due is trimmed.
+        assert await bc.log.apply_retention(Retention(max_events=1)) == len(sessions)
+        assert (await bc.log.channel(sessions[-1])).count == 1  # type: ignore[union-attr]
+        await asyncio.sleep(0.01)
+        assert (
+            await bc.log.apply_retention(Retention(max_age=timedelta(milliseconds=5)))
+            == len(sessions) + 1
+        )
+
+        read: list[str] = []
+        info = _queries.channel_info
+        monkeypatch.setattr(_queries, "channel_info", lambda row: read.append(row[0]) or info(row))
+        await bc.publish("kept", "new")
+        assert await bc.log.apply_retention(Retention(max_events=1)) == 0
+        assert await bc.log.apply_retention(Retention(max_age=timedelta(hours=1))) == 0
+        assert read == []  # no row of a channel with nothing to remove left the database
+        await asyncio.sleep(0.01)
+        assert await bc.log.apply_retention(Retention(max_age=timedelta(milliseconds=5))) == 1
+        assert read == ["kept"]
+
+
 async def test_retention_slices_leave_a_channel_started_again_meanwhile(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -43,6 +43,8 @@ MAX_KEY_RETRIES = 32
 #: Offsets asked for in one query by EventLog.read_at (names by channels_named):
 #: drivers cap the parameters of a statement.
 _OFFSETS_PER_QUERY = 500
+#: Channels a retention pass reads at once.
+_RETENTION_PAGE = 500
 #: Events retention removes in one transaction, at most.
 RETENTION_SLICE = 10_000
 
@@ -340,12 +342,17 @@ class EventLog(ConsumerMethods):
                 if retention.max_events is None:
                     return 0
         removed = 0
-        for info in await self._all_channels():
-            if _queries.retention_due(info, retention.max_events, cutoff):
-                removed += await self._in_slices(
-                    info.name, None, cutoff, retention.max_events, info.epoch
-                )
-        return removed
+        after: str | None = None
+        while True:  # a page of channels at a time: memory bounded by the page
+            page = await self._retention_page(retention.max_events, cutoff, after)
+            for info in page:
+                if _queries.retention_due(info, retention.max_events, cutoff):
+                    removed += await self._in_slices(
+                        info.name, None, cutoff, retention.max_events, info.epoch
+                    )
+            if len(page) < _RETENTION_PAGE:
+                return removed
+            after = page[-1].name
 
     @finish_on_cancel
     async def _clock(self) -> int:
@@ -353,9 +360,11 @@ class EventLog(ConsumerMethods):
             return await _queries.clock(conn)
 
     @finish_on_cancel
-    async def _all_channels(self) -> list[ChannelInfo]:
+    async def _retention_page(
+        self, max_events: int | None, cutoff: int | None, after: str | None
+    ) -> list[ChannelInfo]:
         async with translated(), self._store.begin() as conn:
-            return await _queries.channel_page(conn, None, None, None)
+            return await _queries.retention_page(conn, max_events, cutoff, after, _RETENTION_PAGE)
 
     async def delete_channel(self, channel: str) -> bool:
         """Delete a channel and its history; its next use starts a new epoch.

@@ -15,10 +15,12 @@ from sqlalchemy import (
     BigInteger,
     ScalarSelect,
     Select,
+    and_,
     bindparam,
     cast,
     delete,
     func,
+    or_,
     select,
     update,
 )
@@ -30,6 +32,7 @@ from ._info import ChannelInfo, LogTotals
 from ._rows import (
     CHANNEL_COLUMNS,
     EVENT_COLUMNS,
+    FIRST_TIMESTAMP,
     MYSQL_NOW_US,
     SQLITE_INSERT_EVENTS,
     channel_info,
@@ -253,6 +256,35 @@ async def trim(
         .values(first_offset=new_first, trimmed_timestamp=trimmed_ts)
     )
     return int(deleted.rowcount)
+
+
+async def retention_page(
+    conn: AsyncConnection,
+    max_events: int | None,
+    cutoff_us: int | None,
+    after: str | None,
+    limit: int,
+) -> list[ChannelInfo]:
+    """Up to ``limit`` channels after ``after``, in name order, that retention may
+    remove something from (see :func:`retention_due`, which each still passes).
+
+    Only channels holding events over the limit, or holding one older than the
+    cutoff, leave the database: channel rows outlive their events, and a log of
+    per-session channels has far more rows than channels with history.
+    """
+    stored = channels.c.first_offset <= channels.c.last_offset
+    due = []
+    if max_events is not None:
+        due.append(channels.c.last_offset - channels.c.first_offset + 1 > max_events)
+    if cutoff_us is not None:
+        first = FIRST_TIMESTAMP
+        due.append(and_(stored, or_(first.is_(None), first < cutoff_us)))
+    if not due:
+        return []
+    query = select(*CHANNEL_COLUMNS).where(or_(*due)).order_by(channels.c.name).limit(limit)
+    if after is not None:
+        query = query.where(channels.c.name > after)
+    return [channel_info(row) for row in await conn.execute(query)]
 
 
 def retention_due(info: ChannelInfo, max_events: int | None, cutoff_us: int | None) -> bool:

@@ -28,7 +28,8 @@ EVENT_COLUMNS = (
 )
 
 # Timestamp of the oldest stored event: one primary-key seek per channel.
-_FIRST_TIMESTAMP = (
+#: The timestamp of a channel row's first stored event (a subquery of its row).
+FIRST_TIMESTAMP = (
     select(events.c.timestamp)
     .where(events.c.channel == channels.c.name, events.c.offset == channels.c.first_offset)
     .correlate(channels)
@@ -43,7 +44,7 @@ CHANNEL_COLUMNS = (
     channels.c.first_offset,
     channels.c.last_timestamp,
     channels.c.trimmed_timestamp,
-    _FIRST_TIMESTAMP.label("first_timestamp"),
+    FIRST_TIMESTAMP.label("first_timestamp"),
 )
 
 # Epochs are random so that a channel deleted and created again (possibly by another

@@ -14,6 +14,8 @@ import time
 from typing import Any
 
 import pytest
+from sqlalchemy import event as sa_event
+from sqlalchemy.engine import Engine
 
 from broadcast_history import (
     Broadcast,
@@ -105,6 +107,29 @@ async def test_commit_checks_its_arguments(broadcast: Broadcast) -> None:
             await broadcast.log.renew_leases(["h"], lease)
     async with broadcast.subscribe("c", consumer="week", lease=7 * 86_400, since=0) as sub:
         assert (await sub.get()).offset == 1
+
+
+async def test_leases_taken_together_run_statements_of_a_few_shapes(broadcast: Broadcast) -> None:
+    """Standbys' leases were taken with one multi-row upsert of as many rows as were
+    free: a statement text per count, each kept prepared per connection (128 by
+    SQLite's driver, 100 by asyncpg, and the Postgres server with them)."""
+    texts: set[str] = set()
+
+    def ran(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "broadcast_consumers" in statement and statement.lstrip().upper().startswith("INSERT"):
+            texts.add(statement)
+
+    sa_event.listen(Engine, "before_cursor_execute", ran)
+    try:
+        for size in range(1, 41):
+            claims = [(f"shapes-{size}", f"c{i}", f"h{size}-{i}") for i in range(size)]
+            got = await broadcast.log.acquire_leases(claims, 30.0)
+            assert sorted(got.taken) == sorted(holder for _, _, holder in claims)
+            again = await broadcast.log.acquire_leases([(c, n, "other") for c, n, _ in claims], 30)
+            assert again.taken == {} and again.next_expiry is not None
+    finally:
+        sa_event.remove(Engine, "before_cursor_execute", ran)
+    assert 0 < len(texts) <= 6, len(texts)  # rows in runs of 1, 2, 4, 8, 16 and 32
 
 
 async def test_a_lease_runs_from_its_statement_not_from_a_queue(broadcast: Broadcast) -> None:

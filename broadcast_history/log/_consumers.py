@@ -45,7 +45,7 @@ from . import _consumers_mysql as _mysql
 from ._info import ConsumerInfo, LeaseAttempt, LeaseClaims
 from ._rows import MYSQL_NOW_US, now_micros
 from ._schema import channels, consumers
-from ._shapes import padded
+from ._shapes import padded, power_runs
 
 _C = consumers.c
 # Holders renewed per statement: well under every database's limit on parameters.
@@ -242,17 +242,21 @@ async def acquire_many(
             continue
         dialect: Any = postgresql if sql.postgres else sqlite
         expires = sql.now + lease_us
-        rows = [
-            {"channel": c, "name": n, "holder": h, "lease_expires": expires} for c, n, h in free
-        ]
-        taking = dialect.insert(consumers).values(rows)
-        statement = taking.on_conflict_do_update(
-            index_elements=[_C.channel, _C.name],
-            set_={"holder": taking.excluded.holder, "lease_expires": taking.excluded.lease_expires},
-            where=sql.free,
-        ).returning(_C.holder, _C.epoch, _C.position)
-        for holder, epoch, position in await conn.execute(statement, params):
-            taken[holder] = (epoch, position)
+        for run in power_runs(free):  # rows of a few counts: statements of a few shapes
+            rows = [
+                {"channel": c, "name": n, "holder": h, "lease_expires": expires} for c, n, h in run
+            ]
+            taking = dialect.insert(consumers).values(rows)
+            statement = taking.on_conflict_do_update(
+                index_elements=[_C.channel, _C.name],
+                set_={
+                    "holder": taking.excluded.holder,
+                    "lease_expires": taking.excluded.lease_expires,
+                },
+                where=sql.free,
+            ).returning(_C.holder, _C.epoch, _C.position)
+            for holder, epoch, position in await conn.execute(statement, params):
+                taken[holder] = (epoch, position)
     return LeaseClaims.of(taken, expiries)
 
 

@@ -17,6 +17,19 @@ from typing import TypeVar
 _T = TypeVar("_T")
 
 
+def power_runs(values: Sequence[_T]) -> list[Sequence[_T]]:
+    """``values`` cut into runs whose lengths are powers of two, longest first: for a
+    statement with a row per value, where a value repeated would change the result (a
+    multi-row upsert), as a few statements of a few shapes each."""
+    runs: list[Sequence[_T]] = []
+    at = 0
+    for bit in reversed(range(len(values).bit_length())):
+        if len(values) >> bit & 1:
+            runs.append(values[at : at + (1 << bit)])
+            at += 1 << bit
+    return runs
+
+
 def padded(values: Sequence[_T]) -> list[_T]:
     """``values`` with the last one repeated up to a power of two (a value repeated
     in an IN list changes nothing it selects)."""

@@ -346,10 +346,9 @@ class EventLog(ConsumerMethods):
         while True:  # a page of channels at a time: memory bounded by the page
             page = await self._retention_page(retention.max_events, cutoff, after)
             for info in page:
-                if _queries.retention_due(info, retention.max_events, cutoff):
-                    removed += await self._in_slices(
-                        info.name, None, cutoff, retention.max_events, info.epoch
-                    )
+                removed += await self._in_slices(
+                    info.name, None, cutoff, retention.max_events, info.epoch
+                )
             if len(page) < _RETENTION_PAGE:
                 return removed
             after = page[-1].name

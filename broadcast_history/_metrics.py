@@ -4,7 +4,7 @@ One collector per registry reads the plain counters (``_stats``) of every broadc
 registered with it when it is scraped, so metrics cost nothing on the hot paths but
 an integer increment. Names start with ``broadcast_history_``; no label carries a
 channel name on a hot counter (the number of channels is unbounded): only
-``consumer_lag`` has one, one series per durable consumer.
+``consumer_lag`` has one, a series for each of the LAG_SERIES largest lags.
 """
 
 from __future__ import annotations
@@ -65,8 +65,10 @@ class BroadcastCollector:
         self._retired = Stats()
         self._retired_foreign = {"not_envelope": 0, "other_log": 0}
         self._retired_reconnects = 0
-        #: Lag of each durable consumer, refreshed by :meth:`refresh_lags`.
+        #: The largest lags of durable consumers, refreshed by :meth:`refresh_lags`.
         self.lags: dict[tuple[str, str], int] = {}
+        #: How many durable consumers have committed, as of the same refresh.
+        self.committed = 0
         # The loops the registered broadcasts keep their lags fresh on (see
         # keep_lags_fresh), with how many broadcasts each.
         self.loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, int] = (
@@ -90,29 +92,24 @@ class BroadcastCollector:
         self._retired_reconnects += int(getattr(transport[0], "reconnects", 0))
 
     async def refresh_lags(self) -> None:
-        """Read the lag of every durable consumer of the registered broadcasts' logs."""
-        lags: dict[tuple[str, str], int] = {}
+        """Read the LAG_SERIES largest lags of durable consumers of the registered
+        broadcasts' logs, and how many consumers have committed."""
+        found: list[tuple[str, str, int]] = []
+        committed = 0
         seen: set[str] = set()
+        limit = LAG_SERIES
         for broadcast in list(self._broadcasts):
             if not broadcast.connected or broadcast.log.log_id in seen:
                 continue  # several broadcasts of one process may share a log
             seen.add(broadcast.log.log_id)
-            heads: dict[str, int | None] = {}
-            for info in await broadcast.log.consumers():
-                if info.lag is not None:
-                    lags[(info.channel, info.name)] = info.lag
-                elif info.position is not None:
-                    # A position from an earlier epoch (the channel was deleted, or
-                    # reset): the worker stops at StreamReset each time it starts, and
-                    # every event of the channel now is still to do. Reported, so the
-                    # lag alert can fire; nothing if the channel is gone.
-                    if info.channel not in heads:
-                        head = await broadcast.log.channel(info.channel)
-                        heads[info.channel] = None if head is None else head.last_offset
-                    last = heads[info.channel]
-                    if last is not None:
-                        lags[(info.channel, info.name)] = last
-        self.lags = lags
+            lags = await broadcast.log.consumer_lags(limit)
+            committed += lags.committed
+            found.extend(lags.largest)
+        # Consumers are rows that outlive their workers (a name per session makes
+        # one each): the series are the largest lags, which alerts are about.
+        found.sort(key=lambda row: (-row[2], row[0], row[1]))
+        self.lags = {(channel, name): lag for channel, name, lag in found[:limit]}
+        self.committed = committed
 
     def refresh_for_scrape(self) -> None:
         """Read ``consumer_lag`` as of this scrape, when it runs in a thread of its own.
@@ -232,8 +229,15 @@ class BroadcastCollector:
         for (channel, consumer), value in sorted(self.lags.items()):
             lag.add_metric([channel, consumer], value)
         yield lag
+        yield GaugeMetricFamily(
+            _PREFIX + "consumers",
+            f"Durable consumers with a position (consumer_lag: the {LAG_SERIES} largest lags)",
+            self.committed,
+        )
 
 
+#: Most ``consumer_lag`` series exported: those of the largest lags.
+LAG_SERIES = 1000
 #: Seconds between refreshes of ``consumer_lag`` for scrapes that cannot wait for one.
 LAGS_EVERY = 15.0
 #: Longest wait, in seconds, of a scrape from another thread for the lags it reads.

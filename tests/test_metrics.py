@@ -305,7 +305,7 @@ async def test_a_scrape_does_not_wait_for_a_silent_log(
             async def silent(*args: Any) -> Any:
                 await asyncio.sleep(3600)
 
-            monkeypatch.setattr(broadcast.log, "consumers", silent)
+            monkeypatch.setattr(broadcast.log, "consumer_lags", silent)
             response = await asyncio.wait_for(
                 client.get("/metrics", headers={"Authorization": "Bearer t"}), 5
             )
@@ -329,6 +329,44 @@ async def test_a_consumer_stuck_on_a_reset_channel_keeps_its_lag(sqlite_file_url
         await broadcast.log.delete_channel("orders")
         text = (await asyncio.to_thread(generate_latest, registry)).decode()
         assert "consumer_lag{" not in text  # nothing to do: the channel is gone
+
+
+async def test_consumer_lag_has_a_series_for_the_largest_lags_only(
+    log_url: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A consumer's row outlives its worker (a consumer name per session leaves one
+    each): the collector held, and every scrape sent, a series for each consumer
+    ever committed (45,000 per-session consumers: RSS 71 -> 112 MB, scrapes of
+    megabytes). The series are the largest lags; a gauge counts them all."""
+    from broadcast_history import _metrics
+
+    monkeypatch.setattr(_metrics, "LAG_SERIES", 3, raising=False)
+    registry = CollectorRegistry()
+    async with Broadcast(log=log_url, metrics=registry) as broadcast:
+        log = broadcast.log
+        for i in range(6):
+            await broadcast.publish("orders", f"o{i}")
+        for position in range(1, 6):  # lags 5, 4, 3, 2, 1
+            await log.set_consumer("orders", f"c{position}", position)
+        # A position of an earlier epoch lags by every event of the channel now.
+        for channel in ("old", "gone"):
+            await broadcast.publish(channel, "first")
+            await log.set_consumer(channel, "x", 1)
+            await log.delete_channel(channel)
+        for i in range(4):
+            await broadcast.publish("old", f"again {i}")
+        text = (await asyncio.to_thread(generate_latest, registry)).decode()
+    lines = [line for line in text.splitlines() if line.startswith(_PREFIX_LAG)]
+    assert lines == [
+        _PREFIX_LAG + '{channel="old",consumer="x"} 4.0',
+        _PREFIX_LAG + '{channel="orders",consumer="c1"} 5.0',
+        _PREFIX_LAG + '{channel="orders",consumer="c2"} 4.0',
+    ]
+    # The one of a channel that is gone has nothing to do: not counted.
+    assert "\nbroadcast_history_consumers 6.0\n" in text
+
+
+_PREFIX_LAG = "broadcast_history_consumer_lag"
 
 
 async def test_consumer_lag_read_for_a_scrape_from_another_thread(sqlite_file_url: str) -> None:

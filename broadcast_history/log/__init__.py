@@ -15,6 +15,7 @@ from ._engine import create_engine, normalize_url
 from ._info import (
     ChannelInfo,
     ConsumerInfo,
+    ConsumerLags,
     LeaseAttempt,
     LeaseClaims,
     LogTotals,
@@ -38,6 +39,7 @@ __all__ = [
     "VERSION_TABLE",
     "ChannelInfo",
     "ConsumerInfo",
+    "ConsumerLags",
     "EventLog",
     "LeaseAttempt",
     "LeaseClaims",

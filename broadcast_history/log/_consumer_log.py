@@ -18,7 +18,7 @@ from .._validation import check_channel, check_consumer, check_int, check_lease
 from . import _consumers
 from ._calls import finish_on_cancel, finish_repeatable, translated
 from ._consumers_mysql import deadlocked
-from ._info import ConsumerInfo, LeaseAttempt, LeaseClaims
+from ._info import ConsumerInfo, ConsumerLags, LeaseAttempt, LeaseClaims
 from ._store import Store
 
 #: Tries of a consumer's position set that deadlocked with another (MySQL).
@@ -146,6 +146,17 @@ class ConsumerMethods:
             check_channel(channel)
         async with translated(), self._store.begin() as conn:
             return await _consumers.listing(conn, channel)
+
+    @finish_repeatable
+    async def consumer_lags(self, limit: int) -> ConsumerLags:
+        """The ``limit`` largest lags of committed consumers (ties by channel and
+        name), and how many committed consumers there are: what metrics export,
+        however many consumers the log keeps. A position of an earlier epoch lags
+        by every event of the channel now; consumers of channels that no longer
+        exist are left out."""
+        check_int("limit", limit)
+        async with translated(), self._store.begin() as conn:
+            return await _consumers.lags(conn, limit)
 
     @finish_on_cancel
     async def set_consumer(self, channel: str, name: str, position: int) -> ConsumerInfo | None:

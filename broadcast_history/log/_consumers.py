@@ -42,7 +42,7 @@ from .._errors import ConsumerBusy
 from .._event import from_micros
 from .._validation import check_served
 from . import _consumers_mysql as _mysql
-from ._info import ConsumerInfo, LeaseAttempt, LeaseClaims
+from ._info import ConsumerInfo, ConsumerLags, LeaseAttempt, LeaseClaims
 from ._rows import MYSQL_NOW_US, now_micros
 from ._schema import channels, consumers
 from ._shapes import padded, power_runs
@@ -71,6 +71,23 @@ class _Reads:
             .order_by(_C.channel, _C.name)
         )
         self.listing_of = self.listing.where(_C.channel == bindparam("b_channel"))
+        # Events after a committed position, of channels that exist: for a position
+        # of an earlier epoch (its worker stops at StreamReset), every event now.
+        head = channels.c.last_offset
+        lag = case(
+            (_C.epoch != channels.c.epoch, head),
+            (head > _C.position, head - _C.position),
+            else_=0,
+        ).label("lag")
+        committed = consumers.join(channels, channels.c.name == _C.channel)
+        self.lags = (
+            select(_C.channel, _C.name, lag)
+            .select_from(committed)
+            .where(_C.position.is_not(None))
+            .order_by(lag.desc(), _C.channel, _C.name)
+            .limit(bindparam("b_limit", type_=BigInteger))
+        )
+        self.committed = select(func.count()).select_from(committed).where(_C.position.is_not(None))
 
 
 class _Statements(_Reads):
@@ -321,6 +338,14 @@ async def listing(conn: AsyncConnection, channel: str | None) -> list[ConsumerIn
         when = None if updated is None else from_micros(updated)
         found.append(ConsumerInfo(of, name, epoch, position, lag, when, holder))
     return found
+
+
+async def lags(conn: AsyncConnection, limit: int) -> ConsumerLags:
+    """The ``limit`` largest lags of committed consumers, and how many there are."""
+    sql, params = _reads(conn)
+    count = (await conn.execute(sql.committed, params)).scalar_one()
+    rows = await conn.execute(sql.lags, {**params, "b_limit": limit})
+    return ConsumerLags(int(count), [(channel, name, int(lag)) for channel, name, lag in rows])
 
 
 async def set_position(

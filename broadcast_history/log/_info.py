@@ -124,6 +124,15 @@ class ConsumerInfo:
     holder: str | None
 
 
+class ConsumerLags(NamedTuple):
+    """The lags of durable consumers, as ``EventLog.consumer_lags`` reads them."""
+
+    #: Consumers with a committed position, of a channel that exists.
+    committed: int
+    #: (channel, consumer, lag) of the largest lags, largest first.
+    largest: list[tuple[str, str, int]]
+
+
 class LeaseClaims(NamedTuple):
     """The outcome of ``EventLog.acquire_leases``.
 

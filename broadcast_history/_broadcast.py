@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -38,6 +40,11 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 logger = logging.getLogger("broadcast_history")
+#: A retention pass waits this many times as long as the shortest of the last three
+#: searches for channels took, at least ``Retention.interval``, at most
+#: RETENTION_SPACING_MAX seconds.
+RETENTION_SPACING = 20
+RETENTION_SPACING_MAX = 60.0
 
 
 class Broadcast:
@@ -449,9 +456,22 @@ class Broadcast:
                 raise
 
     async def _retain(self, retention: Retention) -> None:
+        # Finding what is due reads every channel row, and channel rows outlive their
+        # events (a million per-user channels: 0.1-0.5 s of the database's time a
+        # pass, in every process): passes are spaced out so that searching takes at
+        # most 1/RETENTION_SPACING of the time. By the shortest of the last searches,
+        # so that one stalled by something else does not put retention off for long.
+        searches: deque[float] = deque(maxlen=3)
+        wait = retention.interval
         while True:
-            await asyncio.sleep(retention.interval)
+            await asyncio.sleep(wait)
+            started = time.monotonic()
             try:
-                await self.log.apply_retention(retention)
+                done = await self.log.retention_pass(retention)
             except Exception:
                 logger.warning("retention pass failed", exc_info=True)
+                searches.append(time.monotonic() - started)  # failing may be as slow
+            else:
+                searches.append(done.searching)
+            spaced = min(searches) * RETENTION_SPACING
+            wait = max(retention.interval, min(spaced, RETENTION_SPACING_MAX))

@@ -106,9 +106,13 @@ class BroadcastCollector:
             committed += lags.committed
             found.extend(lags.largest)
         # Consumers are rows that outlive their workers (a name per session makes
-        # one each): the series are the largest lags, which alerts are about.
-        found.sort(key=lambda row: (-row[2], row[0], row[1]))
-        self.lags = {(channel, name): lag for channel, name, lag in found[:limit]}
+        # one each): the series are the largest lags, which alerts are about. A
+        # name in two logs has one series: the larger lag.
+        largest: dict[tuple[str, str], int] = {}
+        for channel, name, lag in found:
+            largest[(channel, name)] = max(lag, largest.get((channel, name), 0))
+        ordered = sorted(largest.items(), key=lambda item: (-item[1], item[0]))
+        self.lags = dict(ordered[:limit])
         self.committed = committed
 
     def refresh_for_scrape(self) -> None:

@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("broadcaster", reason="the benchmarks compare with broadcaster 0.3.1")
 pytest.importorskip("nats", reason="the benchmarks compare with NATS JetStream (nats-py)")
 
-from bench import channel_ratio, plain_api, scenarios, sqlite_layout
+from bench import channel_ratio, plain_api, retention_scan, scenarios, sqlite_layout
 from bench.jetstream import server_binary
 from bench.run import main
 from broadcast_history import Broadcast
@@ -80,3 +80,10 @@ async def test_channel_ratio_reports_both_logs() -> None:
     lines = await channel_ratio.measure(rounds=1, events=400)
     assert [line.split(":")[0] for line in lines] == ["file log", "memory log"]
     assert all("median" in line for line in lines)
+
+
+def test_retention_scan_writes_its_figures(tmp_path: Path) -> None:
+    retention_scan.main(["--channels", "2000", "--logs", "sqlite", "--out", str(tmp_path)])
+    figures = json.loads((tmp_path / "retention_scan.json").read_text())["sqlite"]
+    assert figures["both"]["search_ms"] > 0
+    assert figures["both"]["spacing_s"] >= 1.0

@@ -369,6 +369,22 @@ async def test_consumer_lag_has_a_series_for_the_largest_lags_only(
 _PREFIX_LAG = "broadcast_history_consumer_lag"
 
 
+async def test_a_consumer_name_in_two_logs_has_the_larger_lag(tmp_path: Path) -> None:
+    """Broadcasts of two logs in one registry, one consumer name in both: its series
+    showed whichever lag came last, which hid the larger one from the alert."""
+    for behind in (True, False):
+        registry = CollectorRegistry()
+        logs = [f"sqlite+aiosqlite:///{tmp_path / f'{name}{behind}.db'}" for name in "ab"]
+        async with Broadcast(log=logs[0], metrics=registry) as lagging:
+            async with Broadcast(log=logs[1], metrics=registry) as current:
+                for broadcast in (current, lagging) if behind else (lagging, current):
+                    await _lagging_by_3(broadcast)
+                await current.log.set_consumer("orders", "mailer", 5)
+                text = (await asyncio.to_thread(generate_latest, registry)).decode()
+        assert LAG_LINE in text, behind
+        assert "\nbroadcast_history_consumers 2.0\n" in text
+
+
 async def test_consumer_lag_read_for_a_scrape_from_another_thread(sqlite_file_url: str) -> None:
     """prometheus-client's own HTTP server scrapes in a thread of its own: the lag
     is read for that scrape, not up to 15 s later. A scrape on the loop's thread

@@ -21,6 +21,7 @@ from ._info import (
     LogTotals,
     Pending,
     Retention,
+    RetentionPass,
 )
 from ._log import EventLog
 from ._migrate import head_revision, known_revision, schema_revision
@@ -46,6 +47,7 @@ __all__ = [
     "LogTotals",
     "Pending",
     "Retention",
+    "RetentionPass",
     "head_revision",
     "known_revision",
     "metadata",

@@ -458,3 +458,27 @@ def test_names_times_and_long_messages_are_shown_as_they_are(page: Any, server: 
         "2026-11-28T00:00:00Z",
     ]
     assert got["long"] == "x" * 499 + "😀… (510 chars)"
+
+
+async def _crowd(log: str, channel: str, consumers: int) -> None:
+    async with Broadcast("memory://", log=log) as broadcast:
+        await broadcast.publish(channel, "x")
+        for i in range(consumers):
+            await broadcast.log.set_consumer(channel, f"worker-{i:04}", 1)
+
+
+def test_a_channel_with_more_consumers_than_a_page_says_so(page: Any, tmp_path: Path) -> None:
+    """GET /consumers answers 1,000 at most (it listed every row ever committed):
+    the console shows that page and says there are more."""
+    log = f"sqlite+aiosqlite:///{tmp_path / 'crowded.db'}"
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, _crowd(log, "crowded", 1001)).result()
+    server = Server(log, tmp_path)
+    server.start()
+    try:
+        log_in(page, server)
+        open_channel(page, "crowded")
+        expect(page.locator("#consumers-table tbody tr")).to_have_count(1000)
+        expect(page.locator("#consumers-more")).to_contain_text("first 1,000 consumers")
+    finally:
+        server.stop()

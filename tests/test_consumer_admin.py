@@ -12,7 +12,13 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from broadcast_history import Broadcast, ConsumerBusy, HistoryTruncated, OffsetOutOfRange
+from broadcast_history import (
+    Broadcast,
+    ConsumerBusy,
+    HistoryTruncated,
+    InvalidArgument,
+    OffsetOutOfRange,
+)
 from broadcast_history.admin import (
     ChannelNotFound,
     ConsumerInfo,
@@ -93,7 +99,7 @@ async def test_http_routes(broadcast: Broadcast) -> None:
     transport = httpx.ASGITransport(app=create_app(broadcast, token=TOKEN))
     route = f"/channels/{quote('orders/eu', safe='')}/consumers"
     async with httpx.AsyncClient(transport=transport, base_url="http://a", headers=AUTH) as http:
-        assert (await http.get("/consumers")).json() == {"consumers": []}
+        assert (await http.get("/consumers")).json() == {"consumers": [], "next_cursor": None}
         put = await http.put(f"{route}/mailer", json={"position": 3})
         assert put.status_code == 200
         body = put.json()
@@ -123,7 +129,49 @@ async def test_http_routes(broadcast: Broadcast) -> None:
         assert (await http.get("/consumers", params={"channel": ""})).status_code == 400
         assert (await http.delete(f"{route}/mailer")).status_code == 204
         assert (await http.delete(f"{route}/mailer")).status_code == 404
-        assert (await http.get("/consumers")).json() == {"consumers": []}
+        assert (await http.get("/consumers")).json() == {"consumers": [], "next_cursor": None}
+
+
+async def test_consumers_are_listed_a_page_at_a_time(
+    broadcast: Broadcast, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every consumer ever committed stays until deleted (a name per session leaves
+    one each): the listing, over HTTP too, was one answer with all of them."""
+    from broadcast_history.admin import _consumers
+
+    admin = HistoryAdmin.of(broadcast)
+    await broadcast.publish("a", "x")
+    for channel, name in [("orders/eu", "b"), ("a", "z"), ("orders/eu", "a"), ("orders/eu", "é")]:
+        await admin.set_consumer(channel, name, 1)
+    everyone = [(c.channel, c.name) for c in await admin.consumers()]
+    assert everyone == [("a", "z"), ("orders/eu", "a"), ("orders/eu", "b"), ("orders/eu", "é")]
+    first = await admin.consumers(limit=2)
+    rest = await admin.consumers(after=(first[-1].channel, first[-1].name), limit=2)
+    assert [(c.channel, c.name) for c in first + rest] == everyone
+    assert await admin.consumers(after=everyone[-1]) == []
+    of_orders = await admin.consumers("orders/eu", after=("orders/eu", "a"))
+    assert [c.name for c in of_orders] == ["b", "é"]
+    monkeypatch.setattr(_consumers, "CONSUMER_PAGE", 1)
+    assert [(c.channel, c.name) async for c in admin.all_consumers()] == everyone
+    for bad in ({"limit": 0}, {"limit": 10_001}, {"after": ("a",)}, {"after": ("a", "")}):
+        with pytest.raises(InvalidArgument):
+            await admin.consumers(**bad)  # type: ignore[arg-type]
+
+    transport = httpx.ASGITransport(app=create_app(broadcast, token=TOKEN))
+    async with httpx.AsyncClient(transport=transport, base_url="http://a", headers=AUTH) as http:
+        seen, cursor = [], None
+        while True:
+            params = {"limit": 3} | ({"after": cursor} if cursor else {})
+            body = (await http.get("/consumers", params=params)).json()
+            seen += [(c["channel"], c["name"]) for c in body["consumers"]]
+            cursor = body["next_cursor"]
+            if cursor is None:
+                break
+        assert seen == everyone
+        for bad_cursor in ("x", '["a"]', "[1, 2]", '["a", ""]'):
+            answer = await http.get("/consumers", params={"after": bad_cursor})
+            assert answer.status_code == 400, bad_cursor
+        assert (await http.get("/consumers", params={"limit": 0})).status_code == 422
 
 
 async def _seed(url: str) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Response
 
+from .._errors import InvalidArgument
 from .._validation import check_channel
 from ._paths import channel_from_path, consumer_from_path
 from ._query import HistoryAdmin
@@ -19,6 +21,19 @@ _BUSY: dict[int | str, dict[str, Any]] = {
 }
 
 
+def _cursor(after: str | None) -> tuple[str, str] | None:
+    """The (channel, name) of a ``next_cursor``: a JSON pair of strings."""
+    if after is None:
+        return None
+    try:
+        pair = json.loads(after)
+    except ValueError:
+        pair = None
+    if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
+        raise InvalidArgument("after must be the next_cursor of a page of consumers")
+    return pair[0], pair[1]
+
+
 def add_consumer_routes(app: FastAPI, admin: HistoryAdmin) -> None:
     """Add the consumer routes; before the channel routes, whose ``{channel:path}``
     would take ``.../consumers/{name}`` for a channel name."""
@@ -28,12 +43,22 @@ def add_consumer_routes(app: FastAPI, admin: HistoryAdmin) -> None:
         channel: Annotated[
             str | None, Query(max_length=255, description="Only this channel's consumers")
         ] = None,
+        after: Annotated[
+            str | None, Query(max_length=1100, description="Cursor: `next_cursor` of a page")
+        ] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 1000,
     ) -> ConsumerList:
-        """Durable consumers with their position, lag behind the head and holder."""
+        """Durable consumers with their position, lag behind the head and holder, in
+        channel and name order, a page at a time."""
         if channel is not None:
             check_channel(channel)
-        found = await admin.consumers(channel)
-        return ConsumerList(consumers=[ConsumerOut.of(info) for info in found])
+        found = await admin.consumers(channel, after=_cursor(after), limit=limit + 1)
+        more = len(found) > limit
+        found = found[:limit]
+        cursor = (
+            json.dumps([found[-1].channel, found[-1].name], ensure_ascii=False) if more else None
+        )
+        return ConsumerList(consumers=[ConsumerOut.of(info) for info in found], next_cursor=cursor)
 
     @app.put(
         "/channels/{channel:path}/consumers/{name}",

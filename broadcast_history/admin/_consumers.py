@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 from .._validation import check_channel, check_consumer, check_int
 from ..log import ConsumerInfo, EventLog
 from ._errors import ChannelNotFound, ConsumerNotFound
+from ._limits import check_limit
+
+#: Consumers read per query by :meth:`ConsumerAdmin.all_consumers`.
+CONSUMER_PAGE = 1000
 
 
 class ConsumerAdmin:
@@ -12,15 +18,40 @@ class ConsumerAdmin:
 
     log: EventLog
 
-    async def consumers(self, channel: str | None = None) -> list[ConsumerInfo]:
+    async def consumers(
+        self,
+        channel: str | None = None,
+        *,
+        after: tuple[str, str] | None = None,
+        limit: int | None = None,
+    ) -> list[ConsumerInfo]:
         """Durable consumers (of ``channel``, or of every channel), ordered by channel
         and name, with their position, lag behind the head and live holder.
 
         A consumer may name a channel that does not exist (yet, or any more).
+
+        Args:
+            channel: Only this channel's consumers.
+            after: Cursor: only consumers after this (channel, name), as the last
+                one of the previous page.
+            limit: At most this many (1 to 10 000; default: every consumer).
         """
         if channel is not None:
             check_channel(channel)
-        return await self.log.consumers(channel)
+        if limit is not None:
+            check_limit(limit)
+        return await self.log.consumers(channel, after=after, limit=limit)
+
+    async def all_consumers(self, channel: str | None = None) -> AsyncIterator[ConsumerInfo]:
+        """Every durable consumer (of ``channel``), read CONSUMER_PAGE at a time."""
+        after: tuple[str, str] | None = None
+        while True:
+            page = await self.consumers(channel, after=after, limit=CONSUMER_PAGE)
+            for info in page:
+                yield info
+            if len(page) < CONSUMER_PAGE:
+                return
+            after = (page[-1].channel, page[-1].name)
 
     async def set_consumer(self, channel: str, name: str, position: int) -> ConsumerInfo:
         """Set the stored position of consumer ``name`` of ``channel`` (created if

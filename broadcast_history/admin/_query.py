@@ -26,6 +26,7 @@ from ..log import ChannelInfo, EventLog, Retention
 from . import _import, _jsonl
 from ._consumers import ConsumerAdmin
 from ._errors import ChannelNotFound, EventNotFound
+from ._limits import check_limit
 from ._models import ChannelPage, EventPage, ImportResult, RetentionStats
 
 if TYPE_CHECKING:
@@ -33,16 +34,9 @@ if TYPE_CHECKING:
 
 _Admin = TypeVar("_Admin", bound="HistoryAdmin")
 
-#: Largest page any query returns.
-MAX_LIMIT = 10_000
 #: Most message bytes one page of events carries (besides its first event), over HTTP
 #: and in the CLI: 10,000 events of 1 MB each would be 10 GB in memory.
 MAX_PAGE_BYTES = 8 * 1024 * 1024
-
-
-def _check_limit(limit: int) -> None:
-    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
-        raise InvalidArgument(f"limit must be an int from 1 to {MAX_LIMIT}")
 
 
 def _check_time(name: str, value: datetime | None) -> None:
@@ -124,7 +118,7 @@ class HistoryAdmin(ConsumerAdmin):
         """
         _check_name_part("prefix", prefix)
         _check_name_part("after", after)
-        _check_limit(limit)
+        check_limit(limit)
         found = await self.log.channels(prefix=prefix, after=after or None, limit=limit + 1)
         more = len(found) > limit
         found = found[:limit]
@@ -181,7 +175,7 @@ class HistoryAdmin(ConsumerAdmin):
         check_optional_int("before", before)
         _check_time("since", since)
         _check_time("until", until)
-        _check_limit(limit)
+        check_limit(limit)
         if order not in ("asc", "desc"):
             raise InvalidArgument("order must be 'asc' or 'desc'")
         if await self.log.channel(channel) is None:

@@ -186,9 +186,12 @@ class ConsumerOut(BaseModel):
 
 
 class ConsumerList(BaseModel):
-    """Durable consumers, by channel and name."""
+    """A page of durable consumers, by channel and name."""
 
     consumers: list[ConsumerOut]
+    next_cursor: str | None = Field(
+        default=None, description="Pass as `after` for the next page; null: the last page"
+    )
 
 
 class PositionIn(BaseModel):

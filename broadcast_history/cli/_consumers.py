@@ -52,17 +52,22 @@ def list_consumers(
 ) -> None:
     """List durable consumers: stored position, lag behind the head, holder."""
 
-    async def go() -> list[ConsumerInfo]:
-        async with open_admin(log) as admin:
-            return await admin.consumers(channel)
-
-    found = run(go())
     if as_json:
         from ..admin._schemas import ConsumerOut  # see _read._stats_json
 
-        for info in found:
-            typer.echo(ConsumerOut.of(info).model_dump_json())
+        async def each() -> None:  # a page at a time, however many consumers
+            async with open_admin(log) as admin:
+                async for info in admin.all_consumers(channel):
+                    typer.echo(ConsumerOut.of(info).model_dump_json())
+
+        run(each())
         return
+
+    async def go() -> list[ConsumerInfo]:
+        async with open_admin(log) as admin:
+            return [info async for info in admin.all_consumers(channel)]
+
+    found = run(go())
     if not found:
         err_console.print("no durable consumers" + (f" of {channel!r}" if channel else ""))
         return

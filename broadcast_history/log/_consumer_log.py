@@ -139,13 +139,28 @@ class ConsumerMethods:
         )
 
     @finish_repeatable
-    async def consumers(self, channel: str | None = None) -> list[ConsumerInfo]:
+    async def consumers(
+        self,
+        channel: str | None = None,
+        *,
+        after: tuple[str, str] | None = None,
+        limit: int | None = None,
+    ) -> list[ConsumerInfo]:
         """The durable consumers (of ``channel``, or of every channel), ordered by
-        channel and name, with their lag and live holder."""
+        channel and name, with their lag and live holder: those after ``after`` (a
+        channel and a consumer name), at most ``limit`` of them."""
         if channel is not None:
             check_channel(channel)
+        if after is not None:
+            if not isinstance(after, tuple | list) or len(after) != 2:
+                raise InvalidArgument("after must be a (channel, consumer) pair")
+            check_channel(after[0])
+            check_consumer(after[1])
+            after = (after[0], after[1])
+        if limit is not None:
+            check_int("limit", limit, minimum=1)
         async with translated(), self._store.begin() as conn:
-            return await _consumers.listing(conn, channel)
+            return await _consumers.listing(conn, channel, after, limit)
 
     @finish_repeatable
     async def consumer_lags(self, limit: int) -> ConsumerLags:

@@ -325,10 +325,24 @@ async def commit(
     return None if stored is None else int(stored)
 
 
-async def listing(conn: AsyncConnection, channel: str | None) -> list[ConsumerInfo]:
-    """Consumers (of ``channel``, or all) in (channel, name) order, with their lag."""
+async def listing(
+    conn: AsyncConnection,
+    channel: str | None,
+    after: tuple[str, str] | None = None,
+    limit: int | None = None,
+) -> list[ConsumerInfo]:
+    """Consumers (of ``channel``, or all) in (channel, name) order, with their lag:
+    those after ``after`` (a channel and a name), at most ``limit``."""
     sql, params = _reads(conn)
     query = sql.listing if channel is None else sql.listing_of
+    if after is not None:
+        # Spelled out rather than a row comparison: every database's planner turns
+        # this into a range of the primary key.
+        query = query.where(
+            or_(_C.channel > after[0], and_(_C.channel == after[0], _C.name > after[1]))
+        )
+    if limit is not None:
+        query = query.limit(limit)
     found = []
     for row in await conn.execute(query, {**params, "b_channel": channel}):
         of, name, epoch, position, updated, holder, channel_epoch, head = row

@@ -82,6 +82,7 @@ def make_app(broadcast: Broadcast) -> Starlette:
                 "rss_kb": rss_kb(),
                 "fds": len(os.listdir("/proc/self/fd")),
                 "sockets": sum(f.startswith("socket:") for f in open_files()),
+                "files": sorted(f for f in open_files() if not f.startswith("socket:")),
             }
         )
 

@@ -37,5 +37,10 @@ export async function showConsumers(api, channel, current) {
       el("td", {}, c.holder ?? el("span", { className: "muted" }, "free")),
     ),
   );
-  box.replaceChildren(el("table", { id: "consumers-table" }, el("thead", {}, head), el("tbody", {}, ...rows)));
+  const table = el("table", { id: "consumers-table" }, el("thead", {}, head), el("tbody", {}, ...rows));
+  // A page of 1,000 at most: the rest are for the CLI or GET /consumers with `after`.
+  const more = body.next_cursor
+    ? [el("p", { className: "muted", id: "consumers-more" }, `The first ${number(rows.length)} consumers, by name; the CLI lists them all.`)]
+    : [];
+  box.replaceChildren(table, ...more);
 }

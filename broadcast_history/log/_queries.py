@@ -17,6 +17,7 @@ from sqlalchemy import (
     Select,
     and_,
     bindparam,
+    case,
     cast,
     delete,
     func,
@@ -302,7 +303,10 @@ async def delete_channel(conn: AsyncConnection, channel: str) -> bool:
 
 async def totals(conn: AsyncConnection) -> LogTotals:
     stored = func.sum(channels.c.last_offset - channels.c.first_offset + 1)
-    oldest = CHANNEL_COLUMNS[-1]
+    # The first event's timestamp is looked up only for channels that store one: a
+    # log of per-session channels has mostly rows with nothing left (a million rows:
+    # 1.35 s on Postgres when each row looked).
+    oldest = case((channels.c.first_offset <= channels.c.last_offset, FIRST_TIMESTAMP))
     query = select(
         func.count(),
         func.coalesce(stored, 0),

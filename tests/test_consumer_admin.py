@@ -151,6 +151,9 @@ async def test_consumers_are_listed_a_page_at_a_time(
     assert await admin.consumers(after=everyone[-1]) == []
     of_orders = await admin.consumers("orders/eu", after=("orders/eu", "a"))
     assert [c.name for c in of_orders] == ["b", "é"]
+    # A cursor of another channel: before it, the whole channel; after it, nothing.
+    assert len(await admin.consumers("orders/eu", after=("a", "z"))) == 3
+    assert await admin.consumers("a", after=("orders/eu", "a")) == []
     monkeypatch.setattr(_consumers, "CONSUMER_PAGE", 1)
     assert [(c.channel, c.name) async for c in admin.all_consumers()] == everyone
     for bad in ({"limit": 0}, {"limit": 10_001}, {"after": ("a",)}, {"after": ("a", "")}):
@@ -168,7 +171,7 @@ async def test_consumers_are_listed_a_page_at_a_time(
             if cursor is None:
                 break
         assert seen == everyone
-        for bad_cursor in ("x", '["a"]', "[1, 2]", '["a", ""]'):
+        for bad_cursor in ("x", '["a"]', "[1, 2]", '["a", ""]', "[" * 1000):
             answer = await http.get("/consumers", params={"after": bad_cursor})
             assert answer.status_code == 400, bad_cursor
         assert (await http.get("/consumers", params={"limit": 0})).status_code == 422

@@ -27,7 +27,7 @@ def _cursor(after: str | None) -> tuple[str, str] | None:
         return None
     try:
         pair = json.loads(after)
-    except ValueError:
+    except (ValueError, RecursionError):  # ("[" nested a thousand times deep)
         pair = None
     if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
         raise InvalidArgument("after must be the next_cursor of a page of consumers")

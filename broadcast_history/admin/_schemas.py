@@ -190,7 +190,7 @@ class ConsumerList(BaseModel):
 
     consumers: list[ConsumerOut]
     next_cursor: str | None = Field(
-        default=None, description="Pass as `after` for the next page; null: the last page"
+        description="Pass as `after`, as it is, for the next page; null: the last page"
     )
 
 

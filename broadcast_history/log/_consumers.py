@@ -71,6 +71,7 @@ class _Reads:
             .order_by(_C.channel, _C.name)
         )
         self.listing_of = self.listing.where(_C.channel == bindparam("b_channel"))
+        self.listing_one = self.listing.where(key)
         # Events after a committed position, of channels that exist: for a position
         # of an earlier epoch (its worker stops at StreamReset), every event now.
         head = channels.c.last_offset
@@ -336,15 +337,29 @@ async def listing(
     sql, params = _reads(conn)
     query = sql.listing if channel is None else sql.listing_of
     if after is not None:
-        # Spelled out rather than a row comparison: every database's planner turns
-        # this into a range of the primary key.
-        query = query.where(
-            or_(_C.channel > after[0], and_(_C.channel == after[0], _C.name > after[1]))
-        )
+        # Each written as its database reads a range of the primary key from it
+        # (the other spelling scans the rows before the cursor: pages grew slower).
+        if channel is not None:
+            if after[0] > channel:
+                return []
+            if after[0] == channel:
+                query = query.where(_C.name > after[1])
+        elif conn.dialect.name == _MYSQL:
+            query = query.where(
+                or_(_C.channel > after[0], and_(_C.channel == after[0], _C.name > after[1]))
+            )
+        else:
+            query = query.where(tuple_(_C.channel, _C.name) > tuple_(*after))
     if limit is not None:
         query = query.limit(limit)
+    return await _infos(conn, query, {**params, "b_channel": channel})
+
+
+async def _infos(
+    conn: AsyncConnection, query: Executable, params: dict[str, Any]
+) -> list[ConsumerInfo]:
     found = []
-    for row in await conn.execute(query, {**params, "b_channel": channel}):
+    for row in await conn.execute(query, params):
         of, name, epoch, position, updated, holder, channel_epoch, head = row
         lag = None
         if position is not None and epoch == channel_epoch:
@@ -392,7 +407,9 @@ async def set_position(
         stored = (await conn.execute(sql.set_position, params)).first() is not None
     if not stored:
         raise _busy(channel, name)
-    [info] = [c for c in await listing(conn, channel) if c.name == name]
+    reads, read_params = _reads(conn)
+    read_params = {**read_params, "b_channel": channel, "b_name": name}
+    [info] = await _infos(conn, reads.listing_one, read_params)
     return info
 
 

@@ -21,6 +21,7 @@ from ._event import Event
 from ._heads import HeadProbe
 from ._leases import Leases, check_consumer_options
 from ._serial import FORGET_WAIT, Serial
+from ._sparse import Sparse
 from ._stats import Stats, failure_reason
 from ._subscriber import Subscriber
 from ._validation import (
@@ -45,6 +46,7 @@ logger = logging.getLogger("broadcast_history")
 #: RETENTION_SPACING_MAX seconds.
 RETENTION_SPACING = 20
 RETENTION_SPACING_MAX = 60.0
+_retention_failures = Sparse(logger, 30.0)
 
 
 class Broadcast:
@@ -194,7 +196,13 @@ class Broadcast:
     # -- lifecycle -----------------------------------------------------------------
 
     async def connect(self) -> None:
-        """Open the log (creating its schema) and the transport; safe to call twice."""
+        """Open the log (creating its schema) and the transport; safe to call twice.
+
+        Raises:
+            LogUnavailable: The log could not be opened (a database restarting, too).
+            TransportError: The transport could not be reached. Both may pass: a
+                later ``connect()`` of the same broadcast tries again.
+        """
         async with self._serial():  # a second connect() meanwhile waits for this one
             # A disconnect still closing (perhaps begun while this call waited for
             # the lock): let it end first (its error was its callers').
@@ -329,7 +337,10 @@ class Broadcast:
             InvalidArgument: Bad channel name or key.
             InvalidMessage: ``message`` is neither ``str`` nor ``bytes``.
             MessageTooLarge: ``message`` is over ``max_message_size``.
-            LogUnavailable: The log could not store it; nothing was sent live.
+            LogUnavailable: The log could not store it, or could not confirm it did
+                (the message says "may or may not be stored": the connection died
+                after the commit was sent; publish again with the same ``key``, or
+                look). Either way nothing was sent live.
             NotConnected: The broadcast is not connected.
         """
         try:
@@ -468,8 +479,10 @@ class Broadcast:
             started = time.monotonic()
             try:
                 done = await self.log.retention_pass(retention)
-            except Exception:
-                logger.warning("retention pass failed", exc_info=True)
+            except Exception as exc:
+                # One line now and then: a log away for a minute is not 60 tracebacks.
+                _retention_failures.warning("retention pass failed: %s", exc)
+                logger.debug("retention pass failed", exc_info=True)
                 searches.append(time.monotonic() - started)  # failing may be as slow
             else:
                 searches.append(done.searching)

@@ -1573,12 +1573,19 @@ async def test_retention_passes_are_spaced_out_by_what_their_search_costs(
     assert len(searches) == 1
 
 
-async def test_failing_retention_passes_are_spaced_out_too(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_failing_retention_passes_are_spaced_out_too(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """A pass that failed after its search (a deadlock, a lock timeout) came back
     after `interval`: a log failing so searched every row every second (a review's
-    probe: 10 searches in 3 s, against 2 when the passes succeed)."""
-    from broadcast_history import LogUnavailable, Retention
+    probe: 10 searches in 3 s, against 2 when the passes succeed). Each failure also
+    logged a warning with two chained tracebacks (a probe's Postgres outage of 40 s:
+    5,222 lines): now one line now and then."""
+    from broadcast_history import LogUnavailable, Retention, _broadcast
+    from broadcast_history._sparse import Sparse
     from broadcast_history.log import EventLog
+
+    monkeypatch.setattr(_broadcast, "_retention_failures", Sparse(_broadcast.logger, 30.0))
 
     searches: list[float] = []
     search = EventLog._retention_page
@@ -1593,11 +1600,15 @@ async def test_failing_retention_passes_are_spaced_out_too(monkeypatch: pytest.M
 
     monkeypatch.setattr(EventLog, "_retention_page", slow_search)
     monkeypatch.setattr(EventLog, "_in_slices", failing_trim)
-    async with Broadcast(retention=Retention(max_events=1, interval=0.3)) as bc:
-        for i in range(3):
-            await bc.publish("orders", f"o{i}")
-        await asyncio.sleep(0.9)
+    with caplog.at_level("WARNING", logger="broadcast_history"):
+        async with Broadcast(retention=Retention(max_events=1, interval=0.3)) as bc:
+            for i in range(3):
+                await bc.publish("orders", f"o{i}")
+            await asyncio.sleep(0.9)
     assert len(searches) == 1
+    [line] = [r for r in caplog.records if "retention" in r.getMessage()]
+    assert line.getMessage() == "retention pass failed: the trim failed"
+    assert line.exc_info is None
 
 
 async def test_retention_slices_leave_a_channel_started_again_meanwhile(

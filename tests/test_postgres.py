@@ -447,3 +447,16 @@ async def test_a_page_read_sorts_only_the_page_whatever_the_plan() -> None:
     sorts = [n for n in nodes(plan["Plan"]) if n["Node Type"] == "Sort"]
     assert sorts, plan  # the plan the test forces: no index read in order
     assert {n["Sort Method"] for n in sorts} == {"top-N heapsort"}, sorts
+
+
+async def test_a_log_that_cannot_be_opened_says_why_in_the_drivers_words(pg_url: str) -> None:
+    """The error carried SQLAlchemy's wrapping: its class names and a link to its error
+    page on a line of its own ("(Background on this error at: https://sqlalche.me/...")."""
+    from broadcast_history import LogUnavailable
+
+    missing = database_url("bh_no_such_database").replace("postgresql://", "postgresql+asyncpg://")
+    with pytest.raises(LogUnavailable) as failed:
+        await Broadcast(log=missing, migrate=False).connect()
+    assert str(failed.value) == (
+        'cannot open the event log: database "bh_no_such_database" does not exist'
+    )

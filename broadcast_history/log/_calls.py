@@ -176,6 +176,13 @@ class Conflict(Exception):
     stored, and a retry finds the other writer's row."""
 
 
+def unreachable(exc: BaseException) -> LogUnavailable:
+    """What a call raises when no connection to the database could be had (refused,
+    or the server starting or shutting down): nothing was sent, nothing stored."""
+    detail = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    return LogUnavailable(f"cannot reach the event log, nothing was stored: {detail!r}")
+
+
 def append_error(exc: BaseException, *, ambiguous: bool | None = None) -> Exception:
     """What a failed append raises, from the driver's error ``exc``.
 

@@ -12,7 +12,7 @@ from typing import Any
 import sqlalchemy
 from sqlalchemy import Engine, event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import SingletonThreadPool, StaticPool
 
@@ -112,7 +112,10 @@ def cannot_open(url: URL, exc: BaseException) -> LogUnavailable:
     """The error for a log that failed to open; a SQLite file's says which file."""
     path = _sqlite_file(url)
     where = "" if path is None else f" at {path}"
-    # Some errors say nothing by themselves (a TimeoutError has no message).
+    # Some errors say nothing by themselves (a TimeoutError has no message); the
+    # driver's own says it without SQLAlchemy's link to its error page.
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        exc = exc.orig
     detail = str(exc) or type(exc).__name__
     return LogUnavailable(f"cannot open the event log{where}: {detail}")
 

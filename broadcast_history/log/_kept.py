@@ -21,7 +21,7 @@ import asyncpg
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .._errors import NotConnected
-from ._calls import never_sent
+from ._calls import never_sent, unreachable
 
 T = TypeVar("T")
 
@@ -54,7 +54,12 @@ class KeptConnections:
         sending it, so that one attempt is repeated on a fresh connection.
         """
         for attempt in (1, 2):
-            conn, driver = await self._take()
+            try:
+                conn, driver = await self._take()
+            except NotConnected:
+                raise
+            except Exception as exc:  # nothing was sent: an append failed for sure
+                raise unreachable(exc) from exc
             taken = time.monotonic()
             self._busy.add(driver)
             self._none_busy.clear()

@@ -24,6 +24,7 @@ go below the channel's last one.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import importlib.util
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -40,7 +41,7 @@ from .._errors import LogUnavailable, MessageTooLarge, NotConnected
 from .._event import Event
 from ._ahead import ReadAhead
 from ._batch import assemble, plan
-from ._calls import append_error, bounded_append
+from ._calls import append_error, bounded_append, unreachable
 from ._engine import create_engine
 from ._info import Pending
 from ._queries import page_query
@@ -142,7 +143,12 @@ class MySQLStore(ServerStore):
         raise AssertionError("unreachable")
 
     async def _append_once(self, engine: AsyncEngine, items: Sequence[Pending]) -> list[Event]:
-        async with engine.connect() as conn:
+        conn = engine.connect()
+        try:
+            await conn.start()
+        except DBAPIError as exc:  # nothing was sent: an append failed for sure
+            raise unreachable(exc) from exc
+        try:
             transaction = await conn.begin()
             try:
                 if self._packet is None:
@@ -173,6 +179,8 @@ class MySQLStore(ServerStore):
                 await conn.invalidate()
                 raise
             return stored
+        finally:
+            await asyncio.shield(conn.close())  # as `async with` closes: even if cancelled
 
     async def read(
         self, channel: str, query: Select[Any], max_bytes: int | None, *, descending: bool

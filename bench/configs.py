@@ -140,6 +140,18 @@ def redis_up() -> bool:
     return accepts(parts.hostname or "127.0.0.1", parts.port or 6379)
 
 
+async def create_postgres_database(name: str) -> None:
+    """Create the benchmark database ``name`` if it is missing."""
+    import asyncpg
+
+    conn = await asyncpg.connect(POSTGRES_ADMIN_URL)
+    try:
+        if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
+            await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+
+
 def postgres_up() -> bool:
     """Whether Postgres answers; creates the benchmark database if it is missing."""
     parts = urlsplit(POSTGRES_ADMIN_URL)
@@ -147,16 +159,8 @@ def postgres_up() -> bool:
         return False
 
     async def create() -> None:
-        import asyncpg
-
-        conn = await asyncpg.connect(POSTGRES_ADMIN_URL)
-        try:
-            for name in (POSTGRES_DB, POSTGRES_BIG_DB):
-                found = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
-                if not found:
-                    await conn.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await conn.close()
+        for name in (POSTGRES_DB, POSTGRES_BIG_DB):
+            await create_postgres_database(name)
 
     asyncio.run(create())
     return True

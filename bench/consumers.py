@@ -33,7 +33,13 @@ from typing import Any
 
 from broadcast_history import Broadcast, Event, Subscriber
 
-from .configs import OUT, POSTGRES_ADMIN_URL, POSTGRES_DB, postgres_log_url, postgres_up
+from .configs import (
+    OUT,
+    POSTGRES_DB,
+    create_postgres_database,
+    postgres_log_url,
+    postgres_up,
+)
 
 Figures = dict[str, Any]
 DATABASE = f"{POSTGRES_DB}_consumers"
@@ -173,12 +179,7 @@ async def renewal(log: str, window: float, lease: float = 3.0) -> Figures:
 async def _postgres_log() -> str:
     import asyncpg
 
-    conn = await asyncpg.connect(POSTGRES_ADMIN_URL)
-    try:
-        if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DATABASE):
-            await conn.execute(f'CREATE DATABASE "{DATABASE}"')
-    finally:
-        await conn.close()
+    await create_postgres_database(DATABASE)
     url = postgres_log_url(DATABASE)
     async with Broadcast(log=url) as broadcast:  # creates the schema
         del broadcast

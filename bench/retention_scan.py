@@ -26,7 +26,13 @@ from typing import Any
 from broadcast_history import Broadcast, Retention
 from broadcast_history._broadcast import RETENTION_SPACING
 
-from .configs import OUT, POSTGRES_ADMIN_URL, POSTGRES_DB, postgres_log_url, postgres_up
+from .configs import (
+    OUT,
+    POSTGRES_DB,
+    create_postgres_database,
+    postgres_log_url,
+    postgres_up,
+)
 
 DATABASE = f"{POSTGRES_DB}_retention"
 RETENTIONS = {
@@ -92,17 +98,6 @@ async def _fill_postgres(url: str, channels: int) -> None:
         await conn.close()
 
 
-async def _postgres_database() -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(POSTGRES_ADMIN_URL)
-    try:
-        if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DATABASE):
-            await conn.execute(f'CREATE DATABASE "{DATABASE}"')
-    finally:
-        await conn.close()
-
-
 async def run_log(kind: str, channels: int, workdir: Path) -> dict[str, Any]:
     if kind == "sqlite":
         path = workdir / "retention_scan.db"
@@ -110,7 +105,7 @@ async def run_log(kind: str, channels: int, workdir: Path) -> dict[str, Any]:
             Path(f"{path}{suffix}").unlink(missing_ok=True)
         url = f"sqlite+aiosqlite:///{path}"
     else:
-        await _postgres_database()
+        await create_postgres_database(DATABASE)
         url = postgres_log_url(DATABASE)
     async with Broadcast(log=url) as broadcast:  # creates the schema
         if kind == "sqlite":

@@ -16,7 +16,13 @@ from ._appender import Appender
 from ._budget import SubscriberOptions, weigh
 from ._channels import Channels
 from ._consumer import DEFAULT_LEASE
-from ._errors import BroadcastError, InvalidArgument, NotConnected, TransportError
+from ._errors import (
+    BroadcastError,
+    InvalidArgument,
+    LogUnavailable,
+    NotConnected,
+    TransportError,
+)
 from ._event import Event
 from ._heads import HeadProbe
 from ._leases import Leases, check_consumer_options
@@ -46,7 +52,6 @@ logger = logging.getLogger("broadcast_history")
 #: RETENTION_SPACING_MAX seconds.
 RETENTION_SPACING = 20
 RETENTION_SPACING_MAX = 60.0
-_retention_failures = Sparse(logger, 30.0)
 
 
 class Broadcast:
@@ -337,10 +342,10 @@ class Broadcast:
             InvalidArgument: Bad channel name or key.
             InvalidMessage: ``message`` is neither ``str`` nor ``bytes``.
             MessageTooLarge: ``message`` is over ``max_message_size``.
-            LogUnavailable: The log could not store it, or could not confirm it did
-                (the message says "may or may not be stored": the connection died
-                after the commit was sent; publish again with the same ``key``, or
-                look). Either way nothing was sent live.
+            LogUnavailable: The log could not store it, or cannot tell whether it
+                did (the message says "may or may not be stored": the connection
+                failed during the append, or no answer came in time; publish again
+                with the same ``key``). Either way nothing was sent live.
             NotConnected: The broadcast is not connected.
         """
         try:
@@ -473,17 +478,20 @@ class Broadcast:
         # most 1/RETENTION_SPACING of the time. By the shortest of the last searches,
         # so that one stalled by something else does not put retention off for long.
         searches: deque[float] = deque(maxlen=3)
+        failures = Sparse(logger, 30.0)  # this broadcast's, not hidden by another's
         wait = retention.interval
         while True:
             await asyncio.sleep(wait)
             started = time.monotonic()
             try:
                 done = await self.log.retention_pass(retention)
-            except Exception as exc:
+            except LogUnavailable as exc:
                 # One line now and then: a log away for a minute is not 60 tracebacks.
-                _retention_failures.warning("retention pass failed: %s", exc)
-                logger.debug("retention pass failed", exc_info=True)
+                failures.warning("retention pass failed: %s", exc)
                 searches.append(time.monotonic() - started)  # failing may be as slow
+            except Exception:
+                failures.warning("retention pass failed", exc_info=True)  # a bug: where
+                searches.append(time.monotonic() - started)
             else:
                 searches.append(done.searching)
             spaced = min(searches) * RETENTION_SPACING

@@ -16,9 +16,10 @@ class Sparse:
         self._last = -every
         self._held = 0
 
-    def warning(self, message: str, *args: object) -> None:
-        """Log ``message % args`` as a warning, unless one was logged less than
-        ``every`` seconds ago (then count it)."""
+    def warning(self, message: str, *args: object, exc_info: bool = False) -> None:
+        """Log ``message % args`` as a warning (with the exception being handled, if
+        ``exc_info``), unless one was logged less than ``every`` seconds ago (then
+        count it)."""
         now = time.monotonic()
         if now - self._last < self.every:
             self._held += 1
@@ -27,4 +28,4 @@ class Sparse:
             message += " (and %d more like it since the last such line)"
             args = (*args, self._held)
         self._last, self._held = now, 0
-        self.logger.warning(message, *args)
+        self.logger.warning(message, *args, exc_info=exc_info)

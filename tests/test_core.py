@@ -1581,11 +1581,8 @@ async def test_failing_retention_passes_are_spaced_out_too(
     probe: 10 searches in 3 s, against 2 when the passes succeed). Each failure also
     logged a warning with two chained tracebacks (a probe's Postgres outage of 40 s:
     5,222 lines): now one line now and then."""
-    from broadcast_history import LogUnavailable, Retention, _broadcast
-    from broadcast_history._sparse import Sparse
+    from broadcast_history import LogUnavailable, Retention
     from broadcast_history.log import EventLog
-
-    monkeypatch.setattr(_broadcast, "_retention_failures", Sparse(_broadcast.logger, 30.0))
 
     searches: list[float] = []
     search = EventLog._retention_page
@@ -1608,7 +1605,28 @@ async def test_failing_retention_passes_are_spaced_out_too(
     assert len(searches) == 1
     [line] = [r for r in caplog.records if "retention" in r.getMessage()]
     assert line.getMessage() == "retention pass failed: the trim failed"
-    assert line.exc_info is None
+    assert not line.exc_info
+
+
+async def test_a_retention_pass_failing_on_a_bug_says_where(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not the log away but a bug: its traceback is kept (once in a while), and each
+    broadcast's failures are its own (one's did not hide another's for 30 s)."""
+    from broadcast_history import Retention
+    from broadcast_history.log import EventLog
+
+    async def broken(*args: Any) -> Any:
+        raise KeyError("missing")
+
+    monkeypatch.setattr(EventLog, "retention_pass", broken)
+    retention = Retention(max_events=1, interval=0.05)
+    with caplog.at_level("WARNING", logger="broadcast_history"):
+        async with Broadcast(retention=retention), Broadcast(retention=retention):
+            await asyncio.sleep(0.5)
+    lines = [r for r in caplog.records if "retention" in r.getMessage()]
+    assert len(lines) == 2  # one each, the rest held back
+    assert all(r.exc_info is not None and r.exc_info[0] is KeyError for r in lines)
 
 
 async def test_retention_slices_leave_a_channel_started_again_meanwhile(

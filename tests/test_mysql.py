@@ -31,7 +31,7 @@ from broadcast_history import (
 from broadcast_history.backends.memory import MemoryBackend
 from broadcast_history.log import _migrate, head_revision, schema_revision
 from tests.conftest import unique
-from tests.support.helpers import assert_contiguous, patient_reads, take
+from tests.support.helpers import assert_contiguous, patient_reads, publish_through_a_cut, take
 from tests.support.mysql_support import ensure_database, kill_connections
 from tests.support.proxy import CuttableProxy
 
@@ -650,18 +650,4 @@ async def test_a_publish_that_reached_no_server_says_nothing_was_stored(
     whose connection died after sending it does: an app could not tell a failure to
     retry freely from one to retry with the same key (a probe: 5,000 of 5,000 over
     real restarts, none stored)."""
-    proxy, broadcast = silent_log
-    channel = unique()
-    await broadcast.publish(channel, "before")
-    proxy.cut()  # the kept connections end, and new ones are refused
-    said = []
-    for i in range(3):
-        with pytest.raises(LogUnavailable) as failed:
-            await asyncio.wait_for(broadcast.publish(channel, f"m{i}"), 10)
-        said.append(str(failed.value))
-    assert "nothing was stored" in said[-1], said
-    proxy.is_cut = False
-    await broadcast.publish(channel, "after")
-    async with broadcast.subscribe(channel, since=0) as sub:
-        stored = [e.message for e in await asyncio.wait_for(take(sub, 2), 10)]
-    assert stored == ["before", "after"]
+    await publish_through_a_cut(*silent_log, unique())

@@ -178,9 +178,10 @@ class Conflict(Exception):
 
 def unreachable(exc: BaseException) -> LogUnavailable:
     """What a call raises when no connection to the database could be had (refused,
-    or the server starting or shutting down): nothing was sent, nothing stored."""
+    the server starting or shutting down, the pool exhausted): no statement was sent,
+    so an append stored nothing."""
     detail = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
-    return LogUnavailable(f"cannot reach the event log, nothing was stored: {detail!r}")
+    return LogUnavailable(f"cannot reach the event log, nothing was sent: {detail!r}")
 
 
 def append_error(exc: BaseException, *, ambiguous: bool | None = None) -> Exception:

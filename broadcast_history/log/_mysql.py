@@ -24,7 +24,6 @@ go below the channel's last one.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import importlib.util
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -143,44 +142,47 @@ class MySQLStore(ServerStore):
         raise AssertionError("unreachable")
 
     async def _append_once(self, engine: AsyncEngine, items: Sequence[Pending]) -> list[Event]:
-        conn = engine.connect()
+        entered = False
         try:
-            await conn.start()
-        except DBAPIError as exc:  # nothing was sent: an append failed for sure
-            raise unreachable(exc) from exc
+            async with engine.connect() as conn:
+                entered = True
+                return await self._append_on(conn, items)
+        except Exception as exc:
+            if entered:
+                raise
+            raise unreachable(exc) from exc  # no connection: nothing was sent
+
+    async def _append_on(self, conn: AsyncConnection, items: Sequence[Pending]) -> list[Event]:
+        transaction = await conn.begin()
         try:
-            transaction = await conn.begin()
-            try:
-                if self._packet is None:
-                    found = await conn.exec_driver_sql("SELECT @@max_allowed_packet")
-                    self._packet = int(found.scalar() or _MIN_PACKET)
-                stored = await _append(conn, items, self._packet // 2)
-            except IntegrityError:
-                await transaction.rollback()  # a key stored meanwhile: EventLog retries
-                raise
-            except DBAPIError as exc:
-                await conn.invalidate()  # the server rolls back what it did not commit
-                if _errno(exc) == _DEADLOCK:
-                    raise  # retried by _append
-                # Before COMMIT: nothing was stored, whatever happened to the connection.
-                raise append_error(exc, ambiguous=False) from exc
-            except BaseException:
-                await conn.invalidate()
-                raise
-            try:
-                # A failure of the COMMIT is ambiguous (the server may have committed
-                # before the connection died): EventLog does not retry it.
-                await transaction.commit()
-            except BaseException:
-                # The connection may be dead (killed, or dropped by the server after
-                # a packet too large): discard it rather than send it a ROLLBACK,
-                # which would fail and hide why. The server rolls back what it did
-                # not commit.
-                await conn.invalidate()
-                raise
-            return stored
-        finally:
-            await asyncio.shield(conn.close())  # as `async with` closes: even if cancelled
+            if self._packet is None:
+                found = await conn.exec_driver_sql("SELECT @@max_allowed_packet")
+                self._packet = int(found.scalar() or _MIN_PACKET)
+            stored = await _append(conn, items, self._packet // 2)
+        except IntegrityError:
+            await transaction.rollback()  # a key stored meanwhile: EventLog retries
+            raise
+        except DBAPIError as exc:
+            await conn.invalidate()  # the server rolls back what it did not commit
+            if _errno(exc) == _DEADLOCK:
+                raise  # retried by _append
+            # Before COMMIT: nothing was stored, whatever happened to the connection.
+            raise append_error(exc, ambiguous=False) from exc
+        except BaseException:
+            await conn.invalidate()
+            raise
+        try:
+            # A failure of the COMMIT is ambiguous (the server may have committed
+            # before the connection died): EventLog does not retry it.
+            await transaction.commit()
+        except BaseException:
+            # The connection may be dead (killed, or dropped by the server after
+            # a packet too large): discard it rather than send it a ROLLBACK,
+            # which would fail and hide why. The server rolls back what it did
+            # not commit.
+            await conn.invalidate()
+            raise
+        return stored
 
     async def read(
         self, channel: str, query: Select[Any], max_bytes: int | None, *, descending: bool

@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Iterator
 
-from broadcast_history import Event, Subscriber
+from broadcast_history import Broadcast, Event, LogUnavailable, Subscriber
+from tests.support.proxy import CuttableProxy
 
 
 async def take(subscriber: Subscriber, count: int, timeout: float = 20.0) -> list[Event]:
@@ -60,3 +61,22 @@ def patient_reads(seconds: float = 5.0) -> Iterator[None]:
         yield
     finally:
         _calls.READ_TIMEOUT = before
+
+
+async def publish_through_a_cut(proxy: CuttableProxy, broadcast: Broadcast, channel: str) -> None:
+    """Publish before, during and after a cut of the log's network: the publishes
+    that could get no connection say nothing was stored, and none was."""
+    await broadcast.publish(channel, "before")
+    proxy.cut()  # the kept connections end, and new ones are refused
+    said = []
+    for i in range(3):
+        try:
+            await asyncio.wait_for(broadcast.publish(channel, f"m{i}"), 10)
+        except LogUnavailable as exc:
+            said.append(str(exc))
+    assert len(said) == 3 and "nothing was sent" in said[-1], said
+    proxy.is_cut = False
+    await broadcast.publish(channel, "after")
+    async with broadcast.subscribe(channel, since=0) as sub:
+        stored = [e.message for e in await take(sub, 2, timeout=10)]
+    assert stored == ["before", "after"]

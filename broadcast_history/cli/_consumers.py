@@ -44,6 +44,10 @@ def _describe(info: ConsumerInfo) -> str:
     )
 
 
+#: Most consumers the table shows (``--json`` streams them all).
+TABLE_ROWS = 1000
+
+
 @app.command("consumers")
 def list_consumers(
     channel: Annotated[str | None, typer.Argument(help="Only this channel's consumers.")] = None,
@@ -65,9 +69,11 @@ def list_consumers(
 
     async def go() -> list[ConsumerInfo]:
         async with open_admin(log) as admin:
-            return [info async for info in admin.all_consumers(channel)]
+            return await admin.consumers(channel, limit=TABLE_ROWS + 1)
 
     found = run(go())
+    more = len(found) > TABLE_ROWS
+    found = found[:TABLE_ROWS]
     if not found:
         err_console.print("no durable consumers" + (f" of {channel!r}" if channel else ""))
         return
@@ -83,6 +89,9 @@ def list_consumers(
             _text(info.holder) if info.holder else "[dim]free[/]",
         )
     print_table(table)
+    if more:
+        # A table of 250,000 rows took two minutes and 1.3 GB: JSON lines stream.
+        err_console.print(f"more: the first {TABLE_ROWS:,} shown; --json lists every consumer")
 
 
 @consumer.command("set")

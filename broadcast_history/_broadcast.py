@@ -485,13 +485,12 @@ class Broadcast:
             started = time.monotonic()
             try:
                 done = await self.log.retention_pass(retention)
-            except LogUnavailable as exc:
-                # One line now and then: a log away for a minute is not 60 tracebacks.
-                failures.warning("retention pass failed: %s", exc)
+            except Exception as exc:
+                # One line now and then: a log away for a minute is not 60 tracebacks;
+                # anything else is a bug, and keeps its traceback (where).
+                bug = not isinstance(exc, LogUnavailable)
+                failures.warning("retention pass failed: %s", exc, exc_info=bug)
                 searches.append(time.monotonic() - started)  # failing may be as slow
-            except Exception:
-                failures.warning("retention pass failed", exc_info=True)  # a bug: where
-                searches.append(time.monotonic() - started)
             else:
                 searches.append(done.searching)
             spaced = min(searches) * RETENTION_SPACING

@@ -46,6 +46,8 @@ from ._schema import channels, events, log_identity, time_marked
 from ._shapes import padded
 
 _CHUNK = 500
+#: A channel row that still stores events (it keeps its row once all are trimmed).
+_STORED = channels.c.first_offset <= channels.c.last_offset
 
 
 async def log_id(conn: AsyncConnection) -> str | None:
@@ -272,13 +274,12 @@ async def retention_page(
     per-session channels has far more rows than channels with history. Timestamps
     never decrease within a channel, so the first stored event tells the age.
     """
-    stored = channels.c.first_offset <= channels.c.last_offset
     due = []
     if max_events is not None:
         due.append(channels.c.last_offset - channels.c.first_offset + 1 > max_events)
     if cutoff_us is not None:
         first = FIRST_TIMESTAMP  # (a plain name: ruff's SIM300 takes the constant for one)
-        due.append(and_(stored, or_(first.is_(None), first < cutoff_us)))
+        due.append(and_(_STORED, or_(first.is_(None), first < cutoff_us)))
     if not due:
         return []
     query = select(*CHANNEL_COLUMNS).where(or_(*due)).order_by(channels.c.name).limit(limit)
@@ -306,7 +307,7 @@ async def totals(conn: AsyncConnection) -> LogTotals:
     # The first event's timestamp is looked up only for channels that store one: a
     # log of per-session channels has mostly rows with nothing left (a million rows:
     # 1.35 s on Postgres when each row looked).
-    oldest = case((channels.c.first_offset <= channels.c.last_offset, FIRST_TIMESTAMP))
+    oldest = case((_STORED, FIRST_TIMESTAMP))
     query = select(
         func.count(),
         func.coalesce(stored, 0),

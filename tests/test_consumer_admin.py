@@ -155,6 +155,16 @@ async def test_consumers_are_listed_a_page_at_a_time(
     # A cursor of another channel: before it, the whole channel; after it, nothing.
     assert len(await admin.consumers("orders/eu", after=("a", "z"))) == 3
     assert await admin.consumers("a", after=("orders/eu", "a")) == []
+    # A page is cut before its channels are looked up: each row still gets its own
+    # channel's head, and a consumer of a deleted channel no lag.
+    await broadcast.publish("orders/eu", "one more")
+    await admin.delete("a")
+    page = await admin.consumers(after=everyone[0], limit=2)
+    assert [(c.channel, c.name, c.position, c.lag) for c in page] == [
+        ("orders/eu", "a", 1, 10),
+        ("orders/eu", "b", 1, 10),
+    ]
+    assert [c.lag for c in await admin.consumers(limit=1)] == [None]
     monkeypatch.setattr(_consumers, "CONSUMER_PAGE", 1)
     assert [(c.channel, c.name) async for c in admin.all_consumers()] == everyone
     for bad in ({"limit": 0}, {"limit": 10_001}, {"after": ("a",)}, {"after": ("a", "")}):

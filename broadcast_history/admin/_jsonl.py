@@ -25,8 +25,9 @@ Timestamps are ISO 8601 with microseconds, which is exactly what the log stores.
 from __future__ import annotations
 
 import base64
+import itertools
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -78,12 +79,45 @@ def error_line(detail: str) -> str:
     return _dumps({"type": "error", "detail": detail})
 
 
-async def export_channel(log: EventLog, info: ChannelInfo) -> AsyncIterator[str]:
+async def as_now(
+    log: EventLog, listed: Sequence[ChannelInfo]
+) -> AsyncIterator[tuple[ChannelInfo, bool]]:
+    """The channels of a listing to export, each with whether it was just read.
+
+    A channel whose events were all trimmed has none whose reading would tell that it
+    changed since the listing: it is read again, as late as can be, and left out if
+    it was deleted. Such channels in a row (per-session channels leave many) are read
+    in one query: one each cost more than the rest of the export.
+    """
+    now: dict[str, ChannelInfo | None] = {}
+    for index, info in enumerate(listed):
+        if info.first_offset <= info.last_offset:
+            yield info, False
+            continue
+        if info.name not in now:
+            run = list(itertools.takewhile(_all_trimmed, listed[index:]))
+            found = await log.channels_named([each.name for each in run])
+            now = {each.name: found.get(each.name) for each in run}
+        current = now[info.name]
+        if current is not None:
+            yield current, True
+
+
+def _all_trimmed(info: ChannelInfo) -> bool:
+    return info.first_offset > info.last_offset
+
+
+async def export_channel(
+    log: EventLog, info: ChannelInfo, *, fresh: bool = False
+) -> AsyncIterator[str]:
     """The export lines of one channel, read page by page, as ``info`` (a listing)
-    describes it; as it is now if it changed since (nothing if it was deleted)."""
+    describes it; as it is now if it changed since (nothing if it was deleted).
+    ``fresh``: ``info`` was just read, there is nothing to check."""
     first = None
-    if info.first_offset <= info.last_offset:  # else every event was trimmed: look
+    if info.first_offset <= info.last_offset:
         first = await _page(log, info, info.first_offset - 1)
+    elif fresh:
+        first = []
     if first is None:
         # Trimmed, deleted or deleted and used again since it was listed: a listing
         # of many channels is old by the time it reaches the last ones.

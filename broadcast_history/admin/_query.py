@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from .._broadcast import Broadcast
 
 _Admin = TypeVar("_Admin", bound="HistoryAdmin")
+_T = TypeVar("_T")
 
 #: Most message bytes one page of events carries (besides its first event), over HTTP
 #: and in the CLI: 10,000 events of 1 MB each would be 10 GB in memory.
@@ -126,11 +127,15 @@ class HistoryAdmin(ConsumerAdmin):
 
     async def all_channels(self, *, prefix: str | None = None) -> AsyncIterator[ChannelInfo]:
         """Every channel (optionally under ``prefix``), read page by page."""
+        async for page in self._channel_pages(prefix):
+            for stats in page:
+                yield stats
+
+    async def _channel_pages(self, prefix: str | None) -> AsyncIterator[list[ChannelInfo]]:
         after: str | None = None
         while True:
             page = await self.channels(prefix=prefix, after=after, limit=500)
-            for stats in page.channels:
-                yield stats
+            yield page.channels
             if page.next_cursor is None:
                 return
             after = page.next_cursor
@@ -280,18 +285,19 @@ class HistoryAdmin(ConsumerAdmin):
         """
         if channels is not None:
             # A name given twice is exported once: twice, the import refuses the file.
-            listed = _aiter([await self.channel(name) for name in dict.fromkeys(channels)])
+            listed = _aiter([[await self.channel(name) for name in dict.fromkeys(channels)]])
         else:
-            listed = self.all_channels(prefix=prefix)
+            listed = self._channel_pages(prefix)
         exported = events = 0
-        async for info in listed:
-            lines = 0
-            async for line in _jsonl.export_channel(self.log, info):
-                yield line
-                lines += 1
-            if lines:  # none: deleted since it was listed
-                exported += 1
-                events += lines - 1  # all but its channel line
+        async for page in listed:
+            async for info, fresh in _jsonl.as_now(self.log, page):
+                lines = 0
+                async for line in _jsonl.export_channel(self.log, info, fresh=fresh):
+                    yield line
+                    lines += 1
+                if lines:  # none: deleted since it was listed
+                    exported += 1
+                    events += lines - 1  # all but its channel line
         yield _jsonl.end_line(exported, events)
 
     async def import_jsonl(
@@ -332,6 +338,6 @@ def _size(events: Sequence[Event]) -> int:
     )
 
 
-async def _aiter(items: Iterable[ChannelInfo]) -> AsyncIterator[ChannelInfo]:
+async def _aiter(items: Iterable[_T]) -> AsyncIterator[_T]:
     for item in items:
         yield item

@@ -314,6 +314,44 @@ async def test_a_scrape_does_not_wait_for_a_silent_log(
     assert "broadcast_history_publishes_total" in response.text
 
 
+async def test_costly_lags_are_read_again_when_their_cost_allows(
+    sqlite_file_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading the lags orders every committed consumer (250,000: 0.25-0.4 s of the
+    database's time) for each scrape and every 15 s in each process: a read of many
+    answers the scrapes within 20 times as long as it took."""
+    from broadcast_history import _metrics
+
+    monkeypatch.setattr(_metrics, "LAGS_MANY", 1)
+    registry = CollectorRegistry()
+    async with Broadcast(log=sqlite_file_url, metrics=registry) as broadcast:
+        await _lagging_by_3(broadcast)
+        lags = broadcast.log.consumer_lags
+        reads = 0
+
+        async def costly(limit: int) -> Any:
+            nonlocal reads
+            reads += 1
+            await asyncio.sleep(0.1)  # a log of very many consumers
+            return await lags(limit)
+
+        monkeypatch.setattr(broadcast.log, "consumer_lags", costly)
+        for _ in range(3):
+            text = (await asyncio.to_thread(generate_latest, registry)).decode()
+            assert LAG_LINE in text
+        assert reads == 1
+        await broadcast.log.set_consumer("orders", "mailer", 5)
+        await asyncio.sleep(1.5)  # less than 20 times the read
+        text = (await asyncio.to_thread(generate_latest, registry)).decode()
+        assert LAG_LINE in text and reads == 1
+        for _ in range(50):  # at 20 times the read (and the log's own time)
+            await asyncio.sleep(0.1)
+            text = (await asyncio.to_thread(generate_latest, registry)).decode()
+            if reads == 2:
+                break
+        assert LAG_LINE.replace("3.0", "0.0") in text and reads == 2
+
+
 async def test_a_consumer_stuck_on_a_reset_channel_keeps_its_lag(sqlite_file_url: str) -> None:
     """A consumer whose position belongs to an earlier epoch of its channel (deleted,
     then published to again) raises StreamReset each time its worker starts: its

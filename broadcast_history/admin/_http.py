@@ -48,6 +48,7 @@ from ._streaming import add_streaming_routes
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
 
+from .._spaced import SpacedRead
 from ._schemas import (
     MAX_OFFSET,
     ChannelList,
@@ -62,7 +63,6 @@ from ._schemas import (
     TrimOut,
     invalid_parameter,
 )
-from ._spaced import SpacedRead
 
 logger = logging.getLogger("broadcast_history.admin")
 # A scrape every few seconds while the log is down: one line a minute says it.

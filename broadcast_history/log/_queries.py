@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
+import weakref
 from collections.abc import AsyncIterable, Awaitable, Sequence
 from typing import TypeVar
 
@@ -23,8 +25,10 @@ from sqlalchemy import (
     func,
     or_,
     select,
+    text,
     update,
 )
+from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .._errors import ImportConflict
@@ -92,10 +96,58 @@ async def channel_page(
         if conn.dialect.name == "sqlite":
             # SQLite's LIKE ignores ASCII case: 'tenantA/' would match 'TENANTA/secret'.
             query = query.where(func.substr(channels.c.name, 1, len(prefix)) == prefix)
+        if await _ordered_by_code_point(conn):
+            # Neither LIKE above reads a range of the primary key here (SQLite's folds
+            # case, Postgres' C.UTF-8 is not C): a rare prefix scanned every channel
+            # row, 50-270 ms with a million, for each poll of an open console.
+            query = query.where(channels.c.name >= prefix)
+            upper = _after_prefix(prefix)
+            if upper is not None:
+                query = query.where(channels.c.name < upper)
     if after is not None:
         query = query.where(channels.c.name > after)
     result = await conn.execute(query)
     return [channel_info(row) for row in result]
+
+
+def _after_prefix(prefix: str) -> str | None:
+    """The first text after every text starting with ``prefix``, in code point order
+    (``None`` if there is none)."""
+    kept = prefix.rstrip(chr(sys.maxunicode))
+    if not kept:
+        return None
+    following = ord(kept[-1]) + 1
+    if 0xD800 <= following <= 0xDFFF:  # surrogates: no text holds them
+        following = 0xE000
+    return kept[:-1] + chr(following)
+
+
+#: Postgres' collations that order text by code point, as SQLite's BINARY and MySQL's
+#: bytes do (names are VARBINARY there).
+_CODE_POINT_COLLATIONS = frozenset({"c", "posix", "c.utf8", "c.utf-8"})
+_CODE_POINT_ORDER: weakref.WeakKeyDictionary[Engine, bool] = weakref.WeakKeyDictionary()
+
+
+async def _ordered_by_code_point(conn: AsyncConnection) -> bool:
+    """Whether channel names sort by code point: then a prefix is a range of them."""
+    if conn.dialect.name != "postgresql":
+        return True
+    known = _CODE_POINT_ORDER.get(conn.sync_engine)
+    if known is None:
+        # datlocprovider is new in Postgres 15 (before, every collation was libc's).
+        found = await conn.execute(
+            text(
+                "SELECT datcollate, to_jsonb(d) ->> 'datlocprovider' FROM pg_database d "
+                "WHERE datname = current_database()"
+            )
+        )
+        collate, provider = found.one()
+        # 'b' (Postgres 17's builtin) sorts by code point; 'i' (ICU) never does.
+        known = provider == "b" or (
+            provider in (None, "c") and str(collate).lower() in _CODE_POINT_COLLATIONS
+        )
+        _CODE_POINT_ORDER[conn.sync_engine] = known
+    return known
 
 
 def events_query(

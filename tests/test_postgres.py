@@ -18,6 +18,7 @@ from broadcast_history._event import NOTICE
 from broadcast_history.backends import backend_from_url
 from broadcast_history.backends.memory import MemoryBackend
 from broadcast_history.backends.postgres import PostgresBackend, channel_identifier
+from broadcast_history.log import _queries
 from broadcast_history.log._postgres import _bounded_page
 from tests.conftest import unique
 from tests.support.helpers import assert_contiguous, take
@@ -460,3 +461,23 @@ async def test_a_log_that_cannot_be_opened_says_why_in_the_drivers_words(pg_url:
     assert str(failed.value) == (
         'cannot open the event log: database "bh_no_such_database" does not exist'
     )
+
+
+async def test_a_prefix_is_exact_under_a_collation_that_is_not_by_code_point() -> None:
+    """A prefix reads a range of the primary key where names sort by code point. Under
+    a linguistic collation (ICU here; en_US.UTF-8 alike) the names under a prefix are
+    not one range of that order: there it reads them all, and is exact either way."""
+    icu = "TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"
+    names = ["a", "a-b", "a.", "ab", "aB", "A-b", "Ab", "b", "á", "a\u0301x", "a\U0010ffff"]
+    for url, by_code_point in [
+        (await ensure_database("bh_test_icu", options=icu), False),
+        (await ensure_database("bh_test_code_point"), True),
+    ]:
+        async with Broadcast(log=url) as broadcast:
+            for name in names:
+                await broadcast.publish(name, "x")
+            async with broadcast.log._store.engine.connect() as conn:  # type: ignore[attr-defined]
+                assert await _queries._ordered_by_code_point(conn) is by_code_point
+            for prefix in ["a", "a-", "a.", "A", "á", "a\u0301", "a\U0010ffff", "b", "c"]:
+                found = [c.name for c in await broadcast.log.channels(prefix=prefix, limit=50)]
+                assert sorted(found) == sorted(n for n in names if n.startswith(prefix))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import quote
 
@@ -188,6 +190,54 @@ async def test_consumers_are_listed_a_page_at_a_time(
         assert (await http.get("/consumers", params={"limit": 0})).status_code == 422
 
 
+async def test_idle_consumers_are_deleted_on_request(
+    broadcast: Broadcast, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A consumer's row stays until deleted (a name per session leaves one each): the
+    operator forgets those nobody holds that committed nothing for a while, a batch
+    at a time; a held or recently used one stays."""
+    from broadcast_history.log import _consumer_log
+
+    log, admin = broadcast.log, HistoryAdmin.of(broadcast)
+    monkeypatch.setattr(_consumer_log, "IDLE_BATCH", 2)
+    await broadcast.publish("other", "x")
+    for name in ("s1", "s2", "s3", "s4"):
+        await admin.set_consumer("orders/eu", name, 1)
+    await admin.set_consumer("other", "s1", 1)
+    # A holder that died before committing or releasing: its lease ran out.
+    assert (await log.acquire_lease("orders/eu", "crashed", "dead-holder", 0.1)).acquired
+    async with broadcast.subscribe("orders/eu", consumer="held", since=0) as held:
+        await held.get()
+        await held.commit()
+        await asyncio.sleep(0.7)
+        await admin.set_consumer("orders/eu", "s4", 2)  # used again just now
+        idle = timedelta(seconds=0.4)
+        assert await admin.delete_idle_consumers(idle, channel="nobody") == 0
+        assert await admin.delete_idle_consumers(idle, channel="other") == 1
+        assert await admin.delete_idle_consumers(idle) == 4
+        assert [(c.channel, c.name) for c in await admin.consumers()] == [
+            ("orders/eu", "held"),
+            ("orders/eu", "s4"),
+        ]
+    for bad in (timedelta(0), timedelta(seconds=-1), 10):
+        with pytest.raises(InvalidArgument):
+            await admin.delete_idle_consumers(bad)  # type: ignore[arg-type]
+
+    transport = httpx.ASGITransport(app=create_app(broadcast, token=TOKEN))
+    async with httpx.AsyncClient(transport=transport, base_url="http://a", headers=AUTH) as http:
+        await asyncio.sleep(0.4)
+        answer = await http.delete("/consumers", params={"idle_for": 0.2, "channel": "x"})
+        assert answer.json() == {"deleted": 0}
+        answer = await http.delete("/consumers", params={"idle_for": 0.2})
+        assert answer.status_code == 200 and answer.json() == {"deleted": 2}
+        for params in ({}, {"idle_for": 0}, {"idle_for": 1e12}):
+            assert (await http.delete("/consumers", params=params)).status_code == 422
+        assert (
+            await http.delete("/consumers", params={"idle_for": 1, "channel": ""})
+        ).status_code == 400
+    assert await admin.consumers() == []
+
+
 async def _seed(url: str) -> None:
     async with Broadcast(log=url) as broadcast:
         for i in range(10):
@@ -227,6 +277,14 @@ def test_cli(kind: str, tmp_path: Path) -> None:
     said = cli("consumer", "set", "orders/eu", "[red]x[/]", "1")
     assert "consumer '[red]x[/]' of 'orders/eu'" in said
     assert "deleted consumer '[red]x[/]'" in cli("consumer", "delete", "orders/eu", "[red]x[/]")
+    cli("consumer", "set", "orders/eu", "idle", "1")
+    assert "deleted 0 idle consumers" in cli("consumer", "prune", "--idle-days", "1", "--yes")
+    time.sleep(0.3)
+    pruned = cli("consumer", "prune", "--idle-days", "0.000002", "--channel", "orders/eu", "-y")
+    assert "deleted 1 idle consumer of 'orders/eu'" in pruned
+    assert "no durable consumers" in cli("consumers")
+    for days in ("0", "-1", "1e9"):
+        assert "--idle-days" in cli("consumer", "prune", "--idle-days", days, "-y", code=2)
 
 
 async def test_a_position_set_after_the_lease_ran_out_is_not_overwritten(

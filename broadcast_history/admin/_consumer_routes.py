@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Response
@@ -11,11 +12,14 @@ from .._errors import InvalidArgument
 from .._validation import check_channel
 from ._paths import channel_from_path, consumer_from_path
 from ._query import HistoryAdmin
-from ._schemas import ConsumerList, ConsumerOut, ErrorOut, PositionIn
+from ._schemas import ConsumerList, ConsumerOut, ErrorOut, IdleDeletedOut, PositionIn
 
 # Module level: FastAPI resolves the (string) annotations of endpoints in this namespace.
 Channel = Annotated[str, Depends(channel_from_path)]
 Name = Annotated[str, Depends(consumer_from_path)]
+#: Longest idle_for of DELETE /consumers: about 100 years (timedelta's own bound is
+#: 999,999,999 days, past which the route would fail with a 500).
+MAX_IDLE_SECONDS = 100 * 366 * 86_400
 _BUSY: dict[int | str, dict[str, Any]] = {
     409: {"model": ErrorOut, "description": "A running process holds the consumer"},
 }
@@ -59,6 +63,24 @@ def add_consumer_routes(app: FastAPI, admin: HistoryAdmin) -> None:
             json.dumps([found[-1].channel, found[-1].name], ensure_ascii=False) if more else None
         )
         return ConsumerList(consumers=[ConsumerOut.of(info) for info in found], next_cursor=cursor)
+
+    @app.delete("/consumers", tags=["consumers"])
+    async def delete_idle_consumers(
+        idle_for: Annotated[
+            float,
+            Query(gt=0, le=MAX_IDLE_SECONDS, description="Seconds without a commit"),
+        ],
+        channel: Annotated[
+            str | None, Query(max_length=255, description="Only this channel's consumers")
+        ] = None,
+    ) -> IdleDeletedOut:
+        """Forget the consumers (of `channel`, or all) that nobody holds and that
+        committed nothing for `idle_for` seconds. A worker that comes back after
+        that starts from its `since`/`history` again."""
+        if channel is not None:
+            check_channel(channel)
+        idle = timedelta(seconds=idle_for)
+        return IdleDeletedOut(deleted=await admin.delete_idle_consumers(idle, channel=channel))
 
     @app.put(
         "/channels/{channel:path}/consumers/{name}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
 from .._validation import check_channel, check_consumer, check_int
 from ..log import ConsumerInfo, EventLog
@@ -72,6 +73,20 @@ class ConsumerAdmin:
         if info is None:
             raise ChannelNotFound(f"no channel {channel!r} in the log")
         return info
+
+    async def delete_idle_consumers(
+        self, idle_for: timedelta, *, channel: str | None = None
+    ) -> int:
+        """Forget the consumers (of ``channel``, or all) that nobody holds and that
+        committed nothing for ``idle_for``; returns how many.
+
+        A consumer's row stays until it is deleted, whether or not a worker still
+        runs it: an app that names consumers per session or per deploy leaves one
+        behind each time. Deleting one forgets its position: if its worker comes
+        back, it starts from its ``since``/``history`` again. So nothing is deleted
+        on its own: pick ``idle_for`` longer than any worker may stay away.
+        """
+        return await self.log.delete_idle_consumers(idle_for, channel=channel)
 
     async def delete_consumer(self, channel: str, name: str) -> None:
         """Forget consumer ``name`` of ``channel`` and its position: its next

@@ -25,8 +25,8 @@ Timestamps are ISO 8601 with microseconds, which is exactly what the log stores.
 from __future__ import annotations
 
 import base64
-import itertools
 import json
+import time
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from typing import Any
@@ -85,26 +85,34 @@ async def as_now(
     """The channels of a listing to export, each with whether it was just read.
 
     A channel whose events were all trimmed has none whose reading would tell that it
-    changed since the listing: it is read again, as late as can be, and left out if
-    it was deleted. Such channels in a row (per-session channels leave many) are read
-    in one query: one each cost more than the rest of the export.
+    changed since the listing: it is read again, and left out if it was deleted.
+    Such channels in a row (per-session channels leave many) are read RUN at a time,
+    when the export reaches the first of them, and again once that read is FRESH
+    seconds old: one query each cost more than the rest of the export.
     """
     now: dict[str, ChannelInfo | None] = {}
+    read_at = 0.0
     for index, info in enumerate(listed):
         if info.first_offset <= info.last_offset:
             yield info, False
             continue
-        if info.name not in now:
-            run = list(itertools.takewhile(_all_trimmed, listed[index:]))
-            found = await log.channels_named([each.name for each in run])
-            now = {each.name: found.get(each.name) for each in run}
+        if info.name not in now or time.monotonic() - read_at > FRESH:
+            end, last = index + 1, min(index + RUN, len(listed))
+            while end < last and listed[end].first_offset > listed[end].last_offset:
+                end += 1
+            run = [each.name for each in listed[index:end]]
+            found = await log.channels_named(run)
+            read_at = time.monotonic()
+            now = {name: found.get(name) for name in run}
         current = now[info.name]
         if current is not None:
             yield current, True
 
 
-def _all_trimmed(info: ChannelInfo) -> bool:
-    return info.first_offset > info.last_offset
+#: Fully trimmed channels read again per query by :func:`as_now`, and how long, in
+#: seconds, what it read is taken for their state now.
+RUN = 100
+FRESH = 1.0
 
 
 async def export_channel(

@@ -134,6 +134,12 @@ class TrimOut(BaseModel):
     first_offset: int
 
 
+class IdleDeletedOut(BaseModel):
+    """Result of deleting idle consumers."""
+
+    deleted: int
+
+
 class ImportOut(BaseModel):
     """Result of an import."""
 

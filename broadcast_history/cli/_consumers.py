@@ -1,8 +1,9 @@
-"""Durable consumers: ``consumers [CHANNEL]``, ``consumer set``, ``consumer delete``."""
+"""Durable consumers: ``consumers [CHANNEL]``, ``consumer set``, ``consumer delete``,
+``consumer prune``."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated
 
 import typer
@@ -120,3 +121,37 @@ def delete(channel: Channel, name: Name, log: LogOption = DEFAULT_LOG) -> None:
 
     run(go())
     console.print(f"deleted consumer {escape(repr(name))} of {escape(repr(channel))}")
+
+
+@consumer.command("prune")
+def prune(
+    idle_days: Annotated[
+        float,
+        typer.Option(
+            "--idle-days", min=0.0, help="Delete those that committed nothing for that long."
+        ),
+    ],
+    channel: Annotated[str | None, typer.Option(help="Only this channel's consumers.")] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    log: LogOption = DEFAULT_LOG,
+) -> None:
+    """Forget the consumers nobody holds that committed nothing for --idle-days (a
+    worker that comes back after that starts from its since/history again)."""
+    if idle_days <= 0 or idle_days > MAX_IDLE_DAYS:
+        raise typer.BadParameter(f"between 0 and {MAX_IDLE_DAYS:,} days", param_hint="--idle-days")
+    of = f" of {channel!r}" if channel else ""
+    if not yes:
+        typer.confirm(
+            f"Forget the consumers{of} idle for {idle_days:g} days or more?", abort=True, err=True
+        )
+
+    async def go() -> int:
+        async with open_admin(log) as admin:
+            return await admin.delete_idle_consumers(timedelta(days=idle_days), channel=channel)
+
+    deleted = run(go())
+    console.print(f"deleted {deleted} idle consumer{'s' if deleted != 1 else ''}{escape(of)}")
+
+
+#: Longest --idle-days: about 100 years.
+MAX_IDLE_DAYS = 36_600

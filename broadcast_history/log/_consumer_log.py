@@ -8,6 +8,7 @@ one process at a time the holder of a consumer, and the positions it commits.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy.exc import DBAPIError
@@ -23,6 +24,8 @@ from ._store import Store
 
 #: Tries of a consumer's position set that deadlocked with another (MySQL).
 _SET_ATTEMPTS = 5
+#: Idle consumers deleted per transaction (see delete_idle_consumers).
+IDLE_BATCH = 500
 
 _T = TypeVar("_T")
 
@@ -198,6 +201,35 @@ class ConsumerMethods:
                     if not deadlocked(exc) or attempt == _SET_ATTEMPTS - 1:
                         raise
         raise AssertionError("unreachable")
+
+    @finish_on_cancel
+    async def delete_idle_consumers(
+        self, idle_for: timedelta, *, channel: str | None = None
+    ) -> int:
+        """Forget the consumers (of ``channel``, or of every channel) that nobody
+        holds and whose last commit is older than ``idle_for``; how many.
+
+        A consumer that never committed counts from the end of its last lease. They
+        are deleted IDLE_BATCH at a time, each batch in a transaction of its own.
+        """
+        if channel is not None:
+            check_channel(channel)
+        if not isinstance(idle_for, timedelta) or idle_for <= timedelta(0):
+            raise InvalidArgument("idle_for must be a positive timedelta")
+        idle_us = idle_for // timedelta(microseconds=1)
+        deleted = 0
+        after: tuple[str, str] | None = None
+        while True:
+            async with translated(), self._store.begin() as conn:
+                keys = await _consumers.idle_keys(conn, channel, idle_us, after, IDLE_BATCH)
+            if not keys:
+                return deleted
+            # Checked again as they go: one taken meanwhile stays.
+            async with translated(), self._store.begin(write=True) as conn:
+                deleted += await _consumers.forget_idle(conn, keys, idle_us)
+            if len(keys) < IDLE_BATCH:
+                return deleted
+            after = keys[-1]
 
     @finish_on_cancel
     async def delete_consumer(self, channel: str, name: str) -> bool:

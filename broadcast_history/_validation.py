@@ -7,7 +7,7 @@ caller's bad input must never fail the other publishes committed with it.
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from ._errors import (
@@ -83,6 +83,21 @@ def check_lease(value: Any) -> float:
     if not low <= seconds <= high:
         raise InvalidArgument(f"lease must be from {low} s to {high:.0f} s (a week), got {value}")
     return seconds
+
+
+#: Longest idle time of delete_idle_consumers: about a century (its microseconds
+#: must fit the databases' BIGINT arithmetic with the clock's).
+MAX_IDLE = timedelta(days=36_600)
+
+
+def check_idle(value: Any) -> int:
+    """``value``, a timedelta from a microsecond to :data:`MAX_IDLE`, in microseconds."""
+    if not isinstance(value, timedelta) or not timedelta(microseconds=1) <= value <= MAX_IDLE:
+        raise InvalidArgument(
+            f"idle_for must be a timedelta from a microsecond to {MAX_IDLE.days} days, "
+            f"got {value!r}"
+        )
+    return value // timedelta(microseconds=1)
 
 
 def check_message(message: Any, max_size: int) -> str | bytes:

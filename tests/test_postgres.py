@@ -465,19 +465,36 @@ async def test_a_log_that_cannot_be_opened_says_why_in_the_drivers_words(pg_url:
 
 async def test_a_prefix_is_exact_under_a_collation_that_is_not_by_code_point() -> None:
     """A prefix reads a range of the primary key where names sort by code point. Under
-    a linguistic collation (ICU here; en_US.UTF-8 alike) the names under a prefix are
-    not one range of that order: there it reads them all, and is exact either way."""
+    a linguistic collation (ICU here; en_US.UTF-8 alike), of the database or of the
+    column, the names under a prefix are not one range of that order: there it reads
+    them all, and is exact either way. A database not in UTF-8 cannot hold the
+    range's bound (a review found both)."""
     icu = "TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"
     names = ["a", "a-b", "a.", "ab", "aB", "A-b", "Ab", "b", "á", "a\u0301x", "a\U0010ffff"]
-    for url, by_code_point in [
-        (await ensure_database("bh_test_icu", options=icu), False),
-        (await ensure_database("bh_test_code_point"), True),
+    prefixes = ["a", "a-", "a.", "A", "á", "a\u0301", "a\U0010ffff", "b", "c"]
+    latin1 = "TEMPLATE template0 ENCODING 'LATIN1' LOCALE 'C'"
+    column = await ensure_database("bh_test_column_collation")
+    async with Broadcast(log=column):  # the schema, then the column's own collation
+        pass
+    conn = await asyncpg.connect(column)
+    try:
+        await conn.execute(
+            "ALTER TABLE broadcast_channels ALTER COLUMN name TYPE varchar(255)"
+            ' COLLATE "en-US-x-icu"'
+        )
+    finally:
+        await conn.close()
+    for url, by_code_point, names, prefixes in [
+        (await ensure_database("bh_test_icu", options=icu), False, names, prefixes),
+        (column, False, names, prefixes),
+        (await ensure_database("bh_test_latin1", options=latin1), False, ["ÿa", "ÿ", "y"], ["ÿ"]),
+        (await ensure_database("bh_test_code_point"), True, names, prefixes),
     ]:
         async with Broadcast(log=url) as broadcast:
             for name in names:
                 await broadcast.publish(name, "x")
             async with broadcast.log._store.engine.connect() as conn:  # type: ignore[attr-defined]
-                assert await _queries._ordered_by_code_point(conn) is by_code_point
-            for prefix in ["a", "a-", "a.", "A", "á", "a\u0301", "a\U0010ffff", "b", "c"]:
+                assert await _queries._ordered_by_code_point(conn) is by_code_point, url
+            for prefix in prefixes:
                 found = [c.name for c in await broadcast.log.channels(prefix=prefix, limit=50)]
-                assert sorted(found) == sorted(n for n in names if n.startswith(prefix))
+                assert sorted(found) == sorted(n for n in names if n.startswith(prefix)), url

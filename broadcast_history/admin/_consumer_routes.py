@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Query, Response
 
 from .._errors import InvalidArgument
-from .._validation import check_channel
+from .._validation import MAX_IDLE, check_channel
 from ._paths import channel_from_path, consumer_from_path
 from ._query import HistoryAdmin
 from ._schemas import ConsumerList, ConsumerOut, ErrorOut, IdleDeletedOut, PositionIn
@@ -17,9 +17,6 @@ from ._schemas import ConsumerList, ConsumerOut, ErrorOut, IdleDeletedOut, Posit
 # Module level: FastAPI resolves the (string) annotations of endpoints in this namespace.
 Channel = Annotated[str, Depends(channel_from_path)]
 Name = Annotated[str, Depends(consumer_from_path)]
-#: Longest idle_for of DELETE /consumers: about 100 years (timedelta's own bound is
-#: 999,999,999 days, past which the route would fail with a 500).
-MAX_IDLE_SECONDS = 100 * 366 * 86_400
 _BUSY: dict[int | str, dict[str, Any]] = {
     409: {"model": ErrorOut, "description": "A running process holds the consumer"},
 }
@@ -68,14 +65,18 @@ def add_consumer_routes(app: FastAPI, admin: HistoryAdmin) -> None:
     async def delete_idle_consumers(
         idle_for: Annotated[
             float,
-            Query(gt=0, le=MAX_IDLE_SECONDS, description="Seconds without a commit"),
+            Query(
+                ge=1e-6,
+                le=MAX_IDLE.total_seconds(),
+                description="Seconds without a commit or a holder",
+            ),
         ],
         channel: Annotated[
             str | None, Query(max_length=255, description="Only this channel's consumers")
         ] = None,
     ) -> IdleDeletedOut:
         """Forget the consumers (of `channel`, or all) that nobody holds and that
-        committed nothing for `idle_for` seconds. A worker that comes back after
+        nobody held nor committed to for `idle_for` seconds. A worker that comes back after
         that starts from its `since`/`history` again."""
         if channel is not None:
             check_channel(channel)

@@ -78,7 +78,7 @@ class ConsumerAdmin:
         self, idle_for: timedelta, *, channel: str | None = None
     ) -> int:
         """Forget the consumers (of ``channel``, or all) that nobody holds and that
-        committed nothing for ``idle_for``; returns how many.
+        nobody held nor committed to for ``idle_for``; returns how many.
 
         A consumer's row stays until it is deleted, whether or not a worker still
         runs it: an app that names consumers per session or per deploy leaves one

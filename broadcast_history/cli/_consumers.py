@@ -10,6 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from .._validation import MAX_IDLE
 from ..log import ConsumerInfo
 from ._app import app, console, err_console, open_admin, print_table, run
 from ._options import DEFAULT_LOG, JsonOption, LogOption
@@ -128,30 +129,32 @@ def prune(
     idle_days: Annotated[
         float,
         typer.Option(
-            "--idle-days", min=0.0, help="Delete those that committed nothing for that long."
+            "--idle-days", min=0.0, help="Delete those nobody held nor committed to for that long."
         ),
     ],
     channel: Annotated[str | None, typer.Option(help="Only this channel's consumers.")] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     log: LogOption = DEFAULT_LOG,
 ) -> None:
-    """Forget the consumers nobody holds that committed nothing for --idle-days (a
+    """Forget the consumers nobody held nor committed to for --idle-days (a
     worker that comes back after that starts from its since/history again)."""
-    if idle_days <= 0 or idle_days > MAX_IDLE_DAYS:
-        raise typer.BadParameter(f"between 0 and {MAX_IDLE_DAYS:,} days", param_hint="--idle-days")
+    idle = timedelta(days=idle_days) if 0 < idle_days <= MAX_IDLE.days else timedelta(0)
+    if idle < timedelta(microseconds=1):
+        raise typer.BadParameter(
+            f"a microsecond to {MAX_IDLE.days:,} days", param_hint="--idle-days"
+        )
     of = f" of {channel!r}" if channel else ""
+    days = f"{idle_days:g} day{'' if idle_days == 1 else 's'}"
     if not yes:
         typer.confirm(
-            f"Forget the consumers{of} idle for {idle_days:g} days or more?", abort=True, err=True
+            f"Forget the consumers{of} that nobody held nor committed to for {days}?",
+            abort=True,
+            err=True,
         )
 
     async def go() -> int:
         async with open_admin(log) as admin:
-            return await admin.delete_idle_consumers(timedelta(days=idle_days), channel=channel)
+            return await admin.delete_idle_consumers(idle, channel=channel)
 
     deleted = run(go())
     console.print(f"deleted {deleted} idle consumer{'s' if deleted != 1 else ''}{escape(of)}")
-
-
-#: Longest --idle-days: about 100 years.
-MAX_IDLE_DAYS = 36_600

@@ -15,7 +15,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .._errors import InvalidArgument
-from .._validation import check_channel, check_consumer, check_int, check_lease
+from .._validation import check_channel, check_consumer, check_idle, check_int, check_lease
 from . import _consumers
 from ._calls import finish_on_cancel, finish_repeatable, translated
 from ._consumers_mysql import deadlocked
@@ -209,14 +209,13 @@ class ConsumerMethods:
         """Forget the consumers (of ``channel``, or of every channel) that nobody
         holds and whose last commit is older than ``idle_for``; how many.
 
-        A consumer that never committed counts from the end of its last lease. They
-        are deleted IDLE_BATCH at a time, each batch in a transaction of its own.
+        Its last use is the later of its last commit and the end of its last lease
+        (given back or run out). They are deleted IDLE_BATCH at a time, each batch in
+        a transaction of its own.
         """
         if channel is not None:
             check_channel(channel)
-        if not isinstance(idle_for, timedelta) or idle_for <= timedelta(0):
-            raise InvalidArgument("idle_for must be a positive timedelta")
-        idle_us = idle_for // timedelta(microseconds=1)
+        idle_us = check_idle(idle_for)
         deleted = 0
         after: tuple[str, str] | None = None
         while True:

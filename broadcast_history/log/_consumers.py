@@ -92,9 +92,11 @@ class _Reads:
             .limit(bindparam("b_limit", type_=BigInteger))
         )
         self.committed = select(func.count()).select_from(committed).where(_C.position.is_not(None))
-        # Nobody holds it, and its last commit (or, never committed, the end of its
-        # last lease: its holder died before releasing) is older than b_idle.
-        last_used = func.coalesce(_C.updated_at, _C.lease_expires)
+        # Nobody holds it, and both its last commit and the end of its last lease
+        # (given back, or run out: its holder died) are older than b_idle.
+        committed_at = func.coalesce(_C.updated_at, 0)
+        held_until = func.coalesce(_C.lease_expires, 0)
+        last_used = case((committed_at >= held_until, committed_at), else_=held_until)
         idle = and_(free, last_used < now - bindparam("b_idle", type_=BigInteger))
         self.idle_keys = (
             select(_C.channel, _C.name)
@@ -151,10 +153,11 @@ class _Statements(_Reads):
         self.renew = (
             update(consumers).where(holders).values(lease_expires=now + lease).returning(_C.holder)
         )
-        # Giving a lease back forgets a row that never got a position.
+        # Giving a lease back forgets a row that never got a position; the others
+        # keep when it ended (no holder: free), for delete_idle_consumers.
         self.release: list[Executable] = [
             delete(consumers).where(mine, _C.position.is_(None)),
-            update(consumers).where(mine).values(holder=None, lease_expires=None),
+            update(consumers).where(mine).values(holder=None, lease_expires=now),
         ]
         if postgres:  # one round trip; each half touches rows the other does not
             self.release = [
@@ -162,7 +165,8 @@ class _Statements(_Reads):
                     f"WITH forgotten AS (DELETE FROM {consumers.name} WHERE channel = "
                     ":b_channel AND name = :b_name AND holder = :b_holder AND position "
                     f"IS NULL) UPDATE {consumers.name} SET holder = NULL, lease_expires = "
-                    "NULL WHERE channel = :b_channel AND name = :b_name AND holder = :b_holder"
+                    "CAST(ROUND(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000) AS BIGINT)"
+                    " WHERE channel = :b_channel AND name = :b_name AND holder = :b_holder"
                     " AND position IS NOT NULL"
                 )
             ]

@@ -89,7 +89,7 @@ _RENEWED = select(_C.holder).where(_HOLDERS)
 # Giving a lease back forgets a row that never got a position.
 _RELEASE = (
     delete(consumers).where(_MINE, _C.position.is_(None)),
-    update(consumers).where(_MINE).values(holder=None, lease_expires=None),
+    update(consumers).where(_MINE).values(holder=None, lease_expires=NOW),
 )
 
 _AHEAD = and_(_C.epoch == _EPOCH, _C.position >= _POSITION)

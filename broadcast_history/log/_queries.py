@@ -126,6 +126,16 @@ def _after_prefix(prefix: str) -> str | None:
 #: bytes do (names are VARBINARY there).
 _CODE_POINT_COLLATIONS = frozenset({"c", "posix", "c.utf8", "c.utf-8"})
 _CODE_POINT_ORDER: weakref.WeakKeyDictionary[Engine, bool] = weakref.WeakKeyDictionary()
+# The collation of the channel names: the column's own, else the database's (read
+# through JSON: their columns differ between versions, datlocprovider is new in 15).
+_NAME_COLLATION = text(
+    "SELECT c.collname, to_jsonb(c) ->> 'collprovider', to_jsonb(c) ->> 'collcollate', "
+    "to_jsonb(d) ->> 'datlocprovider', to_jsonb(d) ->> 'datcollate', "
+    "pg_encoding_to_char(d.encoding) "
+    "FROM pg_database d, pg_attribute a JOIN pg_collation c ON c.oid = a.attcollation "
+    "WHERE d.datname = current_database() AND a.attname = 'name' "
+    f"AND a.attrelid = to_regclass('{channels.name}')"
+)
 
 
 async def _ordered_by_code_point(conn: AsyncConnection) -> bool:
@@ -134,20 +144,26 @@ async def _ordered_by_code_point(conn: AsyncConnection) -> bool:
         return True
     known = _CODE_POINT_ORDER.get(conn.sync_engine)
     if known is None:
-        # datlocprovider is new in Postgres 15 (before, every collation was libc's).
-        found = await conn.execute(
-            text(
-                "SELECT datcollate, to_jsonb(d) ->> 'datlocprovider' FROM pg_database d "
-                "WHERE datname = current_database()"
-            )
-        )
-        collate, provider = found.one()
-        # 'b' (Postgres 17's builtin) sorts by code point; 'i' (ICU) never does.
-        known = provider == "b" or (
-            provider in (None, "c") and str(collate).lower() in _CODE_POINT_COLLATIONS
-        )
+        found = (await conn.execute(_NAME_COLLATION)).first()
+        known = found is not None and _by_code_point(*found)
         _CODE_POINT_ORDER[conn.sync_engine] = known
     return known
+
+
+def _by_code_point(
+    name: str,
+    provider: str | None,
+    collate: str | None,
+    database_provider: str | None,
+    database_collate: str | None,
+    encoding: str,
+) -> bool:
+    if encoding != "UTF8":  # a bound past the encoding's characters would fail
+        return False
+    if name == "default":
+        provider, collate = database_provider or "c", database_collate
+    # 'b' (Postgres 17's builtin) sorts by code point; 'i' (ICU) never does.
+    return provider == "b" or (provider == "c" and str(collate).lower() in _CODE_POINT_COLLATIONS)
 
 
 def events_query(

@@ -4,8 +4,9 @@ Run ``python -m bench.huge_log`` (``--channels``, ``--consumers`` for the row co
 ``--logs`` for ``sqlite`` and/or ``postgres``). The log gets the channel rows of
 ``bench.retention_scan`` (a tenth with 3 events, the rest trimmed empty) and durable
 consumers written in bulk, ten per channel on every fortieth channel, each with a
-committed position. Then each read runs six times (the median is reported): what a
-call returns is small, so its time should not follow the size of the log.
+committed position. Then each page read runs six times (the median is reported;
+walks, exports and deletions once): what a call returns is small, so its time
+should not follow the size of the log. Last, the idle consumers are deleted.
 
 Results: ``build/bench/huge_log.json`` and a Markdown table on stdout.
 """
@@ -19,6 +20,7 @@ import sqlite3
 import statistics
 import time
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -106,9 +108,16 @@ async def _reads(admin: HistoryAdmin, channels: int, consumers: int) -> dict[str
         "consumer_lags(1000)": lambda: log.consumer_lags(1000),
         "all_consumers() walk": walk,
         "export of 10,000 channels": export,
+        # Last: the second deletes every consumer.
+        "delete_idle_consumers(), none idle": lambda: admin.delete_idle_consumers(
+            timedelta(days=1)
+        ),
+        "delete_idle_consumers(), all idle": lambda: admin.delete_idle_consumers(
+            timedelta(microseconds=1)
+        ),
     }
     return {
-        name: await _median_ms(call, 1 if "walk" in name or "export" in name else 5)
+        name: await _median_ms(call, 6 if "page" in name or "lags" in name else 1)
         for name, call in reads.items()
     }
 

@@ -213,8 +213,9 @@ async def test_idle_consumers_are_deleted_on_request(
         await admin.set_consumer("orders/eu", "s4", 2)  # used again just now
         idle = timedelta(seconds=0.4)
         assert await admin.delete_idle_consumers(idle, channel="nobody") == 0
-        assert await admin.delete_idle_consumers(idle, channel="other") == 1
-        assert await admin.delete_idle_consumers(idle) == 4
+        # Batches of 2, each deleting a range of keys with held or used ones inside.
+        assert await admin.delete_idle_consumers(idle, channel="orders/eu") == 4
+        assert await admin.delete_idle_consumers(idle) == 1  # that of "other"
         assert [(c.channel, c.name) for c in await admin.consumers()] == [
             ("orders/eu", "held"),
             ("orders/eu", "s4"),

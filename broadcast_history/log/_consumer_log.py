@@ -225,7 +225,7 @@ class ConsumerMethods:
                 return deleted
             # Checked again as they go: one taken meanwhile stays.
             async with translated(), self._store.begin(write=True) as conn:
-                deleted += await _consumers.forget_idle(conn, keys, idle_us)
+                deleted += await _consumers.forget_idle(conn, channel, idle_us, after, keys[-1])
             if len(keys) < IDLE_BATCH:
                 return deleted
             after = keys[-1]

@@ -27,8 +27,8 @@ from typing import Any
 from broadcast_history import Broadcast
 from broadcast_history.admin import HistoryAdmin
 
-from .configs import OUT, POSTGRES_DB, create_postgres_database, postgres_log_url, postgres_up
-from .retention_scan import _fill_postgres, _fill_sqlite
+from .configs import OUT, POSTGRES_DB, postgres_up
+from .retention_scan import _fill_postgres, _fill_sqlite, empty_log
 
 DATABASE = f"{POSTGRES_DB}_huge"
 PER_CHANNEL = 10
@@ -125,14 +125,8 @@ async def _reads(admin: HistoryAdmin, channels: int, consumers: int) -> dict[str
 async def run_log(kind: str, channels: int, consumers: int, workdir: Path) -> dict[str, float]:
     rows = _consumer_rows(channels, consumers)
     assert len(rows) == consumers, f"{channels} channels hold at most {len(rows)} consumers"
-    if kind == "sqlite":
-        path = workdir / "huge_log.db"
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{path}{suffix}").unlink(missing_ok=True)
-        url = f"sqlite+aiosqlite:///{path}"
-    else:
-        await create_postgres_database(DATABASE)
-        url = postgres_log_url(DATABASE)
+    path = workdir / "huge_log.db"
+    url = await empty_log(kind, path, DATABASE)
     async with Broadcast(log=url) as broadcast:  # creates the schema
         if kind == "sqlite":
             await asyncio.to_thread(_fill_sqlite, path, channels)

@@ -98,15 +98,20 @@ async def _fill_postgres(url: str, channels: int) -> None:
         await conn.close()
 
 
-async def run_log(kind: str, channels: int, workdir: Path) -> dict[str, Any]:
+async def empty_log(kind: str, path: Path, database: str) -> str:
+    """The URL of an empty log: the SQLite file ``path``, or a new Postgres
+    ``database`` (its tables are created by the first broadcast connected)."""
     if kind == "sqlite":
-        path = workdir / "retention_scan.db"
         for suffix in ("", "-wal", "-shm"):
             Path(f"{path}{suffix}").unlink(missing_ok=True)
-        url = f"sqlite+aiosqlite:///{path}"
-    else:
-        await create_postgres_database(DATABASE)
-        url = postgres_log_url(DATABASE)
+        return f"sqlite+aiosqlite:///{path}"
+    await create_postgres_database(database)
+    return postgres_log_url(database)
+
+
+async def run_log(kind: str, channels: int, workdir: Path) -> dict[str, Any]:
+    path = workdir / "retention_scan.db"
+    url = await empty_log(kind, path, DATABASE)
     async with Broadcast(log=url) as broadcast:  # creates the schema
         if kind == "sqlite":
             await asyncio.to_thread(_fill_sqlite, path, channels)

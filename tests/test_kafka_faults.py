@@ -121,6 +121,39 @@ async def test_disconnect_after_the_broker_died_closes_everything(
         await asyncio.to_thread(broker.start)
 
 
+async def test_a_close_cut_short_still_stops_the_clients(
+    broker: TansuBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each client's close is bounded (a broker gone for good must not hold up
+    shutdown): a producer still flushing to a dead broker was cut off before it
+    closed its network client, whose metadata task went on retrying after
+    disconnect (seen in a loaded run). A close cut short closes that client."""
+    from broadcast_history.backends import kafka
+
+    monkeypatch.setattr(kafka, "CLOSE_WAIT", 0.2)
+    backend = fast_backend(broker)
+    channel = unique("faults")
+    broadcast = Broadcast(backend=backend, log=f"sqlite+aiosqlite:///{tmp_path / 'e.db'}")
+    await broadcast.connect()
+    try:
+        async with broadcast.subscribe(channel) as sub:
+            event = await broadcast.publish(channel, "before")
+            assert await take(sub, 1) == [event]
+            await asyncio.to_thread(broker.stop)
+            clients = [backend._producer, backend._consumer, backend._lookup]
+
+            async def flushing_forever() -> None:  # batches for a broker that is gone
+                await asyncio.sleep(3600)
+
+            monkeypatch.setattr(backend._producer, "stop", flushing_forever)
+            await asyncio.wait_for(broadcast.disconnect(), 20)
+        kafka_clients = [getattr(c, "client", None) or getattr(c, "_client", None) for c in clients]
+        assert [k is not None and k._sync_task is None for k in kafka_clients] == [True] * 3
+    finally:
+        await asyncio.wait_for(broadcast.disconnect(), 20)
+        await asyncio.to_thread(broker.start)
+
+
 async def test_subscribes_while_the_broker_is_away_return_at_once(
     broker: TansuBroker, tmp_path: Path
 ) -> None:

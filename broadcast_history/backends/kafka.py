@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
@@ -233,28 +233,36 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
     # -- internals -----------------------------------------------------------------
 
     async def _close_clients(self) -> None:
-        closers = [
-            _stop_consumer(consumer)
+        # Each client's close, and the network client under it.
+        closers: list[tuple[Coroutine[Any, Any, None], Any]] = [
+            (_stop_consumer(consumer), getattr(consumer, "_client", None))
             for consumer in (self._consumer, self._lookup)
             if consumer is not None
         ]
         if self._producer is not None:
-            closers.append(self._producer.stop())
+            closers.append((self._producer.stop(), getattr(self._producer, "client", None)))
         if self._admin is not None:
-            closers.append(self._admin.close())
+            closers.append((self._admin.close(), None))
         self._producer = self._consumer = self._lookup = self._admin = None
         # Each closer a task of its own: aiokafka's consumer, stopped after the broker
         # died, raises the cancellation of its own fetch task, which asyncio.wait does
         # not pass on (it raises only if this task is cancelled). A broker that is away
-        # must not hold up shutdown: 5 s each at most.
-        tasks = [asyncio.ensure_future(closer) for closer in closers]
-        for task in tasks:
+        # must not hold up shutdown: CLOSE_WAIT each at most.
+        tasks = [(asyncio.ensure_future(closer), client) for closer, client in closers]
+        for task, _ in tasks:
             task.add_done_callback(_closed)
         try:
-            for task in tasks:
-                await asyncio.wait({task}, timeout=5)
+            for task, client in tasks:
+                done, _ = await asyncio.wait({task}, timeout=CLOSE_WAIT)
+                if not done and client is not None:
+                    # Cut short (a producer still flushing to a dead broker): its
+                    # client's metadata task would go on retrying after disconnect.
+                    task.cancel()
+                    closing = asyncio.ensure_future(client.close())
+                    closing.add_done_callback(_closed)
+                    await asyncio.wait({closing}, timeout=1)
         finally:
-            for task in tasks:
+            for task, _ in tasks:
                 task.cancel()
 
     async def _ensure_topics(self, topics: Iterable[str]) -> None:
@@ -491,6 +499,10 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
 
 
 __all__ = ["KafkaBackend", "topic_for"]
+
+
+#: Longest wait, in seconds, for each client's close at disconnect.
+CLOSE_WAIT = 5.0
 
 
 @dataclass

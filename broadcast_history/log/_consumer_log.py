@@ -207,11 +207,11 @@ class ConsumerMethods:
         self, idle_for: timedelta, *, channel: str | None = None
     ) -> int:
         """Forget the consumers (of ``channel``, or of every channel) that nobody
-        holds and whose last commit is older than ``idle_for``; how many.
+        holds and whose last use is older than ``idle_for``; how many.
 
-        Its last use is the later of its last commit and the end of its last lease
-        (given back or run out). They are deleted IDLE_BATCH at a time, each batch in
-        a transaction of its own.
+        A consumer's last use is the later of its last commit and the end of its last
+        lease (given back or run out). They are deleted IDLE_BATCH at a time, each
+        batch in a transaction of its own.
         """
         if channel is not None:
             check_channel(channel)

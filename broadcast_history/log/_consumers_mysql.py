@@ -86,7 +86,8 @@ _HOLDERS = _C.holder.in_(bindparam("b_holders", expanding=True))
 # A lease that ran out but that nobody took since is renewed too, as elsewhere.
 _RENEW = update(consumers).where(_HOLDERS).values(lease_expires=NOW + _LEASE)
 _RENEWED = select(_C.holder).where(_HOLDERS)
-# Giving a lease back forgets a row that never got a position.
+# Giving a lease back forgets a row that never got a position; the others keep when
+# it ended (no holder: free), for delete_idle_consumers.
 _RELEASE = (
     delete(consumers).where(_MINE, _C.position.is_(None)),
     update(consumers).where(_MINE).values(holder=None, lease_expires=NOW),

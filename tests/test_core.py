@@ -1490,6 +1490,46 @@ async def test_a_cancellation_landing_as_a_wait_completes_is_not_lost() -> None:
         assert await outcome(asyncio.wait_for, failing=True) == "failed"
 
 
+async def test_a_bounded_read_never_loses_its_callers_cancellation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bounded read runs in its caller's task: a cancellation of that task which the
+    read swallowed (a driver's connect through 3.11's wait_for can) made the read
+    return as if nothing happened, where wait_for in a task of its own raised it. The
+    read's own timeout still fails as the log's."""
+    from broadcast_history.log import _calls
+
+    async def swallowing() -> str:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            return "value"
+        return "slept"
+
+    async def read_then_go_on() -> str:
+        value = await _calls.bounded_read(swallowing())
+        await asyncio.sleep(0)
+        return f"went on with {value}"
+
+    if sys.version_info < (3, 11):
+        pytest.skip("Python 3.10 does not count cancellations: nothing to read")
+    task = asyncio.create_task(read_then_go_on())
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    monkeypatch.setattr(_calls, "READ_TIMEOUT", 0.05)
+    with pytest.raises(LogUnavailable, match=r"did not answer a read within 0\.05 s"):
+        await _calls.bounded_read(asyncio.sleep(10))
+
+    async def own_timeout() -> None:
+        raise asyncio.TimeoutError  # a driver's command_timeout: not the log's bound
+
+    with pytest.raises(asyncio.TimeoutError):
+        await _calls.bounded_read(own_timeout())
+
+
 async def test_retention_by_age_writes_only_where_events_are_old(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

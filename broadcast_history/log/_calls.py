@@ -16,7 +16,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 
-from .._cancel import wait_for
+from .._cancel import cancel_count, raise_if_cancelled_since, wait_for
 from .._errors import InvalidArgument, LogUnavailable
 from ._info import Pending
 
@@ -219,12 +219,30 @@ APPEND_TIMEOUT = 30.0
 _BYTES_PER_SECOND = 10_000_000
 
 
-async def bounded_append(append: Awaitable[_T], items: Sequence[Pending]) -> _T:
-    """``append`` of ``items``, cancelled past :data:`APPEND_TIMEOUT` (see there)."""
+class Sending:
+    """Whether an append has sent the statement that stores its batch (until then, a
+    timeout stored nothing: the time went to taking a connection or to reads)."""
+
+    __slots__ = ("sent",)
+
+    def __init__(self) -> None:
+        self.sent = False
+
+
+async def bounded_append(
+    append: Awaitable[_T], items: Sequence[Pending], sending: Sending | None = None
+) -> _T:
+    """``append`` of ``items``, cancelled past :data:`APPEND_TIMEOUT` (see there).
+
+    With ``sending``, a timeout before the storing statement went out says so."""
     limit = APPEND_TIMEOUT + sum(len(item.message) for item in items) / _BYTES_PER_SECOND
     try:
         return await wait_for(append, limit)
     except asyncio.TimeoutError as exc:
+        if sending is not None and not sending.sent:
+            raise LogUnavailable(
+                f"the event log did not answer within {limit:.3g} s, nothing was stored"
+            ) from exc
         raise LogUnavailable(
             f"the event log did not answer within {limit:.3g} s: the publish may or may "
             "not be stored"
@@ -254,20 +272,35 @@ async def bounded_read(read: Awaitable[_T], what: str = "a read") -> _T:
 
     ``what`` names it in the error (lease statements are bounded the same way)."""
     timeout = READ_TIMEOUT
-    loop = asyncio.get_running_loop()
-    began = loop.time()
-    try:
-        if _timeout is None:
+    if _timeout is None:
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        try:
             return await wait_for(read, timeout)
-        # No task of its own for the read (asyncio.wait_for makes one): a replay
-        # reads a page every few milliseconds, and the task's extra loop turns cost
-        # a fifth of the Postgres replay rate (full run 18; bisected to 74ffeae).
-        async with _timeout(timeout):
-            return await read
+        except asyncio.TimeoutError as exc:
+            if loop.time() - began < timeout:
+                raise  # the read's own (a driver's command_timeout): an ordinary failure
+            raise _no_answer(what, timeout) from exc
+    # No task of its own for the read (asyncio.wait_for makes one): a replay reads a
+    # page every few milliseconds, and the task's extra loop turns cost a fifth of the
+    # Postgres replay rate (full run 18; bisected to 74ffeae).
+    count = cancel_count()
+    bound = _timeout(timeout)
+    try:
+        async with bound:
+            result = await read
     except asyncio.TimeoutError as exc:
-        if loop.time() - began < timeout:
+        if not bound.expired():
             raise  # the read's own (a driver's command_timeout): an ordinary failure
-        raise LogUnavailable(f"the event log did not answer {what} within {timeout:.3g} s") from exc
+        raise _no_answer(what, timeout) from exc
+    # A cancellation of this task that the read swallowed (a driver's connect using
+    # 3.11's wait_for can) still ends the caller, as wait_for above makes sure of.
+    raise_if_cancelled_since(count)
+    return result
+
+
+def _no_answer(what: str, timeout: float) -> LogUnavailable:
+    return LogUnavailable(f"the event log did not answer {what} within {timeout:.3g} s")
 
 
 def is_data_error(exc: BaseException) -> bool:

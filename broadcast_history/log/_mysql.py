@@ -40,7 +40,7 @@ from .._errors import LogUnavailable, MessageTooLarge, NotConnected
 from .._event import Event
 from ._ahead import ReadAhead
 from ._batch import assemble, plan
-from ._calls import append_error, bounded_append, unreachable
+from ._calls import Sending, append_error, bounded_append, unreachable
 from ._engine import create_engine
 from ._info import Pending
 from ._queries import page_query
@@ -125,13 +125,15 @@ class MySQLStore(ServerStore):
             yield conn
 
     async def append(self, items: Sequence[Pending]) -> list[Event]:
-        return await bounded_append(self._append(items), items)
+        # In a transaction: nothing is stored before its COMMIT is sent.
+        sending = Sending()
+        return await bounded_append(self._append(items, sending), items, sending)
 
-    async def _append(self, items: Sequence[Pending]) -> list[Event]:
+    async def _append(self, items: Sequence[Pending], sending: Sending) -> list[Event]:
         engine = self.engine
         for attempt in range(_ATTEMPTS):
             try:
-                return await self._append_once(engine, items)
+                return await self._append_once(engine, items, sending)
             except OperationalError as exc:
                 # Deadlocks are found while waiting for a lock, never at COMMIT: the
                 # transaction was rolled back whole and nothing was stored.
@@ -141,18 +143,22 @@ class MySQLStore(ServerStore):
                     raise append_error(exc, ambiguous=False) from exc
         raise AssertionError("unreachable")
 
-    async def _append_once(self, engine: AsyncEngine, items: Sequence[Pending]) -> list[Event]:
+    async def _append_once(
+        self, engine: AsyncEngine, items: Sequence[Pending], sending: Sending
+    ) -> list[Event]:
         entered = False
         try:
             async with engine.connect() as conn:
                 entered = True
-                return await self._append_on(conn, items)
+                return await self._append_on(conn, items, sending)
         except Exception as exc:
             if entered:
                 raise
             raise unreachable(exc) from exc  # no connection: nothing was sent
 
-    async def _append_on(self, conn: AsyncConnection, items: Sequence[Pending]) -> list[Event]:
+    async def _append_on(
+        self, conn: AsyncConnection, items: Sequence[Pending], sending: Sending
+    ) -> list[Event]:
         transaction = await conn.begin()
         try:
             if self._packet is None:
@@ -174,6 +180,7 @@ class MySQLStore(ServerStore):
         try:
             # A failure of the COMMIT is ambiguous (the server may have committed
             # before the connection died): EventLog does not retry it.
+            sending.sent = True
             await transaction.commit()
         except BaseException:
             # The connection may be dead (killed, or dropped by the server after

@@ -31,6 +31,7 @@ from ._ahead import ReadAhead
 from ._batch import assemble, plan
 from ._calls import (
     Conflict,
+    Sending,
     append_error,
     bounded_append,
     is_data_error,
@@ -221,7 +222,9 @@ async def append(kept: KeptConnections, items: Sequence[Pending]) -> list[Event]
     # after it.
     # Taking a connection counts too: a new one to a frozen server waits as long.
     try:
-        return await bounded_append(kept.run(lambda driver: _append(driver, items)), items)
+        sending = Sending()
+        append = kept.run(lambda driver: _append(driver, items, sending))
+        return await bounded_append(append, items, sending)
     except asyncpg.UniqueViolationError as exc:
         raise Conflict(f"append conflicted: {exc!r}") from exc
     except (NotConnected, LogUnavailable):
@@ -230,7 +233,9 @@ async def append(kept: KeptConnections, items: Sequence[Pending]) -> list[Event]
         raise append_error(exc, ambiguous=not is_data_error(exc)) from exc
 
 
-async def _append(conn: asyncpg.Connection, items: Sequence[Pending]) -> list[Event]:
+async def _append(
+    conn: asyncpg.Connection, items: Sequence[Pending], sending: Sending
+) -> list[Event]:
     seen = await _find_keys(conn, items)
     batch = plan(items, seen)
     heads: dict[str, tuple[int, int, int]] = {}
@@ -241,6 +246,7 @@ async def _append(conn: asyncpg.Connection, items: Sequence[Pending]) -> list[Ev
         payloads = [_payload(item.message) for item in stored]
         lengths = list(map(len, payloads))
         keys = [item.key for item in stored]
+        sending.sent = True
         rows: list[Any] = await conn.fetch(
             _APPEND,
             names,

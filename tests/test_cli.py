@@ -420,11 +420,11 @@ def _tailing(log: str, *options: str) -> Iterator[subprocess.Popen[str]]:
 
 
 def test_tail_and_publish_in_two_processes(log: str) -> None:
-    env = {**os.environ, "BROADCAST_HISTORY_LOG": log}
-    subprocess.run([*EXE, "publish", "room", "before"], env=env, check=True, capture_output=True)
+    # The publishes from this process (a process of the CLI costs seconds to start).
+    cli("publish", "room", "before", BROADCAST_HISTORY_LOG=log)
     with _tailing(log, "--since", "0", "--json") as tail:
         for message in ("one", "two"):
-            subprocess.run([*EXE, "publish", "room", message], env=env, check=True)
+            cli("publish", "room", message, BROADCAST_HISTORY_LOG=log)
         assert tail.stdout is not None
         seen = [json.loads(tail.stdout.readline())["message"] for _ in range(3)]
         assert seen == ["before", "one", "two"]

@@ -478,12 +478,15 @@ async def test_renewals_keep_their_pace_when_each_takes_long(
     renew_leases = log.renew_leases
 
     async def slow(*args: Any) -> Any:
-        await asyncio.sleep(0.6)
+        await asyncio.sleep(1.1)
         return await renew_leases(*args)
 
     monkeypatch.setattr(log, "renew_leases", slow)
-    async with broadcast.subscribe("c", consumer="w", lease=1.5) as sub:
-        for _ in range(70):  # 3.5 s, several renewals; each get checks the lease
+    # Renewals every second, each answered 1.1 s after it went out: each lease is
+    # renewed 0.9 s before it would lapse (a loaded machine's loop may lag that much
+    # less); paced from their ends, the second renewal came 0.2 s too late.
+    async with broadcast.subscribe("c", consumer="w", lease=3.0) as sub:
+        for _ in range(100):  # 5 s, several renewals; each get checks the lease
             await broadcast.publish("c", "m")
             await take(sub, 1)
             await asyncio.sleep(0.05)

@@ -401,22 +401,20 @@ async def _publish(log: str, channel: str, count: int) -> None:
 def test_cli_refuses_a_truncated_export(tmp_path: Path) -> None:
     source = f"sqlite+aiosqlite:///{tmp_path / 'a.db'}"
     target = f"sqlite+aiosqlite:///{tmp_path / 'b.db'}"
+    from typer.testing import CliRunner
+
+    from broadcast_history.cli import app
+
+    # The commands run in this process: a process of the CLI costs seconds to start.
+    runner = CliRunner()
     asyncio.run(_publish(source, "room", 5))
-    export = subprocess.run(
-        [*CLI, "export", "--log", source], check=True, capture_output=True, text=True
-    ).stdout
-    head = "".join(export.splitlines(keepends=True)[:3])  # `export | head -n 3`
-    result = subprocess.run(
-        [*CLI, "import", "-", "--log", target], input=head, capture_output=True, text=True
-    )
-    assert result.returncode != 0
+    exported = runner.invoke(app, ["export", "--log", source])
+    assert exported.exit_code == 0, exported.output
+    head = "".join(exported.stdout.splitlines(keepends=True)[:3])  # `export | head -n 3`
+    result = runner.invoke(app, ["import", "-", "--log", target], input=head)
+    assert result.exit_code != 0
     assert "events 3..5 are missing" in result.stderr
-    assert (
-        "room"
-        not in subprocess.run(
-            [*CLI, "channels", "--log", target], capture_output=True, text=True, check=False
-        ).stdout
-    )
+    assert "room" not in runner.invoke(app, ["channels", "--log", target]).stdout
 
 
 # -- over HTTP ---------------------------------------------------------------------------

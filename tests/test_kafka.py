@@ -317,3 +317,107 @@ async def test_a_recovery_ends_while_channels_keep_changing(
     backend._rewind_recreated = rewind  # type: ignore[method-assign]
     await asyncio.wait_for(backend._restore(set(), set()), 5)
     assert backend.connected and passes <= 4
+
+
+class _Refused:
+    """The answer of a broker whose ACLs deny this client the right to create."""
+
+    def __init__(self, topics: list[Any]) -> None:
+        self.topic_errors = [(topic.name, 29, "Authorization failed.") for topic in topics]
+
+
+_UNKNOWN_TOPIC = 3  # what a metadata request answers for a topic that is not there
+
+
+async def test_a_client_not_allowed_to_create_topics_uses_existing_ones(
+    backend: KafkaBackend, kafka_bootstrap: str
+) -> None:
+    """Kafka checks the right to create before whether a topic exists: a client that
+    may only read and write the topics an operator made is told "not authorized" for
+    those too. Taken for a failure, it made every publish and subscribe fail on such
+    a cluster (found by a review; the refusal is injected, the broker is real)."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    made, absent = unique("made"), unique("absent")
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(backend.topic(made), 1, 1)])
+    finally:
+        await admin.close()
+    assert backend._admin is not None
+
+    async def refuse(topics: list[Any], *args: Any, **kwargs: Any) -> _Refused:
+        return _Refused(topics)
+
+    describe = backend._admin.describe_topics
+
+    async def describe_without_creating(topics: list[str]) -> list[Any]:
+        # Nor may such a client have a topic created by asking for its metadata
+        # (which tansu would do, as Kafka with auto.create.topics.enable for a client
+        # allowed to create).
+        there = [topic for topic in topics if topic != backend.topic(absent)]
+        unknown = [{"topic": t, "error_code": _UNKNOWN_TOPIC, "partitions": []} for t in topics]
+        return [*(await describe(there) if there else []), *unknown[len(there) :]]
+
+    backend._admin.create_topics = refuse  # type: ignore[method-assign]
+    backend._admin.describe_topics = describe_without_creating  # type: ignore[method-assign]
+    await backend.subscribe(made)
+    await backend.publish(made, "allowed")
+    assert await received(backend, 1) == [(made, "allowed")]
+    # Not there and not allowed to make it: said so, with the broker's reason.
+    with pytest.raises(TransportError, match=r"Authorization failed.*create it beforehand"):
+        await backend.subscribe(absent)
+    await backend.unsubscribe(absent)  # as a broadcast undoes a failed subscribe
+    assert backend.topic(absent) not in backend._known
+    with pytest.raises(TransportError, match="create it beforehand"):
+        await backend.publish(absent, "refused")
+    # Neither failure is an outage: the channel in use goes on.
+    await backend.publish(made, "still allowed")
+    assert await received(backend, 1) == [(made, "still allowed")]
+    assert backend.connected
+
+
+async def test_topic_config_applies_to_created_topics(kafka_bootstrap: str) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    config = {"retention.ms": "3600000"}
+    backend = KafkaBackend(f"kafka://{kafka_bootstrap}", topic_config=config)
+    await backend.connect()
+    channel = unique()
+    try:
+        await backend.subscribe(channel)
+    finally:
+        await backend.disconnect()
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        resource = ConfigResource(ConfigResourceType.TOPIC, backend.topic(channel))
+        [response] = await admin.describe_configs([resource])
+    finally:
+        await admin.close()
+    [(_, _, _, _, entries)] = response.resources
+    assert ("retention.ms", "3600000") in {(entry[0], entry[1]) for entry in entries}
+
+
+async def test_compressed_records_are_delivered(
+    backend: KafkaBackend, kafka_bootstrap: str
+) -> None:
+    """A broker hands records back compressed when another producer compressed them
+    or a topic's compression.type says so: without the codecs (the kafka extra now
+    pulls them in) aiokafka failed the fetch for good, ending live delivery."""
+    from aiokafka import AIOKafkaProducer
+
+    channel = unique()
+    await backend.subscribe(channel)
+    for codec in ("gzip", "snappy", "lz4", "zstd"):
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, compression_type=codec)
+        await producer.start()
+        try:
+            await producer.send_and_wait(
+                backend.topic(channel), f"by {codec}".encode(), key=channel.encode()
+            )
+        finally:
+            await producer.stop()
+        assert await received(backend, 1) == [(channel, f"by {codec}")]

@@ -11,7 +11,13 @@ from urllib.parse import urlsplit
 
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
+from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
+    KafkaError,
+    TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
+    for_code,
+)
 
 from .._errors import InvalidArgument
 
@@ -61,16 +67,46 @@ async def create_topics(
         admin: The admin client that creates them.
         topics: The topics wanted.
         known: Topics known to exist; updated.
-        **settings: ``NewTopic`` arguments (partitions, replication factor).
+        **settings: ``NewTopic`` arguments (partitions, replication factor, configs).
+
+    Raises:
+        KafkaError: The broker refused to create a topic that does not exist, with
+            the broker's reason.
     """
     missing = [topic for topic in topics if topic not in known]
     if not missing:
         return
     response = await admin.create_topics([NewTopic(topic, **settings) for topic in missing])
-    for topic, code, *_ in response.topic_errors:
+    refused: dict[str, tuple[int, str | None]] = {}
+    for topic, code, *message in response.topic_errors:
         if code and code != TopicAlreadyExistsError.errno:
-            raise for_code(code)(f"creating topic {topic!r}")
-        known.add(topic)
+            refused[topic] = (code, message[0] if message else None)
+        else:
+            known.add(topic)
+    denied = [topic for topic, (code, _) in refused.items() if code in _NOT_ALLOWED]
+    if denied:
+        # Kafka checks the right to create before whether the topic exists: a client
+        # that may only read and write topics an operator made beforehand is told
+        # "not authorized" for those too. Describing needs a lesser right.
+        _, absent = await partitions(admin, denied)
+        for topic in denied:
+            if topic not in absent:
+                known.add(topic)
+                del refused[topic]
+    for topic, (code, message) in refused.items():
+        reason = f": {message}" if message else ""
+        hint = (
+            " (create it beforehand, or allow this client to create topics)"
+            if code in _NOT_ALLOWED
+            else ""
+        )
+        raise for_code(code)(f"creating topic {topic!r}{reason}{hint}")
+
+
+#: What a broker answers a client that may not create a topic (Kafka's ACLs).
+_NOT_ALLOWED = frozenset(
+    {TopicAuthorizationFailedError.errno, ClusterAuthorizationFailedError.errno}
+)
 
 
 async def partitions(

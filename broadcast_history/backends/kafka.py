@@ -55,6 +55,7 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
         topic_prefix: Prefix of every topic this transport creates.
         num_partitions: Partitions of a created topic.
         replication_factor: Replicas of a created topic.
+        topic_config: Settings of a created topic (``{"retention.ms": "3600000"}``).
         ping_interval: Seconds between liveness checks of the broker.
         max_reconnect_delay: Longest pause, in seconds, between checks of a broker
             that is away.
@@ -75,6 +76,7 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
         topic_prefix: str = "bh.",
         num_partitions: int = 1,
         replication_factor: int = 1,
+        topic_config: Mapping[str, str] | None = None,
         ping_interval: float = 1.0,
         max_reconnect_delay: float = 5.0,
         timeout: float = 5.0,
@@ -87,9 +89,10 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
                 f"topic_prefix {topic_prefix!r}: use at most 128 of [a-zA-Z0-9._-]"
             )
         self._prefix = topic_prefix
-        self._new_topic = {
+        self._new_topic: dict[str, Any] = {
             "num_partitions": num_partitions,
             "replication_factor": replication_factor,
+            "topic_configs": {str(key): str(value) for key, value in (topic_config or {}).items()},
         }
         self._ping_interval = ping_interval
         self._max_delay = max_reconnect_delay

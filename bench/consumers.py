@@ -16,6 +16,9 @@ Run ``python -m bench.consumers`` (``--quick`` for a smoke run, ``--logs`` to pi
   asking for leases are counted over the window (each is one read of which consumers
   are held, plus an upsert when some are free).
 
+``--stored N`` first stores N consumers of other channels (positions, no holder), as a
+big deployment's table holds: what a renewal costs must not grow with them.
+
 Results: ``build/bench/consumers.json`` and a Markdown table on stdout.
 """
 
@@ -143,10 +146,14 @@ async def renewal(log: str, window: float, lease: float = 3.0) -> Figures:
         lost = sum(sub._consumer is None or sub._consumer.lost for sub in held)
 
         # The same leases renewed one statement per consumer, for comparison.
-        ids = [sub._consumer.holder for sub in held if sub._consumer is not None]
+        ids = [
+            (sub._consumer.channel, sub._consumer.name, sub._consumer.holder)
+            for sub in held
+            if sub._consumer is not None
+        ]
         single_started = time.perf_counter()
-        for holder in ids:
-            await holders.log.renew_leases([holder], lease)
+        for one in ids:
+            await holders.log.renew_leases([one], lease)
         single = (time.perf_counter() - single_started) / len(ids)
 
         done.set()
@@ -191,7 +198,29 @@ async def _postgres_log() -> str:
     return url
 
 
-async def run_log(kind: str, quick: bool, workdir: Path) -> Figures:
+async def _store_consumers(log: str, count: int) -> None:
+    """``count`` rows of idle consumers of other channels, written directly."""
+    rows = [(f"stored-{i // 10:07d}", f"c{i % 10}", 1, i, 0) for i in range(count)]
+    insert = (
+        "INSERT INTO broadcast_consumers (channel, name, epoch, position, updated_at) VALUES ({})"
+    )
+    if log.startswith("sqlite"):
+        import sqlite3
+
+        with sqlite3.connect(log.split("///", 1)[1]) as db:
+            db.executemany(insert.format("?, ?, ?, ?, ?"), rows)
+        return
+    import asyncpg
+
+    db = await asyncpg.connect(log.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        await db.executemany(insert.format("$1, $2, $3, $4, $5"), rows)
+        await db.execute("ANALYZE broadcast_consumers")
+    finally:
+        await db.close()
+
+
+async def run_log(kind: str, quick: bool, workdir: Path, stored: int = 0) -> Figures:
     if kind == "sqlite":
         path = workdir / "consumers.db"
         for suffix in ("", "-wal", "-shm"):
@@ -203,12 +232,16 @@ async def run_log(kind: str, quick: bool, workdir: Path) -> Figures:
     async with Broadcast(log=log) as broadcast:
         figures["commit_one"] = await commit_one(broadcast, 300 if quick else 3000)
         figures["commit_100"] = await commit_many(broadcast, 20 if quick else 200)
+    if stored:
+        await _store_consumers(log, stored)
+    figures["stored_consumers"] = stored
     figures["renewal"] = await renewal(log, window=3.0 if quick else 15.0)
     return figures
 
 
 def _table(results: dict[str, Figures]) -> str:
     rows = [
+        ("Other consumers stored", lambda f: f"{f.get('stored_consumers', 0):,}"),
         ("Commits/s, one consumer", lambda f: f"{f['commit_one']['rate']:,.0f}"),
         ("Commit latency, one consumer", lambda f: f"{f['commit_one']['mean_ms']:.2f} ms"),
         ("Commits/s, 100 consumers at once", lambda f: f"{f['commit_100']['rate']:,.0f}"),
@@ -256,6 +289,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, short window")
     parser.add_argument("--logs", default="sqlite,postgres", help="sqlite and/or postgres")
     parser.add_argument("--out", default=str(OUT), help="directory for consumers.json")
+    parser.add_argument(
+        "--stored", type=int, default=0, help="idle consumers of other channels stored first"
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -264,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
         if kind == "postgres" and not postgres_up():  # (creates the bench databases)
             print("skipped postgres: not reachable")
             continue
-        results[kind] = asyncio.run(run_log(kind, args.quick, out))
+        results[kind] = asyncio.run(run_log(kind, args.quick, out, args.stored))
     (out / "consumers.json").write_text(json.dumps(results, indent=2))
     print(_table(results))
 

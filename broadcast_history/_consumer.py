@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING, Protocol
 
 from ._errors import BroadcastError, ConsumerBusy, InvalidArgument, LogUnavailable, Unsubscribed
@@ -27,6 +28,25 @@ from ._gate import Gate
 
 if TYPE_CHECKING:
     from .log import EventLog
+
+_BOOTTIME = getattr(time, "CLOCK_BOOTTIME", None)
+
+
+def _boottime() -> float:
+    """Seconds on a clock that runs on while the host is suspended (Linux's
+    ``CLOCK_BOOTTIME``); elsewhere the monotonic clock, as the event loop's."""
+    if _BOOTTIME is None:
+        return time.monotonic()
+    return time.clock_gettime(_BOOTTIME)
+
+
+def _suspended() -> float:
+    """What to add to a loop time to get :func:`_boottime`'s: grows by the time the
+    host spent suspended, while the loop's monotonic clock stood still (a laptop
+    asleep, a paused virtual machine) and the log's clock went on. A stamp taken
+    before a suspension that began during its round trip is counted as after it."""
+    return _boottime() - asyncio.get_running_loop().time()
+
 
 logger = logging.getLogger("broadcast_history")
 
@@ -120,9 +140,9 @@ class Holding:
         # Events handed out before the subscriber was asked for the next one count as
         # handled: what auto_commit stores (never an event still being processed).
         self._handled: tuple[int, int] | None = None
-        # Loop time until which the lease is surely ours: the send time of the last
-        # successful acquire, renewal or commit, plus the lease.
-        self._valid_until = valid_until
+        # Until when the lease is surely ours (on _boottime's clock): the send time of
+        # the last successful acquire, renewal or commit, plus the lease.
+        self._valid_until = valid_until + _suspended()
         self._lost: str | None = None
         self._subscriber: Bound | None = None
         self._start: tuple[int | None, int] = (None, 0)
@@ -148,7 +168,7 @@ class Holding:
 
     def overdue(self) -> bool:
         """Whether the lease may have run out: no renewal younger than the lease."""
-        return asyncio.get_running_loop().time() > self._valid_until
+        return _boottime() > self._valid_until
 
     def check(self) -> None:
         """Raise :class:`ConsumerBusy` if the lease is lost, or not surely still ours."""
@@ -159,7 +179,7 @@ class Holding:
 
     def renewed(self, sent: float) -> None:
         """A renewal (or commit) sent at loop time ``sent`` succeeded."""
-        self._valid_until = max(self._valid_until, sent + self.lease)
+        self._valid_until = max(self._valid_until, sent + _suspended() + self.lease)
 
     def lose(self, reason: str) -> None:
         """The lease is gone: fail the subscriber (its next ``get`` raises)."""
@@ -208,10 +228,7 @@ class Holding:
     async def commit(self, epoch: int | None, position: int) -> None:
         """Store ``position`` of ``epoch``, fenced by the lease."""
         if self.closed:
-            raise Unsubscribed(
-                f"consumer {self.name!r} of {self.channel!r}: the subscription has ended and "
-                "gave its lease back; nothing more is stored"
-            )
+            raise self._ended()
         self.check()
         if epoch is None:
             return  # nothing delivered, and the channel does not exist yet: nothing to keep
@@ -242,12 +259,20 @@ class Holding:
             self.lose("the log did not answer a commit before the lease could run out")
             raise ConsumerBusy(str(self._lost)) from None
         if stored is None:
+            if self.closed:  # the block ended meanwhile, and its release came first
+                raise self._ended()
             self.lose("another holder took it over, or it ran out")
             raise ConsumerBusy(str(self._lost))
         self.renewed(sent)
         done = self._committed  # another commit may have finished meanwhile
         if done is None or done[0] != epoch or stored > done[1]:
             self._committed = (epoch, stored)
+
+    def _ended(self) -> Unsubscribed:
+        return Unsubscribed(
+            f"consumer {self.name!r} of {self.channel!r}: the subscription has ended and "
+            "gave its lease back; nothing more is stored"
+        )
 
     async def finish(self) -> None:
         """The subscription ends normally: with ``auto_commit``, store what it delivered."""

@@ -280,7 +280,8 @@ class Leases:
                 continue
             try:
                 kept: set[str] | None = await self.log.renew_leases(
-                    [holding.holder for holding in holdings], lease
+                    [(holding.channel, holding.name, holding.holder) for holding in holdings],
+                    lease,
                 )
             except Exception as exc:
                 # Tried again next period; meanwhile each holding stops by itself once

@@ -124,6 +124,17 @@ class Standbys:
                     waiting.taken.set_exception(Unsubscribed("the broadcast disconnected"))
         self._waiting.clear()
 
+    def _fail(self, lease: float, exc: Exception) -> None:
+        """End the poller of ``lease``: each of its standbys raises ``exc``."""
+        self._pollers.pop(lease, None)
+        self._pokes.pop(lease, None)
+        timer = self._timers.pop(lease, None)
+        if timer is not None:
+            timer.cancel()
+        for waiting in self._waiting.pop(lease, {}).values():
+            if not waiting.taken.done():
+                waiting.taken.set_exception(exc)
+
     async def _poll(self, lease: float) -> None:
         loop = asyncio.get_running_loop()
         poke = self._pokes[lease]
@@ -160,6 +171,12 @@ class Standbys:
                 # A standby's job is to wait: try again next period.
                 logger.warning("standbys could not ask for their leases: %s", exc)
                 continue
+            except Exception as exc:
+                # Not the log's trouble (a bug, or the log closed under it): without a
+                # poller its standbys waited for ever. They get the error instead.
+                logger.error("standbys stopped asking for their leases: %r", exc)
+                self._fail(lease, exc)
+                return
             if next_expiry is not None:
                 self._ask_when(lease, next_expiry)
             for waiting in claims.values():

@@ -305,7 +305,8 @@ async def test_a_position_set_after_the_lease_ran_out_is_not_overwritten(
         assert await log.commit_position("orders/eu", name, holder, info.epoch, 8, 0.2) == 8
     await asyncio.sleep(0.4)  # both leases ran out
     await admin.set_consumer("orders/eu", "mailer", 3)
-    assert await log.renew_leases(["paused-1", "paused-2"], 10.0) == {"paused-2"}
+    leases = [("orders/eu", "mailer", "paused-1"), ("orders/eu", "audit", "paused-2")]
+    assert await log.renew_leases(leases, 10.0) == {"paused-2"}
     assert await log.commit_position("orders/eu", "mailer", "paused-1", info.epoch, 9, 10) is None
     positions = {c.name: (c.position, c.holder) for c in await admin.consumers("orders/eu")}
     assert positions == {"mailer": (3, None), "audit": (8, "paused-2")}

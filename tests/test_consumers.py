@@ -104,7 +104,7 @@ async def test_commit_checks_its_arguments(broadcast: Broadcast) -> None:
         with pytest.raises(InvalidArgument, match="lease must be"):
             await broadcast.log.acquire_lease("c", "w", "h", lease)
         with pytest.raises(InvalidArgument, match="lease must be"):
-            await broadcast.log.renew_leases(["h"], lease)
+            await broadcast.log.renew_leases([("c", "w", "h")], lease)
     async with broadcast.subscribe("c", consumer="week", lease=7 * 86_400, since=0) as sub:
         assert (await sub.get()).offset == 1
 
@@ -428,12 +428,12 @@ async def test_commit_is_fenced_in_the_statement(broadcast: Broadcast) -> None:
     # Ran out: the holder's commit is refused, though nobody took the consumer yet...
     assert await log.commit_position("c", "w", "old", event.epoch, 1, 0.2) is None
     # ...and its renewal, arriving late, still renews it (nobody held it meanwhile).
-    assert await log.renew_leases(["old"], 0.2) == {"old"}
+    assert await log.renew_leases([("c", "w", "old")], 0.2) == {"old"}
     await asyncio.sleep(0.3)
     taken = await log.acquire_lease("c", "w", "new", 5)
     assert (taken.acquired, taken.epoch, taken.position) == (True, event.epoch, 1)
     assert await log.commit_position("c", "w", "old", event.epoch, 1, 0.2) is None
-    assert await log.renew_leases(["old", "new"], 5) == {"new"}
+    assert await log.renew_leases([("c", "w", "old"), ("c", "w", "new")], 5) == {"new"}
     assert not (await log.acquire_lease("c", "w", "old", 5)).acquired
 
 
@@ -632,9 +632,9 @@ async def test_a_thousand_consumers_on_a_hundred_channels(
     renewals: list[int] = []
     renew = broadcast.log.renew_leases
 
-    async def counting(holders: list[str], lease: float) -> set[str]:
-        renewals.append(len(holders))
-        return await renew(holders, lease)
+    async def counting(leases: list[tuple[str, str, str]], lease: float) -> set[str]:
+        renewals.append(len(leases))
+        return await renew(leases, lease)
 
     monkeypatch.setattr(broadcast.log, "renew_leases", counting)
     held: list[Subscriber] = []
@@ -661,3 +661,70 @@ async def test_a_thousand_consumers_on_a_hundred_channels(
     done.set()
     await asyncio.gather(*workers)
     assert await broadcast.log.consumers() == []  # never committed: nothing kept
+
+
+async def test_a_commit_the_blocks_end_overtakes_raises_unsubscribed(
+    make_broadcast: MakeBroadcast, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit still in flight when its block ended found the lease given back and
+    said another holder took the consumer over (ConsumerBusy), where the subscription
+    had only ended (found by a review; the commit is slowed down by hand)."""
+    broadcast = await make_broadcast()
+    await broadcast.publish("jobs", "j")
+    real = broadcast.log.commit_position
+
+    async def slow(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0.3)  # the release goes first
+        return await real(*args, **kwargs)
+
+    async with broadcast.subscribe("jobs", consumer="w", since=0) as sub:
+        await sub.get()
+        monkeypatch.setattr(broadcast.log, "commit_position", slow)
+        committing = asyncio.create_task(sub.commit())
+        await asyncio.sleep(0.05)
+    with pytest.raises(Unsubscribed, match="has ended"):
+        await committing
+    assert await broadcast.log.consumers() == []  # given back before any position
+
+
+async def test_standbys_get_an_error_that_stops_their_asking(
+    make_broadcast: MakeBroadcast, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error other than the log's (a bug, a log closed under it) ended the task
+    that asks for the standbys' leases, and every standby of that lease length waited
+    for ever (found by a review; the error is injected)."""
+    broadcast = await make_broadcast()
+
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("injected")
+
+    async with broadcast.subscribe("jobs", consumer="w", lease=0.6):
+        monkeypatch.setattr(broadcast.log, "acquire_leases", broken)
+        with pytest.raises(RuntimeError, match="injected"):
+            async with asyncio.timeout(10):
+                async with broadcast.subscribe("jobs", consumer="w", lease=0.6):
+                    pass
+        monkeypatch.undo()
+    # A later standby of that lease length asks afresh, and gets it once free.
+    async with broadcast.subscribe("jobs", consumer="w", lease=0.6) as sub:
+        assert sub.position == 0
+
+
+async def test_a_holder_resumed_after_a_suspension_past_its_lease_stops(
+    make_broadcast: MakeBroadcast, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The holder counted its lease on the loop's monotonic clock, which stands still
+    while the host is suspended: resumed after longer than the lease (the log's clock
+    went on, a standby may have taken over) it went on handing out events until its
+    next renewal (found by a review; the suspension is a clock moved by hand)."""
+    from broadcast_history import _consumer
+
+    broadcast = await make_broadcast()
+    for message in ("a", "b"):
+        await broadcast.publish("jobs", message)
+    boottime = _consumer._boottime
+    async with broadcast.subscribe("jobs", consumer="w", since=0, lease=30.0) as sub:
+        assert (await sub.get()).message == "a"
+        monkeypatch.setattr(_consumer, "_boottime", lambda: boottime() + 31.0)
+        with pytest.raises(ConsumerBusy, match="not renewed in time"):
+            await sub.get()

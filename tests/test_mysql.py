@@ -372,7 +372,8 @@ async def test_consumer_names_compare_byte_for_byte(mysql_url: str) -> None:
         assert {pair: listed.get(pair) for pair in pairs} == {
             pair: i for i, pair in enumerate(pairs)
         }
-        assert await log.renew_leases(holders, 5) == set(holders)
+        leases = [(c, n, h) for (c, n), h in zip(pairs, holders, strict=True)]
+        assert await log.renew_leases(leases, 5) == set(holders)
         for i, (channel, name) in enumerate(pairs):
             await log.release_lease(channel, name, holders[i])
             assert await log.delete_consumer(channel, name)
@@ -441,7 +442,7 @@ async def test_lease_connections_killed() -> None:
         failures = 0
         for _ in range(5):
             try:
-                kept = await log.renew_leases(["h"], 5)
+                kept = await log.renew_leases([(channel, "w", "h")], 5)
                 stored = await log.commit_position(channel, "w", "h", event.epoch, 1, 5)
                 break
             except LogUnavailable:

@@ -341,7 +341,7 @@ async def test_pooled_connections_terminated_while_idle_do_not_fail_the_next_cal
         (event,) = await log.append([Pending(channel, "m", None)])
         assert (await log.acquire_lease(channel, "c", "h", 30)).acquired
         calls = {
-            "renew_leases": lambda: log.renew_leases(["h"], 30),
+            "renew_leases": lambda: log.renew_leases([(channel, "c", "h")], 30),
             "commit_position": lambda: log.commit_position(channel, "c", "h", event.epoch, 1, 30),
             "consumers": lambda: log.consumers(channel),
             "channels": lambda: log.channels(),

@@ -99,9 +99,9 @@ class ConsumerMethods:
         )
 
     @finish_repeatable
-    async def renew_leases(self, holders: Sequence[str], lease: float) -> set[str]:
-        """Extend the leases of ``holders`` by ``lease`` seconds, in one statement (per
-        500 holders); returns the holders whose lease was extended.
+    async def renew_leases(self, leases: Sequence[tuple[str, str, str]], lease: float) -> set[str]:
+        """Extend ``leases`` ((channel, name, holder) each) by ``lease`` seconds, in one
+        statement (per 500 leases); returns the holders whose lease was extended.
 
         A holder missing from the answer lost its lease: another process took the
         consumer over after it ran out, an operator set or deleted its position then,
@@ -109,10 +109,13 @@ class ConsumerMethods:
         set is renewed: no other holder processed anything meanwhile.
         """
         lease_us = _micros(lease)
-        if not holders:
+        if not leases:
             return set()
-        checked = [_holder(h) for h in holders]
-        return await self._lease_statement(lambda conn: _consumers.renew(conn, checked, lease_us))
+        # Channel and name are only looked up: a lease that names no stored row is
+        # not renewed, as one that is no longer held.
+        for _, _, holder in leases:
+            _holder(holder)
+        return await self._lease_statement(lambda conn: _consumers.renew(conn, leases, lease_us))
 
     @finish_repeatable
     async def release_lease(self, channel: str, name: str, holder: str) -> None:

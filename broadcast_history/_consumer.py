@@ -19,34 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import TYPE_CHECKING, Protocol
 
+from . import _clock
 from ._errors import BroadcastError, ConsumerBusy, InvalidArgument, LogUnavailable, Unsubscribed
 from ._event import Event
 from ._gate import Gate
 
 if TYPE_CHECKING:
     from .log import EventLog
-
-_BOOTTIME = getattr(time, "CLOCK_BOOTTIME", None)
-
-
-def _boottime() -> float:
-    """Seconds on a clock that runs on while the host is suspended (Linux's
-    ``CLOCK_BOOTTIME``); elsewhere the monotonic clock, as the event loop's."""
-    if _BOOTTIME is None:
-        return time.monotonic()
-    return time.clock_gettime(_BOOTTIME)
-
-
-def _suspended() -> float:
-    """What to add to a loop time to get :func:`_boottime`'s: grows by the time the
-    host spent suspended, while the loop's monotonic clock stood still (a laptop
-    asleep, a paused virtual machine) and the log's clock went on. A stamp taken
-    before a suspension that began during its round trip is counted as after it."""
-    return _boottime() - asyncio.get_running_loop().time()
-
 
 logger = logging.getLogger("broadcast_history")
 
@@ -140,9 +121,9 @@ class Holding:
         # Events handed out before the subscriber was asked for the next one count as
         # handled: what auto_commit stores (never an event still being processed).
         self._handled: tuple[int, int] | None = None
-        # Until when the lease is surely ours (on _boottime's clock): the send time of
+        # Until when the lease is surely ours, on the lease clock: the send time of
         # the last successful acquire, renewal or commit, plus the lease.
-        self._valid_until = valid_until + _suspended()
+        self._valid_until = valid_until
         self._lost: str | None = None
         self._subscriber: Bound | None = None
         self._start: tuple[int | None, int] = (None, 0)
@@ -168,7 +149,7 @@ class Holding:
 
     def overdue(self) -> bool:
         """Whether the lease may have run out: no renewal younger than the lease."""
-        return _boottime() > self._valid_until
+        return _clock.lease_clock() > self._valid_until
 
     def check(self) -> None:
         """Raise :class:`ConsumerBusy` if the lease is lost, or not surely still ours."""
@@ -178,8 +159,8 @@ class Holding:
             raise ConsumerBusy(self._lost)
 
     def renewed(self, sent: float) -> None:
-        """A renewal (or commit) sent at loop time ``sent`` succeeded."""
-        self._valid_until = max(self._valid_until, sent + _suspended() + self.lease)
+        """A renewal (or commit) sent at ``sent`` (on the lease clock) succeeded."""
+        self._valid_until = max(self._valid_until, sent + self.lease)
 
     def lose(self, reason: str) -> None:
         """The lease is gone: fail the subscriber (its next ``get`` raises)."""
@@ -259,7 +240,8 @@ class Holding:
             self.lose("the log did not answer a commit before the lease could run out")
             raise ConsumerBusy(str(self._lost)) from None
         if stored is None:
-            if self.closed:  # the block ended meanwhile, and its release came first
+            if self.closed and not self.overdue():
+                # The block ended meanwhile and its release came first: not a loss.
                 raise self._ended()
             self.lose("another holder took it over, or it ran out")
             raise ConsumerBusy(str(self._lost))

@@ -14,6 +14,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from . import _clock
 from ._cancel import acquire, wait_for
 
 T = TypeVar("T")
@@ -51,7 +52,8 @@ class Gate:
     async def start(
         self, call: Callable[[], Awaitable[T]], *, quiet: float | None = None
     ) -> tuple[float, asyncio.Future[T]]:
-        """Take a slot and start ``call()`` in it: (loop time it was made, its task).
+        """Take a slot and start ``call()`` in it: (when it was made, on the lease
+        clock, and its task).
 
         The slot is freed when the call ends, not when its caller stops waiting for
         it (a caller cancelled while its write still runs would let the next one in).
@@ -64,7 +66,7 @@ class Gate:
             await self._slots.acquire()
         else:
             await self._slot(quiet)
-        made = asyncio.get_running_loop().time()
+        made = _clock.lease_clock()  # what holders count their leases from
         try:
             task = asyncio.ensure_future(call())
         except BaseException:
@@ -76,7 +78,7 @@ class Gate:
     async def run(
         self, call: Callable[[], Awaitable[T]], *, quiet: float, answer: float
     ) -> tuple[float, T]:
-        """``call()`` in a slot: (loop time it was made, its result).
+        """``call()`` in a slot: (when it was made, on the lease clock, and its result).
 
         Raises:
             asyncio.TimeoutError: No write ended for ``quiet`` seconds while this one

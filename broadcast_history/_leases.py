@@ -24,6 +24,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import datetime
 from typing import Any, TypeVar
 
+from . import _clock
 from ._consumer import DEFAULT_LEASE, Bound, Holding
 from ._errors import BroadcastError, ConsumerBusy, InvalidArgument
 from ._gate import Gate
@@ -189,7 +190,7 @@ class Leases:
     async def _try(
         self, channel: str, name: str, holder: str, lease: float
     ) -> tuple[float, LeaseAttempt]:
-        """(loop time the statement was sent, its outcome)."""
+        """(when the statement was sent, on the lease clock, and its outcome)."""
         # The lease runs from the statement (``sent``), not from the wait for the
         # gate: a burst of subscribes queues here longer than a short lease.
         sent, task = await self.gate.start(
@@ -278,6 +279,7 @@ class Leases:
             holdings = [holding for holding in group.values() if not holding.lost]
             if not holdings:
                 continue
+            stamp = _clock.lease_clock()  # what the renewed leases count from
             try:
                 kept: set[str] | None = await self.log.renew_leases(
                     [(holding.channel, holding.name, holding.holder) for holding in holdings],
@@ -293,7 +295,7 @@ class Leases:
                     if holding.overdue():
                         holding.lose("the log could not be reached to renew it")
                 elif holding.holder in kept:
-                    holding.renewed(sent)
+                    holding.renewed(stamp)
                 elif group.get(holding.holder) is holding:
                     group.pop(holding.holder, None)
                     holding.lose(

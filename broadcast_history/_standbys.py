@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 
+from . import _clock
 from ._cancel import wait_for
 from ._errors import LogError, Unsubscribed
 from .log import EventLog
@@ -25,8 +26,8 @@ logger = logging.getLogger("broadcast_history")
 _AFTER = 0.02
 #: Soonest a standby asks again because a holder's lease runs out, in seconds.
 EARLIEST = 0.5
-#: What a standby gets with the lease: when the winning statement was sent (loop
-#: time) and the stored (epoch, position), both ``None`` if none is stored.
+#: What a standby gets with the lease: when the winning statement was sent (on the
+#: lease clock) and the stored (epoch, position), both ``None`` if none is stored.
 Taken = tuple[float, tuple[int | None, int | None]]
 
 
@@ -125,7 +126,8 @@ class Standbys:
         self._waiting.clear()
 
     def _fail(self, lease: float, exc: Exception) -> None:
-        """End the poller of ``lease``: each of its standbys raises ``exc``."""
+        """End the poller of ``lease``: each of its standbys raises a :class:`LogError`
+        caused by ``exc``."""
         self._pollers.pop(lease, None)
         self._pokes.pop(lease, None)
         timer = self._timers.pop(lease, None)
@@ -133,10 +135,11 @@ class Standbys:
             timer.cancel()
         for waiting in self._waiting.pop(lease, {}).values():
             if not waiting.taken.done():
-                waiting.taken.set_exception(exc)
+                error = LogError(f"asking for the standbys' leases failed: {exc!r}")
+                error.__cause__ = exc
+                waiting.taken.set_exception(error)
 
     async def _poll(self, lease: float) -> None:
-        loop = asyncio.get_running_loop()
         poke = self._pokes[lease]
         while True:
             group = self._waiting.get(lease)
@@ -162,7 +165,7 @@ class Standbys:
                     claims.setdefault((waiting.channel, waiting.name), waiting)
             if not claims:
                 continue
-            sent = loop.time()
+            sent = _clock.lease_clock()
             try:
                 taken, next_expiry = await self.log.acquire_leases(
                     [(w.channel, w.name, w.holder) for w in claims.values()], lease

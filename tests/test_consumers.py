@@ -22,6 +22,7 @@ from broadcast_history import (
     ConsumerBusy,
     HistoryTruncated,
     InvalidArgument,
+    LogError,
     LogUnavailable,
     StreamReset,
     Subscriber,
@@ -700,7 +701,7 @@ async def test_standbys_get_an_error_that_stops_their_asking(
 
     async with broadcast.subscribe("jobs", consumer="w", lease=0.6):
         monkeypatch.setattr(broadcast.log, "acquire_leases", broken)
-        with pytest.raises(RuntimeError, match="injected"):
+        with pytest.raises(LogError, match="injected"):
             async with asyncio.timeout(10):
                 async with broadcast.subscribe("jobs", consumer="w", lease=0.6):
                     pass
@@ -717,14 +718,46 @@ async def test_a_holder_resumed_after_a_suspension_past_its_lease_stops(
     while the host is suspended: resumed after longer than the lease (the log's clock
     went on, a standby may have taken over) it went on handing out events until its
     next renewal (found by a review; the suspension is a clock moved by hand)."""
-    from broadcast_history import _consumer
+    from broadcast_history import _clock
 
     broadcast = await make_broadcast()
     for message in ("a", "b"):
         await broadcast.publish("jobs", message)
-    boottime = _consumer._boottime
+    clock = _clock.lease_clock
     async with broadcast.subscribe("jobs", consumer="w", since=0, lease=30.0) as sub:
         assert (await sub.get()).message == "a"
-        monkeypatch.setattr(_consumer, "_boottime", lambda: boottime() + 31.0)
+        monkeypatch.setattr(_clock, "lease_clock", lambda: clock() + 31.0)
+        with pytest.raises(ConsumerBusy, match="not renewed in time"):
+            await sub.get()
+
+
+async def test_a_suspension_while_a_renewal_is_answered_counts_against_the_lease(
+    make_broadcast: MakeBroadcast, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A renewal counts from when it was sent: a host suspended while its answer was
+    on the way (the log's clock went on) must not take the answer for a fresh lease
+    (found by a review of the change that counted the suspension from the answer)."""
+    from broadcast_history import _clock
+
+    broadcast = await make_broadcast()
+    for message in ("a", "b"):
+        await broadcast.publish("jobs", message)
+    clock = _clock.lease_clock
+    slept = 0.0
+    monkeypatch.setattr(_clock, "lease_clock", lambda: clock() + slept)
+    renew = broadcast.log.renew_leases
+    renewed = asyncio.Event()
+
+    async def asleep_meanwhile(*args: Any) -> Any:
+        nonlocal slept
+        kept = await renew(*args)
+        slept = 2.0  # the host slept while the answer came back
+        renewed.set()
+        return kept
+
+    async with broadcast.subscribe("jobs", consumer="w", since=0, lease=1.5) as sub:
+        assert (await sub.get()).message == "a"
+        monkeypatch.setattr(broadcast.log, "renew_leases", asleep_meanwhile)
+        await asyncio.wait_for(renewed.wait(), 5)
         with pytest.raises(ConsumerBusy, match="not renewed in time"):
             await sub.get()

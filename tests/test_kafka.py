@@ -357,8 +357,8 @@ async def test_a_client_not_allowed_to_create_topics_uses_existing_ones(
         # (which tansu would do, as Kafka with auto.create.topics.enable for a client
         # allowed to create).
         there = [topic for topic in topics if topic != backend.topic(absent)]
-        unknown = [{"topic": t, "error_code": _UNKNOWN_TOPIC, "partitions": []} for t in topics]
-        return [*(await describe(there) if there else []), *unknown[len(there) :]]
+        unknown = {"topic": backend.topic(absent), "error_code": _UNKNOWN_TOPIC, "partitions": []}
+        return [*(await describe(there) if there else []), *([unknown] * (there != topics))]
 
     backend._admin.create_topics = refuse  # type: ignore[method-assign]
     backend._admin.describe_topics = describe_without_creating  # type: ignore[method-assign]
@@ -421,3 +421,39 @@ async def test_compressed_records_are_delivered(
         finally:
             await producer.stop()
         assert await received(backend, 1) == [(channel, f"by {codec}")]
+
+
+async def test_a_topic_gone_that_this_client_may_not_create_leaves_the_others_live(
+    kafka_bootstrap: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A subscribed channel's topic deleted on a cluster where this client may not
+    create topics: each ping failed to create it again, took that for an outage and
+    stopped the live sends of every channel (found by a review; the refusal and the
+    deleted topic are injected, the broker is real)."""
+    backend = KafkaBackend(f"kafka://{kafka_bootstrap}", ping_interval=0.2)
+    await backend.connect()
+    try:
+        gone, other = unique("gone"), unique("other")
+        for channel in (gone, other):
+            await backend.subscribe(channel)
+        assert backend._admin is not None
+        describe = backend._admin.describe_topics
+
+        async def refuse(topics: list[Any], *args: Any, **kwargs: Any) -> _Refused:
+            return _Refused(topics)
+
+        async def without_gone(topics: list[str]) -> list[Any]:
+            there = [topic for topic in topics if topic != backend.topic(gone)]
+            deleted = {"topic": backend.topic(gone), "error_code": _UNKNOWN_TOPIC, "partitions": []}
+            return [*(await describe(there) if there else []), *([deleted] * (there != topics))]
+
+        backend._admin.create_topics = refuse  # type: ignore[method-assign]
+        backend._admin.describe_topics = without_gone  # type: ignore[method-assign]
+        with caplog.at_level("WARNING", logger="broadcast_history"):
+            await asyncio.sleep(1.0)  # pings find it gone, and may not make it again
+        assert backend.connected
+        assert "kafka topic left out" in caplog.text and "create it beforehand" in caplog.text
+        await backend.publish(other, "still live")
+        assert await received(backend, 1) == [(other, "still live")]
+    finally:
+        await backend.disconnect()

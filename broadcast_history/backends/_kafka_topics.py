@@ -60,7 +60,7 @@ def retriable(exc: BaseException) -> bool:
 
 async def create_topics(
     admin: AIOKafkaAdminClient, topics: Iterable[str], known: set[str], **settings: Any
-) -> None:
+) -> dict[str, KafkaError]:
     """Create the topics not in ``known`` (an existing one is fine) and add them to it.
 
     Args:
@@ -69,13 +69,13 @@ async def create_topics(
         known: Topics known to exist; updated.
         **settings: ``NewTopic`` arguments (partitions, replication factor, configs).
 
-    Raises:
-        KafkaError: The broker refused to create a topic that does not exist, with
-            the broker's reason.
+    Returns:
+        The topics the broker refused to create and that do not exist, each with
+        the broker's error (its reason in the message).
     """
     missing = [topic for topic in topics if topic not in known]
     if not missing:
-        return
+        return {}
     response = await admin.create_topics([NewTopic(topic, **settings) for topic in missing])
     refused: dict[str, tuple[int, str | None]] = {}
     for topic, code, *message in response.topic_errors:
@@ -93,6 +93,7 @@ async def create_topics(
             if topic not in absent:
                 known.add(topic)
                 del refused[topic]
+    errors: dict[str, KafkaError] = {}
     for topic, (code, message) in refused.items():
         reason = f": {message}" if message else ""
         hint = (
@@ -100,7 +101,8 @@ async def create_topics(
             if code in _NOT_ALLOWED
             else ""
         )
-        raise for_code(code)(f"creating topic {topic!r}{reason}{hint}")
+        errors[topic] = for_code(code)(f"creating topic {topic!r}{reason}{hint}")
+    return errors
 
 
 #: What a broker answers a client that may not create a topic (Kafka's ACLs).

@@ -21,6 +21,7 @@ from aiokafka.errors import KafkaError, KafkaTimeoutError
 from .._cancel import acquire, wait_for
 from .._errors import InvalidArgument, NotConnected, TransportError
 from .._event import Event
+from .._sparse import Sparse
 from ._backoff import Backoff
 from ._inbox import Inbox, InboxTransport
 from ._kafka_topics import PREFIX, TRANSIENT, create_topics, partitions, retriable, topic_for
@@ -92,7 +93,7 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
         self._new_topic: dict[str, Any] = {
             "num_partitions": num_partitions,
             "replication_factor": replication_factor,
-            "topic_configs": {str(key): str(value) for key, value in (topic_config or {}).items()},
+            "topic_configs": {key: _setting(value) for key, value in (topic_config or {}).items()},
         }
         self._ping_interval = ping_interval
         self._max_delay = max_reconnect_delay
@@ -105,6 +106,9 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
         self.max_message_size: int | None = _MAX_REQUEST - _RECORD_ROOM
         self._channels: dict[str, str] = {}  # topic -> channel, for subscribed channels
         self._known: set[str] = set()  # topics known to exist
+        # Subscribed topics the broker refused to create, that do not exist.
+        self._refused: dict[str, KafkaError] = {}
+        self._unusable = Sparse(logger, 60.0)
         self._next: dict[TopicPartition, int] = {}  # next offset to deliver per partition
         self._generation = 0  # bumped at each re-assignment
         self._up = False
@@ -167,12 +171,17 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
         self._up = False
         self._channels.clear()
         self._known.clear()
+        self._refused.clear()
         self._next.clear()
         self._wake_readers()
 
     async def subscribe(self, channel: str) -> None:
-        self._channels[self.topic(channel)] = channel
+        topic = self.topic(channel)
+        self._channels[topic] = channel
         await self._sync_assignment()
+        refused = self._refused.get(topic)
+        if refused is not None:
+            raise TransportError(f"Kafka subscription failed: {refused!r}") from refused
 
     async def unsubscribe(self, channel: str) -> None:
         self._channels.pop(self.topic(channel), None)
@@ -223,15 +232,20 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
             if exists
         ]
         new = [index for index, exists in enumerate(known) if not exists]
+        refused: dict[str, KafkaError] = {}
         if new:
             stage.creating = True
-            await self._ensure_topics({topics[index] for index in new})
+            refused = await self._ensure_topics({topics[index] for index in new})
             stage.creating = False
             for index in new:
+                if topics[index] in refused:
+                    continue
                 channel, text = messages[index]
                 payload = str(text).encode()
                 sent.append(await producer.send(topics[index], payload, key=channel.encode()))
         await asyncio.gather(*sent)
+        if refused:  # the others went out
+            raise next(iter(refused.values()))
 
     # -- internals -----------------------------------------------------------------
 
@@ -268,10 +282,12 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
             for task, _ in tasks:
                 task.cancel()
 
-    async def _ensure_topics(self, topics: Iterable[str]) -> None:
-        """Create the topics not known to exist (an existing one is fine)."""
-        if self._admin is not None:
-            await create_topics(self._admin, topics, self._known, **self._new_topic)
+    async def _ensure_topics(self, topics: Iterable[str]) -> dict[str, KafkaError]:
+        """Create the topics not known to exist (an existing one is fine); returns
+        those the broker refused to create and that do not exist, with its error."""
+        if self._admin is None:
+            return {}
+        return await create_topics(self._admin, topics, self._known, **self._new_topic)
 
     async def _sync_assignment(self) -> None:
         """Assign the partitions of every subscribed topic; wait (bounded) for them.
@@ -311,7 +327,13 @@ class KafkaBackend(Health, InboxTransport, BroadcastBackend):
         topics = sorted(self._channels)
         self._assigned_topics = set(topics)
         while True:
-            await self._ensure_topics(topics)
+            # A topic this client may not create and that is not there (an operator
+            # deleted it) is left out: taken for an outage, it stopped the live
+            # sends of every channel. Its subscribers read the log meanwhile.
+            self._refused = await self._ensure_topics(topics)
+            for error in self._refused.values():
+                self._unusable.warning("kafka topic left out: %s", error)
+            topics = [topic for topic in topics if topic not in self._refused]
             assert self._admin is not None
             wanted, missing = await partitions(self._admin, topics)
             if not missing:
@@ -513,6 +535,11 @@ class _Stage:
     """How far one send got: read when it failed or timed out."""
 
     creating: bool = False
+
+
+def _setting(value: object) -> str:
+    """A topic setting as Kafka reads it (``true``, not Python's ``True``)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _closed(task: asyncio.Future[Any]) -> None:

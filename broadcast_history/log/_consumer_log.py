@@ -111,10 +111,14 @@ class ConsumerMethods:
         lease_us = _micros(lease)
         if not leases:
             return set()
-        # Channel and name are only looked up: a lease that names no stored row is
-        # not renewed, as one that is no longer held.
-        for _, _, holder in leases:
-            _holder(holder)
+        # Channel and name are only looked up (on SQLite and Postgres; MySQL renews by
+        # holder): a lease naming no stored row is not renewed, as one no longer held.
+        for item in leases:
+            if not (isinstance(item, tuple) and len(item) == 3):
+                raise InvalidArgument(
+                    f"renew_leases takes (channel, name, holder) tuples, got {item!r}"
+                )
+            _holder(item[2])
         return await self._lease_statement(lambda conn: _consumers.renew(conn, leases, lease_us))
 
     @finish_repeatable

@@ -50,7 +50,8 @@ from ._shapes import padded, power_runs
 _C = consumers.c
 #: A held lease: (channel, consumer name, holder id).
 Lease = tuple[str, str, str]
-# Holders renewed per statement: well under every database's limit on parameters.
+# Leases claimed or renewed per statement (SQLite: three parameters each, padded to
+# 512): well under every database's limit on parameters.
 _CHUNK = 500
 
 

@@ -241,18 +241,23 @@ async def test_events_over_the_producer_limit_travel_as_notices(
         assert publisher.stats.live_send_failures == 0
 
 
-async def test_existing_topic_with_several_partitions(
-    backend: KafkaBackend, kafka_bootstrap: str
-) -> None:
+async def _create_topic(kafka_bootstrap: str, topic: str, partitions: int = 1) -> None:
+    """Create ``topic`` as an operator would, with an admin client of its own."""
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-    channel = unique()
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
     await admin.start()
     try:
-        await admin.create_topics([NewTopic(backend.topic(channel), 3, 1)])
+        await admin.create_topics([NewTopic(topic, partitions, 1)])
     finally:
         await admin.close()
+
+
+async def test_existing_topic_with_several_partitions(
+    backend: KafkaBackend, kafka_bootstrap: str
+) -> None:
+    channel = unique()
+    await _create_topic(kafka_bootstrap, backend.topic(channel), partitions=3)
     await backend.subscribe(channel)
     await backend.publish_many([(channel, f"m{i}") for i in range(30)])
     # One key per channel: one partition, so the order holds.
@@ -329,6 +334,26 @@ class _Refused:
 _UNKNOWN_TOPIC = 3  # what a metadata request answers for a topic that is not there
 
 
+def _without_create_rights(backend: KafkaBackend, absent: str) -> None:
+    """Fault injection: the broker refuses this client every topic creation (Kafka's
+    ACLs), and the topic of channel ``absent`` is not there. Nor may such a client
+    have it created by asking for its metadata, as tansu (and Kafka with
+    auto.create.topics.enable, for a client allowed to create) would."""
+    assert backend._admin is not None
+    describe = backend._admin.describe_topics
+    missing = {"topic": backend.topic(absent), "error_code": _UNKNOWN_TOPIC, "partitions": []}
+
+    async def refuse(topics: list[Any], *args: Any, **kwargs: Any) -> _Refused:
+        return _Refused(topics)
+
+    async def describe_without_creating(topics: list[str]) -> list[Any]:
+        there = [topic for topic in topics if topic != missing["topic"]]
+        return [*(await describe(there) if there else []), *([missing] * (there != topics))]
+
+    backend._admin.create_topics = refuse  # type: ignore[method-assign]
+    backend._admin.describe_topics = describe_without_creating  # type: ignore[method-assign]
+
+
 async def test_a_client_not_allowed_to_create_topics_uses_existing_ones(
     backend: KafkaBackend, kafka_bootstrap: str
 ) -> None:
@@ -336,32 +361,9 @@ async def test_a_client_not_allowed_to_create_topics_uses_existing_ones(
     may only read and write the topics an operator made is told "not authorized" for
     those too. Taken for a failure, it made every publish and subscribe fail on such
     a cluster (found by a review; the refusal is injected, the broker is real)."""
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
     made, absent = unique("made"), unique("absent")
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(backend.topic(made), 1, 1)])
-    finally:
-        await admin.close()
-    assert backend._admin is not None
-
-    async def refuse(topics: list[Any], *args: Any, **kwargs: Any) -> _Refused:
-        return _Refused(topics)
-
-    describe = backend._admin.describe_topics
-
-    async def describe_without_creating(topics: list[str]) -> list[Any]:
-        # Nor may such a client have a topic created by asking for its metadata
-        # (which tansu would do, as Kafka with auto.create.topics.enable for a client
-        # allowed to create).
-        there = [topic for topic in topics if topic != backend.topic(absent)]
-        unknown = {"topic": backend.topic(absent), "error_code": _UNKNOWN_TOPIC, "partitions": []}
-        return [*(await describe(there) if there else []), *([unknown] * (there != topics))]
-
-    backend._admin.create_topics = refuse  # type: ignore[method-assign]
-    backend._admin.describe_topics = describe_without_creating  # type: ignore[method-assign]
+    await _create_topic(kafka_bootstrap, backend.topic(made))
+    _without_create_rights(backend, absent)
     await backend.subscribe(made)
     await backend.publish(made, "allowed")
     assert await received(backend, 1) == [(made, "allowed")]
@@ -436,19 +438,7 @@ async def test_a_topic_gone_that_this_client_may_not_create_leaves_the_others_li
         gone, other = unique("gone"), unique("other")
         for channel in (gone, other):
             await backend.subscribe(channel)
-        assert backend._admin is not None
-        describe = backend._admin.describe_topics
-
-        async def refuse(topics: list[Any], *args: Any, **kwargs: Any) -> _Refused:
-            return _Refused(topics)
-
-        async def without_gone(topics: list[str]) -> list[Any]:
-            there = [topic for topic in topics if topic != backend.topic(gone)]
-            deleted = {"topic": backend.topic(gone), "error_code": _UNKNOWN_TOPIC, "partitions": []}
-            return [*(await describe(there) if there else []), *([deleted] * (there != topics))]
-
-        backend._admin.create_topics = refuse  # type: ignore[method-assign]
-        backend._admin.describe_topics = without_gone  # type: ignore[method-assign]
+        _without_create_rights(backend, gone)  # and its topic deleted
         with caplog.at_level("WARNING", logger="broadcast_history"):
             await asyncio.sleep(1.0)  # pings find it gone, and may not make it again
         assert backend.connected

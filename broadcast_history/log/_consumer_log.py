@@ -111,8 +111,8 @@ class ConsumerMethods:
         lease_us = _micros(lease)
         if not leases:
             return set()
-        # Channel and name are only looked up (on SQLite and Postgres; MySQL renews by
-        # holder): a lease naming no stored row is not renewed, as one no longer held.
+        # Channel and name are only looked up: a lease naming no stored row is not
+        # renewed, as one no longer held.
         for item in leases:
             if not (isinstance(item, tuple) and len(item) == 3):
                 raise InvalidArgument(

@@ -319,7 +319,7 @@ async def acquire_many(
 async def renew(conn: AsyncConnection, leases: Sequence[Lease], lease_us: int) -> set[str]:
     """Extend the ``leases`` (channel, name, holder) still held; returns their holders."""
     if conn.dialect.name == _MYSQL:
-        return await _mysql.renew(conn, [holder for _, _, holder in leases], lease_us)
+        return await _mysql.renew(conn, leases, lease_us)
     sql, params = _statements(conn)
     kept: set[str] = set()
     for start in range(0, len(leases), _CHUNK):

@@ -15,7 +15,7 @@ statement, about rows the lease makes the holder's alone:
 - commit: one UPDATE, its row count says whether the lease was held; the stored
   position comes back in the same statement through ``LAST_INSERT_ID(expr)``, which
   the server returns with the statement's result;
-- renew: an UPDATE of the holders' rows, then the rows that name them.
+- renew: an UPDATE of the leases' rows (by key), then those that name their holders.
 
 Times are microseconds of the server's clock (UTC), one clock for every host.
 """
@@ -82,7 +82,14 @@ _HELD = select(_C.channel, _C.name, _C.lease_expires - NOW).where(
     _C.lease_expires > NOW,
 )
 
-_HOLDERS = _C.holder.in_(bindparam("b_holders", expanding=True))
+# The leases' rows, by key (a range of the primary key) and still naming a holder:
+# by holder alone the UPDATE read every row (no index has holders), and under the
+# default REPEATABLE READ locked each until it ended: 74 ms with 200,000 consumers
+# stored on MariaDB, 7 ms by key.
+_HOLDERS = and_(
+    tuple_(_C.channel, _C.name).in_(bindparam("b_keys", expanding=True)),
+    _C.holder.in_(bindparam("b_holders", expanding=True)),
+)
 # A lease that ran out but that nobody took since is renewed too, as elsewhere.
 _RENEW = update(consumers).where(_HOLDERS).values(lease_expires=NOW + _LEASE)
 _RENEWED = select(_C.holder).where(_HOLDERS)
@@ -202,14 +209,20 @@ async def acquire_many(
     return LeaseClaims.of(taken, expiries)
 
 
-async def renew(conn: AsyncConnection, holders: Sequence[str], lease_us: int) -> set[str]:
+async def renew(
+    conn: AsyncConnection, leases: Sequence[tuple[str, str, str]], lease_us: int
+) -> set[str]:
     """``_consumers.renew`` on MySQL: the rows that still name a holder after the
     UPDATE are the ones it renewed (only a holder's own acquisition names it)."""
     kept: set[str] = set()
-    for start in range(0, len(holders), _CHUNK):
-        chunk = padded(holders[start : start + _CHUNK])
-        await _write(conn, _RENEW, {"b_holders": chunk, "b_lease": lease_us})
-        kept.update(row[0] for row in await conn.execute(_RENEWED, {"b_holders": chunk}))
+    for start in range(0, len(leases), _CHUNK):
+        chunk = leases[start : start + _CHUNK]
+        params = {
+            "b_keys": padded([(channel, name) for channel, name, _ in chunk]),
+            "b_holders": padded([holder for _, _, holder in chunk]),
+        }
+        await _write(conn, _RENEW, {**params, "b_lease": lease_us})
+        kept.update(row[0] for row in await conn.execute(_RENEWED, params))
     return kept
 
 

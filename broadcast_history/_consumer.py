@@ -22,6 +22,7 @@ import logging
 from typing import TYPE_CHECKING, Protocol
 
 from . import _clock
+from ._cancel import wait_for
 from ._errors import BroadcastError, ConsumerBusy, InvalidArgument, LogUnavailable, Unsubscribed
 from ._event import Event
 from ._gate import Gate
@@ -217,28 +218,25 @@ class Holding:
         if done is not None and done[0] == epoch and done[1] >= position:
             return
         try:
-            # An answer proves the lease for a lease from the statement (fenced by
-            # it, and extending it): no longer is waited for.
-            sent, stored = await self._gate.run(
+            sent, task = await self._gate.start(
                 lambda: self._log.commit_position(
                     self.channel, self.name, self.holder, epoch, position, self.lease
                 ),
                 quiet=self.lease,
-                answer=self.lease,
             )
         except asyncio.TimeoutError:
+            # The lease writes ahead of it in the gate got no answer: not sent.
+            raise self._unanswered(
+                "the lease writes queued before a commit", "nothing was stored"
+            ) from None
+        try:
+            # An answer proves the lease for a lease from the statement (fenced by
+            # it, and extending it): no longer is waited for.
+            stored = await wait_for(asyncio.shield(task), self.lease)
+        except asyncio.TimeoutError:
             # The statement goes on: it may still store the position, fenced by the
-            # lease. A slow answer alone proves nothing lost: renewals, which do not
-            # queue behind commits, may have kept the lease meanwhile.
-            if not self.overdue():
-                raise LogUnavailable(
-                    f"consumer {self.name!r} of {self.channel!r}: the log did not answer "
-                    f"a commit within {self.lease:g} s (it may still be stored); the lease "
-                    "is still held"
-                ) from None
-            # A standby may have taken over meanwhile.
-            self.lose("the log did not answer a commit before the lease could run out")
-            raise ConsumerBusy(str(self._lost)) from None
+            # lease.
+            raise self._unanswered("a commit", "it may still be stored") from None
         if stored is None:
             if self.closed and not self.overdue():
                 # The block ended meanwhile and its release came first: not a loss.
@@ -249,6 +247,19 @@ class Holding:
         done = self._committed  # another commit may have finished meanwhile
         if done is None or done[0] != epoch or stored > done[1]:
             self._committed = (epoch, stored)
+
+    def _unanswered(self, what: str, outcome: str) -> BroadcastError:
+        """What a commit raises when the log did not answer ``what`` in time."""
+        # A slow answer alone proves nothing lost: renewals, which do not queue behind
+        # commits, may have kept the lease meanwhile.
+        if not self.overdue():
+            return LogUnavailable(
+                f"consumer {self.name!r} of {self.channel!r}: the log did not answer {what} "
+                f"within {self.lease:g} s ({outcome}); the lease is still held"
+            )
+        # A standby may have taken over meanwhile.
+        self.lose("the log did not answer a commit before the lease could run out")
+        return ConsumerBusy(str(self._lost))
 
     def _ended(self) -> Unsubscribed:
         return Unsubscribed(

@@ -761,3 +761,31 @@ async def test_a_suspension_while_a_renewal_is_answered_counts_against_the_lease
         await asyncio.wait_for(renewed.wait(), 5)
         with pytest.raises(ConsumerBusy, match="not renewed in time"):
             await sub.get()
+
+
+async def test_a_commit_that_never_got_a_slot_says_nothing_was_stored(
+    make_broadcast: MakeBroadcast, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit that timed out waiting behind lease writes the log did not answer
+    said it "may still be stored", though its statement was never sent (found by a
+    review; the writes ahead of it are held up by hand)."""
+    broadcast = await make_broadcast()
+    await broadcast.publish("jobs", "j")
+    stuck = asyncio.Event()
+    real = broadcast.log.commit_position
+
+    async def held_up(*args: Any, **kwargs: Any) -> Any:
+        await stuck.wait()
+        return await real(*args, **kwargs)
+
+    async with broadcast.subscribe("jobs", consumer="w", since=0, lease=0.5) as sub:
+        await sub.get()
+        monkeypatch.setattr(broadcast.log, "commit_position", held_up)
+        ahead = [asyncio.create_task(sub.commit()) for _ in range(IN_FLIGHT)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(LogUnavailable, match=r"queued before a commit.*nothing was stored"):
+            await sub.commit()
+        for outcome in await asyncio.gather(*ahead, return_exceptions=True):
+            assert isinstance(outcome, LogUnavailable)
+            assert "may still be stored" in str(outcome)
+        stuck.set()

@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import pytest
 
 from broadcast_history import (
@@ -164,6 +165,98 @@ async def test_a_silent_transport_never_holds_a_subscribe_or_a_leave() -> None:
                 assert await take(sub_a, 1, timeout=5) == [event]  # re-listened
     finally:
         await proxy.stop()
+
+
+async def test_a_live_send_cut_short_leaves_no_silent_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The broadcast gives a live send SEND_TIMEOUT (10 s), and the NOTIFY its own
+    bound was the ping interval (10 s by default): on a connection gone silent the
+    broadcast's cut came first, and the connection, never closed, kept every later
+    live send of the process waiting (found by a review). Both shortened here, in the
+    default order."""
+    from broadcast_history import _appender
+
+    monkeypatch.setattr(_appender, "SEND_TIMEOUT", 0.5)
+    url, proxy, via_proxy = await _through_a_proxy()
+    backend = PostgresBackend(via_proxy.replace("+asyncpg", ""), ping_interval=2.0)
+    a = unique()
+    try:
+        async with (
+            Broadcast(backend=backend, log=_log(url), idle_check=60) as sender,
+            Broadcast(url, log=_log(url), idle_check=60) as receiver,
+            receiver.subscribe(a) as sub,
+        ):
+            first = await sender.publish(a, "opens the publishing connection")
+            assert await take(sub, 1, timeout=5) == [first]
+            proxy.stall()  # the connections open now go silent; new ones pass
+            failures = sender.stats.live_send_failures
+            stored = await sender.publish(a, "stored; its live send cut short")
+            await _until(lambda: sender.stats.live_send_failures > failures)
+            live = await sender.publish(a, "live again")
+            assert await take(sub, 2, timeout=5) == [stored, live]
+    finally:
+        await proxy.stop()
+
+
+class _OnAStandby:
+    """A publishing connection that reached a standby during a failover."""
+
+    terminated = False
+
+    def is_closed(self) -> bool:
+        return False
+
+    def terminate(self) -> None:
+        self.terminated = True
+
+    async def execute(self, *args: object, **kwargs: object) -> None:
+        raise asyncpg.exceptions.ReadOnlySQLTransactionError("read-only transaction")
+
+
+async def test_server_errors_a_new_connection_may_cure_are_retried(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A connection that reached a standby (25006) or a PgBouncer whose server is
+    down (08P01) was taken as refused for good: the listener's failure ended every
+    subscription of the process, and a publishing connection on a standby was kept,
+    failing every NOTIFY (found by a review; the errors are injected)."""
+    url = await ensure_database("bh_test_faults_down")
+    a = unique()
+    async with (
+        Broadcast(url, log=_log(url)) as sender,
+        Broadcast(url, log=_log(url), idle_check=60) as receiver,
+        receiver.subscribe(a) as sub,
+    ):
+        sending = sender.backend
+        assert isinstance(sending, PostgresBackend)
+        standby = _OnAStandby()
+        sending._publish_conn = standby  # type: ignore[assignment]
+        event = await sender.publish(a, "live, on a new connection")
+        assert await take(sub, 1, timeout=5) == [event]
+        assert standby.terminated
+        listening = receiver.backend
+        assert isinstance(listening, PostgresBackend)
+        failures: list[BaseException] = [
+            asyncpg.exceptions.ProtocolViolationError("server login has been failing"),
+            asyncpg.exceptions.ReadOnlySQLTransactionError("read-only transaction"),
+        ]
+        real_open = listening._open
+
+        async def open_after_a_failover() -> Any:
+            if failures:
+                refused = TransportError("postgres refused the connection")
+                refused.__cause__ = failures.pop()
+                raise refused
+            return await real_open()
+
+        monkeypatch.setattr(listening, "_open", open_after_a_failover)
+        reconnects = listening.reconnects
+        assert await terminate(url, [_listen_pid(receiver)]) == 1
+        await _until(lambda: listening.reconnects > reconnects and listening.connected)
+        assert not failures
+        event = await sender.publish(a, "live after the failover")
+        assert await take(sub, 1, timeout=5) == [event]
 
 
 async def test_a_message_the_transport_database_cannot_hold_fails_alone() -> None:

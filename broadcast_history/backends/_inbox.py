@@ -40,7 +40,14 @@ class Inbox:
         """The reader task ended on ``exc``: fail with a :class:`TransportError` saying
         ``what`` failed (``exc`` as its cause). A ``TransportError`` passes as it is."""
         if not isinstance(exc, TransportError):
-            error = TransportError(f"{what} failed: {exc!r}")
+            # Its type and text: some clients' repr leaves the text out (redis-py 8's
+            # NoPermissionError said nothing of NOPERM).
+            text = str(exc)
+            error = TransportError(
+                f"{what} failed: {type(exc).__name__}: {text}"
+                if text
+                else f"{what} failed: {exc!r}"
+            )
             error.__cause__ = exc
             exc = error
         self.fail(exc)

@@ -15,6 +15,7 @@ import asyncpg
 from .._cancel import wait_for
 from .._errors import NotConnected, TransportError
 from .._event import Event
+from .._sparse import Sparse
 from ._backoff import Backoff
 from ._inbox import Inbox, InboxTransport
 from .base import BroadcastBackend
@@ -35,6 +36,25 @@ _TRANSIENT = (
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
 )
+
+
+# Server errors after which another connection may succeed, by SQLSTATE: connection
+# exceptions (08; PgBouncer's "server login has been failing" is 08P01), insufficient
+# resources (53), operator intervention (57: shutdown, crash, starting up), and a
+# read-only transaction (25006: a reconnect that reached a standby during a
+# failover). Taken for good, they ended every subscription of the process.
+_TRANSIENT_CLASSES = ("08", "53", "57")
+_TRANSIENT_STATES = ("25006",)
+
+
+def _transient(exc: BaseException | None) -> bool:
+    """Whether trying again, on a new connection, may succeed."""
+    if isinstance(exc, _TRANSIENT):
+        return True
+    state = getattr(exc, "sqlstate", None) if isinstance(exc, asyncpg.PostgresError) else None
+    return isinstance(state, str) and (
+        state[:2] in _TRANSIENT_CLASSES or state in _TRANSIENT_STATES
+    )
 
 
 def channel_identifier(channel: str) -> str:
@@ -85,6 +105,7 @@ class PostgresBackend(InboxTransport, BroadcastBackend):
         self._supervisor: asyncio.Task[None] | None = None
         # Set when the listening connection is lost: wakes the supervisor.
         self._lost: asyncio.Event | None = None
+        self._unreachable = Sparse(logger, 60.0)  # failed reconnections, now and then
 
     @property
     def connected(self) -> bool:
@@ -147,20 +168,24 @@ class PostgresBackend(InboxTransport, BroadcastBackend):
                         timeout=self._ping_interval,
                     )
                     return
-                except _TRANSIENT as exc:
-                    if self._publish_conn is not None:
-                        self._publish_conn.terminate()  # lost, or silent past the bound
-                    self._publish_conn = None
-                    if attempt:
-                        raise TransportError(f"postgres NOTIFY failed: {exc!r}") from exc
+                except asyncio.CancelledError:
+                    # Cut short by the broadcast's own bound on a live send (a silent
+                    # connection): asyncpg would hold the next statement until this
+                    # one's cancellation is answered, which a silent server never does.
+                    self._drop_publish_conn()
+                    raise
                 except asyncpg.DataError:
                     # A payload the database cannot hold (a character its encoding,
                     # LATIN1 say, lacks) failed the whole statement: the others go
                     # one by one, so only it is left to the log.
                     await self._notify_each(self._publish_conn, idents, payloads)
                     return
-                except asyncpg.PostgresError as exc:
-                    raise TransportError(f"postgres NOTIFY failed: {exc!r}") from exc
+                except (asyncpg.PostgresError, *_TRANSIENT) as exc:
+                    if not _transient(exc):
+                        raise TransportError(f"postgres NOTIFY failed: {exc!r}") from exc
+                    self._drop_publish_conn()  # lost, silent past the bound, or a standby
+                    if attempt:
+                        raise TransportError(f"postgres NOTIFY failed: {exc!r}") from exc
 
     async def _notify_each(
         self, conn: asyncpg.Connection, idents: Sequence[str], payloads: Sequence[str]
@@ -173,11 +198,12 @@ class PostgresBackend(InboxTransport, BroadcastBackend):
                 )
             except asyncpg.DataError as exc:
                 refused.append(exc)
-            except _TRANSIENT as exc:
-                conn.terminate()  # lost, or silent past the bound
-                self._publish_conn = None
-                raise TransportError(f"postgres NOTIFY failed: {exc!r}") from exc
-            except asyncpg.PostgresError as exc:
+            except asyncio.CancelledError:
+                self._drop_publish_conn()  # as in publish_many
+                raise
+            except (asyncpg.PostgresError, *_TRANSIENT) as exc:
+                if _transient(exc):
+                    self._drop_publish_conn()  # lost, silent past the bound, or a standby
                 raise TransportError(f"postgres NOTIFY failed: {exc!r}") from exc
         if refused:
             raise TransportError(
@@ -187,12 +213,24 @@ class PostgresBackend(InboxTransport, BroadcastBackend):
 
     # -- internals -----------------------------------------------------------------
 
+    def _drop_publish_conn(self) -> None:
+        if self._publish_conn is not None:
+            self._publish_conn.terminate()
+        self._publish_conn = None
+
     async def _open(self) -> asyncpg.Connection:
         try:
             conn: asyncpg.Connection = await asyncpg.connect(self._dsn, timeout=10)
         except _TRANSIENT as exc:
             raise TransportError(f"cannot connect to postgres: {exc!r}") from exc
-        except (asyncpg.PostgresError, ValueError) as exc:
+        except ValueError:
+            # asyncpg's message may quote a piece of the URL, such as part of a
+            # password holding a "/" that was not percent-encoded.
+            raise TransportError(
+                "the postgres URL could not be read (percent-encode special characters "
+                "in the user name and password)"
+            ) from None
+        except asyncpg.PostgresError as exc:
             raise TransportError(f"postgres refused the connection: {exc!r}") from exc
         return conn
 
@@ -210,7 +248,9 @@ class PostgresBackend(InboxTransport, BroadcastBackend):
             try:
                 # Bounded: the lock is held, and the liveness ping waits for it.
                 await wait_for(operation(conn), self._ping_interval)
-            except _TRANSIENT:
+            except (asyncpg.PostgresError, *_TRANSIENT) as exc:
+                if not _transient(exc):
+                    raise TransportError(f"postgres LISTEN failed: {exc!r}") from exc
                 # Lost mid-call, or silent past the bound: the supervisor notices and
                 # re-listens from _names.
                 # Closed here too, should the call have failed on a live connection:
@@ -219,8 +259,6 @@ class PostgresBackend(InboxTransport, BroadcastBackend):
                 conn.terminate()
                 if self._lost is not None:
                     self._lost.set()
-            except asyncpg.PostgresError as exc:
-                raise TransportError(f"postgres LISTEN failed: {exc!r}") from exc
 
     async def _supervise(self) -> None:
         """Keep the listening connection alive; on loss, reconnect and re-listen."""
@@ -249,7 +287,9 @@ class PostgresBackend(InboxTransport, BroadcastBackend):
                 assert self._listen_lock is not None
                 async with self._listen_lock:
                     await conn.fetchval("SELECT 1", timeout=self._ping_interval)
-            except _TRANSIENT:
+            except (asyncpg.PostgresError, *_TRANSIENT) as exc:
+                if not _transient(exc):
+                    raise
                 break
         logger.warning("postgres listening connection lost; reconnecting")
         conn.terminate()
@@ -270,10 +310,13 @@ class PostgresBackend(InboxTransport, BroadcastBackend):
                         conn.terminate()
                         raise
                 except TransportError as exc:
-                    if not isinstance(exc.__cause__, _TRANSIENT):
+                    if not _transient(exc.__cause__):
                         raise
-                except _TRANSIENT:
-                    pass
+                    self._unreachable.warning("postgres listening connection: %s", exc)
+                except (asyncpg.PostgresError, *_TRANSIENT) as exc:
+                    if not _transient(exc):
+                        raise
+                    self._unreachable.warning("postgres listening connection: %r", exc)
                 else:
                     # Set under the lock, so a subscribe waiting for it uses this one.
                     self._listen_conn = conn

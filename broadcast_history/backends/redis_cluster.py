@@ -304,6 +304,10 @@ class RedisClusterBackend(Health, InboxTransport, BroadcastBackend):
                 elif kind == "sunsubscribe":
                     if shard.leaving[channel] > 0:
                         shard.leaving[channel] -= 1
+                        if not shard.leaving[channel]:
+                            # Not kept at zero: over a connection's life, one key for
+                            # every channel ever left.
+                            del shard.leaving[channel]
                     elif channel in self._channels:
                         # The server dropped it: its slot moved to another node.
                         logger.info("redis-cluster slot of %r moved; resubscribing", channel)

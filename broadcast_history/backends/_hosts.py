@@ -26,6 +26,13 @@ def parse_hosts(url: str, schemes: tuple[str, ...], default_port: int) -> Hosts:
     if not sep or scheme not in schemes:
         raise InvalidArgument(f"not a {schemes[0]}:// URL: {redacted(url)!r}")
     netloc = rest.split("/", 1)[0].split("?", 1)[0]
+    if "@" in rest and "@" not in netloc:
+        # A password holding a "/" or "?": cut there, its first part was read as a
+        # server and quoted in the error.
+        raise InvalidArgument(
+            f"cannot read the servers of {redacted(url)!r}: percent-encode any '/', '?' "
+            "or '@' in the user name and password"
+        )
     userinfo, _, hosts = netloc.rpartition("@")
     servers: list[tuple[str, int]] = []
     for item in filter(None, hosts.split(",")):

@@ -9,7 +9,7 @@ import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote
 
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
@@ -19,7 +19,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from .._cancel import wait_for
-from .._errors import TransportError
+from .._errors import InvalidArgument, TransportError
 from ._hosts import parse_hosts
 from ._redis_common import CLIENT_NAME, as_text, cancel_and_wait, describe, is_transient
 
@@ -31,12 +31,14 @@ SCHEMES = ("redis-cluster", "rediss-cluster")
 def cluster_options(url: str) -> tuple[list[ClusterNode], dict[str, Any]]:
     """The startup nodes of ``url`` and the connection options for every node.
 
-    ``redis-cluster://[user:password@]host:port[,host:port]`` (port 6379 if none);
-    ``rediss-cluster://`` turns TLS on. Any one reachable node is enough to find the
-    others.
+    ``redis-cluster://[user:password@]host:port[,host:port][?option=value&...]`` (port
+    6379 if none); ``rediss-cluster://`` turns TLS on. Any one reachable node is enough
+    to find the others. Options: redis-py's ``ssl_*`` (``ssl_ca_certs``,
+    ``ssl_cert_reqs``, ``ssl_check_hostname``...) and socket settings, as in its URLs.
 
     Raises:
-        InvalidArgument: The URL names no node, or a port is not a number.
+        InvalidArgument: The URL names no node, a port is not a number, or an option
+            is not one of those.
     """
     userinfo, servers = parse_hosts(url, SCHEMES, 6379)
     nodes = [ClusterNode(host, port) for host, port in servers]
@@ -56,7 +58,34 @@ def cluster_options(url: str) -> tuple[list[ClusterNode], dict[str, Any]]:
         # node must not hold up the sends behind it for long.
         "retry": Retry(NoBackoff(), 1),
     }
+    options.update(_query_options(url))
     return nodes, options
+
+
+#: Options a cluster URL may set besides ``ssl_*`` (ignored before, silently).
+_SOCKET_OPTIONS = frozenset(
+    {"socket_timeout", "socket_connect_timeout", "socket_keepalive", "health_check_interval"}
+)
+
+
+def _query_options(url: str) -> dict[str, Any]:
+    """The connection options in ``url``'s query, parsed as redis-py parses its own."""
+    from redis.connection import URL_QUERY_ARGUMENT_PARSERS
+
+    query = url.partition("?")[2]
+    options: dict[str, Any] = {}
+    for name, values in parse_qs(query, keep_blank_values=True).items():
+        if not (name.startswith("ssl_") or name in _SOCKET_OPTIONS):
+            raise InvalidArgument(
+                f"redis-cluster URL option {name!r}: only ssl_* options and "
+                f"{', '.join(sorted(_SOCKET_OPTIONS))} are read"
+            )
+        parse: Callable[[str], Any] = URL_QUERY_ARGUMENT_PARSERS.get(name, str)  # type: ignore[assignment]
+        try:
+            options[name] = parse(values[-1])
+        except ValueError as exc:
+            raise InvalidArgument(f"redis-cluster URL option {name!r}: {exc}") from exc
+    return options
 
 
 def is_cluster_transient(exc: BaseException) -> bool:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from redis import exceptions as rexc
@@ -50,10 +50,13 @@ class RedisClusterBackend(Health, InboxTransport, BroadcastBackend):
 
     Args:
         url: ``redis-cluster://[user:password@]host:port[,host:port]``, or
-            ``rediss-cluster://`` for TLS.
+            ``rediss-cluster://`` for TLS; ``?ssl_ca_certs=...&ssl_cert_reqs=...``
+            and other ``ssl_*`` options as in redis-py's URLs.
         max_reconnect_delay: Longest pause, in seconds, between reconnection attempts.
         ping_interval: Seconds of silence after which a shard connection is pinged;
             no answer within as long again counts as a lost connection.
+        connection_options: More keyword arguments for every node's connection
+            (``ssl_ca_data``, ``ssl_certfile``...), over those of the URL.
     """
 
     crosses_processes = True
@@ -63,10 +66,16 @@ class RedisClusterBackend(Health, InboxTransport, BroadcastBackend):
     _name = "redis-cluster"
 
     def __init__(
-        self, url: str, *, max_reconnect_delay: float = 5.0, ping_interval: float = 10.0
+        self,
+        url: str,
+        *,
+        max_reconnect_delay: float = 5.0,
+        ping_interval: float = 10.0,
+        connection_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(url)
         self._startup, self._options = cluster_options(url)
+        self._options.update(connection_options or {})
         self._max_delay = max_reconnect_delay
         self._ping_interval = ping_interval
         self._cluster: RedisCluster | None = None

@@ -26,7 +26,7 @@ def parse_hosts(url: str, schemes: tuple[str, ...], default_port: int) -> Hosts:
     if not sep or scheme not in schemes:
         raise InvalidArgument(f"not a {schemes[0]}:// URL: {redacted(url)!r}")
     netloc = rest.split("/", 1)[0].split("?", 1)[0]
-    if "@" in rest and "@" not in netloc:
+    if "@" in rest.split("?", 1)[0] and "@" not in netloc:
         # A password holding a "/" or "?": cut there, its first part was read as a
         # server and quoted in the error.
         raise InvalidArgument(
@@ -40,12 +40,21 @@ def parse_hosts(url: str, schemes: tuple[str, ...], default_port: int) -> Hosts:
             parts = urlsplit("//" + item)
             host, port = parts.hostname, parts.port or default_port
         except ValueError as exc:
-            raise InvalidArgument(f"bad server {item!r} in {redacted(url)!r}: {exc}") from exc
+            detail = "" if "@" in rest else f": {exc}"  # the text may quote the item
+            raise InvalidArgument(
+                f"bad server {_quoted(item, rest)} in {redacted(url)!r}{detail}"
+            ) from exc
         if not host:
-            raise InvalidArgument(f"bad server {item!r} in {redacted(url)!r}")
+            raise InvalidArgument(f"bad server {_quoted(item, rest)} in {redacted(url)!r}")
         servers.append((host, port))
     if not servers:
         raise InvalidArgument(
             f"no server in {redacted(url)!r}: use {schemes[0]}://host:port[,host:port]"
         )
     return Hosts(userinfo, servers)
+
+
+def _quoted(item: str, rest: str) -> str:
+    """``item`` for an error, unless the URL has user information (with an unencoded
+    "?" in a password, a piece of it may be what was taken for a server)."""
+    return "(not shown: the URL holds a password)" if "@" in rest else repr(item)

@@ -57,6 +57,20 @@ def test_url_tls_options() -> None:
     assert backend._options["ssl_ca_data"] == "x"
 
 
+def test_a_refused_login_wrapped_by_redis_py_is_not_retried() -> None:
+    """redis-py wraps what failed a slot map refresh in a RedisClusterException: a
+    wrong password was retried for ever with only debug lines (found by a review)."""
+    from redis import exceptions as rexc
+
+    from broadcast_history.backends._redis_shards import is_cluster_transient
+
+    wrapped = rexc.RedisClusterException("Redis Cluster cannot be connected")
+    wrapped.__cause__ = rexc.AuthenticationError("invalid username-password pair")
+    assert not is_cluster_transient(wrapped)
+    wrapped.__cause__ = rexc.ConnectionError("Connection refused")
+    assert is_cluster_transient(wrapped)
+
+
 def test_a_password_with_a_slash_is_not_quoted() -> None:
     """Cut at the first "/", a password holding one was read as a server and quoted
     in the error (found by a review). Percent-encoded, it is read."""

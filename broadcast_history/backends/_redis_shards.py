@@ -90,9 +90,16 @@ def _query_options(url: str) -> dict[str, Any]:
 
 def is_cluster_transient(exc: BaseException) -> bool:
     """Whether trying again may succeed: a node is away, or slots are moving."""
+    if isinstance(exc.__cause__, _REFUSED):
+        # redis-py wraps what failed its slot map refresh (a wrong password among
+        # others) in a RedisClusterException: retried for ever, in silence.
+        return False
     return is_transient(exc) or isinstance(
         exc, (rexc.AskError, rexc.TryAgainError, rexc.ClusterError, rexc.RedisClusterException)
     )
+
+
+_REFUSED = (rexc.AuthenticationError, rexc.AuthorizationError, rexc.NoPermissionError)
 
 
 class Shard:

@@ -15,6 +15,7 @@ from redis.asyncio.client import PubSub
 from .._cancel import cancel_count, raise_if_cancelled_since
 from .._errors import InvalidArgument, NotConnected, TransportError
 from .._event import Event
+from .._sparse import Sparse
 from . import _redis_common as shared
 from ._backoff import Backoff
 from ._inbox import Inbox
@@ -80,6 +81,7 @@ class RedisBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
         self._wanted: asyncio.Event | None = None
         self._reader: asyncio.Task[None] | None = None
         self._up = False
+        self._retrying = Sparse(logger, 60.0)  # failed reconnections, now and then
 
     async def connect(self) -> None:
         if self._reader is not None:
@@ -203,6 +205,11 @@ class RedisBackend(Health, shared.PipelinedPublisher, BroadcastBackend):
                     raise
                 if self._up:
                     logger.warning("redis subscription connection lost: %s", shared.describe(exc))
+                else:  # still away: why, now and then
+                    self._retrying.warning(
+                        "redis subscription connection: reconnecting failed: %s",
+                        shared.describe(exc),
+                    )
                 self._up = False
                 # Their SUBSCRIBE went with the connection: the reconnection sends it
                 # again. Waiting on, they held their subscribes for the whole 5 s.

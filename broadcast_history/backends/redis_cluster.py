@@ -23,6 +23,7 @@ from redis.asyncio.cluster import RedisCluster
 from .._cancel import cancel_count, raise_if_cancelled_since, wait_for
 from .._errors import NotConnected, TransportError
 from .._event import Event
+from .._sparse import Sparse
 from ._backoff import Backoff
 from ._inbox import Inbox, InboxTransport
 from ._redis_common import CLIENT_NAME, Confirmations, cancel_and_wait, describe
@@ -90,6 +91,7 @@ class RedisClusterBackend(Health, InboxTransport, BroadcastBackend):
         self._fatal: BaseException | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._up = False
+        self._retrying = Sparse(logger, 60.0)  # failed resubscriptions, now and then
 
     async def connect(self) -> None:
         if self._supervisor is not None:
@@ -293,7 +295,7 @@ class RedisClusterBackend(Health, InboxTransport, BroadcastBackend):
                 except Exception as exc:
                     if not is_cluster_transient(exc):
                         raise
-                    logger.debug("redis-cluster resubscription failed: %s", describe(exc))
+                    self._retrying.warning("redis-cluster resubscription failed: %s", describe(exc))
                     self._trouble.set()
                     continue
                 # Under the lock: a subscribe that waited for it places its channel.

@@ -833,6 +833,55 @@ async def test_ws_refusals_close_with_codes(broadcast: Broadcast) -> None:
             assert "not enabled" in json.loads(await ws.recv())["detail"]
 
 
+async def test_ws_an_http_exception_of_authorize_is_a_refusal_or_a_try_later(
+    broadcast: Broadcast,
+) -> None:
+    """An HTTPException of authorize at a WebSocket's door was left to Starlette, which
+    denied the handshake (1006 in a browser: client.js tried again for ever); on a
+    publish frame it closed the socket with 1011. Now as on a recheck: 401 and 403
+    refuse (1008, an error frame for a publish), another status says try later (1013)
+    (found by a review)."""
+    from starlette.exceptions import HTTPException
+
+    async def by_token(connection: Any, channel: str, action: str) -> bool:
+        token = connection.query_params.get("token")
+        if token == "down":
+            raise HTTPException(503, "the authorization service is down")
+        if token != "ok" or (action == "publish" and channel == "read-only"):
+            raise HTTPException(401, "token expired")
+        return True
+
+    app = create_stream_app(broadcast, authorize=by_token, publish=True)
+    async with serving(app) as base:
+        url = base.replace("http", "ws")
+        for token, code in [("old", 1008), ("down", 1013)]:
+            async with ws_connect(f"{url}/c/ws?token={token}") as ws:
+                error = json.loads(await ws.recv())
+                with pytest.raises(ConnectionClosed) as closed:
+                    await ws.recv()
+            assert error["type"] == "error" and closed.value.rcvd is not None
+            assert closed.value.rcvd.code == code, token
+        async with ws_stream(f"{url}/read-only/ws?token=ok") as ws:
+            await ws.send(json.dumps({"type": "publish", "data": "x"}))
+            answer = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            assert answer == {"type": "error", "detail": "token expired"}
+            await ws.send(json.dumps({"type": "publish", "data": "y"}))  # still open
+            assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == "error"
+
+
+async def test_stream_headers_and_heartbeat_checked(broadcast: Broadcast, base: str) -> None:
+    """Compression layers that honour only no-transform buffered the stream; the admin
+    app took any heartbeat, and 0 pinged in a tight loop (found by a review)."""
+    from broadcast_history.admin import create_app
+
+    async with httpx.AsyncClient(timeout=10) as http:
+        async with http.stream("GET", base + "/c") as response:
+            assert "no-transform" in response.headers["cache-control"]
+    for heartbeat in (0, -1, None, float("inf")):
+        with pytest.raises(InvalidArgument, match="heartbeat"):
+            create_app(broadcast, allow_no_token=True, heartbeat=heartbeat)  # type: ignore[arg-type]
+
+
 async def test_a_log_outage_tells_clients_nothing_of_the_database(
     broadcast: Broadcast, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -34,6 +34,7 @@ from .._parse import parse_since
 from .._sparse import Sparse
 from .._validation import check_channel
 from ..web._publish import UnsupportedEncoding
+from ..web._sse import check_keepalive
 from ..web._streams import OpenStreams
 from ._console import add_console
 from ._consumer_routes import add_consumer_routes
@@ -131,6 +132,7 @@ def create_app(
     if token and (not token.isascii() or not token.isprintable() or " " in token):
         # HTTP headers carry ASCII: any other token could never be presented.
         raise InvalidArgument("the admin token must be printable ASCII without spaces")
+    heartbeat = check_keepalive(heartbeat, "heartbeat")
     expected = token.encode() if token else None
     admin = HistoryAdmin.of(broadcast)
     streams = OpenStreams()

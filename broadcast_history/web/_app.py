@@ -20,6 +20,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .._broadcast import Broadcast
 from .._errors import (
+    BroadcastError,
     InvalidArgument,
     LogUnavailable,
     MessageTooLarge,
@@ -31,7 +32,7 @@ from ._auth import Authorize, Forbidden, check_authorize, require
 from ._feed import Feed
 from ._paths import channel_from_path
 from ._publish import UnsupportedEncoding, event_info, publish_request
-from ._sse import EventStream
+from ._sse import EventStream, check_keepalive
 from ._streams import OpenStreams, Refusal, refused
 from ._unavailable import unavailable
 from ._ws import BAD_REQUEST, CLIENT_GONE, FORBIDDEN, TRY_LATER, WebSocketSession, close_reason
@@ -61,21 +62,6 @@ def _pings(connection: HTTPConnection) -> bool:
 
 def _error(status: int, detail: str) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status)
-
-
-#: Shortest keepalive: a stream pinged far more often than this writes without pause.
-MIN_KEEPALIVE = 0.01
-
-
-def _check_keepalive(keepalive: Any) -> float:
-    # Finite, and not so short that pinging a stream whose client left starves the loop.
-    if isinstance(keepalive, bool) or not isinstance(keepalive, (int, float)):
-        raise InvalidArgument(f"keepalive must be a number of seconds, got {keepalive!r}")
-    if not MIN_KEEPALIVE <= keepalive < float("inf"):
-        raise InvalidArgument(
-            f"keepalive must be at least {MIN_KEEPALIVE} s and finite, got {keepalive!r}"
-        )
-    return float(keepalive)
 
 
 #: The statuses of an ``HTTPException`` of ``authorize`` that refuse a stream.
@@ -170,7 +156,7 @@ def create_stream_app(
             ``recheck`` is not positive.
     """
     authorize = check_authorize(authorize)
-    keepalive = _check_keepalive(keepalive)
+    keepalive = check_keepalive(keepalive)
     recheck_every = _check_recheck(recheck)
 
     def refusal(connection: HTTPConnection, channel: str) -> Refusal | None:
@@ -234,9 +220,24 @@ def create_stream_app(
         except Forbidden as exc:
             await _close(websocket, FORBIDDEN, str(exc))
             return
+        except HTTPException as exc:
+            # As when asked again on an open stream: 401 and 403 refuse (1008, which
+            # client.js does not ask again), another status says "try later" (1013).
+            # Left to Starlette, the handshake was denied (1006 in a browser) and the
+            # client retried for ever.
+            code = FORBIDDEN if exc.status_code in REFUSALS else TRY_LATER
+            await _close(websocket, code, str(exc.detail))
+            return
 
         async def publisher(ws: WebSocket, message: str | bytes, key: str | None) -> Event:
-            await require(authorize, ws, channel, "publish")
+            try:
+                await require(authorize, ws, channel, "publish")
+            except HTTPException as exc:
+                # An error frame for this publish, as for a refusal (a token expired
+                # meanwhile: 401), or for a 503; not the end of the socket with 1011.
+                if exc.status_code in REFUSALS:
+                    raise Forbidden(str(exc.detail)) from None
+                raise BroadcastError(str(exc.detail)) from None  # its words, to the client
             return await broadcast.publish(channel, message, key=key)
 
         feed = Feed(broadcast, channel, position)

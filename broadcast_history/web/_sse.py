@@ -38,7 +38,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
-from .._errors import BroadcastError, LogUnavailable, NotConnected
+from .._errors import BroadcastError, InvalidArgument, LogUnavailable, NotConnected
 from .._event import Event
 from ._feed import Feed, Reset
 from ._streams import OpenStreams, Refusal, first_of, last_write, unless_stopped
@@ -58,9 +58,26 @@ PING = b": ping\n\n"
 #: transport, so a client reading slowly holds a chunk (twice) besides its page.
 FRAMES_PER_WRITE = 64
 WRITE_BYTES = 64 * 1024
+#: Shortest keepalive: a stream pinged far more often than this writes without pause.
+MIN_KEEPALIVE = 0.01
+
+
+def check_keepalive(keepalive: Any, name: str = "keepalive") -> float:
+    """``keepalive`` (seconds between pings of an idle stream), checked."""
+    # Finite, and not so short that pinging a stream whose client left starves the loop.
+    if isinstance(keepalive, bool) or not isinstance(keepalive, (int, float)):
+        raise InvalidArgument(f"{name} must be a number of seconds, got {keepalive!r}")
+    if not MIN_KEEPALIVE <= keepalive < float("inf"):
+        raise InvalidArgument(
+            f"{name} must be at least {MIN_KEEPALIVE} s and finite, got {keepalive!r}"
+        )
+    return float(keepalive)
+
+
 HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
-    (b"cache-control", b"no-store"),
+    # no-transform: compression layers that honour only it (Express's) would buffer.
+    (b"cache-control", b"no-store, no-transform"),
     # nginx buffers proxied responses unless told not to: events would arrive late.
     (b"x-accel-buffering", b"no"),
 ]

@@ -199,6 +199,30 @@ async def test_a_live_send_cut_short_leaves_no_silent_connection(
         await proxy.stop()
 
 
+def test_which_server_errors_are_tried_again() -> None:
+    """By SQLSTATE, with PgBouncer's 08P01 tried again only when it says the server
+    may come back: it answers 08P01 to a wrong password too (found by a review of the
+    change that retried every 08)."""
+    from broadcast_history.backends.postgres import _transient
+
+    errors = asyncpg.exceptions
+    for passing in (
+        errors.ProtocolViolationError("server login has been failing, try again later"),
+        errors.ProtocolViolationError("no more connections allowed (max_client_conn)"),
+        errors.ReadOnlySQLTransactionError("cannot execute NOTIFY in a read-only transaction"),
+        errors.AdminShutdownError("terminating connection due to administrator command"),
+        errors.TooManyConnectionsError("sorry, too many clients already"),
+    ):
+        assert _transient(passing), passing
+    for lasting in (
+        errors.ProtocolViolationError("password authentication failed"),
+        errors.ProtocolViolationError("no such database: app"),
+        errors.InvalidPasswordError('password authentication failed for user "app"'),
+        errors.InvalidCatalogNameError('database "app" does not exist'),
+    ):
+        assert not _transient(lasting), lasting
+
+
 class _OnAStandby:
     """A publishing connection that reached a standby during a failover."""
 

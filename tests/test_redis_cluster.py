@@ -53,6 +53,11 @@ def test_url_tls_options() -> None:
     assert (options["ssl_ca_certs"], options["ssl_check_hostname"]) == ("/etc/ca.pem", False)
     with pytest.raises(InvalidArgument, match="'db'"):
         cluster_options("redis-cluster://h:7001?db=1")
+    assert "db" not in cluster_options("redis-cluster://h:7001?db=0")[1]
+    with pytest.raises(InvalidArgument, match="'ssl_ca_cert'"):  # misspelt
+        cluster_options("rediss-cluster://h:7001?ssl_ca_cert=/etc/ca.pem")
+    with pytest.raises(InvalidArgument, match="rediss-cluster"):  # no TLS to set up
+        cluster_options("redis-cluster://h:7001?ssl_ca_certs=/etc/ca.pem")
     backend = RedisClusterBackend("rediss-cluster://h", connection_options={"ssl_ca_data": "x"})
     assert backend._options["ssl_ca_data"] == "x"
 
@@ -69,6 +74,11 @@ def test_a_refused_login_wrapped_by_redis_py_is_not_retried() -> None:
     assert not is_cluster_transient(wrapped)
     wrapped.__cause__ = rexc.ConnectionError("Connection refused")
     assert is_cluster_transient(wrapped)
+    # What redis-py makes of a refused CLUSTER SLOTS: raised while handling it.
+    inner = rexc.RedisClusterException("Cluster mode is not enabled on this node")
+    inner.__context__ = rexc.NoPermissionError("this user has no permissions")
+    wrapped.__cause__ = inner
+    assert not is_cluster_transient(wrapped)
 
 
 def test_a_password_with_a_slash_is_not_quoted() -> None:

@@ -847,6 +847,8 @@ async def test_ws_an_http_exception_of_authorize_is_a_refusal_or_a_try_later(
         token = connection.query_params.get("token")
         if token == "down":
             raise HTTPException(503, "the authorization service is down")
+        if token in ("gone", "busy"):
+            raise HTTPException(404 if token == "gone" else 429, token)
         if token != "ok" or (action == "publish" and channel == "read-only"):
             raise HTTPException(401, "token expired")
         return True
@@ -854,7 +856,7 @@ async def test_ws_an_http_exception_of_authorize_is_a_refusal_or_a_try_later(
     app = create_stream_app(broadcast, authorize=by_token, publish=True)
     async with serving(app) as base:
         url = base.replace("http", "ws")
-        for token, code in [("old", 1008), ("down", 1013)]:
+        for token, code in [("old", 1008), ("gone", 1008), ("down", 1013), ("busy", 1013)]:
             async with ws_connect(f"{url}/c/ws?token={token}") as ws:
                 error = json.loads(await ws.recv())
                 with pytest.raises(ConnectionClosed) as closed:

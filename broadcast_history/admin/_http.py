@@ -122,7 +122,8 @@ def create_app(
             ``: ping`` comment.
 
     Raises:
-        InvalidArgument: No token and ``allow_no_token`` is not set.
+        InvalidArgument: No token and ``allow_no_token`` is not set, or a
+            ``heartbeat`` that is not a finite number of seconds (at least 0.01).
     """
     if not token and not allow_no_token:
         raise InvalidArgument(

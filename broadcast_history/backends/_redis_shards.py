@@ -58,7 +58,7 @@ def cluster_options(url: str) -> tuple[list[ClusterNode], dict[str, Any]]:
         # node must not hold up the sends behind it for long.
         "retry": Retry(NoBackoff(), 1),
     }
-    options.update(_query_options(url))
+    options.update(_query_options(url, tls=options["ssl"]))
     return nodes, options
 
 
@@ -68,17 +68,28 @@ _SOCKET_OPTIONS = frozenset(
 )
 
 
-def _query_options(url: str) -> dict[str, Any]:
+def _query_options(url: str, *, tls: bool) -> dict[str, Any]:
     """The connection options in ``url``'s query, parsed as redis-py parses its own."""
     from redis.connection import URL_QUERY_ARGUMENT_PARSERS
 
+    # The TLS settings this redis-py's cluster client takes (a misspelt one failed
+    # only at connect, with a TypeError).
+    tls_options = {
+        name
+        for name in inspect.signature(RedisCluster.__init__).parameters
+        if name.startswith("ssl_")
+    }
     query = url.partition("?")[2]
     options: dict[str, Any] = {}
     for name, values in parse_qs(query, keep_blank_values=True).items():
-        if not (name.startswith("ssl_") or name in _SOCKET_OPTIONS):
+        if name == "db" and values[-1] == "0":
+            continue  # a cluster has database 0 only
+        if name in tls_options and not tls:
+            raise InvalidArgument(f"redis-cluster URL option {name!r}: use rediss-cluster://")
+        if name not in tls_options and name not in _SOCKET_OPTIONS:
             raise InvalidArgument(
-                f"redis-cluster URL option {name!r}: only ssl_* options and "
-                f"{', '.join(sorted(_SOCKET_OPTIONS))} are read"
+                f"redis-cluster URL option {name!r}: only "
+                f"{', '.join(sorted(tls_options | _SOCKET_OPTIONS))} are read"
             )
         parse: Callable[[str], Any] = URL_QUERY_ARGUMENT_PARSERS.get(name, str)  # type: ignore[assignment]
         try:
@@ -90,7 +101,7 @@ def _query_options(url: str) -> dict[str, Any]:
 
 def is_cluster_transient(exc: BaseException) -> bool:
     """Whether trying again may succeed: a node is away, or slots are moving."""
-    if isinstance(exc.__cause__, _REFUSED):
+    if _refused(exc):
         # redis-py wraps what failed its slot map refresh (a wrong password among
         # others) in a RedisClusterException: retried for ever, in silence.
         return False
@@ -100,6 +111,20 @@ def is_cluster_transient(exc: BaseException) -> bool:
 
 
 _REFUSED = (rexc.AuthenticationError, rexc.AuthorizationError, rexc.NoPermissionError)
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether ``exc`` or what it wraps (as cause or context, redis-py uses both)
+    is a refusal that will last: a login, a missing permission, a server that is
+    not a cluster node."""
+    seen: BaseException | None = exc
+    for _ in range(4):
+        if seen is None:
+            return False
+        if isinstance(seen, _REFUSED) or "Cluster mode is not enabled" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 class Shard:

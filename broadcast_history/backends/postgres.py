@@ -45,6 +45,9 @@ _TRANSIENT = (
 # failover). Taken for good, they ended every subscription of the process.
 _TRANSIENT_CLASSES = ("08", "53", "57")
 _TRANSIENT_STATES = ("25006",)
+# PgBouncer answers 08P01 for every refusal of its own, lasting ones too (a wrong
+# password, a database it does not know): only these say the server may come back.
+_PGBOUNCER_PASSING = ("login has been failing", "no more connections", "cannot connect to server")
 
 
 def _transient(exc: BaseException | None) -> bool:
@@ -52,6 +55,8 @@ def _transient(exc: BaseException | None) -> bool:
     if isinstance(exc, _TRANSIENT):
         return True
     state = getattr(exc, "sqlstate", None) if isinstance(exc, asyncpg.PostgresError) else None
+    if state == "08P01":
+        return any(words in str(exc) for words in _PGBOUNCER_PASSING)
     return isinstance(state, str) and (
         state[:2] in _TRANSIENT_CLASSES or state in _TRANSIENT_STATES
     )

@@ -82,14 +82,11 @@ _HELD = select(_C.channel, _C.name, _C.lease_expires - NOW).where(
     _C.lease_expires > NOW,
 )
 
-# The leases' rows, by key (a range of the primary key) and still naming a holder:
-# by holder alone the UPDATE read every row (no index has holders), and under the
-# default REPEATABLE READ locked each until it ended: 74 ms with 200,000 consumers
-# stored on MariaDB, 7 ms by key.
-_HOLDERS = and_(
-    tuple_(_C.channel, _C.name).in_(bindparam("b_keys", expanding=True)),
-    _C.holder.in_(bindparam("b_holders", expanding=True)),
-)
+# The leases' rows, each by its key and holder (a range of the primary key): by holder
+# alone the UPDATE read every row (no index has holders), and under the default
+# REPEATABLE READ locked each until it ended. The statement alone, 1,000 leases and
+# 200,000 consumers stored on MariaDB 10.11: 75 ms by holder, 7 ms by key.
+_HOLDERS = tuple_(_C.channel, _C.name, _C.holder).in_(bindparam("b_leases", expanding=True))
 # A lease that ran out but that nobody took since is renewed too, as elsewhere.
 _RENEW = update(consumers).where(_HOLDERS).values(lease_expires=NOW + _LEASE)
 _RENEWED = select(_C.holder).where(_HOLDERS)
@@ -217,10 +214,7 @@ async def renew(
     kept: set[str] = set()
     for start in range(0, len(leases), _CHUNK):
         chunk = leases[start : start + _CHUNK]
-        params = {
-            "b_keys": padded([(channel, name) for channel, name, _ in chunk]),
-            "b_holders": padded([holder for _, _, holder in chunk]),
-        }
+        params = {"b_leases": padded(list(chunk))}
         await _write(conn, _RENEW, {**params, "b_lease": lease_us})
         kept.update(row[0] for row in await conn.execute(_RENEWED, params))
     return kept

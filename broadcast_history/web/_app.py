@@ -64,8 +64,10 @@ def _error(status: int, detail: str) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status)
 
 
-#: The statuses of an ``HTTPException`` of ``authorize`` that refuse a stream.
-REFUSALS = (401, 403)
+def refuses(status: int) -> bool:
+    """Whether an ``HTTPException`` of ``authorize`` with ``status`` refuses a stream
+    (a 4xx: 401, 403, 404...) or says to come back later (408, 429, a 5xx)."""
+    return 400 <= status < 500 and status not in (408, 429)
 
 
 def _check_recheck(recheck: Any) -> float | None:
@@ -90,7 +92,7 @@ def _refusal(
         try:
             await require(authorize, connection, channel, "subscribe")
         except HTTPException as exc:
-            if exc.status_code in REFUSALS:
+            if refuses(exc.status_code):
                 raise Forbidden(str(exc.detail)) from None
             raise
 
@@ -221,11 +223,11 @@ def create_stream_app(
             await _close(websocket, FORBIDDEN, str(exc))
             return
         except HTTPException as exc:
-            # As when asked again on an open stream: 401 and 403 refuse (1008, which
-            # client.js does not ask again), another status says "try later" (1013).
+            # As when asked again on an open stream: a 4xx refuses (1008, which
+            # client.js does not ask again), 408, 429 and a 5xx say "try later" (1013).
             # Left to Starlette, the handshake was denied (1006 in a browser) and the
             # client retried for ever.
-            code = FORBIDDEN if exc.status_code in REFUSALS else TRY_LATER
+            code = FORBIDDEN if refuses(exc.status_code) else TRY_LATER
             await _close(websocket, code, str(exc.detail))
             return
 
@@ -235,7 +237,7 @@ def create_stream_app(
             except HTTPException as exc:
                 # An error frame for this publish, as for a refusal (a token expired
                 # meanwhile: 401), or for a 503; not the end of the socket with 1011.
-                if exc.status_code in REFUSALS:
+                if refuses(exc.status_code):
                     raise Forbidden(str(exc.detail)) from None
                 raise BroadcastError(str(exc.detail)) from None  # its words, to the client
             return await broadcast.publish(channel, message, key=key)

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 from . import _clock
 from ._consumer import DEFAULT_LEASE, Bound, Holding
-from ._errors import BroadcastError, ConsumerBusy, InvalidArgument
+from ._errors import BroadcastError, ConsumerBusy, InvalidArgument, LogUnavailable
 from ._gate import Gate
 from ._standbys import Standbys
 from ._validation import check_consumer, check_lease, check_seconds
@@ -204,6 +204,18 @@ class Leases:
             # to run out.
             task.add_done_callback(lambda done: self._give_back(done, channel, name, holder))
             raise
+        except LogUnavailable:
+            # No answer in time: the statement may have taken the lease all the same,
+            # for a holder id nobody renews, and everyone waited a lease for it.
+            self._in_background(self._give_back_if_taken(channel, name, holder))
+            raise
+
+    async def _give_back_if_taken(self, channel: str, name: str, holder: str) -> None:
+        """Release the lease of ``holder`` if it has it (nothing otherwise)."""
+        try:
+            await self.log.release_lease(channel, name, holder)
+        except BroadcastError as exc:
+            logger.debug("a lease taken without an answer runs out by itself: %s", exc)
 
     def _give_back(
         self, done: asyncio.Future[LeaseAttempt], channel: str, name: str, holder: str

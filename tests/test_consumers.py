@@ -789,3 +789,31 @@ async def test_a_commit_that_never_got_a_slot_says_nothing_was_stored(
             assert isinstance(outcome, LogUnavailable)
             assert "may still be stored" in str(outcome)
         stuck.set()
+
+
+async def test_an_acquire_whose_answer_was_lost_gives_the_lease_back(
+    make_broadcast: MakeBroadcast, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An acquisition the log did not answer in time may have taken the lease all the
+    same: it stayed with a holder id nobody renewed, and every subscription waited a
+    whole lease for it (found by a review; the lost answer is injected)."""
+    broadcast = await make_broadcast()
+    real = broadcast.log.acquire_lease
+
+    async def answer_lost(*args: Any, **kwargs: Any) -> Any:
+        await real(*args, **kwargs)  # taken, but the answer never came
+        raise LogUnavailable("the log did not answer a lease statement within 30 s")
+
+    monkeypatch.setattr(broadcast.log, "acquire_lease", answer_lost)
+    with pytest.raises(LogUnavailable):
+        async with broadcast.subscribe("jobs", consumer="w", lease=30.0, wait=False):
+            pass
+    monkeypatch.undo()
+    for _ in range(50):
+        try:
+            async with broadcast.subscribe("jobs", consumer="w", lease=30.0, wait=False):
+                break
+        except ConsumerBusy:
+            await asyncio.sleep(0.05)
+    else:
+        pytest.fail("the lease taken without an answer was kept for its whole 30 s")

@@ -222,7 +222,7 @@ class Leases:
     ) -> None:
         if done.cancelled() or done.exception() is not None or not done.result().acquired:
             return
-        self._in_background(self.log.release_lease(channel, name, holder))
+        self._in_background(self._give_back_if_taken(channel, name, holder))
 
     async def _release(self, holding: Holding, *, final: bool = False) -> None:
         if holding.closing and not final:

@@ -125,15 +125,20 @@ class Standbys:
                     waiting.taken.set_exception(Unsubscribed("the broadcast disconnected"))
         self._waiting.clear()
 
-    def _fail(self, lease: float, exc: Exception) -> None:
-        """End the poller of ``lease``: each of its standbys raises a :class:`LogError`
-        caused by ``exc``."""
+    def _stop(self, lease: float) -> dict[str, _Waiting]:
+        """Forget the poller of ``lease``; returns the standbys it had (the next
+        standby of this duration starts a poller)."""
         self._pollers.pop(lease, None)
         self._pokes.pop(lease, None)
         timer = self._timers.pop(lease, None)
         if timer is not None:
             timer.cancel()
-        for waiting in self._waiting.pop(lease, {}).values():
+        return self._waiting.pop(lease, {})
+
+    def _fail(self, lease: float, exc: Exception) -> None:
+        """End the poller of ``lease``: each of its standbys raises a :class:`LogError`
+        caused by ``exc``."""
+        for waiting in self._stop(lease).values():
             if not waiting.taken.done():
                 error = LogError(f"asking for the standbys' leases failed: {exc!r}")
                 error.__cause__ = exc
@@ -144,13 +149,7 @@ class Standbys:
         while True:
             group = self._waiting.get(lease)
             if not group:
-                # Nobody waits: stop (the next standby of this duration starts a poller).
-                self._waiting.pop(lease, None)
-                self._pollers.pop(lease, None)
-                self._pokes.pop(lease, None)
-                timer = self._timers.pop(lease, None)
-                if timer is not None:
-                    timer.cancel()
+                self._stop(lease)  # nobody waits
                 return
             with contextlib.suppress(asyncio.TimeoutError):
                 await wait_for(poke.wait(), lease / 3)

@@ -223,6 +223,20 @@ def test_which_server_errors_are_tried_again() -> None:
         assert not _transient(lasting), lasting
 
 
+@contextlib.asynccontextmanager
+async def _sender_and_receiver(
+    url: str, channel: str, *, idle_check: float
+) -> AsyncIterator[tuple[Broadcast, Broadcast, Subscriber]]:
+    """Two broadcasts on ``url`` (transport and log), the second subscribed to
+    ``channel``."""
+    async with (
+        Broadcast(url, log=_log(url)) as sender,
+        Broadcast(url, log=_log(url), idle_check=idle_check) as receiver,
+        receiver.subscribe(channel) as subscriber,
+    ):
+        yield sender, receiver, subscriber
+
+
 class _OnAStandby:
     """A publishing connection that reached a standby during a failover."""
 
@@ -247,11 +261,7 @@ async def test_server_errors_a_new_connection_may_cure_are_retried(
     failing every NOTIFY (found by a review; the errors are injected)."""
     url = await ensure_database("bh_test_faults_down")
     a = unique()
-    async with (
-        Broadcast(url, log=_log(url)) as sender,
-        Broadcast(url, log=_log(url), idle_check=60) as receiver,
-        receiver.subscribe(a) as sub,
-    ):
+    async with _sender_and_receiver(url, a, idle_check=60) as (sender, receiver, sub):
         sending = sender.backend
         assert isinstance(sending, PostgresBackend)
         standby = _OnAStandby()
@@ -311,10 +321,10 @@ _LATIN1 = "ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
 async def test_transport_down_subscribers_read_log_then_recover() -> None:
     url = await ensure_database("bh_test_faults_down")
     channel = unique()
-    async with (
-        Broadcast(url, log=_log(url)) as sender,
-        Broadcast(url, log=_log(url), idle_check=0.1) as receiver,
-        receiver.subscribe(channel) as subscriber,
+    async with _sender_and_receiver(url, channel, idle_check=0.1) as (
+        sender,
+        receiver,
+        subscriber,
     ):
         backend = receiver.backend
         assert isinstance(backend, PostgresBackend)

@@ -40,6 +40,7 @@ from starlette.responses import Response
 
 from .._errors import BroadcastError, InvalidArgument, LogUnavailable, NotConnected
 from .._event import Event
+from .._validation import check_seconds
 from ._feed import Feed, Reset
 from ._streams import OpenStreams, Refusal, first_of, last_write, unless_stopped
 from ._unavailable import unavailable
@@ -64,14 +65,11 @@ MIN_KEEPALIVE = 0.01
 
 def check_keepalive(keepalive: Any, name: str = "keepalive") -> float:
     """``keepalive`` (seconds between pings of an idle stream), checked."""
-    # Finite, and not so short that pinging a stream whose client left starves the loop.
-    if isinstance(keepalive, bool) or not isinstance(keepalive, (int, float)):
-        raise InvalidArgument(f"{name} must be a number of seconds, got {keepalive!r}")
-    if not MIN_KEEPALIVE <= keepalive < float("inf"):
-        raise InvalidArgument(
-            f"{name} must be at least {MIN_KEEPALIVE} s and finite, got {keepalive!r}"
-        )
-    return float(keepalive)
+    seconds = check_seconds(name, keepalive)
+    # Not so short that pinging a stream whose client left starves the loop.
+    if seconds < MIN_KEEPALIVE:
+        raise InvalidArgument(f"{name} must be at least {MIN_KEEPALIVE} s, got {keepalive!r}")
+    return seconds
 
 
 HEADERS = [
